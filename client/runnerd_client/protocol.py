@@ -1,0 +1,319 @@
+"""Wire protocol version 1, the one module both the daemon and the client import.
+
+Frames are a 4-byte big-endian length followed by one msgpack map. Requests are
+frozen dataclasses, one per operation; `decode_request` is the only place where a
+wire map becomes a typed request, so every field is checked exactly once.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+import types
+import typing
+from dataclasses import MISSING, dataclass, fields
+from typing import Any, ClassVar
+
+import msgpack
+
+PROTOCOL_VERSION = 1
+DEFAULT_MAX_FRAME = 1 << 20
+HEADER = struct.Struct(">I")
+
+
+class ErrorCode(enum.StrEnum):
+    """The closed set of error codes a reply may carry (SPEC §4)."""
+
+    BAD_FRAME = "bad_frame"
+    BAD_REQUEST = "bad_request"
+    UNKNOWN_OP = "unknown_op"
+    UNKNOWN_RUN = "unknown_run"
+    INVALID_TRANSITION = "invalid_transition"
+    VERSION_MISMATCH = "version_mismatch"
+    TOO_LARGE = "too_large"
+    FORBIDDEN = "forbidden"
+    CONFLICT = "conflict"
+    UNAVAILABLE = "unavailable"
+    INTERNAL = "internal"
+
+
+class RunnerdError(Exception):
+    """An error with a wire code: raised by the daemon's logic, re-raised by clients."""
+
+    def __init__(self, code: ErrorCode | str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.message}"
+
+
+class State(enum.StrEnum):
+    """Run states (SPEC §2)."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED_CRASH = "failed_crash"
+    FAILED_ABANDONED = "failed_abandoned"
+    FAILED_TIMEOUT = "failed_timeout"
+    LOST = "lost"
+    FAILED_LOST = "failed_lost"
+
+    @property
+    def terminal(self) -> bool:
+        return self not in (State.PENDING, State.RUNNING, State.LOST)
+
+
+ACTIVE_STATES = (State.PENDING, State.RUNNING, State.LOST)
+
+
+class FailReason(enum.StrEnum):
+    """Why a run failed; `lost` is the daemon's alone."""
+
+    CRASH = "crash"
+    ABANDONED = "abandoned"
+    TIMEOUT = "timeout"
+    LOST = "lost"
+
+
+# --- requests ---------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Request:
+    """Base of every request; `op` names it on the wire."""
+
+    op: ClassVar[str]
+    mutating: ClassVar[bool] = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Mutation(Request):
+    """A request that changes the registry: carries an idempotency key and event time."""
+
+    mutating: ClassVar[bool] = True
+    key: str
+    run_id: str
+    at: float | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Hello(Request):
+    op: ClassVar[str] = "hello"
+    v: int
+    client: str = "unknown"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Create(Mutation):
+    op: ClassVar[str] = "create"
+    experiment: str
+    variation: str = "default"
+    params: dict[str, Any] | None = None
+    tags: dict[str, Any] | None = None
+    cwd: str | None = None
+    run_dir: str | None = None
+    host: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Start(Mutation):
+    op: ClassVar[str] = "start"
+    heartbeat_timeout: float | None = None
+    lost_grace: float | None = None
+    deadline: float | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Attach(Mutation):
+    op: ClassVar[str] = "attach"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Detach(Mutation):
+    op: ClassVar[str] = "detach"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Heartbeat(Request):
+    """A heartbeat's idempotency key is its per-run sequence number `seq`."""
+
+    op: ClassVar[str] = "heartbeat"
+    mutating: ClassVar[bool] = True
+    run_id: str
+    seq: int
+    at: float | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Succeed(Mutation):
+    op: ClassVar[str] = "succeed"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Fail(Mutation):
+    op: ClassVar[str] = "fail"
+    reason: str = FailReason.CRASH
+    failure_class: str | None = None
+    message: str | None = None
+    traceback: str | None = None
+    phase: str | None = None
+    exit_code: int | None = None
+    signal: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Artifact(Mutation):
+    op: ClassVar[str] = "artifact"
+    path: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Checkpoint(Mutation):
+    op: ClassVar[str] = "checkpoint"
+    data: dict[str, Any] | None = None
+    path: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Cancel(Mutation):
+    op: ClassVar[str] = "cancel"
+    message: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Get(Request):
+    """`run` is a run_id or any unique prefix of one."""
+
+    op: ClassVar[str] = "get"
+    run: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ListRuns(Request):
+    op: ClassVar[str] = "list"
+    state: str | None = None
+    experiment: str | None = None
+    since: float | None = None
+    limit: int = 50
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Status(Request):
+    op: ClassVar[str] = "status"
+    limit: int = 10
+
+
+REQUESTS: dict[str, type[Request]] = {
+    cls.op: cls
+    for cls in (
+        Hello, Create, Start, Attach, Detach, Heartbeat, Succeed, Fail,
+        Artifact, Checkpoint, Cancel, Get, ListRuns, Status,
+    )
+}
+
+
+# --- field checking ---------------------------------------------------------
+
+
+def _allowed_types(annotation: Any) -> tuple[type, ...]:
+    """Map a field annotation to the Python types msgpack may deliver for it."""
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        return tuple(t for arg in typing.get_args(annotation) for t in _allowed_types(arg))
+    origin = typing.get_origin(annotation) or annotation
+    if annotation is type(None):
+        return (type(None),)
+    if origin is float:
+        return (float, int)
+    return (origin,)
+
+
+_FIELDS: dict[type[Request], tuple[tuple[str, tuple[type, ...], bool], ...]] = {}
+
+
+def _field_specs(cls: type[Request]) -> tuple[tuple[str, tuple[type, ...], bool], ...]:
+    """(name, allowed types, required) for each field of a request class, cached."""
+    specs = _FIELDS.get(cls)
+    if specs is None:
+        hints = typing.get_type_hints(cls)
+        specs = tuple(
+            (f.name, _allowed_types(hints[f.name]), f.default is MISSING)
+            for f in fields(cls)
+        )
+        _FIELDS[cls] = specs
+    return specs
+
+
+def _type_name(allowed: tuple[type, ...]) -> str:
+    return " or ".join(sorted({"null" if t is type(None) else t.__name__ for t in allowed}))
+
+
+def decode_request(msg: dict[Any, Any]) -> tuple[int | None, Request]:
+    """Turn a wire map into (id, typed request); raise RunnerdError when it is not one."""
+    req_id = msg.get("id")
+    if req_id is not None and (type(req_id) is not int):
+        raise RunnerdError(ErrorCode.BAD_REQUEST, "field 'id' must be an integer")
+    op = msg.get("op")
+    if not isinstance(op, str):
+        raise RunnerdError(ErrorCode.BAD_REQUEST, "field 'op' is missing or not a string")
+    cls = REQUESTS.get(op)
+    if cls is None:
+        raise RunnerdError(ErrorCode.UNKNOWN_OP, f"unknown op {op!r}")
+    kwargs: dict[str, Any] = {}
+    for name, allowed, required in _field_specs(cls):
+        if name not in msg:
+            if required:
+                raise RunnerdError(ErrorCode.BAD_REQUEST, f"{op}: missing field {name!r}")
+            continue
+        value = msg[name]
+        if not isinstance(value, allowed) or (type(value) is bool and bool not in allowed):
+            raise RunnerdError(
+                ErrorCode.BAD_REQUEST, f"{op}: field {name!r} must be {_type_name(allowed)}"
+            )
+        kwargs[name] = value
+    return req_id, cls(**kwargs)
+
+
+def encode_request(req_id: int, req: Request) -> bytes:
+    """Frame a request; fields left at None are not sent."""
+    msg: dict[str, Any] = {"op": req.op, "id": req_id}
+    for f in fields(req):
+        value = getattr(req, f.name)
+        if value is not None:
+            msg[f.name] = value
+    return frame(msg)
+
+
+# --- framing and replies ----------------------------------------------------
+
+
+def frame(msg: dict[str, Any]) -> bytes:
+    """Pack one map into a length-prefixed frame."""
+    body: bytes = msgpack.packb(msg, use_bin_type=True)
+    return HEADER.pack(len(body)) + body
+
+
+def unpack_body(body: bytes) -> Any:
+    """Decode a frame body; raise RunnerdError(bad_frame) if it is not msgpack."""
+    try:
+        return msgpack.unpackb(body, raw=False, strict_map_key=False)
+    except Exception as exc:  # msgpack raises several unrelated exception types
+        raise RunnerdError(ErrorCode.BAD_FRAME, f"body is not valid msgpack: {exc}") from None
+
+
+def ok_reply(req_id: int | None, data: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"id": req_id, "ok": True, **(data or {})}
+
+
+def error_reply(req_id: int | None, code: ErrorCode | str, message: str) -> dict[str, Any]:
+    return {"id": req_id, "ok": False, "error": {"code": str(code), "message": message}}
+
+
+def raise_for_reply(reply: dict[str, Any]) -> dict[str, Any]:
+    """Return an ok reply as is; raise the RunnerdError an error reply carries."""
+    if reply.get("ok"):
+        return reply
+    error = reply.get("error") or {}
+    raise RunnerdError(str(error.get("code", "internal")), str(error.get("message", "")))

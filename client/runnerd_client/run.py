@@ -1,0 +1,315 @@
+"""Runs as an experiment sees them: two lines to be tracked, and never broken by us.
+
+Every event goes through `Client.emit`. When the daemon cannot be reached the
+client logs one warning and the experiment goes on untracked; it never raises
+into the experiment for the daemon's sake.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+import traceback as tb
+from concurrent.futures import Future
+from pathlib import Path
+from types import FrameType, TracebackType
+from typing import IO, Any
+
+from runnerd_client import paths
+from runnerd_client.connection import Connection, DaemonUnavailable
+from runnerd_client.ids import new_key, new_run_id
+from runnerd_client.protocol import (
+    Artifact,
+    Attach,
+    Checkpoint,
+    Create,
+    Detach,
+    ErrorCode,
+    Fail,
+    FailReason,
+    Heartbeat,
+    Request,
+    RunnerdError,
+    Start,
+    Succeed,
+)
+
+log = logging.getLogger("runnerd_client")
+ACK_TIMEOUT = 30.0
+RUN_ID_ENV = "RUNNERD_RUN_ID"
+
+
+class Terminated(SystemExit):
+    """Raised in the main thread on SIGTERM, so `with rd.run()` records the run abandoned."""
+
+    def __init__(self) -> None:
+        super().__init__(128 + signal.SIGTERM)
+
+
+class Client:
+    """The events of one process, on one shared connection to the daemon."""
+
+    def __init__(self, socket_path: str | Path | None = None) -> None:
+        self.socket_path = Path(socket_path) if socket_path else paths.socket_path()
+        self._conn: Connection | None = None
+        self._lock = threading.Lock()
+        self._warned = False
+
+    def _connection(self) -> Connection | None:
+        with self._lock:
+            if self._conn is not None and self._conn.alive:
+                return self._conn
+            try:
+                self._conn = Connection(self.socket_path)
+            except DaemonUnavailable as exc:
+                self._warn(str(exc))
+                self._conn = None
+            return self._conn
+
+    def _warn(self, message: str) -> None:
+        if not self._warned:
+            self._warned = True
+            log.warning("%s; runs of this process are not being recorded", message)
+
+    def emit(self, req: Request) -> Future[dict[str, Any]] | None:
+        """Send an event; None when the daemon is away (the event is not recorded)."""
+        conn = self._connection()
+        if conn is None:
+            return None
+        return conn.send(req)
+
+    def wait(self, future: Future[dict[str, Any]] | None, what: str) -> dict[str, Any] | None:
+        """The reply's body, or None (with a warning) when it is an error or never came."""
+        if future is None:
+            return None
+        try:
+            reply = future.result(ACK_TIMEOUT)
+        except TimeoutError:
+            log.warning("runnerd did not acknowledge %s within %s s", what, ACK_TIMEOUT)
+            return None
+        except DaemonUnavailable as exc:
+            self._warn(str(exc))
+            return None
+        if not reply.get("ok"):
+            error = reply.get("error") or {}
+            log.warning("runnerd refused %s: %s: %s", what, error.get("code"),
+                        error.get("message"))
+            return None
+        return reply
+
+    def run(self, experiment: str, variation: str = "default", *,
+            params: dict[str, Any] | None = None, tags: dict[str, Any] | None = None,
+            run_dir: str | Path | None = None, heartbeat_interval: float = 60.0,
+            heartbeat_timeout: float | None = None, lost_grace: float | None = None,
+            deadline: float | None = None) -> Run:
+        """Register a new run (pending); `start()` it or use it as a context manager."""
+        run_id = new_run_id()
+        folder = Path(run_dir).resolve() if run_dir else paths.default_run_dir(run_id)
+        run = Run(self, run_id, experiment, variation, params=params or {}, run_dir=folder,
+                  heartbeat_interval=heartbeat_interval,
+                  limits={"heartbeat_timeout": heartbeat_timeout, "lost_grace": lost_grace,
+                          "deadline": deadline})
+        reply = self.wait(self.emit(Create(
+            key=new_key(), run_id=run_id, experiment=experiment, variation=variation,
+            params=params or {}, tags=tags or {}, cwd=os.getcwd(), run_dir=str(folder),
+            host=socket.gethostname(), at=time.time())), "create")
+        if reply is not None:
+            run.attempt = reply["attempt"]
+        return run
+
+    def attach(self, run_id: str) -> Run | None:
+        """Join an existing run (one launched by `runnerctl exec`, say) from this process."""
+        reply = self.wait(self.emit(Attach(key=new_key(), run_id=run_id, at=time.time())),
+                          f"attach to {run_id}")
+        if reply is None:
+            return None
+        info = reply["run"]
+        run = Run(self, run_id, info["experiment"], info["variation"], params=info["params"],
+                  run_dir=Path(info["run_dir"]), heartbeat_interval=60.0, limits={},
+                  attached=True)
+        run.attempt = info["attempt"]
+        return run
+
+
+class Run:
+    """One run: explicit calls that chain, or a context manager that ends it truthfully."""
+
+    def __init__(self, client: Client, run_id: str, experiment: str, variation: str, *,
+                 params: dict[str, Any], run_dir: Path, heartbeat_interval: float,
+                 limits: dict[str, float | None], attached: bool = False) -> None:
+        self.client = client
+        self.run_id = run_id
+        self.experiment = experiment
+        self.variation = variation
+        self.params = params
+        self.run_dir = run_dir
+        self.attempt: int | None = None
+        self.heartbeat_interval = heartbeat_interval
+        self._limits = limits
+        self._attached = attached
+        self._seq = 0
+        self._lock = threading.Lock()
+        self._pending: list[tuple[str, Future[dict[str, Any]]]] = []
+        self._stop = threading.Event()
+        self._beater: threading.Thread | None = None
+        self._old_sigterm: Any = None
+        self._crash_log: IO[str] | None = None
+
+    def __repr__(self) -> str:
+        return f"<Run {self.run_id} {self.experiment}/{self.variation} attempt={self.attempt}>"
+
+    # --- explicit calls ---
+
+    def start(self) -> Run:
+        self.client.wait(self.client.emit(Start(
+            key=new_key(), run_id=self.run_id, at=time.time(), **self._limits)), "start")
+        return self
+
+    def heartbeat(self) -> Run:
+        """Tell the daemon the run is alive; does not wait for the reply."""
+        with self._lock:
+            self._seq += 1
+            seq = self._seq
+        future = self.client.emit(Heartbeat(run_id=self.run_id, seq=seq, at=time.time()))
+        if future is not None:
+            future.add_done_callback(self._heartbeat_answered)
+        return self
+
+    def _heartbeat_answered(self, future: Future[dict[str, Any]]) -> None:
+        if future.exception() is None and not future.result().get("ok"):
+            error = future.result()["error"]
+            if error.get("code") in (ErrorCode.INVALID_TRANSITION, ErrorCode.UNKNOWN_RUN):
+                log.warning("run %s no longer takes heartbeats: %s", self.run_id,
+                            error.get("message"))
+                self._stop.set()
+
+    def artifact(self, path: str | os.PathLike[str]) -> Run:
+        """Register a file the run produced; the daemon records its size and sha256."""
+        full = Path(path).resolve()
+        if not full.is_file():
+            raise FileNotFoundError(f"artifact {full} is not an existing file")
+        self._track("artifact", self.client.emit(Artifact(
+            key=new_key(), run_id=self.run_id, path=str(full), at=time.time())))
+        return self
+
+    def checkpoint(self, data: dict[str, Any] | None = None, *,
+                   path: str | os.PathLike[str] | None = None) -> Run:
+        """Record a checkpoint (a small map, and optionally the file that holds it)."""
+        self._track("checkpoint", self.client.emit(Checkpoint(
+            key=new_key(), run_id=self.run_id, data=data or {},
+            path=str(Path(path).resolve()) if path is not None else None, at=time.time())))
+        return self
+
+    def _track(self, what: str, future: Future[dict[str, Any]] | None) -> None:
+        if future is not None:
+            with self._lock:
+                self._pending.append((what, future))
+
+    def flush(self) -> Run:
+        """Wait until every artifact and checkpoint sent so far is acknowledged."""
+        with self._lock:
+            pending, self._pending = self._pending, []
+        for what, future in pending:
+            self.client.wait(future, what)
+        return self
+
+    def succeed(self) -> Run:
+        self.flush()
+        self.client.wait(self.client.emit(Succeed(
+            key=new_key(), run_id=self.run_id, at=time.time())), "succeed")
+        return self
+
+    def fail(self, reason: str = FailReason.CRASH, message: str | None = None, *,
+             failure_class: str | None = None, traceback: str | None = None,
+             exit_code: int | None = None, exc: BaseException | None = None) -> Run:
+        """End the run failed; pass `exc` to record its class, message and traceback."""
+        if exc is not None:
+            failure_class = failure_class or type(exc).__name__
+            message = message if message is not None else str(exc)
+            traceback = traceback or "".join(tb.format_exception(exc))
+        self.flush()
+        self.client.wait(self.client.emit(Fail(
+            key=new_key(), run_id=self.run_id, reason=str(reason), failure_class=failure_class,
+            message=message, traceback=traceback, exit_code=exit_code, at=time.time())), "fail")
+        return self
+
+    def detach(self) -> Run:
+        """Leave the run without ending it: this process no longer counts as its owner."""
+        self.flush()
+        self.client.wait(self.client.emit(Detach(
+            key=new_key(), run_id=self.run_id, at=time.time())), "detach")
+        return self
+
+    # --- context manager ---
+
+    def __enter__(self) -> Run:
+        if not self._attached:
+            self.start()
+        self._enable_faulthandler()
+        self._catch_sigterm()
+        self._beater = threading.Thread(target=self._beat, name="runnerd-heartbeat", daemon=True)
+        self._beater.start()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb_: TracebackType | None) -> None:
+        self._stop.set()
+        self._restore_sigterm()
+        self._disable_faulthandler()
+        if exc is None or (isinstance(exc, SystemExit) and not isinstance(exc, Terminated)
+                           and exc.code in (0, None)):
+            self.detach() if self._attached else self.succeed()
+        elif isinstance(exc, KeyboardInterrupt | Terminated):
+            self.fail(FailReason.ABANDONED, exc=exc,
+                      message="interrupted" if isinstance(exc, KeyboardInterrupt)
+                      else "terminated by SIGTERM")
+        else:
+            exit_code = exc.code if isinstance(exc, SystemExit) and isinstance(exc.code, int) \
+                else None
+            self.fail(FailReason.CRASH, exc=exc, exit_code=exit_code)
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.heartbeat_interval):
+            try:
+                self.heartbeat()
+            except RunnerdError as exc:
+                log.warning("heartbeat not sent: %s", exc)
+
+    def _catch_sigterm(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+            self._old_sigterm = signal.signal(signal.SIGTERM, _raise_terminated)
+
+    def _restore_sigterm(self) -> None:
+        if self._old_sigterm is not None:
+            signal.signal(signal.SIGTERM, self._old_sigterm)
+            self._old_sigterm = None
+
+    def _enable_faulthandler(self) -> None:
+        """A segfault or abort leaves a native-level traceback in run_dir/crash.log."""
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self._crash_log = open(self.run_dir / "crash.log", "a")  # noqa: SIM115
+        except OSError as exc:
+            log.warning("no crash.log for run %s: %s", self.run_id, exc)
+            return
+        faulthandler.enable(self._crash_log, all_threads=True)
+
+    def _disable_faulthandler(self) -> None:
+        if self._crash_log is not None:
+            faulthandler.disable()
+            empty = self._crash_log.tell() == 0
+            self._crash_log.close()
+            self._crash_log = None
+            if empty:
+                (self.run_dir / "crash.log").unlink(missing_ok=True)
+
+
+def _raise_terminated(signum: int, frame: FrameType | None) -> None:
+    raise Terminated()

@@ -1,0 +1,3 @@
+from runnerd.server import main
+
+main()

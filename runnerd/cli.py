@@ -1,0 +1,238 @@
+"""runnerctl: thin click commands over the client connection (SPEC §6).
+
+Imports stay light (no daemon modules, no SQLite) so `runnerctl status` starts fast.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import time
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+
+from runnerd_client.connection import Connection, DaemonUnavailable
+from runnerd_client.protocol import ErrorCode, Get, ListRuns, Request, RunnerdError, State, Status
+
+EXIT_ERROR, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_NO_RUN = 1, 2, 3, 4
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(text: str) -> float:
+    """'90s', '15m', '2h', '1d12h' or a plain number of seconds."""
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    parts = _DURATION.findall(text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        raise click.BadParameter(f"{text!r} is not a duration like 30s, 15m, 2h or 1d")
+    return sum(float(n) * _UNITS[u] for n, u in parts)
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    click.echo(f"runnerctl: {message}", err=True)
+    sys.exit(code)
+
+
+def request(ctx: click.Context, req: Request) -> dict[str, Any]:
+    """Send one request to the daemon; map failures to SPEC §6 exit codes."""
+    socket_path: Path | None = ctx.obj["socket"]
+    try:
+        conn = Connection(socket_path)
+        try:
+            return conn.call(req)
+        finally:
+            conn.close()
+    except DaemonUnavailable as exc:
+        _fail(f"{exc.message}\n(is the daemon running? start it with `runnerd`)",
+              EXIT_UNREACHABLE)
+    except RunnerdError as exc:
+        _fail(exc.message, EXIT_NO_RUN if exc.code == ErrorCode.UNKNOWN_RUN else EXIT_ERROR)
+
+
+def emit_json(value: Any) -> None:
+    click.echo(json.dumps(value, indent=2, sort_keys=True))
+
+
+# --- human formatting -------------------------------------------------------
+
+
+def _local(ts: str | None) -> str:
+    if not ts:
+        return "-"
+    return datetime.fromisoformat(ts).astimezone().strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _ago(ts: str | None) -> str:
+    if not ts:
+        return "-"
+    return _span(time.time() - datetime.fromisoformat(ts).timestamp()) + " ago"
+
+
+def _span(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f}{unit}"
+    return f"{seconds:.1f}s"
+
+
+def _runtime(run: dict[str, Any]) -> str:
+    if not run.get("started_at"):
+        return "-"
+    end = datetime.fromisoformat(run["ended_at"]).timestamp() if run.get("ended_at") \
+        else time.time()
+    return _span(end - datetime.fromisoformat(run["started_at"]).timestamp())
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    cells = [[str(c) for c in headers], *[[str(c) for c in row] for row in rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells
+    )
+
+
+def _failure_summary(run: dict[str, Any]) -> str:
+    failure = run.get("failure")
+    if not failure:
+        return ""
+    message = failure["message"].splitlines()[0] if failure["message"] else ""
+    text = f"{failure['failure_class']}: {message}" if message else failure["failure_class"]
+    return text[:60]
+
+
+def runs_table(runs: Sequence[dict[str, Any]]) -> str:
+    return table(
+        ("RUN", "EXPERIMENT", "VARIATION", "ATT", "STATE", "CREATED", "RUNTIME", "FAILURE"),
+        [(r["run_id"], r["experiment"], r["variation"], r["attempt"], r["state"],
+          _local(r["created_at"]), _runtime(r), _failure_summary(r)) for r in runs],
+    )
+
+
+# --- commands ---------------------------------------------------------------
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--socket", "socket_path", type=click.Path(path_type=Path), envvar="RUNNERD_SOCKET",
+              help="Daemon socket (default: $RUNNERD_SOCKET or the XDG runtime path).")
+@click.version_option(package_name="runnerd", prog_name="runnerctl")
+@click.pass_context
+def cli(ctx: click.Context, socket_path: Path | None) -> None:
+    """Query and command the runnerd daemon."""
+    ctx.obj = {"socket": socket_path}
+
+
+json_option = click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
+
+
+@cli.command()
+@json_option
+@click.pass_context
+def status(ctx: click.Context, as_json: bool) -> None:
+    """Daemon health, counts by state, active runs and latest failures."""
+    body = request(ctx, Status())
+    body.pop("id", None)
+    body.pop("ok", None)
+    if as_json:
+        emit_json(body)
+        return
+    d = body["daemon"]
+    click.echo(f"runnerd {d['version']} (pid {d['pid']}), up {_span(d['uptime_sec'])}, "
+               f"{d['clients']} client(s)")
+    click.echo(f"socket {d['socket']}\nregistry {d['db']} ({d['db_bytes'] / 1e6:.1f} MB)")
+    counts = body["counts"]
+    total = sum(counts.values())
+    summary = ", ".join(f"{counts[s]} {s}" for s in State if counts.get(s))
+    click.echo(f"\n{total} run(s){': ' + summary if summary else ''}")
+    if body["active"]:
+        click.echo("\nActive runs")
+        click.echo(runs_table(body["active"]))
+    if body["failures"]:
+        click.echo("\nLatest failures")
+        click.echo(table(("RUN", "WHEN", "REASON", "FAILURE"), [
+            (f["run_id"], _ago(f["at"]), f["reason"],
+             _failure_summary({"failure": f})) for f in body["failures"]]))
+
+
+@cli.command("list")
+@click.option("--state", type=click.Choice([s.value for s in State]), help="Only this state.")
+@click.option("--experiment", help="Only this experiment.")
+@click.option("--since", type=parse_duration, help="Created within this long, e.g. 12h.")
+@click.option("--limit", type=click.IntRange(1, 10_000), default=50, show_default=True)
+@json_option
+@click.pass_context
+def list_runs(ctx: click.Context, state: str | None, experiment: str | None,
+              since: float | None, limit: int, as_json: bool) -> None:
+    """Runs, newest first."""
+    runs = request(ctx, ListRuns(state=state, experiment=experiment, limit=limit,
+                                 since=time.time() - since if since is not None else None))["runs"]
+    if as_json:
+        emit_json(runs)
+    elif runs:
+        click.echo(runs_table(runs))
+    else:
+        click.echo("no runs")
+
+
+def _show_human(run: dict[str, Any]) -> None:
+    fields: list[tuple[str, Callable[[dict[str, Any]], Any]]] = [
+        ("run", lambda r: r["run_id"]),
+        ("experiment", lambda r: f"{r['experiment']} / {r['variation']} (attempt {r['attempt']})"),
+        ("state", lambda r: r["state"]),
+        ("params", lambda r: json.dumps(r["params"])),
+        ("run_dir", lambda r: r["run_dir"]),
+        ("host / pids", lambda r: f"{r['host'] or '-'} / {r['pids'] or '-'}"),
+        ("created", lambda r: _local(r["created_at"])),
+        ("started", lambda r: _local(r["started_at"])),
+        ("ended", lambda r: _local(r["ended_at"])),
+        ("runtime", _runtime),
+        ("heartbeats", lambda r: f"{r['heartbeats']} (last {_ago(r['last_heartbeat_at'])})"),
+    ]
+    for name, get in fields:
+        click.echo(f"{name:<12} {get(run)}")
+    click.echo("\nTransitions")
+    click.echo(table(("WHEN", "FROM", "TO", "CAUSE", "SOURCE"), [
+        (_local(t["at"]), t["from"] or "-", t["to"], t["cause"], t["source"])
+        for t in run["transitions"]]))
+    if run["artifacts"]:
+        click.echo("\nArtifacts")
+        click.echo(table(("PATH", "SIZE", "SHA256"), [
+            (a["path"], a["size"], a["sha256"][:16]) for a in run["artifacts"]]))
+    if run["checkpoints"]:
+        click.echo("\nCheckpoints")
+        click.echo(table(("SEQ", "WHEN", "DATA", "PATH"), [
+            (c["seq"], _local(c["at"]), json.dumps(c["data"]), c["path"] or "-")
+            for c in run["checkpoints"]]))
+    failure = run.get("failure")
+    if failure:
+        click.echo(f"\nFailure: {failure['failure_class']} ({failure['reason']}), "
+                   f"signature {failure['signature']}")
+        if failure["message"]:
+            click.echo(failure["message"])
+        if failure.get("traceback"):
+            click.echo("\n" + failure["traceback"].rstrip())
+
+
+@cli.command()
+@click.argument("run")
+@json_option
+@click.pass_context
+def show(ctx: click.Context, run: str, as_json: bool) -> None:
+    """One run: fields, transitions, artifacts, checkpoints and failure."""
+    obj = request(ctx, Get(run=run))["run"]
+    if as_json:
+        emit_json(obj)
+    else:
+        _show_human(obj)
+
+
+def main() -> None:
+    cli()

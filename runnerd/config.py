@@ -1,0 +1,69 @@
+"""Inert daemon settings: defaults, overridden by config.toml, then by the command line."""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from runnerd_client import paths
+from runnerd_client.protocol import DEFAULT_MAX_FRAME
+
+
+class ConfigError(Exception):
+    """A config file that cannot be used; the message names the file and the key."""
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    socket: Path = field(default_factory=paths.socket_path)
+    db: Path = field(default_factory=paths.db_path)
+    heartbeat_timeout: float = 15 * 60.0
+    lost_grace: float = 48 * 3600.0
+    max_frame: int = DEFAULT_MAX_FRAME
+    max_batch: int = 512
+    synchronous: str = "FULL"
+    shutdown_grace: float = 5.0
+
+
+_CHECKS: dict[str, tuple[type, ...]] = {
+    "socket": (str,),
+    "db": (str,),
+    "heartbeat_timeout": (int, float),
+    "lost_grace": (int, float),
+    "max_frame": (int,),
+    "max_batch": (int,),
+    "synchronous": (str,),
+    "shutdown_grace": (int, float),
+}
+_SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
+
+
+def _convert(source: Path, key: str, value: Any) -> Any:
+    if key not in _CHECKS:
+        known = ", ".join(f.name for f in fields(Config))
+        raise ConfigError(f"{source}: unknown key {key!r} (known: {known})")
+    if not isinstance(value, _CHECKS[key]) or isinstance(value, bool):
+        raise ConfigError(f"{source}: {key} has the wrong type ({type(value).__name__})")
+    if key in ("socket", "db"):
+        return Path(value).expanduser()
+    if key == "synchronous" and value.upper() not in _SYNCHRONOUS:
+        raise ConfigError(f"{source}: synchronous must be one of {', '.join(_SYNCHRONOUS)}")
+    if not isinstance(value, str) and value <= 0:
+        raise ConfigError(f"{source}: {key} must be positive")
+    return value.upper() if key == "synchronous" else value
+
+
+def load(path: Path | None = None, **overrides: Any) -> Config:
+    """Defaults, then the TOML file if it exists (or was named), then explicit overrides."""
+    source = path or paths.config_path()
+    values: dict[str, Any] = {}
+    if path is not None or source.exists():
+        try:
+            raw = tomllib.loads(source.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"{source}: {exc}") from exc
+        values = {key: _convert(source, key, value) for key, value in raw.items()}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return replace(Config(), **values)

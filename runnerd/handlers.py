@@ -1,0 +1,376 @@
+"""One handler per operation, `handle_<verb>(ctx, peer, request)`, and the dispatch table.
+
+A handler returns an awaitable reply. Mutations are queued on the registry's
+group-commit writer synchronously, before the handler yields, so the mutations of
+one connection are applied in the order they arrived.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import stat
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from runnerd import __version__
+from runnerd.config import Config
+from runnerd.failures import signature
+from runnerd.registry import Registry, Store
+from runnerd.states import Event, next_state
+from runnerd_client import paths
+from runnerd_client.ids import is_valid_run_id
+from runnerd_client.protocol import (
+    PROTOCOL_VERSION,
+    Artifact,
+    Attach,
+    Cancel,
+    Checkpoint,
+    Create,
+    Detach,
+    ErrorCode,
+    Fail,
+    FailReason,
+    Get,
+    Heartbeat,
+    ListRuns,
+    Mutation,
+    Request,
+    RunnerdError,
+    Start,
+    State,
+    Status,
+    Succeed,
+)
+
+Reply = dict[str, Any]
+MAX_NAME = 256
+MAX_LIST = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    """A connected process, as the kernel tells it (SO_PEERCRED), never as it claims."""
+
+    pid: int
+    uid: int
+    start_time: int | None
+
+    @property
+    def source(self) -> str:
+        return f"client:{self.pid}"
+
+
+@dataclass
+class Context:
+    """What handlers share: settings, the registry and the daemon's runtime facts."""
+
+    config: Config
+    registry: Registry
+    started_at: float
+    connections: int = 0
+
+
+def _event_time(at: float | None) -> float:
+    """The client's time of the event (kept when replayed from a spool), never in the future."""
+    now = time.time()
+    return now if at is None or at <= 0 or at > now else float(at)
+
+
+def _bad(message: str) -> RunnerdError:
+    return RunnerdError(ErrorCode.BAD_REQUEST, message)
+
+
+def _json(value: Any, what: str) -> str:
+    try:
+        return json.dumps(value if value is not None else {}, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise _bad(f"{what} must be JSON-able: {exc}") from None
+
+
+def _mutate(ctx: Context, req: Mutation, apply: Callable[[Store, float], Reply]) -> Awaitable[Reply]:
+    """Queue an idempotent mutation: a replayed key answers the first reply, changes nothing."""
+    at = _event_time(req.at)
+
+    def op(store: Store) -> Reply:
+        first = store.replayed(req.key)
+        if first is not None:
+            return first
+        reply = apply(store, at)
+        store.remember(req.key, req.run_id, reply, at)
+        return reply
+
+    return ctx.registry.submit(op)
+
+
+def _transition(store: Store, row: dict[str, Any], event: Event, at: float, source: str,
+                **values: Any) -> State:
+    """Apply `event` to a run through the state table, recording it if the state changes."""
+    current = State(row["state"])
+    target = next_state(event, current)
+    if target != current:
+        store.set_state(row, target, at=at, cause=event.value, source=source, **values)
+    elif values:
+        store.update_run(row["run_id"], **values)
+    return target
+
+
+# --- mutations --------------------------------------------------------------
+
+
+def _check_create(req: Create) -> None:
+    if not is_valid_run_id(req.run_id):
+        raise _bad("run_id must be 1-64 characters of A-Z, a-z, 0-9, '_' or '-'")
+    for name, value in (("experiment", req.experiment), ("variation", req.variation)):
+        if not value or len(value) > MAX_NAME:
+            raise _bad(f"{name} must be 1-{MAX_NAME} characters")
+    for name, value in (("run_dir", req.run_dir), ("cwd", req.cwd)):
+        if value is not None and (not os.path.isabs(value) or "\0" in value):
+            raise _bad(f"{name} must be an absolute path")
+
+
+def handle_create(ctx: Context, peer: Peer, req: Create) -> Awaitable[Reply]:
+    _check_create(req)
+    params, tags = _json(req.params, "params"), _json(req.tags, "tags")
+    run_dir = os.path.normpath(req.run_dir) if req.run_dir else str(
+        paths.default_run_dir(req.run_id))
+
+    def apply(store: Store, at: float) -> Reply:
+        if store.run_row(req.run_id) is not None:
+            raise RunnerdError(ErrorCode.CONFLICT, f"run {req.run_id} already exists")
+        attempt = store.next_attempt(req.experiment, req.variation)
+        store.insert_run({
+            "run_id": req.run_id, "experiment": req.experiment, "variation": req.variation,
+            "attempt": attempt, "state": State.PENDING.value, "params": params, "tags": tags,
+            "cwd": req.cwd, "run_dir": run_dir, "host": req.host, "created_at": at,
+        })
+        store.record_creation(req.run_id, at, peer.source)
+        store.add_pid(req.run_id, peer.pid, peer.start_time, at)
+        return {"run_id": req.run_id, "attempt": attempt, "run_dir": run_dir,
+                "state": State.PENDING.value}
+
+    return _mutate(ctx, req, apply)
+
+
+def _positive(name: str, value: float | None) -> float | None:
+    if value is not None and value <= 0:
+        raise _bad(f"{name} must be positive")
+    return value
+
+
+def handle_start(ctx: Context, peer: Peer, req: Start) -> Awaitable[Reply]:
+    timeout = _positive("heartbeat_timeout", req.heartbeat_timeout) or ctx.config.heartbeat_timeout
+    grace = _positive("lost_grace", req.lost_grace) or ctx.config.lost_grace
+    deadline = _positive("deadline", req.deadline)
+
+    def apply(store: Store, at: float) -> Reply:
+        row = store.require_run(req.run_id)
+        state = _transition(
+            store, row, Event.START, at, peer.source, started_at=row["started_at"] or at,
+            last_heartbeat_at=at, heartbeat_timeout=timeout, lost_grace=grace, deadline=deadline,
+        )
+        store.add_pid(req.run_id, peer.pid, peer.start_time, at)
+        return {"state": state.value, "attempt": row["attempt"]}
+
+    return _mutate(ctx, req, apply)
+
+
+def handle_attach(ctx: Context, peer: Peer, req: Attach) -> Awaitable[Reply]:
+    def apply(store: Store, at: float) -> Reply:
+        row = store.require_run(req.run_id)
+        _transition(store, row, Event.ATTACH, at, peer.source)
+        store.add_pid(req.run_id, peer.pid, peer.start_time, at)
+        return {"run": store.run_object(store.require_run(req.run_id))}
+
+    return _mutate(ctx, req, apply)
+
+
+def handle_detach(ctx: Context, peer: Peer, req: Detach) -> Awaitable[Reply]:
+    def apply(store: Store, at: float) -> Reply:
+        store.require_run(req.run_id)
+        store.remove_pid(req.run_id, peer.pid)
+        return {}
+
+    return _mutate(ctx, req, apply)
+
+
+def handle_heartbeat(ctx: Context, peer: Peer, req: Heartbeat) -> Awaitable[Reply]:
+    """A heartbeat is applied once per `seq`: an older or equal seq is a replay."""
+    at = _event_time(req.at)
+
+    def op(store: Store) -> Reply:
+        row = store.require_run(req.run_id)
+        if req.seq <= row["heartbeat_seq"]:
+            return {"state": row["state"]}
+        state = _transition(
+            store, row, Event.HEARTBEAT, at, peer.source, heartbeat_seq=req.seq,
+            heartbeats=row["heartbeats"] + 1,
+            last_heartbeat_at=max(at, row["last_heartbeat_at"] or 0.0),
+        )
+        return {"state": state.value}
+
+    return ctx.registry.submit(op)
+
+
+def handle_succeed(ctx: Context, peer: Peer, req: Succeed) -> Awaitable[Reply]:
+    def apply(store: Store, at: float) -> Reply:
+        row = store.require_run(req.run_id)
+        state = _transition(store, row, Event.SUCCEED, at, peer.source, ended_at=at)
+        return {"state": state.value}
+
+    return _mutate(ctx, req, apply)
+
+
+_FAIL_EVENTS = {
+    FailReason.CRASH: (Event.FAIL_CRASH, "Error"),
+    FailReason.ABANDONED: (Event.FAIL_ABANDONED, "Abandoned"),
+    FailReason.TIMEOUT: (Event.FAIL_TIMEOUT, "Timeout"),
+}
+
+
+def failure_record(failure_class: str, message: str, reason: str, at: float,
+                   **extra: Any) -> dict[str, Any]:
+    """A failure record of SPEC §3, with its signature."""
+    traceback = extra.get("traceback")
+    return {"failure_class": failure_class, "message": message, "reason": reason, "at": at,
+            "signature": signature(failure_class, message, traceback), **extra}
+
+
+def _end_with_failure(store: Store, row: dict[str, Any], event: Event, record: dict[str, Any],
+                      source: str) -> State:
+    state = _transition(store, row, event, record["at"], source, ended_at=record["at"])
+    store.put_failure(row["run_id"], record)
+    return state
+
+
+def handle_fail(ctx: Context, peer: Peer, req: Fail) -> Awaitable[Reply]:
+    if req.reason not in _FAIL_EVENTS:
+        raise _bad(f"reason must be one of {', '.join(_FAIL_EVENTS)}")
+    event, default_class = _FAIL_EVENTS[FailReason(req.reason)]
+
+    def apply(store: Store, at: float) -> Reply:
+        row = store.require_run(req.run_id)
+        record = failure_record(
+            req.failure_class or default_class, req.message or "", req.reason, at,
+            traceback=req.traceback, phase=req.phase, exit_code=req.exit_code, signal=req.signal,
+        )
+        return {"state": _end_with_failure(store, row, event, record, peer.source).value}
+
+    return _mutate(ctx, req, apply)
+
+
+def handle_cancel(ctx: Context, peer: Peer, req: Cancel) -> Awaitable[Reply]:
+    def apply(store: Store, at: float) -> Reply:
+        row = store.require_run(req.run_id)
+        record = failure_record("Cancelled", req.message or "cancelled by the user",
+                                FailReason.ABANDONED, at)
+        return {"state": _end_with_failure(store, row, Event.CANCEL, record, "cancel").value}
+
+    return _mutate(ctx, req, apply)
+
+
+def handle_checkpoint(ctx: Context, peer: Peer, req: Checkpoint) -> Awaitable[Reply]:
+    data = _json(req.data, "data")
+
+    def apply(store: Store, at: float) -> Reply:
+        row = store.require_run(req.run_id)
+        if State(row["state"]).terminal:
+            raise RunnerdError(ErrorCode.INVALID_TRANSITION,
+                               f"cannot checkpoint a run that is {row['state']}")
+        return {"seq": store.add_checkpoint(req.run_id, data, req.path, at)}
+
+    return _mutate(ctx, req, apply)
+
+
+def file_digest(path: str) -> tuple[int, str]:
+    """Size and sha256 of a regular file; a clear error for anything else."""
+    if not os.path.isabs(path) or "\0" in path:
+        raise _bad(f"artifact path must be absolute: {path!r}")
+    try:
+        with open(path, "rb") as fh:
+            info = os.fstat(fh.fileno())
+            if not stat.S_ISREG(info.st_mode):
+                raise _bad(f"artifact {path} is not a regular file")
+            digest = hashlib.file_digest(fh, "sha256")
+    except FileNotFoundError:
+        raise _bad(f"artifact {path} does not exist") from None
+    except IsADirectoryError:
+        raise _bad(f"artifact {path} is a directory, not a file") from None
+    except OSError as exc:
+        raise _bad(f"artifact {path} cannot be read: {exc.strerror}") from None
+    return info.st_size, digest.hexdigest()
+
+
+async def handle_artifact(ctx: Context, peer: Peer, req: Artifact) -> Reply:
+    """Hash the file off the event loop, then record it."""
+    size, sha256 = await anyio.to_thread.run_sync(file_digest, req.path)
+    path = os.path.normpath(req.path)
+
+    def apply(store: Store, at: float) -> Reply:
+        store.require_run(req.run_id)
+        store.put_artifact(req.run_id, path, size, sha256, at)
+        return {"path": path, "size": size, "sha256": sha256}
+
+    return await _mutate(ctx, req, apply)
+
+
+# --- reads ------------------------------------------------------------------
+
+
+async def handle_get(ctx: Context, peer: Peer, req: Get) -> Reply:
+    return {"run": await ctx.registry.read(lambda s: s.run_details(s.resolve(req.run)))}
+
+
+async def handle_list(ctx: Context, peer: Peer, req: ListRuns) -> Reply:
+    if req.state is not None and req.state not in State.__members__.values():
+        raise _bad(f"unknown state {req.state!r}")
+    if not 1 <= req.limit <= MAX_LIST:
+        raise _bad(f"limit must be between 1 and {MAX_LIST}")
+    runs = await ctx.registry.read(lambda s: s.list_runs(
+        state=req.state, experiment=req.experiment, since=req.since, limit=req.limit))
+    return {"runs": runs}
+
+
+async def handle_status(ctx: Context, peer: Peer, req: Status) -> Reply:
+    limit = max(1, min(req.limit, 100))
+
+    def read(store: Store) -> Reply:
+        return {"counts": store.counts(), "active": store.active_runs(limit),
+                "failures": store.latest_failures(limit)}
+
+    body = await ctx.registry.read(read)
+    body["daemon"] = {
+        "version": __version__, "protocol": PROTOCOL_VERSION, "pid": os.getpid(),
+        "uptime_sec": round(time.time() - ctx.started_at, 3), "socket": str(ctx.config.socket),
+        "db": str(ctx.config.db), "db_bytes": _db_size(ctx.config.db),
+        "clients": ctx.connections,
+    }
+    return body
+
+
+def _db_size(db: Path) -> int:
+    return sum(p.stat().st_size for p in (db, Path(f"{db}-wal")) if p.exists())
+
+
+Handler = Callable[[Context, Peer, Any], Awaitable[Reply]]
+HANDLERS: dict[type[Request], Handler] = {
+    Create: handle_create,
+    Start: handle_start,
+    Attach: handle_attach,
+    Detach: handle_detach,
+    Heartbeat: handle_heartbeat,
+    Succeed: handle_succeed,
+    Fail: handle_fail,
+    Cancel: handle_cancel,
+    Checkpoint: handle_checkpoint,
+    Artifact: handle_artifact,
+    Get: handle_get,
+    ListRuns: handle_list,
+    Status: handle_status,
+}

@@ -1,0 +1,535 @@
+"""The SQLite run registry: schema, migrations, group commit. Nothing else writes SQL.
+
+One aiosqlite worker thread owns the connection. Mutations are queued and applied
+in batches inside one transaction (a savepoint per operation), and every caller is
+answered only once its batch is committed: with `synchronous=FULL` that means the
+event survives a power cut, at the price of one fsync per batch, not per event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sqlite3
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiosqlite
+
+from runnerd_client.protocol import ACTIVE_STATES, ErrorCode, RunnerdError, State
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE runs (
+        run_id TEXT PRIMARY KEY,
+        experiment TEXT NOT NULL,
+        variation TEXT NOT NULL,
+        attempt INTEGER NOT NULL,
+        state TEXT NOT NULL,
+        params TEXT NOT NULL,
+        tags TEXT NOT NULL,
+        cwd TEXT,
+        run_dir TEXT,
+        host TEXT,
+        created_at REAL NOT NULL,
+        started_at REAL,
+        ended_at REAL,
+        last_heartbeat_at REAL,
+        heartbeat_seq INTEGER NOT NULL DEFAULT 0,
+        heartbeats INTEGER NOT NULL DEFAULT 0,
+        heartbeat_timeout REAL,
+        lost_grace REAL,
+        deadline REAL,
+        UNIQUE (experiment, variation, attempt)
+    ) WITHOUT ROWID;
+    CREATE INDEX runs_by_state ON runs (state, created_at);
+    CREATE INDEX runs_by_created ON runs (created_at);
+    CREATE TABLE transitions (
+        seq INTEGER PRIMARY KEY,
+        run_id TEXT NOT NULL,
+        at REAL NOT NULL,
+        from_state TEXT,
+        to_state TEXT NOT NULL,
+        cause TEXT NOT NULL,
+        source TEXT NOT NULL
+    );
+    CREATE INDEX transitions_by_run ON transitions (run_id, seq);
+    CREATE TABLE failures (
+        run_id TEXT PRIMARY KEY,
+        failure_class TEXT NOT NULL,
+        message TEXT NOT NULL,
+        traceback TEXT,
+        phase TEXT,
+        reason TEXT NOT NULL,
+        signature TEXT NOT NULL,
+        category TEXT,
+        retryable INTEGER,
+        exit_code INTEGER,
+        signal TEXT,
+        at REAL NOT NULL
+    ) WITHOUT ROWID;
+    CREATE INDEX failures_by_time ON failures (at);
+    CREATE TABLE artifacts (
+        run_id TEXT NOT NULL,
+        path TEXT NOT NULL,
+        size INTEGER NOT NULL,
+        sha256 TEXT NOT NULL,
+        at REAL NOT NULL,
+        PRIMARY KEY (run_id, path)
+    ) WITHOUT ROWID;
+    CREATE TABLE checkpoints (
+        seq INTEGER PRIMARY KEY,
+        run_id TEXT NOT NULL,
+        data TEXT NOT NULL,
+        path TEXT,
+        at REAL NOT NULL
+    );
+    CREATE INDEX checkpoints_by_run ON checkpoints (run_id, seq);
+    CREATE TABLE run_pids (
+        run_id TEXT NOT NULL,
+        pid INTEGER NOT NULL,
+        start_time INTEGER,
+        at REAL NOT NULL,
+        PRIMARY KEY (run_id, pid)
+    ) WITHOUT ROWID;
+    CREATE TABLE idempotency (
+        key TEXT PRIMARY KEY,
+        run_id TEXT NOT NULL,
+        reply TEXT NOT NULL,
+        at REAL NOT NULL
+    ) WITHOUT ROWID;
+    """,
+)
+
+RUN_COLUMNS = (
+    "run_id", "experiment", "variation", "attempt", "state", "params", "tags", "cwd",
+    "run_dir", "host", "created_at", "started_at", "ended_at", "last_heartbeat_at",
+    "heartbeat_seq", "heartbeats", "heartbeat_timeout", "lost_grace", "deadline",
+)
+FAILURE_COLUMNS = (
+    "failure_class", "message", "traceback", "phase", "reason", "signature", "category",
+    "retryable", "exit_code", "signal", "at",
+)
+
+
+def iso(ts: float | None) -> str | None:
+    """Epoch seconds as ISO 8601 UTC, the form every public run object uses."""
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace(
+        "+00:00", "Z"
+    )
+
+
+@dataclass(slots=True)
+class Transition:
+    """A state change made inside the current batch, for after-commit work."""
+
+    run_id: str
+    from_state: State | None
+    to_state: State
+    at: float
+    cause: str
+    source: str
+
+
+@dataclass
+class BatchResult:
+    outcomes: list[tuple[bool, Any]]
+    transitions: list[Transition] = field(default_factory=list)
+    metadata: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+
+
+class Store:
+    """Synchronous access to the registry; used only on the database thread."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+        self.transitions: list[Transition] = []
+
+    # --- runs ---
+
+    def run_row(self, run_id: str) -> dict[str, Any] | None:
+        cur = self.conn.execute(
+            f"SELECT {', '.join(RUN_COLUMNS)} FROM runs WHERE run_id = ?", (run_id,)
+        )
+        row = cur.fetchone()
+        return dict(zip(RUN_COLUMNS, row, strict=True)) if row else None
+
+    def require_run(self, run_id: str) -> dict[str, Any]:
+        row = self.run_row(run_id)
+        if row is None:
+            raise RunnerdError(ErrorCode.UNKNOWN_RUN, f"no run {run_id!r}")
+        return row
+
+    def resolve(self, prefix: str) -> str:
+        """The one run_id starting with `prefix` (exact match first)."""
+        if self.run_row(prefix) is not None:
+            return prefix
+        rows = self.conn.execute(
+            "SELECT run_id FROM runs WHERE run_id >= ? AND run_id < ? LIMIT 2",
+            (prefix, prefix + "\U0010ffff"),
+        ).fetchall()
+        if not rows:
+            raise RunnerdError(ErrorCode.UNKNOWN_RUN, f"no run matches {prefix!r}")
+        if len(rows) > 1:
+            raise RunnerdError(ErrorCode.BAD_REQUEST, f"{prefix!r} matches more than one run")
+        return str(rows[0][0])
+
+    def next_attempt(self, experiment: str, variation: str) -> int:
+        row = self.conn.execute(
+            "SELECT MAX(attempt) FROM runs WHERE experiment = ? AND variation = ?",
+            (experiment, variation),
+        ).fetchone()
+        return int(row[0] or 0) + 1
+
+    def insert_run(self, values: dict[str, Any]) -> None:
+        cols = ", ".join(values)
+        marks = ", ".join("?" for _ in values)
+        self.conn.execute(f"INSERT INTO runs ({cols}) VALUES ({marks})", tuple(values.values()))
+
+    def update_run(self, run_id: str, **values: Any) -> None:
+        sets = ", ".join(f"{col} = ?" for col in values)
+        self.conn.execute(f"UPDATE runs SET {sets} WHERE run_id = ?", (*values.values(), run_id))
+
+    def set_state(self, row: dict[str, Any], to_state: State, *, at: float, cause: str,
+                  source: str, **values: Any) -> None:
+        """Move a run to `to_state`, recording the transition with its cause and source."""
+        from_state = State(row["state"]) if row.get("state") else None
+        self.update_run(row["run_id"], state=to_state.value, **values)
+        self.conn.execute(
+            "INSERT INTO transitions (run_id, at, from_state, to_state, cause, source)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (row["run_id"], at, from_state, to_state.value, cause, source),
+        )
+        self.transitions.append(Transition(row["run_id"], from_state, to_state, at, cause, source))
+
+    def record_creation(self, run_id: str, at: float, source: str) -> None:
+        self.conn.execute(
+            "INSERT INTO transitions (run_id, at, from_state, to_state, cause, source)"
+            " VALUES (?, ?, NULL, ?, 'create', ?)",
+            (run_id, at, State.PENDING.value, source),
+        )
+        self.transitions.append(Transition(run_id, None, State.PENDING, at, "create", source))
+
+    # --- pids, failures, artifacts, checkpoints ---
+
+    def add_pid(self, run_id: str, pid: int, start_time: int | None, at: float) -> None:
+        self.conn.execute(
+            "INSERT OR REPLACE INTO run_pids (run_id, pid, start_time, at) VALUES (?, ?, ?, ?)",
+            (run_id, pid, start_time, at),
+        )
+
+    def remove_pid(self, run_id: str, pid: int) -> None:
+        self.conn.execute("DELETE FROM run_pids WHERE run_id = ? AND pid = ?", (run_id, pid))
+
+    def clear_pids(self, run_id: str) -> None:
+        self.conn.execute("DELETE FROM run_pids WHERE run_id = ?", (run_id,))
+
+    def pids(self, run_id: str) -> list[int]:
+        rows = self.conn.execute(
+            "SELECT pid FROM run_pids WHERE run_id = ? ORDER BY at", (run_id,)
+        ).fetchall()
+        return [int(r[0]) for r in rows]
+
+    def put_failure(self, run_id: str, record: dict[str, Any]) -> None:
+        values = [record.get(col) for col in FAILURE_COLUMNS]
+        self.conn.execute(
+            f"INSERT OR REPLACE INTO failures (run_id, {', '.join(FAILURE_COLUMNS)})"
+            f" VALUES (?, {', '.join('?' for _ in FAILURE_COLUMNS)})",
+            (run_id, *values),
+        )
+
+    def failure(self, run_id: str) -> dict[str, Any] | None:
+        row = self.conn.execute(
+            f"SELECT {', '.join(FAILURE_COLUMNS)} FROM failures WHERE run_id = ?", (run_id,)
+        ).fetchone()
+        return _failure_object(run_id, row) if row else None
+
+    def put_artifact(self, run_id: str, path: str, size: int, sha256: str, at: float) -> None:
+        self.conn.execute(
+            "INSERT OR REPLACE INTO artifacts (run_id, path, size, sha256, at)"
+            " VALUES (?, ?, ?, ?, ?)",
+            (run_id, path, size, sha256, at),
+        )
+
+    def add_checkpoint(self, run_id: str, data_json: str, path: str | None, at: float) -> int:
+        cur = self.conn.execute(
+            "INSERT INTO checkpoints (run_id, data, path, at) VALUES (?, ?, ?, ?)",
+            (run_id, data_json, path, at),
+        )
+        return int(cur.lastrowid or 0)
+
+    # --- idempotency ---
+
+    def replayed(self, key: str) -> dict[str, Any] | None:
+        """The reply first given to `key`, if an event with that key was applied."""
+        row = self.conn.execute("SELECT reply FROM idempotency WHERE key = ?", (key,)).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def remember(self, key: str, run_id: str, reply: dict[str, Any], at: float) -> None:
+        self.conn.execute(
+            "INSERT INTO idempotency (key, run_id, reply, at) VALUES (?, ?, ?, ?)",
+            (key, run_id, json.dumps(reply), at),
+        )
+
+    # --- public views ---
+
+    def run_object(self, row: dict[str, Any]) -> dict[str, Any]:
+        """The public run object of SPEC §6, built from a runs row."""
+        obj: dict[str, Any] = {
+            key: row[key]
+            for key in ("run_id", "experiment", "variation", "attempt", "state", "cwd",
+                        "run_dir", "host", "heartbeats", "heartbeat_timeout", "lost_grace",
+                        "deadline")
+        }
+        obj["params"] = json.loads(row["params"])
+        obj["tags"] = json.loads(row["tags"])
+        for key in ("created_at", "started_at", "ended_at", "last_heartbeat_at"):
+            obj[key] = iso(row[key])
+        obj["pids"] = self.pids(row["run_id"])
+        obj["failure"] = self.failure(row["run_id"]) if row["state"].startswith("failed") else None
+        return obj
+
+    def run_details(self, run_id: str) -> dict[str, Any]:
+        """A run object with its transitions, artifacts and checkpoints (for `show`)."""
+        obj = self.run_object(self.require_run(run_id))
+        obj["transitions"] = [
+            {"seq": r[0], "at": iso(r[1]), "from": r[2], "to": r[3], "cause": r[4],
+             "source": r[5]}
+            for r in self.conn.execute(
+                "SELECT seq, at, from_state, to_state, cause, source FROM transitions"
+                " WHERE run_id = ? ORDER BY seq", (run_id,))
+        ]
+        obj["artifacts"] = [
+            {"path": r[0], "size": r[1], "sha256": r[2], "registered_at": iso(r[3])}
+            for r in self.conn.execute(
+                "SELECT path, size, sha256, at FROM artifacts WHERE run_id = ? ORDER BY at",
+                (run_id,))
+        ]
+        obj["checkpoints"] = [
+            {"seq": r[0], "data": json.loads(r[1]), "path": r[2], "at": iso(r[3])}
+            for r in self.conn.execute(
+                "SELECT seq, data, path, at FROM checkpoints WHERE run_id = ? ORDER BY seq",
+                (run_id,))
+        ]
+        return obj
+
+    def list_runs(self, *, state: str | None, experiment: str | None, since: float | None,
+                  limit: int) -> list[dict[str, Any]]:
+        clauses, args = [], []
+        for clause, value in (("state = ?", state), ("experiment = ?", experiment),
+                              ("created_at >= ?", since)):
+            if value is not None:
+                clauses.append(clause)
+                args.append(value)
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        rows = self.conn.execute(
+            f"SELECT {', '.join(RUN_COLUMNS)} FROM runs {where}"
+            " ORDER BY created_at DESC, run_id DESC LIMIT ?", (*args, limit),
+        ).fetchall()
+        return [self.run_object(dict(zip(RUN_COLUMNS, r, strict=True))) for r in rows]
+
+    def counts(self) -> dict[str, int]:
+        rows = self.conn.execute("SELECT state, COUNT(*) FROM runs GROUP BY state").fetchall()
+        return {str(state): int(n) for state, n in rows}
+
+    def active_runs(self, limit: int) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        for state in ACTIVE_STATES:
+            out += self.list_runs(state=state.value, experiment=None, since=None, limit=limit)
+        out.sort(key=lambda r: r["created_at"], reverse=True)
+        return out[:limit]
+
+    def latest_failures(self, limit: int) -> list[dict[str, Any]]:
+        rows = self.conn.execute(
+            f"SELECT run_id, {', '.join(FAILURE_COLUMNS)} FROM failures ORDER BY at DESC LIMIT ?",
+            (limit,),
+        ).fetchall()
+        return [_failure_object(r[0], r[1:]) for r in rows]
+
+    def metadata_doc(self, run_id: str) -> tuple[str, dict[str, Any]] | None:
+        """(run_dir, metadata.json content) of SPEC §7, or None without a run_dir."""
+        row = self.run_row(run_id)
+        if row is None or not row["run_dir"]:
+            return None
+        failure = self.failure(run_id) if row["state"].startswith("failed") else None
+        start, end = row["started_at"], row["ended_at"]
+        return row["run_dir"], {
+            "run_id": run_id,
+            "experiment": row["experiment"],
+            "variation": row["variation"],
+            "attempt": row["attempt"],
+            "status": row["state"],
+            "start_time": iso(start),
+            "end_time": iso(end),
+            "runtime_sec": round(end - start, 3) if start is not None and end is not None
+            else None,
+            "failure_reason": failure["reason"] if failure else None,
+            "failure_class": failure["failure_class"] if failure else None,
+        }
+
+
+def _failure_object(run_id: str, row: Iterable[Any]) -> dict[str, Any]:
+    record = dict(zip(FAILURE_COLUMNS, row, strict=True))
+    record["at"] = iso(record["at"])
+    if record["retryable"] is not None:
+        record["retryable"] = bool(record["retryable"])
+    return {"run_id": run_id, **record}
+
+
+Op = Callable[[Store], Any]
+
+
+class Registry:
+    """The async face of the registry: group-committed mutations and plain reads."""
+
+    def __init__(self, path: Path, *, synchronous: str = "FULL", max_batch: int = 512,
+                 busy_timeout_ms: int = 5000) -> None:
+        self.path = path
+        self.synchronous = synchronous
+        self.max_batch = max_batch
+        self.busy_timeout_ms = busy_timeout_ms
+        self._db: aiosqlite.Connection | None = None
+        self._store: Store | None = None
+        self._queue: list[tuple[Op, asyncio.Future[Any]]] = []
+        self._wakeup = asyncio.Event()
+        self._closing = False
+        self.drained = asyncio.Event()
+        self.after_commit: Callable[[BatchResult], None] | None = None
+
+    async def open(self) -> None:
+        """Open (creating if needed) the database and run pending migrations."""
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        db = await aiosqlite.connect(str(self.path), isolation_level=None)
+        try:
+            await db._execute(self._init_sync, db._conn)
+        except sqlite3.DatabaseError as exc:
+            await db.close()
+            raise RunnerdError(ErrorCode.UNAVAILABLE,
+                               f"cannot open registry {self.path}: {exc}") from exc
+        self._db = db
+        self._store = Store(db._conn)
+
+    def _init_sync(self, conn: sqlite3.Connection) -> None:
+        conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_ms)}")
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if mode != "wal":
+            raise sqlite3.DatabaseError(f"could not switch to WAL mode (got {mode})")
+        conn.execute(f"PRAGMA synchronous = {self.synchronous}")
+        conn.execute("PRAGMA foreign_keys = ON")
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > len(MIGRATIONS):
+            raise sqlite3.DatabaseError(
+                f"schema version {version} is newer than this runnerd knows ({len(MIGRATIONS)})"
+            )
+        for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+            conn.executescript(f"BEGIN IMMEDIATE; {script}; PRAGMA user_version = {number}; COMMIT;")
+            log.info("registry migrated to schema version %d", number)
+
+    def submit(self, op: Op) -> asyncio.Future[Any]:
+        """Queue a mutation; the future resolves once its batch is durable."""
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        if self._closing:
+            future.set_exception(RunnerdError(ErrorCode.UNAVAILABLE, "daemon is shutting down"))
+            return future
+        self._queue.append((op, future))
+        self._wakeup.set()
+        return future
+
+    async def read(self, op: Callable[[Store], T]) -> T:
+        """Run a read-only function on the database thread."""
+        db, store = self._require_open()
+        try:
+            result: T = await db._execute(op, store)
+        except sqlite3.Error as exc:
+            raise RunnerdError(ErrorCode.UNAVAILABLE, f"registry read failed: {exc}") from exc
+        return result
+
+    async def run_writer(self) -> None:
+        """Apply queued mutations in batches until `stop` is called and the queue is empty."""
+        db, store = self._require_open()
+        while True:
+            if not self._queue:
+                if self._closing:
+                    self.drained.set()
+                    return
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]
+            try:
+                result = await db._execute(self._apply, store, [op for op, _ in batch])
+            except Exception as exc:
+                log.exception("registry writer failed")
+                error = RunnerdError(ErrorCode.UNAVAILABLE, f"registry write failed: {exc}")
+                result = BatchResult([(False, error)] * len(batch))
+            for (_, future), (ok, value) in zip(batch, result.outcomes, strict=True):
+                if future.done():
+                    continue
+                if ok:
+                    future.set_result(value)
+                else:
+                    future.set_exception(value)
+            if self.after_commit is not None:
+                self.after_commit(result)
+
+    def _apply(self, store: Store, ops: list[Op]) -> BatchResult:
+        """Run a batch in one transaction; one savepoint per op isolates its failure."""
+        conn = store.conn
+        store.transitions = []
+        outcomes: list[tuple[bool, Any]] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for op in ops:
+                outcomes.append(self._apply_one(store, op))
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            log.error("batch of %d mutations not committed: %s", len(ops), exc)
+            error = RunnerdError(ErrorCode.UNAVAILABLE, f"registry write failed: {exc}")
+            return BatchResult([(False, error)] * len(ops))
+        changed = dict.fromkeys(t.run_id for t in store.transitions)
+        docs = [doc for run_id in changed if (doc := store.metadata_doc(run_id)) is not None]
+        return BatchResult(outcomes, store.transitions, docs)
+
+    @staticmethod
+    def _apply_one(store: Store, op: Op) -> tuple[bool, Any]:
+        conn = store.conn
+        mark = len(store.transitions)
+        conn.execute("SAVEPOINT op")
+        try:
+            value = op(store)
+        except (RunnerdError, sqlite3.IntegrityError, ValueError, TypeError) as exc:
+            conn.execute("ROLLBACK TO op")
+            conn.execute("RELEASE op")
+            del store.transitions[mark:]
+            if isinstance(exc, RunnerdError):
+                return False, exc
+            log.exception("mutation failed")
+            return False, RunnerdError(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+        conn.execute("RELEASE op")
+        return True, value
+
+    def stop(self) -> None:
+        """Take no new mutations; the writer applies those queued, then sets `drained`."""
+        self._closing = True
+        self._wakeup.set()
+
+    async def close_db(self) -> None:
+        if self._db is not None:
+            await self._db.close()
+            self._db = None
+
+    def _require_open(self) -> tuple[aiosqlite.Connection, Store]:
+        if self._db is None or self._store is None:
+            raise RunnerdError(ErrorCode.UNAVAILABLE, "registry is not open")
+        return self._db, self._store

@@ -1,0 +1,115 @@
+"""The daemon's lifecycle: start-up, serving, signals and graceful shutdown."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import stat
+import sys
+import time
+from pathlib import Path
+
+import anyio
+import click
+from anyio.abc import CancelScope
+
+from runnerd import __version__, config
+from runnerd.connection import serve_connection
+from runnerd.handlers import Context
+from runnerd.metadata import MetadataWriter
+from runnerd.registry import Registry
+from runnerd_client.protocol import RunnerdError
+
+log = logging.getLogger(__name__)
+
+
+class StartupError(Exception):
+    """The daemon cannot start; the message says why."""
+
+
+def prepare_socket_dir(path: Path) -> None:
+    """Make the socket's folder private (0700) and refuse to replace a live daemon's socket."""
+    folder = path.parent
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    info = folder.stat()
+    if info.st_uid != os.getuid():
+        raise StartupError(f"{folder} belongs to uid {info.st_uid}, not to us")
+    if stat.S_IMODE(info.st_mode) != 0o700:
+        folder.chmod(0o700)
+    if path.exists() or path.is_symlink():
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(str(path))
+        except OSError:
+            path.unlink()
+        else:
+            raise StartupError(f"another runnerd is already serving {path}")
+        finally:
+            probe.close()
+
+
+async def _until_signal(scope: CancelScope) -> None:
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            log.info("received %s, shutting down", signal.Signals(signum).name)
+            scope.cancel()
+            return
+
+
+async def serve(cfg: config.Config) -> None:
+    """Serve until SIGTERM/SIGINT; then stop accepting, drain writes and close the registry."""
+    registry = Registry(cfg.db, synchronous=cfg.synchronous, max_batch=cfg.max_batch)
+    await registry.open()
+    metadata = MetadataWriter()
+    registry.after_commit = metadata.on_commit
+    ctx = Context(config=cfg, registry=registry, started_at=time.time())
+    try:
+        prepare_socket_dir(cfg.socket)
+        listener = await anyio.create_unix_listener(cfg.socket, mode=0o600)
+        log.info("runnerd %s serving %s with registry %s", __version__, cfg.socket, cfg.db)
+        async with anyio.create_task_group() as outer:
+            outer.start_soon(registry.run_writer)
+            async with anyio.create_task_group() as serving:
+                serving.start_soon(_until_signal, serving.cancel_scope)
+                serving.start_soon(listener.serve, lambda s: serve_connection(ctx, s), serving)
+            await listener.aclose()
+            registry.stop()
+            with anyio.move_on_after(cfg.shutdown_grace):
+                await registry.drained.wait()
+            outer.cancel_scope.cancel()
+    finally:
+        await registry.close_db()
+        metadata.close()
+        if cfg.socket.is_socket():
+            cfg.socket.unlink()
+        log.info("runnerd stopped")
+
+
+def setup_logging(level: str) -> None:
+    """Plain level-prefixed lines on stderr; journald adds its own timestamps."""
+    under_journal = "JOURNAL_STREAM" in os.environ
+    fmt = "%(levelname)s %(name)s: %(message)s" if under_journal else (
+        "%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=level.upper(), format=fmt, stream=sys.stderr)
+    logging.getLogger("aiosqlite").setLevel(logging.INFO)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--socket", "socket_path", type=click.Path(path_type=Path), help="Unix socket.")
+@click.option("--db", type=click.Path(path_type=Path), help="SQLite registry file.")
+@click.option("--config", "config_path", type=click.Path(path_type=Path), help="config.toml.")
+@click.option("--log-level", default="info", show_default=True,
+              type=click.Choice(["debug", "info", "warning", "error"]))
+@click.version_option(__version__, prog_name="runnerd")
+def main(socket_path: Path | None, db: Path | None, config_path: Path | None,
+         log_level: str) -> None:
+    """Run the runnerd daemon in the foreground."""
+    setup_logging(log_level)
+    try:
+        cfg = config.load(config_path, socket=socket_path, db=db)
+        anyio.run(serve, cfg)
+    except (config.ConfigError, StartupError, RunnerdError, OSError) as exc:
+        log.error("%s", exc)
+        sys.exit(1)

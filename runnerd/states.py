@@ -1,0 +1,56 @@
+"""The run state machine (SPEC §2): one table, consulted by every operation."""
+
+from __future__ import annotations
+
+import enum
+
+from runnerd_client.protocol import ErrorCode, RunnerdError, State
+
+
+class Event(enum.StrEnum):
+    """What can happen to a run, from a client or from the daemon itself."""
+
+    START = "start"
+    ATTACH = "attach"
+    HEARTBEAT = "heartbeat"
+    SUCCEED = "succeed"
+    FAIL_CRASH = "fail_crash"
+    FAIL_ABANDONED = "fail_abandoned"
+    FAIL_TIMEOUT = "fail_timeout"
+    CANCEL = "cancel"
+    HEARTBEAT_MISSED = "heartbeat_missed"
+    GRACE_EXPIRED = "grace_expired"
+    DEADLINE = "deadline"
+    PROCESS_EXITED = "process_exited"
+
+
+P, R, L = State.PENDING, State.RUNNING, State.LOST
+
+TRANSITIONS: dict[Event, dict[State, State]] = {
+    Event.START: {P: R, L: R},
+    Event.ATTACH: {P: P, R: R, L: R},
+    Event.HEARTBEAT: {R: R, L: R},
+    Event.SUCCEED: {R: State.SUCCEEDED, L: State.SUCCEEDED},
+    Event.FAIL_CRASH: {P: State.FAILED_CRASH, R: State.FAILED_CRASH, L: State.FAILED_CRASH},
+    Event.FAIL_ABANDONED: {
+        P: State.FAILED_ABANDONED, R: State.FAILED_ABANDONED, L: State.FAILED_ABANDONED
+    },
+    Event.FAIL_TIMEOUT: {
+        P: State.FAILED_TIMEOUT, R: State.FAILED_TIMEOUT, L: State.FAILED_TIMEOUT
+    },
+    Event.CANCEL: {P: State.FAILED_ABANDONED, R: State.FAILED_ABANDONED, L: State.FAILED_ABANDONED},
+    Event.HEARTBEAT_MISSED: {R: L},
+    Event.GRACE_EXPIRED: {L: State.FAILED_LOST},
+    Event.DEADLINE: {R: State.FAILED_TIMEOUT, L: State.FAILED_TIMEOUT},
+    Event.PROCESS_EXITED: {P: State.FAILED_CRASH, R: State.FAILED_CRASH, L: State.FAILED_CRASH},
+}
+
+
+def next_state(event: Event, current: State) -> State:
+    """The state `event` leads to from `current`, or an invalid_transition error."""
+    target = TRANSITIONS[event].get(current)
+    if target is None:
+        raise RunnerdError(
+            ErrorCode.INVALID_TRANSITION, f"cannot {event.value} a run that is {current.value}"
+        )
+    return target
