@@ -236,3 +236,7 @@ def show(ctx: click.Context, run: str, as_json: bool) -> None:
 
 def main() -> None:
     cli()
+
+
+if __name__ == "__main__":
+    main()

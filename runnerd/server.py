@@ -13,7 +13,7 @@ from pathlib import Path
 
 import anyio
 import click
-from anyio.abc import CancelScope
+from anyio.abc import CancelScope, SocketListener
 
 from runnerd import __version__, config
 from runnerd.connection import serve_connection
@@ -60,31 +60,37 @@ async def _until_signal(scope: CancelScope) -> None:
 
 async def serve(cfg: config.Config) -> None:
     """Serve until SIGTERM/SIGINT; then stop accepting, drain writes and close the registry."""
+    prepare_socket_dir(cfg.socket)
     registry = Registry(cfg.db, synchronous=cfg.synchronous, max_batch=cfg.max_batch)
     await registry.open()
     metadata = MetadataWriter()
     registry.after_commit = metadata.on_commit
     ctx = Context(config=cfg, registry=registry, started_at=time.time())
     try:
-        prepare_socket_dir(cfg.socket)
         listener = await anyio.create_unix_listener(cfg.socket, mode=0o600)
-        log.info("runnerd %s serving %s with registry %s", __version__, cfg.socket, cfg.db)
-        async with anyio.create_task_group() as outer:
-            outer.start_soon(registry.run_writer)
-            async with anyio.create_task_group() as serving:
-                serving.start_soon(_until_signal, serving.cancel_scope)
-                serving.start_soon(listener.serve, lambda s: serve_connection(ctx, s), serving)
-            await listener.aclose()
-            registry.stop()
-            with anyio.move_on_after(cfg.shutdown_grace):
-                await registry.drained.wait()
-            outer.cancel_scope.cancel()
+        try:
+            log.info("runnerd %s serving %s with registry %s", __version__, cfg.socket, cfg.db)
+            await _serve_until_signal(ctx, listener)
+        finally:
+            cfg.socket.unlink(missing_ok=True)
     finally:
         await registry.close_db()
         metadata.close()
-        if cfg.socket.is_socket():
-            cfg.socket.unlink()
         log.info("runnerd stopped")
+
+
+async def _serve_until_signal(ctx: Context, listener: SocketListener) -> None:
+    registry = ctx.registry
+    async with anyio.create_task_group() as outer:
+        outer.start_soon(registry.run_writer)
+        async with anyio.create_task_group() as serving:
+            serving.start_soon(_until_signal, serving.cancel_scope)
+            serving.start_soon(listener.serve, lambda s: serve_connection(ctx, s), serving)
+        await listener.aclose()
+        registry.stop()
+        with anyio.move_on_after(ctx.config.shutdown_grace):
+            await registry.drained.wait()
+        outer.cancel_scope.cancel()
 
 
 def setup_logging(level: str) -> None:
