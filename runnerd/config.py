@@ -46,13 +46,20 @@ def _convert(source: Path, key: str, value: Any) -> Any:
         raise ConfigError(f"{source}: unknown key {key!r} (known: {known})")
     if not isinstance(value, _CHECKS[key]) or isinstance(value, bool):
         raise ConfigError(f"{source}: {key} has the wrong type ({type(value).__name__})")
-    if key in ("socket", "db"):
-        return Path(value).expanduser()
-    if key == "synchronous" and value.upper() not in _SYNCHRONOUS:
-        raise ConfigError(f"{source}: synchronous must be one of {', '.join(_SYNCHRONOUS)}")
-    if not isinstance(value, str) and value <= 0:
+    if isinstance(value, str):
+        return _convert_text(source, key, value)
+    number: float = value
+    if number <= 0:
         raise ConfigError(f"{source}: {key} must be positive")
-    return value.upper() if key == "synchronous" else value
+    return number
+
+
+def _convert_text(source: Path, key: str, value: str) -> Any:
+    if key == "synchronous":
+        if value.upper() not in _SYNCHRONOUS:
+            raise ConfigError(f"{source}: synchronous must be one of {', '.join(_SYNCHRONOUS)}")
+        return value.upper()
+    return Path(value).expanduser()
 
 
 def load(path: Path | None = None, **overrides: Any) -> Config:

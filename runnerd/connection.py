@@ -12,9 +12,6 @@ from typing import Any
 import anyio
 from anyio.abc import SocketStream, TaskGroup
 from anyio.streams.buffered import BufferedByteReceiveStream
-
-from runnerd import __version__
-from runnerd.handlers import HANDLERS, Context, Peer
 from runnerd_client.protocol import (
     HEADER,
     PROTOCOL_VERSION,
@@ -27,6 +24,9 @@ from runnerd_client.protocol import (
     ok_reply,
     unpack_body,
 )
+
+from runnerd import __version__
+from runnerd.handlers import HANDLERS, Context, Peer
 
 log = logging.getLogger(__name__)
 _UCRED = struct.Struct("3i")

@@ -25,7 +25,8 @@ def normalize_message(message: str) -> str:
 
 def top_frames(traceback: str | None, count: int = TOP_FRAMES) -> list[str]:
     """The innermost `count` frames as 'file:function', without line numbers."""
-    frames = [f"{m['file'].rsplit('/', 1)[-1]}:{m['func']}" for m in _FRAME.finditer(traceback or "")]
+    matches = _FRAME.finditer(traceback or "")
+    frames = [f"{m['file'].rsplit('/', 1)[-1]}:{m['func']}" for m in matches]
     return frames[-count:]
 
 

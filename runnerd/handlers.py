@@ -18,12 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-
-from runnerd import __version__
-from runnerd.config import Config
-from runnerd.failures import signature
-from runnerd.registry import Registry, Store
-from runnerd.states import Event, next_state
 from runnerd_client import paths
 from runnerd_client.ids import is_valid_run_id
 from runnerd_client.protocol import (
@@ -48,6 +42,12 @@ from runnerd_client.protocol import (
     Status,
     Succeed,
 )
+
+from runnerd import __version__
+from runnerd.config import Config
+from runnerd.failures import signature
+from runnerd.registry import Registry, Store
+from runnerd.states import Event, next_state
 
 Reply = dict[str, Any]
 MAX_NAME = 256
@@ -94,7 +94,8 @@ def _json(value: Any, what: str) -> str:
         raise _bad(f"{what} must be JSON-able: {exc}") from None
 
 
-def _mutate(ctx: Context, req: Mutation, apply: Callable[[Store, float], Reply]) -> Awaitable[Reply]:
+def _mutate(ctx: Context, req: Mutation,
+            apply: Callable[[Store, float], Reply]) -> Awaitable[Reply]:
     """Queue an idempotent mutation: a replayed key answers the first reply, changes nothing."""
     at = _event_time(req.at)
 
@@ -127,11 +128,11 @@ def _transition(store: Store, row: dict[str, Any], event: Event, at: float, sour
 def _check_create(req: Create) -> None:
     if not is_valid_run_id(req.run_id):
         raise _bad("run_id must be 1-64 characters of A-Z, a-z, 0-9, '_' or '-'")
-    for name, value in (("experiment", req.experiment), ("variation", req.variation)):
-        if not value or len(value) > MAX_NAME:
+    for name, text in (("experiment", req.experiment), ("variation", req.variation)):
+        if not text or len(text) > MAX_NAME:
             raise _bad(f"{name} must be 1-{MAX_NAME} characters")
-    for name, value in (("run_dir", req.run_dir), ("cwd", req.cwd)):
-        if value is not None and (not os.path.isabs(value) or "\0" in value):
+    for name, path in (("run_dir", req.run_dir), ("cwd", req.cwd)):
+        if path is not None and (not os.path.isabs(path) or "\0" in path):
             raise _bad(f"{name} must be an absolute path")
 
 

@@ -13,14 +13,15 @@ from pathlib import Path
 
 import anyio
 import click
-from anyio.abc import CancelScope, SocketListener
+from anyio import CancelScope
+from anyio.abc import SocketListener
+from runnerd_client.protocol import RunnerdError
 
 from runnerd import __version__, config
 from runnerd.connection import serve_connection
 from runnerd.handlers import Context
 from runnerd.metadata import MetadataWriter
 from runnerd.registry import Registry
-from runnerd_client.protocol import RunnerdError
 
 log = logging.getLogger(__name__)
 

@@ -6,8 +6,8 @@ import textwrap
 from pathlib import Path
 
 import pytest
-
 from conftest import Daemon
+
 from runnerd.cli import parse_duration
 
 RUNS = textwrap.dedent("""
