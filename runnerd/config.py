@@ -48,10 +48,9 @@ def _convert(source: Path, key: str, value: Any) -> Any:
         raise ConfigError(f"{source}: {key} has the wrong type ({type(value).__name__})")
     if isinstance(value, str):
         return _convert_text(source, key, value)
-    number: float = value
-    if number <= 0:
+    if isinstance(value, int | float) and value <= 0:
         raise ConfigError(f"{source}: {key} must be positive")
-    return number
+    return value
 
 
 def _convert_text(source: Path, key: str, value: str) -> Any:
