@@ -44,6 +44,7 @@ def experiment(mode: str) -> subprocess.Popen[bytes]:
 
 
 def main() -> None:
+    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     pid = None if daemon_running() else start_daemon()
     print("\n== an experiment that succeeds, one that crashes, one interrupted, one still running")
     for mode in ("ok", "crash"):
