@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import click
+
 from runnerd_client.connection import Connection, DaemonUnavailable
 from runnerd_client.protocol import ErrorCode, Get, ListRuns, Request, RunnerdError, State, Status
 

@@ -12,6 +12,10 @@ from typing import Any
 import anyio
 from anyio.abc import SocketStream, TaskGroup
 from anyio.streams.buffered import BufferedByteReceiveStream
+
+from runnerd import __version__
+from runnerd.handlers import HANDLERS, Context, Peer
+from runnerd.processes import process_start_time
 from runnerd_client.protocol import (
     HEADER,
     PROTOCOL_VERSION,
@@ -25,9 +29,6 @@ from runnerd_client.protocol import (
     unpack_body,
 )
 
-from runnerd import __version__
-from runnerd.handlers import HANDLERS, Context, Peer
-
 log = logging.getLogger(__name__)
 _UCRED = struct.Struct("3i")
 
@@ -37,16 +38,6 @@ def peer_of(sock: socket.socket) -> Peer:
     pid, uid, _gid = _UCRED.unpack(
         sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
     return Peer(pid=pid, uid=uid, start_time=process_start_time(pid))
-
-
-def process_start_time(pid: int) -> int | None:
-    """Field 22 of /proc/PID/stat: tells a process from a later one that reuses its pid."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            raw = fh.read()
-    except OSError:
-        return None
-    return int(raw[raw.rindex(b")") + 2 :].split()[19])
 
 
 class Connection:

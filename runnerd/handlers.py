@@ -18,6 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+
+from runnerd import __version__
+from runnerd.config import Config
+from runnerd.registry import Registry, Store
+from runnerd.states import Event, end_with_failure, failure_record, transition
 from runnerd_client import paths
 from runnerd_client.ids import is_valid_run_id
 from runnerd_client.protocol import (
@@ -42,12 +47,6 @@ from runnerd_client.protocol import (
     Status,
     Succeed,
 )
-
-from runnerd import __version__
-from runnerd.config import Config
-from runnerd.failures import signature
-from runnerd.registry import Registry, Store
-from runnerd.states import Event, next_state
 
 Reply = dict[str, Any]
 MAX_NAME = 256
@@ -110,18 +109,6 @@ def _mutate(ctx: Context, req: Mutation,
     return ctx.registry.submit(op)
 
 
-def _transition(store: Store, row: dict[str, Any], event: Event, at: float, source: str,
-                **values: Any) -> State:
-    """Apply `event` to a run through the state table, recording it if the state changes."""
-    current = State(row["state"])
-    target = next_state(event, current)
-    if target != current:
-        store.set_state(row, target, at=at, cause=event.value, source=source, **values)
-    elif values:
-        store.update_run(row["run_id"], **values)
-    return target
-
-
 # --- mutations --------------------------------------------------------------
 
 
@@ -172,7 +159,7 @@ def handle_start(ctx: Context, peer: Peer, req: Start) -> Awaitable[Reply]:
 
     def apply(store: Store, at: float) -> Reply:
         row = store.require_run(req.run_id)
-        state = _transition(
+        state = transition(
             store, row, Event.START, at, peer.source, started_at=row["started_at"] or at,
             last_heartbeat_at=at, heartbeat_timeout=timeout, lost_grace=grace, deadline=deadline,
         )
@@ -185,7 +172,7 @@ def handle_start(ctx: Context, peer: Peer, req: Start) -> Awaitable[Reply]:
 def handle_attach(ctx: Context, peer: Peer, req: Attach) -> Awaitable[Reply]:
     def apply(store: Store, at: float) -> Reply:
         row = store.require_run(req.run_id)
-        _transition(store, row, Event.ATTACH, at, peer.source)
+        transition(store, row, Event.ATTACH, at, peer.source)
         store.add_pid(req.run_id, peer.pid, peer.start_time, at)
         return {"run": store.run_object(store.require_run(req.run_id))}
 
@@ -209,7 +196,7 @@ def handle_heartbeat(ctx: Context, peer: Peer, req: Heartbeat) -> Awaitable[Repl
         row = store.require_run(req.run_id)
         if req.seq <= row["heartbeat_seq"]:
             return {"state": row["state"]}
-        state = _transition(
+        state = transition(
             store, row, Event.HEARTBEAT, at, peer.source, heartbeat_seq=req.seq,
             heartbeats=row["heartbeats"] + 1,
             last_heartbeat_at=max(at, row["last_heartbeat_at"] or 0.0),
@@ -222,7 +209,7 @@ def handle_heartbeat(ctx: Context, peer: Peer, req: Heartbeat) -> Awaitable[Repl
 def handle_succeed(ctx: Context, peer: Peer, req: Succeed) -> Awaitable[Reply]:
     def apply(store: Store, at: float) -> Reply:
         row = store.require_run(req.run_id)
-        state = _transition(store, row, Event.SUCCEED, at, peer.source, ended_at=at)
+        state = transition(store, row, Event.SUCCEED, at, peer.source, ended_at=at)
         return {"state": state.value}
 
     return _mutate(ctx, req, apply)
@@ -233,21 +220,6 @@ _FAIL_EVENTS = {
     FailReason.ABANDONED: (Event.FAIL_ABANDONED, "Abandoned"),
     FailReason.TIMEOUT: (Event.FAIL_TIMEOUT, "Timeout"),
 }
-
-
-def failure_record(failure_class: str, message: str, reason: str, at: float,
-                   **extra: Any) -> dict[str, Any]:
-    """A failure record of SPEC §3, with its signature."""
-    traceback = extra.get("traceback")
-    return {"failure_class": failure_class, "message": message, "reason": reason, "at": at,
-            "signature": signature(failure_class, message, traceback), **extra}
-
-
-def _end_with_failure(store: Store, row: dict[str, Any], event: Event, record: dict[str, Any],
-                      source: str) -> State:
-    state = _transition(store, row, event, record["at"], source, ended_at=record["at"])
-    store.put_failure(row["run_id"], record)
-    return state
 
 
 def handle_fail(ctx: Context, peer: Peer, req: Fail) -> Awaitable[Reply]:
@@ -261,7 +233,7 @@ def handle_fail(ctx: Context, peer: Peer, req: Fail) -> Awaitable[Reply]:
             req.failure_class or default_class, req.message or "", req.reason, at,
             traceback=req.traceback, phase=req.phase, exit_code=req.exit_code, signal=req.signal,
         )
-        return {"state": _end_with_failure(store, row, event, record, peer.source).value}
+        return {"state": end_with_failure(store, row, event, record, peer.source).value}
 
     return _mutate(ctx, req, apply)
 
@@ -271,7 +243,7 @@ def handle_cancel(ctx: Context, peer: Peer, req: Cancel) -> Awaitable[Reply]:
         row = store.require_run(req.run_id)
         record = failure_record("Cancelled", req.message or "cancelled by the user",
                                 FailReason.ABANDONED, at)
-        return {"state": _end_with_failure(store, row, Event.CANCEL, record, "cancel").value}
+        return {"state": end_with_failure(store, row, Event.CANCEL, record, "cancel").value}
 
     return _mutate(ctx, req, apply)
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import aiosqlite
+
 from runnerd_client.protocol import ACTIVE_STATES, ErrorCode, RunnerdError, State
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,7 @@ MIGRATIONS: tuple[str, ...] = (
         started_at REAL,
         ended_at REAL,
         last_heartbeat_at REAL,
+        lost_at REAL,
         heartbeat_seq INTEGER NOT NULL DEFAULT 0,
         heartbeats INTEGER NOT NULL DEFAULT 0,
         heartbeat_timeout REAL,
@@ -109,7 +111,7 @@ MIGRATIONS: tuple[str, ...] = (
 
 RUN_COLUMNS = (
     "run_id", "experiment", "variation", "attempt", "state", "params", "tags", "cwd",
-    "run_dir", "host", "created_at", "started_at", "ended_at", "last_heartbeat_at",
+    "run_dir", "host", "created_at", "started_at", "ended_at", "last_heartbeat_at", "lost_at",
     "heartbeat_seq", "heartbeats", "heartbeat_timeout", "lost_grace", "deadline",
 )
 FAILURE_COLUMNS = (
@@ -140,9 +142,30 @@ class Transition:
 
 
 @dataclass
-class BatchResult:
-    outcomes: list[tuple[bool, Any]]
+class Effects:
+    """What a batch changed that the daemon must act on once it is committed."""
+
     transitions: list[Transition] = field(default_factory=list)
+    attached: list[tuple[str, int, int | None]] = field(default_factory=list)
+    detached: list[tuple[str, int]] = field(default_factory=list)
+
+    def mark(self) -> tuple[int, int, int]:
+        return len(self.transitions), len(self.attached), len(self.detached)
+
+    def rollback(self, mark: tuple[int, int, int]) -> None:
+        """Forget what a rolled-back operation did."""
+        del self.transitions[mark[0]:]
+        del self.attached[mark[1]:]
+        del self.detached[mark[2]:]
+
+
+@dataclass
+class BatchResult:
+    """Each operation's outcome, plus the committed effects and the rows they touched."""
+
+    outcomes: list[tuple[bool, Any]]
+    effects: Effects = field(default_factory=Effects)
+    rows: dict[str, dict[str, Any]] = field(default_factory=dict)
     metadata: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
 
 
@@ -151,7 +174,7 @@ class Store:
 
     def __init__(self, conn: sqlite3.Connection) -> None:
         self.conn = conn
-        self.transitions: list[Transition] = []
+        self.effects = Effects()
 
     # --- runs ---
 
@@ -208,7 +231,8 @@ class Store:
             " VALUES (?, ?, ?, ?, ?, ?)",
             (row["run_id"], at, from_state, to_state.value, cause, source),
         )
-        self.transitions.append(Transition(row["run_id"], from_state, to_state, at, cause, source))
+        self.effects.transitions.append(
+            Transition(row["run_id"], from_state, to_state, at, cause, source))
 
     def record_creation(self, run_id: str, at: float, source: str) -> None:
         self.conn.execute(
@@ -216,7 +240,8 @@ class Store:
             " VALUES (?, ?, NULL, ?, 'create', ?)",
             (run_id, at, State.PENDING.value, source),
         )
-        self.transitions.append(Transition(run_id, None, State.PENDING, at, "create", source))
+        self.effects.transitions.append(
+            Transition(run_id, None, State.PENDING, at, "create", source))
 
     # --- pids, failures, artifacts, checkpoints ---
 
@@ -225,18 +250,30 @@ class Store:
             "INSERT OR REPLACE INTO run_pids (run_id, pid, start_time, at) VALUES (?, ?, ?, ?)",
             (run_id, pid, start_time, at),
         )
+        self.effects.attached.append((run_id, pid, start_time))
 
     def remove_pid(self, run_id: str, pid: int) -> None:
         self.conn.execute("DELETE FROM run_pids WHERE run_id = ? AND pid = ?", (run_id, pid))
-
-    def clear_pids(self, run_id: str) -> None:
-        self.conn.execute("DELETE FROM run_pids WHERE run_id = ?", (run_id,))
+        self.effects.detached.append((run_id, pid))
 
     def pids(self, run_id: str) -> list[int]:
+        return [pid for pid, _ in self.pid_records(run_id)]
+
+    def pid_records(self, run_id: str) -> list[tuple[int, int | None]]:
+        """(pid, process start time) of each process attached to a run."""
         rows = self.conn.execute(
-            "SELECT pid FROM run_pids WHERE run_id = ? ORDER BY at", (run_id,)
+            "SELECT pid, start_time FROM run_pids WHERE run_id = ? ORDER BY at", (run_id,)
         ).fetchall()
-        return [int(r[0]) for r in rows]
+        return [(int(pid), start) for pid, start in rows]
+
+    def active_rows(self) -> list[dict[str, Any]]:
+        """Every run that is pending, running or lost."""
+        marks = ", ".join("?" for _ in ACTIVE_STATES)
+        rows = self.conn.execute(
+            f"SELECT {', '.join(RUN_COLUMNS)} FROM runs WHERE state IN ({marks})",
+            tuple(s.value for s in ACTIVE_STATES),
+        ).fetchall()
+        return [dict(zip(RUN_COLUMNS, r, strict=True)) for r in rows]
 
     def put_failure(self, run_id: str, record: dict[str, Any]) -> None:
         values = [record.get(col) for col in FAILURE_COLUMNS]
@@ -411,7 +448,7 @@ class Registry:
         self._wakeup = asyncio.Event()
         self._closing = False
         self.drained = asyncio.Event()
-        self.after_commit: Callable[[BatchResult], None] | None = None
+        self.subscribers: list[Callable[[BatchResult], None]] = []
 
     async def open(self) -> None:
         """Open (creating if needed) the database and run pending migrations."""
@@ -453,6 +490,15 @@ class Registry:
         self._wakeup.set()
         return future
 
+    def submit_quietly(self, op: Op, what: str) -> None:
+        """Queue a mutation nobody waits for; a failure is logged, not lost in a future."""
+
+        def report(future: asyncio.Future[Any]) -> None:
+            if not future.cancelled() and future.exception() is not None:
+                log.warning("%s failed: %s", what, future.exception())
+
+        self.submit(op).add_done_callback(report)
+
     async def read(self, op: Callable[[Store], T]) -> T:
         """Run a read-only function on the database thread."""
         db, store = self._require_open()
@@ -487,13 +533,13 @@ class Registry:
                     future.set_result(value)
                 else:
                     future.set_exception(value)
-            if self.after_commit is not None:
-                self.after_commit(result)
+            for subscriber in self.subscribers:
+                subscriber(result)
 
     def _apply(self, store: Store, ops: list[Op]) -> BatchResult:
         """Run a batch in one transaction; one savepoint per op isolates its failure."""
         conn = store.conn
-        store.transitions = []
+        store.effects = Effects()
         outcomes: list[tuple[bool, Any]] = []
         try:
             conn.execute("BEGIN IMMEDIATE")
@@ -506,21 +552,23 @@ class Registry:
             log.error("batch of %d mutations not committed: %s", len(ops), exc)
             error = RunnerdError(ErrorCode.UNAVAILABLE, f"registry write failed: {exc}")
             return BatchResult([(False, error)] * len(ops))
-        changed = dict.fromkeys(t.run_id for t in store.transitions)
-        docs = [doc for run_id in changed if (doc := store.metadata_doc(run_id)) is not None]
-        return BatchResult(outcomes, store.transitions, docs)
+        effects = store.effects
+        changed = dict.fromkeys(t.run_id for t in effects.transitions)
+        rows = {run_id: row for run_id in changed if (row := store.run_row(run_id)) is not None}
+        docs = [doc for run_id in rows if (doc := store.metadata_doc(run_id)) is not None]
+        return BatchResult(outcomes, effects, rows, docs)
 
     @staticmethod
     def _apply_one(store: Store, op: Op) -> tuple[bool, Any]:
         conn = store.conn
-        mark = len(store.transitions)
+        mark = store.effects.mark()
         conn.execute("SAVEPOINT op")
         try:
             value = op(store)
         except (RunnerdError, sqlite3.IntegrityError, ValueError, TypeError) as exc:
             conn.execute("ROLLBACK TO op")
             conn.execute("RELEASE op")
-            del store.transitions[mark:]
+            store.effects.rollback(mark)
             if isinstance(exc, RunnerdError):
                 return False, exc
             log.exception("mutation failed")

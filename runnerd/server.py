@@ -15,13 +15,16 @@ import anyio
 import click
 from anyio import CancelScope
 from anyio.abc import SocketListener
-from runnerd_client.protocol import RunnerdError
 
 from runnerd import __version__, config
 from runnerd.connection import serve_connection
 from runnerd.handlers import Context
 from runnerd.metadata import MetadataWriter
+from runnerd.processes import ProcessWatcher
+from runnerd.reconciler import recover
 from runnerd.registry import Registry
+from runnerd.watchdog import Watchdog
+from runnerd_client.protocol import RunnerdError
 
 log = logging.getLogger(__name__)
 
@@ -65,25 +68,33 @@ async def serve(cfg: config.Config) -> None:
     registry = Registry(cfg.db, synchronous=cfg.synchronous, max_batch=cfg.max_batch)
     await registry.open()
     metadata = MetadataWriter()
-    registry.after_commit = metadata.on_commit
+    watchdog = Watchdog(registry)
+    watcher = ProcessWatcher(registry)
+    registry.subscribers += [metadata.on_commit, watchdog.on_commit, watcher.on_commit]
     ctx = Context(config=cfg, registry=registry, started_at=time.time())
     try:
         listener = await anyio.create_unix_listener(cfg.socket, mode=0o600)
         try:
-            log.info("runnerd %s serving %s with registry %s", __version__, cfg.socket, cfg.db)
-            await _serve_until_signal(ctx, listener)
+            await _serve_until_signal(ctx, listener, watchdog, watcher)
         finally:
             cfg.socket.unlink(missing_ok=True)
     finally:
+        watcher.close()
         await registry.close_db()
         metadata.close()
         log.info("runnerd stopped")
 
 
-async def _serve_until_signal(ctx: Context, listener: SocketListener) -> None:
+async def _serve_until_signal(ctx: Context, listener: SocketListener, watchdog: Watchdog,
+                              watcher: ProcessWatcher) -> None:
     registry = ctx.registry
     async with anyio.create_task_group() as outer:
         outer.start_soon(registry.run_writer)
+        await recover(registry, watchdog, watcher)
+        outer.start_soon(watchdog.run)
+        outer.start_soon(watcher.poll)
+        log.info("runnerd %s serving %s with registry %s", __version__, ctx.config.socket,
+                 ctx.config.db)
         async with anyio.create_task_group() as serving:
             serving.start_soon(_until_signal, serving.cancel_scope)
             serving.start_soon(listener.serve, lambda s: serve_connection(ctx, s), serving)

@@ -1,10 +1,15 @@
-"""The run state machine (SPEC §2): one table, consulted by every operation."""
+"""The run state machine (SPEC §2): one table, and the one way to apply an event to a run."""
 
 from __future__ import annotations
 
 import enum
+from typing import TYPE_CHECKING, Any
 
+from runnerd.failures import signature
 from runnerd_client.protocol import ErrorCode, RunnerdError, State
+
+if TYPE_CHECKING:
+    from runnerd.registry import Store
 
 
 class Event(enum.StrEnum):
@@ -54,3 +59,31 @@ def next_state(event: Event, current: State) -> State:
             ErrorCode.INVALID_TRANSITION, f"cannot {event.value} a run that is {current.value}"
         )
     return target
+
+
+def transition(store: Store, row: dict[str, Any], event: Event, at: float, source: str,
+               **values: Any) -> State:
+    """Apply `event` to a run through the table, recording it if the state changes."""
+    current = State(row["state"])
+    target = next_state(event, current)
+    if target != current:
+        store.set_state(row, target, at=at, cause=event.value, source=source, **values)
+    elif values:
+        store.update_run(row["run_id"], **values)
+    return target
+
+
+def failure_record(failure_class: str, message: str, reason: str, at: float,
+                   **extra: Any) -> dict[str, Any]:
+    """A failure record of SPEC §3, with its signature."""
+    traceback = extra.get("traceback")
+    return {"failure_class": failure_class, "message": message, "reason": reason, "at": at,
+            "signature": signature(failure_class, message, traceback), **extra}
+
+
+def end_with_failure(store: Store, row: dict[str, Any], event: Event, record: dict[str, Any],
+                     source: str) -> State:
+    """End a run in the failed state `event` leads to, with its failure record."""
+    state = transition(store, row, event, record["at"], source, ended_at=record["at"])
+    store.put_failure(row["run_id"], record)
+    return state

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -11,23 +13,26 @@ from conftest import Daemon
 from runnerd.cli import parse_duration
 
 RUNS = textwrap.dedent("""
+    import sys
     import runnerd_client as rd
     client = rd.connect()
     ok = client.run("train", variation="lr=0.1", params={"lr": 0.1}).start().succeed()
     bad = client.run("train", variation="lr=9").start()
     bad.fail(message="loss is nan", failure_class="FloatingPointError")
     live = client.run("eval").start()
-    print(ok.run_id, bad.run_id, live.run_id)
+    print(ok.run_id, bad.run_id, live.run_id, flush=True)
+    sys.stdin.read()  # keep the live run's process alive until the test ends
 """)
 
 
 @pytest.fixture
-def three_runs(daemon: Daemon) -> tuple[str, str, str]:
-    proc = daemon.python(RUNS)
+def three_runs(daemon: Daemon) -> Iterator[tuple[str, str, str]]:
+    proc = daemon.python(RUNS, stdin=subprocess.PIPE)
+    assert proc.stdout is not None
+    ok, bad, live = proc.stdout.readline().split()
+    yield ok, bad, live
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
-    ok, bad, live = out.split()
-    return ok, bad, live
 
 
 def test_status_shows_counts_active_runs_and_failures(daemon: Daemon,
