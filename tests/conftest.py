@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+
 from runnerd_client.protocol import HEADER, frame, unpack_body
 
 T = TypeVar("T")

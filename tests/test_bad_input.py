@@ -19,6 +19,7 @@ from typing import Any
 
 import msgpack
 import pytest
+
 from conftest import Daemon, RawClient, wait_for
 from runnerd_client.ids import new_key, new_run_id
 from runnerd_client.protocol import DEFAULT_MAX_FRAME, HEADER, frame, unpack_body

@@ -8,8 +8,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Daemon
 
+from conftest import Daemon
 from runnerd.cli import parse_duration
 
 RUNS = textwrap.dedent("""
