@@ -25,6 +25,7 @@ class Config:
     max_batch: int = 512
     synchronous: str = "FULL"
     shutdown_grace: float = 5.0
+    spool_sweep_interval: float = 10.0
 
 
 _CHECKS: dict[str, tuple[type, ...]] = {
@@ -36,6 +37,7 @@ _CHECKS: dict[str, tuple[type, ...]] = {
     "max_batch": (int,),
     "synchronous": (str,),
     "shutdown_grace": (int, float),
+    "spool_sweep_interval": (int, float),
 }
 _SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
 

@@ -95,6 +95,10 @@ class Connection:
         except RunnerdError as exc:
             self._queue(error_reply(req_id, exc.code, exc.message))
             return True
+        except Exception as exc:
+            log.exception("request %s could not be handled", req_id)
+            self._queue(error_reply(req_id, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}"))
+            return True
         tg.start_soon(self._answer, req_id, pending)
         return True
 

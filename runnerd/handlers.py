@@ -89,8 +89,8 @@ def _bad(message: str) -> RunnerdError:
 def _json(value: Any, what: str) -> str:
     try:
         return json.dumps(value if value is not None else {}, allow_nan=False)
-    except (TypeError, ValueError) as exc:
-        raise _bad(f"{what} must be JSON-able: {exc}") from None
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise _bad(f"{what} must be JSON-able and not too deeply nested: {exc}") from None
 
 
 def _mutate(ctx: Context, req: Mutation,
@@ -99,11 +99,11 @@ def _mutate(ctx: Context, req: Mutation,
     at = _event_time(req.at)
 
     def op(store: Store) -> Reply:
-        first = store.replayed(req.key)
+        first = store.replayed(req.key, req.op, req.run_id)
         if first is not None:
             return first
         reply = apply(store, at)
-        store.remember(req.key, req.run_id, reply, at)
+        store.remember(req.key, req.op, req.run_id, reply, at)
         return reply
 
     return ctx.registry.submit(op)
@@ -282,7 +282,13 @@ def file_digest(path: str) -> tuple[int, str]:
 
 async def handle_artifact(ctx: Context, peer: Peer, req: Artifact) -> Reply:
     """Hash the file off the event loop, then record it."""
-    size, sha256 = await anyio.to_thread.run_sync(file_digest, req.path)
+    digest = await anyio.to_thread.run_sync(file_digest, req.path)
+    return await record_artifact(ctx, req, digest)
+
+
+def record_artifact(ctx: Context, req: Artifact, digest: tuple[int, str]) -> Awaitable[Reply]:
+    """Queue the record of an artifact whose size and sha256 are known."""
+    size, sha256 = digest
     path = os.path.normpath(req.path)
 
     def apply(store: Store, at: float) -> Reply:
@@ -290,7 +296,7 @@ async def handle_artifact(ctx: Context, peer: Peer, req: Artifact) -> Reply:
         store.put_artifact(req.run_id, path, size, sha256, at)
         return {"path": path, "size": size, "sha256": sha256}
 
-    return await _mutate(ctx, req, apply)
+    return _mutate(ctx, req, apply)
 
 
 # --- reads ------------------------------------------------------------------

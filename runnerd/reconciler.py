@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import logging
+import os
+import struct
 import time
+from collections.abc import Awaitable
+from pathlib import Path
+from typing import Any, cast
 
+import anyio
+
+from runnerd.handlers import HANDLERS, Context, Peer, file_digest, record_artifact
 from runnerd.processes import ProcessWatcher, is_alive
-from runnerd.registry import Registry, Store
+from runnerd.registry import Store
 from runnerd.states import Event, end_with_failure, failure_record
 from runnerd.watchdog import Watchdog, next_due
-from runnerd_client.protocol import FailReason
+from runnerd_client.protocol import Artifact, FailReason, Request, RunnerdError
+from runnerd_client.spool import claim_orphans, parse, read_header
 
 log = logging.getLogger(__name__)
 SOURCE = "reconciler"
@@ -41,9 +50,83 @@ def reconcile(store: Store, now: float) -> list[LivePid]:
     return live_pids
 
 
-async def recover(registry: Registry, watchdog: Watchdog, watcher: ProcessWatcher) -> None:
-    """Reconcile the registry, watch the live processes again and re-arm every timer."""
+def _spool_peer(header: dict[str, Any]) -> Peer:
+    """The process that wrote a spool; its pid counts only with a start time to check it by."""
+    pid, start = header.get("pid"), header.get("start_time")
+    if type(pid) is int and type(start) is int and pid > 0:
+        return Peer(pid=pid, uid=os.getuid(), start_time=start)
+    return Peer(pid=0, uid=os.getuid(), start_time=None)
+
+
+def _digests(reqs: list[Request]) -> dict[int, tuple[int, str] | RunnerdError]:
+    """Hash every spooled artifact up front (on a worker thread)."""
+    out: dict[int, tuple[int, str] | RunnerdError] = {}
+    for i, req in enumerate(reqs):
+        if isinstance(req, Artifact):
+            try:
+                out[i] = file_digest(req.path)
+            except RunnerdError as exc:
+                out[i] = exc
+    return out
+
+
+def _queue(ctx: Context, peer: Peer, req: Request,
+           digest: tuple[int, str] | RunnerdError | None) -> Awaitable[Any]:
+    if isinstance(digest, RunnerdError):
+        raise digest
+    if digest is not None:
+        return record_artifact(ctx, cast(Artifact, req), digest)
+    return HANDLERS[type(req)](ctx, peer, req)
+
+
+async def replay_spool(ctx: Context, data: bytes) -> int:
+    """Apply a dead client's spooled events in order, as that client; return how many.
+
+    Every event is queued before any is committed, so nothing the daemon does in
+    reaction to the first commit (a dead pid noticed) can come between them.
+    """
+    try:
+        peer = _spool_peer(read_header(data))
+    except (RunnerdError, struct.error, TypeError):
+        return 0
+    reqs = [req for req, _ in parse(data) if req is not None and req.mutating]
+    digests = await anyio.to_thread.run_sync(_digests, reqs)
+    queued: list[Awaitable[Any]] = []
+    for i, req in enumerate(reqs):
+        try:
+            queued.append(_queue(ctx, peer, req, digests.get(i)))
+        except RunnerdError as exc:
+            log.warning("spooled %s refused: %s", req.op, exc)
+    for pending in queued:
+        try:
+            await pending
+        except RunnerdError as exc:
+            log.warning("spooled event refused: %s", exc)
+    return len(queued)
+
+
+async def replay_orphan_spools(ctx: Context, folder: Path) -> None:
+    """Replay the spools of clients that exited while the daemon was away, then delete them."""
+    for path, fd in claim_orphans(folder):
+        with os.fdopen(os.dup(fd), "rb") as fh:
+            data = fh.read()
+        count = await replay_spool(ctx, data)
+        path.unlink()
+        log.info("replayed %d events from %s", count, path.name)
+
+
+async def sweep_orphan_spools(ctx: Context, interval: float) -> None:
+    """Now and then, replay spools whose clients exited while the daemon was unreachable."""
+    while True:
+        await anyio.sleep(interval)
+        await replay_orphan_spools(ctx, ctx.config.db.parent / "spool")
+
+
+async def recover(ctx: Context, watchdog: Watchdog, watcher: ProcessWatcher) -> None:
+    """Replay orphan spools, reconcile, watch live processes again and re-arm every timer."""
     started = time.monotonic()
+    registry = ctx.registry
+    await replay_orphan_spools(ctx, ctx.config.db.parent / "spool")
     live = await registry.submit(lambda store: reconcile(store, time.time()))
     for run_id, pid, start in live:
         watcher.watch(run_id, pid, start)

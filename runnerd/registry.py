@@ -102,6 +102,7 @@ MIGRATIONS: tuple[str, ...] = (
     ) WITHOUT ROWID;
     CREATE TABLE idempotency (
         key TEXT PRIMARY KEY,
+        op TEXT NOT NULL,
         run_id TEXT NOT NULL,
         reply TEXT NOT NULL,
         at REAL NOT NULL
@@ -305,15 +306,22 @@ class Store:
 
     # --- idempotency ---
 
-    def replayed(self, key: str) -> dict[str, Any] | None:
-        """The reply first given to `key`, if an event with that key was applied."""
-        row = self.conn.execute("SELECT reply FROM idempotency WHERE key = ?", (key,)).fetchone()
-        return json.loads(row[0]) if row else None
+    def replayed(self, key: str, op: str, run_id: str) -> dict[str, Any] | None:
+        """The reply first given to `key`, if that event was applied; a key is for one event."""
+        row = self.conn.execute(
+            "SELECT op, run_id, reply FROM idempotency WHERE key = ?", (key,)).fetchone()
+        if row is None:
+            return None
+        if (row[0], row[1]) != (op, run_id):
+            raise RunnerdError(ErrorCode.CONFLICT,
+                               f"key {key!r} was already used for {row[0]} of run {row[1]}")
+        reply: dict[str, Any] = json.loads(row[2])
+        return reply
 
-    def remember(self, key: str, run_id: str, reply: dict[str, Any], at: float) -> None:
+    def remember(self, key: str, op: str, run_id: str, reply: dict[str, Any], at: float) -> None:
         self.conn.execute(
-            "INSERT INTO idempotency (key, run_id, reply, at) VALUES (?, ?, ?, ?)",
-            (key, run_id, json.dumps(reply), at),
+            "INSERT INTO idempotency (key, op, run_id, reply, at) VALUES (?, ?, ?, ?, ?)",
+            (key, op, run_id, json.dumps(reply), at),
         )
 
     # --- public views ---
@@ -565,7 +573,9 @@ class Registry:
         conn.execute("SAVEPOINT op")
         try:
             value = op(store)
-        except (RunnerdError, sqlite3.IntegrityError, ValueError, TypeError) as exc:
+        except sqlite3.OperationalError:
+            raise  # the database itself failed (full, locked): the whole batch is off
+        except Exception as exc:
             conn.execute("ROLLBACK TO op")
             conn.execute("RELEASE op")
             store.effects.rollback(mark)

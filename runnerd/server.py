@@ -21,7 +21,7 @@ from runnerd.connection import serve_connection
 from runnerd.handlers import Context
 from runnerd.metadata import MetadataWriter
 from runnerd.processes import ProcessWatcher
-from runnerd.reconciler import recover
+from runnerd.reconciler import recover, sweep_orphan_spools
 from runnerd.registry import Registry
 from runnerd.watchdog import Watchdog
 from runnerd_client.protocol import RunnerdError
@@ -70,7 +70,7 @@ async def serve(cfg: config.Config) -> None:
     metadata = MetadataWriter()
     watchdog = Watchdog(registry)
     watcher = ProcessWatcher(registry)
-    registry.subscribers += [metadata.on_commit, watchdog.on_commit, watcher.on_commit]
+    registry.subscribers += [metadata.on_commit, watchdog.on_commit]
     ctx = Context(config=cfg, registry=registry, started_at=time.time())
     try:
         listener = await anyio.create_unix_listener(cfg.socket, mode=0o600)
@@ -90,9 +90,11 @@ async def _serve_until_signal(ctx: Context, listener: SocketListener, watchdog: 
     registry = ctx.registry
     async with anyio.create_task_group() as outer:
         outer.start_soon(registry.run_writer)
-        await recover(registry, watchdog, watcher)
+        await recover(ctx, watchdog, watcher)
+        registry.subscribers.append(watcher.on_commit)  # recovery judged the pids it replayed
         outer.start_soon(watchdog.run)
         outer.start_soon(watcher.poll)
+        outer.start_soon(sweep_orphan_spools, ctx, ctx.config.spool_sweep_interval)
         log.info("runnerd %s serving %s with registry %s", __version__, ctx.config.socket,
                  ctx.config.db)
         async with anyio.create_task_group() as serving:

@@ -30,6 +30,11 @@ def db_path() -> Path:
     return _xdg("XDG_STATE_HOME", ".local/state") / "runnerd" / "registry.sqlite3"
 
 
+def spool_dir() -> Path:
+    """Where clients keep events the daemon has not acknowledged: beside the registry."""
+    return db_path().parent / "spool"
+
+
 def data_dir() -> Path:
     """$XDG_DATA_HOME/runnerd: run folders and sweep folders live below it."""
     return _xdg("XDG_DATA_HOME", ".local/share") / "runnerd"

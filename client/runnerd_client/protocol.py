@@ -8,6 +8,7 @@ wire map becomes a typed request, so every field is checked exactly once.
 from __future__ import annotations
 
 import enum
+import math
 import struct
 import types
 import typing
@@ -19,6 +20,7 @@ import msgpack
 PROTOCOL_VERSION = 1
 DEFAULT_MAX_FRAME = 1 << 20
 HEADER = struct.Struct(">I")
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
 class ErrorCode(enum.StrEnum):
@@ -272,18 +274,27 @@ def decode_request(msg: dict[Any, Any]) -> tuple[int | None, Request]:
             raise RunnerdError(
                 ErrorCode.BAD_REQUEST, f"{op}: field {name!r} must be {_type_name(allowed)}"
             )
+        if type(value) is int and not INT64_MIN <= value <= INT64_MAX:
+            raise RunnerdError(ErrorCode.BAD_REQUEST, f"{op}: field {name!r} is out of range")
+        if type(value) is float and not math.isfinite(value):
+            raise RunnerdError(ErrorCode.BAD_REQUEST, f"{op}: field {name!r} must be finite")
         kwargs[name] = value
     return req_id, cls(**kwargs)
 
 
-def encode_request(req_id: int, req: Request) -> bytes:
-    """Frame a request; fields left at None are not sent."""
-    msg: dict[str, Any] = {"op": req.op, "id": req_id}
+def request_map(req: Request) -> dict[str, Any]:
+    """A request as a wire map without an id; fields left at None are not sent."""
+    msg: dict[str, Any] = {"op": req.op}
     for f in fields(req):
         value = getattr(req, f.name)
         if value is not None:
             msg[f.name] = value
-    return frame(msg)
+    return msg
+
+
+def encode_request(req_id: int, req: Request) -> bytes:
+    """Frame a request with its id."""
+    return frame({**request_map(req), "id": req_id})
 
 
 # --- framing and replies ----------------------------------------------------

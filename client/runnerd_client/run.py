@@ -1,8 +1,7 @@
 """Runs as an experiment sees them: two lines to be tracked, and never broken by us.
 
-Every event goes through `Client.emit`. When the daemon cannot be reached the
-client logs one warning and the experiment goes on untracked; it never raises
-into the experiment for the daemon's sake.
+Every event goes through `Client.emit` (see client.py): delivered, or spooled to
+disk while the daemon is away, and never raised into the experiment.
 """
 
 from __future__ import annotations
@@ -21,7 +20,6 @@ from types import FrameType, TracebackType
 from typing import IO, Any
 
 from runnerd_client import paths
-from runnerd_client.connection import Connection, DaemonUnavailable
 from runnerd_client.ids import new_key, new_run_id
 from runnerd_client.protocol import (
     Artifact,
@@ -33,14 +31,13 @@ from runnerd_client.protocol import (
     Fail,
     FailReason,
     Heartbeat,
-    Request,
     RunnerdError,
     Start,
     Succeed,
 )
+from runnerd_client.reporter import Reporter
 
 log = logging.getLogger("runnerd_client")
-ACK_TIMEOUT = 30.0
 RUN_ID_ENV = "RUNNERD_RUN_ID"
 
 
@@ -51,56 +48,8 @@ class Terminated(SystemExit):
         super().__init__(128 + signal.SIGTERM)
 
 
-class Client:
-    """The events of one process, on one shared connection to the daemon."""
-
-    def __init__(self, socket_path: str | Path | None = None) -> None:
-        self.socket_path = Path(socket_path) if socket_path else paths.socket_path()
-        self._conn: Connection | None = None
-        self._lock = threading.Lock()
-        self._warned = False
-
-    def _connection(self) -> Connection | None:
-        with self._lock:
-            if self._conn is not None and self._conn.alive:
-                return self._conn
-            try:
-                self._conn = Connection(self.socket_path)
-            except DaemonUnavailable as exc:
-                self._warn(str(exc))
-                self._conn = None
-            return self._conn
-
-    def _warn(self, message: str) -> None:
-        if not self._warned:
-            self._warned = True
-            log.warning("%s; runs of this process are not being recorded", message)
-
-    def emit(self, req: Request) -> Future[dict[str, Any]] | None:
-        """Send an event; None when the daemon is away (the event is not recorded)."""
-        conn = self._connection()
-        if conn is None:
-            return None
-        return conn.send(req)
-
-    def wait(self, future: Future[dict[str, Any]] | None, what: str) -> dict[str, Any] | None:
-        """The reply's body, or None (with a warning) when it is an error or never came."""
-        if future is None:
-            return None
-        try:
-            reply = future.result(ACK_TIMEOUT)
-        except TimeoutError:
-            log.warning("runnerd did not acknowledge %s within %s s", what, ACK_TIMEOUT)
-            return None
-        except DaemonUnavailable as exc:
-            self._warn(str(exc))
-            return None
-        if not reply.get("ok"):
-            error = reply.get("error") or {}
-            log.warning("runnerd refused %s: %s: %s", what, error.get("code"),
-                        error.get("message"))
-            return None
-        return reply
+class Client(Reporter):
+    """What `rd.connect()` returns: makes runs and attaches to them."""
 
     def run(self, experiment: str, variation: str = "default", *,
             params: dict[str, Any] | None = None, tags: dict[str, Any] | None = None,
@@ -118,28 +67,29 @@ class Client:
             key=new_key(), run_id=run_id, experiment=experiment, variation=variation,
             params=params or {}, tags=tags or {}, cwd=os.getcwd(), run_dir=str(folder),
             host=socket.gethostname(), at=time.time())), "create")
-        if reply is not None:
-            run.attempt = reply["attempt"]
+        run.attempt = (reply or {}).get("attempt")
         return run
 
-    def attach(self, run_id: str) -> Run | None:
-        """Join an existing run (one launched by `runnerctl exec`, say) from this process."""
+    def attach(self, run_id: str) -> Run:
+        """Join an existing run (one launched by `runnerctl exec`, say) from this process.
+
+        With the daemon away the attach is spooled and the run's names are not known yet.
+        """
         reply = self.wait(self.emit(Attach(key=new_key(), run_id=run_id, at=time.time())),
                           f"attach to {run_id}")
-        if reply is None:
-            return None
-        info = reply["run"]
+        info = (reply or {}).get("run") or {"experiment": "", "variation": "", "params": {},
+                                            "run_dir": str(paths.default_run_dir(run_id))}
         run = Run(self, run_id, info["experiment"], info["variation"], params=info["params"],
                   run_dir=Path(info["run_dir"]), heartbeat_interval=60.0, limits={},
                   attached=True)
-        run.attempt = info["attempt"]
+        run.attempt = info.get("attempt")
         return run
 
 
 class Run:
     """One run: explicit calls that chain, or a context manager that ends it truthfully."""
 
-    def __init__(self, client: Client, run_id: str, experiment: str, variation: str, *,
+    def __init__(self, client: Reporter, run_id: str, experiment: str, variation: str, *,
                  params: dict[str, Any], run_dir: Path, heartbeat_interval: float,
                  limits: dict[str, float | None], attached: bool = False) -> None:
         self.client = client
@@ -176,12 +126,11 @@ class Run:
             self._seq += 1
             seq = self._seq
         future = self.client.emit(Heartbeat(run_id=self.run_id, seq=seq, at=time.time()))
-        if future is not None:
-            future.add_done_callback(self._heartbeat_answered)
+        future.add_done_callback(self._heartbeat_answered)
         return self
 
     def _heartbeat_answered(self, future: Future[dict[str, Any]]) -> None:
-        if future.exception() is None and not future.result().get("ok"):
+        if not future.result().get("ok"):
             error = future.result()["error"]
             if error.get("code") in (ErrorCode.INVALID_TRANSITION, ErrorCode.UNKNOWN_RUN):
                 log.warning("run %s no longer takes heartbeats: %s", self.run_id,
@@ -205,10 +154,9 @@ class Run:
             path=str(Path(path).resolve()) if path is not None else None, at=time.time())))
         return self
 
-    def _track(self, what: str, future: Future[dict[str, Any]] | None) -> None:
-        if future is not None:
-            with self._lock:
-                self._pending.append((what, future))
+    def _track(self, what: str, future: Future[dict[str, Any]]) -> None:
+        with self._lock:
+            self._pending.append((what, future))
 
     def flush(self) -> Run:
         """Wait until every artifact and checkpoint sent so far is acknowledged."""
