@@ -1,5 +1,5 @@
-"""The quick-start demo: start runnerd if it is not running, run a few experiments that
-succeed, crash, get interrupted and keep running, then show `runnerctl status`."""
+"""The quick-start demo: start runnerd if it is not running, run experiments that succeed,
+crash, get interrupted, hang, get killed and keep running, then show `runnerctl status`."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from pathlib import Path
 
 from runnerd_client import paths
 from runnerd_client.connection import Connection, DaemonUnavailable
+from runnerd_client.protocol import Get
 
 HERE = Path(__file__).resolve().parent
 
@@ -39,30 +40,62 @@ def start_daemon() -> int:
     return proc.pid
 
 
-def experiment(mode: str) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, str(HERE / "experiment.py"), mode])
+def experiment(mode: str) -> tuple[subprocess.Popen[str], str]:
+    """Start the toy experiment; return it and its run id once it has started."""
+    proc = subprocess.Popen([sys.executable, str(HERE / "experiment.py"), mode],
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    print(line, end="")
+    return proc, line.split()[2]
+
+
+def finish(proc: subprocess.Popen[str]) -> None:
+    out, _ = proc.communicate()
+    print(out, end="")
+
+
+def wait_for_state(run_id: str, state: str, timeout: float = 15.0) -> None:
+    """Poll the daemon until a run reaches `state` (the watchdog and death detection at work)."""
+    conn = Connection()
+    deadline = time.monotonic() + timeout
+    while conn.call(Get(run=run_id))["run"]["state"] != state:
+        if time.monotonic() > deadline:
+            sys.exit(f"run {run_id} did not become {state} within {timeout} s")
+        time.sleep(0.1)
+    conn.close()
+
+
+def ctl(*args: str) -> None:
+    subprocess.run([sys.executable, "-m", "runnerd.cli", *args], check=True)
 
 
 def main() -> None:
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     pid = None if daemon_running() else start_daemon()
-    print("\n== an experiment that succeeds, one that crashes, one interrupted, one still running")
+    print("\n== experiments that succeed, crash, get interrupted, hang, get killed, keep running")
     for mode in ("ok", "crash"):
-        experiment(mode).wait()
-    interrupted = experiment("slow")
-    still_running = experiment("slow")
-    time.sleep(1.0)
+        finish(experiment(mode)[0])
+    interrupted, interrupted_id = experiment("slow")
+    hung, hung_id = experiment("hang")
+    killed, killed_id = experiment("slow")
+    running, _ = experiment("slow")
     interrupted.send_signal(signal.SIGTERM)
-    interrupted.wait()
+    finish(interrupted)
+    hung.send_signal(signal.SIGSTOP)
+    killed.kill()
+    finish(killed)
+    wait_for_state(interrupted_id, "failed_abandoned")
+    wait_for_state(killed_id, "failed_crash")
+    wait_for_state(hung_id, "lost")
     print("\n== runnerctl status")
-    subprocess.run([sys.executable, "-m", "runnerd.cli", "status"], check=True)
-    still_running.send_signal(signal.SIGINT)
-    still_running.wait()
-    print("\n== runnerctl list (the last run was interrupted with Ctrl-C after the status above)")
-    subprocess.run([sys.executable, "-m", "runnerd.cli", "list", "--limit", "5"], check=True)
+    ctl("status")
+    for proc in (hung, running):
+        proc.kill()
+        proc.communicate()
     if pid is not None:
-        print(f"\nrunnerd is still running (pid {pid}); try `runnerctl show <RUN>`, "
-              f"stop it with `kill {pid}`.")
+        print(f"\nrunnerd is still running (pid {pid}): try `runnerctl list` and "
+              f"`runnerctl show {hung_id}`; stop it with `kill {pid}`.")
 
 
 if __name__ == "__main__":

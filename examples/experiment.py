@@ -1,5 +1,6 @@
-"""A toy experiment that reports to runnerd: `python experiment.py MODE` with MODE one of
-ok, crash, slow (runs until stopped). Two lines of it are about runnerd."""
+"""A toy experiment that reports to runnerd: `python experiment.py MODE`, MODE one of
+ok, crash, slow (runs until stopped) and hang (like slow, but misses heartbeats quickly
+once it is stopped with SIGSTOP). Two lines of it are about runnerd."""
 
 import sys
 import time
@@ -7,11 +8,13 @@ import time
 import runnerd_client as rd
 
 mode = sys.argv[1] if len(sys.argv) > 1 else "ok"
-lr = {"ok": 0.01, "crash": 10.0, "slow": 0.001}.get(mode, 0.1)
+lr = {"ok": 0.01, "crash": 10.0}.get(mode, 0.001)
+liveness = {"heartbeat_interval": 0.5, "heartbeat_timeout": 2.0} if mode == "hang" else {}
 
-with rd.run("toy-regression", variation=f"lr={lr}", params={"lr": lr}) as run:
+with rd.run("toy-regression", variation=f"lr={lr}", params={"lr": lr}, **liveness) as run:
+    print(f"{mode}: run {run.run_id} started", flush=True)
     loss = 1.0
-    for step in range(1, 6 if mode != "slow" else 10**9):
+    for step in range(1, 6 if mode in ("ok", "crash") else 10**9):
         loss = loss * (1 - lr) if lr < 1 else loss * lr
         run.checkpoint({"step": step, "loss": loss})
         if loss > 100:
@@ -19,4 +22,4 @@ with rd.run("toy-regression", variation=f"lr={lr}", params={"lr": lr}) as run:
         time.sleep(0.05)
     (run.run_dir / "result.txt").write_text(f"final loss {loss}\n")
     run.artifact(run.run_dir / "result.txt")
-    print(f"{mode}: run {run.run_id} finished with loss {loss:.4f}")
+    print(f"{mode}: run {run.run_id} finished with loss {loss:.4f}", flush=True)
