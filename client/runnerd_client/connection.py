@@ -7,7 +7,6 @@ matches replies to futures by id, so threads never wait for each other's replies
 from __future__ import annotations
 
 import itertools
-import os
 import socket
 import threading
 from concurrent.futures import Future
@@ -67,7 +66,6 @@ class Connection:
         self._ids = itertools.count(1)
         self._pending: dict[int, Future[dict[str, Any]]] = {}
         self._closed: RunnerdError | None = None
-        self.pid = os.getpid()
         threading.Thread(target=self._read_loop, name="runnerd-reader", daemon=True).start()
         self.hello = self.call(Hello(v=PROTOCOL_VERSION, client=client), timeout=timeout)
 
