@@ -17,7 +17,17 @@ from typing import Any, NoReturn
 import click
 
 from runnerd_client.connection import Connection, DaemonUnavailable
-from runnerd_client.protocol import ErrorCode, Get, ListRuns, Request, RunnerdError, State, Status
+from runnerd_client.protocol import (
+    ErrorCode,
+    Export,
+    Failures,
+    Get,
+    ListRuns,
+    Request,
+    RunnerdError,
+    State,
+    Status,
+)
 
 EXIT_ERROR, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_NO_RUN = 1, 2, 3, 4
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
@@ -232,6 +242,66 @@ def show(ctx: click.Context, run: str, as_json: bool) -> None:
         emit_json(obj)
     else:
         _show_human(obj)
+
+
+@cli.command()
+@click.option("--group-by", type=click.Choice(["class", "signature", "category"]),
+              help="Group the failures and count them.")
+@click.option("--since", type=parse_duration, help="Failed within this long, e.g. 12h.")
+@click.option("--experiment", help="Only this experiment.")
+@click.option("--limit", type=click.IntRange(1, 10_000), default=100, show_default=True)
+@json_option
+@click.pass_context
+def failures(ctx: click.Context, group_by: str | None, since: float | None,
+             experiment: str | None, limit: int, as_json: bool) -> None:
+    """Failure records, newest first, or grouped with counts."""
+    body = request(ctx, Failures(group_by=group_by, experiment=experiment, limit=limit,
+                                 since=time.time() - since if since is not None else None))
+    rows = body["groups"] if group_by else body["failures"]
+    if as_json:
+        emit_json(rows)
+    elif not rows:
+        click.echo("no failures")
+    elif group_by:
+        click.echo(groups_table(group_by, rows))
+    else:
+        click.echo(table(("RUN", "WHEN", "EXPERIMENT", "REASON", "FAILURE", "SIGNATURE"), [
+            (f["run_id"], _local(f["at"]), f["experiment"], f["reason"],
+             _failure_summary({"failure": f}), f["signature"]) for f in rows]))
+
+
+def groups_table(group_by: str, groups: Sequence[dict[str, Any]]) -> str:
+    return table(("COUNT", group_by.upper(), "FIRST SEEN", "LAST SEEN", "EXAMPLE", "RUNS"), [
+        (g["count"], g["key"], _local(g["first_seen"]), _local(g["last_seen"]),
+         _failure_summary({"failure": g["example"]}), " ".join(g["run_ids"][:3]))
+        for g in groups])
+
+
+def export_line(what: str, item: dict[str, Any]) -> dict[str, Any]:
+    """A failure gains `timestamp` and `details`, the keys other failure-log tools read."""
+    if what == "failures":
+        return {**item, "timestamp": item["at"], "details": {
+            "phase": item.get("phase"), "task_id": item["run_id"],
+            "worker_id": item.get("worker_id"), "traceback": item.get("traceback")}}
+    return item
+
+
+@cli.command()
+@click.option("--what", type=click.Choice(["runs", "failures"]), default="runs",
+              show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["jsonl"]), default="jsonl",
+              show_default=True)
+@click.pass_context
+def export(ctx: click.Context, what: str, fmt: str) -> None:
+    """Dump the registry, one JSON object per line, for jq, grep and other tools."""
+    after: str | None = None
+    while True:
+        page = request(ctx, Export(what=what, after=after))
+        for item in page["items"]:
+            click.echo(json.dumps(export_line(what, item), sort_keys=True))
+        after = page["next"]
+        if after is None:
+            return
 
 
 def main() -> None:

@@ -34,8 +34,10 @@ from runnerd_client.protocol import (
     Create,
     Detach,
     ErrorCode,
+    Export,
     Fail,
     FailReason,
+    Failures,
     Get,
     Heartbeat,
     ListRuns,
@@ -321,7 +323,7 @@ async def handle_status(ctx: Context, peer: Peer, req: Status) -> Reply:
 
     def read(store: Store) -> Reply:
         return {"counts": store.counts(), "active": store.active_runs(limit),
-                "failures": store.latest_failures(limit)}
+                "failures": store.failures(limit=limit)}
 
     body = await ctx.registry.read(read)
     body["daemon"] = {
@@ -331,6 +333,34 @@ async def handle_status(ctx: Context, peer: Peer, req: Status) -> Reply:
         "clients": ctx.connections,
     }
     return body
+
+
+GROUP_KEYS = {"class": "failure_class", "signature": "signature", "category": "category"}
+
+
+async def handle_failures(ctx: Context, peer: Peer, req: Failures) -> Reply:
+    if req.group_by is not None and req.group_by not in GROUP_KEYS:
+        raise _bad(f"group_by must be one of {', '.join(GROUP_KEYS)}")
+    if not 1 <= req.limit <= MAX_LIST:
+        raise _bad(f"limit must be between 1 and {MAX_LIST}")
+    if req.group_by is None:
+        def read(store: Store) -> Reply:
+            run_id = store.resolve(req.run) if req.run else None
+            return {"failures": store.failures(since=req.since, experiment=req.experiment,
+                                               run_id=run_id, limit=req.limit)}
+        return await ctx.registry.read(read)
+    key = GROUP_KEYS[req.group_by]
+    return {"groups": await ctx.registry.read(lambda s: s.failure_groups(
+        key, since=req.since, experiment=req.experiment, limit=req.limit))}
+
+
+async def handle_export(ctx: Context, peer: Peer, req: Export) -> Reply:
+    if req.what not in ("runs", "failures"):
+        raise _bad("what must be 'runs' or 'failures'")
+    if not 1 <= req.limit <= MAX_LIST:
+        raise _bad(f"limit must be between 1 and {MAX_LIST}")
+    items = await ctx.registry.read(lambda s: s.export_page(req.what, req.after, req.limit))
+    return {"items": items, "next": items[-1]["run_id"] if len(items) == req.limit else None}
 
 
 def _db_size(db: Path) -> int:
@@ -352,4 +382,6 @@ HANDLERS: dict[type[Request], Handler] = {
     Get: handle_get,
     ListRuns: handle_list,
     Status: handle_status,
+    Failures: handle_failures,
+    Export: handle_export,
 }

@@ -14,9 +14,11 @@ import os
 import time
 from collections import defaultdict
 from functools import partial
+from typing import Any
 
 import anyio
 
+from runnerd.crashfiles import native_crash
 from runnerd.registry import BatchResult, Registry, Store
 from runnerd.states import Event, end_with_failure, failure_record
 from runnerd_client.protocol import FailReason, State
@@ -44,15 +46,26 @@ def is_alive(pid: int, start_time: int | None) -> bool:
     return current is not None and (start_time is None or current == start_time)
 
 
+def exit_failure(run_dir: str | None, pids: str, note: str, at: float) -> dict[str, Any]:
+    """The failure of a run whose processes died unreported: a native crash if crash.log
+    names one (Signal:SIGSEGV with the Python stack), else ProcessExited."""
+    crash = native_crash(run_dir)
+    if crash is not None:
+        signal, first_line, text = crash
+        return failure_record(f"Signal:{signal}", f"process {pids} {first_line}",
+                              FailReason.CRASH, at, traceback=text, signal=signal)
+    return failure_record("ProcessExited", f"process {pids} exited {note}", FailReason.CRASH, at)
+
+
 def process_exited(store: Store, run_id: str, pid: int, at: float, note: str) -> None:
-    """Drop a dead pid from a run; with none left, the run is failed_crash (ProcessExited)."""
+    """Drop a dead pid from a run; with none left, the run is failed_crash."""
     row = store.run_row(run_id)
     if row is None or State(row["state"]).terminal or pid not in store.pids(run_id):
         return
     store.remove_pid(run_id, pid)
     if store.pids(run_id):
         return
-    record = failure_record("ProcessExited", f"process {pid} exited {note}", FailReason.CRASH, at)
+    record = exit_failure(row["run_dir"], str(pid), note, at)
     end_with_failure(store, row, Event.PROCESS_EXITED, record, "watchdog")
 
 

@@ -13,11 +13,11 @@ from typing import Any, cast
 import anyio
 
 from runnerd.handlers import HANDLERS, Context, Peer, file_digest, record_artifact
-from runnerd.processes import ProcessWatcher, is_alive
+from runnerd.processes import ProcessWatcher, exit_failure, is_alive
 from runnerd.registry import Store
-from runnerd.states import Event, end_with_failure, failure_record
+from runnerd.states import Event, end_with_failure
 from runnerd.watchdog import Watchdog, next_due
-from runnerd_client.protocol import Artifact, FailReason, Request, RunnerdError
+from runnerd_client.protocol import Artifact, Request, RunnerdError
 from runnerd_client.spool import claim_orphans, parse, read_header
 
 log = logging.getLogger(__name__)
@@ -38,9 +38,7 @@ def reconcile(store: Store, now: float) -> list[LivePid]:
         live = [(pid, start) for pid, start in records if is_alive(pid, start)]
         if records and not live:
             pids = ", ".join(str(pid) for pid, _ in records)
-            record = failure_record(
-                "ProcessExited", f"process {pids} exited while runnerd was down",
-                FailReason.CRASH, now)
+            record = exit_failure(row["run_dir"], pids, "exited while runnerd was down", now)
             end_with_failure(store, row, Event.PROCESS_EXITED, record, SOURCE)
             continue
         for pid, start in records:

@@ -77,6 +77,7 @@ MIGRATIONS: tuple[str, ...] = (
         at REAL NOT NULL
     ) WITHOUT ROWID;
     CREATE INDEX failures_by_time ON failures (at);
+    CREATE INDEX failures_by_signature ON failures (signature, at);
     CREATE TABLE artifacts (
         run_id TEXT NOT NULL,
         path TEXT NOT NULL,
@@ -392,12 +393,69 @@ class Store:
         out.sort(key=lambda r: r["created_at"], reverse=True)
         return out[:limit]
 
-    def latest_failures(self, limit: int) -> list[dict[str, Any]]:
+    def _failure_filter(self, since: float | None, experiment: str | None,
+                        run_id: str | None) -> tuple[str, list[Any]]:
+        clauses, args = [], []
+        for clause, value in (("f.at >= ?", since), ("r.experiment = ?", experiment),
+                              ("f.run_id = ?", run_id)):
+            if value is not None:
+                clauses.append(clause)
+                args.append(value)
+        return (f"WHERE {' AND '.join(clauses)}" if clauses else ""), args
+
+    def failures(self, *, since: float | None = None, experiment: str | None = None,
+                 run_id: str | None = None, limit: int) -> list[dict[str, Any]]:
+        """Failure records, newest first, each with its run's experiment and variation."""
+        where, args = self._failure_filter(since, experiment, run_id)
+        cols = ", ".join(f"f.{c}" for c in FAILURE_COLUMNS)
         rows = self.conn.execute(
-            f"SELECT run_id, {', '.join(FAILURE_COLUMNS)} FROM failures ORDER BY at DESC LIMIT ?",
-            (limit,),
+            f"SELECT f.run_id, r.experiment, r.variation, {cols} FROM failures f"
+            f" JOIN runs r USING (run_id) {where} ORDER BY f.at DESC LIMIT ?", (*args, limit),
         ).fetchall()
-        return [_failure_object(r[0], r[1:]) for r in rows]
+        return [{**_failure_object(r[0], r[3:]), "experiment": r[1], "variation": r[2]}
+                for r in rows]
+
+    def failure_groups(self, key: str, *, since: float | None, experiment: str | None,
+                       limit: int, examples: int = 5) -> list[dict[str, Any]]:
+        """Failures grouped by `key` (a failures column), largest group first."""
+        where, args = self._failure_filter(since, experiment, None)
+        groups = self.conn.execute(
+            f"SELECT COALESCE(f.{key}, 'unknown') AS k, COUNT(*), MIN(f.at), MAX(f.at)"
+            f" FROM failures f JOIN runs r USING (run_id) {where}"
+            " GROUP BY k ORDER BY COUNT(*) DESC, MAX(f.at) DESC LIMIT ?", (*args, limit),
+        ).fetchall()
+        samples = self.conn.execute(
+            f"SELECT k, run_id, failure_class, message FROM ("
+            f" SELECT COALESCE(f.{key}, 'unknown') AS k, f.run_id, f.failure_class, f.message,"
+            f" ROW_NUMBER() OVER (PARTITION BY COALESCE(f.{key}, 'unknown')"
+            f" ORDER BY f.at DESC) AS n FROM failures f JOIN runs r USING (run_id) {where})"
+            " WHERE n <= ?", (*args, examples),
+        ).fetchall()
+        by_key: dict[str, list[tuple[str, str, str]]] = {}
+        for k, run_id, failure_class, message in samples:
+            by_key.setdefault(k, []).append((run_id, failure_class, message))
+        return [{"key": k, "count": n, "first_seen": iso(first), "last_seen": iso(last),
+                 "run_ids": [s[0] for s in by_key.get(k, [])],
+                 "example": {"failure_class": by_key[k][0][1], "message": by_key[k][0][2]}
+                 if k in by_key else None}
+                for k, n, first, last in groups]
+
+    def export_page(self, what: str, after: str | None, limit: int) -> list[dict[str, Any]]:
+        """Runs or failures in run_id order, from just after `after`."""
+        if what == "failures":
+            cols = ", ".join(f"f.{c}" for c in FAILURE_COLUMNS)
+            rows = self.conn.execute(
+                f"SELECT f.run_id, r.experiment, r.variation, {cols} FROM failures f"
+                " JOIN runs r USING (run_id) WHERE f.run_id > ? ORDER BY f.run_id LIMIT ?",
+                (after or "", limit),
+            ).fetchall()
+            return [{**_failure_object(r[0], r[3:]), "experiment": r[1], "variation": r[2]}
+                    for r in rows]
+        rows = self.conn.execute(
+            f"SELECT {', '.join(RUN_COLUMNS)} FROM runs WHERE run_id > ? ORDER BY run_id LIMIT ?",
+            (after or "", limit),
+        ).fetchall()
+        return [self.run_object(dict(zip(RUN_COLUMNS, r, strict=True))) for r in rows]
 
     def metadata_doc(self, run_id: str) -> tuple[str, dict[str, Any]] | None:
         """(run_dir, metadata.json content) of SPEC §7, or None without a run_dir."""

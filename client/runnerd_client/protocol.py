@@ -208,11 +208,33 @@ class Status(Request):
     limit: int = 10
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Failures(Request):
+    """Failure records, newest first, or with `group_by` their groups, largest first."""
+
+    op: ClassVar[str] = "failures"
+    group_by: str | None = None
+    since: float | None = None
+    experiment: str | None = None
+    run: str | None = None
+    limit: int = 1000
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Export(Request):
+    """One page of the registry in run_id order; pass the reply's `next` as `after`."""
+
+    op: ClassVar[str] = "export"
+    what: str = "runs"
+    after: str | None = None
+    limit: int = 500
+
+
 REQUESTS: dict[str, type[Request]] = {
     cls.op: cls
     for cls in (
         Hello, Create, Start, Attach, Detach, Heartbeat, Succeed, Fail,
-        Artifact, Checkpoint, Cancel, Get, ListRuns, Status,
+        Artifact, Checkpoint, Cancel, Get, ListRuns, Status, Failures, Export,
     )
 }
 
