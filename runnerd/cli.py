@@ -277,6 +277,36 @@ def groups_table(group_by: str, groups: Sequence[dict[str, Any]]) -> str:
         for g in groups])
 
 
+@cli.command()
+@click.argument("run", required=False)
+@click.option("--latest", is_flag=True, help="Only the most recent failure.")
+@click.option("--experiment", help="Only this experiment's failures.")
+@click.option("--since", type=parse_duration, help="Failed within this long, e.g. 12h.")
+@json_option
+@click.pass_context
+def diagnose(ctx: click.Context, run: str | None, latest: bool, experiment: str | None,
+             since: float | None, as_json: bool) -> None:
+    """What went wrong: failures by category, with the pattern, a suggestion, and whether a
+    rerun may help. Heuristics only: no network, no model."""
+    from runnerd.diagnosis import findings
+
+    records = request(ctx, Failures(
+        run=run, experiment=experiment, limit=1 if latest else 10_000,
+        since=time.time() - since if since is not None else None))["failures"]
+    found = findings(records)
+    if as_json:
+        emit_json({"failures": len(records), "findings": found})
+        return
+    if not records:
+        click.echo("no failures")
+    for f in found:
+        flag = "retryable" if f["retryable"] else "not retryable"
+        click.echo(f"{f['count']} x {f['category']} ({flag}): {f['pattern']}")
+        click.echo(f"    e.g. {_failure_summary({'failure': f['example']})}")
+        click.echo(f"    runs: {' '.join(f['run_ids'])}")
+        click.echo(f"    suggestion: {f['suggestion']}")
+
+
 def export_line(what: str, item: dict[str, Any]) -> dict[str, Any]:
     """A failure gains `timestamp` and `details`, the keys other failure-log tools read."""
     if what == "failures":

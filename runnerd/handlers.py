@@ -88,7 +88,20 @@ def _bad(message: str) -> RunnerdError:
     return RunnerdError(ErrorCode.BAD_REQUEST, message)
 
 
+MAX_DEPTH = 64
+
+
+def _depth(value: Any, limit: int = MAX_DEPTH) -> int:
+    """How deeply lists and maps nest, counted only up to just past `limit`."""
+    if limit < 0 or not isinstance(value, dict | list):
+        return 0
+    items = value.values() if isinstance(value, dict) else value
+    return 1 + max((_depth(v, limit - 1) for v in items), default=0)
+
+
 def _json(value: Any, what: str) -> str:
+    if _depth(value) > MAX_DEPTH:
+        raise _bad(f"{what} nests deeper than {MAX_DEPTH} levels")
     try:
         return json.dumps(value if value is not None else {}, allow_nan=False)
     except (TypeError, ValueError, RecursionError) as exc:
@@ -155,12 +168,15 @@ def _positive(name: str, value: float | None) -> float | None:
 
 
 def handle_start(ctx: Context, peer: Peer, req: Start) -> Awaitable[Reply]:
-    timeout = _positive("heartbeat_timeout", req.heartbeat_timeout) or ctx.config.heartbeat_timeout
-    grace = _positive("lost_grace", req.lost_grace) or ctx.config.lost_grace
-    deadline = _positive("deadline", req.deadline)
+    for name in ("heartbeat_timeout", "lost_grace", "deadline"):
+        _positive(name, getattr(req, name))
 
     def apply(store: Store, at: float) -> Reply:
         row = store.require_run(req.run_id)
+        # A limit the request does not name keeps the run's own (set by an earlier start).
+        timeout = req.heartbeat_timeout or row["heartbeat_timeout"] or ctx.config.heartbeat_timeout
+        grace = req.lost_grace or row["lost_grace"] or ctx.config.lost_grace
+        deadline = req.deadline or row["deadline"]
         state = transition(
             store, row, Event.START, at, peer.source, started_at=row["started_at"] or at,
             last_heartbeat_at=at, heartbeat_timeout=timeout, lost_grace=grace, deadline=deadline,
@@ -174,7 +190,10 @@ def handle_start(ctx: Context, peer: Peer, req: Start) -> Awaitable[Reply]:
 def handle_attach(ctx: Context, peer: Peer, req: Attach) -> Awaitable[Reply]:
     def apply(store: Store, at: float) -> Reply:
         row = store.require_run(req.run_id)
-        transition(store, row, Event.ATTACH, at, peer.source)
+        # Back from lost is a sign of life: the watchdog counts the heartbeat timeout from now.
+        alive = {"last_heartbeat_at": max(at, row["last_heartbeat_at"] or 0.0)} \
+            if row["state"] == State.LOST else {}
+        transition(store, row, Event.ATTACH, at, peer.source, **alive)
         store.add_pid(req.run_id, peer.pid, peer.start_time, at)
         return {"run": store.run_object(store.require_run(req.run_id))}
 
@@ -192,6 +211,8 @@ def handle_detach(ctx: Context, peer: Peer, req: Detach) -> Awaitable[Reply]:
 
 def handle_heartbeat(ctx: Context, peer: Peer, req: Heartbeat) -> Awaitable[Reply]:
     """A heartbeat is applied once per `seq`: an older or equal seq is a replay."""
+    if req.seq < 1:
+        raise _bad("seq must count from 1")
     at = _event_time(req.at)
 
     def op(store: Store) -> Reply:
@@ -268,8 +289,11 @@ def file_digest(path: str) -> tuple[int, str]:
     if not os.path.isabs(path) or "\0" in path:
         raise _bad(f"artifact path must be absolute: {path!r}")
     try:
-        with open(path, "rb") as fh:
+        # O_NONBLOCK: opening a FIFO must not wait for a writer (a no-op for regular files).
+        with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY), "rb") as fh:
             info = os.fstat(fh.fileno())
+            if stat.S_ISDIR(info.st_mode):
+                raise _bad(f"artifact {path} is a directory, not a file")
             if not stat.S_ISREG(info.st_mode):
                 raise _bad(f"artifact {path} is not a regular file")
             digest = hashlib.file_digest(fh, "sha256")

@@ -195,6 +195,8 @@ class Store:
 
     def resolve(self, prefix: str) -> str:
         """The one run_id starting with `prefix` (exact match first)."""
+        if not prefix:
+            raise RunnerdError(ErrorCode.BAD_REQUEST, "an empty run id matches nothing")
         if self.run_row(prefix) is not None:
             return prefix
         rows = self.conn.execute(

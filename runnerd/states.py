@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 from typing import TYPE_CHECKING, Any
 
+from runnerd.diagnosis import diagnose
 from runnerd.failures import signature
 from runnerd_client.protocol import ErrorCode, RunnerdError, State
 
@@ -75,10 +76,12 @@ def transition(store: Store, row: dict[str, Any], event: Event, at: float, sourc
 
 def failure_record(failure_class: str, message: str, reason: str, at: float,
                    **extra: Any) -> dict[str, Any]:
-    """A failure record of SPEC §3, with its signature."""
-    traceback = extra.get("traceback")
-    return {"failure_class": failure_class, "message": message, "reason": reason, "at": at,
-            "signature": signature(failure_class, message, traceback), **extra}
+    """A failure record of SPEC §3, with its signature and its diagnosis."""
+    record = {"failure_class": failure_class, "message": message, "reason": reason, "at": at,
+              **extra}
+    found = diagnose(record)
+    return {**record, "signature": signature(failure_class, message, extra.get("traceback")),
+            "category": found.category, "retryable": found.retryable}
 
 
 def end_with_failure(store: Store, row: dict[str, Any], event: Event, record: dict[str, Any],

@@ -87,6 +87,13 @@ def padded_frame(msg: dict[str, Any], size: int) -> bytes:
     return HEADER.pack(size) + body
 
 
+def _running(client: RawClient) -> str:
+    run_id = new_run_id()
+    assert call(client, "create", key=new_key(), run_id=run_id, experiment="e")["ok"] is True
+    assert call(client, "start", key=new_key(), run_id=run_id)["ok"] is True
+    return run_id
+
+
 class Wire:
     """Clients of one daemon, all closed at the end of the test, and the health check."""
 
@@ -514,14 +521,42 @@ def test_start_limits_must_be_positive(conn: RawClient, shared: Wire, field: str
     shared.assert_serving(conn)
 
 
+# --- artifacts -------------------------------------------------------------------
+
+
+BAD_ARTIFACTS = {
+    "relative": "model.bin",
+    "missing": "/nonexistent/model.bin",
+    "directory": "/tmp",
+    "nul": "/tmp/a\0b",
+}
+
+
+@pytest.mark.parametrize("path", BAD_ARTIFACTS.values(), ids=BAD_ARTIFACTS.keys())
+def test_artifact_that_is_not_a_readable_file(conn: RawClient, shared: Wire, path: str) -> None:
+    run_id = _running(conn)
+    reply = call(conn, "artifact", key=new_key(), run_id=run_id, path=path)
+    assert error_of(reply) == "bad_request"
+    assert call(conn, "get", run=run_id)["run"]["artifacts"] == []
+    shared.assert_serving(conn)
+
+
+def test_artifact_that_is_a_fifo_is_refused_at_once(raw: RawClient, wire: Wire) -> None:
+    fifo = wire.daemon.root / "pipe"
+    os.mkfifo(fifo)
+    run_id = _running(raw)
+    raw.sock.settimeout(5)
+    try:
+        reply = call(raw, "artifact", key=new_key(), run_id=run_id, path=str(fifo))
+        assert error_of(reply) == "bad_request"
+        assert "regular file" in reply["error"]["message"]
+        wire.assert_serving(raw)
+    finally:
+        code = wire.daemon.stop(timeout=5)
+    assert code == 0, "SIGTERM must still stop the daemon cleanly"
+
+
 # --- integers beyond 64 bits, non-finite times ---------------------------------
-
-
-def _running(client: RawClient) -> str:
-    run_id = new_run_id()
-    assert call(client, "create", key=new_key(), run_id=run_id, experiment="e")["ok"] is True
-    assert call(client, "start", key=new_key(), run_id=run_id)["ok"] is True
-    return run_id
 
 
 @pytest.mark.parametrize("seq", [2**63, 2**64 - 1])

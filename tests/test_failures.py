@@ -99,3 +99,53 @@ def test_export_parses_line_by_line_and_round_trips_every_failure(daemon: Daemon
     runs = [json.loads(line) for line in daemon.ctl("export").stdout.splitlines()]
     assert sorted(r["run_id"] for r in runs) == sorted(records)
     assert all(r["state"] == "failed_crash" for r in runs)
+
+
+MIXED = textwrap.dedent("""
+    import os, signal, sys
+    import runnerd_client as rd
+
+    errors = {
+        "memory": MemoryError("cannot allocate 40 GiB"),
+        "network": ConnectionError("connection reset by peer"),
+        "import": ModuleNotFoundError("No module named 'torchvision'"),
+        "value": ValueError("expected a positive learning rate, got -0.1"),
+    }
+    kind = sys.argv[1]
+    with rd.run("mixed", variation=kind) as run:
+        print(run.run_id, flush=True)
+        if kind == "killed":
+            os.kill(os.getpid(), signal.SIGKILL)
+        raise errors[kind]
+""")
+
+
+def test_diagnose_names_category_retryability_and_a_suggestion(daemon: Daemon) -> None:
+    run_ids = {}
+    for kind in ("memory", "network", "import", "value", "killed"):
+        proc = daemon.python(MIXED, kind)
+        out, _ = proc.communicate(timeout=60)
+        run_ids[kind] = out.strip()
+    wait_for(lambda: daemon.ctl_json("show", run_ids["killed"])["state"] == "failed_crash",
+             what="the killed run to be noticed")
+    report = daemon.ctl_json("diagnose", "--experiment", "mixed")
+    assert report["failures"] == 5
+    by_run = {f["run_ids"][0]: f for f in report["findings"]}
+    expected = {"memory": ("oom", False), "network": ("network", True),
+                "import": ("dependency", False), "value": ("validation", False),
+                "killed": ("signal", True)}
+    for kind, (category, retryable) in expected.items():
+        finding = by_run[run_ids[kind]]
+        assert (finding["category"], finding["retryable"]) == (category, retryable), kind
+        assert finding["suggestion"] and "\n" not in finding["suggestion"]
+    stored = daemon.ctl_json("show", run_ids["network"])["failure"]
+    assert (stored["category"], stored["retryable"]) == ("network", True)
+    one = daemon.ctl_json("diagnose", run_ids["import"])
+    assert [f["category"] for f in one["findings"]] == ["dependency"]
+    latest = daemon.ctl_json("diagnose", "--latest")
+    assert latest["failures"] == 1
+    text = daemon.ctl("diagnose", "--experiment", "mixed").stdout
+    assert "oom (not retryable)" in text and "suggestion:" in text
+    groups = daemon.ctl_json("failures", "--group-by", "category")
+    assert sorted(g["key"] for g in groups) == ["dependency", "network", "oom", "signal",
+                                                 "validation"]

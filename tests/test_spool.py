@@ -32,6 +32,7 @@ FULL_RUN = textwrap.dedent("""
         run.artifact(out)
         run.checkpoint({"step": 5})
         if sys.argv[1] == "wait":
+            print("waiting", flush=True)
             sys.stdin.readline()
         for _ in range(5):
             run.heartbeat()
@@ -89,6 +90,7 @@ def test_client_started_before_the_daemon_goes_live_when_it_arrives(
     procs.append(proc)
     assert proc.stdout is not None and proc.stdin is not None
     run_id = proc.stdout.readline().strip()
+    assert proc.stdout.readline().strip() == "waiting"
     daemon.start()
     try:
         wait_for(lambda: daemon.ctl_json("list"), what="the spool to be replayed")
@@ -109,6 +111,7 @@ def test_client_killed_while_spooling_is_replayed_then_marked_crashed(
     procs.append(proc)
     assert proc.stdout is not None
     run_id = proc.stdout.readline().strip()
+    assert proc.stdout.readline().strip() == "waiting"
     proc.kill()
     proc.communicate(timeout=30)
     daemon.start()

@@ -1,8 +1,10 @@
 """The run state machine (SPEC §2), through the wire: every event a client can send, from every
 state a client can reach, plus idempotent replay and attempt numbering.
 
-`lost` and `failed_lost` are set only by the daemon's watchdog, so they are covered by a unit
-test of `next_state`. One daemon serves the whole module; each case uses a fresh run.
+The whole table, including the daemon's own events (heartbeat_missed, grace_expired,
+deadline, process_exited), is checked by a unit test of `next_state`. Over the wire a run
+reaches `lost` by starting with a short heartbeat_timeout and not beating; `failed_lost`
+is left to the liveness tests. One daemon serves the whole module; each case uses a fresh run.
 """
 
 from __future__ import annotations
@@ -12,12 +14,13 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from conftest import Daemon, RawClient
+from conftest import Daemon, RawClient, wait_for
 from runnerd.states import TRANSITIONS, Event, next_state
 from runnerd_client.ids import new_key, new_run_id
 from runnerd_client.protocol import ErrorCode, RunnerdError, State
@@ -73,6 +76,8 @@ ROUTES: dict[State, list[Event]] = {
     TIMEOUT: [Event.START, Event.FAIL_TIMEOUT],
 }
 
+# A run started with this heartbeat_timeout that does not beat goes lost this soon.
+LOST_AFTER = 0.25
 _ids = itertools.count(1)
 
 
@@ -111,11 +116,20 @@ class Wire:
         self.ok("create", key=new_key(), run_id=run_id, experiment=experiment, **fields)
         return run_id
 
-    def send(self, event: Event, run_id: str, key: str | None = None) -> dict[str, Any]:
+    def send(self, event: Event, run_id: str, key: str | None = None,
+             **extra: Any) -> dict[str, Any]:
         op, fields = CLIENT_EVENTS[event]
         if op != "heartbeat":
             fields = {**fields, "key": key or new_key()}
-        return self.call(op, run_id=run_id, **fields)
+        return self.call(op, run_id=run_id, **fields, **extra)
+
+    def lost_run(self) -> str:
+        """A run that started with a short heartbeat_timeout and never beat: lost."""
+        run_id = self.create()
+        self.ok("start", key=new_key(), run_id=run_id, heartbeat_timeout=LOST_AFTER,
+                lost_grace=3600.0, deadline=3600.0)
+        wait_for(lambda: self.get(run_id)["state"] == "lost", what=f"run {run_id} to go lost")
+        return run_id
 
     def run_in(self, state: State) -> str:
         run_id = self.create()
@@ -149,6 +163,14 @@ def state_in(reply: dict[str, Any]) -> str:
 
 def without_id(reply: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in reply.items() if k != "id"}
+
+
+def source_of(event: Event) -> str:
+    return "cancel" if event == Event.CANCEL else f"client:{os.getpid()}"
+
+
+def seconds(iso: str) -> float:
+    return datetime.fromisoformat(iso).timestamp()
 
 
 # --- the table itself, including the daemon's own events -----------------------
@@ -222,11 +244,55 @@ def test_client_event_from_state(wire: Wire, event: Event, state: State) -> None
         return
     assert reply["ok"] is True, reply
     assert state_in(reply) == after["state"] == target
-    source = "cancel" if event == Event.CANCEL else f"client:{os.getpid()}"
     recorded = [(t["from"], t["to"], t["cause"], t["source"])
                 for t in after["transitions"][len(before["transitions"]):]]
-    assert recorded == ([] if target == state else [(state, target, event.value, source)])
+    assert recorded == ([] if target == state else [(state, target, event.value,
+                                                     source_of(event))])
     check_effects(event, before, after)
+
+
+@pytest.mark.parametrize("event", list(CLIENT_EVENTS), ids=str)
+def test_client_event_from_lost(wire: Wire, event: Event) -> None:
+    run_id = wire.lost_run()
+    before = wire.get(run_id)
+    reply = wire.send(event, run_id)
+    after = wire.get(run_id)
+    target = EXPECTED[event][L]
+    assert reply["ok"] is True, reply
+    assert state_in(reply) == target
+    first = after["transitions"][len(before["transitions"])]
+    assert (first["from"], first["to"], first["cause"], first["source"]) == (
+        "lost", target, event.value, source_of(event))
+    if target in TERMINAL:  # a running run may go lost again; a finished one stays
+        assert after["state"] == target
+        assert after["transitions"][-1] == first
+    check_effects(event, before, after)
+
+
+@pytest.mark.parametrize("event", [
+    Event.HEARTBEAT,
+    Event.START,
+    Event.ATTACH,
+], ids=str)
+def test_a_run_back_from_lost_has_a_full_heartbeat_timeout(wire: Wire, event: Event) -> None:
+    run_id = wire.lost_run()
+    extra = {"heartbeat_timeout": LOST_AFTER} if event == Event.START else {}
+    assert state_in(wire.send(event, run_id, **extra)) == "running"
+    wait_for(lambda: wire.get(run_id)["state"] == "lost", what="the run to go lost again")
+    back, lost_again = wire.get(run_id)["transitions"][-2:]
+    assert (back["to"], back["cause"]) == ("running", event.value)
+    assert (lost_again["to"], lost_again["source"]) == ("lost", "watchdog")
+    assert seconds(lost_again["at"]) - seconds(back["at"]) >= LOST_AFTER - 0.01
+
+
+def test_start_from_lost_keeps_the_runs_own_limits(wire: Wire) -> None:
+    run_id = wire.lost_run()
+    names = ("heartbeat_timeout", "lost_grace", "deadline")
+    limits = {name: wire.get(run_id)[name] for name in names}
+    assert limits == {"heartbeat_timeout": LOST_AFTER, "lost_grace": 3600.0, "deadline": 3600.0}
+    assert state_in(wire.send(Event.START, run_id)) == "running"
+    after = wire.get(run_id)
+    assert {name: after[name] for name in names} == limits
 
 
 def test_a_run_is_created_pending_with_one_transition(wire: Wire) -> None:

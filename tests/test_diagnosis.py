@@ -1,0 +1,207 @@
+"""The diagnosis table: categories from realistic records, rule order, and table hygiene."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from runnerd.diagnosis import CATEGORIES, RULES, Diagnosis, Rule, diagnose, match_rule
+from runnerd_client.protocol import FailReason
+
+
+def rec(failure_class: str | None, message: str | None = "", reason: str | None = "crash",
+        **extra: Any) -> dict[str, Any]:
+    return {"failure_class": failure_class, "message": message, "reason": reason,
+            "traceback": None, "exit_code": None, "signal": None, **extra}
+
+
+# (record, category_hint, category, retryable)
+CASES: list[tuple[dict[str, Any], str | None, str, bool]] = [
+    # oom
+    (rec("RuntimeError", "CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 15.78 GiB "
+         "total capacity; 13.2 GiB already allocated)"), None, "oom", False),
+    (rec("torch.cuda.OutOfMemoryError", "CUDA out of memory."), None, "oom", False),
+    (rec("MemoryError", ""), None, "oom", False),
+    (rec("OSError", "[Errno 12] Cannot allocate memory"), None, "oom", False),
+    (rec("RuntimeError", "std::bad_alloc"), None, "oom", False),
+    (rec("Signal:SIGKILL", "process 4242 killed", signal="SIGKILL", exit_code=137), "oom",
+     "oom", False),
+    (rec("ProcessExited", "process 4242 exited"), "OOM", "oom", False),
+    # timeout
+    (rec("Timeout", "run exceeded its deadline of 3600 s", FailReason.TIMEOUT), None,
+     "timeout", True),
+    (rec("TimeoutError", ""), None, "timeout", True),
+    (rec("subprocess.TimeoutExpired", "Command '['make']' timed out after 5 seconds"), None,
+     "timeout", True),
+    (rec("RuntimeError", "Timed out waiting for the NCCL rendezvous"), None, "timeout", True),
+    # network
+    (rec("ConnectionResetError", "[Errno 104] Connection reset by peer"), None, "network", True),
+    (rec("ConnectionRefusedError", "[Errno 111] Connection refused"), None, "network", True),
+    (rec("BrokenPipeError", "[Errno 32] Broken pipe"), None, "network", True),
+    (rec("OSError", "[Errno 104] Connection reset by peer"), None, "network", True),
+    (rec("socket.gaierror", "[Errno -3] Temporary failure in name resolution"), None,
+     "network", True),
+    (rec("URLError", "<urlopen error [Errno -2] Name or service not known>"), None,
+     "network", True),
+    (rec("urllib3.exceptions.MaxRetryError", "HTTPSConnectionPool(host='hub', port=443): Max "
+         "retries exceeded with url: /x"), None, "network", True),
+    (rec("requests.exceptions.ReadTimeout", "HTTPSConnectionPool(host='hub', port=443): Read "
+         "timed out. (read timeout=10)"), None, "network", True),
+    (rec("HTTPError", "503 Server Error: Service Unavailable for url: https://hub/x"), None,
+     "network", True),
+    (rec("RuntimeError", "upstream answered HTTP 502"), None, "network", True),
+    # dependency
+    (rec("ModuleNotFoundError", "No module named 'flash_attn'"), None, "dependency", False),
+    (rec("ImportError", "cannot import name 'Foo' from 'bar' (/x/bar.py)"), None,
+     "dependency", False),
+    (rec("OSError", "libcudart.so.11.0: cannot open shared object file: No such file or "
+         "directory"), None, "dependency", False),
+    (rec("RuntimeError", "/x/_C.so: undefined symbol: _ZN3c104cuda"), None, "dependency", False),
+    # numerical
+    (rec("RuntimeError", "loss is nan at step 1200"), None, "numerical", False),
+    (rec("ValueError", "Input contains NaN, infinity or a value too large for dtype."), None,
+     "numerical", False),
+    (rec("AssertionError", "grad norm is inf"), None, "numerical", False),
+    (rec("FloatingPointError", "overflow encountered in exp"), None, "numerical", False),
+    (rec("ZeroDivisionError", "division by zero"), None, "numerical", False),
+    (rec("OverflowError", "math range error"), None, "numerical", False),
+    # validation
+    (rec("ValueError", "batch_size must be positive"), None, "validation", False),
+    (rec("KeyError", "'learning_rate'"), None, "validation", False),
+    (rec("TypeError", "train() got an unexpected keyword argument 'lr'"), None,
+     "validation", False),
+    (rec("AssertionError", ""), None, "validation", False),
+    (rec("FileNotFoundError", "[Errno 2] No such file or directory: 'data/train.csv'"), None,
+     "validation", False),
+    (rec("RuntimeError", "CUDA error: invalid device ordinal"), None, "validation", False),
+    (rec("RuntimeError", "shape mismatch: expected (3, 4), got (4, 3)"), None,
+     "validation", False),
+    # interrupted
+    (rec("KeyboardInterrupt", "interrupted", "abandoned"), None, "interrupted", True),
+    (rec("Terminated", "terminated by SIGTERM", "abandoned"), None, "interrupted", True),
+    (rec("Cancelled", "cancelled by the user", FailReason.ABANDONED), None,
+     "interrupted", True),
+    (rec("RuntimeError", "node preempted", "abandoned"), None, "interrupted", True),
+    (rec("ExitCode", "exited", exit_code=130), None, "interrupted", True),
+    # lost
+    (rec("HeartbeatLost", "no heartbeat for 600 s", "lost"), None, "lost", True),
+    # signal
+    (rec("Signal:SIGSEGV", "process 4242 Fatal Python error: Segmentation fault",
+         signal="SIGSEGV"), None, "signal", False),
+    (rec("Signal:SIGABRT", "free(): invalid pointer"), None, "signal", False),
+    (rec("Signal:SIGBUS", "process 4242 Fatal Python error: Bus error"), None, "signal", False),
+    (rec("ExitCode", "exited", exit_code=139), None, "signal", False),
+    (rec("Signal:SIGKILL", "process 4242 killed", exit_code=137), None, "signal", True),
+    (rec("Signal:SIGTERM", "process 4242 terminated"), None, "signal", True),
+    (rec("Signal:SIGHUP", "process 4242 hung up"), None, "signal", True),
+    (rec("ExitCode", "exited", exit_code=137), None, "signal", True),
+    (rec("ExitCode", "exited", signal="KILL"), None, "signal", True),
+    (rec("Signal:UNKNOWN", "Fatal Python error: Cannot recover from stack overflow."), None,
+     "signal", False),
+    (rec("ProcessExited", "process 4242 exited without a terminal call"), None, "signal", True),
+    # unknown
+    (rec("RuntimeError", "something odd happened"), None, "unknown", False),
+    (rec("AttributeError", "'NoneType' object has no attribute 'shape'"), None,
+     "unknown", False),
+    (rec("SystemExit", "1", exit_code=1), None, "unknown", False),
+    (rec("ExitCode", "exited", exit_code=1), "bogus", "unknown", False),
+]
+
+
+def case_id(case: tuple[dict[str, Any], str | None, str, bool]) -> str:
+    record, hint, category, _ = case
+    suffix = f"+hint={hint}" if hint else ""
+    return f"{category}:{record['failure_class']}:{str(record['message'])[:24]}{suffix}"
+
+
+@pytest.mark.parametrize(("record", "hint", "category", "retryable"), CASES,
+                         ids=[case_id(c) for c in CASES])
+def test_realistic_records_get_their_category(record: dict[str, Any], hint: str | None,
+                                              category: str, retryable: bool) -> None:
+    result = diagnose(record, category_hint=hint)
+    assert (result.category, result.retryable) == (category, retryable)
+
+
+@pytest.mark.parametrize(("record", "hint", "category", "beats"), [
+    (rec("RuntimeError", "CUDA out of memory. Tried to allocate 2.00 GiB"), None,
+     "oom", "unknown"),
+    (rec("ValueError", "loss is nan"), None, "numerical", "validation"),
+    (rec("requests.exceptions.ReadTimeout", "Read timed out."), None, "network", "timeout"),
+    (rec("OSError", "libfoo.so: cannot open shared object file: No such file or directory"),
+     None, "dependency", "validation"),
+    (rec("Signal:SIGABRT", "free(): invalid pointer"), None, "signal", "validation"),
+    (rec("Signal:SIGKILL", "killed", exit_code=137), "oom", "oom", "signal"),
+    (rec("Cancelled", "invalid config, cancelling", "abandoned"), None,
+     "interrupted", "validation"),
+    (rec("Timeout", "run exceeded its deadline", "timeout"), None, "timeout", "unknown"),
+], ids=["cuda-oom>unknown", "nan>validation", "readtimeout>timeout", "so-missing>validation",
+        "sigabrt>validation", "oom-hint>sigkill", "cancel>validation", "deadline>unknown"])
+def test_specific_rules_come_first(record: dict[str, Any], hint: str | None, category: str,
+                                  beats: str) -> None:
+    assert diagnose(record, category_hint=hint).category == category
+    assert category != beats
+
+
+def test_sigkill_alone_is_not_oom() -> None:
+    record = rec("Signal:SIGKILL", "process 4242 killed", signal="SIGKILL", exit_code=137)
+    result = diagnose(record)
+    assert (result.category, result.retryable) == ("signal", True)
+    assert "dmesg" in result.suggestion
+
+
+@pytest.mark.parametrize("record", [
+    {},
+    {"failure_class": None, "message": None, "traceback": None, "reason": None,
+     "exit_code": None, "signal": None},
+    {"failure_class": "", "message": "", "reason": "", "signal": ""},
+    {"message": 42, "exit_code": "137"},
+    {"failure_class": "ExitCode", "exit_code": True},
+], ids=["empty", "all-none", "all-empty", "wrong-types", "bool-exit-code"])
+def test_missing_or_odd_fields_fall_back_to_unknown(record: dict[str, Any]) -> None:
+    assert diagnose(record) == Diagnosis("unknown", False, RULES[-1].pattern,
+                                         RULES[-1].suggestion)
+
+
+def test_diagnosis_carries_the_matching_rule() -> None:
+    record = rec("ModuleNotFoundError", "No module named 'x'")
+    rule = match_rule(record)
+    assert diagnose(record) == Diagnosis(rule.category, rule.retryable, rule.pattern,
+                                         rule.suggestion)
+
+
+@pytest.mark.parametrize("rule", RULES, ids=[r.pattern for r in RULES])
+def test_every_rule_is_reached_by_a_case(rule: Rule) -> None:
+    reached = [c for c in CASES if match_rule(c[0], category_hint=c[1]) is rule]
+    assert reached, f"no test record reaches rule {rule.pattern!r}"
+    assert {c[2] for c in reached} == {rule.category}
+
+
+def test_every_category_is_used_and_covered() -> None:
+    assert {r.category for r in RULES} == set(CATEGORIES)
+    assert {c[2] for c in CASES} == set(CATEGORIES)
+
+
+@pytest.mark.parametrize("rule", RULES, ids=[r.pattern for r in RULES])
+def test_every_suggestion_is_one_non_empty_line(rule: Rule) -> None:
+    assert rule.suggestion.strip()
+    assert "\n" not in rule.suggestion and "\r" not in rule.suggestion
+    assert rule.pattern.strip()
+
+
+def test_the_table_ends_with_the_only_fallback() -> None:
+    assert RULES[-1].category == "unknown" and RULES[-1].fallback
+    assert not any(r.fallback for r in RULES[:-1])
+    assert len({r.pattern for r in RULES}) == len(RULES)
+
+
+@pytest.mark.parametrize(("kwargs", "error"), [
+    ({"category": "disk", "classes": ("OSError",)}, "unknown category"),
+    ({"category": "network"}, "no criteria"),
+    ({"category": "network", "classes": ("X",), "suggestion": "a\nb"}, "one-line"),
+    ({"category": "network", "classes": ("X",), "suggestion": " "}, "one-line"),
+], ids=["bad-category", "no-criteria", "two-lines", "blank"])
+def test_malformed_rules_are_rejected(kwargs: dict[str, Any], error: str) -> None:
+    fields: dict[str, Any] = {"retryable": True, "pattern": "p", "suggestion": "s", **kwargs}
+    with pytest.raises(ValueError, match=error):
+        Rule(**fields)
