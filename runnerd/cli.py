@@ -27,6 +27,8 @@ from runnerd_client.protocol import (
     RunnerdError,
     State,
     Status,
+    Unwatch,
+    Watch,
 )
 
 EXIT_ERROR, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_NO_RUN = 1, 2, 3, 4
@@ -221,6 +223,10 @@ def _show_human(run: dict[str, Any]) -> None:
         click.echo(table(("SEQ", "WHEN", "DATA", "PATH"), [
             (c["seq"], _local(c["at"]), json.dumps(c["data"]), c["path"] or "-")
             for c in run["checkpoints"]]))
+    if run.get("crash_files"):
+        click.echo("\nCrash files")
+        click.echo(table(("PATH", "KIND", "SIZE"), [
+            (f["path"], f["kind"], f["size"]) for f in run["crash_files"]]))
     failure = run.get("failure")
     if failure:
         click.echo(f"\nFailure: {failure['failure_class']} ({failure['reason']}), "
@@ -305,6 +311,28 @@ def diagnose(ctx: click.Context, run: str | None, latest: bool, experiment: str 
         click.echo(f"    e.g. {_failure_summary({'failure': f['example']})}")
         click.echo(f"    runs: {' '.join(f['run_ids'])}")
         click.echo(f"    suggestion: {f['suggestion']}")
+
+
+@cli.command()
+@click.argument("directory", type=click.Path(exists=True, file_okay=False, resolve_path=True))
+@click.pass_context
+def watch(ctx: click.Context, directory: str) -> None:
+    """Index DIRECTORY for crashed and foreign runs: scanned now, then followed."""
+    body = request(ctx, Watch(path=directory))
+    for warning in body["warnings"]:
+        click.echo(f"warning: {warning}", err=True)
+    click.echo(f"watching {directory}: {body['imported']} run(s) imported, "
+               f"{body['indexed']} crash file(s) indexed, {body['known']} already known, "
+               f"{len(body['warnings'])} warning(s)")
+
+
+@cli.command()
+@click.argument("directory", type=click.Path(file_okay=False, resolve_path=True))
+@click.pass_context
+def unwatch(ctx: click.Context, directory: str) -> None:
+    """Stop indexing DIRECTORY (what was imported stays)."""
+    request(ctx, Unwatch(path=directory))
+    click.echo(f"no longer watching {directory}")
 
 
 def export_line(what: str, item: dict[str, Any]) -> dict[str, Any]:

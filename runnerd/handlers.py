@@ -21,6 +21,7 @@ import anyio
 
 from runnerd import __version__
 from runnerd.config import Config
+from runnerd.indexer import Indexer
 from runnerd.registry import Registry, Store
 from runnerd.states import Event, end_with_failure, failure_record, transition
 from runnerd_client import paths
@@ -48,6 +49,8 @@ from runnerd_client.protocol import (
     State,
     Status,
     Succeed,
+    Unwatch,
+    Watch,
 )
 
 Reply = dict[str, Any]
@@ -74,6 +77,7 @@ class Context:
 
     config: Config
     registry: Registry
+    indexer: Indexer
     started_at: float
     connections: int = 0
 
@@ -387,6 +391,26 @@ async def handle_export(ctx: Context, peer: Peer, req: Export) -> Reply:
     return {"items": items, "next": items[-1]["run_id"] if len(items) == req.limit else None}
 
 
+def _folder(path: str) -> str:
+    if not os.path.isabs(path) or "\0" in path:
+        raise _bad(f"path must be absolute: {path!r}")
+    return os.path.normpath(path)
+
+
+async def handle_watch(ctx: Context, peer: Peer, req: Watch) -> Reply:
+    folder = _folder(req.path)
+    if not os.path.isdir(folder):
+        raise _bad(f"{folder} is not a directory")
+    return (await ctx.indexer.add(folder)).as_reply()
+
+
+async def handle_unwatch(ctx: Context, peer: Peer, req: Unwatch) -> Reply:
+    folder = _folder(req.path)
+    if not await ctx.indexer.remove(folder):
+        raise _bad(f"{folder} is not watched")
+    return {}
+
+
 def _db_size(db: Path) -> int:
     return sum(p.stat().st_size for p in (db, Path(f"{db}-wal")) if p.exists())
 
@@ -408,4 +432,6 @@ HANDLERS: dict[type[Request], Handler] = {
     Status: handle_status,
     Failures: handle_failures,
     Export: handle_export,
+    Watch: handle_watch,
+    Unwatch: handle_unwatch,
 }

@@ -52,6 +52,7 @@ MIGRATIONS: tuple[str, ...] = (
     ) WITHOUT ROWID;
     CREATE INDEX runs_by_state ON runs (state, created_at);
     CREATE INDEX runs_by_created ON runs (created_at);
+    CREATE INDEX runs_by_dir ON runs (run_dir);
     CREATE TABLE transitions (
         seq INTEGER PRIMARY KEY,
         run_id TEXT NOT NULL,
@@ -100,6 +101,18 @@ MIGRATIONS: tuple[str, ...] = (
         start_time INTEGER,
         at REAL NOT NULL,
         PRIMARY KEY (run_id, pid)
+    ) WITHOUT ROWID;
+    CREATE TABLE crash_files (
+        run_id TEXT NOT NULL,
+        path TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        size INTEGER NOT NULL,
+        at REAL NOT NULL,
+        PRIMARY KEY (run_id, path)
+    ) WITHOUT ROWID;
+    CREATE TABLE watched_dirs (
+        path TEXT PRIMARY KEY,
+        at REAL NOT NULL
     ) WITHOUT ROWID;
     CREATE TABLE idempotency (
         key TEXT PRIMARY KEY,
@@ -287,6 +300,13 @@ class Store:
             (run_id, *values),
         )
 
+    def failure_row(self, run_id: str) -> dict[str, Any] | None:
+        """A run's failure record as stored (times as epoch seconds)."""
+        row = self.conn.execute(
+            f"SELECT {', '.join(FAILURE_COLUMNS)} FROM failures WHERE run_id = ?", (run_id,)
+        ).fetchone()
+        return dict(zip(FAILURE_COLUMNS, row, strict=True)) if row else None
+
     def failure(self, run_id: str) -> dict[str, Any] | None:
         row = self.conn.execute(
             f"SELECT {', '.join(FAILURE_COLUMNS)} FROM failures WHERE run_id = ?", (run_id,)
@@ -306,6 +326,29 @@ class Store:
             (run_id, data_json, path, at),
         )
         return int(cur.lastrowid or 0)
+
+    # --- the crash indexer ---
+
+    def run_in_dir(self, folder: str) -> str | None:
+        row = self.conn.execute("SELECT run_id FROM runs WHERE run_dir = ? LIMIT 1",
+                                (folder,)).fetchone()
+        return str(row[0]) if row else None
+
+    def put_crash_file(self, run_id: str, path: str, kind: str, size: int, at: float) -> None:
+        self.conn.execute(
+            "INSERT OR REPLACE INTO crash_files (run_id, path, kind, size, at)"
+            " VALUES (?, ?, ?, ?, ?)", (run_id, path, kind, size, at))
+
+    def watched_dirs(self) -> list[str]:
+        return [str(r[0]) for r in self.conn.execute("SELECT path FROM watched_dirs")]
+
+    def add_watched_dir(self, path: str, at: float) -> None:
+        self.conn.execute("INSERT OR IGNORE INTO watched_dirs (path, at) VALUES (?, ?)",
+                          (path, at))
+
+    def remove_watched_dir(self, path: str) -> bool:
+        cur = self.conn.execute("DELETE FROM watched_dirs WHERE path = ?", (path,))
+        return cur.rowcount > 0
 
     # --- idempotency ---
 
@@ -359,6 +402,12 @@ class Store:
             {"path": r[0], "size": r[1], "sha256": r[2], "registered_at": iso(r[3])}
             for r in self.conn.execute(
                 "SELECT path, size, sha256, at FROM artifacts WHERE run_id = ? ORDER BY at",
+                (run_id,))
+        ]
+        obj["crash_files"] = [
+            {"path": r[0], "kind": r[1], "size": r[2], "at": iso(r[3])}
+            for r in self.conn.execute(
+                "SELECT path, kind, size, at FROM crash_files WHERE run_id = ? ORDER BY path",
                 (run_id,))
         ]
         obj["checkpoints"] = [

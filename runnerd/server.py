@@ -19,6 +19,7 @@ from anyio.abc import SocketListener
 from runnerd import __version__, config
 from runnerd.connection import serve_connection
 from runnerd.handlers import Context
+from runnerd.indexer import Indexer
 from runnerd.metadata import MetadataWriter
 from runnerd.processes import ProcessWatcher
 from runnerd.reconciler import recover, sweep_orphan_spools
@@ -71,7 +72,9 @@ async def serve(cfg: config.Config) -> None:
     watchdog = Watchdog(registry)
     watcher = ProcessWatcher(registry)
     registry.subscribers += [metadata.on_commit, watchdog.on_commit]
-    ctx = Context(config=cfg, registry=registry, started_at=time.time())
+    indexer = Indexer(registry)
+    registry.subscribers.append(indexer.on_commit)
+    ctx = Context(config=cfg, registry=registry, indexer=indexer, started_at=time.time())
     try:
         listener = await anyio.create_unix_listener(cfg.socket, mode=0o600)
         try:
@@ -95,6 +98,9 @@ async def _serve_until_signal(ctx: Context, listener: SocketListener, watchdog: 
         outer.start_soon(watchdog.run)
         outer.start_soon(watcher.poll)
         outer.start_soon(sweep_orphan_spools, ctx, ctx.config.spool_sweep_interval)
+        await ctx.indexer.load()
+        outer.start_soon(ctx.indexer.follow_dirs)
+        outer.start_soon(ctx.indexer.follow_failures)
         log.info("runnerd %s serving %s with registry %s", __version__, ctx.config.socket,
                  ctx.config.db)
         async with anyio.create_task_group() as serving:
