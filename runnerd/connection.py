@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import socket
 import struct
-from collections.abc import Awaitable
+from functools import partial
 from typing import Any
-
-import anyio
-from anyio.abc import SocketStream, TaskGroup
-from anyio.streams.buffered import BufferedByteReceiveStream
 
 from runnerd import __version__
 from runnerd.handlers import HANDLERS, Context, Peer
@@ -40,46 +37,90 @@ def peer_of(sock: socket.socket) -> Peer:
     return Peer(pid=pid, uid=uid, start_time=process_start_time(pid))
 
 
-class Connection:
-    """Reads frames, hands each request to its handler, writes replies as they complete."""
+class FrameProtocol(asyncio.Protocol):
+    """One client connection on the event loop: frames in from `data_received`, replies
+    out through the transport (which writes at once when the socket can take it).
 
-    def __init__(self, ctx: Context, stream: SocketStream, peer: Peer) -> None:
+    No task per connection or per queued mutation: a mutation is answered from its
+    future's done callback; only reads (get/list/status) and artifacts run as tasks.
+    """
+
+    def __init__(self, ctx: Context, connections: set[FrameProtocol]) -> None:
         self.ctx = ctx
-        self.stream = stream
-        self.reader = BufferedByteReceiveStream(stream)
-        self.peer = peer
+        self.connections = connections
+        self.transport: asyncio.Transport | None = None
+        self.peer: Peer | None = None
         self.greeted = False
-        self.outbox: list[bytes] = []
-        self.outbox_ready = anyio.Event()
         self.closed = False
+        self.buffer = bytearray()
+        self.tasks: set[asyncio.Future[dict[str, Any]]] = set()
 
-    async def serve(self) -> None:
-        """Serve until the peer hangs up or breaks the framing."""
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(self._send_loop)
-            try:
-                await self._read_loop(tg)
-            except (anyio.EndOfStream, anyio.IncompleteRead, anyio.BrokenResourceError,
-                    anyio.ClosedResourceError, ConnectionError):
-                pass
-            finally:
-                self.closed = True
-                self.outbox_ready.set()
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        try:
+            self.peer = peer_of(transport.get_extra_info("socket"))
+        except OSError as exc:
+            log.warning("could not read peer credentials: %s", exc)
+            self._close()
+            return
+        if self.peer.uid != os.getuid():
+            log.warning("refused pid %d of uid %d", self.peer.pid, self.peer.uid)
+            transport.write(frame(error_reply(
+                None, ErrorCode.FORBIDDEN, "this daemon serves only its own user")))
+            self._close()
+            return
+        self.connections.add(self)
+        self.ctx.connections += 1
 
-    async def _read_loop(self, tg: TaskGroup) -> None:
-        limit = self.ctx.config.max_frame
-        while True:
-            (length,) = HEADER.unpack(await self.reader.receive_exactly(HEADER.size))
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self in self.connections:
+            self.connections.discard(self)
+            self.ctx.connections -= 1
+        self.closed = True
+        for task in self.tasks:
+            task.cancel()
+
+    def pause_writing(self) -> None:
+        """The client does not read its replies: stop reading its requests meanwhile."""
+        if self.transport is not None and not self.closed:
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.resume_reading()
+
+    def data_received(self, data: bytes) -> None:
+        if self.closed or self.peer is None:
+            return
+        buf = self.buffer
+        buf += data
+        limit, pos, size = self.ctx.config.max_frame, 0, len(buf)
+        while size - pos >= HEADER.size:
+            (length,) = HEADER.unpack_from(buf, pos)
             if length > limit:
                 self._queue(error_reply(
                     None, ErrorCode.TOO_LARGE, f"frame of {length} bytes exceeds {limit}"))
+                self._close()
                 return
-            body = await self.reader.receive_exactly(length)
-            if not self._dispatch(tg, body):
+            end = pos + HEADER.size + length
+            if end > size:
+                break
+            body = bytes(buf[pos + HEADER.size:end])
+            pos = end
+            if not self._dispatch(body):
+                self._close()
                 return
+        del buf[:pos]
 
-    def _dispatch(self, tg: TaskGroup, body: bytes) -> bool:
+    def _close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()  # flushes what is buffered, then closes
+
+    def _dispatch(self, body: bytes) -> bool:
         """Start handling one frame; False when the connection must close."""
+        assert self.peer is not None
         req_id: int | None = None
         try:
             msg = unpack_body(body)
@@ -99,7 +140,11 @@ class Connection:
             log.exception("request %s could not be handled", req_id)
             self._queue(error_reply(req_id, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}"))
             return True
-        tg.start_soon(self._answer, req_id, pending)
+        if not isinstance(pending, asyncio.Future):
+            pending = asyncio.ensure_future(pending)
+            self.tasks.add(pending)
+            pending.add_done_callback(self.tasks.discard)
+        pending.add_done_callback(partial(self._finish, req_id))
         return True
 
     def _hello(self, req_id: int | None, req: Hello) -> bool:
@@ -114,50 +159,32 @@ class Connection:
         }))
         return True
 
-    async def _answer(self, req_id: int | None, pending: Awaitable[dict[str, Any]]) -> None:
-        try:
-            reply = ok_reply(req_id, await pending)
-        except RunnerdError as exc:
-            reply = error_reply(req_id, exc.code, exc.message)
-        except Exception as exc:
-            log.exception("request %s failed", req_id)
-            reply = error_reply(req_id, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
-        self._queue(reply)
+    def _finish(self, req_id: int | None, future: asyncio.Future[dict[str, Any]]) -> None:
+        if self.closed or future.cancelled():
+            return
+        exc = future.exception()
+        if exc is None:
+            self._queue(ok_reply(req_id, future.result()))
+        elif isinstance(exc, RunnerdError):
+            self._queue(error_reply(req_id, exc.code, exc.message))
+        else:
+            log.error("request %s failed", req_id, exc_info=exc)
+            self._queue(error_reply(req_id, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}"))
 
     def _queue(self, reply: dict[str, Any]) -> None:
-        self.outbox.append(frame(reply))
-        self.outbox_ready.set()
-
-    async def _send_loop(self) -> None:
-        """Write queued replies, many per system call when they complete together."""
-        while True:
-            await self.outbox_ready.wait()
-            self.outbox_ready = anyio.Event()
-            if self.outbox:
-                data, self.outbox = b"".join(self.outbox), []
-                try:
-                    await self.stream.send(data)
-                except (anyio.BrokenResourceError, anyio.ClosedResourceError, ConnectionError):
-                    return
-            if self.closed:
-                return
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(frame(reply))
 
 
-async def serve_connection(ctx: Context, stream: SocketStream) -> None:
-    """Check the peer's uid, then serve it; a peer of another user gets `forbidden`."""
-    async with stream:
-        try:
-            peer = peer_of(stream.extra(anyio.abc.SocketAttribute.raw_socket))
-        except OSError as exc:
-            log.warning("could not read peer credentials: %s", exc)
-            return
-        if peer.uid != os.getuid():
-            log.warning("refused pid %d of uid %d", peer.pid, peer.uid)
-            await stream.send(frame(error_reply(
-                None, ErrorCode.FORBIDDEN, "this daemon serves only its own user")))
-            return
-        ctx.connections += 1
-        try:
-            await Connection(ctx, stream, peer).serve()
-        finally:
-            ctx.connections -= 1
+async def serve_connections(ctx: Context, listening: socket.socket) -> None:
+    """Accept and serve clients on `listening` until cancelled; then drop every connection."""
+    connections: set[FrameProtocol] = set()
+    loop = asyncio.get_running_loop()
+    server = await loop.create_unix_server(lambda: FrameProtocol(ctx, connections),
+                                           sock=listening)
+    try:
+        await asyncio.Future()  # until the caller's scope is cancelled
+    finally:
+        server.close()
+        for conn in list(connections):
+            conn._close()

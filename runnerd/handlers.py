@@ -220,6 +220,8 @@ def handle_heartbeat(ctx: Context, peer: Peer, req: Heartbeat) -> Awaitable[Repl
     at = _event_time(req.at)
 
     def op(store: Store) -> Reply:
+        if store.heartbeat_running(req.run_id, req.seq, at):
+            return {"state": State.RUNNING.value}
         row = store.require_run(req.run_id)
         if req.seq <= row["heartbeat_seq"]:
             return {"state": row["state"]}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from concurrent.futures import ThreadPoolExecutor
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -33,15 +33,39 @@ def _write_all(docs: list[tuple[str, dict[str, Any]]]) -> None:
 
 
 class MetadataWriter:
-    """Writes metadata files after each commit, in order, on one thread off the event loop."""
+    """Writes metadata files after each commit on one thread off the event loop.
+
+    Pending documents are kept per run folder, newest wins: when commits outpace the
+    disk, a run's successive states collapse into one write of its latest state, and
+    the backlog is bounded by the number of runs, not by the number of commits.
+    """
 
     def __init__(self) -> None:
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="runnerd-metadata")
+        self._pending: dict[str, dict[str, Any]] = {}
+        self._ready = threading.Condition()
+        self._closing = False
+        self._thread = threading.Thread(target=self._run, name="runnerd-metadata", daemon=True)
+        self._thread.start()
 
     def on_commit(self, result: BatchResult) -> None:
         if result.metadata:
-            self._pool.submit(_write_all, result.metadata)
+            with self._ready:
+                self._pending.update(result.metadata)
+                self._ready.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._ready:
+                while not self._pending and not self._closing:
+                    self._ready.wait()
+                if not self._pending:
+                    return
+                docs, self._pending = list(self._pending.items()), {}
+            _write_all(docs)
 
     def close(self) -> None:
         """Finish the writes already handed over."""
-        self._pool.shutdown(wait=True)
+        with self._ready:
+            self._closing = True
+            self._ready.notify()
+        self._thread.join()

@@ -200,6 +200,16 @@ class Store:
         row = cur.fetchone()
         return dict(zip(RUN_COLUMNS, row, strict=True)) if row else None
 
+    def heartbeat_running(self, run_id: str, seq: int, at: float) -> bool:
+        """The common heartbeat in one statement: a new seq for a running run, no transition."""
+        cur = self.conn.execute(
+            "UPDATE runs SET heartbeat_seq = ?, heartbeats = heartbeats + 1,"
+            " last_heartbeat_at = max(coalesce(last_heartbeat_at, 0), ?)"
+            " WHERE run_id = ? AND state = 'running' AND heartbeat_seq < ?",
+            (seq, at, run_id, seq),
+        )
+        return cur.rowcount == 1
+
     def require_run(self, run_id: str) -> dict[str, Any]:
         row = self.run_row(run_id)
         if row is None:

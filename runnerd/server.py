@@ -17,7 +17,7 @@ from anyio import CancelScope
 from anyio.abc import SocketListener
 
 from runnerd import __version__, config
-from runnerd.connection import serve_connection
+from runnerd.connection import serve_connections
 from runnerd.handlers import Context
 from runnerd.indexer import Indexer
 from runnerd.metadata import MetadataWriter
@@ -105,7 +105,8 @@ async def _serve_until_signal(ctx: Context, listener: SocketListener, watchdog: 
                  ctx.config.db)
         async with anyio.create_task_group() as serving:
             serving.start_soon(_until_signal, serving.cancel_scope)
-            serving.start_soon(listener.serve, lambda s: serve_connection(ctx, s), serving)
+            raw = listener.extra(anyio.abc.SocketAttribute.raw_socket)
+            serving.start_soon(serve_connections, ctx, raw)
         await listener.aclose()
         registry.stop()
         with anyio.move_on_after(ctx.config.shutdown_grace):

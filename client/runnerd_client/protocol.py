@@ -230,11 +230,26 @@ class Export(Request):
     limit: int = 500
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Watch(Request):
+    """Add a directory to the crash indexer: scanned once in full, then followed."""
+
+    op: ClassVar[str] = "watch"
+    path: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Unwatch(Request):
+    op: ClassVar[str] = "unwatch"
+    path: str
+
+
 REQUESTS: dict[str, type[Request]] = {
     cls.op: cls
     for cls in (
         Hello, Create, Start, Attach, Detach, Heartbeat, Succeed, Fail,
-        Artifact, Checkpoint, Cancel, Get, ListRuns, Status, Failures, Export,
+        Artifact, Checkpoint, Cancel, Get, ListRuns, Status, Failures, Export, Watch,
+        Unwatch,
     )
 }
 
