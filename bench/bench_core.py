@@ -394,6 +394,7 @@ def clients(job: Job, procs: int, timeout: float = 600.0) -> Iterator[list[dict[
 
 
 def run_clients(job: Job, procs: int) -> list[dict[str, Any]]:
+    """Run `job` in `procs` client processes and return once they are gone."""
     with clients(job, procs) as results:
         return results
 
@@ -412,6 +413,7 @@ class Figures:
     p50_ms: float
     p99_ms: float
     cpu_per_ack_us: float = float("nan")
+    drain_seconds: float = 0.0
     error_sample: list[str] = field(default_factory=list)
 
 
@@ -479,24 +481,25 @@ class Report:
 def stage_heartbeats(plan: Plan, runnerd: Server, bare: Server, report: Report) -> None:
     """Same clients, same code, against runnerd then the bare server, interleaved."""
     print("heartbeats", file=sys.stderr)
-    for clients in plan.client_counts:
+    for procs in plan.client_counts:
         for window in plan.windows:
             job = Job("heartbeat", "", window, plan.seconds)
-            figs = [measure(server, replace(job, socket=str(server.socket)), clients, plan.repeat)
+            figs = [measure(server, replace(job, socket=str(server.socket)), procs, plan.repeat)
                     for server in (runnerd, bare)]
-            report.heartbeats.append((clients, window, figs[0], figs[1]))
+            report.heartbeats.append((procs, window, figs[0], figs[1]))
             runnerd.wait_idle()
 
 
 def stage_lifecycles(plan: Plan, runnerd: Server, report: Report) -> None:
+    """create+start+succeed, waiting for each reply or with whole lifecycles in flight."""
     print("lifecycles", file=sys.stderr)
     sock = str(runnerd.socket)
     for procs in (1, plan.lifecycle_procs):
         for window, mode in ((1, "sequential"), (plan.lifecycle_window, "pipelined")):
             figs = measure(runnerd, Job("lifecycle", sock, window, plan.seconds), procs,
                            plan.repeat)
+            figs.drain_seconds = runnerd.wait_idle()
             report.lifecycles.append((procs, f"{mode} (window {window})", figs))
-            runnerd.wait_idle()
 
 
 def registry_counts(sock: Path) -> dict[str, int]:
@@ -562,6 +565,7 @@ def runnerctl_argv() -> list[str]:
 
 
 def stage_status(plan: Plan, runnerd: Server, report: Report) -> None:
+    """Wall time of the CLI, beside its floors: interpreter start-up and the daemon's reply."""
     print("runnerctl timings", file=sys.stderr, flush=True)
     ctl, env, reps = runnerctl_argv(), runnerd.env, plan.status_reps
     for label, args in (("runnerctl status", ["status"]),
@@ -587,10 +591,10 @@ def print_heartbeats(report: Report) -> None:
     print(f"{'clients':>7} {'window':>6} {'runnerd/s':>10} {'bare/s':>9} {'ratio':>6} "
           f"{'p50 ms':>7} {'p99 ms':>7} {'bare p50':>8} {'bare p99':>8} "
           f"{'cpu us rd':>9} {'cpu us bare':>11} {'errors':>6}")
-    for clients, window, rd, bare in report.heartbeats:
+    for procs, window, rd, bare in report.heartbeats:
         lat = (f"{rd.p50_ms:7.2f} {rd.p99_ms:7.2f} {bare.p50_ms:8.2f} {bare.p99_ms:8.2f}"
                if window == 1 else f"{'-':>7} {'-':>7} {'-':>8} {'-':>8}")
-        print(f"{clients:>7} {window:>6} {rd.rate:>10.0f} {bare.rate:>9.0f} "
+        print(f"{procs:>7} {window:>6} {rd.rate:>10.0f} {bare.rate:>9.0f} "
               f"{rd.rate / bare.rate:>6.0%} {lat} {rd.cpu_per_ack_us:>9.0f} "
               f"{bare.cpu_per_ack_us:>11.0f} {rd.errors + bare.errors:>6}")
     top = [(rd, bare) for c, w, rd, bare in report.heartbeats if w == 1]
@@ -604,14 +608,15 @@ def print_heartbeats(report: Report) -> None:
 def print_lifecycles(report: Report) -> None:
     print("\nLifecycles/s (create+start+succeed, each acknowledged)")
     print(f"{'procs':>5}  {'mode':<22} {'lifecycles/s':>12} {'p50 ms':>7} {'p99 ms':>7} "
-          f"{'cpu us':>7} {'errors':>6}")
+          f"{'cpu us':>7} {'drain s':>7} {'errors':>6}")
     for procs, mode, f in report.lifecycles:
         print(f"{procs:>5}  {mode:<22} {f.rate:>12.0f} {f.p50_ms:>7.2f} {f.p99_ms:>7.2f} "
-              f"{f.cpu_per_ack_us:>7.0f} {f.errors:>6}")
+              f"{f.cpu_per_ack_us:>7.0f} {f.drain_seconds:>7.1f} {f.errors:>6}")
     one = max((f.rate for p, _, f in report.lifecycles if p == 1), default=0.0)
     print(f"target: >= 2000 lifecycles/s from one process: {one:.0f} {_verdict(one >= 2000)}")
-    print("(p50/p99: from send of the lifecycle's last request, or of the whole group "
-          "when pipelined, to its reply; cpu us: daemon CPU per lifecycle)")
+    print("(p50/p99: from sending the lifecycle's last request, or its whole group when "
+          "pipelined, to the reply; cpu us: daemon CPU per lifecycle, measured up to the last "
+          "ack; drain s: how long the daemon stayed busy after it, writing metadata.json)")
 
 
 def print_status(report: Report) -> None:
