@@ -430,13 +430,8 @@ class Store:
 
     def list_runs(self, *, state: str | None, experiment: str | None, since: float | None,
                   limit: int) -> list[dict[str, Any]]:
-        clauses, args = [], []
-        for clause, value in (("state = ?", state), ("experiment = ?", experiment),
-                              ("created_at >= ?", since)):
-            if value is not None:
-                clauses.append(clause)
-                args.append(value)
-        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        where, args = _where(("state = ?", state), ("experiment = ?", experiment),
+                             ("created_at >= ?", since))
         rows = self.conn.execute(
             f"SELECT {', '.join(RUN_COLUMNS)} FROM runs {where}"
             " ORDER BY created_at DESC, run_id DESC LIMIT ?", (*args, limit),
@@ -454,20 +449,11 @@ class Store:
         out.sort(key=lambda r: r["created_at"], reverse=True)
         return out[:limit]
 
-    def _failure_filter(self, since: float | None, experiment: str | None,
-                        run_id: str | None) -> tuple[str, list[Any]]:
-        clauses, args = [], []
-        for clause, value in (("f.at >= ?", since), ("r.experiment = ?", experiment),
-                              ("f.run_id = ?", run_id)):
-            if value is not None:
-                clauses.append(clause)
-                args.append(value)
-        return (f"WHERE {' AND '.join(clauses)}" if clauses else ""), args
-
     def failures(self, *, since: float | None = None, experiment: str | None = None,
                  run_id: str | None = None, limit: int) -> list[dict[str, Any]]:
         """Failure records, newest first, each with its run's experiment and variation."""
-        where, args = self._failure_filter(since, experiment, run_id)
+        where, args = _where(("f.at >= ?", since), ("r.experiment = ?", experiment),
+                             ("f.run_id = ?", run_id))
         cols = ", ".join(f"f.{c}" for c in FAILURE_COLUMNS)
         rows = self.conn.execute(
             f"SELECT f.run_id, r.experiment, r.variation, {cols} FROM failures f"
@@ -479,7 +465,7 @@ class Store:
     def failure_groups(self, key: str, *, since: float | None, experiment: str | None,
                        limit: int, examples: int = 5) -> list[dict[str, Any]]:
         """Failures grouped by `key` (a failures column), largest group first."""
-        where, args = self._failure_filter(since, experiment, None)
+        where, args = _where(("f.at >= ?", since), ("r.experiment = ?", experiment))
         groups = self.conn.execute(
             f"SELECT COALESCE(f.{key}, 'unknown') AS k, COUNT(*), MIN(f.at), MAX(f.at)"
             f" FROM failures f JOIN runs r USING (run_id) {where}"
@@ -538,6 +524,13 @@ class Store:
             "failure_reason": failure["reason"] if failure else None,
             "failure_class": failure["failure_class"] if failure else None,
         }
+
+
+def _where(*conditions: tuple[str, Any]) -> tuple[str, list[Any]]:
+    """A WHERE clause of the conditions whose value is given, and their arguments."""
+    used = [(clause, value) for clause, value in conditions if value is not None]
+    where = f"WHERE {' AND '.join(clause for clause, _ in used)}" if used else ""
+    return where, [value for _, value in used]
 
 
 def _failure_object(run_id: str, row: Iterable[Any]) -> dict[str, Any]:

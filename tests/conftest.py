@@ -130,6 +130,28 @@ def short_tmp() -> Iterator[Path]:
         yield Path(name)
 
 
+@pytest.fixture(scope="module")
+def shared_daemon() -> Iterator[Daemon]:
+    """One daemon for a whole module whose cases do not disturb each other."""
+    with tempfile.TemporaryDirectory(prefix="rd-", dir="/tmp") as name:
+        daemon = Daemon(Path(name)).start()
+        try:
+            yield daemon
+        finally:
+            daemon.stop()
+
+
+@pytest.fixture
+def procs() -> Iterator[list[subprocess.Popen[str]]]:
+    """Client processes a test starts; killed and reaped when it ends."""
+    started: list[subprocess.Popen[str]] = []
+    yield started
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate(timeout=30)
+
+
 @pytest.fixture
 def daemon(short_tmp: Path) -> Iterator[Daemon]:
     d = Daemon(short_tmp).start()

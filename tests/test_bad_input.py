@@ -11,14 +11,11 @@ from __future__ import annotations
 
 import itertools
 import os
-import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import textwrap
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -141,18 +138,6 @@ def wire(daemon: Daemon) -> Iterator[Wire]:
     harness = Wire(daemon)
     yield harness
     harness.close()
-
-
-@pytest.fixture(scope="module")
-def shared_daemon() -> Iterator[Daemon]:
-    """One daemon for the request-level cases, which all end with its health check."""
-    root = Path(tempfile.mkdtemp(prefix="rd-", dir="/tmp"))
-    daemon = Daemon(root).start()
-    try:
-        yield daemon
-    finally:
-        daemon.stop()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture

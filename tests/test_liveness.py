@@ -7,11 +7,8 @@ import signal
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-
-import pytest
 
 from conftest import Daemon, wait_for
 
@@ -27,16 +24,6 @@ WORKER = textwrap.dedent("""
         while True:
             time.sleep(0.05)
 """)
-
-
-@pytest.fixture
-def procs() -> Iterator[list[subprocess.Popen[str]]]:
-    started: list[subprocess.Popen[str]] = []
-    yield started
-    for proc in started:
-        if proc.poll() is None:
-            proc.kill()
-        proc.communicate(timeout=30)
 
 
 def worker(daemon: Daemon, procs: list[subprocess.Popen[str]], interval: float = 60.0,

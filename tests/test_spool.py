@@ -7,11 +7,8 @@ import os
 import signal
 import subprocess
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-
-import pytest
 
 from conftest import Daemon, wait_for
 from runnerd_client.protocol import Heartbeat, Succeed, frame, request_map
@@ -38,16 +35,6 @@ FULL_RUN = textwrap.dedent("""
             run.heartbeat()
     print("spooling" if rd.connect().spooling else "live", flush=True)
 """)
-
-
-@pytest.fixture
-def procs() -> Iterator[list[subprocess.Popen[str]]]:
-    started: list[subprocess.Popen[str]] = []
-    yield started
-    for proc in started:
-        if proc.poll() is None:
-            proc.kill()
-        proc.communicate(timeout=30)
 
 
 def assert_whole_history(daemon: Daemon, run_id: str, pid: int) -> dict[str, Any]:

@@ -11,11 +11,8 @@ from __future__ import annotations
 
 import itertools
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -79,17 +76,6 @@ ROUTES: dict[State, list[Event]] = {
 # A run started with this heartbeat_timeout that does not beat goes lost this soon.
 LOST_AFTER = 0.25
 _ids = itertools.count(1)
-
-
-@pytest.fixture(scope="module")
-def shared_daemon() -> Iterator[Daemon]:
-    root = Path(tempfile.mkdtemp(prefix="rd-", dir="/tmp"))
-    daemon = Daemon(root).start()
-    try:
-        yield daemon
-    finally:
-        daemon.stop()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 class Wire:
