@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import stat
 import time
 from collections.abc import Awaitable, Callable
@@ -22,6 +23,7 @@ import anyio
 from runnerd import __version__
 from runnerd.config import Config
 from runnerd.indexer import Indexer
+from runnerd.processes import is_alive
 from runnerd.registry import Registry, Store
 from runnerd.states import Event, end_with_failure, failure_record, transition
 from runnerd_client import paths
@@ -140,11 +142,14 @@ def _check_create(req: Create) -> None:
     for name, path in (("run_dir", req.run_dir), ("cwd", req.cwd)):
         if path is not None and (not os.path.isabs(path) or "\0" in path):
             raise _bad(f"{name} must be an absolute path")
+    if req.retry_of is not None and not is_valid_run_id(req.retry_of):
+        raise _bad("retry_of must be a run id")
 
 
 def handle_create(ctx: Context, peer: Peer, req: Create) -> Awaitable[Reply]:
     _check_create(req)
     params, tags = _json(req.params, "params"), _json(req.tags, "tags")
+    launch = _json(req.launch, "launch") if req.launch is not None else None
     run_dir = os.path.normpath(req.run_dir) if req.run_dir else str(
         paths.default_run_dir(req.run_id))
 
@@ -156,6 +161,7 @@ def handle_create(ctx: Context, peer: Peer, req: Create) -> Awaitable[Reply]:
             "run_id": req.run_id, "experiment": req.experiment, "variation": req.variation,
             "attempt": attempt, "state": State.PENDING.value, "params": params, "tags": tags,
             "cwd": req.cwd, "run_dir": run_dir, "host": req.host, "created_at": at,
+            "retry_of": req.retry_of, "launch": launch,
         })
         store.record_creation(req.run_id, at, peer.source)
         store.add_pid(req.run_id, peer.pid, peer.start_time, at)
@@ -260,21 +266,48 @@ def handle_fail(ctx: Context, peer: Peer, req: Fail) -> Awaitable[Reply]:
         row = store.require_run(req.run_id)
         record = failure_record(
             req.failure_class or default_class, req.message or "", req.reason, at,
-            traceback=req.traceback, phase=req.phase, exit_code=req.exit_code, signal=req.signal,
+            category_hint=req.category_hint, traceback=req.traceback, phase=req.phase,
+            exit_code=req.exit_code, signal=req.signal,
         )
-        return {"state": end_with_failure(store, row, event, record, peer.source).value}
+        state = end_with_failure(store, row, event, record, peer.source)
+        return {"state": state.value, "category": record["category"],
+                "retryable": record["retryable"]}
 
     return _mutate(ctx, req, apply)
 
 
-def handle_cancel(ctx: Context, peer: Peer, req: Cancel) -> Awaitable[Reply]:
+SIGNALS = {name: getattr(signal, f"SIG{name}")
+           for name in ("TERM", "KILL", "INT", "HUP", "QUIT", "USR1", "USR2")}
+
+
+async def handle_cancel(ctx: Context, peer: Peer, req: Cancel) -> Reply:
+    """Mark the run abandoned; then signal its live processes, once (not on a replay)."""
+    signum = SIGNALS.get((req.signal or "").upper().removeprefix("SIG")) if req.signal else None
+    if req.signal and signum is None:
+        raise _bad(f"signal must be one of {', '.join(SIGNALS)}")
+    targets: list[tuple[int, int | None]] = []
+
     def apply(store: Store, at: float) -> Reply:
         row = store.require_run(req.run_id)
         record = failure_record("Cancelled", req.message or "cancelled by the user",
                                 FailReason.ABANDONED, at)
-        return {"state": end_with_failure(store, row, Event.CANCEL, record, "cancel").value}
+        state = end_with_failure(store, row, Event.CANCEL, record, "cancel")
+        targets.extend(store.pid_records(req.run_id))
+        return {"state": state.value}
 
-    return _mutate(ctx, req, apply)
+    reply = await _mutate(ctx, req, apply)
+    if signum is not None:
+        reply = {**reply, "signalled": [pid for pid, start in targets
+                                        if is_alive(pid, start) and _kill(pid, signum)]}
+    return reply
+
+
+def _kill(pid: int, signum: int) -> bool:
+    try:
+        os.kill(pid, signum)
+    except OSError:
+        return False
+    return True
 
 
 def handle_checkpoint(ctx: Context, peer: Peer, req: Checkpoint) -> Awaitable[Reply]:

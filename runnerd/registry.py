@@ -48,6 +48,8 @@ MIGRATIONS: tuple[str, ...] = (
         heartbeat_timeout REAL,
         lost_grace REAL,
         deadline REAL,
+        retry_of TEXT,
+        launch TEXT,
         UNIQUE (experiment, variation, attempt)
     ) WITHOUT ROWID;
     CREATE INDEX runs_by_state ON runs (state, created_at);
@@ -127,7 +129,8 @@ MIGRATIONS: tuple[str, ...] = (
 RUN_COLUMNS = (
     "run_id", "experiment", "variation", "attempt", "state", "params", "tags", "cwd",
     "run_dir", "host", "created_at", "started_at", "ended_at", "last_heartbeat_at", "lost_at",
-    "heartbeat_seq", "heartbeats", "heartbeat_timeout", "lost_grace", "deadline",
+    "heartbeat_seq", "heartbeats", "heartbeat_timeout", "lost_grace", "deadline", "retry_of",
+    "launch",
 )
 FAILURE_COLUMNS = (
     "failure_class", "message", "traceback", "phase", "reason", "signature", "category",
@@ -388,9 +391,10 @@ class Store:
             key: row[key]
             for key in ("run_id", "experiment", "variation", "attempt", "state", "cwd",
                         "run_dir", "host", "heartbeats", "heartbeat_timeout", "lost_grace",
-                        "deadline")
+                        "deadline", "retry_of")
         }
         obj["params"] = json.loads(row["params"])
+        obj["launch"] = json.loads(row["launch"]) if row["launch"] else None
         obj["tags"] = json.loads(row["tags"])
         for key in ("created_at", "started_at", "ended_at", "last_heartbeat_at"):
             obj[key] = iso(row[key])

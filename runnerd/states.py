@@ -75,11 +75,14 @@ def transition(store: Store, row: dict[str, Any], event: Event, at: float, sourc
 
 
 def failure_record(failure_class: str, message: str, reason: str, at: float,
-                   **extra: Any) -> dict[str, Any]:
-    """A failure record of SPEC §3, with its signature and its diagnosis."""
+                   category_hint: str | None = None, **extra: Any) -> dict[str, Any]:
+    """A failure record of SPEC §3, with its signature and its diagnosis.
+
+    `category_hint="oom"` comes from whoever saw the kernel's OOM killer at work.
+    """
     record = {"failure_class": failure_class, "message": message, "reason": reason, "at": at,
               **extra}
-    found = diagnose(record)
+    found = diagnose(record, category_hint)
     return {**record, "signature": signature(failure_class, message, extra.get("traceback")),
             "category": found.category, "retryable": found.retryable}
 

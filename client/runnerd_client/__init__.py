@@ -9,9 +9,12 @@
 from __future__ import annotations
 
 import os
+import random
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from runnerd_client.connection import Connection, DaemonUnavailable
 from runnerd_client.protocol import RunnerdError, State
@@ -19,9 +22,10 @@ from runnerd_client.run import RUN_ID_ENV, Client, Run, Terminated
 
 __all__ = [
     "Client", "Connection", "DaemonUnavailable", "Run", "RunnerdError", "State", "Terminated",
-    "connect", "current_run", "run",
+    "connect", "current_run", "retrying", "run",
 ]
 __version__ = "0.1.0"
+T = TypeVar("T")
 
 _shared: tuple[int, Client] | None = None
 _shared_lock = threading.Lock()
@@ -48,6 +52,31 @@ def run(experiment: str, variation: str = "default", *, params: dict[str, Any] |
         heartbeat_interval=heartbeat_interval, heartbeat_timeout=heartbeat_timeout,
         lost_grace=lost_grace, deadline=deadline,
     )
+
+
+def retrying(fn: Callable[..., T], *args: Any, experiment: str, variation: str = "default",
+             retries: int = 3, backoff: float = 2.0, retry_on: str = "retryable",
+             params: dict[str, Any] | None = None, **kwargs: Any) -> T:
+    """Call `fn(*args, **kwargs)` as tracked attempts of one (experiment, variation).
+
+    A failed attempt is retried after `backoff ** attempt` seconds (with jitter) while
+    retries remain, and, under retry_on="retryable", only if the daemon's diagnosis says
+    a rerun may help (network, timeout, interruption: yes; a bug or a bad input: no).
+    Returns the result of the attempt that succeeds, or raises the last error.
+    """
+    client, retry_of = connect(), None
+    for attempt in range(1, retries + 2):
+        run = client.run(experiment, variation, params=params, retry_of=retry_of)
+        try:
+            with run:
+                return fn(*args, **kwargs)
+        except Exception:
+            retryable = retry_on == "any" or bool((run.diagnosis or {}).get("retryable"))
+            if attempt > retries or not retryable:
+                raise
+        time.sleep(backoff ** attempt * random.uniform(0.75, 1.25))
+        retry_of = run.run_id
+    raise AssertionError("the last attempt returns or raises")
 
 
 def current_run() -> Run | None:

@@ -118,6 +118,8 @@ class Create(Mutation):
     cwd: str | None = None
     run_dir: str | None = None
     host: str | None = None
+    retry_of: str | None = None
+    launch: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -164,6 +166,7 @@ class Fail(Mutation):
     phase: str | None = None
     exit_code: int | None = None
     signal: str | None = None
+    category_hint: str | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -181,8 +184,12 @@ class Checkpoint(Mutation):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Cancel(Mutation):
+    """End a run `failed_abandoned`; with `signal` (TERM, KILL, INT...) also signal the
+    processes attached to it (as the daemon knows them, never as the request says)."""
+
     op: ClassVar[str] = "cancel"
     message: str | None = None
+    signal: str | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

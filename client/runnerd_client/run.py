@@ -55,8 +55,12 @@ class Client(Reporter):
             params: dict[str, Any] | None = None, tags: dict[str, Any] | None = None,
             run_dir: str | Path | None = None, heartbeat_interval: float = 60.0,
             heartbeat_timeout: float | None = None, lost_grace: float | None = None,
-            deadline: float | None = None) -> Run:
-        """Register a new run (pending); `start()` it or use it as a context manager."""
+            deadline: float | None = None, retry_of: str | None = None,
+            launch: dict[str, Any] | None = None) -> Run:
+        """Register a new run (pending); `start()` it or use it as a context manager.
+
+        `retry_of` links it to the attempt it reruns; `launch` is how to launch it again.
+        """
         run_id = new_run_id()
         folder = Path(run_dir).resolve() if run_dir else paths.default_run_dir(run_id)
         run = Run(self, run_id, experiment, variation, params=params or {}, run_dir=folder,
@@ -66,7 +70,8 @@ class Client(Reporter):
         reply = self.wait(self.emit(Create(
             key=new_key(), run_id=run_id, experiment=experiment, variation=variation,
             params=params or {}, tags=tags or {}, cwd=os.getcwd(), run_dir=str(folder),
-            host=socket.gethostname(), at=time.time())), "create")
+            host=socket.gethostname(), retry_of=retry_of, launch=launch, at=time.time())),
+            "create")
         run.attempt = (reply or {}).get("attempt")
         return run
 
@@ -109,6 +114,7 @@ class Run:
         self._beater: threading.Thread | None = None
         self._old_sigterm: Any = None
         self._crash_log: IO[str] | None = None
+        self.diagnosis: dict[str, Any] | None = None
 
     def __repr__(self) -> str:
         return f"<Run {self.run_id} {self.experiment}/{self.variation} attempt={self.attempt}>"
@@ -174,16 +180,24 @@ class Run:
 
     def fail(self, reason: str = FailReason.CRASH, message: str | None = None, *,
              failure_class: str | None = None, traceback: str | None = None,
-             exit_code: int | None = None, exc: BaseException | None = None) -> Run:
-        """End the run failed; pass `exc` to record its class, message and traceback."""
+             exit_code: int | None = None, signal: str | None = None,
+             category_hint: str | None = None, exc: BaseException | None = None) -> Run:
+        """End the run failed; pass `exc` to record its class, message and traceback.
+
+        The daemon's diagnosis (category, retryable) lands in `self.diagnosis`; it stays
+        None while the daemon is away.
+        """
         if exc is not None:
             failure_class = failure_class or type(exc).__name__
             message = message if message is not None else str(exc)
             traceback = traceback or "".join(tb.format_exception(exc))
         self.flush()
-        self.client.wait(self.client.emit(Fail(
+        reply = self.client.wait(self.client.emit(Fail(
             key=new_key(), run_id=self.run_id, reason=str(reason), failure_class=failure_class,
-            message=message, traceback=traceback, exit_code=exit_code, at=time.time())), "fail")
+            message=message, traceback=traceback, exit_code=exit_code, signal=signal,
+            category_hint=category_hint, at=time.time())), "fail")
+        if reply is not None and "retryable" in reply:
+            self.diagnosis = {"category": reply["category"], "retryable": reply["retryable"]}
         return self
 
     def detach(self) -> Run:
@@ -200,13 +214,23 @@ class Run:
             self.start()
         self._enable_faulthandler()
         self._catch_sigterm()
+        self.start_heartbeats()
+        return self
+
+    def start_heartbeats(self) -> Run:
+        """Send a heartbeat every `heartbeat_interval` seconds from a background thread."""
+        self._stop.clear()
         self._beater = threading.Thread(target=self._beat, name="runnerd-heartbeat", daemon=True)
         self._beater.start()
         return self
 
+    def stop_heartbeats(self) -> Run:
+        self._stop.set()
+        return self
+
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb_: TracebackType | None) -> None:
-        self._stop.set()
+        self.stop_heartbeats()
         self._restore_sigterm()
         self._disable_faulthandler()
         if exc is None or (isinstance(exc, SystemExit) and not isinstance(exc, Terminated)
