@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -26,6 +27,8 @@ class Config:
     synchronous: str = "FULL"
     shutdown_grace: float = 5.0
     spool_sweep_interval: float = 10.0
+    watched_dirs: tuple[str, ...] = ()
+    retention: float | None = None
 
 
 _CHECKS: dict[str, tuple[type, ...]] = {
@@ -38,6 +41,8 @@ _CHECKS: dict[str, tuple[type, ...]] = {
     "synchronous": (str,),
     "shutdown_grace": (int, float),
     "spool_sweep_interval": (int, float),
+    "watched_dirs": (list,),
+    "retention": (int, float),
 }
 _SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
 
@@ -50,9 +55,20 @@ def _convert(source: Path, key: str, value: Any) -> Any:
         raise ConfigError(f"{source}: {key} has the wrong type ({type(value).__name__})")
     if isinstance(value, str):
         return _convert_text(source, key, value)
+    if isinstance(value, list):
+        return _convert_dirs(source, key, value)
     if isinstance(value, int | float) and value <= 0:
         raise ConfigError(f"{source}: {key} must be positive")
     return value
+
+
+def _convert_dirs(source: Path, key: str, value: list[Any]) -> tuple[str, ...]:
+    dirs = []
+    for item in value:
+        if not isinstance(item, str) or not os.path.isabs(os.path.expanduser(item)):
+            raise ConfigError(f"{source}: {key} must be a list of absolute paths ({item!r})")
+        dirs.append(os.path.normpath(os.path.expanduser(item)))
+    return tuple(dirs)
 
 
 def _convert_text(source: Path, key: str, value: str) -> Any:

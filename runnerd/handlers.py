@@ -23,6 +23,7 @@ import anyio
 from runnerd import __version__
 from runnerd.config import Config
 from runnerd.indexer import Indexer
+from runnerd.maintenance import prune
 from runnerd.processes import is_alive
 from runnerd.registry import Registry, Store
 from runnerd.states import Event, end_with_failure, failure_record, transition
@@ -45,6 +46,7 @@ from runnerd_client.protocol import (
     Heartbeat,
     ListRuns,
     Mutation,
+    Prune,
     Request,
     RunnerdError,
     Start,
@@ -446,6 +448,15 @@ async def handle_unwatch(ctx: Context, peer: Peer, req: Unwatch) -> Reply:
     return {}
 
 
+async def handle_prune(ctx: Context, peer: Peer, req: Prune) -> Reply:
+    states = tuple(req.states or ())
+    known = [s.value for s in State if s.terminal]
+    if any(state not in known for state in states):
+        raise _bad(f"states must be terminal states: {', '.join(known)}")
+    run_ids = await prune(ctx.registry, req.before, states, req.dry_run)
+    return {"count": len(run_ids), "run_ids": run_ids[:100], "dry_run": req.dry_run}
+
+
 def _db_size(db: Path) -> int:
     return sum(p.stat().st_size for p in (db, Path(f"{db}-wal")) if p.exists())
 
@@ -469,4 +480,5 @@ HANDLERS: dict[type[Request], Handler] = {
     Export: handle_export,
     Watch: handle_watch,
     Unwatch: handle_unwatch,
+    Prune: handle_prune,
 }

@@ -256,15 +256,17 @@ class Indexer:
     """Scans directories when they are added, follows them with watchfiles, and scans a
     run's folder when the run fails."""
 
-    def __init__(self, registry: Registry) -> None:
+    def __init__(self, registry: Registry, extra_dirs: Iterable[str] = ()) -> None:
         self.registry = registry
+        self.extra_dirs = set(extra_dirs)
         self.dirs: set[str] = set()
         self._changed = anyio.Event()
         self._failed_dirs: list[str] = []
         self._failure_seen = anyio.Event()
 
     async def load(self) -> None:
-        self.dirs = set(await self.registry.read(lambda s: s.watched_dirs()))
+        """The directories added with `watch`, and those the config names."""
+        self.dirs = set(await self.registry.read(lambda s: s.watched_dirs())) | self.extra_dirs
 
     async def add(self, folder: str) -> Summary:
         """Watch `folder` from now on: scan it once in full, then follow it."""

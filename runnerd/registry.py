@@ -363,6 +363,24 @@ class Store:
         cur = self.conn.execute("DELETE FROM watched_dirs WHERE path = ?", (path,))
         return cur.rowcount > 0
 
+    # --- maintenance ---
+
+    def prune(self, cutoff: float, states: tuple[str, ...], dry_run: bool) -> list[str]:
+        """Delete terminal runs (of `states`) that ended before `cutoff`; never an active one."""
+        terminal = [s.value for s in State if s.terminal and (not states or s.value in states)]
+        if not terminal:
+            return []
+        marks = ", ".join("?" for _ in terminal)
+        run_ids = [str(r[0]) for r in self.conn.execute(
+            f"SELECT run_id FROM runs WHERE state IN ({marks})"
+            " AND COALESCE(ended_at, created_at) < ?", (*terminal, cutoff))]
+        if not dry_run:
+            for table in ("transitions", "failures", "artifacts", "checkpoints", "run_pids",
+                          "crash_files", "idempotency", "runs"):
+                self.conn.executemany(f"DELETE FROM {table} WHERE run_id = ?",
+                                      [(run_id,) for run_id in run_ids])
+        return run_ids
+
     # --- idempotency ---
 
     def replayed(self, key: str, op: str, run_id: str) -> dict[str, Any] | None:

@@ -14,20 +14,22 @@ from pathlib import Path
 import anyio
 import click
 from anyio import CancelScope
-from anyio.abc import SocketListener
 
 from runnerd import __version__, config
 from runnerd.connection import serve_connections
 from runnerd.handlers import Context
 from runnerd.indexer import Indexer
+from runnerd.maintenance import prune_periodically
 from runnerd.metadata import MetadataWriter
 from runnerd.processes import ProcessWatcher
 from runnerd.reconciler import recover, sweep_orphan_spools
 from runnerd.registry import Registry
+from runnerd.systemd import Notifier, listen_socket
 from runnerd.watchdog import Watchdog
 from runnerd_client.protocol import RunnerdError
 
 log = logging.getLogger(__name__)
+STATUS_INTERVAL = 30.0
 
 
 class StartupError(Exception):
@@ -55,32 +57,63 @@ def prepare_socket_dir(path: Path) -> None:
             probe.close()
 
 
-async def _until_signal(scope: CancelScope) -> None:
+def bind_socket(path: Path) -> socket.socket:
+    """Listen on `path`, created 0600 (the umask closes the window before chmod)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)
+    try:
+        sock.bind(str(path))
+    finally:
+        os.umask(old)
+    path.chmod(0o600)
+    sock.listen(4096)
+    sock.setblocking(False)
+    return sock
+
+
+async def _until_signal(scope: CancelScope, notifier: Notifier) -> None:
     with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async for signum in signals:
             log.info("received %s, shutting down", signal.Signals(signum).name)
+            notifier.send("STOPPING=1")
             scope.cancel()
             return
 
 
+async def _inform_systemd(ctx: Context, notifier: Notifier) -> None:
+    """WATCHDOG=1 at half the watchdog interval, from the event loop, with a fresh STATUS."""
+    interval = notifier.watchdog_interval or STATUS_INTERVAL
+    while True:
+        counts = await ctx.registry.read(lambda store: store.counts())
+        status = ", ".join(f"{counts.get(s, 0)} {s}" for s in ("running", "lost", "pending"))
+        fields = [f"STATUS={sum(counts.values())} runs: {status}; {ctx.connections} clients"]
+        if notifier.watchdog_interval:
+            fields.append("WATCHDOG=1")
+        notifier.send(*fields)
+        await anyio.sleep(interval)
+
+
 async def serve(cfg: config.Config) -> None:
     """Serve until SIGTERM/SIGINT; then stop accepting, drain writes and close the registry."""
-    prepare_socket_dir(cfg.socket)
+    activated = listen_socket()
+    if activated is None:
+        prepare_socket_dir(cfg.socket)
     registry = Registry(cfg.db, synchronous=cfg.synchronous, max_batch=cfg.max_batch)
     await registry.open()
     metadata = MetadataWriter()
     watchdog = Watchdog(registry)
     watcher = ProcessWatcher(registry)
-    registry.subscribers += [metadata.on_commit, watchdog.on_commit]
-    indexer = Indexer(registry)
-    registry.subscribers.append(indexer.on_commit)
+    indexer = Indexer(registry, extra_dirs=cfg.watched_dirs)
+    registry.subscribers += [metadata.on_commit, watchdog.on_commit, indexer.on_commit]
     ctx = Context(config=cfg, registry=registry, indexer=indexer, started_at=time.time())
     try:
-        listener = await anyio.create_unix_listener(cfg.socket, mode=0o600)
+        sock = activated or bind_socket(cfg.socket)
         try:
-            await _serve_until_signal(ctx, listener, watchdog, watcher)
+            await _serve_until_signal(ctx, sock, watchdog, watcher, Notifier())
         finally:
-            cfg.socket.unlink(missing_ok=True)
+            sock.close()
+            if activated is None:
+                cfg.socket.unlink(missing_ok=True)
     finally:
         watcher.close()
         await registry.close_db()
@@ -88,26 +121,28 @@ async def serve(cfg: config.Config) -> None:
         log.info("runnerd stopped")
 
 
-async def _serve_until_signal(ctx: Context, listener: SocketListener, watchdog: Watchdog,
-                              watcher: ProcessWatcher) -> None:
+async def _serve_until_signal(ctx: Context, sock: socket.socket, watchdog: Watchdog,
+                              watcher: ProcessWatcher, notifier: Notifier) -> None:
     registry = ctx.registry
     async with anyio.create_task_group() as outer:
         outer.start_soon(registry.run_writer)
         await recover(ctx, watchdog, watcher)
         registry.subscribers.append(watcher.on_commit)  # recovery judged the pids it replayed
-        outer.start_soon(watchdog.run)
-        outer.start_soon(watcher.poll)
-        outer.start_soon(sweep_orphan_spools, ctx, ctx.config.spool_sweep_interval)
         await ctx.indexer.load()
-        outer.start_soon(ctx.indexer.follow_dirs)
-        outer.start_soon(ctx.indexer.follow_failures)
+        for task in (watchdog.run, watcher.poll, ctx.indexer.follow_dirs,
+                     ctx.indexer.follow_failures):
+            outer.start_soon(task)
+        outer.start_soon(sweep_orphan_spools, ctx, ctx.config.spool_sweep_interval)
+        if ctx.config.retention:
+            outer.start_soon(prune_periodically, ctx.registry, ctx.config.retention)
         log.info("runnerd %s serving %s with registry %s", __version__, ctx.config.socket,
                  ctx.config.db)
         async with anyio.create_task_group() as serving:
-            serving.start_soon(_until_signal, serving.cancel_scope)
-            raw = listener.extra(anyio.abc.SocketAttribute.raw_socket)
-            serving.start_soon(serve_connections, ctx, raw)
-        await listener.aclose()
+            serving.start_soon(_until_signal, serving.cancel_scope, notifier)
+            serving.start_soon(serve_connections, ctx, sock)
+            notifier.send("READY=1", f"MAINPID={os.getpid()}")
+            if notifier.enabled:
+                serving.start_soon(_inform_systemd, ctx, notifier)
         registry.stop()
         with anyio.move_on_after(ctx.config.shutdown_grace):
             await registry.drained.wait()
@@ -115,12 +150,24 @@ async def _serve_until_signal(ctx: Context, listener: SocketListener, watchdog: 
 
 
 def setup_logging(level: str) -> None:
-    """Plain level-prefixed lines on stderr; journald adds its own timestamps."""
-    under_journal = "JOURNAL_STREAM" in os.environ
-    fmt = "%(levelname)s %(name)s: %(message)s" if under_journal else (
-        "%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.basicConfig(level=level.upper(), format=fmt, stream=sys.stderr)
+    """Under systemd, `<N>` priority prefixes and no timestamps (journald adds its own)."""
+    handler = logging.StreamHandler(sys.stderr)
+    if "JOURNAL_STREAM" in os.environ or "INVOCATION_ID" in os.environ:
+        handler.setFormatter(JournalFormatter("%(name)s: %(message)s"))
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level.upper(), handlers=[handler])
     logging.getLogger("aiosqlite").setLevel(logging.INFO)
+
+
+class JournalFormatter(logging.Formatter):
+    """Prefixes each line with its syslog priority, as sd-daemon(3) describes."""
+
+    PRIORITIES = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3,
+                  logging.CRITICAL: 2}
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"<{self.PRIORITIES.get(record.levelno, 6)}>{super().format(record)}"
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -129,13 +176,17 @@ def setup_logging(level: str) -> None:
 @click.option("--config", "config_path", type=click.Path(path_type=Path), help="config.toml.")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
+@click.option("--check-config", is_flag=True, help="Validate the configuration and exit.")
 @click.version_option(__version__, prog_name="runnerd")
 def main(socket_path: Path | None, db: Path | None, config_path: Path | None,
-         log_level: str) -> None:
+         log_level: str, check_config: bool) -> None:
     """Run the runnerd daemon in the foreground."""
     setup_logging(log_level)
     try:
         cfg = config.load(config_path, socket=socket_path, db=db)
+        if check_config:
+            click.echo(f"configuration is valid: socket {cfg.socket}, registry {cfg.db}")
+            return
         anyio.run(serve, cfg)
     except (config.ConfigError, StartupError, RunnerdError, OSError) as exc:
         log.error("%s", exc)

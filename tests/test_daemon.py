@@ -131,5 +131,6 @@ def test_version(short_tmp: Path) -> None:
 
 
 def test_daemon_log_names_socket_and_registry(daemon: Daemon) -> None:
-    text = wait_for(lambda: daemon.log.read_text(), what="log")
-    assert str(daemon.socket) in text and str(daemon.db) in text
+    line = wait_for(lambda: next((line for line in daemon.log.read_text().splitlines()
+                                  if "serving" in line), None), what="the serving line")
+    assert str(daemon.socket) in line and str(daemon.db) in line

@@ -251,12 +251,23 @@ class Unwatch(Request):
     path: str
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Prune(Request):
+    """Delete terminal runs that ended before `before` (epoch seconds); never an active one."""
+
+    op: ClassVar[str] = "prune"
+    mutating: ClassVar[bool] = True
+    before: float
+    states: list[str] | None = None
+    dry_run: bool = False
+
+
 REQUESTS: dict[str, type[Request]] = {
     cls.op: cls
     for cls in (
         Hello, Create, Start, Attach, Detach, Heartbeat, Succeed, Fail,
         Artifact, Checkpoint, Cancel, Get, ListRuns, Status, Failures, Export, Watch,
-        Unwatch,
+        Unwatch, Prune,
     )
 }
 
