@@ -28,6 +28,7 @@ class Config:
     shutdown_grace: float = 5.0
     spool_sweep_interval: float = 10.0
     watched_dirs: tuple[str, ...] = ()
+    busy_timeout: float = 5.0
     retention: float | None = None
 
 
@@ -42,6 +43,7 @@ _CHECKS: dict[str, tuple[type, ...]] = {
     "shutdown_grace": (int, float),
     "spool_sweep_interval": (int, float),
     "watched_dirs": (list,),
+    "busy_timeout": (int, float),
     "retention": (int, float),
 }
 _SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")

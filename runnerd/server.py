@@ -98,7 +98,8 @@ async def serve(cfg: config.Config) -> None:
     activated = listen_socket()
     if activated is None:
         prepare_socket_dir(cfg.socket)
-    registry = Registry(cfg.db, synchronous=cfg.synchronous, max_batch=cfg.max_batch)
+    registry = Registry(cfg.db, synchronous=cfg.synchronous, max_batch=cfg.max_batch,
+                        busy_timeout_ms=int(cfg.busy_timeout * 1000))
     await registry.open()
     metadata = MetadataWriter()
     watchdog = Watchdog(registry)

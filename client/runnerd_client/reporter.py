@@ -50,6 +50,7 @@ class Reporter:
         self._unacked: dict[int, tuple[Request, Future[Reply]]] = {}
         self._tokens = itertools.count()
         self._warned = False
+        self._spool_failed = False
         atexit.register(self._at_exit)
 
     @property
@@ -68,8 +69,7 @@ class Reporter:
                     self._unacked[token] = (req, future)
                     conn.send(req).add_done_callback(partial(self._answered, token))
                     return future
-            self._spool.append(req)
-        future.set_result(SPOOLED)
+            future.set_result(self._keep(req))
         return future
 
     def wait(self, future: Future[Reply], what: str) -> Reply | None:
@@ -137,13 +137,25 @@ class Reporter:
         pending = list(self._unacked.values())
         self._unacked.clear()
         self._start_spooling(f"lost runnerd at {self.socket_path}")
-        for req, _ in pending:
-            self._spool.append(req)
+        kept = [self._keep(req) for req, _ in pending]
         if self._conn is not None:
             self._conn.close()
             self._conn = None
-        for _, future in pending:
-            future.set_result(SPOOLED)
+        for (_, future), reply in zip(pending, kept, strict=True):
+            future.set_result(reply)
+
+    def _keep(self, req: Request) -> Reply:
+        """Spool an event; if even the disk refuses it, say so once and let the run go on."""
+        try:
+            self._spool.append(req)
+        except OSError as exc:
+            if not self._spool_failed:
+                self._spool_failed = True
+                log.error("cannot spool to %s (%s): events are being lost", self._spool.path,
+                          exc)
+            return {"ok": False, "error": {"code": ErrorCode.UNAVAILABLE,
+                                           "message": f"not spooled: {exc}"}}
+        return SPOOLED
 
     def _start_spooling(self, reason: str) -> None:
         if self._spooling:

@@ -9,6 +9,7 @@ it was acknowledged to anyone.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import secrets
@@ -54,14 +55,18 @@ class Spool:
         if self._fd is None:
             self._open()
         assert self._fd is not None
-        os.write(self._fd, frame(request_map(req)))
+        _append_whole(self._fd, frame(request_map(req)))
 
     def _open(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
         fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        os.write(fd, frame({"spool": SPOOL_VERSION, "pid": os.getpid(),
-                            "start_time": _own_start_time(), "created": time.time()}))
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            _append_whole(fd, frame({"spool": SPOOL_VERSION, "pid": os.getpid(),
+                                     "start_time": _own_start_time(), "created": time.time()}))
+        except OSError:
+            os.close(fd)  # a later try opens it afresh (a second flock here would deadlock)
+            raise
         self._fd = fd
 
     def requests_from(self, offset: int) -> tuple[list[Request], int]:
@@ -79,6 +84,18 @@ class Spool:
             self.path.unlink(missing_ok=True)
             os.close(self._fd)
             self._fd = None
+
+
+def _append_whole(fd: int, data: bytes) -> None:
+    """Append a frame whole or not at all: a torn frame would hide every later one."""
+    end = os.lseek(fd, 0, os.SEEK_END)
+    try:
+        written = os.write(fd, data)
+        if written != len(data):
+            raise OSError(errno.ENOSPC, f"short write ({written} of {len(data)} bytes)")
+    except OSError:
+        os.ftruncate(fd, end)
+        raise
 
 
 def parse(data: bytes, offset: int = 0) -> Iterator[tuple[Request | None, int]]:
