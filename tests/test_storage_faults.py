@@ -15,7 +15,7 @@ import pytest
 from conftest import Daemon, wait_for
 from runnerd_client.connection import Connection
 from runnerd_client.ids import new_key, new_run_id
-from runnerd_client.protocol import Create, Get, ListRuns, RunnerdError
+from runnerd_client.protocol import Artifact, Create, Get, ListRuns, RunnerdError
 
 
 def create(conn: Connection, experiment: str = "storage") -> str:
@@ -145,3 +145,30 @@ def test_a_client_whose_spool_disk_is_full_still_finishes(short_tmp: Path,
     assert proc.returncode == 0, err
     assert out.strip() == "experiment finished"
     assert "cannot spool" in err
+
+
+def test_artifact_paths_are_normalized_and_symlinks_followed_as_documented(
+        daemon: Daemon, short_tmp: Path) -> None:
+    conn = Connection(daemon.socket)
+    run_id = create(conn)
+    target = short_tmp / "data" / "model.bin"
+    target.parent.mkdir(parents=True)
+    target.write_bytes(b"weights")
+    link = short_tmp / "latest.bin"
+    link.symlink_to(target)
+    (short_tmp / "dir-link").symlink_to(short_tmp / "data")
+    dotted = conn.call(Artifact(key=new_key(), run_id=run_id,
+                                path=f"{short_tmp}/data/../data/./model.bin"))
+    assert dotted["path"] == str(target)
+    linked = conn.call(Artifact(key=new_key(), run_id=run_id, path=str(link)))
+    assert linked["path"] == str(link) and linked["sha256"] == dotted["sha256"]
+    for bad, words in ((short_tmp / "dir-link", "directory"),
+                       (short_tmp / "dangling", "does not exist")):
+        if bad.name == "dangling":
+            bad.symlink_to(short_tmp / "nowhere")
+        with pytest.raises(RunnerdError) as refused:
+            conn.call(Artifact(key=new_key(), run_id=run_id, path=str(bad)))
+        assert refused.value.code == "bad_request" and words in refused.value.message
+    with pytest.raises(RunnerdError):
+        conn.call(Artifact(key=new_key(), run_id=run_id, path="relative/model.bin"))
+    conn.close()
