@@ -13,6 +13,7 @@ import logging
 import os
 import time
 from collections import defaultdict
+from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
 
@@ -72,8 +73,11 @@ def process_exited(store: Store, run_id: str, pid: int, at: float, note: str) ->
 class ProcessWatcher:
     """pid -> runs it is attached to; a pidfd (or a poll) per pid."""
 
-    def __init__(self, registry: Registry) -> None:
+    def __init__(self, registry: Registry,
+                 before_exit: Callable[[int], Awaitable[None]] | None = None) -> None:
         self.registry = registry
+        self.before_exit = before_exit
+        self._tasks: set[asyncio.Task[None]] = set()
         self._runs: dict[int, set[str]] = defaultdict(set)
         self._starts: dict[int, int | None] = {}
         self._pidfds: dict[int, int] = {}
@@ -137,7 +141,17 @@ class ProcessWatcher:
     def _exited(self, pid: int) -> None:
         runs = self._runs.get(pid, set())
         self._close(pid)
-        at = time.time()
+        task = asyncio.get_running_loop().create_task(self._judge(pid, runs, time.time()))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _judge(self, pid: int, runs: set[str], at: float) -> None:
+        """Apply what the dead process left unsent (its spool), then judge its runs."""
+        if self.before_exit is not None:
+            try:
+                await self.before_exit(pid)
+            except Exception:
+                log.exception("replaying the spool of dead pid %d failed", pid)
         for run_id in runs:
             op = partial(process_exited, run_id=run_id, pid=pid, at=at, note="without reporting")
             self.registry.submit_quietly(op, f"marking run {run_id} crashed")

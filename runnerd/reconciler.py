@@ -6,7 +6,7 @@ import logging
 import os
 import struct
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, cast
 
@@ -103,14 +103,23 @@ async def replay_spool(ctx: Context, data: bytes) -> int:
     return len(queued)
 
 
-async def replay_orphan_spools(ctx: Context, folder: Path) -> None:
-    """Replay the spools of clients that exited while the daemon was away, then delete them."""
-    for path, fd in claim_orphans(folder):
+async def replay_orphan_spools(ctx: Context, folder: Path, pid: int | None = None) -> None:
+    """Replay the spools of clients that exited while the daemon was away (or of the one
+    process `pid` that just died), then delete them."""
+    for path, fd in claim_orphans(folder, pid):
         with os.fdopen(os.dup(fd), "rb") as fh:
             data = fh.read()
         count = await replay_spool(ctx, data)
         path.unlink()
         log.info("replayed %d events from %s", count, path.name)
+
+
+def spool_replayer(ctx: Context) -> Callable[[int], Awaitable[None]]:
+    """What death detection calls first: a dead process's spooled events happened before its
+    death, so they are applied before the run is judged crashed."""
+    async def replay(pid: int) -> None:
+        await replay_orphan_spools(ctx, ctx.config.db.parent / "spool", pid)
+    return replay
 
 
 async def sweep_orphan_spools(ctx: Context, interval: float) -> None:

@@ -22,7 +22,7 @@ from runnerd.indexer import Indexer
 from runnerd.maintenance import prune_periodically
 from runnerd.metadata import MetadataWriter
 from runnerd.processes import ProcessWatcher
-from runnerd.reconciler import recover, sweep_orphan_spools
+from runnerd.reconciler import recover, spool_replayer, sweep_orphan_spools
 from runnerd.registry import Registry
 from runnerd.systemd import Notifier, listen_socket
 from runnerd.watchdog import Watchdog
@@ -103,10 +103,10 @@ async def serve(cfg: config.Config) -> None:
     await registry.open()
     metadata = MetadataWriter()
     watchdog = Watchdog(registry)
-    watcher = ProcessWatcher(registry)
     indexer = Indexer(registry, extra_dirs=cfg.watched_dirs)
     registry.subscribers += [metadata.on_commit, watchdog.on_commit, indexer.on_commit]
     ctx = Context(config=cfg, registry=registry, indexer=indexer, started_at=time.time())
+    watcher = ProcessWatcher(registry, before_exit=spool_replayer(ctx))
     try:
         sock = activated or bind_socket(cfg.socket)
         try:

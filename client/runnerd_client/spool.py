@@ -120,12 +120,15 @@ def read_header(data: bytes) -> dict[str, Any]:
     return header
 
 
-def claim_orphans(folder: Path | None = None) -> Iterator[tuple[Path, int]]:
-    """Spool files whose owner is gone, each yielded with its lock held (fd) until the next."""
+def claim_orphans(folder: Path | None = None,
+                  pid: int | None = None) -> Iterator[tuple[Path, int]]:
+    """Spool files whose owner is gone (of process `pid` only, if given), each yielded with
+    its lock held (fd) until the next."""
     folder = folder or paths.spool_dir()
     if not folder.is_dir():
         return
-    for path in sorted(folder.glob(f"*{SUFFIX}"), key=lambda p: p.stat().st_mtime):
+    pattern = f"{pid if pid is not None else '*'}-*{SUFFIX}"
+    for path in sorted(folder.glob(pattern), key=lambda p: p.stat().st_mtime):
         fd = os.open(path, os.O_RDONLY)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
