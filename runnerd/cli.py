@@ -30,6 +30,7 @@ from runnerd_client.protocol import (
     RunnerdError,
     State,
     Status,
+    Subscribe,
     Unwatch,
     Watch,
 )
@@ -150,31 +151,120 @@ json_option = click.option("--json", "as_json", is_flag=True, help="One JSON doc
 
 @cli.command()
 @json_option
+@click.option("--watch", is_flag=True, help="Redraw as runs change (driven by events).")
+@click.option("--interval", type=click.FloatRange(min=0.1), default=1.0, show_default=True,
+              help="With --watch: redraw at most this often.")
 @click.pass_context
-def status(ctx: click.Context, as_json: bool) -> None:
+def status(ctx: click.Context, as_json: bool, watch: bool, interval: float) -> None:
     """Daemon health, counts by state, active runs and latest failures."""
+    if watch:
+        watch_status(ctx, interval)
+        return
     body = request(ctx, Status())
     body.pop("id", None)
     body.pop("ok", None)
     if as_json:
         emit_json(body)
-        return
+    else:
+        click.echo(render_status(body))
+
+
+def render_status(body: dict[str, Any]) -> str:
     d = body["daemon"]
-    click.echo(f"runnerd {d['version']} (pid {d['pid']}), up {_span(d['uptime_sec'])}, "
-               f"{d['clients']} client(s)")
-    click.echo(f"socket {d['socket']}\nregistry {d['db']} ({d['db_bytes'] / 1e6:.1f} MB)")
+    lines = [f"runnerd {d['version']} (pid {d['pid']}), up {_span(d['uptime_sec'])}, "
+             f"{d['clients']} client(s)",
+             f"socket {d['socket']}\nregistry {d['db']} ({d['db_bytes'] / 1e6:.1f} MB)"]
     counts = body["counts"]
-    total = sum(counts.values())
     summary = ", ".join(f"{counts[s]} {s}" for s in State if counts.get(s))
-    click.echo(f"\n{total} run(s){': ' + summary if summary else ''}")
+    lines.append(f"\n{sum(counts.values())} run(s){': ' + summary if summary else ''}")
     if body["active"]:
-        click.echo("\nActive runs")
-        click.echo(runs_table(body["active"]))
+        lines += ["\nActive runs", runs_table(body["active"])]
     if body["failures"]:
-        click.echo("\nLatest failures")
-        click.echo(table(("RUN", "WHEN", "REASON", "FAILURE"), [
-            (f["run_id"], _ago(f["at"]), f["reason"],
-             _failure_summary({"failure": f})) for f in body["failures"]]))
+        lines += ["\nLatest failures", table(("RUN", "WHEN", "REASON", "FAILURE"), [
+            (f["run_id"], _ago(f["at"]), f["reason"], _failure_summary({"failure": f}))
+            for f in body["failures"]])]
+    return "\n".join(lines)
+
+
+def subscribed(ctx: click.Context, **filters: Any) -> Connection:
+    """A connection that receives events (exit 3 if the daemon is unreachable)."""
+    try:
+        conn = Connection(ctx.obj["socket"])
+        conn.call(Subscribe(**filters))
+    except DaemonUnavailable as exc:
+        _fail(exc.message, EXIT_UNREACHABLE)
+    return conn
+
+
+def watch_status(ctx: click.Context, interval: float) -> None:
+    """Redraw when something changes (at most every `interval` s; at least every 30 s)."""
+    events = subscribed(ctx)
+    try:
+        while True:
+            drawn = time.monotonic()
+            click.echo("\033[H\033[2J" + render_status(request(ctx, Status())), nl=True)
+            events.next_event(timeout=30.0)
+            time.sleep(max(0.0, interval - (time.monotonic() - drawn)))
+            while events.next_event(timeout=0) is not None:
+                pass
+    except DaemonUnavailable:
+        _fail("the daemon went away", EXIT_UNREACHABLE)
+    except KeyboardInterrupt:
+        pass
+
+
+def describe(event: dict[str, Any]) -> str:
+    kind = event["event"]
+    if kind == "transition":
+        return f"{event['from'] or '-'} -> {event['to']} ({event['cause']}, {event['source']})"
+    if kind == "artifact":
+        return f"artifact {event['path']} ({event['size']} bytes)"
+    if kind == "checkpoint":
+        return f"checkpoint {json.dumps(event['data'])}" + (
+            f" {event['path']}" if event["path"] else "")
+    if kind == "failure":
+        return f"failure {event['failure_class']}: {event['message']} [{event['category']}]"
+    return str(kind)
+
+
+def run_exit_status(ctx: click.Context, run_id: str) -> int:
+    """A followed run's outcome as an exit status: 0, the command's own code, or 1."""
+    run = request(ctx, Get(run=run_id))["run"]
+    if run["state"] == State.SUCCEEDED:
+        return 0
+    code = (run["failure"] or {}).get("exit_code")
+    return code if isinstance(code, int) and 0 < code < 256 else 1
+
+
+@cli.command()
+@click.argument("run", required=False)
+@click.option("--experiment", help="Follow every run of this experiment.")
+@json_option
+@click.pass_context
+def follow(ctx: click.Context, run: str | None, experiment: str | None, as_json: bool) -> None:
+    """Print events as they happen. With RUN: from its start, until it ends, and exit with
+    its outcome (0 succeeded, else the command's exit code or 1)."""
+    run_id = request(ctx, Get(run=run))["run"]["run_id"] if run else None
+    last = 0 if run_id else None
+    while True:
+        events = subscribed(ctx, run=run_id, experiment=experiment, since=last)
+        try:
+            while (event := events.next_event()) is not None:
+                if event["event"] == "lagged":
+                    click.echo(f"runnerctl: lagged, {event['dropped']} events dropped; "
+                               "catching up", err=True)
+                    last = event["seq"]
+                    break
+                last = event["seq"]
+                click.echo(json.dumps(event, sort_keys=True) if as_json else
+                           f"{_local(event['at'])} {event['run_id']} {event['experiment']}: "
+                           f"{describe(event)}")
+                if run_id and event["event"] == "transition" and State(event["to"]).terminal:
+                    sys.exit(run_exit_status(ctx, run_id))
+        except DaemonUnavailable:
+            _fail("the daemon went away", EXIT_UNREACHABLE)
+        finally:
+            events.close()
 
 
 @cli.command("list")

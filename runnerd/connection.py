@@ -11,6 +11,7 @@ from functools import partial
 from typing import Any
 
 from runnerd import __version__
+from runnerd.events import Subscriber
 from runnerd.handlers import HANDLERS, Context, Peer
 from runnerd.processes import process_start_time
 from runnerd_client.protocol import (
@@ -19,6 +20,7 @@ from runnerd_client.protocol import (
     ErrorCode,
     Hello,
     RunnerdError,
+    Subscribe,
     decode_request,
     error_reply,
     frame,
@@ -53,7 +55,8 @@ class FrameProtocol(asyncio.Protocol):
         self.greeted = False
         self.closed = False
         self.buffer = bytearray()
-        self.tasks: set[asyncio.Future[dict[str, Any]]] = set()
+        self.subscriber: Subscriber | None = None
+        self.tasks: set[asyncio.Future[Any]] = set()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -78,6 +81,8 @@ class FrameProtocol(asyncio.Protocol):
             self.connections.discard(self)
             self.ctx.connections -= 1
         self.closed = True
+        if self.subscriber is not None:
+            self.ctx.broker.unsubscribe(self.subscriber)
         for task in self.tasks:
             task.cancel()
 
@@ -89,6 +94,8 @@ class FrameProtocol(asyncio.Protocol):
     def resume_writing(self) -> None:
         if self.transport is not None and not self.closed:
             self.transport.resume_reading()
+            if self.subscriber is not None:
+                self.subscriber.report_lag()
 
     def data_received(self, data: bytes) -> None:
         if self.closed or self.peer is None:
@@ -132,6 +139,8 @@ class FrameProtocol(asyncio.Protocol):
                 return self._hello(req_id, req)
             if not self.greeted:
                 raise RunnerdError(ErrorCode.BAD_REQUEST, "the first request must be 'hello'")
+            if isinstance(req, Subscribe):
+                return self._subscribe(req_id, req)
             pending = HANDLERS[type(req)](self.ctx, self.peer, req)
         except RunnerdError as exc:
             self._queue(error_reply(req_id, exc.code, exc.message))
@@ -145,6 +154,21 @@ class FrameProtocol(asyncio.Protocol):
             self.tasks.add(pending)
             pending.add_done_callback(self.tasks.discard)
         pending.add_done_callback(partial(self._finish, req_id))
+        return True
+
+    def _subscribe(self, req_id: int | None, req: Subscribe) -> bool:
+        """Turn this connection into an event stream too (it still answers requests)."""
+        assert self.transport is not None
+        if self.subscriber is not None:
+            raise RunnerdError(ErrorCode.BAD_REQUEST, "this connection is already subscribed")
+        if req.since is not None and req.since < 0:
+            raise RunnerdError(ErrorCode.BAD_REQUEST, "since must be a seq (0 or more)")
+        self.subscriber = Subscriber(self._queue, self.transport.get_write_buffer_size,
+                                     req.run, req.experiment)
+        self._queue(ok_reply(req_id, {"subscribed": True}))
+        task = asyncio.ensure_future(self.ctx.broker.subscribe(self.subscriber, req.since))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
         return True
 
     def _hello(self, req_id: int | None, req: Hello) -> bool:

@@ -22,6 +22,7 @@ import anyio
 
 from runnerd import __version__
 from runnerd.config import Config
+from runnerd.events import Broker
 from runnerd.indexer import Indexer
 from runnerd.maintenance import prune
 from runnerd.processes import is_alive
@@ -82,6 +83,7 @@ class Context:
     config: Config
     registry: Registry
     indexer: Indexer
+    broker: Broker
     started_at: float
     connections: int = 0
 

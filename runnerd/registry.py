@@ -65,6 +65,16 @@ MIGRATIONS: tuple[str, ...] = (
         source TEXT NOT NULL
     );
     CREATE INDEX transitions_by_run ON transitions (run_id, seq);
+    CREATE TABLE events (
+        seq INTEGER PRIMARY KEY,
+        run_id TEXT NOT NULL,
+        experiment TEXT,
+        kind TEXT NOT NULL,
+        at REAL NOT NULL,
+        data TEXT NOT NULL
+    );
+    CREATE INDEX events_by_run ON events (run_id, seq);
+    CREATE INDEX events_by_experiment ON events (experiment, seq);
     CREATE TABLE failures (
         run_id TEXT PRIMARY KEY,
         failure_class TEXT NOT NULL,
@@ -166,15 +176,18 @@ class Effects:
     transitions: list[Transition] = field(default_factory=list)
     attached: list[tuple[str, int, int | None]] = field(default_factory=list)
     detached: list[tuple[str, int]] = field(default_factory=list)
+    events: list[dict[str, Any]] = field(default_factory=list)
 
-    def mark(self) -> tuple[int, int, int]:
-        return len(self.transitions), len(self.attached), len(self.detached)
+    def mark(self) -> tuple[int, ...]:
+        return (len(self.transitions), len(self.attached), len(self.detached),
+                len(self.events))
 
-    def rollback(self, mark: tuple[int, int, int]) -> None:
+    def rollback(self, mark: tuple[int, ...]) -> None:
         """Forget what a rolled-back operation did."""
         del self.transitions[mark[0]:]
         del self.attached[mark[1]:]
         del self.detached[mark[2]:]
+        del self.events[mark[3]:]
 
 
 @dataclass
@@ -263,6 +276,8 @@ class Store:
         )
         self.effects.transitions.append(
             Transition(row["run_id"], from_state, to_state, at, cause, source))
+        self.log_event(row["run_id"], "transition", at, {
+            "from": from_state, "to": to_state.value, "cause": cause, "source": source})
 
     def record_creation(self, run_id: str, at: float, source: str) -> None:
         self.conn.execute(
@@ -272,6 +287,29 @@ class Store:
         )
         self.effects.transitions.append(
             Transition(run_id, None, State.PENDING, at, "create", source))
+        self.log_event(run_id, "transition", at, {
+            "from": None, "to": State.PENDING.value, "cause": "create", "source": source})
+
+    def log_event(self, run_id: str, kind: str, at: float, data: dict[str, Any]) -> None:
+        """Append to the event log whose seq `subscribe` streams and resumes from."""
+        seq, experiment = self.conn.execute(
+            "INSERT INTO events (run_id, experiment, kind, at, data)"
+            " SELECT ?, (SELECT experiment FROM runs WHERE run_id = ?), ?, ?, ?"
+            " RETURNING seq, experiment", (run_id, run_id, kind, at, json.dumps(data)),
+        ).fetchone()
+        self.effects.events.append(_event(seq, run_id, experiment, kind, at, data))
+
+    def events_after(self, seq: int, run_id: str | None, experiment: str | None,
+                     limit: int) -> list[dict[str, Any]]:
+        where, args = _where(("seq > ?", seq), ("run_id = ?", run_id),
+                             ("experiment = ?", experiment))
+        rows = self.conn.execute(
+            f"SELECT seq, run_id, experiment, kind, at, data FROM events {where}"
+            " ORDER BY seq LIMIT ?", (*args, limit)).fetchall()
+        return [_event(r[0], r[1], r[2], r[3], r[4], json.loads(r[5])) for r in rows]
+
+    def last_event(self) -> int:
+        return int(self.conn.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0])
 
     # --- pids, failures, artifacts, checkpoints ---
 
@@ -312,6 +350,9 @@ class Store:
             f" VALUES (?, {', '.join('?' for _ in FAILURE_COLUMNS)})",
             (run_id, *values),
         )
+        self.log_event(run_id, "failure", record["at"], {
+            k: record.get(k) for k in ("failure_class", "message", "reason", "category",
+                                       "retryable", "signature")})
 
     def failure_row(self, run_id: str) -> dict[str, Any] | None:
         """A run's failure record as stored (times as epoch seconds)."""
@@ -332,12 +373,14 @@ class Store:
             " VALUES (?, ?, ?, ?, ?)",
             (run_id, path, size, sha256, at),
         )
+        self.log_event(run_id, "artifact", at, {"path": path, "size": size, "sha256": sha256})
 
     def add_checkpoint(self, run_id: str, data_json: str, path: str | None, at: float) -> int:
         cur = self.conn.execute(
             "INSERT INTO checkpoints (run_id, data, path, at) VALUES (?, ?, ?, ?)",
             (run_id, data_json, path, at),
         )
+        self.log_event(run_id, "checkpoint", at, {"data": json.loads(data_json), "path": path})
         return int(cur.lastrowid or 0)
 
     # --- the crash indexer ---
@@ -375,8 +418,8 @@ class Store:
             f"SELECT run_id FROM runs WHERE state IN ({marks})"
             " AND COALESCE(ended_at, created_at) < ?", (*terminal, cutoff))]
         if not dry_run:
-            for table in ("transitions", "failures", "artifacts", "checkpoints", "run_pids",
-                          "crash_files", "idempotency", "runs"):
+            for table in ("transitions", "events", "failures", "artifacts", "checkpoints",
+                          "run_pids", "crash_files", "idempotency", "runs"):
                 self.conn.executemany(f"DELETE FROM {table} WHERE run_id = ?",
                                       [(run_id,) for run_id in run_ids])
         return run_ids
@@ -546,6 +589,13 @@ class Store:
             "failure_reason": failure["reason"] if failure else None,
             "failure_class": failure["failure_class"] if failure else None,
         }
+
+
+def _event(seq: int, run_id: str, experiment: str | None, kind: str, at: float,
+           data: dict[str, Any]) -> dict[str, Any]:
+    """An event as subscribers receive it."""
+    return {"event": kind, "seq": seq, "run_id": run_id, "experiment": experiment,
+            "at": iso(at), **data}
 
 
 def _where(*conditions: tuple[str, Any]) -> tuple[str, list[Any]]:

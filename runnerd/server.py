@@ -17,6 +17,7 @@ from anyio import CancelScope
 
 from runnerd import __version__, config
 from runnerd.connection import serve_connections
+from runnerd.events import Broker
 from runnerd.handlers import Context
 from runnerd.indexer import Indexer
 from runnerd.maintenance import prune_periodically
@@ -104,8 +105,11 @@ async def serve(cfg: config.Config) -> None:
     metadata = MetadataWriter()
     watchdog = Watchdog(registry)
     indexer = Indexer(registry, extra_dirs=cfg.watched_dirs)
-    registry.subscribers += [metadata.on_commit, watchdog.on_commit, indexer.on_commit]
-    ctx = Context(config=cfg, registry=registry, indexer=indexer, started_at=time.time())
+    broker = Broker(registry)
+    registry.subscribers += [metadata.on_commit, watchdog.on_commit, indexer.on_commit,
+                             broker.on_commit]
+    ctx = Context(config=cfg, registry=registry, indexer=indexer, broker=broker,
+                  started_at=time.time())
     watcher = ProcessWatcher(registry, before_exit=spool_replayer(ctx))
     try:
         sock = activated or bind_socket(cfg.socket)

@@ -89,7 +89,8 @@ def failure_record(failure_class: str, message: str, reason: str, at: float,
 
 def end_with_failure(store: Store, row: dict[str, Any], event: Event, record: dict[str, Any],
                      source: str) -> State:
-    """End a run in the failed state `event` leads to, with its failure record."""
-    state = transition(store, row, event, record["at"], source, ended_at=record["at"])
+    """End a run in the failed state `event` leads to, with its failure record (recorded
+    first, so its event precedes the terminal transition in the event log)."""
+    next_state(event, State(row["state"]))
     store.put_failure(row["run_id"], record)
-    return state
+    return transition(store, row, event, record["at"], source, ended_at=record["at"])

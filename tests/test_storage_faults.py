@@ -151,14 +151,14 @@ def test_artifact_paths_are_normalized_and_symlinks_followed_as_documented(
         daemon: Daemon, short_tmp: Path) -> None:
     conn = Connection(daemon.socket)
     run_id = create(conn)
-    target = short_tmp / "data" / "model.bin"
+    target = short_tmp / "files" / "model.bin"
     target.parent.mkdir(parents=True)
     target.write_bytes(b"weights")
     link = short_tmp / "latest.bin"
     link.symlink_to(target)
-    (short_tmp / "dir-link").symlink_to(short_tmp / "data")
+    (short_tmp / "dir-link").symlink_to(short_tmp / "files")
     dotted = conn.call(Artifact(key=new_key(), run_id=run_id,
-                                path=f"{short_tmp}/data/../data/./model.bin"))
+                                path=f"{short_tmp}/files/../files/./model.bin"))
     assert dotted["path"] == str(target)
     linked = conn.call(Artifact(key=new_key(), run_id=run_id, path=str(link)))
     assert linked["path"] == str(link) and linked["sha256"] == dotted["sha256"]

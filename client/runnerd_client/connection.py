@@ -7,6 +7,7 @@ matches replies to futures by id, so threads never wait for each other's replies
 from __future__ import annotations
 
 import itertools
+import queue
 import socket
 import threading
 from concurrent.futures import Future
@@ -66,6 +67,7 @@ class Connection:
         self._ids = itertools.count(1)
         self._pending: dict[int, Future[dict[str, Any]]] = {}
         self._closed: RunnerdError | None = None
+        self._events: queue.Queue[dict[str, Any]] = queue.Queue()
         threading.Thread(target=self._read_loop, name="runnerd-reader", daemon=True).start()
         self.hello = self.call(Hello(v=PROTOCOL_VERSION, client=client), timeout=timeout)
 
@@ -120,7 +122,20 @@ class Connection:
         for future in pending.values():
             future.set_exception(error)
 
+    def next_event(self, timeout: float | None = None) -> dict[str, Any] | None:
+        """The next event after a `Subscribe` (None at the timeout); raises once the
+        connection is gone and every event it brought has been taken."""
+        try:
+            return self._events.get(timeout=timeout if self.alive else 0)
+        except queue.Empty:
+            if not self.alive:
+                raise self._closed or DaemonUnavailable("connection closed") from None
+            return None
+
     def _deliver(self, reply: dict[str, Any]) -> None:
+        if "event" in reply and "id" not in reply:
+            self._events.put(reply)
+            return
         req_id = reply.get("id")
         with self._lock:
             future = self._pending.pop(req_id, None) if isinstance(req_id, int) else None

@@ -262,12 +262,24 @@ class Prune(Request):
     dry_run: bool = False
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Subscribe(Request):
+    """From now on this connection also receives event frames (maps with an `event` key
+    and no `id`): of one run, one experiment, or everything; `since` replays the log
+    after that seq first."""
+
+    op: ClassVar[str] = "subscribe"
+    run: str | None = None
+    experiment: str | None = None
+    since: int | None = None
+
+
 REQUESTS: dict[str, type[Request]] = {
     cls.op: cls
     for cls in (
         Hello, Create, Start, Attach, Detach, Heartbeat, Succeed, Fail,
         Artifact, Checkpoint, Cancel, Get, ListRuns, Status, Failures, Export, Watch,
-        Unwatch, Prune,
+        Unwatch, Prune, Subscribe,
     )
 }
 
