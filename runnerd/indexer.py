@@ -369,7 +369,9 @@ def _scan_folders(folders: list[str]) -> list[Fact]:
     paths = []
     for folder in dict.fromkeys(folders):
         try:
-            paths += [e.path for e in os.scandir(folder) if e.is_file() and classify(e.name)]
+            # Not metadata.json: follow_failures drops it, so do not read and parse it.
+            paths += [e.path for e in os.scandir(folder) if e.is_file()
+                      and classify(e.name) not in (None, FileKind.METADATA)]
         except OSError:
             continue
     return _read_all(paths)

@@ -529,28 +529,45 @@ class Store:
 
     def failure_groups(self, key: str, *, since: float | None, experiment: str | None,
                        limit: int, examples: int = 5) -> list[dict[str, Any]]:
-        """Failures grouped by `key` (a failures column), largest group first."""
+        """Failures grouped by `key` (a failures column), largest group first.
+
+        Runs are joined only to filter by experiment: a join costs a lookup per record.
+        """
+        join = "JOIN runs r USING (run_id)" if experiment is not None else ""
         where, args = _where(("f.at >= ?", since), ("r.experiment = ?", experiment))
+        # failure_class and signature are NOT NULL: grouping by the bare column uses its index.
+        expr = f"COALESCE(f.{key}, 'unknown')" if key == "category" else f"f.{key}"
         groups = self.conn.execute(
-            f"SELECT COALESCE(f.{key}, 'unknown') AS k, COUNT(*), MIN(f.at), MAX(f.at)"
-            f" FROM failures f JOIN runs r USING (run_id) {where}"
+            f"SELECT {expr} AS k, COUNT(*), MIN(f.at), MAX(f.at) FROM failures f {join} {where}"
             " GROUP BY k ORDER BY COUNT(*) DESC, MAX(f.at) DESC LIMIT ?", (*args, limit),
         ).fetchall()
-        samples = self.conn.execute(
-            f"SELECT k, run_id, failure_class, message FROM ("
-            f" SELECT COALESCE(f.{key}, 'unknown') AS k, f.run_id, f.failure_class, f.message,"
-            f" ROW_NUMBER() OVER (PARTITION BY COALESCE(f.{key}, 'unknown')"
-            f" ORDER BY f.at DESC) AS n FROM failures f JOIN runs r USING (run_id) {where})"
-            " WHERE n <= ?", (*args, examples),
-        ).fetchall()
-        by_key: dict[str, list[tuple[str, str, str]]] = {}
-        for k, run_id, failure_class, message in samples:
-            by_key.setdefault(k, []).append((run_id, failure_class, message))
+        by_key = self._group_samples(key, expr, f"FROM failures f {join}", where, args,
+                                     [g[0] for g in groups], examples)
         return [{"key": k, "count": n, "first_seen": iso(first), "last_seen": iso(last),
                  "run_ids": [s[0] for s in by_key.get(k, [])],
                  "example": {"failure_class": by_key[k][0][1], "message": by_key[k][0][2]}
-                 if k in by_key else None}
+                 if by_key.get(k) else None}
                 for k, n, first, last in groups]
+
+    def _group_samples(self, key: str, expr: str, source: str, where: str, args: list[Any],
+                       keys: list[str], examples: int) -> dict[str, list[tuple[str, str, str]]]:
+        """The newest `examples` (run_id, class, message) of each group.
+
+        Signatures have an index on (signature, at): one short query per group. Other keys
+        take one window over the records, rather than a scan per rare group.
+        """
+        if key == "signature":
+            of_group = f"{where} AND {expr} = ?" if where else f"WHERE {expr} = ?"
+            return {k: self.conn.execute(
+                f"SELECT f.run_id, f.failure_class, f.message {source} {of_group}"
+                " ORDER BY f.at DESC LIMIT ?", (*args, k, examples)).fetchall() for k in keys}
+        by_key: dict[str, list[tuple[str, str, str]]] = {}
+        for k, run_id, failure_class, message in self.conn.execute(
+                f"SELECT k, run_id, failure_class, message FROM (SELECT {expr} AS k, f.run_id,"
+                f" f.failure_class, f.message, ROW_NUMBER() OVER (PARTITION BY {expr}"
+                f" ORDER BY f.at DESC) AS n {source} {where}) WHERE n <= ?", (*args, examples)):
+            by_key.setdefault(k, []).append((run_id, failure_class, message))
+        return by_key
 
     def export_page(self, what: str, after: str | None, limit: int) -> list[dict[str, Any]]:
         """Runs or failures in run_id order, from just after `after`."""
@@ -603,6 +620,12 @@ def _where(*conditions: tuple[str, Any]) -> tuple[str, list[Any]]:
     used = [(clause, value) for clause, value in conditions if value is not None]
     where = f"WHERE {' AND '.join(clause for clause, _ in used)}" if used else ""
     return where, [value for _, value in used]
+
+
+def _imported(row: dict[str, Any]) -> bool:
+    """Whether the crash indexer imported this run from a foreign metadata.json."""
+    tags = json.loads(row["tags"] or "{}")
+    return isinstance(tags, dict) and tags.get("source") == "imported"
 
 
 def _failure_object(run_id: str, row: Iterable[Any]) -> dict[str, Any]:
@@ -747,7 +770,9 @@ class Registry:
         effects = store.effects
         changed = dict.fromkeys(t.run_id for t in effects.transitions)
         rows = {run_id: row for run_id in changed if (row := store.run_row(run_id)) is not None}
-        docs = [doc for run_id in rows if (doc := store.metadata_doc(run_id)) is not None]
+        # An imported run's folder, and its metadata.json, belong to the tool that made them.
+        docs = [doc for run_id, row in rows.items() if not _imported(row)
+                and (doc := store.metadata_doc(run_id)) is not None]
         return BatchResult(outcomes, effects, rows, docs)
 
     @staticmethod

@@ -61,6 +61,8 @@ def test_watch_imports_foreign_runs_once_warns_on_malformed_and_follows(
         daemon: Daemon, short_tmp: Path) -> None:
     root = short_tmp / "elsewhere"
     expected = make_foreign_runs(root, 190, 10)
+    foreign = root / "sweep-a" / "run-0003" / "metadata.json"
+    original = foreign.read_bytes()
     result = daemon.ctl("watch", str(root))
     assert "190 run(s) imported" in result.stdout
     assert result.stderr.count("warning:") == 10
@@ -72,6 +74,7 @@ def test_watch_imports_foreign_runs_once_warns_on_malformed_and_follows(
     assert failed["tags"] == {"source": "imported"}
     assert failed["transitions"][0]["source"] == "imported"
     assert failed["started_at"].startswith("2023-11-14")
+    assert foreign.read_bytes() == original  # the other tool's file is never rewritten
     again = daemon.ctl("watch", str(root))
     assert "0 run(s) imported" in again.stdout and "190 already known" in again.stdout
     assert len(daemon.ctl_json("list", "--limit", "10000")) == 190
