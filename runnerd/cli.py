@@ -10,7 +10,7 @@ import re
 import sys
 import time
 from collections.abc import Callable, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -590,6 +590,47 @@ def service_status() -> None:
                       "runnerd.service"],))
     else:
         click.echo("no systemd user manager here")
+
+
+@cli.command()
+@click.option("--since", type=parse_duration, default="24h", show_default=True,
+              help="The window: runs created within this long.")
+@click.option("--experiment", help="Only this experiment.")
+@click.option("--html", "html_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write a self-contained HTML page with a timeline.")
+@json_option
+@click.pass_context
+def report(ctx: click.Context, since: float, experiment: str | None, html_path: Path | None,
+           as_json: bool) -> None:
+    """What ran in the window: counts, failures by signature with advice, longest and
+    still-running runs."""
+    from runnerd import report as rpt
+
+    start = time.time() - since
+    runs = request(ctx, ListRuns(since=start, experiment=experiment, limit=10_000))["runs"]
+    body = rpt.build(runs, start)
+    if html_path is not None:
+        html_path.write_text(rpt.render_html(body, runs))
+    if as_json:
+        emit_json(body)
+        return
+    counts = ", ".join(f"{n} {state}" for state, n in sorted(body["counts"].items()))
+    window_start = _local(datetime.fromtimestamp(start, UTC).isoformat())
+    click.echo(f"{body['runs']} run(s) since {window_start}: {counts or 'none'}")
+    if body["failure_groups"]:
+        click.echo("\nFailures by signature")
+        click.echo(table(("COUNT", "CATEGORY", "RETRY", "FAILURE", "SUGGESTION"), [
+            (g["count"], g["category"], "yes" if g["retryable"] else "no",
+             _failure_summary({"failure": g}), g["suggestion"])
+            for g in body["failure_groups"]]))
+    click.echo("\nLongest runs")
+    click.echo(table(("RUN", "EXPERIMENT", "STATE", "RUNTIME"), [
+        (r["run_id"], r["experiment"], r["state"], _span(r["runtime_sec"]))
+        for r in body["longest"]]))
+    if body["running"]:
+        click.echo(f"\nStill running: {' '.join(body['running'])}")
+    if html_path is not None:
+        click.echo(f"\nwrote {html_path}")
 
 
 def export_line(what: str, item: dict[str, Any]) -> dict[str, Any]:
