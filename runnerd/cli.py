@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
@@ -71,6 +72,36 @@ def request(ctx: click.Context, req: Request) -> dict[str, Any]:
               EXIT_UNREACHABLE)
     except RunnerdError as exc:
         _fail(exc.message, EXIT_NO_RUN if exc.code == ErrorCode.UNKNOWN_RUN else EXIT_ERROR)
+
+
+class Progress:
+    """A one-line progress note on stderr, only when stderr is a terminal."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.shown = sys.stderr.isatty()
+        self.started = time.monotonic()
+        self._stop = threading.Event()
+
+    def update(self, done: int | None = None) -> None:
+        if self.shown:
+            count = f" {done:,}" if done is not None else ""
+            elapsed = time.monotonic() - self.started
+            click.echo(f"\r{self.label}{count} ({elapsed:.0f} s)", nl=False, err=True)
+
+    def __enter__(self) -> Progress:
+        if self.shown:
+            threading.Thread(target=self._tick, daemon=True).start()
+        return self
+
+    def _tick(self) -> None:
+        while not self._stop.wait(1.0):
+            self.update()
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self.shown:
+            click.echo("\r\033[K", nl=False, err=True)
 
 
 def emit_json(value: Any) -> None:
@@ -411,7 +442,8 @@ def diagnose(ctx: click.Context, run: str | None, latest: bool, experiment: str 
 @click.pass_context
 def watch(ctx: click.Context, directory: str) -> None:
     """Index DIRECTORY for crashed and foreign runs: scanned now, then followed."""
-    body = request(ctx, Watch(path=directory))
+    with Progress(f"scanning {directory}"):
+        body = request(ctx, Watch(path=directory))
     for warning in body["warnings"]:
         click.echo(f"warning: {warning}", err=True)
     click.echo(f"watching {directory}: {body['imported']} run(s) imported, "
@@ -651,13 +683,17 @@ def export_line(what: str, item: dict[str, Any]) -> dict[str, Any]:
 def export(ctx: click.Context, what: str, fmt: str) -> None:
     """Dump the registry, one JSON object per line, for jq, grep and other tools."""
     after: str | None = None
-    while True:
-        page = request(ctx, Export(what=what, after=after))
-        for item in page["items"]:
-            click.echo(json.dumps(export_line(what, item), sort_keys=True))
-        after = page["next"]
-        if after is None:
-            return
+    done = 0
+    with Progress(f"exporting {what}") as progress:
+        while True:
+            page = request(ctx, Export(what=what, after=after))
+            for item in page["items"]:
+                click.echo(json.dumps(export_line(what, item), sort_keys=True))
+            done += len(page["items"])
+            progress.update(done)
+            after = page["next"]
+            if after is None:
+                return
 
 
 def main() -> None:

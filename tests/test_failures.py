@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import pty
+import subprocess
+import sys
 import textwrap
 from typing import Any
 
@@ -149,3 +153,17 @@ def test_diagnose_names_category_retryability_and_a_suggestion(daemon: Daemon) -
     groups = daemon.ctl_json("failures", "--group-by", "category")
     assert sorted(g["key"] for g in groups) == ["dependency", "network", "oom", "signal",
                                                  "validation"]
+
+
+def test_progress_shows_on_a_terminal_only(daemon: Daemon) -> None:
+    run_script(daemon, THREE_BUGS)
+    piped = daemon.ctl("export")
+    assert "exporting" not in piped.stderr
+    master, slave = pty.openpty()
+    proc = subprocess.run([sys.executable, "-m", "runnerd.cli", "export"], env=daemon.env,
+                          stdout=subprocess.PIPE, stderr=slave, timeout=60)
+    os.close(slave)
+    shown = os.read(master, 65536).decode()
+    os.close(master)
+    assert proc.returncode == 0
+    assert "exporting runs 30" in shown
