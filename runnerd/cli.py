@@ -53,6 +53,18 @@ def parse_duration(text: str) -> float:
     return sum(float(n) * _UNITS[u] for n, u in parts)
 
 
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?", re.I)
+
+
+def parse_size(text: str) -> int:
+    """'512M', '2G', '1.5GiB' or a plain number of bytes (powers of 1024)."""
+    match = _SIZE.fullmatch(text.strip())
+    if not match:
+        raise click.BadParameter(f"{text!r} is not a size like 100M or 2G")
+    number, unit = match.groups()
+    return int(float(number) * 1024 ** " kmgt".index(unit.lower() or " "))
+
+
 def _fail(message: str, code: int) -> NoReturn:
     click.echo(f"runnerctl: {message}", err=True)
     sys.exit(code)
@@ -156,11 +168,30 @@ def _failure_summary(run: dict[str, Any]) -> str:
     return text[:60]
 
 
+def _memory(run: dict[str, Any]) -> str:
+    use = run.get("resources")
+    return _bytes(use["peak_rss_bytes"]) if use else "-"
+
+
+def _cpu(run: dict[str, Any]) -> str:
+    use = run.get("resources")
+    return f"{use['cpu_seconds']:.1f}s" if use else "-"
+
+
+def _bytes(n: int) -> str:
+    for unit, size in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+        if n >= size:
+            return f"{n / size:.1f}{unit}"
+    return f"{n}B"
+
+
 def runs_table(runs: Sequence[dict[str, Any]]) -> str:
     return table(
-        ("RUN", "EXPERIMENT", "VARIATION", "ATT", "STATE", "CREATED", "RUNTIME", "FAILURE"),
+        ("RUN", "EXPERIMENT", "VARIATION", "ATT", "STATE", "CREATED", "RUNTIME", "PEAK MEM",
+         "CPU", "FAILURE"),
         [(r["run_id"], r["experiment"], r["variation"], r["attempt"], r["state"],
-          _local(r["created_at"]), _runtime(r), _failure_summary(r)) for r in runs],
+          _local(r["created_at"]), _runtime(r), _memory(r), _cpu(r), _failure_summary(r))
+         for r in runs],
     )
 
 
@@ -331,6 +362,8 @@ def _show_human(run: dict[str, Any]) -> None:
         ("ended", lambda r: _local(r["ended_at"])),
         ("runtime", _runtime),
         ("heartbeats", lambda r: f"{r['heartbeats']} (last {_ago(r['last_heartbeat_at'])})"),
+        ("resources", lambda r: f"peak {_memory(r)} of {_bytes(r['resources']['limit_bytes'])}"
+                                f", CPU {_cpu(r)}" if r.get("resources") else "-"),
     ]
     for name, get in fields:
         click.echo(f"{name:<12} {get(run)}")
@@ -347,6 +380,8 @@ def _show_human(run: dict[str, Any]) -> None:
         click.echo(table(("SEQ", "WHEN", "DATA", "PATH"), [
             (c["seq"], _local(c["at"]), json.dumps(c["data"]), c["path"] or "-")
             for c in run["checkpoints"]]))
+    for warning in (run.get("resources") or {}).get("warnings", []):
+        click.echo(f"\nwarning ({_local(warning['at'])}): {warning['message']}")
     if run.get("crash_files"):
         click.echo("\nCrash files")
         click.echo(table(("PATH", "KIND", "SIZE"), [
@@ -480,6 +515,7 @@ def _params(pairs: tuple[str, ...]) -> dict[str, Any]:
 @click.option("--param", "param_pairs", multiple=True, metavar="K=V", help="A run parameter.")
 @click.option("--run-dir", type=click.Path(file_okay=False, resolve_path=True))
 @click.option("--timeout", type=parse_duration, help="TERM, then KILL, after this long.")
+@click.option("--memory", type=parse_size, help="Run in a memory cgroup limited to this.")
 @click.option("--retries", type=click.IntRange(0, 100), default=0, show_default=True)
 @click.option("--backoff", type=click.FloatRange(min=0), default=2.0, show_default=True,
               help="Wait backoff**attempt seconds (with jitter) before a retry.")
@@ -489,14 +525,15 @@ def _params(pairs: tuple[str, ...]) -> dict[str, Any]:
 @click.pass_context
 def exec_command(ctx: click.Context, experiment: str | None, variation: str,
                  param_pairs: tuple[str, ...], run_dir: str | None, timeout: float | None,
-                 retries: int, backoff: float, retry_on: str, command: tuple[str, ...]) -> None:
+                 memory: int | None, retries: int, backoff: float, retry_on: str,
+                 command: tuple[str, ...]) -> None:
     """Run COMMAND as a tracked run; exit with its exit code."""
     from runnerd.launch import Launch, run_with_retries
     from runnerd_client.run import Client
 
     launch = Launch(command=list(command), params=_params(param_pairs), run_dir=run_dir,
                     experiment=experiment or Path(command[0]).name, variation=variation,
-                    timeout=timeout)
+                    timeout=timeout, memory=memory)
     sys.exit(run_with_retries(Client(ctx.obj["socket"]), launch, retries=retries,
                               backoff=backoff, retry_on=retry_on))
 

@@ -29,6 +29,8 @@ class Config:
     spool_sweep_interval: float = 10.0
     watched_dirs: tuple[str, ...] = ()
     busy_timeout: float = 5.0
+    sample_interval: float = 5.0
+    memory_warning: float = 0.9
     retention: float | None = None
 
 
@@ -44,6 +46,8 @@ _CHECKS: dict[str, tuple[type, ...]] = {
     "spool_sweep_interval": (int, float),
     "watched_dirs": (list,),
     "busy_timeout": (int, float),
+    "sample_interval": (int, float),
+    "memory_warning": (int, float),
     "retention": (int, float),
 }
 _SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")

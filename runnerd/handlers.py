@@ -27,6 +27,7 @@ from runnerd.indexer import Indexer
 from runnerd.maintenance import prune
 from runnerd.processes import is_alive
 from runnerd.registry import Registry, Store
+from runnerd.resources import Sampler
 from runnerd.states import Event, end_with_failure, failure_record, transition
 from runnerd_client import paths
 from runnerd_client.ids import is_valid_run_id
@@ -85,6 +86,7 @@ class Context:
     indexer: Indexer
     broker: Broker
     started_at: float
+    sampler: Sampler | None = None
     connections: int = 0
 
 
@@ -265,11 +267,15 @@ def handle_fail(ctx: Context, peer: Peer, req: Fail) -> Awaitable[Reply]:
     if req.reason not in _FAIL_EVENTS:
         raise _bad(f"reason must be one of {', '.join(_FAIL_EVENTS)}")
     event, default_class = _FAIL_EVENTS[FailReason(req.reason)]
+    message = req.message or ""
+    if req.category_hint == "oom" and ctx.sampler is not None:
+        peak = ctx.sampler.peak_text(req.run_id)
+        message = f"{message}: {peak}" if peak else message
 
     def apply(store: Store, at: float) -> Reply:
         row = store.require_run(req.run_id)
         record = failure_record(
-            req.failure_class or default_class, req.message or "", req.reason, at,
+            req.failure_class or default_class, message, req.reason, at,
             category_hint=req.category_hint, traceback=req.traceback, phase=req.phase,
             exit_code=req.exit_code, signal=req.signal,
         )

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from runnerd.resources import cgroup_dir, gib, oom_kills
 from runnerd_client.connection import Connection, DaemonUnavailable
 from runnerd_client.protocol import FailReason, Get, RunnerdError, State
 from runnerd_client.run import RUN_ID_ENV, Client, Run
@@ -44,6 +45,7 @@ class Launch:
     env: dict[str, str] = field(default_factory=dict)
     run_dir: str | None = None
     timeout: float | None = None
+    memory: int | None = None
 
     @classmethod
     def from_run(cls, run: dict[str, Any]) -> Launch:
@@ -80,19 +82,37 @@ class Tee(threading.Thread):
                 self.tail = (self.tail + chunk)[-TAIL:]
 
 
-def oom_kills() -> int | None:
-    """This process's cgroup OOM-kill count (cgroup v2 memory.events), where readable."""
+class CgroupError(Exception):
+    """A memory cgroup for --memory cannot be made here; the message says why."""
+
+
+@contextmanager
+def memory_cgroup(name: str, limit: int | None) -> Iterator[Path | None]:
+    """A memory cgroup of the run's own under ours, limited to `limit` bytes, removed after."""
+    if limit is None:
+        yield None
+        return
+    own = cgroup_dir("self")
+    if own is None:
+        raise CgroupError("no memory cgroup controller is mounted here")
+    folder = own / name
     try:
-        line = Path("/proc/self/cgroup").read_text().splitlines()[0]
-        group = line.split("::", 1)[1]
-        events = Path(f"/sys/fs/cgroup{group}/memory.events").read_text()
-    except (OSError, IndexError):
-        return None
-    for entry in events.splitlines():
-        name, _, value = entry.partition(" ")
-        if name == "oom_kill":
-            return int(value)
-    return None
+        folder.mkdir()
+        knob = "memory.max" if (folder / "memory.max").exists() else "memory.limit_in_bytes"
+        (folder / knob).write_text(str(limit))
+        if (folder / "memory.swappiness").exists():
+            (folder / "memory.swappiness").write_text("0")  # over the limit: OOM, not swap
+    except OSError as exc:
+        raise CgroupError(f"cannot create a memory cgroup under {own}: {exc.strerror}") from exc
+    try:
+        yield folder
+    finally:
+        for _ in range(50):
+            try:
+                folder.rmdir()
+                break
+            except OSError:
+                time.sleep(0.02)  # its last process is still being reaped
 
 
 @contextmanager
@@ -159,7 +179,8 @@ def _python_error(stderr_tail: bytes) -> tuple[str, str | None]:
 
 
 def record_end(run: Run, rc: int, *, timed_out: bool, caught: list[int], timeout: float | None,
-               stderr_tail: bytes, oom_before: int | None) -> None:
+               stderr_tail: bytes, cgroup: Path | None, oom_before: int | None,
+               limit: int | None = None) -> None:
     """End the run from the command's exit status (the command's own report wins)."""
     if caught:
         name = signal.Signals(caught[0]).name
@@ -176,8 +197,11 @@ def record_end(run: Run, rc: int, *, timed_out: bool, caught: list[int], timeout
                  failure_class="ExitCode", exit_code=rc, traceback=traceback)
     else:
         name = signal.Signals(-rc).name
-        oom = name == "SIGKILL" and oom_before is not None and (oom_kills() or 0) > oom_before
-        run.fail(FailReason.CRASH, f"command killed by {name}" + (" (OOM killer)" if oom else ""),
+        oom = name == "SIGKILL" and oom_before is not None and \
+            (oom_kills(cgroup) or 0) > oom_before
+        killer = f" (OOM killer, limit {gib(limit)})" if oom and limit else \
+            " (OOM killer)" if oom else ""
+        run.fail(FailReason.CRASH, f"command killed by {name}{killer}",
                  failure_class=f"Signal:{name}", signal=name, exit_code=rc,
                  category_hint="oom" if oom else None)
 
@@ -189,10 +213,23 @@ def run_once(client: Client, launch: Launch, retry_of: str | None = None) -> Out
                      heartbeat_interval=30.0)
     run.start().start_heartbeats()
     run.run_dir.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, **launch.env, RUN_ID_ENV: run.run_id}
-    oom_before = oom_kills()
     try:
-        proc = subprocess.Popen(launch.command, cwd=launch.cwd, env=env, stdout=subprocess.PIPE,
+        with memory_cgroup(f"runnerd-{run.run_id}", launch.memory) as cgroup:
+            return _run_in(client, run, launch, cgroup)
+    except CgroupError as exc:
+        run.stop_heartbeats().fail(FailReason.CRASH, f"--memory: {exc}",
+                                   failure_class="CgroupError", exit_code=126)
+        print(f"runnerctl: --memory: {exc}", file=sys.stderr)
+        return Outcome(run, 126, False, False)
+
+
+def _run_in(client: Client, run: Run, launch: Launch, cgroup: Path | None) -> Outcome:
+    env = {**os.environ, **launch.env, RUN_ID_ENV: run.run_id}
+    command = launch.command if cgroup is None else [
+        "sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', str(cgroup), *launch.command]
+    oom_before = oom_kills(cgroup or cgroup_dir("self"))
+    try:
+        proc = subprocess.Popen(command, cwd=launch.cwd, env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, start_new_session=True)
     except OSError as exc:
         run.stop_heartbeats().fail(FailReason.CRASH, f"cannot run {launch.command[0]}: {exc}",
@@ -214,7 +251,8 @@ def run_once(client: Client, launch: Launch, retry_of: str | None = None) -> Out
     rc = proc.returncode
     if not reported_end(client, run.run_id):
         record_end(run, rc, timed_out=timed_out, caught=caught, timeout=launch.timeout,
-                   stderr_tail=tees[1].tail, oom_before=oom_before)
+                   stderr_tail=tees[1].tail, cgroup=cgroup or cgroup_dir("self"),
+                   oom_before=oom_before, limit=launch.memory)
     run.flush()
     return Outcome(run, rc if rc >= 0 else 128 - rc, rc == 0 and not timed_out, bool(caught))
 

@@ -58,15 +58,20 @@ def exit_failure(run_dir: str | None, pids: str, note: str, at: float) -> dict[s
     return failure_record("ProcessExited", f"process {pids} exited {note}", FailReason.CRASH, at)
 
 
-def process_exited(store: Store, run_id: str, pid: int, at: float, note: str) -> None:
-    """Drop a dead pid from a run; with none left, the run is failed_crash."""
+def process_exited(store: Store, run_id: str, pid: int, at: float, note: str,
+                   explanation: dict[str, Any] | None = None) -> None:
+    """Drop a dead pid from a run; with none left, the run is failed_crash (named after the
+    OOM killer when `explanation` says it struck)."""
     row = store.run_row(run_id)
     if row is None or State(row["state"]).terminal or pid not in store.pids(run_id):
         return
     store.remove_pid(run_id, pid)
     if store.pids(run_id):
         return
-    record = exit_failure(row["run_dir"], str(pid), note, at)
+    if explanation is not None:
+        record = failure_record(reason=FailReason.CRASH, at=at, **explanation)
+    else:
+        record = exit_failure(row["run_dir"], str(pid), note, at)
     end_with_failure(store, row, Event.PROCESS_EXITED, record, "watchdog")
 
 
@@ -77,6 +82,7 @@ class ProcessWatcher:
                  before_exit: Callable[[int], Awaitable[None]] | None = None) -> None:
         self.registry = registry
         self.before_exit = before_exit
+        self.explain: Callable[[str], dict[str, Any] | None] = lambda run_id: None
         self._tasks: set[asyncio.Task[None]] = set()
         self._runs: dict[int, set[str]] = defaultdict(set)
         self._starts: dict[int, int | None] = {}
@@ -153,8 +159,17 @@ class ProcessWatcher:
             except Exception:
                 log.exception("replaying the spool of dead pid %d failed", pid)
         for run_id in runs:
-            op = partial(process_exited, run_id=run_id, pid=pid, at=at, note="without reporting")
+            op = partial(process_exited, run_id=run_id, pid=pid, at=at, note="without reporting",
+                         explanation=self.explain(run_id))
             self.registry.submit_quietly(op, f"marking run {run_id} crashed")
+
+    def runs(self) -> dict[str, set[int]]:
+        """run_id -> the pids attached to it that are being watched."""
+        by_run: dict[str, set[int]] = defaultdict(set)
+        for pid, run_ids in self._runs.items():
+            for run_id in run_ids:
+                by_run[run_id].add(pid)
+        return dict(by_run)
 
     async def poll(self) -> None:
         """The fallback for pids that could not get a pidfd."""

@@ -122,6 +122,11 @@ MIGRATIONS: tuple[str, ...] = (
         at REAL NOT NULL,
         PRIMARY KEY (run_id, path)
     ) WITHOUT ROWID;
+    CREATE TABLE resources (
+        run_id TEXT PRIMARY KEY,
+        data TEXT NOT NULL,
+        at REAL NOT NULL
+    ) WITHOUT ROWID;
     CREATE TABLE watched_dirs (
         path TEXT PRIMARY KEY,
         at REAL NOT NULL
@@ -406,6 +411,28 @@ class Store:
         cur = self.conn.execute("DELETE FROM watched_dirs WHERE path = ?", (path,))
         return cur.rowcount > 0
 
+    # --- resources ---
+
+    def put_resources(self, sampled: dict[str, dict[str, Any]],
+                      warnings: dict[str, dict[str, Any]], at: float) -> None:
+        """Record the latest sample of each run; a warning is kept and becomes an event."""
+        for run_id, data in sampled.items():
+            if self.run_row(run_id) is None:
+                continue
+            kept = (self.resources(run_id) or {}).get("warnings", [])
+            if run_id in warnings:
+                warning = {**warnings[run_id], "at": iso(at)}
+                kept = [*kept, warning]
+                self.log_event(run_id, "memory_warning", at, warnings[run_id])
+            self.conn.execute(
+                "INSERT OR REPLACE INTO resources (run_id, data, at) VALUES (?, ?, ?)",
+                (run_id, json.dumps({**data, "warnings": kept}), at))
+
+    def resources(self, run_id: str) -> dict[str, Any] | None:
+        row = self.conn.execute("SELECT data FROM resources WHERE run_id = ?",
+                                (run_id,)).fetchone()
+        return json.loads(row[0]) if row else None
+
     # --- maintenance ---
 
     def prune(self, cutoff: float, states: tuple[str, ...], dry_run: bool) -> list[str]:
@@ -419,7 +446,7 @@ class Store:
             " AND COALESCE(ended_at, created_at) < ?", (*terminal, cutoff))]
         if not dry_run:
             for table in ("transitions", "events", "failures", "artifacts", "checkpoints",
-                          "run_pids", "crash_files", "idempotency", "runs"):
+                          "run_pids", "crash_files", "idempotency", "resources", "runs"):
                 self.conn.executemany(f"DELETE FROM {table} WHERE run_id = ?",
                                       [(run_id,) for run_id in run_ids])
         return run_ids
@@ -460,6 +487,7 @@ class Store:
         for key in ("created_at", "started_at", "ended_at", "last_heartbeat_at"):
             obj[key] = iso(row[key])
         obj["pids"] = self.pids(row["run_id"])
+        obj["resources"] = self.resources(row["run_id"])
         obj["failure"] = self.failure(row["run_id"]) if row["state"].startswith("failed") else None
         return obj
 

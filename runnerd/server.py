@@ -25,6 +25,7 @@ from runnerd.metadata import MetadataWriter
 from runnerd.processes import ProcessWatcher
 from runnerd.reconciler import recover, spool_replayer, sweep_orphan_spools
 from runnerd.registry import Registry
+from runnerd.resources import Sampler
 from runnerd.systemd import Notifier, listen_socket
 from runnerd.watchdog import Watchdog
 from runnerd_client.protocol import RunnerdError
@@ -111,10 +112,13 @@ async def serve(cfg: config.Config) -> None:
     ctx = Context(config=cfg, registry=registry, indexer=indexer, broker=broker,
                   started_at=time.time())
     watcher = ProcessWatcher(registry, before_exit=spool_replayer(ctx))
+    sampler = Sampler(registry, watcher.runs, cfg.sample_interval, cfg.memory_warning)
+    watcher.explain = sampler.explain_death
+    ctx.sampler = sampler
     try:
         sock = activated or bind_socket(cfg.socket)
         try:
-            await _serve_until_signal(ctx, sock, watchdog, watcher, Notifier())
+            await _serve_until_signal(ctx, sock, watchdog, watcher, sampler, Notifier())
         finally:
             sock.close()
             if activated is None:
@@ -127,7 +131,8 @@ async def serve(cfg: config.Config) -> None:
 
 
 async def _serve_until_signal(ctx: Context, sock: socket.socket, watchdog: Watchdog,
-                              watcher: ProcessWatcher, notifier: Notifier) -> None:
+                              watcher: ProcessWatcher, sampler: Sampler,
+                              notifier: Notifier) -> None:
     registry = ctx.registry
     async with anyio.create_task_group() as outer:
         outer.start_soon(registry.run_writer)
@@ -135,7 +140,7 @@ async def _serve_until_signal(ctx: Context, sock: socket.socket, watchdog: Watch
         registry.subscribers.append(watcher.on_commit)  # recovery judged the pids it replayed
         await ctx.indexer.load()
         for task in (watchdog.run, watcher.poll, ctx.indexer.follow_dirs,
-                     ctx.indexer.follow_failures):
+                     ctx.indexer.follow_failures, sampler.run):
             outer.start_soon(task)
         outer.start_soon(sweep_orphan_spools, ctx, ctx.config.spool_sweep_interval)
         if ctx.config.retention:
