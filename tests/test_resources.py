@@ -63,7 +63,7 @@ def exec_with_memory(daemon: Daemon, limit: str, megabytes: int, hold: float,
                      experiment: str) -> subprocess.CompletedProcess[bytes]:
     code = ("import time\nb = []\n"
             f"for _ in range({megabytes}):\n    b.append(b'x' * (1 << 20))\n"
-            f"    time.sleep(0.005)\ntime.sleep({hold})")
+            f"    time.sleep(0.01)\ntime.sleep({hold})")
     result = subprocess.run([sys.executable, "-m", "runnerd.cli", "exec", "--experiment",
                              experiment, "--memory", limit, "--", sys.executable, "-c", code],
                             env=daemon.env, capture_output=True, timeout=120)

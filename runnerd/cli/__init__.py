@@ -1,0 +1,13 @@
+"""runnerctl: thin click commands over the client connection (SPEC §6), one module per area.
+
+Imports stay light (no daemon modules, no SQLite) so `runnerctl status` starts fast.
+"""
+
+from runnerd.cli import admin, failures, launching, runs  # noqa: F401  (they register commands)
+from runnerd.cli.common import cli, parse_duration, parse_size
+
+__all__ = ["cli", "main", "parse_duration", "parse_size"]
+
+
+def main() -> None:
+    cli()

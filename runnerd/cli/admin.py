@@ -1,0 +1,144 @@
+"""Looking after the daemon: watch/unwatch, backup, prune, service."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import click
+
+from runnerd.cli.common import (
+    EXIT_ERROR,
+    Progress,
+    cli,
+    emit_json,
+    fail,
+    json_option,
+    parse_duration,
+    request,
+)
+from runnerd_client.protocol import (
+    Prune,
+    State,
+    Status,
+    Unwatch,
+    Watch,
+)
+
+
+@cli.command()
+@click.argument("directory", type=click.Path(exists=True, file_okay=False, resolve_path=True))
+@click.pass_context
+def watch(ctx: click.Context, directory: str) -> None:
+    """Index DIRECTORY for crashed and foreign runs: scanned now, then followed."""
+    with Progress(f"scanning {directory}"):
+        body = request(ctx, Watch(path=directory))
+    for warning in body["warnings"]:
+        click.echo(f"warning: {warning}", err=True)
+    click.echo(f"watching {directory}: {body['imported']} run(s) imported, "
+               f"{body['indexed']} crash file(s) indexed, {body['known']} already known, "
+               f"{len(body['warnings'])} warning(s)")
+
+
+@cli.command()
+@click.argument("directory", type=click.Path(file_okay=False, resolve_path=True))
+@click.pass_context
+def unwatch(ctx: click.Context, directory: str) -> None:
+    """Stop indexing DIRECTORY (what was imported stays)."""
+    request(ctx, Unwatch(path=directory))
+    click.echo(f"no longer watching {directory}")
+
+
+
+@cli.command()
+@click.argument("target", type=click.Path(dir_okay=False, resolve_path=True, path_type=Path))
+@click.pass_context
+def backup(ctx: click.Context, target: Path) -> None:
+    """Copy the registry to TARGET with SQLite's online backup, while the daemon serves."""
+    import sqlite3
+
+    db = request(ctx, Status(limit=1))["daemon"]["db"]
+    partial = target.with_name(f".{target.name}.partial")
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as source, \
+                sqlite3.connect(partial) as copy:
+            source.backup(copy, pages=4096)
+            check = copy.execute("PRAGMA integrity_check").fetchone()[0]
+            runs = copy.execute("SELECT COUNT(*) FROM runs").fetchone()[0]
+        if check != "ok":
+            fail(f"the copy failed its integrity check: {check}", EXIT_ERROR)
+        partial.replace(target)
+    except (sqlite3.Error, OSError) as exc:
+        partial.unlink(missing_ok=True)
+        fail(f"backup failed: {exc}", EXIT_ERROR)
+    click.echo(f"backed up {runs} runs to {target} ({target.stat().st_size / 1e6:.1f} MB)")
+
+
+@cli.command()
+@click.option("--older-than", type=parse_duration, required=True,
+              help="Prune runs that ended longer ago than this, e.g. 30d.")
+@click.option("--state", "states", multiple=True,
+              type=click.Choice([s.value for s in State if s.terminal]),
+              help="Only runs in this terminal state (repeatable).")
+@click.option("--dry-run", is_flag=True, help="Say what would go; delete nothing.")
+@json_option
+@click.pass_context
+def prune(ctx: click.Context, older_than: float, states: tuple[str, ...], dry_run: bool,
+          as_json: bool) -> None:
+    """Delete terminal runs that ended long ago (never a pending, running or lost one)."""
+    body = request(ctx, Prune(before=time.time() - older_than, states=list(states) or None,
+                              dry_run=dry_run))
+    if as_json:
+        emit_json({k: body[k] for k in ("count", "run_ids", "dry_run")})
+    else:
+        click.echo(f"{'would prune' if dry_run else 'pruned'} {body['count']} run(s)")
+
+
+@cli.group()
+def service() -> None:
+    """Install runnerd as a systemd user service (socket-activated)."""
+
+
+@service.command("install")
+@click.option("--no-enable", is_flag=True, help="Write the units; do not run systemctl.")
+def service_install(no_enable: bool) -> None:
+    """Write runnerd.service and runnerd.socket for this interpreter, then enable them."""
+    from runnerd import service as svc
+
+    for path in svc.install(svc.unit_dir()):
+        click.echo(f"wrote {path}")
+    commands = "\n".join("  " + " ".join(cmd) for cmd in svc.ENABLE)
+    if no_enable or not svc.user_systemd():
+        click.echo(f"to enable it:\n{commands}")
+    elif not svc.run_all(svc.ENABLE):
+        fail(f"systemctl failed; to enable it by hand:\n{commands}", EXIT_ERROR)
+    else:
+        click.echo("enabled and started runnerd.socket")
+
+
+@service.command("uninstall")
+def service_uninstall() -> None:
+    """Stop and disable the units, then remove them."""
+    from runnerd import service as svc
+
+    if svc.user_systemd():
+        svc.run_all(svc.DISABLE)
+    removed = svc.uninstall(svc.unit_dir())
+    click.echo("\n".join(f"removed {p}" for p in removed) or "no units were installed")
+
+
+@service.command("status")
+def service_status() -> None:
+    """Where the units are, and what systemd says of them."""
+    from runnerd import service as svc
+
+    for name in svc.UNITS:
+        path = svc.unit_dir() / name
+        click.echo(f"{name}: {'installed at ' + str(path) if path.exists() else 'not installed'}")
+    if svc.user_systemd():
+        svc.run_all((["systemctl", "--user", "--no-pager", "status", "runnerd.socket",
+                      "runnerd.service"],))
+    else:
+        click.echo("no systemd user manager here")
+
+

@@ -1,0 +1,211 @@
+"""What every runnerctl command shares: the group, requests and exit codes, formatting."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+
+from runnerd_client.connection import Connection, DaemonUnavailable
+from runnerd_client.protocol import (
+    ErrorCode,
+    Request,
+    RunnerdError,
+    Subscribe,
+)
+
+EXIT_ERROR, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_NO_RUN = 1, 2, 3, 4
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(text: str) -> float:
+    """'90s', '15m', '2h', '1d12h' or a plain number of seconds."""
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    parts = _DURATION.findall(text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        raise click.BadParameter(f"{text!r} is not a duration like 30s, 15m, 2h or 1d")
+    return sum(float(n) * _UNITS[u] for n, u in parts)
+
+
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?", re.I)
+
+
+def parse_size(text: str) -> int:
+    """'512M', '2G', '1.5GiB' or a plain number of bytes (powers of 1024)."""
+    match = _SIZE.fullmatch(text.strip())
+    if not match:
+        raise click.BadParameter(f"{text!r} is not a size like 100M or 2G")
+    number, unit = match.groups()
+    return int(float(number) * 1024 ** " kmgt".index(unit.lower() or " "))
+
+
+def fail(message: str, code: int) -> NoReturn:
+    click.echo(f"runnerctl: {message}", err=True)
+    sys.exit(code)
+
+
+def request(ctx: click.Context, req: Request) -> dict[str, Any]:
+    """Send one request to the daemon; map failures to SPEC §6 exit codes."""
+    socket_path: Path | None = ctx.obj["socket"]
+    try:
+        conn = Connection(socket_path)
+        try:
+            return conn.call(req)
+        finally:
+            conn.close()
+    except DaemonUnavailable as exc:
+        fail(f"{exc.message}\n(is the daemon running? start it with `runnerd`)",
+              EXIT_UNREACHABLE)
+    except RunnerdError as exc:
+        fail(exc.message, EXIT_NO_RUN if exc.code == ErrorCode.UNKNOWN_RUN else EXIT_ERROR)
+
+
+class Progress:
+    """A one-line progress note on stderr, only when stderr is a terminal."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.shown = sys.stderr.isatty()
+        self.started = time.monotonic()
+        self._stop = threading.Event()
+
+    def update(self, done: int | None = None) -> None:
+        if self.shown:
+            count = f" {done:,}" if done is not None else ""
+            elapsed = time.monotonic() - self.started
+            click.echo(f"\r{self.label}{count} ({elapsed:.0f} s)", nl=False, err=True)
+
+    def __enter__(self) -> Progress:
+        if self.shown:
+            threading.Thread(target=self._tick, daemon=True).start()
+        return self
+
+    def _tick(self) -> None:
+        while not self._stop.wait(1.0):
+            self.update()
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self.shown:
+            click.echo("\r\033[K", nl=False, err=True)
+
+
+def emit_json(value: Any) -> None:
+    click.echo(json.dumps(value, indent=2, sort_keys=True))
+
+
+# --- human formatting -------------------------------------------------------
+
+
+def local_time(ts: str | None) -> str:
+    if not ts:
+        return "-"
+    return datetime.fromisoformat(ts).astimezone().strftime("%Y-%m-%d %H:%M:%S")
+
+
+def ago(ts: str | None) -> str:
+    if not ts:
+        return "-"
+    return span(time.time() - datetime.fromisoformat(ts).timestamp()) + " ago"
+
+
+def span(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f}{unit}"
+    return f"{seconds:.1f}s"
+
+
+def runtime(run: dict[str, Any]) -> str:
+    if not run.get("started_at"):
+        return "-"
+    end = datetime.fromisoformat(run["ended_at"]).timestamp() if run.get("ended_at") \
+        else time.time()
+    return span(end - datetime.fromisoformat(run["started_at"]).timestamp())
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    cells = [[str(c) for c in headers], *[[str(c) for c in row] for row in rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells
+    )
+
+
+def failure_summary(run: dict[str, Any]) -> str:
+    failure = run.get("failure")
+    if not failure:
+        return ""
+    message = failure["message"].splitlines()[0] if failure["message"] else ""
+    text = f"{failure['failure_class']}: {message}" if message else failure["failure_class"]
+    return text[:60]
+
+
+def peak_memory(run: dict[str, Any]) -> str:
+    use = run.get("resources")
+    return human_bytes(use["peak_rss_bytes"]) if use else "-"
+
+
+def cpu_time(run: dict[str, Any]) -> str:
+    use = run.get("resources")
+    return f"{use['cpu_seconds']:.1f}s" if use else "-"
+
+
+def human_bytes(n: int) -> str:
+    for unit, size in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+        if n >= size:
+            return f"{n / size:.1f}{unit}"
+    return f"{n}B"
+
+
+def runs_table(runs: Sequence[dict[str, Any]]) -> str:
+    return table(
+        ("RUN", "EXPERIMENT", "VARIATION", "ATT", "STATE", "CREATED", "RUNTIME", "PEAK MEM",
+         "CPU", "FAILURE"),
+        [(r["run_id"], r["experiment"], r["variation"], r["attempt"], r["state"],
+          local_time(r["created_at"]), runtime(r), peak_memory(r), cpu_time(r), failure_summary(r))
+         for r in runs],
+    )
+
+
+# --- commands ---------------------------------------------------------------
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--socket", "socket_path", type=click.Path(path_type=Path), envvar="RUNNERD_SOCKET",
+              help="Daemon socket (default: $RUNNERD_SOCKET or the XDG runtime path).")
+@click.version_option(package_name="runnerd", prog_name="runnerctl")
+@click.pass_context
+def cli(ctx: click.Context, socket_path: Path | None) -> None:
+    """Query and command the runnerd daemon."""
+    ctx.obj = {"socket": socket_path}
+
+
+json_option = click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
+
+
+def subscribed(ctx: click.Context, **filters: Any) -> Connection:
+    """A connection that receives events (exit 3 if the daemon is unreachable)."""
+    try:
+        conn = Connection(ctx.obj["socket"])
+        conn.call(Subscribe(**filters))
+    except DaemonUnavailable as exc:
+        fail(exc.message, EXIT_UNREACHABLE)
+    return conn
+
+

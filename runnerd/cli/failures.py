@@ -1,0 +1,168 @@
+"""Why runs failed: failures, diagnose, report, export."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import click
+
+from runnerd.cli.common import (
+    Progress,
+    cli,
+    emit_json,
+    failure_summary,
+    json_option,
+    local_time,
+    parse_duration,
+    request,
+    span,
+    table,
+)
+from runnerd_client.protocol import (
+    Export,
+    Failures,
+    ListRuns,
+)
+
+
+@cli.command()
+@click.option("--group-by", type=click.Choice(["class", "signature", "category"]),
+              help="Group the failures and count them.")
+@click.option("--since", type=parse_duration, help="Failed within this long, e.g. 12h.")
+@click.option("--experiment", help="Only this experiment.")
+@click.option("--limit", type=click.IntRange(1, 10_000), default=100, show_default=True)
+@json_option
+@click.pass_context
+def failures(ctx: click.Context, group_by: str | None, since: float | None,
+             experiment: str | None, limit: int, as_json: bool) -> None:
+    """Failure records, newest first, or grouped with counts."""
+    body = request(ctx, Failures(group_by=group_by, experiment=experiment, limit=limit,
+                                 since=time.time() - since if since is not None else None))
+    rows = body["groups"] if group_by else body["failures"]
+    if as_json:
+        emit_json(rows)
+    elif not rows:
+        click.echo("no failures")
+    elif group_by:
+        click.echo(groups_table(group_by, rows))
+    else:
+        click.echo(table(("RUN", "WHEN", "EXPERIMENT", "REASON", "FAILURE", "SIGNATURE"), [
+            (f["run_id"], local_time(f["at"]), f["experiment"], f["reason"],
+             failure_summary({"failure": f}), f["signature"]) for f in rows]))
+
+
+def groups_table(group_by: str, groups: Sequence[dict[str, Any]]) -> str:
+    return table(("COUNT", group_by.upper(), "FIRST SEEN", "LAST SEEN", "EXAMPLE", "RUNS"), [
+        (g["count"], g["key"], local_time(g["first_seen"]), local_time(g["last_seen"]),
+         failure_summary({"failure": g["example"]}), " ".join(g["run_ids"][:3]))
+        for g in groups])
+
+
+@cli.command()
+@click.argument("run", required=False)
+@click.option("--latest", is_flag=True, help="Only the most recent failure.")
+@click.option("--experiment", help="Only this experiment's failures.")
+@click.option("--since", type=parse_duration, help="Failed within this long, e.g. 12h.")
+@json_option
+@click.pass_context
+def diagnose(ctx: click.Context, run: str | None, latest: bool, experiment: str | None,
+             since: float | None, as_json: bool) -> None:
+    """What went wrong: failures by category, with the pattern, a suggestion, and whether a
+    rerun may help. Heuristics only: no network, no model."""
+    from runnerd.diagnosis import findings
+
+    records = request(ctx, Failures(
+        run=run, experiment=experiment, limit=1 if latest else 10_000,
+        since=time.time() - since if since is not None else None))["failures"]
+    found = findings(records)
+    if as_json:
+        emit_json({"failures": len(records), "findings": found})
+        return
+    if not records:
+        click.echo("no failures")
+    for f in found:
+        flag = "retryable" if f["retryable"] else "not retryable"
+        click.echo(f"{f['count']} x {f['category']} ({flag}): {f['pattern']}")
+        click.echo(f"    e.g. {failure_summary({'failure': f['example']})}")
+        click.echo(f"    runs: {' '.join(f['run_ids'])}")
+        click.echo(f"    suggestion: {f['suggestion']}")
+
+
+
+@cli.command()
+@click.option("--since", type=parse_duration, default="24h", show_default=True,
+              help="The window: runs created within this long.")
+@click.option("--experiment", help="Only this experiment.")
+@click.option("--html", "html_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write a self-contained HTML page with a timeline.")
+@json_option
+@click.pass_context
+def report(ctx: click.Context, since: float, experiment: str | None, html_path: Path | None,
+           as_json: bool) -> None:
+    """What ran in the window: counts, failures by signature with advice, longest and
+    still-running runs."""
+    from runnerd import report as rpt
+
+    start = time.time() - since
+    runs = request(ctx, ListRuns(since=start, experiment=experiment, limit=10_000))["runs"]
+    body = rpt.build(runs, start)
+    if html_path is not None:
+        html_path.write_text(rpt.render_html(body, runs))
+    if as_json:
+        emit_json(body)
+        return
+    counts = ", ".join(f"{n} {state}" for state, n in sorted(body["counts"].items()))
+    window_start = local_time(datetime.fromtimestamp(start, UTC).isoformat())
+    click.echo(f"{body['runs']} run(s) since {window_start}: {counts or 'none'}")
+    if body["failure_groups"]:
+        click.echo("\nFailures by signature")
+        click.echo(table(("COUNT", "CATEGORY", "RETRY", "FAILURE", "SUGGESTION"), [
+            (g["count"], g["category"], "yes" if g["retryable"] else "no",
+             failure_summary({"failure": g}), g["suggestion"])
+            for g in body["failure_groups"]]))
+    click.echo("\nLongest runs")
+    click.echo(table(("RUN", "EXPERIMENT", "STATE", "RUNTIME"), [
+        (r["run_id"], r["experiment"], r["state"], span(r["runtime_sec"]))
+        for r in body["longest"]]))
+    if body["running"]:
+        click.echo(f"\nStill running: {' '.join(body['running'])}")
+    if html_path is not None:
+        click.echo(f"\nwrote {html_path}")
+
+
+def export_line(what: str, item: dict[str, Any]) -> dict[str, Any]:
+    """A failure gains `timestamp` and `details`, the keys other failure-log tools read."""
+    if what == "failures":
+        return {**item, "timestamp": item["at"], "details": {
+            "phase": item.get("phase"), "task_id": item["run_id"],
+            "worker_id": item.get("worker_id"), "traceback": item.get("traceback")}}
+    return item
+
+
+@cli.command()
+@click.option("--what", type=click.Choice(["runs", "failures"]), default="runs",
+              show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["jsonl"]), default="jsonl",
+              show_default=True)
+@click.pass_context
+def export(ctx: click.Context, what: str, fmt: str) -> None:
+    """Dump the registry, one JSON object per line, for jq, grep and other tools."""
+    after: str | None = None
+    done = 0
+    with Progress(f"exporting {what}") as progress:
+        while True:
+            page = request(ctx, Export(what=what, after=after))
+            for item in page["items"]:
+                click.echo(json.dumps(export_line(what, item), sort_keys=True))
+            done += len(page["items"])
+            progress.update(done)
+            after = page["next"]
+            if after is None:
+                return
+
+

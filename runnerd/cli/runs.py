@@ -1,0 +1,236 @@
+"""Runs and their live view: status (--watch), list, show, follow."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from runnerd.cli.common import (
+    EXIT_UNREACHABLE,
+    ago,
+    cli,
+    cpu_time,
+    emit_json,
+    fail,
+    failure_summary,
+    human_bytes,
+    json_option,
+    local_time,
+    parse_duration,
+    peak_memory,
+    request,
+    runs_table,
+    runtime,
+    span,
+    subscribed,
+    table,
+)
+from runnerd_client.connection import DaemonUnavailable
+from runnerd_client.protocol import (
+    Get,
+    ListRuns,
+    State,
+    Status,
+)
+
+
+@cli.command()
+@json_option
+@click.option("--watch", is_flag=True, help="Redraw as runs change (driven by events).")
+@click.option("--interval", type=click.FloatRange(min=0.1), default=1.0, show_default=True,
+              help="With --watch: redraw at most this often.")
+@click.pass_context
+def status(ctx: click.Context, as_json: bool, watch: bool, interval: float) -> None:
+    """Daemon health, counts by state, active runs and latest failures."""
+    if watch:
+        watch_status(ctx, interval)
+        return
+    body = request(ctx, Status())
+    body.pop("id", None)
+    body.pop("ok", None)
+    if as_json:
+        emit_json(body)
+    else:
+        click.echo(render_status(body))
+
+
+def render_status(body: dict[str, Any]) -> str:
+    d = body["daemon"]
+    lines = [f"runnerd {d['version']} (pid {d['pid']}), up {span(d['uptime_sec'])}, "
+             f"{d['clients']} client(s)",
+             f"socket {d['socket']}\nregistry {d['db']} ({d['db_bytes'] / 1e6:.1f} MB)"]
+    counts = body["counts"]
+    summary = ", ".join(f"{counts[s]} {s}" for s in State if counts.get(s))
+    lines.append(f"\n{sum(counts.values())} run(s){': ' + summary if summary else ''}")
+    if body["active"]:
+        lines += ["\nActive runs", runs_table(body["active"])]
+    if body["failures"]:
+        lines += ["\nLatest failures", table(("RUN", "WHEN", "REASON", "FAILURE"), [
+            (f["run_id"], ago(f["at"]), f["reason"], failure_summary({"failure": f}))
+            for f in body["failures"]])]
+    return "\n".join(lines)
+
+
+
+def watch_status(ctx: click.Context, interval: float) -> None:
+    """Redraw when something changes (at most every `interval` s; at least every 30 s)."""
+    events = subscribed(ctx)
+    try:
+        while True:
+            drawn = time.monotonic()
+            click.echo("\033[H\033[2J" + render_status(request(ctx, Status())), nl=True)
+            events.next_event(timeout=30.0)
+            time.sleep(max(0.0, interval - (time.monotonic() - drawn)))
+            while events.next_event(timeout=0) is not None:
+                pass
+    except DaemonUnavailable:
+        fail("the daemon went away", EXIT_UNREACHABLE)
+    except KeyboardInterrupt:
+        pass
+
+
+def describe(event: dict[str, Any]) -> str:
+    kind = event["event"]
+    if kind == "transition":
+        return f"{event['from'] or '-'} -> {event['to']} ({event['cause']}, {event['source']})"
+    if kind == "artifact":
+        return f"artifact {event['path']} ({event['size']} bytes)"
+    if kind == "checkpoint":
+        return f"checkpoint {json.dumps(event['data'])}" + (
+            f" {event['path']}" if event["path"] else "")
+    if kind == "failure":
+        return f"failure {event['failure_class']}: {event['message']} [{event['category']}]"
+    return str(kind)
+
+
+def run_exit_status(ctx: click.Context, run_id: str) -> int:
+    """A followed run's outcome as an exit status: 0, the command's own code, or 1."""
+    run = request(ctx, Get(run=run_id))["run"]
+    if run["state"] == State.SUCCEEDED:
+        return 0
+    code = (run["failure"] or {}).get("exit_code")
+    return code if isinstance(code, int) and 0 < code < 256 else 1
+
+
+@cli.command()
+@click.argument("run", required=False)
+@click.option("--experiment", help="Follow every run of this experiment.")
+@json_option
+@click.pass_context
+def follow(ctx: click.Context, run: str | None, experiment: str | None, as_json: bool) -> None:
+    """Print events as they happen. With RUN: from its start, until it ends, and exit with
+    its outcome (0 succeeded, else the command's exit code or 1)."""
+    run_id = request(ctx, Get(run=run))["run"]["run_id"] if run else None
+    last = 0 if run_id else None
+    while True:
+        events = subscribed(ctx, run=run_id, experiment=experiment, since=last)
+        try:
+            while (event := events.next_event()) is not None:
+                if event["event"] == "lagged":
+                    click.echo(f"runnerctl: lagged, {event['dropped']} events dropped; "
+                               "catching up", err=True)
+                    last = event["seq"]
+                    break
+                last = event["seq"]
+                click.echo(json.dumps(event, sort_keys=True) if as_json else
+                           f"{local_time(event['at'])} {event['run_id']} {event['experiment']}: "
+                           f"{describe(event)}")
+                if run_id and event["event"] == "transition" and State(event["to"]).terminal:
+                    sys.exit(run_exit_status(ctx, run_id))
+        except DaemonUnavailable:
+            fail("the daemon went away", EXIT_UNREACHABLE)
+        finally:
+            events.close()
+
+
+@cli.command("list")
+@click.option("--state", type=click.Choice([s.value for s in State]), help="Only this state.")
+@click.option("--experiment", help="Only this experiment.")
+@click.option("--since", type=parse_duration, help="Created within this long, e.g. 12h.")
+@click.option("--limit", type=click.IntRange(1, 10_000), default=50, show_default=True)
+@json_option
+@click.pass_context
+def list_runs(ctx: click.Context, state: str | None, experiment: str | None,
+              since: float | None, limit: int, as_json: bool) -> None:
+    """Runs, newest first."""
+    runs = request(ctx, ListRuns(state=state, experiment=experiment, limit=limit,
+                                 since=time.time() - since if since is not None else None))["runs"]
+    if as_json:
+        emit_json(runs)
+    elif runs:
+        click.echo(runs_table(runs))
+    else:
+        click.echo("no runs")
+
+
+def _resources(run: dict[str, Any]) -> str:
+    use = run.get("resources")
+    if not use:
+        return "-"
+    return f"peak {peak_memory(run)} of {human_bytes(use['limit_bytes'])}, CPU {cpu_time(run)}"
+
+
+def _show_human(run: dict[str, Any]) -> None:
+    fields: list[tuple[str, Callable[[dict[str, Any]], Any]]] = [
+        ("run", lambda r: r["run_id"]),
+        ("experiment", lambda r: f"{r['experiment']} / {r['variation']} (attempt {r['attempt']})"),
+        ("state", lambda r: r["state"]),
+        ("params", lambda r: json.dumps(r["params"])),
+        ("run_dir", lambda r: r["run_dir"]),
+        ("host / pids", lambda r: f"{r['host'] or '-'} / {r['pids'] or '-'}"),
+        ("created", lambda r: local_time(r["created_at"])),
+        ("started", lambda r: local_time(r["started_at"])),
+        ("ended", lambda r: local_time(r["ended_at"])),
+        ("runtime", runtime),
+        ("heartbeats", lambda r: f"{r['heartbeats']} (last {ago(r['last_heartbeat_at'])})"),
+        ("resources", _resources),
+    ]
+    for name, get in fields:
+        click.echo(f"{name:<12} {get(run)}")
+    click.echo("\nTransitions")
+    click.echo(table(("WHEN", "FROM", "TO", "CAUSE", "SOURCE"), [
+        (local_time(t["at"]), t["from"] or "-", t["to"], t["cause"], t["source"])
+        for t in run["transitions"]]))
+    if run["artifacts"]:
+        click.echo("\nArtifacts")
+        click.echo(table(("PATH", "SIZE", "SHA256"), [
+            (a["path"], a["size"], a["sha256"][:16]) for a in run["artifacts"]]))
+    if run["checkpoints"]:
+        click.echo("\nCheckpoints")
+        click.echo(table(("SEQ", "WHEN", "DATA", "PATH"), [
+            (c["seq"], local_time(c["at"]), json.dumps(c["data"]), c["path"] or "-")
+            for c in run["checkpoints"]]))
+    for warning in (run.get("resources") or {}).get("warnings", []):
+        click.echo(f"\nwarning ({local_time(warning['at'])}): {warning['message']}")
+    if run.get("crash_files"):
+        click.echo("\nCrash files")
+        click.echo(table(("PATH", "KIND", "SIZE"), [
+            (f["path"], f["kind"], f["size"]) for f in run["crash_files"]]))
+    failure = run.get("failure")
+    if failure:
+        click.echo(f"\nFailure: {failure['failure_class']} ({failure['reason']}), "
+                   f"signature {failure['signature']}")
+        if failure["message"]:
+            click.echo(failure["message"])
+        if failure.get("traceback"):
+            click.echo("\n" + failure["traceback"].rstrip())
+
+
+@cli.command()
+@click.argument("run")
+@json_option
+@click.pass_context
+def show(ctx: click.Context, run: str, as_json: bool) -> None:
+    """One run: fields, transitions, artifacts, checkpoints and failure."""
+    obj = request(ctx, Get(run=run))["run"]
+    if as_json:
+        emit_json(obj)
+    else:
+        _show_human(obj)
+
+
