@@ -184,9 +184,11 @@ class FrameProtocol(asyncio.Protocol):
         return True
 
     def _finish(self, req_id: int | None, future: asyncio.Future[dict[str, Any]]) -> None:
-        if self.closed or future.cancelled():
+        if future.cancelled():
             return
-        exc = future.exception()
+        exc = future.exception()  # retrieve it even when the client has gone (BUG-3)
+        if self.closed:
+            return
         if exc is None:
             self._queue(ok_reply(req_id, future.result()))
         elif isinstance(exc, RunnerdError):

@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+MATCH_LIMIT = 4096
 CATEGORIES = ("oom", "timeout", "network", "dependency", "validation", "numerical",
               "interrupted", "lost", "signal", "unknown")
 
@@ -180,7 +181,8 @@ RULES: tuple[Rule, ...] = (
          classes=("ValueError", "TypeError", "KeyError", "AssertionError", "FileNotFoundError",
                   "NotADirectoryError", "IsADirectoryError", "JSONDecodeError",
                   "UnicodeDecodeError", "ValidationError"),
-         messages=(r"\binvalid\b", r"\bexpected\b.*\bgot\b", r"no such file or directory"),
+         messages=(r"\binvalid\b", r"\bexpected\b.{0,200}?\bgot\b",
+                   r"no such file or directory"),
          retryable=False, pattern="bad input, config or parameter",
          suggestion="Fix the input, config or parameter the message names; a rerun as is fails."),
     Rule(category="unknown", fallback=True,
@@ -227,7 +229,7 @@ def _facts(record: Mapping[str, Any], category_hint: str | None) -> Facts:
         failure_class = failure_class.rsplit(".", 1)[-1]
     return Facts(
         failure_class=failure_class,
-        message=_text(record.get("message")),
+        message=_text(record.get("message"))[:MATCH_LIMIT],  # rules read the head (BUG-2)
         reason=_text(record.get("reason")).lower(),
         signal=_signal_name(record.get("signal"), failure_class),
         exit_code=_exit_code(record.get("exit_code")),

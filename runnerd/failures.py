@@ -12,8 +12,12 @@ _NORMALIZERS: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"\b[0-9a-fA-F]{8,}\b"), "<hex>"),
     (re.compile(r"[-+]?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?"), "<num>"),
 )
-_FRAME = re.compile(r'^\s*File "(?P<file>[^"]+)", line \d+, in (?P<func>\S+)', re.M)
+# `[ \t]*`, not `\s*`: with re.M, `^\s*` rescans every following newline from each line
+# start, quadratic in a traceback of blank lines (BUG-1).
+_FRAME = re.compile(r'^[ \t]*File "(?P<file>[^"\n]+)", line \d+, in (?P<func>\S+)', re.M)
 TOP_FRAMES = 3
+MATCH_LIMIT = 4096  # the head of a message that is normalized
+TRACEBACK_LIMIT = 1 << 16  # the tail of a traceback searched for frames
 
 
 def normalize_message(message: str) -> str:
@@ -25,12 +29,12 @@ def normalize_message(message: str) -> str:
 
 def top_frames(traceback: str | None, count: int = TOP_FRAMES) -> list[str]:
     """The innermost `count` frames as 'file:function', without line numbers."""
-    matches = _FRAME.finditer(traceback or "")
+    matches = _FRAME.finditer((traceback or "")[-TRACEBACK_LIMIT:])
     frames = [f"{m['file'].rsplit('/', 1)[-1]}:{m['func']}" for m in matches]
     return frames[-count:]
 
 
 def signature(failure_class: str, message: str, traceback: str | None) -> str:
     """A stable 16-hex-digit hash of class, normalized message and top frames."""
-    parts = [failure_class, normalize_message(message), *top_frames(traceback)]
+    parts = [failure_class, normalize_message(message[:MATCH_LIMIT]), *top_frames(traceback)]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]

@@ -324,20 +324,26 @@ class Indexer:
         """
         current: tuple[list[str], anyio.Event] | None = None
         async with anyio.create_task_group() as tg:
-            while True:
-                self._changed = anyio.Event()
-                dirs = sorted(d for d in self.dirs if os.path.isdir(d))
-                if current is None or dirs != current[0]:
-                    stop = anyio.Event()
-                    if dirs:
-                        tg.start_soon(self._follow, dirs, stop)
-                        await anyio.sleep(0)  # the new watcher registers its watches now
-                    if current is None:
-                        tg.start_soon(self._rescan, dirs)
-                    else:
-                        current[1].set()
-                    current = (dirs, stop)
-                await self._changed.wait()
+            try:
+                while True:
+                    self._changed = anyio.Event()
+                    dirs = sorted(d for d in self.dirs if os.path.isdir(d))
+                    if current is None or dirs != current[0]:
+                        stop = anyio.Event()
+                        if dirs:
+                            tg.start_soon(self._follow, dirs, stop)
+                            await anyio.sleep(0)  # the new watcher registers its watches now
+                        if current is None:
+                            tg.start_soon(self._rescan, dirs)
+                        else:
+                            current[1].set()
+                        current = (dirs, stop)
+                    await self._changed.wait()
+            finally:
+                # Cancelling cannot interrupt watchfiles' thread, its stop event can: within
+                # 50 ms instead of the 5 s rust timeout (BUG-4).
+                if current is not None:
+                    current[1].set()
 
     async def _follow(self, dirs: list[str], stop: anyio.Event) -> None:
         async for changes in watchfiles.awatch(*dirs, watch_filter=CrashFilter(),

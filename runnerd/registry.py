@@ -139,6 +139,8 @@ MIGRATIONS: tuple[str, ...] = (
         at REAL NOT NULL
     ) WITHOUT ROWID;
     """,
+    # 2: prune deletes a run's idempotency keys; without this, one full scan per run (BUG-5).
+    "CREATE INDEX idempotency_by_run ON idempotency (run_id)",
 )
 
 RUN_COLUMNS = (
