@@ -163,7 +163,7 @@ class FrameProtocol(asyncio.Protocol):
             raise RunnerdError(ErrorCode.BAD_REQUEST, "this connection is already subscribed")
         if req.since is not None and req.since < 0:
             raise RunnerdError(ErrorCode.BAD_REQUEST, "since must be a seq (0 or more)")
-        self.subscriber = Subscriber(self._queue, self.transport.get_write_buffer_size,
+        self.subscriber = Subscriber(self._write, self.transport.get_write_buffer_size,
                                      req.run, req.experiment)
         self._queue(ok_reply(req_id, {"subscribed": True}))
         task = asyncio.ensure_future(self.ctx.broker.subscribe(self.subscriber, req.since))
@@ -198,8 +198,11 @@ class FrameProtocol(asyncio.Protocol):
             self._queue(error_reply(req_id, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}"))
 
     def _queue(self, reply: dict[str, Any]) -> None:
+        self._write(frame(reply))
+
+    def _write(self, data: bytes) -> None:
         if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(frame(reply))
+            self.transport.write(data)
 
 
 async def serve_connections(ctx: Context, listening: socket.socket) -> None:

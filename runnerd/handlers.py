@@ -268,7 +268,7 @@ def handle_fail(ctx: Context, peer: Peer, req: Fail) -> Awaitable[Reply]:
         raise _bad(f"reason must be one of {', '.join(_FAIL_EVENTS)}")
     event, default_class = _FAIL_EVENTS[FailReason(req.reason)]
     message = req.message or ""
-    if req.category_hint == "oom" and ctx.sampler is not None:
+    if req.category_hint == "oom" and ctx.sampler is not None and "peak" not in message:
         peak = ctx.sampler.peak_text(req.run_id)
         message = f"{message}: {peak}" if peak else message
 

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from runnerd.resources import cgroup_dir, gib, oom_kills
+from runnerd.resources import cgroup_dir, cgroup_peak, gib, oom_kills
 from runnerd_client.connection import Connection, DaemonUnavailable
 from runnerd_client.protocol import FailReason, Get, RunnerdError, State
 from runnerd_client.run import RUN_ID_ENV, Client, Run
@@ -199,8 +199,9 @@ def record_end(run: Run, rc: int, *, timed_out: bool, caught: list[int], timeout
         name = signal.Signals(-rc).name
         oom = name == "SIGKILL" and oom_before is not None and \
             (oom_kills(cgroup) or 0) > oom_before
-        killer = f" (OOM killer, limit {gib(limit)})" if oom and limit else \
-            " (OOM killer)" if oom else ""
+        peak = cgroup_peak(cgroup) if limit else None
+        killer = f" (OOM killer, peak {gib(peak)} of a {gib(limit)} limit)" if oom and peak \
+            and limit else " (OOM killer)" if oom else ""
         run.fail(FailReason.CRASH, f"command killed by {name}{killer}",
                  failure_class=f"Signal:{name}", signal=name, exit_code=rc,
                  category_hint="oom" if oom else None)

@@ -75,6 +75,17 @@ def memory_limit(pid: int | str) -> int:
     return machine
 
 
+def cgroup_peak(folder: Path | None) -> int | None:
+    """The most memory the cgroup ever used, as the kernel counts it (v2, then v1)."""
+    if folder is None:
+        return None
+    for name in ("memory.peak", "memory.max_usage_in_bytes"):
+        text = (_read(folder / name) or "").strip()
+        if text.isdigit():
+            return int(text)
+    return None
+
+
 def oom_kills(folder: Path | None) -> int | None:
     """The cgroup's OOM-kill counter (v2 memory.events, v1 memory.oom_control)."""
     if folder is None:

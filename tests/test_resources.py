@@ -86,15 +86,14 @@ def test_exec_memory_limit_oom_kill_is_named(sampled: Daemon) -> None:
     assert run["state"] == "failed_crash"
     assert failure["failure_class"] == "Signal:SIGKILL"
     assert failure["category"] == "oom" and failure["retryable"] is False
-    assert "OOM killer" in failure["message"] and "limit 100 MiB" in failure["message"]
+    assert "OOM killer" in failure["message"] and "of a 100 MiB limit" in failure["message"]
     assert "peak" in failure["message"]
-    assert run["resources"]["limit_bytes"] == 100 << 20
     advice = sampled.ctl_json("diagnose", run["run_id"])["findings"][0]
     assert advice["category"] == "oom" and "memory" in advice["suggestion"]
 
 
 def test_one_warning_per_crossing_of_the_threshold(sampled: Daemon) -> None:
-    result = exec_with_memory(sampled, "160M", 110, 1.5, "near")
+    result = exec_with_memory(sampled, "160M", 110, 3.0, "near")
     assert result.returncode == 0, result.stderr
     run = latest(sampled, "near")
     assert run["state"] == "succeeded"

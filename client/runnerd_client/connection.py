@@ -37,17 +37,6 @@ class DaemonUnavailable(RunnerdError):
         super().__init__(ErrorCode.UNAVAILABLE, message)
 
 
-def _recv_exactly(sock: socket.socket, size: int) -> bytes:
-    chunks, left = [], size
-    while left:
-        chunk = sock.recv(min(left, 1 << 20))
-        if not chunk:
-            raise ConnectionError("connection closed by the daemon")
-        chunks.append(chunk)
-        left -= len(chunk)
-    return b"".join(chunks)
-
-
 class Connection:
     """One socket to the daemon; `send` from any thread, replies matched by id."""
 
@@ -106,12 +95,21 @@ class Connection:
         self._sock.close()
 
     def _read_loop(self) -> None:
+        """Read what the socket holds (up to 256 KiB) and deliver every whole frame in it:
+        one recv per burst of replies or events rather than two per frame."""
         error: RunnerdError = DaemonUnavailable("connection to runnerd closed")
+        buf, head = bytearray(), HEADER.size
         try:
-            while True:
-                (length,) = HEADER.unpack(_recv_exactly(self._sock, HEADER.size))
-                reply = unpack_body(_recv_exactly(self._sock, length))
-                self._deliver(reply)
+            while chunk := self._sock.recv(1 << 18):
+                buf += chunk
+                pos, end = 0, len(buf)
+                while end - pos >= head:
+                    (length,) = HEADER.unpack_from(buf, pos)
+                    if end - pos - head < length:
+                        break
+                    self._deliver(unpack_body(bytes(buf[pos + head:pos + head + length])))
+                    pos += head + length
+                del buf[:pos]
         except (OSError, ConnectionError, ValueError):
             pass
         except RunnerdError as exc:
