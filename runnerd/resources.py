@@ -32,7 +32,8 @@ KEEP_ENDED = 60.0
 
 def _read(path: Path | str) -> str | None:
     try:
-        return Path(path).read_text()
+        with open(path, "rb") as fh:
+            return fh.read().decode()
     except OSError:
         return None
 
@@ -53,6 +54,21 @@ def cgroup_dir(pid: int | str) -> Path | None:
             v2 = path
         elif "memory" in controllers.split(","):
             v1 = path
+    key = (v1, v2)
+    if key not in _FOLDERS:
+        folder = _cgroup_folder(v1, v2)
+        if folder is None:
+            return None  # not cached: a v2 cgroup may get its memory controller later
+        if len(_FOLDERS) >= 4096:
+            _FOLDERS.clear()
+        _FOLDERS[key] = folder
+    return _FOLDERS[key]
+
+
+_FOLDERS: dict[tuple[str | None, str | None], Path] = {}
+
+
+def _cgroup_folder(v1: str | None, v2: str | None) -> Path | None:
     if v1 is not None and (CGROUP_ROOT / "memory").is_dir():
         return CGROUP_ROOT / "memory" / v1.lstrip("/")
     if v2 is not None:
@@ -62,10 +78,8 @@ def cgroup_dir(pid: int | str) -> Path | None:
     return None
 
 
-def memory_limit(pid: int | str) -> int:
-    """The effective memory limit of a process: its cgroup's, else the machine's memory."""
-    folder = cgroup_dir(pid)
-    machine = machine_memory()
+def folder_limit(folder: Path | None, machine: int) -> int:
+    """A memory cgroup's limit, capped by the machine's memory."""
     if folder is None:
         return machine
     for name in ("memory.max", "memory.limit_in_bytes"):
@@ -73,6 +87,11 @@ def memory_limit(pid: int | str) -> int:
         if text.isdigit():
             return min(int(text), machine)
     return machine
+
+
+def memory_limit(pid: int | str) -> int:
+    """The effective memory limit of a process: its cgroup's, else the machine's memory."""
+    return folder_limit(cgroup_dir(pid), machine_memory())
 
 
 def cgroup_peak(folder: Path | None) -> int | None:
@@ -104,28 +123,39 @@ def process_table() -> dict[int, tuple[int, float, int, int]]:
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
-        stat = _read(f"/proc/{entry.name}/stat")
-        if stat is None:
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as fh:
+                stat = fh.read()
+        except OSError:
             continue
-        fields = stat[stat.rindex(")") + 2 :].split()
-        if fields[0] in ("Z", "X"):
+        fields = stat[stat.rindex(b")") + 2 :].split()
+        if fields[0] in (b"Z", b"X"):
             continue
         table[int(entry.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / TICKS,
                                   int(fields[21]) * PAGE, int(fields[17]))
     return table
 
 
-def with_descendants(roots: Iterable[int], table: dict[int, tuple[int, float, int, int]]
-                     ) -> set[int]:
+def children_of(table: dict[int, tuple[int, float, int, int]]) -> dict[int, list[int]]:
+    """parent pid -> its children's pids."""
     children: dict[int, list[int]] = defaultdict(list)
     for pid, (ppid, *_rest) in table.items():
         children[ppid].append(pid)
+    return children
+
+
+def with_descendants(roots: Iterable[int], table: dict[int, tuple[int, float, int, int]],
+                     children: dict[int, list[int]] | None = None) -> set[int]:
+    """The live `roots` and all their descendants; pass `children` (children_of the
+    table) when calling it for many runs over one table."""
+    if children is None:
+        children = children_of(table)
     found, todo = set(), [p for p in roots if p in table]
     while todo:
         pid = todo.pop()
         if pid not in found:
             found.add(pid)
-            todo += children[pid]
+            todo += children.get(pid, ())
     return found
 
 
@@ -143,12 +173,19 @@ class Usage:
     oom_bases: dict[Path, int | None] = field(default_factory=dict)
     last_seen: float = 0.0
 
-    def learn_limits(self, pids: set[int]) -> None:
+    def learn_limits(self, pids: set[int], machine: int | None = None,
+                     limits: dict[Path | None, int] | None = None) -> None:
         """The tightest memory cgroup among the run's processes sets its limit. Read at
-        every sample: a process may move into its cgroup after it starts."""
-        limits = [(memory_limit(pid), cgroup_dir(pid)) for pid in pids]
-        self.limit_bytes = min(limit for limit, _ in limits)
-        for _, folder in limits:
+        every sample: a process may move into its cgroup after it starts. `limits` keeps
+        each cgroup's limit for one round (many runs share a cgroup)."""
+        machine = machine_memory() if machine is None else machine
+        limits = {} if limits is None else limits
+        folders = {cgroup_dir(pid) for pid in pids}
+        for folder in folders:
+            if folder not in limits:
+                limits[folder] = folder_limit(folder, machine)
+        self.limit_bytes = min(limits[folder] for folder in folders)
+        for folder in folders:
             if folder is not None and folder not in self.oom_bases:
                 self.oom_bases[folder] = oom_kills(folder)
 
@@ -186,13 +223,16 @@ def measure(runs: dict[str, set[int]], usage: dict[str, Usage], threshold: float
     crossed `threshold` of their memory limit."""
     now = time.time() if now is None else now
     table = process_table()
+    children = children_of(table)
+    machine = machine_memory()
+    limits: dict[Path | None, int] = {}
     crossed = []
     for run_id, roots in runs.items():
-        pids = with_descendants(roots, table)
+        pids = with_descendants(roots, table, children)
         if not pids:
             continue
         use = usage.setdefault(run_id, Usage())
-        use.learn_limits(pids)
+        use.learn_limits(pids, machine, limits)
         use.rss_bytes = sum(table[p][2] for p in pids)
         use.threads = sum(table[p][3] for p in pids)
         use.peak_rss_bytes = max(use.peak_rss_bytes, use.rss_bytes)
