@@ -155,29 +155,36 @@ class Server:
         return cpu_seconds(self.pid)
 
     def wait_idle(self, timeout: float = 300.0, probe: float = 0.5) -> float:
-        """Wait until the server uses < 5% CPU; return how long it stayed busy.
-
-        After a burst of acks the daemon may still be writing metadata.json files.
-        """
-        began = busy_until = time.monotonic()
-        while busy_until - began < timeout:
-            before = self.cpu()
-            time.sleep(probe)
-            if self.cpu() - before < 0.05 * probe:
-                break
-            busy_until = time.monotonic()
-        return busy_until - began
+        """After a burst of acks the daemon may still be writing metadata.json files."""
+        return wait_idle(self.pid, timeout, probe)
 
     def stop(self, timeout: float = 120.0) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            print(f"{self.name} ignored SIGTERM for {timeout} s; killing it", file=sys.stderr)
-            self.proc.kill()
-            self.proc.wait()
+        stop_process(self.proc, self.name, timeout)
+
+
+def wait_idle(pid: int, timeout: float = 300.0, probe: float = 0.5) -> float:
+    """Wait until a process uses < 5% CPU; return how long it stayed busy."""
+    began = busy_until = time.monotonic()
+    while busy_until - began < timeout:
+        before = cpu_seconds(pid)
+        time.sleep(probe)
+        if cpu_seconds(pid) - before < 0.05 * probe:
+            break
+        busy_until = time.monotonic()
+    return busy_until - began
+
+
+def stop_process(proc: subprocess.Popen[bytes] | None, name: str, timeout: float = 120.0) -> None:
+    """SIGTERM, and SIGKILL if it is still there after `timeout`."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        print(f"{name} ignored SIGTERM for {timeout} s; killing it", file=sys.stderr)
+        proc.kill()
+        proc.wait()
 
 
 def runnerd_env(root: Path) -> dict[str, str]:

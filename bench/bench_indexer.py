@@ -24,11 +24,11 @@ from pathlib import Path
 from typing import Any
 
 from bench_liveness import (
-    NOTICED,
     Daemon,
     fillers,
     machine_busy,
     own_cpu,
+    print_header,
     temp_root,
     wait_quiet,
 )
@@ -313,15 +313,6 @@ class Report:
     foreign_cpu: float = 0.0
 
 
-def print_header(report: Report, mode: str) -> None:
-    cpus = os.cpu_count() or 1
-    foreign = report.foreign_cpu / (report.wall_seconds * cpus)
-    print(f"runnerd indexer benchmark, {mode} mode: {report.wall_seconds:.0f} s on {cpus} CPUs")
-    print(f"other processes used {report.foreign_cpu:.0f} CPU-s meanwhile "
-          f"({foreign:.0%} of the machine)" + ("  <- figures are noisy" if foreign > 0.05 else "")
-          + (f"; seen running alongside: {', '.join(sorted(NOTICED))}" if NOTICED else ""))
-
-
 # --- main -------------------------------------------------------------------------
 
 
@@ -344,7 +335,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     report = run(QUICK if args.quick else FULL)
-    print_header(report, "quick" if args.quick else "full")
+    print_header(report, "quick" if args.quick else "full", "indexer")
     if report.imports is not None:
         print_import(report.imports)
     if report.failures is not None:

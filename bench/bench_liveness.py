@@ -29,6 +29,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from bench_core import stop_process, wait_idle
+
 import runnerd_client as rd
 from runnerd.states import failure_record
 from runnerd_client.connection import Connection, DaemonUnavailable
@@ -153,25 +155,10 @@ class Daemon:
 
     def wait_idle(self, timeout: float = 600.0, probe: float = 0.5) -> float:
         """Wait until the daemon uses < 5% CPU (metadata.json backlog); return seconds busy."""
-        began = busy_until = time.monotonic()
-        while busy_until - began < timeout:
-            before = self.cpu()
-            time.sleep(probe)
-            if self.cpu() - before < 0.05 * probe:
-                break
-            busy_until = time.monotonic()
-        return busy_until - began
+        return wait_idle(self.pid, timeout, probe)
 
     def stop(self, timeout: float = 120.0) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            print(f"runnerd ignored SIGTERM for {timeout} s; killing it", file=sys.stderr)
-            self.proc.kill()
-            self.proc.wait()
+        stop_process(self.proc, "runnerd", timeout)
 
 
 # --- long-lived filler processes ------------------------------------------------
@@ -730,10 +717,11 @@ class Report:
     foreign_cpu: float = 0.0
 
 
-def print_header(report: Report, mode: str) -> None:
+def print_header(report: Any, mode: str, what: str = "liveness") -> None:
+    """Wall time and how much of the machine other processes took (the figures' noise)."""
     cpus = os.cpu_count() or 1
     foreign = report.foreign_cpu / (report.wall_seconds * cpus)
-    print(f"runnerd liveness benchmark, {mode} mode: {report.wall_seconds:.0f} s on {cpus} CPUs")
+    print(f"runnerd {what} benchmark, {mode} mode: {report.wall_seconds:.0f} s on {cpus} CPUs")
     print(f"other processes used {report.foreign_cpu:.0f} CPU-s meanwhile "
           f"({foreign:.0%} of the machine)" + ("  <- figures are noisy" if foreign > 0.05 else "")
           + (f"; seen running alongside: {', '.join(sorted(NOTICED))}" if NOTICED else ""))
