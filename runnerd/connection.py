@@ -164,7 +164,7 @@ class FrameProtocol(asyncio.Protocol):
         if req.since is not None and req.since < 0:
             raise RunnerdError(ErrorCode.BAD_REQUEST, "since must be a seq (0 or more)")
         self.subscriber = Subscriber(self._write, self.transport.get_write_buffer_size,
-                                     req.run, req.experiment)
+                                     req.run, req.experiment, req.sweep)
         self._queue(ok_reply(req_id, {"subscribed": True}))
         task = asyncio.ensure_future(self.ctx.broker.subscribe(self.subscriber, req.since))
         self.tasks.add(task)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import signal
 import stat
 import time
@@ -20,7 +21,7 @@ from typing import Any
 
 import anyio
 
-from runnerd import __version__
+from runnerd import __version__, sweeps
 from runnerd.config import Config
 from runnerd.events import Broker
 from runnerd.indexer import Indexer
@@ -29,7 +30,9 @@ from runnerd.processes import is_alive
 from runnerd.registry import Registry, Store
 from runnerd.resources import Sampler
 from runnerd.states import Event, end_with_failure, failure_record, transition
+from runnerd.sweeps import ManifestWriter
 from runnerd_client import paths
+from runnerd_client.cells import SpecError, changed_keys, count, expand, variation
 from runnerd_client.ids import is_valid_run_id
 from runnerd_client.protocol import (
     PROTOCOL_VERSION,
@@ -55,6 +58,15 @@ from runnerd_client.protocol import (
     State,
     Status,
     Succeed,
+    SweepCells,
+    SweepCreate,
+    SweepEnd,
+    SweepGet,
+    SweepList,
+    SweepMutation,
+    SweepPolicy,
+    SweepStart,
+    SweepStatus,
     Unwatch,
     Watch,
 )
@@ -62,6 +74,7 @@ from runnerd_client.protocol import (
 Reply = dict[str, Any]
 MAX_NAME = 256
 MAX_LIST = 10_000
+MAX_CELLS = 1_000_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +98,7 @@ class Context:
     registry: Registry
     indexer: Indexer
     broker: Broker
+    manifests: ManifestWriter
     started_at: float
     sampler: Sampler | None = None
     connections: int = 0
@@ -120,17 +134,17 @@ def _json(value: Any, what: str) -> str:
         raise _bad(f"{what} must be JSON-able and not too deeply nested: {exc}") from None
 
 
-def _mutate(ctx: Context, req: Mutation,
+def _mutate(ctx: Context, req: Mutation | SweepMutation,
             apply: Callable[[Store, float], Reply]) -> Awaitable[Reply]:
     """Queue an idempotent mutation: a replayed key answers the first reply, changes nothing."""
     at = _event_time(req.at)
 
     def op(store: Store) -> Reply:
-        first = store.replayed(req.key, req.op, req.run_id)
+        first = store.replayed(req.key, req.op, req.subject)
         if first is not None:
             return first
         reply = apply(store, at)
-        store.remember(req.key, req.op, req.run_id, reply, at)
+        store.remember(req.key, req.op, req.subject, reply, at)
         return reply
 
     return ctx.registry.submit(op)
@@ -148,8 +162,11 @@ def _check_create(req: Create) -> None:
     for name, path in (("run_dir", req.run_dir), ("cwd", req.cwd)):
         if path is not None and (not os.path.isabs(path) or "\0" in path):
             raise _bad(f"{name} must be an absolute path")
-    if req.retry_of is not None and not is_valid_run_id(req.retry_of):
-        raise _bad("retry_of must be a run id")
+    for name, ref in (("retry_of", req.retry_of), ("claim_after", req.claim_after)):
+        if ref is not None and not is_valid_run_id(ref):
+            raise _bad(f"{name} must be a run id")
+    if (req.sweep_id is None) != (req.cell is None):
+        raise _bad("sweep_id and cell go together")
 
 
 def handle_create(ctx: Context, peer: Peer, req: Create) -> Awaitable[Reply]:
@@ -162,19 +179,77 @@ def handle_create(ctx: Context, peer: Peer, req: Create) -> Awaitable[Reply]:
     def apply(store: Store, at: float) -> Reply:
         if store.run_row(req.run_id) is not None:
             raise RunnerdError(ErrorCode.CONFLICT, f"run {req.run_id} already exists")
+        previous = _claim_cell(store, req, at) if req.sweep_id is not None else \
+            _resumable(store, req, at) if req.resume else None
+        resumed = previous if req.resume and previous is not None and \
+            previous["state"] != State.SUCCEEDED else None
+        if resumed is not None:
+            _same_params(resumed, req.params or {})
         attempt = store.next_attempt(req.experiment, req.variation)
-        store.insert_run({
+        store.insert("runs", {
             "run_id": req.run_id, "experiment": req.experiment, "variation": req.variation,
             "attempt": attempt, "state": State.PENDING.value, "params": params, "tags": tags,
             "cwd": req.cwd, "run_dir": run_dir, "host": req.host, "created_at": at,
-            "retry_of": req.retry_of, "launch": launch,
+            "retry_of": req.retry_of, "launch": launch, "sweep_id": req.sweep_id,
+            "cell": req.cell, "resumed_from": resumed["run_id"] if resumed else None,
         })
+        if req.sweep_id is not None and req.cell is not None:
+            store.claim_cell(req.sweep_id, req.cell, req.run_id)
         store.record_creation(req.run_id, at, peer.source)
         store.add_pid(req.run_id, peer.pid, peer.start_time, at)
-        return {"run_id": req.run_id, "attempt": attempt, "run_dir": run_dir,
-                "state": State.PENDING.value}
+        reply = {"run_id": req.run_id, "attempt": attempt, "run_dir": run_dir,
+                 "state": State.PENDING.value}
+        if resumed is not None:
+            reply["resumed_from"] = resumed["run_id"]
+            reply["resume_checkpoint"] = store.resume_checkpoint(resumed["run_id"])
+        return reply
 
     return _mutate(ctx, req, apply)
+
+
+def _claim_cell(store: Store, req: Create, at: float) -> dict[str, Any] | None:
+    """Check that the cell is the requester's to run (its latest attempt is still the one
+    it planned after, and none is live); return that latest attempt's row."""
+    assert req.sweep_id is not None and req.cell is not None
+    sweep = store.require_sweep(req.sweep_id)
+    cell = store.cell_row(req.sweep_id, req.cell)
+    if (sweep["experiment"], cell["variation"]) != (req.experiment, req.variation):
+        raise _bad(f"cell {req.cell} of sweep {req.sweep_id} is"
+                   f" {sweep['experiment']}/{cell['variation']}")
+    latest = cell["latest_run_id"]
+    if latest != req.claim_after:
+        raise RunnerdError(ErrorCode.CONFLICT, f"cell {req.cell} of sweep {req.sweep_id}"
+                           f" was claimed meanwhile by run {latest}")
+    row = store.run_row(latest) if latest else None
+    if row is not None:
+        _take_over(store, row, at, f"cell {req.cell} of sweep {req.sweep_id}")
+    return row
+
+
+def _resumable(store: Store, req: Create, at: float) -> dict[str, Any] | None:
+    """The latest attempt of the experiment and variation, which a resume follows."""
+    row = store.latest_attempt(req.experiment, req.variation)
+    if row is not None:
+        _take_over(store, row, at, f"{req.experiment}/{req.variation}")
+    return row
+
+
+def _take_over(store: Store, row: dict[str, Any], at: float, what: str) -> None:
+    """A new attempt may not start beside a live one; a lost one is given up for it."""
+    if row["state"] in (State.PENDING, State.RUNNING):
+        raise RunnerdError(ErrorCode.CONFLICT, f"{what} is held by live attempt"
+                           f" {row['attempt']} (run {row['run_id']}, {row['state']})")
+    if row["state"] == State.LOST:
+        record = failure_record("Superseded", "a new attempt took over this lost run",
+                                FailReason.ABANDONED, at)
+        end_with_failure(store, row, Event.CANCEL, record, "superseded")
+
+
+def _same_params(previous: dict[str, Any], params: dict[str, Any]) -> None:
+    changed = changed_keys(json.loads(previous["params"]), params)
+    if changed:
+        raise RunnerdError(ErrorCode.CONFLICT, f"cannot resume run {previous['run_id']}:"
+                           f" params changed: {', '.join(changed)}")
 
 
 def _positive(name: str, value: float | None) -> float | None:
@@ -207,7 +282,7 @@ def handle_attach(ctx: Context, peer: Peer, req: Attach) -> Awaitable[Reply]:
     def apply(store: Store, at: float) -> Reply:
         row = store.require_run(req.run_id)
         # Back from lost is a sign of life: the watchdog counts the heartbeat timeout from now.
-        alive = {"last_heartbeat_at": max(at, row["last_heartbeat_at"] or 0.0)} \
+        alive: dict[str, Any] = {"last_heartbeat_at": max(at, row["last_heartbeat_at"] or 0.0)} \
             if row["state"] == State.LOST else {}
         transition(store, row, Event.ATTACH, at, peer.source, **alive)
         store.add_pid(req.run_id, peer.pid, peer.start_time, at)
@@ -256,6 +331,7 @@ def handle_succeed(ctx: Context, peer: Peer, req: Succeed) -> Awaitable[Reply]:
     return _mutate(ctx, req, apply)
 
 
+_CAUSE = re.compile(r"[a-z0-9_]{1,64}")
 _FAIL_EVENTS = {
     FailReason.CRASH: (Event.FAIL_CRASH, "Error"),
     FailReason.ABANDONED: (Event.FAIL_ABANDONED, "Abandoned"),
@@ -266,6 +342,8 @@ _FAIL_EVENTS = {
 def handle_fail(ctx: Context, peer: Peer, req: Fail) -> Awaitable[Reply]:
     if req.reason not in _FAIL_EVENTS:
         raise _bad(f"reason must be one of {', '.join(_FAIL_EVENTS)}")
+    if req.cause is not None and not _CAUSE.fullmatch(req.cause):
+        raise _bad("cause must be 1-64 characters of a-z, 0-9 and '_'")
     event, default_class = _FAIL_EVENTS[FailReason(req.reason)]
     message = req.message or ""
     if req.category_hint == "oom" and ctx.sampler is not None and "peak" not in message:
@@ -279,7 +357,7 @@ def handle_fail(ctx: Context, peer: Peer, req: Fail) -> Awaitable[Reply]:
             category_hint=req.category_hint, traceback=req.traceback, phase=req.phase,
             exit_code=req.exit_code, signal=req.signal,
         )
-        state = end_with_failure(store, row, event, record, peer.source)
+        state = end_with_failure(store, row, event, record, peer.source, cause=req.cause)
         return {"state": state.value, "category": record["category"],
                 "retryable": record["retryable"]}
 
@@ -386,9 +464,15 @@ async def handle_list(ctx: Context, peer: Peer, req: ListRuns) -> Reply:
         raise _bad(f"unknown state {req.state!r}")
     if not 1 <= req.limit <= MAX_LIST:
         raise _bad(f"limit must be between 1 and {MAX_LIST}")
-    runs = await ctx.registry.read(lambda s: s.list_runs(
-        state=req.state, experiment=req.experiment, since=req.since, limit=req.limit))
-    return {"runs": runs}
+
+    def read(store: Store) -> list[dict[str, Any]]:
+        if req.interrupted:
+            return store.interrupted_runs(req.limit)
+        sweep_id = store.resolve_sweep(req.sweep) if req.sweep is not None else None
+        return store.list_runs(state=req.state, experiment=req.experiment, since=req.since,
+                               limit=req.limit, sweep_id=sweep_id)
+
+    return {"runs": await ctx.registry.read(read)}
 
 
 async def handle_status(ctx: Context, peer: Peer, req: Status) -> Reply:
@@ -465,6 +549,98 @@ async def handle_prune(ctx: Context, peer: Peer, req: Prune) -> Reply:
     return {"count": len(run_ids), "run_ids": run_ids[:100], "dry_run": req.dry_run}
 
 
+# --- sweeps -----------------------------------------------------------------
+
+
+def _sweep_cells(spec: dict[str, Any], max_cells: int) -> list[tuple[int, str, str]]:
+    """(index, params JSON, variation) of each cell of a spec, refused when malformed."""
+    try:
+        total = count(spec)
+        if not 1 <= total <= max_cells:
+            raise _bad(f"a sweep has 1 to {max_cells} cells, not {total}")
+        return [(i, _json(params, f"cell {i}"), variation(params))
+                for i, params in enumerate(expand(spec))]
+    except SpecError as exc:
+        raise _bad(str(exc)) from None
+
+
+async def handle_sweep_create(ctx: Context, peer: Peer, req: SweepCreate) -> Reply:
+    if not is_valid_run_id(req.sweep_id):
+        raise _bad("sweep_id must be 1-64 characters of A-Z, a-z, 0-9, '_' or '-'")
+    if not req.experiment or len(req.experiment) > MAX_NAME:
+        raise _bad(f"experiment must be 1-{MAX_NAME} characters")
+    if req.failure_policy not in SweepPolicy.__members__.values():
+        raise _bad(f"failure_policy must be one of {', '.join(SweepPolicy)}")
+    folder = _folder(req.folder) if req.folder else str(paths.data_dir() / "sweeps" /
+                                                        req.sweep_id)
+    spec = _json(req.spec, "spec")
+    cells = await anyio.to_thread.run_sync(_sweep_cells, req.spec, MAX_CELLS)
+
+    def apply(store: Store, at: float) -> Reply:
+        if store.sweep_row(req.sweep_id) is not None:
+            raise RunnerdError(ErrorCode.CONFLICT, f"sweep {req.sweep_id} already exists")
+        store.insert_sweep({
+            "sweep_id": req.sweep_id, "experiment": req.experiment,
+            "failure_policy": req.failure_policy, "spec": spec, "folder": folder,
+            "status": SweepStatus.RUNNING.value, "driver_pid": peer.pid,
+            "driver_start": peer.start_time, "created_at": at}, cells)
+        return {"sweep_id": req.sweep_id, "folder": folder, "cells": len(cells)}
+
+    return await _mutate(ctx, req, apply)
+
+
+def handle_sweep_start(ctx: Context, peer: Peer, req: SweepStart) -> Awaitable[Reply]:
+    def apply(store: Store, at: float) -> Reply:
+        store.require_sweep(req.sweep_id)
+        store.update_sweep(req.sweep_id, status=SweepStatus.RUNNING.value, ended_at=None,
+                           driver_pid=peer.pid, driver_start=peer.start_time)
+        return {"sweep_id": req.sweep_id}
+
+    return _mutate(ctx, req, apply)
+
+
+async def handle_sweep_end(ctx: Context, peer: Peer, req: SweepEnd) -> Reply:
+    """End the driver's turn; reply once manifest.json shows it."""
+    ended = (SweepStatus.SUCCEEDED, SweepStatus.FAILED, SweepStatus.INTERRUPTED)
+    if req.status not in ended:
+        raise _bad(f"status must be one of {', '.join(ended)}")
+
+    def apply(store: Store, at: float) -> Reply:
+        store.require_sweep(req.sweep_id)
+        skipped = store.skip_unattempted(req.sweep_id) if req.skip else 0
+        store.update_sweep(req.sweep_id, status=req.status, ended_at=at, driver_pid=None,
+                           driver_start=None)
+        return {"sweep_id": req.sweep_id, "skipped": skipped}
+
+    reply = await _mutate(ctx, req, apply)
+    return {**reply, "manifest": await ctx.manifests.flush(req.sweep_id)}
+
+
+async def handle_sweep_get(ctx: Context, peer: Peer, req: SweepGet) -> Reply:
+    def read(store: Store) -> Reply:
+        return sweeps.sweep_object(store, store.require_sweep(store.resolve_sweep(req.sweep)))
+    return {"sweep": await ctx.registry.read(read)}
+
+
+async def handle_sweep_cells(ctx: Context, peer: Peer, req: SweepCells) -> Reply:
+    if not 1 <= req.limit <= MAX_LIST:
+        raise _bad(f"limit must be between 1 and {MAX_LIST}")
+
+    def read(store: Store) -> list[dict[str, Any]]:
+        return store.cells(store.resolve_sweep(req.sweep), after=req.after, limit=req.limit,
+                           unfinished=req.unfinished)
+
+    cells = await ctx.registry.read(read)
+    return {"cells": cells, "next": cells[-1]["index"] if len(cells) == req.limit else None}
+
+
+async def handle_sweep_list(ctx: Context, peer: Peer, req: SweepList) -> Reply:
+    if not 1 <= req.limit <= MAX_LIST:
+        raise _bad(f"limit must be between 1 and {MAX_LIST}")
+    return {"sweeps": await ctx.registry.read(lambda store: [
+        sweeps.sweep_object(store, row) for row in store.sweep_rows(req.limit)])}
+
+
 def _db_size(db: Path) -> int:
     return sum(p.stat().st_size for p in (db, Path(f"{db}-wal")) if p.exists())
 
@@ -489,4 +665,10 @@ HANDLERS: dict[type[Request], Handler] = {
     Watch: handle_watch,
     Unwatch: handle_unwatch,
     Prune: handle_prune,
+    SweepCreate: handle_sweep_create,
+    SweepStart: handle_sweep_start,
+    SweepEnd: handle_sweep_end,
+    SweepGet: handle_sweep_get,
+    SweepCells: handle_sweep_cells,
+    SweepList: handle_sweep_list,
 }

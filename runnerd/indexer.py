@@ -213,7 +213,7 @@ def import_run(store: Store, fact: Fact, at: float) -> str:
         if state.terminal else None
     experiment = str(doc.get("experiment") or os.path.basename(os.path.dirname(folder)) or "-")
     variation = str(doc.get("variation") or os.path.basename(folder) or "default")
-    store.insert_run({
+    store.insert("runs", {
         "run_id": run_id, "experiment": experiment[:256], "variation": variation[:256],
         "attempt": store.next_attempt(experiment[:256], variation[:256]),
         "state": State.PENDING.value, "params": json.dumps(doc.get("params") or {}, default=str),

@@ -15,9 +15,9 @@ import anyio
 from runnerd.handlers import HANDLERS, Context, Peer, file_digest, record_artifact
 from runnerd.processes import ProcessWatcher, exit_failure, is_alive
 from runnerd.registry import Store
-from runnerd.states import Event, end_with_failure
+from runnerd.states import Event, end_with_failure, failure_record
 from runnerd.watchdog import Watchdog, next_due
-from runnerd_client.protocol import Artifact, Request, RunnerdError
+from runnerd_client.protocol import Artifact, FailReason, Request, RunnerdError
 from runnerd_client.spool import claim_orphans, parse, read_header
 
 log = logging.getLogger(__name__)
@@ -37,15 +37,26 @@ def reconcile(store: Store, now: float) -> list[LivePid]:
         records = store.pid_records(run_id)
         live = [(pid, start) for pid, start in records if is_alive(pid, start)]
         if records and not live:
-            pids = ", ".join(str(pid) for pid, _ in records)
-            record = exit_failure(row["run_dir"], pids, "exited while runnerd was down", now)
-            end_with_failure(store, row, Event.PROCESS_EXITED, record, SOURCE)
+            _fail_gone(store, row, ", ".join(str(pid) for pid, _ in records), now)
             continue
         for pid, start in records:
             if (pid, start) not in live:
                 store.remove_pid(run_id, pid)
         live_pids += [(run_id, pid, start) for pid, start in live]
     return live_pids
+
+
+def _fail_gone(store: Store, row: dict[str, Any], pids: str, now: float) -> None:
+    """A run whose processes are gone at start-up: crashed on its own if crash.log says so,
+    else interrupted, gone down with runnerd or the machine (and worth resuming)."""
+    record = exit_failure(row["run_dir"], pids, "exited while runnerd was down", now)
+    if record["failure_class"] != "ProcessExited":
+        end_with_failure(store, row, Event.PROCESS_EXITED, record, SOURCE)
+        return
+    record = failure_record(
+        "Interrupted", f"process {pids} was running when runnerd or the machine went down,"
+        " and is gone (it exited while runnerd was down)", FailReason.ABANDONED, now)
+    end_with_failure(store, row, Event.INTERRUPTED, record, SOURCE)
 
 
 def _spool_peer(header: dict[str, Any]) -> Peer:

@@ -141,13 +141,56 @@ MIGRATIONS: tuple[str, ...] = (
     """,
     # 2: prune deletes a run's idempotency keys; without this, one full scan per run (BUG-5).
     "CREATE INDEX idempotency_by_run ON idempotency (run_id)",
+    # 3: sweeps and their cells; runs linked to a cell, or to the attempt they resume.
+    """
+    ALTER TABLE runs ADD COLUMN sweep_id TEXT;
+    ALTER TABLE runs ADD COLUMN cell INTEGER;
+    ALTER TABLE runs ADD COLUMN resumed_from TEXT;
+    CREATE INDEX runs_by_sweep ON runs (sweep_id, created_at) WHERE sweep_id IS NOT NULL;
+    ALTER TABLE events ADD COLUMN sweep_id TEXT;
+    CREATE INDEX events_by_sweep ON events (sweep_id, seq) WHERE sweep_id IS NOT NULL;
+    CREATE TABLE sweeps (
+        sweep_id TEXT PRIMARY KEY,
+        experiment TEXT NOT NULL,
+        failure_policy TEXT NOT NULL,
+        spec TEXT NOT NULL,
+        folder TEXT NOT NULL,
+        status TEXT NOT NULL,
+        driver_pid INTEGER,
+        driver_start INTEGER,
+        created_at REAL NOT NULL,
+        ended_at REAL
+    ) WITHOUT ROWID;
+    CREATE TABLE sweep_cells (
+        sweep_id TEXT NOT NULL,
+        idx INTEGER NOT NULL,
+        params TEXT NOT NULL,
+        variation TEXT NOT NULL,
+        latest_run_id TEXT,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        skipped INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (sweep_id, idx)
+    ) WITHOUT ROWID;
+    """,
 )
 
 RUN_COLUMNS = (
     "run_id", "experiment", "variation", "attempt", "state", "params", "tags", "cwd",
     "run_dir", "host", "created_at", "started_at", "ended_at", "last_heartbeat_at", "lost_at",
     "heartbeat_seq", "heartbeats", "heartbeat_timeout", "lost_grace", "deadline", "retry_of",
-    "launch",
+    "launch", "sweep_id", "cell", "resumed_from",
+)
+SWEEP_COLUMNS = (
+    "sweep_id", "experiment", "failure_policy", "spec", "folder", "status", "driver_pid",
+    "driver_start", "created_at", "ended_at",
+)
+CELL_STATES = ("succeeded", "failed", "abandoned", "skipped", "running", "pending")
+# A cell's state, from its latest attempt (r) and its own row (c).
+CELL_STATE = (
+    "CASE WHEN r.state IS NULL THEN (CASE WHEN c.skipped THEN 'skipped' ELSE 'pending' END)"
+    " WHEN r.state = 'succeeded' THEN 'succeeded'"
+    " WHEN r.state = 'failed_abandoned' THEN 'abandoned'"
+    " WHEN r.state LIKE 'failed%' THEN 'failed' ELSE 'running' END"
 )
 FAILURE_COLUMNS = (
     "failure_class", "message", "traceback", "phase", "reason", "signature", "category",
@@ -184,10 +227,11 @@ class Effects:
     attached: list[tuple[str, int, int | None]] = field(default_factory=list)
     detached: list[tuple[str, int]] = field(default_factory=list)
     events: list[dict[str, Any]] = field(default_factory=list)
+    sweeps: list[str] = field(default_factory=list)
 
     def mark(self) -> tuple[int, ...]:
         return (len(self.transitions), len(self.attached), len(self.detached),
-                len(self.events))
+                len(self.events), len(self.sweeps))
 
     def rollback(self, mark: tuple[int, ...]) -> None:
         """Forget what a rolled-back operation did."""
@@ -195,6 +239,7 @@ class Effects:
         del self.attached[mark[1]:]
         del self.detached[mark[2]:]
         del self.events[mark[3]:]
+        del self.sweeps[mark[4]:]
 
 
 @dataclass
@@ -205,6 +250,7 @@ class BatchResult:
     effects: Effects = field(default_factory=Effects)
     rows: dict[str, dict[str, Any]] = field(default_factory=dict)
     metadata: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    sweeps: set[str] = field(default_factory=set)
 
 
 class Store:
@@ -262,10 +308,11 @@ class Store:
         ).fetchone()
         return int(row[0] or 0) + 1
 
-    def insert_run(self, values: dict[str, Any]) -> None:
+    def insert(self, table: str, values: dict[str, Any]) -> None:
         cols = ", ".join(values)
         marks = ", ".join("?" for _ in values)
-        self.conn.execute(f"INSERT INTO runs ({cols}) VALUES ({marks})", tuple(values.values()))
+        self.conn.execute(f"INSERT INTO {table} ({cols}) VALUES ({marks})",
+                          tuple(values.values()))
 
     def update_run(self, run_id: str, **values: Any) -> None:
         sets = ", ".join(f"{col} = ?" for col in values)
@@ -299,21 +346,22 @@ class Store:
 
     def log_event(self, run_id: str, kind: str, at: float, data: dict[str, Any]) -> None:
         """Append to the event log whose seq `subscribe` streams and resumes from."""
-        seq, experiment = self.conn.execute(
-            "INSERT INTO events (run_id, experiment, kind, at, data)"
-            " SELECT ?, (SELECT experiment FROM runs WHERE run_id = ?), ?, ?, ?"
-            " RETURNING seq, experiment", (run_id, run_id, kind, at, json.dumps(data)),
+        seq, experiment, sweep_id = self.conn.execute(
+            "INSERT INTO events (run_id, experiment, sweep_id, kind, at, data)"
+            " SELECT q.id, r.experiment, r.sweep_id, ?, ?, ?"
+            " FROM (SELECT ? AS id) q LEFT JOIN runs r ON r.run_id = q.id"
+            " RETURNING seq, experiment, sweep_id", (kind, at, json.dumps(data), run_id),
         ).fetchone()
-        self.effects.events.append(_event(seq, run_id, experiment, kind, at, data))
+        self.effects.events.append(_event(seq, run_id, experiment, sweep_id, kind, at, data))
 
     def events_after(self, seq: int, run_id: str | None, experiment: str | None,
-                     limit: int) -> list[dict[str, Any]]:
+                     sweep_id: str | None, limit: int) -> list[dict[str, Any]]:
         where, args = _where(("seq > ?", seq), ("run_id = ?", run_id),
-                             ("experiment = ?", experiment))
+                             ("experiment = ?", experiment), ("sweep_id = ?", sweep_id))
         rows = self.conn.execute(
-            f"SELECT seq, run_id, experiment, kind, at, data FROM events {where}"
+            f"SELECT seq, run_id, experiment, sweep_id, kind, at, data FROM events {where}"
             " ORDER BY seq LIMIT ?", (*args, limit)).fetchall()
-        return [_event(r[0], r[1], r[2], r[3], r[4], json.loads(r[5])) for r in rows]
+        return [_event(r[0], r[1], r[2], r[3], r[4], r[5], json.loads(r[6])) for r in rows]
 
     def last_event(self) -> int:
         return int(self.conn.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0])
@@ -389,6 +437,133 @@ class Store:
         )
         self.log_event(run_id, "checkpoint", at, {"data": json.loads(data_json), "path": path})
         return int(cur.lastrowid or 0)
+
+    # --- sweeps ---
+
+    def insert_sweep(self, values: dict[str, Any],
+                     cells: Iterable[tuple[int, str, str]]) -> None:
+        """A sweep and its cells: (index, params JSON, variation) each."""
+        self.insert("sweeps", values)
+        self.conn.executemany(
+            "INSERT INTO sweep_cells (sweep_id, idx, params, variation) VALUES (?, ?, ?, ?)",
+            ((values["sweep_id"], idx, params, variation) for idx, params, variation in cells))
+        self.effects.sweeps.append(values["sweep_id"])
+
+    def sweep_row(self, sweep_id: str) -> dict[str, Any] | None:
+        cur = self.conn.execute(
+            f"SELECT {', '.join(SWEEP_COLUMNS)} FROM sweeps WHERE sweep_id = ?", (sweep_id,))
+        row = cur.fetchone()
+        return dict(zip(SWEEP_COLUMNS, row, strict=True)) if row else None
+
+    def require_sweep(self, sweep_id: str) -> dict[str, Any]:
+        row = self.sweep_row(sweep_id)
+        if row is None:
+            raise RunnerdError(ErrorCode.UNKNOWN_RUN, f"no sweep {sweep_id!r}")
+        return row
+
+    def resolve_sweep(self, prefix: str) -> str:
+        """The one sweep_id starting with `prefix` (exact match first)."""
+        if prefix and self.sweep_row(prefix) is not None:
+            return prefix
+        rows = self.conn.execute(
+            "SELECT sweep_id FROM sweeps WHERE sweep_id >= ? AND sweep_id < ? LIMIT 2",
+            (prefix, prefix + "\U0010ffff")).fetchall() if prefix else []
+        if not rows:
+            raise RunnerdError(ErrorCode.UNKNOWN_RUN, f"no sweep matches {prefix!r}")
+        if len(rows) > 1:
+            raise RunnerdError(ErrorCode.BAD_REQUEST, f"{prefix!r} matches more than one sweep")
+        return str(rows[0][0])
+
+    def update_sweep(self, sweep_id: str, **values: Any) -> None:
+        sets = ", ".join(f"{col} = ?" for col in values)
+        self.conn.execute(f"UPDATE sweeps SET {sets} WHERE sweep_id = ?",
+                          (*values.values(), sweep_id))
+        self.effects.sweeps.append(sweep_id)
+
+    def skip_unattempted(self, sweep_id: str) -> int:
+        cur = self.conn.execute(
+            "UPDATE sweep_cells SET skipped = 1 WHERE sweep_id = ? AND attempts = 0",
+            (sweep_id,))
+        return cur.rowcount
+
+    def cell_row(self, sweep_id: str, idx: int) -> dict[str, Any]:
+        row = self.conn.execute(
+            "SELECT variation, params, latest_run_id, attempts FROM sweep_cells"
+            " WHERE sweep_id = ? AND idx = ?", (sweep_id, idx)).fetchone()
+        if row is None:
+            raise RunnerdError(ErrorCode.BAD_REQUEST, f"sweep {sweep_id} has no cell {idx}")
+        return {"variation": row[0], "params": row[1], "latest_run_id": row[2],
+                "attempts": row[3]}
+
+    def claim_cell(self, sweep_id: str, idx: int, run_id: str) -> None:
+        self.conn.execute(
+            "UPDATE sweep_cells SET latest_run_id = ?, attempts = attempts + 1"
+            " WHERE sweep_id = ? AND idx = ?", (run_id, sweep_id, idx))
+
+    def cells(self, sweep_id: str, *, after: int = -1, limit: int = -1,
+              unfinished: bool = False) -> list[dict[str, Any]]:
+        """Cells in index order with their latest attempt's state and failure."""
+        rows = self.conn.execute(
+            f"SELECT c.idx, c.params, c.variation, c.latest_run_id, c.attempts, {CELL_STATE},"
+            f" {', '.join(f'f.{c}' for c in FAILURE_COLUMNS)}"
+            " FROM sweep_cells c LEFT JOIN runs r ON r.run_id = c.latest_run_id"
+            " LEFT JOIN failures f ON f.run_id = c.latest_run_id"
+            " WHERE c.sweep_id = ? AND c.idx > ?"
+            + (" AND r.state IS NOT 'succeeded'" if unfinished else "")
+            + " ORDER BY c.idx LIMIT ?", (sweep_id, after, limit)).fetchall()
+        return [{"index": r[0], "params": json.loads(r[1]), "variation": r[2], "run_id": r[3],
+                 "attempts": r[4], "state": r[5],
+                 "failure": _failure_object(r[3], r[6:]) if r[6] is not None else None}
+                for r in rows]
+
+    def cells_summary(self, sweep_id: str) -> dict[str, int]:
+        summary = dict.fromkeys(CELL_STATES, 0)
+        for state, n in self.conn.execute(
+                f"SELECT {CELL_STATE} AS s, COUNT(*) FROM sweep_cells c LEFT JOIN runs r"
+                " ON r.run_id = c.latest_run_id WHERE c.sweep_id = ? GROUP BY s", (sweep_id,)):
+            summary[state] = n
+        return {"total": sum(summary.values()), **summary}
+
+    def sweep_rows(self, limit: int) -> list[dict[str, Any]]:
+        rows = self.conn.execute(
+            f"SELECT {', '.join(SWEEP_COLUMNS)} FROM sweeps ORDER BY created_at DESC LIMIT ?",
+            (limit,)).fetchall()
+        return [dict(zip(SWEEP_COLUMNS, r, strict=True)) for r in rows]
+
+    # --- resuming ---
+
+    def latest_attempt(self, experiment: str, variation: str) -> dict[str, Any] | None:
+        row = self.conn.execute(
+            "SELECT run_id FROM runs WHERE experiment = ? AND variation = ?"
+            " ORDER BY attempt DESC LIMIT 1", (experiment, variation)).fetchone()
+        return self.run_row(row[0]) if row else None
+
+    def resume_checkpoint(self, run_id: str) -> dict[str, Any] | None:
+        """The newest checkpoint of a run, else of the attempt it resumed, and so on back."""
+        seen: set[str] = set()
+        current: str | None = run_id
+        while current is not None and current not in seen:
+            seen.add(current)
+            row = self.conn.execute(
+                "SELECT seq, data, path, at FROM checkpoints WHERE run_id = ?"
+                " ORDER BY seq DESC LIMIT 1", (current,)).fetchone()
+            if row is not None:
+                return {"run_id": current, "seq": row[0], "data": json.loads(row[1]),
+                        "path": row[2], "at": iso(row[3])}
+            found = self.conn.execute("SELECT resumed_from FROM runs WHERE run_id = ?",
+                                      (current,)).fetchone()
+            current = found[0] if found else None
+        return None
+
+    def interrupted_runs(self, limit: int) -> list[dict[str, Any]]:
+        """Runs the reconciler found interrupted that no later attempt has taken up."""
+        rows = self.conn.execute(
+            f"SELECT {', '.join('r.' + c for c in RUN_COLUMNS)} FROM failures f"
+            " JOIN runs r USING (run_id) WHERE f.failure_class = 'Interrupted'"
+            " AND NOT EXISTS (SELECT 1 FROM runs n WHERE n.experiment = r.experiment"
+            " AND n.variation = r.variation AND n.attempt > r.attempt)"
+            " ORDER BY r.created_at LIMIT ?", (limit,)).fetchall()
+        return [self.run_object(dict(zip(RUN_COLUMNS, r, strict=True))) for r in rows]
 
     # --- the crash indexer ---
 
@@ -481,7 +656,7 @@ class Store:
             key: row[key]
             for key in ("run_id", "experiment", "variation", "attempt", "state", "cwd",
                         "run_dir", "host", "heartbeats", "heartbeat_timeout", "lost_grace",
-                        "deadline", "retry_of")
+                        "deadline", "retry_of", "resumed_from", "sweep_id", "cell")
         }
         obj["params"] = json.loads(row["params"])
         obj["launch"] = json.loads(row["launch"]) if row["launch"] else None
@@ -524,9 +699,9 @@ class Store:
         return obj
 
     def list_runs(self, *, state: str | None, experiment: str | None, since: float | None,
-                  limit: int) -> list[dict[str, Any]]:
+                  limit: int, sweep_id: str | None = None) -> list[dict[str, Any]]:
         where, args = _where(("state = ?", state), ("experiment = ?", experiment),
-                             ("created_at >= ?", since))
+                             ("created_at >= ?", since), ("sweep_id = ?", sweep_id))
         rows = self.conn.execute(
             f"SELECT {', '.join(RUN_COLUMNS)} FROM runs {where}"
             " ORDER BY created_at DESC, run_id DESC LIMIT ?", (*args, limit),
@@ -638,11 +813,11 @@ class Store:
         }
 
 
-def _event(seq: int, run_id: str, experiment: str | None, kind: str, at: float,
-           data: dict[str, Any]) -> dict[str, Any]:
+def _event(seq: int, run_id: str, experiment: str | None, sweep_id: str | None, kind: str,
+           at: float, data: dict[str, Any]) -> dict[str, Any]:
     """An event as subscribers receive it."""
     return {"event": kind, "seq": seq, "run_id": run_id, "experiment": experiment,
-            "at": iso(at), **data}
+            "sweep_id": sweep_id, "at": iso(at), **data}
 
 
 def _where(*conditions: tuple[str, Any]) -> tuple[str, list[Any]]:
@@ -803,7 +978,8 @@ class Registry:
         # An imported run's folder, and its metadata.json, belong to the tool that made them.
         docs = [doc for run_id, row in rows.items() if not _imported(row)
                 and (doc := store.metadata_doc(run_id)) is not None]
-        return BatchResult(outcomes, effects, rows, docs)
+        sweeps = {*effects.sweeps, *(row["sweep_id"] for row in rows.values() if row["sweep_id"])}
+        return BatchResult(outcomes, effects, rows, docs, sweeps)
 
     @staticmethod
     def _apply_one(store: Store, op: Op) -> tuple[bool, Any]:

@@ -26,6 +26,7 @@ from runnerd.processes import ProcessWatcher
 from runnerd.reconciler import recover, spool_replayer, sweep_orphan_spools
 from runnerd.registry import Registry
 from runnerd.resources import Sampler
+from runnerd.sweeps import ManifestWriter
 from runnerd.systemd import Notifier, listen_socket
 from runnerd.watchdog import Watchdog
 from runnerd_client.protocol import RunnerdError
@@ -107,10 +108,11 @@ async def serve(cfg: config.Config) -> None:
     watchdog = Watchdog(registry)
     indexer = Indexer(registry, extra_dirs=cfg.watched_dirs)
     broker = Broker(registry)
+    manifests = ManifestWriter(registry)
     registry.subscribers += [metadata.on_commit, watchdog.on_commit, indexer.on_commit,
-                             broker.on_commit]
+                             broker.on_commit, manifests.on_commit]
     ctx = Context(config=cfg, registry=registry, indexer=indexer, broker=broker,
-                  started_at=time.time())
+                  started_at=time.time(), manifests=manifests)
     watcher = ProcessWatcher(registry, before_exit=spool_replayer(ctx))
     sampler = Sampler(registry, watcher.runs, cfg.sample_interval, cfg.memory_warning)
     watcher.explain = sampler.explain_death
@@ -140,7 +142,7 @@ async def _serve_until_signal(ctx: Context, sock: socket.socket, watchdog: Watch
         registry.subscribers.append(watcher.on_commit)  # recovery judged the pids it replayed
         await ctx.indexer.load()
         for task in (watchdog.run, watcher.poll, ctx.indexer.follow_dirs,
-                     ctx.indexer.follow_failures, sampler.run):
+                     ctx.indexer.follow_failures, sampler.run, ctx.manifests.run):
             outer.start_soon(task)
         outer.start_soon(sweep_orphan_spools, ctx, ctx.config.spool_sweep_interval)
         if ctx.config.retention:

@@ -28,6 +28,7 @@ class Event(enum.StrEnum):
     GRACE_EXPIRED = "grace_expired"
     DEADLINE = "deadline"
     PROCESS_EXITED = "process_exited"
+    INTERRUPTED = "interrupted"
 
 
 P, R, L = State.PENDING, State.RUNNING, State.LOST
@@ -49,6 +50,9 @@ TRANSITIONS: dict[Event, dict[State, State]] = {
     Event.GRACE_EXPIRED: {L: State.FAILED_LOST},
     Event.DEADLINE: {R: State.FAILED_TIMEOUT, L: State.FAILED_TIMEOUT},
     Event.PROCESS_EXITED: {P: State.FAILED_CRASH, R: State.FAILED_CRASH, L: State.FAILED_CRASH},
+    Event.INTERRUPTED: {
+        P: State.FAILED_ABANDONED, R: State.FAILED_ABANDONED, L: State.FAILED_ABANDONED
+    },
 }
 
 
@@ -62,13 +66,15 @@ def next_state(event: Event, current: State) -> State:
     return target
 
 
-def transition(store: Store, row: dict[str, Any], event: Event, at: float, source: str,
-               **values: Any) -> State:
-    """Apply `event` to a run through the table, recording it if the state changes."""
+def transition(store: Store, row: dict[str, Any], event: Event, at: float, source: str, *,
+               cause: str | None = None, **values: Any) -> State:
+    """Apply `event` to a run through the table, recording it if the state changes (with
+    `cause`, when the caller knows better than the event's name why)."""
     current = State(row["state"])
     target = next_state(event, current)
     if target != current:
-        store.set_state(row, target, at=at, cause=event.value, source=source, **values)
+        store.set_state(row, target, at=at, cause=cause or event.value, source=source,
+                        **values)
     elif values:
         store.update_run(row["run_id"], **values)
     return target
@@ -88,9 +94,10 @@ def failure_record(failure_class: str, message: str, reason: str, at: float,
 
 
 def end_with_failure(store: Store, row: dict[str, Any], event: Event, record: dict[str, Any],
-                     source: str) -> State:
+                     source: str, cause: str | None = None) -> State:
     """End a run in the failed state `event` leads to, with its failure record (recorded
     first, so its event precedes the terminal transition in the event log)."""
     next_state(event, State(row["state"]))
     store.put_failure(row["run_id"], record)
-    return transition(store, row, event, record["at"], source, ended_at=record["at"])
+    return transition(store, row, event, record["at"], source, cause=cause,
+                      ended_at=record["at"])

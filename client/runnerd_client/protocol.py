@@ -100,6 +100,25 @@ class Mutation(Request):
     run_id: str
     at: float | None = None
 
+    @property
+    def subject(self) -> str:
+        """What the idempotency key belongs to."""
+        return self.run_id
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SweepMutation(Request):
+    """A request that changes a sweep (not a run): keyed like every mutation."""
+
+    mutating: ClassVar[bool] = True
+    key: str
+    sweep_id: str
+    at: float | None = None
+
+    @property
+    def subject(self) -> str:
+        return self.sweep_id
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Hello(Request):
@@ -120,6 +139,12 @@ class Create(Mutation):
     host: str | None = None
     retry_of: str | None = None
     launch: dict[str, Any] | None = None
+    resume: bool = False
+    sweep_id: str | None = None
+    cell: int | None = None
+    claim_after: str | None = None
+    """With `sweep_id`: the run of the cell's latest attempt this one follows (None: the cell
+    has none yet). The cell is claimed only if that is still so, and no attempt is live."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -167,6 +192,7 @@ class Fail(Mutation):
     exit_code: int | None = None
     signal: str | None = None
     category_hint: str | None = None
+    cause: str | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -206,6 +232,9 @@ class ListRuns(Request):
     state: str | None = None
     experiment: str | None = None
     since: float | None = None
+    sweep: str | None = None
+    interrupted: bool = False
+    """Only runs the reconciler found interrupted that no later attempt has taken up."""
     limit: int = 50
 
 
@@ -271,7 +300,75 @@ class Subscribe(Request):
     op: ClassVar[str] = "subscribe"
     run: str | None = None
     experiment: str | None = None
+    sweep: str | None = None
     since: int | None = None
+
+
+class SweepPolicy(enum.StrEnum):
+    """What a sweep does when a cell fails after its retries (SPEC §8)."""
+
+    FAIL_FAST = "fail_fast"
+    CONTINUE_ON_FAILURE = "continue_on_failure"
+
+
+class SweepStatus(enum.StrEnum):
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    INTERRUPTED = "interrupted"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SweepCreate(SweepMutation):
+    """Store a sweep and its cells (expanded from `spec`); the caller becomes its driver."""
+
+    op: ClassVar[str] = "sweep_create"
+    experiment: str
+    spec: dict[str, Any]
+    failure_policy: str = SweepPolicy.FAIL_FAST
+    folder: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SweepStart(SweepMutation):
+    """A resume or replicate takes the sweep over: it is running again, driven by the caller."""
+
+    op: ClassVar[str] = "sweep_start"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SweepEnd(SweepMutation):
+    """The driver is done; with `skip`, cells never attempted are marked skipped. The reply
+    comes once manifest.json is written."""
+
+    op: ClassVar[str] = "sweep_end"
+    status: str
+    skip: bool = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SweepGet(Request):
+    """A sweep (id or unique prefix) with its spec and cells summary, without its cells."""
+
+    op: ClassVar[str] = "sweep_get"
+    sweep: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SweepCells(Request):
+    """One page of a sweep's cells in index order, from just after `after`."""
+
+    op: ClassVar[str] = "sweep_cells"
+    sweep: str
+    after: int = -1
+    limit: int = 1000
+    unfinished: bool = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SweepList(Request):
+    op: ClassVar[str] = "sweep_list"
+    limit: int = 50
 
 
 REQUESTS: dict[str, type[Request]] = {
@@ -279,7 +376,8 @@ REQUESTS: dict[str, type[Request]] = {
     for cls in (
         Hello, Create, Start, Attach, Detach, Heartbeat, Succeed, Fail,
         Artifact, Checkpoint, Cancel, Get, ListRuns, Status, Failures, Export, Watch,
-        Unwatch, Prune, Subscribe,
+        Unwatch, Prune, Subscribe, SweepCreate, SweepStart, SweepEnd, SweepGet, SweepCells,
+        SweepList,
     )
 }
 

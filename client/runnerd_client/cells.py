@@ -1,0 +1,108 @@
+"""The cells of a sweep, as pure functions both sides share: the daemon expands a stored
+spec into cells exactly as the CLI and the Python API plan them, so a resume planned by
+one and checked by the other always talks about the same cells.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import string
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+MAX_VARIATION = 200
+
+
+class SpecError(ValueError):
+    """A grid, a cell list or a command template that cannot make cells."""
+
+
+def expand(spec: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
+    """The cells of a spec: its explicit `cells`, else the Cartesian product of its `grid`
+    (keys in the order given, the last one varying fastest)."""
+    if spec.get("cells") is not None:
+        cells = spec["cells"]
+        if not isinstance(cells, list) or not all(isinstance(c, dict) for c in cells):
+            raise SpecError("cells must be a list of maps")
+        yield from (dict(c) for c in cells)
+        return
+    grid = spec.get("grid")
+    if not isinstance(grid, dict) or not grid:
+        raise SpecError("a sweep needs a grid (a map of value lists) or a list of cells")
+    for key, values in grid.items():
+        if not isinstance(values, list) or not values:
+            raise SpecError(f"grid key {key!r} needs a non-empty list of values")
+    keys = list(grid)
+    for combo in itertools.product(*(grid[k] for k in keys)):
+        yield dict(zip(keys, combo, strict=True))
+
+
+def count(spec: Mapping[str, Any]) -> int:
+    """How many cells a spec makes, without making them."""
+    if spec.get("cells") is not None:
+        return len(spec["cells"])
+    total = 1
+    for values in (spec.get("grid") or {}).values():
+        total *= len(values)
+    return total
+
+
+def text(value: Any) -> str:
+    """A parameter value as it appears in a variation or a command line."""
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+def variation(params: Mapping[str, Any]) -> str:
+    """A stable, readable name for a params map: `lr=0.1,seed=2` (keys sorted); a long one
+    keeps its start and a hash of the whole."""
+    if not params:
+        return "default"
+    name = ",".join(f"{key}={text(params[key])}" for key in sorted(params))
+    if len(name) <= MAX_VARIATION:
+        return name
+    digest = hashlib.sha256(name.encode()).hexdigest()[:16]
+    return f"{name[:MAX_VARIATION - 17]}~{digest}"
+
+
+class _Strict(dict[str, str]):
+    def __missing__(self, key: str) -> str:
+        raise SpecError(f"the command names {{{key}}}, which is not a parameter of the cell")
+
+
+def substitute(command: Sequence[str], params: Mapping[str, Any]) -> list[str]:
+    """The command of one cell: each `{name}` replaced by that parameter (`{{` is a brace)."""
+    values = _Strict({key: text(value) for key, value in params.items()})
+    try:
+        return [arg.format_map(values) for arg in command]
+    except (ValueError, IndexError, AttributeError) as exc:
+        raise SpecError(f"bad placeholder in the command: {exc}") from None
+
+
+def placeholders(command: Sequence[str]) -> set[str]:
+    """The parameter names a command template uses."""
+    names = set()
+    for arg in command:
+        for _, field, _, _ in string.Formatter().parse(arg):
+            if field:
+                names.add(field)
+    return names
+
+
+def differences(stored: Mapping[str, Any], given: Mapping[str, Any],
+                keys: Sequence[str] = ("command", "grid", "cells", "function")) -> list[str]:
+    """What a spec given again changes in the stored one, one line per changed key."""
+    out = []
+    for key in keys:
+        if key in given and given[key] is not None and given[key] != stored.get(key):
+            out.append(f"{key}: stored {json.dumps(stored.get(key))},"
+                       f" given {json.dumps(given[key])}")
+    return out
+
+
+def changed_keys(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """The params keys whose values differ between two attempts (added and removed too)."""
+    return sorted(k for k in old.keys() | new.keys() if old.get(k, ...) != new.get(k, ...))
