@@ -286,7 +286,10 @@ def handle_attach(ctx: Context, peer: Peer, req: Attach) -> Awaitable[Reply]:
             if row["state"] == State.LOST else {}
         transition(store, row, Event.ATTACH, at, peer.source, **alive)
         store.add_pid(req.run_id, peer.pid, peer.start_time, at)
-        return {"run": store.run_object(store.require_run(req.run_id))}
+        run = store.run_object(store.require_run(req.run_id))
+        resumed = run["resumed_from"]
+        return {"run": run, "resume_checkpoint": store.resume_checkpoint(resumed)
+                if resumed else None}
 
     return _mutate(ctx, req, apply)
 

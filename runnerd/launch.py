@@ -9,6 +9,8 @@ to the run and heartbeats for it, forwards SIGINT/SIGTERM to the group, enforces
 
 from __future__ import annotations
 
+import ctypes
+import json
 import os
 import random
 import re
@@ -17,18 +19,20 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any
 
 from runnerd.resources import cgroup_dir, cgroup_peak, gib, oom_kills
 from runnerd_client.connection import Connection, DaemonUnavailable
 from runnerd_client.protocol import FailReason, Get, RunnerdError, State
-from runnerd_client.run import RUN_ID_ENV, Client, Run
+from runnerd_client.run import RUN_ID_ENV, Cell, Client, Run
 
 KILL_AFTER = 5.0
+CHECKPOINT_ENV = "RUNNERD_CHECKPOINT"
+CHECKPOINT_DATA_ENV = "RUNNERD_CHECKPOINT_DATA"
 TAIL = 64 * 1024
 _EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)\b.*$", re.M)
 
@@ -46,6 +50,7 @@ class Launch:
     run_dir: str | None = None
     timeout: float | None = None
     memory: int | None = None
+    resume: bool = False
 
     @classmethod
     def from_run(cls, run: dict[str, Any]) -> Launch:
@@ -63,12 +68,101 @@ class Outcome:
     exit_code: int
     succeeded: bool
     interrupted: bool
+    stderr_tail: bytes = b""
+
+
+@dataclass(frozen=True)
+class Stop:
+    """Why runnerctl stopped a command: recorded as the run's failed_abandoned failure."""
+
+    failure_class: str
+    message: str
+    signum: int = signal.SIGTERM
+    cause: str | None = None
+
+    @classmethod
+    def received(cls, signum: int) -> Stop:
+        """runnerctl itself got SIGINT or SIGTERM, and passed it on."""
+        return cls("KeyboardInterrupt" if signum == signal.SIGINT else "Terminated",
+                   f"runnerctl received {signal.Signals(signum).name}", signum)
+
+
+class Launcher:
+    """The process groups of the commands running now, so that a signal to runnerctl or a
+    sweep's fail_fast stops every one of them, and each run records why."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._running: dict[int, subprocess.Popen[bytes]] = {}
+        self._stops: dict[int, Stop] = {}
+        self.stopping: Stop | None = None
+
+    def popen(self, command: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
+        """Start a command in its own process group, unless everything is being stopped."""
+        with self._lock:
+            if self.stopping is not None:
+                raise Stopped(self.stopping)
+            proc = subprocess.Popen(command, start_new_session=True,
+                                    preexec_fn=_die_with_parent, **kwargs)
+            self._running[proc.pid] = proc
+            return proc
+
+    def done(self, proc: subprocess.Popen[bytes]) -> Stop | None:
+        """Forget a finished command; why it was stopped, if it was."""
+        with self._lock:
+            self._running.pop(proc.pid, None)
+            return self._stops.pop(proc.pid, None)
+
+    def stop_all(self, stop: Stop, grace: float | None = KILL_AFTER) -> None:
+        """Send `stop.signum` to every running group and start no more; with `grace`,
+        SIGKILL whatever is still running after it."""
+        with self._lock:
+            self.stopping = self.stopping or stop
+            running = dict(self._running)
+            for pid in running:
+                self._stops.setdefault(pid, stop)
+        for pid in running:
+            _killpg(pid, stop.signum)
+        if grace is not None and running:
+            timer = threading.Timer(grace, self._kill_left, args=(list(running),))
+            timer.daemon = True
+            timer.start()
+
+    def _kill_left(self, pids: list[int]) -> None:
+        with self._lock:
+            left = [pid for pid in pids if pid in self._running]
+        for pid in left:
+            _killpg(pid, signal.SIGKILL)
+
+
+class Stopped(Exception):
+    """Raised instead of starting a command once everything is being stopped."""
+
+    def __init__(self, stop: Stop) -> None:
+        super().__init__(stop.message)
+        self.stop = stop
+
+
+def _killpg(group: int, signum: int) -> None:
+    try:
+        os.killpg(group, signum)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child: be SIGKILLed if runnerctl dies, so no command outlives its record."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
 class Tee(threading.Thread):
-    """Copy a child's output to the terminal and to a log file as it comes."""
+    """Copy a child's output to a log file, and to the terminal if given, as it comes."""
 
-    def __init__(self, source: IO[bytes], terminal: IO[bytes], log_path: Path) -> None:
+    def __init__(self, source: IO[bytes], terminal: IO[bytes] | None, log_path: Path) -> None:
         super().__init__(daemon=True)
         self.source, self.terminal, self.log_path = source, terminal, log_path
         self.tail = b""
@@ -77,8 +171,9 @@ class Tee(threading.Thread):
         with open(self.log_path, "wb") as log:
             while chunk := os.read(self.source.fileno(), 1 << 16):
                 log.write(chunk)
-                self.terminal.write(chunk)
-                self.terminal.flush()
+                if self.terminal is not None:
+                    self.terminal.write(chunk)
+                    self.terminal.flush()
                 self.tail = (self.tail + chunk)[-TAIL:]
 
 
@@ -116,14 +211,10 @@ def memory_cgroup(name: str, limit: int | None) -> Iterator[Path | None]:
 
 
 @contextmanager
-def forwarding(group: int, caught: list[int]) -> Iterator[None]:
-    """Pass SIGINT and SIGTERM on to the command's process group, noting them."""
+def forwarding(launcher: Launcher) -> Iterator[None]:
+    """Pass SIGINT and SIGTERM on to the commands' process groups (main thread only)."""
     def forward(signum: int, _frame: Any) -> None:
-        caught.append(signum)
-        try:
-            os.killpg(group, signum)
-        except ProcessLookupError:
-            pass
+        launcher.stop_all(Stop.received(signum), grace=None)
 
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -178,14 +269,13 @@ def _python_error(stderr_tail: bytes) -> tuple[str, str | None]:
     return last[:500], text if has_traceback else None
 
 
-def record_end(run: Run, rc: int, *, timed_out: bool, caught: list[int], timeout: float | None,
-               stderr_tail: bytes, cgroup: Path | None, oom_before: int | None,
-               limit: int | None = None) -> None:
+def record_end(run: Run, rc: int, *, timed_out: bool, stopped: Stop | None,
+               timeout: float | None, stderr_tail: bytes, cgroup: Path | None,
+               oom_before: int | None, limit: int | None = None) -> None:
     """End the run from the command's exit status (the command's own report wins)."""
-    if caught:
-        name = signal.Signals(caught[0]).name
-        run.fail(FailReason.ABANDONED, f"runnerctl exec received {name}",
-                 failure_class="KeyboardInterrupt" if caught[0] == signal.SIGINT else "Terminated")
+    if stopped is not None:
+        run.fail(FailReason.ABANDONED, stopped.message, failure_class=stopped.failure_class,
+                 cause=stopped.cause)
     elif timed_out:
         run.fail(FailReason.TIMEOUT, f"command exceeded --timeout of {timeout:g} s",
                  failure_class="Timeout", exit_code=rc)
@@ -207,16 +297,26 @@ def record_end(run: Run, rc: int, *, timed_out: bool, caught: list[int], timeout
                  category_hint="oom" if oom else None)
 
 
-def run_once(client: Client, launch: Launch, retry_of: str | None = None) -> Outcome:
+@dataclass(frozen=True)
+class Attempt:
+    """How to run one attempt: where its output goes and what it is linked to."""
+
+    launcher: Launcher
+    echo: bool = True
+    retry_of: str | None = None
+    cell: Cell | None = None
+
+
+def run_once(client: Client, launch: Launch, how: Attempt) -> Outcome:
     """Launch the command once, as a new attempt of its (experiment, variation)."""
     run = client.run(launch.experiment, launch.variation, params=launch.params,
-                     run_dir=launch.run_dir, retry_of=retry_of, launch=asdict(launch),
-                     heartbeat_interval=30.0)
+                     run_dir=launch.run_dir, retry_of=how.retry_of, launch=asdict(launch),
+                     heartbeat_interval=30.0, resume=launch.resume, cell=how.cell)
     run.start().start_heartbeats()
     run.run_dir.mkdir(parents=True, exist_ok=True)
     try:
         with memory_cgroup(f"runnerd-{run.run_id}", launch.memory) as cgroup:
-            return _run_in(client, run, launch, cgroup)
+            return _run_in(client, run, launch, cgroup, how)
     except CgroupError as exc:
         run.stop_heartbeats().fail(FailReason.CRASH, f"--memory: {exc}",
                                    failure_class="CgroupError", exit_code=126)
@@ -224,26 +324,41 @@ def run_once(client: Client, launch: Launch, retry_of: str | None = None) -> Out
         return Outcome(run, 126, False, False)
 
 
-def _run_in(client: Client, run: Run, launch: Launch, cgroup: Path | None) -> Outcome:
+def _environment(run: Run, launch: Launch) -> dict[str, str]:
+    """The command's environment: ours, the launch's, its run, and what it resumes from."""
     env = {**os.environ, **launch.env, RUN_ID_ENV: run.run_id}
+    checkpoint = run.resume_checkpoint
+    if launch.resume:
+        env[CHECKPOINT_ENV] = (checkpoint or {}).get("path") or ""
+        env[CHECKPOINT_DATA_ENV] = json.dumps((checkpoint or {}).get("data"))
+    return env
+
+
+def _run_in(client: Client, run: Run, launch: Launch, cgroup: Path | None,
+            how: Attempt) -> Outcome:
     command = launch.command if cgroup is None else [
         "sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', str(cgroup), *launch.command]
     oom_before = oom_kills(cgroup or cgroup_dir("self"))
     try:
-        proc = subprocess.Popen(command, cwd=launch.cwd, env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, start_new_session=True)
+        proc = how.launcher.popen(command, cwd=launch.cwd, env=_environment(run, launch),
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    except Stopped as exc:
+        run.stop_heartbeats().fail(FailReason.ABANDONED, exc.stop.message,
+                                   failure_class=exc.stop.failure_class, cause=exc.stop.cause)
+        return Outcome(run, 128 + exc.stop.signum, False, True)
     except OSError as exc:
         run.stop_heartbeats().fail(FailReason.CRASH, f"cannot run {launch.command[0]}: {exc}",
                                    failure_class=type(exc).__name__, exit_code=127)
         return Outcome(run, 127, False, False)
     assert proc.stdout is not None and proc.stderr is not None
-    tees = [Tee(proc.stdout, sys.stdout.buffer, run.run_dir / "stdout.log"),
-            Tee(proc.stderr, sys.stderr.buffer, run.run_dir / "stderr.log")]
+    tees = [Tee(proc.stdout, sys.stdout.buffer if how.echo else None,
+                run.run_dir / "stdout.log"),
+            Tee(proc.stderr, sys.stderr.buffer if how.echo else None,
+                run.run_dir / "stderr.log")]
     for tee in tees:
         tee.start()
-    caught: list[int] = []
-    with forwarding(proc.pid, caught):
-        timed_out = wait(proc, launch.timeout)
+    timed_out = wait(proc, launch.timeout)
+    stopped = how.launcher.done(proc)
     for tee in tees:
         tee.join()
     run.stop_heartbeats()
@@ -251,29 +366,43 @@ def _run_in(client: Client, run: Run, launch: Launch, cgroup: Path | None) -> Ou
         run.artifact(run.run_dir / name)
     rc = proc.returncode
     if not reported_end(client, run.run_id):
-        record_end(run, rc, timed_out=timed_out, caught=caught, timeout=launch.timeout,
+        record_end(run, rc, timed_out=timed_out, stopped=stopped, timeout=launch.timeout,
                    stderr_tail=tees[1].tail, cgroup=cgroup or cgroup_dir("self"),
                    oom_before=oom_before, limit=launch.memory)
     run.flush()
-    return Outcome(run, rc if rc >= 0 else 128 - rc, rc == 0 and not timed_out, bool(caught))
+    return Outcome(run, rc if rc >= 0 else 128 - rc, rc == 0 and not timed_out,
+                   stopped is not None, tees[1].tail)
 
 
-def run_with_retries(client: Client, launch: Launch, *, retries: int, backoff: float,
-                     retry_on: str, retry_of: str | None = None) -> int:
-    """Attempts until one succeeds, retries run out, or a failure is not worth retrying."""
+@dataclass(frozen=True)
+class Retries:
+    """When a failed attempt is tried again (SPEC §6, `exec --retries`)."""
+
+    retries: int = 0
+    backoff: float = 2.0
+    retry_on: str = "retryable"
+
+
+def run_with_retries(client: Client, launch: Launch, retries: Retries, how: Attempt,
+                     say: Callable[[str], None] = lambda line: print(line, file=sys.stderr),
+                     ) -> Outcome:
+    """Attempts until one succeeds, retries run out, or a failure is not worth retrying.
+
+    A sweep cell's retries claim the cell after the attempt they follow.
+    """
     attempt = 0
     while True:
         attempt += 1
-        outcome = run_once(client, launch, retry_of)
-        if outcome.succeeded or outcome.interrupted or attempt > retries:
-            return outcome.exit_code
+        outcome = run_once(client, launch, how)
+        if outcome.succeeded or outcome.interrupted or attempt > retries.retries:
+            return outcome
         diagnosis = outcome.run.diagnosis or {}
-        if retry_on == "retryable" and not diagnosis.get("retryable"):
-            print(f"runnerctl: attempt {attempt} failed ({diagnosis.get('category', 'unknown')}),"
-                  " not retryable", file=sys.stderr)
-            return outcome.exit_code
-        delay = backoff ** attempt * random.uniform(0.75, 1.25)
-        print(f"runnerctl: attempt {attempt} failed ({diagnosis.get('category', 'unknown')});"
-              f" retrying in {delay:.1f} s", file=sys.stderr)
+        category = diagnosis.get("category", "unknown")
+        if retries.retry_on == "retryable" and not diagnosis.get("retryable"):
+            say(f"runnerctl: attempt {attempt} failed ({category}), not retryable")
+            return outcome
+        delay = retries.backoff ** attempt * random.uniform(0.75, 1.25)
+        say(f"runnerctl: attempt {attempt} failed ({category}); retrying in {delay:.1f} s")
         time.sleep(delay)
-        retry_of = outcome.run.run_id
+        cell = how.cell and replace(how.cell, claim_after=outcome.run.run_id)
+        how = replace(how, retry_of=outcome.run.run_id, cell=cell)

@@ -24,7 +24,7 @@ from typing import Any
 
 from runnerd_client import paths
 from runnerd_client.connection import Connection, DaemonUnavailable
-from runnerd_client.protocol import ErrorCode, Request
+from runnerd_client.protocol import ErrorCode, Request, raise_for_reply
 from runnerd_client.spool import Spool
 
 log = logging.getLogger("runnerd_client")
@@ -72,8 +72,10 @@ class Reporter:
             future.set_result(self._keep(req))
         return future
 
-    def wait(self, future: Future[Reply], what: str) -> Reply | None:
-        """The reply (SPOOLED when the event is on disk), or None with a warning."""
+    def wait(self, future: Future[Reply], what: str, *,
+             raising: tuple[str, ...] = ()) -> Reply | None:
+        """The reply (SPOOLED when the event is on disk), or None with a warning; a refusal
+        whose code is in `raising` is raised instead, for the caller asked for a verdict."""
         try:
             reply = future.result(ACK_TIMEOUT)
         except TimeoutError:
@@ -81,6 +83,8 @@ class Reporter:
             return None
         if not reply.get("ok"):
             error = reply.get("error") or {}
+            if error.get("code") in raising:
+                raise_for_reply(reply)
             log.warning("runnerd refused %s: %s: %s", what, error.get("code"),
                         error.get("message"))
             return None

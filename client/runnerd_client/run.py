@@ -15,6 +15,7 @@ import threading
 import time
 import traceback as tb
 from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType, TracebackType
 from typing import IO, Any
@@ -48,6 +49,16 @@ class Terminated(SystemExit):
         super().__init__(128 + signal.SIGTERM)
 
 
+@dataclass(frozen=True)
+class Cell:
+    """A sweep's cell an attempt claims: it runs only if the cell's latest attempt is still
+    `claim_after` (None: it has none yet) and no attempt of it is live."""
+
+    sweep_id: str
+    index: int
+    claim_after: str | None = None
+
+
 class Client(Reporter):
     """What `rd.connect()` returns: makes runs and attaches to them."""
 
@@ -56,10 +67,15 @@ class Client(Reporter):
             run_dir: str | Path | None = None, heartbeat_interval: float = 60.0,
             heartbeat_timeout: float | None = None, lost_grace: float | None = None,
             deadline: float | None = None, retry_of: str | None = None,
-            launch: dict[str, Any] | None = None) -> Run:
+            launch: dict[str, Any] | None = None, resume: bool = False,
+            cell: Cell | None = None) -> Run:
         """Register a new run (pending); `start()` it or use it as a context manager.
 
         `retry_of` links it to the attempt it reruns; `launch` is how to launch it again.
+        With `resume`, after an unsuccessful attempt of the same experiment and variation
+        the run continues it: `run.resumed_from` names it and `run.resume_checkpoint` holds
+        its last checkpoint. `cell` claims a sweep's cell for this attempt. A resume whose
+        params changed, or a claim another attempt holds, raises RunnerdError(conflict).
         """
         run_id = new_run_id()
         folder = Path(run_dir).resolve() if run_dir else paths.default_run_dir(run_id)
@@ -67,12 +83,17 @@ class Client(Reporter):
                   heartbeat_interval=heartbeat_interval,
                   limits={"heartbeat_timeout": heartbeat_timeout, "lost_grace": lost_grace,
                           "deadline": deadline})
+        claim: dict[str, Any] = {"sweep_id": cell.sweep_id, "cell": cell.index,
+                 "claim_after": cell.claim_after} if cell else {}
         reply = self.wait(self.emit(Create(
             key=new_key(), run_id=run_id, experiment=experiment, variation=variation,
             params=params or {}, tags=tags or {}, cwd=os.getcwd(), run_dir=str(folder),
-            host=socket.gethostname(), retry_of=retry_of, launch=launch, at=time.time())),
-            "create")
-        run.attempt = (reply or {}).get("attempt")
+            host=socket.gethostname(), retry_of=retry_of, launch=launch, resume=resume,
+            at=time.time(), **claim)),
+            "create", raising=(ErrorCode.CONFLICT,) if resume or cell else ()) or {}
+        run.attempt = reply.get("attempt")
+        run.resumed_from = reply.get("resumed_from")
+        run.resume_checkpoint = reply.get("resume_checkpoint")
         return run
 
     def attach(self, run_id: str) -> Run:
@@ -88,6 +109,8 @@ class Client(Reporter):
                   run_dir=Path(info["run_dir"]), heartbeat_interval=60.0, limits={},
                   attached=True)
         run.attempt = info.get("attempt")
+        run.resumed_from = info.get("resumed_from")
+        run.resume_checkpoint = (reply or {}).get("resume_checkpoint")
         return run
 
 
@@ -104,6 +127,8 @@ class Run:
         self.params = params
         self.run_dir = run_dir
         self.attempt: int | None = None
+        self.resumed_from: str | None = None
+        self.resume_checkpoint: dict[str, Any] | None = None
         self.heartbeat_interval = heartbeat_interval
         self._limits = limits
         self._attached = attached
@@ -181,7 +206,8 @@ class Run:
     def fail(self, reason: str = FailReason.CRASH, message: str | None = None, *,
              failure_class: str | None = None, traceback: str | None = None,
              exit_code: int | None = None, signal: str | None = None,
-             category_hint: str | None = None, exc: BaseException | None = None) -> Run:
+             category_hint: str | None = None, exc: BaseException | None = None,
+             cause: str | None = None) -> Run:
         """End the run failed; pass `exc` to record its class, message and traceback.
 
         The daemon's diagnosis (category, retryable) lands in `self.diagnosis`; it stays
@@ -195,7 +221,7 @@ class Run:
         reply = self.client.wait(self.client.emit(Fail(
             key=new_key(), run_id=self.run_id, reason=str(reason), failure_class=failure_class,
             message=message, traceback=traceback, exit_code=exit_code, signal=signal,
-            category_hint=category_hint, at=time.time())), "fail")
+            category_hint=category_hint, cause=cause, at=time.time())), "fail")
         if reply is not None and "retryable" in reply:
             self.diagnosis = {"category": reply["category"], "retryable": reply["retryable"]}
         return self

@@ -7,10 +7,10 @@ import re
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import click
 
@@ -27,6 +27,9 @@ EXIT_ERROR, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_NO_RUN = 1, 2, 3, 4
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 def parse_duration(text: str) -> float:
@@ -51,6 +54,39 @@ def parse_size(text: str) -> int:
         raise click.BadParameter(f"{text!r} is not a size like 100M or 2G")
     number, unit = match.groups()
     return int(float(number) * 1024 ** " kmgt".index(unit.lower() or " "))
+
+
+def parse_params(pairs: Sequence[str], option: str = "--param") -> dict[str, Any]:
+    """k=v pairs; a value that parses as JSON (a number, true, a list) keeps its type."""
+    params: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{pair!r} is not k=v", param_hint=option)
+        params[key] = parse_value(value)
+    return params
+
+
+def parse_value(text: str) -> Any:
+    """A value from the command line: JSON when it parses as JSON, else the text itself."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def retry_options(fn: F) -> F:
+    """--retries, --backoff and --retry-on, as exec and sweep run take them."""
+    for option in reversed((
+        click.option("--retries", type=click.IntRange(0, 100), default=0, show_default=True),
+        click.option("--backoff", type=click.FloatRange(min=0), default=2.0, show_default=True,
+                     help="Wait backoff**attempt seconds (with jitter) before a retry."),
+        click.option("--retry-on", type=click.Choice(["retryable", "any"]),
+                     default="retryable", show_default=True,
+                     help="Retry only failures diagnosed retryable, or any."),
+    )):
+        fn = option(fn)
+    return fn
 
 
 def fail(message: str, code: int) -> NoReturn:

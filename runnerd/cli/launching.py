@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import click
 
@@ -14,8 +13,10 @@ from runnerd.cli.common import (
     cli,
     fail,
     parse_duration,
+    parse_params,
     parse_size,
     request,
+    retry_options,
 )
 from runnerd_client.ids import new_key
 from runnerd_client.protocol import (
@@ -24,19 +25,8 @@ from runnerd_client.protocol import (
     RunnerdError,
 )
 
-
-def _params(pairs: tuple[str, ...]) -> dict[str, Any]:
-    """k=v pairs; a value that parses as JSON (a number, true, a list) keeps its type."""
-    params: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise click.BadParameter(f"{pair!r} is not k=v", param_hint="--param")
-        try:
-            params[key] = json.loads(value)
-        except ValueError:
-            params[key] = value
-    return params
+if TYPE_CHECKING:
+    from runnerd.launch import Launch, Retries
 
 
 @cli.command("exec", context_settings={"ignore_unknown_options": True})
@@ -46,26 +36,39 @@ def _params(pairs: tuple[str, ...]) -> dict[str, Any]:
 @click.option("--run-dir", type=click.Path(file_okay=False, resolve_path=True))
 @click.option("--timeout", type=parse_duration, help="TERM, then KILL, after this long.")
 @click.option("--memory", type=parse_size, help="Run in a memory cgroup limited to this.")
-@click.option("--retries", type=click.IntRange(0, 100), default=0, show_default=True)
-@click.option("--backoff", type=click.FloatRange(min=0), default=2.0, show_default=True,
-              help="Wait backoff**attempt seconds (with jitter) before a retry.")
-@click.option("--retry-on", type=click.Choice(["retryable", "any"]), default="retryable",
-              show_default=True, help="Retry only failures diagnosed retryable, or any.")
+@retry_options
+@click.option("--resume", is_flag=True,
+              help="Continue the last unsuccessful attempt from its last checkpoint"
+                   " ($RUNNERD_CHECKPOINT).")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 @click.pass_context
 def exec_command(ctx: click.Context, experiment: str | None, variation: str,
                  param_pairs: tuple[str, ...], run_dir: str | None, timeout: float | None,
                  memory: int | None, retries: int, backoff: float, retry_on: str,
-                 command: tuple[str, ...]) -> None:
+                 resume: bool, command: tuple[str, ...]) -> None:
     """Run COMMAND as a tracked run; exit with its exit code."""
-    from runnerd.launch import Launch, run_with_retries
+    from runnerd.launch import Launch, Retries
+
+    launch = Launch(command=list(command), params=parse_params(param_pairs), run_dir=run_dir,
+                    experiment=experiment or Path(command[0]).name, variation=variation,
+                    timeout=timeout, memory=memory, resume=resume)
+    sys.exit(launch_in_foreground(ctx, launch, Retries(retries, backoff, retry_on)))
+
+
+def launch_in_foreground(ctx: click.Context, launch: Launch, retries: Retries,
+                         retry_of: str | None = None) -> int:
+    """Run a launch with its retries, passing Ctrl-C and SIGTERM on; its exit code."""
+    from runnerd.launch import Attempt, Launcher, forwarding, run_with_retries
     from runnerd_client.run import Client
 
-    launch = Launch(command=list(command), params=_params(param_pairs), run_dir=run_dir,
-                    experiment=experiment or Path(command[0]).name, variation=variation,
-                    timeout=timeout, memory=memory)
-    sys.exit(run_with_retries(Client(ctx.obj["socket"]), launch, retries=retries,
-                              backoff=backoff, retry_on=retry_on))
+    launcher = Launcher()
+    with forwarding(launcher):
+        try:
+            outcome = run_with_retries(Client(ctx.obj["socket"]), launch, retries,
+                                       Attempt(launcher, retry_of=retry_of))
+        except RunnerdError as exc:
+            fail(f"{exc.code}: {exc.message}", EXIT_ERROR)
+    return outcome.exit_code
 
 
 @cli.command()
@@ -73,15 +76,14 @@ def exec_command(ctx: click.Context, experiment: str | None, variation: str,
 @click.pass_context
 def retry(ctx: click.Context, run: str) -> None:
     """Run a run launched by exec again, as the next attempt, with the same command."""
-    from runnerd.launch import Launch, run_once
-    from runnerd_client.run import Client
+    from runnerd.launch import Launch, Retries
 
     previous = request(ctx, Get(run=run))["run"]
     try:
         launch = Launch.from_run(previous)
     except RunnerdError as exc:
         fail(exc.message, EXIT_ERROR)
-    sys.exit(run_once(Client(ctx.obj["socket"]), launch, retry_of=previous["run_id"]).exit_code)
+    sys.exit(launch_in_foreground(ctx, launch, Retries(), retry_of=previous["run_id"]))
 
 
 @cli.command()
