@@ -36,6 +36,7 @@ from runnerd_client.protocol import (
     ListRuns,
     State,
     Status,
+    SweepGet,
 )
 
 
@@ -120,15 +121,18 @@ def run_exit_status(ctx: click.Context, run_id: str) -> int:
 @cli.command()
 @click.argument("run", required=False)
 @click.option("--experiment", help="Follow every run of this experiment.")
+@click.option("--sweep", help="Follow every run of this sweep, from its start.")
 @json_option
 @click.pass_context
-def follow(ctx: click.Context, run: str | None, experiment: str | None, as_json: bool) -> None:
+def follow(ctx: click.Context, run: str | None, experiment: str | None, sweep: str | None,
+           as_json: bool) -> None:
     """Print events as they happen. With RUN: from its start, until it ends, and exit with
     its outcome (0 succeeded, else the command's exit code or 1)."""
     run_id = request(ctx, Get(run=run))["run"]["run_id"] if run else None
-    last = 0 if run_id else None
+    sweep_id = request(ctx, SweepGet(sweep=sweep))["sweep"]["sweep_id"] if sweep else None
+    last = 0 if run_id or sweep_id else None
     while True:
-        events = subscribed(ctx, run=run_id, experiment=experiment, since=last)
+        events = subscribed(ctx, run=run_id, experiment=experiment, sweep=sweep_id, since=last)
         try:
             while (event := events.next_event()) is not None:
                 if event["event"] == "lagged":
@@ -152,13 +156,14 @@ def follow(ctx: click.Context, run: str | None, experiment: str | None, as_json:
 @click.option("--state", type=click.Choice([s.value for s in State]), help="Only this state.")
 @click.option("--experiment", help="Only this experiment.")
 @click.option("--since", type=parse_duration, help="Created within this long, e.g. 12h.")
+@click.option("--sweep", help="Only attempts of this sweep's cells.")
 @click.option("--limit", type=click.IntRange(1, 10_000), default=50, show_default=True)
 @json_option
 @click.pass_context
 def list_runs(ctx: click.Context, state: str | None, experiment: str | None,
-              since: float | None, limit: int, as_json: bool) -> None:
+              since: float | None, sweep: str | None, limit: int, as_json: bool) -> None:
     """Runs, newest first."""
-    runs = request(ctx, ListRuns(state=state, experiment=experiment, limit=limit,
+    runs = request(ctx, ListRuns(state=state, experiment=experiment, limit=limit, sweep=sweep,
                                  since=time.time() - since if since is not None else None))["runs"]
     if as_json:
         emit_json(runs)
@@ -181,6 +186,8 @@ def _show_human(run: dict[str, Any]) -> None:
         ("experiment", lambda r: f"{r['experiment']} / {r['variation']} (attempt {r['attempt']})"),
         ("state", lambda r: r["state"]),
         ("params", lambda r: json.dumps(r["params"])),
+        ("sweep", lambda r: f"{r['sweep_id']} cell {r['cell']}" if r["sweep_id"] else "-"),
+        ("resumed", lambda r: f"from {r['resumed_from']}" if r["resumed_from"] else "-"),
         ("run_dir", lambda r: r["run_dir"]),
         ("host / pids", lambda r: f"{r['host'] or '-'} / {r['pids'] or '-'}"),
         ("created", lambda r: local_time(r["created_at"])),
