@@ -18,11 +18,13 @@ from typing import Any, TypeVar
 
 from runnerd_client.connection import Connection, DaemonUnavailable
 from runnerd_client.protocol import RunnerdError, State
-from runnerd_client.run import RUN_ID_ENV, Client, Run, Terminated
+from runnerd_client.run import ACTIVE, RUN_ID_ENV, Client, Run, Terminated
+from runnerd_client.sweep import CellOutcome, SweepResult, resume_sweep, sweep
 
 __all__ = [
-    "Client", "Connection", "DaemonUnavailable", "Run", "RunnerdError", "State", "Terminated",
-    "connect", "current_run", "retrying", "run",
+    "CellOutcome", "Client", "Connection", "DaemonUnavailable", "Run", "RunnerdError", "State",
+    "SweepResult", "Terminated", "connect", "current_run", "resume_sweep", "retrying", "run",
+    "sweep",
 ]
 __version__ = "0.1.0"
 T = TypeVar("T")
@@ -45,12 +47,18 @@ def connect(socket_path: str | Path | None = None) -> Client:
 def run(experiment: str, variation: str = "default", *, params: dict[str, Any] | None = None,
         tags: dict[str, Any] | None = None, run_dir: str | Path | None = None,
         heartbeat_interval: float = 60.0, heartbeat_timeout: float | None = None,
-        lost_grace: float | None = None, deadline: float | None = None) -> Run:
-    """A new run of `experiment`; use it with `with`: it starts, beats and ends truthfully."""
+        lost_grace: float | None = None, deadline: float | None = None,
+        resume: bool = False) -> Run:
+    """A new run of `experiment`; use it with `with`: it starts, beats and ends truthfully.
+
+    With `resume=True`, after an unsuccessful attempt of the same experiment and variation
+    the run continues it: `run.resume_checkpoint` is that attempt's last checkpoint (its
+    `data` and `path`), or None. Changed params raise RunnerdError(conflict).
+    """
     return connect().run(
         experiment, variation, params=params, tags=tags, run_dir=run_dir,
         heartbeat_interval=heartbeat_interval, heartbeat_timeout=heartbeat_timeout,
-        lost_grace=lost_grace, deadline=deadline,
+        lost_grace=lost_grace, deadline=deadline, resume=resume,
     )
 
 
@@ -80,6 +88,10 @@ def retrying(fn: Callable[..., T], *args: Any, experiment: str, variation: str =
 
 
 def current_run() -> Run | None:
-    """The run named by $RUNNERD_RUN_ID (set by `runnerctl exec`), attached; else None."""
+    """The sweep cell's run this code executes in, else the run named by $RUNNERD_RUN_ID
+    (set by `runnerctl exec`), attached; else None."""
+    active = ACTIVE.get()
+    if active is not None:
+        return active
     run_id = os.environ.get(RUN_ID_ENV)
     return connect().attach(run_id) if run_id else None

@@ -15,6 +15,7 @@ import threading
 import time
 import traceback as tb
 from concurrent.futures import Future
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType, TracebackType
@@ -45,8 +46,16 @@ RUN_ID_ENV = "RUNNERD_RUN_ID"
 class Terminated(SystemExit):
     """Raised in the main thread on SIGTERM, so `with rd.run()` records the run abandoned."""
 
+    failure_class = "Terminated"
+    message = "terminated by SIGTERM"
+    cause: str | None = None
+
     def __init__(self) -> None:
         super().__init__(128 + signal.SIGTERM)
+
+
+ACTIVE: ContextVar[Run | None] = ContextVar("runnerd_active_run", default=None)
+"""The run a sweep cell is executing in this thread, for `rd.current_run()`."""
 
 
 @dataclass(frozen=True)
@@ -262,10 +271,11 @@ class Run:
         if exc is None or (isinstance(exc, SystemExit) and not isinstance(exc, Terminated)
                            and exc.code in (0, None)):
             self.detach() if self._attached else self.succeed()
-        elif isinstance(exc, KeyboardInterrupt | Terminated):
-            self.fail(FailReason.ABANDONED, exc=exc,
-                      message="interrupted" if isinstance(exc, KeyboardInterrupt)
-                      else "terminated by SIGTERM")
+        elif isinstance(exc, Terminated):
+            self.fail(FailReason.ABANDONED, exc=exc, failure_class=exc.failure_class,
+                      message=exc.message, cause=exc.cause)
+        elif isinstance(exc, KeyboardInterrupt):
+            self.fail(FailReason.ABANDONED, exc=exc, message="interrupted")
         else:
             exit_code = exc.code if isinstance(exc, SystemExit) and isinstance(exc.code, int) \
                 else None

@@ -379,8 +379,10 @@ def sweep_show(ctx: click.Context, sweep_ref: str, as_json: bool) -> None:
                    "cells_summary": stored["cells_summary"]})
         return
     counts = stored["cells_summary"]
+    spec = stored["spec"]
+    what = " ".join(spec["command"]) if "command" in spec else spec.get("function", "?")
     click.echo(f"sweep {stored['sweep_id']} of {stored['experiment']}: {stored['status']},"
-               f" {stored['failure_policy']}\ncommand  {' '.join(stored['spec']['command'])}"
+               f" {stored['failure_policy']}\nruns     {what}"
                f"\nmanifest {stored['manifest']}\ncells    " + ", ".join(
                    f"{n} {state}" for state, n in counts.items() if n and state != "total")
                + f" of {counts['total']}")

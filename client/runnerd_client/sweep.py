@@ -1,0 +1,345 @@
+"""`rd.sweep`: a Python function over a list of cells, each call a tracked run.
+
+    result = rd.sweep("lr-sweep", [{"lr": 0.1}, {"lr": 0.01}], train, jobs=2)
+
+The sweep is stored in the daemon (SPEC §8), which writes its manifest.json; each cell
+is claimed there before it runs, so `rd.resume_sweep` (or two of them) runs only the
+cells whose latest attempt did not succeed, each from its last checkpoint
+(`rd.current_run().resume_checkpoint`). With jobs > 1 the cells run in forked worker
+processes; under fail_fast the first failure stops the others (failed_abandoned,
+cause fail_fast) and is re-raised once the manifest is written.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import pickle
+import queue
+import random
+import signal
+import time
+import traceback
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from runnerd_client import paths
+from runnerd_client.cells import differences, variation
+from runnerd_client.connection import Connection
+from runnerd_client.ids import new_key, new_run_id
+from runnerd_client.protocol import (
+    ErrorCode,
+    RunnerdError,
+    SweepCells,
+    SweepCreate,
+    SweepEnd,
+    SweepGet,
+    SweepPolicy,
+    SweepStart,
+    SweepStatus,
+)
+from runnerd_client.run import ACTIVE, Cell, Client, Terminated
+
+PAGE = 5000
+
+
+class FailFast(Terminated):
+    """Raised in a worker's running cell when another cell failed under fail_fast."""
+
+    failure_class = "FailFast"
+    message = "stopped by fail_fast: another cell failed"
+    cause = "fail_fast"
+
+
+@dataclass
+class CellOutcome:
+    """How one cell ended in this call: succeeded, failed, abandoned, skipped or taken
+    (claimed by another driver of the sweep)."""
+
+    index: int
+    params: dict[str, Any]
+    state: str
+    run_id: str | None = None
+    attempts: int = 0
+    value: Any = None
+    error: str | None = None
+    exception: BaseException | None = field(default=None, repr=False)
+
+    @property
+    def variation(self) -> str:
+        return variation(self.params)
+
+
+@dataclass
+class SweepResult:
+    """The outcomes of this call, the whole sweep's cells summary, and its manifest."""
+
+    sweep_id: str
+    outcomes: list[CellOutcome]
+    summary: dict[str, int]
+    manifest: Path | None
+    status: str
+
+    @property
+    def failed(self) -> list[CellOutcome]:
+        return [o for o in self.outcomes if o.state == "failed"]
+
+
+@dataclass(frozen=True)
+class _Options:
+    experiment: str
+    sweep_id: str
+    policy: str
+    jobs: int
+    retries: int
+    backoff: float
+    retry_on: str
+    resume: bool
+
+
+def _name(fn: Callable[..., Any]) -> str:
+    return f"{getattr(fn, '__module__', '?')}:{getattr(fn, '__qualname__', repr(fn))}"
+
+
+def sweep(experiment: str, cells: Iterable[dict[str, Any]], fn: Callable[..., Any], *,
+          failure_policy: str = SweepPolicy.FAIL_FAST, jobs: int = 1, retries: int = 0,
+          backoff: float = 2.0, retry_on: str = "retryable",
+          folder: str | Path | None = None) -> SweepResult:
+    """Call `fn(**params)` for each cell as a tracked run of `experiment`; see the module."""
+    cells = [dict(c) for c in cells]
+    spec = {"kind": "python", "function": _name(fn), "cells": cells, "jobs": jobs,
+            "retries": retries, "backoff": backoff, "retry_on": retry_on}
+    sweep_id = new_run_id()
+    with _connection() as conn:
+        conn.call(SweepCreate(key=new_key(), sweep_id=sweep_id, experiment=experiment,
+                              spec=spec, failure_policy=str(failure_policy),
+                              folder=str(Path(folder).resolve()) if folder else None))
+    options = _Options(experiment, sweep_id, str(failure_policy), jobs, retries, backoff,
+                       retry_on, resume=False)
+    return _drive(options, [(i, c, None) for i, c in enumerate(cells)], fn)
+
+
+def resume_sweep(sweep_id: str, fn: Callable[..., Any], *, jobs: int | None = None,
+                 failure_policy: str | None = None) -> SweepResult:
+    """Run the cells of a stored sweep whose latest attempt did not succeed, each resumed
+    from its last checkpoint; a function other than the stored one is refused."""
+    with _connection() as conn:
+        stored = conn.call(SweepGet(sweep=sweep_id))["sweep"]
+        changed = differences(stored["spec"], {"function": _name(fn)})
+        if changed:
+            raise RunnerdError(ErrorCode.CONFLICT, "not the stored sweep: " + "; ".join(changed))
+        conn.call(SweepStart(key=new_key(), sweep_id=stored["sweep_id"]))
+        planned = [(c["index"], c["params"], c["run_id"])
+                   for c in _cells(conn, stored["sweep_id"], unfinished=True)]
+    spec = stored["spec"]
+    options = _Options(stored["experiment"], stored["sweep_id"],
+                       failure_policy or stored["failure_policy"], jobs or spec["jobs"],
+                       spec["retries"], spec["backoff"], spec["retry_on"], resume=True)
+    return _drive(options, planned, fn)
+
+
+class _connection:
+    """A direct connection for the sweep's own requests: they need the daemon."""
+
+    def __enter__(self) -> Connection:
+        self.conn = Connection(paths.socket_path())
+        return self.conn
+
+    def __exit__(self, *exc: object) -> None:
+        self.conn.close()
+
+
+def _cells(conn: Connection, sweep_id: str, unfinished: bool) -> Iterator[dict[str, Any]]:
+    after = -1
+    while True:
+        page = conn.call(SweepCells(sweep=sweep_id, after=after, limit=PAGE,
+                                    unfinished=unfinished))
+        yield from page["cells"]
+        if page["next"] is None:
+            return
+        after = page["next"]
+
+
+Planned = tuple[int, dict[str, Any], str | None]  # index, params, the attempt it follows
+
+
+def _drive(options: _Options, planned: list[Planned], fn: Callable[..., Any]) -> SweepResult:
+    """Run the cells, end the turn (the manifest is written then), and under fail_fast
+    re-raise the first failure."""
+    outcomes: list[CellOutcome] = []
+    status = SweepStatus.INTERRUPTED
+    try:
+        run_cells = _in_process if options.jobs == 1 else _in_workers
+        outcomes = run_cells(options, planned, fn)
+        ran = {o.index for o in outcomes}
+        outcomes += [CellOutcome(i, p, "skipped") for i, p, _ in planned if i not in ran]
+        status = SweepStatus.FAILED if any(o.state != "succeeded" for o in outcomes) \
+            else SweepStatus.SUCCEEDED
+    finally:
+        result = _end(options, outcomes, status)
+    first = next((o for o in outcomes if o.state == "failed"), None)
+    if options.policy == SweepPolicy.FAIL_FAST and first is not None:
+        raise first.exception or RuntimeError(first.error)
+    return result
+
+
+def _end(options: _Options, outcomes: list[CellOutcome], status: str) -> SweepResult:
+    stopped = options.policy == SweepPolicy.FAIL_FAST and \
+        any(o.state == "failed" for o in outcomes)
+    with _connection() as conn:
+        summary = conn.call(SweepGet(sweep=options.sweep_id))["sweep"]["cells_summary"]
+        if status == SweepStatus.SUCCEEDED and summary["succeeded"] != summary["total"]:
+            status = SweepStatus.FAILED  # a resume that finished its part of a failed sweep
+        ended = conn.call(SweepEnd(key=new_key(), sweep_id=options.sweep_id, status=status,
+                                   skip=stopped))
+        stored = conn.call(SweepGet(sweep=options.sweep_id))["sweep"]
+    manifest = Path(ended["manifest"]) if ended.get("manifest") else None
+    return SweepResult(options.sweep_id, sorted(outcomes, key=lambda o: o.index),
+                       stored["cells_summary"], manifest, stored["status"])
+
+
+def _in_process(options: _Options, planned: list[Planned],
+                fn: Callable[..., Any]) -> list[CellOutcome]:
+    from runnerd_client import connect
+
+    outcomes = []
+    for index, params, after in planned:
+        outcome = run_cell(connect(), options, index, params, after, fn)
+        outcomes.append(outcome)
+        if outcome.state == "failed" and options.policy == SweepPolicy.FAIL_FAST:
+            break
+    return outcomes
+
+
+def run_cell(client: Client, options: _Options, index: int, params: dict[str, Any],
+             after: str | None, fn: Callable[..., Any]) -> CellOutcome:
+    """One cell: attempts until one succeeds or retries run out (as `rd.retrying`)."""
+    retry_of, attempts = None, 0
+    while True:
+        try:
+            run = client.run(options.experiment, variation(params), params=params,
+                             retry_of=retry_of, resume=options.resume,
+                             cell=Cell(options.sweep_id, index, after))
+        except RunnerdError as exc:
+            return CellOutcome(index, params, "taken", attempts=attempts, error=exc.message)
+        attempts += 1
+        token = ACTIVE.set(run)
+        try:
+            with run:
+                value = _STOP.call(fn, params)
+            return CellOutcome(index, params, "succeeded", run.run_id, attempts, value)
+        except FailFast as exc:
+            return CellOutcome(index, params, "abandoned", run.run_id, attempts,
+                               error=exc.message)
+        except Exception as exc:
+            retryable = options.retry_on == "any" or bool((run.diagnosis or {}).get("retryable"))
+            if attempts > options.retries or not retryable:
+                return CellOutcome(index, params, "failed", run.run_id, attempts,
+                                   error=f"{type(exc).__name__}: {exc}", exception=exc)
+        finally:
+            ACTIVE.reset(token)
+        time.sleep(options.backoff ** attempts * random.uniform(0.75, 1.25))
+        retry_of = after = run.run_id
+
+
+class _Stop:
+    """fail_fast's SIGTERM in a worker: raised inside the cell's function only, so a cell
+    being created or ended is never cut in half (it stops at its function's start)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.in_body = False
+
+    def handle(self, signum: int, frame: Any) -> None:
+        self.requested = True
+        if self.in_body:
+            raise FailFast()
+
+    def call(self, fn: Callable[..., Any], params: dict[str, Any]) -> Any:
+        if self.requested:
+            raise FailFast()
+        self.in_body = True
+        try:
+            return fn(**params)
+        finally:
+            self.in_body = False
+
+
+_STOP = _Stop()
+
+
+def _worker(options: _Options, fn: Callable[..., Any], todo: Any, done: Any,
+            stop: Any) -> None:
+    """A forked worker: run cells until there are none or the sweep stops."""
+    from runnerd_client import connect
+
+    signal.signal(signal.SIGTERM, _STOP.handle)
+    try:
+        while not stop.is_set() and not _STOP.requested:
+            try:
+                index, params, after = todo.get_nowait()
+            except queue.Empty:
+                break
+            outcome = run_cell(connect(), options, index, params, after, fn)
+            if outcome.state == "failed" and options.policy == SweepPolicy.FAIL_FAST:
+                stop.set()  # before the parent hears of it: this worker takes no next cell
+            done.put(_portable(outcome))
+    except (FailFast, KeyboardInterrupt):
+        pass
+    connect().drain(10.0)
+
+
+def _portable(outcome: CellOutcome) -> CellOutcome:
+    """An outcome that pickles: an unpicklable value or exception becomes its text."""
+    try:
+        pickle.dumps(outcome)
+        return outcome
+    except Exception:
+        text = "".join(traceback.format_exception(outcome.exception)) \
+            if outcome.exception else None
+        return CellOutcome(outcome.index, outcome.params, outcome.state, outcome.run_id,
+                           outcome.attempts, None, outcome.error,
+                           RuntimeError(text or outcome.error) if outcome.exception else None)
+
+
+def _in_workers(options: _Options, planned: list[Planned],
+                fn: Callable[..., Any]) -> list[CellOutcome]:
+    context = multiprocessing.get_context("fork")
+    todo, done, stop = context.Queue(), context.Queue(), context.Event()
+    for cell in planned:
+        todo.put(cell)
+    workers = [context.Process(target=_worker, args=(options, fn, todo, done, stop),
+                               daemon=True) for _ in range(min(options.jobs, len(planned)))]
+    for worker in workers:
+        worker.start()
+    outcomes: list[CellOutcome] = []
+    try:
+        while any(w.is_alive() for w in workers) or not done.empty():
+            try:
+                outcome = done.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            outcomes.append(outcome)
+            if outcome.state == "failed" and options.policy == SweepPolicy.FAIL_FAST \
+                    and not stop.is_set():
+                stop.set()
+                _signal_all(workers, signal.SIGTERM)
+    except BaseException:
+        stop.set()
+        _signal_all(workers, signal.SIGINT)  # interrupted, as the parent was
+        raise
+    finally:
+        for worker in workers:
+            worker.join()
+    return outcomes
+
+
+def _signal_all(workers: list[Any], signum: int) -> None:
+    for worker in workers:
+        if worker.pid is not None and worker.is_alive():
+            try:
+                os.kill(worker.pid, signum)
+            except ProcessLookupError:
+                pass
