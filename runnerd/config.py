@@ -32,6 +32,7 @@ class Config:
     sample_interval: float = 5.0
     memory_warning: float = 0.9
     retention: float | None = None
+    resume_interrupted: bool = False
 
 
 _CHECKS: dict[str, tuple[type, ...]] = {
@@ -49,6 +50,7 @@ _CHECKS: dict[str, tuple[type, ...]] = {
     "sample_interval": (int, float),
     "memory_warning": (int, float),
     "retention": (int, float),
+    "resume_interrupted": (bool,),
 }
 _SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
 
@@ -57,13 +59,14 @@ def _convert(source: Path, key: str, value: Any) -> Any:
     if key not in _CHECKS:
         known = ", ".join(f.name for f in fields(Config))
         raise ConfigError(f"{source}: unknown key {key!r} (known: {known})")
-    if not isinstance(value, _CHECKS[key]) or isinstance(value, bool):
+    if not isinstance(value, _CHECKS[key]) or (isinstance(value, bool)
+                                               and bool not in _CHECKS[key]):
         raise ConfigError(f"{source}: {key} has the wrong type ({type(value).__name__})")
     if isinstance(value, str):
         return _convert_text(source, key, value)
     if isinstance(value, list):
         return _convert_dirs(source, key, value)
-    if isinstance(value, int | float) and value <= 0:
+    if isinstance(value, int | float) and not isinstance(value, bool) and value <= 0:
         raise ConfigError(f"{source}: {key} must be positive")
     return value
 

@@ -7,7 +7,9 @@ import os
 import signal
 import socket
 import stat
+import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -152,6 +154,8 @@ async def _serve_until_signal(ctx: Context, sock: socket.socket, watchdog: Watch
         async with anyio.create_task_group() as serving:
             serving.start_soon(_until_signal, serving.cancel_scope, notifier)
             serving.start_soon(serve_connections, ctx, sock)
+            if ctx.config.resume_interrupted:
+                serving.start_soon(resume_interrupted, ctx)
             notifier.send("READY=1", f"MAINPID={os.getpid()}")
             if notifier.enabled:
                 serving.start_soon(_inform_systemd, ctx, notifier)
@@ -159,6 +163,21 @@ async def _serve_until_signal(ctx: Context, sock: socket.socket, watchdog: Watch
         with anyio.move_on_after(ctx.config.shutdown_grace):
             await registry.drained.wait()
         outer.cancel_scope.cancel()
+
+
+async def resume_interrupted(ctx: Context) -> None:
+    """With `resume_interrupted = true`: relaunch what a crash interrupted, as
+    `runnerctl resume --interrupted` would, in a process of its own that outlives us."""
+    if not await ctx.registry.read(lambda store: store.interrupted_runs(1)):
+        return
+    log_path = ctx.config.db.parent / "resume-interrupted.log"
+    with open(log_path, "ab") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "runnerd.cli", "--socket", str(ctx.config.socket), "resume",
+             "--interrupted"], stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+            start_new_session=True)
+    log.info("relaunching interrupted runs (pid %d, log %s)", proc.pid, log_path)
+    threading.Thread(target=proc.wait, name="runnerd-resume-reaper", daemon=True).start()
 
 
 def setup_logging(level: str) -> None:

@@ -116,7 +116,8 @@ class Daemon:
         if not script.exists():
             script.with_suffix(".tmp").write_text(code)
             script.with_suffix(".tmp").rename(script)
-        return subprocess.Popen([sys.executable, str(script), *args], env=self.env, text=True,
+        env = {**self.env, **kwargs.pop("env", {})}
+        return subprocess.Popen([sys.executable, str(script), *args], env=env, text=True,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs)
 
     def run_state(self, run_id: str) -> str:

@@ -288,7 +288,9 @@ def _worker(options: _Options, fn: Callable[..., Any], todo: Any, done: Any,
             done.put(_portable(outcome))
     except (FailFast, KeyboardInterrupt):
         pass
-    connect().drain(10.0)
+    finally:
+        connect().drain(10.0)
+        done.put(None)
 
 
 def _portable(outcome: CellOutcome) -> CellOutcome:
@@ -316,11 +318,7 @@ def _in_workers(options: _Options, planned: list[Planned],
         worker.start()
     outcomes: list[CellOutcome] = []
     try:
-        while any(w.is_alive() for w in workers) or not done.empty():
-            try:
-                outcome = done.get(timeout=0.1)
-            except queue.Empty:
-                continue
+        for outcome in _results(done, workers):
             outcomes.append(outcome)
             if outcome.state == "failed" and options.policy == SweepPolicy.FAIL_FAST \
                     and not stop.is_set():
@@ -334,6 +332,22 @@ def _in_workers(options: _Options, planned: list[Planned],
         for worker in workers:
             worker.join()
     return outcomes
+
+
+def _results(done: Any, workers: list[Any]) -> Iterator[CellOutcome]:
+    """Each outcome the workers send, until every worker said it is done (None) or died."""
+    finished = 0
+    while finished < len(workers):
+        try:
+            outcome = done.get(timeout=0.5)
+        except queue.Empty:
+            if not any(w.is_alive() for w in workers):
+                return  # a worker died without a word; what it sent has been read
+            continue
+        if outcome is None:
+            finished += 1
+        else:
+            yield outcome
 
 
 def _signal_all(workers: list[Any], signum: int) -> None:

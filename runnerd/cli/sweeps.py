@@ -396,21 +396,21 @@ def sweep_show(ctx: click.Context, sweep_ref: str, as_json: bool) -> None:
 @click.option("--interrupted", is_flag=True, required=True,
               help="Relaunch the runs (and sweeps) a crash of runnerd or the machine cut short.")
 @click.option("--dry-run", is_flag=True, help="Only say what would be relaunched.")
-@json_option
+@click.option("--json", "as_json", is_flag=True, help="With --dry-run: the plan as JSON.")
 @click.pass_context
 def resume(ctx: click.Context, interrupted: bool, dry_run: bool, as_json: bool) -> None:
     """Relaunch interrupted launched runs from their last checkpoints, and resume the sweeps
     they belong to."""
+    if as_json and not dry_run:
+        raise click.UsageError("--json goes with --dry-run")
     runs = request(ctx, ListRuns(interrupted=True, limit=10_000))["runs"]
     sweeps = sorted({r["sweep_id"] for r in runs if r["sweep_id"]})
     launched = [r for r in runs if not r["sweep_id"] and r["launch"]]
     others = [r for r in runs if not r["sweep_id"] and not r["launch"]]
-    if dry_run or as_json:
-        plan = {"runs": [r["run_id"] for r in launched], "sweeps": sweeps,
-                "not_launched": [r["run_id"] for r in others]}
-        if as_json:
-            emit_json(plan)
-            return
+    if as_json:
+        emit_json({"runs": [r["run_id"] for r in launched], "sweeps": sweeps,
+                   "not_launched": [r["run_id"] for r in others]})
+        return
     for r in others:
         click.echo(f"{r['run_id']} {r['experiment']}/{r['variation']}: interrupted, but not"
                    " launched by runnerctl; rerun it yourself (with resume=True)")
