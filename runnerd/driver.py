@@ -61,6 +61,7 @@ class Result:
     cell: Planned
     state: str  # succeeded, failed, abandoned, or taken (claimed by another driver)
     run: dict[str, Any] | None = None
+    run_id: str | None = None
     note: str = ""
     stderr_tail: bytes = b""
 
@@ -171,7 +172,14 @@ class Driver:
         run = fetch_run(self.client, outcome.run.run_id)
         state = "succeeded" if outcome.succeeded else \
             "abandoned" if (run or {}).get("state") == "failed_abandoned" else "failed"
-        return Result(cell, state, run, stderr_tail=outcome.stderr_tail)
+        return Result(cell, state, run, outcome.run.run_id, stderr_tail=outcome.stderr_tail)
+
+
+def refresh(client: Client, results: list[Result]) -> None:
+    """Fetch the runs the daemon could not show when their cells ended (it was away)."""
+    for result in results:
+        if result.run is None and result.run_id is not None:
+            result.run = fetch_run(client, result.run_id)
 
 
 def fetch_run(client: Client, run_id: str) -> dict[str, Any] | None:

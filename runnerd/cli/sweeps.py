@@ -49,6 +49,7 @@ if TYPE_CHECKING:
     from runnerd.driver import Driver, Planned, Result, Turn
 
 POLICIES = click.Choice([p.value for p in SweepPolicy])
+END_PATIENCE = 60.0
 MANIFEST_KEYS = ("sweep_id", "experiment", "failure_policy", "spec", "created_at", "ended_at",
                  "status")
 
@@ -148,7 +149,8 @@ def sweep_run(ctx: click.Context, experiment: str, grid: tuple[str, ...],
     except RunnerdError as exc:
         fail(f"{exc.code}: {exc.message}", EXIT_ERROR)
     turn = Turn(stored, jobs, failure_policy, Retries(retries, backoff, retry_on))
-    sys.exit(drive(ctx, conn, turn, [Planned(i, c) for i, c in enumerate(cells)]))
+    conn.close()
+    sys.exit(drive(ctx, turn, [Planned(i, c) for i, c in enumerate(cells)]))
 
 
 def _stored(ctx: click.Context, conn: Connection, ref: str) -> dict[str, Any]:
@@ -201,7 +203,8 @@ def sweep_resume(ctx: click.Context, sweep_ref: str, grid: tuple[str, ...],
              EXIT_USAGE)
     take_over(ctx, conn, stored["sweep_id"])
     planned = [with_latest(c) for c in cells(conn, stored["sweep_id"], unfinished=True)]
-    sys.exit(drive(ctx, conn, _turn(stored, jobs, failure_policy, resume=True), planned))
+    conn.close()
+    sys.exit(drive(ctx, _turn(stored, jobs, failure_policy, resume=True), planned))
 
 
 @sweep.command("replicate")
@@ -224,7 +227,8 @@ def sweep_replicate(ctx: click.Context, sweep_ref: str, failed_only: bool,
         fail("no cell has a recorded outcome to replicate", EXIT_ERROR)
     take_over(ctx, conn, stored["sweep_id"])
     turn = _turn(stored, jobs, SweepPolicy.CONTINUE_ON_FAILURE)
-    code = drive(ctx, conn, turn, planned, summary=False)
+    conn.close()
+    code = drive(ctx, turn, planned, summary=False)
     rows, differ = replication_table(turn.results)
     click.echo(table(("CELL", "VARIATION", "RECORDED", "NOW", "SAME", "RUN"), rows))
     click.echo(f"{len(rows) - differ} of {len(rows)} cell(s) ended as recorded")
@@ -273,10 +277,13 @@ def stopping_on_signals(driver: Driver) -> Iterator[None]:
             signal.signal(sig, handler)
 
 
-def drive(ctx: click.Context, conn: Connection, turn: Turn, planned: list[Planned],
-          summary: bool = True) -> int:
-    """Run the planned cells, end the turn, print the summary; the exit status."""
-    from runnerd.driver import Driver, end_turn, progress_line
+def drive(ctx: click.Context, turn: Turn, planned: list[Planned], summary: bool = True) -> int:
+    """Run the planned cells, end the turn, print the summary; the exit status.
+
+    If the daemon went away meanwhile, the cells ran all the same (their events spooled):
+    wait for it to be back and to have every event before ending the turn.
+    """
+    from runnerd.driver import Driver, end_turn, progress_line, refresh
     from runnerd_client.run import Client
 
     tty = sys.stderr.isatty()
@@ -294,15 +301,21 @@ def drive(ctx: click.Context, conn: Connection, turn: Turn, planned: list[Planne
     sweep_id = turn.sweep["sweep_id"]
     click.echo(f"sweep {sweep_id}: {len(planned)} cell(s) of {turn.sweep['experiment']},"
                f" {turn.jobs} at once, {turn.policy}")
-    driver = Driver(Client(ctx.obj["socket"]), turn, say)
+    client = Client(ctx.obj["socket"])
+    driver = Driver(client, turn, say)
     with stopping_on_signals(driver):
         driver.run(planned, progress)
     if tty:
         click.echo("\r\033[K", nl=False, err=True)
     try:
+        if not client.drain(END_PATIENCE):
+            raise DaemonUnavailable(f"runnerd was unreachable for {END_PATIENCE:g} s")
+        refresh(client, turn.results)
+        conn = Connection(ctx.obj["socket"])
         ended = end_turn(conn, turn)
     except (RunnerdError, DaemonUnavailable) as exc:
-        fail(f"the sweep's end was not recorded: {exc}", EXIT_ERROR)
+        fail(f"the sweep's end was not recorded: {exc}\n(its cells' events are spooled;"
+             " `runnerctl sweep resume` once runnerd is back)", EXIT_ERROR)
     if summary:
         print_summary(turn)
     stored = conn.call(SweepGet(sweep=sweep_id))["sweep"]
@@ -466,4 +479,5 @@ def resume_sweep(ctx: click.Context, sweep_id: str) -> int:
     stored = _stored(ctx, conn, sweep_id)
     take_over(ctx, conn, sweep_id)
     planned = [with_latest(c) for c in cells(conn, sweep_id, unfinished=True)]
-    return drive(ctx, conn, _turn(stored, None, None, resume=True), planned)
+    conn.close()
+    return drive(ctx, _turn(stored, None, None, resume=True), planned)
