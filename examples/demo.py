@@ -1,5 +1,6 @@
 """The quick-start demo: start runnerd if it is not running, run experiments that succeed,
-crash, get interrupted, hang, get killed and keep running, then show `runnerctl status`."""
+crash, get interrupted, hang, get killed and keep running, and a small sweep, then show
+`runnerctl status`."""
 
 from __future__ import annotations
 
@@ -88,6 +89,11 @@ def main() -> None:
     wait_for_state(interrupted_id, "failed_abandoned")
     wait_for_state(killed_id, "failed_crash")
     wait_for_state(hung_id, "lost")
+    print("\n== a sweep of 4 cells, one failing, under continue_on_failure")
+    subprocess.run([sys.executable, "-m", "runnerd.cli", "sweep", "run", "--experiment",
+                    "demo-sweep", "--grid", "x=1,2,3,4", "--jobs", "2", "--failure-policy",
+                    "continue_on_failure", "--", sys.executable, "-c",
+                    "import sys; x = {x}; sys.exit(f'x={x} is unlucky' if x == 3 else 0)"])
     print("\n== runnerctl status")
     ctl("status")
     for proc in (hung, running):
