@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
 import string
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -22,18 +23,10 @@ class SpecError(ValueError):
 def expand(spec: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
     """The cells of a spec: its explicit `cells`, else the Cartesian product of its `grid`
     (keys in the order given, the last one varying fastest)."""
-    if spec.get("cells") is not None:
-        cells = spec["cells"]
-        if not isinstance(cells, list) or not all(isinstance(c, dict) for c in cells):
-            raise SpecError("cells must be a list of maps")
+    cells, grid = _source(spec)
+    if cells is not None:
         yield from (dict(c) for c in cells)
         return
-    grid = spec.get("grid")
-    if not isinstance(grid, dict) or not grid:
-        raise SpecError("a sweep needs a grid (a map of value lists) or a list of cells")
-    for key, values in grid.items():
-        if not isinstance(values, list) or not values:
-            raise SpecError(f"grid key {key!r} needs a non-empty list of values")
     keys = list(grid)
     for combo in itertools.product(*(grid[k] for k in keys)):
         yield dict(zip(keys, combo, strict=True))
@@ -41,12 +34,24 @@ def expand(spec: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
 
 def count(spec: Mapping[str, Any]) -> int:
     """How many cells a spec makes, without making them."""
-    if spec.get("cells") is not None:
-        return len(spec["cells"])
-    total = 1
-    for values in (spec.get("grid") or {}).values():
-        total *= len(values)
-    return total
+    cells, grid = _source(spec)
+    return len(cells) if cells is not None else math.prod(len(v) for v in grid.values())
+
+
+def _source(spec: Mapping[str, Any]) -> tuple[list[dict[str, Any]] | None, dict[str, list[Any]]]:
+    """A spec's explicit cells, or else its grid, checked."""
+    cells = spec.get("cells")
+    if cells is not None:
+        if not isinstance(cells, list) or not all(isinstance(c, dict) for c in cells):
+            raise SpecError("cells must be a list of maps")
+        return cells, {}
+    grid = spec.get("grid")
+    if not isinstance(grid, dict) or not grid:
+        raise SpecError("a sweep needs a grid (a map of value lists) or a list of cells")
+    for key, values in grid.items():
+        if not isinstance(values, list) or not values:
+            raise SpecError(f"grid key {key!r} needs a non-empty list of values")
+    return None, grid
 
 
 def text(value: Any) -> str:
