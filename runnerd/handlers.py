@@ -594,10 +594,13 @@ async def handle_sweep_create(ctx: Context, peer: Peer, req: SweepCreate) -> Rep
 
 def handle_sweep_start(ctx: Context, peer: Peer, req: SweepStart) -> Awaitable[Reply]:
     def apply(store: Store, at: float) -> Reply:
-        store.require_sweep(req.sweep_id)
+        row = store.require_sweep(req.sweep_id)
+        if sweeps.status(row) == SweepStatus.RUNNING and row["driver_pid"] not in (None,
+                                                                                    peer.pid):
+            return {"sweep_id": req.sweep_id, "driver_pid": row["driver_pid"]}  # it helps
         store.update_sweep(req.sweep_id, status=SweepStatus.RUNNING.value, ended_at=None,
                            driver_pid=peer.pid, driver_start=peer.start_time)
-        return {"sweep_id": req.sweep_id}
+        return {"sweep_id": req.sweep_id, "driver_pid": peer.pid}
 
     return _mutate(ctx, req, apply)
 
@@ -609,11 +612,16 @@ async def handle_sweep_end(ctx: Context, peer: Peer, req: SweepEnd) -> Reply:
         raise _bad(f"status must be one of {', '.join(ended)}")
 
     def apply(store: Store, at: float) -> Reply:
-        store.require_sweep(req.sweep_id)
+        row = store.require_sweep(req.sweep_id)
+        if store.live_cells(req.sweep_id):
+            # Another driver still runs cells of it: the last one to end ends the sweep.
+            if row["driver_pid"] == peer.pid:
+                store.update_sweep(req.sweep_id, driver_pid=None, driver_start=None)
+            return {"sweep_id": req.sweep_id, "skipped": 0, "ended": False}
         skipped = store.skip_unattempted(req.sweep_id) if req.skip else 0
         store.update_sweep(req.sweep_id, status=req.status, ended_at=at, driver_pid=None,
                            driver_start=None)
-        return {"sweep_id": req.sweep_id, "skipped": skipped}
+        return {"sweep_id": req.sweep_id, "skipped": skipped, "ended": True}
 
     reply = await _mutate(ctx, req, apply)
     return {**reply, "manifest": await ctx.manifests.flush(req.sweep_id)}

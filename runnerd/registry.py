@@ -516,6 +516,13 @@ class Store:
                  "failure": _failure_object(r[3], r[6:]) if r[6] is not None else None}
                 for r in rows]
 
+    def live_cells(self, sweep_id: str) -> int:
+        """Cells whose latest attempt is pending or running (a lost one may never return)."""
+        return int(self.conn.execute(
+            "SELECT COUNT(*) FROM sweep_cells c JOIN runs r ON r.run_id = c.latest_run_id"
+            " WHERE c.sweep_id = ? AND r.state IN ('pending', 'running')",
+            (sweep_id,)).fetchone()[0])
+
     def cells_summary(self, sweep_id: str) -> dict[str, int]:
         summary = dict.fromkeys(CELL_STATES, 0)
         for state, n in self.conn.execute(

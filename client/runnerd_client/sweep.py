@@ -270,18 +270,21 @@ class _Stop:
 _STOP = _Stop()
 
 
-def _worker(options: _Options, fn: Callable[..., Any], todo: Any, done: Any,
-            stop: Any) -> None:
-    """A forked worker: run cells until there are none or the sweep stops."""
+def _worker(options: _Options, fn: Callable[..., Any], planned: list[Planned], taken: Any,
+            done: Any, stop: Any) -> None:
+    """A forked worker: take the next planned cell (`taken` counts those taken by all the
+    workers) until there are none or the sweep stops."""
     from runnerd_client import connect
 
     signal.signal(signal.SIGTERM, _STOP.handle)
     try:
         while not stop.is_set() and not _STOP.requested:
-            try:
-                index, params, after = todo.get_nowait()
-            except queue.Empty:
+            with taken.get_lock():
+                position = taken.value
+                taken.value += 1
+            if position >= len(planned):
                 break
+            index, params, after = planned[position]
             outcome = run_cell(connect(), options, index, params, after, fn)
             if outcome.state == "failed" and options.policy == SweepPolicy.FAIL_FAST:
                 stop.set()  # before the parent hears of it: this worker takes no next cell
@@ -309,10 +312,8 @@ def _portable(outcome: CellOutcome) -> CellOutcome:
 def _in_workers(options: _Options, planned: list[Planned],
                 fn: Callable[..., Any]) -> list[CellOutcome]:
     context = multiprocessing.get_context("fork")
-    todo, done, stop = context.Queue(), context.Queue(), context.Event()
-    for cell in planned:
-        todo.put(cell)
-    workers = [context.Process(target=_worker, args=(options, fn, todo, done, stop),
+    taken, done, stop = context.Value("q", 0), context.Queue(), context.Event()
+    workers = [context.Process(target=_worker, args=(options, fn, planned, taken, done, stop),
                                daemon=True) for _ in range(min(options.jobs, len(planned)))]
     for worker in workers:
         worker.start()

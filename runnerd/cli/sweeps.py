@@ -327,7 +327,7 @@ def drive(ctx: click.Context, turn: Turn, planned: list[Planned], summary: bool 
         print_first_failure(turn.first_failure)
     if turn.interrupted is not None:
         return 128 + turn.interrupted.signum
-    return 0 if all(r.state == "succeeded" for r in turn.results) else 1
+    return 0 if all(r.state in ("succeeded", "taken") for r in turn.results) else 1
 
 
 def print_summary(turn: Turn) -> None:

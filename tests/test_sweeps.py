@@ -1,0 +1,587 @@
+"""`runnerctl sweep` end to end: real daemon, real runnerctl, real commands, real signals.
+
+Every cell runs CELL, a small script told what to do by files in its state folder:
+`sleep` (seconds), `hold-<cell>` (wait while it exists), `fail-<cell>` or `fail-all`
+(raise ValueError, or KeyError when $MODE is "key"); it appends "start <cell>" and,
+when it succeeds, "end <cell>" to `log`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import Daemon, wait_for
+from runnerd_client.connection import Connection
+from runnerd_client.protocol import ListRuns
+
+CELL = textwrap.dedent("""
+    import os, sys, time
+    from pathlib import Path
+
+    state, name = Path(sys.argv[1]), "-".join(sys.argv[2:])
+    with open(state / "log", "a") as log:
+        log.write(f"start {name}\\n")
+    sleep = state / "sleep"
+    time.sleep(float(sleep.read_text()) if sleep.exists() else 0.0)
+    deadline = time.monotonic() + 60
+    while (state / f"hold-{name}").exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    if (state / f"fail-{name}").exists() or (state / "fail-all").exists():
+        if os.environ.get("MODE") == "key":
+            raise KeyError(name)
+        raise ValueError(f"cell {name} was told to fail")
+    with open(state / "log", "a") as log:
+        log.write(f"end {name}\\n")
+""")
+LIVE = ("pending", "running")
+
+
+class Cells:
+    """The cell script, its state folder, and the command template that runs it."""
+
+    def __init__(self, root: Path, sleep: float = 0.0, fail: tuple[str, ...] = ()) -> None:
+        self.state = root / "cells"
+        self.state.mkdir()
+        self.script = root / "cell.py"
+        self.script.write_text(CELL)
+        if sleep:
+            (self.state / "sleep").write_text(str(sleep))
+        for name in fail:
+            self.fail(name)
+
+    def command(self, *placeholders: str) -> list[str]:
+        return [sys.executable, str(self.script), str(self.state),
+                *(f"{{{p}}}" for p in placeholders)]
+
+    def fail(self, name: str) -> None:
+        (self.state / f"fail-{name}").touch()
+
+    def heal(self, name: str) -> None:
+        (self.state / f"fail-{name}").unlink()
+
+    def log(self) -> list[str]:
+        path = self.state / "log"
+        return path.read_text().splitlines() if path.exists() else []
+
+    def ends(self) -> Counter[str]:
+        return Counter(line.split()[1] for line in self.log() if line.startswith("end "))
+
+    def starts(self) -> Counter[str]:
+        return Counter(line.split()[1] for line in self.log() if line.startswith("start "))
+
+
+def cell_processes(cells: Cells) -> list[int]:
+    """The pids of the processes running the cell script now."""
+    pids = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if str(cells.script).encode() in (proc / "cmdline").read_bytes():
+                pids.append(int(proc.name))
+        except OSError:
+            continue
+    return pids
+
+
+def runnerctl(daemon: Daemon, *args: str,
+              env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "runnerd.cli", *args],
+                          env={**daemon.env, **(env or {})}, capture_output=True, text=True,
+                          timeout=120)
+
+
+def spawn(daemon: Daemon, procs: list[subprocess.Popen[str]], *args: str) -> \
+        subprocess.Popen[str]:
+    proc = subprocess.Popen([sys.executable, "-m", "runnerd.cli", *args], env=daemon.env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    procs.append(proc)
+    return proc
+
+
+def finish(proc: subprocess.Popen[str], timeout: float = 60.0) -> tuple[int, str, str]:
+    out, err = proc.communicate(timeout=timeout)
+    return proc.returncode, out, err
+
+
+def sweep_id_of(output: str) -> str:
+    found = re.search(r"^sweep (\S+): \d+ cell\(s\)", output, re.M)
+    assert found, output
+    return found.group(1)
+
+
+def manifest_path_of(output: str) -> Path:
+    found = re.search(r"; manifest (\S+)$", output, re.M)
+    assert found, output
+    return Path(found.group(1))
+
+
+def started_sweep(daemon: Daemon, experiment: str) -> str:
+    """The sweep a `sweep run` just created (it is running in the background)."""
+    found = wait_for(lambda: [s["sweep_id"] for s in daemon.ctl_json("sweep", "list")
+                              if s["experiment"] == experiment],
+                     what=f"the sweep of {experiment} to be created")
+    return str(found[0])
+
+
+def show(daemon: Daemon, sweep_id: str) -> dict[str, Any]:
+    shown: dict[str, Any] = daemon.ctl_json("sweep", "show", sweep_id)
+    return shown
+
+
+def sweep_runs(daemon: Daemon, sweep_id: str, state: str | None = None) -> list[dict[str, Any]]:
+    runs: list[dict[str, Any]] = daemon.ctl_json(
+        "list", "--sweep", sweep_id, "--limit", "10000", *(("--state", state) if state else ()))
+    return runs
+
+
+def by_params(shown: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The cells of `sweep show --json` by their variation."""
+    return {c["variation"]: c for c in shown["cells"]}
+
+
+class Watch(threading.Thread):
+    """Polls the daemon's record of a sweep's runs while it runs: the most runs live at
+    once, and any cell with two live attempts at once."""
+
+    def __init__(self, daemon: Daemon, sweep_id: str) -> None:
+        super().__init__(daemon=True)
+        self.conn = Connection(daemon.socket)
+        self.sweep_id = sweep_id
+        self.done = threading.Event()
+        self.most_live = 0
+        self.twice: dict[int, list[str]] = {}
+        self.samples = 0
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            while not self.done.is_set():
+                runs = self.conn.call(ListRuns(sweep=self.sweep_id, limit=10_000))["runs"]
+                live = [r for r in runs if r["state"] in LIVE]
+                self.most_live = max(self.most_live, len(live))
+                for cell, n in Counter(r["cell"] for r in live).items():
+                    if n > 1:
+                        self.twice[cell] = [r["run_id"] for r in live if r["cell"] == cell]
+                self.samples += 1
+                time.sleep(0.005)
+        except BaseException as exc:  # reported by stop()
+            self.error = exc
+
+    def stop(self) -> Watch:
+        self.done.set()
+        self.join(10)
+        self.conn.close()
+        if self.error is not None:
+            raise self.error
+        return self
+
+
+GRID = ("--grid", "x=0,1,2", "--grid", "y=0,1,2,3")
+BROKEN = ("1-2", "2-0")  # cells 6 and 8 of the grid
+
+
+def test_continue_on_failure_runs_every_cell_at_most_jobs_at_once(
+        daemon: Daemon, short_tmp: Path, procs: list[subprocess.Popen[str]]) -> None:
+    cells = Cells(short_tmp, sleep=0.3, fail=BROKEN)
+    proc = spawn(daemon, procs, "sweep", "run", "--experiment", "grid", *GRID,
+                 "--failure-policy", "continue_on_failure", "--jobs", "3", "--",
+                 *cells.command("x", "y"))
+    watch = Watch(daemon, started_sweep(daemon, "grid"))
+    watch.start()
+    code, out, err = finish(proc)
+    watch.stop()
+
+    assert code == 1, err
+    sweep_id = sweep_id_of(out)
+    assert f"sweep {sweep_id} failed: 10 succeeded, 2 failed of 12" in out
+    assert watch.samples > 10
+    assert 2 <= watch.most_live <= 3
+    assert not watch.twice
+    assert cells.ends() == Counter({f"{x}-{y}": 1 for x in range(3) for y in range(4)
+                                    if f"{x}-{y}" not in BROKEN})
+
+    path = manifest_path_of(out)
+    assert path == short_tmp / "data" / "runnerd" / "sweeps" / sweep_id / "manifest.json"
+    manifest = json.loads(path.read_text())
+    shown = show(daemon, sweep_id)
+    for doc in (manifest, shown):
+        assert doc["sweep_id"] == sweep_id
+        assert doc["failure_policy"] == "continue_on_failure"
+        assert doc["status"] == "failed"
+        assert doc["ended_at"] is not None
+        assert doc["cells_summary"] == {"total": 12, "succeeded": 10, "failed": 2,
+                                        "abandoned": 0, "skipped": 0, "running": 0,
+                                        "pending": 0}
+        assert [c["index"] for c in doc["cells"]] == list(range(12))
+        for cell in doc["cells"]:
+            name = f"{cell['params']['x']}-{cell['params']['y']}"
+            assert cell["attempts"] == 1
+            if name in BROKEN:
+                assert cell["state"] == "failed"
+                failure = cell["failure"]
+                assert failure["failure_class"] == "ExitCode"
+                assert f"ValueError: cell {name} was told to fail" in failure["message"]
+                assert failure["traceback"].startswith("Traceback (most recent call last)")
+                assert f"ValueError: cell {name} was told to fail" in failure["traceback"]
+                assert failure["signature"]
+            else:
+                assert (cell["state"], cell["failure"]) == ("succeeded", None)
+    assert manifest["cells"] == shown["cells"]
+    runs = sweep_runs(daemon, sweep_id)
+    assert sorted(r["run_id"] for r in runs) == sorted(c["run_id"] for c in shown["cells"])
+
+
+def test_fail_fast_stops_at_the_first_failure_and_skips_the_rest(
+        daemon: Daemon, short_tmp: Path) -> None:
+    cells = Cells(short_tmp, fail=BROKEN)
+    result = runnerctl(daemon, "sweep", "run", "--experiment", "fast", *GRID,
+                       "--failure-policy", "fail_fast", "--jobs", "1", "--",
+                       *cells.command("x", "y"))
+
+    assert result.returncode == 1, result.stderr
+    assert "fail_fast: stopped at cell 6 (" in result.stderr
+    assert "ExitCode: exit code 1: ValueError: cell 1-2 was told to fail" in result.stderr
+    assert "Traceback (most recent call last)" in result.stderr
+    assert cells.starts() == Counter({f"0-{y}": 1 for y in range(4)} | {"1-0": 1, "1-1": 1,
+                                                                         "1-2": 1})
+    sweep_id = sweep_id_of(result.stdout)
+    manifest = json.loads(manifest_path_of(result.stdout).read_text())
+    assert manifest["status"] == "failed"
+    assert manifest["cells_summary"] == {"total": 12, "succeeded": 6, "failed": 1,
+                                         "abandoned": 0, "skipped": 5, "running": 0,
+                                         "pending": 0}
+    states = [(c["index"], c["state"], c["attempts"]) for c in manifest["cells"]]
+    assert states == [(i, "succeeded", 1) for i in range(6)] + [(6, "failed", 1)] + \
+        [(i, "skipped", 0) for i in range(7, 12)]
+    failed = manifest["cells"][6]["failure"]
+    assert "ValueError: cell 1-2 was told to fail" in failed["traceback"]
+    assert all(c["run_id"] is None for c in manifest["cells"][7:])
+    assert show(daemon, sweep_id)["cells"] == manifest["cells"]
+    assert len(sweep_runs(daemon, sweep_id)) == 7
+
+
+def test_resume_after_the_driver_is_killed_runs_only_the_unfinished_cells(
+        daemon: Daemon, short_tmp: Path, procs: list[subprocess.Popen[str]]) -> None:
+    cells = Cells(short_tmp, sleep=0.3)
+    (cells.state / "hold-3").touch()  # cell 3 is surely running when the driver dies
+    driver = spawn(daemon, procs, "sweep", "run", "--experiment", "killed", "--grid",
+                   "x=0,1,2,3,4,5,6,7", "--jobs", "2", "--", *cells.command("x"))
+    sweep_id = started_sweep(daemon, "killed")
+    wait_for(lambda: cells.starts()["3"] and
+             len(sweep_runs(daemon, sweep_id, "succeeded")) >= 2, timeout=30,
+             what="two cells to succeed and cell 3 to start")
+    driver.send_signal(signal.SIGKILL)
+    finish(driver)
+    wait_for(lambda: not cell_processes(cells), timeout=5,
+             what="the cells' commands to die with their driver")
+    wait_for(lambda: not [r for r in sweep_runs(daemon, sweep_id) if r["state"] in LIVE],
+             timeout=30, what="the killed driver's runs to end")
+    ended_before = cells.ends()
+    (cells.state / "hold-3").unlink()
+
+    before = show(daemon, sweep_id)
+    assert before["status"] == "interrupted"
+    done = {c["variation"] for c in before["cells"] if c["state"] == "succeeded"}
+    assert 2 <= len(done) < 8
+    assert "x=3" not in done
+    for cell in before["cells"]:
+        if cell["state"] == "failed":  # cut short by the kill: cell 3, maybe another
+            assert cell["failure"]["failure_class"] == "ProcessExited"
+            assert cell["attempts"] == 1
+        else:
+            assert (cell["state"], cell["attempts"]) in {("succeeded", 1), ("pending", 0)}
+    assert by_params(before)["x=3"]["state"] == "failed"
+
+    result = runnerctl(daemon, "sweep", "resume", sweep_id)
+    assert result.returncode == 0, result.stderr
+    assert f"sweep {sweep_id}: {8 - len(done)} cell(s) of killed" in result.stdout
+
+    after = show(daemon, sweep_id)
+    assert after["status"] == "succeeded"
+    assert after["cells_summary"]["succeeded"] == 8
+    old, new = by_params(before), by_params(after)
+    for name, cell in new.items():
+        assert cell["state"] == "succeeded"
+        if name in done:
+            assert (cell["run_id"], cell["attempts"]) == (old[name]["run_id"], 1)
+        else:
+            assert cell["run_id"] != old[name]["run_id"]
+            assert cell["attempts"] == old[name]["attempts"] + 1
+    assert cells.ends() - ended_before == Counter(
+        {name.removeprefix("x="): 1 for name in new if name not in done})
+    manifest = json.loads(manifest_path_of(result.stdout).read_text())
+    assert manifest["cells"] == after["cells"]
+    assert manifest["cells_summary"] == after["cells_summary"]
+    assert sum(c["attempts"] for c in manifest["cells"]) == len(sweep_runs(daemon, sweep_id))
+
+
+def test_driver_outlives_a_killed_daemon_and_resume_runs_what_did_not_succeed(
+        short_tmp: Path, procs: list[subprocess.Popen[str]]) -> None:
+    first = Daemon(short_tmp).start()
+    second: Daemon | None = None
+    try:
+        cells = Cells(short_tmp, sleep=0.3, fail=("5",))
+        (cells.state / "hold-3").touch()  # cell 3 runs across the whole outage
+        driver = spawn(first, procs, "sweep", "run", "--experiment", "outage", "--grid",
+                       "x=0,1,2,3,4,5,6,7", "--jobs", "2", "--failure-policy",
+                       "continue_on_failure", "--", *cells.command("x"))
+        sweep_id = started_sweep(first, "outage")
+        wait_for(lambda: cells.starts()["3"] and
+                 len(sweep_runs(first, sweep_id, "succeeded")) >= 2, timeout=30,
+                 what="two cells to succeed and cell 3 to start")
+        first.stop(signal.SIGKILL)
+        started = sum(cells.starts().values())
+        wait_for(lambda: sum(cells.starts().values()) > started, timeout=30,
+                 what="a cell to start while runnerd is down")
+        (cells.state / "hold-3").unlink()
+        wait_for(lambda: cells.ends()["3"], timeout=30,
+                 what="cell 3 to succeed while runnerd is down")
+        second = Daemon(short_tmp).start()
+        code, out, err = finish(driver)
+
+        assert code == 1, err
+        assert "not recorded" not in err, err
+        assert f"sweep {sweep_id} failed: 7 succeeded, 1 failed of 8" in out
+        assert cells.ends() == Counter({str(x): 1 for x in range(8) if x != 5})
+        before = show(second, sweep_id)
+        assert before["status"] == "failed"
+        assert before["ended_at"] is not None
+        assert before["cells_summary"]["succeeded"] == 7
+        assert [(c["index"], c["state"], c["attempts"]) for c in before["cells"]] == \
+            [(i, "failed" if i == 5 else "succeeded", 1) for i in range(8)]
+
+        cells.heal("5")
+        result = runnerctl(second, "sweep", "resume", sweep_id)
+        assert result.returncode == 0, result.stderr
+        assert f"sweep {sweep_id}: 1 cell(s) of outage" in result.stdout
+        after = show(second, sweep_id)
+        assert after["status"] == "succeeded"
+        for old, new in zip(before["cells"], after["cells"], strict=True):
+            assert new["state"] == "succeeded"
+            if old["index"] == 5:
+                assert new["attempts"] == 2 and new["run_id"] != old["run_id"]
+            else:
+                assert (new["run_id"], new["attempts"]) == (old["run_id"], 1)
+        manifest = json.loads(manifest_path_of(result.stdout).read_text())
+        assert manifest["cells_summary"] == {"total": 8, "succeeded": 8, "failed": 0,
+                                             "abandoned": 0, "skipped": 0, "running": 0,
+                                             "pending": 0}
+        assert manifest["cells"] == after["cells"]
+        assert len(sweep_runs(second, sweep_id)) == 9
+    finally:
+        first.stop()
+        if second is not None:
+            second.stop()
+
+
+def test_two_resumes_at_once_never_run_a_cell_twice(
+        daemon: Daemon, short_tmp: Path, procs: list[subprocess.Popen[str]]) -> None:
+    cells = Cells(short_tmp, sleep=0.3)
+    (cells.state / "fail-all").touch()
+    first = runnerctl(daemon, "sweep", "run", "--experiment", "twice", "--grid",
+                      "x=0,1,2,3,4,5", "--jobs", "3", "--failure-policy",
+                      "continue_on_failure", "--", *cells.command("x"))
+    assert first.returncode == 1
+    sweep_id = sweep_id_of(first.stdout)
+    assert show(daemon, sweep_id)["cells_summary"]["failed"] == 6
+    (cells.state / "fail-all").unlink()
+
+    watch = Watch(daemon, sweep_id)
+    watch.start()
+    resumes = [spawn(daemon, procs, "sweep", "resume", sweep_id, "--jobs", "3")
+               for _ in range(2)]
+    outputs = [finish(proc) for proc in resumes]
+    watch.stop()
+
+    assert not watch.twice, f"cells with two live attempts: {watch.twice}"
+    assert watch.most_live >= 1
+    after = show(daemon, sweep_id)
+    assert after["status"] == "succeeded"
+    assert after["cells_summary"]["succeeded"] == 6
+    assert [c["attempts"] for c in after["cells"]] == [2] * 6
+    assert len(sweep_runs(daemon, sweep_id)) == 12
+    assert cells.ends() == Counter({str(x): 1 for x in range(6)})
+    said = Counter(m.groups() for _, out, _ in outputs
+                   for m in re.finditer(r"^cell (\d+) x=\d+: (\w+)", out, re.M))
+    for index in range(6):
+        assert said[(str(index), "succeeded")] == 1, outputs
+        assert said[(str(index), "succeeded")] + said[(str(index), "taken")] <= 2
+    assert set(state for _, state in said) <= {"succeeded", "taken"}
+
+
+def held_resumes(daemon: Daemon, short_tmp: Path, procs: list[subprocess.Popen[str]]
+                 ) -> tuple[Cells, str, subprocess.Popen[str], subprocess.CompletedProcess[str]]:
+    """A sweep of two failed cells; a first resume holding both of them running, and a
+    second resume of it run to its end meanwhile."""
+    cells = Cells(short_tmp)
+    (cells.state / "fail-all").touch()
+    first = runnerctl(daemon, "sweep", "run", "--experiment", "held", "--grid", "x=0,1",
+                      "--failure-policy", "continue_on_failure", "--", *cells.command("x"))
+    assert first.returncode == 1
+    sweep_id = sweep_id_of(first.stdout)
+    (cells.state / "fail-all").unlink()
+    for name in ("0", "1"):
+        (cells.state / f"hold-{name}").touch()
+    holder = spawn(daemon, procs, "sweep", "resume", sweep_id, "--jobs", "2")
+    wait_for(lambda: cells.starts() == Counter({"0": 2, "1": 2}), timeout=30,
+             what="the first resume to run both cells")
+    second = runnerctl(daemon, "sweep", "resume", sweep_id)
+    return cells, sweep_id, holder, second
+
+
+def release(cells: Cells, holder: subprocess.Popen[str]) -> tuple[int, str, str]:
+    for name in ("0", "1"):
+        (cells.state / f"hold-{name}").unlink()
+    return finish(holder)
+
+
+def test_a_resume_whose_every_cell_another_resume_runs_runs_nothing_and_exits_0(
+        daemon: Daemon, short_tmp: Path, procs: list[subprocess.Popen[str]]) -> None:
+    cells, sweep_id, holder, second = held_resumes(daemon, short_tmp, procs)
+    try:
+        said = sorted(re.findall(r"^cell (\d+) x=\d+: (\w+)", second.stdout, re.M))
+        assert said == [("0", "taken"), ("1", "taken")], second.stdout
+        assert "held by live attempt" in second.stdout
+        assert len(sweep_runs(daemon, sweep_id)) == 4
+        assert second.returncode == 0, second.stdout + second.stderr
+    finally:
+        code, out, err = release(cells, holder)
+    assert code == 0, out + err
+    assert cells.ends() == Counter({"0": 1, "1": 1})
+
+
+def test_a_resume_ending_does_not_end_the_sweep_another_resume_still_runs(
+        daemon: Daemon, short_tmp: Path, procs: list[subprocess.Popen[str]]) -> None:
+    cells, sweep_id, holder, second = held_resumes(daemon, short_tmp, procs)
+    try:
+        meanwhile = show(daemon, sweep_id)
+        listed = {s["sweep_id"]: s for s in daemon.ctl_json("sweep", "list")}[sweep_id]
+        assert meanwhile["cells_summary"]["running"] == 2
+        assert (meanwhile["status"], meanwhile["ended_at"]) == ("running", None), \
+            second.stdout
+        assert listed["status"] == "running"
+    finally:
+        code, out, err = release(cells, holder)
+    assert code == 0, out + err
+    after = show(daemon, sweep_id)
+    assert after["status"] == "succeeded"
+    assert [(c["state"], c["attempts"]) for c in after["cells"]] == [("succeeded", 2)] * 2
+
+
+def test_resume_refuses_a_changed_command_or_grid(daemon: Daemon, short_tmp: Path) -> None:
+    cells = Cells(short_tmp, fail=("2",))
+    command = cells.command("x")
+    first = runnerctl(daemon, "sweep", "run", "--experiment", "changed", "--grid", "x=1,2",
+                      "--failure-policy", "continue_on_failure", "--", *command)
+    assert first.returncode == 1
+    sweep_id = sweep_id_of(first.stdout)
+    runs = sorted(r["run_id"] for r in sweep_runs(daemon, sweep_id))
+    assert len(runs) == 2
+    cells.heal("2")
+
+    other = runnerctl(daemon, "sweep", "resume", sweep_id, "--", sys.executable,
+                      str(short_tmp / "other.py"), "{x}")
+    assert other.returncode == 2
+    assert "command:" in other.stderr and "other.py" in other.stderr
+    assert "nothing was run" in other.stderr
+    grid = runnerctl(daemon, "sweep", "resume", sweep_id, "--grid", "x=1,2,3")
+    assert grid.returncode == 2
+    assert "grid:" in grid.stderr
+    assert '{"x": [1, 2]}' in grid.stderr and '{"x": [1, 2, 3]}' in grid.stderr
+    assert sorted(r["run_id"] for r in sweep_runs(daemon, sweep_id)) == runs
+    assert cells.starts() == Counter({"1": 1, "2": 1})
+
+    same = runnerctl(daemon, "sweep", "resume", sweep_id, "--grid", "x=1,2", "--", *command)
+    assert same.returncode == 0, same.stderr
+    assert show(daemon, sweep_id)["cells_summary"]["succeeded"] == 2
+    assert cells.starts() == Counter({"1": 1, "2": 2})
+
+
+REPLICATION_ROW = re.compile(r"^(\d+)\s+(\S+)\s+.*\s(yes|NO)\s+(\S+)$", re.M)
+
+
+def replicated(output: str) -> dict[int, str]:
+    """CELL -> SAME of the replication table."""
+    return {int(m.group(1)): m.group(3) for m in REPLICATION_ROW.finditer(output)}
+
+
+def test_replicate_checks_each_cell_ends_as_recorded(daemon: Daemon, short_tmp: Path) -> None:
+    cells = Cells(short_tmp, fail=("2",))
+    first = runnerctl(daemon, "sweep", "run", "--experiment", "again", "--grid",
+                      "x=0,1,2,3", "--failure-policy", "continue_on_failure", "--jobs", "2",
+                      "--", *cells.command("x"))
+    assert first.returncode == 1
+    sweep_id = sweep_id_of(first.stdout)
+
+    same = runnerctl(daemon, "sweep", "replicate", sweep_id)
+    assert same.returncode == 0, same.stdout + same.stderr
+    assert replicated(same.stdout) == {0: "yes", 1: "yes", 2: "yes", 3: "yes"}
+    assert "4 of 4 cell(s) ended as recorded" in same.stdout
+    assert re.search(r"^2\s+x=2\s+failed ExitCode \[\w+\]\s+failed ExitCode \[\w+\]\s+yes",
+                     same.stdout, re.M), same.stdout
+    assert len(sweep_runs(daemon, sweep_id)) == 8
+
+    changed = runnerctl(daemon, "sweep", "replicate", sweep_id, "--failed-only",
+                        env={"MODE": "key"})
+    assert changed.returncode == 1, changed.stdout + changed.stderr
+    assert replicated(changed.stdout) == {2: "NO"}
+    assert "0 of 1 cell(s) ended as recorded" in changed.stdout
+    assert len(sweep_runs(daemon, sweep_id)) == 9
+    shown = show(daemon, sweep_id)
+    assert [c["attempts"] for c in shown["cells"]] == [2, 2, 3, 2]
+    assert "KeyError" in shown["cells"][2]["failure"]["message"]
+    assert cells.starts() == Counter({"0": 2, "1": 2, "2": 3, "3": 2})
+
+
+def test_a_placeholder_no_cell_has_is_refused(daemon: Daemon, short_tmp: Path) -> None:
+    cells = Cells(short_tmp)
+    result = runnerctl(daemon, "sweep", "run", "--experiment", "typo", "--grid", "x=1,2",
+                       "--", *cells.command("x", "y"))
+    assert result.returncode == 2
+    assert "the command uses y, which no cell has" in result.stderr
+    assert runnerctl(daemon, "sweep", "list").stdout.strip() == "no sweeps"
+    assert cells.log() == []
+
+
+@pytest.mark.parametrize("args", [("sweep", "show", "NOPE"), ("sweep", "show", "NOPE", "--json"),
+                                  ("sweep", "resume", "NOPE"), ("sweep", "replicate", "NOPE")])
+def test_an_unknown_sweep_is_named(daemon: Daemon, args: tuple[str, ...]) -> None:
+    result = runnerctl(daemon, *args)
+    assert result.returncode != 0
+    assert "no sweep" in result.stderr and "NOPE" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_toml_file_of_cells_is_a_sweep(daemon: Daemon, short_tmp: Path) -> None:
+    cells = Cells(short_tmp)
+    grid = short_tmp / "cells.toml"
+    grid.write_text('[[cells]]\nx = 1\nname = "a"\n\n[[cells]]\nx = 2\nname = "b"\n')
+    result = runnerctl(daemon, "sweep", "run", "--experiment", "toml", "--grid-file",
+                       str(grid), "--", *cells.command("x", "name"))
+    assert result.returncode == 0, result.stderr
+    shown = show(daemon, sweep_id_of(result.stdout))
+    assert [(c["params"], c["variation"], c["state"]) for c in shown["cells"]] == [
+        ({"x": 1, "name": "a"}, "name=a,x=1", "succeeded"),
+        ({"x": 2, "name": "b"}, "name=b,x=2", "succeeded")]
+    assert shown["spec"]["cells"] == [{"x": 1, "name": "a"}, {"x": 2, "name": "b"}]
+    assert cells.ends() == Counter({"1-a": 1, "2-b": 1})
+
+
+def test_a_malformed_grid_option_is_a_usage_error(daemon: Daemon, short_tmp: Path) -> None:
+    cells = Cells(short_tmp)
+    result = runnerctl(daemon, "sweep", "run", "--experiment", "bad", "--grid", "x",
+                       "--", *cells.command("x"))
+    assert result.returncode == 2
+    assert "'x' is not K=V1,V2" in result.stderr
+    assert cells.log() == []
