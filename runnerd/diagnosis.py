@@ -21,8 +21,10 @@ from dataclasses import dataclass
 from typing import Any
 
 MATCH_LIMIT = 4096
-CATEGORIES = ("oom", "timeout", "network", "dependency", "validation", "numerical",
-              "interrupted", "lost", "signal", "unknown")
+WITNESSED = ("oom", "walltime", "retired", "killed_worker")
+CATEGORIES = ("oom", "walltime", "retired", "killed_worker", "timeout", "network",
+              "dependency", "validation", "numerical", "interrupted", "lost", "signal",
+              "unknown")
 
 
 @functools.cache
@@ -105,6 +107,16 @@ RULES: tuple[Rule, ...] = (
     Rule(category="oom", hints=("oom",),
          retryable=False, pattern="the caller says it ran out of memory",
          suggestion=_OOM_ADVICE),
+    Rule(category="walltime", hints=("walltime",),
+         retryable=True, pattern="its job's walltime ended, or the job was cancelled",
+         suggestion="Resume it from its last checkpoint in a job with a longer walltime."),
+    Rule(category="retired", hints=("retired",),
+         retryable=True, pattern="its worker was retired on purpose (scale-down)",
+         suggestion="Nothing was wrong with the task itself; rerun it."),
+    Rule(category="killed_worker", hints=("killed_worker",),
+         retryable=False, pattern="Dask gave up after the task's workers died (KilledWorker)",
+         suggestion="Look at why its earlier attempts' workers died (memory, a native"
+                    " crash) before rerunning it."),
     Rule(category="oom",
          classes=("MemoryError", "OutOfMemoryError", "ResourceExhaustedError"),
          messages=(r"out of memory", r"cannot allocate memory", r"std::bad_alloc",
@@ -256,11 +268,17 @@ def diagnose(record: Mapping[str, Any], category_hint: str | None = None) -> Dia
     return Diagnosis(rule.category, rule.retryable, rule.pattern, rule.suggestion)
 
 
+def _witnessed(record: Mapping[str, Any]) -> str | None:
+    """A stored category only a witness can give (a hint): kept when re-diagnosing."""
+    category = record.get("category")
+    return category if category in WITNESSED else None
+
+
 def findings(records: list[Mapping[str, Any]], examples: int = 5) -> list[dict[str, Any]]:
     """Failure records grouped by the rule that explains them, most frequent first."""
     groups: dict[str, dict[str, Any]] = {}
     for record in records:
-        rule = match_rule(record)
+        rule = match_rule(record, _witnessed(record))
         group = groups.setdefault(rule.pattern, {
             "category": rule.category, "pattern": rule.pattern, "retryable": rule.retryable,
             "suggestion": rule.suggestion, "count": 0, "run_ids": [],

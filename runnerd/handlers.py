@@ -29,7 +29,7 @@ from runnerd.maintenance import prune
 from runnerd.processes import is_alive
 from runnerd.registry import Registry, Store
 from runnerd.resources import Sampler
-from runnerd.states import Event, end_with_failure, failure_record, transition
+from runnerd.states import Event, end_with_failure, failure_record, relabelled, transition
 from runnerd.sweeps import ManifestWriter
 from runnerd_client import paths
 from runnerd_client.cells import SpecError, changed_keys, count, expand, variation
@@ -49,6 +49,7 @@ from runnerd_client.protocol import (
     Failures,
     Get,
     Heartbeat,
+    Label,
     ListRuns,
     Mutation,
     Prune,
@@ -414,6 +415,30 @@ def handle_checkpoint(ctx: Context, peer: Peer, req: Checkpoint) -> Awaitable[Re
     return _mutate(ctx, req, apply)
 
 
+LABELS = ("oom", "walltime", "retired", "killed_worker")
+
+
+def handle_label(ctx: Context, peer: Peer, req: Label) -> Awaitable[Reply]:
+    """Keep what killed a run; a failed run is re-diagnosed now, an active one when it
+    fails (the witness may speak before the daemon has seen the death)."""
+    if req.category not in LABELS:
+        raise _bad(f"category must be one of {', '.join(LABELS)}")
+    note = (req.note or "")[:MAX_NAME] or None
+
+    def apply(store: Store, at: float) -> Reply:
+        row = store.require_run(req.run_id)
+        store.put_label(req.run_id, req.category, note, at)
+        failure = store.failure_row(req.run_id) if row["state"].startswith("failed") else None
+        if failure is None:
+            return {"state": row["state"], "applied": False}
+        record = relabelled(failure, req.category, note)
+        store.put_failure(req.run_id, record)
+        return {"state": row["state"], "applied": True, "category": record["category"],
+                "retryable": bool(record["retryable"])}
+
+    return _mutate(ctx, req, apply)
+
+
 def file_digest(path: str) -> tuple[int, str]:
     """Size and sha256 of a regular file; a clear error for anything else."""
     if not os.path.isabs(path) or "\0" in path:
@@ -676,6 +701,7 @@ HANDLERS: dict[type[Request], Handler] = {
     Watch: handle_watch,
     Unwatch: handle_unwatch,
     Prune: handle_prune,
+    Label: handle_label,
     SweepCreate: handle_sweep_create,
     SweepStart: handle_sweep_start,
     SweepEnd: handle_sweep_end,

@@ -12,7 +12,7 @@ import asyncio
 import json
 import logging
 import sqlite3
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 import aiosqlite
 
+from runnerd.mounts import network_mount, read_mountinfo
 from runnerd_client.protocol import ACTIVE_STATES, ErrorCode, RunnerdError, State
 
 log = logging.getLogger(__name__)
@@ -170,6 +171,15 @@ MIGRATIONS: tuple[str, ...] = (
         attempts INTEGER NOT NULL DEFAULT 0,
         skipped INTEGER NOT NULL DEFAULT 0,
         PRIMARY KEY (sweep_id, idx)
+    ) WITHOUT ROWID;
+    """,
+    # 4: what an outside witness (Dask's scheduler) says killed a run.
+    """
+    CREATE TABLE run_labels (
+        run_id TEXT PRIMARY KEY,
+        category TEXT NOT NULL,
+        note TEXT,
+        at REAL NOT NULL
     ) WITHOUT ROWID;
     """,
 )
@@ -409,6 +419,16 @@ class Store:
             k: record.get(k) for k in ("failure_class", "message", "reason", "category",
                                        "retryable", "signature")})
 
+    def put_label(self, run_id: str, category: str, note: str | None, at: float) -> None:
+        self.conn.execute("INSERT OR REPLACE INTO run_labels (run_id, category, note, at)"
+                          " VALUES (?, ?, ?, ?)", (run_id, category, note, at))
+
+    def label(self, run_id: str) -> tuple[str, str | None] | None:
+        """The label someone outside gave a run's death, if any (category, note)."""
+        row = self.conn.execute("SELECT category, note FROM run_labels WHERE run_id = ?",
+                                (run_id,)).fetchone()
+        return (row[0], row[1]) if row else None
+
     def failure_row(self, run_id: str) -> dict[str, Any] | None:
         """A run's failure record as stored (times as epoch seconds)."""
         row = self.conn.execute(
@@ -630,7 +650,8 @@ class Store:
             " AND COALESCE(ended_at, created_at) < ?", (*terminal, cutoff))]
         if not dry_run:
             for table in ("transitions", "events", "failures", "artifacts", "checkpoints",
-                          "run_pids", "crash_files", "idempotency", "resources", "runs"):
+                          "run_pids", "crash_files", "idempotency", "resources", "run_labels",
+                          "runs"):
                 self.conn.executemany(f"DELETE FROM {table} WHERE run_id = ?",
                                       [(run_id,) for run_id in run_ids])
         return run_ids
@@ -733,11 +754,10 @@ class Store:
                              ("f.run_id = ?", run_id))
         cols = ", ".join(f"f.{c}" for c in FAILURE_COLUMNS)
         rows = self.conn.execute(
-            f"SELECT f.run_id, r.experiment, r.variation, {cols} FROM failures f"
+            f"SELECT f.run_id, r.experiment, r.variation, r.host, {cols} FROM failures f"
             f" JOIN runs r USING (run_id) {where} ORDER BY f.at DESC LIMIT ?", (*args, limit),
         ).fetchall()
-        return [{**_failure_object(r[0], r[3:]), "experiment": r[1], "variation": r[2]}
-                for r in rows]
+        return [_joined_failure(r) for r in rows]
 
     def failure_groups(self, key: str, *, since: float | None, experiment: str | None,
                        limit: int, examples: int = 5) -> list[dict[str, Any]]:
@@ -786,12 +806,11 @@ class Store:
         if what == "failures":
             cols = ", ".join(f"f.{c}" for c in FAILURE_COLUMNS)
             rows = self.conn.execute(
-                f"SELECT f.run_id, r.experiment, r.variation, {cols} FROM failures f"
+                f"SELECT f.run_id, r.experiment, r.variation, r.host, {cols} FROM failures f"
                 " JOIN runs r USING (run_id) WHERE f.run_id > ? ORDER BY f.run_id LIMIT ?",
                 (after or "", limit),
             ).fetchall()
-            return [{**_failure_object(r[0], r[3:]), "experiment": r[1], "variation": r[2]}
-                    for r in rows]
+            return [_joined_failure(r) for r in rows]
         rows = self.conn.execute(
             f"SELECT {', '.join(RUN_COLUMNS)} FROM runs WHERE run_id > ? ORDER BY run_id LIMIT ?",
             (after or "", limit),
@@ -848,6 +867,12 @@ def _failure_object(run_id: str, row: Iterable[Any]) -> dict[str, Any]:
     return {"run_id": run_id, **record}
 
 
+def _joined_failure(row: Sequence[Any]) -> dict[str, Any]:
+    """A failure listed on its own names its run's experiment, variation and host."""
+    return {**_failure_object(row[0], row[4:]), "experiment": row[1], "variation": row[2],
+            "host": row[3]}
+
+
 Op = Callable[[Store], Any]
 
 
@@ -864,8 +889,10 @@ class Registry:
     """The async face of the registry: group-committed mutations and plain reads."""
 
     def __init__(self, path: Path, *, synchronous: str = "FULL", max_batch: int = 512,
-                 busy_timeout_ms: int = 5000) -> None:
+                 busy_timeout_ms: int = 5000,
+                 mountinfo: Callable[[], str] = read_mountinfo) -> None:
         self.path = path
+        self.mountinfo = mountinfo
         self.synchronous = synchronous
         self.max_batch = max_batch
         self.busy_timeout_ms = busy_timeout_ms
@@ -880,6 +907,7 @@ class Registry:
     async def open(self) -> None:
         """Open (creating if needed) the database and run pending migrations."""
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._refuse_network_filesystem()
         db = await aiosqlite.connect(str(self.path), isolation_level=None)
         try:
             await _on_db_thread(db, self._init_sync, db._conn)
@@ -889,6 +917,17 @@ class Registry:
                                f"cannot open registry {self.path}: {exc}") from exc
         self._db = db
         self._store = Store(db._conn)
+
+    def _refuse_network_filesystem(self) -> None:
+        """WAL's shared-memory index is not coherent across machines: refuse before it is made."""
+        found = network_mount(self.path.parent, self.mountinfo())
+        if found is not None:
+            point, fstype = found
+            raise RunnerdError(ErrorCode.UNAVAILABLE, (
+                f"refusing the registry {self.path}: it is on {fstype} (mounted at {point}), a "
+                "network filesystem, and SQLite's WAL needs shared memory on a local "
+                "filesystem. Use a node-local path such as $TMPDIR or /var/tmp, e.g. "
+                "RUNNERD_DB=/var/tmp/$USER/runnerd/registry.sqlite3 (or runnerd --db)"))
 
     def _init_sync(self, conn: sqlite3.Connection) -> None:
         conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_ms)}")

@@ -93,11 +93,23 @@ def failure_record(failure_class: str, message: str, reason: str, at: float,
             "category": found.category, "retryable": found.retryable}
 
 
+def relabelled(record: dict[str, Any], category: str, note: str | None) -> dict[str, Any]:
+    """A failure record re-diagnosed with what an outside witness says killed the run."""
+    found = diagnose(record, category)
+    message = record["message"] if not note or note in record["message"] else \
+        f"{record['message']} ({note})"
+    return {**record, "message": message, "category": found.category,
+            "retryable": found.retryable}
+
+
 def end_with_failure(store: Store, row: dict[str, Any], event: Event, record: dict[str, Any],
                      source: str, cause: str | None = None) -> State:
     """End a run in the failed state `event` leads to, with its failure record (recorded
     first, so its event precedes the terminal transition in the event log)."""
     next_state(event, State(row["state"]))
+    label = store.label(row["run_id"])
+    if label is not None:
+        record = relabelled(record, *label)
     store.put_failure(row["run_id"], record)
     return transition(store, row, event, record["at"], source, cause=cause,
                       ended_at=record["at"])

@@ -304,6 +304,17 @@ class Subscribe(Request):
     since: int | None = None
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Label(Mutation):
+    """What killed a run, from someone who saw it (Dask's scheduler): `oom`, `walltime`,
+    `retired` or `killed_worker`. It re-diagnoses a failed run, or waits for the run to
+    fail if the daemon has not seen it end yet."""
+
+    op: ClassVar[str] = "label"
+    category: str
+    note: str | None = None
+
+
 class SweepPolicy(enum.StrEnum):
     """What a sweep does when a cell fails after its retries (SPEC §8)."""
 
@@ -376,7 +387,7 @@ REQUESTS: dict[str, type[Request]] = {
     for cls in (
         Hello, Create, Start, Attach, Detach, Heartbeat, Succeed, Fail,
         Artifact, Checkpoint, Cancel, Get, ListRuns, Status, Failures, Export, Watch,
-        Unwatch, Prune, Subscribe, SweepCreate, SweepStart, SweepEnd, SweepGet, SweepCells,
+        Unwatch, Prune, Subscribe, Label, SweepCreate, SweepStart, SweepEnd, SweepGet, SweepCells,
         SweepList,
     )
 }

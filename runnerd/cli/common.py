@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 import threading
@@ -209,12 +210,15 @@ def human_bytes(n: int) -> str:
     return f"{n}B"
 
 
-def runs_table(runs: Sequence[dict[str, Any]]) -> str:
+def runs_table(runs: Sequence[dict[str, Any]], hosts: bool = False) -> str:
+    """With `hosts` (several daemons), a HOST column comes first."""
     return table(
-        ("RUN", "EXPERIMENT", "VARIATION", "ATT", "STATE", "CREATED", "RUNTIME", "PEAK MEM",
-         "CPU", "FAILURE"),
-        [(r["run_id"], r["experiment"], r["variation"], r["attempt"], r["state"],
-          local_time(r["created_at"]), runtime(r), peak_memory(r), cpu_time(r), failure_summary(r))
+        ("HOST",) * hosts + ("RUN", "EXPERIMENT", "VARIATION", "ATT", "STATE", "CREATED",
+                             "RUNTIME", "PEAK MEM", "CPU", "FAILURE"),
+        [(r.get("host") or "-",) * hosts + (
+            r["run_id"], r["experiment"], r["variation"], r["attempt"], r["state"],
+            local_time(r["created_at"]), runtime(r), peak_memory(r), cpu_time(r),
+            failure_summary(r))
          for r in runs],
     )
 
@@ -222,14 +226,25 @@ def runs_table(runs: Sequence[dict[str, Any]]) -> str:
 # --- commands ---------------------------------------------------------------
 
 
+# Commands that merge the answers of several daemons (`--socket A --socket B`).
+MULTI_DAEMON_COMMANDS = ("status", "list", "show", "failures")
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--socket", "socket_path", type=click.Path(path_type=Path), envvar="RUNNERD_SOCKET",
-              help="Daemon socket (default: $RUNNERD_SOCKET or the XDG runtime path).")
+@click.option("--socket", "socket_paths", type=click.Path(path_type=Path), multiple=True,
+              help="Daemon socket (default: $RUNNERD_SOCKET or the XDG runtime path). "
+                   f"Repeat it to query several daemons as one ({', '.join(MULTI_DAEMON_COMMANDS)}).")
 @click.version_option(package_name="runnerd", prog_name="runnerctl")
 @click.pass_context
-def cli(ctx: click.Context, socket_path: Path | None) -> None:
+def cli(ctx: click.Context, socket_paths: tuple[Path, ...]) -> None:
     """Query and command the runnerd daemon."""
-    ctx.obj = {"socket": socket_path}
+    env = os.environ.get("RUNNERD_SOCKET")
+    sockets = list(socket_paths) or ([Path(env)] if env else [])
+    if len(sockets) > 1 and ctx.invoked_subcommand not in MULTI_DAEMON_COMMANDS:
+        raise click.UsageError(
+            f"{ctx.invoked_subcommand} talks to one daemon: give one --socket (several are "
+            f"for {', '.join(MULTI_DAEMON_COMMANDS)})")
+    ctx.obj = {"socket": sockets[0] if sockets else None, "sockets": sockets}
 
 
 json_option = click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
