@@ -169,10 +169,15 @@ class Driver:
         return self._result(cell, outcome)
 
     def _result(self, cell: Planned, outcome: Outcome) -> Result:
-        run = fetch_run(self.client, outcome.run.run_id)
-        state = "succeeded" if outcome.succeeded else \
-            "abandoned" if (run or {}).get("state") == "failed_abandoned" else "failed"
-        return Result(cell, state, run, outcome.run.run_id, stderr_tail=outcome.stderr_tail)
+        """How the cell ended; the daemon is asked for the record only of a failure."""
+        done = outcome.run
+        if outcome.succeeded:
+            run = {"run_id": done.run_id, "variation": done.variation,
+                   "attempt": done.attempt, "state": "succeeded", "failure": None}
+            return Result(cell, "succeeded", run, done.run_id)
+        fetched = fetch_run(self.client, done.run_id)
+        state = "abandoned" if (fetched or {}).get("state") == "failed_abandoned" else "failed"
+        return Result(cell, state, fetched, done.run_id, stderr_tail=outcome.stderr_tail)
 
 
 def refresh(client: Client, results: list[Result]) -> None:
@@ -184,17 +189,9 @@ def refresh(client: Client, results: list[Result]) -> None:
 
 def fetch_run(client: Client, run_id: str) -> dict[str, Any] | None:
     """A run as the daemon has it now (None while the daemon is away)."""
-    try:
-        conn = Connection(client.socket_path, timeout=5.0)
-    except RunnerdError:
-        return None
-    try:
-        run: dict[str, Any] = conn.call(Get(run=run_id))["run"]
-        return run
-    except RunnerdError:
-        return None
-    finally:
-        conn.close()
+    reply = client.ask(Get(run=run_id)) or {}
+    run: dict[str, Any] | None = reply.get("run") if reply.get("ok") else None
+    return run
 
 
 def failure_text(result: Result) -> str:

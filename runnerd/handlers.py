@@ -663,11 +663,13 @@ async def handle_sweep_cells(ctx: Context, peer: Peer, req: SweepCells) -> Reply
         raise _bad(f"limit must be between 1 and {MAX_LIST}")
 
     def read(store: Store) -> list[dict[str, Any]]:
-        return store.cells(store.resolve_sweep(req.sweep), after=req.after, limit=req.limit,
-                           unfinished=req.unfinished)
+        return store.cells(store.resolve_sweep(req.sweep), after=req.after,
+                           limit=req.limit + 1, unfinished=req.unfinished)
 
     cells = await ctx.registry.read(read)
-    return {"cells": cells, "next": cells[-1]["index"] if len(cells) == req.limit else None}
+    more = len(cells) > req.limit
+    cells = cells[:req.limit]
+    return {"cells": cells, "next": cells[-1]["index"] if more else None}
 
 
 async def handle_sweep_list(ctx: Context, peer: Peer, req: SweepList) -> Reply:

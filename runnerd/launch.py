@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import IO, Any
 
 from runnerd.resources import cgroup_dir, cgroup_peak, gib, oom_kills
-from runnerd_client.connection import Connection, DaemonUnavailable
 from runnerd_client.protocol import FailReason, Get, RunnerdError, State
 from runnerd_client.run import RUN_ID_ENV, Cell, Client, Run
 
@@ -98,14 +97,20 @@ class Launcher:
         self.stopping: Stop | None = None
 
     def popen(self, command: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
-        """Start a command in its own process group, unless everything is being stopped."""
+        """Start a command in its own process group, unless everything is being stopped
+        (several threads may start commands at once: the lock is not held meanwhile)."""
+        if self.stopping is not None:
+            raise Stopped(self.stopping)
+        proc = subprocess.Popen(command, start_new_session=True, preexec_fn=_die_with_parent,
+                                **kwargs)
         with self._lock:
-            if self.stopping is not None:
-                raise Stopped(self.stopping)
-            proc = subprocess.Popen(command, start_new_session=True,
-                                    preexec_fn=_die_with_parent, **kwargs)
             self._running[proc.pid] = proc
-            return proc
+            stop = self.stopping
+            if stop is not None:
+                self._stops.setdefault(proc.pid, stop)
+        if stop is not None:  # everything was stopped while it started
+            _killpg(proc.pid, stop.signum)
+        return proc
 
     def done(self, proc: subprocess.Popen[bytes]) -> Stop | None:
         """Forget a finished command; why it was stopped, if it was."""
@@ -247,16 +252,8 @@ def wait(proc: subprocess.Popen[bytes], timeout: float | None) -> bool:
 
 def reported_end(client: Client, run_id: str) -> bool:
     """Whether the command (through the client library) already ended its run."""
-    try:
-        conn = Connection(client.socket_path, timeout=2.0)
-    except DaemonUnavailable:
-        return False
-    try:
-        return State(conn.call(Get(run=run_id))["run"]["state"]).terminal
-    except RunnerdError:
-        return False
-    finally:
-        conn.close()
+    reply = client.ask(Get(run=run_id)) or {}
+    return bool(reply.get("ok")) and State(reply["run"]["state"]).terminal
 
 
 def _python_error(stderr_tail: bytes) -> tuple[str, str | None]:
@@ -312,7 +309,7 @@ def run_once(client: Client, launch: Launch, how: Attempt) -> Outcome:
     run = client.run(launch.experiment, launch.variation, params=launch.params,
                      run_dir=launch.run_dir, retry_of=how.retry_of, launch=asdict(launch),
                      heartbeat_interval=30.0, resume=launch.resume, cell=how.cell)
-    run.start().start_heartbeats()
+    run.start(wait=False).start_heartbeats()
     run.run_dir.mkdir(parents=True, exist_ok=True)
     try:
         with memory_cgroup(f"runnerd-{run.run_id}", launch.memory) as cgroup:

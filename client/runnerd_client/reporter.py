@@ -72,6 +72,20 @@ class Reporter:
             future.set_result(self._keep(req))
         return future
 
+    def ask(self, req: Request, timeout: float = ACK_TIMEOUT) -> Reply | None:
+        """A read on the live connection (no new socket); None while the daemon is away.
+        Reads are never spooled: they are only worth their answer now."""
+        with self._lock:
+            conn = None if self._spooling else self._live_connection()
+            if conn is None:
+                return None
+            sent = conn.send(req)
+        try:
+            reply: Reply = sent.result(timeout)
+        except (DaemonUnavailable, TimeoutError):
+            return None
+        return reply
+
     def wait(self, future: Future[Reply], what: str, *,
              raising: tuple[str, ...] = ()) -> Reply | None:
         """The reply (SPOOLED when the event is on disk), or None with a warning; a refusal

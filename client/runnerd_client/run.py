@@ -155,9 +155,13 @@ class Run:
 
     # --- explicit calls ---
 
-    def start(self) -> Run:
-        self.client.wait(self.client.emit(Start(
-            key=new_key(), run_id=self.run_id, at=time.time(), **self._limits)), "start")
+    def start(self, *, wait: bool = True) -> Run:
+        """Start the run; `wait=False` sends it behind what came before without waiting
+        (the daemon applies one connection's events in order)."""
+        future = self.client.emit(Start(
+            key=new_key(), run_id=self.run_id, at=time.time(), **self._limits))
+        if wait:
+            self.client.wait(future, "start")
         return self
 
     def heartbeat(self) -> Run:

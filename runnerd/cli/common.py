@@ -232,8 +232,8 @@ MULTI_DAEMON_COMMANDS = ("status", "list", "show", "failures")
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--socket", "socket_paths", type=click.Path(path_type=Path), multiple=True,
-              help="Daemon socket (default: $RUNNERD_SOCKET or the XDG runtime path). "
-                   f"Repeat it to query several daemons as one ({', '.join(MULTI_DAEMON_COMMANDS)}).")
+              help="Daemon socket (default: $RUNNERD_SOCKET or the XDG runtime path). Repeat "
+                   f"it to query several as one: {', '.join(MULTI_DAEMON_COMMANDS)}.")
 @click.version_option(package_name="runnerd", prog_name="runnerctl")
 @click.pass_context
 def cli(ctx: click.Context, socket_paths: tuple[Path, ...]) -> None:

@@ -23,6 +23,7 @@ from runnerd.cli.common import (
     span,
     table,
 )
+from runnerd.cli.nodes import failures_many, from_option, several
 from runnerd_client.protocol import (
     Export,
     Failures,
@@ -36,14 +37,18 @@ from runnerd_client.protocol import (
 @click.option("--since", type=parse_duration, help="Failed within this long, e.g. 12h.")
 @click.option("--experiment", help="Only this experiment.")
 @click.option("--limit", type=click.IntRange(1, 10_000), default=100, show_default=True)
+@from_option
 @json_option
 @click.pass_context
 def failures(ctx: click.Context, group_by: str | None, since: float | None,
-             experiment: str | None, limit: int, as_json: bool) -> None:
-    """Failure records, newest first, or grouped with counts."""
-    body = request(ctx, Failures(group_by=group_by, experiment=experiment, limit=limit,
-                                 since=time.time() - since if since is not None else None))
-    rows = body["groups"] if group_by else body["failures"]
+             experiment: str | None, limit: int, from_dir: Path | None, as_json: bool) -> None:
+    """Failure records, newest first, or grouped with counts; of several daemons (or export
+    files) merged."""
+    req = Failures(group_by=group_by, experiment=experiment, limit=limit,
+                   since=time.time() - since if since is not None else None)
+    many = from_dir is not None or several(ctx)
+    rows = failures_many(ctx, req, from_dir) if many else \
+        request(ctx, req)["groups" if group_by else "failures"]
     if as_json:
         emit_json(rows)
     elif not rows:
@@ -51,9 +56,16 @@ def failures(ctx: click.Context, group_by: str | None, since: float | None,
     elif group_by:
         click.echo(groups_table(group_by, rows))
     else:
-        click.echo(table(("RUN", "WHEN", "EXPERIMENT", "REASON", "FAILURE", "SIGNATURE"), [
-            (f["run_id"], local_time(f["at"]), f["experiment"], f["reason"],
-             failure_summary({"failure": f}), f["signature"]) for f in rows]))
+        click.echo(failures_table(rows, hosts=many))
+
+
+def failures_table(records: Sequence[dict[str, Any]], hosts: bool = False) -> str:
+    """With `hosts` (several daemons), a HOST column comes first."""
+    return table(("HOST",) * hosts + ("RUN", "WHEN", "EXPERIMENT", "REASON", "FAILURE",
+                                      "SIGNATURE"), [
+        (f.get("host") or "-",) * hosts + (
+            f["run_id"], local_time(f["at"]), f["experiment"], f["reason"],
+            failure_summary({"failure": f}), f["signature"]) for f in records])
 
 
 def groups_table(group_by: str, groups: Sequence[dict[str, Any]]) -> str:

@@ -6,11 +6,13 @@ import json
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import click
 
 from runnerd.cli.common import (
+    EXIT_ERROR,
     EXIT_UNREACHABLE,
     ago,
     cli,
@@ -30,6 +32,8 @@ from runnerd.cli.common import (
     subscribed,
     table,
 )
+from runnerd.cli.merge import total_counts
+from runnerd.cli.nodes import ask_each, from_option, list_many, several, show_many
 from runnerd_client.connection import DaemonUnavailable
 from runnerd_client.protocol import (
     Get,
@@ -48,6 +52,11 @@ from runnerd_client.protocol import (
 @click.pass_context
 def status(ctx: click.Context, as_json: bool, watch: bool, interval: float) -> None:
     """Daemon health, counts by state, active runs and latest failures."""
+    if several(ctx):
+        if watch:
+            raise click.UsageError("--watch follows one daemon: give one --socket")
+        status_many(ctx, as_json)
+        return
     if watch:
         watch_status(ctx, interval)
         return
@@ -65,9 +74,7 @@ def render_status(body: dict[str, Any]) -> str:
     lines = [f"runnerd {d['version']} (pid {d['pid']}), up {span(d['uptime_sec'])}, "
              f"{d['clients']} client(s)",
              f"socket {d['socket']}\nregistry {d['db']} ({d['db_bytes'] / 1e6:.1f} MB)"]
-    counts = body["counts"]
-    summary = ", ".join(f"{counts[s]} {s}" for s in State if counts.get(s))
-    lines.append(f"\n{sum(counts.values())} run(s){': ' + summary if summary else ''}")
+    lines.append(f"\n{counts_line(body['counts'])}")
     if body["active"]:
         lines += ["\nActive runs", runs_table(body["active"])]
     if body["failures"]:
@@ -76,6 +83,31 @@ def render_status(body: dict[str, Any]) -> str:
             for f in body["failures"]])]
     return "\n".join(lines)
 
+
+def counts_line(counts: dict[str, int]) -> str:
+    summary = ", ".join(f"{counts[s]} {s}" for s in State if counts.get(s))
+    return f"{sum(counts.values())} run(s){': ' + summary if summary else ''}"
+
+
+def status_many(ctx: click.Context, as_json: bool) -> None:
+    """One section per daemon, an unreachable one said so, then the counts of all of them;
+    exit 3 only when none answered."""
+    answers = ask_each(ctx, Status())
+    answered = [a.body for a in answers if a.body is not None]
+    counts = total_counts(body["counts"] for body in answered)
+    if as_json:
+        emit_json({"counts": counts, "daemons": [
+            {"daemon": a.daemon, "reachable": not a.unreachable, "status": a.body,
+             "error": a.error.message if a.error else None} for a in answers]})
+    else:
+        for a in answers:
+            text = render_status(a.body) if a.body is not None else \
+                f"unreachable: {a.error.message if a.error else ''}"
+            click.echo(f"== {a.daemon} ==\n{text}\n")
+        click.echo(f"All daemons ({len(answered)} of {len(answers)} answered): "
+                   f"{counts_line(counts)}")
+    if not answered:
+        sys.exit(EXIT_UNREACHABLE if all(a.unreachable for a in answers) else EXIT_ERROR)
 
 
 def watch_status(ctx: click.Context, interval: float) -> None:
@@ -158,17 +190,21 @@ def follow(ctx: click.Context, run: str | None, experiment: str | None, sweep: s
 @click.option("--since", type=parse_duration, help="Created within this long, e.g. 12h.")
 @click.option("--sweep", help="Only attempts of this sweep's cells.")
 @click.option("--limit", type=click.IntRange(1, 10_000), default=50, show_default=True)
+@from_option
 @json_option
 @click.pass_context
 def list_runs(ctx: click.Context, state: str | None, experiment: str | None,
-              since: float | None, sweep: str | None, limit: int, as_json: bool) -> None:
-    """Runs, newest first."""
-    runs = request(ctx, ListRuns(state=state, experiment=experiment, limit=limit, sweep=sweep,
-                                 since=time.time() - since if since is not None else None))["runs"]
+              since: float | None, sweep: str | None, limit: int, from_dir: Path | None,
+              as_json: bool) -> None:
+    """Runs, newest first; of several daemons (or export files) merged, each with its host."""
+    req = ListRuns(state=state, experiment=experiment, limit=limit, sweep=sweep,
+                   since=time.time() - since if since is not None else None)
+    many = from_dir is not None or several(ctx)
+    runs = list_many(ctx, req, from_dir) if many else request(ctx, req)["runs"]
     if as_json:
         emit_json(runs)
     elif runs:
-        click.echo(runs_table(runs))
+        click.echo(runs_table(runs, hosts=many))
     else:
         click.echo("no runs")
 
@@ -234,10 +270,12 @@ def _show_human(run: dict[str, Any]) -> None:
 @click.pass_context
 def show(ctx: click.Context, run: str, as_json: bool) -> None:
     """One run: fields, transitions, artifacts, checkpoints and failure."""
-    obj = request(ctx, Get(run=run))["run"]
+    obj = show_many(ctx, run) if several(ctx) else request(ctx, Get(run=run))["run"]
     if as_json:
         emit_json(obj)
-    else:
-        _show_human(obj)
+        return
+    if "daemon" in obj:
+        click.echo(f"{'daemon':<12} {obj['daemon']}")
+    _show_human(obj)
 
 
