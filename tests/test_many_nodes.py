@@ -1,0 +1,414 @@
+"""One view over many nodes: `runnerctl --socket A --socket B ...` over two real daemons (two
+emulated nodes), `--from DIR` over their export files, the merge functions on their own, and
+the daemon's refusal of a registry on a network filesystem."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import Daemon
+from runnerd.cli.merge import (
+    group_failures,
+    merge_failures,
+    merge_groups,
+    merge_runs,
+    parse_export,
+    total_counts,
+)
+from runnerd.mounts import mount_of, network_mount
+from runnerd.registry import Registry
+from runnerd_client.connection import Connection
+from runnerd_client.ids import new_key
+from runnerd_client.protocol import Create, RunnerdError, Start
+
+RUNS = textwrap.dedent("""
+    import sys
+    import runnerd_client as rd
+    client = rd.connect()
+    ids = [client.run("train", variation="lr=0.1").start().succeed().run_id]
+    for n, failure_class in enumerate(sys.argv[1:]):
+        bad = client.run("train", variation=f"bad{n}").start()
+        bad.fail(message="it broke", failure_class=failure_class)
+        ids.append(bad.run_id)
+    print(*ids, flush=True)
+""")
+
+
+@dataclass
+class Nodes:
+    a: Daemon
+    b: Daemon
+    runs_a: list[str]
+    runs_b: list[str]
+
+    def ctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """runnerctl asking both daemons."""
+        return self.a.ctl("--socket", str(self.a.socket), "--socket", str(self.b.socket), *args,
+                          check=check)
+
+    def ctl_json(self, *args: str) -> Any:
+        return json.loads(self.ctl(*args, "--json").stdout)
+
+
+def client_runs(daemon: Daemon, *failure_classes: str) -> list[str]:
+    """A succeeded run and one failed run per class, made by a client process."""
+    proc = daemon.python(RUNS, *failure_classes)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    return out.split()
+
+
+def create(daemon: Daemon, run_id: str, host: str, start: bool = False) -> None:
+    """A run with a chosen id and host, as a node's client would have made it."""
+    conn = Connection(daemon.socket)
+    try:
+        conn.call(Create(key=new_key(), run_id=run_id, experiment="probe", host=host))
+        if start:
+            conn.call(Start(key=new_key(), run_id=run_id, at=time.time() + 1))
+    finally:
+        conn.close()
+
+
+@pytest.fixture(scope="module")
+def nodes() -> Iterator[Nodes]:
+    """Two daemons, each with its own socket and registry. A holds a succeeded run, a
+    FloatingPointError, ZZAMBIG-a and SHARED-1 (pending); B a succeeded run, a
+    FloatingPointError, a MemoryError, ZZAMBIG-b and SHARED-1 again, started later."""
+    with tempfile.TemporaryDirectory(prefix="rd-", dir="/tmp") as name:
+        a = Daemon(Path(name) / "a")
+        b = Daemon(Path(name) / "b")
+        for daemon in (a, b):
+            daemon.root.mkdir()
+            daemon.start()
+        try:
+            runs_a = client_runs(a, "FloatingPointError")
+            runs_b = client_runs(b, "FloatingPointError", "MemoryError")
+            create(a, "ZZAMBIG-a", "node-a")
+            create(b, "ZZAMBIG-b", "node-b")
+            create(a, "SHARED-1", "node-a")
+            create(b, "SHARED-1", "node-a", start=True)
+            yield Nodes(a, b, [*runs_a, "ZZAMBIG-a", "SHARED-1"], [*runs_b, "ZZAMBIG-b"])
+        finally:
+            a.stop()
+            b.stop()
+
+
+def stopped_daemon(root: Path) -> Daemon:
+    """A daemon that ran and was stopped: its socket path leads nowhere."""
+    daemon = Daemon(root).start()
+    daemon.stop()
+    return daemon
+
+
+# --- several daemons ----------------------------------------------------------------
+
+
+def test_list_holds_every_run_once_with_its_daemon(nodes: Nodes) -> None:
+    runs = nodes.ctl_json("list")
+    daemons = {r["run_id"]: r["daemon"] for r in runs}
+    assert len(runs) == len(daemons) == 8
+    for run_id in nodes.runs_a:
+        assert daemons[run_id] == (str(nodes.b.socket) if run_id == "SHARED-1"
+                                   else str(nodes.a.socket))
+    for run_id in nodes.runs_b:
+        assert daemons[run_id] == str(nodes.b.socket)
+    shared = next(r for r in runs if r["run_id"] == "SHARED-1")
+    assert shared["state"] == "running" and shared["host"] == "node-a"  # the copy heard last
+    assert [r["created_at"] for r in runs] == sorted((r["created_at"] for r in runs),
+                                                     reverse=True)
+    assert nodes.ctl_json("list", "--limit", "3") == runs[:3]
+    failed = nodes.ctl_json("list", "--state", "failed_crash")
+    assert sorted(r["run_id"] for r in failed) == sorted([nodes.runs_a[1], *nodes.runs_b[1:3]])
+
+
+def test_list_table_names_each_runs_host(nodes: Nodes) -> None:
+    lines = nodes.ctl("list").stdout.splitlines()
+    assert lines[0].split()[:2] == ["HOST", "RUN"]
+    rows = {line.split()[1]: line.split()[0] for line in lines[1:]}
+    assert rows["ZZAMBIG-a"] == "node-a" and rows["ZZAMBIG-b"] == "node-b"
+
+
+def test_one_socket_keeps_todays_output(nodes: Nodes) -> None:
+    runs = nodes.a.ctl_json("--socket", str(nodes.a.socket), "list")
+    assert sorted(r["run_id"] for r in runs) == sorted(nodes.runs_a)
+    assert all("daemon" not in r for r in runs)
+    assert nodes.a.ctl("list").stdout.startswith("RUN ")  # $RUNNERD_SOCKET, no HOST column
+
+
+def test_show_by_prefix_finds_the_run_on_its_daemon(nodes: Nodes) -> None:
+    run_id = nodes.runs_b[2]
+    run = nodes.ctl_json("show", run_id[:13])
+    assert run["run_id"] == run_id and run["daemon"] == str(nodes.b.socket)
+    assert run["failure"]["failure_class"] == "MemoryError" and run["transitions"]
+    text = nodes.ctl("show", run_id[:13]).stdout
+    assert text.splitlines()[0].split() == ["daemon", str(nodes.b.socket)]
+    assert "MemoryError (crash)" in text
+
+
+def test_show_of_a_prefix_on_two_daemons_is_ambiguous(nodes: Nodes) -> None:
+    result = nodes.ctl("show", "ZZAMBIG", check=False)
+    assert result.returncode == 1
+    assert "more than one run" in result.stderr
+    assert f"ZZAMBIG-a on {nodes.a.socket}" in result.stderr
+    assert f"ZZAMBIG-b on {nodes.b.socket}" in result.stderr
+    assert nodes.ctl_json("show", "SHARED")["daemon"] == str(nodes.b.socket)  # one run, twice
+
+
+def test_show_of_an_unknown_run_on_every_daemon_exits_4(nodes: Nodes) -> None:
+    result = nodes.ctl("show", "NOSUCHRUN", check=False)
+    assert result.returncode == 4 and "any of the 2 daemons" in result.stderr
+
+
+def test_failures_are_merged_and_grouped(nodes: Nodes) -> None:
+    records = nodes.ctl_json("failures")
+    assert sorted(f["run_id"] for f in records) == sorted(
+        [nodes.runs_a[1], *nodes.runs_b[1:3]])
+    assert {f["run_id"]: f["daemon"] for f in records}[nodes.runs_a[1]] == str(nodes.a.socket)
+    assert all(f["host"] for f in records)
+    groups = {g["key"]: g for g in nodes.ctl_json("failures", "--group-by", "class")}
+    fpe = groups["FloatingPointError"]
+    assert fpe["count"] == 2
+    assert sorted(fpe["run_ids"]) == sorted([nodes.runs_a[1], nodes.runs_b[1]])
+    assert sorted(fpe["daemons"]) == sorted([str(nodes.a.socket), str(nodes.b.socket)])
+    assert fpe["first_seen"] < fpe["last_seen"]
+    assert groups["MemoryError"]["count"] == 1
+    assert groups["MemoryError"]["daemons"] == [str(nodes.b.socket)]
+    assert nodes.ctl("failures").stdout.split()[:2] == ["HOST", "RUN"]
+
+
+def test_status_sums_the_daemons(nodes: Nodes) -> None:
+    body = nodes.ctl_json("status")
+    assert [d["daemon"] for d in body["daemons"]] == [str(nodes.a.socket), str(nodes.b.socket)]
+    assert all(d["reachable"] for d in body["daemons"])
+    assert body["counts"] == total_counts(d["status"]["counts"] for d in body["daemons"])
+    assert sum(body["counts"].values()) == 9  # SHARED-1 is counted by both daemons
+
+
+def test_status_with_a_stopped_daemon_shows_the_other(nodes: Nodes, short_tmp: Path) -> None:
+    gone = stopped_daemon(short_tmp)
+    args = ("--socket", str(nodes.a.socket), "--socket", str(gone.socket), "status")
+    text = nodes.a.ctl(*args).stdout
+    assert f"== {gone.socket} ==\nunreachable: runnerd is not reachable" in text
+    assert str(nodes.a.db) in text
+    assert "All daemons (1 of 2 answered): 4 run(s)" in text
+    body = json.loads(nodes.a.ctl(*args, "--json").stdout)
+    assert [d["reachable"] for d in body["daemons"]] == [True, False]
+    assert body["daemons"][1]["status"] is None and "not reachable" in body["daemons"][1]["error"]
+    listed = nodes.a.ctl("--socket", str(gone.socket), "--socket", str(nodes.a.socket), "list")
+    assert "not reachable" in listed.stderr and "ZZAMBIG-a" in listed.stdout
+    nowhere = nodes.a.ctl("--socket", str(gone.socket), "--socket", str(short_tmp / "x.sock"),
+                          "status", check=False)
+    assert nowhere.returncode == 3 and "0 of 2 answered" in nowhere.stdout
+
+
+def test_commands_for_one_daemon_refuse_several(nodes: Nodes) -> None:
+    for args in (("cancel", "ZZAMBIG-a"), ("export",), ("status", "--watch")):
+        result = nodes.ctl(*args, check=False)
+        assert result.returncode == 2, args
+        assert "one --socket" in result.stderr
+    assert nodes.a.run_state("ZZAMBIG-a") == "pending"
+
+
+# --- export files -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def exports(nodes: Nodes) -> Iterator[Path]:
+    """Both daemons' runs and failures exports in one folder, as a shared folder holds them."""
+    with tempfile.TemporaryDirectory(prefix="rd-exports-") as name:
+        folder = Path(name)
+        for tag, daemon in (("a", nodes.a), ("b", nodes.b)):
+            for what in ("runs", "failures"):
+                out = daemon.ctl("export", "--what", what).stdout
+                (folder / f"{tag}-{what}.jsonl").write_text(out)
+        (folder / "README.txt").write_text("not an export\n")
+        yield folder
+
+
+def test_list_from_a_folder_of_exports(nodes: Nodes, exports: Path) -> None:
+    runs = nodes.a.ctl_json("list", "--from", str(exports))
+    files = {r["run_id"]: r["daemon"] for r in runs}
+    assert len(runs) == len(files) == 8
+    assert files[nodes.runs_b[0]] == str(exports / "b-runs.jsonl")
+    assert files["SHARED-1"] == str(exports / "b-runs.jsonl")  # the copy heard last
+    assert [r["run_id"] for r in nodes.a.ctl_json("list", "--from", str(exports),
+                                                  "--experiment", "probe")] == \
+        [r["run_id"] for r in runs if r["experiment"] == "probe"]
+
+
+def test_failures_from_a_folder_are_deduplicated(nodes: Nodes, exports: Path) -> None:
+    records = nodes.a.ctl_json("failures", "--from", str(exports))
+    assert sorted(f["run_id"] for f in records) == sorted([nodes.runs_a[1], *nodes.runs_b[1:3]])
+    assert all(f["host"] and "details" not in f for f in records)
+    groups = nodes.a.ctl_json("failures", "--from", str(exports), "--group-by", "class")
+    assert [(g["key"], g["count"]) for g in groups] == [("FloatingPointError", 2),
+                                                         ("MemoryError", 1)]
+
+
+def test_a_malformed_export_line_is_warned_and_skipped(nodes: Nodes, exports: Path,
+                                                       short_tmp: Path) -> None:
+    folder = short_tmp / "shared"
+    folder.mkdir()
+    good = (exports / "a-runs.jsonl").read_text().splitlines()
+    (folder / "a.jsonl").write_text("\n".join(
+        [good[0], "{not json", '{"state": 3}', "[1, 2]", "", *good[1:]]) + "\n")
+    (folder / "b.jsonl").write_bytes(b"\xff\xfe\n")
+    result = nodes.a.ctl("list", "--from", str(folder), "--json")
+    assert sorted(r["run_id"] for r in json.loads(result.stdout)) == sorted(nodes.runs_a)
+    assert f"{folder / 'a.jsonl'}:2: not JSON, skipped" in result.stderr
+    assert f"{folder / 'a.jsonl'}:3: bad or missing 'run_id', skipped" in result.stderr
+    assert f"{folder / 'a.jsonl'}:4: neither a run nor a failure record" in result.stderr
+    assert f"{folder / 'b.jsonl'}:1: not JSON" in result.stderr
+
+
+def test_from_a_folder_without_exports_is_an_error(nodes: Nodes, short_tmp: Path) -> None:
+    result = nodes.a.ctl("list", "--from", str(short_tmp), check=False)
+    assert result.returncode == 1 and "no export files" in result.stderr
+
+
+# --- the merge functions ------------------------------------------------------------
+
+
+def run(run_id: str, created: str, daemon: str, ended: str | None = None) -> dict[str, Any]:
+    return {"run_id": run_id, "created_at": f"2026-01-01T00:00:{created}Z", "daemon": daemon,
+            "ended_at": f"2026-01-01T00:01:{ended}Z" if ended else None}
+
+
+def test_merge_runs_keeps_the_copy_heard_last_newest_first() -> None:
+    runs = [run("r1", "01", "A"), run("r2", "03", "A"), run("r1", "01", "B", ended="00"),
+            run("r3", "02", "B")]
+    merged = merge_runs(runs)
+    assert [(r["run_id"], r["daemon"]) for r in merged] == [("r2", "A"), ("r3", "B"),
+                                                             ("r1", "B")]
+    assert merge_runs(runs, limit=2) == merged[:2]
+
+
+def failure(run_id: str, at: str, daemon: str, cls: str = "E") -> dict[str, Any]:
+    return {"run_id": run_id, "at": f"2026-01-01T00:00:{at}Z", "daemon": daemon,
+            "failure_class": cls, "message": f"m{run_id}", "signature": cls}
+
+
+def test_merge_failures_one_per_run_newest_first() -> None:
+    merged = merge_failures([failure("r1", "01", "A"), failure("r2", "05", "B"),
+                             failure("r1", "01", "B")], limit=5)
+    assert [(f["run_id"], f["daemon"]) for f in merged] == [("r2", "B"), ("r1", "A")]
+
+
+def group(key: str, count: int, first: str, last: str, run_ids: list[str],
+          daemon: str) -> dict[str, Any]:
+    return {"key": key, "count": count, "first_seen": f"2026-01-01T00:00:{first}Z",
+            "last_seen": f"2026-01-01T00:00:{last}Z", "run_ids": run_ids, "daemon": daemon,
+            "example": {"failure_class": key, "message": daemon}}
+
+
+def test_merge_groups_adds_counts_and_widens_the_window() -> None:
+    merged = merge_groups([
+        group("E", 3, "10", "20", ["a1", "a2", "a3"], "A"),
+        group("F", 4, "05", "06", ["b9"], "B"),
+        group("E", 2, "05", "30", ["b1", "b2", "b3", "b4"], "B"),
+    ])
+    assert [(g["key"], g["count"]) for g in merged] == [("E", 5), ("F", 4)]
+    e = merged[0]
+    assert (e["first_seen"], e["last_seen"]) == ("2026-01-01T00:00:05Z", "2026-01-01T00:00:30Z")
+    assert e["run_ids"] == ["b1", "b2", "b3", "b4", "a1"]
+    assert e["daemons"] == ["B", "A"] and e["example"]["message"] == "B"
+    assert "daemon" not in e
+    assert merge_groups([group("E", 1, "01", "01", ["x"], "A")], limit=1)[0]["count"] == 1
+
+
+def test_group_failures_groups_records_like_a_daemon() -> None:
+    records = merge_failures([failure("r1", "01", "A"), failure("r2", "02", "B"),
+                              failure("r3", "03", "B", cls="G")])
+    groups = group_failures(records, "class")
+    assert [(g["key"], g["count"], g["run_ids"]) for g in groups] == [
+        ("E", 2, ["r2", "r1"]), ("G", 1, ["r3"])]
+    assert group_failures(records, "category")[0]["key"] == "unknown"
+
+
+def test_total_counts_adds_states() -> None:
+    assert total_counts([{"running": 1, "succeeded": 2}, {"succeeded": 3}]) == {
+        "running": 1, "succeeded": 5}
+
+
+def test_parse_export_sorts_lines_and_warns() -> None:
+    record = {**failure("r1", "01", "x"), "reason": "crash", "experiment": "e",
+              "timestamp": "t", "details": {}}
+    lines = [json.dumps(record), '{"state": "running"}', "42", "{"]
+    runs, records, warnings = parse_export("f.jsonl", lines)
+    assert runs == []
+    assert records == [{**{k: v for k, v in record.items() if k not in ("timestamp", "details")},
+                        "daemon": "f.jsonl"}]
+    assert warnings == ["f.jsonl:2: bad or missing 'run_id', skipped",
+                        "f.jsonl:3: neither a run nor a failure record, skipped",
+                        "f.jsonl:4: not JSON, skipped"]
+
+
+# --- a registry on a network filesystem ---------------------------------------------
+
+MOUNTINFO = textwrap.dedent("""\
+    27 1 254:0 / / rw,relatime - ext4 /dev/vda rw
+    40 27 0:50 / /home rw,relatime - nfs4 filer:/home rw,vers=4.2
+    41 40 0:51 / /home/me/local\\040disk rw shared:7 - ext4 /dev/vdb rw
+    42 27 0:52 / /data rw - ext4 /dev/vdc rw
+    43 42 0:53 / /data rw - fuse.sshfs me@login:/data rw
+    44 27 0:54 / /databases rw - xfs /dev/vdd rw
+    bad line
+""")
+
+
+@pytest.mark.parametrize(("path", "expected"), [
+    ("/home/me/.local/state/runnerd", ("/home", "nfs4")),
+    ("/home", ("/home", "nfs4")),
+    ("/home/me/local disk/runnerd", ("/home/me/local disk", "ext4")),
+    ("/data/x", ("/data", "fuse.sshfs")),  # the mount stacked last is the one seen
+    ("/databases/x", ("/databases", "xfs")),
+    ("/var/tmp", ("/", "ext4")),
+])
+def test_mount_of_finds_the_longest_mount_point(path: str, expected: tuple[str, str]) -> None:
+    assert mount_of(path, MOUNTINFO) == expected
+
+
+def test_network_mount_only_names_network_filesystems(tmp_path: Path) -> None:
+    here = str(tmp_path.resolve())
+    assert network_mount(tmp_path, "1 0 0:1 / / rw - ext4 /dev/vda rw\n") is None
+    assert network_mount(tmp_path, f"1 0 0:1 / {here} rw - cifs //srv/x rw\n") == (here, "cifs")
+    assert network_mount(tmp_path, "") is None
+
+
+async def test_the_registry_refuses_a_network_filesystem(tmp_path: Path) -> None:
+    db = tmp_path / "state" / "registry.sqlite3"
+    fake = f"1 0 0:1 / / rw - ext4 /dev/vda rw\n2 1 0:2 / {tmp_path.resolve()} rw - nfs s:/x rw\n"
+    registry = Registry(db, mountinfo=lambda: fake)
+    with pytest.raises(RunnerdError) as caught:
+        await registry.open()
+    message = caught.value.message
+    assert str(db) in message and "on nfs" in message and "WAL" in message
+    assert "/var/tmp" in message and "$TMPDIR" in message
+    assert not db.exists()
+
+
+def test_the_daemon_exits_1_naming_the_path_and_type(short_tmp: Path) -> None:
+    """The real `runnerd` entry point, with the mount table it reads swapped for a fake."""
+    fake = short_tmp / "mountinfo"
+    fake.write_text("1 0 0:1 / / rw - ext4 /dev/vda rw\n"
+                    f"2 1 0:2 / {short_tmp.resolve()} rw - lustre mds@o2ib:/fs rw\n")
+    daemon = Daemon(short_tmp)
+    code = ("import sys; from pathlib import Path; import runnerd.mounts as m; "
+            f"m.MOUNTINFO = Path({str(fake)!r}); from runnerd.server import main; "
+            "sys.argv[0] = 'runnerd'; main()")
+    result = subprocess.run([sys.executable, "-c", code], env=daemon.env, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 1
+    assert f"refusing the registry {daemon.db}" in result.stderr and "lustre" in result.stderr
+    assert not daemon.db.exists() and not daemon.socket.exists()
