@@ -359,8 +359,9 @@ def _run_in(client: Client, run: Run, launch: Launch, cgroup: Path | None,
     for tee in tees:
         tee.join()
     run.stop_heartbeats()
-    for name in ("stdout.log", "stderr.log"):
-        run.artifact(run.run_dir / name)
+    for tee in tees:
+        if tee.log_path.stat().st_size:  # an empty log is no product of the run
+            run.artifact(tee.log_path)
     rc = proc.returncode
     if not reported_end(client, run.run_id):
         record_end(run, rc, timed_out=timed_out, stopped=stopped, timeout=launch.timeout,

@@ -105,7 +105,7 @@ def test_a_stalled_subscriber_is_told_it_lagged_and_slows_no_one(daemon: Daemon)
 
 def test_follow_prints_a_launched_run_and_exits_with_its_outcome(daemon: Daemon) -> None:
     result = subprocess.run([sys.executable, "-m", "runnerd.cli", "exec", "--experiment",
-                             "followed", "--", "sh", "-c", "exit 3"], env=daemon.env,
+                             "followed", "--", "sh", "-c", "echo hi; exit 3"], env=daemon.env,
                             capture_output=True, timeout=60)
     assert result.returncode == 3
     run_id = daemon.ctl_json("list", "--experiment", "followed")[0]["run_id"]
