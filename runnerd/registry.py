@@ -525,15 +525,15 @@ class Store:
         """Cells in index order with their latest attempt's state and failure."""
         rows = self.conn.execute(
             f"SELECT c.idx, c.params, c.variation, c.latest_run_id, c.attempts, {CELL_STATE},"
-            f" {', '.join(f'f.{c}' for c in FAILURE_COLUMNS)}"
+            f" r.host, {', '.join(f'f.{c}' for c in FAILURE_COLUMNS)}"
             " FROM sweep_cells c LEFT JOIN runs r ON r.run_id = c.latest_run_id"
             " LEFT JOIN failures f ON f.run_id = c.latest_run_id"
             " WHERE c.sweep_id = ? AND c.idx > ?"
             + (" AND r.state IS NOT 'succeeded'" if unfinished else "")
             + " ORDER BY c.idx LIMIT ?", (sweep_id, after, limit)).fetchall()
         return [{"index": r[0], "params": json.loads(r[1]), "variation": r[2], "run_id": r[3],
-                 "attempts": r[4], "state": r[5],
-                 "failure": _failure_object(r[3], r[6:]) if r[6] is not None else None}
+                 "attempts": r[4], "state": r[5], "host": r[6],
+                 "failure": _failure_object(r[3], r[7:]) if r[7] is not None else None}
                 for r in rows]
 
     def live_cells(self, sweep_id: str) -> int:

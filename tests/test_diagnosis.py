@@ -28,6 +28,13 @@ CASES: list[tuple[dict[str, Any], str | None, str, bool]] = [
     (rec("Signal:SIGKILL", "process 4242 killed", signal="SIGKILL", exit_code=137), "oom",
      "oom", False),
     (rec("ProcessExited", "process 4242 exited"), "OOM", "oom", False),
+    # what Dask's scheduler witnessed (labels)
+    (rec("ProcessExited", "process 4242 exited"), "walltime", "walltime", True),
+    (rec("ProcessExited", "process 4242 exited"), "retired", "retired", True),
+    (rec("ProcessExited", "process 4242 exited"), "killed_worker", "killed_worker", False),
+    # interrupted by a crash of runnerd or the machine
+    (rec("Interrupted", "process 4242 was running when runnerd went down",
+         FailReason.ABANDONED), None, "interrupted", True),
     # timeout
     (rec("Timeout", "run exceeded its deadline of 3600 s", FailReason.TIMEOUT), None,
      "timeout", True),

@@ -322,3 +322,92 @@ def send_label(socket_path: str | Path | None, run_id: str, label: str) -> None:
         log.warning("run %s not labelled %s: %s", run_id, label, exc)
     finally:
         conn.close()
+
+
+# --- sweeps on a cluster -----------------------------------------------------------
+
+
+class Taken:
+    """What a cell's task returns when another attempt holds its cell."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+
+def cell_task(fn: Callable[..., Any], params: dict[str, Any]) -> Any:
+    """A sweep cell on a worker: its run (made by the plugin, claiming the cell) is
+    `rd.current_run()` while `fn(**params)` runs."""
+    from runnerd_client.run import ACTIVE
+
+    try:
+        run = current_run()
+    except RunnerdError as exc:
+        return Taken(exc.message)
+    token = ACTIVE.set(run)
+    try:
+        return fn(**params)
+    finally:
+        ACTIVE.reset(token)
+
+
+def run_on_dask(options: Any, planned: list[tuple[int, dict[str, Any], str | None]],
+                fn: Callable[..., Any]) -> list[Any]:
+    """`rd.sweep(..., executor=client)`: one Dask key per attempt of a cell, with Dask's own
+    retries off (runnerd retries only what its diagnosis calls transient), and each
+    future released as soon as its result is in, so a lost worker never makes Dask
+    silently recompute a finished cell."""
+    from dask.base import annotate
+    from distributed import as_completed
+
+    from runnerd_client.sweep import cell_states
+
+    client = options.executor
+    pending: dict[Any, tuple[int, dict[str, Any], int]] = {}
+
+    def submit(index: int, params: dict[str, Any], after: str | None, attempt: int) -> Any:
+        spec = {"experiment": options.experiment, "variation": variation_of(params),
+                "params": params, "sweep_id": options.sweep_id, "cell": index,
+                "claim_after": after, "resume": options.resume}
+        with annotate(runnerd=spec):
+            future = client.submit(cell_task, fn, params, pure=False, retries=0,
+                                   key=f"runnerd-{options.sweep_id}-{index}-{attempt}")
+        pending[future] = (index, params, attempt)
+        return future
+
+    results = as_completed([submit(i, p, a, 1)  # type: ignore[no-untyped-call]
+                            for i, p, a in planned])
+    outcomes, stopped = [], False
+    for future in results:
+        index, params, attempt = pending.pop(future)
+        outcome = _outcome(future, index, params, attempt)
+        future.release()
+        if outcome.state == "cancelled":
+            continue
+        if outcome.state == "failed" and attempt <= options.retries and not stopped:
+            cell = cell_states(options.sweep_id, index, settled=True)
+            failure = cell.get("failure") or {}
+            if options.retry_on == "any" or failure.get("retryable"):
+                time.sleep(options.backoff ** attempt)
+                results.add(  # type: ignore[no-untyped-call]
+                    submit(index, params, cell.get("run_id"), attempt + 1))
+                continue
+        outcomes.append(outcome)
+        if outcome.state == "failed" and options.policy == "fail_fast" and not stopped:
+            stopped = True
+            client.cancel(list(pending))
+    return outcomes
+
+
+def _outcome(future: Any, index: int, params: dict[str, Any], attempts: int) -> Any:
+    from runnerd_client.sweep import CellOutcome
+
+    if future.status == "cancelled":
+        return CellOutcome(index, params, "cancelled", attempts=attempts)
+    if future.status == "error":
+        exc = future.exception()
+        return CellOutcome(index, params, "failed", attempts=attempts,
+                           error=f"{type(exc).__name__}: {exc}", exception=exc)
+    value = future.result()
+    if isinstance(value, Taken):
+        return CellOutcome(index, params, "taken", attempts=attempts - 1, error=value.message)
+    return CellOutcome(index, params, "succeeded", attempts=attempts, value=value)

@@ -97,6 +97,7 @@ class _Options:
     backoff: float
     retry_on: str
     resume: bool
+    executor: Any = None
 
 
 def _name(fn: Callable[..., Any]) -> str:
@@ -106,8 +107,12 @@ def _name(fn: Callable[..., Any]) -> str:
 def sweep(experiment: str, cells: Iterable[dict[str, Any]], fn: Callable[..., Any], *,
           failure_policy: str = SweepPolicy.FAIL_FAST, jobs: int = 1, retries: int = 0,
           backoff: float = 2.0, retry_on: str = "retryable",
-          folder: str | Path | None = None) -> SweepResult:
-    """Call `fn(**params)` for each cell as a tracked run of `experiment`; see the module."""
+          folder: str | Path | None = None, executor: Any = None) -> SweepResult:
+    """Call `fn(**params)` for each cell as a tracked run of `experiment`; see the module.
+
+    `executor`, a `distributed.Client`, runs the cells on a Dask cluster instead (its
+    workers need `RunnerdWorkerPlugin`; see `runnerd_client.dask`).
+    """
     cells = [dict(c) for c in cells]
     spec = {"kind": "python", "function": _name(fn), "cells": cells, "jobs": jobs,
             "retries": retries, "backoff": backoff, "retry_on": retry_on}
@@ -117,12 +122,12 @@ def sweep(experiment: str, cells: Iterable[dict[str, Any]], fn: Callable[..., An
                               spec=spec, failure_policy=str(failure_policy),
                               folder=str(Path(folder).resolve()) if folder else None))
     options = _Options(experiment, sweep_id, str(failure_policy), jobs, retries, backoff,
-                       retry_on, resume=False)
+                       retry_on, resume=False, executor=executor)
     return _drive(options, [(i, c, None) for i, c in enumerate(cells)], fn)
 
 
 def resume_sweep(sweep_id: str, fn: Callable[..., Any], *, jobs: int | None = None,
-                 failure_policy: str | None = None) -> SweepResult:
+                 failure_policy: str | None = None, executor: Any = None) -> SweepResult:
     """Run the cells of a stored sweep whose latest attempt did not succeed, each resumed
     from its last checkpoint; a function other than the stored one is refused."""
     with _connection() as conn:
@@ -136,7 +141,8 @@ def resume_sweep(sweep_id: str, fn: Callable[..., Any], *, jobs: int | None = No
     spec = stored["spec"]
     options = _Options(stored["experiment"], stored["sweep_id"],
                        failure_policy or stored["failure_policy"], jobs or spec["jobs"],
-                       spec["retries"], spec["backoff"], spec["retry_on"], resume=True)
+                       spec["retries"], spec["backoff"], spec["retry_on"], resume=True,
+                       executor=executor)
     return _drive(options, planned, fn)
 
 
@@ -171,8 +177,7 @@ def _drive(options: _Options, planned: list[Planned], fn: Callable[..., Any]) ->
     outcomes: list[CellOutcome] = []
     status = SweepStatus.INTERRUPTED
     try:
-        run_cells = _in_process if options.jobs == 1 else _in_workers
-        outcomes = run_cells(options, planned, fn)
+        outcomes = _runner(options)(options, planned, fn)
         ran = {o.index for o in outcomes}
         outcomes += [CellOutcome(i, p, "skipped") for i, p, _ in planned if i not in ran]
         status = SweepStatus.FAILED if any(o.state != "succeeded" for o in outcomes) \
@@ -185,6 +190,14 @@ def _drive(options: _Options, planned: list[Planned], fn: Callable[..., Any]) ->
     return result
 
 
+def _runner(options: _Options) -> Callable[[_Options, list[Planned], Callable[..., Any]],
+                                          list[CellOutcome]]:
+    if options.executor is not None:
+        from runnerd_client.dask import run_on_dask
+        return run_on_dask
+    return _in_process if options.jobs == 1 else _in_workers
+
+
 def _end(options: _Options, outcomes: list[CellOutcome], status: str) -> SweepResult:
     stopped = options.policy == SweepPolicy.FAIL_FAST and \
         any(o.state == "failed" for o in outcomes)
@@ -195,9 +208,37 @@ def _end(options: _Options, outcomes: list[CellOutcome], status: str) -> SweepRe
         ended = conn.call(SweepEnd(key=new_key(), sweep_id=options.sweep_id, status=status,
                                    skip=stopped))
         stored = conn.call(SweepGet(sweep=options.sweep_id))["sweep"]
+        if any(o.run_id is None and o.state not in ("skipped", "taken") for o in outcomes):
+            _fill_from_registry(outcomes, _cells(conn, options.sweep_id, unfinished=False))
     manifest = Path(ended["manifest"]) if ended.get("manifest") else None
     return SweepResult(options.sweep_id, sorted(outcomes, key=lambda o: o.index),
                        stored["cells_summary"], manifest, stored["status"])
+
+
+def _fill_from_registry(outcomes: list[CellOutcome], cells: Iterable[dict[str, Any]]) -> None:
+    """Cells run elsewhere (on Dask) come back without their run: the registry has it."""
+    by_index = {o.index: o for o in outcomes}
+    for cell in cells:
+        outcome = by_index.get(cell["index"])
+        if outcome is None or outcome.run_id is not None:
+            continue
+        outcome.run_id = cell["run_id"]
+        if outcome.state == "skipped" and cell["state"] == "abandoned":
+            outcome.state = "abandoned"  # it was running when fail_fast cancelled it
+
+
+def cell_states(sweep_id: str, index: int, settled: bool = False,
+                timeout: float = 10.0) -> dict[str, Any]:
+    """One cell as the registry has it; `settled` waits (a while) for its latest attempt
+    to have ended, for a worker reports its tasks' ends on its own time."""
+    deadline = time.monotonic() + timeout
+    with _connection() as conn:
+        while True:
+            cells = conn.call(SweepCells(sweep=sweep_id, after=index - 1, limit=1))["cells"]
+            cell: dict[str, Any] = cells[0] if cells else {}
+            if not settled or cell.get("state") != "running" or time.monotonic() > deadline:
+                return cell
+            time.sleep(0.05)
 
 
 def _in_process(options: _Options, planned: list[Planned],
