@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from distributed import get_worker
+from distributed import KilledWorker, get_worker
 from distributed.diagnostics.plugin import SchedulerPlugin, WorkerPlugin
 from distributed.utils import thread_state  # type: ignore[attr-defined]
 
@@ -45,6 +45,7 @@ from runnerd_client.protocol import (
     RunnerdError,
     Start,
     Succeed,
+    SweepGet,
 )
 from runnerd_client.run import Client, Run
 
@@ -246,7 +247,7 @@ LABELS = {
     "oom": "the nanny restarted the worker for exceeding its memory limit",
     "walltime": "the worker was closed by SIGTERM (a job's walltime or scancel)",
     "retired": "the worker was retired on purpose (scale down, retire_workers)",
-    "killed_worker": "Dask gave up on the task after it killed too many workers",
+    "killed_worker": "KilledWorker: Dask gave up on the task after its workers died",
 }
 
 
@@ -298,7 +299,7 @@ class RunnerdSchedulerPlugin(SchedulerPlugin):
         attempt = self.ledger.get(str(key))
         if attempt is None:
             return
-        if finish == "erred" and "KilledWorker" in str(kwargs.get("exception_text", "")):
+        if finish == "erred" and _killed_worker(kwargs.get("exception")):
             self._label(attempt.run_id, "killed_worker")
         if finish in ("memory", "erred", "forgotten"):
             del self.ledger[str(key)]
@@ -308,6 +309,17 @@ class RunnerdSchedulerPlugin(SchedulerPlugin):
         self.labels.append((run_id, label))
         threading.Thread(target=send_label, args=(self.socket_path, run_id, label),
                          daemon=True).start()
+
+
+def _killed_worker(exception: Any) -> bool:
+    """Whether an `erred` transition is Dask giving up (its exception, pickled, is a
+    KilledWorker) rather than the task's own error."""
+    if not isinstance(exception, bytes):
+        return False
+    try:
+        return isinstance(pickle.loads(exception), KilledWorker)
+    except Exception:  # not ours to understand
+        return False
 
 
 def send_label(socket_path: str | Path | None, run_id: str, label: str) -> None:
@@ -395,7 +407,23 @@ def run_on_dask(options: Any, planned: list[tuple[int, dict[str, Any], str | Non
         if outcome.state == "failed" and options.policy == "fail_fast" and not stopped:
             stopped = True
             client.cancel(list(pending))
+    if stopped:
+        settle(options.sweep_id)
     return outcomes
+
+
+def settle(sweep_id: str, timeout: float = 15.0) -> None:
+    """Wait (a while) for the cells fail_fast cancelled to be recorded as abandoned: their
+    workers report it on their own time, and the sweep ends only when none is running."""
+    from runnerd_client.sweep import daemon_connection
+
+    deadline = time.monotonic() + timeout
+    with daemon_connection() as conn:
+        while time.monotonic() < deadline:
+            summary = conn.call(SweepGet(sweep=sweep_id))["sweep"]["cells_summary"]
+            if not summary["running"]:
+                return
+            time.sleep(0.05)
 
 
 def _outcome(future: Any, index: int, params: dict[str, Any], attempts: int) -> Any:

@@ -117,7 +117,7 @@ def sweep(experiment: str, cells: Iterable[dict[str, Any]], fn: Callable[..., An
     spec = {"kind": "python", "function": _name(fn), "cells": cells, "jobs": jobs,
             "retries": retries, "backoff": backoff, "retry_on": retry_on}
     sweep_id = new_run_id()
-    with _connection() as conn:
+    with daemon_connection() as conn:
         conn.call(SweepCreate(key=new_key(), sweep_id=sweep_id, experiment=experiment,
                               spec=spec, failure_policy=str(failure_policy),
                               folder=str(Path(folder).resolve()) if folder else None))
@@ -130,7 +130,7 @@ def resume_sweep(sweep_id: str, fn: Callable[..., Any], *, jobs: int | None = No
                  failure_policy: str | None = None, executor: Any = None) -> SweepResult:
     """Run the cells of a stored sweep whose latest attempt did not succeed, each resumed
     from its last checkpoint; a function other than the stored one is refused."""
-    with _connection() as conn:
+    with daemon_connection() as conn:
         stored = conn.call(SweepGet(sweep=sweep_id))["sweep"]
         changed = differences(stored["spec"], {"function": _name(fn)})
         if changed:
@@ -146,7 +146,7 @@ def resume_sweep(sweep_id: str, fn: Callable[..., Any], *, jobs: int | None = No
     return _drive(options, planned, fn)
 
 
-class _connection:
+class daemon_connection:  # noqa: N801  (used as `with daemon_connection() as conn`)
     """A direct connection for the sweep's own requests: they need the daemon."""
 
     def __enter__(self) -> Connection:
@@ -201,7 +201,7 @@ def _runner(options: _Options) -> Callable[[_Options, list[Planned], Callable[..
 def _end(options: _Options, outcomes: list[CellOutcome], status: str) -> SweepResult:
     stopped = options.policy == SweepPolicy.FAIL_FAST and \
         any(o.state == "failed" for o in outcomes)
-    with _connection() as conn:
+    with daemon_connection() as conn:
         summary = conn.call(SweepGet(sweep=options.sweep_id))["sweep"]["cells_summary"]
         if status == SweepStatus.SUCCEEDED and summary["succeeded"] != summary["total"]:
             status = SweepStatus.FAILED  # a resume that finished its part of a failed sweep
@@ -232,7 +232,7 @@ def cell_states(sweep_id: str, index: int, settled: bool = False,
     """One cell as the registry has it; `settled` waits (a while) for its latest attempt
     to have ended, for a worker reports its tasks' ends on its own time."""
     deadline = time.monotonic() + timeout
-    with _connection() as conn:
+    with daemon_connection() as conn:
         while True:
             cells = conn.call(SweepCells(sweep=sweep_id, after=index - 1, limit=1))["cells"]
             cell: dict[str, Any] = cells[0] if cells else {}

@@ -1,0 +1,249 @@
+"""runnerd on Dask: a LocalCluster of separate worker processes on this machine, a real
+daemon, real SIGKILLs. Each task dispatch must be one run in the daemon, ended truly."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import Daemon, wait_for
+
+distributed = pytest.importorskip("distributed")
+dask = pytest.importorskip("dask")
+
+from runnerd_client.dask import (  # noqa: E402  (after the skip: distributed is optional)
+    RunnerdSchedulerPlugin,
+    RunnerdWorkerPlugin,
+    current_run,
+)
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore::ResourceWarning"),
+    pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning"),
+    pytest.mark.timeout(180),
+]
+
+
+class Cluster:
+    """A LocalCluster whose workers report to `daemon`, and a client to it."""
+
+    def __init__(self, daemon: Daemon, **options: Any) -> None:
+        self.daemon = daemon
+        self.cluster = distributed.LocalCluster(
+            n_workers=options.pop("n_workers", 2), threads_per_worker=1, processes=True,
+            dashboard_address=None, **options)
+        self.client = distributed.Client(self.cluster)
+        self.client.register_plugin(RunnerdWorkerPlugin(experiment="dask-test"))
+        self.scheduler_plugin = RunnerdSchedulerPlugin()
+        self.client.register_plugin(self.scheduler_plugin)
+
+    def runs(self) -> list[dict[str, Any]]:
+        return list(self.daemon.ctl_json("list", "--experiment", "dask-test", "--limit", "1000"))
+
+    def run_of(self, key: str, state: str | None = None) -> dict[str, Any] | None:
+        return next((r for r in self.runs() if r["tags"].get("dask_key") == key
+                     and (state is None or r["state"] == state)), None)
+
+    def worker_pids(self) -> dict[str, int]:
+        return dict(self.client.run(os.getpid))
+
+    def close(self) -> None:
+        self.client.close()
+        self.cluster.close()
+
+
+@pytest.fixture
+def cluster(daemon: Daemon, monkeypatch: pytest.MonkeyPatch) -> Iterator[Cluster]:
+    for name in ("RUNNERD_SOCKET", "RUNNERD_DB", "XDG_DATA_HOME", "XDG_STATE_HOME"):
+        monkeypatch.setenv(name, daemon.env[name])  # the workers inherit them
+    made = Cluster(daemon)
+    try:
+        yield made
+    finally:
+        made.close()
+
+
+def add_one(x: int) -> tuple[int, str | None]:
+    run = current_run()
+    if run is not None:
+        out = run.run_dir / "out.txt"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(str(x + 1))
+        run.artifact(out).flush()
+    return x + 1, run.run_id if run else None
+
+
+def explode(x: int) -> None:
+    raise ValueError(f"no data for shard {x}")
+
+
+def sleep_long(seconds: float) -> None:
+    time.sleep(seconds)
+
+
+def test_tasks_that_succeed_and_raise_end_their_runs_truly(cluster: Cluster) -> None:
+    cluster.client.register_plugin(RunnerdWorkerPlugin(experiment="dask-test"))  # again
+    good = cluster.client.submit(add_one, 41)
+    value, run_id = good.result()
+    assert value == 42 and run_id is not None
+    bad = cluster.client.submit(explode, 7)
+    with pytest.raises(ValueError):
+        bad.result()
+    ok = wait_for(lambda: cluster.run_of(good.key, "succeeded"), what="the succeeded run")
+    failed = wait_for(lambda: cluster.run_of(bad.key, "failed_crash"), what="the failed run")
+    assert ok["run_id"] == run_id
+    assert ok["tags"]["worker"] in cluster.worker_pids()
+    assert ok["tags"]["host"] == ok["host"] == os.uname().nodename
+    shown = cluster.daemon.ctl_json("show", run_id)
+    assert [Path(a["path"]).name for a in shown["artifacts"]] == ["out.txt"]
+    failure = failed["failure"]
+    assert failure["failure_class"] == "ValueError"
+    assert failure["message"] == "no data for shard 7"
+    assert "in explode" in failure["traceback"]
+    assert failure["traceback"].rstrip().endswith("ValueError: no data for shard 7")
+    # Registered twice, the plugin still makes one run per dispatch.
+    assert len([r for r in cluster.runs() if r["tags"]["dask_key"] == good.key]) == 1
+
+
+def test_a_killed_worker_fails_its_run_and_dask_retries_on_another(cluster: Cluster) -> None:
+    future = cluster.client.submit(sleep_long, 60)
+    first = wait_for(lambda: cluster.run_of(future.key, "running"), what="the task to run")
+    victim = first["tags"]["worker"]
+    os.kill(cluster.worker_pids()[victim], signal.SIGKILL)
+    killed = wait_for(lambda: cluster.run_of(future.key, "failed_crash"), timeout=5,
+                      what="the killed worker's run to be failed_crash")
+    assert killed["run_id"] == first["run_id"]
+    assert killed["failure"]["failure_class"] == "ProcessExited"
+    again = wait_for(lambda: next((r for r in cluster.runs() if r["tags"]["dask_key"] ==
+                                   future.key and r["state"] == "running"), None),
+                     timeout=30, what="Dask's second dispatch on another worker")
+    assert again["tags"]["worker"] != victim
+    assert again["attempt"] == killed["attempt"] + 1
+    future.cancel()
+
+
+def test_a_task_dask_gives_up_on_is_labelled_killed_worker(
+        daemon: Daemon, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("RUNNERD_SOCKET", "RUNNERD_DB", "XDG_DATA_HOME", "XDG_STATE_HOME"):
+        monkeypatch.setenv(name, daemon.env[name])
+    with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
+        made = Cluster(daemon)
+    try:
+        future = made.client.submit(sleep_long, 60)
+        first = wait_for(lambda: made.run_of(future.key, "running"), what="the task to run")
+        os.kill(made.worker_pids()[first["tags"]["worker"]], signal.SIGKILL)
+        with pytest.raises(distributed.KilledWorker):
+            future.result(timeout=60)
+        labelled = wait_for(lambda: (r := made.run_of(future.key)) and
+                            (r["failure"] or {}).get("category") == "killed_worker" and r,
+                            timeout=10, what="the run labelled killed_worker")
+        assert labelled["state"] == "failed_crash"
+        assert labelled["failure"]["retryable"] is False
+        assert "KilledWorker" in labelled["failure"]["message"]
+    finally:
+        made.close()
+
+
+def grow(limit_mb: int) -> None:
+    chunks = []
+    for _ in range(limit_mb * 2 // 20):
+        chunks.append(bytearray(20 << 20))
+        time.sleep(0.05)
+
+
+def test_a_worker_the_nanny_restarts_for_memory_is_categorized_oom(
+        daemon: Daemon, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("RUNNERD_SOCKET", "RUNNERD_DB", "XDG_DATA_HOME", "XDG_STATE_HOME"):
+        monkeypatch.setenv(name, daemon.env[name])
+    made = Cluster(daemon, n_workers=1, memory_limit="400MiB")
+    try:
+        future = made.client.submit(grow, 400, retries=0)
+        oom = wait_for(lambda: (r := made.run_of(future.key)) and
+                       (r["failure"] or {}).get("category") == "oom" and r,
+                       timeout=60, what="the run categorized oom")
+        assert oom["state"].startswith("failed")
+        assert "memory" in oom["failure"]["message"]
+        future.cancel()
+    finally:
+        made.close()
+
+
+def quick(x: int) -> int:
+    return x * 2
+
+
+def test_a_stopped_daemon_never_slows_tasks_and_gets_every_event_once(
+        cluster: Cluster) -> None:
+    assert cluster.daemon.proc is not None
+    warm = cluster.client.gather(cluster.client.map(quick, range(4)))
+    assert warm == [0, 2, 4, 6]
+    cluster.daemon.proc.send_signal(signal.SIGSTOP)
+    try:
+        futures = cluster.client.map(quick, range(100, 140))
+        assert cluster.client.gather(futures, asynchronous=False) == \
+            [x * 2 for x in range(100, 140)]  # done while the daemon is frozen
+    finally:
+        cluster.daemon.proc.send_signal(signal.SIGCONT)
+    keys = {f.key for f in futures}
+    done = wait_for(lambda: (runs := [r for r in cluster.runs()
+                                      if r["tags"]["dask_key"] in keys]) and
+                    len(runs) >= len(keys) and all(r["state"] == "succeeded" for r in runs)
+                    and runs, timeout=60, what="every frozen-time event to arrive")
+    assert sorted(r["tags"]["dask_key"] for r in done) == sorted(keys)  # each exactly once
+
+
+def cell(x: int, fail: bool = False) -> int:
+    import runnerd_client as rd
+
+    run = rd.current_run()
+    assert run is not None and run.params["x"] == x
+    if fail:
+        raise KeyError(f"shard {x} is missing")
+    return x * x
+
+
+CELLS = [{"x": i, **({"fail": True} if i in (3, 11, 17) else {})} for i in range(20)]
+
+
+def test_a_sweep_on_the_cluster_under_continue_on_failure(cluster: Cluster) -> None:
+    import runnerd_client as rd
+
+    result = rd.sweep("dask-sweep", CELLS, cell, failure_policy="continue_on_failure",
+                      executor=cluster.client)
+    assert [o.index for o in result.outcomes if o.state == "failed"] == [3, 11, 17]
+    assert all(o.value == o.index ** 2 for o in result.outcomes if o.state == "succeeded")
+    assert result.summary == {"total": 20, "succeeded": 17, "failed": 3, "abandoned": 0,
+                              "skipped": 0, "running": 0, "pending": 0}
+    assert result.manifest is not None
+    manifest = __import__("json").loads(result.manifest.read_text())
+    assert manifest["cells_summary"] == result.summary
+    runs = cluster.daemon.ctl_json("list", "--sweep", result.sweep_id, "--limit", "100")
+    assert len(runs) == 20  # one attempt per cell: Dask retried nothing
+    by_cell = {r["cell"]: r for r in runs}
+    for entry in manifest["cells"]:
+        assert entry["run_id"] == by_cell[entry["index"]]["run_id"]
+        assert entry["host"] == os.uname().nodename
+        if entry["state"] == "failed":
+            assert entry["failure"]["failure_class"] == "KeyError"
+    assert {o.run_id for o in result.outcomes} == {r["run_id"] for r in runs}
+
+
+def test_a_sweep_on_the_cluster_under_fail_fast(cluster: Cluster) -> None:
+    import runnerd_client as rd
+
+    with pytest.raises(KeyError):
+        rd.sweep("dask-fast", CELLS, cell, executor=cluster.client)
+    sweep = cluster.daemon.ctl_json("sweep", "list")[0]
+    summary = sweep["cells_summary"]
+    assert sweep["status"] == "failed"
+    assert summary["failed"] >= 1
+    assert summary["running"] == summary["pending"] == 0
+    assert summary["succeeded"] + summary["failed"] + summary["abandoned"] + \
+        summary["skipped"] == 20
