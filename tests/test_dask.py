@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -247,3 +249,43 @@ def test_a_sweep_on_the_cluster_under_fail_fast(cluster: Cluster) -> None:
     assert summary["running"] == summary["pending"] == 0
     assert summary["succeeded"] + summary["failed"] + summary["abandoned"] + \
         summary["skipped"] == 20
+
+
+@pytest.mark.parametrize(("target", "state", "failure_class"), [
+    ("nanny", "failed_abandoned", "TaskReleased"),
+    ("process group", "failed_crash", "Signal:SIGTERM"),
+])
+def test_walltime_on_a_real_dask_worker_is_labelled(
+        daemon: Daemon, monkeypatch: pytest.MonkeyPatch, target: str, state: str,
+        failure_class: str) -> None:
+    """SIGTERM to the nanny closes the worker (teardown abandons its task); SIGTERM to the
+    whole process group, as a job's walltime does, kills the worker process itself."""
+    for name in ("RUNNERD_SOCKET", "RUNNERD_DB", "XDG_DATA_HOME", "XDG_STATE_HOME"):
+        monkeypatch.setenv(name, daemon.env[name])
+    made = Cluster(daemon, n_workers=0)
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "distributed.cli.dask_worker", made.cluster.scheduler_address,
+         "--nthreads", "1", "--nworkers", "1", "--no-dashboard"],
+        start_new_session=True, stderr=subprocess.DEVNULL,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parent)})  # to find our tasks
+    try:
+        made.client.wait_for_workers(1, timeout=60)
+        future = made.client.submit(sleep_long, 60)
+        wait_for(lambda: made.run_of(future.key, "running"), timeout=30, what="the task")
+        if target == "nanny":
+            os.kill(worker.pid, signal.SIGTERM)
+        else:
+            os.killpg(worker.pid, signal.SIGTERM)
+        worker.wait(60)
+        ended = wait_for(lambda: (r := made.run_of(future.key)) and r["state"] != "running"
+                         and (r["failure"] or {}).get("category") == "walltime" and r,
+                         timeout=15, what="the run to end labelled walltime")
+        assert ended["state"] == state
+        assert ended["failure"]["failure_class"] == failure_class
+        assert ended["failure"]["retryable"] is True
+        future.cancel()
+    finally:
+        if worker.poll() is None:
+            os.killpg(worker.pid, signal.SIGKILL)
+            worker.wait()
+        made.close()

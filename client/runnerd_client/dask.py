@@ -19,6 +19,7 @@ import logging
 import os
 import pickle
 import queue
+import signal
 import socket
 import threading
 import time
@@ -54,6 +55,7 @@ EXECUTING = ("executing", "long-running")
 ANNOTATION = "runnerd"
 PLUGIN_NAME = "runnerd"
 TEARDOWN_FLUSH = 5.0
+SIGTERM_FLUSH = 2.0
 RUN_TOPIC = "runnerd-run"
 
 
@@ -89,6 +91,37 @@ class RunnerdWorkerPlugin(WorkerPlugin):
         self.thread = threading.Thread(target=self._report, name="runnerd-dask-reporter",
                                        daemon=True)
         self.thread.start()
+        if threading.current_thread() is threading.main_thread():
+            self._previous_sigterm = signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        """SIGTERM straight to the worker process (a job's walltime hits the whole process
+        group): record its tasks as killed by it, labelled walltime, then die as asked."""
+        recorded = threading.Event()
+        at = time.time()
+        tasks, self.active = list(self.active.values()), {}
+        self.events.put(lambda: self._killed_by_sigterm(tasks, at, recorded))
+        recorded.wait(SIGTERM_FLUSH)
+        previous = self._previous_sigterm
+        if callable(previous):
+            previous(signum, frame)
+            return
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    def _killed_by_sigterm(self, tasks: list[TaskRun], at: float,
+                           recorded: threading.Event) -> None:
+        futures = [self.client.emit(Fail(
+            key=new_key(), run_id=task.run_id, reason=FailReason.CRASH,
+            failure_class="Signal:SIGTERM", signal="SIGTERM", category_hint="walltime",
+            message="the worker process got SIGTERM (a job's walltime, scancel)", at=at))
+            for task in tasks]
+        for future in futures:
+            try:
+                future.result(SIGTERM_FLUSH)
+            except TimeoutError:
+                break
+        recorded.set()
 
     # --- hooks: on the worker's event loop, so they only enqueue ---
 
