@@ -289,3 +289,30 @@ def test_walltime_on_a_real_dask_worker_is_labelled(
             os.killpg(worker.pid, signal.SIGKILL)
             worker.wait()
         made.close()
+
+
+def test_runnerctl_sweep_run_on_the_cluster(cluster: Cluster, short_tmp: Path) -> None:
+    script = short_tmp / "cell.py"
+    script.write_text("import sys\nx = int(sys.argv[1])\n"
+                      "if x == 2:\n    raise ValueError(f'x={x} diverged')\nprint(x * 10)\n")
+    result = cluster.daemon.ctl(
+        "sweep", "run", "--experiment", "dask-cli", "--grid", "x=0,1,2,3",
+        "--failure-policy", "continue_on_failure", "--dask",
+        cluster.cluster.scheduler_address, "--", sys.executable, str(script), "{x}",
+        check=False)
+    assert result.returncode == 1, result.stderr
+    assert "3 succeeded, 1 failed of 4" in result.stdout
+    sweep = cluster.daemon.ctl_json("sweep", "show", cluster.daemon.ctl_json(
+        "sweep", "list")[0]["sweep_id"])
+    failed = [c for c in sweep["cells"] if c["state"] == "failed"]
+    assert [c["index"] for c in failed] == [2]
+    assert failed[0]["failure"]["failure_class"] == "ExitCode"
+    assert failed[0]["failure"]["exit_code"] == 1
+    assert "ValueError: x=2 diverged" in failed[0]["failure"]["traceback"]
+    workers = set(cluster.worker_pids())
+    for cell in sweep["cells"]:
+        run = cluster.daemon.ctl_json("show", cell["run_id"])
+        assert run["tags"]["worker"] in workers
+        if cell["state"] == "succeeded":
+            out = Path(run["run_dir"], "stdout.log").read_text()
+            assert out.strip() == str(cell["params"]["x"] * 10)

@@ -230,8 +230,10 @@ class RunnerdWorkerPlugin(WorkerPlugin):
 
 
 def task_failure(run_id: str, ts: Any, at: float) -> Fail:
-    """The `fail` of a task that raised: its real class, message and traceback."""
+    """The `fail` of a task that raised: its real class, message and traceback (a failed
+    command names its exit code or signal, as `runnerctl exec` does)."""
     failure_class, message = "TaskError", str(getattr(ts, "exception_text", "") or "")
+    exc: BaseException | None = None
     try:
         exc = pickle.loads(ts.exception.data)
         failure_class, message = type(exc).__name__, str(exc)
@@ -239,8 +241,75 @@ def task_failure(run_id: str, ts: Any, at: float) -> Fail:
         pass
     frames = getattr(ts, "traceback_text", "") or ""
     traceback = f"Traceback (most recent call last):\n{frames}{failure_class}: {message}\n"
+    if isinstance(exc, CommandFailed):
+        return Fail(key=new_key(), run_id=run_id, reason=FailReason.CRASH,
+                    failure_class=exc.failure_class, message=message, exit_code=exc.exit_code,
+                    signal=exc.signal, traceback=exc.traceback, at=at)
     return Fail(key=new_key(), run_id=run_id, reason=FailReason.CRASH,
                 failure_class=failure_class, message=message, traceback=traceback, at=at)
+
+
+class CommandFailed(Exception):
+    """A sweep cell's command that did not exit 0 on its worker."""
+
+    def __init__(self, message: str, failure_class: str, exit_code: int,
+                 signal: str | None = None, traceback: str | None = None) -> None:
+        super().__init__(message)
+        self.failure_class, self.exit_code, self.signal = failure_class, exit_code, signal
+        self.traceback = traceback
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (CommandFailed, (str(self), self.failure_class, self.exit_code, self.signal,
+                                self.traceback))
+
+
+@dataclass(frozen=True)
+class CommandCell:
+    """`runnerctl sweep run --dask`: a cell's command, run on the worker as its task. Its
+    output goes to stdout.log and stderr.log in the run's folder (artifacts if not empty);
+    a non-zero exit raises CommandFailed, which the plugin records like `exec` would."""
+
+    command: tuple[str, ...]
+    cwd: str
+    timeout: float | None = None
+
+    def __call__(self, **params: Any) -> int:
+        import subprocess
+
+        from runnerd_client.cells import substitute
+        from runnerd_client.run import ACTIVE, RUN_ID_ENV
+
+        run = ACTIVE.get()
+        folder = run.run_dir if run is not None else Path(self.cwd)
+        folder.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, **({RUN_ID_ENV: run.run_id} if run is not None else {})}
+        logs = [folder / "stdout.log", folder / "stderr.log"]
+        with open(logs[0], "wb") as out, open(logs[1], "wb") as err:
+            proc = subprocess.Popen(substitute(self.command, params), cwd=self.cwd, env=env,
+                                    stdout=out, stderr=err, start_new_session=True)
+            try:
+                code = proc.wait(self.timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                code = proc.wait()
+        for log_path in logs:
+            if run is not None and log_path.stat().st_size:
+                run.artifact(log_path)
+        if code != 0:
+            raise _command_failure(code, logs[1].read_bytes()[-65536:])
+        return code
+
+
+def _command_failure(code: int, stderr_tail: bytes) -> CommandFailed:
+    text = stderr_tail.decode("utf-8", "replace")
+    lines = text.strip().splitlines()
+    last = lines[-1][:500] if lines else ""
+    traceback = text if "Traceback (most recent call last)" in text else None
+    if code < 0:
+        name = signal.Signals(-code).name
+        return CommandFailed(f"command killed by {name}", f"Signal:{name}", 128 - code, name)
+    return CommandFailed(f"exit code {code}" + (f": {last}" if last else ""), "ExitCode", code,
+                         traceback=traceback)
 
 
 def current_run(timeout: float = 30.0) -> Run | None:
@@ -466,8 +535,9 @@ def _outcome(future: Any, index: int, params: dict[str, Any], attempts: int) -> 
         return CellOutcome(index, params, "cancelled", attempts=attempts)
     if future.status == "error":
         exc = future.exception()
-        return CellOutcome(index, params, "failed", attempts=attempts,
-                           error=f"{type(exc).__name__}: {exc}", exception=exc)
+        name = getattr(exc, "failure_class", type(exc).__name__)
+        return CellOutcome(index, params, "failed", attempts=attempts, error=f"{name}: {exc}",
+                           exception=exc)
     value = future.result()
     if isinstance(value, Taken):
         return CellOutcome(index, params, "taken", attempts=attempts - 1, error=value.message)

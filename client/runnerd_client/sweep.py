@@ -88,7 +88,9 @@ class SweepResult:
 
 
 @dataclass(frozen=True)
-class _Options:
+class SweepOptions:
+    """How one turn of a sweep runs its cells (`drive`)."""
+
     experiment: str
     sweep_id: str
     policy: str
@@ -121,9 +123,9 @@ def sweep(experiment: str, cells: Iterable[dict[str, Any]], fn: Callable[..., An
         conn.call(SweepCreate(key=new_key(), sweep_id=sweep_id, experiment=experiment,
                               spec=spec, failure_policy=str(failure_policy),
                               folder=str(Path(folder).resolve()) if folder else None))
-    options = _Options(experiment, sweep_id, str(failure_policy), jobs, retries, backoff,
+    options = SweepOptions(experiment, sweep_id, str(failure_policy), jobs, retries, backoff,
                        retry_on, resume=False, executor=executor)
-    return _drive(options, [(i, c, None) for i, c in enumerate(cells)], fn)
+    return drive(options, [(i, c, None) for i, c in enumerate(cells)], fn)
 
 
 def resume_sweep(sweep_id: str, fn: Callable[..., Any], *, jobs: int | None = None,
@@ -139,11 +141,11 @@ def resume_sweep(sweep_id: str, fn: Callable[..., Any], *, jobs: int | None = No
         planned = [(c["index"], c["params"], c["run_id"])
                    for c in _cells(conn, stored["sweep_id"], unfinished=True)]
     spec = stored["spec"]
-    options = _Options(stored["experiment"], stored["sweep_id"],
+    options = SweepOptions(stored["experiment"], stored["sweep_id"],
                        failure_policy or stored["failure_policy"], jobs or spec["jobs"],
                        spec["retries"], spec["backoff"], spec["retry_on"], resume=True,
                        executor=executor)
-    return _drive(options, planned, fn)
+    return drive(options, planned, fn)
 
 
 class daemon_connection:  # noqa: N801  (used as `with daemon_connection() as conn`)
@@ -171,7 +173,7 @@ def _cells(conn: Connection, sweep_id: str, unfinished: bool) -> Iterator[dict[s
 Planned = tuple[int, dict[str, Any], str | None]  # index, params, the attempt it follows
 
 
-def _drive(options: _Options, planned: list[Planned], fn: Callable[..., Any]) -> SweepResult:
+def drive(options: SweepOptions, planned: list[Planned], fn: Callable[..., Any]) -> SweepResult:
     """Run the cells, end the turn (the manifest is written then), and under fail_fast
     re-raise the first failure."""
     outcomes: list[CellOutcome] = []
@@ -190,7 +192,7 @@ def _drive(options: _Options, planned: list[Planned], fn: Callable[..., Any]) ->
     return result
 
 
-def _runner(options: _Options) -> Callable[[_Options, list[Planned], Callable[..., Any]],
+def _runner(options: SweepOptions) -> Callable[[SweepOptions, list[Planned], Callable[..., Any]],
                                           list[CellOutcome]]:
     if options.executor is not None:
         from runnerd_client.dask import run_on_dask
@@ -198,7 +200,7 @@ def _runner(options: _Options) -> Callable[[_Options, list[Planned], Callable[..
     return _in_process if options.jobs == 1 else _in_workers
 
 
-def _end(options: _Options, outcomes: list[CellOutcome], status: str) -> SweepResult:
+def _end(options: SweepOptions, outcomes: list[CellOutcome], status: str) -> SweepResult:
     stopped = options.policy == SweepPolicy.FAIL_FAST and \
         any(o.state == "failed" for o in outcomes)
     with daemon_connection() as conn:
@@ -241,7 +243,7 @@ def cell_states(sweep_id: str, index: int, settled: bool = False,
             time.sleep(0.05)
 
 
-def _in_process(options: _Options, planned: list[Planned],
+def _in_process(options: SweepOptions, planned: list[Planned],
                 fn: Callable[..., Any]) -> list[CellOutcome]:
     from runnerd_client import connect
 
@@ -254,7 +256,7 @@ def _in_process(options: _Options, planned: list[Planned],
     return outcomes
 
 
-def run_cell(client: Client, options: _Options, index: int, params: dict[str, Any],
+def run_cell(client: Client, options: SweepOptions, index: int, params: dict[str, Any],
              after: str | None, fn: Callable[..., Any]) -> CellOutcome:
     """One cell: attempts until one succeeds or retries run out (as `rd.retrying`)."""
     retry_of, attempts = None, 0
@@ -311,7 +313,7 @@ class _Stop:
 _STOP = _Stop()
 
 
-def _worker(options: _Options, fn: Callable[..., Any], planned: list[Planned], taken: Any,
+def _worker(options: SweepOptions, fn: Callable[..., Any], planned: list[Planned], taken: Any,
             done: Any, stop: Any) -> None:
     """A forked worker: take the next planned cell (`taken` counts those taken by all the
     workers) until there are none or the sweep stops."""
@@ -350,7 +352,7 @@ def _portable(outcome: CellOutcome) -> CellOutcome:
                            RuntimeError(text or outcome.error) if outcome.exception else None)
 
 
-def _in_workers(options: _Options, planned: list[Planned],
+def _in_workers(options: SweepOptions, planned: list[Planned],
                 fn: Callable[..., Any]) -> list[CellOutcome]:
     context = multiprocessing.get_context("fork")
     taken, done, stop = context.Value("q", 0), context.Queue(), context.Event()

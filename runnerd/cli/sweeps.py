@@ -54,6 +54,11 @@ MANIFEST_KEYS = ("sweep_id", "experiment", "failure_policy", "spec", "created_at
                  "status")
 
 
+dask_option = click.option(
+    "--dask", metavar="ADDRESS",
+    help="Run the cells on the Dask cluster whose scheduler is at ADDRESS.")
+
+
 @cli.group()
 def sweep() -> None:
     """Run a grid of experiments as tracked runs; resume, replicate and inspect it."""
@@ -126,12 +131,13 @@ def _checked(spec: dict[str, Any]) -> list[dict[str, Any]]:
 @click.option("--memory", type=parse_size, help="Per cell: a memory cgroup limited to this.")
 @click.option("--folder", type=click.Path(file_okay=False, resolve_path=True),
               help="Where manifest.json goes (default: the data dir's sweeps/<id>/).")
+@dask_option
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 @click.pass_context
 def sweep_run(ctx: click.Context, experiment: str, grid: tuple[str, ...],
               grid_file: str | None, jobs: int, failure_policy: str, retries: int,
               backoff: float, retry_on: str, timeout: float | None, memory: int | None,
-              folder: str | None, command: tuple[str, ...]) -> None:
+              folder: str | None, dask: str | None, command: tuple[str, ...]) -> None:
     """Run COMMAND once per cell, `{name}` standing for the cell's value of name."""
     from runnerd.driver import Planned, Turn
     from runnerd.launch import Retries
@@ -148,8 +154,11 @@ def sweep_run(ctx: click.Context, experiment: str, grid: tuple[str, ...],
         stored = conn.call(SweepGet(sweep=sweep_id))["sweep"]
     except RunnerdError as exc:
         fail(f"{exc.code}: {exc.message}", EXIT_ERROR)
-    turn = Turn(stored, jobs, failure_policy, Retries(retries, backoff, retry_on))
     conn.close()
+    if dask:
+        sys.exit(on_dask(dask, stored, [(i, c, None) for i, c in enumerate(cells)],
+                         resume=False))
+    turn = Turn(stored, jobs, failure_policy, Retries(retries, backoff, retry_on))
     sys.exit(drive(ctx, turn, [Planned(i, c) for i, c in enumerate(cells)]))
 
 
@@ -186,11 +195,12 @@ def take_over(ctx: click.Context, conn: Connection, sweep_id: str) -> None:
 @click.option("--grid-file", type=click.Path(exists=True, dir_okay=False))
 @click.option("--jobs", type=click.IntRange(1, 256), help="Default: as stored.")
 @click.option("--failure-policy", type=POLICIES, help="Default: as stored.")
+@dask_option
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 @click.pass_context
 def sweep_resume(ctx: click.Context, sweep_ref: str, grid: tuple[str, ...],
                  grid_file: str | None, jobs: int | None, failure_policy: str | None,
-                 command: tuple[str, ...]) -> None:
+                 dask: str | None, command: tuple[str, ...]) -> None:
     """Run the cells whose latest attempt did not succeed, each from its last checkpoint."""
     from runnerd.driver import cells, with_latest
 
@@ -204,6 +214,10 @@ def sweep_resume(ctx: click.Context, sweep_ref: str, grid: tuple[str, ...],
     take_over(ctx, conn, stored["sweep_id"])
     planned = [with_latest(c) for c in cells(conn, stored["sweep_id"], unfinished=True)]
     conn.close()
+    if dask:
+        sys.exit(on_dask(dask, {**stored, "failure_policy": failure_policy or
+                                stored["failure_policy"]},
+                         [(c.index, c.params, c.claim_after) for c in planned], resume=True))
     sys.exit(drive(ctx, _turn(stored, jobs, failure_policy, resume=True), planned))
 
 
@@ -233,6 +247,48 @@ def sweep_replicate(ctx: click.Context, sweep_ref: str, failed_only: bool,
     click.echo(table(("CELL", "VARIATION", "RECORDED", "NOW", "SAME", "RUN"), rows))
     click.echo(f"{len(rows) - differ} of {len(rows)} cell(s) ended as recorded")
     sys.exit(1 if differ else code if turn.interrupted else 0)
+
+
+def on_dask(address: str, stored: dict[str, Any],
+            planned: list[tuple[int, dict[str, Any], str | None]], resume: bool) -> int:
+    """Run the cells' commands as tasks of the Dask cluster at `address`, each recorded by
+    the worker plugin in its node's daemon; the exit status."""
+    try:
+        from distributed import Client as DaskClient
+
+        from runnerd_client.dask import CommandCell, CommandFailed, RunnerdWorkerPlugin
+        from runnerd_client.sweep import SweepOptions
+        from runnerd_client.sweep import drive as drive_cells
+    except ImportError:
+        fail("--dask needs the dask extra: pip install 'runnerd[dask]'", EXIT_USAGE)
+    spec = stored["spec"]
+    options = SweepOptions(stored["experiment"], stored["sweep_id"], stored["failure_policy"],
+                           spec.get("jobs") or 1, spec.get("retries", 0),
+                           spec.get("backoff", 2.0), spec.get("retry_on", "retryable"),
+                           resume=resume,
+                           executor=DaskClient(address))  # type: ignore[no-untyped-call]
+    options.executor.register_plugin(RunnerdWorkerPlugin(experiment=stored["experiment"]))
+    click.echo(f"sweep {stored['sweep_id']}: {len(planned)} cell(s) of"
+               f" {stored['experiment']} on the Dask cluster at {address}")
+    cell = CommandCell(tuple(spec["command"]), spec["cwd"], spec.get("timeout"))
+    try:
+        result = drive_cells(options, planned, cell)
+    except CommandFailed as exc:
+        click.echo(f"fail_fast: {exc.failure_class}: {exc}", err=True)
+        if exc.traceback:
+            click.echo(exc.traceback.rstrip(), err=True)
+        return 1
+    finally:
+        options.executor.close()
+    for outcome in result.outcomes:
+        click.echo(f"cell {outcome.index} {outcome.variation}: {outcome.state}"
+                   f" run {outcome.run_id or '-'}" + (f" ({outcome.error})"
+                                                      if outcome.error else ""))
+    counts = result.summary
+    click.echo(f"sweep {result.sweep_id} {result.status}: " + ", ".join(
+        f"{n} {state}" for state, n in counts.items() if n and state != "total")
+        + f" of {counts['total']}; manifest {result.manifest}")
+    return 0 if all(o.state in ("succeeded", "taken") for o in result.outcomes) else 1
 
 
 def _ending(state: str, failure: dict[str, Any] | None) -> tuple[str, str | None, str | None]:
