@@ -218,13 +218,21 @@ def _claim_cell(store: Store, req: Create, at: float) -> dict[str, Any] | None:
         raise _bad(f"cell {req.cell} of sweep {req.sweep_id} is"
                    f" {sweep['experiment']}/{cell['variation']}")
     latest = cell["latest_run_id"]
-    if latest != req.claim_after:
+    row = store.run_row(latest) if latest else None
+    if latest != req.claim_after and not _redispatch(row, req):
         raise RunnerdError(ErrorCode.CONFLICT, f"cell {req.cell} of sweep {req.sweep_id}"
                            f" was claimed meanwhile by run {latest}")
-    row = store.run_row(latest) if latest else None
     if row is not None:
         _take_over(store, row, at, f"cell {req.cell} of sweep {req.sweep_id}")
     return row
+
+
+def _redispatch(latest: dict[str, Any] | None, req: Create) -> bool:
+    """Whether this attempt is a scheduler running the very same task again (Dask
+    re-dispatches a task whose worker died): it follows that task's earlier dispatch."""
+    key = (req.tags or {}).get("dask_key")
+    return latest is not None and key is not None and \
+        json.loads(latest["tags"]).get("dask_key") == key
 
 
 def _resumable(store: Store, req: Create, at: float) -> dict[str, Any] | None:

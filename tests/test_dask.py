@@ -316,3 +316,34 @@ def test_runnerctl_sweep_run_on_the_cluster(cluster: Cluster, short_tmp: Path) -
         if cell["state"] == "succeeded":
             out = Path(run["run_dir"], "stdout.log").read_text()
             assert out.strip() == str(cell["params"]["x"] * 10)
+
+
+def steady(x: int) -> int:
+    time.sleep(0.4)
+    return x
+
+
+def test_a_worker_lost_mid_sweep_leaves_each_cell_one_success(cluster: Cluster) -> None:
+    import threading
+
+    import runnerd_client as rd
+
+    outcome: dict[str, Any] = {}
+    thread = threading.Thread(target=lambda: outcome.update(result=rd.sweep(
+        "dask-lost", [{"x": i} for i in range(12)], steady,
+        failure_policy="continue_on_failure", executor=cluster.client)))
+    thread.start()
+    running = wait_for(lambda: next((r for r in cluster.daemon.ctl_json(
+        "list", "--experiment", "dask-lost", "--state", "running")), None), timeout=30,
+        what="a cell to run")
+    wait_for(lambda: cluster.daemon.ctl_json("list", "--experiment", "dask-lost",
+                                             "--state", "succeeded"), what="a cell done")
+    os.kill(cluster.worker_pids()[running["tags"]["worker"]], signal.SIGKILL)
+    thread.join(120)
+    result = outcome["result"]
+    assert result.summary["succeeded"] == 12
+    runs = cluster.daemon.ctl_json("list", "--sweep", result.sweep_id, "--limit", "100")
+    succeeded = sorted(r["cell"] for r in runs if r["state"] == "succeeded")
+    assert succeeded == list(range(12))  # one success per cell: nothing recomputed
+    crashed = [r for r in runs if r["state"] == "failed_crash"]
+    assert crashed and all(r["failure"]["failure_class"] == "ProcessExited" for r in crashed)
