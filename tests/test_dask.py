@@ -3,6 +3,7 @@ daemon, real SIGKILLs. Each task dispatch must be one run in the daemon, ended t
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -129,6 +130,13 @@ def test_a_killed_worker_fails_its_run_and_dask_retries_on_another(cluster: Clus
     assert again["tags"]["worker"] != victim
     assert again["attempt"] == killed["attempt"] + 1
     future.cancel()
+    # The nanny restarts the killed worker, and the new one gets the plugin too.
+    restarted = wait_for(lambda: set(cluster.worker_pids()) - {victim, again["tags"]["worker"]},
+                         timeout=30, what="the nanny to restart the worker")
+    probe = cluster.client.submit(quick, 7, workers=list(restarted))
+    assert probe.result() == 14
+    recorded = wait_for(lambda: cluster.run_of(probe.key, "succeeded"), what="its run")
+    assert recorded["tags"]["worker"] in restarted
 
 
 def test_a_task_dask_gives_up_on_is_labelled_killed_worker(
@@ -347,3 +355,48 @@ def test_a_worker_lost_mid_sweep_leaves_each_cell_one_success(cluster: Cluster) 
     assert succeeded == list(range(12))  # one success per cell: nothing recomputed
     crashed = [r for r in runs if r["state"] == "failed_crash"]
     assert crashed and all(r["failure"]["failure_class"] == "ProcessExited" for r in crashed)
+
+
+def test_two_nodes_each_record_their_own_runs_and_runnerctl_sees_both(
+        short_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two `dask worker` processes, each beside its own daemon, as on two nodes."""
+    nodes = [Daemon(short_tmp / name) for name in ("a", "b")]
+    for node in nodes:
+        node.root.mkdir()
+        node.start()
+    cluster = distributed.LocalCluster(n_workers=0, dashboard_address=None)
+    client = distributed.Client(cluster)
+    client.register_plugin(RunnerdWorkerPlugin(experiment="two-nodes"))
+    workers = [subprocess.Popen(
+        [sys.executable, "-m", "distributed.cli.dask_worker", cluster.scheduler_address,
+         "--nthreads", "1", "--nworkers", "1", "--no-dashboard"], start_new_session=True,
+        stderr=subprocess.DEVNULL,
+        env={**node.env, "PYTHONPATH": str(Path(__file__).parent)}) for node in nodes]
+    try:
+        client.wait_for_workers(2, timeout=60)
+        addresses = sorted(client.scheduler_info()["workers"])
+        futures = [client.submit(quick, i, workers=[addresses[i % 2]]) for i in range(10)]
+        assert client.gather(futures) == [i * 2 for i in range(10)]
+        keys = {f.key for f in futures}
+
+        def recorded(node: Daemon) -> list[dict[str, Any]]:
+            return [r for r in node.ctl_json("list", "--experiment", "two-nodes")
+                    if r["state"] == "succeeded"]
+
+        wait_for(lambda: sum(len(recorded(node)) for node in nodes) == 10, timeout=30,
+                 what="every task recorded")
+        for node in nodes:
+            assert len({r["tags"]["worker"] for r in recorded(node)}) == 1  # its own worker
+        merged = json.loads(nodes[0].ctl(
+            "--socket", str(nodes[0].socket), "--socket", str(nodes[1].socket), "list",
+            "--experiment", "two-nodes", "--json").stdout)
+        assert sorted(r["tags"]["dask_key"] for r in merged) == sorted(keys)
+        assert {r["daemon"] for r in merged} == {str(node.socket) for node in nodes}
+    finally:
+        client.close()
+        cluster.close()
+        for worker in workers:
+            os.killpg(worker.pid, signal.SIGKILL)
+            worker.wait()
+        for node in nodes:
+            node.stop()
