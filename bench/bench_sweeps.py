@@ -37,7 +37,7 @@ from bench_core import (
 from bench_events import Quiet
 from bench_liveness import _insert, _verdict, print_header
 
-from runnerd.driver import cells, with_latest
+from runnerd.driver import with_latest
 from runnerd.states import failure_record
 from runnerd_client.connection import Connection
 from runnerd_client.ids import new_key, new_run_id
@@ -51,6 +51,7 @@ from runnerd_client.protocol import (
     SweepGet,
     SweepStart,
 )
+from runnerd_client.sweep import sweep_cells as cells
 
 EXPERIMENT = "bench"
 IDLE, TAKE_OVER = "without SweepStart", "as `sweep resume`"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,7 +32,6 @@ from runnerd_client.protocol import (
     ErrorCode,
     Get,
     RunnerdError,
-    SweepCells,
     SweepEnd,
     SweepGet,
     SweepPolicy,
@@ -41,7 +40,6 @@ from runnerd_client.protocol import (
 from runnerd_client.run import Cell, Client
 
 SWEEP_ENV, CELL_ENV = "RUNNERD_SWEEP_ID", "RUNNERD_CELL"
-PAGE = 5000
 
 
 @dataclass(frozen=True)
@@ -79,18 +77,6 @@ class Turn:
     running: int = 0
     first_failure: Result | None = None
     interrupted: Stop | None = None
-
-
-def cells(conn: Connection, sweep_id: str, unfinished: bool = False) -> Iterator[dict[str, Any]]:
-    """A sweep's cells from the daemon, a page at a time."""
-    after = -1
-    while True:
-        page = conn.call(SweepCells(sweep=sweep_id, after=after, limit=PAGE,
-                                    unfinished=unfinished))
-        yield from page["cells"]
-        if page["next"] is None:
-            return
-        after = page["next"]
 
 
 def cell_launch(sweep: dict[str, Any], cell: Planned, resume: bool) -> Launch:

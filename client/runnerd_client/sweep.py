@@ -139,7 +139,7 @@ def resume_sweep(sweep_id: str, fn: Callable[..., Any], *, jobs: int | None = No
             raise RunnerdError(ErrorCode.CONFLICT, "not the stored sweep: " + "; ".join(changed))
         conn.call(SweepStart(key=new_key(), sweep_id=stored["sweep_id"]))
         planned = [(c["index"], c["params"], c["run_id"])
-                   for c in _cells(conn, stored["sweep_id"], unfinished=True)]
+                   for c in sweep_cells(conn, stored["sweep_id"], unfinished=True)]
     spec = stored["spec"]
     options = SweepOptions(stored["experiment"], stored["sweep_id"],
                        failure_policy or stored["failure_policy"], jobs or spec["jobs"],
@@ -159,7 +159,9 @@ class daemon_connection:  # noqa: N801  (used as `with daemon_connection() as co
         self.conn.close()
 
 
-def _cells(conn: Connection, sweep_id: str, unfinished: bool) -> Iterator[dict[str, Any]]:
+def sweep_cells(conn: Connection, sweep_id: str,
+                unfinished: bool = False) -> Iterator[dict[str, Any]]:
+    """A sweep's cells from the daemon, a page at a time."""
     after = -1
     while True:
         page = conn.call(SweepCells(sweep=sweep_id, after=after, limit=PAGE,
@@ -211,7 +213,7 @@ def _end(options: SweepOptions, outcomes: list[CellOutcome], status: str) -> Swe
                                    skip=stopped))
         stored = conn.call(SweepGet(sweep=options.sweep_id))["sweep"]
         if any(o.run_id is None and o.state not in ("skipped", "taken") for o in outcomes):
-            _fill_from_registry(outcomes, _cells(conn, options.sweep_id, unfinished=False))
+            _fill_from_registry(outcomes, sweep_cells(conn, options.sweep_id, unfinished=False))
     manifest = Path(ended["manifest"]) if ended.get("manifest") else None
     return SweepResult(options.sweep_id, sorted(outcomes, key=lambda o: o.index),
                        stored["cells_summary"], manifest, stored["status"])

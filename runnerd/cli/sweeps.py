@@ -202,7 +202,8 @@ def sweep_resume(ctx: click.Context, sweep_ref: str, grid: tuple[str, ...],
                  grid_file: str | None, jobs: int | None, failure_policy: str | None,
                  dask: str | None, command: tuple[str, ...]) -> None:
     """Run the cells whose latest attempt did not succeed, each from its last checkpoint."""
-    from runnerd.driver import cells, with_latest
+    from runnerd.driver import with_latest
+    from runnerd_client.sweep import sweep_cells as cells
 
     conn = connect(ctx)
     stored = _stored(ctx, conn, sweep_ref)
@@ -230,7 +231,8 @@ def sweep_replicate(ctx: click.Context, sweep_ref: str, failed_only: bool,
                     jobs: int | None) -> None:
     """Run cells again and check each ends as recorded: succeeded again, or failed with the
     same failure class and signature. Exit 1 on any difference."""
-    from runnerd.driver import cells, with_latest
+    from runnerd.driver import with_latest
+    from runnerd_client.sweep import sweep_cells as cells
 
     conn = connect(ctx)
     stored = _stored(ctx, conn, sweep_ref)
@@ -438,7 +440,7 @@ def sweep_list(ctx: click.Context, limit: int, as_json: bool) -> None:
 @click.pass_context
 def sweep_show(ctx: click.Context, sweep_ref: str, as_json: bool) -> None:
     """One sweep and its cells (--json: the shape of its manifest.json)."""
-    from runnerd.driver import cells
+    from runnerd_client.sweep import sweep_cells as cells
 
     conn = connect(ctx)
     stored = _stored(ctx, conn, sweep_ref)
@@ -529,7 +531,8 @@ def relaunch(ctx: click.Context, runs: list[dict[str, Any]]) -> list[int]:
 
 
 def resume_sweep(ctx: click.Context, sweep_id: str) -> int:
-    from runnerd.driver import cells, with_latest
+    from runnerd.driver import with_latest
+    from runnerd_client.sweep import sweep_cells as cells
 
     conn = connect(ctx)
     stored = _stored(ctx, conn, sweep_id)
