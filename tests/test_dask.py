@@ -54,6 +54,12 @@ class Cluster:
         return next((r for r in self.runs() if r["tags"].get("dask_key") == key
                      and (state is None or r["state"] == state)), None)
 
+    def in_ledger(self, key: str) -> bool:
+        """Whether the scheduler plugin has entered the task's run (after LEDGER_DELAY)."""
+        def look(dask_scheduler: Any) -> bool:
+            return key in dask_scheduler.plugins[RunnerdSchedulerPlugin.name].ledger
+        return bool(self.client.run_on_scheduler(look))
+
     def worker_pids(self) -> dict[str, int]:
         return dict(self.client.run(os.getpid))
 
@@ -148,6 +154,7 @@ def test_a_task_dask_gives_up_on_is_labelled_killed_worker(
     try:
         future = made.client.submit(sleep_long, 60)
         first = wait_for(lambda: made.run_of(future.key, "running"), what="the task to run")
+        wait_for(lambda: made.in_ledger(future.key), what="the scheduler's ledger entry")
         os.kill(made.worker_pids()[first["tags"]["worker"]], signal.SIGKILL)
         with pytest.raises(distributed.KilledWorker):
             future.result(timeout=60)
@@ -280,6 +287,7 @@ def test_walltime_on_a_real_dask_worker_is_labelled(
         made.client.wait_for_workers(1, timeout=60)
         future = made.client.submit(sleep_long, 60)
         wait_for(lambda: made.run_of(future.key, "running"), timeout=30, what="the task")
+        wait_for(lambda: made.in_ledger(future.key), what="the scheduler's ledger entry")
         if target == "nanny":
             os.kill(worker.pid, signal.SIGTERM)
         else:

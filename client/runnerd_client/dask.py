@@ -15,6 +15,7 @@ runs. Importing this module imports `distributed` (the `runnerd[dask]` extra).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import pickle
@@ -55,6 +56,7 @@ EXECUTING = ("executing", "long-running")
 ANNOTATION = "runnerd"
 PLUGIN_NAME = "runnerd"
 TEARDOWN_FLUSH = 5.0
+LEDGER_DELAY = 0.25  # a task still running this long is entered in the scheduler's ledger
 SIGTERM_FLUSH = 2.0
 RUN_TOPIC = "runnerd-run"
 
@@ -69,6 +71,7 @@ class TaskRun:
     seq: int = 0
     created: threading.Event = field(default_factory=threading.Event)
     refused: str | None = None
+    ledger: asyncio.TimerHandle | None = None
 
 
 class RunnerdWorkerPlugin(WorkerPlugin):
@@ -85,6 +88,7 @@ class RunnerdWorkerPlugin(WorkerPlugin):
 
     def setup(self, worker: Any) -> None:
         self.worker = worker
+        self.host, self.cwd = socket.gethostname(), os.getcwd()
         self.client = Client(self.socket_path)
         self.active: dict[str, TaskRun] = {}
         self.events: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
@@ -156,25 +160,28 @@ class RunnerdWorkerPlugin(WorkerPlugin):
         task = TaskRun(run_id, name, run)
         self.active[name] = task
         tags = {"dask_key": name, "dispatch": getattr(ts, "run_id", None),
-                "worker": self.worker.address, "host": socket.gethostname(),
+                "worker": self.worker.address, "host": self.host,
                 "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
                 "sweep_id": spec.get("sweep_id"), "cell": spec.get("cell")}
         create = Create(key=new_key(), run_id=run_id, experiment=experiment,
                         variation=variation, params=params,
                         tags={k: v for k, v in tags.items() if v is not None},
-                        cwd=os.getcwd(), run_dir=str(run.run_dir), host=socket.gethostname(),
+                        cwd=self.cwd, run_dir=str(run.run_dir), host=self.host,
                         sweep_id=spec.get("sweep_id"), cell=spec.get("cell"),
                         claim_after=spec.get("claim_after"), resume=bool(spec.get("resume")),
                         at=time.time())
         self.events.put(lambda: self._create(task, create))
-        self.worker.log_event(RUN_TOPIC, {"key": name, "run_id": run_id,
-                                          "dispatch": tags["dispatch"],
-                                          "worker": self.worker.address})
+        entry = {"key": name, "run_id": run_id, "dispatch": tags["dispatch"],
+                 "worker": self.worker.address}
+        task.ledger = asyncio.get_running_loop().call_later(
+            LEDGER_DELAY, self.worker.log_event, RUN_TOPIC, entry)
 
     def _end(self, key: Any, finish: str) -> None:
         task = self.active.pop(str(key), None)
         if task is None:
             return
+        if task.ledger is not None:
+            task.ledger.cancel()
         at = time.time()
         if finish == "memory":
             self.events.put(lambda: self._emit(Succeed(key=new_key(), run_id=task.run_id,
