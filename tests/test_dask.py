@@ -408,3 +408,16 @@ def test_two_nodes_each_record_their_own_runs_and_runnerctl_sees_both(
             worker.wait()
         for node in nodes:
             node.stop()
+
+
+def test_a_retired_worker_leaves_its_task_labelled_retired(cluster: Cluster) -> None:
+    future = cluster.client.submit(sleep_long, 60)
+    running = wait_for(lambda: cluster.run_of(future.key, "running"), what="the task to run")
+    wait_for(lambda: cluster.in_ledger(future.key), what="the scheduler's ledger entry")
+    cluster.client.retire_workers([running["tags"]["worker"]], close_workers=True)
+    ended = wait_for(lambda: (r := cluster.daemon.ctl_json("show", running["run_id"])) and
+                     (r["failure"] or {}).get("category") == "retired" and r,
+                     timeout=30, what="the run labelled retired")
+    assert ended["state"] == "failed_abandoned"  # the worker's teardown abandoned it
+    assert ended["failure"]["retryable"] is True
+    future.cancel()

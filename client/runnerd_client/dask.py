@@ -388,14 +388,13 @@ class RunnerdSchedulerPlugin(SchedulerPlugin):
         elif msg.get("action") == "closing-worker" and isinstance(topic, str) and \
                 "signal-15" in str(msg.get("reason", "")):
             self.reasons[topic] = "walltime"
-        elif msg.get("action") == "retire-workers":
-            for address in msg.get("retired") or ():
-                self.reasons[str(address)] = "retired"
 
     def remove_worker(self, scheduler: Any, worker: str, *, stimulus_id: str,
                       **kwargs: Any) -> None:
         """A worker is gone: label the runs of the tasks it was running, if we know why."""
         label = self.reasons.pop(worker, None)
+        if label is None and stimulus_id.startswith("retire-workers"):
+            label = "retired"  # its "retire-workers" event comes only after this call
         for attempt in [a for a in self.ledger.values() if a.worker == worker]:
             del self.ledger[attempt.key]
             if label is not None:
