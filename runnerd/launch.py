@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any
@@ -216,17 +216,20 @@ def memory_cgroup(name: str, limit: int | None) -> Iterator[Path | None]:
 
 
 @contextmanager
-def forwarding(launcher: Launcher) -> Iterator[None]:
-    """Pass SIGINT and SIGTERM on to the commands' process groups (main thread only)."""
-    def forward(signum: int, _frame: Any) -> None:
-        launcher.stop_all(Stop.received(signum), grace=None)
-
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+def on_signals(handle: Callable[[int], None]) -> Iterator[None]:
+    """Call `handle(signum)` on SIGINT and SIGTERM while inside (main thread only)."""
+    previous = {sig: signal.signal(sig, lambda signum, _frame: handle(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def forwarding(launcher: Launcher) -> AbstractContextManager[None]:
+    """Pass SIGINT and SIGTERM on to the commands' process groups."""
+    return on_signals(lambda signum: launcher.stop_all(Stop.received(signum), grace=None))
 
 
 def wait(proc: subprocess.Popen[bytes], timeout: float | None) -> bool:

@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import sys
 import threading
 import tomllib
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -318,21 +316,15 @@ def _describe(ending: tuple[str, str | None, str | None]) -> str:
     return state if failure_class is None else f"{state} {failure_class} [{signature}]"
 
 
-@contextmanager
-def stopping_on_signals(driver: Driver) -> Iterator[None]:
+def stopping_on_signals(driver: Driver) -> AbstractContextManager[None]:
     """Ctrl-C or SIGTERM stops every running cell (TERM, grace, KILL) and starts no more."""
-    from runnerd.launch import KILL_AFTER, Stop
+    from runnerd.launch import KILL_AFTER, Stop, on_signals
 
-    def stop(signum: int, _frame: Any) -> None:
+    def stop(signum: int) -> None:
         driver.turn.interrupted = driver.turn.interrupted or Stop.received(signum)
         driver.stop(driver.turn.interrupted, KILL_AFTER)
 
-    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    return on_signals(stop)
 
 
 def drive(ctx: click.Context, turn: Turn, planned: list[Planned], summary: bool = True) -> int:
