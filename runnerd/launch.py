@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from runnerd.resources import cgroup_dir, cgroup_peak, gib, oom_kills
-from runnerd_client.protocol import FailReason, Get, RunnerdError, State
+from runnerd_client.protocol import FailReason, RunnerdError
 from runnerd_client.run import RUN_ID_ENV, Cell, Client, Run
 
 KILL_AFTER = 5.0
@@ -253,12 +253,6 @@ def wait(proc: subprocess.Popen[bytes], timeout: float | None) -> bool:
     return True
 
 
-def reported_end(client: Client, run_id: str) -> bool:
-    """Whether the command (through the client library) already ended its run."""
-    reply = client.ask(Get(run=run_id)) or {}
-    return bool(reply.get("ok")) and State(reply["run"]["state"]).terminal
-
-
 def _python_error(stderr_tail: bytes) -> tuple[str, str | None]:
     """The last exception line of a Python traceback on stderr, and the traceback."""
     text = stderr_tail.decode("utf-8", "replace")
@@ -272,19 +266,21 @@ def _python_error(stderr_tail: bytes) -> tuple[str, str | None]:
 def record_end(run: Run, rc: int, *, timed_out: bool, stopped: Stop | None,
                timeout: float | None, stderr_tail: bytes, cgroup: Path | None,
                oom_before: int | None, limit: int | None = None) -> None:
-    """End the run from the command's exit status (the command's own report wins)."""
+    """End the run from the command's exit status, unless the command already ended it
+    (through the client library): its own report wins, and the daemon decides which came
+    first."""
     if stopped is not None:
         run.fail(FailReason.ABANDONED, stopped.message, failure_class=stopped.failure_class,
-                 cause=stopped.cause)
+                 cause=stopped.cause, if_active=True)
     elif timed_out:
         run.fail(FailReason.TIMEOUT, f"command exceeded --timeout of {timeout:g} s",
-                 failure_class="Timeout", exit_code=rc)
+                 failure_class="Timeout", exit_code=rc, if_active=True)
     elif rc == 0:
-        run.succeed()
+        run.succeed(if_active=True)
     elif rc > 0:
         last, traceback = _python_error(stderr_tail)
         run.fail(FailReason.CRASH, f"exit code {rc}" + (f": {last}" if last else ""),
-                 failure_class="ExitCode", exit_code=rc, traceback=traceback)
+                 failure_class="ExitCode", exit_code=rc, traceback=traceback, if_active=True)
     else:
         name = signal.Signals(-rc).name
         oom = name == "SIGKILL" and oom_before is not None and \
@@ -294,7 +290,7 @@ def record_end(run: Run, rc: int, *, timed_out: bool, stopped: Stop | None,
             and limit else " (OOM killer)" if oom else ""
         run.fail(FailReason.CRASH, f"command killed by {name}{killer}",
                  failure_class=f"Signal:{name}", signal=name, exit_code=rc,
-                 category_hint="oom" if oom else None)
+                 category_hint="oom" if oom else None, if_active=True)
 
 
 @dataclass(frozen=True)
@@ -316,7 +312,7 @@ def run_once(client: Client, launch: Launch, how: Attempt) -> Outcome:
     run.run_dir.mkdir(parents=True, exist_ok=True)
     try:
         with memory_cgroup(f"runnerd-{run.run_id}", launch.memory) as cgroup:
-            return _run_in(client, run, launch, cgroup, how)
+            return _run_in(run, launch, cgroup, how)
     except CgroupError as exc:
         run.stop_heartbeats().fail(FailReason.CRASH, f"--memory: {exc}",
                                    failure_class="CgroupError", exit_code=126)
@@ -334,7 +330,7 @@ def _environment(run: Run, launch: Launch) -> dict[str, str]:
     return env
 
 
-def _run_in(client: Client, run: Run, launch: Launch, cgroup: Path | None,
+def _run_in(run: Run, launch: Launch, cgroup: Path | None,
             how: Attempt) -> Outcome:
     command = launch.command if cgroup is None else [
         "sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', str(cgroup), *launch.command]
@@ -366,10 +362,9 @@ def _run_in(client: Client, run: Run, launch: Launch, cgroup: Path | None,
         if tee.log_path.stat().st_size:  # an empty log is no product of the run
             run.artifact(tee.log_path)
     rc = proc.returncode
-    if not reported_end(client, run.run_id):
-        record_end(run, rc, timed_out=timed_out, stopped=stopped, timeout=launch.timeout,
-                   stderr_tail=tees[1].tail, cgroup=cgroup or cgroup_dir("self"),
-                   oom_before=oom_before, limit=launch.memory)
+    record_end(run, rc, timed_out=timed_out, stopped=stopped, timeout=launch.timeout,
+               stderr_tail=tees[1].tail, cgroup=cgroup or cgroup_dir("self"),
+               oom_before=oom_before, limit=launch.memory)
     run.flush()
     return Outcome(run, rc if rc >= 0 else 128 - rc, rc == 0 and not timed_out,
                    stopped is not None, tees[1].tail)

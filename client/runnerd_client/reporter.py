@@ -86,10 +86,11 @@ class Reporter:
             return None
         return reply
 
-    def wait(self, future: Future[Reply], what: str, *,
-             raising: tuple[str, ...] = ()) -> Reply | None:
+    def wait(self, future: Future[Reply], what: str, *, raising: tuple[str, ...] = (),
+             expected: tuple[str, ...] = ()) -> Reply | None:
         """The reply (SPOOLED when the event is on disk), or None with a warning; a refusal
-        whose code is in `raising` is raised instead, for the caller asked for a verdict."""
+        whose code is in `raising` is raised instead, for the caller asked for a verdict,
+        and one in `expected` is None without a warning."""
         try:
             reply = future.result(ACK_TIMEOUT)
         except TimeoutError:
@@ -99,6 +100,8 @@ class Reporter:
             error = reply.get("error") or {}
             if error.get("code") in raising:
                 raise_for_reply(reply)
+            if error.get("code") in expected:
+                return None
             log.warning("runnerd refused %s: %s: %s", what, error.get("code"),
                         error.get("message"))
             return None

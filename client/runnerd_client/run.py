@@ -43,6 +43,9 @@ log = logging.getLogger("runnerd_client")
 RUN_ID_ENV = "RUNNERD_RUN_ID"
 
 
+_ENDED = (ErrorCode.INVALID_TRANSITION,)  # what ending an already ended run answers
+
+
 class Terminated(SystemExit):
     """Raised in the main thread on SIGTERM, so `with rd.run()` records the run abandoned."""
 
@@ -210,17 +213,20 @@ class Run:
             self.client.wait(future, what)
         return self
 
-    def succeed(self) -> Run:
+    def succeed(self, *, if_active: bool = False) -> Run:
+        """End the run succeeded; with `if_active`, a run something else already ended
+        (a launched command through this library, say) is left as it is, silently."""
         self.flush()
         self.client.wait(self.client.emit(Succeed(
-            key=new_key(), run_id=self.run_id, at=time.time())), "succeed")
+            key=new_key(), run_id=self.run_id, at=time.time())), "succeed",
+            expected=_ENDED if if_active else ())
         return self
 
     def fail(self, reason: str = FailReason.CRASH, message: str | None = None, *,
              failure_class: str | None = None, traceback: str | None = None,
              exit_code: int | None = None, signal: str | None = None,
              category_hint: str | None = None, exc: BaseException | None = None,
-             cause: str | None = None) -> Run:
+             cause: str | None = None, if_active: bool = False) -> Run:
         """End the run failed; pass `exc` to record its class, message and traceback.
 
         The daemon's diagnosis (category, retryable) lands in `self.diagnosis`; it stays
@@ -234,7 +240,8 @@ class Run:
         reply = self.client.wait(self.client.emit(Fail(
             key=new_key(), run_id=self.run_id, reason=str(reason), failure_class=failure_class,
             message=message, traceback=traceback, exit_code=exit_code, signal=signal,
-            category_hint=category_hint, cause=cause, at=time.time())), "fail")
+            category_hint=category_hint, cause=cause, at=time.time())), "fail",
+            expected=_ENDED if if_active else ())
         if reply is not None and "retryable" in reply:
             self.diagnosis = {"category": reply["category"], "retryable": reply["retryable"]}
         return self
