@@ -12,7 +12,6 @@ from __future__ import annotations
 import ctypes
 import json
 import os
-import random
 import re
 import signal
 import subprocess
@@ -27,7 +26,7 @@ from typing import IO, Any
 
 from runnerd.resources import cgroup_dir, cgroup_peak, gib, oom_kills
 from runnerd_client.protocol import FailReason, RunnerdError
-from runnerd_client.run import RUN_ID_ENV, Cell, Client, Run
+from runnerd_client.run import RUN_ID_ENV, Cell, Client, Run, backoff_delay, worth_retrying
 
 KILL_AFTER = 5.0
 CHECKPOINT_ENV = "RUNNERD_CHECKPOINT"
@@ -394,10 +393,10 @@ def run_with_retries(client: Client, launch: Launch, retries: Retries, how: Atte
             return outcome
         diagnosis = outcome.run.diagnosis or {}
         category = diagnosis.get("category", "unknown")
-        if retries.retry_on == "retryable" and not diagnosis.get("retryable"):
+        if not worth_retrying(diagnosis, retries.retry_on):
             say(f"runnerctl: attempt {attempt} failed ({category}), not retryable")
             return outcome
-        delay = retries.backoff ** attempt * random.uniform(0.75, 1.25)
+        delay = backoff_delay(retries.backoff, attempt)
         say(f"runnerctl: attempt {attempt} failed ({category}); retrying in {delay:.1f} s")
         time.sleep(delay)
         cell = how.cell and replace(how.cell, claim_after=outcome.run.run_id)

@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import os
-import random
 import threading
 import time
 from collections.abc import Callable
@@ -18,7 +17,15 @@ from typing import Any, TypeVar
 
 from runnerd_client.connection import Connection, DaemonUnavailable
 from runnerd_client.protocol import RunnerdError, State
-from runnerd_client.run import ACTIVE, RUN_ID_ENV, Client, Run, Terminated
+from runnerd_client.run import (
+    ACTIVE,
+    RUN_ID_ENV,
+    Client,
+    Run,
+    Terminated,
+    backoff_delay,
+    worth_retrying,
+)
 from runnerd_client.sweep import CellOutcome, SweepResult, resume_sweep, sweep
 
 __all__ = [
@@ -79,10 +86,9 @@ def retrying(fn: Callable[..., T], *args: Any, experiment: str, variation: str =
             with run:
                 return fn(*args, **kwargs)
         except Exception:
-            retryable = retry_on == "any" or bool((run.diagnosis or {}).get("retryable"))
-            if attempt > retries or not retryable:
+            if attempt > retries or not worth_retrying(run.diagnosis, retry_on):
                 raise
-        time.sleep(backoff ** attempt * random.uniform(0.75, 1.25))
+        time.sleep(backoff_delay(backoff, attempt))
         retry_of = run.run_id
     raise AssertionError("the last attempt returns or raises")
 

@@ -49,7 +49,7 @@ from runnerd_client.protocol import (
     Succeed,
     SweepGet,
 )
-from runnerd_client.run import Client, Run
+from runnerd_client.run import Client, Run, backoff_delay, worth_retrying
 
 log = logging.getLogger("runnerd_client.dask")
 EXECUTING = ("executing", "long-running")
@@ -505,9 +505,8 @@ def run_on_dask(options: Any, planned: list[tuple[int, dict[str, Any], str | Non
             continue
         if outcome.state == "failed" and attempt <= options.retries and not stopped:
             cell = cell_states(options.sweep_id, index, settled=True)
-            failure = cell.get("failure") or {}
-            if options.retry_on == "any" or failure.get("retryable"):
-                time.sleep(options.backoff ** attempt)
+            if worth_retrying(cell.get("failure"), options.retry_on):
+                time.sleep(backoff_delay(options.backoff, attempt))
                 results.add(  # type: ignore[no-untyped-call]
                     submit(index, params, cell.get("run_id"), attempt + 1))
                 continue

@@ -9,6 +9,7 @@ from __future__ import annotations
 import faulthandler
 import logging
 import os
+import random
 import signal
 import socket
 import threading
@@ -41,6 +42,18 @@ from runnerd_client.reporter import Reporter
 
 log = logging.getLogger("runnerd_client")
 RUN_ID_ENV = "RUNNERD_RUN_ID"
+
+
+def worth_retrying(diagnosis: dict[str, Any] | None, retry_on: str) -> bool:
+    """Under retry_on="retryable", only a failure the daemon diagnosed retryable (a bug or
+    a bad input fails at once); under "any", every failure."""
+    return retry_on == "any" or bool((diagnosis or {}).get("retryable"))
+
+
+def backoff_delay(backoff: float, attempt: int) -> float:
+    """Seconds before the retry after `attempt`: backoff ** attempt, with ±25% jitter so
+    that many runs failing together do not retry together."""
+    return float(backoff ** attempt * random.uniform(0.75, 1.25))
 
 
 _ENDED = (ErrorCode.INVALID_TRANSITION,)  # what ending an already ended run answers

@@ -16,7 +16,6 @@ import multiprocessing
 import os
 import pickle
 import queue
-import random
 import signal
 import time
 import traceback
@@ -40,7 +39,7 @@ from runnerd_client.protocol import (
     SweepStart,
     SweepStatus,
 )
-from runnerd_client.run import ACTIVE, Cell, Client, Terminated
+from runnerd_client.run import ACTIVE, Cell, Client, Terminated, backoff_delay, worth_retrying
 
 PAGE = 5000
 
@@ -279,13 +278,13 @@ def run_cell(client: Client, options: SweepOptions, index: int, params: dict[str
             return CellOutcome(index, params, "abandoned", run.run_id, attempts,
                                error=exc.message)
         except Exception as exc:
-            retryable = options.retry_on == "any" or bool((run.diagnosis or {}).get("retryable"))
-            if attempts > options.retries or not retryable:
+            if attempts > options.retries or not worth_retrying(run.diagnosis,
+                                                                options.retry_on):
                 return CellOutcome(index, params, "failed", run.run_id, attempts,
                                    error=f"{type(exc).__name__}: {exc}", exception=exc)
         finally:
             ACTIVE.reset(token)
-        time.sleep(options.backoff ** attempts * random.uniform(0.75, 1.25))
+        time.sleep(backoff_delay(options.backoff, attempts))
         retry_of = after = run.run_id
 
 
