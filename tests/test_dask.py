@@ -68,10 +68,15 @@ class Cluster:
         self.cluster.close()
 
 
+def report_to(daemon: Daemon, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Point this process's environment at `daemon`: the workers it starts inherit it."""
+    for name in ("RUNNERD_SOCKET", "RUNNERD_DB", "XDG_DATA_HOME", "XDG_STATE_HOME"):
+        monkeypatch.setenv(name, daemon.env[name])
+
+
 @pytest.fixture
 def cluster(daemon: Daemon, monkeypatch: pytest.MonkeyPatch) -> Iterator[Cluster]:
-    for name in ("RUNNERD_SOCKET", "RUNNERD_DB", "XDG_DATA_HOME", "XDG_STATE_HOME"):
-        monkeypatch.setenv(name, daemon.env[name])  # the workers inherit them
+    report_to(daemon, monkeypatch)
     made = Cluster(daemon)
     try:
         yield made
@@ -147,8 +152,7 @@ def test_a_killed_worker_fails_its_run_and_dask_retries_on_another(cluster: Clus
 
 def test_a_task_dask_gives_up_on_is_labelled_killed_worker(
         daemon: Daemon, monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("RUNNERD_SOCKET", "RUNNERD_DB", "XDG_DATA_HOME", "XDG_STATE_HOME"):
-        monkeypatch.setenv(name, daemon.env[name])
+    report_to(daemon, monkeypatch)
     with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
         made = Cluster(daemon)
     try:
@@ -177,8 +181,7 @@ def grow(limit_mb: int) -> None:
 
 def test_a_worker_the_nanny_restarts_for_memory_is_categorized_oom(
         daemon: Daemon, monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("RUNNERD_SOCKET", "RUNNERD_DB", "XDG_DATA_HOME", "XDG_STATE_HOME"):
-        monkeypatch.setenv(name, daemon.env[name])
+    report_to(daemon, monkeypatch)
     made = Cluster(daemon, n_workers=1, memory_limit="400MiB")
     try:
         future = made.client.submit(grow, 400, retries=0)
@@ -275,8 +278,7 @@ def test_walltime_on_a_real_dask_worker_is_labelled(
         failure_class: str) -> None:
     """SIGTERM to the nanny closes the worker (teardown abandons its task); SIGTERM to the
     whole process group, as a job's walltime does, kills the worker process itself."""
-    for name in ("RUNNERD_SOCKET", "RUNNERD_DB", "XDG_DATA_HOME", "XDG_STATE_HOME"):
-        monkeypatch.setenv(name, daemon.env[name])
+    report_to(daemon, monkeypatch)
     made = Cluster(daemon, n_workers=0)
     worker = subprocess.Popen(
         [sys.executable, "-m", "distributed.cli.dask_worker", made.cluster.scheduler_address,

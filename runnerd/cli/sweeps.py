@@ -160,7 +160,13 @@ def sweep_run(ctx: click.Context, experiment: str, grid: tuple[str, ...],
     sys.exit(drive(ctx, turn, [Planned(i, c) for i, c in enumerate(cells)]))
 
 
-def _stored(ctx: click.Context, conn: Connection, ref: str) -> dict[str, Any]:
+def counts_text(summary: dict[str, int]) -> str:
+    """A cells summary as `3 succeeded, 1 failed of 4`."""
+    return ", ".join(f"{n} {state}" for state, n in summary.items()
+                     if n and state != "total") + f" of {summary['total']}"
+
+
+def _stored(conn: Connection, ref: str) -> dict[str, Any]:
     try:
         sweep_obj: dict[str, Any] = conn.call(SweepGet(sweep=ref))["sweep"]
     except RunnerdError as exc:
@@ -179,7 +185,7 @@ def _turn(sweep_obj: dict[str, Any], jobs: int | None, policy: str | None,
                         spec.get("retry_on", "retryable")), resume=resume)
 
 
-def take_over(ctx: click.Context, conn: Connection, sweep_id: str) -> None:
+def take_over(conn: Connection, sweep_id: str) -> None:
     try:
         conn.call(SweepStart(key=new_key(), sweep_id=sweep_id))
     except RunnerdError as exc:
@@ -204,13 +210,13 @@ def sweep_resume(ctx: click.Context, sweep_ref: str, grid: tuple[str, ...],
     from runnerd_client.sweep import sweep_cells as cells
 
     conn = connect(ctx)
-    stored = _stored(ctx, conn, sweep_ref)
+    stored = _stored(conn, sweep_ref)
     given = {"command": list(command) or None, **cells_spec(grid, grid_file)}
     changed = differences(stored["spec"], given)
     if changed:
         fail("refused: this is not the stored sweep; nothing was run.\n" + "\n".join(changed),
              EXIT_USAGE)
-    take_over(ctx, conn, stored["sweep_id"])
+    take_over(conn, stored["sweep_id"])
     planned = [with_latest(c) for c in cells(conn, stored["sweep_id"], unfinished=True)]
     conn.close()
     if dask:
@@ -233,13 +239,13 @@ def sweep_replicate(ctx: click.Context, sweep_ref: str, failed_only: bool,
     from runnerd_client.sweep import sweep_cells as cells
 
     conn = connect(ctx)
-    stored = _stored(ctx, conn, sweep_ref)
+    stored = _stored(conn, sweep_ref)
     wanted = ("failed",) if failed_only else ("succeeded", "failed")
     planned = [with_latest(c, expected=True) for c in cells(conn, stored["sweep_id"])
                if c["state"] in wanted]
     if not planned:
         fail("no cell has a recorded outcome to replicate", EXIT_ERROR)
-    take_over(ctx, conn, stored["sweep_id"])
+    take_over(conn, stored["sweep_id"])
     turn = _turn(stored, jobs, SweepPolicy.CONTINUE_ON_FAILURE)
     conn.close()
     code = drive(ctx, turn, planned, summary=False)
@@ -285,9 +291,8 @@ def on_dask(address: str, stored: dict[str, Any],
                    f" run {outcome.run_id or '-'}" + (f" ({outcome.error})"
                                                       if outcome.error else ""))
     counts = result.summary
-    click.echo(f"sweep {result.sweep_id} {result.status}: " + ", ".join(
-        f"{n} {state}" for state, n in counts.items() if n and state != "total")
-        + f" of {counts['total']}; manifest {result.manifest}")
+    click.echo(f"sweep {result.sweep_id} {result.status}: {counts_text(counts)};"
+               f" manifest {result.manifest}")
     return 0 if all(o.state in ("succeeded", "taken") for o in result.outcomes) else 1
 
 
@@ -370,9 +375,8 @@ def drive(ctx: click.Context, turn: Turn, planned: list[Planned], summary: bool 
         print_summary(turn)
     stored = conn.call(SweepGet(sweep=sweep_id))["sweep"]
     counts = stored["cells_summary"]
-    click.echo(f"sweep {sweep_id} {stored['status']}: " + ", ".join(
-        f"{n} {state}" for state, n in counts.items() if n and state != "total")
-        + f" of {counts['total']}; manifest {ended.get('manifest') or stored['manifest']}")
+    click.echo(f"sweep {sweep_id} {stored['status']}: {counts_text(counts)};"
+               f" manifest {ended.get('manifest') or stored['manifest']}")
     if turn.first_failure is not None:
         print_first_failure(turn.first_failure)
     if turn.interrupted is not None:
@@ -435,7 +439,7 @@ def sweep_show(ctx: click.Context, sweep_ref: str, as_json: bool) -> None:
     from runnerd_client.sweep import sweep_cells as cells
 
     conn = connect(ctx)
-    stored = _stored(ctx, conn, sweep_ref)
+    stored = _stored(conn, sweep_ref)
     all_cells = list(cells(conn, stored["sweep_id"]))
     if as_json:
         emit_json({**{k: stored[k] for k in MANIFEST_KEYS}, "cells": all_cells,
@@ -446,9 +450,7 @@ def sweep_show(ctx: click.Context, sweep_ref: str, as_json: bool) -> None:
     what = " ".join(spec["command"]) if "command" in spec else spec.get("function", "?")
     click.echo(f"sweep {stored['sweep_id']} of {stored['experiment']}: {stored['status']},"
                f" {stored['failure_policy']}\nruns     {what}"
-               f"\nmanifest {stored['manifest']}\ncells    " + ", ".join(
-                   f"{n} {state}" for state, n in counts.items() if n and state != "total")
-               + f" of {counts['total']}")
+               f"\nmanifest {stored['manifest']}\ncells    {counts_text(counts)}")
     click.echo(table(("CELL", "VARIATION", "STATE", "ATTEMPTS", "RUN", "FAILURE"), [
         (c["index"], c["variation"], c["state"], c["attempts"], c["run_id"] or "-",
          f"{c['failure']['failure_class']}: {c['failure']['message']}" if c["failure"]
@@ -527,8 +529,8 @@ def resume_sweep(ctx: click.Context, sweep_id: str) -> int:
     from runnerd_client.sweep import sweep_cells as cells
 
     conn = connect(ctx)
-    stored = _stored(ctx, conn, sweep_id)
-    take_over(ctx, conn, sweep_id)
+    stored = _stored(conn, sweep_id)
+    take_over(conn, sweep_id)
     planned = [with_latest(c) for c in cells(conn, sweep_id, unfinished=True)]
     conn.close()
     return drive(ctx, _turn(stored, None, None, resume=True), planned)
