@@ -13,7 +13,7 @@ from typing import Any
 from runnerd import __version__
 from runnerd.events import Subscriber
 from runnerd.handlers import HANDLERS, Context, Peer
-from runnerd.processes import process_start_time
+from runnerd_client.procinfo import start_time as process_start_time
 from runnerd_client.protocol import (
     HEADER,
     PROTOCOL_VERSION,

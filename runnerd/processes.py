@@ -22,23 +22,11 @@ import anyio
 from runnerd.crashfiles import native_crash
 from runnerd.registry import BatchResult, Registry, Store
 from runnerd.states import Event, end_with_failure, failure_record
+from runnerd_client.procinfo import start_time as process_start_time
 from runnerd_client.protocol import FailReason, State
 
 log = logging.getLogger(__name__)
 POLL_INTERVAL = 0.25
-
-
-def process_start_time(pid: int) -> int | None:
-    """Field 22 of /proc/PID/stat, or None if there is no such live (non-zombie) process."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            raw = fh.read()
-    except OSError:
-        return None
-    fields = raw[raw.rindex(b")") + 2 :].split()
-    if fields[0] in (b"Z", b"X"):
-        return None
-    return int(fields[19])
 
 
 def is_alive(pid: int, start_time: int | None) -> bool:

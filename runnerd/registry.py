@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 import aiosqlite
 
 from runnerd.mounts import network_mount, read_mountinfo
+from runnerd_client.procinfo import boot_id
 from runnerd_client.protocol import ACTIVE_STATES, ErrorCode, RunnerdError, State
 
 log = logging.getLogger(__name__)
@@ -181,6 +182,12 @@ MIGRATIONS: tuple[str, ...] = (
         note TEXT,
         at REAL NOT NULL
     ) WITHOUT ROWID;
+    """,
+    # 5: the boot each process was attached in (another boot id at start-up means the machine
+    # went down), and the digest of each keyed event (a key reused for another event conflicts).
+    """
+    ALTER TABLE run_pids ADD COLUMN boot_id TEXT;
+    ALTER TABLE idempotency ADD COLUMN digest TEXT;
     """,
 )
 
@@ -380,8 +387,8 @@ class Store:
 
     def add_pid(self, run_id: str, pid: int, start_time: int | None, at: float) -> None:
         self.conn.execute(
-            "INSERT OR REPLACE INTO run_pids (run_id, pid, start_time, at) VALUES (?, ?, ?, ?)",
-            (run_id, pid, start_time, at),
+            "INSERT OR REPLACE INTO run_pids (run_id, pid, start_time, at, boot_id)"
+            " VALUES (?, ?, ?, ?, ?)", (run_id, pid, start_time, at, boot_id()),
         )
         self.effects.attached.append((run_id, pid, start_time))
 
@@ -398,6 +405,13 @@ class Store:
             "SELECT pid, start_time FROM run_pids WHERE run_id = ? ORDER BY at", (run_id,)
         ).fetchall()
         return [(int(pid), start) for pid, start in rows]
+
+    def pid_boots(self, run_id: str) -> list[tuple[int, str | None]]:
+        """(pid, boot id it was attached in; None before schema 5) of a run's processes."""
+        rows = self.conn.execute(
+            "SELECT pid, boot_id FROM run_pids WHERE run_id = ? ORDER BY at", (run_id,)
+        ).fetchall()
+        return [(int(pid), boot) for pid, boot in rows]
 
     def active_rows(self) -> list[dict[str, Any]]:
         """Every run that is pending, running or lost."""

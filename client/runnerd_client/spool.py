@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from runnerd_client import paths
+from runnerd_client.procinfo import start_time
 from runnerd_client.protocol import (
     HEADER,
     Request,
@@ -31,15 +32,6 @@ from runnerd_client.protocol import (
 
 SPOOL_VERSION = 1
 SUFFIX = ".spool"
-
-
-def _own_start_time() -> int | None:
-    try:
-        with open(f"/proc/{os.getpid()}/stat", "rb") as fh:
-            raw = fh.read()
-    except OSError:
-        return None
-    return int(raw[raw.rindex(b")") + 2 :].split()[19])
 
 
 class Spool:
@@ -63,7 +55,8 @@ class Spool:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             _append_whole(fd, frame({"spool": SPOOL_VERSION, "pid": os.getpid(),
-                                     "start_time": _own_start_time(), "created": time.time()}))
+                                     "start_time": start_time(os.getpid()),
+                                     "created": time.time()}))
         except OSError:
             os.close(fd)  # a later try opens it afresh (a second flock here would deadlock)
             raise
