@@ -8,16 +8,18 @@ import struct
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import anyio
+from anyio.streams.memory import MemoryObjectReceiveStream
 
 from runnerd.handlers import HANDLERS, Context, Peer, file_digest, record_artifact
 from runnerd.processes import ProcessWatcher, exit_failure, is_alive
 from runnerd.registry import Store
 from runnerd.states import Event, end_with_failure, failure_record
 from runnerd.watchdog import Watchdog, next_due
-from runnerd_client.protocol import Artifact, FailReason, Request, RunnerdError
+from runnerd_client import paths, procinfo
+from runnerd_client.protocol import Artifact, FailReason, RunnerdError
 from runnerd_client.spool import claim_orphans, parse, read_header
 
 log = logging.getLogger(__name__)
@@ -37,7 +39,7 @@ def reconcile(store: Store, now: float) -> list[LivePid]:
         records = store.pid_records(run_id)
         live = [(pid, start) for pid, start in records if is_alive(pid, start)]
         if records and not live:
-            _fail_gone(store, row, ", ".join(str(pid) for pid, _ in records), now)
+            _fail_gone(store, row, now)
             continue
         for pid, start in records:
             if (pid, start) not in live:
@@ -46,64 +48,58 @@ def reconcile(store: Store, now: float) -> list[LivePid]:
     return live_pids
 
 
-def _fail_gone(store: Store, row: dict[str, Any], pids: str, now: float) -> None:
-    """A run whose processes are gone at start-up: crashed on its own if crash.log says so,
-    else interrupted, gone down with runnerd or the machine (and worth resuming)."""
+def _fail_gone(store: Store, row: dict[str, Any], now: float) -> None:
+    """A run whose processes are gone at start-up. If they were attached in this boot they
+    died on their own while runnerd was down: crashed (crash.log says how, if it can).
+    Otherwise the machine went down under them: interrupted (and worth resuming)."""
+    boots = store.pid_boots(row["run_id"])
+    pids = ", ".join(str(pid) for pid, _ in boots)
     record = exit_failure(row["run_dir"], pids, "exited while runnerd was down", now)
-    if record["failure_class"] != "ProcessExited":
+    current = procinfo.boot_id()
+    if record["failure_class"] != "ProcessExited" or \
+            current is not None and all(boot == current for _, boot in boots):
         end_with_failure(store, row, Event.PROCESS_EXITED, record, SOURCE)
         return
     record = failure_record(
-        "Interrupted", f"process {pids} was running when runnerd or the machine went down,"
-        " and is gone (it exited while runnerd was down)", FailReason.ABANDONED, now)
+        "Interrupted", f"process {pids} was running when the machine went down"
+        " (it was started before the last boot)", FailReason.ABANDONED, now)
     end_with_failure(store, row, Event.INTERRUPTED, record, SOURCE)
 
 
 def _spool_peer(header: dict[str, Any]) -> Peer:
-    """The process that wrote a spool; its pid counts only with a start time to check it by."""
+    """The process that wrote a spool. Its pid counts only with a start time to check it by,
+    and, if a process lives under that pid and start time, only if it is one of ours: a
+    spool names a process the daemon may watch and signal."""
     pid, start = header.get("pid"), header.get("start_time")
-    if type(pid) is int and type(start) is int and pid > 0:
-        return Peer(pid=pid, uid=os.getuid(), start_time=start)
-    return Peer(pid=0, uid=os.getuid(), start_time=None)
-
-
-def _digests(reqs: list[Request]) -> dict[int, tuple[int, str] | RunnerdError]:
-    """Hash every spooled artifact up front (on a worker thread)."""
-    out: dict[int, tuple[int, str] | RunnerdError] = {}
-    for i, req in enumerate(reqs):
-        if isinstance(req, Artifact):
-            try:
-                out[i] = file_digest(req.path)
-            except RunnerdError as exc:
-                out[i] = exc
-    return out
-
-
-def _queue(ctx: Context, peer: Peer, req: Request,
-           digest: tuple[int, str] | RunnerdError | None) -> Awaitable[Any]:
-    if isinstance(digest, RunnerdError):
-        raise digest
-    if digest is not None:
-        return record_artifact(ctx, cast(Artifact, req), digest)
-    return HANDLERS[type(req)](ctx, peer, req)
+    nobody = Peer(pid=0, uid=os.getuid(), start_time=None)
+    if type(pid) is not int or type(start) is not int or pid <= 0:
+        return nobody
+    if procinfo.start_time(pid) == start and procinfo.owner_uid(pid) != os.getuid():
+        log.warning("a spool names pid %d, a process of another user: not believed", pid)
+        return nobody
+    return Peer(pid=pid, uid=os.getuid(), start_time=start)
 
 
 async def replay_spool(ctx: Context, data: bytes) -> int:
     """Apply a dead client's spooled events in order, as that client; return how many.
 
     Every event is queued before any is committed, so nothing the daemon does in
-    reaction to the first commit (a dead pid noticed) can come between them.
+    reaction to the first commit (a dead pid noticed) can come between them. Artifacts,
+    whose hashing may take long, are recorded once hashed, in the background.
     """
     try:
         peer = _spool_peer(read_header(data))
-    except (RunnerdError, struct.error, TypeError):
+    except (RunnerdError, struct.error, TypeError, ValueError):
+        log.warning("a spool without a readable header is skipped")
         return 0
     reqs = [req for req, _ in parse(data) if req is not None and req.mutating]
-    digests = await anyio.to_thread.run_sync(_digests, reqs)
     queued: list[Awaitable[Any]] = []
-    for i, req in enumerate(reqs):
+    for req in reqs:
+        if isinstance(req, Artifact):
+            await _hash_later(ctx, req)
+            continue
         try:
-            queued.append(_queue(ctx, peer, req, digests.get(i)))
+            queued.append(HANDLERS[type(req)](ctx, peer, req))
         except RunnerdError as exc:
             log.warning("spooled %s refused: %s", req.op, exc)
     for pending in queued:
@@ -111,13 +107,41 @@ async def replay_spool(ctx: Context, data: bytes) -> int:
             await pending
         except RunnerdError as exc:
             log.warning("spooled event refused: %s", exc)
-    return len(queued)
+    return len(reqs)
 
 
-async def replay_orphan_spools(ctx: Context, folder: Path, pid: int | None = None) -> None:
+async def _hash_later(ctx: Context, req: Artifact) -> None:
+    if ctx.spooled_artifacts is not None:
+        await ctx.spooled_artifacts.send(req)
+    else:
+        await _record_spooled_artifact(ctx, req)
+
+
+async def _record_spooled_artifact(ctx: Context, req: Artifact) -> None:
+    try:
+        digest = await anyio.to_thread.run_sync(file_digest, req.path)
+        await record_artifact(ctx, req, digest)
+    except RunnerdError as exc:
+        log.warning("spooled artifact refused: %s", exc)
+
+
+async def hash_spooled_artifacts(ctx: Context,
+                                 stream: MemoryObjectReceiveStream[Artifact]) -> None:
+    """Record replayed artifacts one at a time, as they are hashed, while the daemon serves."""
+    async with stream:
+        async for req in stream:
+            await _record_spooled_artifact(ctx, req)
+
+
+def spool_folders(ctx: Context) -> list[Path]:
+    """Every folder a client of this daemon may have spooled to."""
+    return paths.spool_dirs(ctx.config.db, ctx.config.socket)
+
+
+async def replay_orphan_spools(ctx: Context, pid: int | None = None) -> None:
     """Replay the spools of clients that exited while the daemon was away (or of the one
     process `pid` that just died), then delete them."""
-    for path, fd in claim_orphans(folder, pid):
+    for path, fd in claim_orphans(spool_folders(ctx), pid):
         with os.fdopen(os.dup(fd), "rb") as fh:
             data = fh.read()
         count = await replay_spool(ctx, data)
@@ -129,7 +153,7 @@ def spool_replayer(ctx: Context) -> Callable[[int], Awaitable[None]]:
     """What death detection calls first: a dead process's spooled events happened before its
     death, so they are applied before the run is judged crashed."""
     async def replay(pid: int) -> None:
-        await replay_orphan_spools(ctx, ctx.config.db.parent / "spool", pid)
+        await replay_orphan_spools(ctx, pid)
     return replay
 
 
@@ -137,14 +161,14 @@ async def sweep_orphan_spools(ctx: Context, interval: float) -> None:
     """Now and then, replay spools whose clients exited while the daemon was unreachable."""
     while True:
         await anyio.sleep(interval)
-        await replay_orphan_spools(ctx, ctx.config.db.parent / "spool")
+        await replay_orphan_spools(ctx)
 
 
 async def recover(ctx: Context, watchdog: Watchdog, watcher: ProcessWatcher) -> None:
     """Replay orphan spools, reconcile, watch live processes again and re-arm every timer."""
     started = time.monotonic()
     registry = ctx.registry
-    await replay_orphan_spools(ctx, ctx.config.db.parent / "spool")
+    await replay_orphan_spools(ctx)
     live = await registry.submit(lambda store: reconcile(store, time.time()))
     for run_id, pid, start in live:
         watcher.watch(run_id, pid, start)

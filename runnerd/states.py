@@ -80,6 +80,33 @@ def transition(store: Store, row: dict[str, Any], event: Event, at: float, sourc
     return target
 
 
+INFERRED = frozenset({"reconciler", "watchdog"})
+"""Sources of endings the daemon inferred (a death, a silence, a deadline) rather than heard."""
+
+
+def inferred_end_after(store: Store, row: dict[str, Any], at: float) -> str | None:
+    """The state the run was in before the daemon inferred its end, if that end came after
+    `at` (a client's event, spooled and replayed late); else None."""
+    ended = row.get("ended_at")
+    if not State(row["state"]).terminal or ended is None or at > ended:
+        return None
+    last = store.last_transition(row["run_id"])
+    if last is None or last[0] is None or last[1] not in INFERRED:
+        return None
+    return last[0]
+
+
+def before_inferred_end(store: Store, row: dict[str, Any], at: float) -> dict[str, Any]:
+    """The run as it was before the daemon inferred its end, if the client's own ending
+    (at `at`) came first: what a client reported before it died (spooled, and replayed
+    late) wins over what the daemon guessed meanwhile. Otherwise `row` as it is."""
+    earlier = inferred_end_after(store, row, at)
+    if earlier is None:
+        return row
+    store.drop_failure(row["run_id"])
+    return {**row, "state": earlier}
+
+
 def failure_record(failure_class: str, message: str, reason: str, at: float,
                    category_hint: str | None = None, **extra: Any) -> dict[str, Any]:
     """A failure record of SPEC §3, with its signature and its diagnosis.

@@ -7,11 +7,13 @@ import json
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -97,6 +99,12 @@ class Daemon:
                 self.proc.kill()
                 self.proc.wait()
         return self.proc.returncode
+
+    def as_if_rebooted(self) -> None:
+        """With the daemon down: make the registry's processes look started before a reboot
+        (the machine went down under them, rather than they died on their own)."""
+        with closing(sqlite3.connect(self.db)) as db, db:
+            db.execute("UPDATE run_pids SET boot_id = 'an-earlier-boot'")
 
     def ctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         """Run runnerctl against this daemon."""

@@ -115,7 +115,7 @@ def test_run_past_its_deadline_is_failed_timeout(
     assert "deadline" in run["failure"]["message"]
 
 
-def test_restart_marks_runs_whose_process_died_meanwhile_interrupted_and_keeps_live_ones(
+def test_restart_marks_runs_whose_process_died_meanwhile_crashed_and_keeps_live_ones(
         short_tmp: Path, procs: list[subprocess.Popen[str]]) -> None:
     first = Daemon(short_tmp).start()
     doomed_pid, doomed = worker(first, procs)
@@ -126,9 +126,8 @@ def test_restart_marks_runs_whose_process_died_meanwhile_interrupted_and_keeps_l
     second = Daemon(short_tmp).start()
     try:
         run = show(second, doomed)
-        assert run["state"] == "failed_abandoned"
-        assert run["failure"]["failure_class"] == "Interrupted"
-        assert run["failure"]["category"] == "interrupted"
+        assert run["state"] == "failed_crash"
+        assert run["failure"]["failure_class"] == "ProcessExited"
         assert "while runnerd was down" in run["failure"]["message"]
         assert run["transitions"][-1]["source"] == "reconciler"
         assert show(second, alive)["state"] == "running"

@@ -134,6 +134,7 @@ def test_a_machine_crash_leaves_exactly_its_runs_interrupted_and_resume_relaunch
     for proc in hanging:
         proc.kill()
         proc.communicate(timeout=30)
+    daemon.as_if_rebooted()
 
     daemon = Daemon(short_tmp).start()
     try:
@@ -170,6 +171,7 @@ def test_the_daemon_resumes_interrupted_runs_itself_when_configured(
     daemon.stop(signal.SIGKILL)
     hanging.kill()
     hanging.communicate(timeout=30)
+    daemon.as_if_rebooted()
     config = short_tmp / "config" / "runnerd" / "config.toml"
     config.parent.mkdir(parents=True)
     config.write_text("resume_interrupted = true\n")
@@ -315,6 +317,7 @@ def test_a_crash_mid_sweep_is_resumed_by_resume_interrupted(
     driver.communicate(timeout=30)
     for cell in (1, 2):
         (short_tmp / f"hold-{cell}").unlink()
+    daemon.as_if_rebooted()
     daemon = Daemon(short_tmp).start()
     try:
         sweep = daemon.ctl_json("sweep", "list")[0]

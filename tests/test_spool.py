@@ -91,10 +91,10 @@ def test_client_started_before_the_daemon_goes_live_when_it_arrives(
         daemon.stop()
 
 
-def test_client_killed_while_spooling_is_replayed_then_marked_interrupted(
+def test_client_killed_while_spooling_is_replayed_then_marked_crashed(
         short_tmp: Path, procs: list[subprocess.Popen[str]]) -> None:
-    """Its spooled history is applied first; then, its process gone unwatched, the
-    reconciler calls it interrupted."""
+    """Its spooled history is applied first; then, its process gone in this boot while
+    unwatched, the reconciler calls it crashed (SPEC §2: it exited on its own)."""
     daemon = Daemon(short_tmp)
     proc = daemon.python(FULL_RUN, "wait", stdin=subprocess.PIPE)
     procs.append(proc)
@@ -106,11 +106,11 @@ def test_client_killed_while_spooling_is_replayed_then_marked_interrupted(
     daemon.start()
     try:
         run = daemon.ctl_json("show", run_id)
-        assert run["state"] == "failed_abandoned"
-        assert run["failure"]["failure_class"] == "Interrupted"
+        assert run["state"] == "failed_crash"
+        assert run["failure"]["failure_class"] == "ProcessExited"
         assert run["heartbeats"] == 5
         assert [t["to"] for t in run["transitions"]] == ["pending", "running",
-                                                          "failed_abandoned"]
+                                                          "failed_crash"]
     finally:
         daemon.stop()
 

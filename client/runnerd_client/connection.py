@@ -2,14 +2,24 @@
 
 Requests are pipelined: `send` returns a future at once and a reader thread
 matches replies to futures by id, so threads never wait for each other's replies.
+Sending holds only a send lock, which the reader never takes: a sender blocked on
+a full socket can never stop the replies that would unblock it from being read.
+
+Nothing is sent before the daemon is known to be this user's: the socket's folder
+must be ours and private, and the listening process must run as our uid.
 """
 
 from __future__ import annotations
 
+import errno
 import itertools
+import os
 import queue
 import socket
+import struct
 import threading
+import time
+from collections.abc import Sequence
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -26,8 +36,15 @@ from runnerd_client.protocol import (
     raise_for_reply,
     unpack_body,
 )
+from runnerd_client.trust import UntrustedPath, check_private_dir
 
 CLIENT_NAME = "runnerd_client/0.1.0"
+CONNECT_PATIENCE = 1.0
+"""How long a connect retries while the daemon's listen queue is full (EAGAIN)."""
+_UCRED = struct.Struct("3i")
+_TIMEVAL = struct.Struct("ll")
+
+Reply = dict[str, Any]
 
 
 class DaemonUnavailable(RunnerdError):
@@ -37,46 +54,118 @@ class DaemonUnavailable(RunnerdError):
         super().__init__(ErrorCode.UNAVAILABLE, message)
 
 
+class UntrustedDaemon(DaemonUnavailable):
+    """The socket is not this user's daemon's: its folder or its listener is someone else's."""
+
+
+def _refuse(sock: socket.socket, message: str) -> UntrustedDaemon:
+    sock.close()
+    return UntrustedDaemon(message)
+
+
+def _connect_once(path: Path, timeout: float) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(str(path))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def open_socket(path: Path, timeout: float) -> socket.socket:
+    """A socket connected to our own daemon at `path`, or DaemonUnavailable saying why.
+
+    A full listen queue (EAGAIN, many clients connecting at once) is retried briefly:
+    the daemon is there, it is only busy accepting.
+    """
+    try:
+        check_private_dir(path.parent)
+    except UntrustedPath as exc:
+        raise UntrustedDaemon(f"not connecting to {path}: {exc}") from None
+    except OSError as exc:
+        raise DaemonUnavailable(f"runnerd is not reachable at {path}: "
+                                f"{exc.strerror or exc}") from None
+    deadline, delay = time.monotonic() + min(timeout, CONNECT_PATIENCE), 0.005
+    while True:
+        try:
+            sock = _connect_once(path, timeout)
+            break
+        except OSError as exc:
+            if exc.errno != errno.EAGAIN or time.monotonic() > deadline:
+                raise DaemonUnavailable(f"runnerd is not reachable at {path}: "
+                                        f"{exc.strerror or exc}") from None
+            time.sleep(delay)
+            delay = min(delay * 2, 0.1)
+    _pid, uid, _gid = _UCRED.unpack(
+        sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+    if uid != os.getuid():
+        raise _refuse(sock, f"not talking to {path}: it is served by uid {uid}, not by this"
+                            f" user (uid {os.getuid()})")
+    return sock
+
+
 class Connection:
     """One socket to the daemon; `send` from any thread, replies matched by id."""
 
     def __init__(self, path: str | Path | None = None, *, timeout: float = 5.0,
-                 client: str = CLIENT_NAME) -> None:
+                 client: str = CLIENT_NAME, send_timeout: float | None = None) -> None:
         self.path = Path(path) if path is not None else paths.socket_path()
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._sock.settimeout(timeout)
-        try:
-            self._sock.connect(str(self.path))
-        except OSError as exc:
-            self._sock.close()
-            raise DaemonUnavailable(f"runnerd is not reachable at {self.path}: "
-                                    f"{exc.strerror or exc}") from None
+        self._sock = open_socket(self.path, timeout)
         self._sock.settimeout(None)
+        if send_timeout is not None:  # a send the daemon does not take in time ends it
+            seconds = int(send_timeout)
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _TIMEVAL.pack(
+                seconds, int((send_timeout - seconds) * 1e6)))
+        self._owner = os.getpid()
+        self._send_lock = threading.Lock()
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
-        self._pending: dict[int, Future[dict[str, Any]]] = {}
+        self._pending: dict[int, Future[Reply]] = {}
         self._closed: RunnerdError | None = None
-        self._events: queue.Queue[dict[str, Any]] = queue.Queue()
+        self._events: queue.Queue[Reply] = queue.Queue()
+        self.last_reply = time.monotonic()
+        """When a frame last came from the daemon (monotonic): a silent daemon is stalled."""
         threading.Thread(target=self._read_loop, name="runnerd-reader", daemon=True).start()
-        self.hello = self.call(Hello(v=PROTOCOL_VERSION, client=client), timeout=timeout)
+        try:
+            self.hello = self.call(Hello(v=PROTOCOL_VERSION, client=client), timeout=timeout)
+        except BaseException:
+            self.close()
+            raise
 
-    def send(self, req: Request) -> Future[dict[str, Any]]:
+    def send(self, req: Request) -> Future[Reply]:
         """Send a request; the future holds the raw reply map (ok or error)."""
-        future: Future[dict[str, Any]] = Future()
-        with self._lock:
-            if self._closed is not None:
-                future.set_exception(self._closed)
-                return future
-            req_id = next(self._ids)
-            self._pending[req_id] = future
-            try:
-                self._sock.sendall(encode_request(req_id, req))
-            except OSError as exc:
-                del self._pending[req_id]
-                future.set_exception(DaemonUnavailable(f"lost the daemon: {exc}"))
-        return future
+        return self.send_many([req])[0]
 
-    def call(self, req: Request, timeout: float | None = 30.0) -> dict[str, Any]:
+    def send_many(self, reqs: Sequence[Request]) -> list[Future[Reply]]:
+        """Send requests in order in one write; one future per request, as `send`."""
+        futures: list[Future[Reply]] = [Future() for _ in reqs]
+        with self._send_lock:
+            with self._lock:
+                closed = self._closed
+                ids = [] if closed else [next(self._ids) for _ in reqs]
+                self._pending.update(zip(ids, futures, strict=True))
+            if closed is not None:
+                for future in futures:
+                    future.set_exception(closed)
+                return futures
+            data = b"".join(encode_request(i, req) for i, req in zip(ids, reqs, strict=True))
+            try:
+                self._sock.sendall(data)
+            except OSError as exc:  # part of a frame may be out: the stream is unusable
+                self._lost(ids, DaemonUnavailable(f"lost the daemon: {exc}"))
+                self._shutdown()
+        return futures
+
+    def _lost(self, ids: list[int], error: RunnerdError) -> None:
+        with self._lock:
+            failed = [f for i in ids if (f := self._pending.pop(i, None)) is not None]
+        for future in failed:
+            if not future.done():
+                future.set_exception(error)
+
+    def call(self, req: Request, timeout: float | None = 30.0) -> Reply:
         """Send and wait; raise the reply's error as RunnerdError."""
         try:
             return raise_for_reply(self.send(req).result(timeout))
@@ -88,11 +177,18 @@ class Connection:
         return self._closed is None
 
     def close(self) -> None:
+        """Close the socket; in a forked child only this process's copy of it (a shutdown
+        would cut the parent's connection too)."""
+        if os.getpid() == self._owner:
+            self._shutdown()
+        self._sock.close()
+
+    def _shutdown(self) -> None:
+        """End the connection for both sides (the reader wakes and fails what is pending)."""
         try:
             self._sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
-        self._sock.close()
 
     def _read_loop(self) -> None:
         """Read what the socket holds (up to 256 KiB) and deliver every whole frame in it:
@@ -101,6 +197,7 @@ class Connection:
         buf, head = bytearray(), HEADER.size
         try:
             while chunk := self._sock.recv(1 << 18):
+                self.last_reply = time.monotonic()
                 buf += chunk
                 pos, end = 0, len(buf)
                 while end - pos >= head:
@@ -118,9 +215,10 @@ class Connection:
             self._closed = error
             pending, self._pending = self._pending, {}
         for future in pending.values():
-            future.set_exception(error)
+            if not future.done():
+                future.set_exception(error)
 
-    def next_event(self, timeout: float | None = None) -> dict[str, Any] | None:
+    def next_event(self, timeout: float | None = None) -> Reply | None:
         """The next event after a `Subscribe` (None at the timeout); raises once the
         connection is gone and every event it brought has been taken."""
         try:
@@ -130,7 +228,7 @@ class Connection:
                 raise self._closed or DaemonUnavailable("connection closed") from None
             return None
 
-    def _deliver(self, reply: dict[str, Any]) -> None:
+    def _deliver(self, reply: Reply) -> None:
         if "event" in reply and "id" not in reply:
             self._events.put(reply)
             return
@@ -141,5 +239,5 @@ class Connection:
                 # An error that names no request (forbidden, too_large) ends the connection.
                 error = reply.get("error") or {}
                 raise RunnerdError(str(error.get("code")), str(error.get("message")))
-        if future is not None:
+        if future is not None and not future.done():
             future.set_result(reply)

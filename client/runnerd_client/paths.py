@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 
@@ -30,9 +31,13 @@ def db_path() -> Path:
     return _xdg("XDG_STATE_HOME", ".local/state") / "runnerd" / "registry.sqlite3"
 
 
-def spool_dir() -> Path:
-    """Where clients keep events the daemon has not acknowledged: beside the registry."""
-    return db_path().parent / "spool"
+def spool_dirs(db: Path | None = None, socket: Path | None = None) -> list[Path]:
+    """Where clients keep events the daemon has not acknowledged, in order of preference:
+    beside the registry; if that disk refuses them (full, say), beside the socket (the
+    runtime dir, usually in memory); then the temp dir. The daemon replays all three."""
+    folders = [(db or db_path()).parent / "spool", (socket or socket_path()).parent / "spool",
+               Path(tempfile.gettempdir()) / f"runnerd-spool-{os.getuid()}"]
+    return list(dict.fromkeys(folders))
 
 
 def data_dir() -> Path:

@@ -1,12 +1,17 @@
 """The events of one process on their way to the daemon, never lost and never in the way.
 
-`Reporter.emit` sends an event on the shared connection and keeps it until the
-daemon acknowledges it. If the daemon is away, or goes away with events still
-unacknowledged, those events and every later one go to an append-only spool file,
-in order, and `emit` answers at once. A background thread reconnects with
-exponential backoff and jitter and replays the spool; idempotency keys (and
-heartbeat sequence numbers) make the replay exactly-once. The experiment never
+`Reporter.emit` queues an event and returns at once; a sender thread writes the
+queue to the shared connection and keeps every event until the daemon acknowledges
+it. If the daemon is away, stops answering for `ACK_WAIT` seconds (frozen, say), or
+goes away with events unacknowledged, those events and every later one go to the
+spool on disk, in order, and a background thread reconnects with exponential
+backoff and jitter and replays it; idempotency keys (and heartbeat sequence
+numbers) make the replay exactly-once. A call that waits for its answer waits at
+most `ACK_WAIT` seconds, then finds its event in the spool. The experiment never
 sees an exception for the daemon's sake: it sees one warning.
+
+After a fork the child's copy of every reporter starts afresh (no connection, no
+events, an empty spool of its own): the parent's socket and spool stay the parent's.
 """
 
 from __future__ import annotations
@@ -14,10 +19,14 @@ from __future__ import annotations
 import atexit
 import itertools
 import logging
+import os
 import random
 import threading
 import time
+import weakref
+from collections import deque
 from concurrent.futures import Future
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -27,31 +36,78 @@ from runnerd_client.connection import Connection, DaemonUnavailable
 from runnerd_client.protocol import ErrorCode, Request, raise_for_reply
 from runnerd_client.spool import Spool
 
+
+def _seconds_from_env(name: str, default: float) -> float:
+    try:
+        value = float(os.environ.get(name, default))
+    except ValueError:
+        return default
+    return value if 0 < value < float("inf") else default
+
+
 log = logging.getLogger("runnerd_client")
-ACK_TIMEOUT = 30.0
+ACK_WAIT = _seconds_from_env("RUNNERD_ACK_WAIT", 2.0)
+"""How long the daemon may stay silent with events unacknowledged before they are spooled;
+also the longest a call waiting for its answer waits (twice, at worst, with the spool)."""
+MAX_PENDING = 50_000
+"""Events in memory (queued or unacknowledged) beyond which new ones go to the spool."""
+BATCH = 1_000
 SPOOLED: dict[str, Any] = {"ok": True, "spooled": True}
 FIRST_BACKOFF, MAX_BACKOFF = 0.05, 5.0
-EXIT_DRAIN_TIMEOUT = 2.0
+EXIT_WAIT = 1.0
+"""At exit: how long unacknowledged events may wait for their ack, and then how long the
+spool may try to reach the daemon, before the process is let go (the spool stays)."""
 
 Reply = dict[str, Any]
+
+
+@dataclass(eq=False)
+class _Entry:
+    """A request on its way: events are spooled if the daemon fails them; reads are not."""
+
+    req: Request
+    future: Future[Reply]
+    read: bool = False
+    sent_at: float = 0.0
+
+
+_reporters: weakref.WeakSet[Reporter] = weakref.WeakSet()
 
 
 class Reporter:
     """One process's connection, its unacknowledged events and its spool."""
 
     def __init__(self, socket_path: str | Path | None = None,
-                 spool_dir: Path | None = None) -> None:
+                 spool_dirs: list[Path] | None = None) -> None:
         self.socket_path = Path(socket_path) if socket_path else paths.socket_path()
+        self._spool_dirs = spool_dirs
+        self._start_afresh()
+        _reporters.add(self)
+        atexit.register(self._at_exit)
+
+    def _start_afresh(self) -> None:
+        self._pid = os.getpid()
         self._lock = threading.RLock()
+        self._wake = threading.Condition(self._lock)
         self._replaying = threading.Lock()
         self._conn: Connection | None = None
-        self._spool = Spool(spool_dir)
+        self._spool = Spool(self._spool_dirs or paths.spool_dirs(socket=self.socket_path))
         self._spooling = False
-        self._unacked: dict[int, tuple[Request, Future[Reply]]] = {}
+        self._outbox: deque[tuple[int, _Entry]] = deque()
+        self._unacked: dict[int, _Entry] = {}
         self._tokens = itertools.count()
+        self._to_sync: list[Future[Reply]] = []
+        self._sender: threading.Thread | None = None
         self._warned = False
         self._spool_failed = False
-        atexit.register(self._at_exit)
+
+    def _forked(self) -> None:
+        """In a forked child: drop the parent's connection, events and spool (unsent,
+        unlinked, unlocked: they remain the parent's) and start afresh."""
+        if self._conn is not None:
+            self._conn.close()
+        self._spool.abandon()
+        self._start_afresh()
 
     @property
     def spooling(self) -> bool:
@@ -59,42 +115,41 @@ class Reporter:
         return self._spooling
 
     def emit(self, req: Request) -> Future[Reply]:
-        """Send an event; the future holds the daemon's reply, or SPOOLED once it is on disk."""
-        future: Future[Reply] = Future()
-        with self._lock:
-            if not self._spooling:
-                conn = self._live_connection()
-                if conn is not None:
-                    token = next(self._tokens)
-                    self._unacked[token] = (req, future)
-                    conn.send(req).add_done_callback(partial(self._answered, token))
-                    return future
-            future.set_result(self._keep(req))
-        return future
+        """Queue an event; the future holds the daemon's reply, or SPOOLED once it is safe
+        on disk. Never blocks on the daemon."""
+        return self._submit(_Entry(req, Future()))
 
-    def ask(self, req: Request, timeout: float = ACK_TIMEOUT) -> Reply | None:
-        """A read on the live connection (no new socket); None while the daemon is away.
-        Reads are never spooled: they are only worth their answer now."""
-        with self._lock:
-            conn = None if self._spooling else self._live_connection()
-            if conn is None:
-                return None
-            sent = conn.send(req)
+    def ask(self, req: Request, timeout: float = ACK_WAIT) -> Reply | None:
+        """A read, behind this process's earlier events on the same connection; None while
+        the daemon is away or silent. Reads are never spooled: only worth their answer now."""
+        future = self._submit(_Entry(req, Future(), read=True))
         try:
-            reply: Reply = sent.result(timeout)
+            return future.result(timeout)
         except (DaemonUnavailable, TimeoutError):
             return None
-        return reply
+
+    def _submit(self, entry: _Entry) -> Future[Reply]:
+        with self._lock:
+            self._check_silence()
+            if self._spooling:
+                self._keep(entry)
+            else:
+                self._outbox.append((next(self._tokens), entry))
+                if len(self._outbox) + len(self._unacked) > MAX_PENDING:
+                    self._lose(f"more than {MAX_PENDING} events wait for runnerd")
+            self._ensure_sender()
+            self._wake.notify_all()
+        return entry.future
 
     def wait(self, future: Future[Reply], what: str, *, raising: tuple[str, ...] = (),
              expected: tuple[str, ...] = ()) -> Reply | None:
         """The reply (SPOOLED when the event is on disk), or None with a warning; a refusal
         whose code is in `raising` is raised instead, for the caller asked for a verdict,
-        and one in `expected` is None without a warning."""
-        try:
-            reply = future.result(ACK_TIMEOUT)
-        except TimeoutError:
-            log.warning("runnerd did not acknowledge %s within %s s", what, ACK_TIMEOUT)
+        and one in `expected` is None without a warning. Waits at most about ACK_WAIT for
+        the daemon, then spools what it has not acknowledged."""
+        reply = self._result(future)
+        if reply is None:
+            log.warning("%s neither acknowledged nor spooled within %s s", what, ACK_WAIT)
             return None
         if not reply.get("ok"):
             error = reply.get("error") or {}
@@ -107,76 +162,201 @@ class Reporter:
             return None
         return reply
 
+    def _result(self, future: Future[Reply]) -> Reply | None:
+        """The future's reply: waited for while the daemon answers (events ahead of it are
+        being acknowledged); once it is silent for ACK_WAIT, what it has not acknowledged is
+        spooled, and the reply is SPOOLED. None only if even that does not come."""
+        while True:
+            try:
+                return future.result(ACK_WAIT / 4)
+            except TimeoutError:
+                with self._lock:
+                    self._check_silence()
+                    spooled = self._spooling
+                if spooled:
+                    break
+        self._flush_spool()
+        try:
+            return future.result(ACK_WAIT)
+        except TimeoutError:
+            return None
+
     def drain(self, timeout: float, *, patient: bool = True) -> bool:
-        """Try, until `timeout`, to deliver the spool; True when nothing is left undelivered.
+        """Try, until `timeout`, to have every event acknowledged (those still unanswered at
+        the end are spooled) and to deliver the spool; True when nothing is left undelivered.
 
         An impatient drain gives up as soon as the daemon cannot be reached.
         """
         deadline = time.monotonic() + timeout
+        self._settle(deadline)
         delay = FIRST_BACKOFF
         while self._spooling and time.monotonic() < deadline:
             try:
-                conn = Connection(self.socket_path, timeout=max(0.1, deadline - time.monotonic()))
+                conn = self._connect(min(ACK_WAIT, max(0.1, deadline - time.monotonic())))
             except DaemonUnavailable:
                 if not patient:
                     break
                 time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
                 delay = min(delay * 2, MAX_BACKOFF)
                 continue
-            if not self._replay(conn):
-                conn.close()
+            self._replay(conn, deadline)
         return not self._spooling
 
-    # --- connection state ---
+    def _settle(self, deadline: float) -> None:
+        """Wait until the events in memory are acknowledged, or spool them at `deadline`
+        (or sooner, if the daemon falls silent); then flush the spool to disk."""
+        with self._lock:
+            while (self._unacked or self._outbox) and not self._spooling:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    self._lose("events runnerd has not acknowledged yet")
+                    break
+                self._wake.wait(min(remaining, 0.05))
+                self._check_silence()
+        self._flush_spool()
 
-    def _live_connection(self) -> Connection | None:
-        """The live connection; the first call connects, and a failure starts spooling."""
-        if self._conn is not None and self._conn.alive:
-            return self._conn
-        try:
-            self._conn = Connection(self.socket_path)
-        except DaemonUnavailable as exc:
-            self._start_spooling(exc.message)
-            return None
-        return self._conn
+    # --- sending ---
+
+    def _ensure_sender(self) -> None:
+        if self._sender is None or not self._sender.is_alive():
+            self._sender = threading.Thread(target=self._send_loop, name="runnerd-sender",
+                                            daemon=True)
+            self._sender.start()
+
+    def _send_loop(self) -> None:
+        """Write queued events to the connection (connecting first if need be), and flush
+        the spool to disk, until there is nothing to do for a while."""
+        while True:
+            with self._lock:
+                if not self._wait_for_work():
+                    self._sender = None
+                    return
+                batch = self._take_batch()
+                conn = self._conn if self._conn is not None and self._conn.alive else None
+            self._flush_spool()
+            if batch:
+                self._send(batch, conn)
+
+    def _wait_for_work(self) -> bool:
+        """Under the lock: wait for events to send or to sync, watching the daemon's silence
+        meanwhile; False after a minute idle (a later event starts a new sender)."""
+        idle_since = time.monotonic()
+        while not (self._outbox and not self._spooling) and not self._to_sync:
+            if not self._unacked and time.monotonic() - idle_since > 60:
+                return False
+            self._wake.wait(ACK_WAIT / 4 if self._unacked else 5.0)
+            self._check_silence()
+        return True
+
+    def _take_batch(self) -> list[int]:
+        """Under the lock: move the next queued events to the unacknowledged ones (so that
+        losing the daemon spools them in order) and return their tokens."""
+        if self._spooling:
+            return []
+        now, tokens = time.monotonic(), list[int]()
+        while self._outbox and len(tokens) < BATCH:
+            token, entry = self._outbox.popleft()
+            entry.sent_at = now
+            self._unacked[token] = entry
+            tokens.append(token)
+        return tokens
+
+    def _send(self, tokens: list[int], conn: Connection | None) -> None:
+        if conn is None:
+            try:
+                conn = self._connect(ACK_WAIT)
+            except DaemonUnavailable as exc:
+                with self._lock:
+                    self._lose(exc.message)
+                return
+            with self._lock:
+                if self._spooling or self._conn is not None and self._conn.alive:
+                    conn.close()  # lost meanwhile (the events are spooled), or raced
+                    return
+                self._conn = conn
+        with self._lock:
+            live = [(t, self._unacked[t]) for t in tokens if t in self._unacked]
+        sent = conn.send_many([entry.req for _, entry in live])
+        for (token, _), future in zip(live, sent, strict=True):
+            future.add_done_callback(partial(self._answered, token))
+
+    def _connect(self, timeout: float) -> Connection:
+        return Connection(self.socket_path, timeout=timeout, send_timeout=ACK_WAIT)
 
     def _answered(self, token: int, sent: Future[Reply]) -> None:
-        failed = sent.exception() is not None or \
-            (sent.result().get("error") or {}).get("code") == ErrorCode.UNAVAILABLE
+        error = sent.exception()
+        reply = None if error is not None else sent.result()
         with self._lock:
             entry = self._unacked.get(token)
             if entry is None:
                 return
-            if failed:
-                self._connection_lost()
+            if reply is None or (reply.get("error") or {}).get("code") == ErrorCode.UNAVAILABLE:
+                self._lose(f"lost runnerd at {self.socket_path}")
                 return
             del self._unacked[token]
-        entry[1].set_result(sent.result())
+            if not self._unacked:
+                self._wake.notify_all()
+        entry.future.set_result(reply)
 
-    def _connection_lost(self) -> None:
-        """Spool every unacknowledged event, in the order sent, ahead of any later one."""
-        pending = list(self._unacked.values())
+    def _check_silence(self) -> None:
+        """Under the lock: a daemon silent for ACK_WAIT with events unacknowledged is treated
+        as gone (frozen, or its disk stuck): the events go to the spool."""
+        if self._spooling or not self._unacked:
+            return
+        oldest = next(iter(self._unacked.values())).sent_at
+        last = self._conn.last_reply if self._conn is not None else 0.0
+        if time.monotonic() - max(oldest, last) > ACK_WAIT:
+            self._lose(f"runnerd has not answered for {ACK_WAIT} s")
+
+    def _lose(self, reason: str) -> None:
+        """Under the lock: spool every unacknowledged and queued event, in order, ahead of
+        any later one; reads in flight get DaemonUnavailable."""
+        pending = [*self._unacked.values(), *(entry for _, entry in self._outbox)]
         self._unacked.clear()
-        self._start_spooling(f"lost runnerd at {self.socket_path}")
-        kept = [self._keep(req) for req, _ in pending]
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
-        for (_, future), reply in zip(pending, kept, strict=True):
-            future.set_result(reply)
+        self._outbox.clear()
+        conn, self._conn = self._conn, None
+        self._start_spooling(reason)
+        for entry in pending:
+            if entry.read:
+                entry.future.set_exception(DaemonUnavailable(reason))
+            else:
+                self._keep(entry)
+        if conn is not None:
+            conn.close()
+        self._wake.notify_all()
 
-    def _keep(self, req: Request) -> Reply:
-        """Spool an event; if even the disk refuses it, say so once and let the run go on."""
+    # --- the spool ---
+
+    def _keep(self, entry: _Entry) -> None:
+        """Under the lock: spool an event (its future resolves once it is on disk); if even
+        the disk refuses it, say so once and let the run go on."""
+        if entry.read:
+            entry.future.set_exception(DaemonUnavailable("runnerd is away"))
+            return
         try:
-            self._spool.append(req)
+            self._spool.append(entry.req)
         except OSError as exc:
             if not self._spool_failed:
                 self._spool_failed = True
-                log.error("cannot spool to %s (%s): events are being lost", self._spool.path,
-                          exc)
-            return {"ok": False, "error": {"code": ErrorCode.UNAVAILABLE,
-                                           "message": f"not spooled: {exc}"}}
-        return SPOOLED
+                log.error("cannot spool to %s (%s): events are being lost",
+                          ", ".join(map(str, self._spool.folders)), exc)
+            entry.future.set_result({"ok": False, "error": {
+                "code": ErrorCode.UNAVAILABLE, "message": f"not spooled: {exc}"}})
+            return
+        self._to_sync.append(entry.future)
+        self._wake.notify_all()
+
+    def _flush_spool(self) -> None:
+        """Make what was spooled survive a machine crash, then tell its callers: one flush
+        for every event spooled since the last one."""
+        with self._lock:
+            futures, self._to_sync = self._to_sync, []
+        if not futures:
+            return
+        self._spool.sync()
+        for future in futures:
+            if not future.done():
+                future.set_result(SPOOLED)
 
     def _start_spooling(self, reason: str) -> None:
         if self._spooling:
@@ -190,49 +370,62 @@ class Reporter:
 
     def _reconnect_loop(self) -> None:
         delay = FIRST_BACKOFF
-        while self._spooling:
+        while self._spooling and os.getpid() == self._pid:
             time.sleep(delay * random.uniform(0.5, 1.5))
             delay = min(delay * 2, MAX_BACKOFF)
             try:
-                conn = Connection(self.socket_path, timeout=2.0)
+                conn = self._connect(ACK_WAIT)
             except DaemonUnavailable:
                 continue
-            if self._replay(conn):
+            if self._replay(conn, None):
                 log.info("runnerd is back; spooled events delivered")
                 return
-            conn.close()
 
-    def _replay(self, conn: Connection) -> bool:
-        """Deliver the spool in order on `conn`; switch to live once it is empty."""
+    def _replay(self, conn: Connection, deadline: float | None) -> bool:
+        """Deliver the spool in order on `conn` and switch to it once the spool is empty;
+        False (and `conn` closed) if the daemon went away or fell silent first."""
         with self._replaying:
-            offset = 0
+            cursor = self._spool.start()
             while True:
                 with self._lock:
                     if not self._spooling:
+                        conn.close()
                         return True
-                    reqs, end = self._spool.requests_from(offset)
+                    reqs, cursor = self._spool.requests_from(cursor)
                     if not reqs:
                         self._spool.remove()
                         self._conn, self._spooling = conn, False
+                        self._wake.notify_all()
                         return True
-                if not _deliver(conn, reqs):
+                if not _deliver(conn, reqs, deadline):
+                    conn.close()
                     return False
-                offset = end
 
     def _at_exit(self) -> None:
-        if self._spooling and not self.drain(EXIT_DRAIN_TIMEOUT, patient=False):
+        """Give events in memory a moment to be acknowledged, spool the rest and try once
+        to deliver the spool: bounded, so that exiting never hangs on us."""
+        if os.getpid() != self._pid:
+            return
+        self._settle(time.monotonic() + EXIT_WAIT)
+        if self._spooling and not self.drain(EXIT_WAIT, patient=False):
             log.warning("runnerd still away; it will replay %s when it finds it",
                         self._spool.path)
 
 
-def _deliver(conn: Connection, reqs: list[Request]) -> bool:
-    """Send spooled events pipelined; False if the daemon went away before acking them all."""
-    sent = [(req, conn.send(req)) for req in reqs]
-    for req, future in sent:
-        try:
-            reply = future.result(ACK_TIMEOUT)
-        except (DaemonUnavailable, TimeoutError):
-            return False
+def _deliver(conn: Connection, reqs: list[Request], deadline: float | None) -> bool:
+    """Send spooled events pipelined; False if the daemon went away, fell silent for
+    ACK_WAIT or the deadline passed before it acknowledged them all."""
+    for req, future in zip(reqs, conn.send_many(reqs), strict=True):
+        while True:
+            try:
+                reply = future.result(ACK_WAIT / 4)
+                break
+            except DaemonUnavailable:
+                return False
+            except TimeoutError:
+                now = time.monotonic()
+                if now - conn.last_reply > ACK_WAIT or deadline is not None and now > deadline:
+                    return False
         error = reply.get("error") or {}
         if error.get("code") == ErrorCode.UNAVAILABLE:
             return False
@@ -240,3 +433,11 @@ def _deliver(conn: Connection, reqs: list[Request]) -> bool:
             log.warning("replayed %s refused: %s: %s", req.op, error.get("code"),
                         error.get("message"))
     return True
+
+
+def _after_fork_in_child() -> None:
+    for reporter in list(_reporters):
+        reporter._forked()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -22,7 +22,7 @@ from pathlib import Path
 from types import FrameType, TracebackType
 from typing import IO, Any
 
-from runnerd_client import paths
+from runnerd_client import paths, trust
 from runnerd_client.ids import new_key, new_run_id
 from runnerd_client.protocol import (
     Artifact,
@@ -165,15 +165,26 @@ class Run:
         self._old_sigterm: Any = None
         self._crash_log: IO[str] | None = None
         self.diagnosis: dict[str, Any] | None = None
+        self._pid = os.getpid()
 
     def __repr__(self) -> str:
         return f"<Run {self.run_id} {self.experiment}/{self.variation} attempt={self.attempt}>"
 
     # --- explicit calls ---
 
+    def _mine(self, what: str) -> None:
+        """Only the process that made or attached the run reports for it: a forked child's
+        copy would end the parent's run, or beat with the parent's sequence numbers."""
+        if os.getpid() != self._pid:
+            raise RunnerdError(ErrorCode.FORBIDDEN, (
+                f"cannot {what} run {self.run_id} from process {os.getpid()}: it belongs to"
+                f" process {self._pid}; a forked child attaches first"
+                f" (rd.connect().attach({self.run_id!r}))"))
+
     def start(self, *, wait: bool = True) -> Run:
         """Start the run; `wait=False` sends it behind what came before without waiting
         (the daemon applies one connection's events in order)."""
+        self._mine("start")
         future = self.client.emit(Start(
             key=new_key(), run_id=self.run_id, at=time.time(), **self._limits))
         if wait:
@@ -182,10 +193,11 @@ class Run:
 
     def heartbeat(self) -> Run:
         """Tell the daemon the run is alive; does not wait for the reply."""
-        with self._lock:
+        self._mine("heartbeat")
+        with self._lock:  # numbered and queued together: the daemon drops a seq out of order
             self._seq += 1
-            seq = self._seq
-        future = self.client.emit(Heartbeat(run_id=self.run_id, seq=seq, at=time.time()))
+            future = self.client.emit(Heartbeat(run_id=self.run_id, seq=self._seq,
+                                                at=time.time()))
         future.add_done_callback(self._heartbeat_answered)
         return self
 
@@ -199,6 +211,7 @@ class Run:
 
     def artifact(self, path: str | os.PathLike[str]) -> Run:
         """Register a file the run produced; the daemon records its size and sha256."""
+        self._mine("register an artifact of")
         full = Path(path).resolve()
         if not full.is_file():
             raise FileNotFoundError(f"artifact {full} is not an existing file")
@@ -209,6 +222,7 @@ class Run:
     def checkpoint(self, data: dict[str, Any] | None = None, *,
                    path: str | os.PathLike[str] | None = None) -> Run:
         """Record a checkpoint (a small map, and optionally the file that holds it)."""
+        self._mine("checkpoint")
         self._track("checkpoint", self.client.emit(Checkpoint(
             key=new_key(), run_id=self.run_id, data=data or {},
             path=str(Path(path).resolve()) if path is not None else None, at=time.time())))
@@ -229,6 +243,7 @@ class Run:
     def succeed(self, *, if_active: bool = False) -> Run:
         """End the run succeeded; with `if_active`, a run something else already ended
         (a launched command through this library, say) is left as it is, silently."""
+        self._mine("succeed")
         self.flush()
         self.client.wait(self.client.emit(Succeed(
             key=new_key(), run_id=self.run_id, at=time.time())), "succeed",
@@ -245,6 +260,7 @@ class Run:
         The daemon's diagnosis (category, retryable) lands in `self.diagnosis`; it stays
         None while the daemon is away.
         """
+        self._mine("fail")
         if exc is not None:
             failure_class = failure_class or type(exc).__name__
             message = message if message is not None else str(exc)
@@ -261,6 +277,7 @@ class Run:
 
     def detach(self) -> Run:
         """Leave the run without ending it: this process no longer counts as its owner."""
+        self._mine("detach")
         self.flush()
         self.client.wait(self.client.emit(Detach(
             key=new_key(), run_id=self.run_id, at=time.time())), "detach")
@@ -291,6 +308,8 @@ class Run:
                  tb_: TracebackType | None) -> None:
         self.stop_heartbeats()
         self._restore_sigterm()
+        if os.getpid() != self._pid:
+            return  # a forked child leaving the block: the run and its crash.log are the parent's
         self._disable_faulthandler()
         if exc is None or (isinstance(exc, SystemExit) and not isinstance(exc, Terminated)
                            and exc.code in (0, None)):
@@ -327,7 +346,9 @@ class Run:
         """A segfault or abort leaves a native-level traceback in run_dir/crash.log."""
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            self._crash_log = open(self.run_dir / "crash.log", "a")  # noqa: SIM115
+            with trust.open_folder(self.run_dir, create=True) as folder:
+                fd = trust.create_file(folder, "crash.log", exclusive=False, append=True)
+            self._crash_log = open(fd, "a")  # noqa: SIM115
         except OSError as exc:
             log.warning("no crash.log for run %s: %s", self.run_id, exc)
             return

@@ -128,9 +128,9 @@ def open_folder(path: str | os.PathLike[str], *, create: bool = False) -> Iterat
 
 def create_file(folder_fd: int, name: str, *, mode: int = 0o644, exclusive: bool = True,
                 append: bool = False) -> int:
-    """Open `name` inside the folder for writing, never through a symlink; with `exclusive`
-    it must not exist yet, else an existing file is truncated (or appended to)."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+    """Open `name` inside the folder for reading and writing, never through a symlink; with
+    `exclusive` it must not exist yet, else an existing file is truncated (or appended to)."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
     flags |= os.O_EXCL if exclusive else (os.O_APPEND if append else os.O_TRUNC)
     fd = os.open(name, flags, mode, dir_fd=folder_fd)
     try:
