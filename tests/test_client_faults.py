@@ -285,24 +285,31 @@ def test_a_client_gone_with_a_reboot_was_interrupted(
     assert run["failure"]["failure_class"] == "Interrupted"
 
 
-def test_a_spooled_kernel_file_artifact_holds_up_no_start(
+def test_a_big_spooled_artifact_holds_up_no_start(
         short_tmp: Path, procs: list[subprocess.Popen[str]]) -> None:
+    """Hashing 3 GiB takes seconds: the daemon serves meanwhile, and records it after."""
+    big = short_tmp / "big.bin"
+    with open(big, "wb") as fh:
+        fh.truncate(3 << 30)
     daemon = Daemon(short_tmp)
     code = textwrap.dedent("""
+        import sys
         import runnerd_client as rd
-        with rd.run("kernel-file", heartbeat_interval=3600) as run:
-            run.artifact("/proc/self/pagemap")
+        with rd.run("big-file", heartbeat_interval=3600) as run:
+            run.artifact(sys.argv[1])
             print(run.run_id, flush=True)
     """)
-    proc = daemon.python(code)
+    proc = daemon.python(code, str(big))
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
     daemon.start()
     try:
-        run = wait_for(lambda: (r := daemon.ctl_json("show", out.strip()))["state"]
-                       == "succeeded" and r, what="the run")
-        assert run["artifacts"] == []
-        wait_for(lambda: "pagemap" in daemon.log.read_text(), what="a warning")
+        first = daemon.ctl_json("show", out.strip())
+        assert first["state"] == "succeeded"
+        assert first["artifacts"] == []
+        run = wait_for(lambda: (r := daemon.ctl_json("show", out.strip()))["artifacts"] and r,
+                       timeout=120, what="the artifact to be hashed")
+        assert [a["size"] for a in run["artifacts"]] == [3 << 30]
     finally:
         daemon.stop()
 
