@@ -1,17 +1,37 @@
-"""The fault-injection harness at a small size (tests/chaos.py runs it large)."""
+"""The fault-injection harness at a small size, one fault per case (tests/chaos.py runs it
+large): every event a client logged as acknowledged or spooled is found once, no run is
+left active, every run ends in its true state."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from chaos import run_chaos
+import pytest
+from chaos import FAULTS, Plan, run_chaos
+
+SMALL = Plan(clients=4, runs=2, beats=10, daemon_kills=2, client_kills=2, stops=1, freezes=1,
+             ack_wait=1.0, seed=7)
+DISK_FULL_BUG = (
+    "a dead client's spool replayed while the registry's disk is full is deleted although "
+    "its events were refused `unavailable` (runnerd/reconciler.py replay_orphan_spools "
+    "unlinks it whatever replay_spool met): its acknowledged spooled events are lost")
 
 
-def test_daemon_kills_stops_and_client_kills_lose_nothing(short_tmp: Path) -> None:
-    report = run_chaos(short_tmp, clients=8, runs=3, beats=15, daemon_kills=3,
-                       client_kills=2, stops=1, stop_seconds=1.5, seed=7)
-    assert report.runs >= 16  # the killed clients may not reach their last runs
-    assert report.events_acked_live > 0
-    assert report.lost == []
-    assert report.duplicated == []
-    assert report.wrong_state == []
+@pytest.mark.parametrize("fault", [
+    pytest.param(f, marks=pytest.mark.xfail(strict=True, reason=DISK_FULL_BUG))
+    if f == "disk_full" else f for f in FAULTS])
+def test_a_fault_loses_nothing(short_tmp: Path, fault: str) -> None:
+    report = run_chaos(short_tmp, SMALL, (fault,))
+    result = report.fault(fault)
+    if result.skipped:
+        pytest.skip(result.skipped)
+    assert result.runs >= SMALL.clients  # killed clients may not reach their last run
+    assert result.acked > 0
+    if fault in ("frozen_killed", "disk_full", "fork", "startup_deaths"):
+        assert result.acked_spooled > 0, "the fault never made a client spool"
+    assert result.lost == []
+    assert result.duplicated == []
+    assert result.wrong_state == []
+    assert result.refused == []
+    assert result.stuck == []
+    assert result.found == result.acked
