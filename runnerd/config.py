@@ -11,6 +11,8 @@ from typing import Any
 from runnerd_client import paths
 from runnerd_client.protocol import DEFAULT_MAX_FRAME
 
+ARTIFACT_TIMEOUT = 600.0  # seconds to hash one artifact
+
 
 class ConfigError(Exception):
     """A config file that cannot be used; the message names the file and the key."""
@@ -33,6 +35,7 @@ class Config:
     memory_warning: float = 0.9
     retention: float | None = None
     resume_interrupted: bool = False
+    artifact_timeout: float = ARTIFACT_TIMEOUT
 
 
 _CHECKS: dict[str, tuple[type, ...]] = {
@@ -51,6 +54,7 @@ _CHECKS: dict[str, tuple[type, ...]] = {
     "memory_warning": (int, float),
     "retention": (int, float),
     "resume_interrupted": (bool,),
+    "artifact_timeout": (int, float),
 }
 _SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
 

@@ -7,7 +7,9 @@ one connection are applied in the order they arrived.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import io
 import json
 import os
 import re
@@ -15,21 +17,31 @@ import signal
 import stat
 import time
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import anyio
+from anyio.streams.memory import MemoryObjectSendStream
 
 from runnerd import __version__, sweeps
-from runnerd.config import Config
+from runnerd.config import ARTIFACT_TIMEOUT, Config
 from runnerd.events import Broker
 from runnerd.indexer import Indexer
 from runnerd.maintenance import prune
 from runnerd.processes import is_alive
 from runnerd.registry import Registry, Store
 from runnerd.resources import Sampler
-from runnerd.states import Event, end_with_failure, failure_record, relabelled, transition
+from runnerd.states import (
+    Event,
+    before_inferred_end,
+    end_with_failure,
+    failure_record,
+    inferred_end_after,
+    relabelled,
+    transition,
+)
 from runnerd.sweeps import ManifestWriter
 from runnerd_client import paths
 from runnerd_client.cells import SpecError, changed_keys, count, expand, variation
@@ -70,6 +82,7 @@ from runnerd_client.protocol import (
     SweepStatus,
     Unwatch,
     Watch,
+    request_map,
 )
 
 Reply = dict[str, Any]
@@ -103,6 +116,9 @@ class Context:
     started_at: float
     sampler: Sampler | None = None
     connections: int = 0
+    spooled_artifacts: MemoryObjectSendStream[Artifact] | None = None
+    """Where replayed artifacts go to be hashed in the background (a spooled 6 GiB file must
+    not hold up start-up); None: hashed in line."""
 
 
 def _event_time(at: float | None) -> float:
@@ -135,17 +151,30 @@ def _json(value: Any, what: str) -> str:
         raise _bad(f"{what} must be JSON-able and not too deeply nested: {exc}") from None
 
 
+def _payload_digest(req: Mutation | SweepMutation) -> str:
+    """What an idempotency key stands for: every field of the request but the key itself and
+    the event's time (a spooled event is replayed with the time it happened)."""
+    payload = {k: v for k, v in request_map(req).items() if k not in ("key", "at")}
+    try:
+        text = json.dumps(payload, sort_keys=True, default=repr, allow_nan=True)
+    except (TypeError, ValueError, RecursionError):
+        raise _bad(f"{req.op}: fields must be JSON-able and not too deeply nested") from None
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def _mutate(ctx: Context, req: Mutation | SweepMutation,
             apply: Callable[[Store, float], Reply]) -> Awaitable[Reply]:
-    """Queue an idempotent mutation: a replayed key answers the first reply, changes nothing."""
+    """Queue an idempotent mutation: a replayed key answers the first reply, changes nothing;
+    the same key with other fields is a `conflict`."""
     at = _event_time(req.at)
+    digest = _payload_digest(req)
 
     def op(store: Store) -> Reply:
-        first = store.replayed(req.key, req.op, req.subject)
+        first = store.replayed(req.key, req.op, req.subject, digest)
         if first is not None:
             return first
         reply = apply(store, at)
-        store.remember(req.key, req.op, req.subject, reply, at)
+        store.remember(req.key, req.op, req.subject, reply, at, digest)
         return reply
 
     return ctx.registry.submit(op)
@@ -324,6 +353,10 @@ def handle_heartbeat(ctx: Context, peer: Peer, req: Heartbeat) -> Awaitable[Repl
         row = store.require_run(req.run_id)
         if req.seq <= row["heartbeat_seq"]:
             return {"state": row["state"]}
+        if inferred_end_after(store, row, at) is not None:  # spooled, from before that end
+            store.update_run(req.run_id, heartbeat_seq=req.seq, heartbeats=row["heartbeats"] + 1,
+                             last_heartbeat_at=max(at, row["last_heartbeat_at"] or 0.0))
+            return {"state": row["state"]}
         state = transition(
             store, row, Event.HEARTBEAT, at, peer.source, heartbeat_seq=req.seq,
             heartbeats=row["heartbeats"] + 1,
@@ -336,7 +369,7 @@ def handle_heartbeat(ctx: Context, peer: Peer, req: Heartbeat) -> Awaitable[Repl
 
 def handle_succeed(ctx: Context, peer: Peer, req: Succeed) -> Awaitable[Reply]:
     def apply(store: Store, at: float) -> Reply:
-        row = store.require_run(req.run_id)
+        row = before_inferred_end(store, store.require_run(req.run_id), at)
         state = transition(store, row, Event.SUCCEED, at, peer.source, ended_at=at)
         return {"state": state.value}
 
@@ -363,7 +396,7 @@ def handle_fail(ctx: Context, peer: Peer, req: Fail) -> Awaitable[Reply]:
         message = f"{message}: {peak}" if peak else message
 
     def apply(store: Store, at: float) -> Reply:
-        row = store.require_run(req.run_id)
+        row = before_inferred_end(store, store.require_run(req.run_id), at)
         record = failure_record(
             req.failure_class or default_class, message, req.reason, at,
             category_hint=req.category_hint, traceback=req.traceback, phase=req.phase,
@@ -447,31 +480,84 @@ def handle_label(ctx: Context, peer: Peer, req: Label) -> Awaitable[Reply]:
     return _mutate(ctx, req, apply)
 
 
-def file_digest(path: str) -> tuple[int, str]:
-    """Size and sha256 of a regular file; a clear error for anything else."""
+# Hashing has threads of its own, few: it is bound by the disk, and artifacts hashed at once
+# must leave the loop's worker threads (and every other request) free.
+HASH_WORKERS = 4
+_hashing = ThreadPoolExecutor(max_workers=HASH_WORKERS, thread_name_prefix="runnerd-hash")
+HASH_CHUNK = 1 << 20
+# Kernel interfaces: their files may read forever (/proc/self/pagemap) or change as read.
+KERNEL_TREES = ("/proc", "/sys")
+
+
+def file_digest(path: str, timeout: float = ARTIFACT_TIMEOUT) -> tuple[int, str]:
+    """Size and sha256 of a regular file, read within `timeout` seconds. Anything else is a
+    clear error: a folder, device, FIFO or socket (refused before it is opened), a file
+    under /proc or /sys (checked on the path with every symlink resolved, before any stat
+    there), a file that changes while it is read, one too slow to read."""
     if not os.path.isabs(path) or "\0" in path:
         raise _bad(f"artifact path must be absolute: {path!r}")
+    real = os.path.realpath(path)
+    for tree in KERNEL_TREES:
+        if real == tree or real.startswith(f"{tree}/"):
+            raise _bad(f"artifact {path} is under {tree}, a kernel interface, not a file")
     try:
-        # O_NONBLOCK: opening a FIFO must not wait for a writer (a no-op for regular files).
-        with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY), "rb") as fh:
-            info = os.fstat(fh.fileno())
-            if stat.S_ISDIR(info.st_mode):
-                raise _bad(f"artifact {path} is a directory, not a file")
-            if not stat.S_ISREG(info.st_mode):
-                raise _bad(f"artifact {path} is not a regular file")
-            digest = hashlib.file_digest(fh, "sha256")
+        info = os.stat(real)
+        _require_regular(path, info)
+        # O_NONBLOCK: a FIFO swapped in since the stat must not wait for a writer.
+        fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY
+                     | os.O_CLOEXEC)
+        with open(fd, "rb", buffering=0) as fh:
+            opened = os.fstat(fd)
+            if (opened.st_dev, opened.st_ino) != (info.st_dev, info.st_ino):
+                raise _bad(f"artifact {path} changed while it was opened")
+            digest = _sha256(fh, opened.st_size, path, timeout)
+            after = os.fstat(fd)
     except FileNotFoundError:
         raise _bad(f"artifact {path} does not exist") from None
-    except IsADirectoryError:
-        raise _bad(f"artifact {path} is a directory, not a file") from None
     except OSError as exc:
         raise _bad(f"artifact {path} cannot be read: {exc.strerror}") from None
-    return info.st_size, digest.hexdigest()
+    if (after.st_size, after.st_mtime_ns) != (opened.st_size, opened.st_mtime_ns):
+        raise _bad(f"artifact {path} changed while it was hashed ({opened.st_size} bytes, then "
+                   f"{after.st_size}): register it once it is complete")
+    return opened.st_size, digest
+
+
+FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"),
+              (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a FIFO"),
+              (stat.S_ISSOCK, "a socket"))
+
+
+def _require_regular(path: str, info: os.stat_result) -> None:
+    if not stat.S_ISREG(info.st_mode):
+        kind = next((name for test, name in FILE_KINDS if test(info.st_mode)), "special")
+        raise _bad(f"artifact {path} is {kind}, not a regular file")
+
+
+def _sha256(fh: io.FileIO, size: int, path: str, timeout: float) -> str:
+    """The sha256 of the first `size` bytes (what the file held when opened: one that grows
+    is caught afterwards, never read forever), given up after `timeout` seconds."""
+    digest = hashlib.sha256()
+    deadline = time.monotonic() + timeout
+    buffer = memoryview(bytearray(HASH_CHUNK))
+    left = size
+    while left > 0:
+        n = fh.readinto(buffer[:min(HASH_CHUNK, left)])
+        if not n:
+            break  # it shrank: the size check afterwards says so
+        digest.update(buffer[:n])
+        left -= n
+        if time.monotonic() > deadline:
+            raise RunnerdError(ErrorCode.TOO_LARGE, (
+                f"artifact {path} could not be hashed within {timeout:g} s (artifact_timeout): "
+                f"{size - left} of {size} bytes read. Register a smaller file, or raise "
+                "artifact_timeout in config.toml"))
+    return digest.hexdigest()
 
 
 async def handle_artifact(ctx: Context, peer: Peer, req: Artifact) -> Reply:
-    """Hash the file off the event loop, then record it."""
-    digest = await anyio.to_thread.run_sync(file_digest, req.path)
+    """Hash the file on the hashing threads, then record it."""
+    digest = await asyncio.get_running_loop().run_in_executor(
+        _hashing, file_digest, req.path, ctx.config.artifact_timeout)
     return await record_artifact(ctx, req, digest)
 
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import logging
 import time
+from functools import partial
 
 import anyio
 
-from runnerd.registry import Registry
+from runnerd.registry import Registry, Store
 
 log = logging.getLogger(__name__)
 PRUNE_INTERVAL = 3600.0
@@ -22,9 +23,11 @@ async def prune(registry: Registry, before: float, states: tuple[str, ...] = (),
 
 
 async def prune_periodically(registry: Registry, retention: float) -> None:
-    """Every hour, delete terminal runs that ended more than `retention` seconds ago."""
+    """Every hour, delete terminal runs that ended more than `retention` seconds ago; a
+    prune the disk refused is retried until it lands (nobody else will ask again)."""
     while True:
-        pruned = await prune(registry, time.time() - retention)
+        op = partial(Store.prune, cutoff=time.time() - retention, states=(), dry_run=False)
+        pruned = await registry.land(op, f"pruning runs older than {retention:.0f} s")
         if pruned:
             log.info("pruned %d runs older than %.0f s", len(pruned), retention)
         await anyio.sleep(PRUNE_INTERVAL)

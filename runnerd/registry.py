@@ -1,9 +1,10 @@
 """The SQLite run registry: schema, migrations, group commit. Nothing else writes SQL.
 
-One aiosqlite worker thread owns the connection. Mutations are queued and applied
-in batches inside one transaction (a savepoint per operation), and every caller is
-answered only once its batch is committed: with `synchronous=FULL` that means the
-event survives a power cut, at the price of one fsync per batch, not per event.
+One thread owns the writing connection. Mutations are queued and applied in batches
+inside one transaction (a savepoint per operation), and every caller is answered only
+once its batch is committed: with `synchronous=FULL` that means the event survives a
+power cut, at the price of one fsync per batch, not per event. Reads have a connection
+and a thread of their own: in WAL mode they see the last commit and wait for no writer.
 """
 
 from __future__ import annotations
@@ -11,18 +12,19 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import sqlite3
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-import aiosqlite
-
 from runnerd.mounts import network_mount, read_mountinfo
 from runnerd_client.procinfo import boot_id
 from runnerd_client.protocol import ACTIVE_STATES, ErrorCode, RunnerdError, State
+from runnerd_client.trust import create_file, open_folder
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -450,6 +452,16 @@ class Store:
         ).fetchone()
         return dict(zip(FAILURE_COLUMNS, row, strict=True)) if row else None
 
+    def drop_failure(self, run_id: str) -> None:
+        self.conn.execute("DELETE FROM failures WHERE run_id = ?", (run_id,))
+
+    def last_transition(self, run_id: str) -> tuple[str | None, str] | None:
+        """(from state, source) of a run's latest transition."""
+        row = self.conn.execute(
+            "SELECT from_state, source FROM transitions WHERE run_id = ?"
+            " ORDER BY rowid DESC LIMIT 1", (run_id,)).fetchone()
+        return (row[0], row[1]) if row else None
+
     def failure(self, run_id: str) -> dict[str, Any] | None:
         row = self.conn.execute(
             f"SELECT {', '.join(FAILURE_COLUMNS)} FROM failures WHERE run_id = ?", (run_id,)
@@ -672,22 +684,31 @@ class Store:
 
     # --- idempotency ---
 
-    def replayed(self, key: str, op: str, run_id: str) -> dict[str, Any] | None:
-        """The reply first given to `key`, if that event was applied; a key is for one event."""
+    def replayed(self, key: str, op: str, run_id: str, digest: str) -> dict[str, Any] | None:
+        """The reply first given to `key`, if that event was applied; a key is for one event,
+        so the same key with another op, run or payload (`digest`) is a conflict. Keys kept
+        before schema 5 have no digest and replay as they always did."""
         row = self.conn.execute(
-            "SELECT op, run_id, reply FROM idempotency WHERE key = ?", (key,)).fetchone()
+            "SELECT op, run_id, reply, digest FROM idempotency WHERE key = ?", (key,)).fetchone()
         if row is None:
             return None
         if (row[0], row[1]) != (op, run_id):
             raise RunnerdError(ErrorCode.CONFLICT,
                                f"key {key!r} was already used for {row[0]} of run {row[1]}")
+        if row[3] is not None and row[3] != digest:
+            raise RunnerdError(ErrorCode.CONFLICT, (
+                f"key {key!r} was already used for another {op} of run {run_id}: a key names "
+                "one event, and its replay must carry the same fields; give a new event a "
+                "new key"))
         reply: dict[str, Any] = json.loads(row[2])
         return reply
 
-    def remember(self, key: str, op: str, run_id: str, reply: dict[str, Any], at: float) -> None:
+    def remember(self, key: str, op: str, run_id: str, reply: dict[str, Any], at: float,
+                 digest: str) -> None:
         self.conn.execute(
-            "INSERT INTO idempotency (key, op, run_id, reply, at) VALUES (?, ?, ?, ?, ?)",
-            (key, op, run_id, json.dumps(reply), at),
+            "INSERT INTO idempotency (key, op, run_id, reply, at, digest)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (key, op, run_id, json.dumps(reply), at, digest),
         )
 
     # --- public views ---
@@ -888,19 +909,62 @@ def _joined_failure(row: Sequence[Any]) -> dict[str, Any]:
 
 
 Op = Callable[[Store], Any]
+# SQLite's primary result codes of a storage fault that may pass: a write that met one is
+# worth trying again (a full disk is freed, a lock released, a flaky disk comes back).
+TRANSIENT = frozenset({sqlite3.SQLITE_FULL, sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED,
+                       sqlite3.SQLITE_IOERR, sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_PROTOCOL})
+DAMAGED = frozenset({sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB})
+RETRY_FIRST, RETRY_MAX = 0.1, 5.0
 
 
-async def _on_db_thread(db: aiosqlite.Connection, fn: Callable[..., T], *args: Any) -> T:
-    """Run `fn` on aiosqlite's worker thread in one hop (its public API costs one per statement).
+def _code(exc: sqlite3.Error) -> int:
+    """SQLite's primary result code of an error (-1 when it has none)."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code & 0xFF if isinstance(code, int) else -1
 
-    `_execute` is private to aiosqlite, so pyproject bounds the versions we accept.
-    """
-    result: T = await db._execute(fn, *args)  # type: ignore[no-untyped-call]
-    return result
+
+class DamagedRegistry(sqlite3.DatabaseError):
+    """`PRAGMA quick_check` found the registry damaged; the message is what it found."""
+
+
+class StorageError(RunnerdError):
+    """A write the registry's storage refused for now (full, locked, I/O): tried again, it
+    may land. Answered to a client as `unavailable`, which its spool retries."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(ErrorCode.UNAVAILABLE, message)
+
+
+def _write_error(exc: sqlite3.Error) -> RunnerdError:
+    message = f"registry write failed: {exc}"
+    return StorageError(message) if _code(exc) in TRANSIENT else \
+        RunnerdError(ErrorCode.UNAVAILABLE, message)
+
+
+class _Worker:
+    """One SQLite connection and the one thread that uses it; each call is one hop."""
+
+    def __init__(self, name: str) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        self._turn = asyncio.Lock()
+        self.conn: sqlite3.Connection | None = None
+
+    async def call(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run `fn` on the thread. Calls wait their turn here, not in the thread's queue, so
+        one cancelled before its turn (its client gone) never runs."""
+        async with self._turn:
+            return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    async def close(self) -> None:
+        if self.conn is not None:
+            await self.call(self.conn.close)
+            self.conn = None
+        self._pool.shutdown(wait=False)
 
 
 class Registry:
-    """The async face of the registry: group-committed mutations and plain reads."""
+    """The async face of the registry: group-committed mutations on one connection, reads on
+    another (so a write waiting for a lock another process holds delays no read)."""
 
     def __init__(self, path: Path, *, synchronous: str = "FULL", max_batch: int = 512,
                  busy_timeout_ms: int = 5000,
@@ -910,27 +974,75 @@ class Registry:
         self.synchronous = synchronous
         self.max_batch = max_batch
         self.busy_timeout_ms = busy_timeout_ms
-        self._db: aiosqlite.Connection | None = None
+        self._writer: _Worker | None = None
+        self._reader: _Worker | None = None
         self._store: Store | None = None
+        self._read_store: Store | None = None
         self._queue: list[tuple[Op, asyncio.Future[Any]]] = []
         self._wakeup = asyncio.Event()
         self._closing = False
+        self._landing: set[asyncio.Task[Any]] = set()
         self.drained = asyncio.Event()
         self.subscribers: list[Callable[[BatchResult], None]] = []
 
     async def open(self) -> None:
-        """Open (creating if needed) the database and run pending migrations."""
+        """Open (creating if needed, 0600) the database, check it and run pending migrations;
+        a registry that is locked, damaged or emptied is refused, saying what to do."""
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._refuse_network_filesystem()
-        db = await aiosqlite.connect(str(self.path), isolation_level=None)
+        created = self._create_or_check_file()
+        writer, reader = _Worker("runnerd-db-write"), _Worker("runnerd-db-read")
         try:
-            await _on_db_thread(db, self._init_sync, db._conn)
-        except sqlite3.DatabaseError as exc:
-            await db.close()
-            raise RunnerdError(ErrorCode.UNAVAILABLE,
-                               f"cannot open registry {self.path}: {exc}") from exc
-        self._db = db
-        self._store = Store(db._conn)
+            writer.conn = await writer.call(self._connect)
+            await writer.call(self._init_sync, writer.conn, created)
+            reader.conn = await reader.call(self._connect)
+            await reader.call(reader.conn.execute, "PRAGMA query_only = ON")
+        except sqlite3.Error as exc:
+            await reader.close()
+            await writer.close()
+            raise RunnerdError(ErrorCode.UNAVAILABLE, self._refusal(exc)) from exc
+        self._writer, self._reader = writer, reader
+        self._store, self._read_store = Store(writer.conn), Store(reader.conn)
+
+    def _create_or_check_file(self) -> bool:
+        """Create the registry file 0600 (SQLite gives its -wal and -shm the same mode);
+        whether it is new. An existing empty file is refused: SQLite would start a new
+        registry over what was lost."""
+        try:
+            with open_folder(self.path.parent) as folder:
+                os.close(create_file(folder, self.path.name, mode=0o600))
+            return True
+        except FileExistsError:
+            pass
+        if self.path.stat().st_size == 0:
+            raise RunnerdError(ErrorCode.UNAVAILABLE, (
+                f"the registry {self.path} exists but is empty (0 bytes): a failed copy or a "
+                "full disk may have emptied it, and runnerd will not start a new registry "
+                "over it. Put back a copy made with `runnerctl backup` if you have one; to "
+                f"start afresh, remove it (rm {self.path}) and start runnerd again"))
+        return False
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(str(self.path), isolation_level=None)
+        conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_ms)}")
+        return conn
+
+    def _refusal(self, exc: sqlite3.Error) -> str:
+        """Why the registry cannot be used, and what to do about it."""
+        code, path = _code(exc), self.path
+        if code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+            return (f"the registry {path} is locked by another process (waited "
+                    f"{self.busy_timeout_ms / 1000:g} s): another runnerd, or a tool such as "
+                    "sqlite3 or a backup, holds a write transaction on it. Find it with "
+                    f"`fuser -v {path}` (or `lsof {path}`), let it finish or stop it, then "
+                    "start runnerd again")
+        if code in DAMAGED or isinstance(exc, DamagedRegistry):
+            return (f"the registry {path} is damaged ({exc}); runnerd will not write to it. "
+                    f"Keep it aside (mv {path} {path}.damaged, with its -wal file if any), "
+                    "then put back a copy made with `runnerctl backup`, or rebuild what "
+                    f"can be read: sqlite3 {path}.damaged .recover | sqlite3 {path} ; "
+                    "then start runnerd again")
+        return f"cannot open registry {path}: {exc}"
 
     def _refuse_network_filesystem(self) -> None:
         """WAL's shared-memory index is not coherent across machines: refuse before it is made."""
@@ -943,11 +1055,18 @@ class Registry:
                 "filesystem. Use a node-local path such as $TMPDIR or /var/tmp, e.g. "
                 "RUNNERD_DB=/var/tmp/$USER/runnerd/registry.sqlite3 (or runnerd --db)"))
 
-    def _init_sync(self, conn: sqlite3.Connection) -> None:
-        conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_ms)}")
+    def _init_sync(self, conn: sqlite3.Connection, created: bool) -> None:
         mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         if mode != "wal":
             raise sqlite3.DatabaseError(f"could not switch to WAL mode (got {mode})")
+        # Take the write lock once: a registry another process holds is refused now, by name,
+        # rather than at the first write.
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("ROLLBACK")
+        if not created:
+            problems = [str(row[0]) for row in conn.execute("PRAGMA quick_check(3)")]
+            if problems != ["ok"]:
+                raise DamagedRegistry("; ".join(problems))
         conn.execute(f"PRAGMA synchronous = {self.synchronous}")
         conn.execute("PRAGMA foreign_keys = ON")
         version = conn.execute("PRAGMA user_version").fetchone()[0]
@@ -970,27 +1089,53 @@ class Registry:
         self._wakeup.set()
         return future
 
+    async def land(self, op: Callable[[Store], T], what: str) -> T:
+        """Apply a change the daemon made itself (a death judged, a deadline passed): no
+        client will retry it, so a storage failure is retried here, with backoff, until it
+        lands; only a daemon that stops gives up (its restart judges again from the record)."""
+        delay, failures = RETRY_FIRST, 0
+        while True:
+            try:
+                result: T = await self.submit(op)
+            except StorageError as exc:
+                if self._closing:
+                    raise
+                failures += 1
+                log.log(logging.WARNING if failures == 1 else logging.DEBUG,
+                        "%s failed: %s; retrying in %.1f s until it lands", what, exc.message,
+                        delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX)
+                continue
+            if failures:
+                log.info("%s landed after %d failed attempts", what, failures)
+            return result
+
     def submit_quietly(self, op: Op, what: str) -> None:
-        """Queue a mutation nobody waits for; a failure is logged, not lost in a future."""
+        """`land` a change nobody waits for; a failure other than storage is logged."""
 
-        def report(future: asyncio.Future[Any]) -> None:
-            if not future.cancelled() and future.exception() is not None:
-                log.warning("%s failed: %s", what, future.exception())
+        async def landed() -> None:
+            try:
+                await self.land(op, what)
+            except Exception as exc:
+                log.warning("%s failed: %s", what, exc)
 
-        self.submit(op).add_done_callback(report)
+        task = asyncio.get_running_loop().create_task(landed())
+        self._landing.add(task)
+        task.add_done_callback(self._landing.discard)
 
     async def read(self, op: Callable[[Store], T]) -> T:
-        """Run a read-only function on the database thread."""
-        db, store = self._require_open()
+        """Run a read-only function on the reading connection's thread."""
+        reader, store = self._require_open(self._reader, self._read_store)
         try:
-            result: T = await _on_db_thread(db, op, store)
+            result: T = await reader.call(op, store)
         except sqlite3.Error as exc:
             raise RunnerdError(ErrorCode.UNAVAILABLE, f"registry read failed: {exc}") from exc
         return result
 
     async def run_writer(self) -> None:
         """Apply queued mutations in batches until `stop` is called and the queue is empty."""
-        db, store = self._require_open()
+        writer, store = self._require_open(self._writer, self._store)
         while True:
             if not self._queue:
                 if self._closing:
@@ -1001,7 +1146,7 @@ class Registry:
                 continue
             batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]
             try:
-                result = await _on_db_thread(db, self._apply, store, [op for op, _ in batch])
+                result = await writer.call(self._apply, store, [op for op, _ in batch])
             except Exception as exc:
                 log.exception("registry writer failed")
                 error = RunnerdError(ErrorCode.UNAVAILABLE, f"registry write failed: {exc}")
@@ -1022,16 +1167,20 @@ class Registry:
         store.effects = Effects()
         outcomes: list[tuple[bool, Any]] = []
         try:
+            if conn.in_transaction:  # left open by a rollback that failed last time
+                conn.execute("ROLLBACK")
             conn.execute("BEGIN IMMEDIATE")
             for op in ops:
                 outcomes.append(self._apply_one(store, op))
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
             if conn.in_transaction:
-                conn.execute("ROLLBACK")
+                try:
+                    conn.execute("ROLLBACK")
+                except sqlite3.Error as again:
+                    log.error("rollback failed (tried again before the next batch): %s", again)
             log.error("batch of %d mutations not committed: %s", len(ops), exc)
-            error = RunnerdError(ErrorCode.UNAVAILABLE, f"registry write failed: {exc}")
-            return BatchResult([(False, error)] * len(ops))
+            return BatchResult([(False, _write_error(exc))] * len(ops))
         effects = store.effects
         changed = dict.fromkeys(t.run_id for t in effects.transitions)
         rows = {run_id: row for run_id in changed if (row := store.run_row(run_id)) is not None}
@@ -1067,11 +1216,15 @@ class Registry:
         self._wakeup.set()
 
     async def close_db(self) -> None:
-        if self._db is not None:
-            await self._db.close()
-            self._db = None
+        """Close the reading connection, then the writing one (the last to close folds the
+        WAL into the database and removes it)."""
+        for worker in (self._reader, self._writer):
+            if worker is not None:
+                await worker.close()
+        self._reader = self._writer = None
 
-    def _require_open(self) -> tuple[aiosqlite.Connection, Store]:
-        if self._db is None or self._store is None:
+    @staticmethod
+    def _require_open(worker: _Worker | None, store: Store | None) -> tuple[_Worker, Store]:
+        if worker is None or store is None:
             raise RunnerdError(ErrorCode.UNAVAILABLE, "registry is not open")
-        return self._db, self._store
+        return worker, store

@@ -9,6 +9,8 @@ there after a kill to say whether the kernel's OOM killer did it.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 import time
 from collections import defaultdict
@@ -20,8 +22,9 @@ from typing import Any
 
 import anyio
 
-from runnerd.registry import Registry, Store
+from runnerd.registry import Registry, StorageError, Store
 
+log = logging.getLogger(__name__)
 PAGE = os.sysconf("SC_PAGE_SIZE")
 TICKS = os.sysconf("SC_CLK_TCK")
 CGROUP_ROOT = Path("/sys/fs/cgroup")
@@ -261,6 +264,8 @@ class Sampler:
         self.interval = interval
         self.threshold = threshold
         self.usage: dict[str, Usage] = {}
+        # Memory warnings a storage fault kept from the registry, with their samples.
+        self._unsaved: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
 
     async def run(self) -> None:
         while True:
@@ -269,16 +274,37 @@ class Sampler:
                 measure, active, self.usage, self.threshold)
             sampled = {run_id: self.usage[run_id].as_dict() for run_id in active
                        if run_id in self.usage}
-            if sampled:
-                warnings = {run_id: self.warning(run_id) for run_id in crossed}
-                self.registry.submit_quietly(
-                    partial(Store.put_resources, sampled=sampled, warnings=warnings,
-                            at=time.time()), "recording resources")
+            warnings = {run_id: self.warning(run_id) for run_id in crossed}
+            self._record(sampled, warnings)
             for run_id in set(self.usage) - set(active):
                 if time.time() - self.usage[run_id].last_seen > KEEP_ENDED:
                     del self.usage[run_id]  # kept a while: a death is judged after it
             near = any(u.above for u in self.usage.values())
             await anyio.sleep(min(1.0, self.interval) if near else self.interval)
+
+    def _record(self, sampled: dict[str, dict[str, Any]],
+                warnings: dict[str, dict[str, Any]]) -> None:
+        """Persist a sample. A newer sample makes an older one moot, so one the disk refused
+        is not retried as such: its warnings (and the samples they belong to) go with the next."""
+        for run_id, (data, warning) in self._unsaved.items():
+            sampled.setdefault(run_id, data)
+            warnings.setdefault(run_id, warning)
+        self._unsaved = {}
+        if not sampled:
+            return
+        future = self.registry.submit(partial(Store.put_resources, sampled=sampled,
+                                              warnings=warnings, at=time.time()))
+        future.add_done_callback(partial(self._recorded, sampled, warnings))
+
+    def _recorded(self, sampled: dict[str, dict[str, Any]], warnings: dict[str, dict[str, Any]],
+                  done: asyncio.Future[None]) -> None:
+        exc = None if done.cancelled() else done.exception()
+        if exc is None:
+            return
+        log.warning("recording resources failed: %s", exc)
+        if isinstance(exc, StorageError):
+            kept = {run_id: (sampled[run_id], warning) for run_id, warning in warnings.items()}
+            self._unsaved = {**kept, **self._unsaved}
 
     def warning(self, run_id: str) -> dict[str, Any]:
         use = self.usage[run_id]

@@ -188,7 +188,6 @@ def setup_logging(level: str) -> None:
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=level.upper(), handlers=[handler])
-    logging.getLogger("aiosqlite").setLevel(logging.INFO)
 
 
 class JournalFormatter(logging.Formatter):

@@ -9,6 +9,7 @@ the row and either acts or re-arms at the true due time.
 
 from __future__ import annotations
 
+import asyncio
 import heapq
 import logging
 import time
@@ -23,6 +24,7 @@ from runnerd_client.protocol import FailReason, State
 
 log = logging.getLogger(__name__)
 SOURCE = "watchdog"
+RECHECK_AFTER_ERROR = 60.0
 
 
 def next_due(row: dict[str, Any]) -> float | None:
@@ -74,6 +76,7 @@ class Watchdog:
         self._heap: list[tuple[float, str]] = []
         self._due: dict[str, float] = {}
         self._changed = anyio.Event()
+        self._checks: set[asyncio.Task[float | None]] = set()
 
     def __len__(self) -> int:
         return len(self._due)
@@ -123,13 +126,19 @@ class Watchdog:
 
     def _check(self, run_id: str) -> None:
         now = self.clock()
-        future = self.registry.submit(lambda store: check_run(store, run_id, now))
+        task = asyncio.get_running_loop().create_task(self.registry.land(
+            lambda store: check_run(store, run_id, now), f"watchdog check of {run_id}"))
+        self._checks.add(task)
 
-        def rearm(done: Any) -> None:
-            if done.cancelled() or done.exception() is not None:
-                log.warning("watchdog check of %s failed; retrying in 1 s", run_id)
-                self.arm(run_id, self.clock() + 1.0)
+        def rearm(done: asyncio.Task[float | None]) -> None:
+            self._checks.discard(done)
+            if done.cancelled():
+                return
+            if done.exception() is not None:  # not storage (`land` retries that)
+                log.warning("watchdog check of %s failed: %s; again in %.0f s", run_id,
+                          done.exception(), RECHECK_AFTER_ERROR)
+                self.arm(run_id, self.clock() + RECHECK_AFTER_ERROR)
             else:
                 self.arm(run_id, done.result())
 
-        future.add_done_callback(rearm)
+        task.add_done_callback(rearm)

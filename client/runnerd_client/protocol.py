@@ -431,8 +431,9 @@ def _type_name(allowed: tuple[type, ...]) -> str:
 def decode_request(msg: dict[Any, Any]) -> tuple[int | None, Request]:
     """Turn a wire map into (id, typed request); raise RunnerdError when it is not one."""
     req_id = msg.get("id")
-    if req_id is not None and (type(req_id) is not int):
-        raise RunnerdError(ErrorCode.BAD_REQUEST, "field 'id' must be an integer")
+    if req_id is not None and (type(req_id) is not int or not INT64_MIN <= req_id <= INT64_MAX):
+        raise RunnerdError(ErrorCode.BAD_REQUEST,
+                           "field 'id' must be an integer that fits in a signed 64-bit int")
     op = msg.get("op")
     if not isinstance(op, str):
         raise RunnerdError(ErrorCode.BAD_REQUEST, "field 'op' is missing or not a string")
