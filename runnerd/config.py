@@ -35,6 +35,11 @@ class Config:
     memory_warning: float = 0.9
     retention: float | None = None
     resume_interrupted: bool = False
+    max_connections: int = 1024
+    max_inflight: int = 128
+    frame_timeout: float = 10.0
+    idle_timeout: float = 3600.0
+    frame_memory: int = 64 << 20
     artifact_timeout: float = ARTIFACT_TIMEOUT
 
 
@@ -54,6 +59,11 @@ _CHECKS: dict[str, tuple[type, ...]] = {
     "memory_warning": (int, float),
     "retention": (int, float),
     "resume_interrupted": (bool,),
+    "max_connections": (int,),
+    "max_inflight": (int,),
+    "frame_timeout": (int, float),
+    "idle_timeout": (int, float),
+    "frame_memory": (int,),
     "artifact_timeout": (int, float),
 }
 _SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")

@@ -1,13 +1,27 @@
-"""The per-connection loop: the only code that reads from or writes to a client socket."""
+"""The per-connection loop: the only code that reads from or writes to a client socket.
+
+It also bounds what one connection can cost everyone else (README, "Connection limits"):
+at most `max_connections` connections; at most `max_inflight` requests of a connection
+being worked on, and nothing more read from it while they are, or while its replies are
+not being read; a frame larger than one read is read only once its size is reserved from
+`frame_memory`; a frame must arrive whole within `frame_timeout`, and a connection that
+does nothing for `idle_timeout` is closed.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import heapq
+import inspect
+import itertools
 import logging
 import os
+import resource
 import socket
 import struct
+from collections import deque
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 from runnerd import __version__
@@ -16,20 +30,67 @@ from runnerd.handlers import HANDLERS, Context, Peer
 from runnerd_client.procinfo import start_time as process_start_time
 from runnerd_client.protocol import (
     HEADER,
+    MAX_DEPTH,
+    MAX_ITEMS,
     PROTOCOL_VERSION,
     ErrorCode,
+    Export,
+    Failures,
+    Get,
     Hello,
+    LimitExceeded,
+    ListRuns,
+    Request,
     RunnerdError,
+    Status,
     Subscribe,
+    SweepCells,
+    SweepGet,
+    SweepList,
+    check_shape,
     decode_request,
     error_reply,
     frame,
     ok_reply,
-    unpack_body,
+    unpack_request,
 )
 
 log = logging.getLogger(__name__)
 _UCRED = struct.Struct("3i")
+READ_SIZE = 64 << 10
+"""What one read takes; a frame larger than this is read only into reserved memory."""
+BIG_READ_SIZE = 256 << 10
+TASKS_PER_CONNECTION = 4
+"""`async` handlers (artifacts, cancel, prune..., and reads) of one connection running at once;
+the rest wait in the connection, dropped if it closes."""
+READS_AT_ONCE = 2
+"""Registry reads started and not finished, over every connection: the registry has one
+thread, so more would only queue there, where a `status` would wait behind them all."""
+READS = frozenset({Get, ListRuns, Status, Failures, Export, SweepGet, SweepCells, SweepList})
+REFUSAL_LOG_INTERVAL = 10.0
+_SCRATCH = memoryview(bytearray(BIG_READ_SIZE))  # every read lands here first (one loop)
+_TASK_HANDLERS = frozenset(cls for cls, handler in HANDLERS.items()
+                           if inspect.iscoroutinefunction(handler)) - READS
+
+
+def listen_backlog() -> int:
+    """The kernel's cap on connects waiting to be accepted (net.core.somaxconn)."""
+    try:
+        return max(socket.SOMAXCONN, int(Path("/proc/sys/net/core/somaxconn").read_text()))
+    except (OSError, ValueError):
+        return socket.SOMAXCONN
+
+
+def raise_fd_limit(connections: int) -> None:
+    """Let the soft open-files limit hold `connections` sockets and the daemon's own files."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = connections + 256
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        new = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+        if new < wanted:
+            log.warning("open files are limited to %d: fewer than max_connections (%d) "
+                        "connections may be accepted", new, connections)
 
 
 def peer_of(sock: socket.socket) -> Peer:
@@ -39,24 +100,119 @@ def peer_of(sock: socket.socket) -> Peer:
     return Peer(pid=pid, uid=uid, start_time=process_start_time(pid))
 
 
-class FrameProtocol(asyncio.Protocol):
-    """One client connection on the event loop: frames in from `data_received`, replies
+class FrameMemory:
+    """Memory reserved for frames larger than one read, shared by every connection: a
+    connection whose frame does not fit waits (unread) until another frame frees room."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self.waiting: deque[FrameProtocol] = deque()
+
+    def reserve(self, size: int) -> bool:
+        """Reserve `size` bytes if they fit (one frame always fits when nothing is reserved)."""
+        if self.used and self.used + size > self.limit:
+            return False
+        self.used += size
+        return True
+
+    def release(self, size: int) -> None:
+        self.used -= size
+        while self.waiting and self.reserve(self.waiting[0].wanted):
+            self.waiting.popleft().admitted()
+
+
+class Reads:
+    """Registry reads of every connection, READS_AT_ONCE at a time, from the connection with
+    the fewest waiting first: a client that floods reads waits behind its own reads, and a
+    `status` from anyone else is next."""
+
+    def __init__(self) -> None:
+        self.running = 0
+        self.ready: list[tuple[int, int, FrameProtocol]] = []
+        self.order = itertools.count()
+
+    def offer(self, conn: FrameProtocol) -> None:
+        """`conn` has a read to start (once: it comes back for its next one)."""
+        if not conn.scheduled:
+            conn.scheduled = True
+            heapq.heappush(self.ready, (len(conn.reads), next(self.order), conn))
+        self.start()
+
+    def start(self) -> None:
+        while self.running < READS_AT_ONCE and self.ready:
+            conn = heapq.heappop(self.ready)[2]
+            conn.scheduled = False
+            if conn.start_read():
+                self.running += 1
+                if conn.reads:
+                    self.offer(conn)
+
+    def done(self, _task: asyncio.Future[Any]) -> None:
+        self.running -= 1
+        self.start()
+
+
+class Clients:
+    """The served connections and what they share."""
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self.connections: set[FrameProtocol] = set()
+        self.memory = FrameMemory(ctx.config.frame_memory)
+        self.reads = Reads()
+        self.last_refusal_log = -REFUSAL_LOG_INTERVAL
+
+    def full(self, now: float) -> bool:
+        """True when a new connection must be refused (logged at most every 10 s)."""
+        if len(self.connections) < self.ctx.config.max_connections:
+            return False
+        if now - self.last_refusal_log >= REFUSAL_LOG_INTERVAL:
+            self.last_refusal_log = now
+            log.warning("refusing connections: %d are open (max_connections)",
+                        len(self.connections))
+        return True
+
+    def sweep(self, now: float) -> None:
+        for conn in list(self.connections):
+            conn.check_timeouts(now)
+
+
+class FrameProtocol(asyncio.BufferedProtocol):
+    """One client connection on the event loop: frames in from `buffer_updated`, replies
     out through the transport (which writes at once when the socket can take it).
 
-    No task per connection or per queued mutation: a mutation is answered from its
-    future's done callback; only reads (get/list/status) and artifacts run as tasks.
+    A mutation is queued on the registry at once (that keeps a connection's mutations in
+    order) and answered from its future's done callback; `async` handlers (reads,
+    artifacts) run as tasks, `TASKS_PER_CONNECTION` at a time.
     """
 
-    def __init__(self, ctx: Context, connections: set[FrameProtocol]) -> None:
+    def __init__(self, ctx: Context, clients: Clients) -> None:
         self.ctx = ctx
-        self.connections = connections
+        self.clients = clients
+        self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.peer: Peer | None = None
         self.greeted = False
         self.closed = False
         self.buffer = bytearray()
         self.subscriber: Subscriber | None = None
+        self.subscription: asyncio.Future[Any] | None = None
         self.tasks: set[asyncio.Future[Any]] = set()
+        self.queued: deque[tuple[int | None, Request]] = deque()
+        self.reads: deque[tuple[int | None, Request]] = deque()
+        self.scheduled = False  # waiting in Reads for its turn
+        self.inflight = 0
+        self.full = False  # max_inflight reached; reading waits until half are answered
+        self.write_paused = False
+        self.write_paused_at = 0.0
+        self.reserved = 0  # frame memory held for the frame being read
+        self.wanted = 0  # frame memory waited for
+        self.reading = True
+        self.frame_started: float | None = None
+        self.last_active = self.loop.time()
+
+    # --- transport callbacks ---
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -69,79 +225,194 @@ class FrameProtocol(asyncio.Protocol):
             return
         if self.peer.uid != os.getuid():
             log.warning("refused pid %d of uid %d", self.peer.pid, self.peer.uid)
-            transport.write(frame(error_reply(
-                None, ErrorCode.FORBIDDEN, "this daemon serves only its own user")))
-            self._close()
+            self._refuse(ErrorCode.FORBIDDEN, "this daemon serves only its own user")
             return
-        self.connections.add(self)
+        if self.clients.full(self.loop.time()):
+            self._refuse(ErrorCode.UNAVAILABLE, "runnerd serves at most "
+                         f"{self.ctx.config.max_connections} connections at once "
+                         "(max_connections); try again later")
+            return
+        self.clients.connections.add(self)
         self.ctx.connections += 1
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self in self.connections:
-            self.connections.discard(self)
+        if self in self.clients.connections:
+            self.clients.connections.discard(self)
             self.ctx.connections -= 1
         self.closed = True
+        self.buffer = bytearray()
+        self._release()
+        if self.wanted:
+            self.clients.memory.waiting.remove(self)
+            self.wanted = 0
         if self.subscriber is not None:
             self.ctx.broker.unsubscribe(self.subscriber)
-        for task in self.tasks:
+        if self.subscription is not None:
+            self.subscription.cancel()
+        if self.queued or self.reads or self.tasks:
+            log.debug("pid %s closed its connection: %d queued requests dropped, %d running "
+                      "cancelled", self.peer.pid if self.peer else "?",
+                      len(self.queued) + len(self.reads), len(self.tasks))
+        self.queued.clear()
+        self.reads.clear()
+        for task in list(self.tasks):
             task.cancel()
 
     def pause_writing(self) -> None:
         """The client does not read its replies: stop reading its requests meanwhile."""
-        if self.transport is not None and not self.closed:
-            self.transport.pause_reading()
+        self.write_paused = True
+        self.write_paused_at = self.loop.time()
+        self._update_reading()
 
     def resume_writing(self) -> None:
-        if self.transport is not None and not self.closed:
-            self.transport.resume_reading()
-            if self.subscriber is not None:
-                self.subscriber.report_lag()
+        self.write_paused = False
+        if self.subscriber is not None and not self.closed:
+            self.subscriber.report_lag()
+        self._unblocked()
 
-    def data_received(self, data: bytes) -> None:
-        if self.closed or self.peer is None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return _SCRATCH[:BIG_READ_SIZE if self.reserved else READ_SIZE]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self.closed:
             return
-        buf = self.buffer
-        buf += data
-        limit, pos, size = self.ctx.config.max_frame, 0, len(buf)
-        while size - pos >= HEADER.size:
+        self.buffer += _SCRATCH[:nbytes]
+        self.last_active = self.loop.time()
+        self._process()
+
+    # --- reading ---
+
+    def _blocked(self) -> bool:
+        """Whether the connection must not be read now (and its buffered frames wait)."""
+        return self.write_paused or self.full or self.wanted > 0
+
+    def _process(self) -> None:
+        """Dispatch every whole frame in the buffer, unless and until the connection is blocked."""
+        buf, pos, completed = self.buffer, 0, False
+        limit = self.ctx.config.max_frame
+        while not self._blocked() and len(buf) - pos >= HEADER.size:
             (length,) = HEADER.unpack_from(buf, pos)
             if length > limit:
-                self._queue(error_reply(
-                    None, ErrorCode.TOO_LARGE, f"frame of {length} bytes exceeds {limit}"))
-                self._close()
+                self._refuse(ErrorCode.TOO_LARGE, f"frame of {length} bytes exceeds {limit}")
                 return
             end = pos + HEADER.size + length
-            if end > size:
+            if end > len(buf):
+                self._reserve(HEADER.size + length)
                 break
             body = bytes(buf[pos + HEADER.size:end])
-            pos = end
+            pos, completed = end, True
+            self._release()
             if not self._dispatch(body):
                 self._close()
                 return
         del buf[:pos]
+        if not buf:
+            self.frame_started = None
+        elif completed or self.frame_started is None:
+            self.frame_started = self.loop.time()
+        self._update_reading()
+
+    def _reserve(self, size: int) -> None:
+        """A frame larger than one read is read only into memory reserved for it."""
+        if size <= READ_SIZE or self.reserved:
+            return
+        if self.clients.memory.reserve(size):
+            self.reserved = size
+        else:
+            self.wanted = size
+            self.clients.memory.waiting.append(self)
+
+    def _release(self) -> None:
+        if self.reserved:
+            size, self.reserved = self.reserved, 0
+            self.clients.memory.release(size)
+
+    def admitted(self) -> None:
+        """The frame memory this connection waited for is now reserved for it."""
+        self.reserved, self.wanted = self.wanted, 0
+        self.loop.call_soon(self._unblocked)
+
+    def _unblocked(self) -> None:
+        self._run_tasks()
+        if self.reads:
+            self.clients.reads.offer(self)
+        if self.closed or self._blocked():
+            return
+        self.frame_started = None  # the frame timeout counts from here, not from the block
+        self._process()
+
+    def _update_reading(self) -> None:
+        """Pause or resume reading from the socket to match `_blocked`."""
+        want = not self._blocked() and not self.closed
+        if want == self.reading or self.transport is None or self.transport.is_closing():
+            return
+        self.reading = want
+        if want:
+            self.transport.resume_reading()
+        else:
+            self.transport.pause_reading()
+
+    def check_timeouts(self, now: float) -> None:
+        """Close a connection stuck mid-frame, idle, or not reading its replies."""
+        cfg = self.ctx.config
+        if self.write_paused:
+            if now - self.write_paused_at > cfg.idle_timeout and self.transport is not None:
+                log.info("closing the connection of pid %s: replies unread for %s s"
+                         " (idle_timeout)", self.peer.pid if self.peer else "?",
+                         cfg.idle_timeout)
+                self.transport.abort()
+        elif self._blocked():
+            return  # waiting for us, not for the client
+        elif self.frame_started is not None:
+            if now - self.frame_started > cfg.frame_timeout:
+                self._refuse(ErrorCode.BAD_FRAME, f"no whole frame within {cfg.frame_timeout}"
+                             " s (frame_timeout); closing")
+        elif not self.inflight and self.subscriber is None and \
+                now - self.last_active > cfg.idle_timeout:
+            self._refuse(ErrorCode.UNAVAILABLE, f"closing a connection idle for "
+                         f"{cfg.idle_timeout} s (idle_timeout)")
+
+    def _refuse(self, code: ErrorCode, message: str) -> None:
+        """Say why (in an error that names no request), then close."""
+        self._queue(error_reply(None, code, message))
+        self._close()
 
     def _close(self) -> None:
         self.closed = True
         if self.transport is not None:
             self.transport.close()  # flushes what is buffered, then closes
 
+    # --- requests ---
+
     def _dispatch(self, body: bytes) -> bool:
         """Start handling one frame; False when the connection must close."""
         assert self.peer is not None
         req_id: int | None = None
         try:
-            msg = unpack_body(body)
-            if not isinstance(msg, dict):
-                raise RunnerdError(ErrorCode.BAD_FRAME, "a frame must hold a msgpack map")
+            msg = unpack_request(body)
             req_id = msg.get("id") if type(msg.get("id")) is int else None
             req_id, req = decode_request(msg)
+            check_shape(msg, req_id)
             if isinstance(req, Hello):
                 return self._hello(req_id, req)
             if not self.greeted:
                 raise RunnerdError(ErrorCode.BAD_REQUEST, "the first request must be 'hello'")
             if isinstance(req, Subscribe):
                 return self._subscribe(req_id, req)
+            if type(req) in READS:
+                self._count_inflight()
+                self.reads.append((req_id, req))
+                self.clients.reads.offer(self)
+                return True
+            if type(req) in _TASK_HANDLERS:
+                self._count_inflight()
+                self.queued.append((req_id, req))
+                self._run_tasks()
+                return True
             pending = HANDLERS[type(req)](self.ctx, self.peer, req)
+        except LimitExceeded as exc:
+            self._queue(error_reply(exc.req_id, exc.code, exc.message))
+            return True
         except RunnerdError as exc:
             self._queue(error_reply(req_id, exc.code, exc.message))
             return True
@@ -151,9 +422,41 @@ class FrameProtocol(asyncio.Protocol):
             return True
         if not isinstance(pending, asyncio.Future):
             pending = asyncio.ensure_future(pending)
-            self.tasks.add(pending)
-            pending.add_done_callback(self.tasks.discard)
+        self._count_inflight()
         pending.add_done_callback(partial(self._finish, req_id))
+        return True
+
+    def _count_inflight(self) -> None:
+        self.inflight += 1
+        if self.inflight >= self.ctx.config.max_inflight:
+            self.full = True
+
+    def _run_tasks(self) -> None:
+        """Start queued handlers while fewer than TASKS_PER_CONNECTION run, and only while
+        the client reads its replies."""
+        peer = self.peer
+        while peer is not None and self.queued and len(self.tasks) < TASKS_PER_CONNECTION \
+                and not self.closed and not self.write_paused:
+            req_id, req = self.queued.popleft()
+            task = asyncio.ensure_future(HANDLERS[type(req)](self.ctx, peer, req))
+            self.tasks.add(task)
+            task.add_done_callback(self._task_done)
+            task.add_done_callback(partial(self._finish, req_id))
+
+    def _task_done(self, task: asyncio.Future[Any]) -> None:
+        self.tasks.discard(task)
+        self._run_tasks()
+
+    def start_read(self) -> bool:
+        """Start this connection's next read (Reads' turn); False if it may not now."""
+        if self.peer is None or self.closed or self.write_paused or not self.reads:
+            return False
+        req_id, req = self.reads.popleft()
+        task = asyncio.ensure_future(HANDLERS[type(req)](self.ctx, self.peer, req))
+        self.tasks.add(task)
+        task.add_done_callback(self.clients.reads.done)
+        task.add_done_callback(self.tasks.discard)
+        task.add_done_callback(partial(self._finish, req_id))
         return True
 
     def _subscribe(self, req_id: int | None, req: Subscribe) -> bool:
@@ -166,9 +469,8 @@ class FrameProtocol(asyncio.Protocol):
         self.subscriber = Subscriber(self._write, self.transport.get_write_buffer_size,
                                      req.run, req.experiment, req.sweep)
         self._queue(ok_reply(req_id, {"subscribed": True}))
-        task = asyncio.ensure_future(self.ctx.broker.subscribe(self.subscriber, req.since))
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        self.subscription = asyncio.ensure_future(
+            self.ctx.broker.subscribe(self.subscriber, req.since))
         return True
 
     def _hello(self, req_id: int | None, req: Hello) -> bool:
@@ -177,13 +479,21 @@ class FrameProtocol(asyncio.Protocol):
                                     f"daemon speaks protocol {PROTOCOL_VERSION}, not {req.v}"))
             return False
         self.greeted = True
+        cfg = self.ctx.config
         self._queue(ok_reply(req_id, {
             "daemon": f"runnerd/{__version__}", "version": __version__, "v": PROTOCOL_VERSION,
-            "max_frame": self.ctx.config.max_frame, "pid": os.getpid(),
+            "max_frame": cfg.max_frame, "pid": os.getpid(),
+            "limits": {
+                "max_frame": cfg.max_frame, "max_items": MAX_ITEMS, "max_depth": MAX_DEPTH,
+                "max_connections": cfg.max_connections, "max_inflight": cfg.max_inflight,
+                "frame_memory": cfg.frame_memory, "frame_timeout": cfg.frame_timeout,
+                "idle_timeout": cfg.idle_timeout,
+            },
         }))
         return True
 
     def _finish(self, req_id: int | None, future: asyncio.Future[dict[str, Any]]) -> None:
+        self.inflight -= 1
         if future.cancelled():
             return
         exc = future.exception()  # retrieve it even when the client has gone (BUG-3)
@@ -196,6 +506,10 @@ class FrameProtocol(asyncio.Protocol):
         else:
             log.error("request %s failed", req_id, exc_info=exc)
             self._queue(error_reply(req_id, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}"))
+        self.last_active = self.loop.time()
+        if self.full and self.inflight <= self.ctx.config.max_inflight // 2:
+            self.full = False
+            self._unblocked()
 
     def _queue(self, reply: dict[str, Any]) -> None:
         self._write(frame(reply))
@@ -206,14 +520,19 @@ class FrameProtocol(asyncio.Protocol):
 
 
 async def serve_connections(ctx: Context, listening: socket.socket) -> None:
-    """Accept and serve clients on `listening` until cancelled; then drop every connection."""
-    connections: set[FrameProtocol] = set()
+    """Accept and serve clients on `listening` until cancelled; then drop every connection.
+    Meanwhile, close the connections whose time is up."""
+    clients = Clients(ctx)
     loop = asyncio.get_running_loop()
-    server = await loop.create_unix_server(lambda: FrameProtocol(ctx, connections),
-                                           sock=listening)
+    raise_fd_limit(ctx.config.max_connections)
+    server = await loop.create_unix_server(lambda: FrameProtocol(ctx, clients),
+                                           sock=listening, backlog=listen_backlog())
+    interval = min(ctx.config.frame_timeout, ctx.config.idle_timeout) / 4
     try:
-        await asyncio.Future()  # until the caller's scope is cancelled
+        while True:  # until the caller's scope is cancelled
+            await asyncio.sleep(interval)
+            clients.sweep(loop.time())
     finally:
         server.close()
-        for conn in list(connections):
+        for conn in list(clients.connections):
             conn._close()

@@ -18,7 +18,7 @@ import click
 from anyio import CancelScope
 
 from runnerd import __version__, config
-from runnerd.connection import serve_connections
+from runnerd.connection import listen_backlog, serve_connections
 from runnerd.events import Broker
 from runnerd.handlers import Context
 from runnerd.indexer import Indexer
@@ -71,7 +71,7 @@ def bind_socket(path: Path) -> socket.socket:
     finally:
         os.umask(old)
     path.chmod(0o600)
-    sock.listen(4096)
+    sock.listen(listen_backlog())
     sock.setblocking(False)
     return sock
 
