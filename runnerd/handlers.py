@@ -342,7 +342,9 @@ def handle_detach(ctx: Context, peer: Peer, req: Detach) -> Awaitable[Reply]:
 
 
 def handle_heartbeat(ctx: Context, peer: Peer, req: Heartbeat) -> Awaitable[Reply]:
-    """A heartbeat is applied once per `seq`: an older or equal seq is a replay."""
+    """A heartbeat is applied once per `seq`. Seqs skipped by a later one are remembered:
+    one of them arriving late (its write failed on a full disk and it was spooled, say) is
+    counted then; any other older or equal seq is a replay."""
     if req.seq < 1:
         raise _bad("seq must count from 1")
     at = _event_time(req.at)
@@ -351,17 +353,18 @@ def handle_heartbeat(ctx: Context, peer: Peer, req: Heartbeat) -> Awaitable[Repl
         if store.heartbeat_running(req.run_id, req.seq, at):
             return {"state": State.RUNNING.value}
         row = store.require_run(req.run_id)
+        counted = {"heartbeats": row["heartbeats"] + 1,
+                   "last_heartbeat_at": max(at, row["last_heartbeat_at"] or 0.0)}
         if req.seq <= row["heartbeat_seq"]:
+            if store.fill_heartbeat_gap(req.run_id, req.seq):
+                store.update_run(req.run_id, **counted)
             return {"state": row["state"]}
+        store.note_heartbeat_gap(req.run_id, row["heartbeat_seq"], req.seq)
         if inferred_end_after(store, row, at) is not None:  # spooled, from before that end
-            store.update_run(req.run_id, heartbeat_seq=req.seq, heartbeats=row["heartbeats"] + 1,
-                             last_heartbeat_at=max(at, row["last_heartbeat_at"] or 0.0))
+            store.update_run(req.run_id, heartbeat_seq=req.seq, **counted)
             return {"state": row["state"]}
-        state = transition(
-            store, row, Event.HEARTBEAT, at, peer.source, heartbeat_seq=req.seq,
-            heartbeats=row["heartbeats"] + 1,
-            last_heartbeat_at=max(at, row["last_heartbeat_at"] or 0.0),
-        )
+        state = transition(store, row, Event.HEARTBEAT, at, peer.source,
+                           heartbeat_seq=req.seq, **counted)
         return {"state": state.value}
 
     return ctx.registry.submit(op)

@@ -19,7 +19,7 @@ from runnerd.registry import Store
 from runnerd.states import Event, end_with_failure, failure_record
 from runnerd.watchdog import Watchdog, next_due
 from runnerd_client import paths, procinfo
-from runnerd_client.protocol import Artifact, FailReason, RunnerdError
+from runnerd_client.protocol import Artifact, ErrorCode, FailReason, RunnerdError
 from runnerd_client.spool import claim_orphans, parse, read_header
 
 log = logging.getLogger(__name__)
@@ -82,6 +82,8 @@ def _spool_peer(header: dict[str, Any]) -> Peer:
 
 async def replay_spool(ctx: Context, data: bytes) -> int:
     """Apply a dead client's spooled events in order, as that client; return how many.
+    Raises `unavailable` if the registry could not store one (disk full, say): the spool
+    must then be kept, and replayed again (idempotently) later.
 
     Every event is queued before any is committed, so nothing the daemon does in
     reaction to the first commit (a dead pid noticed) can come between them. Artifacts,
@@ -102,11 +104,17 @@ async def replay_spool(ctx: Context, data: bytes) -> int:
             queued.append(HANDLERS[type(req)](ctx, peer, req))
         except RunnerdError as exc:
             log.warning("spooled %s refused: %s", req.op, exc)
+    unstored: RunnerdError | None = None
     for pending in queued:
         try:
             await pending
         except RunnerdError as exc:
-            log.warning("spooled event refused: %s", exc)
+            if exc.code == ErrorCode.UNAVAILABLE:
+                unstored = exc
+            else:
+                log.warning("spooled event refused: %s", exc)
+    if unstored is not None:
+        raise unstored
     return len(reqs)
 
 
@@ -144,7 +152,11 @@ async def replay_orphan_spools(ctx: Context, pid: int | None = None) -> None:
     for path, fd in claim_orphans(spool_folders(ctx), pid):
         with os.fdopen(os.dup(fd), "rb") as fh:
             data = fh.read()
-        count = await replay_spool(ctx, data)
+        try:
+            count = await replay_spool(ctx, data)
+        except RunnerdError as exc:
+            log.warning("keeping %s to replay later: %s", path.name, exc)
+            continue
         path.unlink()
         log.info("replayed %d events from %s", count, path.name)
 

@@ -191,7 +191,18 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE run_pids ADD COLUMN boot_id TEXT;
     ALTER TABLE idempotency ADD COLUMN digest TEXT;
     """,
+    # 6: heartbeat seqs a later seq skipped, counted if they arrive late (not replays).
+    """
+    CREATE TABLE heartbeat_gaps (
+        run_id TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        PRIMARY KEY (run_id, seq)
+    ) WITHOUT ROWID;
+    """,
 )
+MAX_GAP = 10_000
+"""The most skipped heartbeat seqs remembered per jump (a client never skips one: a gap is
+events delivered out of order, a few at most)."""
 
 RUN_COLUMNS = (
     "run_id", "experiment", "variation", "attempt", "state", "params", "tags", "cwd",
@@ -293,9 +304,21 @@ class Store:
         cur = self.conn.execute(
             "UPDATE runs SET heartbeat_seq = ?, heartbeats = heartbeats + 1,"
             " last_heartbeat_at = max(coalesce(last_heartbeat_at, 0), ?)"
-            " WHERE run_id = ? AND state = 'running' AND heartbeat_seq < ?",
-            (seq, at, run_id, seq),
+            " WHERE run_id = ? AND state = 'running' AND heartbeat_seq = ?",
+            (seq, at, run_id, seq - 1),
         )
+        return cur.rowcount == 1
+
+    def note_heartbeat_gap(self, run_id: str, last: int, seq: int) -> None:
+        """Remember the seqs between `last` and `seq` (a jump), to count them if they come."""
+        self.conn.executemany(
+            "INSERT OR IGNORE INTO heartbeat_gaps (run_id, seq) VALUES (?, ?)",
+            [(run_id, n) for n in range(max(last + 1, seq - MAX_GAP), seq)])
+
+    def fill_heartbeat_gap(self, run_id: str, seq: int) -> bool:
+        """True if `seq` was skipped and has now come (once)."""
+        cur = self.conn.execute("DELETE FROM heartbeat_gaps WHERE run_id = ? AND seq = ?",
+                                (run_id, seq))
         return cur.rowcount == 1
 
     def require_run(self, run_id: str) -> dict[str, Any]:
@@ -677,7 +700,7 @@ class Store:
         if not dry_run:
             for table in ("transitions", "events", "failures", "artifacts", "checkpoints",
                           "run_pids", "crash_files", "idempotency", "resources", "run_labels",
-                          "runs"):
+                          "heartbeat_gaps", "runs"):
                 self.conn.executemany(f"DELETE FROM {table} WHERE run_id = ?",
                                       [(run_id,) for run_id in run_ids])
         return run_ids

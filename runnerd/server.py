@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import socket
@@ -25,13 +26,19 @@ from runnerd.indexer import Indexer
 from runnerd.maintenance import prune_periodically
 from runnerd.metadata import MetadataWriter
 from runnerd.processes import ProcessWatcher
-from runnerd.reconciler import recover, spool_replayer, sweep_orphan_spools
+from runnerd.reconciler import (
+    hash_spooled_artifacts,
+    recover,
+    spool_replayer,
+    sweep_orphan_spools,
+)
 from runnerd.registry import Registry
 from runnerd.resources import Sampler
 from runnerd.sweeps import ManifestWriter
 from runnerd.systemd import Notifier, listen_socket
 from runnerd.watchdog import Watchdog
-from runnerd_client.protocol import RunnerdError
+from runnerd_client import trust
+from runnerd_client.protocol import Artifact, RunnerdError
 
 log = logging.getLogger(__name__)
 STATUS_INTERVAL = 30.0
@@ -41,15 +48,22 @@ class StartupError(Exception):
     """The daemon cannot start; the message says why."""
 
 
+def private_folder(folder: Path, what: str) -> None:
+    """Make `folder` (0700) if it is missing; refuse one another user made or can change:
+    a planted folder would let them read the registry, forge spools or serve as runnerd."""
+    try:
+        trust.private_dir(folder)
+    except trust.UntrustedPath as exc:
+        raise StartupError(f"refusing the {what} folder {exc}; remove it, or choose a folder"
+                           " of your own that only you can write to") from None
+
+
 def prepare_socket_dir(path: Path) -> None:
-    """Make the socket's folder private (0700) and refuse to replace a live daemon's socket."""
-    folder = path.parent
-    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-    info = folder.stat()
-    if info.st_uid != os.getuid():
-        raise StartupError(f"{folder} belongs to uid {info.st_uid}, not to us")
-    if stat.S_IMODE(info.st_mode) != 0o700:
-        folder.chmod(0o700)
+    """Make the socket's folder private and refuse to replace a live daemon's socket."""
+    private_folder(path.parent, "socket")
+    info = path.parent.lstat()
+    if not stat.S_ISLNK(info.st_mode) and stat.S_IMODE(info.st_mode) != 0o700:
+        path.parent.chmod(0o700)
     if path.exists() or path.is_symlink():
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -103,6 +117,7 @@ async def serve(cfg: config.Config) -> None:
     activated = listen_socket()
     if activated is None:
         prepare_socket_dir(cfg.socket)
+    private_folder(cfg.db.parent, "registry")
     registry = Registry(cfg.db, synchronous=cfg.synchronous, max_batch=cfg.max_batch,
                         busy_timeout_ms=int(cfg.busy_timeout * 1000))
     await registry.open()
@@ -140,6 +155,9 @@ async def _serve_until_signal(ctx: Context, sock: socket.socket, watchdog: Watch
     registry = ctx.registry
     async with anyio.create_task_group() as outer:
         outer.start_soon(registry.run_writer)
+        send, receive = anyio.create_memory_object_stream[Artifact](math.inf)
+        ctx.spooled_artifacts = send
+        outer.start_soon(hash_spooled_artifacts, ctx, receive)
         await recover(ctx, watchdog, watcher)
         registry.subscribers.append(watcher.on_commit)  # recovery judged the pids it replayed
         await ctx.indexer.load()

@@ -11,15 +11,9 @@ from chaos import FAULTS, Plan, run_chaos
 
 SMALL = Plan(clients=4, runs=2, beats=10, daemon_kills=2, client_kills=2, stops=1, freezes=1,
              ack_wait=1.0, seed=7)
-DISK_FULL_BUG = (
-    "a dead client's spool replayed while the registry's disk is full is deleted although "
-    "its events were refused `unavailable` (runnerd/reconciler.py replay_orphan_spools "
-    "unlinks it whatever replay_spool met): its acknowledged spooled events are lost")
 
 
-@pytest.mark.parametrize("fault", [
-    pytest.param(f, marks=pytest.mark.xfail(strict=True, reason=DISK_FULL_BUG))
-    if f == "disk_full" else f for f in FAULTS])
+@pytest.mark.parametrize("fault", FAULTS)
 def test_a_fault_loses_nothing(short_tmp: Path, fault: str) -> None:
     report = run_chaos(short_tmp, SMALL, (fault,))
     result = report.fault(fault)

@@ -479,3 +479,20 @@ def test_nothing_is_sent_before_the_daemon_is_known_to_be_ours(short_tmp: Path) 
     with pytest.raises(TimeoutError):
         server.accept()
     server.close()
+
+
+def test_a_heartbeat_arriving_after_a_later_one_counts_once(daemon: Daemon) -> None:
+    """A heartbeat whose write failed (full disk) is spooled and arrives after later ones:
+    it counts, and a replay of any of them does not."""
+    from runnerd_client.connection import Connection
+    from runnerd_client.ids import new_key, new_run_id
+    from runnerd_client.protocol import Create, Heartbeat, Start
+
+    conn = Connection(daemon.socket)
+    run_id = new_run_id()
+    conn.call(Create(key=new_key(), run_id=run_id, experiment="gaps"))
+    conn.call(Start(key=new_key(), run_id=run_id))
+    for seq in (1, 4, 2, 3, 3, 4, 1, 5):
+        conn.call(Heartbeat(run_id=run_id, seq=seq))
+    conn.close()
+    assert daemon.ctl_json("show", run_id)["heartbeats"] == 5

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -34,9 +35,12 @@ def db_path() -> Path:
 def spool_dirs(db: Path | None = None, socket: Path | None = None) -> list[Path]:
     """Where clients keep events the daemon has not acknowledged, in order of preference:
     beside the registry; if that disk refuses them (full, say), beside the socket (the
-    runtime dir, usually in memory); then the temp dir. The daemon replays all three."""
-    folders = [(db or db_path()).parent / "spool", (socket or socket_path()).parent / "spool",
-               Path(tempfile.gettempdir()) / f"runnerd-spool-{os.getuid()}"]
+    runtime dir, usually in memory); then the temp dir (a folder per daemon socket there, so
+    that several daemons of one user replay only their own). The daemon replays all three."""
+    socket = socket or socket_path()
+    daemon = hashlib.sha256(os.fsencode(os.path.abspath(socket))).hexdigest()[:16]
+    folders = [(db or db_path()).parent / "spool", socket.parent / "spool",
+               Path(tempfile.gettempdir()) / f"runnerd-spool-{os.getuid()}" / daemon]
     return list(dict.fromkeys(folders))
 
 

@@ -17,6 +17,7 @@ events, an empty spool of its own): the parent's socket and spool stay the paren
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import itertools
 import logging
 import os
@@ -46,7 +47,7 @@ def _seconds_from_env(name: str, default: float) -> float:
 
 
 log = logging.getLogger("runnerd_client")
-ACK_WAIT = _seconds_from_env("RUNNERD_ACK_WAIT", 2.0)
+ACK_WAIT = _seconds_from_env("RUNNERD_ACK_WAIT", 1.0)
 """How long the daemon may stay silent with events unacknowledged before they are spooled;
 also the longest a call waiting for its answer waits (twice, at worst, with the spool)."""
 MAX_PENDING = 50_000
@@ -57,6 +58,9 @@ FIRST_BACKOFF, MAX_BACKOFF = 0.05, 5.0
 EXIT_WAIT = 1.0
 """At exit: how long unacknowledged events may wait for their ack, and then how long the
 spool may try to reach the daemon, before the process is let go (the spool stays)."""
+EXIT_HELLO = 0.25
+"""At exit, how long a new connection may wait for the daemon's hello: a daemon that is up
+answers in milliseconds, and a frozen one must not hold the exit up (its spool stays)."""
 
 Reply = dict[str, Any]
 
@@ -116,7 +120,10 @@ class Reporter:
 
     def emit(self, req: Request) -> Future[Reply]:
         """Queue an event; the future holds the daemon's reply, or SPOOLED once it is safe
-        on disk. Never blocks on the daemon."""
+        on disk. Never blocks on the daemon. An event without a time gets the time it was
+        emitted: replayed from a spool later, it must not look newer than it is."""
+        if getattr(req, "at", 0.0) is None:
+            req = dataclasses.replace(req, at=time.time())  # type: ignore[call-arg]
         return self._submit(_Entry(req, Future()))
 
     def ask(self, req: Request, timeout: float = ACK_WAIT) -> Reply | None:
@@ -181,18 +188,20 @@ class Reporter:
         except TimeoutError:
             return None
 
-    def drain(self, timeout: float, *, patient: bool = True) -> bool:
+    def drain(self, timeout: float, *, patient: bool = True,
+              hello_wait: float = ACK_WAIT) -> bool:
         """Try, until `timeout`, to have every event acknowledged (those still unanswered at
         the end are spooled) and to deliver the spool; True when nothing is left undelivered.
 
-        An impatient drain gives up as soon as the daemon cannot be reached.
+        An impatient drain gives up as soon as the daemon cannot be reached, or does not
+        answer a new connection within `hello_wait`.
         """
         deadline = time.monotonic() + timeout
         self._settle(deadline)
         delay = FIRST_BACKOFF
         while self._spooling and time.monotonic() < deadline:
             try:
-                conn = self._connect(min(ACK_WAIT, max(0.1, deadline - time.monotonic())))
+                conn = self._connect(min(hello_wait, max(0.1, deadline - time.monotonic())))
             except DaemonUnavailable:
                 if not patient:
                     break
@@ -407,7 +416,7 @@ class Reporter:
         if os.getpid() != self._pid:
             return
         self._settle(time.monotonic() + EXIT_WAIT)
-        if self._spooling and not self.drain(EXIT_WAIT, patient=False):
+        if self._spooling and not self.drain(EXIT_WAIT, patient=False, hello_wait=EXIT_HELLO):
             log.warning("runnerd still away; it will replay %s when it finds it",
                         self._spool.path)
 

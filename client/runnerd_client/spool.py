@@ -117,13 +117,15 @@ class Spool:
 
     def sync(self) -> None:
         """Flush every segment written since the last sync to its disk."""
-        with self._lock:
-            dirty, self._dirty = self._dirty, set()
-            for fd in dirty:
-                try:
-                    os.fdatasync(fd)
-                except OSError as exc:
-                    log.error("cannot flush the spool to disk: %s", exc)
+        with self._lock:  # copies of the descriptors: appends go on while the disk works
+            dirty, self._dirty = [os.dup(fd) for fd in self._dirty], set()
+        for fd in dirty:
+            try:
+                os.fdatasync(fd)
+            except OSError as exc:
+                log.error("cannot flush the spool to disk: %s", exc)
+            finally:
+                os.close(fd)
 
     def start(self) -> Cursor:
         """A cursor at the first spooled event."""
