@@ -558,7 +558,11 @@ def _sha256(fh: io.FileIO, size: int, path: str, timeout: float) -> str:
 
 
 async def handle_artifact(ctx: Context, peer: Peer, req: Artifact) -> Reply:
-    """Hash the file on the hashing threads, then record it."""
+    return await hash_and_record(ctx, req)
+
+
+async def hash_and_record(ctx: Context, req: Artifact) -> Reply:
+    """Hash the file on the hashing threads (bounded, timed out), then record it."""
     digest = await asyncio.get_running_loop().run_in_executor(
         _hashing, file_digest, req.path, ctx.config.artifact_timeout)
     return await record_artifact(ctx, req, digest)

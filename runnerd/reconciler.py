@@ -13,7 +13,7 @@ from typing import Any
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream
 
-from runnerd.handlers import HANDLERS, Context, Peer, file_digest, record_artifact
+from runnerd.handlers import HANDLERS, Context, Peer, hash_and_record
 from runnerd.processes import ProcessWatcher, exit_failure, is_alive
 from runnerd.registry import Store
 from runnerd.states import Event, end_with_failure, failure_record
@@ -127,8 +127,7 @@ async def _hash_later(ctx: Context, req: Artifact) -> None:
 
 async def _record_spooled_artifact(ctx: Context, req: Artifact) -> None:
     try:
-        digest = await anyio.to_thread.run_sync(file_digest, req.path)
-        await record_artifact(ctx, req, digest)
+        await hash_and_record(ctx, req)
     except RunnerdError as exc:
         log.warning("spooled artifact refused: %s", exc)
 
