@@ -659,7 +659,10 @@ async def handle_watch(ctx: Context, peer: Peer, req: Watch) -> Reply:
     folder = _folder(req.path)
     if not os.path.isdir(folder):
         raise _bad(f"{folder} is not a directory")
-    return (await ctx.indexer.add(folder)).as_reply()
+    try:
+        return (await ctx.indexer.add(folder)).as_reply()
+    except OSError as exc:  # refused (/proc, another user's, anyone may write to it)
+        raise RunnerdError(ErrorCode.FORBIDDEN, str(exc)) from None
 
 
 async def handle_unwatch(ctx: Context, peer: Peer, req: Unwatch) -> Reply:

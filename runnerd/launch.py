@@ -10,6 +10,7 @@ to the run and heartbeats for it, forwards SIGINT/SIGTERM to the group, enforces
 from __future__ import annotations
 
 import ctypes
+import errno
 import json
 import os
 import re
@@ -24,14 +25,17 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any
 
+from runnerd.controls import escape_controls
 from runnerd.resources import cgroup_dir, cgroup_peak, gib, oom_kills
 from runnerd_client.protocol import FailReason, RunnerdError
 from runnerd_client.run import RUN_ID_ENV, Cell, Client, Run, backoff_delay, worth_retrying
+from runnerd_client.trust import UntrustedPath, create_file, open_folder
 
 KILL_AFTER = 5.0
 CHECKPOINT_ENV = "RUNNERD_CHECKPOINT"
 CHECKPOINT_DATA_ENV = "RUNNERD_CHECKPOINT_DATA"
 TAIL = 64 * 1024
+LOGS = ("stdout.log", "stderr.log")
 _EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)\b.*$", re.M)
 
 
@@ -166,19 +170,45 @@ def _die_with_parent() -> None:
 class Tee(threading.Thread):
     """Copy a child's output to a log file, and to the terminal if given, as it comes."""
 
-    def __init__(self, source: IO[bytes], terminal: IO[bytes] | None, log_path: Path) -> None:
+    def __init__(self, source: IO[bytes], terminal: IO[bytes] | None, log: IO[bytes],
+                 log_path: Path) -> None:
         super().__init__(daemon=True)
-        self.source, self.terminal, self.log_path = source, terminal, log_path
+        self.source, self.terminal, self.log, self.log_path = source, terminal, log, log_path
         self.tail = b""
+        self.size = 0
 
     def run(self) -> None:
-        with open(self.log_path, "wb") as log:
-            while chunk := os.read(self.source.fileno(), 1 << 16):
-                log.write(chunk)
-                if self.terminal is not None:
-                    self.terminal.write(chunk)
-                    self.terminal.flush()
-                self.tail = (self.tail + chunk)[-TAIL:]
+        while chunk := os.read(self.source.fileno(), 1 << 16):
+            self.log.write(chunk)
+            self.size += len(chunk)
+            if self.terminal is not None:
+                self.terminal.write(chunk)
+                self.terminal.flush()
+            self.tail = (self.tail + chunk)[-TAIL:]
+        self.log.flush()
+
+
+def open_logs(run_dir: Path) -> tuple[IO[bytes], IO[bytes]]:
+    """stdout.log and stderr.log in the run's folder, emptied. Opened O_NOFOLLOW in the
+    folder opened once: a symlink planted at either name is refused, never written
+    through, and so is a folder anyone may write to (UntrustedPath, an OSError)."""
+    files: list[IO[bytes]] = []
+    try:
+        with open_folder(run_dir, create=True) as dir_fd:
+            for name in LOGS:
+                try:
+                    fd = create_file(dir_fd, name, exclusive=False, append=True)
+                except OSError as exc:
+                    if exc.errno == errno.ELOOP:
+                        raise UntrustedPath(run_dir / name, "it is a symlink") from None
+                    raise
+                files.append(os.fdopen(fd, "ab"))
+                os.ftruncate(fd, 0)  # only once it is known to be a file of ours
+    except BaseException:
+        for fh in files:
+            fh.close()
+        raise
+    return files[0], files[1]
 
 
 class CgroupError(Exception):
@@ -308,10 +338,16 @@ def run_once(client: Client, launch: Launch, how: Attempt) -> Outcome:
                      run_dir=launch.run_dir, retry_of=how.retry_of, launch=asdict(launch),
                      heartbeat_interval=30.0, resume=launch.resume, cell=how.cell)
     run.start(wait=False).start_heartbeats()
-    run.run_dir.mkdir(parents=True, exist_ok=True)
     try:
-        with memory_cgroup(f"runnerd-{run.run_id}", launch.memory) as cgroup:
-            return _run_in(run, launch, cgroup, how)
+        logs = open_logs(run.run_dir)
+    except OSError as exc:
+        run.stop_heartbeats().fail(FailReason.CRASH, f"cannot write its logs: {exc}",
+                                   failure_class=type(exc).__name__, exit_code=126)
+        print(f"runnerctl: {escape_controls(str(exc))}", file=sys.stderr)
+        return Outcome(run, 126, False, False)
+    try:
+        with logs[0], logs[1], memory_cgroup(f"runnerd-{run.run_id}", launch.memory) as cgroup:
+            return _run_in(run, launch, cgroup, how, logs)
     except CgroupError as exc:
         run.stop_heartbeats().fail(FailReason.CRASH, f"--memory: {exc}",
                                    failure_class="CgroupError", exit_code=126)
@@ -329,8 +365,8 @@ def _environment(run: Run, launch: Launch) -> dict[str, str]:
     return env
 
 
-def _run_in(run: Run, launch: Launch, cgroup: Path | None,
-            how: Attempt) -> Outcome:
+def _run_in(run: Run, launch: Launch, cgroup: Path | None, how: Attempt,
+            logs: tuple[IO[bytes], IO[bytes]]) -> Outcome:
     command = launch.command if cgroup is None else [
         "sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', str(cgroup), *launch.command]
     oom_before = oom_kills(cgroup or cgroup_dir("self"))
@@ -346,10 +382,10 @@ def _run_in(run: Run, launch: Launch, cgroup: Path | None,
                                    failure_class=type(exc).__name__, exit_code=127)
         return Outcome(run, 127, False, False)
     assert proc.stdout is not None and proc.stderr is not None
-    tees = [Tee(proc.stdout, sys.stdout.buffer if how.echo else None,
-                run.run_dir / "stdout.log"),
-            Tee(proc.stderr, sys.stderr.buffer if how.echo else None,
-                run.run_dir / "stderr.log")]
+    tees = [Tee(proc.stdout, sys.stdout.buffer if how.echo else None, logs[0],
+                run.run_dir / LOGS[0]),
+            Tee(proc.stderr, sys.stderr.buffer if how.echo else None, logs[1],
+                run.run_dir / LOGS[1])]
     for tee in tees:
         tee.start()
     timed_out = wait(proc, launch.timeout)
@@ -358,7 +394,7 @@ def _run_in(run: Run, launch: Launch, cgroup: Path | None,
         tee.join()
     run.stop_heartbeats()
     for tee in tees:
-        if tee.log_path.stat().st_size:  # an empty log is no product of the run
+        if tee.size:  # an empty log is no product of the run
             run.artifact(tee.log_path)
     rc = proc.returncode
     record_end(run, rc, timed_out=timed_out, stopped=stopped, timeout=launch.timeout,

@@ -4,32 +4,22 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
-from pathlib import Path
+import time
 from typing import Any
 
 from runnerd.registry import BatchResult
+from runnerd_client.trust import write_atomically
 
 log = logging.getLogger(__name__)
+RETRY_FIRST, RETRY_MAX = 0.5, 10.0
 
 
 def write_metadata(run_dir: str, doc: dict[str, Any]) -> None:
-    """Replace run_dir/metadata.json atomically: a reader sees the old or the new file."""
-    folder = Path(run_dir)
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".metadata.json.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(doc, indent=2) + "\n")
-    os.replace(tmp, folder / "metadata.json")
-
-
-def _write_all(docs: list[tuple[str, dict[str, Any]]]) -> None:
-    for run_dir, doc in docs:
-        try:
-            write_metadata(run_dir, doc)
-        except OSError as exc:
-            log.warning("could not write metadata.json for run %s in %s: %s",
-                        doc["run_id"], run_dir, exc)
+    """Replace run_dir/metadata.json atomically: a reader sees the old or the new file. The
+    temporary file is made O_EXCL and O_NOFOLLOW in the folder opened once, so a symlink
+    planted there is never written through; a folder anyone may write to is refused."""
+    write_atomically(run_dir, "metadata.json", (json.dumps(doc, indent=2) + "\n").encode())
 
 
 class MetadataWriter:
@@ -37,11 +27,15 @@ class MetadataWriter:
 
     Pending documents are kept per run folder, newest wins: when commits outpace the
     disk, a run's successive states collapse into one write of its latest state, and
-    the backlog is bounded by the number of runs, not by the number of commits.
+    the backlog is bounded by the number of runs, not by the number of commits. A write
+    that fails (a full disk, a folder refused) is tried again, with a growing pause, until
+    it lands or a newer document replaces it; it is warned about once.
     """
 
     def __init__(self) -> None:
         self._pending: dict[str, dict[str, Any]] = {}
+        self._failed: dict[str, dict[str, Any]] = {}
+        self._pause = RETRY_FIRST
         self._ready = threading.Condition()
         self._closing = False
         self._thread = threading.Thread(target=self._run, name="runnerd-metadata", daemon=True)
@@ -56,15 +50,37 @@ class MetadataWriter:
     def _run(self) -> None:
         while True:
             with self._ready:
+                retry_at = time.monotonic() + self._pause
                 while not self._pending and not self._closing:
-                    self._ready.wait()
-                if not self._pending:
-                    return
-                docs, self._pending = list(self._pending.items()), {}
-            _write_all(docs)
+                    timeout = retry_at - time.monotonic() if self._failed else None
+                    if timeout is not None and timeout <= 0:
+                        break
+                    self._ready.wait(timeout)
+                closing = self._closing
+                docs, self._pending = {**self._failed, **self._pending}, {}
+            self._write_all(docs)
+            if closing:
+                return
+
+    def _write_all(self, docs: dict[str, dict[str, Any]]) -> None:
+        failed = {}
+        for run_dir, doc in docs.items():
+            try:
+                write_metadata(run_dir, doc)
+            except OSError as exc:
+                if run_dir not in self._failed:
+                    log.warning("could not write metadata.json for run %s in %s: %s; will "
+                                "try again", doc["run_id"], run_dir, exc)
+                failed[run_dir] = doc
+                continue
+            if run_dir in self._failed:
+                log.info("wrote metadata.json for run %s in %s after all", doc["run_id"],
+                         run_dir)
+        self._failed = failed
+        self._pause = min(self._pause * 2, RETRY_MAX) if failed else RETRY_FIRST
 
     def close(self) -> None:
-        """Finish the writes already handed over."""
+        """Finish the writes already handed over (one try each for those that failed)."""
         with self._ready:
             self._closing = True
             self._ready.notify()

@@ -20,6 +20,7 @@ from anyio import CancelScope
 
 from runnerd import __version__, config
 from runnerd.connection import listen_backlog, serve_connections
+from runnerd.controls import EscapeControls
 from runnerd.events import Broker
 from runnerd.handlers import Context
 from runnerd.indexer import Indexer
@@ -199,8 +200,10 @@ async def resume_interrupted(ctx: Context) -> None:
 
 
 def setup_logging(level: str) -> None:
-    """Under systemd, `<N>` priority prefixes and no timestamps (journald adds its own)."""
+    """Under systemd, `<N>` priority prefixes and no timestamps (journald adds its own).
+    Every record is one line: a path or a value with a newline or ESC cannot forge one."""
     handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(EscapeControls())
     if "JOURNAL_STREAM" in os.environ or "INVOCATION_ID" in os.environ:
         handler.setFormatter(JournalFormatter("%(name)s: %(message)s"))
     else:

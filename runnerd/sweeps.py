@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import time
 from functools import partial
 from pathlib import Path
@@ -21,6 +20,7 @@ import anyio
 from runnerd.processes import is_alive
 from runnerd.registry import BatchResult, Registry, Store, iso
 from runnerd_client.protocol import SweepStatus
+from runnerd_client.trust import write_atomically
 
 log = logging.getLogger(__name__)
 DEBOUNCE = 0.2
@@ -66,12 +66,8 @@ def encode(head: dict[str, Any], cells: list[dict[str, Any]]) -> str:
 
 
 def write_manifest(folder: str, text: str) -> None:
-    """Replace folder/manifest.json atomically."""
-    path = Path(folder)
-    path.mkdir(parents=True, exist_ok=True)
-    tmp = path / f".manifest.json.{os.getpid()}.tmp"
-    tmp.write_text(text)
-    os.replace(tmp, path / "manifest.json")
+    """Replace folder/manifest.json atomically, never through a symlink planted there."""
+    write_atomically(folder, "manifest.json", text.encode())
 
 
 class ManifestWriter:

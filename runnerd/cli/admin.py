@@ -16,6 +16,8 @@ from runnerd.cli.common import (
     json_option,
     parse_duration,
     request,
+    say,
+    shown,
 )
 from runnerd_client.protocol import (
     Prune,
@@ -34,10 +36,10 @@ def watch(ctx: click.Context, directory: str) -> None:
     with Progress(f"scanning {directory}"):
         body = request(ctx, Watch(path=directory))
     for warning in body["warnings"]:
-        click.echo(f"warning: {warning}", err=True)
-    click.echo(f"watching {directory}: {body['imported']} run(s) imported, "
-               f"{body['indexed']} crash file(s) indexed, {body['known']} already known, "
-               f"{len(body['warnings'])} warning(s)")
+        say(f"warning: {shown(warning)}", err=True)
+    say(f"watching {directory}: {body['imported']} run(s) imported, "
+        f"{body['indexed']} crash file(s) indexed, {body['known']} already known, "
+        f"{len(body['warnings'])} warning(s)")
 
 
 @cli.command()
@@ -46,7 +48,7 @@ def watch(ctx: click.Context, directory: str) -> None:
 def unwatch(ctx: click.Context, directory: str) -> None:
     """Stop indexing DIRECTORY (what was imported stays)."""
     request(ctx, Unwatch(path=directory))
-    click.echo(f"no longer watching {directory}")
+    say(f"no longer watching {directory}")
 
 
 
@@ -71,7 +73,7 @@ def backup(ctx: click.Context, target: Path) -> None:
     except (sqlite3.Error, OSError) as exc:
         partial.unlink(missing_ok=True)
         fail(f"backup failed: {exc}", EXIT_ERROR)
-    click.echo(f"backed up {runs} runs to {target} ({target.stat().st_size / 1e6:.1f} MB)")
+    say(f"backed up {runs} runs to {target} ({target.stat().st_size / 1e6:.1f} MB)")
 
 
 @cli.command()
@@ -91,7 +93,7 @@ def prune(ctx: click.Context, older_than: float, states: tuple[str, ...], dry_ru
     if as_json:
         emit_json({k: body[k] for k in ("count", "run_ids", "dry_run")})
     else:
-        click.echo(f"{'would prune' if dry_run else 'pruned'} {body['count']} run(s)")
+        say(f"{'would prune' if dry_run else 'pruned'} {body['count']} run(s)")
 
 
 @cli.group()
@@ -106,14 +108,14 @@ def service_install(no_enable: bool) -> None:
     from runnerd import service as svc
 
     for path in svc.install(svc.unit_dir()):
-        click.echo(f"wrote {path}")
+        say(f"wrote {path}")
     commands = "\n".join("  " + " ".join(cmd) for cmd in svc.ENABLE)
     if no_enable or not svc.user_systemd():
-        click.echo(f"to enable it:\n{commands}")
+        say(f"to enable it:\n{commands}")
     elif not svc.run_all(svc.ENABLE):
         fail(f"systemctl failed; to enable it by hand:\n{commands}", EXIT_ERROR)
     else:
-        click.echo("enabled and started runnerd.socket")
+        say("enabled and started runnerd.socket")
 
 
 @service.command("uninstall")
@@ -124,7 +126,7 @@ def service_uninstall() -> None:
     if svc.user_systemd():
         svc.run_all(svc.DISABLE)
     removed = svc.uninstall(svc.unit_dir())
-    click.echo("\n".join(f"removed {p}" for p in removed) or "no units were installed")
+    say("\n".join(f"removed {p}" for p in removed) or "no units were installed")
 
 
 @service.command("status")
@@ -134,11 +136,11 @@ def service_status() -> None:
 
     for name in svc.UNITS:
         path = svc.unit_dir() / name
-        click.echo(f"{name}: {'installed at ' + str(path) if path.exists() else 'not installed'}")
+        say(f"{name}: {'installed at ' + str(path) if path.exists() else 'not installed'}")
     if svc.user_systemd():
         svc.run_all((["systemctl", "--user", "--no-pager", "status", "runnerd.socket",
                       "runnerd.service"],))
     else:
-        click.echo("no systemd user manager here")
+        say("no systemd user manager here")
 
 

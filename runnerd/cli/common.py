@@ -15,6 +15,7 @@ from typing import Any, NoReturn, TypeVar
 
 import click
 
+from runnerd.controls import escape_controls
 from runnerd_client.connection import Connection, DaemonUnavailable
 from runnerd_client.protocol import (
     ErrorCode,
@@ -90,8 +91,21 @@ def retry_options(fn: F) -> F:
     return fn
 
 
+def shown(value: Any) -> str:
+    """One value in a line of human output (a name, a message, a path, from the registry or
+    a file): every control character escaped, a newline too, so that it can neither forge
+    a line nor drive the terminal."""
+    return escape_controls(str(value))
+
+
+def say(text: str, *, err: bool = False, nl: bool = True) -> None:
+    """Print human output: control characters escaped but the layout's own newlines and
+    tabs, whatever a value in `text` holds (JSON output goes through `emit_json`)."""
+    click.echo(escape_controls(text, keep="\n\t"), err=err, nl=nl)
+
+
 def fail(message: str, code: int) -> NoReturn:
-    click.echo(f"runnerctl: {message}", err=True)
+    say(f"runnerctl: {message}", err=True)
     sys.exit(code)
 
 
@@ -124,7 +138,7 @@ class Progress:
         if self.shown:
             count = f" {done:,}" if done is not None else ""
             elapsed = time.monotonic() - self.started
-            click.echo(f"\r{self.label}{count} ({elapsed:.0f} s)", nl=False, err=True)
+            click.echo(f"\r{shown(self.label)}{count} ({elapsed:.0f} s)", nl=False, err=True)
 
     def __enter__(self) -> Progress:
         if self.shown:
@@ -177,7 +191,8 @@ def runtime(run: dict[str, Any]) -> str:
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    cells = [[str(c) for c in headers], *[[str(c) for c in row] for row in rows]]
+    """Aligned columns; each cell `shown` (a newline in a value cannot break a row)."""
+    cells = [[str(c) for c in headers], *[[shown(c) for c in row] for row in rows]]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
     return "\n".join(
         "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells

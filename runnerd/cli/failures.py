@@ -20,6 +20,8 @@ from runnerd.cli.common import (
     local_time,
     parse_duration,
     request,
+    say,
+    shown,
     span,
     table,
 )
@@ -52,11 +54,11 @@ def failures(ctx: click.Context, group_by: str | None, since: float | None,
     if as_json:
         emit_json(rows)
     elif not rows:
-        click.echo("no failures")
+        say("no failures")
     elif group_by:
-        click.echo(groups_table(group_by, rows))
+        say(groups_table(group_by, rows))
     else:
-        click.echo(failures_table(rows, hosts=many))
+        say(failures_table(rows, hosts=many))
 
 
 def failures_table(records: Sequence[dict[str, Any]], hosts: bool = False) -> str:
@@ -96,13 +98,13 @@ def diagnose(ctx: click.Context, run: str | None, latest: bool, experiment: str 
         emit_json({"failures": len(records), "findings": found})
         return
     if not records:
-        click.echo("no failures")
+        say("no failures")
     for f in found:
         flag = "retryable" if f["retryable"] else "not retryable"
-        click.echo(f"{f['count']} x {f['category']} ({flag}): {f['pattern']}")
-        click.echo(f"    e.g. {failure_summary({'failure': f['example']})}")
-        click.echo(f"    runs: {' '.join(f['run_ids'])}")
-        click.echo(f"    suggestion: {f['suggestion']}")
+        say(f"{f['count']} x {f['category']} ({flag}): {shown(f['pattern'])}")
+        say(f"    e.g. {shown(failure_summary({'failure': f['example']}))}")
+        say(f"    runs: {shown(' '.join(f['run_ids']))}")
+        say(f"    suggestion: {shown(f['suggestion'])}")
 
 
 
@@ -130,21 +132,21 @@ def report(ctx: click.Context, since: float, experiment: str | None, html_path: 
         return
     counts = ", ".join(f"{n} {state}" for state, n in sorted(body["counts"].items()))
     window_start = local_time(datetime.fromtimestamp(start, UTC).isoformat())
-    click.echo(f"{body['runs']} run(s) since {window_start}: {counts or 'none'}")
+    say(f"{body['runs']} run(s) since {window_start}: {counts or 'none'}")
     if body["failure_groups"]:
-        click.echo("\nFailures by signature")
-        click.echo(table(("COUNT", "CATEGORY", "RETRY", "FAILURE", "SUGGESTION"), [
+        say("\nFailures by signature")
+        say(table(("COUNT", "CATEGORY", "RETRY", "FAILURE", "SUGGESTION"), [
             (g["count"], g["category"], "yes" if g["retryable"] else "no",
              failure_summary({"failure": g}), g["suggestion"])
             for g in body["failure_groups"]]))
-    click.echo("\nLongest runs")
-    click.echo(table(("RUN", "EXPERIMENT", "STATE", "RUNTIME"), [
+    say("\nLongest runs")
+    say(table(("RUN", "EXPERIMENT", "STATE", "RUNTIME"), [
         (r["run_id"], r["experiment"], r["state"], span(r["runtime_sec"]))
         for r in body["longest"]]))
     if body["running"]:
-        click.echo(f"\nStill running: {' '.join(body['running'])}")
+        say(f"\nStill running: {' '.join(body['running'])}")
     if html_path is not None:
-        click.echo(f"\nwrote {html_path}")
+        say(f"\nwrote {html_path}")
 
 
 def export_line(what: str, item: dict[str, Any]) -> dict[str, Any]:

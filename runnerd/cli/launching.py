@@ -17,6 +17,7 @@ from runnerd.cli.common import (
     parse_size,
     request,
     retry_options,
+    say,
 )
 from runnerd_client.ids import new_key
 from runnerd_client.protocol import (
@@ -96,7 +97,7 @@ def cancel(ctx: click.Context, run: str, signame: str | None) -> None:
     run_id = request(ctx, Get(run=run))["run"]["run_id"]
     body = request(ctx, Cancel(key=new_key(), run_id=run_id, signal=signame))
     signalled = body.get("signalled") or []
-    click.echo(f"{run_id}: {body['state']}" + (
+    say(f"{run_id}: {body['state']}" + (
         f"; sent SIG{signame} to {', '.join(map(str, signalled)) or 'no live process'}"
         if signame else ""))
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from runnerd.cli.common import EXIT_ERROR, EXIT_NO_RUN, EXIT_UNREACHABLE, fail
+from runnerd.cli.common import EXIT_ERROR, EXIT_NO_RUN, EXIT_UNREACHABLE, fail, say, shown
 from runnerd.cli.merge import (
     Item,
     failures_of_runs,
@@ -75,7 +75,7 @@ def ask_each(ctx: click.Context, req: Request) -> list[Answer]:
 def warn_unreachable(answers: list[Answer]) -> None:
     for answer in answers:
         if isinstance(answer.error, DaemonUnavailable):
-            click.echo(f"runnerctl: warning: {answer.error.message}; left out", err=True)
+            say(f"runnerctl: warning: {answer.error.message}; left out", err=True)
 
 
 def gather(ctx: click.Context, req: Request) -> list[tuple[str, dict[str, Any]]]:
@@ -108,11 +108,11 @@ def read_exports(folder: Path) -> tuple[list[Item], list[Item]]:
             with path.open(encoding="utf-8", errors="replace") as lines:
                 got_runs, got_records, warnings = parse_export(str(path), lines)
         except OSError as exc:
-            click.echo(f"runnerctl: warning: cannot read {path}: {exc.strerror}; skipped",
-                       err=True)
+            say(f"runnerctl: warning: cannot read {shown(path)}: {exc.strerror}; skipped",
+                err=True)
             continue
         for warning in warnings:
-            click.echo(f"runnerctl: warning: {warning}", err=True)
+            say(f"runnerctl: warning: {shown(warning)}", err=True)
         runs += got_runs
         records += got_records
     return runs, records

@@ -28,6 +28,8 @@ from runnerd.cli.common import (
     request,
     runs_table,
     runtime,
+    say,
+    shown,
     span,
     subscribed,
     table,
@@ -66,7 +68,7 @@ def status(ctx: click.Context, as_json: bool, watch: bool, interval: float) -> N
     if as_json:
         emit_json(body)
     else:
-        click.echo(render_status(body))
+        say(render_status(body))
 
 
 def render_status(body: dict[str, Any]) -> str:
@@ -103,9 +105,9 @@ def status_many(ctx: click.Context, as_json: bool) -> None:
         for a in answers:
             text = render_status(a.body) if a.body is not None else \
                 f"unreachable: {a.error.message if a.error else ''}"
-            click.echo(f"== {a.daemon} ==\n{text}\n")
-        click.echo(f"All daemons ({len(answered)} of {len(answers)} answered): "
-                   f"{counts_line(counts)}")
+            say(f"== {shown(a.daemon)} ==\n{text}\n")
+        say(f"All daemons ({len(answered)} of {len(answers)} answered): "
+            f"{counts_line(counts)}")
     if not answered:
         sys.exit(EXIT_UNREACHABLE if all(a.unreachable for a in answers) else EXIT_ERROR)
 
@@ -116,7 +118,8 @@ def watch_status(ctx: click.Context, interval: float) -> None:
     try:
         while True:
             drawn = time.monotonic()
-            click.echo("\033[H\033[2J" + render_status(request(ctx, Status())), nl=True)
+            click.echo("\033[H\033[2J", nl=False)
+            say(render_status(request(ctx, Status())))
             events.next_event(timeout=30.0)
             time.sleep(max(0.0, interval - (time.monotonic() - drawn)))
             while events.next_event(timeout=0) is not None:
@@ -168,14 +171,16 @@ def follow(ctx: click.Context, run: str | None, experiment: str | None, sweep: s
         try:
             while (event := events.next_event()) is not None:
                 if event["event"] == "lagged":
-                    click.echo(f"runnerctl: lagged, {event['dropped']} events dropped; "
-                               "catching up", err=True)
+                    say(f"runnerctl: lagged, {event['dropped']} events dropped; "
+                        "catching up", err=True)
                     last = event["seq"]
                     break
                 last = event["seq"]
-                click.echo(json.dumps(event, sort_keys=True) if as_json else
-                           f"{local_time(event['at'])} {event['run_id']} {event['experiment']}: "
-                           f"{describe(event)}")
+                if as_json:
+                    click.echo(json.dumps(event, sort_keys=True))
+                else:
+                    say(f"{local_time(event['at'])} {event['run_id']} "
+                        f"{shown(event['experiment'])}: {shown(describe(event))}")
                 if run_id and event["event"] == "transition" and State(event["to"]).terminal:
                     sys.exit(run_exit_status(ctx, run_id))
         except DaemonUnavailable:
@@ -204,9 +209,9 @@ def list_runs(ctx: click.Context, state: str | None, experiment: str | None,
     if as_json:
         emit_json(runs)
     elif runs:
-        click.echo(runs_table(runs, hosts=many))
+        say(runs_table(runs, hosts=many))
     else:
-        click.echo("no runs")
+        say("no runs")
 
 
 def _resources(run: dict[str, Any]) -> str:
@@ -234,34 +239,34 @@ def _show_human(run: dict[str, Any]) -> None:
         ("resources", _resources),
     ]
     for name, get in fields:
-        click.echo(f"{name:<12} {get(run)}")
-    click.echo("\nTransitions")
-    click.echo(table(("WHEN", "FROM", "TO", "CAUSE", "SOURCE"), [
+        say(f"{name:<12} {shown(get(run))}")
+    say("\nTransitions")
+    say(table(("WHEN", "FROM", "TO", "CAUSE", "SOURCE"), [
         (local_time(t["at"]), t["from"] or "-", t["to"], t["cause"], t["source"])
         for t in run["transitions"]]))
     if run["artifacts"]:
-        click.echo("\nArtifacts")
-        click.echo(table(("PATH", "SIZE", "SHA256"), [
+        say("\nArtifacts")
+        say(table(("PATH", "SIZE", "SHA256"), [
             (a["path"], a["size"], a["sha256"][:16]) for a in run["artifacts"]]))
     if run["checkpoints"]:
-        click.echo("\nCheckpoints")
-        click.echo(table(("SEQ", "WHEN", "DATA", "PATH"), [
+        say("\nCheckpoints")
+        say(table(("SEQ", "WHEN", "DATA", "PATH"), [
             (c["seq"], local_time(c["at"]), json.dumps(c["data"]), c["path"] or "-")
             for c in run["checkpoints"]]))
     for warning in (run.get("resources") or {}).get("warnings", []):
-        click.echo(f"\nwarning ({local_time(warning['at'])}): {warning['message']}")
+        say(f"\nwarning ({local_time(warning['at'])}): {shown(warning['message'])}")
     if run.get("crash_files"):
-        click.echo("\nCrash files")
-        click.echo(table(("PATH", "KIND", "SIZE"), [
+        say("\nCrash files")
+        say(table(("PATH", "KIND", "SIZE"), [
             (f["path"], f["kind"], f["size"]) for f in run["crash_files"]]))
     failure = run.get("failure")
     if failure:
-        click.echo(f"\nFailure: {failure['failure_class']} ({failure['reason']}), "
-                   f"signature {failure['signature']}")
+        say(f"\nFailure: {shown(failure['failure_class'])} ({failure['reason']}), "
+            f"signature {failure['signature']}")
         if failure["message"]:
-            click.echo(failure["message"])
+            say(shown(failure["message"]))
         if failure.get("traceback"):
-            click.echo("\n" + failure["traceback"].rstrip())
+            say("\n" + failure["traceback"].rstrip())
 
 
 @cli.command()
@@ -275,7 +280,7 @@ def show(ctx: click.Context, run: str, as_json: bool) -> None:
         emit_json(obj)
         return
     if "daemon" in obj:
-        click.echo(f"{'daemon':<12} {obj['daemon']}")
+        say(f"{'daemon':<12} {shown(obj['daemon'])}")
     _show_human(obj)
 
 

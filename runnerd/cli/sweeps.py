@@ -28,6 +28,8 @@ from runnerd.cli.common import (
     parse_value,
     request,
     retry_options,
+    say,
+    shown,
     table,
 )
 from runnerd_client.cells import SpecError, differences, expand, placeholders
@@ -250,8 +252,8 @@ def sweep_replicate(ctx: click.Context, sweep_ref: str, failed_only: bool,
     conn.close()
     code = drive(ctx, turn, planned, summary=False)
     rows, differ = replication_table(turn.results)
-    click.echo(table(("CELL", "VARIATION", "RECORDED", "NOW", "SAME", "RUN"), rows))
-    click.echo(f"{len(rows) - differ} of {len(rows)} cell(s) ended as recorded")
+    say(table(("CELL", "VARIATION", "RECORDED", "NOW", "SAME", "RUN"), rows))
+    say(f"{len(rows) - differ} of {len(rows)} cell(s) ended as recorded")
     sys.exit(1 if differ else code if turn.interrupted else 0)
 
 
@@ -274,25 +276,25 @@ def on_dask(address: str, stored: dict[str, Any],
                            resume=resume,
                            executor=DaskClient(address))  # type: ignore[no-untyped-call]
     options.executor.register_plugin(RunnerdWorkerPlugin(experiment=stored["experiment"]))
-    click.echo(f"sweep {stored['sweep_id']}: {len(planned)} cell(s) of"
-               f" {stored['experiment']} on the Dask cluster at {address}")
+    say(f"sweep {stored['sweep_id']}: {len(planned)} cell(s) of"
+        f" {shown(stored['experiment'])} on the Dask cluster at {address}")
     cell = CommandCell(tuple(spec["command"]), spec["cwd"], spec.get("timeout"))
     try:
         result = drive_cells(options, planned, cell)
     except CommandFailed as exc:
-        click.echo(f"fail_fast: {exc.failure_class}: {exc}", err=True)
+        say(f"fail_fast: {exc.failure_class}: {exc}", err=True)
         if exc.traceback:
-            click.echo(exc.traceback.rstrip(), err=True)
+            say(exc.traceback.rstrip(), err=True)
         return 1
     finally:
         options.executor.close()
     for outcome in result.outcomes:
-        click.echo(f"cell {outcome.index} {outcome.variation}: {outcome.state}"
-                   f" run {outcome.run_id or '-'}" + (f" ({outcome.error})"
-                                                      if outcome.error else ""))
+        say(f"cell {outcome.index} {shown(outcome.variation)}: {outcome.state}"
+            f" run {outcome.run_id or '-'}" + (f" ({outcome.error})"
+                                               if outcome.error else ""))
     counts = result.summary
-    click.echo(f"sweep {result.sweep_id} {result.status}: {counts_text(counts)};"
-               f" manifest {result.manifest}")
+    say(f"sweep {result.sweep_id} {result.status}: {counts_text(counts)};"
+        f" manifest {result.manifest}")
     return 0 if all(o.state in ("succeeded", "taken") for o in result.outcomes) else 1
 
 
@@ -344,9 +346,11 @@ def drive(ctx: click.Context, turn: Turn, planned: list[Planned], summary: bool 
     tty = sys.stderr.isatty()
     out = threading.Lock()
 
-    def say(text: str) -> None:
+    def tell(text: str) -> None:
         with out:
-            click.echo(("\r\033[K" if tty else "") + text)
+            if tty:
+                click.echo("\r\033[K", nl=False)
+            say(text)
 
     def progress(driver: Driver) -> None:
         if tty:
@@ -354,10 +358,10 @@ def drive(ctx: click.Context, turn: Turn, planned: list[Planned], summary: bool 
                 click.echo(f"\r{progress_line(driver)}\033[K", nl=False, err=True)
 
     sweep_id = turn.sweep["sweep_id"]
-    click.echo(f"sweep {sweep_id}: {len(planned)} cell(s) of {turn.sweep['experiment']},"
-               f" {turn.jobs} at once, {turn.policy}")
+    tell(f"sweep {sweep_id}: {len(planned)} cell(s) of {shown(turn.sweep['experiment'])},"
+         f" {turn.jobs} at once, {turn.policy}")
     client = Client(ctx.obj["socket"])
-    driver = Driver(client, turn, say)
+    driver = Driver(client, turn, tell)
     with stopping_on_signals(driver):
         driver.run(planned, progress)
     if tty:
@@ -375,8 +379,8 @@ def drive(ctx: click.Context, turn: Turn, planned: list[Planned], summary: bool 
         print_summary(turn)
     stored = conn.call(SweepGet(sweep=sweep_id))["sweep"]
     counts = stored["cells_summary"]
-    click.echo(f"sweep {sweep_id} {stored['status']}: {counts_text(counts)};"
-               f" manifest {ended.get('manifest') or stored['manifest']}")
+    say(f"sweep {sweep_id} {stored['status']}: {counts_text(counts)};"
+        f" manifest {ended.get('manifest') or stored['manifest']}")
     if turn.first_failure is not None:
         print_first_failure(turn.first_failure)
     if turn.interrupted is not None:
@@ -388,24 +392,24 @@ def print_summary(turn: Turn) -> None:
     from runnerd.driver import failure_text
 
     results = sorted(turn.results, key=lambda r: r.cell.index)
-    shown = results if len(results) <= 50 else [r for r in results if r.state != "succeeded"]
-    if shown:
-        click.echo(table(("CELL", "VARIATION", "STATE", "ATT", "RUN", "FAILURE"), [
+    listed = results if len(results) <= 50 else [r for r in results if r.state != "succeeded"]
+    if listed:
+        say(table(("CELL", "VARIATION", "STATE", "ATT", "RUN", "FAILURE"), [
             (r.cell.index, (r.run or {}).get("variation", "-"), r.state,
              (r.run or {}).get("attempt", "-"), (r.run or {}).get("run_id", "-"),
-             "" if r.state == "succeeded" else failure_text(r)) for r in shown]))
-    if len(shown) < len(results):
-        click.echo(f"({len(results) - len(shown)} more cell(s) succeeded)")
+             "" if r.state == "succeeded" else failure_text(r)) for r in listed]))
+    if len(listed) < len(results):
+        say(f"({len(results) - len(listed)} more cell(s) succeeded)")
 
 
 def print_first_failure(result: Result) -> None:
     from runnerd.driver import failure_text, stderr_text
 
-    click.echo(f"\nfail_fast: stopped at cell {result.cell.index}"
-               f" ({json.dumps(result.cell.params)}): {failure_text(result)}", err=True)
+    say(f"\nfail_fast: stopped at cell {result.cell.index}"
+        f" ({json.dumps(result.cell.params)}): {failure_text(result)}", err=True)
     text = stderr_text(result).rstrip()
     if text:
-        click.echo(text, err=True)
+        say(text, err=True)
 
 
 @sweep.command("list")
@@ -419,10 +423,10 @@ def sweep_list(ctx: click.Context, limit: int, as_json: bool) -> None:
         emit_json(sweeps)
         return
     if not sweeps:
-        click.echo("no sweeps")
+        say("no sweeps")
         return
-    click.echo(table(("SWEEP", "EXPERIMENT", "STATUS", "POLICY", "CELLS", "OK", "FAILED",
-                      "ABANDONED", "SKIPPED", "RUNNING", "CREATED"), [
+    say(table(("SWEEP", "EXPERIMENT", "STATUS", "POLICY", "CELLS", "OK", "FAILED",
+               "ABANDONED", "SKIPPED", "RUNNING", "CREATED"), [
         (s["sweep_id"], s["experiment"], s["status"], s["failure_policy"],
          s["cells_summary"]["total"], s["cells_summary"]["succeeded"],
          s["cells_summary"]["failed"], s["cells_summary"]["abandoned"],
@@ -448,10 +452,10 @@ def sweep_show(ctx: click.Context, sweep_ref: str, as_json: bool) -> None:
     counts = stored["cells_summary"]
     spec = stored["spec"]
     what = " ".join(spec["command"]) if "command" in spec else spec.get("function", "?")
-    click.echo(f"sweep {stored['sweep_id']} of {stored['experiment']}: {stored['status']},"
-               f" {stored['failure_policy']}\nruns     {what}"
-               f"\nmanifest {stored['manifest']}\ncells    {counts_text(counts)}")
-    click.echo(table(("CELL", "VARIATION", "STATE", "ATTEMPTS", "RUN", "FAILURE"), [
+    say(f"sweep {stored['sweep_id']} of {shown(stored['experiment'])}: {stored['status']},"
+        f" {stored['failure_policy']}\nruns     {what}"
+        f"\nmanifest {stored['manifest']}\ncells    {counts_text(counts)}")
+    say(table(("CELL", "VARIATION", "STATE", "ATTEMPTS", "RUN", "FAILURE"), [
         (c["index"], c["variation"], c["state"], c["attempts"], c["run_id"] or "-",
          f"{c['failure']['failure_class']}: {c['failure']['message']}" if c["failure"]
          else "") for c in all_cells]))
@@ -477,13 +481,13 @@ def resume(ctx: click.Context, interrupted: bool, dry_run: bool, as_json: bool) 
                    "not_launched": [r["run_id"] for r in others]})
         return
     for r in others:
-        click.echo(f"{r['run_id']} {r['experiment']}/{r['variation']}: interrupted, but not"
-                   " launched by runnerctl; rerun it yourself (with resume=True)")
+        say(f"{r['run_id']} {shown(r['experiment'])}/{shown(r['variation'])}: interrupted, but not"
+            " launched by runnerctl; rerun it yourself (with resume=True)")
     for r in launched:
-        click.echo(f"{r['run_id']} {r['experiment']}/{r['variation']}: relaunch"
-                   f" {' '.join(r['launch']['command'])}")
+        say(f"{r['run_id']} {shown(r['experiment'])}/{shown(r['variation'])}: relaunch"
+            f" {' '.join(r['launch']['command'])}")
     for sweep_id in sweeps:
-        click.echo(f"sweep {sweep_id}: resume its unfinished cells")
+        say(f"sweep {sweep_id}: resume its unfinished cells")
     if dry_run:
         return
     codes = relaunch(ctx, launched)
@@ -508,11 +512,11 @@ def relaunch(ctx: click.Context, runs: list[dict[str, Any]]) -> list[int]:
             outcome = run_with_retries(client, launch, Retries(),
                                        Attempt(launcher, echo=False, retry_of=run["run_id"]))
         except RunnerdError as exc:
-            click.echo(f"{run['run_id']}: not relaunched: {exc}")
+            say(f"{run['run_id']}: not relaunched: {exc}")
             codes.append(1)
             return
         state = "succeeded" if outcome.succeeded else "failed"
-        click.echo(f"{run['run_id']} -> {outcome.run.run_id}: {state}")
+        say(f"{run['run_id']} -> {outcome.run.run_id}: {state}")
         codes.append(outcome.exit_code)
 
     threads = [threading.Thread(target=one, args=(run,)) for run in runs]
