@@ -73,7 +73,7 @@ def test_corrupt_registry_is_a_clear_error_and_is_not_overwritten(short_tmp: Pat
     result = subprocess.run([sys.executable, "-m", "runnerd"], env=d.env, capture_output=True,
                             text=True, timeout=30)
     assert result.returncode == 1
-    assert "cannot open registry" in result.stderr
+    assert f"the registry {d.db} is damaged" in result.stderr
     assert d.db.read_bytes() == garbage
 
 
