@@ -118,6 +118,16 @@ class Daemon:
     def ctl_json(self, *args: str) -> Any:
         return json.loads(self.ctl(*args, "--json").stdout)
 
+    def run_if_known(self, run_id: str) -> Any:
+        """The run as `show --json` gives it, or None while the daemon has not heard of it
+        (its events may still be in a spool the daemon has yet to replay)."""
+        result = self.ctl("show", run_id, "--json", check=False)
+        if result.returncode == 4 and "no run matches" in result.stderr:
+            return None
+        if result.returncode != 0:
+            pytest.fail(f"runnerctl show {run_id} exited {result.returncode}: {result.stderr}")
+        return json.loads(result.stdout)
+
     def python(self, code: str, *args: str, **kwargs: Any) -> subprocess.Popen[str]:
         """Start a client process running `code` (from a script file, as a user would)."""
         script = self.root / f"script_{hashlib.sha1(code.encode()).hexdigest()[:12]}.py"

@@ -73,7 +73,7 @@ def test_a_frozen_then_killed_daemon_loses_no_event_and_blocks_nothing(
     finally:
         daemon.stop(signal.SIGKILL)
     daemon.start()
-    run = wait_for(lambda: (r := daemon.ctl_json("show", run_id))["state"] == "succeeded"
+    run = wait_for(lambda: (r := daemon.run_if_known(run_id)) and r["state"] == "succeeded"
                    and r, what="the spooled end to land")
     assert run["heartbeats"] == 1000
     assert [c["data"] for c in run["checkpoints"]] == [{"step": 1}]
@@ -142,7 +142,7 @@ def test_a_forked_child_never_acts_for_the_parents_run(daemon: Daemon) -> None:
     assert proc.returncode == 1 and "ValueError" in err, err
     run_id, child = out.splitlines()
     assert child == "child: forbidden"
-    run = wait_for(lambda: (r := daemon.ctl_json("show", run_id))["state"] != "running"
+    run = wait_for(lambda: (r := daemon.run_if_known(run_id)) and r["state"] != "running"
                    and r, what="the run to end")
     assert run["state"] == "failed_crash"
     assert run["failure"]["failure_class"] == "ValueError"
@@ -183,7 +183,7 @@ def test_a_child_forked_while_spooling_leaves_the_parents_spool_alone(
         say(proc)  # both read the same pipe: one line each
         _, err = proc.communicate(timeout=60)
         assert proc.returncode == 0, err
-        run = wait_for(lambda: (r := daemon.ctl_json("show", run_id))["state"] == "succeeded"
+        run = wait_for(lambda: (r := daemon.run_if_known(run_id)) and r["state"] == "succeeded"
                        and r, timeout=30, what="the parent's run to land whole")
         assert run["heartbeats"] == 100
         assert [c["data"] for c in run["checkpoints"]] == [{"step": 100}]
@@ -207,7 +207,7 @@ def test_the_spool_moves_to_the_runtime_dir_when_the_registry_disk_is_full(
             assert proc.returncode == 0, err
             assert list((daemon.socket.parent / "spool").glob("*.spool"))
             filler.unlink()
-            run = wait_for(lambda: (r := daemon.ctl_json("show", run_id))["state"]
+            run = wait_for(lambda: (r := daemon.run_if_known(run_id)) and r["state"]
                            == "succeeded" and r, timeout=60, what="the spool to land")
             assert run["heartbeats"] == 20
             assert [c["data"] for c in run["checkpoints"]] == [{"step": 1}]
@@ -250,7 +250,7 @@ def test_an_end_spooled_before_the_client_died_wins_over_the_start_up_verdict(
     daemon.start()
     assert daemon.ctl_json("show", run_id)["state"] == "failed_crash"
     say(holder)
-    run = wait_for(lambda: (r := daemon.ctl_json("show", run_id))["state"] == "succeeded"
+    run = wait_for(lambda: (r := daemon.run_if_known(run_id)) and r["state"] == "succeeded"
                    and r, what="the spooled succeed to win")
     assert run["heartbeats"] == 3
     assert run["failure"] is None
@@ -307,7 +307,7 @@ def test_a_big_spooled_artifact_holds_up_no_start(
         first = daemon.ctl_json("show", out.strip())
         assert first["state"] == "succeeded"
         assert first["artifacts"] == []
-        run = wait_for(lambda: (r := daemon.ctl_json("show", out.strip()))["artifacts"] and r,
+        run = wait_for(lambda: (r := daemon.run_if_known(out.strip())) and r["artifacts"] and r,
                        timeout=120, what="the artifact to be hashed")
         assert [a["size"] for a in run["artifacts"]] == [3 << 30]
     finally:
