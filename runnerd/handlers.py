@@ -750,6 +750,8 @@ async def handle_sweep_end(ctx: Context, peer: Peer, req: SweepEnd) -> Reply:
         skipped = store.skip_unattempted(req.sweep_id) if req.skip else 0
         store.update_sweep(req.sweep_id, status=req.status, ended_at=at, driver_pid=None,
                            driver_start=None)
+        store.log_sweep_event(req.sweep_id, "sweep_ended", at, {  # for hooks and follow
+            "status": req.status, "skipped": skipped, "cells": store.cells_summary(req.sweep_id)})
         return {"sweep_id": req.sweep_id, "skipped": skipped, "ended": True}
 
     reply = await _mutate(ctx, req, apply)

@@ -387,23 +387,40 @@ class Store:
             "from": None, "to": State.PENDING.value, "cause": "create", "source": source})
 
     def log_event(self, run_id: str, kind: str, at: float, data: dict[str, Any]) -> None:
-        """Append to the event log whose seq `subscribe` streams and resumes from."""
-        seq, experiment, sweep_id = self.conn.execute(
+        """Append to the event log whose seq `subscribe` streams and resumes from; the event
+        carries its run's experiment, variation and tags (hooks and consumers filter on them)."""
+        run = self.conn.execute("SELECT experiment, sweep_id, variation, tags FROM runs"
+                                " WHERE run_id = ?", (run_id,)).fetchone()
+        experiment, sweep_id, variation, tags = run or (None, None, None, None)
+        self._append_event(run_id, experiment, sweep_id, kind, at, data, variation, tags)
+
+    def log_sweep_event(self, sweep_id: str, kind: str, at: float, data: dict[str, Any]) -> None:
+        """A sweep's own event (its end) in the same log; it names no run (run_id '')."""
+        experiment = self.require_sweep(sweep_id)["experiment"]
+        self._append_event("", experiment, sweep_id, kind, at, data, None, None)
+
+    def _append_event(self, run_id: str, experiment: str | None, sweep_id: str | None,
+                      kind: str, at: float, data: dict[str, Any], variation: str | None,
+                      tags: str | None) -> None:
+        (seq,) = self.conn.execute(
             "INSERT INTO events (run_id, experiment, sweep_id, kind, at, data)"
-            " SELECT q.id, r.experiment, r.sweep_id, ?, ?, ?"
-            " FROM (SELECT ? AS id) q LEFT JOIN runs r ON r.run_id = q.id"
-            " RETURNING seq, experiment, sweep_id", (kind, at, json.dumps(data), run_id),
+            " VALUES (?, ?, ?, ?, ?, ?) RETURNING seq",
+            (run_id, experiment, sweep_id, kind, at, json.dumps(data)),
         ).fetchone()
-        self.effects.events.append(_event(seq, run_id, experiment, sweep_id, kind, at, data))
+        self.effects.events.append(
+            _event(seq, run_id, experiment, sweep_id, kind, at, data, variation, tags))
 
     def events_after(self, seq: int, run_id: str | None, experiment: str | None,
                      sweep_id: str | None, limit: int) -> list[dict[str, Any]]:
-        where, args = _where(("seq > ?", seq), ("run_id = ?", run_id),
-                             ("experiment = ?", experiment), ("sweep_id = ?", sweep_id))
+        """Logged events after `seq`, with their run's variation and tags joined in."""
+        where, args = _where(("e.seq > ?", seq), ("e.run_id = ?", run_id),
+                             ("e.experiment = ?", experiment), ("e.sweep_id = ?", sweep_id))
         rows = self.conn.execute(
-            f"SELECT seq, run_id, experiment, sweep_id, kind, at, data FROM events {where}"
-            " ORDER BY seq LIMIT ?", (*args, limit)).fetchall()
-        return [_event(r[0], r[1], r[2], r[3], r[4], r[5], json.loads(r[6])) for r in rows]
+            "SELECT e.seq, e.run_id, e.experiment, e.sweep_id, e.kind, e.at, e.data,"
+            f" r.variation, r.tags FROM events e LEFT JOIN runs r ON r.run_id = e.run_id {where}"
+            " ORDER BY e.seq LIMIT ?", (*args, limit)).fetchall()
+        return [_event(r[0], r[1], r[2], r[3], r[4], r[5], json.loads(r[6]), r[7], r[8])
+                for r in rows]
 
     def last_event(self) -> int:
         return int(self.conn.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0])
@@ -898,9 +915,11 @@ class Store:
 
 
 def _event(seq: int, run_id: str, experiment: str | None, sweep_id: str | None, kind: str,
-           at: float, data: dict[str, Any]) -> dict[str, Any]:
-    """An event as subscribers receive it."""
-    return {"event": kind, "seq": seq, "run_id": run_id, "experiment": experiment,
+           at: float, data: dict[str, Any], variation: str | None,
+           tags: str | None) -> dict[str, Any]:
+    """An event as subscribers receive it (a sweep's own event has no run: run_id None)."""
+    return {"event": kind, "seq": seq, "run_id": run_id or None, "experiment": experiment,
+            "variation": variation, "tags": json.loads(tags) if tags else {},
             "sweep_id": sweep_id, "at": iso(at), **data}
 
 

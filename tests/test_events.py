@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -125,3 +126,90 @@ def test_follow_of_a_succeeded_run_exits_0(daemon: Daemon) -> None:
                     "true"], env=daemon.env, check=True, capture_output=True, timeout=60)
     run_id = daemon.ctl_json("list", "--experiment", "fine")[0]["run_id"]
     assert daemon.ctl("follow", run_id).returncode == 0
+
+
+TAGGED = textwrap.dedent("""
+    import runnerd_client as rd
+    with rd.run("tagged", variation="lr=0.1", tags={"team": "vision"}) as run:
+        print(run.run_id, flush=True)
+""")
+
+
+def test_events_carry_the_runs_tags_experiment_and_variation(daemon: Daemon) -> None:
+    live = Connection(daemon.socket)
+    live.call(Subscribe())
+    proc = daemon.python(TAGGED)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    run_id = out.strip()
+    seen = collect(live, lambda ev: transitions(ev)[-1:] == ["succeeded"])
+    live.close()
+    replay = Connection(daemon.socket)
+    replay.call(Subscribe(run=run_id, since=0))
+    replayed = collect(replay, lambda ev: transitions(ev)[-1:] == ["succeeded"])
+    replay.close()
+    for events in (seen, replayed):
+        assert transitions(events) == ["pending", "running", "succeeded"]
+        for event in events:
+            assert (event["run_id"], event["experiment"], event["variation"],
+                    event["tags"]) == (run_id, "tagged", "lr=0.1", {"team": "vision"})
+
+
+def test_the_end_of_a_sweep_is_an_event(daemon: Daemon) -> None:
+    result = daemon.ctl("sweep", "run", "--experiment", "swept", "--grid", "x=1,2",
+                        "--failure-policy", "continue_on_failure", "--", "sh", "-c",
+                        "exit $(( {x} - 1 ))", check=False)
+    assert result.returncode == 1, result.stderr
+    sweep_id = daemon.ctl_json("sweep", "list")[0]["sweep_id"]
+    conn = Connection(daemon.socket)
+    conn.call(Subscribe(sweep=sweep_id, since=0))
+    events = collect(conn, lambda ev: ev[-1]["event"] == "sweep_ended")
+    conn.close()
+    ended = events[-1]
+    assert (ended["run_id"], ended["sweep_id"], ended["experiment"]) == (None, sweep_id,
+                                                                         "swept")
+    assert ended["status"] == "failed"
+    assert (ended["cells"]["succeeded"], ended["cells"]["failed"]) == (1, 1)
+
+
+def follow_lines(daemon: Daemon, *args: str, count: int) -> list[str]:
+    """The first `count` lines `runnerctl follow ARGS` prints (it is stopped then)."""
+    proc = subprocess.Popen([sys.executable, "-m", "runnerd.cli", "follow", *args],
+                            env=daemon.env, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    try:
+        return [proc.stdout.readline() for _ in range(count)]
+    finally:
+        proc.kill()
+        proc.communicate(timeout=30)
+
+
+def test_follow_since_replays_from_that_seq_then_streams_one_json_event_per_line(
+        daemon: Daemon) -> None:
+    for n in range(3):
+        daemon.ctl("exec", "--experiment", "resumed", "--variation", f"v{n}", "--", "true")
+    everything = [json.loads(line) for line in follow_lines(daemon, "--since", "0", "--json",
+                                                            count=6)]
+    assert [e["seq"] for e in everything] == sorted(e["seq"] for e in everything)
+    middle = everything[3]["seq"]
+    proc = subprocess.Popen([sys.executable, "-m", "runnerd.cli", "follow", "--since",
+                             str(middle), "--experiment", "resumed", "--json"],
+                            env=daemon.env, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    try:
+        first = json.loads(proc.stdout.readline())
+        assert first == everything[3]
+        later = daemon.python(TAGGED)
+        later.communicate(timeout=60)
+        daemon.ctl("exec", "--experiment", "resumed", "--variation", "late", "--", "true")
+        while (event := json.loads(proc.stdout.readline()))["variation"] != "late":
+            assert event["experiment"] == "resumed" and event["seq"] > middle
+    finally:
+        proc.kill()
+        proc.communicate(timeout=30)
+    assert event["tags"] == {} and event["event"] == "transition" and event["to"] == "pending"
+
+
+def test_follow_since_refuses_a_negative_seq(daemon: Daemon) -> None:
+    result = daemon.ctl("follow", "--since", "-1", check=False)
+    assert result.returncode == 2 and "--since" in result.stderr

@@ -141,6 +141,8 @@ def describe(event: dict[str, Any]) -> str:
             f" {event['path']}" if event["path"] else "")
     if kind == "failure":
         return f"failure {event['failure_class']}: {event['message']} [{event['category']}]"
+    if kind == "sweep_ended":
+        return f"sweep ended {event['status']}"
     return str(kind)
 
 
@@ -157,15 +159,21 @@ def run_exit_status(ctx: click.Context, run_id: str) -> int:
 @click.argument("run", required=False)
 @click.option("--experiment", help="Follow every run of this experiment.")
 @click.option("--sweep", help="Follow every run of this sweep, from its start.")
+@click.option("--since", "since_seq", type=click.IntRange(min=0), metavar="SEQ",
+              help="Replay the events from this seq on, then stream (resume a consumer: "
+                   "the last seq it handled + 1).")
 @json_option
 @click.pass_context
 def follow(ctx: click.Context, run: str | None, experiment: str | None, sweep: str | None,
-           as_json: bool) -> None:
+           since_seq: int | None, as_json: bool) -> None:
     """Print events as they happen. With RUN: from its start, until it ends, and exit with
-    its outcome (0 succeeded, else the command's exit code or 1)."""
+    its outcome (0 succeeded, else the command's exit code or 1). --json: one event per
+    line, each with its seq."""
     run_id = request(ctx, Get(run=run))["run"]["run_id"] if run else None
     sweep_id = request(ctx, SweepGet(sweep=sweep))["sweep"]["sweep_id"] if sweep else None
     last = 0 if run_id or sweep_id else None
+    if since_seq is not None:
+        last = max(since_seq - 1, 0)
     while True:
         events = subscribed(ctx, run=run_id, experiment=experiment, sweep=sweep_id, since=last)
         try:
@@ -179,7 +187,7 @@ def follow(ctx: click.Context, run: str | None, experiment: str | None, sweep: s
                 if as_json:
                     click.echo(json.dumps(event, sort_keys=True))
                 else:
-                    say(f"{local_time(event['at'])} {event['run_id']} "
+                    say(f"{local_time(event['at'])} {event['run_id'] or event['sweep_id']} "
                         f"{shown(event['experiment'])}: {shown(describe(event))}")
                 if run_id and event["event"] == "transition" and State(event["to"]).terminal:
                     sys.exit(run_exit_status(ctx, run_id))
