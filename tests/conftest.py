@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -14,13 +11,13 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import closing
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
 import pytest
 
-from runnerd_client.protocol import HEADER, frame, unpack_body
+from runnerd import testing
+from runnerd.testing import RawClient
 
 T = TypeVar("T")
 
@@ -38,67 +35,15 @@ def wait_for(condition: Callable[[], T], timeout: float = 10.0, interval: float 
         time.sleep(interval)
 
 
-@dataclass
-class Daemon:
-    """A runnerd process and the environment its clients and runnerctl need."""
+class Daemon(testing.Daemon):
+    """A runnerd process (runnerd.testing's, shared with bench/) that fails the test when it
+    does not start, with what its clients and runnerctl need."""
 
-    root: Path
-    extra_args: list[str] = field(default_factory=list)
-    proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def socket(self) -> Path:
-        return self.root / "run" / "runnerd.sock"
-
-    @property
-    def db(self) -> Path:
-        return self.root / "state" / "registry.sqlite3"
-
-    @property
-    def log(self) -> Path:
-        return self.root / "daemon.log"
-
-    @property
-    def env(self) -> dict[str, str]:
-        env = dict(os.environ)
-        env.update(RUNNERD_SOCKET=str(self.socket), RUNNERD_DB=str(self.db),
-                   XDG_DATA_HOME=str(self.root / "data"),
-                   XDG_CONFIG_HOME=str(self.root / "config"),
-                   XDG_STATE_HOME=str(self.root / "state"), PYTHONUNBUFFERED="1")
-        env.pop("RUNNERD_RUN_ID", None)
-        return env
-
-    def start(self) -> Daemon:
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "runnerd", "--log-level", "debug", *self.extra_args],
-                env=self.env, stdout=log, stderr=subprocess.STDOUT)
-        wait_for(self._accepting, what=f"runnerd to listen (log: {self.log.read_text()[-2000:]})")
-        return self
-
-    def _accepting(self) -> bool:
-        assert self.proc is not None
-        if self.proc.poll() is not None:
-            pytest.fail(f"runnerd exited {self.proc.returncode}: {self.log.read_text()[-3000:]}")
-        probe = socket.socket(socket.AF_UNIX)
+    def start(self, timeout: float = 10.0) -> Self:
         try:
-            probe.connect(str(self.socket))
-        except OSError:
-            return False
-        finally:
-            probe.close()
-        return True
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
-        assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+            return super().start(timeout)
+        except testing.StartError as exc:
+            pytest.fail(str(exc))
 
     def as_if_rebooted(self) -> None:
         """With the daemon down: make the registry's processes look started before a reboot
@@ -108,8 +53,7 @@ class Daemon:
 
     def ctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         """Run runnerctl against this daemon."""
-        result = subprocess.run([sys.executable, "-m", "runnerd.cli", *args], env=self.env,
-                                capture_output=True, text=True, timeout=60)
+        result = self.runnerctl(*args)
         if check and result.returncode != 0:
             pytest.fail(f"runnerctl {' '.join(args)} exited {result.returncode}: "
                         f"{result.stderr}")
@@ -178,53 +122,6 @@ def daemon(short_tmp: Path) -> Iterator[Daemon]:
         yield d
     finally:
         d.stop()
-
-
-class RawClient:
-    """A bare socket speaking frames by hand, for tests of what the daemon does with bad input."""
-
-    def __init__(self, path: Path, timeout: float = 10.0) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(timeout)
-        self.sock.connect(str(path))
-
-    def send_raw(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def send(self, msg: dict[str, Any]) -> None:
-        self.sock.sendall(frame(msg))
-
-    def recv(self) -> dict[str, Any]:
-        """The next reply; raises ConnectionError if the daemon closed the connection."""
-        (length,) = HEADER.unpack(self._exactly(HEADER.size))
-        reply: dict[str, Any] = unpack_body(self._exactly(length))
-        return reply
-
-    def call(self, msg: dict[str, Any]) -> dict[str, Any]:
-        self.send(msg)
-        return self.recv()
-
-    def hello(self) -> dict[str, Any]:
-        return self.call({"op": "hello", "v": 1, "id": 0, "client": "tests"})
-
-    def closed_by_peer(self) -> bool:
-        """True once the daemon has closed its end (EOF on read)."""
-        try:
-            return self.sock.recv(1) == b""
-        except ConnectionResetError:
-            return True
-
-    def _exactly(self, size: int) -> bytes:
-        data = b""
-        while len(data) < size:
-            chunk = self.sock.recv(size - len(data))
-            if not chunk:
-                raise ConnectionError("closed by the daemon")
-            data += chunk
-        return data
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 @pytest.fixture
