@@ -46,13 +46,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from test_storage_faults import fill
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_storage_faults import fill  # noqa: E402
-
-from conftest import Daemon, wait_for  # noqa: E402
-from runnerd_client.connection import Connection  # noqa: E402
-from runnerd_client.protocol import Get, ListRuns  # noqa: E402
+from conftest import Daemon, wait_for
+from runnerd_client.connection import Connection
+from runnerd_client.protocol import Get, ListRuns
 
 ACTIVE = ("pending", "running", "lost")
 PLANNED = "planned failure"

@@ -1,7 +1,7 @@
 """Randomized proof that bad input never breaks the daemon (SPEC §4).
 
 A live daemon takes a barrage of random, mutated and malformed frames from several
-connections at once: the seeded generators of bench/fuzz.py, which predict every reply
+connections at once: the seeded generators of tests/fuzz.py, which predict every reply
 (shape, id, and the error code wherever framing or decoding alone decides it), plus frames
 drawn by hypothesis. Every example ends with the daemon alive; the barrage ends with a
 fresh client running a whole lifecycle, `runnerctl status` exiting 0, no unexpected error
@@ -17,7 +17,6 @@ import contextlib
 import os
 import random
 import sqlite3
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -26,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import fuzz  # the generators, the oracle, the health checks
 import msgpack
 import pytest
 from hypothesis import HealthCheck, Phase, given, seed, settings
@@ -34,9 +34,6 @@ from hypothesis import strategies as st
 from conftest import Daemon, RawClient
 from runnerd_client.ids import new_key, new_run_id
 from runnerd_client.protocol import HEADER
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-import fuzz  # noqa: E402  (bench/fuzz.py: the generators, the oracle, the health checks)
 
 SEED = int(os.environ.get("RUNNERD_FUZZ_SEED") or random.SystemRandom().randrange(2**32))
 CONNECTIONS = 4
@@ -159,8 +156,8 @@ def arena() -> Iterator[Arena]:
 
 
 def unwatch(daemon: Daemon, sandbox: fuzz.Sandbox) -> None:
-    """Drop the folders the barrage may have watched: with one watched, SIGTERM takes 5 s
-    (BUG-4)."""
+    """Drop the folders the barrage may have watched: with one watched, SIGTERM used to take
+    5 s."""
     client = RawClient(daemon.socket)
     try:
         client.hello()
@@ -217,7 +214,7 @@ def test_barrage_of_bad_frames_leaves_the_daemon_serving(arena: Arena) -> None:
     fuzz.check_health(target.socket)
     assert arena.daemon.ctl("status").returncode == 0
     assert not alive(arena.daemon), alive(arena.daemon)
-    errors, _bug3 = fuzz.log_errors(arena.daemon.log)
+    errors, _gone = fuzz.log_errors(arena.daemon.log)
     assert not errors, "\n".join(errors[:5])
     assert fuzz.integrity_check(arena.daemon.db) == "ok"
 
@@ -245,7 +242,7 @@ def test_oracle_replays_and_judges_sessions(tmp_path: Path) -> None:
     assert plan.cut == len(hello) + 4 + 3  # the status body's tail read as a header
 
 
-# --- known bugs the barrage steers around ---------------------------------------------------
+# --- what the fuzzing found, each fixed -------------------------------------------------------
 
 
 def fail_with(daemon: Daemon, **fail_fields: Any) -> None:
@@ -266,17 +263,17 @@ def fail_with(daemon: Daemon, **fail_fields: Any) -> None:
         client.close()
 
 
-def test_bug1_a_huge_traceback_of_blank_lines_is_handled(daemon: Daemon) -> None:
+def test_a_huge_traceback_of_blank_lines_does_not_freeze_the_daemon(daemon: Daemon) -> None:
     """Was quadratic in the newlines (80,000 froze the daemon 4.6 s; this is 900,000)."""
     fail_with(daemon, traceback="\n" * 900_000)
 
 
-def test_bug2_a_huge_message_repeating_expected_is_handled(daemon: Daemon) -> None:
+def test_a_huge_message_repeating_expected_does_not_freeze_the_daemon(daemon: Daemon) -> None:
     """Was quadratic in the repeats of 'expected' (72 KB froze the daemon 2.5 s)."""
     fail_with(daemon, message="expected " * 100_000)
 
 
-def test_bug3_client_gone_before_its_error_reply_logs_no_error(daemon: Daemon) -> None:
+def test_a_client_gone_before_its_error_replies_leaves_no_error_in_the_log(daemon: Daemon) -> None:
     gone = RawClient(daemon.socket)
     gone.hello()
     gone.send_raw(b"".join(fuzz.framed(fuzz.pack(
@@ -294,8 +291,7 @@ def test_bug3_client_gone_before_its_error_reply_logs_no_error(daemon: Daemon) -
     assert fuzz.log_errors(daemon.log) == ([], [])
 
 
-
-def test_bug4_shutdown_with_a_watched_folder_is_prompt(daemon: Daemon, short_tmp: Path) -> None:
+def test_sigterm_with_a_watched_folder_stops_within_3_s(daemon: Daemon, short_tmp: Path) -> None:
     folder = short_tmp / "watched"
     folder.mkdir()
     client = RawClient(daemon.socket)
@@ -305,7 +301,7 @@ def test_bug4_shutdown_with_a_watched_folder_is_prompt(daemon: Daemon, short_tmp
     assert daemon.stop(timeout=3.0) == 0  # it took 5 s, and got killed, before the fix
 
 
-def test_bug5_prune_of_many_runs_is_quick(daemon: Daemon) -> None:
+def test_prune_finds_each_runs_idempotency_keys_by_index(daemon: Daemon) -> None:
     runs, keys = 2000, 150_000  # a registry some weeks old has far more
     daemon.stop()
     with contextlib.closing(sqlite3.connect(daemon.db, isolation_level=None)) as db:

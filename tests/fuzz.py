@@ -17,7 +17,7 @@ Shared with tests/test_fuzz.py, which adds frames drawn by hypothesis. As a scri
 starts its own daemon in a temp folder, fuzzes, checks the daemon's health and the
 registry's integrity, and prints figures:
 
-    /tmp/venv/bin/python bench/fuzz.py [--frames 1000000] [--connections 8] [--seed S]
+    python tests/fuzz.py [--frames 1000000] [--connections 8] [--seed S]
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ from typing import Any
 import msgpack
 
 from runnerd.diagnosis import RULES
+from runnerd.testing import Daemon
 from runnerd_client.connection import Connection
 from runnerd_client.ids import new_key, new_run_id
 from runnerd_client.protocol import (
@@ -78,17 +79,15 @@ CODES = frozenset(code.value for code in ErrorCode)
 CANCEL_SIGNALS = ("TERM", "KILL", "INT", "HUP", "QUIT", "USR1", "USR2")
 UINT64_MAX = 2**64 - 1
 
-# Known daemon bugs, each with a strict xfail reproducer in tests/test_fuzz.py. The
-# barrage steers around the first two (set this to None, or pass --no-guard, once they
-# are fixed), so that it stays green and keeps looking for new ones:
-#   BUG-1  failures._FRAME (`^\s*File ...`, re.M) is quadratic in the newlines of a
-#          traceback: 100k newlines freeze the whole daemon (GIL held) for seconds.
-#   BUG-2  the diagnosis rule `\bexpected\b.*\bgot\b` is quadratic in a message that
-#          repeats "expected" without a "got".
-#   (Both run inside the registry's write batch, for `fail` and `cancel`.)
-#   BUG-3  a request that fails after its client hung up is logged as an asyncio ERROR
-#          ("... exception was never retrieved"): `log_errors` sets those records apart.
-#   BUG-4  with a folder watched, SIGTERM takes 5 s (the test unwatches before stopping).
+# Daemon bugs the fuzzing found, each fixed, with a regression test in tests/test_fuzz.py
+# named for what it checks. The barrage steers around the first two (pass --no-guard, or
+# set this to None, to send them again):
+#   - a regex quadratic in the newlines of a traceback (100k newlines froze the daemon);
+#   - a diagnosis rule quadratic in a message repeating "expected" without a "got"
+#     (both ran inside the registry's write batch, for `fail` and `cancel`);
+#   - a request failing after its client hung up, logged as an asyncio ERROR ("...
+#     exception was never retrieved"): `log_errors` sets those records apart;
+#   - SIGTERM took 5 s with a folder watched (the test unwatches before stopping).
 MAX_FAILURE_TEXT: int | None = 4096
 
 
@@ -217,7 +216,7 @@ def unsafe(msg: dict[Any, Any], sandbox: Sandbox) -> str | None:
     Any field naming a real place outside the sandbox (run_dir is created, artifacts are
     read, watched folders scanned; and ops to come may take paths too); a cancel with a
     real signal (the attached pids are the fuzzer's own); and, while MAX_FAILURE_TEXT is
-    set, the known bugs.
+    set, a failure text longer than it.
     """
     for name, value in msg.items():
         if outside(value, sandbox):
@@ -231,7 +230,7 @@ def unsafe(msg: dict[Any, Any], sandbox: Sandbox) -> str | None:
         for name in ("message", "traceback"):
             value = msg.get(name)
             if isinstance(value, str) and len(value) > MAX_FAILURE_TEXT:
-                return f"known bug: long {name} in {op}"
+                return f"guarded: long {name} in {op}"
     return None
 
 
@@ -1195,23 +1194,24 @@ def rss_kib(pid: int) -> int:
 LOG_RECORD = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ ", re.M)
 
 
-def known_bug3(record: str) -> bool:
-    """BUG-3: a request that failed after its client hung up, logged as an ERROR by asyncio
-    (a registry future, or the task of an async handler)."""
+def unretrieved(record: str) -> bool:
+    """A request that failed after its client hung up, logged as an ERROR by asyncio (a
+    registry future, or the task of an async handler): the fuzzing found it, now fixed."""
     return ("Future exception was never retrieved" in record
             or "Task exception was never retrieved" in record) \
         and "exception=RunnerdError(" in record
 
 
 def log_errors(log: Path) -> tuple[list[str], list[str]]:
-    """The daemon's ERROR/CRITICAL log records (with their tracebacks): (unexpected, BUG-3)."""
+    """The daemon's ERROR/CRITICAL log records (with their tracebacks): (unexpected, those
+    of a request whose client had gone)."""
     if not log.exists():
         return [], []
     text = log.read_text(errors="replace")
     starts = [m.start() for m in LOG_RECORD.finditer(text)] + [len(text)]
     records = [text[a:b] for a, b in zip(starts, starts[1:], strict=False)]
     errors = [r for r in records if re.match(r"\S+ \S+ (ERROR|CRITICAL) ", r)]
-    return [r for r in errors if not known_bug3(r)], [r for r in errors if known_bug3(r)]
+    return [r for r in errors if not unretrieved(r)], [r for r in errors if unretrieved(r)]
 
 
 def registry_summary(db: str | Path) -> dict[str, dict[str, int]]:
@@ -1262,13 +1262,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=1,
                         help="fuzz in rounds, with the daemon's RSS after each")
     parser.add_argument("--no-guard", action="store_true",
-                        help="do not steer around the known bugs (see MAX_FAILURE_TEXT)")
+                        help="send failure texts longer than MAX_FAILURE_TEXT too")
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from bench_core import make_runnerd  # a sibling script, found on sys.path[0]
-
     global MAX_FAILURE_TEXT
     args = parse_args(argv)
     if args.no_guard:
@@ -1276,16 +1274,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     seed = args.seed if args.seed is not None else str(random.randrange(1 << 32))
     print(f"fuzz: {args.frames:,} frames over {args.connections} connections, seed {seed}")
     with temp_root() as root:
-        server = make_runnerd(root, None)
-        server.start()
+        server = Daemon(root, log_level="warning").start()
         try:
             return _bench(args, seed, root, server)
         finally:
-            server.stop()
+            server.stop(timeout=120)
 
 
 def _round(target: Target, seed: str, frames: int, connections: int,
-           server: Any) -> tuple[list[Stats], int, list[int]]:
+           server: Daemon) -> tuple[list[Stats], int, list[int]]:
     """One round: `connections` forked fuzzers; (their stats, daemon restarts, RSS samples)."""
     queue = FORK.Queue()
     per = -(-frames // connections)
@@ -1298,7 +1295,7 @@ def _round(target: Target, seed: str, frames: int, connections: int,
     while len(results) < len(workers):
         with contextlib.suppress(Exception):
             results.append(queue.get(timeout=0.5))
-        if server.proc.poll() is not None:
+        if server.proc is not None and server.proc.poll() is not None:
             restarts += 1
             print(f"daemon exited with {server.proc.returncode}; restarting", file=sys.stderr)
             server.start()
@@ -1309,7 +1306,7 @@ def _round(target: Target, seed: str, frames: int, connections: int,
     return results, restarts, rss
 
 
-def _bench(args: argparse.Namespace, seed: str, root: Path, server: Any) -> int:
+def _bench(args: argparse.Namespace, seed: str, root: Path, server: Daemon) -> int:
     sandbox = Sandbox(str(root / "sb")).prepare()
     target = Target(str(server.socket), sandbox, seed_runs(str(server.socket)),
                     timeout=args.timeout, reconnect_for=120.0)
@@ -1337,9 +1334,9 @@ def _bench(args: argparse.Namespace, seed: str, root: Path, server: Any) -> int:
     ctl = subprocess.run([sys.executable, "-m", "runnerd.cli", "status"], env=server.env,
                          capture_output=True, text=True, timeout=120)
     integrity = integrity_check(server.env["RUNNERD_DB"])
-    errors, bug3 = log_errors(server.log)
+    errors, unretrieved_errors = log_errors(server.log)
     _report(total, elapsed, restarts, health, ctl.returncode, integrity, rss, errors)
-    print(f"known BUG-3 log records {len(bug3)}")
+    print(f"errors of requests whose client had gone {len(unretrieved_errors)}")
     summary = registry_summary(server.env["RUNNERD_DB"])
     print(f"registry runs      {summary['runs']}")
     print(f"transitions        {summary['transitions']}")
@@ -1375,7 +1372,7 @@ def _report(total: Stats, elapsed: float, restarts: int, health: str, ctl_rc: in
     quarters = ", ".join(f"{rss[round(q * (len(rss) - 1))] / 1024:.1f}" for q in (0.25, 0.5, 0.75))
     print(f"daemon RSS         {rss[0] / 1024:.1f} MiB before, {rss[-1] / 1024:.1f} MiB after, "
           f"peak {max(rss) / 1024:.1f} (at 1/4, 1/2, 3/4 of the run: {quarters})")
-    print(f"daemon log errors  {len(errors)} (besides BUG-3)")
+    print(f"daemon log errors  {len(errors)} (besides those)")
     for record in errors[:5]:
         print(f"  {record[:600]}")
 
