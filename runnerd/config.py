@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field, fields, replace
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
@@ -12,10 +14,26 @@ from runnerd_client import paths
 from runnerd_client.protocol import DEFAULT_MAX_FRAME
 
 ARTIFACT_TIMEOUT = 600.0  # seconds to hash one artifact
+HOOK_TIMEOUT = 30.0  # seconds per hook call
+EVENT_NAMES = (  # what a hook's `events` patterns match: a state change is named by its state
+    "pending", "running", "succeeded", "failed_crash", "failed_abandoned", "failed_timeout",
+    "lost", "failed_lost", "sweep_ended", "failure", "artifact", "checkpoint", "memory_warning")
 
 
 class ConfigError(Exception):
     """A config file that cannot be used; the message names the file and the key."""
+
+
+@dataclass(frozen=True, slots=True)
+class Hook:
+    """One `[[hooks]]` table: the run events it wants and the command they are sent to."""
+
+    name: str
+    events: tuple[str, ...]
+    command: tuple[str, ...] | str  # argv, or a line for /bin/sh -c
+    experiment: str | None = None
+    tags: dict[str, Any] = field(default_factory=dict)
+    timeout: float = HOOK_TIMEOUT
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +59,8 @@ class Config:
     idle_timeout: float = 3600.0
     frame_memory: int = 64 << 20
     artifact_timeout: float = ARTIFACT_TIMEOUT
+    hooks: tuple[Hook, ...] = ()
+    hook_concurrency: int = 4
 
 
 _CHECKS: dict[str, tuple[type, ...]] = {
@@ -65,6 +85,8 @@ _CHECKS: dict[str, tuple[type, ...]] = {
     "idle_timeout": (int, float),
     "frame_memory": (int,),
     "artifact_timeout": (int, float),
+    "hooks": (list,),
+    "hook_concurrency": (int,),
 }
 _SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
 
@@ -79,7 +101,8 @@ def _convert(source: Path, key: str, value: Any) -> Any:
     if isinstance(value, str):
         return _convert_text(source, key, value)
     if isinstance(value, list):
-        return _convert_dirs(source, key, value)
+        return _convert_hooks(source, value) if key == "hooks" else \
+            _convert_dirs(source, key, value)
     if isinstance(value, int | float) and not isinstance(value, bool) and value <= 0:
         raise ConfigError(f"{source}: {key} must be positive")
     return value
@@ -92,6 +115,79 @@ def _convert_dirs(source: Path, key: str, value: list[Any]) -> tuple[str, ...]:
             raise ConfigError(f"{source}: {key} must be a list of absolute paths ({item!r})")
         dirs.append(os.path.normpath(os.path.expanduser(item)))
     return tuple(dirs)
+
+
+_HOOK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_HOOK_KEYS = ("name", "events", "command", "experiment", "tags", "timeout")
+
+
+def _convert_hooks(source: Path, tables: list[Any]) -> tuple[Hook, ...]:
+    hooks = tuple(_convert_hook(f"{source}: hooks[{n}]", table)
+                  for n, table in enumerate(tables))
+    names = [hook.name for hook in hooks]
+    for name in names:
+        if names.count(name) > 1:
+            raise ConfigError(f"{source}: two hooks are named {name!r}; names must be unique")
+    return hooks
+
+
+def _convert_hook(where: str, table: Any) -> Hook:
+    """Check one [[hooks]] table; every mistake is named (a typo in `events` would
+    otherwise be a hook that silently never runs)."""
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where} must be a table ([[hooks]])")
+    unknown = sorted(set(table) - set(_HOOK_KEYS))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(_HOOK_KEYS)})")
+    name = table.get("name")
+    if not isinstance(name, str) or not _HOOK_NAME.fullmatch(name):
+        raise ConfigError(f"{where}: name is required: 1-64 characters of A-Z, a-z, 0-9, "
+                          "'_', '.' or '-'")
+    where = f"{where} ({name})"
+    return Hook(name=name, events=_hook_events(where, table.get("events")),
+                command=_hook_command(where, table.get("command")),
+                experiment=_hook_experiment(where, table.get("experiment")),
+                tags=_hook_tags(where, table.get("tags", {})),
+                timeout=_hook_timeout(where, table.get("timeout", HOOK_TIMEOUT)))
+
+
+def _hook_events(where: str, events: Any) -> tuple[str, ...]:
+    if not isinstance(events, list) or not events or \
+            not all(isinstance(e, str) and e for e in events):
+        raise ConfigError(f"{where}: events must be a list of patterns, e.g. [\"failed_*\"]")
+    for pattern in events:
+        if not any(fnmatchcase(known, pattern) for known in EVENT_NAMES):
+            raise ConfigError(f"{where}: events pattern {pattern!r} matches no event "
+                              f"(events: {', '.join(EVENT_NAMES)})")
+    return tuple(events)
+
+
+def _hook_command(where: str, command: Any) -> tuple[str, ...] | str:
+    if isinstance(command, str) and command.strip():
+        return command
+    if isinstance(command, list) and command and all(isinstance(a, str) for a in command) \
+            and command[0]:
+        return tuple(command)
+    raise ConfigError(f"{where}: command must be a list of arguments (or a shell line)")
+
+
+def _hook_experiment(where: str, experiment: Any) -> str | None:
+    if experiment is not None and (not isinstance(experiment, str) or not experiment):
+        raise ConfigError(f"{where}: experiment must be a pattern, e.g. \"lr-*\"")
+    return experiment
+
+
+def _hook_tags(where: str, tags: Any) -> dict[str, Any]:
+    if not isinstance(tags, dict) or \
+            not all(isinstance(v, str | int | float | bool) for v in tags.values()):
+        raise ConfigError(f"{where}: tags must be a table of values, e.g. {{ team = \"vision\" }}")
+    return dict(tags)
+
+
+def _hook_timeout(where: str, timeout: Any) -> float:
+    if not isinstance(timeout, int | float) or isinstance(timeout, bool) or timeout <= 0:
+        raise ConfigError(f"{where}: timeout must be a positive number of seconds")
+    return float(timeout)
 
 
 def _convert_text(source: Path, key: str, value: str) -> Any:

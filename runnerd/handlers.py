@@ -28,6 +28,7 @@ from anyio.streams.memory import MemoryObjectSendStream
 from runnerd import __version__, sweeps
 from runnerd.config import ARTIFACT_TIMEOUT, Config
 from runnerd.events import Broker
+from runnerd.hooks import HookRunner, handle_hooks
 from runnerd.indexer import Indexer
 from runnerd.maintenance import prune
 from runnerd.processes import is_alive
@@ -61,6 +62,7 @@ from runnerd_client.protocol import (
     Failures,
     Get,
     Heartbeat,
+    HookList,
     Label,
     ListRuns,
     Mutation,
@@ -119,6 +121,7 @@ class Context:
     spooled_artifacts: MemoryObjectSendStream[Artifact] | None = None
     """Where replayed artifacts go to be hashed in the background (a spooled 6 GiB file must
     not hold up start-up); None: hashed in line."""
+    hooks: HookRunner | None = None
 
 
 def _event_time(at: float | None) -> float:
@@ -816,4 +819,5 @@ HANDLERS: dict[type[Request], Handler] = {
     SweepGet: handle_sweep_get,
     SweepCells: handle_sweep_cells,
     SweepList: handle_sweep_list,
+    HookList: handle_hooks,
 }

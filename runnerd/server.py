@@ -23,6 +23,7 @@ from runnerd.connection import listen_backlog, serve_connections
 from runnerd.controls import EscapeControls
 from runnerd.events import Broker
 from runnerd.handlers import Context
+from runnerd.hooks import HookRunner
 from runnerd.indexer import Indexer
 from runnerd.maintenance import prune_periodically
 from runnerd.metadata import MetadataWriter
@@ -131,6 +132,10 @@ async def serve(cfg: config.Config) -> None:
                              broker.on_commit, manifests.on_commit]
     ctx = Context(config=cfg, registry=registry, indexer=indexer, broker=broker,
                   started_at=time.time(), manifests=manifests)
+    if cfg.hooks:  # hooks: their cursors live beside the registry; woken by each commit
+        private_folder(cfg.db.parent / "hooks", "hooks")
+        ctx.hooks = HookRunner(cfg, registry)
+        registry.subscribers.append(ctx.hooks.on_commit)
     watcher = ProcessWatcher(registry, before_exit=spool_replayer(ctx))
     sampler = Sampler(registry, watcher.runs, cfg.sample_interval, cfg.memory_warning)
     watcher.explain = sampler.explain_death
@@ -166,6 +171,8 @@ async def _serve_until_signal(ctx: Context, sock: socket.socket, watchdog: Watch
                      ctx.indexer.follow_failures, sampler.run, ctx.manifests.run):
             outer.start_soon(task)
         outer.start_soon(sweep_orphan_spools, ctx, ctx.config.spool_sweep_interval)
+        if ctx.hooks is not None:
+            outer.start_soon(ctx.hooks.run)
         if ctx.config.retention:
             outer.start_soon(prune_periodically, ctx.registry, ctx.config.retention)
         log.info("runnerd %s serving %s with registry %s", __version__, ctx.config.socket,

@@ -311,6 +311,13 @@ class Subscribe(Request):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class HookList(Request):
+    """The configured hooks, each with its cursor, backlog and last result."""
+
+    op: ClassVar[str] = "hooks"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Label(Mutation):
     """What killed a run, from someone who saw it (Dask's scheduler): `oom`, `walltime`,
     `retired` or `killed_worker`. It re-diagnoses a failed run, or waits for the run to
@@ -394,7 +401,7 @@ REQUESTS: dict[str, type[Request]] = {
         Hello, Create, Start, Attach, Detach, Heartbeat, Succeed, Fail,
         Artifact, Checkpoint, Cancel, Get, ListRuns, Status, Failures, Export, Watch,
         Unwatch, Prune, Subscribe, Label, SweepCreate, SweepStart, SweepEnd, SweepGet, SweepCells,
-        SweepList,
+        SweepList, HookList,
     )
 }
 

@@ -1,0 +1,291 @@
+"""The hook runner: for each `[[hooks]]` table, a worker that reads the event log after
+its cursor and delivers the events it wants to its command.
+
+Events are delivered one run at a time and in order (a queue and a task per run), runs
+side by side, at most `hook_concurrency` calls at once over all hooks. A call that fails
+is retried with backoff until it succeeds, holding back only its own run. The event loop
+only schedules: reads go to the registry's reader thread, calls and cursor writes to
+worker threads. At most WINDOW events per hook wait in memory; the rest stay in the log.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections import deque
+from datetime import datetime
+from fnmatch import fnmatchcase
+from functools import partial
+from typing import Any
+
+import anyio
+from anyio.abc import TaskGroup
+
+from runnerd import sweeps
+from runnerd.config import Config, Hook
+from runnerd.hooks import cursor
+from runnerd.hooks.call import HookCall, Outcome
+from runnerd.registry import Registry, Store, iso
+from runnerd_client.protocol import RunnerdError
+from runnerd_client.run import backoff_delay
+
+log = logging.getLogger(__name__)
+Event = dict[str, Any]
+
+WINDOW = 1000  # events read from the log and not yet delivered, per hook
+PAGE = 500
+MAX_RETRY_DELAY = 300.0
+SAVE_EVERY = 30.0  # seconds: a cursor moved only past unwanted events is saved this often
+RESTART_DELAY = 5.0
+ENVELOPE = ("event", "seq", "run_id", "experiment", "variation", "tags", "sweep_id", "at")
+
+
+def event_name(event: Event) -> str:
+    """What `events` patterns match: a state change by its new state, others by kind."""
+    return str(event["to"] if event["event"] == "transition" else event["event"])
+
+
+def wanted(hook: Hook, event: Event) -> bool:
+    """The hook's event patterns, experiment pattern and tags all match the event."""
+    name = event_name(event)
+    if not any(fnmatchcase(name, pattern) for pattern in hook.events):
+        return False
+    if hook.experiment is not None and not fnmatchcase(event["experiment"] or "",
+                                                       hook.experiment):
+        return False
+    tags = event.get("tags") or {}
+    return all(key in tags and tags[key] == value for key, value in hook.tags.items())
+
+
+def hook_event(event: Event) -> Event:
+    """The event as a hook gets it: its envelope, its name, `at` in unix time, and the
+    kind's own fields under `data`."""
+    return {"seq": event["seq"], "kind": event["event"], "name": event_name(event),
+            "run_id": event["run_id"], "experiment": event["experiment"],
+            "variation": event.get("variation"), "tags": event.get("tags") or {},
+            "sweep_id": event.get("sweep_id"),
+            "at": datetime.fromisoformat(event["at"]).timestamp(),
+            "data": {k: v for k, v in event.items() if k not in ENVELOPE}}
+
+
+def _subject(store: Store, run_id: str | None,
+             sweep_id: str | None) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """The run as `show --json` prints it (or the sweep of a sweep's event); None if gone."""
+    if run_id:
+        return (store.run_details(run_id) if store.run_row(run_id) else None), None
+    row = store.sweep_row(sweep_id) if sweep_id else None
+    return None, (sweeps.sweep_object(store, row) if row else None)
+
+
+class HookRunner:
+    """Every configured hook's worker, and the calls they share a limit on."""
+
+    def __init__(self, cfg: Config, registry: Registry) -> None:
+        self.registry = registry
+        self.socket = str(cfg.socket)
+        self.folder = cfg.db.parent / "hooks"
+        self.limiter = anyio.CapacityLimiter(cfg.hook_concurrency)
+        self.workers = [HookWorker(hook, self) for hook in cfg.hooks]
+
+    def on_commit(self, result: Any) -> None:
+        """Wake the workers when a batch logged events (called on the loop)."""
+        if result.effects.events:
+            for worker in self.workers:
+                worker.wake.set()
+
+    async def run(self) -> None:
+        async with anyio.create_task_group() as tg:
+            for worker in self.workers:
+                tg.start_soon(worker.run)
+
+    def status(self, last_seq: int) -> list[dict[str, Any]]:
+        return [worker.status(last_seq) for worker in self.workers]
+
+    async def call(self, hook: Hook, event: Event) -> Outcome:
+        """One call of the hook's command with the event and its run, in a worker thread;
+        killed if the daemon stops meanwhile."""
+        run, sweep = await self.registry.read(
+            partial(_subject, run_id=event["run_id"], sweep_id=event["sweep_id"]))
+        body: dict[str, Any] = {"hook": hook.name, "event": event, "run": run}
+        if sweep is not None:
+            body["sweep"] = sweep
+        state = (run or {}).get("state") or (sweep or {}).get("status") or ""
+        env = {**os.environ, "RUNNERD_HOOK": hook.name, "RUNNERD_EVENT": event["name"],
+               "RUNNERD_RUN_ID": event["run_id"] or "", "RUNNERD_STATE": state,
+               "RUNNERD_EXPERIMENT": event["experiment"] or "", "RUNNERD_SOCKET": self.socket}
+        call = HookCall(hook.command, json.dumps(body).encode(), env, hook.timeout)
+        try:
+            return await anyio.to_thread.run_sync(call.run, limiter=self.limiter,
+                                                  abandon_on_cancel=True)
+        finally:
+            call.kill()  # a no-op once it ended; at shutdown it stops the command
+
+
+class HookWorker:
+    """One hook: its cursor, the events waiting for it (a queue per run), its last result."""
+
+    def __init__(self, hook: Hook, runner: HookRunner) -> None:
+        self.hook, self.runner = hook, runner
+        self.wake = anyio.Event()
+        self._reset(cursor.Cursor())
+
+    def _reset(self, saved: cursor.Cursor) -> None:
+        self.cursor = self.read_to = saved.seq
+        self.done_above = set(saved.delivered)  # delivered, after the cursor
+        self.last = saved.last
+        self.waiting: set[int] = set()
+        self.queues: dict[str, deque[Event]] = {}
+        self.retrying: set[str] = set()
+        self.calls = self.delivered = self.failed = 0
+        self.changed = anyio.Event()
+        self.saved: bytes | None = None
+
+    async def run(self) -> None:
+        """Serve the hook; a fault in it is logged and the hook restarted from its cursor,
+        never the daemon's end."""
+        while True:
+            try:
+                await self._serve()
+            except Exception:
+                log.exception("hook %s failed; restarting it in %g s", self.hook.name,
+                              RESTART_DELAY)
+            await anyio.sleep(RESTART_DELAY)
+
+    async def _serve(self) -> None:
+        await self._load()
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._keep_saved)
+                await self._read_log(tg)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._save()
+
+    async def _load(self) -> None:
+        folder, name = self.runner.folder, self.hook.name
+        saved = await anyio.to_thread.run_sync(cursor.load, folder, name)
+        last_seq = await self.runner.registry.read(lambda store: store.last_event())
+        if saved is None:  # a new hook: it gets what happens from now on
+            saved = cursor.Cursor(last_seq)
+        elif saved.seq > last_seq:
+            log.warning("hook %s: its cursor (%d) is past the end of the log (%d), which was "
+                        "pruned or restored; it goes on from there", name, saved.seq, last_seq)
+            saved = cursor.Cursor(last_seq, last=saved.last)
+        self._reset(saved)
+        self.saved = saved.encode()
+
+    async def _read_log(self, tg: TaskGroup) -> None:
+        while True:
+            if len(self.waiting) >= WINDOW:
+                await self._sleep()
+                continue
+            page = await self.runner.registry.read(
+                lambda store: store.events_after(self.read_to, None, None, None, PAGE))
+            self._take(page, tg)
+            if len(page) < PAGE:
+                await self._sleep()
+
+    async def _sleep(self) -> None:
+        await self.wake.wait()
+        self.wake = anyio.Event()
+
+    def _take(self, page: list[Event], tg: TaskGroup) -> None:
+        for event in page:
+            seq = self.read_to = event["seq"]
+            if seq in self.done_above or not wanted(self.hook, event):
+                continue
+            self.waiting.add(seq)
+            key = event["run_id"] or f"sweep:{event['sweep_id']}"
+            queue = self.queues.get(key)
+            if queue is None:
+                queue = self.queues[key] = deque()
+                tg.start_soon(self._drain, key, queue)
+            queue.append(event)
+        self._advance()
+
+    async def _drain(self, key: str, queue: deque[Event]) -> None:
+        """Deliver one run's events in order, each until it is delivered."""
+        while queue:
+            event = queue[0]
+            await self._deliver(key, hook_event(event))
+            queue.popleft()
+            self.waiting.discard(event["seq"])
+            self.done_above.add(event["seq"])
+            self._advance()
+            self.changed.set()
+            if len(self.waiting) == WINDOW - 1:  # room again: read on
+                self.wake.set()
+        del self.queues[key]
+
+    async def _deliver(self, key: str, event: Event) -> None:
+        failures = 0
+        while True:
+            try:
+                outcome = await self.runner.call(self.hook, event)
+            except RunnerdError as exc:  # the registry could not be read: try again later
+                outcome = Outcome(False, None, str(exc), 0.0)
+            self._note(event, outcome)
+            if outcome.ok:
+                self.retrying.discard(key)
+                return
+            failures += 1
+            delay = min(backoff_delay(2.0, failures - 1), MAX_RETRY_DELAY)
+            log.warning("hook %s: event %d (%s of %s) not delivered, attempt %d: %s; "
+                        "retrying in %.1f s", self.hook.name, event["seq"], event["name"],
+                        key, failures, outcome.error, delay)
+            self.retrying.add(key)
+            await anyio.sleep(delay)
+
+    def _note(self, event: Event, outcome: Outcome) -> None:
+        self.calls += 1
+        self.delivered += outcome.ok
+        self.failed += not outcome.ok
+        self.last = {"at": iso(time.time()),
+                     "seq": event["seq"], "event": event["name"], "run_id": event["run_id"],
+                     "ok": outcome.ok, "exit": outcome.exit, "error": outcome.error,
+                     "seconds": round(outcome.seconds, 3)}
+
+    def _advance(self) -> None:
+        """Move the cursor up to the first event still waiting (or all that was read)."""
+        cursor_seq = min(self.waiting) - 1 if self.waiting else self.read_to
+        if cursor_seq != self.cursor:
+            self.cursor = cursor_seq
+            self.done_above = {seq for seq in self.done_above if seq > cursor_seq}
+
+    async def _keep_saved(self) -> None:
+        """Save the cursor after deliveries (one write for all that finished meanwhile), and
+        now and then when it only moved past events the hook does not want."""
+        while True:
+            with anyio.move_on_after(SAVE_EVERY):
+                await self.changed.wait()
+            self.changed = anyio.Event()
+            await self._save()
+
+    async def _save(self) -> None:
+        state = cursor.Cursor(self.cursor, set(self.done_above), self.last)
+        data = state.encode()
+        if data == self.saved:
+            return
+        try:
+            await anyio.to_thread.run_sync(cursor.save, self.runner.folder, self.hook.name,
+                                           state)
+        except OSError as exc:
+            log.error("hook %s: cannot save its cursor in %s: %s", self.hook.name,
+                      self.runner.folder, exc)
+            return
+        self.saved = data
+
+    def status(self, last_seq: int) -> dict[str, Any]:
+        """What `runnerctl hooks` shows: the hook, where it is, and its last result."""
+        hook = self.hook
+        return {
+            "name": hook.name, "events": list(hook.events),
+            "command": hook.command if isinstance(hook.command, str) else list(hook.command),
+            "experiment": hook.experiment, "tags": hook.tags, "timeout": hook.timeout,
+            "cursor": self.cursor,
+            "backlog": len(self.waiting) + max(0, last_seq - self.read_to),
+            "retrying": len(self.retrying), "calls": self.calls,
+            "delivered": self.delivered, "failed": self.failed, "last": self.last,
+        }
