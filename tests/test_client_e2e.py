@@ -38,8 +38,14 @@ EXPERIMENT = textwrap.dedent("""
 """)
 
 
+def as_in_a_terminal() -> None:
+    """Ctrl-C raises KeyboardInterrupt in a script started from a terminal, even when the
+    tests themselves run in the background (where the shell makes children ignore SIGINT)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start_experiment(daemon: Daemon, mode: str) -> tuple[subprocess.Popen[str], str]:
-    proc = daemon.python(EXPERIMENT, mode)
+    proc = daemon.python(EXPERIMENT, mode, preexec_fn=as_in_a_terminal)
     assert proc.stdout is not None
     run_id = proc.stdout.readline().strip()
     assert run_id, proc.stderr.read() if proc.stderr else ""
