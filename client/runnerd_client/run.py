@@ -6,6 +6,7 @@ disk while the daemon is away, and never raised into the experiment.
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import logging
 import os
@@ -16,7 +17,7 @@ import threading
 import time
 import traceback as tb
 from concurrent.futures import Future
-from contextvars import ContextVar
+from contextvars import ContextVar, Token
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType, TracebackType
@@ -71,7 +72,8 @@ class Terminated(SystemExit):
 
 
 ACTIVE: ContextVar[Run | None] = ContextVar("runnerd_active_run", default=None)
-"""The run a sweep cell is executing in this thread, for `rd.current_run()`."""
+"""The run whose `with` block (or sweep cell) this code executes in, for `rd.current_run()`
+and the integrations (an MLflow run started there is linked to it)."""
 
 
 @dataclass(frozen=True)
@@ -164,6 +166,7 @@ class Run:
         self._beater: threading.Thread | None = None
         self._old_sigterm: Any = None
         self._crash_log: IO[str] | None = None
+        self._active: Token[Run | None] | None = None
         self.diagnosis: dict[str, Any] | None = None
         self._pid = os.getpid()
 
@@ -291,6 +294,7 @@ class Run:
         self._enable_faulthandler()
         self._catch_sigterm()
         self.start_heartbeats()
+        self._active = ACTIVE.set(self)
         return self
 
     def start_heartbeats(self) -> Run:
@@ -308,6 +312,7 @@ class Run:
                  tb_: TracebackType | None) -> None:
         self.stop_heartbeats()
         self._restore_sigterm()
+        self._leave_active()
         if os.getpid() != self._pid:
             return  # a forked child leaving the block: the run and its crash.log are the parent's
         self._disable_faulthandler()
@@ -323,6 +328,12 @@ class Run:
             exit_code = exc.code if isinstance(exc, SystemExit) and isinstance(exc.code, int) \
                 else None
             self.fail(FailReason.CRASH, exc=exc, exit_code=exit_code)
+
+    def _leave_active(self) -> None:
+        token, self._active = self._active, None
+        if token is not None:
+            with contextlib.suppress(ValueError):  # left in another context than entered
+                ACTIVE.reset(token)
 
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat_interval):
