@@ -417,16 +417,16 @@ def test_the_hook_event_keeps_the_kinds_fields_under_data() -> None:
 
 
 def test_a_call_that_cannot_start_or_writes_a_lot_says_why(tmp_path: Path) -> None:
-    missing = HookCall((str(tmp_path / "missing"),), b"{}", dict(os.environ), 5).run()
+    missing = HookCall((str(tmp_path / "missing"),), {}, {}, 5).run()
     assert not missing.ok and missing.exit is None and "cannot start" in (missing.error or "")
     chatty = HookCall("head -c 3000000 /dev/zero | tr '\\0' x >&2; echo >&2; echo last >&2; exit 4",
-                      b"{}", dict(os.environ), 10).run()
+                      {}, {}, 10).run()
     assert (chatty.ok, chatty.exit) == (False, 4)
     assert chatty.error is not None and chatty.error.endswith("x\nlast")
     assert len(chatty.error) <= 600
-    unread = HookCall(("true",), b"x" * (4 << 20), dict(os.environ), 5).run()
+    unread = HookCall(("true",), "x" * (4 << 20), {}, 5).run()
     assert unread.ok  # a payload larger than a pipe, never read: no deadlock
-    killed = HookCall("kill -TERM $$", b"", dict(os.environ), 5).run()
+    killed = HookCall("kill -TERM $$", None, {}, 5).run()
     assert (killed.exit, killed.error) == (-signal.SIGTERM, "killed by SIGTERM")
 
 

@@ -16,6 +16,6 @@ __all__ = ["HookRunner", "handle_hooks"]
 
 async def handle_hooks(ctx: Context, peer: object, req: HookList) -> dict[str, Any]:
     """Each hook with its cursor, backlog and last result (`runnerctl hooks`)."""
-    last_seq = await ctx.registry.read(lambda store: store.last_event())
+    last_seq = await ctx.registry.read(lambda store: store.events.last_seq())
     hooks = ctx.hooks.status(last_seq) if ctx.hooks is not None else []
     return {"hooks": hooks, "last_seq": last_seq}

@@ -9,6 +9,7 @@ kills everything it started.
 
 from __future__ import annotations
 
+import json
 import os
 import select
 import signal
@@ -17,7 +18,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
-from typing import IO
+from typing import IO, Any
 
 EXCERPT = 600  # characters of a failed call's stderr kept
 
@@ -36,7 +37,7 @@ class HookCall:
     """A command with its stdin payload, environment and timeout; `run` in a thread,
     `kill` from anywhere (the daemon stopping)."""
 
-    def __init__(self, command: tuple[str, ...] | str, payload: bytes, env: dict[str, str],
+    def __init__(self, command: tuple[str, ...] | str, payload: Any, env: dict[str, str],
                  timeout: float) -> None:
         self.argv = ["/bin/sh", "-c", command] if isinstance(command, str) else list(command)
         self.payload, self.env, self.timeout = payload, env, timeout
@@ -46,23 +47,26 @@ class HookCall:
         self._reaped = False
 
     def run(self) -> Outcome:
+        """Encode the payload (JSON), run the command with it and `env` added to the
+        daemon's environment, and say how it ended."""
         started = time.monotonic()
         with tempfile.TemporaryFile() as stdin, tempfile.TemporaryFile() as stderr:
-            stdin.write(self.payload)
+            stdin.write(json.dumps(self.payload).encode())
             stdin.seek(0)
-            exit_code, error = self._run(stdin, stderr)
+            exit_code, error = self._run(stdin, stderr, {**os.environ, **self.env})
             if exit_code is not None and exit_code != 0 and error is None:
                 error = _excerpt(stderr) or _described(exit_code)
         return Outcome(exit_code == 0, exit_code, error, time.monotonic() - started)
 
-    def _run(self, stdin: IO[bytes], stderr: IO[bytes]) -> tuple[int | None, str | None]:
+    def _run(self, stdin: IO[bytes], stderr: IO[bytes],
+             env: dict[str, str]) -> tuple[int | None, str | None]:
         with self._lock:
             if self._stopped:
                 return None, "not run: the daemon is stopping"
             try:
                 self._proc = subprocess.Popen(
                     self.argv, stdin=stdin, stdout=subprocess.DEVNULL, stderr=stderr,
-                    env=self.env, start_new_session=True)
+                    env=env, start_new_session=True)
             except (OSError, ValueError) as exc:
                 return None, f"cannot start {self.argv[0]}: {exc}"
         if not _exited(self._proc, self.timeout):

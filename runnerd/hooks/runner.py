@@ -10,9 +10,7 @@ worker threads. At most WINDOW events per hook wait in memory; the rest stay in 
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import time
 from collections import deque
 from datetime import datetime
@@ -74,8 +72,8 @@ def _subject(store: Store, run_id: str | None,
              sweep_id: str | None) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
     """The run as `show --json` prints it (or the sweep of a sweep's event); None if gone."""
     if run_id:
-        return (store.run_details(run_id) if store.run_row(run_id) else None), None
-    row = store.sweep_row(sweep_id) if sweep_id else None
+        return (store.views.run_details(run_id) if store.runs.get(run_id) else None), None
+    row = store.sweeps.get(sweep_id) if sweep_id else None
     return None, (sweeps.sweep_object(store, row) if row else None)
 
 
@@ -86,7 +84,8 @@ class HookRunner:
         self.registry = registry
         self.socket = str(cfg.socket)
         self.folder = cfg.db.parent / "hooks"
-        self.limiter = anyio.CapacityLimiter(cfg.hook_concurrency)
+        self.slots = anyio.CapacityLimiter(cfg.hook_concurrency)  # calls, with their reads
+        self.threads = anyio.CapacityLimiter(cfg.hook_concurrency)  # never waited for
         self.workers = [HookWorker(hook, self) for hook in cfg.hooks]
 
     def on_commit(self, result: Any) -> None:
@@ -104,23 +103,25 @@ class HookRunner:
         return [worker.status(last_seq) for worker in self.workers]
 
     async def call(self, hook: Hook, event: Event) -> Outcome:
-        """One call of the hook's command with the event and its run, in a worker thread;
-        killed if the daemon stops meanwhile."""
-        run, sweep = await self.registry.read(
-            partial(_subject, run_id=event["run_id"], sweep_id=event["sweep_id"]))
-        body: dict[str, Any] = {"hook": hook.name, "event": event, "run": run}
-        if sweep is not None:
-            body["sweep"] = sweep
-        state = (run or {}).get("state") or (sweep or {}).get("status") or ""
-        env = {**os.environ, "RUNNERD_HOOK": hook.name, "RUNNERD_EVENT": event["name"],
-               "RUNNERD_RUN_ID": event["run_id"] or "", "RUNNERD_STATE": state,
-               "RUNNERD_EXPERIMENT": event["experiment"] or "", "RUNNERD_SOCKET": self.socket}
-        call = HookCall(hook.command, json.dumps(body).encode(), env, hook.timeout)
-        try:
-            return await anyio.to_thread.run_sync(call.run, limiter=self.limiter,
-                                                  abandon_on_cancel=True)
-        finally:
-            call.kill()  # a no-op once it ended; at shutdown it stops the command
+        """One call of the hook's command with the event and its run (read when the call
+        gets its turn), in a worker thread; killed if the daemon stops meanwhile."""
+        async with self.slots:
+            run, sweep = await self.registry.read(
+                partial(_subject, run_id=event["run_id"], sweep_id=event["sweep_id"]))
+            body: dict[str, Any] = {"hook": hook.name, "event": event, "run": run}
+            if sweep is not None:
+                body["sweep"] = sweep
+            state = (run or {}).get("state") or (sweep or {}).get("status") or ""
+            env = {"RUNNERD_HOOK": hook.name, "RUNNERD_EVENT": event["name"],
+                   "RUNNERD_RUN_ID": event["run_id"] or "", "RUNNERD_STATE": state,
+                   "RUNNERD_EXPERIMENT": event["experiment"] or "",
+                   "RUNNERD_SOCKET": self.socket}
+            call = HookCall(hook.command, body, env, hook.timeout)
+            try:
+                return await anyio.to_thread.run_sync(call.run, limiter=self.threads,
+                                                      abandon_on_cancel=True)
+            finally:
+                call.kill()  # a no-op once it ended; at shutdown it stops the command
 
 
 class HookWorker:
@@ -140,7 +141,7 @@ class HookWorker:
         self.retrying: set[str] = set()
         self.calls = self.delivered = self.failed = 0
         self.changed = anyio.Event()
-        self.saved: bytes | None = None
+        self.version = self.saved = 0  # of what the cursor file should hold / holds
 
     async def run(self) -> None:
         """Serve the hook; a fault in it is logged and the hook restarted from its cursor,
@@ -166,7 +167,7 @@ class HookWorker:
     async def _load(self) -> None:
         folder, name = self.runner.folder, self.hook.name
         saved = await anyio.to_thread.run_sync(cursor.load, folder, name)
-        last_seq = await self.runner.registry.read(lambda store: store.last_event())
+        last_seq = await self.runner.registry.read(lambda store: store.events.last_seq())
         if saved is None:  # a new hook: it gets what happens from now on
             saved = cursor.Cursor(last_seq)
         elif saved.seq > last_seq:
@@ -174,7 +175,6 @@ class HookWorker:
                         "pruned or restored; it goes on from there", name, saved.seq, last_seq)
             saved = cursor.Cursor(last_seq, last=saved.last)
         self._reset(saved)
-        self.saved = saved.encode()
 
     async def _read_log(self, tg: TaskGroup) -> None:
         while True:
@@ -182,7 +182,7 @@ class HookWorker:
                 await self._sleep()
                 continue
             page = await self.runner.registry.read(
-                lambda store: store.events_after(self.read_to, None, None, None, PAGE))
+                lambda store: store.events.after(self.read_to, None, None, None, PAGE))
             self._take(page, tg)
             if len(page) < PAGE:
                 await self._sleep()
@@ -213,6 +213,7 @@ class HookWorker:
             queue.popleft()
             self.waiting.discard(event["seq"])
             self.done_above.add(event["seq"])
+            self.version += 1
             self._advance()
             self.changed.set()
             if len(self.waiting) == WINDOW - 1:  # room again: read on
@@ -240,6 +241,7 @@ class HookWorker:
 
     def _note(self, event: Event, outcome: Outcome) -> None:
         self.calls += 1
+        self.version += 1
         self.delivered += outcome.ok
         self.failed += not outcome.ok
         self.last = {"at": iso(time.time()),
@@ -251,6 +253,7 @@ class HookWorker:
         """Move the cursor up to the first event still waiting (or all that was read)."""
         cursor_seq = min(self.waiting) - 1 if self.waiting else self.read_to
         if cursor_seq != self.cursor:
+            self.version += 1
             self.cursor = cursor_seq
             self.done_above = {seq for seq in self.done_above if seq > cursor_seq}
 
@@ -264,10 +267,10 @@ class HookWorker:
             await self._save()
 
     async def _save(self) -> None:
-        state = cursor.Cursor(self.cursor, set(self.done_above), self.last)
-        data = state.encode()
-        if data == self.saved:
+        if self.version == self.saved:
             return
+        version, state = self.version, cursor.Cursor(self.cursor, set(self.done_above),
+                                                     self.last)
         try:
             await anyio.to_thread.run_sync(cursor.save, self.runner.folder, self.hook.name,
                                            state)
@@ -275,7 +278,7 @@ class HookWorker:
             log.error("hook %s: cannot save its cursor in %s: %s", self.hook.name,
                       self.runner.folder, exc)
             return
-        self.saved = data
+        self.saved = version
 
     def status(self, last_seq: int) -> dict[str, Any]:
         """What `runnerctl hooks` shows: the hook, where it is, and its last result."""
