@@ -106,7 +106,7 @@ class Broker:
         """Start the stream: the backlog after `since` from the log, then live events."""
         self.subscribers.add(subscriber)
         if since is None:
-            subscriber.last_seq = await self.registry.read(lambda s: s.last_event())
+            subscriber.last_seq = await self.registry.read(lambda s: s.events.last_seq())
         else:
             subscriber.last_seq = since
             await self._send_backlog(subscriber)
@@ -129,4 +129,4 @@ class Broker:
 
 def _page(store: Store, after: int, run_id: str | None, experiment: str | None,
           sweep_id: str | None) -> list[Event]:
-    return store.events_after(after, run_id, experiment, sweep_id, BACKLOG_PAGE)
+    return store.events.after(after, run_id, experiment, sweep_id, BACKLOG_PAGE)

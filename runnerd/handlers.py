@@ -173,11 +173,11 @@ def _mutate(ctx: Context, req: Mutation | SweepMutation,
     digest = _payload_digest(req)
 
     def op(store: Store) -> Reply:
-        first = store.replayed(req.key, req.op, req.subject, digest)
+        first = store.upkeep.replayed(req.key, req.op, req.subject, digest)
         if first is not None:
             return first
         reply = apply(store, at)
-        store.remember(req.key, req.op, req.subject, reply, at, digest)
+        store.upkeep.remember(req.key, req.op, req.subject, reply, at, digest)
         return reply
 
     return ctx.registry.submit(op)
@@ -210,7 +210,7 @@ def handle_create(ctx: Context, peer: Peer, req: Create) -> Awaitable[Reply]:
         paths.default_run_dir(req.run_id))
 
     def apply(store: Store, at: float) -> Reply:
-        if store.run_row(req.run_id) is not None:
+        if store.runs.get(req.run_id) is not None:
             raise RunnerdError(ErrorCode.CONFLICT, f"run {req.run_id} already exists")
         previous = _claim_cell(store, req, at) if req.sweep_id is not None else \
             _resumable(store, req, at) if req.resume else None
@@ -218,8 +218,8 @@ def handle_create(ctx: Context, peer: Peer, req: Create) -> Awaitable[Reply]:
             previous["state"] != State.SUCCEEDED else None
         if resumed is not None:
             _same_params(resumed, req.params or {})
-        attempt = store.next_attempt(req.experiment, req.variation)
-        store.insert("runs", {
+        attempt = store.runs.next_attempt(req.experiment, req.variation)
+        store.runs.insert({
             "run_id": req.run_id, "experiment": req.experiment, "variation": req.variation,
             "attempt": attempt, "state": State.PENDING.value, "params": params, "tags": tags,
             "cwd": req.cwd, "run_dir": run_dir, "host": req.host, "created_at": at,
@@ -227,14 +227,14 @@ def handle_create(ctx: Context, peer: Peer, req: Create) -> Awaitable[Reply]:
             "cell": req.cell, "resumed_from": resumed["run_id"] if resumed else None,
         })
         if req.sweep_id is not None and req.cell is not None:
-            store.claim_cell(req.sweep_id, req.cell, req.run_id)
-        store.record_creation(req.run_id, at, peer.source)
-        store.add_pid(req.run_id, peer.pid, peer.start_time, at)
+            store.sweeps.claim_cell(req.sweep_id, req.cell, req.run_id)
+        store.runs.record_creation(req.run_id, at, peer.source)
+        store.attachments.add_pid(req.run_id, peer.pid, peer.start_time, at)
         reply = {"run_id": req.run_id, "attempt": attempt, "run_dir": run_dir,
                  "state": State.PENDING.value}
         if resumed is not None:
             reply["resumed_from"] = resumed["run_id"]
-            reply["resume_checkpoint"] = store.resume_checkpoint(resumed["run_id"])
+            reply["resume_checkpoint"] = store.attachments.resume_checkpoint(resumed["run_id"])
         return reply
 
     return _mutate(ctx, req, apply)
@@ -244,13 +244,13 @@ def _claim_cell(store: Store, req: Create, at: float) -> dict[str, Any] | None:
     """Check that the cell is the requester's to run (its latest attempt is still the one
     it planned after, and none is live); return that latest attempt's row."""
     assert req.sweep_id is not None and req.cell is not None
-    sweep = store.require_sweep(req.sweep_id)
-    cell = store.cell_row(req.sweep_id, req.cell)
+    sweep = store.sweeps.require(req.sweep_id)
+    cell = store.sweeps.cell(req.sweep_id, req.cell)
     if (sweep["experiment"], cell["variation"]) != (req.experiment, req.variation):
         raise _bad(f"cell {req.cell} of sweep {req.sweep_id} is"
                    f" {sweep['experiment']}/{cell['variation']}")
     latest = cell["latest_run_id"]
-    row = store.run_row(latest) if latest else None
+    row = store.runs.get(latest) if latest else None
     if latest != req.claim_after and not _redispatch(row, req):
         raise RunnerdError(ErrorCode.CONFLICT, f"cell {req.cell} of sweep {req.sweep_id}"
                            f" was claimed meanwhile by run {latest}")
@@ -269,7 +269,7 @@ def _redispatch(latest: dict[str, Any] | None, req: Create) -> bool:
 
 def _resumable(store: Store, req: Create, at: float) -> dict[str, Any] | None:
     """The latest attempt of the experiment and variation, which a resume follows."""
-    row = store.latest_attempt(req.experiment, req.variation)
+    row = store.runs.latest_attempt(req.experiment, req.variation)
     if row is not None:
         _take_over(store, row, at, f"{req.experiment}/{req.variation}")
     return row
@@ -304,7 +304,7 @@ def handle_start(ctx: Context, peer: Peer, req: Start) -> Awaitable[Reply]:
         _positive(name, getattr(req, name))
 
     def apply(store: Store, at: float) -> Reply:
-        row = store.require_run(req.run_id)
+        row = store.runs.require(req.run_id)
         # A limit the request does not name keeps the run's own (set by an earlier start).
         timeout = req.heartbeat_timeout or row["heartbeat_timeout"] or ctx.config.heartbeat_timeout
         grace = req.lost_grace or row["lost_grace"] or ctx.config.lost_grace
@@ -313,7 +313,7 @@ def handle_start(ctx: Context, peer: Peer, req: Start) -> Awaitable[Reply]:
             store, row, Event.START, at, peer.source, started_at=row["started_at"] or at,
             last_heartbeat_at=at, heartbeat_timeout=timeout, lost_grace=grace, deadline=deadline,
         )
-        store.add_pid(req.run_id, peer.pid, peer.start_time, at)
+        store.attachments.add_pid(req.run_id, peer.pid, peer.start_time, at)
         return {"state": state.value, "attempt": row["attempt"]}
 
     return _mutate(ctx, req, apply)
@@ -321,15 +321,15 @@ def handle_start(ctx: Context, peer: Peer, req: Start) -> Awaitable[Reply]:
 
 def handle_attach(ctx: Context, peer: Peer, req: Attach) -> Awaitable[Reply]:
     def apply(store: Store, at: float) -> Reply:
-        row = store.require_run(req.run_id)
+        row = store.runs.require(req.run_id)
         # Back from lost is a sign of life: the watchdog counts the heartbeat timeout from now.
         alive: dict[str, Any] = {"last_heartbeat_at": max(at, row["last_heartbeat_at"] or 0.0)} \
             if row["state"] == State.LOST else {}
         transition(store, row, Event.ATTACH, at, peer.source, **alive)
-        store.add_pid(req.run_id, peer.pid, peer.start_time, at)
-        run = store.run_object(store.require_run(req.run_id))
+        store.attachments.add_pid(req.run_id, peer.pid, peer.start_time, at)
+        run = store.views.run_object(store.runs.require(req.run_id))
         resumed = run["resumed_from"]
-        return {"run": run, "resume_checkpoint": store.resume_checkpoint(resumed)
+        return {"run": run, "resume_checkpoint": store.attachments.resume_checkpoint(resumed)
                 if resumed else None}
 
     return _mutate(ctx, req, apply)
@@ -337,8 +337,8 @@ def handle_attach(ctx: Context, peer: Peer, req: Attach) -> Awaitable[Reply]:
 
 def handle_detach(ctx: Context, peer: Peer, req: Detach) -> Awaitable[Reply]:
     def apply(store: Store, at: float) -> Reply:
-        store.require_run(req.run_id)
-        store.remove_pid(req.run_id, peer.pid)
+        store.runs.require(req.run_id)
+        store.attachments.remove_pid(req.run_id, peer.pid)
         return {}
 
     return _mutate(ctx, req, apply)
@@ -353,18 +353,18 @@ def handle_heartbeat(ctx: Context, peer: Peer, req: Heartbeat) -> Awaitable[Repl
     at = _event_time(req.at)
 
     def op(store: Store) -> Reply:
-        if store.heartbeat_running(req.run_id, req.seq, at):
+        if store.runs.heartbeat_running(req.run_id, req.seq, at):
             return {"state": State.RUNNING.value}
-        row = store.require_run(req.run_id)
+        row = store.runs.require(req.run_id)
         counted = {"heartbeats": row["heartbeats"] + 1,
                    "last_heartbeat_at": max(at, row["last_heartbeat_at"] or 0.0)}
         if req.seq <= row["heartbeat_seq"]:
-            if store.fill_heartbeat_gap(req.run_id, req.seq):
-                store.update_run(req.run_id, **counted)
+            if store.runs.fill_heartbeat_gap(req.run_id, req.seq):
+                store.runs.update(req.run_id, **counted)
             return {"state": row["state"]}
-        store.note_heartbeat_gap(req.run_id, row["heartbeat_seq"], req.seq)
+        store.runs.note_heartbeat_gap(req.run_id, row["heartbeat_seq"], req.seq)
         if inferred_end_after(store, row, at) is not None:  # spooled, from before that end
-            store.update_run(req.run_id, heartbeat_seq=req.seq, **counted)
+            store.runs.update(req.run_id, heartbeat_seq=req.seq, **counted)
             return {"state": row["state"]}
         state = transition(store, row, Event.HEARTBEAT, at, peer.source,
                            heartbeat_seq=req.seq, **counted)
@@ -375,7 +375,7 @@ def handle_heartbeat(ctx: Context, peer: Peer, req: Heartbeat) -> Awaitable[Repl
 
 def handle_succeed(ctx: Context, peer: Peer, req: Succeed) -> Awaitable[Reply]:
     def apply(store: Store, at: float) -> Reply:
-        row = before_inferred_end(store, store.require_run(req.run_id), at)
+        row = before_inferred_end(store, store.runs.require(req.run_id), at)
         state = transition(store, row, Event.SUCCEED, at, peer.source, ended_at=at)
         return {"state": state.value}
 
@@ -402,7 +402,7 @@ def handle_fail(ctx: Context, peer: Peer, req: Fail) -> Awaitable[Reply]:
         message = f"{message}: {peak}" if peak else message
 
     def apply(store: Store, at: float) -> Reply:
-        row = before_inferred_end(store, store.require_run(req.run_id), at)
+        row = before_inferred_end(store, store.runs.require(req.run_id), at)
         record = failure_record(
             req.failure_class or default_class, message, req.reason, at,
             category_hint=req.category_hint, traceback=req.traceback, phase=req.phase,
@@ -427,11 +427,11 @@ async def handle_cancel(ctx: Context, peer: Peer, req: Cancel) -> Reply:
     targets: list[tuple[int, int | None]] = []
 
     def apply(store: Store, at: float) -> Reply:
-        row = store.require_run(req.run_id)
+        row = store.runs.require(req.run_id)
         record = failure_record("Cancelled", req.message or "cancelled by the user",
                                 FailReason.ABANDONED, at)
         state = end_with_failure(store, row, Event.CANCEL, record, "cancel")
-        targets.extend(store.pid_records(req.run_id))
+        targets.extend(store.attachments.pid_records(req.run_id))
         return {"state": state.value}
 
     reply = await _mutate(ctx, req, apply)
@@ -453,11 +453,11 @@ def handle_checkpoint(ctx: Context, peer: Peer, req: Checkpoint) -> Awaitable[Re
     data = _json(req.data, "data")
 
     def apply(store: Store, at: float) -> Reply:
-        row = store.require_run(req.run_id)
+        row = store.runs.require(req.run_id)
         if State(row["state"]).terminal:
             raise RunnerdError(ErrorCode.INVALID_TRANSITION,
                                f"cannot checkpoint a run that is {row['state']}")
-        return {"seq": store.add_checkpoint(req.run_id, data, req.path, at)}
+        return {"seq": store.attachments.add_checkpoint(req.run_id, data, req.path, at)}
 
     return _mutate(ctx, req, apply)
 
@@ -473,13 +473,13 @@ def handle_label(ctx: Context, peer: Peer, req: Label) -> Awaitable[Reply]:
     note = (req.note or "")[:MAX_NAME] or None
 
     def apply(store: Store, at: float) -> Reply:
-        row = store.require_run(req.run_id)
-        store.put_label(req.run_id, req.category, note, at)
-        failure = store.failure_row(req.run_id) if row["state"].startswith("failed") else None
+        row = store.runs.require(req.run_id)
+        store.failures.put_label(req.run_id, req.category, note, at)
+        failure = store.failures.get(req.run_id) if row["state"].startswith("failed") else None
         if failure is None:
             return {"state": row["state"], "applied": False}
         record = relabelled(failure, req.category, note)
-        store.put_failure(req.run_id, record)
+        store.failures.put(req.run_id, record)
         return {"state": row["state"], "applied": True, "category": record["category"],
                 "retryable": bool(record["retryable"])}
 
@@ -577,8 +577,8 @@ def record_artifact(ctx: Context, req: Artifact, digest: tuple[int, str]) -> Awa
     path = os.path.normpath(req.path)
 
     def apply(store: Store, at: float) -> Reply:
-        store.require_run(req.run_id)
-        store.put_artifact(req.run_id, path, size, sha256, at)
+        store.runs.require(req.run_id)
+        store.attachments.put_artifact(req.run_id, path, size, sha256, at)
         return {"path": path, "size": size, "sha256": sha256}
 
     return _mutate(ctx, req, apply)
@@ -588,7 +588,7 @@ def record_artifact(ctx: Context, req: Artifact, digest: tuple[int, str]) -> Awa
 
 
 async def handle_get(ctx: Context, peer: Peer, req: Get) -> Reply:
-    return {"run": await ctx.registry.read(lambda s: s.run_details(s.resolve(req.run)))}
+    return {"run": await ctx.registry.read(lambda s: s.views.run_details(s.runs.resolve(req.run)))}
 
 
 async def handle_list(ctx: Context, peer: Peer, req: ListRuns) -> Reply:
@@ -599,9 +599,9 @@ async def handle_list(ctx: Context, peer: Peer, req: ListRuns) -> Reply:
 
     def read(store: Store) -> list[dict[str, Any]]:
         if req.interrupted:
-            return store.interrupted_runs(req.limit)
-        sweep_id = store.resolve_sweep(req.sweep) if req.sweep is not None else None
-        return store.list_runs(state=req.state, experiment=req.experiment, since=req.since,
+            return store.views.interrupted_runs(req.limit)
+        sweep_id = store.sweeps.resolve(req.sweep) if req.sweep is not None else None
+        return store.views.list_runs(state=req.state, experiment=req.experiment, since=req.since,
                                limit=req.limit, sweep_id=sweep_id)
 
     return {"runs": await ctx.registry.read(read)}
@@ -611,8 +611,8 @@ async def handle_status(ctx: Context, peer: Peer, req: Status) -> Reply:
     limit = max(1, min(req.limit, 100))
 
     def read(store: Store) -> Reply:
-        return {"counts": store.counts(), "active": store.active_runs(limit),
-                "failures": store.failures(limit=limit)}
+        return {"counts": store.views.counts(), "active": store.views.active_runs(limit),
+                "failures": store.failures.listing(limit=limit)}
 
     body = await ctx.registry.read(read)
     body["daemon"] = {
@@ -634,12 +634,12 @@ async def handle_failures(ctx: Context, peer: Peer, req: Failures) -> Reply:
         raise _bad(f"limit must be between 1 and {MAX_LIST}")
     if req.group_by is None:
         def read(store: Store) -> Reply:
-            run_id = store.resolve(req.run) if req.run else None
-            return {"failures": store.failures(since=req.since, experiment=req.experiment,
+            run_id = store.runs.resolve(req.run) if req.run else None
+            return {"failures": store.failures.listing(since=req.since, experiment=req.experiment,
                                                run_id=run_id, limit=req.limit)}
         return await ctx.registry.read(read)
     key = GROUP_KEYS[req.group_by]
-    return {"groups": await ctx.registry.read(lambda s: s.failure_groups(
+    return {"groups": await ctx.registry.read(lambda s: s.failures.groups(
         key, since=req.since, experiment=req.experiment, limit=req.limit))}
 
 
@@ -648,7 +648,7 @@ async def handle_export(ctx: Context, peer: Peer, req: Export) -> Reply:
         raise _bad("what must be 'runs' or 'failures'")
     if not 1 <= req.limit <= MAX_LIST:
         raise _bad(f"limit must be between 1 and {MAX_LIST}")
-    items = await ctx.registry.read(lambda s: s.export_page(req.what, req.after, req.limit))
+    items = await ctx.registry.read(lambda s: s.views.export_page(req.what, req.after, req.limit))
     return {"items": items, "next": items[-1]["run_id"] if len(items) == req.limit else None}
 
 
@@ -712,9 +712,9 @@ async def handle_sweep_create(ctx: Context, peer: Peer, req: SweepCreate) -> Rep
     cells = await anyio.to_thread.run_sync(_sweep_cells, req.spec, MAX_CELLS)
 
     def apply(store: Store, at: float) -> Reply:
-        if store.sweep_row(req.sweep_id) is not None:
+        if store.sweeps.get(req.sweep_id) is not None:
             raise RunnerdError(ErrorCode.CONFLICT, f"sweep {req.sweep_id} already exists")
-        store.insert_sweep({
+        store.sweeps.insert({
             "sweep_id": req.sweep_id, "experiment": req.experiment,
             "failure_policy": req.failure_policy, "spec": spec, "folder": folder,
             "status": SweepStatus.RUNNING.value, "driver_pid": peer.pid,
@@ -726,11 +726,11 @@ async def handle_sweep_create(ctx: Context, peer: Peer, req: SweepCreate) -> Rep
 
 def handle_sweep_start(ctx: Context, peer: Peer, req: SweepStart) -> Awaitable[Reply]:
     def apply(store: Store, at: float) -> Reply:
-        row = store.require_sweep(req.sweep_id)
+        row = store.sweeps.require(req.sweep_id)
         if sweeps.status(row) == SweepStatus.RUNNING and row["driver_pid"] not in (None,
                                                                                     peer.pid):
             return {"sweep_id": req.sweep_id, "driver_pid": row["driver_pid"]}  # it helps
-        store.update_sweep(req.sweep_id, status=SweepStatus.RUNNING.value, ended_at=None,
+        store.sweeps.update(req.sweep_id, status=SweepStatus.RUNNING.value, ended_at=None,
                            driver_pid=peer.pid, driver_start=peer.start_time)
         return {"sweep_id": req.sweep_id, "driver_pid": peer.pid}
 
@@ -744,17 +744,18 @@ async def handle_sweep_end(ctx: Context, peer: Peer, req: SweepEnd) -> Reply:
         raise _bad(f"status must be one of {', '.join(ended)}")
 
     def apply(store: Store, at: float) -> Reply:
-        row = store.require_sweep(req.sweep_id)
-        if store.live_cells(req.sweep_id):
+        row = store.sweeps.require(req.sweep_id)
+        if store.sweeps.live_cells(req.sweep_id):
             # Another driver still runs cells of it: the last one to end ends the sweep.
             if row["driver_pid"] == peer.pid:
-                store.update_sweep(req.sweep_id, driver_pid=None, driver_start=None)
+                store.sweeps.update(req.sweep_id, driver_pid=None, driver_start=None)
             return {"sweep_id": req.sweep_id, "skipped": 0, "ended": False}
-        skipped = store.skip_unattempted(req.sweep_id) if req.skip else 0
-        store.update_sweep(req.sweep_id, status=req.status, ended_at=at, driver_pid=None,
+        skipped = store.sweeps.skip_unattempted(req.sweep_id) if req.skip else 0
+        store.sweeps.update(req.sweep_id, status=req.status, ended_at=at, driver_pid=None,
                            driver_start=None)
-        store.log_sweep_event(req.sweep_id, "sweep_ended", at, {  # for hooks and follow
-            "status": req.status, "skipped": skipped, "cells": store.cells_summary(req.sweep_id)})
+        store.events.log_sweep(req.sweep_id, row["experiment"], "sweep_ended", at, {
+            "status": req.status, "skipped": skipped,  # for hooks and follow
+            "cells": store.sweeps.summary(req.sweep_id)})
         return {"sweep_id": req.sweep_id, "skipped": skipped, "ended": True}
 
     reply = await _mutate(ctx, req, apply)
@@ -763,7 +764,7 @@ async def handle_sweep_end(ctx: Context, peer: Peer, req: SweepEnd) -> Reply:
 
 async def handle_sweep_get(ctx: Context, peer: Peer, req: SweepGet) -> Reply:
     def read(store: Store) -> Reply:
-        return sweeps.sweep_object(store, store.require_sweep(store.resolve_sweep(req.sweep)))
+        return sweeps.sweep_object(store, store.sweeps.require(store.sweeps.resolve(req.sweep)))
     return {"sweep": await ctx.registry.read(read)}
 
 
@@ -772,7 +773,7 @@ async def handle_sweep_cells(ctx: Context, peer: Peer, req: SweepCells) -> Reply
         raise _bad(f"limit must be between 1 and {MAX_LIST}")
 
     def read(store: Store) -> list[dict[str, Any]]:
-        return store.cells(store.resolve_sweep(req.sweep), after=req.after,
+        return store.sweeps.cells(store.sweeps.resolve(req.sweep), after=req.after,
                            limit=req.limit + 1, unfinished=req.unfinished)
 
     cells = await ctx.registry.read(read)
@@ -785,7 +786,7 @@ async def handle_sweep_list(ctx: Context, peer: Peer, req: SweepList) -> Reply:
     if not 1 <= req.limit <= MAX_LIST:
         raise _bad(f"limit must be between 1 and {MAX_LIST}")
     return {"sweeps": await ctx.registry.read(lambda store: [
-        sweeps.sweep_object(store, row) for row in store.sweep_rows(req.limit)])}
+        sweeps.sweep_object(store, row) for row in store.sweeps.latest(req.limit)])}
 
 
 def _db_size(db: Path) -> int:

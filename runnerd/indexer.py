@@ -378,7 +378,7 @@ def owner(store: Store, path: str) -> str | None:
     """The run whose folder holds `path` (the folder itself or one of its parents)."""
     folder = os.path.dirname(path)
     for _ in range(OWNER_DEPTH):
-        run_id = store.run_in_dir(folder)
+        run_id = store.indexing.run_in_dir(folder)
         if run_id is not None:
             return run_id
         parent = os.path.dirname(folder)
@@ -397,7 +397,7 @@ def apply_fact(store: Store, fact: Fact, at: float) -> str:
     run_id = owner(store, fact.path)
     if run_id is None:
         return "orphan"
-    store.put_crash_file(run_id, fact.path, fact.kind.value, fact.size, at)
+    store.indexing.put_crash_file(run_id, fact.path, fact.kind.value, fact.size, at)
     if fact.text:
         _enrich_failure(store, run_id, fact)
     return "indexed"
@@ -405,7 +405,7 @@ def apply_fact(store: Store, fact: Fact, at: float) -> str:
 
 def _enrich_failure(store: Store, run_id: str, fact: Fact) -> None:
     """Give a failure the traceback it lacks; a crash.log turns ProcessExited into a signal."""
-    failure = store.failure_row(run_id)
+    failure = store.failures.get(run_id)
     if failure is None:
         return
     crash = crash_signal(fact.text or "") if fact.kind is FileKind.CRASH_LOG else None
@@ -414,12 +414,12 @@ def _enrich_failure(store: Store, run_id: str, fact: Fact) -> None:
         record = failure_record(f"Signal:{signal}", f"{failure['message']}: {first_line}",
                                 failure["reason"], failure["at"], traceback=fact.text,
                                 signal=signal, exit_code=failure["exit_code"])
-        store.put_failure(run_id, record)
+        store.failures.put(run_id, record)
     elif not failure["traceback"]:
         record = failure_record(failure["failure_class"], failure["message"], failure["reason"],
                                 failure["at"], traceback=fact.text, phase=failure["phase"],
                                 exit_code=failure["exit_code"], signal=failure["signal"])
-        store.put_failure(run_id, record)
+        store.failures.put(run_id, record)
 
 
 _SUCCEEDED = ("succeeded", "success", "successful", "completed", "complete", "finished", "done",
@@ -448,7 +448,7 @@ def import_run(store: Store, fact: Fact, at: float) -> str:
     run_id = doc["run_id"] or ""
     if not is_valid_run_id(run_id):
         run_id = "imp-" + hashlib.sha1(folder.encode()).hexdigest()[:16]
-    if store.run_row(run_id) is not None or store.run_in_dir(folder) is not None:
+    if store.runs.get(run_id) is not None or store.indexing.run_in_dir(folder) is not None:
         return "known"
     state = imported_state(doc)
     start = at if doc["start_time"] is None else doc["start_time"]
@@ -459,19 +459,19 @@ def import_run(store: Store, fact: Fact, at: float) -> str:
     experiment = doc["experiment"] or os.path.basename(os.path.dirname(folder)) or "-"
     variation = doc["variation"] or os.path.basename(folder) or "default"
     experiment, variation = experiment[:MAX_NAME], variation[:MAX_NAME]
-    store.insert("runs", {
+    store.runs.insert({
         "run_id": run_id, "experiment": experiment, "variation": variation,
-        "attempt": store.next_attempt(experiment, variation),
+        "attempt": store.runs.next_attempt(experiment, variation),
         "state": State.PENDING.value, "params": json.dumps(doc["params"]),
         "tags": json.dumps({"source": SOURCE}), "run_dir": folder, "created_at": start,
     })
-    store.record_creation(run_id, start, SOURCE)
-    row = store.require_run(run_id)
-    store.set_state(row, state, at=end or at, cause="import", source=SOURCE, started_at=start,
+    store.runs.record_creation(run_id, start, SOURCE)
+    row = store.runs.require(run_id)
+    store.runs.set_state(row, state, at=end or at, cause="import", source=SOURCE, started_at=start,
                     ended_at=end, lost_at=None if state.terminal else at,
                     last_heartbeat_at=start, lost_grace=None)
     if state.value.startswith("failed"):
-        store.put_failure(run_id, failure_record(
+        store.failures.put(run_id, failure_record(
             doc["failure_class"] or "Imported",
             doc["failure_reason"] or doc["error"] or doc["status"],
             FailReason.CRASH if state is State.FAILED_CRASH else state.value.split("_")[1],
@@ -514,20 +514,21 @@ class Indexer:
 
     async def load(self) -> None:
         """The directories added with `watch`, and those the config names."""
-        self.dirs = set(await self.registry.read(lambda s: s.watched_dirs())) | self.extra_dirs
+        watched = await self.registry.read(lambda s: s.indexing.watched_dirs())
+        self.dirs = set(watched) | self.extra_dirs
 
     async def add(self, folder: str) -> Summary:
         """Watch `folder` from now on: scan it once in full, then follow it. UntrustedPath
         for a folder `check_watchable` refuses."""
         await anyio.to_thread.run_sync(check_watchable, folder)
-        await self.registry.submit(lambda s: s.add_watched_dir(folder, time.time()))
+        await self.registry.submit(lambda s: s.indexing.add_watched_dir(folder, time.time()))
         summary = await self.index(await anyio.to_thread.run_sync(scan, folder))
         self.dirs.add(folder)
         self._changed.set()
         return summary
 
     async def remove(self, folder: str) -> bool:
-        removed: bool = await self.registry.submit(lambda s: s.remove_watched_dir(folder))
+        removed: bool = await self.registry.submit(lambda s: s.indexing.remove_watched_dir(folder))
         self.dirs.discard(folder)
         self._changed.set()
         return removed

@@ -50,11 +50,11 @@ def process_exited(store: Store, run_id: str, pid: int, at: float, note: str,
                    explanation: dict[str, Any] | None = None) -> None:
     """Drop a dead pid from a run; with none left, the run is failed_crash (named after the
     OOM killer when `explanation` says it struck)."""
-    row = store.run_row(run_id)
-    if row is None or State(row["state"]).terminal or pid not in store.pids(run_id):
+    row = store.runs.get(run_id)
+    if row is None or State(row["state"]).terminal or pid not in store.attachments.pids(run_id):
         return
-    store.remove_pid(run_id, pid)
-    if store.pids(run_id):
+    store.attachments.remove_pid(run_id, pid)
+    if store.attachments.pids(run_id):
         return
     if explanation is not None:
         record = failure_record(reason=FailReason.CRASH, at=at, **explanation)

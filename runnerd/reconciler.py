@@ -34,16 +34,16 @@ def reconcile(store: Store, now: float) -> list[LivePid]:
     Returns the (run_id, pid, start time) of processes still alive, to watch again.
     """
     live_pids: list[LivePid] = []
-    for row in store.active_rows():
+    for row in store.runs.active():
         run_id = row["run_id"]
-        records = store.pid_records(run_id)
+        records = store.attachments.pid_records(run_id)
         live = [(pid, start) for pid, start in records if is_alive(pid, start)]
         if records and not live:
             _fail_gone(store, row, now)
             continue
         for pid, start in records:
             if (pid, start) not in live:
-                store.remove_pid(run_id, pid)
+                store.attachments.remove_pid(run_id, pid)
         live_pids += [(run_id, pid, start) for pid, start in live]
     return live_pids
 
@@ -52,7 +52,7 @@ def _fail_gone(store: Store, row: dict[str, Any], now: float) -> None:
     """A run whose processes are gone at start-up. If they were attached in this boot they
     died on their own while runnerd was down: crashed (crash.log says how, if it can).
     Otherwise the machine went down under them: interrupted (and worth resuming)."""
-    boots = store.pid_boots(row["run_id"])
+    boots = store.attachments.pid_boots(row["run_id"])
     pids = ", ".join(str(pid) for pid, _ in boots)
     record = exit_failure(row["run_dir"], pids, "exited while runnerd was down", now)
     current = procinfo.boot_id()
@@ -183,7 +183,7 @@ async def recover(ctx: Context, watchdog: Watchdog, watcher: ProcessWatcher) -> 
     live = await registry.submit(lambda store: reconcile(store, time.time()))
     for run_id, pid, start in live:
         watcher.watch(run_id, pid, start)
-    rows = await registry.read(lambda store: store.active_rows())
+    rows = await registry.read(lambda store: store.runs.active())
     for row in rows:
         watchdog.arm(row["run_id"], next_due(row))
     log.info("recovered %d active runs (%d live processes) in %.3f s",

@@ -22,7 +22,7 @@ from typing import Any
 
 import anyio
 
-from runnerd.registry import Registry, StorageError, Store
+from runnerd.registry import Registry, StorageError
 
 log = logging.getLogger(__name__)
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -292,8 +292,9 @@ class Sampler:
         self._unsaved = {}
         if not sampled:
             return
-        future = self.registry.submit(partial(Store.put_resources, sampled=sampled,
-                                              warnings=warnings, at=time.time()))
+        at = time.time()
+        future = self.registry.submit(
+            lambda store: store.attachments.put_resources(sampled, warnings, at))
         future.add_done_callback(partial(self._recorded, sampled, warnings))
 
     def _recorded(self, sampled: dict[str, dict[str, Any]], warnings: dict[str, dict[str, Any]],

@@ -105,7 +105,7 @@ async def _inform_systemd(ctx: Context, notifier: Notifier) -> None:
     """WATCHDOG=1 at half the watchdog interval, from the event loop, with a fresh STATUS."""
     interval = notifier.watchdog_interval or STATUS_INTERVAL
     while True:
-        counts = await ctx.registry.read(lambda store: store.counts())
+        counts = await ctx.registry.read(lambda store: store.views.counts())
         status = ", ".join(f"{counts.get(s, 0)} {s}" for s in ("running", "lost", "pending"))
         fields = [f"STATUS={sum(counts.values())} runs: {status}; {ctx.connections} clients"]
         if notifier.watchdog_interval:
@@ -194,7 +194,7 @@ async def _serve_until_signal(ctx: Context, sock: socket.socket, watchdog: Watch
 async def resume_interrupted(ctx: Context) -> None:
     """With `resume_interrupted = true`: relaunch what a crash interrupted, as
     `runnerctl resume --interrupted` would, in a process of its own that outlives us."""
-    if not await ctx.registry.read(lambda store: store.interrupted_runs(1)):
+    if not await ctx.registry.read(lambda store: store.views.interrupted_runs(1)):
         return
     log_path = ctx.config.db.parent / "resume-interrupted.log"
     with open(log_path, "ab") as out:

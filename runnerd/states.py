@@ -73,10 +73,10 @@ def transition(store: Store, row: dict[str, Any], event: Event, at: float, sourc
     current = State(row["state"])
     target = next_state(event, current)
     if target != current:
-        store.set_state(row, target, at=at, cause=cause or event.value, source=source,
+        store.runs.set_state(row, target, at=at, cause=cause or event.value, source=source,
                         **values)
     elif values:
-        store.update_run(row["run_id"], **values)
+        store.runs.update(row["run_id"], **values)
     return target
 
 
@@ -90,7 +90,7 @@ def inferred_end_after(store: Store, row: dict[str, Any], at: float) -> str | No
     ended = row.get("ended_at")
     if not State(row["state"]).terminal or ended is None or at > ended:
         return None
-    last = store.last_transition(row["run_id"])
+    last = store.runs.last_transition(row["run_id"])
     if last is None or last[0] is None or last[1] not in INFERRED:
         return None
     return last[0]
@@ -103,7 +103,7 @@ def before_inferred_end(store: Store, row: dict[str, Any], at: float) -> dict[st
     earlier = inferred_end_after(store, row, at)
     if earlier is None:
         return row
-    store.drop_failure(row["run_id"])
+    store.failures.drop(row["run_id"])
     return {**row, "state": earlier}
 
 
@@ -134,9 +134,9 @@ def end_with_failure(store: Store, row: dict[str, Any], event: Event, record: di
     """End a run in the failed state `event` leads to, with its failure record (recorded
     first, so its event precedes the terminal transition in the event log)."""
     next_state(event, State(row["state"]))
-    label = store.label(row["run_id"])
+    label = store.failures.label(row["run_id"])
     if label is not None:
         record = relabelled(record, *label)
-    store.put_failure(row["run_id"], record)
+    store.failures.put(row["run_id"], record)
     return transition(store, row, event, record["at"], source, cause=cause,
                       ended_at=record["at"])

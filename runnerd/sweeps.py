@@ -42,7 +42,7 @@ def sweep_object(store: Store, row: dict[str, Any]) -> dict[str, Any]:
         "folder": row["folder"], "manifest": str(Path(row["folder"]) / "manifest.json"),
         "status": status(row), "created_at": iso(row["created_at"]),
         "ended_at": iso(row["ended_at"]), "driver_pid": row["driver_pid"],
-        "cells_summary": store.cells_summary(row["sweep_id"]),
+        "cells_summary": store.sweeps.summary(row["sweep_id"]),
     }
 
 
@@ -51,7 +51,7 @@ MANIFEST_PAGE = 5000
 
 def manifest_head(store: Store, sweep_id: str) -> dict[str, Any]:
     """manifest.json of SPEC §8 without its cells: the sweep and its cells summary."""
-    doc = sweep_object(store, store.require_sweep(sweep_id))
+    doc = sweep_object(store, store.sweeps.require(sweep_id))
     for key in ("manifest", "driver_pid"):
         doc.pop(key)
     return doc
@@ -121,4 +121,4 @@ class ManifestWriter:
 
 
 def _cells_page(store: Store, sweep_id: str, after: int) -> list[dict[str, Any]]:
-    return store.cells(sweep_id, after=after, limit=MANIFEST_PAGE)
+    return store.sweeps.cells(sweep_id, after=after, limit=MANIFEST_PAGE)

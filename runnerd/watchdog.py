@@ -44,7 +44,7 @@ def next_due(row: dict[str, Any]) -> float | None:
 
 def check_run(store: Store, run_id: str, now: float) -> float | None:
     """Apply whatever is due for a run (deadline, missed heartbeats, grace); return next due."""
-    row = store.run_row(run_id)
+    row = store.runs.get(run_id)
     if row is None or State(row["state"]).terminal:
         return None
     if row["deadline"] and row["started_at"] is not None \
@@ -56,7 +56,7 @@ def check_run(store: Store, run_id: str, now: float) -> float | None:
     if row["state"] == State.RUNNING and row["last_heartbeat_at"] is not None \
             and now >= row["last_heartbeat_at"] + row["heartbeat_timeout"]:
         transition(store, row, Event.HEARTBEAT_MISSED, now, SOURCE, lost_at=now)
-        row = store.require_run(run_id)
+        row = store.runs.require(run_id)
     elif row["state"] == State.LOST and row["lost_at"] is not None \
             and now >= row["lost_at"] + row["lost_grace"]:
         record = failure_record(

@@ -28,7 +28,7 @@ import pytest
 from test_storage_faults import HOLD_LOCK, create, fill, tmpfs
 
 from conftest import Daemon, RawClient, wait_for
-from runnerd.registry import Registry, Store
+from runnerd.registry import Registry
 from runnerd_client.connection import Connection
 from runnerd_client.ids import new_key, new_run_id
 
@@ -367,7 +367,7 @@ async def test_a_read_cancelled_before_its_turn_is_skipped(tmp_path: Path) -> No
         assert await blocker is True
         with pytest.raises(asyncio.CancelledError):
             await queued
-        assert await registry.read(Store.counts) == {}
+        assert await registry.read(lambda store: store.views.counts()) == {}
         assert ran == []
     finally:
         await registry.close_db()

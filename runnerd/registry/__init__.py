@@ -1,0 +1,23 @@
+"""The SQLite run registry. Nothing outside this package writes SQL or names a column.
+
+- `schema`: the migrations, one per schema version.
+- `opening`: opening the file, and refusing one that is locked, damaged or remote.
+- `writer`: `Registry`, the group-commit writer and the reader, on threads of their own.
+- `effects`: what a committed batch changed, for the daemon's subscribers.
+- `store`: `Store`, the registry on one connection, by subject: `runs` (and their states),
+  `attachments` (processes, artifacts, checkpoints, resources), `events`, `failures`,
+  `sweeps` (and cells), `indexing` (the crash indexer's bookkeeping), `upkeep`
+  (idempotency keys, pruning) and `views` (rows made into the public run objects).
+"""
+
+from runnerd.registry.effects import BatchResult, Effects, Transition
+from runnerd.registry.opening import DamagedRegistry, StorageError
+from runnerd.registry.rows import iso
+from runnerd.registry.schema import MIGRATIONS, SCHEMA_VERSION
+from runnerd.registry.store import Store
+from runnerd.registry.writer import Op, Registry
+
+__all__ = [
+    "MIGRATIONS", "SCHEMA_VERSION", "BatchResult", "DamagedRegistry", "Effects", "Op",
+    "Registry", "StorageError", "Store", "Transition", "iso",
+]

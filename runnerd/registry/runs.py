@@ -1,0 +1,127 @@
+"""Runs and their states: the runs table, the transitions that moved them, and heartbeats."""
+
+from __future__ import annotations
+
+import sqlite3
+from typing import Any
+
+from runnerd.registry.effects import Effects, Transition
+from runnerd.registry.events import EventLog
+from runnerd.registry.schema import RUN_COLUMNS
+from runnerd_client.protocol import ACTIVE_STATES, ErrorCode, RunnerdError, State
+
+MAX_GAP = 10_000
+"""The most skipped heartbeat seqs remembered per jump (a client never skips one: a gap is
+events delivered out of order, a few at most)."""
+_SELECT = f"SELECT {', '.join(RUN_COLUMNS)} FROM runs"
+
+
+class Runs:
+    def __init__(self, conn: sqlite3.Connection, effects: Effects, events: EventLog) -> None:
+        self.conn = conn
+        self.effects = effects
+        self.events = events
+
+    def get(self, run_id: str) -> dict[str, Any] | None:
+        row = self.conn.execute(f"{_SELECT} WHERE run_id = ?", (run_id,)).fetchone()
+        return dict(zip(RUN_COLUMNS, row, strict=True)) if row else None
+
+    def require(self, run_id: str) -> dict[str, Any]:
+        row = self.get(run_id)
+        if row is None:
+            raise RunnerdError(ErrorCode.UNKNOWN_RUN, f"no run {run_id!r}")
+        return row
+
+    def resolve(self, prefix: str) -> str:
+        """The one run_id starting with `prefix` (exact match first)."""
+        if not prefix:
+            raise RunnerdError(ErrorCode.BAD_REQUEST, "an empty run id matches nothing")
+        if self.get(prefix) is not None:
+            return prefix
+        rows = self.conn.execute(
+            "SELECT run_id FROM runs WHERE run_id >= ? AND run_id < ? LIMIT 2",
+            (prefix, prefix + "\U0010ffff"),
+        ).fetchall()
+        if not rows:
+            raise RunnerdError(ErrorCode.UNKNOWN_RUN, f"no run matches {prefix!r}")
+        if len(rows) > 1:
+            raise RunnerdError(ErrorCode.BAD_REQUEST, f"{prefix!r} matches more than one run")
+        return str(rows[0][0])
+
+    def next_attempt(self, experiment: str, variation: str) -> int:
+        row = self.conn.execute(
+            "SELECT MAX(attempt) FROM runs WHERE experiment = ? AND variation = ?",
+            (experiment, variation),
+        ).fetchone()
+        return int(row[0] or 0) + 1
+
+    def insert(self, values: dict[str, Any]) -> None:
+        cols = ", ".join(values)
+        marks = ", ".join("?" for _ in values)
+        self.conn.execute(f"INSERT INTO runs ({cols}) VALUES ({marks})", tuple(values.values()))
+
+    def update(self, run_id: str, **values: Any) -> None:
+        sets = ", ".join(f"{col} = ?" for col in values)
+        self.conn.execute(f"UPDATE runs SET {sets} WHERE run_id = ?", (*values.values(), run_id))
+
+    def set_state(self, row: dict[str, Any], to_state: State, *, at: float, cause: str,
+                  source: str, **values: Any) -> None:
+        """Move a run to `to_state`, recording the transition with its cause and source."""
+        from_state = State(row["state"]) if row.get("state") else None
+        self.update(row["run_id"], state=to_state.value, **values)
+        self._record(row["run_id"], from_state, to_state, at, cause, source)
+
+    def record_creation(self, run_id: str, at: float, source: str) -> None:
+        self._record(run_id, None, State.PENDING, at, "create", source)
+
+    def _record(self, run_id: str, from_state: State | None, to_state: State, at: float,
+                cause: str, source: str) -> None:
+        self.conn.execute(
+            "INSERT INTO transitions (run_id, at, from_state, to_state, cause, source)"
+            " VALUES (?, ?, ?, ?, ?, ?)", (run_id, at, from_state, to_state.value, cause, source))
+        self.effects.transitions.append(
+            Transition(run_id, from_state, to_state, at, cause, source))
+        self.events.log(run_id, "transition", at, {
+            "from": from_state, "to": to_state.value, "cause": cause, "source": source})
+
+    def last_transition(self, run_id: str) -> tuple[str | None, str] | None:
+        """(from state, source) of a run's latest transition."""
+        row = self.conn.execute(
+            "SELECT from_state, source FROM transitions WHERE run_id = ?"
+            " ORDER BY rowid DESC LIMIT 1", (run_id,)).fetchone()
+        return (row[0], row[1]) if row else None
+
+    def heartbeat_running(self, run_id: str, seq: int, at: float) -> bool:
+        """The common heartbeat in one statement: a new seq for a running run, no transition."""
+        cur = self.conn.execute(
+            "UPDATE runs SET heartbeat_seq = ?, heartbeats = heartbeats + 1,"
+            " last_heartbeat_at = max(coalesce(last_heartbeat_at, 0), ?)"
+            " WHERE run_id = ? AND state = 'running' AND heartbeat_seq = ?",
+            (seq, at, run_id, seq - 1),
+        )
+        return cur.rowcount == 1
+
+    def note_heartbeat_gap(self, run_id: str, last: int, seq: int) -> None:
+        """Remember the seqs between `last` and `seq` (a jump), to count them if they come."""
+        self.conn.executemany(
+            "INSERT OR IGNORE INTO heartbeat_gaps (run_id, seq) VALUES (?, ?)",
+            [(run_id, n) for n in range(max(last + 1, seq - MAX_GAP), seq)])
+
+    def fill_heartbeat_gap(self, run_id: str, seq: int) -> bool:
+        """True if `seq` was skipped and has now come (once)."""
+        cur = self.conn.execute("DELETE FROM heartbeat_gaps WHERE run_id = ? AND seq = ?",
+                                (run_id, seq))
+        return cur.rowcount == 1
+
+    def active(self) -> list[dict[str, Any]]:
+        """Every run that is pending, running or lost."""
+        marks = ", ".join("?" for _ in ACTIVE_STATES)
+        rows = self.conn.execute(f"{_SELECT} WHERE state IN ({marks})",
+                                 tuple(s.value for s in ACTIVE_STATES)).fetchall()
+        return [dict(zip(RUN_COLUMNS, r, strict=True)) for r in rows]
+
+    def latest_attempt(self, experiment: str, variation: str) -> dict[str, Any] | None:
+        row = self.conn.execute(
+            "SELECT run_id FROM runs WHERE experiment = ? AND variation = ?"
+            " ORDER BY attempt DESC LIMIT 1", (experiment, variation)).fetchone()
+        return self.get(row[0]) if row else None
