@@ -1,9 +1,11 @@
-"""`runnerctl sweep`: run a sweep's cells as launched runs, at most `jobs` at once.
+"""`runnerctl sweep`: a sweep's cells as launched runs, through the client's sweep engine.
 
-Each cell is one `runnerctl exec` (process group, captured output, exit code or signal,
-timeout, retries) whose run is linked to the sweep and the cell. A cell is claimed in the
-daemon when its run is created (see `Cell`), so two drivers of one sweep never run a
-cell twice. The daemon keeps manifest.json; the driver only ends its turn (`sweep_end`).
+Each attempt is one `runnerctl exec` (process group, captured output, exit code or signal,
+timeout) whose run claims its cell in the daemon (see `Cell`), so two drivers of one sweep
+never run a cell twice. What runs when, the retries and fail_fast are the engine's
+(`runnerd_client.sweep_engine`), the same as for `rd.sweep` and Dask: here the main thread
+runs the engine and takes the signals, and `jobs` threads launch the commands. The daemon
+keeps manifest.json; the driver only ends its turn (`sweep_end`).
 """
 
 from __future__ import annotations
@@ -12,165 +14,103 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from runnerd.launch import (
-    KILL_AFTER,
-    Attempt,
-    Launch,
-    Launcher,
-    Outcome,
-    Retries,
-    Stop,
-    run_with_retries,
-)
-from runnerd_client.cells import substitute, variation
-from runnerd_client.connection import Connection
-from runnerd_client.ids import new_key
-from runnerd_client.protocol import (
-    ErrorCode,
-    Get,
-    RunnerdError,
-    SweepEnd,
-    SweepGet,
-    SweepPolicy,
-    SweepStatus,
-)
+from runnerd import launch
+from runnerd.launch import KILL_AFTER, Launch, Launcher, on_signals, run_once
+from runnerd_client.cells import substitute
+from runnerd_client.connection import DaemonUnavailable
+from runnerd_client.protocol import ErrorCode, Get, RunnerdError
 from runnerd_client.run import Cell, Client
+from runnerd_client.sweep_engine import Engine, Listener
+from runnerd_client.sweep_model import (
+    Attempt,
+    CellOutcome,
+    PlannedCell,
+    Stop,
+    SweepOptions,
+    SweepResult,
+)
+from runnerd_client.sweep_record import daemon_connection, end_turn, registry_lookup
 
 SWEEP_ENV, CELL_ENV = "RUNNERD_SWEEP_ID", "RUNNERD_CELL"
+END_PATIENCE = 60.0
 
 
-@dataclass(frozen=True)
-class Planned:
-    """A cell to run now, and the attempt it follows (None: its first)."""
-
-    index: int
-    params: dict[str, Any]
-    claim_after: str | None = None
-    expected: dict[str, Any] | None = None  # for replicate: the cell as it ended before
-
-
-@dataclass
-class Result:
-    """How one cell ended in this driver's turn."""
-
-    cell: Planned
-    state: str  # succeeded, failed, abandoned, or taken (claimed by another driver)
-    run: dict[str, Any] | None = None
-    run_id: str | None = None
-    note: str = ""
-    stderr_tail: bytes = b""
-
-
-@dataclass
-class Turn:
-    """Everything one `sweep run`, `resume` or `replicate` does, and how it went."""
-
-    sweep: dict[str, Any]
-    jobs: int
-    policy: str
-    retries: Retries
-    resume: bool = False
-    results: list[Result] = field(default_factory=list)
-    running: int = 0
-    first_failure: Result | None = None
-    interrupted: Stop | None = None
-
-
-def cell_launch(sweep: dict[str, Any], cell: Planned, resume: bool) -> Launch:
+def cell_launch(sweep: dict[str, Any], cell: PlannedCell, resume: bool) -> Launch:
     """The `exec` of one cell: the spec's command with the cell's params put in."""
     spec = sweep["spec"]
     return Launch(
         command=substitute(spec["command"], cell.params), experiment=sweep["experiment"],
-        variation=variation(cell.params), params=cell.params, cwd=spec["cwd"],
+        variation=cell.variation, params=cell.params, cwd=spec["cwd"],
         env={SWEEP_ENV: sweep["sweep_id"], CELL_ENV: str(cell.index)},
         timeout=spec.get("timeout"), memory=spec.get("memory"), resume=resume)
 
 
-class Driver:
-    """Runs planned cells on `jobs` threads; the main thread draws progress and takes
-    signals (a thread cannot), and fail_fast stops everything from whichever cell fails."""
+class Launched:
+    """The engine's executor for commands: attempts launched on `jobs` threads."""
 
-    def __init__(self, client: Client, turn: Turn, say: Callable[[str], None]) -> None:
-        self.client, self.turn, self.say = client, turn, say
+    def __init__(self, client: Client, sweep: dict[str, Any], options: SweepOptions) -> None:
+        self.client, self.sweep, self.options = client, sweep, options
         self.launcher = Launcher()
-        self.lock = threading.Lock()
-        self.changed = threading.Condition(self.lock)
-        self.todo: queue.SimpleQueue[Planned] = queue.SimpleQueue()
-        self.started = time.monotonic()
-        self.total = 0
+        self.slots = options.jobs
+        self.todo: queue.SimpleQueue[Attempt | None] = queue.SimpleQueue()
+        self.done: queue.SimpleQueue[CellOutcome] = queue.SimpleQueue()
+        self.threads = [threading.Thread(target=self._work, name=f"cell-worker-{i}",
+                                         daemon=True) for i in range(options.jobs)]
+        for thread in self.threads:
+            thread.start()
 
-    def run(self, planned: list[Planned], progress: Callable[[Driver], None]) -> Turn:
-        self.total = len(planned)
-        for cell in planned:
-            self.todo.put(cell)
-        workers = [threading.Thread(target=self._work, name=f"cell-worker-{i}", daemon=True)
-                   for i in range(min(self.turn.jobs, len(planned)))]
-        for worker in workers:
-            worker.start()
-        with self.changed:
-            while any(w.is_alive() for w in workers):
-                progress(self)
-                self.changed.wait(0.5)
-        progress(self)
-        return self.turn
+    def start(self, attempt: Attempt) -> None:
+        self.todo.put(attempt)
 
-    def stop(self, stop: Stop, grace: float | None) -> None:
-        """Start no new cell and stop the running ones (from a signal or fail_fast)."""
-        self.launcher.stop_all(stop, grace)
+    def wait(self, timeout: float) -> CellOutcome | None:
+        try:
+            return self.done.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def stop(self, why: Stop) -> None:
+        """TERM every running command, KILL it KILL_AFTER later; start no more."""
+        self.launcher.stop_all(launch.Stop(why.failure_class, why.message, why.signum,
+                                           why.cause), KILL_AFTER)
+
+    def close(self) -> None:
+        for _ in self.threads:
+            self.todo.put(None)
+        for thread in self.threads:
+            thread.join()
 
     def _work(self) -> None:
-        while self.launcher.stopping is None:
+        while (attempt := self.todo.get()) is not None:
             try:
-                cell = self.todo.get_nowait()
-            except queue.Empty:
-                return
-            with self.lock:
-                self.turn.running += 1
-            result = self._run_cell(cell)
-            with self.changed:
-                self.turn.running -= 1
-                self.turn.results.append(result)
-                self.changed.notify_all()
-            self.say(line(result))
-            if result.state == "failed" and self.turn.policy == SweepPolicy.FAIL_FAST:
-                with self.lock:
-                    self.turn.first_failure = self.turn.first_failure or result
-                self.stop(Stop("FailFast", f"stopped by fail_fast: cell {cell.index} failed",
-                               cause="fail_fast"), KILL_AFTER)
+                outcome = self._attempt(attempt)
+            except Exception as exc:  # the engine waits for every attempt it started
+                outcome = CellOutcome(attempt.cell.index, attempt.cell.params, "failed",
+                                      error=f"{type(exc).__name__}: {exc}", exception=exc)
+            self.done.put(outcome)
 
-    def _run_cell(self, cell: Planned) -> Result:
-        how = Attempt(self.launcher, echo=False,
-                      cell=Cell(self.turn.sweep["sweep_id"], cell.index, cell.claim_after))
+    def _attempt(self, attempt: Attempt) -> CellOutcome:
+        cell = attempt.cell
+        how = launch.Attempt(self.launcher, echo=False, retry_of=attempt.retry_of,
+                             cell=Cell(self.options.sweep_id, cell.index, attempt.claim_after))
         try:
-            outcome = run_with_retries(self.client, cell_launch(self.turn.sweep, cell,
-                                                                self.turn.resume),
-                                       self.turn.retries, how, say=lambda _: None)
+            done = run_once(self.client, cell_launch(self.sweep, cell, self.options.resume),
+                            how)
         except RunnerdError as exc:
             if exc.code != ErrorCode.CONFLICT:
                 raise
-            return Result(cell, "taken", note=exc.message)
-        return self._result(cell, outcome)
-
-    def _result(self, cell: Planned, outcome: Outcome) -> Result:
-        """How the cell ended; the daemon is asked for the record only of a failure."""
-        done = outcome.run
-        if outcome.succeeded:
-            run = {"run_id": done.run_id, "variation": done.variation,
-                   "attempt": done.attempt, "state": "succeeded", "failure": None}
-            return Result(cell, "succeeded", run, done.run_id)
-        fetched = fetch_run(self.client, done.run_id)
-        state = "abandoned" if (fetched or {}).get("state") == "failed_abandoned" else "failed"
-        return Result(cell, state, fetched, done.run_id, stderr_tail=outcome.stderr_tail)
-
-
-def refresh(client: Client, results: list[Result]) -> None:
-    """Fetch the runs the daemon could not show when their cells ended (it was away)."""
-    for result in results:
-        if result.run is None and result.run_id is not None:
-            result.run = fetch_run(client, result.run_id)
+            return CellOutcome(cell.index, cell.params, "taken", error=exc.message)
+        run_id = done.run.run_id
+        if done.succeeded:
+            return CellOutcome(cell.index, cell.params, "succeeded", run_id)
+        record = fetch_run(self.client, run_id) or {}  # to show the failure as it ends
+        abandoned = done.interrupted or record.get("state") == "failed_abandoned"
+        return CellOutcome(cell.index, cell.params, "abandoned" if abandoned else "failed",
+                           run_id, failure=record.get("failure"),
+                           diagnosis=done.run.diagnosis, stderr_tail=done.stderr_tail)
 
 
 def fetch_run(client: Client, run_id: str) -> dict[str, Any] | None:
@@ -180,50 +120,110 @@ def fetch_run(client: Client, run_id: str) -> dict[str, Any] | None:
     return run
 
 
-def failure_text(result: Result) -> str:
-    failure = (result.run or {}).get("failure") or {}
-    return f"{failure.get('failure_class', '?')}: {failure.get('message', '')}" \
-        if failure else result.note
+class Progress(Listener):
+    """A line per finished cell (`say`), and a progress line to redraw (`draw`)."""
+
+    def __init__(self, total: int, say: Callable[[str], None],
+                 draw: Callable[[str], None]) -> None:
+        self.total, self.say, self.draw = total, say, draw
+        self.started_at = time.monotonic()
+        self.live: set[int] = set()  # cells started and not ended (a retry waiting too)
+        self.succeeded = self.finished = 0
+
+    def started(self, attempt: Attempt) -> None:
+        self.live.add(attempt.cell.index)
+
+    def ended(self, outcome: CellOutcome) -> None:
+        self.live.discard(outcome.index)
+        self.finished += 1
+        self.succeeded += outcome.state == "succeeded"
+        self.say(line(outcome))
+        self.tick()
+
+    def tick(self) -> None:
+        self.draw(progress_line(self))
 
 
-def line(result: Result) -> str:
-    """One finished cell, as a plain line."""
-    run_id = (result.run or {}).get("run_id", "-")
-    note = "" if result.state == "succeeded" else f" ({failure_text(result)})"
-    return f"cell {result.cell.index} {variation(result.cell.params)}: {result.state}" \
-           f" run {run_id}{note}"
+@dataclass
+class Turn:
+    """How a driver's turn went: its outcomes, the runs their attempts followed, why it
+    stopped (a signal), and the cell fail_fast stopped at."""
+
+    outcomes: list[CellOutcome]
+    followed: dict[int, str | None]
+    interrupted: launch.Stop | None
+    first_failure: CellOutcome | None
 
 
-def end_turn(conn: Connection, turn: Turn) -> dict[str, Any]:
-    """Tell the daemon this turn is over; its reply comes once manifest.json is written."""
-    summary = conn.call(SweepGet(sweep=turn.sweep["sweep_id"]))["sweep"]["cells_summary"]
-    status = SweepStatus.INTERRUPTED if turn.interrupted else \
-        SweepStatus.SUCCEEDED if summary["succeeded"] == summary["total"] else \
-        SweepStatus.FAILED
-    return conn.call(SweepEnd(key=new_key(), sweep_id=turn.sweep["sweep_id"], status=status,
-                              skip=turn.first_failure is not None))
+def run_turn(client: Client, sweep: dict[str, Any], options: SweepOptions,
+             planned: list[PlannedCell], listener: Listener) -> Turn:
+    """Run the planned cells' commands; SIGINT or SIGTERM stops them and starts no more."""
+    lookup = None if options.replication else registry_lookup(options.sweep_id, client.socket_path)
+    engine = Engine(options, Launched(client, sweep, options), listener, lookup)
+    received: list[launch.Stop] = []
+
+    def on_signal(signum: int) -> None:
+        stop = launch.Stop.received(signum)
+        received.append(stop)
+        engine.stop(Stop(stop.failure_class, stop.message, stop.cause, stop.signum))
+
+    with on_signals(on_signal):
+        outcomes = engine.run(planned)
+    first = next((o for o in outcomes if o.state == "failed"), None)
+    return Turn(outcomes, engine.followed, received[0] if received else None,
+                first if options.fail_fast else None)
 
 
-def with_latest(cell: dict[str, Any], expected: bool = False) -> Planned:
+class NotRecorded(Exception):
+    """The daemon stayed away: the turn's cells ran, its end is not recorded."""
+
+
+def drive(socket: Path | None, sweep: dict[str, Any], options: SweepOptions,
+          planned: list[PlannedCell], listener: Listener) -> tuple[Turn, SweepResult]:
+    """Run a turn and end it. If the daemon went away meanwhile, the cells ran all the same
+    (their events spooled): wait for it to be back and to have every event first."""
+    client = Client(socket)
+    turn = run_turn(client, sweep, options, planned, listener)
+    try:
+        if not client.drain(END_PATIENCE):
+            raise DaemonUnavailable(f"runnerd was unreachable for {END_PATIENCE:g} s")
+        with daemon_connection(socket) as conn:
+            result = end_turn(conn, options, turn.outcomes, turn.followed,
+                              interrupted=turn.interrupted is not None)
+    except (RunnerdError, DaemonUnavailable) as exc:
+        raise NotRecorded(str(exc)) from exc
+    return turn, result
+
+
+def with_latest(cell: dict[str, Any]) -> PlannedCell:
     """Plan a known cell as the attempt after its latest one."""
-    return Planned(cell["index"], cell["params"], cell["run_id"],
-                   expected=cell if expected else None)
+    return PlannedCell(cell["index"], cell["params"], cell["run_id"])
 
 
-def stderr_text(result: Result) -> str:
-    failure = (result.run or {}).get("failure") or {}
-    return failure.get("traceback") or result.stderr_tail.decode("utf-8", "replace")
+def failure_text(outcome: CellOutcome) -> str:
+    failure = outcome.failure
+    return f"{failure.get('failure_class', '?')}: {failure.get('message', '')}" \
+        if failure else outcome.error or ""
 
 
-def progress_line(driver: Driver) -> str:
-    turn = driver.turn
-    done = sum(r.state == "succeeded" for r in turn.results)
-    failed = len(turn.results) - done
-    left = driver.total - len(turn.results) - turn.running
-    elapsed = time.monotonic() - driver.started
-    finished = len(turn.results)
-    eta = elapsed / finished * (driver.total - finished) if finished else None
-    return (f"{done} done, {failed} failed, {turn.running} running, {left} left,"
+def stderr_text(outcome: CellOutcome) -> str:
+    failure = outcome.failure or {}
+    return failure.get("traceback") or outcome.stderr_tail.decode("utf-8", "replace")
+
+
+def line(outcome: CellOutcome) -> str:
+    """One finished cell, as a plain line."""
+    note = "" if outcome.state == "succeeded" else f" ({failure_text(outcome)})"
+    return f"cell {outcome.index} {outcome.variation}: {outcome.state}" \
+           f" run {outcome.run_id or '-'}{note}"
+
+
+def progress_line(progress: Progress) -> str:
+    done, ended, running = progress.succeeded, progress.finished, len(progress.live)
+    left = progress.total - ended - running
+    elapsed = time.monotonic() - progress.started_at
+    eta = elapsed / ended * (progress.total - ended) if ended else None
+    return (f"{done} done, {ended - done} failed, {running} running, {left} left,"
             f" {_clock(elapsed)} elapsed" + (f", ETA {_clock(eta)}" if eta is not None else ""))
 
 
@@ -233,3 +233,22 @@ def _clock(seconds: float) -> str:
         else f"{minutes}:{secs:02d}"
 
 
+def on_dask(address: str, sweep: dict[str, Any], options: SweepOptions,
+            planned: list[PlannedCell]) -> SweepResult:
+    """The cells' commands as tasks of the Dask cluster at `address`, each recorded by the
+    worker plugin in its node's daemon. Raises SweepFailed under fail_fast, and
+    ImportError without the dask extra."""
+    from distributed import Client as DaskClient
+
+    from runnerd_client.dask import RunnerdWorkerPlugin
+    from runnerd_client.dask_commands import CommandCell
+    from runnerd_client.sweep import drive as drive_cells
+
+    spec = sweep["spec"]
+    client = DaskClient(address)  # type: ignore[no-untyped-call]
+    try:
+        client.register_plugin(RunnerdWorkerPlugin(experiment=sweep["experiment"]))
+        cell = CommandCell(tuple(spec["command"]), spec["cwd"], spec.get("timeout"))
+        return drive_cells(options, planned, cell, client)
+    finally:
+        client.close()  # type: ignore[no-untyped-call]

@@ -258,8 +258,9 @@ def test_a_sweep_on_the_cluster_under_continue_on_failure(cluster: Cluster) -> N
 def test_a_sweep_on_the_cluster_under_fail_fast(cluster: Cluster) -> None:
     import runnerd_client as rd
 
-    with pytest.raises(KeyError):
+    with pytest.raises(rd.SweepFailed) as raised:
         rd.sweep("dask-fast", CELLS, cell, executor=cluster.client)
+    assert isinstance(raised.value.__cause__, KeyError)
     sweep = cluster.daemon.ctl_json("sweep", "list")[0]
     summary = sweep["cells_summary"]
     assert sweep["status"] == "failed"

@@ -585,3 +585,74 @@ def test_a_malformed_grid_option_is_a_usage_error(daemon: Daemon, short_tmp: Pat
     assert result.returncode == 2
     assert "'x' is not K=V1,V2" in result.stderr
     assert cells.log() == []
+
+
+HOLDING = """
+import os, sys, time
+marker = os.path.join(sys.argv[1], f"hold-{sys.argv[2]}")
+print("cell", sys.argv[2], "from", os.environ.get("RUNNERD_CHECKPOINT_DATA"), flush=True)
+while os.path.exists(marker):
+    time.sleep(0.05)
+"""
+
+
+def test_a_crash_mid_sweep_is_resumed_by_resume_interrupted(
+        short_tmp: Path, procs: list[subprocess.Popen[str]]) -> None:
+    script = short_tmp / "hold.py"
+    script.write_text(HOLDING)
+    for cell in (1, 2):
+        (short_tmp / f"hold-{cell}").write_text("")
+    daemon = Daemon(short_tmp).start()
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "runnerd.cli", "sweep", "run", "--experiment", "crashy",
+         "--grid", "c=0,1,2,3", "--jobs", "2", "--failure-policy", "continue_on_failure",
+         "--", sys.executable, str(script), str(short_tmp), "{c}"],
+        env=daemon.env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    procs.append(driver)
+    wait_for(lambda: len([r for r in daemon.ctl_json("list", "--experiment", "crashy")
+                          if r["state"] == "running"]) == 2 and
+             any(r["state"] == "succeeded" for r in daemon.ctl_json(
+                 "list", "--experiment", "crashy")), timeout=30,
+             what="cell 0 done and cells 1 and 2 held")
+    daemon.stop(signal.SIGKILL)  # the machine goes down: daemon, driver and cells at once
+    driver.kill()
+    driver.communicate(timeout=30)
+    for cell in (1, 2):
+        (short_tmp / f"hold-{cell}").unlink()
+    daemon.as_if_rebooted()
+    daemon = Daemon(short_tmp).start()
+    try:
+        sweep = daemon.ctl_json("sweep", "list")[0]
+        assert sweep["status"] == "interrupted"
+        states = {c["index"]: c["state"] for c in
+                  daemon.ctl_json("sweep", "show", sweep["sweep_id"])["cells"]}
+        assert states == {0: "succeeded", 1: "abandoned", 2: "abandoned", 3: "pending"}
+        assert daemon.ctl_json("resume", "--interrupted", "--dry-run") == \
+            {"runs": [], "sweeps": [sweep["sweep_id"]], "not_launched": []}
+        done = daemon.ctl("resume", "--interrupted")
+        assert f"sweep {sweep['sweep_id']} succeeded" in done.stdout, done.stdout
+        cells = daemon.ctl_json("sweep", "show", sweep["sweep_id"])["cells"]
+        assert [c["attempts"] for c in cells] == [1, 2, 2, 1]
+        assert {c["state"] for c in cells} == {"succeeded"}
+    finally:
+        daemon.stop()
+
+
+def test_follow_sweep_prints_its_runs_events_from_the_start(daemon: Daemon) -> None:
+    result = daemon.ctl("sweep", "run", "--experiment", "followed-sweep", "--grid",
+                        "n=1,2", "--", "true")
+    sweep_id = result.stdout.split()[1].rstrip(":")
+    other = daemon.ctl("exec", "--experiment", "not-in-it", "--", "true")
+    assert other.returncode == 0
+    follow = subprocess.Popen([sys.executable, "-m", "runnerd.cli", "follow", "--sweep",
+                               sweep_id[:10], "--json"], env=daemon.env, text=True,
+                              stdout=subprocess.PIPE)
+    try:
+        assert follow.stdout is not None
+        events = [json.loads(follow.stdout.readline()) for _ in range(6)]
+    finally:
+        follow.kill()
+        follow.communicate(timeout=30)
+    assert {e["sweep_id"] for e in events} == {sweep_id}
+    assert [e["to"] for e in events if e["event"] == "transition"][:3] == \
+        ["pending", "running", "succeeded"]

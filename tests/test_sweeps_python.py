@@ -10,8 +10,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from conftest import Daemon
 
 STOPS = """
@@ -63,8 +61,6 @@ def transitions_into(daemon: Daemon, run_id: str, state: str) -> list[dict[str, 
     return [t for t in run["transitions"] if t["to"] == state]
 
 
-@pytest.mark.xfail(strict=True, reason="issue 21 item 1: the worker that fails sets the stop"
-                   " flag before it reports, so the parent never stops the others")
 def test_fail_fast_in_workers_stops_the_running_cells(daemon: Daemon, short_tmp: Path) -> None:
     raised, state = stops(daemon, short_tmp, jobs=2)
 
@@ -78,3 +74,105 @@ def test_fail_fast_in_workers_stops_the_running_cells(daemon: Daemon, short_tmp:
                                                  "failed_abandoned")] == ["fail_fast"]
     assert cells[1]["failure"]["failure_class"] == "ValueError"
     assert raised["cause"] == "ValueError"
+
+
+SWEEP = """
+import json, sys
+import runnerd_client as rd
+
+def cell(x, fail=False):
+    run = rd.current_run()
+    assert run is not None and run.params == {"x": x, **({"fail": fail} if fail else {})}
+    if fail:
+        raise KeyError(f"cell {x} has no data")
+    return x * x
+
+cells = [{"x": i, **({"fail": True} if i in (4, 9, 15) else {})} for i in range(20)]
+policy = sys.argv[1]
+try:
+    result = rd.sweep("pysweep", cells, cell, jobs=2, failure_policy=policy)
+except rd.SweepFailed as exc:
+    print(json.dumps({"raised": str(exc.__cause__), "cell": exc.cell.index,
+                      "sweep_id": exc.sweep_id, "manifest": str(exc.manifest)}))
+    sys.exit(1)
+print(json.dumps({"sweep_id": result.sweep_id, "summary": result.summary,
+                  "status": result.status, "manifest": str(result.manifest),
+                  "outcomes": [[o.index, o.state, o.value, o.run_id, o.error]
+                               for o in result.outcomes]}))
+"""
+
+
+def test_rd_sweep_outcomes_summary_and_manifest_agree(daemon: Daemon) -> None:
+    proc = daemon.python(SWEEP, "continue_on_failure")
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    result = json.loads(out)
+    outcomes = {o[0]: o for o in result["outcomes"]}
+    assert sorted(i for i, o in outcomes.items() if o[1] == "failed") == [4, 9, 15]
+    assert all(outcomes[i][2] == i * i for i in outcomes if i not in (4, 9, 15))
+    assert result["summary"] == {"total": 20, "succeeded": 17, "failed": 3, "abandoned": 0,
+                                 "skipped": 0, "running": 0, "pending": 0}
+    assert result["status"] == "failed"
+    manifest = json.loads(Path(result["manifest"]).read_text())
+    assert manifest["cells_summary"] == result["summary"]
+    for cell in manifest["cells"]:
+        assert cell["run_id"] == outcomes[cell["index"]][3]
+        assert cell["state"] == outcomes[cell["index"]][1]
+        if cell["state"] == "failed":
+            assert cell["failure"]["failure_class"] == "KeyError"
+            assert "has no data" in cell["failure"]["traceback"]
+    pids = {run["pids"][0] for run in daemon.ctl_json("list", "--sweep", result["sweep_id"])
+            if run["pids"]}
+    assert proc.pid not in pids  # jobs=2: the cells ran in worker processes
+
+
+def test_rd_sweep_fail_fast_raises_sweep_failed_after_writing_the_manifest(
+        daemon: Daemon) -> None:
+    proc = daemon.python(SWEEP, "fail_fast")
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 1
+    sweep = daemon.ctl_json("sweep", "list")[0]
+    assert json.loads(out) == {"raised": "'cell 4 has no data'", "cell": 4,
+                               "sweep_id": sweep["sweep_id"], "manifest": sweep["manifest"]}
+    manifest: dict[str, Any] = json.loads(Path(sweep["manifest"]).read_text())
+    summary = manifest["cells_summary"]
+    assert manifest["status"] == "failed"
+    assert summary["failed"] == 1
+    assert summary["skipped"] >= 10
+    assert summary["running"] == summary["pending"] == 0
+    assert summary["total"] == 20 == sum(v for k, v in summary.items() if k != "total")
+
+
+RESUMABLE = """
+import json, os, sys
+import runnerd_client as rd
+
+def cell(x):
+    if os.path.exists(os.environ["BROKEN"]) and x % 3 == 0:
+        raise OSError(f"disk for {x} unavailable")
+    return x
+
+if sys.argv[1] == "run":
+    rd.sweep("resumable", [{"x": i} for i in range(9)], cell,
+             failure_policy="continue_on_failure")
+else:
+    result = rd.resume_sweep(sys.argv[2], cell)
+    print(json.dumps({"ran": [o.index for o in result.outcomes], "status": result.status}))
+"""
+
+
+def test_rd_resume_sweep_runs_only_what_did_not_succeed(daemon: Daemon, short_tmp: Path) -> None:
+    broken = short_tmp / "broken"
+    broken.write_text("")
+    env = {"BROKEN": str(broken)}
+    first = daemon.python(RESUMABLE, "run", env=env)
+    first.communicate(timeout=120)
+    sweep_id = daemon.ctl_json("sweep", "list")[0]["sweep_id"]
+    broken.unlink()
+    second = daemon.python(RESUMABLE, "resume", sweep_id, env=env)
+    out, err = second.communicate(timeout=120)
+    assert second.returncode == 0, err
+    assert json.loads(out) == {"ran": [0, 3, 6], "status": "succeeded"}
+    cells = daemon.ctl_json("sweep", "show", sweep_id)["cells"]
+    assert [c["attempts"] for c in cells] == [2, 1, 1, 2, 1, 1, 2, 1, 1]
+    assert {c["state"] for c in cells} == {"succeeded"}

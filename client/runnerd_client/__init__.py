@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import os
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,29 +25,16 @@ from runnerd_client.run import (
     backoff_delay,
     worth_retrying,
 )
-from runnerd_client.sweep import CellOutcome, SweepResult, resume_sweep, sweep
+from runnerd_client.shared import connect
+from runnerd_client.sweep import CellOutcome, SweepFailed, SweepResult, resume_sweep, sweep
 
 __all__ = [
     "CellOutcome", "Client", "Connection", "DaemonUnavailable", "Run", "RunnerdError", "State",
-    "SweepResult", "Terminated", "connect", "current_run", "resume_sweep", "retrying", "run",
-    "sweep",
+    "SweepFailed", "SweepResult", "Terminated", "connect", "current_run", "resume_sweep",
+    "retrying", "run", "sweep",
 ]
 __version__ = "0.1.0"
 T = TypeVar("T")
-
-_shared: tuple[int, Client] | None = None
-_shared_lock = threading.Lock()
-
-
-def connect(socket_path: str | Path | None = None) -> Client:
-    """The process's client: one connection shared by all its threads (new after a fork)."""
-    global _shared
-    with _shared_lock:
-        if socket_path is not None:
-            return Client(socket_path)
-        if _shared is None or _shared[0] != os.getpid():
-            _shared = (os.getpid(), Client())
-        return _shared[1]
 
 
 def run(experiment: str, variation: str = "default", *, params: dict[str, Any] | None = None,

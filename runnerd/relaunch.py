@@ -1,0 +1,42 @@
+"""`runnerctl resume --interrupted`: relaunch the launched runs a crash cut short, each as
+its next attempt resumed from its last checkpoint, all at once."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from runnerd.launch import Attempt, Launch, Launcher, Retries, forwarding, run_with_retries
+from runnerd_client.protocol import RunnerdError
+from runnerd_client.run import Client
+
+
+def relaunch(socket: Path | None, runs: list[dict[str, Any]],
+             say: Callable[[str], None]) -> list[int]:
+    """Relaunch each run; the exit status of each (1 for one not relaunched)."""
+    client, launcher = Client(socket), Launcher()
+    codes: list[int] = []
+
+    def one(run: dict[str, Any]) -> None:
+        launch = replace(Launch.from_run(run), resume=True)
+        try:
+            outcome = run_with_retries(client, launch, Retries(),
+                                       Attempt(launcher, echo=False, retry_of=run["run_id"]))
+        except RunnerdError as exc:
+            say(f"{run['run_id']}: not relaunched: {exc}")
+            codes.append(1)
+            return
+        state = "succeeded" if outcome.succeeded else "failed"
+        say(f"{run['run_id']} -> {outcome.run.run_id}: {state}")
+        codes.append(outcome.exit_code)
+
+    threads = [threading.Thread(target=one, args=(run,)) for run in runs]
+    with forwarding(launcher):
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    return codes
