@@ -73,7 +73,41 @@ def test_fail_fast_in_workers_stops_the_running_cells(daemon: Daemon, short_tmp:
     assert [t["cause"] for t in transitions_into(daemon, cells[0]["run_id"],
                                                  "failed_abandoned")] == ["fail_fast"]
     assert cells[1]["failure"]["failure_class"] == "ValueError"
-    assert raised["cause"] == "ValueError"
+    assert raised == {"raised": "SweepFailed", "cause": "ValueError", "index": 1,
+                      "sweep_id": sweep["sweep_id"], "manifest": sweep["manifest"],
+                      "text": f"sweep {sweep['sweep_id']} stopped by fail_fast: cell 1 (i=1)"
+                              f" failed: ValueError: cell 1 diverged;"
+                              f" manifest {sweep['manifest']}"}
+
+
+FIRST_FAILS = """
+import sys
+from pathlib import Path
+import runnerd_client as rd
+
+def cell(i):
+    (Path(sys.argv[1]) / f"start-{i}").touch()
+    if i == 0:
+        raise ValueError("cell 0 diverged")
+
+try:
+    rd.sweep("first-fails", [{"i": i} for i in range(3)], cell)
+except rd.SweepFailed as exc:
+    print(exc.cell.index, type(exc.__cause__).__name__)
+"""
+
+
+def test_fail_fast_in_process_starts_no_cell_after_the_failure(
+        daemon: Daemon, short_tmp: Path) -> None:
+    proc = daemon.python(FIRST_FAILS, str(short_tmp))
+    out, err = proc.communicate(timeout=60)
+
+    assert out.split() == ["0", "ValueError"], err
+    assert sorted(p.name for p in short_tmp.glob("start-*")) == ["start-0"]
+    sweep = daemon.ctl_json("sweep", "list")[0]
+    manifest = json.loads(Path(sweep["manifest"]).read_text())
+    assert [(c["state"], c["attempts"]) for c in manifest["cells"]] == [
+        ("failed", 1), ("skipped", 0), ("skipped", 0)]
 
 
 SWEEP = """
