@@ -32,7 +32,7 @@ from runnerd.hooks import HookRunner, handle_hooks
 from runnerd.indexer import Indexer
 from runnerd.maintenance import prune
 from runnerd.processes import is_alive
-from runnerd.registry import Registry, Store
+from runnerd.registry import NO_CHANGE, NewRun, NewSweep, Registry, RunUpdate, Store
 from runnerd.resources import Sampler
 from runnerd.states import (
     Event,
@@ -218,17 +218,13 @@ def handle_create(ctx: Context, peer: Peer, req: Create) -> Awaitable[Reply]:
             previous["state"] != State.SUCCEEDED else None
         if resumed is not None:
             _same_params(resumed, req.params or {})
-        attempt = store.runs.next_attempt(req.experiment, req.variation)
-        store.runs.insert({
-            "run_id": req.run_id, "experiment": req.experiment, "variation": req.variation,
-            "attempt": attempt, "state": State.PENDING.value, "params": params, "tags": tags,
-            "cwd": req.cwd, "run_dir": run_dir, "host": req.host, "created_at": at,
-            "retry_of": req.retry_of, "launch": launch, "sweep_id": req.sweep_id,
-            "cell": req.cell, "resumed_from": resumed["run_id"] if resumed else None,
-        })
+        attempt = store.runs.create(NewRun(
+            run_id=req.run_id, experiment=req.experiment, variation=req.variation,
+            params_json=params, tags_json=tags, cwd=req.cwd, run_dir=run_dir, host=req.host,
+            created_at=at, retry_of=req.retry_of, launch_json=launch, sweep_id=req.sweep_id,
+            cell=req.cell, resumed_from=resumed["run_id"] if resumed else None), peer.source)
         if req.sweep_id is not None and req.cell is not None:
             store.sweeps.claim_cell(req.sweep_id, req.cell, req.run_id)
-        store.runs.record_creation(req.run_id, at, peer.source)
         store.attachments.add_pid(req.run_id, peer.pid, peer.start_time, at)
         reply = {"run_id": req.run_id, "attempt": attempt, "run_dir": run_dir,
                  "state": State.PENDING.value}
@@ -309,10 +305,9 @@ def handle_start(ctx: Context, peer: Peer, req: Start) -> Awaitable[Reply]:
         timeout = req.heartbeat_timeout or row["heartbeat_timeout"] or ctx.config.heartbeat_timeout
         grace = req.lost_grace or row["lost_grace"] or ctx.config.lost_grace
         deadline = req.deadline or row["deadline"]
-        state = transition(
-            store, row, Event.START, at, peer.source, started_at=row["started_at"] or at,
-            last_heartbeat_at=at, heartbeat_timeout=timeout, lost_grace=grace, deadline=deadline,
-        )
+        state = transition(store, row, Event.START, at, peer.source, change=RunUpdate(
+            started_at=row["started_at"] or at, last_heartbeat_at=at, heartbeat_timeout=timeout,
+            lost_grace=grace, deadline=deadline))
         store.attachments.add_pid(req.run_id, peer.pid, peer.start_time, at)
         return {"state": state.value, "attempt": row["attempt"]}
 
@@ -323,9 +318,9 @@ def handle_attach(ctx: Context, peer: Peer, req: Attach) -> Awaitable[Reply]:
     def apply(store: Store, at: float) -> Reply:
         row = store.runs.require(req.run_id)
         # Back from lost is a sign of life: the watchdog counts the heartbeat timeout from now.
-        alive: dict[str, Any] = {"last_heartbeat_at": max(at, row["last_heartbeat_at"] or 0.0)} \
-            if row["state"] == State.LOST else {}
-        transition(store, row, Event.ATTACH, at, peer.source, **alive)
+        alive = RunUpdate(last_heartbeat_at=max(at, row["last_heartbeat_at"] or 0.0)) \
+            if row["state"] == State.LOST else NO_CHANGE
+        transition(store, row, Event.ATTACH, at, peer.source, change=alive)
         store.attachments.add_pid(req.run_id, peer.pid, peer.start_time, at)
         run = store.views.run_object(store.runs.require(req.run_id))
         resumed = run["resumed_from"]
@@ -356,18 +351,19 @@ def handle_heartbeat(ctx: Context, peer: Peer, req: Heartbeat) -> Awaitable[Repl
         if store.runs.heartbeat_running(req.run_id, req.seq, at):
             return {"state": State.RUNNING.value}
         row = store.runs.require(req.run_id)
-        counted = {"heartbeats": row["heartbeats"] + 1,
-                   "last_heartbeat_at": max(at, row["last_heartbeat_at"] or 0.0)}
+        heartbeats = row["heartbeats"] + 1
+        last = max(at, row["last_heartbeat_at"] or 0.0)
         if req.seq <= row["heartbeat_seq"]:
             if store.runs.fill_heartbeat_gap(req.run_id, req.seq):
-                store.runs.update(req.run_id, **counted)
+                store.runs.update(req.run_id, RunUpdate(heartbeats=heartbeats,
+                                                        last_heartbeat_at=last))
             return {"state": row["state"]}
         store.runs.note_heartbeat_gap(req.run_id, row["heartbeat_seq"], req.seq)
+        counted = RunUpdate(heartbeat_seq=req.seq, heartbeats=heartbeats, last_heartbeat_at=last)
         if inferred_end_after(store, row, at) is not None:  # spooled, from before that end
-            store.runs.update(req.run_id, heartbeat_seq=req.seq, **counted)
+            store.runs.update(req.run_id, counted)
             return {"state": row["state"]}
-        state = transition(store, row, Event.HEARTBEAT, at, peer.source,
-                           heartbeat_seq=req.seq, **counted)
+        state = transition(store, row, Event.HEARTBEAT, at, peer.source, change=counted)
         return {"state": state.value}
 
     return ctx.registry.submit(op)
@@ -376,7 +372,8 @@ def handle_heartbeat(ctx: Context, peer: Peer, req: Heartbeat) -> Awaitable[Repl
 def handle_succeed(ctx: Context, peer: Peer, req: Succeed) -> Awaitable[Reply]:
     def apply(store: Store, at: float) -> Reply:
         row = before_inferred_end(store, store.runs.require(req.run_id), at)
-        state = transition(store, row, Event.SUCCEED, at, peer.source, ended_at=at)
+        state = transition(store, row, Event.SUCCEED, at, peer.source,
+                           change=RunUpdate(ended_at=at))
         return {"state": state.value}
 
     return _mutate(ctx, req, apply)
@@ -714,11 +711,10 @@ async def handle_sweep_create(ctx: Context, peer: Peer, req: SweepCreate) -> Rep
     def apply(store: Store, at: float) -> Reply:
         if store.sweeps.get(req.sweep_id) is not None:
             raise RunnerdError(ErrorCode.CONFLICT, f"sweep {req.sweep_id} already exists")
-        store.sweeps.insert({
-            "sweep_id": req.sweep_id, "experiment": req.experiment,
-            "failure_policy": req.failure_policy, "spec": spec, "folder": folder,
-            "status": SweepStatus.RUNNING.value, "driver_pid": peer.pid,
-            "driver_start": peer.start_time, "created_at": at}, cells)
+        store.sweeps.create(NewSweep(
+            sweep_id=req.sweep_id, experiment=req.experiment,
+            failure_policy=req.failure_policy, spec_json=spec, folder=folder,
+            driver_pid=peer.pid, driver_start=peer.start_time, created_at=at), cells)
         return {"sweep_id": req.sweep_id, "folder": folder, "cells": len(cells)}
 
     return await _mutate(ctx, req, apply)
@@ -730,8 +726,7 @@ def handle_sweep_start(ctx: Context, peer: Peer, req: SweepStart) -> Awaitable[R
         if sweeps.status(row) == SweepStatus.RUNNING and row["driver_pid"] not in (None,
                                                                                     peer.pid):
             return {"sweep_id": req.sweep_id, "driver_pid": row["driver_pid"]}  # it helps
-        store.sweeps.update(req.sweep_id, status=SweepStatus.RUNNING.value, ended_at=None,
-                           driver_pid=peer.pid, driver_start=peer.start_time)
+        store.sweeps.take_over(req.sweep_id, peer.pid, peer.start_time)
         return {"sweep_id": req.sweep_id, "driver_pid": peer.pid}
 
     return _mutate(ctx, req, apply)
@@ -748,11 +743,10 @@ async def handle_sweep_end(ctx: Context, peer: Peer, req: SweepEnd) -> Reply:
         if store.sweeps.live_cells(req.sweep_id):
             # Another driver still runs cells of it: the last one to end ends the sweep.
             if row["driver_pid"] == peer.pid:
-                store.sweeps.update(req.sweep_id, driver_pid=None, driver_start=None)
+                store.sweeps.release(req.sweep_id)
             return {"sweep_id": req.sweep_id, "skipped": 0, "ended": False}
         skipped = store.sweeps.skip_unattempted(req.sweep_id) if req.skip else 0
-        store.sweeps.update(req.sweep_id, status=req.status, ended_at=at, driver_pid=None,
-                           driver_start=None)
+        store.sweeps.end(req.sweep_id, req.status, at)
         store.events.log_sweep(req.sweep_id, row["experiment"], "sweep_ended", at, {
             "status": req.status, "skipped": skipped,  # for hooks and follow
             "cells": store.sweeps.summary(req.sweep_id)})

@@ -27,7 +27,7 @@ import watchfiles
 
 from runnerd.crashfiles import CRASH_LOG, MAX_READ, crash_signal, open_untrusted, tail
 from runnerd.mounts import mount_of, read_mountinfo
-from runnerd.registry import BatchResult, Registry, Store
+from runnerd.registry import BatchResult, NewRun, Registry, RunUpdate, Store
 from runnerd.states import failure_record
 from runnerd_client.ids import is_valid_run_id
 from runnerd_client.protocol import FailReason, State
@@ -459,17 +459,15 @@ def import_run(store: Store, fact: Fact, at: float) -> str:
     experiment = doc["experiment"] or os.path.basename(os.path.dirname(folder)) or "-"
     variation = doc["variation"] or os.path.basename(folder) or "default"
     experiment, variation = experiment[:MAX_NAME], variation[:MAX_NAME]
-    store.runs.insert({
-        "run_id": run_id, "experiment": experiment, "variation": variation,
-        "attempt": store.runs.next_attempt(experiment, variation),
-        "state": State.PENDING.value, "params": json.dumps(doc["params"]),
-        "tags": json.dumps({"source": SOURCE}), "run_dir": folder, "created_at": start,
-    })
-    store.runs.record_creation(run_id, start, SOURCE)
+    store.runs.create(NewRun(
+        run_id=run_id, experiment=experiment, variation=variation,
+        params_json=json.dumps(doc["params"]), tags_json=json.dumps({"source": SOURCE}),
+        run_dir=folder, created_at=start), SOURCE)
     row = store.runs.require(run_id)
-    store.runs.set_state(row, state, at=end or at, cause="import", source=SOURCE, started_at=start,
-                    ended_at=end, lost_at=None if state.terminal else at,
-                    last_heartbeat_at=start, lost_grace=None)
+    store.runs.set_state(row, state, at=end or at, cause="import", source=SOURCE,
+                         change=RunUpdate(started_at=start, ended_at=end,
+                                          lost_at=None if state.terminal else at,
+                                          last_heartbeat_at=start))
     if state.value.startswith("failed"):
         store.failures.put(run_id, failure_record(
             doc["failure_class"] or "Imported",

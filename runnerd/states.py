@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from runnerd.diagnosis import diagnose
 from runnerd.failures import signature
+from runnerd.registry.rows import NO_CHANGE, RunUpdate
 from runnerd_client.protocol import ErrorCode, RunnerdError, State
 
 if TYPE_CHECKING:
@@ -67,16 +68,16 @@ def next_state(event: Event, current: State) -> State:
 
 
 def transition(store: Store, row: dict[str, Any], event: Event, at: float, source: str, *,
-               cause: str | None = None, **values: Any) -> State:
+               cause: str | None = None, change: RunUpdate = NO_CHANGE) -> State:
     """Apply `event` to a run through the table, recording it if the state changes (with
     `cause`, when the caller knows better than the event's name why)."""
     current = State(row["state"])
     target = next_state(event, current)
     if target != current:
         store.runs.set_state(row, target, at=at, cause=cause or event.value, source=source,
-                        **values)
-    elif values:
-        store.runs.update(row["run_id"], **values)
+                             change=change)
+    elif change != NO_CHANGE:
+        store.runs.update(row["run_id"], change)
     return target
 
 
@@ -139,4 +140,4 @@ def end_with_failure(store: Store, row: dict[str, Any], event: Event, record: di
         record = relabelled(record, *label)
     store.failures.put(row["run_id"], record)
     return transition(store, row, event, record["at"], source, cause=cause,
-                      ended_at=record["at"])
+                      change=RunUpdate(ended_at=record["at"]))

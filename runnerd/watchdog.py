@@ -18,7 +18,7 @@ from typing import Any
 
 import anyio
 
-from runnerd.registry import BatchResult, Registry, Store
+from runnerd.registry import BatchResult, Registry, RunUpdate, Store
 from runnerd.states import Event, end_with_failure, failure_record, transition
 from runnerd_client.protocol import FailReason, State
 
@@ -55,7 +55,7 @@ def check_run(store: Store, run_id: str, now: float) -> float | None:
         return None
     if row["state"] == State.RUNNING and row["last_heartbeat_at"] is not None \
             and now >= row["last_heartbeat_at"] + row["heartbeat_timeout"]:
-        transition(store, row, Event.HEARTBEAT_MISSED, now, SOURCE, lost_at=now)
+        transition(store, row, Event.HEARTBEAT_MISSED, now, SOURCE, change=RunUpdate(lost_at=now))
         row = store.runs.require(run_id)
     elif row["state"] == State.LOST and row["lost_at"] is not None \
             and now >= row["lost_at"] + row["lost_grace"]:

@@ -57,22 +57,14 @@ def unwatch(ctx: click.Context, directory: str) -> None:
 @click.pass_context
 def backup(ctx: click.Context, target: Path) -> None:
     """Copy the registry to TARGET with SQLite's online backup, while the daemon serves."""
-    import sqlite3
+    from runnerd.registry.upkeep import BackupError
+    from runnerd.registry.upkeep import backup as copy_registry
 
     db = request(ctx, Status(limit=1))["daemon"]["db"]
-    partial = target.with_name(f".{target.name}.partial")
     try:
-        with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as source, \
-                sqlite3.connect(partial) as copy:
-            source.backup(copy, pages=4096)
-            check = copy.execute("PRAGMA integrity_check").fetchone()[0]
-            runs = copy.execute("SELECT COUNT(*) FROM runs").fetchone()[0]
-        if check != "ok":
-            fail(f"the copy failed its integrity check: {check}", EXIT_ERROR)
-        partial.replace(target)
-    except (sqlite3.Error, OSError) as exc:
-        partial.unlink(missing_ok=True)
-        fail(f"backup failed: {exc}", EXIT_ERROR)
+        runs = copy_registry(Path(db), target)
+    except BackupError as exc:
+        fail(str(exc), EXIT_ERROR)
     say(f"backed up {runs} runs to {target} ({target.stat().st_size / 1e6:.1f} MB)")
 
 

@@ -12,12 +12,13 @@
 
 from runnerd.registry.effects import BatchResult, Effects, Transition
 from runnerd.registry.opening import DamagedRegistry, StorageError
-from runnerd.registry.rows import iso
+from runnerd.registry.rows import NO_CHANGE, NewRun, NewSweep, RunUpdate, iso
 from runnerd.registry.schema import MIGRATIONS, SCHEMA_VERSION
 from runnerd.registry.store import Store
 from runnerd.registry.writer import Op, Registry
 
 __all__ = [
-    "MIGRATIONS", "SCHEMA_VERSION", "BatchResult", "DamagedRegistry", "Effects", "Op",
-    "Registry", "StorageError", "Store", "Transition", "iso",
+    "MIGRATIONS", "NO_CHANGE", "SCHEMA_VERSION", "BatchResult", "DamagedRegistry", "Effects",
+    "NewRun", "NewSweep", "Op", "Registry", "RunUpdate", "StorageError", "Store", "Transition",
+    "iso",
 ]

@@ -7,6 +7,7 @@ from typing import Any
 
 from runnerd.registry.effects import Effects, Transition
 from runnerd.registry.events import EventLog
+from runnerd.registry.rows import NO_CHANGE, NewRun, RunUpdate
 from runnerd.registry.schema import RUN_COLUMNS
 from runnerd_client.protocol import ACTIVE_STATES, ErrorCode, RunnerdError, State
 
@@ -55,24 +56,35 @@ class Runs:
         ).fetchone()
         return int(row[0] or 0) + 1
 
-    def insert(self, values: dict[str, Any]) -> None:
-        cols = ", ".join(values)
-        marks = ", ".join("?" for _ in values)
-        self.conn.execute(f"INSERT INTO runs ({cols}) VALUES ({marks})", tuple(values.values()))
+    def create(self, new: NewRun, source: str) -> int:
+        """Insert a pending run as its experiment and variation's next attempt, and record
+        its creation by `source`; return the attempt."""
+        attempt = self.next_attempt(new.experiment, new.variation)
+        self.conn.execute(
+            "INSERT INTO runs (run_id, experiment, variation, attempt, state, params, tags, cwd,"
+            " run_dir, host, created_at, retry_of, launch, sweep_id, cell, resumed_from)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (new.run_id, new.experiment, new.variation, attempt, State.PENDING.value,
+             new.params_json, new.tags_json, new.cwd, new.run_dir, new.host, new.created_at,
+             new.retry_of, new.launch_json, new.sweep_id, new.cell, new.resumed_from))
+        self._record(new.run_id, None, State.PENDING, new.created_at, "create", source)
+        return attempt
 
-    def update(self, run_id: str, **values: Any) -> None:
+    def update(self, run_id: str, change: RunUpdate) -> None:
+        """Change a run's values without a transition (a heartbeat counted)."""
+        self._update(run_id, change.changed())
+
+    def _update(self, run_id: str, values: dict[str, Any]) -> None:
         sets = ", ".join(f"{col} = ?" for col in values)
         self.conn.execute(f"UPDATE runs SET {sets} WHERE run_id = ?", (*values.values(), run_id))
 
     def set_state(self, row: dict[str, Any], to_state: State, *, at: float, cause: str,
-                  source: str, **values: Any) -> None:
-        """Move a run to `to_state`, recording the transition with its cause and source."""
+                  source: str, change: RunUpdate = NO_CHANGE) -> None:
+        """Move a run to `to_state` (with `change`), recording the transition with its cause
+        and source."""
         from_state = State(row["state"]) if row.get("state") else None
-        self.update(row["run_id"], state=to_state.value, **values)
+        self._update(row["run_id"], {"state": to_state.value, **change.changed()})
         self._record(row["run_id"], from_state, to_state, at, cause, source)
-
-    def record_creation(self, run_id: str, at: float, source: str) -> None:
-        self._record(run_id, None, State.PENDING, at, "create", source)
 
     def _record(self, run_id: str, from_state: State | None, to_state: State, at: float,
                 cause: str, source: str) -> None:

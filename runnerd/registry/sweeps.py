@@ -9,8 +9,9 @@ from typing import Any
 
 from runnerd.registry.effects import Effects
 from runnerd.registry.failures import failure_object
+from runnerd.registry.rows import NewSweep
 from runnerd.registry.schema import FAILURE_COLUMNS, SWEEP_COLUMNS
-from runnerd_client.protocol import ErrorCode, RunnerdError
+from runnerd_client.protocol import ErrorCode, RunnerdError, SweepStatus
 
 CELL_STATES = ("succeeded", "failed", "abandoned", "skipped", "running", "pending")
 # A cell's state, from its latest attempt (r) and its own row (c).
@@ -28,16 +29,17 @@ class Sweeps:
         self.conn = conn
         self.effects = effects
 
-    def insert(self, values: dict[str, Any], cells: Iterable[tuple[int, str, str]]) -> None:
+    def create(self, new: NewSweep, cells: Iterable[tuple[int, str, str]]) -> None:
         """A sweep and its cells: (index, params JSON, variation) each."""
-        cols = ", ".join(values)
-        marks = ", ".join("?" for _ in values)
-        self.conn.execute(f"INSERT INTO sweeps ({cols}) VALUES ({marks})",
-                          tuple(values.values()))
+        self.conn.execute(
+            "INSERT INTO sweeps (sweep_id, experiment, failure_policy, spec, folder, status,"
+            " driver_pid, driver_start, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (new.sweep_id, new.experiment, new.failure_policy, new.spec_json, new.folder,
+             SweepStatus.RUNNING.value, new.driver_pid, new.driver_start, new.created_at))
         self.conn.executemany(
             "INSERT INTO sweep_cells (sweep_id, idx, params, variation) VALUES (?, ?, ?, ?)",
-            ((values["sweep_id"], idx, params, variation) for idx, params, variation in cells))
-        self.effects.sweeps.append(values["sweep_id"])
+            ((new.sweep_id, idx, params, variation) for idx, params, variation in cells))
+        self.effects.sweeps.append(new.sweep_id)
 
     def get(self, sweep_id: str) -> dict[str, Any] | None:
         row = self.conn.execute(f"{_SELECT} WHERE sweep_id = ?", (sweep_id,)).fetchone()
@@ -62,7 +64,19 @@ class Sweeps:
             raise RunnerdError(ErrorCode.BAD_REQUEST, f"{prefix!r} matches more than one sweep")
         return str(rows[0][0])
 
-    def update(self, sweep_id: str, **values: Any) -> None:
+    def take_over(self, sweep_id: str, driver_pid: int, driver_start: int | None) -> None:
+        """The sweep runs again, driven by this process (a resume)."""
+        self._update(sweep_id, status=SweepStatus.RUNNING.value, ended_at=None,
+                     driver_pid=driver_pid, driver_start=driver_start)
+
+    def release(self, sweep_id: str) -> None:
+        """Its driver is done, but another still runs cells: no driver now."""
+        self._update(sweep_id, driver_pid=None, driver_start=None)
+
+    def end(self, sweep_id: str, status: str, at: float) -> None:
+        self._update(sweep_id, status=status, ended_at=at, driver_pid=None, driver_start=None)
+
+    def _update(self, sweep_id: str, **values: Any) -> None:
         sets = ", ".join(f"{col} = ?" for col in values)
         self.conn.execute(f"UPDATE sweeps SET {sets} WHERE sweep_id = ?",
                           (*values.values(), sweep_id))

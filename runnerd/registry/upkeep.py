@@ -3,8 +3,10 @@ pruning old runs."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
+from pathlib import Path
 from typing import Any
 
 from runnerd_client.protocol import ErrorCode, RunnerdError, State
@@ -59,3 +61,29 @@ class Upkeep:
                 self.conn.executemany(f"DELETE FROM {table} WHERE run_id = ?",
                                       [(run_id,) for run_id in run_ids])
         return run_ids
+
+
+class BackupError(Exception):
+    """A copy of the registry that failed, or failed its check; the message says which."""
+
+
+def backup(source: Path, target: Path, pages: int = 4096) -> int:
+    """Copy the registry at `source` to `target` with SQLite's online backup (the daemon
+    keeps serving), into a hidden partial file renamed once the copy passes an integrity
+    check; return how many runs it holds."""
+    partial = target.with_name(f".{target.name}.partial")
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{source}?mode=ro", uri=True)) as src, \
+                contextlib.closing(sqlite3.connect(partial)) as copy:
+            src.backup(copy, pages=pages)
+            check = copy.execute("PRAGMA integrity_check").fetchone()[0]
+            runs = int(copy.execute("SELECT COUNT(*) FROM runs").fetchone()[0])
+        if check != "ok":
+            raise BackupError(f"the copy failed its integrity check: {check}")
+        partial.replace(target)
+    except (sqlite3.Error, OSError, BackupError) as exc:
+        partial.unlink(missing_ok=True)
+        if isinstance(exc, BackupError):
+            raise
+        raise BackupError(f"backup failed: {exc}") from None
+    return runs
