@@ -1,5 +1,6 @@
 """runnerd on Dask: a LocalCluster of separate worker processes on this machine, a real
-daemon, real SIGKILLs. Each task dispatch must be one run in the daemon, ended truly."""
+daemon, real SIGKILLs. Each task dispatch must be one run in the daemon, ended truly.
+(Sweeps on a cluster: test_sweeps_dask.py.)"""
 
 from __future__ import annotations
 
@@ -20,8 +21,9 @@ from conftest import Daemon, wait_for
 distributed = pytest.importorskip("distributed")
 dask = pytest.importorskip("dask")
 
-from runnerd_client.dask import (  # noqa: E402  (after the skip: distributed is optional)
-    RunnerdSchedulerPlugin,
+from dask_cluster import Cluster, report_to  # noqa: E402  (after the skip: distributed is optional)
+
+from runnerd_client.dask import (  # noqa: E402
     RunnerdWorkerPlugin,
     current_run,
 )
@@ -32,46 +34,6 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning"),
     pytest.mark.timeout(180),
 ]
-
-
-class Cluster:
-    """A LocalCluster whose workers report to `daemon`, and a client to it."""
-
-    def __init__(self, daemon: Daemon, **options: Any) -> None:
-        self.daemon = daemon
-        self.cluster = distributed.LocalCluster(
-            n_workers=options.pop("n_workers", 2), threads_per_worker=1, processes=True,
-            dashboard_address=None, **options)
-        self.client = distributed.Client(self.cluster)
-        self.client.register_plugin(RunnerdWorkerPlugin(experiment="dask-test"))
-        self.scheduler_plugin = RunnerdSchedulerPlugin()
-        self.client.register_plugin(self.scheduler_plugin)
-
-    def runs(self) -> list[dict[str, Any]]:
-        return list(self.daemon.ctl_json("list", "--experiment", "dask-test", "--limit", "1000"))
-
-    def run_of(self, key: str, state: str | None = None) -> dict[str, Any] | None:
-        return next((r for r in self.runs() if r["tags"].get("dask_key") == key
-                     and (state is None or r["state"] == state)), None)
-
-    def in_ledger(self, key: str) -> bool:
-        """Whether the scheduler plugin has entered the task's run (after LEDGER_DELAY)."""
-        def look(dask_scheduler: Any) -> bool:
-            return key in dask_scheduler.plugins[RunnerdSchedulerPlugin.name].ledger
-        return bool(self.client.run_on_scheduler(look))
-
-    def worker_pids(self) -> dict[str, int]:
-        return dict(self.client.run(os.getpid))
-
-    def close(self) -> None:
-        self.client.close()
-        self.cluster.close()
-
-
-def report_to(daemon: Daemon, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Point this process's environment at `daemon`: the workers it starts inherit it."""
-    for name in ("RUNNERD_SOCKET", "RUNNERD_DB", "XDG_DATA_HOME", "XDG_STATE_HOME"):
-        monkeypatch.setenv(name, daemon.env[name])
 
 
 @pytest.fixture
@@ -219,57 +181,6 @@ def test_a_stopped_daemon_never_slows_tasks_and_gets_every_event_once(
     assert sorted(r["tags"]["dask_key"] for r in done) == sorted(keys)  # each exactly once
 
 
-def cell(x: int, fail: bool = False) -> int:
-    import runnerd_client as rd
-
-    run = rd.current_run()
-    assert run is not None and run.params["x"] == x
-    if fail:
-        raise KeyError(f"shard {x} is missing")
-    return x * x
-
-
-CELLS = [{"x": i, **({"fail": True} if i in (3, 11, 17) else {})} for i in range(20)]
-
-
-def test_a_sweep_on_the_cluster_under_continue_on_failure(cluster: Cluster) -> None:
-    import runnerd_client as rd
-
-    result = rd.sweep("dask-sweep", CELLS, cell, failure_policy="continue_on_failure",
-                      executor=cluster.client)
-    assert [o.index for o in result.outcomes if o.state == "failed"] == [3, 11, 17]
-    assert all(o.value == o.index ** 2 for o in result.outcomes if o.state == "succeeded")
-    assert result.summary == {"total": 20, "succeeded": 17, "failed": 3, "abandoned": 0,
-                              "skipped": 0, "running": 0, "pending": 0}
-    assert result.manifest is not None
-    manifest = __import__("json").loads(result.manifest.read_text())
-    assert manifest["cells_summary"] == result.summary
-    runs = cluster.daemon.ctl_json("list", "--sweep", result.sweep_id, "--limit", "100")
-    assert len(runs) == 20  # one attempt per cell: Dask retried nothing
-    by_cell = {r["cell"]: r for r in runs}
-    for entry in manifest["cells"]:
-        assert entry["run_id"] == by_cell[entry["index"]]["run_id"]
-        assert entry["host"] == os.uname().nodename
-        if entry["state"] == "failed":
-            assert entry["failure"]["failure_class"] == "KeyError"
-    assert {o.run_id for o in result.outcomes} == {r["run_id"] for r in runs}
-
-
-def test_a_sweep_on_the_cluster_under_fail_fast(cluster: Cluster) -> None:
-    import runnerd_client as rd
-
-    with pytest.raises(rd.SweepFailed) as raised:
-        rd.sweep("dask-fast", CELLS, cell, executor=cluster.client)
-    assert isinstance(raised.value.__cause__, KeyError)
-    sweep = cluster.daemon.ctl_json("sweep", "list")[0]
-    summary = sweep["cells_summary"]
-    assert sweep["status"] == "failed"
-    assert summary["failed"] >= 1
-    assert summary["running"] == summary["pending"] == 0
-    assert summary["succeeded"] + summary["failed"] + summary["abandoned"] + \
-        summary["skipped"] == 20
-
-
 @pytest.mark.parametrize(("target", "state", "failure_class"), [
     ("nanny", "failed_abandoned", "TaskReleased"),
     ("process group", "failed_crash", "Signal:SIGTERM"),
@@ -308,64 +219,6 @@ def test_walltime_on_a_real_dask_worker_is_labelled(
             os.killpg(worker.pid, signal.SIGKILL)
             worker.wait()
         made.close()
-
-
-def test_runnerctl_sweep_run_on_the_cluster(cluster: Cluster, short_tmp: Path) -> None:
-    script = short_tmp / "cell.py"
-    script.write_text("import sys\nx = int(sys.argv[1])\n"
-                      "if x == 2:\n    raise ValueError(f'x={x} diverged')\nprint(x * 10)\n")
-    result = cluster.daemon.ctl(
-        "sweep", "run", "--experiment", "dask-cli", "--grid", "x=0,1,2,3",
-        "--failure-policy", "continue_on_failure", "--dask",
-        cluster.cluster.scheduler_address, "--", sys.executable, str(script), "{x}",
-        check=False)
-    assert result.returncode == 1, result.stderr
-    assert "3 succeeded, 1 failed of 4" in result.stdout
-    sweep = cluster.daemon.ctl_json("sweep", "show", cluster.daemon.ctl_json(
-        "sweep", "list")[0]["sweep_id"])
-    failed = [c for c in sweep["cells"] if c["state"] == "failed"]
-    assert [c["index"] for c in failed] == [2]
-    assert failed[0]["failure"]["failure_class"] == "ExitCode"
-    assert failed[0]["failure"]["exit_code"] == 1
-    assert "ValueError: x=2 diverged" in failed[0]["failure"]["traceback"]
-    workers = set(cluster.worker_pids())
-    for cell in sweep["cells"]:
-        run = cluster.daemon.ctl_json("show", cell["run_id"])
-        assert run["tags"]["worker"] in workers
-        if cell["state"] == "succeeded":
-            out = Path(run["run_dir"], "stdout.log").read_text()
-            assert out.strip() == str(cell["params"]["x"] * 10)
-
-
-def steady(x: int) -> int:
-    time.sleep(0.4)
-    return x
-
-
-def test_a_worker_lost_mid_sweep_leaves_each_cell_one_success(cluster: Cluster) -> None:
-    import threading
-
-    import runnerd_client as rd
-
-    outcome: dict[str, Any] = {}
-    thread = threading.Thread(target=lambda: outcome.update(result=rd.sweep(
-        "dask-lost", [{"x": i} for i in range(12)], steady,
-        failure_policy="continue_on_failure", executor=cluster.client)))
-    thread.start()
-    running = wait_for(lambda: next((r for r in cluster.daemon.ctl_json(
-        "list", "--experiment", "dask-lost", "--state", "running")), None), timeout=30,
-        what="a cell to run")
-    wait_for(lambda: cluster.daemon.ctl_json("list", "--experiment", "dask-lost",
-                                             "--state", "succeeded"), what="a cell done")
-    os.kill(cluster.worker_pids()[running["tags"]["worker"]], signal.SIGKILL)
-    thread.join(120)
-    result = outcome["result"]
-    assert result.summary["succeeded"] == 12
-    runs = cluster.daemon.ctl_json("list", "--sweep", result.sweep_id, "--limit", "100")
-    succeeded = sorted(r["cell"] for r in runs if r["state"] == "succeeded")
-    assert succeeded == list(range(12))  # one success per cell: nothing recomputed
-    crashed = [r for r in runs if r["state"] == "failed_crash"]
-    assert crashed and all(r["failure"]["failure_class"] == "ProcessExited" for r in crashed)
 
 
 def test_two_nodes_each_record_their_own_runs_and_runnerctl_sees_both(

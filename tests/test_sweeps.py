@@ -230,8 +230,8 @@ def test_continue_on_failure_runs_every_cell_at_most_jobs_at_once(
             if name in BROKEN:
                 assert cell["state"] == "failed"
                 failure = cell["failure"]
-                assert failure["failure_class"] == "ExitCode"
-                assert f"ValueError: cell {name} was told to fail" in failure["message"]
+                assert failure["failure_class"] == "ValueError"
+                assert failure["message"] == f"cell {name} was told to fail"
                 assert failure["traceback"].startswith("Traceback (most recent call last)")
                 assert f"ValueError: cell {name} was told to fail" in failure["traceback"]
                 assert failure["signature"]
@@ -251,7 +251,7 @@ def test_fail_fast_stops_at_the_first_failure_and_skips_the_rest(
 
     assert result.returncode == 1, result.stderr
     assert "fail_fast: stopped at cell 6 (" in result.stderr
-    assert "ExitCode: exit code 1: ValueError: cell 1-2 was told to fail" in result.stderr
+    assert "ValueError: cell 1-2 was told to fail" in result.stderr
     assert "Traceback (most recent call last)" in result.stderr
     assert cells.starts() == Counter({f"0-{y}": 1 for y in range(4)} | {"1-0": 1, "1-1": 1,
                                                                          "1-2": 1})
@@ -269,6 +269,31 @@ def test_fail_fast_stops_at_the_first_failure_and_skips_the_rest(
     assert all(c["run_id"] is None for c in manifest["cells"][7:])
     assert show(daemon, sweep_id)["cells"] == manifest["cells"]
     assert len(sweep_runs(daemon, sweep_id)) == 7
+
+
+def test_fail_fast_stops_the_running_cells_with_cause_fail_fast(
+        daemon: Daemon, short_tmp: Path, procs: list[subprocess.Popen[str]]) -> None:
+    cells = Cells(short_tmp, fail=("1",))
+    for name in ("0", "1"):  # cell 0 runs until stopped; cell 1 fails once both run
+        (cells.state / f"hold-{name}").touch()
+    proc = spawn(daemon, procs, "sweep", "run", "--experiment", "stops", "--grid",
+                 "x=0,1,2,3", "--jobs", "2", "--", *cells.command("x"))
+    wait_for(lambda: cells.starts() == Counter({"0": 1, "1": 1}), timeout=30,
+             what="cells 0 and 1 to run")
+    (cells.state / "hold-1").unlink()
+    code, out, err = finish(proc)
+
+    assert code == 1, err
+    shown = show(daemon, sweep_id_of(out))
+    assert [c["state"] for c in shown["cells"]] == ["abandoned", "failed", "skipped", "skipped"]
+    stopped = shown["cells"][0]
+    assert (stopped["failure"]["failure_class"], stopped["failure"]["message"]) == (
+        "FailFast", "stopped by fail_fast: cell 1 failed")
+    run = daemon.ctl_json("show", stopped["run_id"])
+    assert [t["cause"] for t in run["transitions"] if t["to"] == "failed_abandoned"] == \
+        ["fail_fast"]
+    assert not cell_processes(cells)
+    assert not cells.ends()
 
 
 def test_resume_after_the_driver_is_killed_runs_only_the_unfinished_cells(
@@ -528,7 +553,7 @@ def test_replicate_checks_each_cell_ends_as_recorded(daemon: Daemon, short_tmp: 
     assert same.returncode == 0, same.stdout + same.stderr
     assert replicated(same.stdout) == {0: "yes", 1: "yes", 2: "yes", 3: "yes"}
     assert "4 of 4 cell(s) ended as recorded" in same.stdout
-    assert re.search(r"^2\s+x=2\s+failed ExitCode \[\w+\]\s+failed ExitCode \[\w+\]\s+yes",
+    assert re.search(r"^2\s+x=2\s+failed ValueError \[\w+\]\s+failed ValueError \[\w+\]\s+yes",
                      same.stdout, re.M), same.stdout
     assert len(sweep_runs(daemon, sweep_id)) == 8
 
@@ -540,7 +565,7 @@ def test_replicate_checks_each_cell_ends_as_recorded(daemon: Daemon, short_tmp: 
     assert len(sweep_runs(daemon, sweep_id)) == 9
     shown = show(daemon, sweep_id)
     assert [c["attempts"] for c in shown["cells"]] == [2, 2, 3, 2]
-    assert "KeyError" in shown["cells"][2]["failure"]["message"]
+    assert shown["cells"][2]["failure"]["failure_class"] == "KeyError"
     assert cells.starts() == Counter({"0": 2, "1": 2, "2": 3, "3": 2})
 
 

@@ -1,0 +1,53 @@
+"""A LocalCluster whose workers report to a test's daemon, for test_dask and
+test_sweeps_dask (imported after `pytest.importorskip("distributed")`)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import distributed
+import pytest
+
+from conftest import Daemon
+from runnerd_client.dask import RunnerdSchedulerPlugin, RunnerdWorkerPlugin
+
+
+class Cluster:
+    """A LocalCluster whose workers report to `daemon`, and a client to it."""
+
+    def __init__(self, daemon: Daemon, **options: Any) -> None:
+        self.daemon = daemon
+        self.cluster = distributed.LocalCluster(
+            n_workers=options.pop("n_workers", 2), threads_per_worker=1, processes=True,
+            dashboard_address=None, **options)
+        self.client = distributed.Client(self.cluster)
+        self.client.register_plugin(RunnerdWorkerPlugin(experiment="dask-test"))
+        self.scheduler_plugin = RunnerdSchedulerPlugin()
+        self.client.register_plugin(self.scheduler_plugin)
+
+    def runs(self) -> list[dict[str, Any]]:
+        return list(self.daemon.ctl_json("list", "--experiment", "dask-test", "--limit", "1000"))
+
+    def run_of(self, key: str, state: str | None = None) -> dict[str, Any] | None:
+        return next((r for r in self.runs() if r["tags"].get("dask_key") == key
+                     and (state is None or r["state"] == state)), None)
+
+    def in_ledger(self, key: str) -> bool:
+        """Whether the scheduler plugin has entered the task's run (after LEDGER_DELAY)."""
+        def look(dask_scheduler: Any) -> bool:
+            return key in dask_scheduler.plugins[RunnerdSchedulerPlugin.name].ledger
+        return bool(self.client.run_on_scheduler(look))
+
+    def worker_pids(self) -> dict[str, int]:
+        return dict(self.client.run(os.getpid))
+
+    def close(self) -> None:
+        self.client.close()
+        self.cluster.close()
+
+
+def report_to(daemon: Daemon, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Point this process's environment at `daemon`: the workers it starts inherit it."""
+    for name in ("RUNNERD_SOCKET", "RUNNERD_DB", "XDG_DATA_HOME", "XDG_STATE_HOME"):
+        monkeypatch.setenv(name, daemon.env[name])
