@@ -13,7 +13,6 @@ import ctypes
 import errno
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -29,6 +28,7 @@ from runnerd.controls import escape_controls
 from runnerd.resources import cgroup_dir, cgroup_peak, gib, oom_kills
 from runnerd_client.protocol import FailReason, RunnerdError
 from runnerd_client.run import RUN_ID_ENV, Cell, Client, Run, backoff_delay, worth_retrying
+from runnerd_client.tracebacks import CRASH_REPORTS, command_ending
 from runnerd_client.trust import UntrustedPath, create_file, open_folder
 
 KILL_AFTER = 5.0
@@ -36,7 +36,6 @@ CHECKPOINT_ENV = "RUNNERD_CHECKPOINT"
 CHECKPOINT_DATA_ENV = "RUNNERD_CHECKPOINT_DATA"
 TAIL = 64 * 1024
 LOGS = ("stdout.log", "stderr.log")
-_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)\b.*$", re.M)
 
 
 @dataclass(frozen=True)
@@ -282,16 +281,6 @@ def wait(proc: subprocess.Popen[bytes], timeout: float | None) -> bool:
     return True
 
 
-def _python_error(stderr_tail: bytes) -> tuple[str, str | None]:
-    """The last exception line of a Python traceback on stderr, and the traceback."""
-    text = stderr_tail.decode("utf-8", "replace")
-    errors = [m.group(0).strip() for m in _EXCEPTION_LINE.finditer(text)]
-    lines = text.strip().splitlines()
-    last = errors[-1] if errors else (lines[-1] if lines else "")
-    has_traceback = "Traceback (most recent call last)" in text
-    return last[:500], text if has_traceback else None
-
-
 def record_end(run: Run, rc: int, *, timed_out: bool, stopped: Stop | None,
                timeout: float | None, stderr_tail: bytes, cgroup: Path | None,
                oom_before: int | None, limit: int | None = None) -> None:
@@ -307,9 +296,9 @@ def record_end(run: Run, rc: int, *, timed_out: bool, stopped: Stop | None,
     elif rc == 0:
         run.succeed(if_active=True)
     elif rc > 0:
-        last, traceback = _python_error(stderr_tail)
-        run.fail(FailReason.CRASH, f"exit code {rc}" + (f": {last}" if last else ""),
-                 failure_class="ExitCode", exit_code=rc, traceback=traceback, if_active=True)
+        ending = command_ending(stderr_tail, rc)
+        run.fail(FailReason.CRASH, ending.message, failure_class=ending.failure_class,
+                 exit_code=rc, traceback=ending.traceback, if_active=True)
     else:
         name = signal.Signals(-rc).name
         oom = name == "SIGKILL" and oom_before is not None and \
@@ -317,8 +306,9 @@ def record_end(run: Run, rc: int, *, timed_out: bool, stopped: Stop | None,
         peak = cgroup_peak(cgroup) if limit else None
         killer = f" (OOM killer, peak {gib(peak)} of a {gib(limit)} limit)" if oom and peak \
             and limit else " (OOM killer)" if oom else ""
-        run.fail(FailReason.CRASH, f"command killed by {name}{killer}",
-                 failure_class=f"Signal:{name}", signal=name, exit_code=rc,
+        ending = command_ending(stderr_tail, rc, killer)
+        run.fail(FailReason.CRASH, ending.message, failure_class=ending.failure_class,
+                 signal=name, exit_code=rc, traceback=ending.traceback,
                  category_hint="oom" if oom else None, if_active=True)
 
 
@@ -357,7 +347,7 @@ def run_once(client: Client, launch: Launch, how: Attempt) -> Outcome:
 
 def _environment(run: Run, launch: Launch) -> dict[str, str]:
     """The command's environment: ours, the launch's, its run, and what it resumes from."""
-    env = {**os.environ, **launch.env, RUN_ID_ENV: run.run_id}
+    env = {**CRASH_REPORTS, **os.environ, **launch.env, RUN_ID_ENV: run.run_id}
     checkpoint = run.resume_checkpoint
     if launch.resume:
         env[CHECKPOINT_ENV] = (checkpoint or {}).get("path") or ""

@@ -78,12 +78,16 @@ CASES: list[tuple[dict[str, Any], str | None, str, bool]] = [
     (rec("KeyError", "'learning_rate'"), None, "validation", False),
     (rec("TypeError", "train() got an unexpected keyword argument 'lr'"), None,
      "validation", False),
-    (rec("AssertionError", ""), None, "validation", False),
     (rec("FileNotFoundError", "[Errno 2] No such file or directory: 'data/train.csv'"), None,
      "validation", False),
     (rec("RuntimeError", "CUDA error: invalid device ordinal"), None, "validation", False),
     (rec("RuntimeError", "shape mismatch: expected (3, 4), got (4, 3)"), None,
      "validation", False),
+    (rec("sklearn.utils._param_validation.InvalidParameterError", "The 'gamma' parameter of "
+         "SVC must be a float in the range [0.0, inf) or a str among {'auto', 'scale'}. Got -1 "
+         "instead."), None, "validation", False),
+    (rec("RuntimeError", "Error(s) in loading state_dict for ResNet:\n\tMissing key(s) in "
+         "state_dict: \"fc.weight\"."), None, "validation", False),
     # interrupted
     (rec("KeyboardInterrupt", "interrupted", "abandoned"), None, "interrupted", True),
     (rec("Terminated", "terminated by SIGTERM", "abandoned"), None, "interrupted", True),
@@ -106,11 +110,98 @@ CASES: list[tuple[dict[str, Any], str | None, str, bool]] = [
     (rec("ExitCode", "exited", signal="KILL"), None, "signal", True),
     (rec("Signal:UNKNOWN", "Fatal Python error: Cannot recover from stack overflow."), None,
      "signal", False),
+    (rec("Signal:SIGUSR1", "command killed by SIGUSR1", signal="SIGUSR1"), None, "signal",
+     False),
     (rec("ProcessExited", "process 4242 exited without a terminal call"), None, "signal", True),
+    # what a command's stderr shows besides its last exception (record["traceback"])
+    (rec("BrokenProcessPool", "A process in the process pool was terminated abruptly while "
+         "the future was running or pending.", traceback="Fatal Python error: Segmentation "
+         "fault\n\nCurrent thread 0x7f (most recent call first):\n  File \"w.py\", line 3 in "
+         "work\n"), None, "signal", False),
+    (rec("BrokenProcessPool", "A process in the process pool was terminated abruptly while "
+         "the future was running or pending."), None, "oom", False),
+    (rec("TerminatedWorkerError", "A worker process managed by the executor was unexpectedly "
+         "terminated. This could be caused by a segmentation fault while calling the function "
+         "or by an excessive memory usage causing the Operating System to kill the worker.",
+         traceback="TerminatedWorkerError: A worker process managed by the executor was "
+         "unexpectedly terminated.\n\nThe exit codes of the workers are {SIGKILL(-9)}\n"),
+     None, "oom", False),
+    (rec("TerminatedWorkerError", "A worker process managed by the executor was unexpectedly "
+         "terminated. The exit codes of the workers are {SIGTERM(-15)}"), None, "signal", True),
+    (rec("ExitCode", "exit code 137: Killed", exit_code=137,
+         traceback="Epoch 3/10\nKilled\n"), None, "oom", False),
+    (rec("Signal:SIGTERM", "command killed by SIGTERM", signal="SIGTERM", exit_code=-15,
+         traceback="slurmstepd: error: *** JOB 42 ON n1 CANCELLED AT 2024-01-01T00:00:00 DUE TO "
+         "TIME LIMIT ***\n"), None, "walltime", True),
+    (rec("ExitCode", "exit code 1: srun: error: n1: task 0: Terminated", exit_code=1,
+         traceback="slurmstepd: error: *** STEP 42.0 ON n1 CANCELLED AT 2024-01-01T00:00:00 "
+         "DUE TO PREEMPTION ***\nsrun: error: n1: task 0: Terminated\n"), None,
+     "interrupted", True),
+    (rec("Signal:SIGABRT", "command killed by SIGABRT", signal="SIGABRT", exit_code=-6,
+         traceback="[rank1]:[E626 06:24:44.903 ProcessGroupNCCL.cpp:616] [Rank 1] Watchdog "
+         "caught collective operation timeout: WorkNCCL(SeqNum=808, OpType=ALLREDUCE) ran for "
+         "600020 milliseconds before timing out.\n"), None, "timeout", True),
+    (rec("RuntimeError", "NCCL error in: ProcessGroupNCCL.cpp:1269, unhandled system error, "
+         "NCCL version 2.14.3"), None, "network", True),
+    (rec("ExitCode", "exit code 1: ERROR: Unexpected bus error encountered in worker. This "
+         "might be caused by insufficient shared memory (shm).", exit_code=1), None,
+     "resource", False),
+    (rec("RuntimeError", "OOM: scenario 7 exceeded memory limit"), None, "oom", False),
+    (rec("numpy.core._exceptions._ArrayMemoryError", "Unable to allocate 58.0 GiB for an array "
+         "with shape (176351, 176460) and data type uint16"), None, "oom", False),
+    (rec("ExitCode", "exit code 1: distributed.nanny - WARNING - Restarting worker",
+         exit_code=1, traceback="distributed.nanny - WARNING - Worker exceeded 95% memory "
+         "budget. Restarting\ndistributed.nanny - WARNING - Restarting worker\n"), None,
+     "oom", False),
+    # Dask's KilledWorker: retryable or not from what killed its workers
+    (rec("distributed.scheduler.KilledWorker", "Attempted to run task 'x' on 3 different "
+         "workers, but all those workers died while running it."), None, "killed_worker",
+     False),
+    (rec("distributed.scheduler.KilledWorker", "Attempted to run task 'x' on 3 different "
+         "workers, but all those workers died while running it.",
+         traceback="distributed.nanny.memory - WARNING - Worker tcp://10.0.0.1:1 (pid=42) "
+         "exceeded 95% memory budget. Restarting...\n"), None, "killed_worker", False),
+    (rec("Signal:SIGTERM", "process 4242 terminated by SIGTERM (KilledWorker: Dask gave up on "
+         "the task after its workers died)", signal="SIGTERM"), "killed_worker",
+     "killed_worker", True),
+    (rec("ProcessExited", "process 4242 exited (the worker was retired on purpose (scale "
+         "down, retire_workers)) (KilledWorker: Dask gave up on the task after its workers "
+         "died)"), "killed_worker", "killed_worker", True),
+    # disk, permission, resource
+    (rec("OSError", "[Errno 28] No space left on device"), None, "disk", False),
+    (rec("OSError", "[Errno 122] Disk quota exceeded: 'out/model.pt'"), None, "disk", False),
+    (rec("PermissionError", "[Errno 13] Permission denied: '/data/x'"), None, "permission",
+     False),
+    (rec("OSError", "[Errno 30] Read-only file system: '/models'"), None, "permission", False),
+    (rec("OSError", "[Errno 24] Too many open files"), None, "resource", False),
+    (rec("RuntimeError", "can't start new thread"), None, "resource", False),
+    (rec("sqlite3.OperationalError", "database is locked"), None, "resource", True),
+    (rec("RuntimeError", "CUDA error: all CUDA-capable devices are busy or unavailable"), None,
+     "resource", True),
+    # network: a certificate problem is not transient
+    (rec("ssl.SSLCertVerificationError", "[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify "
+         "failed: unable to get local issuer certificate (_ssl.c:1006)"), None, "network",
+     False),
+    (rec("requests.exceptions.HTTPError", "429 Client Error: Too Many Requests for url: "
+         "https://hub/x"), None, "network", True),
+    # GPU drivers and builds
+    (rec("RuntimeError", "The NVIDIA driver on your system is too old (found version 11040)."),
+     None, "dependency", False),
+    (rec("AssertionError", "\nThe NVIDIA driver on your system is too old (found version "
+         "9000)."), None, "dependency", False),
+    (rec("RuntimeError", "CUDA error: no kernel image is available for execution on the "
+         "device"), None, "dependency", False),
+    # bugs in the program
+    (rec("AttributeError", "'NoneType' object has no attribute 'shape'"), None, "bug", False),
+    (rec("AssertionError", ""), None, "bug", False),
+    (rec("IndexError", "list index out of range"), None, "bug", False),
+    (rec("RecursionError", "maximum recursion depth exceeded"), None, "bug", False),
+    (rec("TypeError", "'NoneType' object is not subscriptable"), None, "bug", False),
+    (rec("RuntimeError", "mat1 and mat2 shapes cannot be multiplied (1x2 and 6x64)"), None,
+     "bug", False),
+    (rec("RuntimeError", "CUDA error: device-side assert triggered"), None, "bug", False),
     # unknown
     (rec("RuntimeError", "something odd happened"), None, "unknown", False),
-    (rec("AttributeError", "'NoneType' object has no attribute 'shape'"), None,
-     "unknown", False),
     (rec("SystemExit", "1", exit_code=1), None, "unknown", False),
     (rec("ExitCode", "exited", exit_code=1), "bogus", "unknown", False),
 ]
@@ -203,7 +294,7 @@ def test_the_table_ends_with_the_only_fallback() -> None:
 
 
 @pytest.mark.parametrize(("kwargs", "error"), [
-    ({"category": "disk", "classes": ("OSError",)}, "unknown category"),
+    ({"category": "bogus", "classes": ("OSError",)}, "unknown category"),
     ({"category": "network"}, "no criteria"),
     ({"category": "network", "classes": ("X",), "suggestion": "a\nb"}, "one-line"),
     ({"category": "network", "classes": ("X",), "suggestion": " "}, "one-line"),

@@ -96,7 +96,8 @@ def test_a_bug_is_not_retried(daemon: Daemon) -> None:
     assert b"not retryable" in result.stderr
     [run] = daemon.ctl_json("list", "--experiment", "bug")
     assert run["failure"]["category"] == "dependency"
-    assert "ModuleNotFoundError" in run["failure"]["message"]
+    assert run["failure"]["failure_class"] == "ModuleNotFoundError"
+    assert "no_such_module_here" in run["failure"]["message"]
 
 
 def test_ten_megabytes_of_output_arrive_whole(daemon: Daemon) -> None:
