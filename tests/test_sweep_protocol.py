@@ -22,6 +22,7 @@ from runnerd_client.cells import (
     count,
     differences,
     expand,
+    grid_values,
     placeholders,
     substitute,
     variation,
@@ -264,3 +265,19 @@ def test_differences_name_what_changed() -> None:
     changed = differences(stored, {"command": ["b", "{x}"], "grid": {"x": [1]}})
     assert [line.split(":")[0] for line in changed] == ["command", "grid"]
     assert changed_keys({"a": 1, "b": 2}, {"a": 1, "b": 3, "c": 0}) == ["b", "c"]
+
+
+@pytest.mark.parametrize(("given", "values"), [
+    ('["ridge","lasso"]', ["ridge", "lasso"]), ("0.1,0.01", [0.1, 0.01]), ("0.1", [0.1]),
+    ("adam,sgd", ["adam", "sgd"]), ('"a,b"', ["a,b"]), ('{"depth":2}', [{"depth": 2}]),
+    ("[[1,2],[3]]", [[1, 2], [3]]), ("true,null", [True, None])])
+def test_a_grid_value_is_json_when_it_parses_else_a_comma_list(given: str,
+                                                                values: list[Any]) -> None:
+    assert grid_values("k", given) == values
+
+
+@pytest.mark.parametrize("given", ['["ridge",lasso]', '["ridge"', 'a"b', "1,,2", ","])
+def test_an_ambiguous_grid_value_is_refused(given: str) -> None:
+    with pytest.raises(SpecError, match="k="):
+        grid_values("k", given)
+

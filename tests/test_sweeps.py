@@ -603,6 +603,31 @@ def test_a_toml_file_of_cells_is_a_sweep(daemon: Daemon, short_tmp: Path) -> Non
     assert cells.ends() == Counter({"1-a": 1, "2-b": 1})
 
 
+def test_a_grid_value_that_is_json_is_taken_as_json(daemon: Daemon, short_tmp: Path) -> None:
+    cells = Cells(short_tmp)
+    result = runnerctl(daemon, "sweep", "run", "--experiment", "json-grid", "--grid",
+                       'model=["ridge","lasso"]', "--grid", "alpha=0.1,1", "--grid",
+                       'note="a,b"', "--", *cells.command("model", "alpha"))
+    assert result.returncode == 0, result.stderr
+    shown = show(daemon, sweep_id_of(result.stdout))
+    assert [c["params"] for c in shown["cells"]] == [
+        {"model": m, "alpha": a, "note": "a,b"} for m in ("ridge", "lasso") for a in (0.1, 1)]
+    assert cells.ends() == Counter({"ridge-0.1": 1, "ridge-1": 1, "lasso-0.1": 1,
+                                    "lasso-1": 1})
+
+
+@pytest.mark.parametrize("value", ['model=["ridge",lasso]', 'model=["ridge"', "x=1,,2"])
+def test_an_ambiguous_grid_value_is_a_usage_error_before_any_cell_runs(
+        daemon: Daemon, short_tmp: Path, value: str) -> None:
+    cells = Cells(short_tmp)
+    result = runnerctl(daemon, "sweep", "run", "--experiment", "ambiguous", "--grid", value,
+                       "--", *cells.command(value.partition("=")[0]))
+    assert result.returncode == 2
+    assert value in result.stderr and "Traceback" not in result.stderr
+    assert runnerctl(daemon, "sweep", "list").stdout.strip() == "no sweeps"
+    assert cells.log() == []
+
+
 def test_a_malformed_grid_option_is_a_usage_error(daemon: Daemon, short_tmp: Path) -> None:
     cells = Cells(short_tmp)
     result = runnerctl(daemon, "sweep", "run", "--experiment", "bad", "--grid", "x",

@@ -54,6 +54,34 @@ def _source(spec: Mapping[str, Any]) -> tuple[list[dict[str, Any]] | None, dict[
     return None, grid
 
 
+def grid_values(key: str, given: str) -> list[Any]:
+    """The values of one `--grid KEY=...`. Text that parses as JSON is JSON: a list gives
+    the values (`'["ridge","lasso"]'`), anything else is the one value. Otherwise it is a
+    comma-separated list, each value JSON where it parses (`0.1` a number, `adam` a
+    string). Brackets, braces or quotes in text that is not JSON, or an empty value, are
+    ambiguous: SpecError, never a cell named after half a list."""
+    try:
+        value = json.loads(given)
+    except ValueError:
+        pass
+    else:
+        return value if isinstance(value, list) else [value]
+    if any(c in given for c in '[]{}"'):
+        raise SpecError(f"{key}={given} is neither JSON nor a plain comma-separated list;"
+                        f" give a JSON list, e.g. {key}='[\"a\",\"b,c\"]'")
+    values = given.split(",")
+    if "" in values:
+        raise SpecError(f"{key}={given} has an empty value")
+    return [_plain(v) for v in values]
+
+
+def _plain(value: str) -> Any:
+    try:
+        return json.loads(value)
+    except ValueError:
+        return value
+
+
 def text(value: Any) -> str:
     """A parameter value as it appears in a variation or a command line."""
     if isinstance(value, str):

@@ -26,7 +26,6 @@ from runnerd.cli.common import (
     local_time,
     parse_duration,
     parse_size,
-    parse_value,
     request,
     retry_options,
     say,
@@ -43,7 +42,7 @@ from runnerd.cli.sweep_turns import (
     stored_sweep,
     take_over,
 )
-from runnerd_client.cells import SpecError, differences, expand, placeholders
+from runnerd_client.cells import SpecError, differences, expand, grid_values, placeholders
 from runnerd_client.ids import new_key, new_run_id
 from runnerd_client.protocol import (
     ListRuns,
@@ -82,7 +81,10 @@ def cells_spec(grid: tuple[str, ...], grid_file: str | None) -> dict[str, Any]:
         if "cells" in spec:
             raise click.BadParameter("a list of cells and --grid do not mix",
                                      param_hint="--grid")
-        spec.setdefault("grid", {})[key] = [parse_value(v) for v in values.split(",")]
+        try:
+            spec.setdefault("grid", {})[key] = grid_values(key, values)
+        except SpecError as exc:
+            raise click.BadParameter(str(exc), param_hint="--grid") from None
     return spec
 
 
@@ -117,7 +119,8 @@ def _checked(spec: dict[str, Any]) -> list[dict[str, Any]]:
 @sweep.command("run", context_settings={"ignore_unknown_options": True})
 @click.option("--experiment", required=True, help="The experiment every cell belongs to.")
 @click.option("--grid", multiple=True, metavar="K=V1,V2,...",
-              help="A parameter and its values; several make a Cartesian product.")
+              help="A parameter and its values (V1,V2,... or a JSON list); several make a"
+                   " Cartesian product.")
 @click.option("--grid-file", type=click.Path(exists=True, dir_okay=False),
               help="JSON or TOML: a list of cells, or a map of value lists.")
 @click.option("--jobs", type=click.IntRange(1, 256), default=1, show_default=True,
