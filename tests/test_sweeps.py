@@ -569,6 +569,24 @@ def test_replicate_checks_each_cell_ends_as_recorded(daemon: Daemon, short_tmp: 
     assert cells.starts() == Counter({"0": 2, "1": 2, "2": 3, "3": 2})
 
 
+def test_the_attempts_column_is_the_manifests_attempts(daemon: Daemon, short_tmp: Path) -> None:
+    """A variation run before (by an earlier sweep) has a run `attempt` of 2; the cell's
+    `attempts` in this sweep is 1, and the table shows that one meaning."""
+    cells = Cells(short_tmp, fail=("1",))
+    args = ("sweep", "run", "--experiment", "att", "--grid", "x=0,1", "--failure-policy",
+            "continue_on_failure", "--", *cells.command("x"))
+    runnerctl(daemon, *args)
+    second = runnerctl(daemon, *args)
+
+    manifest = json.loads(manifest_path_of(second.stdout).read_text())
+    assert [c["attempts"] for c in manifest["cells"]] == [1, 1]
+    assert {daemon.ctl_json("show", c["run_id"])["attempt"] for c in manifest["cells"]} == {2}
+    header, *rows = [line.split() for line in second.stdout.splitlines()
+                     if re.match(r"^(CELL|\d+)\s", line)]
+    assert header[:4] == ["CELL", "VARIATION", "STATE", "ATTEMPTS"]
+    assert [(row[0], row[3]) for row in rows] == [("0", "1"), ("1", "1")]
+
+
 def test_a_placeholder_no_cell_has_is_refused(daemon: Daemon, short_tmp: Path) -> None:
     cells = Cells(short_tmp)
     result = runnerctl(daemon, "sweep", "run", "--experiment", "typo", "--grid", "x=1,2",
