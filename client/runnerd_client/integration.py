@@ -86,16 +86,17 @@ class HookInput:
 
 
 def read_hook_input(stream: IO[str]) -> HookInput:
-    """Parse a hook's stdin; a payload without a run object is a ValueError naming it."""
+    """Parse a hook's stdin. A run pruned meanwhile, or a sweep's event, has `"run": null`:
+    its run is then empty (no state), which the integrations leave alone."""
     try:
         payload = json.load(stream)
     except json.JSONDecodeError as exc:
         raise ValueError(f"the hook's input is not JSON: {exc}") from None
-    if not isinstance(payload, dict) or not isinstance(payload.get("run"), dict):
-        raise ValueError('the hook\'s input needs a "run" object')
-    event = payload.get("event")
+    if not isinstance(payload, dict) or not isinstance(payload.get("run", {}), dict | None):
+        raise ValueError('the hook\'s input must be an object whose "run" is an object or null')
+    event, run = payload.get("event"), payload.get("run")
     return HookInput(str(payload.get("hook") or ""), event if isinstance(event, dict) else {},
-                     payload["run"])
+                     run or {})
 
 
 def notes(run: dict[str, Any], prefix: str) -> list[dict[str, Any]]:
