@@ -16,6 +16,7 @@ from typing import Any
 
 from runnerd_client.cells import substitute
 from runnerd_client.run import ACTIVE, RUN_ID_ENV
+from runnerd_client.tracebacks import CRASH_REPORTS, command_ending
 
 TAIL = 65536
 _running: dict[str, int] = {}  # run id -> the process group of its command
@@ -50,7 +51,8 @@ class CommandCell:
         run = ACTIVE.get()
         folder = run.run_dir if run is not None else Path(self.cwd)
         folder.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, **({RUN_ID_ENV: run.run_id} if run is not None else {})}
+        env = {**CRASH_REPORTS, **os.environ,
+               **({RUN_ID_ENV: run.run_id} if run is not None else {})}
         logs = [folder / "stdout.log", folder / "stderr.log"]
         with open(logs[0], "wb") as out, open(logs[1], "wb") as err:
             proc = subprocess.Popen(substitute(self.command, params), cwd=self.cwd, env=env,
@@ -92,12 +94,7 @@ def stop_command(run_id: str) -> None:
 
 
 def command_failure(code: int, stderr_tail: bytes) -> CommandFailed:
-    text = stderr_tail.decode("utf-8", "replace")
-    lines = text.strip().splitlines()
-    last = lines[-1][:500] if lines else ""
-    traceback = text if "Traceback (most recent call last)" in text else None
-    if code < 0:
-        name = signal.Signals(-code).name
-        return CommandFailed(f"command killed by {name}", f"Signal:{name}", 128 - code, name)
-    return CommandFailed(f"exit code {code}" + (f": {last}" if last else ""), "ExitCode", code,
-                         traceback=traceback)
+    """How the command ended, read from its stderr as `runnerctl exec` reads it."""
+    ending = command_ending(stderr_tail, code)
+    return CommandFailed(ending.message, ending.failure_class, code if code > 0 else 128 - code,
+                         ending.signal, ending.traceback)
