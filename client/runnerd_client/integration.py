@@ -139,17 +139,27 @@ def wait_gone(pids: Iterable[int], timeout: float = GONE_WAIT) -> bool:
         time.sleep(0.01)
 
 
-def hook_main(prog: str, handle: Callable[[HookInput], None],
-              argv: list[str] | None = None) -> int:
-    """`python -m PROG hook`: read the hook's input, act on it; exit 0 once done (the
-    daemon counts the event delivered), 1 on an error (it retries), 2 on a usage error."""
+def hook_parser(prog: str) -> argparse.ArgumentParser:
+    """`python -m PROG hook [OPTIONS]`, for an integration to add its options to."""
     parser = argparse.ArgumentParser(prog=f"python -m {prog}")
     parser.add_argument("command", choices=["hook"],
                         help="act on one runnerd hook event read from stdin")
-    parser.parse_args(argv)
+    return parser
+
+
+def run_hook(prog: str, handle: Callable[[HookInput], None]) -> int:
+    """Read the hook's input and act on it: exit 0 once done (the daemon counts the event
+    delivered), 1 on an error (it retries later)."""
     try:
         handle(read_hook_input(sys.stdin))
     except Exception as exc:  # reported, and the daemon retries the event
         print(f"{prog} hook: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def hook_main(prog: str, handle: Callable[[HookInput], None],
+              argv: list[str] | None = None) -> int:
+    """`python -m PROG hook` for an integration without options (2 on a usage error)."""
+    hook_parser(prog).parse_args(argv)
+    return run_hook(prog, handle)
