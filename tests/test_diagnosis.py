@@ -137,6 +137,12 @@ CASES: list[tuple[dict[str, Any], str | None, str, bool]] = [
          traceback="slurmstepd: error: *** STEP 42.0 ON n1 CANCELLED AT 2024-01-01T00:00:00 "
          "DUE TO PREEMPTION ***\nsrun: error: n1: task 0: Terminated\n"), None,
      "interrupted", True),
+    (rec("Signal:SIGTERM", "command killed by SIGTERM", signal="SIGTERM", exit_code=-15,
+         traceback="slurmstepd: error: *** JOB 42 ON n1 CANCELLED AT 2024-01-01T00:00:00 ***\n"),
+     None, "interrupted", True),
+    (rec("ExitCode", "exit code 1: srun: error: n1: task 3: Bus error", exit_code=1,
+         traceback="srun: error: n1: task 3: Bus error\nslurmstepd: error: *** STEP 42.0 ON n1 "
+         "CANCELLED AT 2024-01-01T00:00:00 ***\n"), None, "signal", False),
     (rec("Signal:SIGABRT", "command killed by SIGABRT", signal="SIGABRT", exit_code=-6,
          traceback="[rank1]:[E626 06:24:44.903 ProcessGroupNCCL.cpp:616] [Rank 1] Watchdog "
          "caught collective operation timeout: WorkNCCL(SeqNum=808, OpType=ALLREDUCE) ran for "
@@ -169,6 +175,8 @@ CASES: list[tuple[dict[str, Any], str | None, str, bool]] = [
          "died)"), "killed_worker", "killed_worker", True),
     # disk, permission, resource
     (rec("OSError", "[Errno 28] No space left on device"), None, "disk", False),
+    (rec("RuntimeError", "[enforce fail at inline_container.cc:445] . PytorchStreamWriter "
+         "failed writing file data/176: file write failed"), None, "disk", False),
     (rec("OSError", "[Errno 122] Disk quota exceeded: 'out/model.pt'"), None, "disk", False),
     (rec("PermissionError", "[Errno 13] Permission denied: '/data/x'"), None, "permission",
      False),
@@ -259,6 +267,22 @@ def test_sigkill_alone_is_not_oom() -> None:
 def test_missing_or_odd_fields_fall_back_to_unknown(record: dict[str, Any]) -> None:
     assert diagnose(record) == Diagnosis("unknown", False, RULES[-1].pattern,
                                          RULES[-1].suggestion)
+
+
+def test_a_memory_error_is_named_for_itself_even_with_a_hint() -> None:
+    assert match_rule(rec("MemoryError", ""), "oom").pattern == "out of memory (host or GPU)"
+
+
+def test_the_root_cause_wins_over_its_echo() -> None:
+    """A chained traceback: the DataLoader worker was killed (the cause), then the main
+    process raised 'exited unexpectedly': the finding names the kill, not the echo."""
+    traceback = ("Traceback (most recent call last):\n  File \"x.py\", line 1, in f\n"
+                 "RuntimeError: DataLoader worker (pid 1817) is killed by signal: Killed.\n\n"
+                 "The above exception was the direct cause of the following exception:\n\n"
+                 "Traceback (most recent call last):\n  File \"x.py\", line 2, in g\n"
+                 "ValueError: batch could not be read\n")
+    record = rec("ValueError", "batch could not be read", traceback=traceback)
+    assert match_rule(record).pattern.startswith("a child process was SIGKILLed")
 
 
 def test_diagnosis_carries_the_matching_rule() -> None:

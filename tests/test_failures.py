@@ -167,3 +167,152 @@ def test_progress_shows_on_a_terminal_only(daemon: Daemon) -> None:
     os.close(master)
     assert proc.returncode == 0
     assert "exporting runs 30" in shown
+
+
+# --- what runnerctl exec records of a command that raised (issue 19) ---------------------
+
+FAKE_TORCH = {
+    "torch/__init__.py": "",
+    "torch/cuda/__init__.py": "class OutOfMemoryError(RuntimeError):\n    pass\n",
+}
+TRAIN = textwrap.dedent("""
+    import json, sys
+    import torch.cuda
+
+    def forward(gib):
+        raise torch.cuda.OutOfMemoryError(
+            f"CUDA out of memory. Tried to allocate {gib}.00 GiB. GPU 0 has a total capacity "
+            "of 15.78 GiB of which 1.06 GiB is free.")
+
+    def load_config():
+        return json.loads("{'lr': 0.1}")
+
+    def pick(shards, n):
+        return shards[n]
+
+    kind, n = sys.argv[1], int(sys.argv[2])
+    print(f"step {n}: starting", file=sys.stderr)
+    if kind == "oom":
+        forward(n)
+    elif kind == "config":
+        load_config()
+    else:
+        pick([1, 2, 3], 10 + n)
+""")
+
+
+def exec_command(daemon: Daemon, experiment: str, *command: str,
+                 cwd: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "runnerd.cli", "exec", "--experiment",
+                           experiment, "--", *command], env=daemon.env, cwd=cwd,
+                          capture_output=True, text=True, timeout=120)
+
+
+def write_files(root: Any, files: dict[str, str]) -> None:
+    for name, text in files.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+
+
+def test_a_cuda_oom_under_exec_reads_as_out_of_memory_not_exit_code(
+        daemon: Daemon, short_tmp: Any) -> None:
+    write_files(short_tmp, {**FAKE_TORCH, "train.py": TRAIN})
+    result = exec_command(daemon, "oom", sys.executable, "train.py", "oom", "2",
+                          cwd=str(short_tmp))
+    assert result.returncode == 1
+    assert result.stderr.rstrip().endswith("1.06 GiB is free.")
+    [failure] = daemon.ctl_json("failures", "--experiment", "oom")
+    assert failure["failure_class"] == "torch.cuda.OutOfMemoryError"
+    assert failure["message"].startswith("CUDA out of memory. Tried to allocate 2.00 GiB.")
+    assert (failure["category"], failure["retryable"]) == ("oom", False)
+    assert failure["exit_code"] == 1
+    assert "in forward" in failure["traceback"]
+    table = daemon.ctl("failures", "--experiment", "oom").stdout
+    assert "torch.cuda.OutOfMemoryError: CUDA out of memory" in table
+    assert "ExitCode" not in table
+    advice = daemon.ctl("diagnose", "--experiment", "oom").stdout
+    assert "1 x oom (not retryable): out of memory (host or GPU)" in advice
+
+
+def test_group_by_class_and_signature_give_one_group_per_bug(
+        daemon: Daemon, short_tmp: Any) -> None:
+    write_files(short_tmp, {**FAKE_TORCH, "train.py": TRAIN})
+    runs = [("oom", 2), ("oom", 6), ("config", 1), ("config", 2), ("config", 3),
+            ("index", 1), ("index", 2)]
+    for kind, n in runs:
+        result = exec_command(daemon, "bugs", sys.executable, "train.py", kind, str(n),
+                              cwd=str(short_tmp))
+        assert result.returncode == 1, result.stderr
+    by_class = daemon.ctl_json("failures", "--group-by", "class")
+    assert {g["key"]: g["count"] for g in by_class} == {
+        "json.decoder.JSONDecodeError": 3, "torch.cuda.OutOfMemoryError": 2, "IndexError": 2}
+    by_signature = daemon.ctl_json("failures", "--group-by", "signature")
+    assert sorted(g["count"] for g in by_signature) == [2, 2, 3]
+    found = daemon.ctl_json("diagnose", "--experiment", "bugs")["findings"]
+    assert {(f["category"], f["count"]) for f in found} == {
+        ("oom", 2), ("validation", 3), ("bug", 2)}
+    report = daemon.ctl_json("report")
+    assert sorted((g["failure_class"], g["count"]) for g in report["failure_groups"]) == [
+        ("IndexError", 2), ("json.decoder.JSONDecodeError", 3),
+        ("torch.cuda.OutOfMemoryError", 2)]
+
+
+POOL = textwrap.dedent("""
+    import ctypes, os, signal, sys
+    from concurrent.futures import ProcessPoolExecutor
+
+    def work(how):
+        if how == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        ctypes.string_at(0)
+
+    with ProcessPoolExecutor(1) as pool:
+        pool.submit(work, sys.argv[1]).result()
+""")
+
+
+def test_a_pool_child_killed_is_told_from_one_that_segfaulted(
+        daemon: Daemon, short_tmp: Any) -> None:
+    script = short_tmp / "pool.py"
+    script.write_text(POOL)
+    for how in ("kill", "segfault"):
+        result = exec_command(daemon, f"pool-{how}", sys.executable, str(script), how)
+        assert result.returncode == 1, result.stderr
+        assert "BrokenProcessPool" in result.stderr
+    [killed] = daemon.ctl_json("failures", "--experiment", "pool-kill")
+    [crashed] = daemon.ctl_json("failures", "--experiment", "pool-segfault")
+    assert killed["failure_class"] == crashed["failure_class"] == \
+        "concurrent.futures.process.BrokenProcessPool"
+    assert (killed["category"], killed["retryable"]) == ("oom", False)
+    assert (crashed["category"], crashed["retryable"]) == ("signal", False)
+
+
+JOBLIB_AND_SKLEARN = textwrap.dedent("""
+    import os, signal, sys
+
+    def die(i):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    if sys.argv[1] == "joblib":
+        from joblib import Parallel, delayed
+        Parallel(n_jobs=2)(delayed(die)(i) for i in range(2))
+    else:
+        from sklearn.svm import SVC
+        SVC(gamma=-1).fit([[0.0], [1.0]], [0, 1])
+""")
+
+
+def test_joblib_killed_workers_and_sklearn_parameters(daemon: Daemon, short_tmp: Any) -> None:
+    script = short_tmp / "libs.py"
+    script.write_text(JOBLIB_AND_SKLEARN)
+    for lib in ("joblib", "sklearn"):
+        result = exec_command(daemon, lib, sys.executable, str(script), lib)
+        assert result.returncode == 1, result.stderr
+    [killed] = daemon.ctl_json("failures", "--experiment", "joblib")
+    assert killed["failure_class"].endswith("TerminatedWorkerError")
+    assert (killed["category"], killed["retryable"]) == ("oom", False)
+    [invalid] = daemon.ctl_json("failures", "--experiment", "sklearn")
+    assert invalid["failure_class"] == "sklearn.utils._param_validation.InvalidParameterError"
+    assert "[0.0, inf)" in invalid["message"]
+    assert (invalid["category"], invalid["retryable"]) == ("validation", False)

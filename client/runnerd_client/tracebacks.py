@@ -28,11 +28,11 @@ _ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)
 _LINES = re.compile(r"\r\n|\r|\n")
 # What tools put before each line of a process's output: a time stamp, torchrun's
 # "[rank3]:", mpirun's "[1,0]<stderr>:", srun -l's "3: ", docker compose's "web-1  | ",
-# a wrapper's "SUBPROCESS: ".
+# a wrapper's "SUBPROCESS: ", Ray's "(Actor pid=42) ".
 _PREFIX = re.compile(
     r"^(?:\d{4}-\d\d-\d\d[ T]\d\d:\d\d:\d\d(?:[.,]\d+)?(?:Z|[+-]\d\d:?\d\d)?\s+"
     r"|\[\d+\]\s+|\[rank\d+\]:\s?|\[default\d+\]:\s?|\[\d+,\d+\]<std(?:out|err)>:\s?"
-    r"|\d{1,4}: (?=\S)|[\w.-]+\s+\|\s|[A-Z][A-Z_]{2,}: )")
+    r"|\d{1,4}: (?=\S)|[\w.-]+\s+\|\s|[A-Z][A-Z_]{2,}: |\(\w+ pid=\d+(?:, ip=[\d.]+)?\)\s?)")
 _HEADER = re.compile(r"Traceback \(most recent call")
 _FRAME = re.compile(r'^\s*File\s+(?:"[^"]*", line \d+,? in\b|\S+:\d+, in\b)')
 _BOX = re.compile(r"^\s*[│╭╰└┌├─━┃┏┗]")
@@ -112,10 +112,18 @@ def _looks_raised(name: str) -> bool:
         and name not in ("None", "True", "False")
 
 
+def _bare_exception(line: str) -> re.Match[str] | None:
+    """A line like 'pkg.SomeError: message' (a class is dotted or capitalized: a library's
+    'ncclSystemError: ...' line is text, not a Python exception)."""
+    found = _BARE.match(line)
+    name = found["cls"] if found else ""
+    return found if "." in name or name[:1].isupper() else None
+
+
 def _stops_message(line: str) -> bool:
     return (not line.strip() or bool(_HEADER.search(line)) or bool(_FRAME.match(line))
             or bool(_CHAIN.match(line)) or bool(_LOG.match(line))
-            or bool(_BARE.match(line)) or bool(_TERMINATE.search(line)))
+            or bool(_bare_exception(line)) or bool(_TERMINATE.search(line)))
 
 
 def _message(lines: list[str], start: int, first: str | None) -> tuple[str, int]:
@@ -173,7 +181,7 @@ class _Reader:
                 return self._add(following, terminate["cls"], what["msg"])
             self.raised.append((index, Raised(terminate["cls"], "")))
             return following
-        found = _BARE.match(line)
+        found = _bare_exception(line)
         if found and (not found["cls"].endswith("Warning") or self._is_last(index)):
             return self._add(index, found["cls"], found["msg"])
         return index + 1
