@@ -32,7 +32,7 @@ from runnerd.hooks import HookRunner, handle_hooks
 from runnerd.indexer import Indexer
 from runnerd.maintenance import prune
 from runnerd.processes import is_alive
-from runnerd.registry import NO_CHANGE, NewRun, NewSweep, Registry, RunUpdate, Store
+from runnerd.registry import NO_CHANGE, NewRun, NewSweep, Registry, RunRow, RunUpdate, Store
 from runnerd.resources import Sampler
 from runnerd.states import (
     Event,
@@ -85,6 +85,15 @@ from runnerd_client.protocol import (
     Unwatch,
     Watch,
     request_map,
+)
+from runnerd_client.replies import (
+    CellInfo,
+    DaemonInfo,
+    ListedFailure,
+    RunInfo,
+    StatusInfo,
+    SweepInfo,
+    fields_of,
 )
 
 Reply = dict[str, Any]
@@ -215,37 +224,37 @@ def handle_create(ctx: Context, peer: Peer, req: Create) -> Awaitable[Reply]:
         previous = _claim_cell(store, req, at) if req.sweep_id is not None else \
             _resumable(store, req, at) if req.resume else None
         resumed = previous if req.resume and previous is not None and \
-            previous["state"] != State.SUCCEEDED else None
+            previous.state != State.SUCCEEDED else None
         if resumed is not None:
             _same_params(resumed, req.params or {})
         attempt = store.runs.create(NewRun(
             run_id=req.run_id, experiment=req.experiment, variation=req.variation,
             params_json=params, tags_json=tags, cwd=req.cwd, run_dir=run_dir, host=req.host,
             created_at=at, retry_of=req.retry_of, launch_json=launch, sweep_id=req.sweep_id,
-            cell=req.cell, resumed_from=resumed["run_id"] if resumed else None), peer.source)
+            cell=req.cell, resumed_from=resumed.run_id if resumed else None), peer.source)
         if req.sweep_id is not None and req.cell is not None:
             store.sweeps.claim_cell(req.sweep_id, req.cell, req.run_id)
         store.attachments.add_pid(req.run_id, peer.pid, peer.start_time, at)
         reply = {"run_id": req.run_id, "attempt": attempt, "run_dir": run_dir,
                  "state": State.PENDING.value}
         if resumed is not None:
-            reply["resumed_from"] = resumed["run_id"]
-            reply["resume_checkpoint"] = store.attachments.resume_checkpoint(resumed["run_id"])
+            reply["resumed_from"] = resumed.run_id
+            reply["resume_checkpoint"] = store.attachments.resume_checkpoint(resumed.run_id)
         return reply
 
     return _mutate(ctx, req, apply)
 
 
-def _claim_cell(store: Store, req: Create, at: float) -> dict[str, Any] | None:
+def _claim_cell(store: Store, req: Create, at: float) -> RunRow | None:
     """Check that the cell is the requester's to run (its latest attempt is still the one
     it planned after, and none is live); return that latest attempt's row."""
     assert req.sweep_id is not None and req.cell is not None
     sweep = store.sweeps.require(req.sweep_id)
     cell = store.sweeps.cell(req.sweep_id, req.cell)
-    if (sweep["experiment"], cell["variation"]) != (req.experiment, req.variation):
+    if (sweep.experiment, cell.variation) != (req.experiment, req.variation):
         raise _bad(f"cell {req.cell} of sweep {req.sweep_id} is"
-                   f" {sweep['experiment']}/{cell['variation']}")
-    latest = cell["latest_run_id"]
+                   f" {sweep.experiment}/{cell.variation}")
+    latest = cell.latest_run_id
     row = store.runs.get(latest) if latest else None
     if latest != req.claim_after and not _redispatch(row, req):
         raise RunnerdError(ErrorCode.CONFLICT, f"cell {req.cell} of sweep {req.sweep_id}"
@@ -255,15 +264,15 @@ def _claim_cell(store: Store, req: Create, at: float) -> dict[str, Any] | None:
     return row
 
 
-def _redispatch(latest: dict[str, Any] | None, req: Create) -> bool:
+def _redispatch(latest: RunRow | None, req: Create) -> bool:
     """Whether this attempt is a scheduler running the very same task again (Dask
     re-dispatches a task whose worker died): it follows that task's earlier dispatch."""
     key = (req.tags or {}).get("dask_key")
     return latest is not None and key is not None and \
-        json.loads(latest["tags"]).get("dask_key") == key
+        latest.tags().get("dask_key") == key
 
 
-def _resumable(store: Store, req: Create, at: float) -> dict[str, Any] | None:
+def _resumable(store: Store, req: Create, at: float) -> RunRow | None:
     """The latest attempt of the experiment and variation, which a resume follows."""
     row = store.runs.latest_attempt(req.experiment, req.variation)
     if row is not None:
@@ -271,21 +280,21 @@ def _resumable(store: Store, req: Create, at: float) -> dict[str, Any] | None:
     return row
 
 
-def _take_over(store: Store, row: dict[str, Any], at: float, what: str) -> None:
+def _take_over(store: Store, row: RunRow, at: float, what: str) -> None:
     """A new attempt may not start beside a live one; a lost one is given up for it."""
-    if row["state"] in (State.PENDING, State.RUNNING):
+    if row.state in (State.PENDING, State.RUNNING):
         raise RunnerdError(ErrorCode.CONFLICT, f"{what} is held by live attempt"
-                           f" {row['attempt']} (run {row['run_id']}, {row['state']})")
-    if row["state"] == State.LOST:
+                           f" {row.attempt} (run {row.run_id}, {row.state})")
+    if row.state == State.LOST:
         record = failure_record("Superseded", "a new attempt took over this lost run",
                                 FailReason.ABANDONED, at)
         end_with_failure(store, row, Event.CANCEL, record, "superseded")
 
 
-def _same_params(previous: dict[str, Any], params: dict[str, Any]) -> None:
-    changed = changed_keys(json.loads(previous["params"]), params)
+def _same_params(previous: RunRow, params: dict[str, Any]) -> None:
+    changed = changed_keys(previous.params(), params)
     if changed:
-        raise RunnerdError(ErrorCode.CONFLICT, f"cannot resume run {previous['run_id']}:"
+        raise RunnerdError(ErrorCode.CONFLICT, f"cannot resume run {previous.run_id}:"
                            f" params changed: {', '.join(changed)}")
 
 
@@ -302,14 +311,14 @@ def handle_start(ctx: Context, peer: Peer, req: Start) -> Awaitable[Reply]:
     def apply(store: Store, at: float) -> Reply:
         row = store.runs.require(req.run_id)
         # A limit the request does not name keeps the run's own (set by an earlier start).
-        timeout = req.heartbeat_timeout or row["heartbeat_timeout"] or ctx.config.heartbeat_timeout
-        grace = req.lost_grace or row["lost_grace"] or ctx.config.lost_grace
-        deadline = req.deadline or row["deadline"]
+        timeout = req.heartbeat_timeout or row.heartbeat_timeout or ctx.config.heartbeat_timeout
+        grace = req.lost_grace or row.lost_grace or ctx.config.lost_grace
+        deadline = req.deadline or row.deadline
         state = transition(store, row, Event.START, at, peer.source, change=RunUpdate(
-            started_at=row["started_at"] or at, last_heartbeat_at=at, heartbeat_timeout=timeout,
+            started_at=row.started_at or at, last_heartbeat_at=at, heartbeat_timeout=timeout,
             lost_grace=grace, deadline=deadline))
         store.attachments.add_pid(req.run_id, peer.pid, peer.start_time, at)
-        return {"state": state.value, "attempt": row["attempt"]}
+        return {"state": state.value, "attempt": row.attempt}
 
     return _mutate(ctx, req, apply)
 
@@ -318,12 +327,12 @@ def handle_attach(ctx: Context, peer: Peer, req: Attach) -> Awaitable[Reply]:
     def apply(store: Store, at: float) -> Reply:
         row = store.runs.require(req.run_id)
         # Back from lost is a sign of life: the watchdog counts the heartbeat timeout from now.
-        alive = RunUpdate(last_heartbeat_at=max(at, row["last_heartbeat_at"] or 0.0)) \
-            if row["state"] == State.LOST else NO_CHANGE
+        alive = RunUpdate(last_heartbeat_at=max(at, row.last_heartbeat_at or 0.0)) \
+            if row.state == State.LOST else NO_CHANGE
         transition(store, row, Event.ATTACH, at, peer.source, change=alive)
         store.attachments.add_pid(req.run_id, peer.pid, peer.start_time, at)
         run = store.views.run_object(store.runs.require(req.run_id))
-        resumed = run["resumed_from"]
+        resumed = run.resumed_from
         return {"run": run, "resume_checkpoint": store.attachments.resume_checkpoint(resumed)
                 if resumed else None}
 
@@ -351,18 +360,18 @@ def handle_heartbeat(ctx: Context, peer: Peer, req: Heartbeat) -> Awaitable[Repl
         if store.runs.heartbeat_running(req.run_id, req.seq, at):
             return {"state": State.RUNNING.value}
         row = store.runs.require(req.run_id)
-        heartbeats = row["heartbeats"] + 1
-        last = max(at, row["last_heartbeat_at"] or 0.0)
-        if req.seq <= row["heartbeat_seq"]:
+        heartbeats = row.heartbeats + 1
+        last = max(at, row.last_heartbeat_at or 0.0)
+        if req.seq <= row.heartbeat_seq:
             if store.runs.fill_heartbeat_gap(req.run_id, req.seq):
                 store.runs.update(req.run_id, RunUpdate(heartbeats=heartbeats,
                                                         last_heartbeat_at=last))
-            return {"state": row["state"]}
-        store.runs.note_heartbeat_gap(req.run_id, row["heartbeat_seq"], req.seq)
+            return {"state": row.state.value}
+        store.runs.note_heartbeat_gap(req.run_id, row.heartbeat_seq, req.seq)
         counted = RunUpdate(heartbeat_seq=req.seq, heartbeats=heartbeats, last_heartbeat_at=last)
         if inferred_end_after(store, row, at) is not None:  # spooled, from before that end
             store.runs.update(req.run_id, counted)
-            return {"state": row["state"]}
+            return {"state": row.state.value}
         state = transition(store, row, Event.HEARTBEAT, at, peer.source, change=counted)
         return {"state": state.value}
 
@@ -406,8 +415,8 @@ def handle_fail(ctx: Context, peer: Peer, req: Fail) -> Awaitable[Reply]:
             exit_code=req.exit_code, signal=req.signal,
         )
         state = end_with_failure(store, row, event, record, peer.source, cause=req.cause)
-        return {"state": state.value, "category": record["category"],
-                "retryable": record["retryable"]}
+        return {"state": state.value, "category": record.category,
+                "retryable": record.retryable}
 
     return _mutate(ctx, req, apply)
 
@@ -451,9 +460,9 @@ def handle_checkpoint(ctx: Context, peer: Peer, req: Checkpoint) -> Awaitable[Re
 
     def apply(store: Store, at: float) -> Reply:
         row = store.runs.require(req.run_id)
-        if State(row["state"]).terminal:
+        if row.state.terminal:
             raise RunnerdError(ErrorCode.INVALID_TRANSITION,
-                               f"cannot checkpoint a run that is {row['state']}")
+                               f"cannot checkpoint a run that is {row.state}")
         return {"seq": store.attachments.add_checkpoint(req.run_id, data, req.path, at)}
 
     return _mutate(ctx, req, apply)
@@ -472,13 +481,13 @@ def handle_label(ctx: Context, peer: Peer, req: Label) -> Awaitable[Reply]:
     def apply(store: Store, at: float) -> Reply:
         row = store.runs.require(req.run_id)
         store.failures.put_label(req.run_id, req.category, note, at)
-        failure = store.failures.get(req.run_id) if row["state"].startswith("failed") else None
+        failure = store.failures.get(req.run_id) if row.failed else None
         if failure is None:
-            return {"state": row["state"], "applied": False}
+            return {"state": row.state.value, "applied": False}
         record = relabelled(failure, req.category, note)
         store.failures.put(req.run_id, record)
-        return {"state": row["state"], "applied": True, "category": record["category"],
-                "retryable": bool(record["retryable"])}
+        return {"state": row.state.value, "applied": True, "category": record.category,
+                "retryable": bool(record.retryable)}
 
     return _mutate(ctx, req, apply)
 
@@ -594,7 +603,7 @@ async def handle_list(ctx: Context, peer: Peer, req: ListRuns) -> Reply:
     if not 1 <= req.limit <= MAX_LIST:
         raise _bad(f"limit must be between 1 and {MAX_LIST}")
 
-    def read(store: Store) -> list[dict[str, Any]]:
+    def read(store: Store) -> list[RunInfo]:
         if req.interrupted:
             return store.views.interrupted_runs(req.limit)
         sweep_id = store.sweeps.resolve(req.sweep) if req.sweep is not None else None
@@ -607,17 +616,16 @@ async def handle_list(ctx: Context, peer: Peer, req: ListRuns) -> Reply:
 async def handle_status(ctx: Context, peer: Peer, req: Status) -> Reply:
     limit = max(1, min(req.limit, 100))
 
-    def read(store: Store) -> Reply:
-        return {"counts": store.views.counts(), "active": store.views.active_runs(limit),
-                "failures": store.failures.listing(limit=limit)}
+    def read(store: Store) -> tuple[dict[str, int], list[RunInfo], list[ListedFailure]]:
+        return (store.views.counts(), store.views.active_runs(limit),
+                store.failures.listing(limit=limit))
 
-    body = await ctx.registry.read(read)
-    body["daemon"] = {
-        "version": __version__, "protocol": PROTOCOL_VERSION, "pid": os.getpid(),
-        "uptime_sec": round(time.time() - ctx.started_at, 3), "socket": str(ctx.config.socket),
-        "db": str(ctx.config.db), "db_bytes": _db_size(ctx.config.db),
-        "clients": ctx.connections,
-    }
+    counts, active, failures = await ctx.registry.read(read)
+    daemon = DaemonInfo(
+        version=__version__, protocol=PROTOCOL_VERSION, pid=os.getpid(),
+        uptime_sec=round(time.time() - ctx.started_at, 3), socket=str(ctx.config.socket),
+        db=str(ctx.config.db), db_bytes=_db_size(ctx.config.db), clients=ctx.connections)
+    body = fields_of(StatusInfo(counts, active, failures, daemon))
     return body
 
 
@@ -646,7 +654,7 @@ async def handle_export(ctx: Context, peer: Peer, req: Export) -> Reply:
     if not 1 <= req.limit <= MAX_LIST:
         raise _bad(f"limit must be between 1 and {MAX_LIST}")
     items = await ctx.registry.read(lambda s: s.views.export_page(req.what, req.after, req.limit))
-    return {"items": items, "next": items[-1]["run_id"] if len(items) == req.limit else None}
+    return {"items": items, "next": items[-1].run_id if len(items) == req.limit else None}
 
 
 def _folder(path: str) -> str:
@@ -723,9 +731,9 @@ async def handle_sweep_create(ctx: Context, peer: Peer, req: SweepCreate) -> Rep
 def handle_sweep_start(ctx: Context, peer: Peer, req: SweepStart) -> Awaitable[Reply]:
     def apply(store: Store, at: float) -> Reply:
         row = store.sweeps.require(req.sweep_id)
-        if sweeps.status(row) == SweepStatus.RUNNING and row["driver_pid"] not in (None,
+        if sweeps.status(row) == SweepStatus.RUNNING and row.driver_pid not in (None,
                                                                                     peer.pid):
-            return {"sweep_id": req.sweep_id, "driver_pid": row["driver_pid"]}  # it helps
+            return {"sweep_id": req.sweep_id, "driver_pid": row.driver_pid}  # it helps
         store.sweeps.take_over(req.sweep_id, peer.pid, peer.start_time)
         return {"sweep_id": req.sweep_id, "driver_pid": peer.pid}
 
@@ -742,12 +750,12 @@ async def handle_sweep_end(ctx: Context, peer: Peer, req: SweepEnd) -> Reply:
         row = store.sweeps.require(req.sweep_id)
         if store.sweeps.live_cells(req.sweep_id):
             # Another driver still runs cells of it: the last one to end ends the sweep.
-            if row["driver_pid"] == peer.pid:
+            if row.driver_pid == peer.pid:
                 store.sweeps.release(req.sweep_id)
             return {"sweep_id": req.sweep_id, "skipped": 0, "ended": False}
         skipped = store.sweeps.skip_unattempted(req.sweep_id) if req.skip else 0
         store.sweeps.end(req.sweep_id, req.status, at)
-        store.events.log_sweep(req.sweep_id, row["experiment"], "sweep_ended", at, {
+        store.events.log_sweep(req.sweep_id, row.experiment, "sweep_ended", at, {
             "status": req.status, "skipped": skipped,  # for hooks and follow
             "cells": store.sweeps.summary(req.sweep_id)})
         return {"sweep_id": req.sweep_id, "skipped": skipped, "ended": True}
@@ -757,7 +765,7 @@ async def handle_sweep_end(ctx: Context, peer: Peer, req: SweepEnd) -> Reply:
 
 
 async def handle_sweep_get(ctx: Context, peer: Peer, req: SweepGet) -> Reply:
-    def read(store: Store) -> Reply:
+    def read(store: Store) -> SweepInfo:
         return sweeps.sweep_object(store, store.sweeps.require(store.sweeps.resolve(req.sweep)))
     return {"sweep": await ctx.registry.read(read)}
 
@@ -766,14 +774,14 @@ async def handle_sweep_cells(ctx: Context, peer: Peer, req: SweepCells) -> Reply
     if not 1 <= req.limit <= MAX_LIST:
         raise _bad(f"limit must be between 1 and {MAX_LIST}")
 
-    def read(store: Store) -> list[dict[str, Any]]:
+    def read(store: Store) -> list[CellInfo]:
         return store.sweeps.cells(store.sweeps.resolve(req.sweep), after=req.after,
                            limit=req.limit + 1, unfinished=req.unfinished)
 
     cells = await ctx.registry.read(read)
     more = len(cells) > req.limit
     cells = cells[:req.limit]
-    return {"cells": cells, "next": cells[-1]["index"] if more else None}
+    return {"cells": cells, "next": cells[-1].index if more else None}
 
 
 async def handle_sweep_list(ctx: Context, peer: Peer, req: SweepList) -> Reply:

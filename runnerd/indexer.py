@@ -409,16 +409,16 @@ def _enrich_failure(store: Store, run_id: str, fact: Fact) -> None:
     if failure is None:
         return
     crash = crash_signal(fact.text or "") if fact.kind is FileKind.CRASH_LOG else None
-    if crash is not None and failure["failure_class"] == "ProcessExited":
+    if crash is not None and failure.failure_class == "ProcessExited":
         signal, first_line = crash
-        record = failure_record(f"Signal:{signal}", f"{failure['message']}: {first_line}",
-                                failure["reason"], failure["at"], traceback=fact.text,
-                                signal=signal, exit_code=failure["exit_code"])
+        record = failure_record(f"Signal:{signal}", f"{failure.message}: {first_line}",
+                                failure.reason, failure.at, traceback=fact.text,
+                                signal=signal, exit_code=failure.exit_code)
         store.failures.put(run_id, record)
-    elif not failure["traceback"]:
-        record = failure_record(failure["failure_class"], failure["message"], failure["reason"],
-                                failure["at"], traceback=fact.text, phase=failure["phase"],
-                                exit_code=failure["exit_code"], signal=failure["signal"])
+    elif not failure.traceback:
+        record = failure_record(failure.failure_class, failure.message, failure.reason,
+                                failure.at, traceback=fact.text, phase=failure.phase,
+                                exit_code=failure.exit_code, signal=failure.signal)
         store.failures.put(run_id, record)
 
 
@@ -557,9 +557,9 @@ class Indexer:
         """A run that just failed gets its folder scanned for crash files."""
         for t in result.effects.transitions:
             row = result.rows.get(t.run_id)
-            if t.to_state.value.startswith("failed") and row and row["run_dir"] \
+            if t.to_state.value.startswith("failed") and row and row.run_dir \
                     and t.source != SOURCE:
-                self._failed_dirs.append(row["run_dir"])
+                self._failed_dirs.append(row.run_dir)
                 self._failure_seen.set()
 
     async def follow_failures(self) -> None:

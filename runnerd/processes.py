@@ -20,10 +20,10 @@ from typing import Any
 import anyio
 
 from runnerd.crashfiles import native_crash
-from runnerd.registry import BatchResult, Registry, Store
+from runnerd.registry import BatchResult, FailureRecord, Registry, Store
 from runnerd.states import Event, end_with_failure, failure_record
 from runnerd_client.procinfo import start_time as process_start_time
-from runnerd_client.protocol import FailReason, State
+from runnerd_client.protocol import FailReason
 
 log = logging.getLogger(__name__)
 POLL_INTERVAL = 0.25
@@ -35,7 +35,7 @@ def is_alive(pid: int, start_time: int | None) -> bool:
     return current is not None and (start_time is None or current == start_time)
 
 
-def exit_failure(run_dir: str | None, pids: str, note: str, at: float) -> dict[str, Any]:
+def exit_failure(run_dir: str | None, pids: str, note: str, at: float) -> FailureRecord:
     """The failure of a run whose processes died unreported: a native crash if crash.log
     names one (Signal:SIGSEGV with the Python stack), else ProcessExited."""
     crash = native_crash(run_dir)
@@ -51,7 +51,7 @@ def process_exited(store: Store, run_id: str, pid: int, at: float, note: str,
     """Drop a dead pid from a run; with none left, the run is failed_crash (named after the
     OOM killer when `explanation` says it struck)."""
     row = store.runs.get(run_id)
-    if row is None or State(row["state"]).terminal or pid not in store.attachments.pids(run_id):
+    if row is None or row.state.terminal or pid not in store.attachments.pids(run_id):
         return
     store.attachments.remove_pid(run_id, pid)
     if store.attachments.pids(run_id):
@@ -59,7 +59,7 @@ def process_exited(store: Store, run_id: str, pid: int, at: float, note: str,
     if explanation is not None:
         record = failure_record(reason=FailReason.CRASH, at=at, **explanation)
     else:
-        record = exit_failure(row["run_dir"], str(pid), note, at)
+        record = exit_failure(row.run_dir, str(pid), note, at)
     end_with_failure(store, row, Event.PROCESS_EXITED, record, "watchdog")
 
 
@@ -99,7 +99,8 @@ class ProcessWatcher:
     def on_commit(self, result: BatchResult) -> None:
         effects = result.effects
         for run_id, pid, start_time in effects.attached:
-            if not State(result.rows.get(run_id, {"state": "pending"})["state"]).terminal:
+            row = result.rows.get(run_id)
+            if row is None or not row.state.terminal:
                 self.watch(run_id, pid, start_time)
         for run_id, pid in effects.detached:
             self.unwatch(run_id, pid)

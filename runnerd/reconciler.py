@@ -15,7 +15,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream
 
 from runnerd.handlers import HANDLERS, Context, Peer, hash_and_record
 from runnerd.processes import ProcessWatcher, exit_failure, is_alive
-from runnerd.registry import Store
+from runnerd.registry import RunRow, Store
 from runnerd.states import Event, end_with_failure, failure_record
 from runnerd.watchdog import Watchdog, next_due
 from runnerd_client import paths, procinfo
@@ -35,7 +35,7 @@ def reconcile(store: Store, now: float) -> list[LivePid]:
     """
     live_pids: list[LivePid] = []
     for row in store.runs.active():
-        run_id = row["run_id"]
+        run_id = row.run_id
         records = store.attachments.pid_records(run_id)
         live = [(pid, start) for pid, start in records if is_alive(pid, start)]
         if records and not live:
@@ -48,15 +48,15 @@ def reconcile(store: Store, now: float) -> list[LivePid]:
     return live_pids
 
 
-def _fail_gone(store: Store, row: dict[str, Any], now: float) -> None:
+def _fail_gone(store: Store, row: RunRow, now: float) -> None:
     """A run whose processes are gone at start-up. If they were attached in this boot they
     died on their own while runnerd was down: crashed (crash.log says how, if it can).
     Otherwise the machine went down under them: interrupted (and worth resuming)."""
-    boots = store.attachments.pid_boots(row["run_id"])
+    boots = store.attachments.pid_boots(row.run_id)
     pids = ", ".join(str(pid) for pid, _ in boots)
-    record = exit_failure(row["run_dir"], pids, "exited while runnerd was down", now)
+    record = exit_failure(row.run_dir, pids, "exited while runnerd was down", now)
     current = procinfo.boot_id()
-    if record["failure_class"] != "ProcessExited" or \
+    if record.failure_class != "ProcessExited" or \
             current is not None and all(boot == current for _, boot in boots):
         end_with_failure(store, row, Event.PROCESS_EXITED, record, SOURCE)
         return
@@ -185,6 +185,6 @@ async def recover(ctx: Context, watchdog: Watchdog, watcher: ProcessWatcher) -> 
         watcher.watch(run_id, pid, start)
     rows = await registry.read(lambda store: store.runs.active())
     for row in rows:
-        watchdog.arm(row["run_id"], next_due(row))
+        watchdog.arm(row.run_id, next_due(row))
     log.info("recovered %d active runs (%d live processes) in %.3f s",
              len(rows), len(live), time.monotonic() - started)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import enum
-from typing import TYPE_CHECKING, Any
+from dataclasses import replace
+from typing import TYPE_CHECKING
 
 from runnerd.diagnosis import diagnose
 from runnerd.failures import signature
-from runnerd.registry.rows import NO_CHANGE, RunUpdate
+from runnerd.registry.rows import NO_CHANGE, FailureRecord, RunRow, RunUpdate
 from runnerd_client.protocol import ErrorCode, RunnerdError, State
 
 if TYPE_CHECKING:
@@ -67,17 +68,16 @@ def next_state(event: Event, current: State) -> State:
     return target
 
 
-def transition(store: Store, row: dict[str, Any], event: Event, at: float, source: str, *,
+def transition(store: Store, row: RunRow, event: Event, at: float, source: str, *,
                cause: str | None = None, change: RunUpdate = NO_CHANGE) -> State:
     """Apply `event` to a run through the table, recording it if the state changes (with
     `cause`, when the caller knows better than the event's name why)."""
-    current = State(row["state"])
-    target = next_state(event, current)
-    if target != current:
+    target = next_state(event, row.state)
+    if target != row.state:
         store.runs.set_state(row, target, at=at, cause=cause or event.value, source=source,
                              change=change)
     elif change != NO_CHANGE:
-        store.runs.update(row["run_id"], change)
+        store.runs.update(row.run_id, change)
     return target
 
 
@@ -85,59 +85,63 @@ INFERRED = frozenset({"reconciler", "watchdog"})
 """Sources of endings the daemon inferred (a death, a silence, a deadline) rather than heard."""
 
 
-def inferred_end_after(store: Store, row: dict[str, Any], at: float) -> str | None:
+def inferred_end_after(store: Store, row: RunRow, at: float) -> State | None:
     """The state the run was in before the daemon inferred its end, if that end came after
     `at` (a client's event, spooled and replayed late); else None."""
-    ended = row.get("ended_at")
-    if not State(row["state"]).terminal or ended is None or at > ended:
+    if not row.state.terminal or row.ended_at is None or at > row.ended_at:
         return None
-    last = store.runs.last_transition(row["run_id"])
+    last = store.runs.last_transition(row.run_id)
     if last is None or last[0] is None or last[1] not in INFERRED:
         return None
-    return last[0]
+    return State(last[0])
 
 
-def before_inferred_end(store: Store, row: dict[str, Any], at: float) -> dict[str, Any]:
+def before_inferred_end(store: Store, row: RunRow, at: float) -> RunRow:
     """The run as it was before the daemon inferred its end, if the client's own ending
     (at `at`) came first: what a client reported before it died (spooled, and replayed
     late) wins over what the daemon guessed meanwhile. Otherwise `row` as it is."""
     earlier = inferred_end_after(store, row, at)
     if earlier is None:
         return row
-    store.failures.drop(row["run_id"])
-    return {**row, "state": earlier}
+    store.failures.drop(row.run_id)
+    return replace(row, state=earlier)
 
 
 def failure_record(failure_class: str, message: str, reason: str, at: float,
-                   category_hint: str | None = None, **extra: Any) -> dict[str, Any]:
+                   category_hint: str | None = None, *, traceback: str | None = None,
+                   phase: str | None = None, exit_code: int | None = None,
+                   signal: str | None = None) -> FailureRecord:
     """A failure record of SPEC §3, with its signature and its diagnosis.
 
     `category_hint="oom"` comes from whoever saw the kernel's OOM killer at work.
     """
-    record = {"failure_class": failure_class, "message": message, "reason": reason, "at": at,
-              **extra}
-    found = diagnose(record, category_hint)
-    return {**record, "signature": signature(failure_class, message, extra.get("traceback")),
-            "category": found.category, "retryable": found.retryable}
+    found = diagnose({"failure_class": failure_class, "message": message, "reason": reason,
+                      "at": at, "traceback": traceback, "phase": phase,
+                      "exit_code": exit_code, "signal": signal}, category_hint)
+    return FailureRecord(
+        failure_class=failure_class, message=message, reason=reason, at=at,
+        signature=signature(failure_class, message, traceback), category=found.category,
+        retryable=found.retryable, traceback=traceback, phase=phase, exit_code=exit_code,
+        signal=signal)
 
 
-def relabelled(record: dict[str, Any], category: str, note: str | None) -> dict[str, Any]:
+def relabelled(record: FailureRecord, category: str, note: str | None) -> FailureRecord:
     """A failure record re-diagnosed with what an outside witness says killed the run."""
-    found = diagnose(record, category)
-    message = record["message"] if not note or note in record["message"] else \
-        f"{record['message']} ({note})"
-    return {**record, "message": message, "category": found.category,
-            "retryable": found.retryable}
+    found = diagnose(record.as_dict(), category)
+    message = record.message if not note or note in record.message else \
+        f"{record.message} ({note})"
+    return replace(record, message=message, category=found.category,
+                   retryable=found.retryable)
 
 
-def end_with_failure(store: Store, row: dict[str, Any], event: Event, record: dict[str, Any],
+def end_with_failure(store: Store, row: RunRow, event: Event, record: FailureRecord,
                      source: str, cause: str | None = None) -> State:
     """End a run in the failed state `event` leads to, with its failure record (recorded
     first, so its event precedes the terminal transition in the event log)."""
-    next_state(event, State(row["state"]))
-    label = store.failures.label(row["run_id"])
+    next_state(event, row.state)
+    label = store.failures.label(row.run_id)
     if label is not None:
         record = relabelled(record, *label)
-    store.failures.put(row["run_id"], record)
-    return transition(store, row, event, record["at"], source, cause=cause,
-                      change=RunUpdate(ended_at=record["at"]))
+    store.failures.put(row.run_id, record)
+    return transition(store, row, event, record.at, source, cause=cause,
+                      change=RunUpdate(ended_at=record.at))

@@ -18,32 +18,29 @@ from typing import Any
 import anyio
 
 from runnerd.processes import is_alive
-from runnerd.registry import BatchResult, Registry, Store, iso
+from runnerd.registry import BatchResult, Registry, Store, SweepRow, iso
 from runnerd_client.protocol import SweepStatus
+from runnerd_client.replies import CellInfo, SweepInfo, fields_of
 from runnerd_client.trust import write_atomically
 
 log = logging.getLogger(__name__)
 DEBOUNCE = 0.2
 
 
-def status(row: dict[str, Any]) -> str:
+def status(row: SweepRow) -> str:
     """The stored status, except that a running sweep whose driver is gone is interrupted."""
-    if row["status"] == SweepStatus.RUNNING and row["driver_pid"] and \
-            not is_alive(row["driver_pid"], row["driver_start"]):
+    if row.status == SweepStatus.RUNNING and row.driver_pid and \
+            not is_alive(row.driver_pid, row.driver_start):
         return SweepStatus.INTERRUPTED.value
-    return str(row["status"])
+    return row.status
 
 
-def sweep_object(store: Store, row: dict[str, Any]) -> dict[str, Any]:
+def sweep_object(store: Store, row: SweepRow) -> SweepInfo:
     """A sweep without its cells: what `sweep list` and `sweep show` start from."""
-    return {
-        "sweep_id": row["sweep_id"], "experiment": row["experiment"],
-        "failure_policy": row["failure_policy"], "spec": json.loads(row["spec"]),
-        "folder": row["folder"], "manifest": str(Path(row["folder"]) / "manifest.json"),
-        "status": status(row), "created_at": iso(row["created_at"]),
-        "ended_at": iso(row["ended_at"]), "driver_pid": row["driver_pid"],
-        "cells_summary": store.sweeps.summary(row["sweep_id"]),
-    }
+    return SweepInfo(
+        row.sweep_id, row.experiment, row.failure_policy, json.loads(row.spec_json), row.folder,
+        str(Path(row.folder) / "manifest.json"), status(row), iso(row.created_at),
+        iso(row.ended_at), row.driver_pid, store.sweeps.summary(row.sweep_id))
 
 
 MANIFEST_PAGE = 5000
@@ -51,17 +48,18 @@ MANIFEST_PAGE = 5000
 
 def manifest_head(store: Store, sweep_id: str) -> dict[str, Any]:
     """manifest.json of SPEC §8 without its cells: the sweep and its cells summary."""
-    doc = sweep_object(store, store.sweeps.require(sweep_id))
+    doc = fields_of(sweep_object(store, store.sweeps.require(sweep_id)))
     for key in ("manifest", "driver_pid"):
         doc.pop(key)
     return doc
 
 
-def encode(head: dict[str, Any], cells: list[dict[str, Any]]) -> str:
+def encode(head: dict[str, Any], cells: list[CellInfo]) -> str:
     """The manifest as compact JSON, one cell per line: C-speed to encode (a 100,000-cell
     sweep is a few MB), and still easy to grep."""
     compact = (",", ":")
-    lines = ",\n".join(json.dumps(cell, separators=compact) for cell in cells)
+    lines = ",\n".join(json.dumps(cell, separators=compact, default=fields_of)
+                        for cell in cells)
     return f'{json.dumps(head, separators=compact)[:-1]},"cells":[\n{lines}\n]}}\n'
 
 
@@ -102,10 +100,10 @@ class ManifestWriter:
         async with self._lock:
             self._dirty.discard(sweep_id)
             head = await self.registry.read(partial(manifest_head, sweep_id=sweep_id))
-            cells: list[dict[str, Any]] = []
+            cells: list[CellInfo] = []
             while True:
                 page = await self.registry.read(partial(
-                    _cells_page, sweep_id=sweep_id, after=cells[-1]["index"] if cells else -1))
+                    _cells_page, sweep_id=sweep_id, after=cells[-1].index if cells else -1))
                 cells += page
                 if len(page) < MANIFEST_PAGE:
                     break
@@ -120,5 +118,5 @@ class ManifestWriter:
             return str(Path(folder) / "manifest.json")
 
 
-def _cells_page(store: Store, sweep_id: str, after: int) -> list[dict[str, Any]]:
+def _cells_page(store: Store, sweep_id: str, after: int) -> list[CellInfo]:
     return store.sweeps.cells(sweep_id, after=after, limit=MANIFEST_PAGE)

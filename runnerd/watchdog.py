@@ -14,11 +14,10 @@ import heapq
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
 
 import anyio
 
-from runnerd.registry import BatchResult, Registry, RunUpdate, Store
+from runnerd.registry import BatchResult, Registry, RunRow, RunUpdate, Store
 from runnerd.states import Event, end_with_failure, failure_record, transition
 from runnerd_client.protocol import FailReason, State
 
@@ -27,40 +26,39 @@ SOURCE = "watchdog"
 RECHECK_AFTER_ERROR = 60.0
 
 
-def next_due(row: dict[str, Any]) -> float | None:
+def next_due(row: RunRow) -> float | None:
     """When the watchdog must next look at a run, from its persisted fields; None if never."""
-    state = State(row["state"])
-    if state.terminal:
+    if row.state.terminal:
         return None
     dues = []
-    if row["deadline"] and row["started_at"] is not None:
-        dues.append(row["started_at"] + row["deadline"])
-    if state is State.RUNNING and row["heartbeat_timeout"] and row["last_heartbeat_at"]:
-        dues.append(row["last_heartbeat_at"] + row["heartbeat_timeout"])
-    if state is State.LOST and row["lost_grace"] and row["lost_at"] is not None:
-        dues.append(row["lost_at"] + row["lost_grace"])
+    if row.deadline and row.started_at is not None:
+        dues.append(row.started_at + row.deadline)
+    if row.state is State.RUNNING and row.heartbeat_timeout and row.last_heartbeat_at:
+        dues.append(row.last_heartbeat_at + row.heartbeat_timeout)
+    if row.state is State.LOST and row.lost_grace and row.lost_at is not None:
+        dues.append(row.lost_at + row.lost_grace)
     return min(dues) if dues else None
 
 
 def check_run(store: Store, run_id: str, now: float) -> float | None:
     """Apply whatever is due for a run (deadline, missed heartbeats, grace); return next due."""
     row = store.runs.get(run_id)
-    if row is None or State(row["state"]).terminal:
+    if row is None or row.state.terminal:
         return None
-    if row["deadline"] and row["started_at"] is not None \
-            and now >= row["started_at"] + row["deadline"]:
-        record = failure_record("Timeout", f"run exceeded its deadline of {row['deadline']:g} s",
+    if row.deadline and row.started_at is not None and now >= row.started_at + row.deadline:
+        record = failure_record("Timeout", f"run exceeded its deadline of {row.deadline:g} s",
                                 FailReason.TIMEOUT, now)
         end_with_failure(store, row, Event.DEADLINE, record, SOURCE)
         return None
-    if row["state"] == State.RUNNING and row["last_heartbeat_at"] is not None \
-            and now >= row["last_heartbeat_at"] + row["heartbeat_timeout"]:
+    if row.state == State.RUNNING and row.last_heartbeat_at is not None \
+            and row.heartbeat_timeout is not None \
+            and now >= row.last_heartbeat_at + row.heartbeat_timeout:
         transition(store, row, Event.HEARTBEAT_MISSED, now, SOURCE, change=RunUpdate(lost_at=now))
         row = store.runs.require(run_id)
-    elif row["state"] == State.LOST and row["lost_at"] is not None \
-            and now >= row["lost_at"] + row["lost_grace"]:
+    elif row.state == State.LOST and row.lost_at is not None and row.lost_grace is not None \
+            and now >= row.lost_at + row.lost_grace:
         record = failure_record(
-            "HeartbeatLost", f"no heartbeat for {now - row['last_heartbeat_at']:.0f} s",
+            "HeartbeatLost", f"no heartbeat for {now - (row.last_heartbeat_at or now):.0f} s",
             FailReason.LOST, now)
         end_with_failure(store, row, Event.GRACE_EXPIRED, record, SOURCE)
         return None

@@ -10,14 +10,16 @@ from typing import Any
 import pytest
 
 from runnerd.processes import is_alive, process_start_time
-from runnerd.registry import Registry
+from runnerd.registry import Registry, RunRow
+from runnerd.registry.schema import RUN_COLUMNS
 from runnerd.watchdog import Watchdog, next_due
 
 
-def row(state: str, **values: Any) -> dict[str, Any]:
+def row(state: str, **values: Any) -> RunRow:
     base = {"state": state, "deadline": None, "started_at": 100.0, "heartbeat_timeout": 60.0,
             "last_heartbeat_at": 100.0, "lost_grace": 600.0, "lost_at": None}
-    return {**base, **values}
+    fields = {**base, **values}
+    return RunRow.of([fields.get(name) for name in RUN_COLUMNS])
 
 
 @pytest.mark.parametrize(("fields", "due"), [
@@ -30,7 +32,7 @@ def row(state: str, **values: Any) -> dict[str, Any]:
     (row("succeeded"), None),
     (row("failed_crash"), None),
 ])
-def test_next_due_derives_from_persisted_fields(fields: dict[str, Any], due: float | None) -> None:
+def test_next_due_derives_from_persisted_fields(fields: RunRow, due: float | None) -> None:
     assert next_due(fields) == due
 
 

@@ -18,6 +18,8 @@ from typing import Any, ClassVar
 
 import msgpack
 
+from runnerd_client.replies import fields_of
+
 PROTOCOL_VERSION = 1
 DEFAULT_MAX_FRAME = 1 << 20
 MAX_ITEMS = 10_000
@@ -492,7 +494,7 @@ def encode_request(req_id: int, req: Request) -> bytes:
 
 def frame(msg: dict[str, Any]) -> bytes:
     """Pack one map into a length-prefixed frame."""
-    body: bytes = msgpack.packb(msg, use_bin_type=True)
+    body: bytes = msgpack.packb(msg, use_bin_type=True, default=fields_of)
     return HEADER.pack(len(body)) + body
 
 

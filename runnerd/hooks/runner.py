@@ -27,6 +27,7 @@ from runnerd.hooks import cursor
 from runnerd.hooks.call import HookCall, Outcome
 from runnerd.registry import Registry, Store, iso
 from runnerd_client.protocol import RunnerdError
+from runnerd_client.replies import as_map
 from runnerd_client.run import backoff_delay
 
 log = logging.getLogger(__name__)
@@ -72,9 +73,9 @@ def _subject(store: Store, run_id: str | None,
              sweep_id: str | None) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
     """The run as `show --json` prints it (or the sweep of a sweep's event); None if gone."""
     if run_id:
-        return (store.views.run_details(run_id) if store.runs.get(run_id) else None), None
+        return (as_map(store.views.run_details(run_id)) if store.runs.get(run_id) else None), None
     row = store.sweeps.get(sweep_id) if sweep_id else None
-    return None, (sweeps.sweep_object(store, row) if row else None)
+    return None, (as_map(sweeps.sweep_object(store, row)) if row else None)
 
 
 class HookRunner:

@@ -12,13 +12,23 @@
 
 from runnerd.registry.effects import BatchResult, Effects, Transition
 from runnerd.registry.opening import DamagedRegistry, StorageError
-from runnerd.registry.rows import NO_CHANGE, NewRun, NewSweep, RunUpdate, iso
+from runnerd.registry.rows import (
+    NO_CHANGE,
+    CellRow,
+    FailureRecord,
+    NewRun,
+    NewSweep,
+    RunRow,
+    RunUpdate,
+    SweepRow,
+    iso,
+)
 from runnerd.registry.schema import MIGRATIONS, SCHEMA_VERSION
 from runnerd.registry.store import Store
 from runnerd.registry.writer import Op, Registry
 
 __all__ = [
-    "MIGRATIONS", "NO_CHANGE", "SCHEMA_VERSION", "BatchResult", "DamagedRegistry", "Effects",
-    "NewRun", "NewSweep", "Op", "Registry", "RunUpdate", "StorageError", "Store", "Transition",
-    "iso",
+    "MIGRATIONS", "NO_CHANGE", "SCHEMA_VERSION", "BatchResult", "CellRow", "DamagedRegistry",
+    "Effects", "FailureRecord", "NewRun", "NewSweep", "Op", "Registry", "RunRow", "RunUpdate",
+    "StorageError", "Store", "SweepRow", "Transition", "iso",
 ]

@@ -11,6 +11,7 @@ from runnerd.registry.effects import Effects
 from runnerd.registry.events import EventLog
 from runnerd.registry.rows import iso
 from runnerd_client.procinfo import boot_id
+from runnerd_client.replies import ResumeCheckpoint
 
 _this_boot = functools.cache(boot_id)  # one boot per daemon process
 
@@ -69,7 +70,7 @@ class Attachments:
         self.events.log(run_id, "checkpoint", at, {"data": json.loads(data_json), "path": path})
         return int(cur.lastrowid or 0)
 
-    def resume_checkpoint(self, run_id: str) -> dict[str, Any] | None:
+    def resume_checkpoint(self, run_id: str) -> ResumeCheckpoint | None:
         """The newest checkpoint of a run, else of the attempt it resumed, and so on back."""
         seen: set[str] = set()
         current: str | None = run_id
@@ -79,8 +80,8 @@ class Attachments:
                 "SELECT seq, data, path, at FROM checkpoints WHERE run_id = ?"
                 " ORDER BY seq DESC LIMIT 1", (current,)).fetchone()
             if row is not None:
-                return {"run_id": current, "seq": row[0], "data": json.loads(row[1]),
-                        "path": row[2], "at": iso(row[3])}
+                return ResumeCheckpoint(current, row[0], json.loads(row[1]), row[2],
+                                        iso(row[3]))
             found = self.conn.execute("SELECT resumed_from FROM runs WHERE run_id = ?",
                                       (current,)).fetchone()
             current = found[0] if found else None

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from runnerd.registry.rows import RunRow
 from runnerd_client.protocol import State
 
 
@@ -57,6 +58,6 @@ class BatchResult:
 
     outcomes: list[tuple[bool, Any]]
     effects: Effects = field(default_factory=Effects)
-    rows: dict[str, dict[str, Any]] = field(default_factory=dict)
+    rows: dict[str, RunRow] = field(default_factory=dict)
     metadata: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     sweeps: set[str] = field(default_factory=set)

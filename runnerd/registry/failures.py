@@ -4,12 +4,13 @@ queries that list and group failures."""
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from runnerd.registry.events import EventLog
-from runnerd.registry.rows import iso, where
+from runnerd.registry.rows import FailureRecord, iso, where
 from runnerd.registry.schema import FAILURE_COLUMNS
+from runnerd_client.replies import FailureGroup, FailureInfo, ListedFailure
 
 _COLUMNS = ", ".join(FAILURE_COLUMNS)
 _JOINED = ", ".join(f"f.{c}" for c in FAILURE_COLUMNS)
@@ -20,22 +21,22 @@ class Failures:
         self.conn = conn
         self.events = events
 
-    def put(self, run_id: str, record: dict[str, Any]) -> None:
-        values = [record.get(col) for col in FAILURE_COLUMNS]
+    def put(self, run_id: str, record: FailureRecord) -> None:
+        r = record
         self.conn.execute(
             f"INSERT OR REPLACE INTO failures (run_id, {_COLUMNS})"
-            f" VALUES (?, {', '.join('?' for _ in FAILURE_COLUMNS)})",
-            (run_id, *values),
-        )
-        self.events.log(run_id, "failure", record["at"], {
-            k: record.get(k) for k in ("failure_class", "message", "reason", "category",
-                                       "retryable", "signature")})
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (run_id, r.failure_class, r.message, r.traceback, r.phase, r.reason, r.signature,
+             r.category, r.retryable, r.exit_code, r.signal, r.at))
+        self.events.log(run_id, "failure", r.at, {
+            "failure_class": r.failure_class, "message": r.message, "reason": r.reason,
+            "category": r.category, "retryable": r.retryable, "signature": r.signature})
 
-    def get(self, run_id: str) -> dict[str, Any] | None:
+    def get(self, run_id: str) -> FailureRecord | None:
         """A run's failure record as stored (times as epoch seconds)."""
         row = self.conn.execute(f"SELECT {_COLUMNS} FROM failures WHERE run_id = ?",
                                 (run_id,)).fetchone()
-        return dict(zip(FAILURE_COLUMNS, row, strict=True)) if row else None
+        return FailureRecord.of(row) if row else None
 
     def drop(self, run_id: str) -> None:
         self.conn.execute("DELETE FROM failures WHERE run_id = ?", (run_id,))
@@ -52,13 +53,13 @@ class Failures:
 
     # --- the public failure objects ---
 
-    def public(self, run_id: str) -> dict[str, Any] | None:
+    def public(self, run_id: str) -> FailureInfo | None:
         row = self.conn.execute(f"SELECT {_COLUMNS} FROM failures WHERE run_id = ?",
                                 (run_id,)).fetchone()
         return failure_object(run_id, row) if row else None
 
     def listing(self, *, since: float | None = None, experiment: str | None = None,
-                run_id: str | None = None, limit: int) -> list[dict[str, Any]]:
+                run_id: str | None = None, limit: int) -> list[ListedFailure]:
         """Failure records, newest first, each with its run's experiment and variation."""
         clause, args = where(("f.at >= ?", since), ("r.experiment = ?", experiment),
                              ("f.run_id = ?", run_id))
@@ -68,7 +69,7 @@ class Failures:
         ).fetchall()
         return [_joined_failure(r) for r in rows]
 
-    def page(self, after: str | None, limit: int) -> list[dict[str, Any]]:
+    def page(self, after: str | None, limit: int) -> list[ListedFailure]:
         """Failures in run_id order, from just after `after` (for export)."""
         rows = self.conn.execute(
             f"SELECT f.run_id, r.experiment, r.variation, r.host, {_JOINED} FROM failures f"
@@ -78,7 +79,7 @@ class Failures:
         return [_joined_failure(r) for r in rows]
 
     def groups(self, key: str, *, since: float | None, experiment: str | None,
-               limit: int, examples: int = 5) -> list[dict[str, Any]]:
+               limit: int, examples: int = 5) -> list[FailureGroup]:
         """Failures grouped by `key` (a failures column), largest group first.
 
         Runs are joined only to filter by experiment: a join costs a lookup per record.
@@ -94,10 +95,9 @@ class Failures:
         ).fetchall()
         by_key = self._group_samples(key, expr, f"FROM failures f {join}", clause, args,
                                      [g[0] for g in groups], examples)
-        return [{"key": k, "count": n, "first_seen": iso(first), "last_seen": iso(last),
-                 "run_ids": [s[0] for s in by_key.get(k, [])],
-                 "example": {"failure_class": by_key[k][0][1], "message": by_key[k][0][2]}
-                 if by_key.get(k) else None}
+        return [FailureGroup(k, n, iso(first), iso(last), [s[0] for s in by_key.get(k, [])],
+                             {"failure_class": by_key[k][0][1], "message": by_key[k][0][2]}
+                             if by_key.get(k) else None)
                 for k, n, first, last in groups]
 
     def _group_samples(self, key: str, expr: str, source: str, clause: str, args: list[Any],
@@ -122,15 +122,20 @@ class Failures:
         return by_key
 
 
-def failure_object(run_id: str, row: Iterable[Any]) -> dict[str, Any]:
-    record = dict(zip(FAILURE_COLUMNS, row, strict=True))
-    record["at"] = iso(record["at"])
-    if record["retryable"] is not None:
-        record["retryable"] = bool(record["retryable"])
-    return {"run_id": run_id, **record}
+def failure_object(run_id: str, row: Sequence[Any]) -> FailureInfo:
+    """The public failure object of a failures row (columns in order)."""
+    return FailureInfo(run_id=run_id, **_public(row))
 
 
-def _joined_failure(row: Sequence[Any]) -> dict[str, Any]:
+def _public(row: Sequence[Any]) -> dict[str, Any]:
+    values = dict(zip(FAILURE_COLUMNS, row, strict=True))
+    if values["retryable"] is not None:
+        values["retryable"] = bool(values["retryable"])
+    values["at"] = iso(values["at"])
+    return values
+
+
+def _joined_failure(row: Sequence[Any]) -> ListedFailure:
     """A failure listed on its own names its run's experiment, variation and host."""
-    return {**failure_object(row[0], row[4:]), "experiment": row[1], "variation": row[2],
-            "host": row[3]}
+    return ListedFailure(run_id=row[0], **_public(row[4:]), experiment=row[1],
+                         variation=row[2], host=row[3])

@@ -5,9 +5,119 @@ clauses of optional filters."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields
 from datetime import UTC, datetime
 from typing import Any
+
+from runnerd_client.protocol import State
+
+
+@dataclass(frozen=True, slots=True)
+class RunRow:
+    """A run as stored: times in epoch seconds, params, tags and launch as JSON text."""
+
+    run_id: str
+    experiment: str
+    variation: str
+    attempt: int
+    state: State
+    params_json: str
+    tags_json: str
+    cwd: str | None
+    run_dir: str | None
+    host: str | None
+    created_at: float
+    started_at: float | None
+    ended_at: float | None
+    last_heartbeat_at: float | None
+    lost_at: float | None
+    heartbeat_seq: int
+    heartbeats: int
+    heartbeat_timeout: float | None
+    lost_grace: float | None
+    deadline: float | None
+    retry_of: str | None
+    launch_json: str | None
+    sweep_id: str | None
+    cell: int | None
+    resumed_from: str | None
+
+    @classmethod
+    def of(cls, row: Sequence[Any]) -> RunRow:
+        """From a row of the runs table's columns, in order (`schema.RUN_COLUMNS`)."""
+        return cls(row[0], row[1], row[2], row[3], State(row[4]), *row[5:])
+
+    @property
+    def failed(self) -> bool:
+        return self.state.startswith("failed")
+
+    def params(self) -> dict[str, Any]:
+        value: dict[str, Any] = json.loads(self.params_json)
+        return value
+
+    def tags(self) -> dict[str, Any]:
+        value: dict[str, Any] = json.loads(self.tags_json or "{}")
+        return value if isinstance(value, dict) else {}
+
+
+@dataclass(frozen=True, slots=True)
+class SweepRow:
+    """A sweep as stored (its spec as JSON text)."""
+
+    sweep_id: str
+    experiment: str
+    failure_policy: str
+    spec_json: str
+    folder: str
+    status: str
+    driver_pid: int | None
+    driver_start: int | None
+    created_at: float
+    ended_at: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class CellRow:
+    """What claiming a cell looks at: its variation and params, and its latest attempt."""
+
+    variation: str
+    params_json: str
+    latest_run_id: str | None
+    attempts: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FailureRecord:
+    """A failure record of SPEC §3 as stored (`at` in epoch seconds), with its signature and
+    the diagnosis of it."""
+
+    failure_class: str
+    message: str
+    reason: str
+    at: float
+    signature: str
+    category: str | None = None
+    retryable: bool | None = None
+    traceback: str | None = None
+    phase: str | None = None
+    exit_code: int | None = None
+    signal: str | None = None
+
+    @classmethod
+    def of(cls, row: Sequence[Any]) -> FailureRecord:
+        """From a row of the failures table's columns, in order (`schema.FAILURE_COLUMNS`)."""
+        (failure_class, message, traceback, phase, reason, signature, category, retryable,
+         exit_code, signal, at) = row
+        return cls(failure_class=failure_class, message=message, traceback=traceback,
+                   phase=phase, reason=reason, signature=signature, category=category,
+                   retryable=None if retryable is None else bool(retryable),
+                   exit_code=exit_code, signal=signal, at=at)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Its fields by name, as the diagnosis rules read a record."""
+        return asdict(self)
 
 
 def iso(ts: float | None) -> str | None:

@@ -7,7 +7,7 @@ from typing import Any
 
 from runnerd.registry.effects import Effects, Transition
 from runnerd.registry.events import EventLog
-from runnerd.registry.rows import NO_CHANGE, NewRun, RunUpdate
+from runnerd.registry.rows import NO_CHANGE, NewRun, RunRow, RunUpdate
 from runnerd.registry.schema import RUN_COLUMNS
 from runnerd_client.protocol import ACTIVE_STATES, ErrorCode, RunnerdError, State
 
@@ -23,11 +23,11 @@ class Runs:
         self.effects = effects
         self.events = events
 
-    def get(self, run_id: str) -> dict[str, Any] | None:
+    def get(self, run_id: str) -> RunRow | None:
         row = self.conn.execute(f"{_SELECT} WHERE run_id = ?", (run_id,)).fetchone()
-        return dict(zip(RUN_COLUMNS, row, strict=True)) if row else None
+        return RunRow.of(row) if row else None
 
-    def require(self, run_id: str) -> dict[str, Any]:
+    def require(self, run_id: str) -> RunRow:
         row = self.get(run_id)
         if row is None:
             raise RunnerdError(ErrorCode.UNKNOWN_RUN, f"no run {run_id!r}")
@@ -78,13 +78,12 @@ class Runs:
         sets = ", ".join(f"{col} = ?" for col in values)
         self.conn.execute(f"UPDATE runs SET {sets} WHERE run_id = ?", (*values.values(), run_id))
 
-    def set_state(self, row: dict[str, Any], to_state: State, *, at: float, cause: str,
+    def set_state(self, row: RunRow, to_state: State, *, at: float, cause: str,
                   source: str, change: RunUpdate = NO_CHANGE) -> None:
         """Move a run to `to_state` (with `change`), recording the transition with its cause
         and source."""
-        from_state = State(row["state"]) if row.get("state") else None
-        self._update(row["run_id"], {"state": to_state.value, **change.changed()})
-        self._record(row["run_id"], from_state, to_state, at, cause, source)
+        self._update(row.run_id, {"state": to_state.value, **change.changed()})
+        self._record(row.run_id, row.state, to_state, at, cause, source)
 
     def _record(self, run_id: str, from_state: State | None, to_state: State, at: float,
                 cause: str, source: str) -> None:
@@ -125,14 +124,14 @@ class Runs:
                                 (run_id, seq))
         return cur.rowcount == 1
 
-    def active(self) -> list[dict[str, Any]]:
+    def active(self) -> list[RunRow]:
         """Every run that is pending, running or lost."""
         marks = ", ".join("?" for _ in ACTIVE_STATES)
         rows = self.conn.execute(f"{_SELECT} WHERE state IN ({marks})",
                                  tuple(s.value for s in ACTIVE_STATES)).fetchall()
-        return [dict(zip(RUN_COLUMNS, r, strict=True)) for r in rows]
+        return [RunRow.of(r) for r in rows]
 
-    def latest_attempt(self, experiment: str, variation: str) -> dict[str, Any] | None:
+    def latest_attempt(self, experiment: str, variation: str) -> RunRow | None:
         row = self.conn.execute(
             "SELECT run_id FROM runs WHERE experiment = ? AND variation = ?"
             " ORDER BY attempt DESC LIMIT 1", (experiment, variation)).fetchone()

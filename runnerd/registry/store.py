@@ -13,7 +13,7 @@ from runnerd.registry.indexing import Indexing
 from runnerd.registry.runs import Runs
 from runnerd.registry.sweeps import Sweeps
 from runnerd.registry.upkeep import Upkeep
-from runnerd.registry.views import Views, imported
+from runnerd.registry.views import Views
 
 
 class Store:
@@ -39,7 +39,7 @@ class Store:
         changed = dict.fromkeys(t.run_id for t in effects.transitions)
         rows = {run_id: row for run_id in changed if (row := self.runs.get(run_id)) is not None}
         # An imported run's folder, and its metadata.json, belong to the tool that made them.
-        docs = [doc for run_id, row in rows.items() if not imported(row)
-                and (doc := self.views.metadata_doc(run_id)) is not None]
-        sweeps = {*effects.sweeps, *(row["sweep_id"] for row in rows.values() if row["sweep_id"])}
+        docs = [doc for row in rows.values() if row.tags().get("source") != "imported"
+                and (doc := self.views.metadata_doc(row)) is not None]
+        sweeps = {*effects.sweeps, *(row.sweep_id for row in rows.values() if row.sweep_id)}
         return BatchResult(outcomes, effects, rows, docs, sweeps)

@@ -9,9 +9,10 @@ from typing import Any
 
 from runnerd.registry.effects import Effects
 from runnerd.registry.failures import failure_object
-from runnerd.registry.rows import NewSweep
+from runnerd.registry.rows import CellRow, NewSweep, SweepRow
 from runnerd.registry.schema import FAILURE_COLUMNS, SWEEP_COLUMNS
 from runnerd_client.protocol import ErrorCode, RunnerdError, SweepStatus
+from runnerd_client.replies import CellInfo
 
 CELL_STATES = ("succeeded", "failed", "abandoned", "skipped", "running", "pending")
 # A cell's state, from its latest attempt (r) and its own row (c).
@@ -41,11 +42,11 @@ class Sweeps:
             ((new.sweep_id, idx, params, variation) for idx, params, variation in cells))
         self.effects.sweeps.append(new.sweep_id)
 
-    def get(self, sweep_id: str) -> dict[str, Any] | None:
+    def get(self, sweep_id: str) -> SweepRow | None:
         row = self.conn.execute(f"{_SELECT} WHERE sweep_id = ?", (sweep_id,)).fetchone()
-        return dict(zip(SWEEP_COLUMNS, row, strict=True)) if row else None
+        return SweepRow(*row) if row else None
 
-    def require(self, sweep_id: str) -> dict[str, Any]:
+    def require(self, sweep_id: str) -> SweepRow:
         row = self.get(sweep_id)
         if row is None:
             raise RunnerdError(ErrorCode.UNKNOWN_RUN, f"no sweep {sweep_id!r}")
@@ -82,11 +83,11 @@ class Sweeps:
                           (*values.values(), sweep_id))
         self.effects.sweeps.append(sweep_id)
 
-    def latest(self, limit: int) -> list[dict[str, Any]]:
+    def latest(self, limit: int) -> list[SweepRow]:
         """The newest sweeps first."""
         rows = self.conn.execute(f"{_SELECT} ORDER BY created_at DESC LIMIT ?",
                                  (limit,)).fetchall()
-        return [dict(zip(SWEEP_COLUMNS, r, strict=True)) for r in rows]
+        return [SweepRow(*r) for r in rows]
 
     # --- cells ---
 
@@ -96,14 +97,13 @@ class Sweeps:
             (sweep_id,))
         return cur.rowcount
 
-    def cell(self, sweep_id: str, idx: int) -> dict[str, Any]:
+    def cell(self, sweep_id: str, idx: int) -> CellRow:
         row = self.conn.execute(
             "SELECT variation, params, latest_run_id, attempts FROM sweep_cells"
             " WHERE sweep_id = ? AND idx = ?", (sweep_id, idx)).fetchone()
         if row is None:
             raise RunnerdError(ErrorCode.BAD_REQUEST, f"sweep {sweep_id} has no cell {idx}")
-        return {"variation": row[0], "params": row[1], "latest_run_id": row[2],
-                "attempts": row[3]}
+        return CellRow(*row)
 
     def claim_cell(self, sweep_id: str, idx: int, run_id: str) -> None:
         self.conn.execute(
@@ -111,7 +111,7 @@ class Sweeps:
             " WHERE sweep_id = ? AND idx = ?", (run_id, sweep_id, idx))
 
     def cells(self, sweep_id: str, *, after: int = -1, limit: int = -1,
-              unfinished: bool = False) -> list[dict[str, Any]]:
+              unfinished: bool = False) -> list[CellInfo]:
         """Cells in index order with their latest attempt's state and failure."""
         rows = self.conn.execute(
             f"SELECT c.idx, c.params, c.variation, c.latest_run_id, c.attempts, {CELL_STATE},"
@@ -121,9 +121,8 @@ class Sweeps:
             " WHERE c.sweep_id = ? AND c.idx > ?"
             + (" AND r.state IS NOT 'succeeded'" if unfinished else "")
             + " ORDER BY c.idx LIMIT ?", (sweep_id, after, limit)).fetchall()
-        return [{"index": r[0], "params": json.loads(r[1]), "variation": r[2], "run_id": r[3],
-                 "attempts": r[4], "state": r[5], "host": r[6],
-                 "failure": failure_object(r[3], r[7:]) if r[7] is not None else None}
+        return [CellInfo(r[0], json.loads(r[1]), r[2], r[3], r[4], r[5], r[6],
+                         failure_object(r[3], r[7:]) if r[7] is not None else None)
                 for r in rows]
 
     def live_cells(self, sweep_id: str) -> int:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from runnerd_client.protocol import ErrorCode, RunnerdError, State
+from runnerd_client.replies import fields_of
 
 RUN_TABLES = ("transitions", "events", "failures", "artifacts", "checkpoints", "run_pids",
               "crash_files", "idempotency", "resources", "run_labels", "heartbeat_gaps", "runs")
@@ -44,7 +45,7 @@ class Upkeep:
         self.conn.execute(
             "INSERT INTO idempotency (key, op, run_id, reply, at, digest)"
             " VALUES (?, ?, ?, ?, ?, ?)",
-            (key, op, run_id, json.dumps(reply), at, digest),
+            (key, op, run_id, json.dumps(reply, default=fields_of), at, digest),
         )
 
     def prune(self, cutoff: float, states: tuple[str, ...], dry_run: bool) -> list[str]:
