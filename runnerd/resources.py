@@ -5,6 +5,12 @@ their descendants from /proc off the event loop, keeps per run the peak RSS, the
 seconds, the effective memory limit (the cgroup's, else the machine's) and a short
 history, and warns once each time a run crosses `threshold` of its limit. It is still
 there after a kill to say whether the kernel's OOM killer did it.
+
+Sampling is by process, not by run: many runs share their processes (Dask workers,
+`rd.sweep` in process, long-lived services), so the runs attached to the same processes
+form one `Group`, sampled once per round; a run is updated (and its sample written) only
+when its group's figures changed. Cgroup membership and limits are read once and
+refreshed every `REFRESH` seconds.
 """
 
 from __future__ import annotations
@@ -18,11 +24,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import anyio
 
-from runnerd.registry import Registry, StorageError
+from runnerd.registry import BatchResult, Registry, StorageError
 
 log = logging.getLogger(__name__)
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -31,6 +37,12 @@ CGROUP_ROOT = Path("/sys/fs/cgroup")
 HISTORY_POINTS = 120
 UNLIMITED = 1 << 60
 KEEP_ENDED = 60.0
+REFRESH = 60.0
+"""Seconds a process's cgroup, a cgroup's limit and the machine's memory are trusted."""
+CPU_STEP = 0.05
+"""CPU seconds that count as progress when used within CPU_WINDOW: an idle process's
+timers and a heartbeat thread stay far below it, any real work reaches it at once."""
+CPU_WINDOW = 60.0
 
 
 def _read(path: Path | str) -> str | None:
@@ -48,8 +60,8 @@ def machine_memory() -> int:
     return UNLIMITED
 
 
-def cgroup_dir(pid: int | str) -> Path | None:
-    """The memory cgroup folder of a process (cgroup v2, else v1's memory controller)."""
+def cgroup_paths(pid: int | str) -> tuple[str | None, str | None]:
+    """A process's cgroup paths: (v1 memory controller's, v2's)."""
     v1 = v2 = None
     for line in (_read(f"/proc/{pid}/cgroup") or "").splitlines():
         number, controllers, path = line.split(":", 2)
@@ -57,21 +69,12 @@ def cgroup_dir(pid: int | str) -> Path | None:
             v2 = path
         elif "memory" in controllers.split(","):
             v1 = path
-    key = (v1, v2)
-    if key not in _FOLDERS:
-        folder = _cgroup_folder(v1, v2)
-        if folder is None:
-            return None  # not cached: a v2 cgroup may get its memory controller later
-        if len(_FOLDERS) >= 4096:
-            _FOLDERS.clear()
-        _FOLDERS[key] = folder
-    return _FOLDERS[key]
+    return v1, v2
 
 
-_FOLDERS: dict[tuple[str | None, str | None], Path] = {}
-
-
-def _cgroup_folder(v1: str | None, v2: str | None) -> Path | None:
+def cgroup_dir(pid: int | str) -> Path | None:
+    """The memory cgroup folder of a process (cgroup v2, else v1's memory controller)."""
+    v1, v2 = cgroup_paths(pid)
     if v1 is not None and (CGROUP_ROOT / "memory").is_dir():
         return CGROUP_ROOT / "memory" / v1.lstrip("/")
     if v2 is not None:
@@ -120,37 +123,51 @@ def oom_kills(folder: Path | None) -> int | None:
     return None
 
 
-def process_table() -> dict[int, tuple[int, float, int, int]]:
-    """pid -> (parent pid, CPU seconds, RSS bytes, threads), for every process in /proc."""
+class Proc(NamedTuple):
+    """One process as /proc/PID/stat shows it."""
+
+    ppid: int
+    cpu: float  # utime + stime, seconds
+    rss: int  # bytes
+    threads: int
+    state: str  # R, S, D, T (stopped), t (traced), ...
+
+
+def read_proc(pid: int) -> Proc | None:
+    """A live process's stat line; None if it is gone or a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            stat = fh.read()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(b")") + 2:].split()
+    if fields[0] in (b"Z", b"X"):
+        return None
+    return Proc(int(fields[1]), (int(fields[11]) + int(fields[12])) / TICKS,
+                int(fields[21]) * PAGE, int(fields[17]), fields[0].decode())
+
+
+def process_table() -> dict[int, Proc]:
+    """Every live process in /proc, by pid."""
     table = {}
     for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/stat", "rb") as fh:
-                stat = fh.read()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(b")") + 2 :].split()
-        if fields[0] in (b"Z", b"X"):
-            continue
-        table[int(entry.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / TICKS,
-                                  int(fields[21]) * PAGE, int(fields[17]))
+        if entry.name.isdigit() and (proc := read_proc(int(entry.name))) is not None:
+            table[int(entry.name)] = proc
     return table
 
 
-def children_of(table: dict[int, tuple[int, float, int, int]]) -> dict[int, list[int]]:
+def children_of(table: dict[int, Proc]) -> dict[int, list[int]]:
     """parent pid -> its children's pids."""
     children: dict[int, list[int]] = defaultdict(list)
-    for pid, (ppid, *_rest) in table.items():
-        children[ppid].append(pid)
+    for pid, proc in table.items():
+        children[proc.ppid].append(pid)
     return children
 
 
-def with_descendants(roots: Iterable[int], table: dict[int, tuple[int, float, int, int]],
+def with_descendants(roots: Iterable[int], table: dict[int, Proc],
                      children: dict[int, list[int]] | None = None) -> set[int]:
     """The live `roots` and all their descendants; pass `children` (children_of the
-    table) when calling it for many runs over one table."""
+    table) when calling it for many groups over one table."""
     if children is None:
         children = children_of(table)
     found, todo = set(), [p for p in roots if p in table]
@@ -163,6 +180,103 @@ def with_descendants(roots: Iterable[int], table: dict[int, tuple[int, float, in
 
 
 @dataclass
+class Cgroups:
+    """Which memory cgroup each process is in and each cgroup's limit, read once and
+    trusted for REFRESH seconds. A process seen for the first time is read again the next
+    round: `exec --memory` moves its command into the cgroup just after it starts."""
+
+    machine: int = 0
+    machine_at: float = float("-inf")
+    _of_pid: dict[int, tuple[float, Path | None, bool]] = field(default_factory=dict)
+    _limits: dict[Path | None, tuple[float, int]] = field(default_factory=dict)
+
+    def folder(self, pid: int, now: float) -> Path | None:
+        known = self._of_pid.get(pid)
+        if known is not None and known[2] and now - known[0] < REFRESH:
+            return known[1]
+        folder = cgroup_dir(pid)
+        self._of_pid[pid] = (now, folder, known is not None)
+        return folder
+
+    def limit(self, folder: Path | None, now: float) -> int:
+        if now - self.machine_at >= REFRESH:
+            self.machine, self.machine_at = machine_memory(), now
+        known = self._limits.get(folder)
+        if known is None or now - known[0] >= REFRESH:
+            known = (now, folder_limit(folder, self.machine))
+            self._limits[folder] = known
+        return known[1]
+
+    def keep(self, pids: set[int]) -> None:
+        """Forget processes that are gone (their pids may be reused)."""
+        for pid in [p for p in self._of_pid if p not in pids]:
+            del self._of_pid[pid]
+        if len(self._limits) > 4096:
+            self._limits.clear()
+
+
+@dataclass
+class Group:
+    """The processes of one set of attached roots and their descendants, sampled once a
+    round for every run attached to exactly those roots."""
+
+    roots: frozenset[int]
+    runs: list[str] = field(default_factory=list)
+    fresh: list[str] = field(default_factory=list)  # runs that joined since the last round
+    pids: set[int] = field(default_factory=set)
+    rss: int = 0
+    threads: int = 0
+    limit: int = 0
+    folders: frozenset[Path] = frozenset()
+    cpu_by_pid: dict[int, float] = field(default_factory=dict)
+    cpu: float = 0.0  # CPU seconds of every process seen in the group (the gone keep theirs)
+    version: int = 0  # bumped whenever the figures above change
+    stopped: bool = False  # every leaf of the tree is stopped (T, t)
+    moved_at: float | None = None  # when its CPU last grew by CPU_STEP within CPU_WINDOW
+    _window: tuple[float, float] = (float("-inf"), 0.0)  # (since, CPU seconds since)
+
+    def sample(self, table: dict[int, Proc], children: dict[int, list[int]],
+               cgroups: Cgroups, now: float) -> bool:
+        """Read the group's processes from `table`; whether any figure changed."""
+        pids = with_descendants(self.roots, table, children)
+        if not pids:
+            return False
+        rss = threads = 0
+        cpu, limit, folders = self.cpu, UNLIMITED, set()
+        for pid in pids:
+            proc = table[pid]
+            rss += proc.rss
+            threads += proc.threads
+            cpu += proc.cpu - self.cpu_by_pid.get(pid, 0.0)
+            self.cpu_by_pid[pid] = proc.cpu
+            folder = cgroups.folder(pid, now)
+            limit = min(limit, cgroups.limit(folder, now))
+            if folder is not None:
+                folders.add(folder)
+        self.stopped = all(table[p].state in "Tt" for p in pids
+                           if not any(c in pids for c in children.get(p, ())))
+        figures = (rss, threads, round(cpu, 3), limit, frozenset(folders))
+        changed = figures != (self.rss, self.threads, round(self.cpu, 3), self.limit,
+                              self.folders) or pids != self.pids
+        self.pids, self.rss, self.threads, self.limit = pids, rss, threads, limit
+        self._count_cpu(cpu - self.cpu, now)
+        self.folders, self.cpu = frozenset(folders), cpu
+        if changed:
+            self.version += 1
+        return changed
+
+
+    def _count_cpu(self, used: float, now: float) -> None:
+        since, total = self._window
+        if now - since > CPU_WINDOW:
+            since, total = now, 0.0
+        total += used
+        if total >= CPU_STEP:
+            self.moved_at, since, total = now, now, 0.0
+        self._window = (since, total)
+
+
+@dataclass
 class Usage:
     """What the sampler knows of one run."""
 
@@ -170,34 +284,35 @@ class Usage:
     peak_rss_bytes: int = 0
     rss_bytes: int = 0
     threads: int = 0
-    cpu_by_pid: dict[int, float] = field(default_factory=dict)
+    cpu: float = 0.0
     history: list[list[float]] = field(default_factory=list)
     above: bool = False
     oom_bases: dict[Path, int | None] = field(default_factory=dict)
-    last_seen: float = 0.0
-
-    def learn_limits(self, pids: set[int], machine: int | None = None,
-                     limits: dict[Path | None, int] | None = None) -> None:
-        """The tightest memory cgroup among the run's processes sets its limit. Read at
-        every sample: a process may move into its cgroup after it starts. `limits` keeps
-        each cgroup's limit for one round (many runs share a cgroup)."""
-        machine = machine_memory() if machine is None else machine
-        limits = {} if limits is None else limits
-        folders = {cgroup_dir(pid) for pid in pids}
-        for folder in folders:
-            if folder not in limits:
-                limits[folder] = folder_limit(folder, machine)
-        self.limit_bytes = min(limits[folder] for folder in folders)
-        for folder in folders:
-            if folder is not None and folder not in self.oom_bases:
-                self.oom_bases[folder] = oom_kills(folder)
+    group: Group | None = None
+    version: int = -1  # the group's version last applied
+    ended_at: float | None = None  # when the run stopped being sampled
+    saved: dict[str, Any] | None = None  # the sample last handed to the registry
 
     @property
     def cpu_seconds(self) -> float:
-        return round(sum(self.cpu_by_pid.values()), 3)
+        return round(self.cpu, 3)
+
+    def apply(self, group: Group, now: float) -> None:
+        """Take the group's figures (a run counts every process it is attached to)."""
+        self.version = group.version
+        self.limit_bytes = group.limit
+        self.rss_bytes = group.rss
+        self.threads = group.threads
+        self.peak_rss_bytes = max(self.peak_rss_bytes, group.rss)
+        self.cpu = max(self.cpu, group.cpu)
+        for folder in group.folders:
+            if folder not in self.oom_bases:
+                self.oom_bases[folder] = oom_kills(folder)
+        self.record(now, group.rss)
 
     def record(self, now: float, rss: int) -> None:
-        """Keep one [minute, min, max] point per minute, the last HISTORY_POINTS of them."""
+        """Keep one [minute, min, max] point per minute that saw a change (a minute like
+        the one before is left out), the last HISTORY_POINTS of them."""
         minute = float(int(now // 60) * 60)
         if self.history and self.history[-1][0] == minute:
             point = self.history[-1]
@@ -209,7 +324,7 @@ class Usage:
     def as_dict(self) -> dict[str, Any]:
         return {"peak_rss_bytes": self.peak_rss_bytes, "rss_bytes": self.rss_bytes,
                 "cpu_seconds": self.cpu_seconds, "limit_bytes": self.limit_bytes,
-                "threads": self.threads, "history": self.history}
+                "threads": self.threads, "history": [list(p) for p in self.history]}
 
     def oom_killed(self) -> bool:
         """Whether the kernel's OOM killer struck one of the run's cgroups since first seen."""
@@ -220,42 +335,22 @@ class Usage:
         return False
 
 
-def measure(runs: dict[str, set[int]], usage: dict[str, Usage], threshold: float,
-            now: float | None = None) -> list[str]:
-    """Sample every run's processes (on a worker thread); return the runs that just
-    crossed `threshold` of their memory limit."""
-    now = time.time() if now is None else now
-    table = process_table()
-    children = children_of(table)
-    machine = machine_memory()
-    limits: dict[Path | None, int] = {}
-    crossed = []
-    for run_id, roots in runs.items():
-        pids = with_descendants(roots, table, children)
-        if not pids:
-            continue
-        use = usage.setdefault(run_id, Usage())
-        use.learn_limits(pids, machine, limits)
-        use.rss_bytes = sum(table[p][2] for p in pids)
-        use.threads = sum(table[p][3] for p in pids)
-        use.peak_rss_bytes = max(use.peak_rss_bytes, use.rss_bytes)
-        use.cpu_by_pid.update({p: table[p][1] for p in pids})
-        use.record(now, use.rss_bytes)
-        use.last_seen = now
-        above = use.rss_bytes >= threshold * use.limit_bytes
-        if above and not use.above:
-            crossed.append(run_id)
-        use.above = above
-    return crossed
-
-
 def gib(n: int) -> str:
     return f"{n / (1 << 30):.1f} GiB" if n >= 1 << 30 else f"{n / (1 << 20):.0f} MiB"
 
 
+@dataclass
+class Round:
+    """What one sampling round found: the runs whose figures changed, and those that
+    just crossed the memory threshold."""
+
+    changed: list[str] = field(default_factory=list)
+    crossed: list[str] = field(default_factory=list)
+
+
 class Sampler:
-    """Samples every active run on a worker thread, persists what it found, warns once per
-    crossing of the threshold, and explains deaths that the OOM killer caused."""
+    """Samples every active run's processes on a worker thread, persists what changed,
+    warns once per crossing of the threshold, and explains deaths the OOM killer caused."""
 
     def __init__(self, registry: Registry, runs: Callable[[], dict[str, set[int]]],
                  interval: float, threshold: float) -> None:
@@ -264,37 +359,124 @@ class Sampler:
         self.interval = interval
         self.threshold = threshold
         self.usage: dict[str, Usage] = {}
+        self.groups: dict[frozenset[int], Group] = {}
+        self.cgroups = Cgroups()
+        self._regroup = True  # the runs' processes changed since the last round
+        self._near: set[str] = set()  # runs above the threshold: sampled every second
+        self._ended: dict[str, float] = {}  # runs no longer sampled, and since when
         # Memory warnings a storage fault kept from the registry, with their samples.
         self._unsaved: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
 
+    def on_commit(self, result: BatchResult) -> None:
+        """A process attached or detached, or a run ended: group the runs again."""
+        effects = result.effects
+        if effects.attached or effects.detached or \
+                any(t.to_state.terminal for t in effects.transitions):
+            self._regroup = True
+
+    def group_runs(self, now: float) -> list[str]:
+        """Put every active run in the group of its processes (on the event loop: the
+        process watcher's map is its own). Only after a process came or went. Returns the
+        runs seen for the first time."""
+        self._regroup = False
+        new = []
+        groups: dict[frozenset[int], Group] = {}
+        active = self.runs()
+        for run_id, pids in active.items():
+            key = frozenset(pids)
+            group = groups.get(key)
+            if group is None:
+                group = groups[key] = self.groups.get(key) or Group(key)
+                group.runs = []
+            group.runs.append(run_id)
+            use = self.usage.get(run_id)
+            if use is None:
+                use = self.usage[run_id] = Usage()
+                new.append(run_id)
+            if use.group is not group:
+                use.group, use.version = group, -1
+                group.fresh.append(run_id)
+            self._ended.pop(run_id, None)
+        for run_id, use in self.usage.items():
+            if use.group is not None and run_id not in active:
+                use.group = None
+                self._ended[run_id] = now
+        self.groups = groups
+        return new
+
+    def measure(self, now: float) -> Round:
+        """Sample every group (on a worker thread); apply changed figures to their runs:
+        a group whose figures did not change costs nothing per run."""
+        table = process_table()
+        children = children_of(table)
+        found = Round()
+        for group in self.groups.values():
+            changed = group.sample(table, children, self.cgroups, now)
+            targets, group.fresh = group.runs if changed else group.fresh, []
+            if group.pids:
+                for run_id in targets:
+                    if (use := self.usage.get(run_id)) is not None and use.group is group:
+                        self._apply(run_id, use, group, now, found)
+        self.cgroups.keep(set(table))
+        return found
+
+    def group_of(self, run_id: str) -> Group | None:
+        """The sampled processes of a run, if it has live ones."""
+        use = self.usage.get(run_id)
+        return use.group if use is not None and use.group is not None and use.group.pids \
+            else None
+
+    def _apply(self, run_id: str, use: Usage, group: Group, now: float, found: Round) -> None:
+        use.apply(group, now)
+        found.changed.append(run_id)
+        above = use.rss_bytes >= self.threshold * use.limit_bytes
+        if above and not use.above:
+            found.crossed.append(run_id)
+        use.above = above
+        if above:
+            self._near.add(run_id)
+        else:
+            self._near.discard(run_id)
+
     async def run(self) -> None:
         while True:
-            active = self.runs()
-            crossed = await anyio.to_thread.run_sync(
-                measure, active, self.usage, self.threshold)
-            sampled = {run_id: self.usage[run_id].as_dict() for run_id in active
-                       if run_id in self.usage}
-            warnings = {run_id: self.warning(run_id) for run_id in crossed}
-            self._record(sampled, warnings)
-            for run_id in set(self.usage) - set(active):
-                if time.time() - self.usage[run_id].last_seen > KEEP_ENDED:
-                    del self.usage[run_id]  # kept a while: a death is judged after it
-            near = any(u.above for u in self.usage.values())
+            await self.sample_once()
+            near = any(self.usage[r].group is not None for r in self._near if r in self.usage)
             await anyio.sleep(min(1.0, self.interval) if near else self.interval)
 
-    def _record(self, sampled: dict[str, dict[str, Any]],
-                warnings: dict[str, dict[str, Any]]) -> None:
-        """Persist a sample. A newer sample makes an older one moot, so one the disk refused
-        is not retried as such: its warnings (and the samples they belong to) go with the next."""
+    async def sample_once(self) -> Round:
+        now = time.time()
+        if self._regroup:
+            self.group_runs(now)
+        found = await anyio.to_thread.run_sync(self.measure, now)
+        self._record(found, now)
+        for run_id in [r for r, ended in self._ended.items() if now - ended > KEEP_ENDED]:
+            del self._ended[run_id]  # kept a while: a death is judged after it
+            self.usage.pop(run_id, None)
+            self._near.discard(run_id)
+        return found
+
+    def _record(self, found: Round, now: float) -> None:
+        """Persist the samples that changed. A newer sample makes an older one moot, so one
+        the disk refused is not retried as such: it is written again with the next change,
+        and its warnings (with the samples they belong to) go with the next batch."""
+        sampled = {}
+        for run_id in found.changed:
+            use = self.usage.get(run_id)
+            if use is None or use.version < 0:
+                continue
+            data = use.as_dict()
+            if data != use.saved:
+                sampled[run_id] = use.saved = data
+        warnings = {run_id: self.warning(run_id) for run_id in found.crossed}
         for run_id, (data, warning) in self._unsaved.items():
             sampled.setdefault(run_id, data)
             warnings.setdefault(run_id, warning)
         self._unsaved = {}
         if not sampled:
             return
-        at = time.time()
         future = self.registry.submit(
-            lambda store: store.attachments.put_resources(sampled, warnings, at))
+            lambda store: store.attachments.put_resources(sampled, warnings, now))
         future.add_done_callback(partial(self._recorded, sampled, warnings))
 
     def _recorded(self, sampled: dict[str, dict[str, Any]], warnings: dict[str, dict[str, Any]],
@@ -303,6 +485,9 @@ class Sampler:
         if exc is None:
             return
         log.warning("recording resources failed: %s", exc)
+        for run_id in sampled:
+            if (use := self.usage.get(run_id)) is not None:
+                use.saved = None  # written again with its next sample
         if isinstance(exc, StorageError):
             kept = {run_id: (sampled[run_id], warning) for run_id, warning in warnings.items()}
             self._unsaved = {**kept, **self._unsaved}

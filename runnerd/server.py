@@ -27,6 +27,7 @@ from runnerd.hooks import HookRunner
 from runnerd.indexer import Indexer
 from runnerd.maintenance import prune_periodically
 from runnerd.metadata import MetadataWriter
+from runnerd.mirror import Mirror
 from runnerd.processes import ProcessWatcher
 from runnerd.reconciler import (
     hash_spooled_artifacts,
@@ -136,9 +137,14 @@ async def serve(cfg: config.Config) -> None:
         private_folder(cfg.db.parent / "hooks", "hooks")
         ctx.hooks = HookRunner(cfg, registry)
         registry.subscribers.append(ctx.hooks.on_commit)
+    if cfg.mirror is not None:  # the records kept in a shared folder too, as they change
+        ctx.mirror = Mirror(cfg.mirror, registry, db=cfg.db, socket_path=cfg.socket,
+                            interval=cfg.mirror_interval)
+        registry.subscribers.append(ctx.mirror.on_commit)
     watcher = ProcessWatcher(registry, before_exit=spool_replayer(ctx))
     sampler = Sampler(registry, watcher.runs, cfg.sample_interval, cfg.memory_warning)
     watcher.explain = sampler.explain_death
+    registry.subscribers.append(sampler.on_commit)
     ctx.sampler = sampler
     try:
         sock = activated or bind_socket(cfg.socket)
@@ -173,6 +179,8 @@ async def _serve_until_signal(ctx: Context, sock: socket.socket, watchdog: Watch
         outer.start_soon(sweep_orphan_spools, ctx, ctx.config.spool_sweep_interval)
         if ctx.hooks is not None:
             outer.start_soon(ctx.hooks.run)
+        if ctx.mirror is not None:
+            outer.start_soon(ctx.mirror.run)
         if ctx.config.retention:
             outer.start_soon(prune_periodically, ctx.registry, ctx.config.retention)
         log.info("runnerd %s serving %s with registry %s", __version__, ctx.config.socket,
@@ -188,6 +196,8 @@ async def _serve_until_signal(ctx: Context, sock: socket.socket, watchdog: Watch
         registry.stop()
         with anyio.move_on_after(ctx.config.shutdown_grace):
             await registry.drained.wait()
+        if ctx.mirror is not None:
+            await ctx.mirror.close()
         outer.cancel_scope.cancel()
 
 
@@ -235,13 +245,16 @@ class JournalFormatter(logging.Formatter):
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
 @click.option("--check-config", is_flag=True, help="Validate the configuration and exit.")
+@click.option("--mirror", type=click.Path(file_okay=False, path_type=Path),
+              help="Keep the records in this shared folder too (NFS, Lustre, GPFS).")
 @click.version_option(__version__, prog_name="runnerd")
 def main(socket_path: Path | None, db: Path | None, config_path: Path | None,
-         log_level: str, check_config: bool) -> None:
+         log_level: str, check_config: bool, mirror: Path | None) -> None:
     """Run the runnerd daemon in the foreground."""
     setup_logging(log_level)
     try:
-        cfg = config.load(config_path, socket=socket_path, db=db)
+        cfg = config.load(config_path, socket=socket_path, db=db,
+                          mirror=mirror.absolute() if mirror else None)
         if check_config:
             click.echo(f"configuration is valid: socket {cfg.socket}, registry {cfg.db}")
             return

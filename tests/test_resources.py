@@ -16,6 +16,7 @@ import pytest
 
 from conftest import Daemon, wait_for
 from runnerd.cli import parse_size
+from runnerd.resources import Sampler
 
 
 @pytest.fixture
@@ -129,3 +130,38 @@ def test_a_sigkill_by_hand_far_below_the_limit_is_not_oom(sampled: Daemon) -> No
 ])
 def test_parse_size(text: str, size: int) -> None:
     assert parse_size(text) == size
+
+
+def test_a_shared_process_is_sampled_once_and_unchanged_runs_cost_nothing() -> None:
+    """1,000 runs attached to one sleeping process: one group; a second round finds nothing
+    changed, so no run is updated and nothing would be written."""
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        wait_for(lambda: Path(f"/proc/{sleeper.pid}/stat").read_text().split()[2] == "S",
+                 what="the sleeper to sleep")
+        runs = {f"run-{i}": {sleeper.pid} for i in range(1000)}
+        sampler = Sampler(None, lambda: runs, 5.0, 0.9)  # type: ignore[arg-type]
+        sampler.group_runs(0.0)
+        assert len(sampler.groups) == 1
+        first = sampler.measure(0.0)
+        assert len(first.changed) == 1000
+        assert {sampler.usage[r].rss_bytes for r in runs} == {
+            next(iter(sampler.groups.values())).rss}
+        assert sampler.measure(5.0).changed == []
+        runs["late"] = {sleeper.pid}
+        sampler.group_runs(10.0)
+        assert sampler.measure(10.0).changed == ["late"]
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_a_run_that_ends_is_kept_a_while_then_forgotten() -> None:
+    runs = {"a": {os.getpid()}, "b": {os.getpid()}}
+    sampler = Sampler(None, lambda: runs, 5.0, 0.9)  # type: ignore[arg-type]
+    sampler.group_runs(0.0)
+    sampler.measure(0.0)
+    del runs["a"]
+    sampler.group_runs(1.0)
+    assert sampler.usage["a"].group is None and sampler.usage["b"].group is not None
+    assert sampler.explain_death("a") is None and sampler.peak_text("a")
