@@ -126,10 +126,11 @@ def failure_record(failure_class: str, message: str, reason: str, at: float,
 
 
 def relabelled(record: FailureRecord, category: str, note: str | None) -> FailureRecord:
-    """A failure record re-diagnosed with what an outside witness says killed the run."""
-    found = diagnose(record.as_dict(), category)
+    """A failure record re-diagnosed with what an outside witness says killed the run (the
+    witness's note is part of what the diagnosis reads)."""
     message = record.message if not note or note in record.message else \
         f"{record.message} ({note})"
+    found = diagnose({**record.as_dict(), "message": message}, category)
     return replace(record, message=message, category=found.category,
                    retryable=found.retryable)
 

@@ -92,14 +92,16 @@ class RunnerdSchedulerPlugin(SchedulerPlugin):
         if attempt is None:
             return
         if finish == "erred" and _killed_worker(kwargs.get("exception")):
-            self._label(attempt.run_id, "killed_worker")
+            cause = self.reasons.get(str(attempt.worker))  # its worker is being removed
+            self._label(attempt.run_id, "killed_worker", LABELS["killed_worker"] + (
+                f"; its last worker: {LABELS[cause]}" if cause else ""))
         if finish in ("memory", "erred", "forgotten"):
             del self.ledger[str(key)]
 
-    def _label(self, run_id: str, label: str) -> None:
+    def _label(self, run_id: str, label: str, note: str | None = None) -> None:
         """Send the label from a thread: the scheduler's event loop must not wait on us."""
         self.labels.append((run_id, label))
-        threading.Thread(target=send_label, args=(self.socket_path, run_id, label),
+        threading.Thread(target=send_label, args=(self.socket_path, run_id, label, note),
                          daemon=True).start()
 
 
@@ -114,14 +116,16 @@ def _killed_worker(exception: Any) -> bool:
         return False
 
 
-def send_label(socket_path: str | Path | None, run_id: str, label: str) -> None:
+def send_label(socket_path: str | Path | None, run_id: str, label: str,
+               note: str | None = None) -> None:
     try:
         conn = Connection(socket_path, timeout=5.0)
     except RunnerdError as exc:
         log.warning("runnerd unreachable, run %s not labelled %s: %s", run_id, label, exc)
         return
     try:
-        conn.call(Label(key=new_key(), run_id=run_id, category=label, note=LABELS[label]))
+        conn.call(Label(key=new_key(), run_id=run_id, category=label,
+                        note=note or LABELS[label]))
     except RunnerdError as exc:
         log.warning("run %s not labelled %s: %s", run_id, label, exc)
     finally:
