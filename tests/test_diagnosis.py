@@ -208,6 +208,36 @@ CASES: list[tuple[dict[str, Any], str | None, str, bool]] = [
     (rec("RuntimeError", "mat1 and mat2 shapes cannot be multiplied (1x2 and 6x64)"), None,
      "bug", False),
     (rec("RuntimeError", "CUDA error: device-side assert triggered"), None, "bug", False),
+    # more kinds, in other libraries' and schedulers' words
+    (rec("torch.multiprocessing.spawn.ProcessExitedException", "process 0 terminated with "
+         "signal SIGKILL"), None, "oom", False),
+    (rec("torch.multiprocessing.spawn.ProcessExitedException", "process 1 terminated with "
+         "signal SIGSEGV"), None, "signal", False),
+    (rec("xgboost.core.XGBoostError", "[10:02:11] ../src/common/host_device_vector.cu: "
+         "Memory allocation error on worker 0"), None, "oom", False),
+    (rec("ExitCode", "exit code 1: TERM_RUNLIMIT: job killed after reaching LSF run time "
+         "limit.", exit_code=1), None, "walltime", True),
+    (rec("torch.distributed.elastic.rendezvous.api.RendezvousTimeoutError", ""), None,
+     "timeout", True),
+    (rec("ExitCode", "exit code 1: ERROR: No matching distribution found for torch==9.9",
+         exit_code=1), None, "dependency", False),
+    (rec("RuntimeError", "Error building extension 'fused_adam'"), None, "dependency", False),
+    (rec("AttributeError", "_ARRAY_API not found", traceback="A module that was compiled "
+         "using NumPy 1.x cannot be run in NumPy 2.0.0 as it may crash.\nTraceback (most "
+         "recent call last):\n  File \"t.py\", line 1, in <module>\nAttributeError: _ARRAY_API "
+         "not found\n"), None, "dependency", False),
+    (rec("RuntimeError", "The server socket has failed to listen on any local network address. "
+         "(errno: 98 - Address already in use)"), None, "resource", True),
+    (rec("RuntimeError", "No CUDA GPUs are available"), None, "resource", False),
+    (rec("huggingface_hub.errors.GatedRepoError", "401 Client Error. Cannot access gated repo "
+         "for url https://hub/x"), None, "permission", False),
+    (rec("OSError", "We couldn't connect to 'https://huggingface.co' to load this file"), None,
+     "network", True),
+    (rec("RuntimeError", "NCCL communicator was aborted on rank 1."), None, "network", True),
+    (rec("ValueError", "Expected input batch_size (32) to match target batch_size (16)."), None,
+     "bug", False),
+    (rec("RuntimeError", "expected scalar type Float but found Half"), None, "bug", False),
+    (rec("EOFError", "Ran out of input"), None, "validation", False),
     # unknown
     (rec("RuntimeError", "something odd happened"), None, "unknown", False),
     (rec("SystemExit", "1", exit_code=1), None, "unknown", False),

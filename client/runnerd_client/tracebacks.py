@@ -57,7 +57,8 @@ _NOTABLE = re.compile(
     r"|aborted|out of memory|oom|timed? ?out|timeout|exceeded|terminate called|exit ?codes?"
     r"|exitcode|signal|sig(?:kill|term|segv|abrt|bus|ill|fpe)|preempt\w*|time limit"
     r"|no space|quota|permission denied|too many open files|bus error|restarting worker"
-    r"|failed|fail)\b", re.IGNORECASE)
+    r"|failed|fail|cannot|can't|could not|couldn't|unable|not found|too old|incompatible"
+    r"|mismatch|unsupported|denied|refused|invalid)\b", re.IGNORECASE)
 # In a command's environment (unless it sets its own): a Python process, or a pool's
 # child, that dies of a native crash prints "Fatal Python error: Segmentation fault" and its
 # stack on stderr, so a segfault is told apart from a kill.
