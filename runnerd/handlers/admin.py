@@ -1,0 +1,36 @@
+"""Looking after the daemon: the crash indexer's folders and pruning old runs."""
+
+from __future__ import annotations
+
+import os
+
+from runnerd.handlers.common import bad, folder
+from runnerd.handlers.context import Context, Peer, Reply
+from runnerd.maintenance import prune
+from runnerd_client.protocol import ErrorCode, Prune, RunnerdError, State, Unwatch, Watch
+
+
+async def handle_watch(ctx: Context, peer: Peer, req: Watch) -> Reply:
+    path = folder(req.path)
+    if not os.path.isdir(path):
+        raise bad(f"{path} is not a directory")
+    try:
+        return (await ctx.indexer.add(path)).as_reply()
+    except OSError as exc:  # refused (/proc, another user's, anyone may write to it)
+        raise RunnerdError(ErrorCode.FORBIDDEN, str(exc)) from None
+
+
+async def handle_unwatch(ctx: Context, peer: Peer, req: Unwatch) -> Reply:
+    path = folder(req.path)
+    if not await ctx.indexer.remove(path):
+        raise bad(f"{path} is not watched")
+    return {}
+
+
+async def handle_prune(ctx: Context, peer: Peer, req: Prune) -> Reply:
+    states = tuple(req.states or ())
+    known = [s.value for s in State if s.terminal]
+    if any(state not in known for state in states):
+        raise bad(f"states must be terminal states: {', '.join(known)}")
+    run_ids = await prune(ctx.registry, req.before, states, req.dry_run)
+    return {"count": len(run_ids), "run_ids": run_ids[:100], "dry_run": req.dry_run}

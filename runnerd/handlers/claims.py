@@ -1,0 +1,80 @@
+"""Which earlier attempt a new one follows, and when it may: claiming a sweep's cell, resuming
+an experiment's variation. Pure rules on the store, applied inside `create`'s mutation.
+
+A cell is claimed by the attempt that planned after its latest one (`claim_after`), or by
+a scheduler running the very same task again (Dask re-dispatches a task whose worker died):
+it follows its earlier dispatch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from runnerd.handlers.common import bad
+from runnerd.registry import RunRow, Store
+from runnerd.states import Event, end_with_failure, failure_record
+from runnerd_client.cells import changed_keys
+from runnerd_client.protocol import Create, ErrorCode, FailReason, RunnerdError, State
+
+
+def followed(store: Store, req: Create, at: float) -> RunRow | None:
+    """The attempt `req` resumes, if any, once it may take over: the cell's latest attempt
+    (for a cell) or the variation's (with `resume`); a succeeded one is not resumed."""
+    previous = claim_cell(store, req, at) if req.sweep_id is not None else \
+        resumable(store, req, at) if req.resume else None
+    if not req.resume or previous is None or previous.state == State.SUCCEEDED:
+        return None
+    same_params(previous, req.params or {})
+    return previous
+
+
+def claim_cell(store: Store, req: Create, at: float) -> RunRow | None:
+    """Check that the cell is the requester's to run (its latest attempt is still the one
+    it planned after, or runs the same task, and none is live); return that latest attempt."""
+    assert req.sweep_id is not None and req.cell is not None
+    sweep = store.sweeps.require(req.sweep_id)
+    cell = store.sweeps.cell(req.sweep_id, req.cell)
+    if (sweep.experiment, cell.variation) != (req.experiment, req.variation):
+        raise bad(f"cell {req.cell} of sweep {req.sweep_id} is"
+                  f" {sweep.experiment}/{cell.variation}")
+    latest = cell.latest_run_id
+    row = store.runs.get(latest) if latest else None
+    if latest != req.claim_after and not same_task(row, req):
+        raise RunnerdError(ErrorCode.CONFLICT, f"cell {req.cell} of sweep {req.sweep_id}"
+                           f" was claimed meanwhile by run {latest}")
+    if row is not None:
+        take_over(store, row, at, f"cell {req.cell} of sweep {req.sweep_id}")
+    return row
+
+
+def same_task(latest: RunRow | None, req: Create) -> bool:
+    """Whether this attempt runs the very task the latest one ran (the same Dask key)."""
+    key = (req.tags or {}).get("dask_key")
+    return latest is not None and key is not None and latest.tags().get("dask_key") == key
+
+
+def resumable(store: Store, req: Create, at: float) -> RunRow | None:
+    """The latest attempt of the experiment and variation, which a resume follows."""
+    row = store.runs.latest_attempt(req.experiment, req.variation)
+    if row is not None:
+        take_over(store, row, at, f"{req.experiment}/{req.variation}")
+    return row
+
+
+def take_over(store: Store, row: RunRow, at: float, what: str) -> None:
+    """A new attempt may not start beside a live one; a lost one is given up for it."""
+    if row.state in (State.PENDING, State.RUNNING):
+        raise RunnerdError(ErrorCode.CONFLICT, f"{what} is held by live attempt"
+                           f" {row.attempt} (run {row.run_id}, {row.state})")
+    if row.state == State.LOST:
+        record = failure_record("Superseded", "a new attempt took over this lost run",
+                                FailReason.ABANDONED, at)
+        end_with_failure(store, row, Event.CANCEL, record, "superseded")
+
+
+def same_params(previous: RunRow, params: dict[str, Any]) -> None:
+    """A resume runs what the attempt it resumes ran: changed params are a conflict."""
+    changed = changed_keys(previous.params(), params)
+    if changed:
+        raise RunnerdError(ErrorCode.CONFLICT, f"cannot resume run {previous.run_id}:"
+                           f" params changed: {', '.join(changed)}")

@@ -1,0 +1,92 @@
+"""Reads: one run, lists of runs, the daemon's status, failures and export pages."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from runnerd import __version__
+from runnerd.handlers.common import MAX_LIST, bad
+from runnerd.handlers.context import Context, Peer, Reply
+from runnerd.registry import Store
+from runnerd_client.protocol import (
+    PROTOCOL_VERSION,
+    Export,
+    Failures,
+    Get,
+    ListRuns,
+    State,
+    Status,
+)
+from runnerd_client.replies import DaemonInfo, ListedFailure, RunInfo, StatusInfo, fields_of
+
+
+async def handle_get(ctx: Context, peer: Peer, req: Get) -> Reply:
+    return {"run": await ctx.registry.read(
+        lambda s: s.views.run_details(s.runs.resolve(req.run)))}
+
+
+async def handle_list(ctx: Context, peer: Peer, req: ListRuns) -> Reply:
+    if req.state is not None and req.state not in State.__members__.values():
+        raise bad(f"unknown state {req.state!r}")
+    if not 1 <= req.limit <= MAX_LIST:
+        raise bad(f"limit must be between 1 and {MAX_LIST}")
+
+    def read(store: Store) -> list[RunInfo]:
+        if req.interrupted:
+            return store.views.interrupted_runs(req.limit)
+        sweep_id = store.sweeps.resolve(req.sweep) if req.sweep is not None else None
+        return store.views.list_runs(state=req.state, experiment=req.experiment,
+                                     since=req.since, limit=req.limit, sweep_id=sweep_id)
+
+    return {"runs": await ctx.registry.read(read)}
+
+
+async def handle_status(ctx: Context, peer: Peer, req: Status) -> Reply:
+    limit = max(1, min(req.limit, 100))
+
+    def read(store: Store) -> tuple[dict[str, int], list[RunInfo], list[ListedFailure]]:
+        return (store.views.counts(), store.views.active_runs(limit),
+                store.failures.listing(limit=limit))
+
+    counts, active, failures = await ctx.registry.read(read)
+    daemon = DaemonInfo(
+        version=__version__, protocol=PROTOCOL_VERSION, pid=os.getpid(),
+        uptime_sec=round(time.time() - ctx.started_at, 3), socket=str(ctx.config.socket),
+        db=str(ctx.config.db), db_bytes=_db_size(ctx.config.db), clients=ctx.connections)
+    body = fields_of(StatusInfo(counts, active, failures, daemon))
+    return body
+
+
+def _db_size(db: Path) -> int:
+    return sum(p.stat().st_size for p in (db, Path(f"{db}-wal")) if p.exists())
+
+
+GROUP_KEYS = {"class": "failure_class", "signature": "signature", "category": "category"}
+
+
+async def handle_failures(ctx: Context, peer: Peer, req: Failures) -> Reply:
+    if req.group_by is not None and req.group_by not in GROUP_KEYS:
+        raise bad(f"group_by must be one of {', '.join(GROUP_KEYS)}")
+    if not 1 <= req.limit <= MAX_LIST:
+        raise bad(f"limit must be between 1 and {MAX_LIST}")
+    if req.group_by is None:
+        def read(store: Store) -> Reply:
+            run_id = store.runs.resolve(req.run) if req.run else None
+            return {"failures": store.failures.listing(
+                since=req.since, experiment=req.experiment, run_id=run_id, limit=req.limit)}
+        return await ctx.registry.read(read)
+    key = GROUP_KEYS[req.group_by]
+    return {"groups": await ctx.registry.read(lambda s: s.failures.groups(
+        key, since=req.since, experiment=req.experiment, limit=req.limit))}
+
+
+async def handle_export(ctx: Context, peer: Peer, req: Export) -> Reply:
+    if req.what not in ("runs", "failures"):
+        raise bad("what must be 'runs' or 'failures'")
+    if not 1 <= req.limit <= MAX_LIST:
+        raise bad(f"limit must be between 1 and {MAX_LIST}")
+    items = await ctx.registry.read(lambda s: s.views.export_page(req.what, req.after,
+                                                                  req.limit))
+    return {"items": items, "next": items[-1].run_id if len(items) == req.limit else None}
