@@ -127,12 +127,15 @@ _MEMORY = (r"out of memory", r"cannot allocate memory", r"std::bad_alloc", r"\bo
            r"memory allocation (?:error|failed)")
 # What else the output says killed a pool's or launcher's child: a native crash, a
 # SIGTERM. ("caused by a segmentation fault ..." is loky's stock wording, not evidence.)
+# Windows reports an access violation (or a stack overrun) as an exit status.
+_WINDOWS_CRASH = r"\b(?:3221225477|3221226505|3221225725)\b|0xC0000005|0xC0000409|0xC00000FD"
 _CHILD_CRASHED = (r"SIGSEGV|SIGABRT|SIGBUS|SIGILL|SIGFPE|(?<!by a )segmentation fault"
                   r"|Fatal Python error|core dumped|exitcode\s*:\s*-(?:11|6|7|4|8)\b"
-                  r"|Signal (?:11|6|7|4|8) \(|killed by signal: (?:Aborted|Illegal|Floating)")
+                  r"|Signal (?:11|6|7|4|8) \(|killed by signal: (?:Aborted|Illegal|Floating)"
+                  r"|exit status -(?:11|6|7|4|8)\b|" + _WINDOWS_CRASH)
 _CHILD_TERMINATED = r"SIGTERM|Signal 15 \(|exitcode\s*:\s*-15\b|killed by signal: Terminated"
 _CHILDREN = ("BrokenProcessPool", "TerminatedWorkerError", "ChildFailedError",
-             "ProcessExitedException")
+             "ProcessExitedException", "CalledProcessError")
 _DATALOADER_DIED = (r"DataLoader worker \(pids?(?:\(s\))? [\d, ]+\) "
                     r"(?:exited unexpectedly|is killed)")
 _KW = ("KilledWorker",)
@@ -187,7 +190,8 @@ RULES: tuple[Rule, ...] = (
     Rule(category="oom",
          classes=("BrokenProcessPool", "TerminatedWorkerError"),
          messages=(_DATALOADER_DIED, r"exitcode\s*:\s*-9\b", r"Signal 9 \(SIGKILL\)",
-                   r"terminated with signal SIGKILL",
+                   r"terminated with signal SIGKILL", r"died with <Signals\.SIGKILL",
+                   r"exit status -9\b",
                    r"SIGKILL\(-9\)", r"^Killed$", r"^\S+: line \d+: +\d+ Killed\b"),
          retryable=False,
          pattern="a child process was SIGKILLed while its parent lived (the OOM killer)",
@@ -317,7 +321,9 @@ RULES: tuple[Rule, ...] = (
          retryable=True, pattern="NCCL communication error between ranks",
          suggestion="Check the nodes' interconnect (NCCL_DEBUG=INFO shows which link), then "
                     "rerun."),
-    Rule(category="timeout", messages=(r"\btimed out\b", r"\bdeadline exceeded\b"),
+    Rule(category="timeout",
+         messages=(r"\btimed out\b", r"\bdeadline exceeded\b", r"\bsocket timeout\b",
+                   r"\btimeout (?:error|exceeded|expired|reached)\b"),
          retryable=True, pattern="'timed out' in the message",
          suggestion="Rerun; if it recurs, raise the timeout or find what it waited on."),
     Rule(category="dependency", classes=("ModuleNotFoundError", "ImportError"),

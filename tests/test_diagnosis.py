@@ -238,6 +238,11 @@ CASES: list[tuple[dict[str, Any], str | None, str, bool]] = [
      "bug", False),
     (rec("RuntimeError", "expected scalar type Float but found Half"), None, "bug", False),
     (rec("EOFError", "Ran out of input"), None, "validation", False),
+    (rec("subprocess.CalledProcessError", "Command '['python', 'train.py']' returned non-zero "
+         "exit status 3221225477."), None, "signal", False),
+    (rec("subprocess.CalledProcessError", "Command '['python', 'train.py']' died with "
+         "<Signals.SIGKILL: 9>."), None, "oom", False),
+    (rec("RuntimeError", "Socket Timeout"), None, "timeout", True),
     # unknown
     (rec("RuntimeError", "something odd happened"), None, "unknown", False),
     (rec("SystemExit", "1", exit_code=1), None, "unknown", False),

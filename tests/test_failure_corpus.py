@@ -91,6 +91,7 @@ REPLAY = textwrap.dedent("""
     sys.stderr.flush()
     if ending.startswith("SIG"):
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        signal.signal(getattr(signal, ending), signal.SIG_DFL)  # SIGINT would raise
         os.kill(os.getpid(), getattr(signal, ending))
     sys.exit(int(ending))
 """)
