@@ -1,48 +1,49 @@
 """Dask figures for runnerd: what RunnerdWorkerPlugin costs a cluster, and how fast a killed
 worker's run fails.
 
-Starts a fresh daemon in a temp folder (bench_core's helpers) and 2-worker LocalClusters
+Starts a fresh daemon in a temp folder and 2-worker LocalClusters
 (processes, 1 thread each) whose workers inherit its socket: times `client.map(inc, range N)`
 plus gather on a cluster with the plugin, one without, and one whose plugin talks to
-bench_core's bare server, alternately, with how long the daemon then took to record every run
+the bare msgpack server, alternately, with how long the daemon then took to record every run
 and the CPU each party used; then SIGKILLs workers running a task, one at a time, and polls
 `get` until their run is failed_crash. Prints tables and cleans up. Not a test: it reports.
 
-    /tmp/venv/bin/python bench/bench_dask.py [--quick] [--tasks N] [--rounds N] [--kills N]
+    python bench/bench_dask.py [--quick] [--tasks N] [--rounds N] [--kills N]
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import logging
 import os
-import signal
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from bench_core import (
-    Server,
-    cpu_seconds,
-    machine_busy,
-    make_bare,
-    make_runnerd,
-    own_cpu,
-    serve_bare,
-    temp_root,
-)
-from bench_events import Quiet
-from bench_liveness import Kill, _epoch, _pct, _verdict, print_header
 from distributed import Client, LocalCluster
+from harness import (
+    Bare,
+    Kill,
+    Quiet,
+    Runnerd,
+    Session,
+    arguments,
+    cpu_seconds,
+    kill_and_watch,
+    pct,
+    pct_row,
+    session,
+    temp_root,
+    verdict,
+)
 
 from runnerd_client.connection import Connection
 from runnerd_client.dask import PLUGIN_NAME, RunnerdWorkerPlugin
-from runnerd_client.protocol import Get, ListRuns, Status
+from runnerd_client.protocol import ListRuns, Status
 
 EXPERIMENT, KILL_EXPERIMENT = "bench-dask", "bench-dask-kill"
 INHERITED = ("RUNNERD_SOCKET", "RUNNERD_DB", "XDG_DATA_HOME", "XDG_STATE_HOME")
@@ -107,38 +108,9 @@ def cluster(experiment: str | None, warmup: int, socket_path: str | None = None
         yield client
 
 
-def make_bare_server(root: Path) -> Server:
-    """bench_core's bare server, started through this module: a command line naming
-    bench_core would make our own Quiet wait for it."""
-    bare = make_bare(root)
-    bare.argv = [sys.executable, "-c",
-                 f"import bench_dask; bench_dask.bare_main({str(bare.socket)!r})"]
-    paths = (str(Path(__file__).resolve().parent), os.environ.get("PYTHONPATH"))
-    bare.env = {**bare.env, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
-    return bare
-
-
-def bare_main(path: str) -> None:
-    """Body of the bare server process."""
-    serve_bare(path)
-
-
 def worker_cpu(client: Any) -> float:
     """CPU-seconds of the cluster's worker processes so far."""
     return sum(cpu_seconds(pid) for pid in client.run(os.getpid).values())
-
-
-@dataclass
-class Waiter(Quiet):
-    """Quiet, also noting what our own processes (idle clusters, daemon) burn meanwhile."""
-
-    tree: Callable[[], float] = time.process_time  # CPU-s of our processes so far
-    own: float = 0.0
-
-    def wait(self, poll: float = 3.0) -> None:
-        before = self.tree()
-        super().wait(poll)
-        self.own += self.tree() - before
 
 
 def succeeded(conn: Connection) -> int:
@@ -163,7 +135,7 @@ class Round:
     local_cpu: float  # this process: scheduler, client (and the Status polls)
 
 
-def timed_round(client: Any, config: str, plan: Plan, server: Server,
+def timed_round(client: Any, config: str, plan: Plan, server: Runnerd,
                 conn: Connection) -> Round:
     """map+gather `plan.tasks` fresh keys, then wait for runnerd to record them and rest."""
     before = succeeded(conn)
@@ -182,7 +154,7 @@ def timed_round(client: Any, config: str, plan: Plan, server: Server,
     return Round(config, wall, recorded, runs, busy, server.cpu() - sv0, sv_map, wk, own)
 
 
-def stage_overhead(plan: Plan, runnerd: Server, bare: Server, quiet: Waiter) -> list[Round]:
+def stage_overhead(plan: Plan, runnerd: Runnerd, bare: Bare, quiet: Quiet) -> list[Round]:
     """The clusters live side by side; their maps alternate (ABC, CBA, ...)."""
     rounds: list[Round] = []
     servers = {WITH: runnerd, WITHOUT: runnerd, BARE: bare}
@@ -196,7 +168,7 @@ def stage_overhead(plan: Plan, runnerd: Server, bare: Server, quiet: Waiter) -> 
             **({BARE: stack.enter_context(cluster(EXPERIMENT, plan.warmup, str(bare.socket)))}
                if plan.bare else {}),
         }
-        quiet.tree = lambda: (time.process_time() + runnerd.cpu()
+        quiet.ours = lambda: (time.process_time() + runnerd.cpu()
                               + (bare.cpu() if plan.bare else 0.0)
                               + sum(worker_cpu(c) for c in clients.values()))
         runnerd.wait_idle(probe=0.25)
@@ -233,24 +205,6 @@ def running_run(conn: Connection, key: str, timeout: float = 60.0) -> dict[str, 
     raise RuntimeError(f"no running run of {key} after {timeout} s")
 
 
-def kill_and_watch(conn: Connection, pid: int, run_id: str, poll: float = 0.001,
-                   timeout: float = 30.0) -> Kill:
-    """SIGKILL a worker and poll `get` until its run is failed_crash."""
-    wall, began = time.time(), time.perf_counter()
-    os.kill(pid, signal.SIGKILL)
-    while True:
-        run = conn.call(Get(run=run_id))["run"]
-        if run["state"] == "failed_crash":
-            seen = time.perf_counter() - began
-            break
-        if time.perf_counter() - began > timeout:
-            raise RuntimeError(f"run {run_id} still {run['state']} {timeout} s after SIGKILL")
-        time.sleep(poll)
-    failure = run["failure"] or {}
-    return Kill(max(0.0, _epoch(failure.get("at") or run["ended_at"]) - wall), seen,
-                str(failure.get("failure_class")))
-
-
 def back_to_two(client: Any, timeout: float = 60.0) -> None:
     """Wait until the nanny's new worker is up with the plugin beside the survivor."""
     deadline = time.monotonic() + timeout
@@ -263,14 +217,14 @@ def back_to_two(client: Any, timeout: float = 60.0) -> None:
     raise RuntimeError(f"the cluster did not get 2 workers with the plugin in {timeout} s")
 
 
-def stage_kills(plan: Plan, runnerd: Server, root: Path, quiet: Waiter) -> Kills:
+def stage_kills(plan: Plan, runnerd: Runnerd, root: Path, quiet: Quiet) -> Kills:
     """One task at a time: wait for its run to be running, SIGKILL its worker, poll `get`."""
     res = Kills()
     conn = Connection(runnerd.socket, client="bench_dask")
     try:
         print("starting the cluster for the kills", file=sys.stderr, flush=True)
         with cluster(KILL_EXPERIMENT, 20) as client:
-            quiet.tree = lambda: time.process_time() + runnerd.cpu() + worker_cpu(client)
+            quiet.ours = lambda: time.process_time() + runnerd.cpu() + worker_cpu(client)
             for n in range(plan.kills):
                 quiet.wait()
                 print(f"kill {n + 1}/{plan.kills}", file=sys.stderr, flush=True)
@@ -320,7 +274,7 @@ def print_overhead(rounds: list[Round], plan: Plan) -> None:
     for config in configs:
         print(f"  {config} walls: " + " ".join(f"{r.wall:.2f}" for r in by[config]))
     ratio = med(WITH, lambda r: r.wall) / med(WITHOUT, lambda r: r.wall)
-    print(f"ratio with/without {ratio:.2f}; target: < 1.2 {_verdict(ratio < 1.2)}")
+    print(f"ratio with/without {ratio:.2f}; target: < 1.2 {verdict(ratio < 1.2)}")
     if BARE in by:
         bare = med(BARE, lambda r: r.wall) / med(WITHOUT, lambda r: r.wall)
         print(f"ratio plugin on the bare server/without {bare:.2f} (the plugin's own cost, "
@@ -331,106 +285,79 @@ def print_overhead(rounds: list[Round], plan: Plan) -> None:
                                  ("runnerd", lambda r: r.server_cpu))}
     print("the plugin's CPU per task: " + ", ".join(f"{k} +{v:.0f} us" for k, v in extra.items())
           + f", all on the same {os.cpu_count()} CPUs")
-    print("(plugin, bare: the plugin talking to bench_core's bare msgpack server, which acks "
+    print("(plugin, bare: the plugin talking to the bare msgpack server, which acks "
           "everything; recorded ms: after the gather, until runnerd counted every run "
           f"succeeded, polled every {plan.poll * 1e3:.0f} ms; runs: fewest recorded in a round; "
           "busy s: the server's CPU stayed above 5% that much longer; server CPU s: during the "
           "map / until idle; local: this process, which runs the schedulers; medians)")
 
 
-def _ms_row(label: str, values: Sequence[float]) -> str:
-    return (f"{label:<58} {_pct(values, 0.5) * 1e3:>7.1f} {_pct(values, 0.99) * 1e3:>7.1f} "
-            f"{max(values) * 1e3:>7.1f}")
-
-
 def print_kills(res: Kills) -> None:
     print(f"\nSIGKILLed workers: {len(res.kills)}, one at a time, each running `hold` "
           "(the nanny restarts it)")
     print(f"{'from':<58} {'p50 ms':>7} {'p99 ms':>7} {'max ms':>7}")
-    print(_ms_row("SIGKILL to the daemon noticing (failure 'at')",
-                  [k.noticed for k in res.kills]))
-    print(_ms_row("SIGKILL to `get` showing failed_crash (polled every 1 ms)",
-                  [k.seen for k in res.kills]))
-    print(_ms_row("submit to the run `running` in the daemon", res.to_running))
-    print(_ms_row("SIGKILL to 2 workers with the plugin again", res.restart))
-    p99 = _pct([k.seen for k in res.kills], 0.99)
+    for label, values in (
+            ("SIGKILL to the daemon noticing (failure 'at')", [k.noticed for k in res.kills]),
+            ("SIGKILL to `get` showing failed_crash (polled every 1 ms)",
+             [k.seen for k in res.kills]),
+            ("submit to the run `running` in the daemon", res.to_running),
+            ("SIGKILL to 2 workers with the plugin again", res.restart)):
+        print(pct_row(label, values, 58))
+    p99 = pct([k.seen for k in res.kills], 0.99)
     print(f"failure_class: {', '.join(sorted({k.failure_class for k in res.kills}))}; "
-          f"target: failed_crash within 1 s: p99 {p99 * 1e3:.0f} ms {_verdict(p99 < 1.0)}")
+          f"target: failed_crash within 1 s: p99 {p99 * 1e3:.0f} ms {verdict(p99 < 1.0)}")
 
 
 # --- main ---------------------------------------------------------------------------
 
 
-@dataclass
-class Report:
-    """What the stages measured, and the machine around them."""
-
-    rounds: list[Round] = field(default_factory=list)
-    kills: Kills | None = None
-    quiet: Waiter = field(default_factory=Waiter)
-    wall_seconds: float = 0.0  # not counting the waits for other load
-    foreign_cpu: float = 0.0
-
-
-def run(plan: Plan) -> Report:
+def run(plan: Plan, bench: Session) -> tuple[list[Round], Kills | None]:
     """Both stages on one fresh daemon, stopped and removed whatever happens."""
-    report = Report()
-    busy0, own0, began = machine_busy(), own_cpu(), time.monotonic()
+    rounds, kills = [], None
     with temp_root() as root:
-        runnerd, bare = make_runnerd(root, None), make_bare_server(root)
+        runnerd, bare = Runnerd(root / "rd"), Bare(root / "bare")
         for name in INHERITED:  # the worker processes inherit them
             os.environ[name] = runnerd.env[name]
         os.environ.pop("RUNNERD_RUN_ID", None)
         try:
-            runnerd.start()
+            runnerd.start(20.0)
             if plan.tasks:
                 if plan.bare:
-                    bare.start()
-                report.rounds = stage_overhead(plan, runnerd, bare, report.quiet)
+                    bare.start(20.0)
+                rounds = stage_overhead(plan, runnerd, bare, bench.quiet)
                 bare.stop()
             if plan.kills:
-                report.kills = stage_kills(plan, runnerd, root, report.quiet)
+                kills = stage_kills(plan, runnerd, root, bench.quiet)
         finally:
             bare.stop()
             runnerd.stop()
-    report.wall_seconds = time.monotonic() - began - report.quiet.waited
-    report.foreign_cpu = ((machine_busy() - busy0) - (own_cpu() - own0)
-                          - (report.quiet.busy - report.quiet.own))
-    return report
+    bench.stop()
+    return rounds, kills
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="1,000 tasks, 3 rounds each, 5 kills")
+def main() -> None:
+    parser = arguments(__doc__, "1,000 tasks, 3 rounds each, 5 kills")
     parser.add_argument("--tasks", type=int, metavar="N", help="tasks per timed map (0: skip)")
     parser.add_argument("--rounds", type=int, metavar="N", help="timed maps per configuration")
     parser.add_argument("--kills", type=int, metavar="N", help="SIGKILLed workers (0: skip)")
     parser.add_argument("--no-bare", action="store_true",
                         help="skip the plugin against the bare server (one cluster fewer)")
-    return parser.parse_args(argv)
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    args = parse_args(argv)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    args = parser.parse_args()
+    bench = session(args)
     plan = QUICK if args.quick else FULL
     for name in ("tasks", "rounds", "kills"):
         if getattr(args, name) is not None:
             plan = replace(plan, **{name: max(0, getattr(args, name))})
     plan = replace(plan, rounds=max(1, plan.rounds), bare=not args.no_bare)
-    report = run(plan)
+    rounds, kills = run(plan, bench)
     mode = "quick" if args.quick else "full"
     if (args.tasks, args.rounds, args.kills) != (None, None, None):
         mode = f"{plan.tasks}-task/{plan.kills}-kill"
-    print_header(report, mode, "dask")
-    if report.quiet.notes:
-        print(f"waited {report.quiet.waited:.0f} s for: "
-              f"{'; '.join(sorted(report.quiet.notes))[:300]}")
-    if report.rounds:
-        print_overhead(report.rounds, plan)
-    if report.kills is not None:
-        print_kills(report.kills)
+    bench.header("dask", mode)
+    if rounds:
+        print_overhead(rounds, plan)
+    if kills is not None:
+        print_kills(kills)
 
 
 if __name__ == "__main__":

@@ -1,38 +1,47 @@
 """Live-event figures for runnerd: what subscribers cost the daemon, and how late events arrive.
 
-Starts one fresh daemon in a temp folder (bench_core's helpers), forks subscriber processes
+Starts one fresh daemon in a temp folder, forks subscriber processes
 that each hold a `Connection` with `Subscribe()` (no filter) and drain `next_event`, and
 measures with 0, 10 and 100 of them: acknowledged heartbeats/s (32 clients, window 1, no
 events), pipelined lifecycles/s (3 events each), and the delay from a transition's ack to
 its event reaching each subscriber. Prints tables and cleans up. Not a test: it reports.
 
-    /tmp/venv/bin/python bench/bench_events.py [--quick]
+    python bench/bench_events.py [--quick]
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import ctypes
-import os
 import queue
-import signal
-import subprocess
 import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_core as core  # noqa: E402
+from harness import (
+    FORK,
+    Body,
+    Figures,
+    Quiet,
+    Runnerd,
+    Session,
+    arguments,
+    cpu_seconds,
+    heartbeats,
+    lifecycles,
+    measure,
+    pct,
+    session,
+    temp_root,
+    verdict,
+)
 
-from runnerd_client.connection import Connection  # noqa: E402
-from runnerd_client.ids import new_key, new_run_id  # noqa: E402
-from runnerd_client.protocol import Create, Request, Start, Subscribe, Succeed  # noqa: E402
+from runnerd_client.connection import Connection
+from runnerd_client.ids import new_key, new_run_id
+from runnerd_client.protocol import Create, Request, Start, Subscribe, Succeed
 
-OTHERS = "bench_core|bench_liveness|bench_indexer|fuzz.py|pytest"
 PROBE = "bench-events-probe"
 LATENCY = "bench-latency"
 Stamps = dict[tuple[str, str], tuple[float, float]]  # (run_id, to) -> (sent, acked), time.time()
@@ -56,34 +65,6 @@ class Plan:
 
 FULL = Plan(seconds=5.0, transitions=2_000)
 QUICK = Plan(seconds=1.5, transitions=600)
-
-
-# --- machine etiquette -----------------------------------------------------------
-
-
-@dataclass
-class Quiet:
-    """Waits for other heavy processes, and remembers what it waited for and how long."""
-
-    notes: set[str] = field(default_factory=set)
-    waited: float = 0.0
-    busy: float = 0.0  # machine CPU-seconds spent while waiting (others' load, not ours)
-
-    def wait(self, poll: float = 3.0) -> None:
-        """Poll `pgrep -f OTHERS` until it finds nothing; never touch what it finds."""
-        began, busy0 = time.monotonic(), core.machine_busy()
-        while True:
-            found = subprocess.run(["pgrep", "-af", OTHERS], capture_output=True,
-                                   text=True).stdout.splitlines()
-            if not found:
-                break
-            if not self.notes:
-                print(f"waiting for: {found[0].split(' ', 1)[-1][:80]}", file=sys.stderr,
-                      flush=True)
-            self.notes.update(line.split(" ", 1)[-1][:60] for line in found)
-            time.sleep(poll)
-        self.waited += time.monotonic() - began
-        self.busy += core.machine_busy() - busy0
 
 
 # --- subscriber processes ---------------------------------------------------------
@@ -144,7 +125,7 @@ class Subscribers:
         return (sum(c[0::COUNTERS]), sum(c[1::COUNTERS]), sum(c[2::COUNTERS]))
 
     def cpu(self) -> float:
-        return sum(core.cpu_seconds(p.pid) for p in self.procs)
+        return sum(cpu_seconds(p.pid) for p in self.procs)
 
     def settle(self, timeout: float = 30.0, probe: float = 0.3) -> tuple[int, int, int]:
         """Wait until the counters stop moving (subscribers caught up); return them."""
@@ -170,7 +151,7 @@ def _probe(sock: str) -> None:
 @contextlib.contextmanager
 def subscribers(sock: str, n: int, timeout: float = 120.0) -> Iterator[Subscribers]:
     """Fork `n` subscribers; yield once every one receives live events; stop them after."""
-    ctx = core.FORK
+    ctx = FORK
     counters = ctx.RawArray(ctypes.c_longlong, max(n, 1) * COUNTERS)
     ready, results, stop = ctx.Queue(), ctx.Queue(), ctx.Event()
     procs = [ctx.Process(target=_subscriber, args=(sock, i, counters, ready, stop, results),
@@ -234,7 +215,7 @@ class Throughput:
 
     workload: str
     subs: int
-    figures: core.Figures
+    figures: Figures
     received: int = 0
     dropped: int = 0
     lagged: int = 0
@@ -243,12 +224,12 @@ class Throughput:
     again: bool = False
 
 
-def measure_throughput(runnerd: core.Server, group: Subscribers | None, workload: str,
-                       job: core.Job, procs: int, repeat: int, subs: int) -> Throughput:
-    """bench_core's `measure`, plus the subscribers' deliveries and CPU over the same span."""
+def measure_throughput(runnerd: Runnerd, group: Subscribers | None, workload: str,
+                       body: Body, procs: int, repeat: int, subs: int) -> Throughput:
+    """The harness's `measure`, plus the subscribers' deliveries and CPU over the same span."""
     before = group.totals() if group else (0, 0, 0)
     cpu0, began = (group.cpu() if group else 0.0), time.monotonic()
-    figures = core.measure(runnerd, job, procs, repeat)
+    figures = measure(runnerd, f"{workload} subscribers={subs}", body, procs, repeat)
     runnerd.wait_idle()
     after = group.settle() if group else (0, 0, 0)
     cpu = group.cpu() - cpu0 if group else 0.0
@@ -257,16 +238,16 @@ def measure_throughput(runnerd: core.Server, group: Subscribers | None, workload
                       time.monotonic() - began)
 
 
-def stage_throughput(plan: Plan, runnerd: core.Server, group: Subscribers | None, subs: int,
+def stage_throughput(plan: Plan, runnerd: Runnerd, group: Subscribers | None, subs: int,
                      report: Report, again: bool = False) -> None:
     """Heartbeats (no events), then pipelined lifecycles (3 events each)."""
-    sock = str(runnerd.socket)
-    for workload, job, procs in (
-            ("heartbeats", core.Job("heartbeat", sock, 1, plan.seconds), plan.heartbeat_clients),
-            ("lifecycles", core.Job("lifecycle", sock, plan.lifecycle_window, plan.seconds),
+    sock = runnerd.socket
+    for workload, body, procs in (
+            ("heartbeats", heartbeats(sock, 1, plan.seconds), plan.heartbeat_clients),
+            ("lifecycles", lifecycles(sock, plan.lifecycle_window, plan.seconds),
              plan.lifecycle_procs)):
         report.quiet.wait()
-        t = measure_throughput(runnerd, group, workload, job, procs, plan.repeat, subs)
+        t = measure_throughput(runnerd, group, workload, body, procs, plan.repeat, subs)
         t.again = again
         report.throughput.append(t)
 
@@ -318,7 +299,7 @@ def drive_transitions(sock: str, count: int, rate: float) -> Stamps:
     return stamps
 
 
-def stage_latency(plan: Plan, runnerd: core.Server, group: Subscribers, subs: int,
+def stage_latency(plan: Plan, runnerd: Runnerd, group: Subscribers, subs: int,
                   report: Report) -> Stamps:
     """Paced transitions; the subscribers stamp each event with time.time() on receipt."""
     report.quiet.wait()
@@ -355,28 +336,10 @@ class Report:
     throughput: list[Throughput] = field(default_factory=list)
     latency: list[Latency] = field(default_factory=list)
     quiet: Quiet = field(default_factory=Quiet)
-    load_before: float = 0.0
-    wall_seconds: float = 0.0
-    foreign_cpu: float = 0.0
 
 
 def _ms(sorted_values: Sequence[float], q: float) -> str:
-    return f"{core._percentile(sorted_values, q) * 1e3:7.2f}"
-
-
-def print_header(report: Report, mode: str) -> None:
-    cpus = os.cpu_count() or 1
-    quiet = report.quiet
-    timed = max(report.wall_seconds - quiet.waited, 1e-9)
-    foreign_cpu = report.foreign_cpu - quiet.busy
-    foreign = foreign_cpu / (timed * cpus)
-    print(f"runnerd live-events benchmark, {mode} mode: {timed:.0f} s on {cpus} CPUs "
-          f"(+{quiet.waited:.0f} s waiting for other load); load average "
-          f"{report.load_before:.1f} before")
-    print(f"other processes used {foreign_cpu:.0f} CPU-s while it ran "
-          f"({foreign:.0%} of the machine)" + ("  <- figures are noisy" if foreign > 0.05 else ""))
-    if quiet.notes:
-        print(f"waited for: {'; '.join(sorted(quiet.notes))[:300]}")
+    return f"{pct(sorted_values, q) * 1e3:7.2f}"
 
 
 def print_throughput(report: Report, plan: Plan) -> None:
@@ -410,8 +373,8 @@ def print_throughput(report: Report, plan: Plan) -> None:
             t, b = most[-1], base[workload].figures
             ratio, cpu = t.figures.rate / b.rate, b.cpu_per_ack_us / t.figures.cpu_per_ack_us
             print(f"target: {workload} with {t.subs} subscribers >= 80% of 0: {ratio:.0%} "
-                  f"{core._verdict(ratio >= 0.8)} (daemon CPU per op: {cpu:.0%} "
-                  f"{core._verdict(cpu >= 0.8)})")
+                  f"{verdict(ratio >= 0.8)} (daemon CPU per op: {cpu:.0%} "
+                  f"{verdict(cpu >= 0.8)})")
 
 
 def print_latency(report: Report) -> None:
@@ -432,24 +395,23 @@ def print_latency(report: Report) -> None:
           "so a lower bound of commit-to-receipt, negative when the event overtakes the ack; "
           "from send: minus the moment the request left, an upper bound)")
     worst = report.latency[-1]
-    ack, send = (core._percentile(v, 0.99) * 1e3 for v in (worst.from_ack, worst.from_send))
+    ack, send = (pct(v, 0.99) * 1e3 for v in (worst.from_ack, worst.from_send))
     print(f"target: p99 < 50 ms with {worst.subs} subscribers: from ack {ack:.1f} ms "
-          f"{core._verdict(ack < 50)}, from send (upper bound) {send:.1f} ms "
-          f"{core._verdict(send < 50)}")
+          f"{verdict(ack < 50)}, from send (upper bound) {send:.1f} ms "
+          f"{verdict(send < 50)}")
 
 
 # --- main ----------------------------------------------------------------------------
 
 
-def run(plan: Plan, profile: str | None) -> Report:
+def run(plan: Plan, profile: str | None, bench: Session) -> Report:
     """Every stage on one fresh daemon; the subscriber counts run in ascending order."""
-    report = Report(load_before=os.getloadavg()[0])
-    busy0, own0, began = core.machine_busy(), core.own_cpu(), time.monotonic()
+    report = Report(quiet=bench.quiet)
     counts = sorted({*plan.throughput_subs, *plan.latency_subs})
-    with core.temp_root() as root:
-        runnerd = core.make_runnerd(root, profile)
+    with temp_root() as root:
+        runnerd = Runnerd(root, profile=profile)
         try:
-            runnerd.start()
+            runnerd.start(20.0)
             sock = str(runnerd.socket)
             for subs in counts:
                 print(f"{subs} subscribers", file=sys.stderr, flush=True)
@@ -466,33 +428,26 @@ def run(plan: Plan, profile: str | None) -> Report:
                 stage_throughput(plan, runnerd, None, 0, report, again=True)
         finally:
             runnerd.stop()
-    report.wall_seconds = time.monotonic() - began
-    report.foreign_cpu = (core.machine_busy() - busy0) - (core.own_cpu() - own0)
+    bench.stop()
     return report
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true",
-                        help=f"{QUICK.seconds} s per workload, {QUICK.transitions} transitions "
-                        "(< 60 s)")
+def main() -> None:
+    parser = arguments(__doc__, f"{QUICK.seconds} s per workload, {QUICK.transitions} "
+                       "transitions (< 60 s)")
     parser.add_argument("--repeat", type=int, default=1, metavar="N",
                         help="run each timed workload N times and keep the best (default 1)")
     parser.add_argument("--rate", type=float, metavar="N",
                         help=f"transitions/s in the latency stage (default {FULL.rate:.0f})")
     parser.add_argument("--profile-daemon", metavar="FILE",
                         help="run runnerd under cProfile (event-loop thread only), stats to FILE")
-    return parser.parse_args(argv)
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    args = parse_args(argv)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    args = parser.parse_args()
+    bench = session(args)
     plan = replace(QUICK if args.quick else FULL, repeat=max(1, args.repeat))
     if args.rate:
         plan = replace(plan, rate=args.rate)
-    report = run(plan, args.profile_daemon)
-    print_header(report, "quick" if args.quick else "full")
+    report = run(plan, args.profile_daemon, bench)
+    bench.header("live-events", "quick" if args.quick else "full")
     print_throughput(report, plan)
     print_latency(report)
 

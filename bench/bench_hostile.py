@@ -1,7 +1,7 @@
 """Hostile-client figures for runnerd: its memory and `status` latency while other
 connections misbehave.
 
-Starts one fresh daemon in a temp folder (bench_core's helpers) with 200 runs in its
+Starts one fresh daemon in a temp folder with 200 runs in its
 registry, then, one scenario at a time, a forked attacker process holds the hostile
 connections while this process sends `status` on a connection of its own (one at a time,
 10 ms apart; the first seconds, while the attack builds up, are reported apart) and
@@ -17,11 +17,7 @@ Not a test: it reports.
 
 from __future__ import annotations
 
-import argparse
 import multiprocessing
-import socket
-import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -29,54 +25,31 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_core as core  # noqa: E402
+from harness import Runnerd, Session, arguments, pct, rss_mb, session, temp_root
 
-from runnerd_client.ids import new_key, new_run_id  # noqa: E402
-from runnerd_client.protocol import HEADER, frame, unpack_body  # noqa: E402
+from runnerd.testing import RawClient
+from runnerd_client.ids import new_key, new_run_id
+from runnerd_client.protocol import HEADER, frame
 
 MB = 1 << 20
-GOAL_RSS, GOAL_P99 = 200 * MB, 0.050
+GOAL_RSS_MB, GOAL_P99 = 200, 0.050
 Attack = Callable[[Path, Any], None]
 
 
-# --- raw frames -------------------------------------------------------------------
-
-
-def recv_frame(sock: socket.socket) -> dict[str, Any]:
-    (length,) = HEADER.unpack(_exactly(sock, HEADER.size))
-    reply: dict[str, Any] = unpack_body(_exactly(sock, length))
-    return reply
-
-
-def _exactly(sock: socket.socket, size: int) -> bytes:
-    data = b""
-    while len(data) < size:
-        chunk = sock.recv(size - len(data))
-        if not chunk:
-            raise ConnectionError("closed by the daemon")
-        data += chunk
-    return data
-
-
-def greeted(path: Path) -> socket.socket:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(30)
-    sock.connect(str(path))
-    sock.sendall(frame({"op": "hello", "v": 1, "id": 0, "client": "bench-hostile"}))
-    recv_frame(sock)
-    return sock
+def greeted(path: Path) -> RawClient:
+    client = RawClient(path, timeout=30)
+    client.hello("bench-hostile")
+    return client
 
 
 def fill(path: Path, runs: int) -> None:
-    sock = greeted(path)
+    client = greeted(path)
     for i in range(runs):
-        sock.sendall(frame({"op": "create", "id": i + 1, "key": new_key(),
-                            "run_id": new_run_id(), "experiment": "fill",
-                            "params": {f"p{k}": k * 0.5 for k in range(20)}}))
+        client.send({"op": "create", "id": i + 1, "key": new_key(), "run_id": new_run_id(),
+                     "experiment": "fill", "params": {f"p{k}": k * 0.5 for k in range(20)}})
     for _ in range(runs):
-        recv_frame(sock)
-    sock.close()
+        client.recv()
+    client.close()
 
 
 # --- attackers (each runs in a forked process until `stop` is set) ----------------
@@ -84,7 +57,7 @@ def fill(path: Path, runs: int) -> None:
 
 def pipeliners(path: Path, stop: Any, count: int = 50) -> None:
     """Connections that write `list` requests as fast as the daemon takes them, never reading."""
-    socks = [greeted(path) for _ in range(count)]
+    socks = [greeted(path).sock for _ in range(count)]
     burst = b"".join(frame({"op": "list", "id": i, "limit": 50}) for i in range(1000))
     offsets = [0] * count
     for sock in socks:
@@ -111,7 +84,7 @@ def slowloris(path: Path, stop: Any, count: int = 300) -> None:
             sock, offset = conn
             try:
                 if sock is None:
-                    sock = greeted(path)
+                    sock = greeted(path).sock
                     sock.setblocking(False)
                     conn[:] = [sock, 0]
                 if offset < len(payload):
@@ -145,39 +118,27 @@ def big_frames(path: Path, stop: Any, nested: bool) -> None:
 
 
 def _send_big(path: Path, stop: Any, params: dict[str, Any]) -> None:
-    sock = greeted(path)
+    client = greeted(path)
     while not stop.is_set():
-        sock.sendall(frame({"op": "create", "id": 1, "key": new_key(), "run_id": new_run_id(),
-                            "experiment": "big", "params": params}))
-        recv_frame(sock)
-    sock.close()
+        client.call({"op": "create", "id": 1, "key": new_key(), "run_id": new_run_id(),
+                     "experiment": "big", "params": params})
+    client.close()
 
 
 # --- measuring --------------------------------------------------------------------
 
 
-def vm_rss(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
 @dataclass
 class Figures:
     name: str
-    rss_peak: int
-    rss_after: int
+    rss_peak: float  # MB
+    rss_after: float
     latencies: list[float]
     failed: int
     buildup: list[float]
 
-    def pct(self, q: float) -> float:
-        values = sorted(self.latencies)
-        return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
 
-
-def measure(daemon: core.Server, name: str, attack: Attack | None, seconds: float,
+def measure(daemon: Runnerd, name: str, attack: Attack | None, seconds: float,
             warmup: float) -> Figures:
     """Start `attack` and time `status` from then on: for `warmup` s while the attack builds
     up (reported apart), then for `seconds` s."""
@@ -187,11 +148,11 @@ def measure(daemon: core.Server, name: str, attack: Attack | None, seconds: floa
         attacker = multiprocessing.get_context("fork").Process(
             target=attack, args=(daemon.socket, stop), daemon=True)
         attacker.start()
-    peak, sampling = [0], threading.Event()
+    peak, sampling = [0.0], threading.Event()
 
     def sample() -> None:
         while not sampling.is_set():
-            peak[0] = max(peak[0], vm_rss(daemon.pid))
+            peak[0] = max(peak[0], rss_mb(daemon.pid))
             time.sleep(0.05)
 
     sampler = threading.Thread(target=sample)
@@ -200,25 +161,23 @@ def measure(daemon: core.Server, name: str, attack: Attack | None, seconds: floa
     buildup: list[float] = []
     failed = 0
     try:
-        sock = greeted(daemon.socket)
-        sock.settimeout(30)
+        client = greeted(daemon.socket)
         steady = time.monotonic() + warmup
         deadline = steady + seconds
         req_id = 1
         while time.monotonic() < deadline:
             began = time.perf_counter()
             try:
-                sock.sendall(frame({"op": "status", "id": req_id}))
-                recv_frame(sock)
+                client.call({"op": "status", "id": req_id})
                 (latencies if time.monotonic() > steady else buildup).append(
                     time.perf_counter() - began)
             except OSError:
                 failed += 1
-                sock.close()
-                sock = greeted(daemon.socket)
+                client.close()
+                client = greeted(daemon.socket)
             req_id += 1
             time.sleep(0.01)
-        sock.close()
+        client.close()
     finally:
         stop.set()
         if attacker is not None:
@@ -228,29 +187,27 @@ def measure(daemon: core.Server, name: str, attack: Attack | None, seconds: floa
         time.sleep(1.0)
         sampling.set()
         sampler.join()
-    return Figures(name, peak[0], vm_rss(daemon.pid), latencies, failed, buildup)
+    return Figures(name, peak[0], rss_mb(daemon.pid), latencies, failed, buildup)
 
 
 def report(rows: list[Figures]) -> None:
     print(f"{'scenario':<44} {'RSS peak':>9} {'after':>7} {'status p50':>11} {'p99':>8} "
           f"{'max':>8} {'n':>5} {'failed':>6} {'build-up max':>12}")
     for f in rows:
-        ok = f.rss_peak < GOAL_RSS and f.pct(0.99) < GOAL_P99
-        print(f"{f.name:<44} {f.rss_peak / MB:>6.0f} MB {f.rss_after / MB:>4.0f} MB "
-              f"{f.pct(0.5) * 1e3:>8.1f} ms {f.pct(0.99) * 1e3:>5.1f} ms "
+        p99 = pct(f.latencies, 0.99)
+        ok = f.rss_peak < GOAL_RSS_MB and p99 < GOAL_P99
+        print(f"{f.name:<44} {f.rss_peak:>6.0f} MB {f.rss_after:>4.0f} MB "
+              f"{pct(f.latencies, 0.5) * 1e3:>8.1f} ms {p99 * 1e3:>5.1f} ms "
               f"{max(f.latencies, default=float('nan')) * 1e3:>5.0f} ms {len(f.latencies):>5} "
               f"{f.failed:>6} {max(f.buildup, default=float('nan')) * 1e3:>9.0f} ms"
               f"  {'ok' if ok else 'MISSED'}")
-    print(f"goals: daemon RSS < {GOAL_RSS // MB} MB, status p99 < {GOAL_P99 * 1e3:.0f} ms "
+    print(f"goals: daemon RSS < {GOAL_RSS_MB} MB, status p99 < {GOAL_P99 * 1e3:.0f} ms "
           "(after the build-up: the first seconds of an attack, while its connections open "
           "and their first requests are read, are reported apart as 'build-up max')")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="5 s per scenario instead of 15 s")
-    args = parser.parse_args()
-    seconds, warmup = (5.0, 2.0) if args.quick else (15.0, 3.0)
+def run(seconds: float, warmup: float, bench: Session) -> list[Figures]:
+    """Each scenario in turn against one daemon with 200 runs."""
     scenarios: list[tuple[str, Attack | None]] = [
         ("baseline (no attacker)", None),
         ("50 non-reading pipeliners of `list`", pipeliners),
@@ -260,22 +217,29 @@ def main() -> None:
         ("2 senders, 60,000 params keys in 60 maps",
          lambda path, stop: big_frames(path, stop, nested=True)),
     ]
-    with tempfile.TemporaryDirectory(prefix="rd-hostile-", dir="/tmp") as name:
-        daemon = core.make_runnerd(Path(name), None).start()
+    rows = []
+    with temp_root() as root:
+        daemon = Runnerd(root).start(20.0)
         try:
             fill(daemon.socket, 200)
-            busy0 = core.machine_busy()
-            began = time.monotonic()
-            rows = []
             for label, attack in scenarios:
+                bench.quiet.wait()
                 rows.append(measure(daemon, label, attack, seconds, warmup))
                 daemon.wait_idle(timeout=60)
-            wall = time.monotonic() - began
-            print(f"runnerd hostile clients, {seconds:.0f} s per scenario; machine busy "
-                  f"{(core.machine_busy() - busy0) / wall:.2f} CPUs on average meanwhile")
-            report(rows)
         finally:
             daemon.stop()
+    bench.stop()
+    return rows
+
+
+def main() -> None:
+    args = arguments(__doc__, "5 s per scenario instead of 15 s").parse_args()
+    bench = session(args)
+    seconds, warmup = (5.0, 2.0) if args.quick else (15.0, 3.0)
+    rows = run(seconds, warmup, bench)
+    bench.header("hostile-client", "quick" if args.quick else "full")
+    print(f"{seconds:.0f} s per scenario, after {warmup:.0f} s of build-up")
+    report(rows)
 
 
 if __name__ == "__main__":

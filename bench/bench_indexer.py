@@ -1,21 +1,18 @@
 """Crash-indexer and failure-query figures: `runnerctl watch` imports, `failures --group-by`.
 
-Starts fresh daemons in a temp folder (the helpers of bench_liveness.py), writes foreign run
-folders, fills the registry with failed runs from long-lived forked clients, times the CLI,
-prints tables and cleans up. Not a test: it asserts nothing, it reports.
+Starts fresh daemons in a temp folder, writes foreign run folders, fills the registry with
+failed runs from long-lived forked clients, times the CLI, prints tables and cleans up.
+Not a test: it asserts nothing, it reports.
 
-    /tmp/venv/bin/python bench/bench_indexer.py [--quick]
+    python bench/bench_indexer.py [--quick]
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
-import signal
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -23,21 +20,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench_liveness import (
-    Daemon,
+from harness import (
+    Quiet,
+    Runnerd,
+    arguments,
     fillers,
-    machine_busy,
-    own_cpu,
-    print_header,
+    median_row,
+    session,
     temp_root,
-    wait_quiet,
+    time_floor,
+    time_request,
+    verdict,
 )
 
-from runnerd_client.connection import Connection
 from runnerd_client.ids import new_key, new_run_id
 from runnerd_client.protocol import Create, Fail, Failures, Request, Start
 
-CTL = [sys.executable, "-m", "runnerd.cli"]
 IMPORTED = re.compile(r"(\d+) run\(s\) imported, (\d+) crash file\(s\) indexed, (\d+) already")
 FOREIGN_KEY = "tracker"
 CLASSES = ("ValueError", "RuntimeError", "KeyError", "IndexError", "TypeError", "OSError",
@@ -97,11 +95,10 @@ def write_folders(base: Path, count: int) -> list[Path]:
     return paths
 
 
-def ctl(daemon: Daemon, *args: str) -> tuple[float, str]:
+def ctl(daemon: Runnerd, *args: str) -> tuple[float, str]:
     """Run runnerctl against `daemon`; return (wall seconds, stdout)."""
     began = time.perf_counter()
-    done = subprocess.run([*CTL, *args], env=daemon.env, capture_output=True, text=True,
-                          cwd=daemon.root, check=False, timeout=1800)
+    done = daemon.runnerctl(*args, timeout=1800)
     seconds = time.perf_counter() - began
     if done.returncode != 0:
         raise RuntimeError(f"runnerctl {' '.join(args)} exited {done.returncode}: "
@@ -120,8 +117,8 @@ class Watch:
     busy_after: float = 0.0
 
 
-def timed_watch(daemon: Daemon, folder: Path, label: str) -> Watch:
-    wait_quiet()
+def timed_watch(daemon: Runnerd, folder: Path, label: str, quiet: Quiet) -> Watch:
+    quiet.wait()
     seconds, out = ctl(daemon, "watch", str(folder))
     found = IMPORTED.search(out)
     imported, _, known = (int(x) for x in found.groups()) if found else (0, 0, 0)
@@ -144,7 +141,7 @@ class ImportStage:
     counts: dict[str, int] = field(default_factory=dict)
 
 
-def stage_import(root: Path, plan: Plan) -> ImportStage:
+def stage_import(root: Path, plan: Plan, quiet: Quiet) -> ImportStage:
     """Write foreign folders, watch them (all new), then unwatch and watch again (all known)."""
     print(f"import: {plan.folders} foreign run folders", file=sys.stderr, flush=True)
     stage = ImportStage(plan.folders)
@@ -152,14 +149,13 @@ def stage_import(root: Path, plan: Plan) -> ImportStage:
     folder = root / "foreign"
     paths = write_folders(folder, plan.folders)
     stage.write_seconds = time.monotonic() - began
-    daemon = Daemon(root / "d")
-    daemon.root.mkdir()
+    daemon = Runnerd(root / "d")
     try:
-        daemon.start()
-        stage.watches.append(timed_watch(daemon, folder, "watch DIR (every folder new)"))
+        daemon.start(60.0)
+        stage.watches.append(timed_watch(daemon, folder, "watch DIR (every folder new)", quiet))
         stage.kept = foreign_kept(paths)
         ctl(daemon, "unwatch", str(folder))
-        stage.watches.append(timed_watch(daemon, folder, "watch DIR again (all known)"))
+        stage.watches.append(timed_watch(daemon, folder, "watch DIR again (all known)", quiet))
         stage.counts = daemon.counts()
     finally:
         daemon.stop()
@@ -181,25 +177,10 @@ def failed_lifecycle(index: int, k: int) -> list[Request]:
                  message=template.format(n=k, m=k % 977 + 1))]
 
 
-def time_command(daemon: Daemon, args: Sequence[str], reps: int) -> list[float]:
+def time_command(daemon: Runnerd, args: Sequence[str], reps: int) -> list[float]:
     """Wall times of a runnerctl command, after one untimed warm-up run."""
     ctl(daemon, *args)
     return [ctl(daemon, *args)[0] for _ in range(reps)]
-
-
-def time_request(daemon: Daemon, req: Request, reps: int) -> list[float]:
-    """Round trips of one request on an open connection: the daemon's share of a command."""
-    conn = Connection(daemon.socket, client="bench_indexer")
-    try:
-        conn.call(req, timeout=300)
-        times = []
-        for _ in range(reps):
-            began = time.perf_counter()
-            conn.call(req, timeout=300)
-            times.append(time.perf_counter() - began)
-    finally:
-        conn.close()
-    return times
 
 
 COMMANDS: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -227,14 +208,13 @@ class FailureStage:
     timings: list[tuple[str, list[float]]] = field(default_factory=list)
 
 
-def stage_failures(root: Path, plan: Plan) -> FailureStage:
+def stage_failures(root: Path, plan: Plan, quiet: Quiet) -> FailureStage:
     """Fill `plan.failures` failed runs, then time the failure queries."""
     print(f"failures: filling {plan.failures} failed runs", file=sys.stderr, flush=True)
     stage = FailureStage(plan.failures)
-    daemon = Daemon(root / "f")
-    daemon.root.mkdir()
+    daemon = Runnerd(root / "f")
     try:
-        daemon.start()
+        daemon.start(60.0)
         with fillers(daemon.socket, plan.failures, plan.fill_procs, plan.fill_window,
                      failed_lifecycle) as (seconds, errors, _):
             stage.fill_seconds, stage.fill_errors = seconds, errors
@@ -242,34 +222,18 @@ def stage_failures(root: Path, plan: Plan) -> FailureStage:
         groups = json.loads(ctl(daemon, *COMMANDS[0][1])[1])
         stage.groups, stage.grouped = len(groups), sum(g["count"] for g in groups)
         print("timing the failure queries", file=sys.stderr, flush=True)
-        wait_quiet()
+        quiet.wait()
         stage.timings += [(label, time_command(daemon, args, plan.reps))
                           for label, args in COMMANDS]
-        stage.timings.append(("  floor: python -c 'import runnerd.cli'", time_floor(plan.reps)))
-        stage.timings += [(label, time_request(daemon, req, plan.reps))
+        stage.timings.append(time_floor(plan.reps))
+        stage.timings += [(label, time_request(daemon.socket, req, plan.reps))
                           for label, req in REQUESTS]
     finally:
         daemon.stop()
     return stage
 
 
-def time_floor(reps: int) -> list[float]:
-    """Interpreter start-up plus the CLI's imports: what any runnerctl command costs."""
-    argv = [sys.executable, "-c", "import runnerd.cli"]
-    subprocess.run(argv, check=True)
-    times = []
-    for _ in range(reps):
-        began = time.perf_counter()
-        subprocess.run(argv, check=True)
-        times.append(time.perf_counter() - began)
-    return times
-
-
 # --- output -----------------------------------------------------------------------
-
-
-def _verdict(ok: bool) -> str:
-    return "PASS" if ok else "FAIL"
 
 
 def print_import(stage: ImportStage) -> None:
@@ -285,7 +249,7 @@ def print_import(stage: ImportStage) -> None:
           f"{kept} of {sample} sampled")
     print("registry after: " + ", ".join(f"{n} {s}" for s, n in sorted(stage.counts.items())))
     rate = stage.folders / stage.watches[0].seconds if stage.watches else 0.0
-    print(f"target: import >= 1000 folders/s: {rate:.0f} {_verdict(rate >= 1000)}")
+    print(f"target: import >= 1000 folders/s: {rate:.0f} {verdict(rate >= 1000)}")
 
 
 def print_failures(stage: FailureStage) -> None:
@@ -297,49 +261,26 @@ def print_failures(stage: FailureStage) -> None:
           f"holding {stage.grouped} records")
     print(f"{'command':<48} {'median ms':>9} {'max ms':>7}")
     for label, times in stage.timings:
-        print(f"{label:<48} {statistics.median(times) * 1e3:>9.1f} {max(times) * 1e3:>7.1f}")
+        print(median_row(label, times, 48))
     grouped = next((t for label, t in stage.timings if "signature --json" in label), None)
     if grouped:
         median = statistics.median(grouped)
         print(f"target: failures --group-by signature < 1 s: median {median * 1e3:.0f} ms "
-              f"{_verdict(median < 1.0)}")
+              f"{verdict(median < 1.0)}")
 
 
-@dataclass
-class Report:
-    imports: ImportStage | None = None
-    failures: FailureStage | None = None
-    wall_seconds: float = 0.0
-    foreign_cpu: float = 0.0
-
-
-# --- main -------------------------------------------------------------------------
-
-
-def run(plan: Plan) -> Report:
-    report = Report()
-    busy0, own0, began = machine_busy(), own_cpu(), time.monotonic()
+def main() -> None:
+    args = arguments(__doc__, "1,000 folders and 10,000 failure records (< 60 s)").parse_args()
+    bench = session(args)
+    plan = QUICK if args.quick else FULL
     with temp_root() as root:
-        os.environ.update(Daemon(root / "f").env)  # forked clients' spools and run folders
-        report.imports = stage_import(root, plan)
-        report.failures = stage_failures(root, plan)
-    report.wall_seconds = time.monotonic() - began
-    report.foreign_cpu = (machine_busy() - busy0) - (own_cpu() - own0)
-    return report
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="1,000 folders and 10,000 failure records (< 60 s)")
-    args = parser.parse_args(argv)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    report = run(QUICK if args.quick else FULL)
-    print_header(report, "quick" if args.quick else "full", "indexer")
-    if report.imports is not None:
-        print_import(report.imports)
-    if report.failures is not None:
-        print_failures(report.failures)
+        os.environ.update(Runnerd(root / "f").env)  # forked clients' spools and run folders
+        imports = stage_import(root, plan, bench.quiet)
+        failures = stage_failures(root, plan, bench.quiet)
+    bench.stop()
+    bench.header("indexer", "quick" if args.quick else "full")
+    print_import(imports)
+    print_failures(failures)
 
 
 if __name__ == "__main__":

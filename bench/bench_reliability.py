@@ -1,8 +1,8 @@
 """Reliability figures for runnerd: events acknowledged vs found under each fault, what a
 frozen or missing daemon costs an experiment, and what the spool's fsync costs an event.
 
-Runs tests/chaos.py's harness with every fault at a moderate size (its own daemon in a temp
-folder). Then one fresh daemon (bench_core's helpers, `spool_sweep_interval = 1`) and client
+Runs tests/chaos.py with every fault at a moderate size (its own daemon in a temp folder).
+Then one fresh daemon in a temp folder (`spool_sweep_interval = 1`) and client
 processes that each run 1,000 steps of 1 ms of CPU work with a heartbeat after each step and
 a succeed (a `with rd.run()` block), timed in the client: with no runnerd call at all, with
 the live daemon, with no daemon, with the daemon SIGSTOPped once the run has started, and
@@ -17,7 +17,6 @@ Prints tables and cleans up. Not a test: it reports.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -28,26 +27,21 @@ import sys
 import tempfile
 import textwrap
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import wait
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-import bench_core as core  # noqa: E402
-from bench_liveness import _verdict, print_header  # noqa: E402
-from chaos import Plan as ChaosPlan  # noqa: E402
-from chaos import Report as ChaosReport  # noqa: E402
-from chaos import print_report, run_chaos  # noqa: E402
+from harness import Runnerd, arguments, session, temp_root, verdict
 
-from runnerd_client.connection import Connection  # noqa: E402
-from runnerd_client.ids import new_run_id  # noqa: E402
-from runnerd_client.protocol import Get, Heartbeat, RunnerdError  # noqa: E402
-from runnerd_client.reporter import ACK_WAIT, Reporter  # noqa: E402
-from runnerd_client.spool import Spool  # noqa: E402
+from runnerd_client.connection import Connection
+from runnerd_client.ids import new_run_id
+from runnerd_client.protocol import Get, Heartbeat, RunnerdError
+from runnerd_client.reporter import ACK_WAIT, Reporter
+from runnerd_client.spool import Spool
+
+CHAOS = Path(__file__).resolve().parent.parent / "tests" / "chaos.py"
 
 GOAL_OVERHEAD, GOAL_FROZEN_END = 1.0, 5.0
 BARE, FROZEN = "no runnerd call (own work only)", "daemon SIGSTOPped after start"
@@ -90,7 +84,7 @@ EXPERIMENT = textwrap.dedent("""
 class Plan:
     """How much work each stage does."""
 
-    chaos: ChaosPlan
+    chaos: tuple[str, ...]  # tests/chaos.py's options
     repeat: int  # client runs per situation (median kept)
     steps: int = 1_000
     step: float = 0.001
@@ -98,10 +92,11 @@ class Plan:
     sync_each: int = 500  # events appended with an fdatasync each
 
 
-FULL = Plan(ChaosPlan(clients=16, runs=3, beats=20, daemon_kills=5, client_kills=4, stops=2,
-                      freezes=2, seed=16), repeat=3)
-QUICK = Plan(ChaosPlan(clients=4, runs=2, beats=10, daemon_kills=2, client_kills=2, stops=1,
-                       freezes=1, seed=16), repeat=1, spooled=500, sync_each=100)
+FULL = Plan(("--clients", "16", "--runs", "3", "--beats", "20", "--daemon-kills", "5",
+             "--client-kills", "4", "--stops", "2", "--freezes", "2", "--seed", "16"), repeat=3)
+QUICK = Plan(("--clients", "4", "--runs", "2", "--beats", "10", "--daemon-kills", "2",
+              "--client-kills", "2", "--stops", "1", "--freezes", "1", "--seed", "16"),
+             repeat=1, spooled=500, sync_each=100)
 
 
 @dataclass
@@ -122,21 +117,26 @@ class Timing:
 
 @dataclass
 class Report:
-    chaos: ChaosReport | None = None
+    chaos: subprocess.CompletedProcess[str] | None = None
     clients: list[tuple[str, list[Timing]]] = field(default_factory=list)
     spool: list[tuple[str, str, int, float]] = field(default_factory=list)
-    wall_seconds: float = 0.0
-    foreign_cpu: float = 0.0
+
+
+def stage_chaos(plan: Plan, report: Report) -> None:
+    """tests/chaos.py, every fault in turn on a daemon of its own; it exits 0 if clean."""
+    print("chaos: every fault", file=sys.stderr, flush=True)
+    report.chaos = subprocess.run([sys.executable, str(CHAOS), *plan.chaos],
+                                  capture_output=True, text=True)
 
 
 # --- client overhead ---------------------------------------------------------------------
 
 
-def start_daemon(root: Path) -> core.Server:
-    config = root / "config" / "runnerd" / "config.toml"
-    config.parent.mkdir(parents=True)
-    config.write_text("spool_sweep_interval = 1\n")
-    return core.make_runnerd(root, None).start()
+def start_daemon(root: Path) -> Runnerd:
+    daemon = Runnerd(root)
+    daemon.config.parent.mkdir(parents=True)
+    daemon.config.write_text("spool_sweep_interval = 1\n")
+    return daemon.start(20.0)
 
 
 def client(env: dict[str, str], plan: Plan, bare: bool,
@@ -181,8 +181,9 @@ def timing(out: dict[str, Any], plan: Plan) -> Timing:
 
 def stage_clients(plan: Plan, root: Path, report: Report) -> None:
     daemon = start_daemon(root / "live")
+    live = daemon.env
     (root / "none").mkdir(mode=0o700)
-    nowhere = core.runnerd_env(root / "none")
+    nowhere = Runnerd(root / "none").env
     shm = Path(tempfile.mkdtemp(prefix="rdb-", dir="/dev/shm"))
     nowhere_shm = {**nowhere, "RUNNERD_DB": str(shm / "state" / "reg.db")}
 
@@ -197,11 +198,11 @@ def stage_clients(plan: Plan, root: Path, report: Report) -> None:
 
     try:
         for label, env, bare, after_start in (
-                (BARE, daemon.env, True, nothing),
-                ("live daemon", daemon.env, False, nothing),
+                (BARE, live, True, nothing),
+                ("live daemon", live, False, nothing),
                 ("no daemon (socket absent)", nowhere, False, nothing),
                 ("no daemon, spool on tmpfs", nowhere_shm, False, nothing),
-                (FROZEN, daemon.env, False, freeze)):
+                (FROZEN, live, False, freeze)):
             runs = []
             for _ in range(plan.repeat):
                 try:
@@ -209,14 +210,14 @@ def stage_clients(plan: Plan, root: Path, report: Report) -> None:
                 finally:
                     thaw()
                 runs.append(timing(out, plan))
-                if not bare and env is daemon.env:
+                if not bare and env is live:
                     runs[-1].landed = landed(daemon.socket, out["run_id"], plan.steps)
             report.clients.append((label, runs))
         runs = []
         for _ in range(plan.repeat):
             freeze()
             try:
-                out = client(daemon.env, plan, False)
+                out = client(live, plan, False)
             finally:
                 thaw()
             runs.append(timing(out, plan))
@@ -291,9 +292,9 @@ def print_clients(plan: Plan, report: Report) -> None:
     if FROZEN in medians:
         total = medians[FROZEN].overhead
         print(f"target: overhead with the daemon frozen mid-run < {GOAL_OVERHEAD:.0f} s: "
-              f"{total - base:.2f} s {_verdict(total - base < GOAL_OVERHEAD)}; ends within "
+              f"{total - base:.2f} s {verdict(total - base < GOAL_OVERHEAD)}; ends within "
               f"{GOAL_FROZEN_END:.0f} s of its own work: {total:.2f} s "
-              f"{_verdict(total < GOAL_FROZEN_END)}")
+              f"{verdict(total < GOAL_FROZEN_END)}")
     print("(seconds; create+start: before the block's body; body: the steps, heartbeats and "
           "succeed; own: the steps' nominal CPU work; at exit: runnerd_client's at-exit "
           "handlers; total-own: create+start + body-own + at exit; overhead: total-own less "
@@ -307,39 +308,26 @@ def print_spool(report: Report) -> None:
         print(f"{disk:<34} {label:<40} {count:>6} {seconds * 1e6:>9.1f}")
 
 
-@contextmanager
-def measured(report: Report) -> Iterator[None]:
-    busy0, own0, began = core.machine_busy(), core.own_cpu(), time.monotonic()
-    try:
-        yield
-    finally:
-        report.wall_seconds = time.monotonic() - began
-        report.foreign_cpu = (core.machine_busy() - busy0) - (core.own_cpu() - own0)
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="4 clients per fault, one client run per situation (~2 min)")
+    parser = arguments(__doc__, "4 clients per fault, one client run per situation (~2 min)")
     parser.add_argument("--skip-chaos", action="store_true", help="only the client stages")
     args = parser.parse_args()
+    bench = session(args)
     plan = QUICK if args.quick else FULL
     report = Report()
-    with measured(report), core.temp_root() as root:
+    with temp_root() as root:
         if not args.skip_chaos:
-            (root / "chaos").mkdir()
-            report.chaos = run_chaos(root / "chaos", plan.chaos)
+            stage_chaos(plan, report)
         stage_clients(plan, root, report)
         stage_spool(plan, root, report)
-    print_header(report, "quick" if args.quick else "full", "reliability")
+    bench.stop()
+    bench.header("reliability", "quick" if args.quick else "full")
     if report.chaos is not None:
-        c = report.chaos.plan
-        print(f"\nEvents acknowledged vs found, per fault (tests/chaos.py: {c.clients} clients "
-              f"x {c.runs} runs, ACK_WAIT {c.ack_wait} s, seed {c.seed}; "
-              f"{report.chaos.seconds:.0f} s)")
-        print_report(report.chaos)
+        print(f"\nEvents acknowledged vs found, per fault (python tests/chaos.py "
+              f"{' '.join(plan.chaos)}):")
+        print(report.chaos.stdout.rstrip() or report.chaos.stderr[-3000:])
         print(f"target: every acknowledged event found once: "
-              f"{_verdict(report.chaos.clean)}")
+              f"{verdict(report.chaos.returncode == 0)}")
     print_clients(plan, report)
     print_spool(report)
 

@@ -1,7 +1,7 @@
 """Resource-sampling figures for runnerd: the sampler's CPU with many attached processes,
 and the time from an OOM kill to the run's `failed_crash` with category `oom`.
 
-Starts one daemon in a temp folder (the helpers of bench_liveness.py). Forks small client
+Starts one daemon in a temp folder. Forks small client
 processes that each create and start a run (so each is an attached pid) and then sleep,
 and measures the daemon's CPU with 0 and N of them, sampling every 5 s (the default) and
 every 1 s (config.toml). Times the sampler's steps in this process against the same pids.
@@ -9,12 +9,11 @@ Then runs `runnerctl exec --memory 100M` on a command that allocates until the k
 it, and times the kill until `get` shows `failed_crash`/`oom`. Prints tables, cleans up.
 Not a test: it asserts nothing, it reports.
 
-    /tmp/venv/bin/python bench/bench_resources.py [--quick]
+    python bench/bench_resources.py [--quick]
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import ctypes
 import os
@@ -24,22 +23,25 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from bench_liveness import (
+from harness import (
     FORK,
-    Daemon,
+    RUNNERCTL,
     Idle,
-    _pct,
-    _verdict,
+    Quiet,
+    Runnerd,
+    arguments,
+    epoch,
     machine_busy,
-    own_cpu,
+    pct,
     sample_idle,
+    session,
     temp_root,
+    verdict,
 )
 
 from runnerd import resources
@@ -47,8 +49,6 @@ from runnerd_client.connection import Connection
 from runnerd_client.ids import new_key, new_run_id
 from runnerd_client.protocol import Create, Get, ListRuns, Start
 
-CTL = [sys.executable, "-m", "runnerd.cli"]
-OTHERS = "bench_core|bench_liveness|bench_indexer|bench_events|fuzz.py|pytest"
 EXPERIMENT = "bench-resources"
 PR_SET_PDEATHSIG = 1
 HOG = ("import time\nheld = []\nwhile True:\n    held.append(b'x' * (1 << 20))\n"
@@ -71,31 +71,6 @@ class Plan:
 
 FULL = Plan(procs=1000, window=30.0, baseline=30.0, ooms=10)
 QUICK = Plan(procs=200, window=10.0, baseline=5.0, ooms=3, fast_window=5.0)
-
-
-# --- machine etiquette -------------------------------------------------------------
-
-
-@dataclass
-class Quiet:
-    """Waits until `pgrep -f OTHERS` finds nothing (never touching what it finds)."""
-
-    seen: set[str] = field(default_factory=set)
-    waited: float = 0.0
-
-    def wait(self, poll: float = 3.0) -> None:
-        began = time.monotonic()
-        while True:
-            found = subprocess.run(["pgrep", "-af", OTHERS], capture_output=True,
-                                   text=True).stdout.splitlines()
-            if not found:
-                break
-            if not self.seen:
-                print(f"waiting for: {found[0].split(' ', 1)[-1][:80]}", file=sys.stderr,
-                      flush=True)
-            self.seen.update(line.split(" ", 1)[-1][:60] for line in found)
-            time.sleep(poll)
-        self.waited += time.monotonic() - began
 
 
 def die_with_parent(parent: int) -> None:
@@ -236,8 +211,8 @@ class Steps:
     procs_in_proc: int
     process_table: float
     descendants: float
-    limits: float
-    measure: float
+    first_round: float
+    later_round: float
 
 
 def _median_ms(fn: Callable[[], object], reps: int = 5) -> float:
@@ -251,33 +226,39 @@ def _median_ms(fn: Callable[[], object], reps: int = 5) -> float:
 
 
 def time_steps(attached: dict[str, int]) -> Steps:
-    """What one sampling round costs, step by step (runnerd.resources, single-threaded)."""
-    runs = {run_id: {pid} for run_id, pid in attached.items()}
+    """What one sampling round costs, step by step (runnerd.resources, single-threaded): a
+    group per run, each sampled with a fresh cgroup cache (a first round) or a warm one."""
     table = resources.process_table()
+    children = resources.children_of(table)
+    groups = [resources.Group(frozenset({pid})) for pid in attached.values()]
+    warm = resources.Cgroups()
 
     def descendants() -> None:
-        for roots in runs.values():
-            resources.with_descendants(roots, table)
+        found = resources.children_of(table)
+        for group in groups:
+            resources.with_descendants(group.roots, table, found)
 
-    def limits() -> None:
-        for pid in attached.values():
-            resources.Usage().learn_limits({pid})
+    def sample(cgroups: Callable[[], resources.Cgroups]) -> Callable[[], None]:
+        def round_() -> None:
+            cache, now = cgroups(), time.time()
+            for group in groups:
+                group.sample(table, children, cache, now)
+        return round_
 
+    sample(lambda: warm)()
+    sample(lambda: warm)()  # a process seen for the first time is read twice
     return Steps(len(table), _median_ms(resources.process_table), _median_ms(descendants),
-                 _median_ms(limits), _median_ms(lambda: resources.measure(runs, {}, 0.9)))
+                 _median_ms(sample(resources.Cgroups)), _median_ms(sample(lambda: warm)))
 
 
-def running_runs(daemon: Daemon) -> list[dict[str, Any]]:
-    conn = Connection(daemon.socket, client="bench_resources")
-    try:
+def running_runs(daemon: Runnerd) -> list[dict[str, Any]]:
+    with daemon.connect() as conn:
         runs: list[dict[str, Any]] = conn.call(ListRuns(state="running", limit=10_000),
                                                timeout=120)["runs"]
         return runs
-    finally:
-        conn.close()
 
 
-def wait_sampled(daemon: Daemon, want: int, timeout: float = 120.0) -> None:
+def wait_sampled(daemon: Runnerd, want: int, timeout: float = 120.0) -> None:
     """Until `want` runs are running and every one of them has a resource sample."""
     deadline = time.monotonic() + timeout
     while True:
@@ -290,7 +271,7 @@ def wait_sampled(daemon: Daemon, want: int, timeout: float = 120.0) -> None:
         time.sleep(0.5)
 
 
-def wait_none_running(daemon: Daemon, timeout: float = 300.0) -> None:
+def wait_none_running(daemon: Runnerd, timeout: float = 300.0) -> None:
     deadline = time.monotonic() + timeout
     while daemon.counts().get("running", 0):
         if time.monotonic() > deadline:
@@ -298,7 +279,7 @@ def wait_none_running(daemon: Daemon, timeout: float = 300.0) -> None:
         time.sleep(0.2)
 
 
-def window(daemon: Daemon, quiet: Quiet, interval: float, attached: int,
+def window(daemon: Runnerd, quiet: Quiet, interval: float, attached: int,
            seconds: float) -> Window:
     """Let the daemon settle, wait for other load to go, then time it for `seconds`."""
     daemon.wait_idle(timeout=20.0)
@@ -307,7 +288,7 @@ def window(daemon: Daemon, quiet: Quiet, interval: float, attached: int,
           file=sys.stderr, flush=True)
     busy0, mine0, daemon0, t0 = machine_busy(), _self_cpu(), daemon.cpu(), time.monotonic()
     tasks = _tasks(daemon.pid)
-    idle = sample_idle(daemon, seconds, attached)
+    idle = sample_idle(daemon.pid, seconds, attached)
     others = (machine_busy() - busy0) - (_self_cpu() - mine0) - (daemon.cpu() - daemon0)
     share = max(0.0, others) / ((time.monotonic() - t0) * (os.cpu_count() or 1)) * 100
     return Window(interval, attached, idle, seconds, share, bool(tasks - _tasks(daemon.pid)))
@@ -322,11 +303,10 @@ def _self_cpu() -> float:
     return t.user + t.system
 
 
-def set_interval(daemon: Daemon, interval: float) -> None:
+def set_interval(daemon: Runnerd, interval: float) -> None:
     """Write `sample_interval` into the daemon's config.toml (read when it starts)."""
-    path = daemon.root / "cfg" / "runnerd" / "config.toml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(f"sample_interval = {interval:g}\n")
+    daemon.config.parent.mkdir(parents=True, exist_ok=True)
+    daemon.config.write_text(f"sample_interval = {interval:g}\n")
 
 
 @dataclass
@@ -337,7 +317,7 @@ class Sampling:
     restart_seconds: float = 0.0
 
 
-def stage_sampling(daemon: Daemon, plan: Plan, quiet: Quiet) -> Sampling:
+def stage_sampling(daemon: Runnerd, plan: Plan, quiet: Quiet) -> Sampling:
     """0 and N attached at the default interval; restart at 1 s; N and 0 again."""
     out = Sampling()
     fast = plan.fast_window or plan.window
@@ -351,7 +331,7 @@ def stage_sampling(daemon: Daemon, plan: Plan, quiet: Quiet) -> Sampling:
         out.steps = time_steps(attached)
         daemon.stop()
         set_interval(daemon, 1.0)
-        out.restart_seconds = daemon.start()
+        out.restart_seconds = daemon.timed_start()
         time.sleep(1.5)  # the restarted daemon re-watches every pid; let it sample once
         wait_sampled(daemon, plan.procs)
         out.windows.append(window(daemon, quiet, 1.0, len(attached), fast))
@@ -403,13 +383,9 @@ def run_id_of(pid: int) -> str | None:
     return found[0].decode() if found else None
 
 
-def _epoch(iso: str) -> float:
-    return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
-
-
-def one_oom(daemon: Daemon, conn: Connection, memory: str, poll: float = 0.0005) -> Oom | str:
+def one_oom(daemon: Runnerd, conn: Connection, memory: str, poll: float = 0.0005) -> Oom | str:
     """Launch one hog under `runnerctl exec --memory`; the figures, or why there are none."""
-    proc = subprocess.Popen([*CTL, "exec", "--experiment", "bench-oom", "--memory", memory,
+    proc = subprocess.Popen([*RUNNERCTL, "exec", "--experiment", "bench-oom", "--memory", memory,
                              "--", sys.executable, "-c", HOG], env=daemon.env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
@@ -439,7 +415,7 @@ def one_oom(daemon: Daemon, conn: Connection, memory: str, poll: float = 0.0005)
         proc.communicate(timeout=60)
         failure = run["failure"] or {}
         return Oom(proc.returncode, seen - dead, exited - dead,
-                   _epoch(failure["at"]) - dead_wall if failure.get("at") else float("nan"),
+                   epoch(failure["at"]) - dead_wall if failure.get("at") else float("nan"),
                    str(failure.get("failure_class")), failure.get("category"),
                    str(failure.get("message")))
     finally:
@@ -454,12 +430,11 @@ class Ooms:
     problems: list[str] = field(default_factory=list)
 
 
-def stage_oom(daemon: Daemon, plan: Plan, quiet: Quiet) -> Ooms:
+def stage_oom(daemon: Runnerd, plan: Plan, quiet: Quiet) -> Ooms:
     """`plan.ooms` OOM kills, one at a time; stops at the first launch that cannot run."""
     out = Ooms()
     print(f"OOM kills: {plan.ooms} x exec --memory {plan.memory}", file=sys.stderr, flush=True)
-    conn = Connection(daemon.socket, client="bench_resources")
-    try:
+    with daemon.connect() as conn:
         for _ in range(plan.ooms):
             quiet.wait()
             got = one_oom(daemon, conn, plan.memory)
@@ -467,23 +442,10 @@ def stage_oom(daemon: Daemon, plan: Plan, quiet: Quiet) -> Ooms:
                 out.problems.append(got)
                 break
             out.kills.append(got)
-    finally:
-        conn.close()
     return out
 
 
 # --- output -----------------------------------------------------------------------
-
-
-def print_header(wall: float, foreign: float, quiet: Quiet, mode: str) -> None:
-    cpus = os.cpu_count() or 1
-    share = foreign / (wall * cpus)
-    print(f"runnerd resources benchmark, {mode} mode: {wall:.0f} s on {cpus} CPUs")
-    print(f"other processes used {foreign:.0f} CPU-s meanwhile ({share:.0%} of the machine)"
-          + ("  <- figures are noisy" if share > 0.05 else ""))
-    if quiet.seen:
-        print(f"waited {quiet.waited:.0f} s for other load before timed stages: "
-              + "; ".join(sorted(quiet.seen)[:4]))
 
 
 def print_sampling(s: Sampling, plan: Plan) -> None:
@@ -506,14 +468,16 @@ def print_sampling(s: Sampling, plan: Plan) -> None:
         st = s.steps
         print(f"\nOne round's steps run in this process ({plan.procs} runs of 1 pid, "
               f"{st.procs_in_proc} processes in /proc; median CPU ms of 5)")
-        print(f"  process_table (read every /proc/PID/stat)   {st.process_table:8.1f}")
-        print(f"  with_descendants(roots, table), per run     {st.descendants:8.1f}")
-        print(f"  learn_limits (cgroup + meminfo), per run    {st.limits:8.1f}")
-        print(f"  measure() in all                            {st.measure:8.1f}")
+        for label, ms in (("process_table (read every /proc/PID/stat)", st.process_table),
+                          ("children_of, then with_descendants of every run", st.descendants),
+                          ("Group.sample of every run, cgroups read (a first round)",
+                           st.first_round),
+                          ("Group.sample of every run, cgroups cached", st.later_round)):
+            print(f"  {label:<56} {ms:8.1f}")
     default = next((w for w in s.windows if w.interval == 5.0 and w.attached), None)
     if default is not None:
         print(f"target: < 2% of a core sampling {default.attached} processes every 5 s: "
-              f"{default.idle.cpu_pct:.2f}% {_verdict(default.idle.cpu_pct < 2.0)}")
+              f"{default.idle.cpu_pct:.2f}% {verdict(default.idle.cpu_pct < 2.0)}")
 
 
 def print_ooms(o: Ooms, plan: Plan) -> None:
@@ -528,7 +492,7 @@ def print_ooms(o: Ooms, plan: Plan) -> None:
                            [k.to_seen for k in o.kills]),
                           ("runnerctl exec exiting", [k.to_exit for k in o.kills]),
                           ("the failure's `at` (wall clock, ms)", [k.to_at for k in o.kills])):
-        print(f"{label:<48} {_pct(values, 0.5) * 1e3:>7.1f} {max(values) * 1e3:>7.1f}")
+        print(f"{label:<48} {pct(values, 0.5) * 1e3:>7.1f} {max(values) * 1e3:>7.1f}")
     rcs = sorted({k.rc for k in o.kills})
     kinds = sorted({f"{k.failure_class}/{k.category}" for k in o.kills})
     print(f"exit codes: {rcs}; failures: {', '.join(kinds)}")
@@ -538,56 +502,30 @@ def print_ooms(o: Ooms, plan: Plan) -> None:
 # --- main -------------------------------------------------------------------------
 
 
-@dataclass
-class Report:
-    sampling: Sampling | None = None
-    ooms: Ooms | None = None
-    wall: float = 0.0
-    foreign: float = 0.0
-
-
-def run(plan: Plan, quiet: Quiet) -> Report:
-    """Both stages on one daemon (restarted once); everything is stopped and removed."""
-    report = Report()
-    busy0, own0, began = machine_busy(), own_cpu(), time.monotonic()
-    with temp_root() as root:
-        daemon = Daemon(root)
-        try:
-            quiet.wait()
-            daemon.start()
-            report.ooms = stage_oom(daemon, plan, quiet)
-            report.sampling = stage_sampling(daemon, plan, quiet)
-        finally:
-            daemon.stop()
-    report.wall = time.monotonic() - began
-    report.foreign = (machine_busy() - busy0) - (own_cpu() - own0)
-    return report
-
-
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="200 processes, shorter windows, 3 OOM kills (< 60 s)")
+def main() -> None:
+    parser = arguments(__doc__, "200 processes, shorter windows, 3 OOM kills (< 60 s)")
     parser.add_argument("--procs", type=int, help="override the number of attached processes")
     parser.add_argument("--ooms", type=int, help="override the number of OOM kills")
-    return parser.parse_args(argv)
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    args = parse_args(argv)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    args = parser.parse_args()
+    bench = session(args)
     plan = QUICK if args.quick else FULL
     if args.procs:
         plan = replace(plan, procs=args.procs)
     if args.ooms is not None:
         plan = replace(plan, ooms=args.ooms)
-    quiet = Quiet()
-    report = run(plan, quiet)
-    print_header(report.wall, report.foreign, quiet, "quick" if args.quick else "full")
-    if report.sampling is not None:
-        print_sampling(report.sampling, plan)
-    if report.ooms is not None:
-        print_ooms(report.ooms, plan)
+    with temp_root() as root:
+        daemon = Runnerd(root)
+        try:
+            bench.quiet.wait()
+            daemon.start(60.0)
+            ooms = stage_oom(daemon, plan, bench.quiet)
+            sampling = stage_sampling(daemon, plan, bench.quiet)
+        finally:
+            daemon.stop()
+    bench.stop()
+    bench.header("resources", "quick" if args.quick else "full")
+    print_sampling(sampling, plan)
+    print_ooms(ooms, plan)
 
 
 if __name__ == "__main__":

@@ -1,43 +1,43 @@
 """Sweep figures for runnerd: what `runnerctl sweep run` adds per cell, and planning a resume.
 
-Starts a fresh daemon in a temp folder (bench_core's helpers), times `runnerctl sweep run
---jobs 2` over N cells of `true` beside `xargs -P 2` running the same N `true` commands, then
-makes a 100,000-cell sweep (SweepCreate over the protocol; half its cells marked succeeded
-and a quarter failed with sqlite3 while the daemon is stopped) and times, on the restarted
+Starts a fresh daemon in a temp folder, times `runnerctl sweep run --jobs 2` over N cells of
+`true` beside `xargs -P 2` running the same N `true` commands, then makes a 100,000-cell
+sweep (SweepCreate over the protocol; half its cells marked succeeded and a quarter failed
+through the registry's Store while the daemon is stopped) and times, on the restarted
 daemon, what `sweep resume` does before its first cell. Prints tables and cleans up.
 Not a test: it asserts nothing, it reports.
 
-    /tmp/venv/bin/python bench/bench_sweeps.py [--quick] [--cells N] [--big N]
+    python bench/bench_sweeps.py [--quick] [--cells N] [--big N]
 """
 
 from __future__ import annotations
 
-import argparse
+import json
 import resource
-import signal
-import sqlite3
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
 
-from bench_core import (
-    Server,
-    machine_busy,
-    make_runnerd,
-    own_cpu,
-    runnerctl_argv,
+from harness import (
+    RUNNERCTL,
+    Quiet,
+    Runnerd,
+    Session,
+    arguments,
+    registry,
+    session,
     temp_root,
     time_command,
+    time_floor,
+    verdict,
 )
-from bench_events import Quiet
-from bench_liveness import _insert, _verdict, print_header
 
 from runnerd.driver import with_latest
+from runnerd.registry import NewRun, RunUpdate
 from runnerd.states import failure_record
 from runnerd_client.connection import Connection
 from runnerd_client.ids import new_key, new_run_id
@@ -45,6 +45,7 @@ from runnerd_client.protocol import (
     Create,
     Heartbeat,
     Start,
+    State,
     Succeed,
     SweepCreate,
     SweepEnd,
@@ -115,10 +116,10 @@ def time_xargs(count: int) -> tuple[float, float]:
     return time.perf_counter() - began, child_cpu() - cpu0
 
 
-def stage_sweep_run(plan: Plan, runnerd: Server, root: Path, quiet: Quiet) -> SweepRun:
+def stage_sweep_run(plan: Plan, runnerd: Runnerd, root: Path, quiet: Quiet) -> SweepRun:
     """`sweep run --jobs 2` of `true` over plan.cells cells, and xargs, each plan.repeat times."""
     res = SweepRun(plan.cells)
-    argv = [*runnerctl_argv(), "sweep", "run", "--experiment", EXPERIMENT,
+    argv = [*RUNNERCTL, "sweep", "run", "--experiment", EXPERIMENT,
             *grid_args(plan.cells, root), "--jobs", "2",
             "--failure-policy", "continue_on_failure", "--", "true"]
     for n in range(plan.repeat):
@@ -152,7 +153,7 @@ class Resume:
     sweep_id: str = ""
     create: float = 0.0  # SweepCreate round trip
     end: float = 0.0  # SweepEnd round trip (it waits for manifest.json)
-    build: float = 0.0  # sqlite3 marking, daemon stopped
+    build: float = 0.0  # marking through the Store, daemon stopped
     restart: float = 0.0
     summary: dict[str, int] = field(default_factory=dict)
     planned: int = 0
@@ -162,10 +163,12 @@ class Resume:
 
 
 def create_sweep(sock: Path, count: int, res: Resume) -> None:
-    """A sweep of `count` cells of `true`, made and ended (failed) over the protocol."""
+    """A sweep of `count` cells of `true` (rounded up to a hundred: a grid of i x j, j < 100,
+    since a request holds at most 10,000 list items), made and ended (failed) over the
+    protocol."""
     res.sweep_id = new_run_id()
     spec = {"kind": "command", "command": ["true"], "cwd": "/tmp",
-            "grid": {"i": list(range(count))}}
+            "grid": {"i": list(range(-(-count // 100))), "j": list(range(100))}}
     conn = Connection(sock, client="bench_sweeps")
     try:
         began = time.perf_counter()
@@ -178,45 +181,36 @@ def create_sweep(sock: Path, count: int, res: Resume) -> None:
         conn.close()
 
 
-def cell_state(idx: int) -> str | None:
+def cell_state(idx: int) -> State | None:
     """Even cells succeeded, cells 1 mod 4 failed, cells 3 mod 4 never attempted."""
-    return "succeeded" if idx % 2 == 0 else "failed_crash" if idx % 4 == 1 else None
+    return State.SUCCEEDED if idx % 2 == 0 else State.FAILED_CRASH if idx % 4 == 1 else None
 
 
-def attempted_cells(db: sqlite3.Connection, sweep_id: str) -> Iterator[dict[str, Any]]:
-    """A runs row for each attempted cell, made from the cell's own params and variation."""
-    now = time.time()
-    for idx, params, var in db.execute(
-            "SELECT idx, params, variation FROM sweep_cells WHERE sweep_id = ?", (sweep_id,)):
-        state = cell_state(idx)
-        if state is None:
-            continue
-        at = now - 3600 + idx * 0.01
-        yield {"run_id": new_run_id(now=at), "experiment": "bench-big", "variation": var,
-               "attempt": 1, "state": state, "params": params, "tags": "{}", "cwd": "/tmp",
-               "host": "bench", "created_at": at, "started_at": at, "ended_at": at + 0.005,
-               "last_heartbeat_at": at, "sweep_id": sweep_id, "cell": idx}
-
-
-def mark_cells(db_path: Path, sweep_id: str) -> float:
-    """With the daemon stopped: runs (and failures) for the attempted cells, linked to them."""
-    began = time.monotonic()
-    db = sqlite3.connect(db_path, isolation_level=None)
-    try:
-        db.execute("BEGIN")
-        rows = list(attempted_cells(db, sweep_id))
-        _insert(db, "runs", iter(rows))
-        _insert(db, "failures", ({**failure_record("ExitCode", "exit code 1", "crash",
-                                                   r["ended_at"], exit_code=1),
-                                  "run_id": r["run_id"]}
-                                 for r in rows if r["state"] == "failed_crash"))
-        db.executemany("UPDATE sweep_cells SET latest_run_id = ?, attempts = 1"
-                       " WHERE sweep_id = ? AND idx = ?",
-                       ((r["run_id"], sweep_id, r["cell"]) for r in rows))
-        db.execute("COMMIT")
-        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    finally:
-        db.close()
+def mark_cells(db: Path, sweep_id: str) -> float:
+    """With the daemon stopped: a run (and failure) for each attempted cell, made from the
+    cell's own params and variation, and claimed by it; through the registry's Store."""
+    began, now = time.monotonic(), time.time()
+    with registry(db) as store:
+        for cell in store.sweeps.cells(sweep_id):
+            state = cell_state(cell.index)
+            if state is None:
+                continue
+            at = now - 3600 + cell.index * 0.01
+            run_id = new_run_id(now=at)
+            store.runs.create(NewRun(
+                run_id=run_id, experiment="bench-big", variation=cell.variation,
+                params_json=json.dumps(cell.params), tags_json="{}", created_at=at, cwd="/tmp",
+                host="bench", sweep_id=sweep_id, cell=cell.index), "bench")
+            store.runs.set_state(store.runs.require(run_id), State.RUNNING, at=at,
+                                 cause="start", source="bench",
+                                 change=RunUpdate(started_at=at, last_heartbeat_at=at))
+            store.runs.set_state(store.runs.require(run_id), state, at=at + 0.005,
+                                 cause="bench", source="bench",
+                                 change=RunUpdate(ended_at=at + 0.005))
+            if state == State.FAILED_CRASH:
+                store.failures.put(run_id, failure_record("ExitCode", "exit code 1", "crash",
+                                                          at + 0.005, exit_code=1))
+            store.sweeps.claim_cell(sweep_id, cell.index, run_id)
     return time.monotonic() - began
 
 
@@ -285,14 +279,14 @@ def heartbeat_stall(sock: Path, sweep_id: str, seconds: float = 2.0) -> tuple[fl
     return worst[0], worst[1]
 
 
-def stage_resume(plan: Plan, runnerd: Server, quiet: Quiet) -> Resume:
+def stage_resume(plan: Plan, runnerd: Runnerd, quiet: Quiet) -> Resume:
     """Make the large sweep, mark half of it done, restart, time the resume plan and `show`."""
     res = Resume(plan.big)
     print(f"creating a sweep of {plan.big} cells", file=sys.stderr, flush=True)
     create_sweep(runnerd.socket, plan.big, res)
     runnerd.wait_idle()
     runnerd.stop()
-    res.build = mark_cells(Path(runnerd.env["RUNNERD_DB"]), res.sweep_id)
+    res.build = mark_cells(runnerd.db, res.sweep_id)
     began = time.perf_counter()
     runnerd.start()
     res.restart = time.perf_counter() - began
@@ -311,19 +305,14 @@ def stage_resume(plan: Plan, runnerd: Server, quiet: Quiet) -> Resume:
     print("heartbeats during a manifest rewrite", file=sys.stderr, flush=True)
     res.stall = heartbeat_stall(runnerd.socket, res.sweep_id)
     runnerd.wait_idle()
-    conn = Connection(runnerd.socket, client="bench_sweeps")
-    try:
+    with runnerd.connect() as conn:
         res.summary = conn.call(SweepGet(sweep=res.sweep_id))["sweep"]["cells_summary"]
-    finally:
-        conn.close()
     quiet.wait()
     print("runnerctl sweep show --json", file=sys.stderr, flush=True)
-    ctl = runnerctl_argv()
     res.commands = [
         ("runnerctl sweep show --json", time_command(
-            [*ctl, "sweep", "show", "--json", res.sweep_id], runnerd.env, plan.show_reps)),
-        ("  floor: python -c 'import runnerd.cli'", time_command(
-            [sys.executable, "-c", "import runnerd.cli"], runnerd.env, plan.show_reps)),
+            [*RUNNERCTL, "sweep", "show", "--json", res.sweep_id], runnerd.env, plan.show_reps)),
+        time_floor(plan.show_reps),
     ]
     return res
 
@@ -348,7 +337,7 @@ def print_sweep_run(res: SweepRun, repeat: int) -> None:
           f"{res.drain_cpu * per:>11.2f}")
     print(f"runnerctl exit {res.exit_code}: {res.last_line}")
     print(f"ratio {res.wall / res.xargs:.1f}x; target: overhead < 5 ms/cell: "
-          f"{overhead:.2f} ms {_verdict(overhead < 5)}")
+          f"{overhead:.2f} ms {verdict(overhead < 5)}")
     print("(CPU of runnerctl and xargs includes their `true`s; runnerd after exit: how long "
           "it stayed busy, writing metadata.json and manifest.json)")
 
@@ -364,8 +353,8 @@ def print_resume(res: Resume) -> None:
           + ", ".join(f"{n} {s}" for s, n in res.summary.items() if n and s != "total")
           + f"; {res.planned} cells planned")
     print(f"made by SweepCreate in {res.create:.2f} s (its SweepEnd, which waits for "
-          f"manifest.json: {res.end:.2f} s); cells marked with sqlite3 in {res.build:.1f} s; "
-          f"daemon restarted in {res.restart:.2f} s")
+          f"manifest.json: {res.end:.2f} s); cells marked through the registry's Store in "
+          f"{res.build:.1f} s; daemon restarted in {res.restart:.2f} s")
     idle, taken = res.steps[IDLE], res.steps[TAKE_OVER]
     print(f"{'':<40} {IDLE:>17} {TAKE_OVER:>17}")
     print(f"{'step (one Connection)':<40} {'median ms':>9} {'max ms':>7} {'median ms':>9} "
@@ -377,7 +366,7 @@ def print_resume(res: Resume) -> None:
     for variant, steps in res.steps.items():
         median = statistics.median(steps["pages + with_latest"])
         print(f"target: pages + with_latest < 1 s, {variant}: median {median * 1e3:.0f} ms "
-              f"{_verdict(median < 1)}")
+              f"{verdict(median < 1)}")
     print(f"worst heartbeat round trip: {res.stall[0]:.1f} ms on the idle daemon, "
           f"{res.stall[1]:.1f} ms while it rewrites this sweep's manifest.json (after SweepStart)")
     print(f"({len(res.steps[IDLE]['total'])} plans each; the first without SweepStart is the "
@@ -392,58 +381,44 @@ def print_resume(res: Resume) -> None:
 class Report:
     sweep_run: SweepRun | None = None
     resume: Resume | None = None
-    quiet: Quiet = field(default_factory=Quiet)
-    wall_seconds: float = 0.0  # not counting the waits for other load
-    foreign_cpu: float = 0.0
 
 
-def run(plan: Plan) -> Report:
+def run(plan: Plan, bench: Session) -> Report:
     """Both stages on one fresh daemon, stopped and removed whatever happens."""
     report = Report()
-    busy0, own0, began = machine_busy(), own_cpu(), time.monotonic()
     with temp_root() as root:
-        runnerd = make_runnerd(root, None)
+        runnerd = Runnerd(root / "rd")
         try:
-            runnerd.start()
+            runnerd.start(20.0)
             if plan.cells:
-                report.sweep_run = stage_sweep_run(plan, runnerd, root, report.quiet)
+                report.sweep_run = stage_sweep_run(plan, runnerd, root, bench.quiet)
             if plan.big:
-                report.resume = stage_resume(plan, runnerd, report.quiet)
+                report.resume = stage_resume(plan, runnerd, bench.quiet)
         finally:
             runnerd.stop()
-    report.wall_seconds = time.monotonic() - began - report.quiet.waited
-    report.foreign_cpu = (machine_busy() - busy0) - (own_cpu() - own0) - report.quiet.busy
+    bench.stop()
     return report
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="200 cells for `sweep run`, a 20,000-cell sweep to resume")
+def main() -> None:
+    parser = arguments(__doc__, "200 cells for `sweep run`, a 20,000-cell sweep to resume")
     parser.add_argument("--cells", type=int, metavar="N", help="cells of `sweep run` (0: skip)")
     parser.add_argument("--big", type=int, metavar="N",
                         help="cells of the sweep to resume (0: skip)")
     parser.add_argument("--repeat", type=int, default=1, metavar="N",
                         help="run `sweep run` and xargs N times and keep the best (default 1)")
-    return parser.parse_args(argv)
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    args = parse_args(argv)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    args = parser.parse_args()
+    bench = session(args)
     plan = replace(QUICK if args.quick else FULL, repeat=max(1, args.repeat))
     if args.cells is not None:
         plan = replace(plan, cells=args.cells)
     if args.big is not None:
         plan = replace(plan, big=args.big)
-    report = run(plan)
+    report = run(plan, bench)
     mode = "quick" if args.quick else "full"
     if args.cells is not None or args.big is not None:
         mode = f"{plan.cells}/{plan.big}-cell"
-    print_header(report, mode, "sweeps")
-    if report.quiet.notes:
-        print(f"waited {report.quiet.waited:.0f} s for: "
-              f"{'; '.join(sorted(report.quiet.notes))[:300]}")
+    bench.header("sweeps", mode)
     if report.sweep_run is not None:
         print_sweep_run(report.sweep_run, plan.repeat)
     if report.resume is not None:

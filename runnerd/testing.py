@@ -75,6 +75,7 @@ class Daemon:
 
     def start(self, timeout: float = 10.0) -> Self:
         """Launch the daemon; return once it accepts connections."""
+        self.root.mkdir(parents=True, exist_ok=True)
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(self.command(), env=self.env, stdout=log,
                                          stderr=subprocess.STDOUT)
