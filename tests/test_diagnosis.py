@@ -243,6 +243,8 @@ CASES: list[tuple[dict[str, Any], str | None, str, bool]] = [
     (rec("subprocess.CalledProcessError", "Command '['python', 'train.py']' died with "
          "<Signals.SIGKILL: 9>."), None, "oom", False),
     (rec("RuntimeError", "Socket Timeout"), None, "timeout", True),
+    (rec("OSError", "Not enough disk space. Needed: 1.2 GiB (download: 1 GiB)"), None, "disk",
+     False),
     # unknown
     (rec("RuntimeError", "something odd happened"), None, "unknown", False),
     (rec("SystemExit", "1", exit_code=1), None, "unknown", False),

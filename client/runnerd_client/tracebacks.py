@@ -115,10 +115,11 @@ def _looks_raised(name: str) -> bool:
 
 def _bare_exception(line: str) -> re.Match[str] | None:
     """A line like 'pkg.SomeError: message' (a class is dotted or capitalized: a library's
-    'ncclSystemError: ...' line is text, not a Python exception)."""
+    'ncclSystemError: ...' line is text, not a Python exception, and so is a bare 'Error:')."""
     found = _BARE.match(line)
     name = found["cls"] if found else ""
-    return found if "." in name or name[:1].isupper() else None
+    # "Error: ..." alone is how other programs (click, Rust, Go) print an error
+    return found if ("." in name or name[:1].isupper()) and name != "Error" else None
 
 
 def _stops_message(line: str) -> bool:
