@@ -61,6 +61,8 @@ class Config:
     artifact_timeout: float = ARTIFACT_TIMEOUT
     hooks: tuple[Hook, ...] = ()
     hook_concurrency: int = 4
+    mirror: Path | None = None  # a shared folder to keep the records in too (runnerd.mirror)
+    mirror_interval: float = 1.0
 
 
 _CHECKS: dict[str, tuple[type, ...]] = {
@@ -87,6 +89,8 @@ _CHECKS: dict[str, tuple[type, ...]] = {
     "artifact_timeout": (int, float),
     "hooks": (list,),
     "hook_concurrency": (int,),
+    "mirror": (str,),
+    "mirror_interval": (int, float),
 }
 _SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
 
@@ -195,6 +199,8 @@ def _convert_text(source: Path, key: str, value: str) -> Any:
         if value.upper() not in _SYNCHRONOUS:
             raise ConfigError(f"{source}: synchronous must be one of {', '.join(_SYNCHRONOUS)}")
         return value.upper()
+    if key == "mirror" and not os.path.isabs(os.path.expanduser(value)):
+        raise ConfigError(f"{source}: mirror must be an absolute path ({value!r})")
     return Path(value).expanduser()
 
 

@@ -274,7 +274,7 @@ def test_a_malformed_export_line_is_warned_and_skipped(nodes: Nodes, exports: Pa
 
 def test_from_a_folder_without_exports_is_an_error(nodes: Nodes, short_tmp: Path) -> None:
     result = nodes.a.ctl("list", "--from", str(short_tmp), check=False)
-    assert result.returncode == 1 and "no export files" in result.stderr
+    assert result.returncode == 1 and "no mirrored nodes or export files" in result.stderr
 
 
 # --- the merge functions ------------------------------------------------------------

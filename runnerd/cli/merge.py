@@ -13,6 +13,8 @@ from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime
 from typing import Any
 
+from runnerd.mirror_format import SILENT_AFTER
+
 Item = dict[str, Any]
 
 GROUP_FIELDS = {"class": "failure_class", "signature": "signature", "category": "category"}
@@ -168,6 +170,60 @@ def _bad_field(obj: Any, fields: Mapping[str, Callable[[Any], bool]]) -> str | N
     if not isinstance(obj, dict):
         return "the object itself"
     return next((name for name, check in fields.items() if not check(obj.get(name))), None)
+
+
+def parse_mirrored(name: str, lines: Iterable[tuple[str, int, str]]) -> tuple[list[Item],
+                                                                             list[str]]:
+    """The runs of one mirrored node (lines as (file, number, text), in the order written)
+    and warnings. A later line of a run replaces an earlier one: the journal's order, not
+    the run's times, says which is newer (a label changes no time)."""
+    runs: dict[str, Item] = {}
+    warnings: list[str] = []
+    for file, number, line in lines:
+        try:
+            obj = json.loads(line)
+        except (ValueError, RecursionError):
+            warnings.append(f"{file}:{number}: not JSON, skipped")
+            continue
+        if (bad := _bad_field(obj, _RUN)) is not None:
+            warnings.append(f"{file}:{number}: bad or missing {bad!r}, skipped")
+            continue
+        runs.pop(obj["run_id"], None)
+        runs[obj["run_id"]] = {**obj, "daemon": name}
+    return list(runs.values()), warnings
+
+
+def node_state(header: Mapping[str, Any], now: float, gone: bool | None) -> Item:
+    """What a mirrored node's node.json says about it: `stopped` (its daemon flushed and
+    said so), `live` (refreshed lately) or `silent` (neither: killed, or its node gone),
+    and for a silent one what may be missing. `gone`: whether its daemon is known dead
+    (None where that cannot be told, on another host)."""
+    refreshed = when(header.get("refreshed_at"))
+    heartbeat = float(header.get("heartbeat") or 30.0)
+    if header.get("stopped_at"):
+        state = "stopped"
+    elif gone or (gone is None and now - refreshed > SILENT_AFTER * heartbeat):
+        state = "silent"
+    else:
+        state = "live"
+    missing = None
+    if state == "silent":
+        pending = int(header.get("pending") or 0)
+        missing = (f"what changed after {header.get('refreshed_at')} is missing: at most the "
+                   f"last {float(header.get('interval') or 1.0):g} s of changes"
+                   + (f", and {pending} run(s) that were then waiting to be written"
+                      if pending else ""))
+    return {"state": state, "missing": missing,
+            **{key: header.get(key) for key in ("host", "pid", "socket", "db", "started_at",
+                                                 "refreshed_at", "stopped_at", "pending")}}
+
+
+def distinct_counts(runs: Iterable[Item]) -> dict[str, int]:
+    """Counts by state of runs merged by run_id (a run two sources know counts once)."""
+    counts: dict[str, int] = {}
+    for run in merge_runs(runs):
+        counts[run["state"]] = counts.get(run["state"], 0) + 1
+    return counts
 
 
 def parse_export(name: str, lines: Iterable[str]) -> tuple[list[Item], list[Item], list[str]]:

@@ -1,5 +1,7 @@
 """One view over many nodes: `runnerctl --socket A --socket B ...` asks every daemon, and
-`--from DIR` reads `runnerctl export` files as if each were a daemon (SPEC §9).
+`--from DIR` reads a shared folder as if each file or node in it were a daemon: the nodes
+that daemons mirror there (runnerd.mirror_format), live or gone, and `runnerctl export`
+files (SPEC §9, §10).
 
 A daemon that cannot be reached is named on stderr and left out; only when none answers
 does a command exit 3.
@@ -7,8 +9,11 @@ does a command exit 3.
 
 from __future__ import annotations
 
+import os
+import socket
+import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +22,7 @@ import click
 from runnerd.cli.common import EXIT_ERROR, EXIT_NO_RUN, EXIT_UNREACHABLE, fail, say, shown
 from runnerd.cli.merge import (
     Item,
+    distinct_counts,
     failures_of_runs,
     filter_failures,
     filter_runs,
@@ -24,15 +30,19 @@ from runnerd.cli.merge import (
     merge_failures,
     merge_groups,
     merge_runs,
+    node_state,
     parse_export,
+    parse_mirrored,
     tag,
 )
+from runnerd.mirror_format import NotMirrored, is_node, read_node
 from runnerd_client.connection import Connection, DaemonUnavailable
 from runnerd_client.protocol import ErrorCode, Failures, Get, ListRuns, Request, RunnerdError
 
 from_option = click.option(
     "--from", "from_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
-    help="Read the `runnerctl export` files (*.jsonl) in DIR instead of asking daemons.")
+    help="Read DIR instead of asking daemons: the nodes mirrored there (runnerd --mirror) "
+         "and `runnerctl export` files (*.jsonl).")
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,27 +105,81 @@ def gather(ctx: click.Context, req: Request) -> list[tuple[str, dict[str, Any]]]
     return answered
 
 
-def read_exports(folder: Path) -> tuple[list[Item], list[Item]]:
-    """Runs and failure records of every *.jsonl file in `folder`, each named by its file;
-    malformed lines are warned about on stderr and skipped."""
+@dataclass
+class Folder:
+    """What `--from DIR` holds: runs and failure records, and each source they came from
+    (an export file, or a mirrored node with what its node.json says)."""
+
+    runs: list[Item] = field(default_factory=list)
+    records: list[Item] = field(default_factory=list)
+    sources: list[Item] = field(default_factory=list)
+
+
+def read_folder(folder: Path) -> Folder:
+    """Every export file (*.jsonl) and mirrored node in `folder`, each named by its path;
+    malformed lines and unreadable sources are warned about on stderr and skipped, and a
+    node whose daemon did not stop cleanly is noted with what may be missing."""
     files = sorted(p for p in folder.glob("*.jsonl") if p.is_file())
-    if not files:
-        fail(f"no export files (*.jsonl) in {folder}", EXIT_ERROR)
-    runs: list[Item] = []
-    records: list[Item] = []
+    nodes = sorted(p for p in folder.iterdir() if p.is_dir() and is_node(p))
+    if not files and not nodes:
+        fail(f"no mirrored nodes or export files (*.jsonl) in {folder}", EXIT_ERROR)
+    got = Folder()
     for path in files:
-        try:
-            with path.open(encoding="utf-8", errors="replace") as lines:
-                got_runs, got_records, warnings = parse_export(str(path), lines)
-        except OSError as exc:
-            say(f"runnerctl: warning: cannot read {shown(path)}: {exc.strerror}; skipped",
-                err=True)
-            continue
-        for warning in warnings:
-            say(f"runnerctl: warning: {shown(warning)}", err=True)
-        runs += got_runs
-        records += got_records
-    return runs, records
+        _read_export(path, got)
+    for path in nodes:
+        _read_mirrored(path, got)
+    return got
+
+
+def _warn(text: str) -> None:
+    say(f"runnerctl: warning: {shown(text)}", err=True)
+
+
+def _read_export(path: Path, got: Folder) -> None:
+    try:
+        with path.open(encoding="utf-8", errors="replace") as lines:
+            runs, records, warnings = parse_export(str(path), lines)
+    except OSError as exc:
+        _warn(f"cannot read {path}: {exc.strerror}; skipped")
+        return
+    for warning in warnings:
+        _warn(warning)
+    got.runs += runs
+    got.records += records
+    got.sources.append({"daemon": str(path), "kind": "export", "node": None,
+                        "counts": distinct_counts(runs)})
+
+
+def _read_mirrored(path: Path, got: Folder) -> None:
+    try:
+        node = read_node(path)
+    except (NotMirrored, OSError) as exc:
+        _warn(f"{exc}; skipped")
+        return
+    runs, warnings = parse_mirrored(str(path), node.lines)
+    for warning in warnings:
+        _warn(warning)
+    state = node_state(node.header, time.time(), _gone(node.header))
+    if state["missing"]:
+        say(f"runnerctl: note: {shown(path)} ({shown(state['host'])}) did not stop cleanly; "
+            f"{shown(state['missing'])}", err=True)
+    got.runs += runs
+    got.sources.append({"daemon": str(path), "kind": "mirror", "node": state,
+                        "counts": distinct_counts(runs)})
+
+
+def _gone(header: dict[str, Any]) -> bool | None:
+    """True if the node's daemon is known to be dead: that can be told only on its host."""
+    pid = header.get("pid")
+    if header.get("host") != socket.gethostname() or not isinstance(pid, int) or pid <= 0:
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return None
+    return None
 
 
 def list_many(ctx: click.Context, req: ListRuns, folder: Path | None) -> list[Item]:
@@ -125,9 +189,8 @@ def list_many(ctx: click.Context, req: ListRuns, folder: Path | None) -> list[It
                            for run in tag(body["runs"], daemon)), req.limit)
     if req.sweep is not None:
         raise click.UsageError("--sweep needs a daemon; it cannot be used with --from")
-    runs, _ = read_exports(folder)
-    return merge_runs(filter_runs(runs, state=req.state, experiment=req.experiment,
-                                  since=req.since), req.limit)
+    return merge_runs(filter_runs(read_folder(folder).runs, state=req.state,
+                                  experiment=req.experiment, since=req.since), req.limit)
 
 
 def failures_many(ctx: click.Context, req: Failures, folder: Path | None) -> list[Item]:
@@ -136,9 +199,9 @@ def failures_many(ctx: click.Context, req: Failures, folder: Path | None) -> lis
         field = "groups" if req.group_by else "failures"
         rows = [row for daemon, body in gather(ctx, req) for row in tag(body[field], daemon)]
         return merge_groups(rows, req.limit) if req.group_by else merge_failures(rows, req.limit)
-    runs, records = read_exports(folder)
+    got = read_folder(folder)
     # A run's own failure comes first: of equal copies the first is kept, and it has a host.
-    merged = merge_failures(filter_failures([*failures_of_runs(runs), *records],
+    merged = merge_failures(filter_failures([*failures_of_runs(got.runs), *got.records],
                                             experiment=req.experiment, since=req.since))
     return group_failures(merged, req.group_by, req.limit) if req.group_by \
         else merged[:req.limit]
@@ -162,3 +225,69 @@ def show_many(ctx: click.Context, prefix: str) -> Item:
     if any(a.unreachable for a in answers):
         fail(f"no reachable daemon has a run matching {prefix!r}", EXIT_UNREACHABLE)
     fail(f"no run matches {prefix!r} on any of the {len(answers)} daemons", EXIT_NO_RUN)
+
+
+def show_from(folder: Path, prefix: str) -> Item:
+    """The one run matching `prefix` in the folder (the freshest copy of it)."""
+    found = merge_runs(r for r in read_folder(folder).runs if r["run_id"].startswith(prefix))
+    exact = [r for r in found if r["run_id"] == prefix]
+    if len(found) > 1 and not exact:
+        fail(f"{prefix!r} matches more than one run: "
+             + ", ".join(f"{r['run_id']} in {r['daemon']}" for r in found), EXIT_ERROR)
+    if not found:
+        fail(f"no run matches {prefix!r} in {folder}", EXIT_NO_RUN)
+    # An export line has no history; a mirrored record has it as `show --json` gives it.
+    return {"transitions": [], "artifacts": [], "checkpoints": [], **(exact or found)[0]}
+
+
+def status_from(folder: Path, as_json: bool) -> None:
+    """`status --from DIR`: each node (live, stopped or silent) and export file with its
+    counts, then the counts of all of them, each run once."""
+    from runnerd.cli.common import emit_json, runs_table
+    from runnerd.cli.runs import counts_line
+
+    got = read_folder(folder)
+    counts = distinct_counts(got.runs)
+    if as_json:
+        emit_json({"counts": counts, "daemons": got.sources})
+        return
+    for source in got.sources:
+        lines = [f"== {shown(source['daemon'])} =="]
+        node = source["node"]
+        lines.append(node_line(node) if node else "an export file")
+        lines.append(counts_line(source["counts"]))
+        active = [r for r in got.runs if r["daemon"] == source["daemon"]
+                  and r["state"] in ("pending", "running", "lost")]
+        if active:
+            lines += ["Active runs (as last mirrored)", runs_table(merge_runs(active)[:10])]
+        say("\n".join(lines) + "\n")
+    say(f"All of {folder} ({len(got.sources)} source(s), each run once): {counts_line(counts)}")
+
+
+def node_line(node: Item) -> str:
+    """One mirrored node's state, as its node.json tells it."""
+    from runnerd.cli.common import ago
+
+    who = f"{shown(node['host'])}: daemon pid {node['pid']}, registry {shown(node['db'])}"
+    if node["state"] == "stopped":
+        return f"{who}\nstopped cleanly {ago(node['stopped_at'])}, everything written"
+    if node["state"] == "live":
+        return f"{who}\nlive, mirrored {ago(node['refreshed_at'])}"
+    return f"{who}\nSILENT since {ago(node['refreshed_at'])}: {shown(node['missing'])}"
+
+
+def mirror_line(mirror: Item) -> str:
+    """How a live daemon's mirror is doing, for `status`."""
+    from runnerd.cli.common import ago
+
+    where = shown(mirror["node"] or mirror["folder"])
+    waiting = f"{mirror['pending']} changed run(s) waiting"
+    if mirror["state"] == "stalled":
+        return (f"mirror {where}: STALLED, a write has not returned for "
+                f"{mirror['writing_for_sec']:.0f} s; {waiting}; the daemon carries on")
+    if mirror["state"] == "behind":
+        return (f"mirror {where}: BEHIND since {ago(mirror['failing_since'])}: "
+                f"{shown(mirror['error'])}; {waiting}, to be written when it answers")
+    if mirror["state"] == "starting":
+        return f"mirror {where}: starting; {waiting}"
+    return f"mirror {where}: up to date (written {ago(mirror['refreshed_at'])})"

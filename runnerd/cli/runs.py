@@ -35,7 +35,16 @@ from runnerd.cli.common import (
     table,
 )
 from runnerd.cli.merge import total_counts
-from runnerd.cli.nodes import ask_each, from_option, list_many, several, show_many
+from runnerd.cli.nodes import (
+    ask_each,
+    from_option,
+    list_many,
+    mirror_line,
+    several,
+    show_from,
+    show_many,
+    status_from,
+)
 from runnerd_client.connection import DaemonUnavailable
 from runnerd_client.protocol import (
     Get,
@@ -51,10 +60,15 @@ from runnerd_client.protocol import (
 @click.option("--watch", is_flag=True, help="Redraw as runs change (driven by events).")
 @click.option("--interval", type=click.FloatRange(min=0.1), default=1.0, show_default=True,
               help="With --watch: redraw at most this often.")
+@from_option
 @click.pass_context
-def status(ctx: click.Context, as_json: bool, watch: bool, interval: float) -> None:
+def status(ctx: click.Context, as_json: bool, watch: bool, interval: float,
+           from_dir: Path | None) -> None:
     """Daemon health, counts by state, active runs and latest failures."""
-    if several(ctx):
+    if from_dir is not None and not watch:
+        status_from(from_dir, as_json)
+        return
+    if several(ctx) or from_dir is not None:
         if watch:
             raise click.UsageError("--watch follows one daemon: give one --socket")
         status_many(ctx, as_json)
@@ -76,6 +90,8 @@ def render_status(body: dict[str, Any]) -> str:
     lines = [f"runnerd {d['version']} (pid {d['pid']}), up {span(d['uptime_sec'])}, "
              f"{d['clients']} client(s)",
              f"socket {d['socket']}\nregistry {d['db']} ({d['db_bytes'] / 1e6:.1f} MB)"]
+    if body.get("mirror"):
+        lines.append(mirror_line(body["mirror"]))
     lines.append(f"\n{counts_line(body['counts'])}")
     if body["active"]:
         lines += ["\nActive runs", runs_table(body["active"])]
@@ -279,11 +295,13 @@ def _show_human(run: dict[str, Any]) -> None:
 
 @cli.command()
 @click.argument("run")
+@from_option
 @json_option
 @click.pass_context
-def show(ctx: click.Context, run: str, as_json: bool) -> None:
+def show(ctx: click.Context, run: str, from_dir: Path | None, as_json: bool) -> None:
     """One run: fields, transitions, artifacts, checkpoints and failure."""
-    obj = show_many(ctx, run) if several(ctx) else request(ctx, Get(run=run))["run"]
+    obj = show_from(from_dir, run) if from_dir is not None else \
+        show_many(ctx, run) if several(ctx) else request(ctx, Get(run=run))["run"]
     if as_json:
         emit_json(obj)
         return

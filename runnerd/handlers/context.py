@@ -10,6 +10,7 @@ from anyio.streams.memory import MemoryObjectSendStream
 from runnerd.config import Config
 from runnerd.events import Broker
 from runnerd.indexer import Indexer
+from runnerd.mirror import Mirror
 from runnerd.registry import Registry
 from runnerd.resources import Sampler
 from runnerd.sweeps import ManifestWriter
@@ -50,3 +51,4 @@ class Context:
     """Where replayed artifacts go to be hashed in the background (a spooled 6 GiB file must
     not hold up start-up); None: hashed in line."""
     hooks: HookRunner | None = None
+    mirror: Mirror | None = None

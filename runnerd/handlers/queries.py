@@ -56,6 +56,8 @@ async def handle_status(ctx: Context, peer: Peer, req: Status) -> Reply:
         uptime_sec=round(time.time() - ctx.started_at, 3), socket=str(ctx.config.socket),
         db=str(ctx.config.db), db_bytes=_db_size(ctx.config.db), clients=ctx.connections)
     body = fields_of(StatusInfo(counts, active, failures, daemon))
+    if ctx.mirror is not None:
+        body["mirror"] = ctx.mirror.status()
     return body
 
 
