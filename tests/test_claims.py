@@ -31,12 +31,12 @@ def store(tmp_path: Path) -> Iterator[Store]:
 
 def attempt(store: Store, run_id: str, state: State, *, variation: str = "x=1",
             params: dict[str, Any] | None = None, sweep: bool = False,
-            tags: dict[str, Any] | None = None) -> RunRow:
+            token: str | None = None) -> RunRow:
     """A run of experiment `e` in `state` (as cell 0 of sweep S1 with `sweep`)."""
     store.runs.create(NewRun(
         run_id=run_id, experiment="e", variation=variation,
-        params_json=json.dumps(params or {"x": 1}), tags_json=json.dumps(tags or {}),
-        created_at=NOW, sweep_id="S1" if sweep else None, cell=0 if sweep else None), "test")
+        params_json=json.dumps(params or {"x": 1}), tags_json="{}", created_at=NOW,
+        sweep_id="S1" if sweep else None, cell=0 if sweep else None, claim_token=token), "test")
     if sweep:
         store.sweeps.claim_cell("S1", 0, run_id)
     row = store.runs.require(run_id)
@@ -103,9 +103,16 @@ def test_a_lost_attempt_is_superseded_by_the_one_that_takes_its_cell_over(
 
 def test_the_same_task_dispatched_again_follows_its_earlier_dispatch(store: Store) -> None:
     sweep(store)
-    attempt(store, "A1", State.FAILED_CRASH, sweep=True, tags={"dask_key": "task-0"})
-    assert followed(store, create(tags={"dask_key": "task-0"}), NOW) is None
-    assert "claimed meanwhile" in conflict(store, create(tags={"dask_key": "task-9"}))
+    attempt(store, "A1", State.FAILED_CRASH, sweep=True, token="task-0")
+    assert followed(store, create(claim_token="task-0"), NOW) is None
+    assert "claimed meanwhile" in conflict(store, create(claim_token="task-9"))
+    assert "claimed meanwhile" in conflict(store, create(tags={"dask_key": "task-0"}))
+
+
+def test_a_live_attempt_of_the_same_task_still_holds_its_cell(store: Store) -> None:
+    sweep(store)
+    attempt(store, "A1", State.RUNNING, sweep=True, token="task-0")
+    assert "held by live attempt" in conflict(store, create(claim_token="task-0"))
 
 
 def test_a_cell_is_claimed_only_for_its_own_experiment_and_variation(store: Store) -> None:

@@ -167,7 +167,7 @@ class RunnerdWorkerPlugin(WorkerPlugin):
                         cwd=self.cwd, run_dir=str(run.run_dir), host=self.host,
                         sweep_id=spec.get("sweep_id"), cell=spec.get("cell"),
                         claim_after=spec.get("claim_after"), retry_of=spec.get("retry_of"),
-                        resume=bool(spec.get("resume")),
+                        claim_token=name, resume=bool(spec.get("resume")),
                         at=time.time())
         self.events.put(lambda: self._create(task, create))
         entry = {"key": name, "run_id": run_id, "dispatch": tags["dispatch"],

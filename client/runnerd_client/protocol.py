@@ -153,6 +153,10 @@ class Create(Mutation):
     claim_after: str | None = None
     """With `sweep_id`: the run of the cell's latest attempt this one follows (None: the cell
     has none yet). The cell is claimed only if that is still so, and no attempt is live."""
+    claim_token: str | None = None
+    """What task this attempt runs, in its scheduler's own terms (Dask's task key). With
+    `sweep_id`, an attempt carrying the token of the cell's latest attempt claims the cell
+    whatever `claim_after` says: it is the scheduler running that very task again."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -2,8 +2,8 @@
 an experiment's variation. Pure rules on the store, applied inside `create`'s mutation.
 
 A cell is claimed by the attempt that planned after its latest one (`claim_after`), or by
-a scheduler running the very same task again (Dask re-dispatches a task whose worker died):
-it follows its earlier dispatch.
+one carrying the claim token of that latest attempt: a scheduler running the very same task
+again (Dask re-dispatches a task whose worker died) follows its earlier dispatch.
 """
 
 from __future__ import annotations
@@ -48,9 +48,9 @@ def claim_cell(store: Store, req: Create, at: float) -> RunRow | None:
 
 
 def same_task(latest: RunRow | None, req: Create) -> bool:
-    """Whether this attempt runs the very task the latest one ran (the same Dask key)."""
-    key = (req.tags or {}).get("dask_key")
-    return latest is not None and key is not None and latest.tags().get("dask_key") == key
+    """Whether this attempt runs the very task the latest one ran (the same claim token)."""
+    return latest is not None and req.claim_token is not None and \
+        latest.claim_token == req.claim_token
 
 
 def resumable(store: Store, req: Create, at: float) -> RunRow | None:

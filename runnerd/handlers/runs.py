@@ -72,7 +72,8 @@ def handle_create(ctx: Context, peer: Peer, req: Create) -> Awaitable[Reply]:
             run_id=req.run_id, experiment=req.experiment, variation=req.variation,
             params_json=params, tags_json=tags, cwd=req.cwd, run_dir=run_dir, host=req.host,
             created_at=at, retry_of=req.retry_of, launch_json=launch, sweep_id=req.sweep_id,
-            cell=req.cell, resumed_from=resumed.run_id if resumed else None), peer.source)
+            cell=req.cell, resumed_from=resumed.run_id if resumed else None,
+            claim_token=req.claim_token), peer.source)
         if req.sweep_id is not None and req.cell is not None:
             store.sweeps.claim_cell(req.sweep_id, req.cell, req.run_id)
         store.attachments.add_pid(req.run_id, peer.pid, peer.start_time, at)

@@ -43,6 +43,7 @@ class RunRow:
     sweep_id: str | None
     cell: int | None
     resumed_from: str | None
+    claim_token: str | None
 
     @classmethod
     def of(cls, row: Sequence[Any]) -> RunRow:
@@ -154,6 +155,7 @@ class NewRun:
     sweep_id: str | None = None
     cell: int | None = None
     resumed_from: str | None = None
+    claim_token: str | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

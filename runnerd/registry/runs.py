@@ -62,11 +62,12 @@ class Runs:
         attempt = self.next_attempt(new.experiment, new.variation)
         self.conn.execute(
             "INSERT INTO runs (run_id, experiment, variation, attempt, state, params, tags, cwd,"
-            " run_dir, host, created_at, retry_of, launch, sweep_id, cell, resumed_from)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " run_dir, host, created_at, retry_of, launch, sweep_id, cell, resumed_from,"
+            " claim_token) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (new.run_id, new.experiment, new.variation, attempt, State.PENDING.value,
              new.params_json, new.tags_json, new.cwd, new.run_dir, new.host, new.created_at,
-             new.retry_of, new.launch_json, new.sweep_id, new.cell, new.resumed_from))
+             new.retry_of, new.launch_json, new.sweep_id, new.cell, new.resumed_from,
+             new.claim_token))
         self._record(new.run_id, None, State.PENDING, new.created_at, "create", source)
         return attempt
 

@@ -179,6 +179,14 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (run_id, seq)
     ) WITHOUT ROWID;
     """,
+    # 7: the task an attempt runs, in its scheduler's terms: the same task dispatched again
+    # may take its cell over. Dask cells' attempts kept it in their tags (dask_key) until now.
+    """
+    ALTER TABLE runs ADD COLUMN claim_token TEXT;
+    UPDATE runs SET claim_token = json_extract(tags, '$.dask_key')
+        WHERE sweep_id IS NOT NULL AND json_valid(tags)
+        AND json_type(tags, '$.dask_key') = 'text';
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -186,7 +194,7 @@ RUN_COLUMNS = (
     "run_id", "experiment", "variation", "attempt", "state", "params", "tags", "cwd",
     "run_dir", "host", "created_at", "started_at", "ended_at", "last_heartbeat_at", "lost_at",
     "heartbeat_seq", "heartbeats", "heartbeat_timeout", "lost_grace", "deadline", "retry_of",
-    "launch", "sweep_id", "cell", "resumed_from",
+    "launch", "sweep_id", "cell", "resumed_from", "claim_token",
 )
 SWEEP_COLUMNS = (
     "sweep_id", "experiment", "failure_policy", "spec", "folder", "status", "driver_pid",
