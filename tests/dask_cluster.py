@@ -20,7 +20,7 @@ class Cluster:
         self.daemon = daemon
         self.cluster = distributed.LocalCluster(
             n_workers=options.pop("n_workers", 2), threads_per_worker=1, processes=True,
-            dashboard_address=None, **options)
+            dashboard_address=":0", **options)
         self.client = distributed.Client(self.cluster)
         self.client.register_plugin(RunnerdWorkerPlugin(experiment="dask-test"))
         self.scheduler_plugin = RunnerdSchedulerPlugin()

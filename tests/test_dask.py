@@ -228,7 +228,7 @@ def test_two_nodes_each_record_their_own_runs_and_runnerctl_sees_both(
     for node in nodes:
         node.root.mkdir()
         node.start()
-    cluster = distributed.LocalCluster(n_workers=0, dashboard_address=None)
+    cluster = distributed.LocalCluster(n_workers=0, dashboard_address=":0")
     client = distributed.Client(cluster)
     client.register_plugin(RunnerdWorkerPlugin(experiment="two-nodes"))
     workers = [subprocess.Popen(
