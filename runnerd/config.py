@@ -41,6 +41,7 @@ class Config:
     socket: Path = field(default_factory=paths.socket_path)
     db: Path = field(default_factory=paths.db_path)
     heartbeat_timeout: float = 15 * 60.0
+    stall_timeout: float = 30 * 60.0  # no progress of any kind this long: lost (0: never)
     lost_grace: float = 48 * 3600.0
     max_frame: int = DEFAULT_MAX_FRAME
     max_batch: int = 512
@@ -69,6 +70,7 @@ _CHECKS: dict[str, tuple[type, ...]] = {
     "socket": (str,),
     "db": (str,),
     "heartbeat_timeout": (int, float),
+    "stall_timeout": (int, float),
     "lost_grace": (int, float),
     "max_frame": (int,),
     "max_batch": (int,),
@@ -93,6 +95,7 @@ _CHECKS: dict[str, tuple[type, ...]] = {
     "mirror_interval": (int, float),
 }
 _SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
+_ZERO_TURNS_OFF = ("stall_timeout",)
 
 
 def _convert(source: Path, key: str, value: Any) -> Any:
@@ -107,7 +110,8 @@ def _convert(source: Path, key: str, value: Any) -> Any:
     if isinstance(value, list):
         return _convert_hooks(source, value) if key == "hooks" else \
             _convert_dirs(source, key, value)
-    if isinstance(value, int | float) and not isinstance(value, bool) and value <= 0:
+    if isinstance(value, int | float) and not isinstance(value, bool) and value <= 0 \
+            and not (key in _ZERO_TURNS_OFF and value == 0):
         raise ConfigError(f"{source}: {key} must be positive")
     return value
 

@@ -227,6 +227,10 @@ RULES: tuple[Rule, ...] = (
          signals=("SIGINT",), exit_codes=(130, -2),
          retryable=True, pattern="interrupted, terminated or cancelled",
          suggestion="It was stopped from outside (Ctrl-C, SIGTERM, cancel, preemption); rerun it."),
+    Rule(category="lost", classes=("Stalled",),
+         retryable=True, pattern="stalled: no CPU, output, files or heartbeats for stall_timeout",
+         suggestion="While it hangs, `runnerctl stack RUN` shows where; suspect a dead worker"
+                    " (a killed multiprocessing child), a lock or a peer that never answers."),
     Rule(category="lost", reasons=("lost",), classes=("HeartbeatLost",),
          retryable=True, pattern="heartbeats stopped past the grace period",
          suggestion="Check the host and the process were alive and not hung, then rerun."),

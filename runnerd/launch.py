@@ -25,8 +25,9 @@ from pathlib import Path
 from typing import IO, Any
 
 from runnerd.controls import escape_controls
+from runnerd.progress import stopped_note
 from runnerd.resources import cgroup_dir, cgroup_peak, gib, oom_kills
-from runnerd_client.protocol import FailReason, RunnerdError
+from runnerd_client.protocol import FailReason, Get, RunnerdError
 from runnerd_client.run import RUN_ID_ENV, Cell, Client, Run, backoff_delay, worth_retrying
 from runnerd_client.tracebacks import CRASH_REPORTS, command_ending
 from runnerd_client.trust import UntrustedPath, create_file, open_folder
@@ -179,6 +180,7 @@ class Tee(threading.Thread):
     def run(self) -> None:
         while chunk := os.read(self.source.fileno(), 1 << 16):
             self.log.write(chunk)
+            self.log.flush()  # on disk as it comes: the daemon reads output as progress
             self.size += len(chunk)
             if self.terminal is not None:
                 self.terminal.write(chunk)
@@ -327,7 +329,9 @@ def run_once(client: Client, launch: Launch, how: Attempt) -> Outcome:
     run = client.run(launch.experiment, launch.variation, params=launch.params,
                      run_dir=launch.run_dir, retry_of=how.retry_of, launch=asdict(launch),
                      heartbeat_interval=30.0, resume=launch.resume, cell=how.cell)
-    run.start(wait=False).start_heartbeats()
+    run.start()  # applied before its limits are read back
+    run.heartbeat_interval = beat_interval(client, run)
+    run.start_heartbeats()
     try:
         logs = open_logs(run.run_dir)
     except OSError as exc:
@@ -343,6 +347,14 @@ def run_once(client: Client, launch: Launch, how: Attempt) -> Outcome:
                                    failure_class="CgroupError", exit_code=126)
         print(f"runnerctl: --memory: {exc}", file=sys.stderr)
         return Outcome(run, 126, False, False)
+
+
+def beat_interval(client: Client, run: Run) -> float:
+    """A quarter of the run's heartbeat_timeout, at most 30 s: a command stopped just
+    after a beat is lost within its timeout."""
+    reply = client.ask(Get(run=run.run_id)) or {}
+    timeout = (reply.get("run") or {}).get("heartbeat_timeout") if reply.get("ok") else None
+    return min(30.0, max(0.05, timeout / 4)) if timeout else 30.0
 
 
 def _environment(run: Run, launch: Launch) -> dict[str, str]:
@@ -372,6 +384,7 @@ def _run_in(run: Run, launch: Launch, cgroup: Path | None, how: Attempt,
                                    failure_class=type(exc).__name__, exit_code=127)
         return Outcome(run, 127, False, False)
     assert proc.stdout is not None and proc.stderr is not None
+    run.vouch = lambda: stopped_note([proc.pid]) is None  # a stopped command gets no beats
     tees = [Tee(proc.stdout, sys.stdout.buffer if how.echo else None, logs[0],
                 run.run_dir / LOGS[0]),
             Tee(proc.stderr, sys.stderr.buffer if how.echo else None, logs[1],

@@ -24,11 +24,14 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import anyio
 
 from runnerd.registry import BatchResult, Registry, StorageError
+
+if TYPE_CHECKING:
+    from runnerd.progress import Progress, Verdict
 
 log = logging.getLogger(__name__)
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -346,6 +349,7 @@ class Round:
 
     changed: list[str] = field(default_factory=list)
     crossed: list[str] = field(default_factory=list)
+    verdicts: list[Verdict] = field(default_factory=list)  # stalled, stopped, moving again
 
 
 class Sampler:
@@ -353,8 +357,9 @@ class Sampler:
     warns once per crossing of the threshold, and explains deaths the OOM killer caused."""
 
     def __init__(self, registry: Registry, runs: Callable[[], dict[str, set[int]]],
-                 interval: float, threshold: float) -> None:
+                 interval: float, threshold: float, progress: Progress | None = None) -> None:
         self.registry = registry
+        self.progress = progress
         self.runs = runs
         self.interval = interval
         self.threshold = threshold
@@ -404,6 +409,11 @@ class Sampler:
         self.groups = groups
         return new
 
+    def heartbeat(self, run_id: str, at: float) -> None:
+        """A heartbeat its code sent on purpose: evidence of progress."""
+        if self.progress is not None:
+            self.progress.heartbeat(run_id, at)
+
     def measure(self, now: float) -> Round:
         """Sample every group (on a worker thread); apply changed figures to their runs:
         a group whose figures did not change costs nothing per run."""
@@ -418,6 +428,8 @@ class Sampler:
                     if (use := self.usage.get(run_id)) is not None and use.group is group:
                         self._apply(run_id, use, group, now, found)
         self.cgroups.keep(set(table))
+        if self.progress is not None:
+            found.verdicts = self.progress.check(self.group_of, now)
         return found
 
     def group_of(self, run_id: str) -> Group | None:
@@ -447,9 +459,13 @@ class Sampler:
     async def sample_once(self) -> Round:
         now = time.time()
         if self._regroup:
-            self.group_runs(now)
+            new = self.group_runs(now)
+            if self.progress is not None and new:
+                await self.progress.load(self.registry, new)
         found = await anyio.to_thread.run_sync(self.measure, now)
         self._record(found, now)
+        if self.progress is not None:
+            self.progress.submit(self.registry, found.verdicts)
         for run_id in [r for r, ended in self._ended.items() if now - ended > KEEP_ENDED]:
             del self._ended[run_id]  # kept a while: a death is judged after it
             self.usage.pop(run_id, None)
@@ -461,11 +477,16 @@ class Sampler:
         the disk refused is not retried as such: it is written again with the next change,
         and its warnings (with the samples they belong to) go with the next batch."""
         sampled = {}
-        for run_id in found.changed:
+        moved: set[str] = set()
+        if self.progress is not None:
+            moved, self.progress.moved = self.progress.moved, set()
+        for run_id in [*found.changed, *(moved - set(found.changed))]:
             use = self.usage.get(run_id)
             if use is None or use.version < 0:
                 continue
             data = use.as_dict()
+            if self.progress is not None:
+                data["progress"] = self.progress.public(run_id, use.group)
             if data != use.saved:
                 sampled[run_id] = use.saved = data
         warnings = {run_id: self.warning(run_id) for run_id in found.crossed}

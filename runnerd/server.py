@@ -29,6 +29,7 @@ from runnerd.maintenance import prune_periodically
 from runnerd.metadata import MetadataWriter
 from runnerd.mirror import Mirror
 from runnerd.processes import ProcessWatcher
+from runnerd.progress import Progress
 from runnerd.reconciler import (
     hash_spooled_artifacts,
     recover,
@@ -142,9 +143,10 @@ async def serve(cfg: config.Config) -> None:
                             interval=cfg.mirror_interval)
         registry.subscribers.append(ctx.mirror.on_commit)
     watcher = ProcessWatcher(registry, before_exit=spool_replayer(ctx))
-    sampler = Sampler(registry, watcher.runs, cfg.sample_interval, cfg.memory_warning)
+    progress = Progress(cfg.stall_timeout)
+    sampler = Sampler(registry, watcher.runs, cfg.sample_interval, cfg.memory_warning, progress)
     watcher.explain = sampler.explain_death
-    registry.subscribers.append(sampler.on_commit)
+    registry.subscribers += [sampler.on_commit, progress.on_commit]
     ctx.sampler = sampler
     try:
         sock = activated or bind_socket(cfg.socket)

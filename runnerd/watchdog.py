@@ -17,7 +17,8 @@ from collections.abc import Callable
 
 import anyio
 
-from runnerd.registry import BatchResult, Registry, RunRow, RunUpdate, Store
+from runnerd.progress import stopped_note
+from runnerd.registry import BatchResult, FailureRecord, Registry, RunRow, RunUpdate, Store
 from runnerd.states import Event, end_with_failure, failure_record, transition
 from runnerd_client.protocol import FailReason, State
 
@@ -53,16 +54,28 @@ def check_run(store: Store, run_id: str, now: float) -> float | None:
     if row.state == State.RUNNING and row.last_heartbeat_at is not None \
             and row.heartbeat_timeout is not None \
             and now >= row.last_heartbeat_at + row.heartbeat_timeout:
-        transition(store, row, Event.HEARTBEAT_MISSED, now, SOURCE, change=RunUpdate(lost_at=now))
+        stopped = stopped_note(store.attachments.pids(run_id))  # SIGSTOP, a debugger
+        if stopped is not None:
+            store.runs.note_stall(run_id, now, stopped)
+        transition(store, row, Event.HEARTBEAT_MISSED, now, SOURCE,
+                   cause="stopped" if stopped else None, change=RunUpdate(lost_at=now))
         row = store.runs.require(run_id)
     elif row.state == State.LOST and row.lost_at is not None and row.lost_grace is not None \
             and now >= row.lost_at + row.lost_grace:
-        record = failure_record(
-            "HeartbeatLost", f"no heartbeat for {now - (row.last_heartbeat_at or now):.0f} s",
-            FailReason.LOST, now)
-        end_with_failure(store, row, Event.GRACE_EXPIRED, record, SOURCE)
+        end_with_failure(store, row, Event.GRACE_EXPIRED, lost_record(store, row, now), SOURCE)
         return None
     return next_due(row)
+
+
+def lost_record(store: Store, row: RunRow, now: float) -> FailureRecord:
+    """HeartbeatLost, or Stalled with what the daemon measured when it stalled."""
+    cause = store.runs.last_cause(row.run_id)
+    note = store.runs.stall_note(row.run_id) if cause in ("stalled", "stopped") else None
+    if note is not None and cause == "stalled":
+        return failure_record("Stalled", note["message"], FailReason.LOST, now)
+    silent = f"no heartbeat for {now - (row.last_heartbeat_at or now):.0f} s"
+    return failure_record("HeartbeatLost", f"{silent}: {note['message']}" if note else silent,
+                          FailReason.LOST, now)
 
 
 class Watchdog:

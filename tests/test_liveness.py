@@ -83,16 +83,23 @@ def test_run_dies_with_its_last_attached_process(
     assert reaches(daemon, run_id, "failed_crash")["failure"]["failure_class"] == "ProcessExited"
 
 
-def test_hung_client_goes_lost_then_recovers_on_its_next_heartbeat(
+def test_stopped_client_goes_lost_stopped_then_recovers_on_its_next_heartbeat(
         daemon: Daemon, procs: list[subprocess.Popen[str]]) -> None:
     pid, run_id = worker(daemon, procs, interval=0.2, timeout="1")
     os.kill(pid, signal.SIGSTOP)
     run = reaches(daemon, run_id, "lost")
-    assert run["transitions"][-1]["cause"] == "heartbeat_missed"
+    assert run["transitions"][-1]["cause"] == "stopped"
     assert run["transitions"][-1]["source"] == "watchdog"
     os.kill(pid, signal.SIGCONT)
     run = reaches(daemon, run_id, "running")
     assert run["transitions"][-1]["cause"] == "heartbeat"
+
+
+def test_a_live_client_that_stops_beating_goes_lost_heartbeat_missed(
+        daemon: Daemon, procs: list[subprocess.Popen[str]]) -> None:
+    _pid, run_id = worker(daemon, procs, interval=60, timeout="1")
+    run = reaches(daemon, run_id, "lost")
+    assert run["transitions"][-1]["cause"] == "heartbeat_missed"
 
 
 def test_lost_run_past_its_grace_is_failed_lost(

@@ -41,8 +41,11 @@ def run(experiment: str, variation: str = "default", *, params: dict[str, Any] |
         tags: dict[str, Any] | None = None, run_dir: str | Path | None = None,
         heartbeat_interval: float = 60.0, heartbeat_timeout: float | None = None,
         lost_grace: float | None = None, deadline: float | None = None,
-        resume: bool = False) -> Run:
+        resume: bool = False, stall_timeout: float | None = None) -> Run:
     """A new run of `experiment`; use it with `with`: it starts, beats and ends truthfully.
+
+    `stall_timeout`: seconds with no progress at all (CPU, output, files, heartbeats sent
+    by hand) before the daemon marks it lost as stalled; 0 never, None the daemon's.
 
     With `resume=True`, after an unsuccessful attempt of the same experiment and variation
     the run continues it: `run.resume_checkpoint` is that attempt's last checkpoint (its
@@ -51,7 +54,7 @@ def run(experiment: str, variation: str = "default", *, params: dict[str, Any] |
     return connect().run(
         experiment, variation, params=params, tags=tags, run_dir=run_dir,
         heartbeat_interval=heartbeat_interval, heartbeat_timeout=heartbeat_timeout,
-        lost_grace=lost_grace, deadline=deadline, resume=resume,
+        lost_grace=lost_grace, deadline=deadline, resume=resume, stall_timeout=stall_timeout,
     )
 
 

@@ -157,6 +157,9 @@ class Create(Mutation):
     """What task this attempt runs, in its scheduler's own terms (Dask's task key). With
     `sweep_id`, an attempt carrying the token of the cell's latest attempt claims the cell
     whatever `claim_after` says: it is the scheduler running that very task again."""
+    replicates: bool = False
+    """With `sweep_id`: the attempt replicates the cell (`sweep replicate`). It is linked to
+    the cell but claims nothing: the sweep's outcomes stay as they were."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -165,6 +168,9 @@ class Start(Mutation):
     heartbeat_timeout: float | None = None
     lost_grace: float | None = None
     deadline: float | None = None
+    stall_timeout: float | None = None
+    """Seconds without progress of any kind (CPU, output, files, heartbeats) before the run
+    is lost as stalled; 0: never. None: the daemon's `stall_timeout`."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -186,6 +192,9 @@ class Heartbeat(Request):
     run_id: str
     seq: int
     at: float | None = None
+    progress: bool | None = None
+    """False: sent on a timer (a library's thread, runnerctl exec), so it says the run is
+    alive, not that it moves; True or absent: its code made progress."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -16,6 +16,7 @@ import socket
 import threading
 import time
 import traceback as tb
+from collections.abc import Callable
 from concurrent.futures import Future
 from contextvars import ContextVar, Token
 from dataclasses import dataclass
@@ -95,10 +96,12 @@ class Client(Reporter):
             heartbeat_timeout: float | None = None, lost_grace: float | None = None,
             deadline: float | None = None, retry_of: str | None = None,
             launch: dict[str, Any] | None = None, resume: bool = False,
-            cell: Cell | None = None) -> Run:
+            cell: Cell | None = None, stall_timeout: float | None = None) -> Run:
         """Register a new run (pending); `start()` it or use it as a context manager.
 
-        `retry_of` links it to the attempt it reruns; `launch` is how to launch it again.
+        `stall_timeout`: seconds without progress (CPU, output, files, heartbeats) before
+        the daemon calls it stalled (0: never; None: the daemon's). `retry_of` links it to
+        the attempt it reruns; `launch` is how to launch it again.
         With `resume`, after an unsuccessful attempt of the same experiment and variation
         the run continues it: `run.resumed_from` names it and `run.resume_checkpoint` holds
         its last checkpoint. `cell` claims a sweep's cell for this attempt. A resume whose
@@ -109,7 +112,7 @@ class Client(Reporter):
         run = Run(self, run_id, experiment, variation, params=params or {}, run_dir=folder,
                   heartbeat_interval=heartbeat_interval,
                   limits={"heartbeat_timeout": heartbeat_timeout, "lost_grace": lost_grace,
-                          "deadline": deadline})
+                          "deadline": deadline, "stall_timeout": stall_timeout})
         claim: dict[str, Any] = {"sweep_id": cell.sweep_id, "cell": cell.index,
                  "claim_after": cell.claim_after} if cell else {}
         reply = self.wait(self.emit(Create(
@@ -168,6 +171,9 @@ class Run:
         self._crash_log: IO[str] | None = None
         self._active: Token[Run | None] | None = None
         self.diagnosis: dict[str, Any] | None = None
+        self.vouch: Callable[[], bool] | None = None
+        """If set, the heartbeat thread beats only while it returns True (runnerctl exec:
+        while its command is not stopped)."""
         self._pid = os.getpid()
 
     def __repr__(self) -> str:
@@ -194,13 +200,15 @@ class Run:
             self.client.wait(future, "start")
         return self
 
-    def heartbeat(self) -> Run:
-        """Tell the daemon the run is alive; does not wait for the reply."""
+    def heartbeat(self, *, progress: bool = True) -> Run:
+        """Tell the daemon the run is alive and, unless `progress=False` (a timer's beat),
+        that it moved; does not wait for the reply."""
         self._mine("heartbeat")
         with self._lock:  # numbered and queued together: the daemon drops a seq out of order
             self._seq += 1
-            future = self.client.emit(Heartbeat(run_id=self.run_id, seq=self._seq,
-                                                at=time.time()))
+            future = self.client.emit(Heartbeat(
+                run_id=self.run_id, seq=self._seq, at=time.time(),
+                progress=None if progress else False))
         future.add_done_callback(self._heartbeat_answered)
         return self
 
@@ -337,8 +345,10 @@ class Run:
 
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat_interval):
+            if self.vouch is not None and not self.vouch():
+                continue
             try:
-                self.heartbeat()
+                self.heartbeat(progress=False)  # alive, which is not moving
             except RunnerdError as exc:
                 log.warning("heartbeat not sent: %s", exc)
 

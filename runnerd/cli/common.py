@@ -225,15 +225,26 @@ def human_bytes(n: int) -> str:
     return f"{n}B"
 
 
-def runs_table(runs: Sequence[dict[str, Any]], hosts: bool = False) -> str:
-    """With `hosts` (several daemons), a HOST column comes first."""
+def moved(run: dict[str, Any]) -> str:
+    """When an active run last made progress, and of what kind (cpu, output, files...)."""
+    progress = (run.get("resources") or {}).get("progress")
+    if not progress or run["state"] not in ("pending", "running", "lost"):
+        return "-"
+    return f"{ago(progress['at'])} ({progress['kind']})"
+
+
+def runs_table(runs: Sequence[dict[str, Any]], hosts: bool = False,
+               progress: bool = False) -> str:
+    """With `hosts` (several daemons), a HOST column comes first; with `progress`, a MOVED
+    column says when each last made progress."""
     return table(
         ("HOST",) * hosts + ("RUN", "EXPERIMENT", "VARIATION", "ATT", "STATE", "CREATED",
-                             "RUNTIME", "PEAK MEM", "CPU", "FAILURE"),
+                             "RUNTIME", "PEAK MEM", "CPU") + ("MOVED",) * progress
+        + ("FAILURE",),
         [(r.get("host") or "-",) * hosts + (
             r["run_id"], r["experiment"], r["variation"], r["attempt"], r["state"],
-            local_time(r["created_at"]), runtime(r), peak_memory(r), cpu_time(r),
-            failure_summary(r))
+            local_time(r["created_at"]), runtime(r), peak_memory(r), cpu_time(r))
+         + (moved(r),) * progress + (failure_summary(r),)
          for r in runs],
     )
 

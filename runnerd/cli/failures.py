@@ -103,6 +103,8 @@ def diagnose(ctx: click.Context, run: str | None, latest: bool, experiment: str 
         flag = "retryable" if f["retryable"] else "not retryable"
         say(f"{f['count']} x {f['category']} ({flag}): {shown(f['pattern'])}")
         say(f"    e.g. {shown(failure_summary({'failure': f['example']}))}")
+        if run is not None and len(records) == 1 and len(records[0]["message"] or "") > 60:
+            say(f"    in full: {shown(records[0]['message'])}")  # what a stall measured
         say(f"    runs: {shown(' '.join(f['run_ids']))}")
         say(f"    suggestion: {shown(f['suggestion'])}")
 

@@ -23,6 +23,7 @@ from runnerd.cli.common import (
     human_bytes,
     json_option,
     local_time,
+    moved,
     parse_duration,
     peak_memory,
     request,
@@ -94,7 +95,7 @@ def render_status(body: dict[str, Any]) -> str:
         lines.append(mirror_line(body["mirror"]))
     lines.append(f"\n{counts_line(body['counts'])}")
     if body["active"]:
-        lines += ["\nActive runs", runs_table(body["active"])]
+        lines += ["\nActive runs", runs_table(body["active"], progress=True)]
     if body["failures"]:
         lines += ["\nLatest failures", table(("RUN", "WHEN", "REASON", "FAILURE"), [
             (f["run_id"], ago(f["at"]), f["reason"], failure_summary({"failure": f}))
@@ -261,6 +262,7 @@ def _show_human(run: dict[str, Any]) -> None:
         ("runtime", runtime),
         ("heartbeats", lambda r: f"{r['heartbeats']} (last {ago(r['last_heartbeat_at'])})"),
         ("resources", _resources),
+        ("progress", moved),
     ]
     for name, get in fields:
         say(f"{name:<12} {shown(get(run))}")

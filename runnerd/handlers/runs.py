@@ -55,6 +55,8 @@ def _check_create(req: Create) -> None:
             raise bad(f"{name} must be a run id")
     if (req.sweep_id is None) != (req.cell is None):
         raise bad("sweep_id and cell go together")
+    if req.replicates and req.sweep_id is None:
+        raise bad("replicates needs the sweep_id and cell it replicates")
 
 
 def handle_create(ctx: Context, peer: Peer, req: Create) -> Awaitable[Reply]:
@@ -74,7 +76,7 @@ def handle_create(ctx: Context, peer: Peer, req: Create) -> Awaitable[Reply]:
             created_at=at, retry_of=req.retry_of, launch_json=launch, sweep_id=req.sweep_id,
             cell=req.cell, resumed_from=resumed.run_id if resumed else None,
             claim_token=req.claim_token), peer.source)
-        if req.sweep_id is not None and req.cell is not None:
+        if req.sweep_id is not None and req.cell is not None and not req.replicates:
             store.sweeps.claim_cell(req.sweep_id, req.cell, req.run_id)
         store.attachments.add_pid(req.run_id, peer.pid, peer.start_time, at)
         reply: Reply = {"run_id": req.run_id, "attempt": attempt, "run_dir": run_dir,
@@ -96,9 +98,13 @@ def _positive(name: str, value: float | None) -> float | None:
 def handle_start(ctx: Context, peer: Peer, req: Start) -> Awaitable[Reply]:
     for name in ("heartbeat_timeout", "lost_grace", "deadline"):
         _positive(name, getattr(req, name))
+    if req.stall_timeout is not None and req.stall_timeout < 0:
+        raise bad("stall_timeout must be 0 (never) or positive")
 
     def apply(store: Store, at: float) -> Reply:
         row = store.runs.require(req.run_id)
+        if req.stall_timeout is not None:
+            store.runs.set_stall_timeout(req.run_id, req.stall_timeout)
         # A limit the request does not name keeps the run's own (set by an earlier start).
         timeout = req.heartbeat_timeout or row.heartbeat_timeout or ctx.config.heartbeat_timeout
         grace = req.lost_grace or row.lost_grace or ctx.config.lost_grace
@@ -144,6 +150,8 @@ def handle_heartbeat(ctx: Context, peer: Peer, req: Heartbeat) -> Awaitable[Repl
     if req.seq < 1:
         raise bad("seq must count from 1")
     at = event_time(req.at)
+    if req.progress is not False and ctx.sampler is not None:  # sent on purpose: it moved
+        ctx.sampler.heartbeat(req.run_id, at)
 
     def op(store: Store) -> Reply:
         if store.runs.heartbeat_running(req.run_id, req.seq, at):
@@ -158,7 +166,9 @@ def handle_heartbeat(ctx: Context, peer: Peer, req: Heartbeat) -> Awaitable[Repl
             return {"state": row.state.value}
         store.runs.note_heartbeat_gap(req.run_id, row.heartbeat_seq, req.seq)
         counted = RunUpdate(heartbeat_seq=req.seq, heartbeats=heartbeats, last_heartbeat_at=last)
-        if inferred_end_after(store, row, at) is not None:  # spooled, from before that end
+        if inferred_end_after(store, row, at) is not None or (  # spooled, from before that end
+                req.progress is False and row.state is State.LOST
+                and store.runs.last_cause(req.run_id) == "stalled"):  # alive is not moving
             store.runs.update(req.run_id, counted)
             return {"state": row.state.value}
         state = transition(store, row, Event.HEARTBEAT, at, peer.source, change=counted)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from typing import Any
 
@@ -102,6 +103,41 @@ class Runs:
             "SELECT from_state, source FROM transitions WHERE run_id = ?"
             " ORDER BY rowid DESC LIMIT 1", (run_id,)).fetchone()
         return (row[0], row[1]) if row else None
+
+    def last_cause(self, run_id: str) -> str | None:
+        """The cause of a run's latest transition (why it is lost: heartbeat_missed,
+        stalled, stopped)."""
+        row = self.conn.execute("SELECT cause FROM transitions WHERE run_id = ?"
+                                " ORDER BY seq DESC LIMIT 1", (run_id,)).fetchone()
+        return str(row[0]) if row else None
+
+    def set_stall_timeout(self, run_id: str, seconds: float) -> None:
+        """The run's own stall_timeout (0: never judged stalled)."""
+        self.conn.execute("UPDATE runs SET stall_timeout = ? WHERE run_id = ?",
+                          (seconds, run_id))
+
+    def liveness(self, run_ids: list[str]
+                 ) -> dict[str, tuple[State, str | None, str | None, float | None]]:
+        """(state, cause of its latest transition, run_dir, own stall_timeout) of each run
+        that exists: what the progress tracker needs of a run it starts watching."""
+        found = {}
+        for run_id in run_ids:
+            row = self.conn.execute("SELECT state, run_dir, stall_timeout FROM runs"
+                                    " WHERE run_id = ?", (run_id,)).fetchone()
+            if row is not None:
+                found[run_id] = (State(row[0]), self.last_cause(run_id), row[1], row[2])
+        return found
+
+    def note_stall(self, run_id: str, at: float, note: dict[str, Any]) -> None:
+        """What the daemon measured of a run it finds stalled or stopped (a `stalled` event,
+        just before its transition to lost)."""
+        self.events.log(run_id, "stalled", at, note)
+
+    def stall_note(self, run_id: str) -> dict[str, Any] | None:
+        """The latest such note of a run."""
+        row = self.conn.execute("SELECT data FROM events WHERE run_id = ? AND kind = 'stalled'"
+                                " ORDER BY seq DESC LIMIT 1", (run_id,)).fetchone()
+        return json.loads(row[0]) if row else None
 
     def heartbeat_running(self, run_id: str, seq: int, at: float) -> bool:
         """The common heartbeat in one statement: a new seq for a running run, no transition."""

@@ -187,6 +187,8 @@ MIGRATIONS: tuple[str, ...] = (
         WHERE sweep_id IS NOT NULL AND json_valid(tags)
         AND json_type(tags, '$.dask_key') = 'text';
     """,
+    # 8: a run's own stall_timeout (NULL: the daemon's), set when it starts.
+    "ALTER TABLE runs ADD COLUMN stall_timeout REAL",
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
