@@ -37,6 +37,7 @@ WINDOW = 1000  # events read from the log and not yet delivered, per hook
 PAGE = 500
 MAX_RETRY_DELAY = 300.0
 SAVE_EVERY = 30.0  # seconds: a cursor moved only past unwanted events is saved this often
+SAVE_GAP = 0.05  # seconds between saves: a crash (not a stop) may deliver this much again
 RESTART_DELAY = 5.0
 ENVELOPE = ("event", "seq", "run_id", "experiment", "variation", "tags", "sweep_id", "at")
 
@@ -90,10 +91,10 @@ class HookRunner:
         self.workers = [HookWorker(hook, self) for hook in cfg.hooks]
 
     def on_commit(self, result: Any) -> None:
-        """Wake the workers when a batch logged events (called on the loop)."""
+        """Hand a batch's logged events to the workers (called on the loop)."""
         if result.effects.events:
             for worker in self.workers:
-                worker.wake.set()
+                worker.offer(result.effects.events)
 
     async def run(self) -> None:
         async with anyio.create_task_group() as tg:
@@ -143,6 +144,7 @@ class HookWorker:
         self.calls = self.delivered = self.failed = 0
         self.changed = anyio.Event()
         self.version = self.saved = 0  # of what the cursor file should hold / holds
+        self.tasks: TaskGroup | None = None  # while serving
 
     async def run(self) -> None:
         """Serve the hook; a fault in it is logged and the hook restarted from its cursor,
@@ -158,10 +160,11 @@ class HookWorker:
     async def _serve(self) -> None:
         await self._load()
         try:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(self._keep_saved)
-                await self._read_log(tg)
+            async with anyio.create_task_group() as self.tasks:
+                self.tasks.start_soon(self._keep_saved)
+                await self._read_log()
         finally:
+            self.tasks = None
             with anyio.CancelScope(shield=True):
                 await self._save()
 
@@ -177,14 +180,24 @@ class HookWorker:
             saved = cursor.Cursor(last_seq, last=saved.last)
         self._reset(saved)
 
-    async def _read_log(self, tg: TaskGroup) -> None:
+    def offer(self, events: list[Event]) -> None:
+        """A committed batch's events: taken at once when they follow the last event read
+        and there is room (no read of the log), else read from the log later."""
+        if self.tasks is not None and events[0]["seq"] == self.read_to + 1 and \
+                len(self.waiting) < WINDOW:
+            self._take(events)
+        else:
+            self.wake.set()
+
+    async def _read_log(self) -> None:
+        """Read the log after what was read (catching up, or after the window was full)."""
         while True:
             if len(self.waiting) >= WINDOW:
                 await self._sleep()
                 continue
             page = await self.runner.registry.read(
                 lambda store: store.events.after(self.read_to, None, None, None, PAGE))
-            self._take(page, tg)
+            self._take(page)
             if len(page) < PAGE:
                 await self._sleep()
 
@@ -192,9 +205,13 @@ class HookWorker:
         await self.wake.wait()
         self.wake = anyio.Event()
 
-    def _take(self, page: list[Event], tg: TaskGroup) -> None:
+    def _take(self, page: list[Event]) -> None:
+        assert self.tasks is not None
         for event in page:
-            seq = self.read_to = event["seq"]
+            seq = event["seq"]
+            if seq <= self.read_to:  # offered while this page was being read
+                continue
+            self.read_to = seq
             if seq in self.done_above or not wanted(self.hook, event):
                 continue
             self.waiting.add(seq)
@@ -202,7 +219,7 @@ class HookWorker:
             queue = self.queues.get(key)
             if queue is None:
                 queue = self.queues[key] = deque()
-                tg.start_soon(self._drain, key, queue)
+                self.tasks.start_soon(self._drain, key, queue)
             queue.append(event)
         self._advance()
 
@@ -259,13 +276,14 @@ class HookWorker:
             self.done_above = {seq for seq in self.done_above if seq > cursor_seq}
 
     async def _keep_saved(self) -> None:
-        """Save the cursor after deliveries (one write for all that finished meanwhile), and
-        now and then when it only moved past events the hook does not want."""
+        """Save the cursor after deliveries (at most every SAVE_GAP: one write for all that
+        finished meanwhile), and now and then when it only moved past unwanted events."""
         while True:
             with anyio.move_on_after(SAVE_EVERY):
                 await self.changed.wait()
             self.changed = anyio.Event()
             await self._save()
+            await anyio.sleep(SAVE_GAP)
 
     async def _save(self) -> None:
         if self.version == self.saved:
