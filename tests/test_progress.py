@@ -285,3 +285,47 @@ def test_describe_says_what_a_process_waits_in() -> None:
         proc.kill()
         proc.wait()
 
+
+# --- runnerctl stack ------------------------------------------------------------------
+
+
+HUNG = """
+    import threading
+    {setup}
+
+    def hang_here():
+        threading.Event().wait()
+
+    {enter}
+        print({run_id}, flush=True)
+        hang_here()
+"""
+
+
+def test_stack_of_a_hung_rd_run_script_by_py_spy_and_by_signal(
+        daemon: Daemon, procs: list[subprocess.Popen[str]]) -> None:
+    proc = daemon.python(textwrap.dedent(HUNG.format(
+        setup="import runnerd_client as rd", enter='with rd.run("hung") as run:',
+        run_id="run.run_id")))
+    procs.append(proc)
+    assert proc.stdout is not None
+    run_id = proc.stdout.readline().strip()
+    for via in ("auto", "signal"):
+        out = daemon.ctl("stack", run_id, "--via", via).stdout
+        assert f"== process {proc.pid} (python" in out
+        assert "hang_here" in out and "wait" in out, out
+    assert "hang_here" in (Path(show(daemon, run_id)["run_dir"]) /
+                           f"stack-{proc.pid}.txt").read_text()
+
+
+def test_stack_of_a_hung_plain_script_under_exec(
+        daemon: Daemon, execs: list[subprocess.Popen[str]]) -> None:
+    _, run_id, command = launch(daemon, execs, HUNG.format(
+        setup="", enter="if True:", run_id="'ready'"))
+    out = daemon.ctl("stack", run_id).stdout
+    assert f"== process {command} (python" in out
+    assert "hang_here" in out, out
+    plain = daemon.ctl("stack", run_id, "--via", "signal", check=False)
+    assert plain.returncode == 1
+    assert "it dumps no stack on a signal" in plain.stdout
+    assert "no stack could be read" in plain.stderr

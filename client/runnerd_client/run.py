@@ -24,7 +24,7 @@ from pathlib import Path
 from types import FrameType, TracebackType
 from typing import IO, Any
 
-from runnerd_client import paths, trust
+from runnerd_client import paths, stacks, trust
 from runnerd_client.ids import new_key, new_run_id
 from runnerd_client.protocol import (
     Artifact,
@@ -300,6 +300,7 @@ class Run:
         if not self._attached:
             self.start()
         self._enable_faulthandler()
+        stacks.install(self.run_dir)
         self._catch_sigterm()
         self.start_heartbeats()
         self._active = ACTIVE.set(self)

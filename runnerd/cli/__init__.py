@@ -3,7 +3,7 @@
 Imports stay light (no daemon modules, no SQLite) so `runnerctl status` starts fast.
 """
 
-from runnerd.cli import admin, failures, hooks, launching, runs, sweeps  # noqa: F401  (they register commands)
+from runnerd.cli import admin, failures, hooks, launching, runs, stack, sweeps  # noqa: F401  (they register commands)
 from runnerd.cli.common import cli, parse_duration, parse_size
 
 __all__ = ["cli", "main", "parse_duration", "parse_size"]
