@@ -97,6 +97,8 @@ CASES: list[tuple[dict[str, Any], str | None, str, bool]] = [
     (rec("ExitCode", "exited", exit_code=130), None, "interrupted", True),
     # lost
     (rec("HeartbeatLost", "no heartbeat for 600 s", "lost"), None, "lost", True),
+    (rec("Stalled", "no CPU time, output, file writes or heartbeats for 600 s", "lost"), None,
+     "lost", True),
     # signal
     (rec("Signal:SIGSEGV", "process 4242 Fatal Python error: Segmentation fault",
          signal="SIGSEGV"), None, "signal", False),
