@@ -5,19 +5,21 @@ the daemon's refusal of a registry on a network filesystem."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import tempfile
 import textwrap
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
-from conftest import Daemon
+from conftest import Daemon, wait_for
 from runnerd.cli.merge import (
     group_failures,
     merge_failures,
@@ -218,6 +220,164 @@ def test_commands_for_one_daemon_refuse_several(nodes: Nodes) -> None:
         assert result.returncode == 2, args
         assert "one --socket" in result.stderr
     assert nodes.a.run_state("ZZAMBIG-a") == "pending"
+
+
+# --- a Dask cluster, through Dask ---------------------------------------------------
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def dask_test(test: F) -> F:
+    """A test with a real LocalCluster: Dask's own warnings are not ours to fail on."""
+    for mark in (pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+                 pytest.mark.filterwarnings("ignore::ResourceWarning"),
+                 pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning"),
+                 pytest.mark.timeout(180)):
+        test = mark(test)
+    return test
+
+
+def double(x: int) -> int:
+    return x * 2
+
+
+@dataclass
+class DaskNodes:
+    """Two emulated nodes (a daemon and a `dask worker` each, the worker pointed at its
+    node's daemon by its environment) and a third worker whose node has no daemon."""
+
+    a: Daemon
+    b: Daemon
+    address: str
+    client: Any
+    workers: dict[str, str]  # node a / b / nowhere -> worker address
+    keys: dict[str, list[str]]  # node -> the Dask keys of the tasks it ran
+
+    def ctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return self.a.ctl("--dask", self.address, *args, check=check)
+
+    def ctl_json(self, *args: str) -> Any:
+        return json.loads(self.ctl(*args, "--json").stdout)
+
+
+def start_worker(address: str, env: dict[str, str], *extra: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "distributed.cli.dask_worker", address, "--nthreads", "1",
+         "--nworkers", "1", "--no-dashboard", *extra], start_new_session=True,
+        stderr=subprocess.DEVNULL,
+        env={**env, "PYTHONPATH": str(Path(__file__).parent)})  # to find our tasks
+
+
+def stop_workers(workers: list[subprocess.Popen[bytes]]) -> None:
+    for worker in workers:
+        if worker.poll() is None:
+            os.killpg(worker.pid, signal.SIGKILL)
+        worker.wait()
+
+
+def worker_env(client: Any, count: int) -> dict[str, str]:
+    """Which worker (address) came from which started process, by its environment."""
+    client.wait_for_workers(count, timeout=60)
+    return dict(client.run(lambda: os.environ.get("NODE_NAME")))
+
+
+@pytest.fixture(scope="module")
+def dask_nodes() -> Iterator[DaskNodes]:
+    distributed = pytest.importorskip("distributed")
+    from runnerd_client.dask import RunnerdWorkerPlugin
+
+    with tempfile.TemporaryDirectory(prefix="rd-", dir="/tmp") as name:
+        a, b = Daemon(Path(name) / "a"), Daemon(Path(name) / "b")
+        for daemon in (a, b):
+            daemon.root.mkdir()
+            daemon.start()
+        cluster = distributed.LocalCluster(n_workers=0, dashboard_address=None)
+        client = distributed.Client(cluster)
+        nowhere = {**a.env, "RUNNERD_SOCKET": str(Path(name) / "nowhere" / "runnerd.sock")}
+        procs = [start_worker(cluster.scheduler_address, {**env, "NODE_NAME": node})
+                 for node, env in (("a", a.env), ("b", b.env), ("nowhere", nowhere))]
+        try:
+            by_worker = worker_env(client, 3)
+            workers = {node: worker for worker, node in by_worker.items()}
+            client.register_plugin(RunnerdWorkerPlugin(experiment="cluster"))
+            keys: dict[str, list[str]] = {}
+            for node in ("a", "b"):
+                futures = [client.submit(double, i, workers=[workers[node]], pure=False)
+                           for i in range(3 if node == "a" else 4)]
+                assert client.gather(futures) == [i * 2 for i in range(len(futures))]
+                keys[node] = [f.key for f in futures]
+            for node, daemon in (("a", a), ("b", b)):
+                wait_for(lambda d=daemon, n=node: len([
+                    r for r in d.ctl_json("list", "--experiment", "cluster")
+                    if r["state"] == "succeeded"]) == len(keys[n]),
+                    timeout=30, what=f"node {node}'s tasks recorded")
+            yield DaskNodes(a, b, cluster.scheduler_address, client, workers, keys)
+        finally:
+            client.close()
+            cluster.close()
+            stop_workers(procs)
+            a.stop()
+            b.stop()
+
+
+def node_name(daemon: Daemon) -> str:
+    return f"{os.uname().nodename}:{daemon.socket}"
+
+
+@dask_test
+def test_dask_lists_every_nodes_runs_and_names_the_one_without_a_daemon(
+        dask_nodes: DaskNodes) -> None:
+    result = dask_nodes.ctl("list", "--experiment", "cluster", "--json")
+    runs = json.loads(result.stdout)
+    by_node: dict[str, list[str]] = {}
+    for run in runs:
+        by_node.setdefault(run["daemon"], []).append(run["tags"]["dask_key"])
+    assert {node: sorted(keys) for node, keys in by_node.items()} == {
+        node_name(dask_nodes.a): sorted(dask_nodes.keys["a"]),
+        node_name(dask_nodes.b): sorted(dask_nodes.keys["b"])}
+    assert "nowhere/runnerd.sock" in result.stderr and "left out" in result.stderr
+    table = dask_nodes.ctl("list", "--experiment", "cluster").stdout
+    assert table.splitlines()[0].split()[:2] == ["HOST", "RUN"]
+
+
+@dask_test
+def test_dask_status_has_a_section_per_node(dask_nodes: DaskNodes) -> None:
+    body = dask_nodes.ctl_json("status")
+    reachable = {d["daemon"]: d["reachable"] for d in body["daemons"]}
+    assert reachable[node_name(dask_nodes.a)] and reachable[node_name(dask_nodes.b)]
+    assert [ok for name, ok in reachable.items() if "nowhere" in name] == [False]
+    assert body["counts"]["succeeded"] >= 7
+    text = dask_nodes.ctl("status").stdout
+    assert "All daemons (2 of 3 answered)" in text
+
+
+@dask_test
+def test_dask_show_and_failures_find_the_node(dask_nodes: DaskNodes) -> None:
+    run_id = make_failure(dask_nodes.b, "ZeroDivisionError")
+    shown = dask_nodes.ctl_json("show", run_id)
+    assert shown["daemon"] == node_name(dask_nodes.b) and shown["transitions"]
+    groups = dask_nodes.ctl_json("failures", "--group-by", "class")
+    assert any(g["key"] == "ZeroDivisionError" and g["daemons"] == [node_name(dask_nodes.b)]
+               for g in groups)
+
+
+@dask_test
+def test_dask_refuses_commands_for_one_daemon(dask_nodes: DaskNodes) -> None:
+    result = dask_nodes.ctl("cancel", "x", check=False)
+    assert result.returncode == 2 and "--dask" in result.stderr
+
+
+@dask_test
+def test_dask_with_no_scheduler_there_exits_3(short_tmp: Path) -> None:
+    pytest.importorskip("distributed")
+    daemon = Daemon(short_tmp)
+    result = daemon.ctl("--dask", "tcp://127.0.0.1:9", "list", check=False)
+    assert result.returncode == 3 and "cannot reach the Dask scheduler" in result.stderr
+
+
+def make_failure(daemon: Daemon, failure_class: str) -> str:
+    return client_runs(daemon, failure_class)[1]
+
 
 
 # --- export files -------------------------------------------------------------------

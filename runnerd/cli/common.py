@@ -260,17 +260,22 @@ MULTI_DAEMON_COMMANDS = ("status", "list", "show", "failures")
 @click.option("--socket", "socket_paths", type=click.Path(path_type=Path), multiple=True,
               help="Daemon socket (default: $RUNNERD_SOCKET or the XDG runtime path). Repeat "
                    f"it to query several as one: {', '.join(MULTI_DAEMON_COMMANDS)}.")
+@click.option("--dask", "dask_address", metavar="ADDRESS",
+              help="Ask the daemon of every node of the Dask cluster whose scheduler is at "
+                   f"ADDRESS, through the cluster: {', '.join(MULTI_DAEMON_COMMANDS)}.")
 @click.version_option(package_name="runnerd", prog_name="runnerctl")
 @click.pass_context
-def cli(ctx: click.Context, socket_paths: tuple[Path, ...]) -> None:
+def cli(ctx: click.Context, socket_paths: tuple[Path, ...], dask_address: str | None) -> None:
     """Query and command the runnerd daemon."""
     env = os.environ.get("RUNNERD_SOCKET")
     sockets = list(socket_paths) or ([Path(env)] if env else [])
-    if len(sockets) > 1 and ctx.invoked_subcommand not in MULTI_DAEMON_COMMANDS:
+    if (len(sockets) > 1 or dask_address) and \
+            ctx.invoked_subcommand not in MULTI_DAEMON_COMMANDS:
         raise click.UsageError(
-            f"{ctx.invoked_subcommand} talks to one daemon: give one --socket (several are "
-            f"for {', '.join(MULTI_DAEMON_COMMANDS)})")
-    ctx.obj = {"socket": sockets[0] if sockets else None, "sockets": sockets}
+            f"{ctx.invoked_subcommand} talks to one daemon: give one --socket (several, or "
+            f"--dask, are for {', '.join(MULTI_DAEMON_COMMANDS)})")
+    ctx.obj = {"socket": sockets[0] if sockets else None, "sockets": sockets,
+               "dask": dask_address}
 
 
 json_option = click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")

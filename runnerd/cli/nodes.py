@@ -59,8 +59,8 @@ class Answer:
 
 
 def several(ctx: click.Context) -> bool:
-    """Whether the command was given more than one daemon."""
-    return len(ctx.obj["sockets"]) > 1
+    """Whether the command was given more than one daemon (or a Dask cluster's)."""
+    return len(ctx.obj["sockets"]) > 1 or bool(ctx.obj.get("dask"))
 
 
 def _ask(path: Path, req: Request) -> Answer:
@@ -76,7 +76,12 @@ def _ask(path: Path, req: Request) -> Answer:
 
 
 def ask_each(ctx: click.Context, req: Request) -> list[Answer]:
-    """Every daemon's answer, asked at once (a forwarded socket may be slow), in --socket order."""
+    """Every daemon's answer, asked at once (a forwarded socket may be slow), in --socket
+    order; with --dask, every node's through the cluster."""
+    if ctx.obj.get("dask"):
+        from runnerd.cli import dask_nodes
+
+        return dask_nodes.ask_each(ctx, req)
     sockets: list[Path] = ctx.obj["sockets"]
     with ThreadPoolExecutor(max_workers=len(sockets)) as pool:
         return list(pool.map(lambda path: _ask(path, req), sockets))
