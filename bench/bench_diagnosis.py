@@ -103,6 +103,14 @@ def speed(cases: list[Case], rounds: int = 20) -> None:
     print(f"diagnosing a record (its traceback re-read): {judged * 1e3:.2f} ms on average")
     print(f"reading a {min(len(big.encode()), 64 * 1024) / 1024:.0f} KiB tail: "
           f"{long_read * 1e3:.1f} ms")
+    for name, text in (("4,600 exception lines", "ValueError: x\n" * 4600),
+                       ("32,768 dotted words", "a." * 32768)):
+        record = {"failure_class": "ExitCode", "message": "exit code 1", "traceback": text,
+                  "reason": "crash", "exit_code": 1}
+        start = time.perf_counter()
+        diagnose(record)
+        print(f"diagnosing a 64 KiB tail of {name}: "
+              f"{(time.perf_counter() - start) * 1e3:.1f} ms")
 
 
 def main() -> None:

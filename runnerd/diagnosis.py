@@ -30,6 +30,7 @@ from runnerd_client.tracebacks import explain
 
 MATCH_LIMIT = 4096
 EVIDENCE_LIMIT = 16 * 1024
+RAISED_LIMIT = 20  # the exceptions of a traceback that are matched (a log may print thousands)
 WITNESSED = ("oom", "walltime", "retired", "killed_worker")
 CATEGORIES = ("oom", "walltime", "retired", "killed_worker", "timeout", "network",
               "dependency", "validation", "numerical", "interrupted", "lost", "signal",
@@ -421,7 +422,7 @@ def _facts(record: Mapping[str, Any], category_hint: str | None) -> list[Facts]:
     failure_class = _text(record.get("failure_class"))
     message = _text(record.get("message"))
     found = explain(_text(record.get("traceback")))
-    others = [(str(r.failure_class), r.message) for r in found.raised]
+    others = [(str(r.failure_class), r.message) for r in found.raised[-RAISED_LIMIT:]]
     others += [("", line) for line in (*found.notes, found.ending) if line]
     evidence = "\n".join([f"{failure_class}: {message}",
                           *(f"{c}: {m}" for c, m in others)])[-EVIDENCE_LIMIT:]
