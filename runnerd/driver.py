@@ -95,7 +95,8 @@ class Launched:
     def _attempt(self, attempt: Attempt) -> CellOutcome:
         cell = attempt.cell
         how = launch.Attempt(self.launcher, echo=False, retry_of=attempt.retry_of,
-                             cell=Cell(self.options.sweep_id, cell.index, attempt.claim_after))
+                             cell=Cell(self.options.sweep_id, cell.index, attempt.claim_after,
+                                       replication=self.options.replication))
         try:
             done = run_once(self.client, cell_launch(self.sweep, cell, self.options.resume),
                             how)

@@ -103,6 +103,38 @@ def test_a_cell_is_claimed_once_per_attempt_it_follows(conn: RawClient) -> None:
         [(0, 2, second, "running"), (1, 0, None, "pending")]  # a pending attempt is live
 
 
+def test_a_cell_that_succeeded_meanwhile_is_not_claimed_again(conn: RawClient) -> None:
+    """A resume plans the cells that did not succeed; one that another driver ran to
+    success since is not run a second time."""
+    sweep_id = new_sweep(conn, "succeeded-meanwhile", {"x": [1]})
+    first, _ = claim(conn, sweep_id, "succeeded-meanwhile", 0, {"x": 1})
+    end(conn, first, op="succeed")
+    _, reply = claim(conn, sweep_id, "succeeded-meanwhile", 0, {"x": 1}, after=first)
+    assert reply["error"]["code"] == "conflict"
+    assert f"succeeded meanwhile (run {first})" in reply["error"]["message"]
+
+
+def test_a_replicating_attempt_is_linked_to_its_cell_and_claims_nothing(
+        conn: RawClient) -> None:
+    sweep_id = new_sweep(conn, "replicated", {"x": [1, 2]})
+    first, _ = claim(conn, sweep_id, "replicated", 0, {"x": 1})
+    end(conn, first, reason="crash", message="boom")
+    recorded = ok(conn, "sweep_cells", sweep=sweep_id)["cells"]
+    again, reply = claim(conn, sweep_id, "replicated", 0, {"x": 1}, replicates=True)
+    assert reply["ok"], reply
+    end(conn, again, op="succeed")
+    _, reply = claim(conn, sweep_id, "replicated", 1, {"x": 2}, replicates=True)
+    assert reply["ok"], reply  # a cell never run can be replicated too: it stays pending
+    assert ok(conn, "sweep_cells", sweep=sweep_id)["cells"] == recorded
+    linked = ok(conn, "get", run=again)["run"]
+    assert (linked["sweep_id"], linked["cell"]) == (sweep_id, 0)
+    _, reply = claim(conn, sweep_id, "replicated", 0, {"x": 2}, replicates=True)
+    assert reply["error"]["code"] == "bad_request"  # not that cell's variation
+    code, _ = error(conn, "create", key=new_key(), run_id=new_run_id(),
+                    experiment="replicated", replicates=True)
+    assert code == "bad_request"  # replicating no cell
+
+
 def test_a_claim_must_name_the_cells_experiment_and_variation(conn: RawClient) -> None:
     sweep_id = new_sweep(conn, "names", {"x": [1]})
     _, reply = claim(conn, sweep_id, "other", 0, {"x": 1})

@@ -541,6 +541,14 @@ def replicated(output: str) -> dict[int, str]:
     return {int(m.group(1)): m.group(3) for m in REPLICATION_ROW.finditer(output)}
 
 
+def report_of(output: str) -> dict[str, Any]:
+    found = re.search(r"; replication (\S+), report (\S+)$", output, re.M)
+    assert found, output
+    report: dict[str, Any] = json.loads(Path(found.group(2)).read_text())
+    assert report["replication_id"] == found.group(1)
+    return report
+
+
 def test_replicate_checks_each_cell_ends_as_recorded(daemon: Daemon, short_tmp: Path) -> None:
     cells = Cells(short_tmp, fail=("2",))
     first = runnerctl(daemon, "sweep", "run", "--experiment", "again", "--grid",
@@ -548,6 +556,8 @@ def test_replicate_checks_each_cell_ends_as_recorded(daemon: Daemon, short_tmp: 
                       "--", *cells.command("x"))
     assert first.returncode == 1
     sweep_id = sweep_id_of(first.stdout)
+    manifest = manifest_path_of(first.stdout)
+    recorded, written = show(daemon, sweep_id), manifest.read_text()
 
     same = runnerctl(daemon, "sweep", "replicate", sweep_id)
     assert same.returncode == 0, same.stdout + same.stderr
@@ -555,18 +565,39 @@ def test_replicate_checks_each_cell_ends_as_recorded(daemon: Daemon, short_tmp: 
     assert "4 of 4 cell(s) ended as recorded" in same.stdout
     assert re.search(r"^2\s+x=2\s+failed ValueError \[\w+\]\s+failed ValueError \[\w+\]\s+yes",
                      same.stdout, re.M), same.stdout
-    assert len(sweep_runs(daemon, sweep_id)) == 8
+    report = report_of(same.stdout)
+    assert (report["sweep_id"], report["same"], report["differ"]) == (sweep_id, 4, 0)
+    assert Path(manifest.parent, f"replication-{report['replication_id']}.json").exists()
+    linked = sweep_runs(daemon, sweep_id)
+    assert len(linked) == 8  # its attempts are linked to the sweep's cells...
+    assert sorted(r["run_id"] for r in linked if r["tags"].get("replication") ==
+                  report["replication_id"]) == sorted(c["now"]["run_id"] for c in report["cells"])
+    assert show(daemon, sweep_id) == recorded  # ...and claim none of them
+    assert manifest.read_text() == written
 
-    changed = runnerctl(daemon, "sweep", "replicate", sweep_id, "--failed-only",
-                        env={"MODE": "key"})
+    cells.fail("1")  # newly failing: the verdict says so, the sweep's record does not change
+    changed = runnerctl(daemon, "sweep", "replicate", sweep_id)
     assert changed.returncode == 1, changed.stdout + changed.stderr
-    assert replicated(changed.stdout) == {2: "NO"}
-    assert "0 of 1 cell(s) ended as recorded" in changed.stdout
-    assert len(sweep_runs(daemon, sweep_id)) == 9
-    shown = show(daemon, sweep_id)
-    assert [c["attempts"] for c in shown["cells"]] == [2, 2, 3, 2]
-    assert shown["cells"][2]["failure"]["failure_class"] == "KeyError"
-    assert cells.starts() == Counter({"0": 2, "1": 2, "2": 3, "3": 2})
+    assert replicated(changed.stdout) == {0: "yes", 1: "NO", 2: "yes", 3: "yes"}
+    assert "3 of 4 cell(s) ended as recorded" in changed.stdout
+    verdict = report_of(changed.stdout)["cells"][1]
+    assert (verdict["recorded"]["state"], verdict["now"]["state"]) == ("succeeded", "failed")
+    assert show(daemon, sweep_id) == recorded
+
+    cells.heal("1")  # compared with the sweep's record again, not with the last replication
+    healed = runnerctl(daemon, "sweep", "replicate", sweep_id)
+    assert replicated(healed.stdout) == {0: "yes", 1: "yes", 2: "yes", 3: "yes"}
+    other = runnerctl(daemon, "sweep", "replicate", sweep_id, "--failed-only",
+                      env={"MODE": "key"})
+    assert other.returncode == 1
+    assert replicated(other.stdout) == {2: "NO"}
+    assert re.search(r"^2\s+x=2\s+failed ValueError \[\w+\]\s+failed KeyError \[\w+\]\s+NO",
+                     other.stdout, re.M), other.stdout
+    after = show(daemon, sweep_id)
+    assert after == recorded
+    assert [c["attempts"] for c in after["cells"]] == [1, 1, 1, 1]
+    assert len(sweep_runs(daemon, sweep_id)) == 4 + 4 + 4 + 4 + 1
+    assert cells.starts() == Counter({"0": 4, "1": 4, "2": 5, "3": 4})
 
 
 def test_the_attempts_column_is_the_manifests_attempts(daemon: Daemon, short_tmp: Path) -> None:

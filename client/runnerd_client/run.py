@@ -85,6 +85,9 @@ class Cell:
     sweep_id: str
     index: int
     claim_after: str | None = None
+    replication: str | None = None
+    """Set: the attempt replicates the cell instead (`sweep replicate`): it is linked to the
+    cell and tagged with this replication's id, and claims nothing."""
 
 
 class Client(Reporter):
@@ -115,6 +118,9 @@ class Client(Reporter):
                           "deadline": deadline, "stall_timeout": stall_timeout})
         claim: dict[str, Any] = {"sweep_id": cell.sweep_id, "cell": cell.index,
                  "claim_after": cell.claim_after} if cell else {}
+        if cell and cell.replication:
+            claim["replicates"] = True
+            tags = {**(tags or {}), "replication": cell.replication}
         reply = self.wait(self.emit(Create(
             key=new_key(), run_id=run_id, experiment=experiment, variation=variation,
             params=params or {}, tags=tags or {}, cwd=os.getcwd(), run_dir=str(folder),

@@ -4,9 +4,11 @@ the summary table and the exit status; the turn itself is `runnerd.driver`'s."""
 from __future__ import annotations
 
 import json
+import signal
 import sys
 import threading
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
@@ -14,10 +16,13 @@ from runnerd.cli.common import EXIT_ERROR, EXIT_UNREACHABLE, EXIT_USAGE, fail, s
 from runnerd_client.connection import Connection, DaemonUnavailable
 from runnerd_client.ids import new_key
 from runnerd_client.protocol import RunnerdError, SweepGet, SweepStart
+from runnerd_client.sweep_engine import Listener
 from runnerd_client.sweep_model import CellOutcome, PlannedCell, SweepOptions, SweepResult
 
 if TYPE_CHECKING:
     from runnerd.driver import Turn
+
+T = TypeVar("T")
 
 
 def connect(ctx: click.Context) -> Connection:
@@ -99,9 +104,9 @@ def on_dask(address: str, stored: dict[str, Any], options: SweepOptions,
     return 0 if all(o.state in ("succeeded", "taken") for o in result.outcomes) else 1
 
 
-def drive_turn(ctx: click.Context, stored: dict[str, Any], options: SweepOptions,
-               planned: list[PlannedCell]) -> tuple[Turn, SweepResult] | None:
-    """Run a turn of launched cells, drawing progress on a terminal."""
+def with_progress(intro: str, total: int, run: Callable[[Listener], T]) -> T:
+    """Call `run` with a listener printing a line per finished cell and, on a terminal,
+    redrawing a progress line; a daemon that stayed away is an error."""
     from runnerd import driver
 
     tty = sys.stderr.isatty()
@@ -118,11 +123,9 @@ def drive_turn(ctx: click.Context, stored: dict[str, Any], options: SweepOptions
             with out:
                 click.echo(f"\r{text}\033[K", nl=False, err=True)
 
-    tell(f"sweep {stored['sweep_id']}: {len(planned)} cell(s) of"
-         f" {shown(stored['experiment'])}, {options.jobs} at once, {options.policy}")
+    tell(intro)
     try:
-        return driver.drive(ctx.obj["socket"], stored, options, planned,
-                            driver.Progress(len(planned), tell, draw))
+        return run(driver.Progress(total, tell, draw))
     except driver.NotRecorded as exc:
         fail(f"the sweep's end was not recorded: {exc}\n(its cells' events are spooled;"
              " `runnerctl sweep resume` once runnerd is back)", EXIT_ERROR)
@@ -134,14 +137,39 @@ def drive_turn(ctx: click.Context, stored: dict[str, Any], options: SweepOptions
 def drive(ctx: click.Context, stored: dict[str, Any], options: SweepOptions,
           planned: list[PlannedCell]) -> int:
     """Run the planned cells, end the turn, print the summary; the exit status."""
-    turn = drive_turn(ctx, stored, options, planned)
-    if turn is None:
-        return EXIT_ERROR
-    print_summary(*turn)
-    return exit_status(*turn)
+    from runnerd import driver
+
+    turn, result = with_progress(
+        f"sweep {stored['sweep_id']}: {len(planned)} cell(s) of"
+        f" {shown(stored['experiment'])}, {options.jobs} at once, {options.policy}",
+        len(planned), lambda listener: driver.drive(ctx.obj["socket"], stored, options,
+                                                    planned, listener))
+    print_summary(turn, result)
+    return exit_status(turn)
 
 
-def exit_status(turn: Turn, result: SweepResult) -> int:
+def replicate(ctx: click.Context, stored: dict[str, Any], recorded: dict[int, Any],
+              jobs: int | None) -> int:
+    """Replicate the recorded cells, print each verdict; exit 1 on any difference."""
+    from runnerd import replicate
+
+    def run(listener: Listener) -> replicate.Replication:
+        try:
+            return replicate.replicate(ctx.obj["socket"], stored, recorded, jobs, listener)
+        except OSError as exc:
+            fail(f"the replication's report was not written: {exc}", EXIT_ERROR)
+
+    done = with_progress(f"sweep {stored['sweep_id']}: {len(recorded)} cell(s) of"
+                         f" {shown(stored['experiment'])} replicated", len(recorded), run)
+    say(table(("CELL", "VARIATION", "RECORDED", "NOW", "SAME", "RUN"), [
+        (v.index, v.variation, v.recorded.text(), v.now.text(), "yes" if v.same else "NO",
+         v.now.run_id or "-") for v in done.verdicts]))
+    say(f"{len(done.verdicts) - done.differ} of {len(done.verdicts)} cell(s) ended as"
+        f" recorded; replication {done.replication_id}, report {done.report}")
+    return 1 if done.differ else 128 + signal.SIGINT if done.interrupted else 0
+
+
+def exit_status(turn: Turn) -> int:
     if turn.interrupted is not None:
         return 128 + turn.interrupted.signum
     return 0 if all(o.state in ("succeeded", "taken") for o in turn.outcomes) else 1

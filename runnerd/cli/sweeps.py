@@ -35,12 +35,10 @@ from runnerd.cli.common import (
 from runnerd.cli.sweep_turns import (
     connect,
     counts_text,
-    drive_turn,
-    exit_status,
+    replicate,
     resume_sweep,
     run_cells,
     stored_sweep,
-    take_over,
 )
 from runnerd_client.cells import SpecError, differences, expand, grid_values, placeholders
 from runnerd_client.ids import new_key, new_run_id
@@ -52,7 +50,7 @@ from runnerd_client.protocol import (
     SweepList,
     SweepPolicy,
 )
-from runnerd_client.sweep_model import CellOutcome, PlannedCell, SweepOptions
+from runnerd_client.sweep_model import PlannedCell, SweepOptions
 
 POLICIES = click.Choice([p.value for p in SweepPolicy])
 MANIFEST_KEYS = ("sweep_id", "experiment", "failure_policy", "spec", "created_at", "ended_at",
@@ -190,52 +188,18 @@ def sweep_resume(ctx: click.Context, sweep_ref: str, grid: tuple[str, ...],
 def sweep_replicate(ctx: click.Context, sweep_ref: str, failed_only: bool,
                     jobs: int | None) -> None:
     """Run cells again and check each ends as recorded: succeeded again, or failed with the
-    same failure class and signature. Exit 1 on any difference."""
-    from runnerd.driver import with_latest
+    same failure class and signature. The replication is a record of its own (a report
+    beside the manifest); the sweep's outcomes stay as they were. Exit 1 on any difference."""
+    from runnerd.replicate import recorded_cells
     from runnerd_client.sweep_record import sweep_cells
 
     conn = connect(ctx)
     stored = stored_sweep(conn, sweep_ref)
-    wanted = ("failed",) if failed_only else ("succeeded", "failed")
-    recorded = {c["index"]: c for c in sweep_cells(conn, stored["sweep_id"])
-                if c["state"] in wanted}
+    recorded = recorded_cells(sweep_cells(conn, stored["sweep_id"]), failed_only)
+    conn.close()
     if not recorded:
         fail("no cell has a recorded outcome to replicate", EXIT_ERROR)
-    take_over(conn, stored["sweep_id"])
-    conn.close()
-    options = SweepOptions.of(stored, jobs=jobs, policy=SweepPolicy.CONTINUE_ON_FAILURE)
-    turn = drive_turn(ctx, stored, options, [with_latest(c) for c in recorded.values()])
-    if turn is None:
-        sys.exit(EXIT_ERROR)
-    rows, differ = replication_table(recorded, turn[0].outcomes)
-    say(table(("CELL", "VARIATION", "RECORDED", "NOW", "SAME", "RUN"), rows))
-    say(f"{len(rows) - differ} of {len(rows)} cell(s) ended as recorded")
-    sys.exit(1 if differ else exit_status(*turn) if turn[0].interrupted else 0)
-
-
-def _ending(state: str, failure: dict[str, Any] | None) -> tuple[str, str | None, str | None]:
-    failure = failure or {}
-    return state, failure.get("failure_class"), failure.get("signature")
-
-
-def replication_table(recorded: dict[int, dict[str, Any]], outcomes: list[CellOutcome]
-                      ) -> tuple[list[tuple[Any, ...]], int]:
-    """Per cell: the recorded ending, the new one, and whether they are the same."""
-    rows, differ = [], 0
-    for outcome in sorted(outcomes, key=lambda o: o.index):
-        expected = recorded[outcome.index]
-        before = _ending(expected["state"], expected["failure"])
-        now = _ending(outcome.state, outcome.failure)
-        same = before == now
-        differ += not same
-        rows.append((outcome.index, expected["variation"], _describe(before), _describe(now),
-                     "yes" if same else "NO", outcome.run_id or "-"))
-    return rows, differ
-
-
-def _describe(ending: tuple[str, str | None, str | None]) -> str:
-    state, failure_class, signature = ending
-    return state if failure_class is None else f"{state} {failure_class} [{signature}]"
+    sys.exit(replicate(ctx, stored, recorded, jobs))
 
 
 @sweep.command("list")

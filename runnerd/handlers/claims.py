@@ -20,6 +20,9 @@ from runnerd_client.protocol import Create, ErrorCode, FailReason, RunnerdError,
 def followed(store: Store, req: Create, at: float) -> RunRow | None:
     """The attempt `req` resumes, if any, once it may take over: the cell's latest attempt
     (for a cell) or the variation's (with `resume`); a succeeded one is not resumed."""
+    if req.replicates:
+        cell_of(store, req)  # linked to the cell, it claims and resumes nothing
+        return None
     previous = claim_cell(store, req, at) if req.sweep_id is not None else \
         resumable(store, req, at) if req.resume else None
     if not req.resume or previous is None or previous.state == State.SUCCEEDED:
@@ -30,21 +33,32 @@ def followed(store: Store, req: Create, at: float) -> RunRow | None:
 
 def claim_cell(store: Store, req: Create, at: float) -> RunRow | None:
     """Check that the cell is the requester's to run (its latest attempt is still the one
-    it planned after, or runs the same task, and none is live); return that latest attempt."""
-    assert req.sweep_id is not None and req.cell is not None
-    sweep = store.sweeps.require(req.sweep_id)
-    cell = store.sweeps.cell(req.sweep_id, req.cell)
-    if (sweep.experiment, cell.variation) != (req.experiment, req.variation):
-        raise bad(f"cell {req.cell} of sweep {req.sweep_id} is"
-                  f" {sweep.experiment}/{cell.variation}")
-    latest = cell.latest_run_id
+    it planned after, or runs the same task, and none is live or succeeded); return that
+    latest attempt. A planner plans only cells that did not succeed: one that succeeded
+    since (another driver ran it) is not run again."""
+    latest = cell_of(store, req)
     row = store.runs.get(latest) if latest else None
     if latest != req.claim_after and not same_task(row, req):
         raise RunnerdError(ErrorCode.CONFLICT, f"cell {req.cell} of sweep {req.sweep_id}"
                            f" was claimed meanwhile by run {latest}")
     if row is not None:
         take_over(store, row, at, f"cell {req.cell} of sweep {req.sweep_id}")
+        if row.state == State.SUCCEEDED:
+            raise RunnerdError(ErrorCode.CONFLICT, f"cell {req.cell} of sweep"
+                               f" {req.sweep_id} succeeded meanwhile (run {latest})")
     return row
+
+
+def cell_of(store: Store, req: Create) -> str | None:
+    """The run of the cell's latest attempt, once the cell is known to be the request's
+    experiment and variation."""
+    assert req.sweep_id is not None and req.cell is not None
+    sweep = store.sweeps.require(req.sweep_id)
+    cell = store.sweeps.cell(req.sweep_id, req.cell)
+    if (sweep.experiment, cell.variation) != (req.experiment, req.variation):
+        raise bad(f"cell {req.cell} of sweep {req.sweep_id} is"
+                  f" {sweep.experiment}/{cell.variation}")
+    return cell.latest_run_id
 
 
 def same_task(latest: RunRow | None, req: Create) -> bool:
