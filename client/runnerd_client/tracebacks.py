@@ -50,6 +50,8 @@ _BARE = re.compile(
     r"|KilledWorker|BrokenProcessPool|TimeoutExpired|Timeout|gaierror|Warning))"
     r"\s*(?::(?P<msg>.*))?$", re.ASCII)
 _TERMINATE = re.compile(r"terminate called after throwing an instance of '(?P<cls>[^']+)'")
+# What Python prints for an exception it could not raise (in __del__, at shutdown).
+_IGNORED = re.compile(r"^Exception ignored in\b")
 _WHAT = re.compile(r"^\s*what\(\):\s*(?P<msg>.*)$")
 # Lines worth a look when no exception explains the failure.
 _NOTABLE = re.compile(
@@ -124,7 +126,7 @@ def _bare_exception(line: str) -> re.Match[str] | None:
 
 def _stops_message(line: str) -> bool:
     return (not line.strip() or bool(_HEADER.search(line)) or bool(_FRAME.match(line))
-            or bool(_CHAIN.match(line)) or bool(_LOG.match(line))
+            or bool(_CHAIN.match(line)) or bool(_LOG.match(line)) or bool(_IGNORED.match(line))
             or bool(_bare_exception(line)) or bool(_TERMINATE.search(line)))
 
 
@@ -148,12 +150,16 @@ class _Reader:
         self.raw = raw
         self.lines = [_clean(line) for line in raw]
         self.raised: list[tuple[int, Raised]] = []
+        self.ignored: set[int] = set()  # positions in `raised` of ignored exceptions
         self.taken: set[int] = set()
+        self._ignoring = False
 
     def read(self) -> None:
         in_block, since_frame, index = False, 0, 0
         while index < len(self.lines):
             line = self.lines[index]
+            if _IGNORED.match(line):
+                self._ignoring = True
             if _HEADER.search(line) or _FRAME.match(line) or _BOX.match(line):
                 in_block, since_frame = True, 0
                 self.taken.add(index)
@@ -193,6 +199,9 @@ class _Reader:
 
     def _add(self, index: int, name: str, first: str | None) -> int:
         message, end = _message(self.lines, index, first)
+        if self._ignoring:
+            self.ignored.add(len(self.raised))
+            self._ignoring = False
         self.raised.append((index, Raised(name.strip(), message)))
         self.taken.update(range(index, end))
         return end
@@ -220,7 +229,8 @@ def explain(text: str) -> Explained:
     reader = _Reader(raw)
     reader.read()
     raised = [r for _, r in reader.raised]
-    return Explained(_explaining(raised), tuple(raised), reader.notes(), _ending(raw))
+    ended = [r for i, r in enumerate(raised) if i not in reader.ignored] or raised
+    return Explained(_explaining(ended), tuple(raised), reader.notes(), _ending(raw))
 
 
 def _ending(raw: list[str]) -> str:
