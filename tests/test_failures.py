@@ -10,6 +10,8 @@ import sys
 import textwrap
 from typing import Any
 
+import pytest
+
 from conftest import Daemon, wait_for
 
 SEGFAULT = textwrap.dedent("""
@@ -304,6 +306,7 @@ JOBLIB_AND_SKLEARN = textwrap.dedent("""
 
 
 def test_joblib_killed_workers_and_sklearn_parameters(daemon: Daemon, short_tmp: Any) -> None:
+    pytest.importorskip("sklearn")  # with joblib; installed by the test extras (mlflow's)
     script = short_tmp / "libs.py"
     script.write_text(JOBLIB_AND_SKLEARN)
     for lib in ("joblib", "sklearn"):
