@@ -9,17 +9,20 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 
 from conftest import Daemon, wait_for
-from runnerd.config import ConfigError, Hook, load
-from runnerd.hooks import cursor
+from runnerd.config import Config, ConfigError, Hook, load
+from runnerd.hooks import cursor, runner
 from runnerd.hooks.call import HookCall
-from runnerd.hooks.runner import event_name, hook_event, wanted
+from runnerd.hooks.runner import HookRunner, event_name, hook_event, wanted
+from runnerd.registry import Registry
 from runnerd_client.connection import Connection
 from runnerd_client.protocol import Subscribe
 
@@ -444,3 +447,47 @@ def test_a_cursor_is_never_read_or_written_through_a_symlink(tmp_path: Path) -> 
     assert saved is not None and (saved.seq, saved.delivered) == (5, {7, 9})
     (folder / "h.json").write_text("not json")
     assert cursor.load(folder, "h") is None
+
+
+async def test_a_full_window_stops_reading_the_log_until_there_is_room(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """In process, on a real registry: with room for 4 waiting events and pages of 3, a
+    hook that catches up on 30 logged events while 30 more are committed delivers each
+    once, in order per run."""
+    monkeypatch.setattr(runner, "WINDOW", 4)
+    monkeypatch.setattr(runner, "PAGE", 3)
+    out = tmp_path / "delivered.jsonl"
+    registry = Registry(tmp_path / "state" / "registry.sqlite3")
+    await registry.open()
+    hook = Hook(name="w", events=("*",), command=("sh", "-c", f'printf "%s\\n" "$(cat)" >> {out}'))
+    cfg = Config(db=registry.path, socket=tmp_path / "runnerd.sock", hooks=(hook,),
+                 hook_concurrency=2)
+    folder = registry.path.parent / "hooks"
+    folder.mkdir(mode=0o700)
+    cursor.save(folder, "w", cursor.Cursor(0))  # it has everything logged below to catch up
+
+    async def log(numbers: range) -> None:
+        for n in numbers:
+            await registry.submit(lambda store, n=n: store.events.log(
+                f"run{n % 3}", "checkpoint", time.time(), {"data": n, "path": None}))
+
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(registry.run_writer)
+        await log(range(30))
+        hooks = HookRunner(cfg, registry)
+        registry.subscribers.append(hooks.on_commit)
+        tasks.start_soon(hooks.run)
+        await log(range(30, 60))
+        with anyio.fail_after(60):
+            while len(records(out)) < 60:
+                await anyio.sleep(0.01)
+        tasks.cancel_scope.cancel()
+    await registry.close_db()
+    got = [(body["event"]["run_id"], body["event"]["seq"], body["event"]["data"]["data"])
+           for body in records(out)]
+    assert sorted(seq for _, seq, _ in got) == list(range(1, 61))
+    for run_id in ("run0", "run1", "run2"):
+        numbers = [n for run, _, n in got if run == run_id]
+        assert numbers == sorted(numbers) and len(numbers) == 20
+    saved = cursor.load(folder, "w")
+    assert saved is not None and saved.seq == 60
