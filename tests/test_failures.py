@@ -230,9 +230,12 @@ def test_a_cuda_oom_under_exec_reads_as_out_of_memory_not_exit_code(
     assert (failure["category"], failure["retryable"]) == ("oom", False)
     assert failure["exit_code"] == 1
     assert "in forward" in failure["traceback"]
-    table = daemon.ctl("failures", "--experiment", "oom").stdout
-    assert "torch.cuda.OutOfMemoryError: CUDA out of memory" in table
-    assert "ExitCode" not in table
+    table = daemon.ctl("failures", "--experiment", "oom").stdout.splitlines()
+    assert table[0].split()[4:6] == ["CATEGORY", "RETRY"]
+    row = table[1].split()
+    assert row[row.index("crash") + 1:][:2] == ["oom", "no"]
+    assert "torch.cuda.OutOfMemoryError: CUDA out of memory" in table[1]
+    assert "ExitCode" not in table[1]
     advice = daemon.ctl("diagnose", "--experiment", "oom").stdout
     assert "1 x oom (not retryable): out of memory (host or GPU)" in advice
 

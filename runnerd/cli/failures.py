@@ -62,12 +62,18 @@ def failures(ctx: click.Context, group_by: str | None, since: float | None,
 
 
 def failures_table(records: Sequence[dict[str, Any]], hosts: bool = False) -> str:
-    """With `hosts` (several daemons), a HOST column comes first."""
-    return table(("HOST",) * hosts + ("RUN", "WHEN", "EXPERIMENT", "REASON", "FAILURE",
-                                      "SIGNATURE"), [
+    """With `hosts` (several daemons), a HOST column comes first. CATEGORY and RETRY are the
+    diagnosis: what kind of failure, and whether a rerun as is may help."""
+    return table(("HOST",) * hosts + ("RUN", "WHEN", "EXPERIMENT", "REASON", "CATEGORY",
+                                      "RETRY", "FAILURE", "SIGNATURE"), [
         (f.get("host") or "-",) * hosts + (
             f["run_id"], local_time(f["at"]), f["experiment"], f["reason"],
+            f.get("category") or "-", _retry(f.get("retryable")),
             failure_summary({"failure": f}), f["signature"]) for f in records])
+
+
+def _retry(retryable: Any) -> str:
+    return "-" if retryable is None else "yes" if retryable else "no"
 
 
 def groups_table(group_by: str, groups: Sequence[dict[str, Any]]) -> str:
