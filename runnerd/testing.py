@@ -9,6 +9,7 @@ to runnerd. Keep `folder` short: a unix socket path has at most 107 bytes.
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import socket
@@ -127,6 +128,7 @@ class RawClient:
     def __init__(self, path: Path | str, timeout: float = 10.0) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(timeout)
+        self._ids = itertools.count(1000)  # clear of the small ids of hand-made frames
         try:
             self.sock.connect(str(path))
         except OSError:
@@ -148,6 +150,14 @@ class RawClient:
     def call(self, msg: dict[str, Any]) -> dict[str, Any]:
         self.send(msg)
         return self.recv()
+
+    def request(self, op: str, /, **fields: Any) -> dict[str, Any]:
+        """Send `op` with `fields` and a fresh id; its reply, which must answer that id."""
+        req_id = next(self._ids)
+        reply = self.call({"op": op, "id": req_id, **fields})
+        if reply.get("id") != req_id:
+            raise AssertionError(f"the reply to {op} (id {req_id}) is {reply!r}")
+        return reply
 
     def hello(self, client: str = "tests") -> dict[str, Any]:
         return self.call({"op": "hello", "v": 1, "id": 0, "client": client})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import sqlite3
@@ -18,6 +19,7 @@ import pytest
 
 from runnerd import testing
 from runnerd.testing import RawClient
+from runnerd_client.ids import new_key, new_run_id
 
 T = TypeVar("T")
 
@@ -122,6 +124,63 @@ def daemon(short_tmp: Path) -> Iterator[Daemon]:
         yield d
     finally:
         d.stop()
+
+
+class Wire:
+    """Greeted raw connections to one daemon, all closed at the end: requests on the first
+    (`client`), each reply checked to answer its id, and the check that the daemon still
+    serves everyone."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+        self.opened: list[RawClient] = []
+
+    @functools.cached_property
+    def client(self) -> RawClient:
+        return self.connect()
+
+    def connect(self, hello: bool = True) -> RawClient:
+        client = RawClient(self.daemon.socket)
+        self.opened.append(client)
+        if hello:
+            assert client.hello()["ok"] is True
+        return client
+
+    def call(self, op: str, /, **fields: Any) -> dict[str, Any]:
+        return self.client.request(op, **fields)
+
+    def ok(self, op: str, /, **fields: Any) -> dict[str, Any]:
+        reply = self.call(op, **fields)
+        assert reply["ok"] is True, reply
+        return reply
+
+    def assert_serving(self, *others: RawClient) -> None:
+        """The daemon is up, still serves its clients, and serves a new one end to end."""
+        try:
+            for other in others:
+                assert other.request("status")["ok"] is True
+            self._full_run()
+        except OSError as exc:
+            proc = self.daemon.proc
+            pytest.fail(f"runnerd stopped serving ({exc!r}; exit code "
+                        f"{proc.poll() if proc else None}): {self.daemon.log.read_text()[-3000:]}")
+        assert self.daemon.ctl("status").returncode == 0
+
+    def _full_run(self) -> None:
+        client = self.connect()
+        run_id = new_run_id()
+        created = client.request("create", key=new_key(), run_id=run_id, experiment="healthy",
+                                 params={"lr": 0.1})
+        assert created["ok"] is True, created
+        assert client.request("start", key=new_key(), run_id=run_id)["state"] == "running"
+        assert client.request("succeed", key=new_key(), run_id=run_id)["state"] == "succeeded"
+        run = client.request("get", run=run_id)["run"]
+        assert (run["state"], run["params"]) == ("succeeded", {"lr": 0.1})
+        client.close()
+
+    def close(self) -> None:
+        for client in self.opened:
+            client.close()
 
 
 @pytest.fixture

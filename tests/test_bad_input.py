@@ -9,7 +9,6 @@ the request-level cases share one daemon for the module, which they must all lea
 
 from __future__ import annotations
 
-import itertools
 import os
 import socket
 import subprocess
@@ -21,19 +20,14 @@ from typing import Any
 import msgpack
 import pytest
 
-from conftest import Daemon, RawClient, wait_for
+from conftest import Daemon, RawClient, Wire, wait_for
 from runnerd_client.ids import new_key, new_run_id
 from runnerd_client.protocol import DEFAULT_MAX_FRAME, HEADER, frame, unpack_body
-
-_ids = itertools.count(1000)
 
 
 def call(conn: RawClient, op: str, /, **fields: Any) -> dict[str, Any]:
     """Send one request with a fresh id; check the reply answers that id."""
-    req_id = next(_ids)
-    reply = conn.call({"op": op, "id": req_id, **fields})
-    assert reply["id"] == req_id, reply
-    return reply
+    return conn.request(op, **fields)
 
 
 def error_of(reply: dict[str, Any]) -> str:
@@ -42,12 +36,6 @@ def error_of(reply: dict[str, Any]) -> str:
     error = reply["error"]
     assert isinstance(error["message"], str) and error["message"], reply
     return str(error["code"])
-
-
-def greeted(daemon: Daemon) -> RawClient:
-    client = RawClient(daemon.socket)
-    assert client.hello()["ok"] is True
-    return client
 
 
 def assert_closed(client: RawClient) -> None:
@@ -89,47 +77,6 @@ def _running(client: RawClient) -> str:
     assert call(client, "create", key=new_key(), run_id=run_id, experiment="e")["ok"] is True
     assert call(client, "start", key=new_key(), run_id=run_id)["ok"] is True
     return run_id
-
-
-class Wire:
-    """Clients of one daemon, all closed at the end of the test, and the health check."""
-
-    def __init__(self, daemon: Daemon) -> None:
-        self.daemon = daemon
-        self.opened: list[RawClient] = []
-
-    def connect(self, hello: bool = True) -> RawClient:
-        client = greeted(self.daemon) if hello else RawClient(self.daemon.socket)
-        self.opened.append(client)
-        return client
-
-    def assert_serving(self, *others: RawClient) -> None:
-        """The daemon is up, still serves its clients, and serves a new one end to end."""
-        try:
-            for other in others:
-                assert call(other, "status")["ok"] is True
-            self._full_run()
-        except OSError as exc:
-            proc = self.daemon.proc
-            pytest.fail(f"runnerd stopped serving ({exc!r}; exit code "
-                        f"{proc.poll() if proc else None}): {self.daemon.log.read_text()[-3000:]}")
-        assert self.daemon.ctl("status").returncode == 0
-
-    def _full_run(self) -> None:
-        client = self.connect()
-        run_id = new_run_id()
-        created = call(client, "create", key=new_key(), run_id=run_id, experiment="healthy",
-                       params={"lr": 0.1})
-        assert created["ok"] is True, created
-        assert call(client, "start", key=new_key(), run_id=run_id)["state"] == "running"
-        assert call(client, "succeed", key=new_key(), run_id=run_id)["state"] == "succeeded"
-        run = call(client, "get", run=run_id)["run"]
-        assert (run["state"], run["params"]) == ("succeeded", {"lr": 0.1})
-        client.close()
-
-    def close(self) -> None:
-        for client in self.opened:
-            client.close()
 
 
 @pytest.fixture

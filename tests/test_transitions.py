@@ -9,7 +9,6 @@ is left to the liveness tests. One daemon serves the whole module; each case use
 
 from __future__ import annotations
 
-import itertools
 import os
 from collections.abc import Iterator
 from datetime import datetime
@@ -17,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from conftest import Daemon, RawClient, wait_for
+from conftest import Daemon, Wire, wait_for
 from runnerd.states import TRANSITIONS, Event, next_state
 from runnerd_client.ids import new_key, new_run_id
 from runnerd_client.protocol import ErrorCode, RunnerdError, State
@@ -76,27 +75,10 @@ ROUTES: dict[State, list[Event]] = {
 
 # A run started with this heartbeat_timeout that does not beat goes lost this soon.
 LOST_AFTER = 0.25
-_ids = itertools.count(1)
 
 
-class Wire:
-    """One greeted connection, with the requests these tests make."""
-
-    def __init__(self, daemon: Daemon) -> None:
-        self.daemon = daemon
-        self.client = RawClient(daemon.socket)
-        assert self.client.hello()["ok"] is True
-
-    def call(self, op: str, /, **fields: Any) -> dict[str, Any]:
-        req_id = next(_ids)
-        reply = self.client.call({"op": op, "id": req_id, **fields})
-        assert reply["id"] == req_id, reply
-        return reply
-
-    def ok(self, op: str, /, **fields: Any) -> dict[str, Any]:
-        reply = self.call(op, **fields)
-        assert reply["ok"] is True, reply
-        return reply
+class Runs(Wire):
+    """conftest's Wire, with the requests these tests make."""
 
     def create(self, experiment: str = "transitions", **fields: Any) -> str:
         run_id = new_run_id()
@@ -131,10 +113,10 @@ class Wire:
 
 
 @pytest.fixture
-def wire(shared_daemon: Daemon) -> Iterator[Wire]:
-    harness = Wire(shared_daemon)
+def wire(shared_daemon: Daemon) -> Iterator[Runs]:
+    harness = Runs(shared_daemon)
     yield harness
-    harness.client.close()
+    harness.close()
 
 
 def error_of(reply: dict[str, Any]) -> str:
@@ -218,7 +200,7 @@ def check_effects(event: Event, before: dict[str, Any], after: dict[str, Any]) -
 
 @pytest.mark.parametrize("state", list(ROUTES), ids=str)
 @pytest.mark.parametrize("event", list(CLIENT_EVENTS), ids=str)
-def test_client_event_from_state(wire: Wire, event: Event, state: State) -> None:
+def test_client_event_from_state(wire: Runs, event: Event, state: State) -> None:
     run_id = wire.run_in(state)
     before = wire.get(run_id)
     reply = wire.send(event, run_id)
@@ -239,7 +221,7 @@ def test_client_event_from_state(wire: Wire, event: Event, state: State) -> None
 
 
 @pytest.mark.parametrize("event", list(CLIENT_EVENTS), ids=str)
-def test_client_event_from_lost(wire: Wire, event: Event) -> None:
+def test_client_event_from_lost(wire: Runs, event: Event) -> None:
     run_id = wire.lost_run()
     before = wire.get(run_id)
     reply = wire.send(event, run_id)
@@ -261,7 +243,7 @@ def test_client_event_from_lost(wire: Wire, event: Event) -> None:
     Event.START,
     Event.ATTACH,
 ], ids=str)
-def test_a_run_back_from_lost_has_a_full_heartbeat_timeout(wire: Wire, event: Event) -> None:
+def test_a_run_back_from_lost_has_a_full_heartbeat_timeout(wire: Runs, event: Event) -> None:
     run_id = wire.lost_run()
     extra = {"heartbeat_timeout": LOST_AFTER} if event == Event.START else {}
     assert state_in(wire.send(event, run_id, **extra)) == "running"
@@ -272,7 +254,7 @@ def test_a_run_back_from_lost_has_a_full_heartbeat_timeout(wire: Wire, event: Ev
     assert seconds(lost_again["at"]) - seconds(back["at"]) >= LOST_AFTER - 0.01
 
 
-def test_start_from_lost_keeps_the_runs_own_limits(wire: Wire) -> None:
+def test_start_from_lost_keeps_the_runs_own_limits(wire: Runs) -> None:
     run_id = wire.lost_run()
     names = ("heartbeat_timeout", "lost_grace", "deadline")
     limits = {name: wire.get(run_id)[name] for name in names}
@@ -282,7 +264,7 @@ def test_start_from_lost_keeps_the_runs_own_limits(wire: Wire) -> None:
     assert {name: after[name] for name in names} == limits
 
 
-def test_a_run_is_created_pending_with_one_transition(wire: Wire) -> None:
+def test_a_run_is_created_pending_with_one_transition(wire: Runs) -> None:
     run = wire.get(wire.create(params={"lr": 0.1}, tags={"team": "vision"}))
     assert run["state"] == "pending"
     assert (run["params"], run["tags"]) == ({"lr": 0.1}, {"team": "vision"})
@@ -291,7 +273,7 @@ def test_a_run_is_created_pending_with_one_transition(wire: Wire) -> None:
     assert created["source"] == f"client:{os.getpid()}"
 
 
-def test_fail_reason_lost_is_the_daemons_alone(wire: Wire) -> None:
+def test_fail_reason_lost_is_the_daemons_alone(wire: Runs) -> None:
     run_id = wire.run_in(R)
     before = wire.get(run_id)
     for reason in ("lost", "bogus"):
@@ -316,7 +298,7 @@ REPLAYS: dict[str, tuple[State | None, dict[str, Any]]] = {
 
 
 @pytest.mark.parametrize("op", list(REPLAYS))
-def test_replayed_mutation_answers_the_same_and_applies_once(wire: Wire, op: str) -> None:
+def test_replayed_mutation_answers_the_same_and_applies_once(wire: Runs, op: str) -> None:
     state, fields = REPLAYS[op]
     run_id = new_run_id() if state is None else wire.run_in(state)
     recorded = 0 if state is None else len(wire.get(run_id)["transitions"])
@@ -330,7 +312,7 @@ def test_replayed_mutation_answers_the_same_and_applies_once(wire: Wire, op: str
     assert wire.daemon.ctl_json("show", run_id)["transitions"] == applied["transitions"]
 
 
-def test_replay_of_create_does_not_use_up_an_attempt(wire: Wire) -> None:
+def test_replay_of_create_does_not_use_up_an_attempt(wire: Runs) -> None:
     experiment, run_id, key = f"replay-{new_run_id()}", new_run_id(), new_key()
     for _ in range(2):
         reply = wire.ok("create", key=key, run_id=run_id, experiment=experiment)
@@ -339,7 +321,7 @@ def test_replay_of_create_does_not_use_up_an_attempt(wire: Wire) -> None:
     assert len(wire.ok("list", experiment=experiment)["runs"]) == 2
 
 
-def test_replays_pipelined_in_one_batch_apply_once(wire: Wire) -> None:
+def test_replays_pipelined_in_one_batch_apply_once(wire: Runs) -> None:
     run_id, key = new_run_id(), new_key()
     request = {"op": "create", "key": key, "run_id": run_id, "experiment": "pipelined"}
     for req_id in (901, 902, 903):
@@ -351,7 +333,7 @@ def test_replays_pipelined_in_one_batch_apply_once(wire: Wire) -> None:
     assert len(wire.get(run_id)["transitions"]) == 1
 
 
-def test_replay_after_the_run_moved_on_answers_the_first_reply(wire: Wire) -> None:
+def test_replay_after_the_run_moved_on_answers_the_first_reply(wire: Runs) -> None:
     run_id, key = wire.create(), new_key()
     first = wire.send(Event.START, run_id, key=key)
     assert state_in(first) == "running"
@@ -363,7 +345,7 @@ def test_replay_after_the_run_moved_on_answers_the_first_reply(wire: Wire) -> No
     assert error_of(wire.send(Event.START, run_id)) == "invalid_transition"
 
 
-def test_heartbeat_counts_once_per_seq(wire: Wire) -> None:
+def test_heartbeat_counts_once_per_seq(wire: Runs) -> None:
     run_id = wire.run_in(R)
     for seq, count in ((1, 1), (1, 1), (2, 2), (1, 2), (2, 2), (5, 3)):
         reply = wire.ok("heartbeat", run_id=run_id, seq=seq)
@@ -372,7 +354,7 @@ def test_heartbeat_counts_once_per_seq(wire: Wire) -> None:
     assert [t["cause"] for t in wire.get(run_id)["transitions"]] == ["create", "start"]
 
 
-def test_heartbeat_replay_on_a_finished_run_is_ok_a_new_one_is_not(wire: Wire) -> None:
+def test_heartbeat_replay_on_a_finished_run_is_ok_a_new_one_is_not(wire: Runs) -> None:
     run_id = wire.run_in(R)
     wire.ok("heartbeat", run_id=run_id, seq=1)
     assert wire.send(Event.SUCCEED, run_id)["ok"] is True
@@ -382,7 +364,7 @@ def test_heartbeat_replay_on_a_finished_run_is_ok_a_new_one_is_not(wire: Wire) -
     assert wire.get(run_id) == finished
 
 
-def test_a_key_reused_for_another_run_is_not_taken_for_a_replay(wire: Wire) -> None:
+def test_a_key_reused_for_another_run_is_not_taken_for_a_replay(wire: Runs) -> None:
     first, second = wire.run_in(R), wire.run_in(R)
     key = new_key()
     assert state_in(wire.send(Event.SUCCEED, first, key=key)) == "succeeded"
@@ -395,7 +377,7 @@ def test_a_key_reused_for_another_run_is_not_taken_for_a_replay(wire: Wire) -> N
         assert after["state"] == "running"
 
 
-def test_create_of_an_existing_run_with_a_new_key_conflicts(wire: Wire) -> None:
+def test_create_of_an_existing_run_with_a_new_key_conflicts(wire: Runs) -> None:
     run_id = wire.create("conflict", params={"lr": 0.1})
     before = wire.get(run_id)
     reply = wire.call("create", key=new_key(), run_id=run_id, experiment="conflict",
@@ -408,7 +390,7 @@ def test_create_of_an_existing_run_with_a_new_key_conflicts(wire: Wire) -> None:
 # --- attempts ---------------------------------------------------------------------
 
 
-def test_attempts_count_per_experiment_and_variation(wire: Wire) -> None:
+def test_attempts_count_per_experiment_and_variation(wire: Runs) -> None:
     experiment = f"attempts-{new_run_id()}"
 
     def attempt(exp: str, variation: str) -> int:
@@ -424,7 +406,7 @@ def test_attempts_count_per_experiment_and_variation(wire: Wire) -> None:
     assert attempt(experiment, "lr=0.2") == 2
 
 
-def test_attempts_do_not_depend_on_how_earlier_attempts_ended(wire: Wire) -> None:
+def test_attempts_do_not_depend_on_how_earlier_attempts_ended(wire: Runs) -> None:
     experiment = f"attempts-{new_run_id()}"
     first = wire.create(experiment)
     assert wire.send(Event.FAIL_CRASH, first)["ok"] is True
