@@ -380,6 +380,59 @@ def make_failure(daemon: Daemon, failure_class: str) -> str:
 
 
 
+def grow(limit_mb: int) -> None:
+    chunks = []
+    for _ in range(limit_mb * 2 // 20):
+        chunks.append(bytearray(20 << 20))
+        time.sleep(0.05)
+
+
+@dask_test
+def test_a_worker_oom_killed_on_node_b_is_labelled_in_node_bs_record(
+        short_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The scheduler sits on node A; node B's worker is OOM-killed by its nanny. The label
+    reaches B's daemon through B's restarted worker, not A's daemon."""
+    distributed = pytest.importorskip("distributed")
+    from runnerd_client.dask import RunnerdSchedulerPlugin, RunnerdWorkerPlugin
+
+    a, b = Daemon(short_tmp / "a"), Daemon(short_tmp / "b")
+    for daemon in (a, b):
+        daemon.root.mkdir()
+        daemon.start()
+    monkeypatch.setenv("RUNNERD_SOCKET", str(a.socket))  # the scheduler's own node is A
+    cluster = distributed.LocalCluster(n_workers=0, dashboard_address=None)
+    client = distributed.Client(cluster)
+    client.register_plugin(RunnerdSchedulerPlugin())
+    client.register_plugin(RunnerdWorkerPlugin(experiment="oom"))
+    procs = [start_worker(cluster.scheduler_address, {**a.env, "NODE_NAME": "a"}),
+             start_worker(cluster.scheduler_address, {**b.env, "NODE_NAME": "b"},
+                          "--memory-limit", "400MiB")]
+    try:
+        workers = {node: worker for worker, node in worker_env(client, 2).items()}
+        future = client.submit(grow, 400, workers=[workers["b"]], retries=0)
+        oom = wait_for(lambda: next((r for r in b.ctl_json("list", "--experiment", "oom")
+                                     if (r["failure"] or {}).get("category") == "oom"), None),
+                       timeout=90, what="node B's run labelled oom")
+        assert oom["tags"]["worker"] == workers["b"] and oom["state"].startswith("failed")
+        assert "memory" in oom["failure"]["message"]
+        assert a.ctl_json("list", "--experiment", "oom") == []
+
+        def delivered(dask_scheduler: Any) -> list[Any]:
+            plugin = dask_scheduler.plugins[RunnerdSchedulerPlugin.name]
+            return [[run_id, label, list(node)]
+                    for run_id, label, node in plugin.node_labels.delivered]
+
+        assert [oom["run_id"], "oom", [os.uname().nodename, str(b.socket)]] in \
+            client.run_on_scheduler(delivered)
+        future.cancel()
+    finally:
+        client.close()
+        cluster.close()
+        stop_workers(procs)
+        a.stop()
+        b.stop()
+
+
 # --- export files -------------------------------------------------------------------
 
 

@@ -35,6 +35,7 @@ from distributed.utils import thread_state  # type: ignore[attr-defined]
 from runnerd_client import paths
 from runnerd_client.cells import variation as variation_of
 from runnerd_client.dask_commands import CommandFailed, stop_command
+from runnerd_client.dask_labels import announce
 from runnerd_client.dask_scheduler import RUN_TOPIC, RunnerdSchedulerPlugin
 from runnerd_client.ids import new_key, new_run_id
 from runnerd_client.protocol import (
@@ -93,6 +94,7 @@ class RunnerdWorkerPlugin(WorkerPlugin):
         self.thread = threading.Thread(target=self._report, name="runnerd-dask-reporter",
                                        daemon=True)
         self.thread.start()
+        announce(worker, self.socket_path)  # so that labels find this node's daemon
         if threading.current_thread() is threading.main_thread():
             self._previous_sigterm = signal.signal(signal.SIGTERM, self._on_sigterm)
 

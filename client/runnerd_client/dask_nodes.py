@@ -129,10 +129,11 @@ async def stop_following(follow_id: str) -> None:
         follower.conn.close()
 
 
-def _label(run_id: str, category: str, note: str) -> dict[str, Any]:
-    here = node()
+def label_at(socket_path: str, run_id: str, category: str, note: str) -> dict[str, Any]:
+    """Tell the daemon at `socket_path` what killed one of its runs (blocking)."""
+    here = {"host": socket.gethostname(), "socket": socket_path}
     try:
-        conn = Connection(here["socket"], timeout=5.0)
+        conn = Connection(socket_path, timeout=5.0)
         try:
             conn.call(Label(key=new_key(), run_id=run_id, category=category, note=note))
         finally:
@@ -144,4 +145,4 @@ def _label(run_id: str, category: str, note: str) -> dict[str, Any]:
 
 async def label(run_id: str, category: str, note: str) -> dict[str, Any]:
     """On a worker: tell this node's daemon what killed one of its runs."""
-    return await asyncio.to_thread(_label, run_id, category, note)
+    return await asyncio.to_thread(label_at, str(daemon_socket()), run_id, category, note)

@@ -18,6 +18,7 @@ from distributed import KilledWorker
 from distributed.diagnostics.plugin import SchedulerPlugin
 
 from runnerd_client.connection import Connection
+from runnerd_client.dask_labels import NODE_TOPIC, NodeLabels, local_node
 from runnerd_client.ids import new_key
 from runnerd_client.protocol import Label, RunnerdError
 
@@ -59,6 +60,10 @@ class RunnerdSchedulerPlugin(SchedulerPlugin):
 
     async def start(self, scheduler: Any) -> None:
         self.scheduler = scheduler
+        self.node_labels = NodeLabels(local_node(self.socket_path))  # to where runs lived
+
+    async def close(self) -> None:
+        await self.node_labels.close()
 
     def log_event(self, topic: str | list[str], msg: Any) -> None:
         """Runs reported by the workers, and the events that explain a worker's death."""
@@ -67,6 +72,8 @@ class RunnerdSchedulerPlugin(SchedulerPlugin):
         if topic == RUN_TOPIC:
             self.ledger[msg["key"]] = Dispatch(msg["key"], msg.get("dispatch"), msg["run_id"],
                                               msg.get("worker"))
+        elif topic == NODE_TOPIC:
+            self.node_labels.seen(self.scheduler, msg)
         elif topic == "worker-restart-memory":
             self.reasons[str(msg.get("worker"))] = "oom"
         elif msg.get("action") == "closing-worker" and isinstance(topic, str) and \
@@ -82,7 +89,7 @@ class RunnerdSchedulerPlugin(SchedulerPlugin):
         for attempt in [a for a in self.ledger.values() if a.worker == worker]:
             del self.ledger[attempt.key]
             if label is not None:
-                self._label(attempt.run_id, label)
+                self._label(attempt.run_id, label, worker=worker)
 
     def transition(self, key: Any, start: str, finish: str, *args: Any, stimulus_id: str,
                    **kwargs: Any) -> None:
@@ -94,13 +101,18 @@ class RunnerdSchedulerPlugin(SchedulerPlugin):
         if finish == "erred" and _killed_worker(kwargs.get("exception")):
             cause = self.reasons.get(str(attempt.worker))  # its worker is being removed
             self._label(attempt.run_id, "killed_worker", LABELS["killed_worker"] + (
-                f"; its last worker: {LABELS[cause]}" if cause else ""))
+                f"; its last worker: {LABELS[cause]}" if cause else ""), worker=attempt.worker)
         if finish in ("memory", "erred", "forgotten"):
             del self.ledger[str(key)]
 
-    def _label(self, run_id: str, label: str, note: str | None = None) -> None:
-        """Send the label from a thread: the scheduler's event loop must not wait on us."""
+    def _label(self, run_id: str, label: str, note: str | None = None,
+               worker: str | None = None) -> None:
+        """Label the run in the daemon of its worker's node, through Dask; where that node
+        is unknown, in the daemon beside the scheduler, from a thread (the scheduler's
+        event loop must not wait on us)."""
         self.labels.append((run_id, label))
+        if self.node_labels.send(self.scheduler, worker, (run_id, label, note or LABELS[label])):
+            return
         threading.Thread(target=send_label, args=(self.socket_path, run_id, label, note),
                          daemon=True).start()
 
