@@ -44,6 +44,7 @@ from runnerd_client.protocol import (
     Fail,
     FailReason,
     Heartbeat,
+    Request,
     RunnerdError,
     Start,
     Succeed,
@@ -229,7 +230,7 @@ class RunnerdWorkerPlugin(WorkerPlugin):
         self._emit(Start(key=new_key(), run_id=task.run_id, at=create.at))
         task.created.set()
 
-    def _emit(self, req: Any) -> None:
+    def _emit(self, req: Request) -> None:
         self.client.emit(req)
 
     def _beat(self) -> None:

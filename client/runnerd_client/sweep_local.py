@@ -10,6 +10,7 @@ stop's class, message and cause.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import multiprocessing
 import os
@@ -21,8 +22,9 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from multiprocessing.connection import Connection as Pipe
 from multiprocessing.context import ForkProcess
+from multiprocessing.queues import Queue
 from types import FrameType
-from typing import Any
+from typing import Any, TypeAlias
 
 from runnerd_client.protocol import RunnerdError
 from runnerd_client.run import Cell, Client, Terminated
@@ -100,7 +102,7 @@ class _Stop:
     def __init__(self) -> None:
         self.requested = False
         self.in_body = False
-        self.why: Any = None  # the shared memory the engine's process writes `Stop` into
+        self.why: ctypes.Array[ctypes.c_char] | None = None  # where `Stop` is written
 
     def handle(self, signum: int, frame: FrameType | None) -> None:
         self.requested = True
@@ -108,7 +110,7 @@ class _Stop:
             raise FailFast(self.reason())
 
     def reason(self) -> Stop | None:
-        text = bytes(self.why or b"").rstrip(b"\0")
+        text = self.why.raw.rstrip(b"\0") if self.why is not None else b""
         return Stop(**json.loads(text)) if text else None
 
     def call(self, fn: Callable[..., Any], params: dict[str, Any]) -> Any:
@@ -124,8 +126,11 @@ class _Stop:
 _STOP = _Stop()
 
 
+Outcomes: TypeAlias = "Queue[tuple[int, CellOutcome]]"  # (worker number, its outcome)
+
+
 def _work(options: SweepOptions, fn: Callable[..., Any], number: int, inbox: Pipe,
-          done: Any, why: Any) -> None:
+          done: Outcomes, why: ctypes.Array[ctypes.c_char]) -> None:
     """A forked worker: run each attempt sent, until told to end (None) or stopped."""
     signal.signal(signal.SIGTERM, _STOP.handle)
     _STOP.why = why
@@ -166,8 +171,8 @@ class Workers:
 
     def __init__(self, options: SweepOptions, fn: Callable[..., Any], count: int) -> None:
         context = multiprocessing.get_context("fork")
-        self.done: Any = context.Queue()
-        self.why: Any = context.Array("c", STOP_SIZE, lock=False)
+        self.done: Outcomes = context.Queue()
+        self.why = context.RawArray(ctypes.c_char, STOP_SIZE)
         self.workers: list[_Worker] = []
         for number in range(max(1, min(options.jobs, count))):
             ours, theirs = context.Pipe()
@@ -195,7 +200,7 @@ class Workers:
         if worker.attempt is None:
             return None  # already reported as died with it
         worker.attempt = None
-        return outcome  # type: ignore[no-any-return]
+        return outcome
 
     def _died(self) -> CellOutcome | None:
         """The attempt of a worker that died without a word (SIGKILL, a segfault): its run
@@ -211,7 +216,7 @@ class Workers:
 
     def stop(self, why: Stop) -> None:
         text = json.dumps(asdict(why)).encode()[:STOP_SIZE]
-        self.why[:len(text)] = text
+        self.why.raw = text.ljust(STOP_SIZE, b"\0")
         for worker in self.workers:
             if worker.attempt is not None or why.signum != signal.SIGTERM:
                 _signal(worker.process, why.signum)
