@@ -117,6 +117,17 @@ class RunnerdCallback(Callback):
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         if ACTIVE.get() is not None:
             return  # a runnerd sweep's cell runs this job: that cell's run is its record
+        try:
+            run = self._job_run(config)
+        except Exception as exc:  # the job runs all the same, unrecorded
+            log.warning("runnerd: job not recorded: %s", exc)
+            return
+        self._catch_exit()
+        run.__enter__()
+        self.run = run
+
+    def _job_run(self, config: DictConfig) -> Run:
+        """The job's run, claiming its cell of the multirun's sweep if there is one."""
         from runnerd_client import connect
 
         overrides = list(OmegaConf.select(config, "hydra.overrides.task") or [])
@@ -124,14 +135,11 @@ class RunnerdCallback(Callback):
         sweep_id = self.sweep_id or os.environ.get(SWEEP_ENV)
         number = OmegaConf.select(config, "hydra.job.num")
         cell = Cell(sweep_id, int(number)) if sweep_id and number is not None else None
-        run = connect().run(self._experiment(config), variation(params), params=params,
-                            tags={"hydra.overrides": overrides, "hydra.job_num": number,
-                                  "hydra.output_dir": OmegaConf.select(
-                                      config, "hydra.runtime.output_dir")},
-                            cell=cell)
-        self._catch_exit()
-        run.__enter__()
-        self.run = run
+        return connect().run(self._experiment(config), variation(params), params=params,
+                             tags={"hydra.overrides": overrides, "hydra.job_num": number,
+                                   "hydra.output_dir": OmegaConf.select(
+                                       config, "hydra.runtime.output_dir")},
+                             cell=cell)
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         run, self.run = self.run, None

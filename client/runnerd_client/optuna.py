@@ -172,8 +172,13 @@ def fail_dead_trial(url: str, study: str, number: int, run: dict[str, Any]) -> N
     from optuna.trial import TrialState
 
     storage = optuna.storages.RDBStorage(url)
-    trial_id = storage.get_trial_id_from_study_id_trial_number(
-        storage.get_study_id_from_name(study), number)
+    try:
+        trial_id = storage.get_trial_id_from_study_id_trial_number(
+            storage.get_study_id_from_name(study), number)
+    except KeyError:
+        print(f"no trial {number} of study {study} in {hide_password(url)}: nothing to fail",
+              file=sys.stderr)
+        return
     pids = [int(pid) for pid in run.get("pids") or []]
     deadline = time.monotonic() + GONE_WAIT
     while not storage.get_trial(trial_id).state.is_finished():
