@@ -464,8 +464,6 @@ class FrameProtocol(asyncio.BufferedProtocol):
         assert self.transport is not None
         if self.subscriber is not None:
             raise RunnerdError(ErrorCode.BAD_REQUEST, "this connection is already subscribed")
-        if req.since is not None and req.since < 0:
-            raise RunnerdError(ErrorCode.BAD_REQUEST, "since must be a seq (0 or more)")
         self.subscriber = Subscriber(self._write, self.transport.get_write_buffer_size,
                                      req.run, req.experiment, req.sweep)
         self._queue(ok_reply(req_id, {"subscribed": True}))

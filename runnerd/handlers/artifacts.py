@@ -32,8 +32,6 @@ def file_digest(path: str, timeout: float = ARTIFACT_TIMEOUT) -> tuple[int, str]
     clear error: a folder, device, FIFO or socket (refused before it is opened), a file
     under /proc or /sys (checked on the path with every symlink resolved, before any stat
     there), a file that changes while it is read, one too slow to read."""
-    if not os.path.isabs(path) or "\0" in path:
-        raise bad(f"artifact path must be absolute: {path!r}")
     real = os.path.realpath(path)
     for tree in KERNEL_TREES:
         if real == tree or real.startswith(f"{tree}/"):

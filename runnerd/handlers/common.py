@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -20,8 +19,6 @@ from runnerd_client.protocol import (
     request_map,
 )
 
-MAX_NAME = 256
-MAX_LIST = 10_000
 MAX_DEPTH = 64
 
 
@@ -52,12 +49,6 @@ def as_json(value: Any, what: str) -> str:
         return json.dumps(value if value is not None else {}, allow_nan=False)
     except (TypeError, ValueError, RecursionError) as exc:
         raise bad(f"{what} must be JSON-able and not too deeply nested: {exc}") from None
-
-
-def folder(path: str) -> str:
-    if not os.path.isabs(path) or "\0" in path:
-        raise bad(f"path must be absolute: {path!r}")
-    return os.path.normpath(path)
 
 
 def _payload_digest(req: Mutation | SweepMutation) -> str:

@@ -7,7 +7,6 @@ import time
 from pathlib import Path
 
 from runnerd import __version__
-from runnerd.handlers.common import MAX_LIST, bad
 from runnerd.handlers.context import Context, Peer, Reply
 from runnerd.registry import Store
 from runnerd_client.protocol import (
@@ -15,8 +14,8 @@ from runnerd_client.protocol import (
     Export,
     Failures,
     Get,
+    GroupBy,
     ListRuns,
-    State,
     Status,
 )
 from runnerd_client.replies import DaemonInfo, ListedFailure, RunInfo, StatusInfo, fields_of
@@ -28,11 +27,6 @@ async def handle_get(ctx: Context, peer: Peer, req: Get) -> Reply:
 
 
 async def handle_list(ctx: Context, peer: Peer, req: ListRuns) -> Reply:
-    if req.state is not None and req.state not in State.__members__.values():
-        raise bad(f"unknown state {req.state!r}")
-    if not 1 <= req.limit <= MAX_LIST:
-        raise bad(f"limit must be between 1 and {MAX_LIST}")
-
     def read(store: Store) -> list[RunInfo]:
         if req.interrupted:
             return store.views.interrupted_runs(req.limit)
@@ -65,30 +59,23 @@ def _db_size(db: Path) -> int:
     return sum(p.stat().st_size for p in (db, Path(f"{db}-wal")) if p.exists())
 
 
-GROUP_KEYS = {"class": "failure_class", "signature": "signature", "category": "category"}
+GROUP_KEYS = {GroupBy.CLASS: "failure_class", GroupBy.SIGNATURE: "signature",
+              GroupBy.CATEGORY: "category"}
 
 
 async def handle_failures(ctx: Context, peer: Peer, req: Failures) -> Reply:
-    if req.group_by is not None and req.group_by not in GROUP_KEYS:
-        raise bad(f"group_by must be one of {', '.join(GROUP_KEYS)}")
-    if not 1 <= req.limit <= MAX_LIST:
-        raise bad(f"limit must be between 1 and {MAX_LIST}")
     if req.group_by is None:
         def read(store: Store) -> Reply:
             run_id = store.runs.resolve(req.run) if req.run else None
             return {"failures": store.failures.listing(
                 since=req.since, experiment=req.experiment, run_id=run_id, limit=req.limit)}
         return await ctx.registry.read(read)
-    key = GROUP_KEYS[req.group_by]
+    key = GROUP_KEYS[GroupBy(req.group_by)]
     return {"groups": await ctx.registry.read(lambda s: s.failures.groups(
         key, since=req.since, experiment=req.experiment, limit=req.limit))}
 
 
 async def handle_export(ctx: Context, peer: Peer, req: Export) -> Reply:
-    if req.what not in ("runs", "failures"):
-        raise bad("what must be 'runs' or 'failures'")
-    if not 1 <= req.limit <= MAX_LIST:
-        raise bad(f"limit must be between 1 and {MAX_LIST}")
     items = await ctx.registry.read(lambda s: s.views.export_page(req.what, req.after,
                                                                   req.limit))
     return {"items": items, "next": items[-1].run_id if len(items) == req.limit else None}

@@ -4,12 +4,11 @@ cancel, and label (what an outside witness says killed it)."""
 from __future__ import annotations
 
 import os
-import re
 import signal
 from collections.abc import Awaitable
 
 from runnerd.handlers.claims import followed
-from runnerd.handlers.common import MAX_NAME, as_json, bad, event_time, mutate
+from runnerd.handlers.common import as_json, bad, event_time, mutate
 from runnerd.handlers.context import Context, Peer, Reply
 from runnerd.processes import is_alive
 from runnerd.registry import NO_CHANGE, NewRun, RunUpdate, Store
@@ -23,7 +22,7 @@ from runnerd.states import (
     transition,
 )
 from runnerd_client import paths
-from runnerd_client.ids import is_valid_run_id
+from runnerd_client.fields import MAX_NAME
 from runnerd_client.protocol import (
     Attach,
     Cancel,
@@ -42,17 +41,7 @@ from runnerd_client.protocol import (
 
 
 def _check_create(req: Create) -> None:
-    if not is_valid_run_id(req.run_id):
-        raise bad("run_id must be 1-64 characters of A-Z, a-z, 0-9, '_' or '-'")
-    for name, text in (("experiment", req.experiment), ("variation", req.variation)):
-        if not text or len(text) > MAX_NAME:
-            raise bad(f"{name} must be 1-{MAX_NAME} characters")
-    for name, path in (("run_dir", req.run_dir), ("cwd", req.cwd)):
-        if path is not None and (not os.path.isabs(path) or "\0" in path):
-            raise bad(f"{name} must be an absolute path")
-    for name, ref in (("retry_of", req.retry_of), ("claim_after", req.claim_after)):
-        if ref is not None and not is_valid_run_id(ref):
-            raise bad(f"{name} must be a run id")
+    """What a field alone cannot say (the protocol checks each field)."""
     if (req.sweep_id is None) != (req.cell is None):
         raise bad("sweep_id and cell go together")
     if req.replicates and req.sweep_id is None:
@@ -89,17 +78,7 @@ def handle_create(ctx: Context, peer: Peer, req: Create) -> Awaitable[Reply]:
     return mutate(ctx, req, apply)
 
 
-def _positive(name: str, value: float | None) -> float | None:
-    if value is not None and value <= 0:
-        raise bad(f"{name} must be positive")
-    return value
-
-
 def handle_start(ctx: Context, peer: Peer, req: Start) -> Awaitable[Reply]:
-    for name in ("heartbeat_timeout", "lost_grace", "deadline"):
-        _positive(name, getattr(req, name))
-    if req.stall_timeout is not None and req.stall_timeout < 0:
-        raise bad("stall_timeout must be 0 (never) or positive")
 
     def apply(store: Store, at: float) -> Reply:
         row = store.runs.require(req.run_id)
@@ -147,8 +126,6 @@ def handle_heartbeat(ctx: Context, peer: Peer, req: Heartbeat) -> Awaitable[Repl
     """A heartbeat is applied once per `seq`. Seqs skipped by a later one are remembered:
     one of them arriving late (its write failed on a full disk and it was spooled, say) is
     counted then; any other older or equal seq is a replay."""
-    if req.seq < 1:
-        raise bad("seq must count from 1")
     at = event_time(req.at)
     if req.progress is not False and ctx.sampler is not None:  # sent on purpose: it moved
         ctx.sampler.heartbeat(req.run_id, at)
@@ -187,7 +164,6 @@ def handle_succeed(ctx: Context, peer: Peer, req: Succeed) -> Awaitable[Reply]:
     return mutate(ctx, req, apply)
 
 
-_CAUSE = re.compile(r"[a-z0-9_]{1,64}")
 _FAIL_EVENTS = {
     FailReason.CRASH: (Event.FAIL_CRASH, "Error"),
     FailReason.ABANDONED: (Event.FAIL_ABANDONED, "Abandoned"),
@@ -196,10 +172,6 @@ _FAIL_EVENTS = {
 
 
 def handle_fail(ctx: Context, peer: Peer, req: Fail) -> Awaitable[Reply]:
-    if req.reason not in _FAIL_EVENTS:
-        raise bad(f"reason must be one of {', '.join(_FAIL_EVENTS)}")
-    if req.cause is not None and not _CAUSE.fullmatch(req.cause):
-        raise bad("cause must be 1-64 characters of a-z, 0-9 and '_'")
     event, default_class = _FAIL_EVENTS[FailReason(req.reason)]
     message = req.message or ""
     if req.category_hint == "oom" and ctx.sampler is not None and "peak" not in message:
@@ -254,14 +226,9 @@ def _kill(pid: int, signum: int) -> bool:
     return True
 
 
-LABELS = ("oom", "walltime", "retired", "killed_worker")
-
-
 def handle_label(ctx: Context, peer: Peer, req: Label) -> Awaitable[Reply]:
     """Keep what killed a run; a failed run is re-diagnosed now, an active one when it
     fails (the witness may speak before the daemon has seen the death)."""
-    if req.category not in LABELS:
-        raise bad(f"category must be one of {', '.join(LABELS)}")
     note = (req.note or "")[:MAX_NAME] or None
 
     def apply(store: Store, at: float) -> Reply:

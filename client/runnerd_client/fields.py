@@ -1,0 +1,202 @@
+"""What a request's fields may hold, declared beside them and checked once, by
+`decode_request`: a field's type, and the checks in its `Annotated` metadata (a closed
+set, a range, a pattern, a length, an absolute path).
+
+    run_id: RunId            # 1-64 characters of A-Z, a-z, 0-9, '_' or '-'
+    limit: Limit = 50        # 1 to MAX_LIST
+    reason: Annotated[str, OneOf.of(FailReason.CRASH, ...)] = FailReason.CRASH
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import os
+import re
+import types
+import typing
+from collections.abc import Iterable
+from dataclasses import MISSING, dataclass, fields
+from typing import Annotated, Any, Protocol
+
+from runnerd_client.errors import ErrorCode, RunnerdError
+from runnerd_client.framing import INT64_MAX, INT64_MIN
+from runnerd_client.ids import RUN_ID_PATTERN
+
+MAX_NAME = 256
+"""Characters of an experiment's or a variation's name."""
+MAX_LIST = 10_000
+"""Items one page of a list may ask for."""
+
+
+class Check(Protocol):
+    def problem(self, value: Any) -> str | None:
+        """What is wrong with a value given ("must be ..."), or None."""
+
+
+@dataclass(frozen=True, slots=True)
+class OneOf:
+    """A closed set (an enum's values, or some of them); each item, for a list."""
+
+    values: tuple[str, ...]
+
+    @classmethod
+    def of(cls, *members: enum.StrEnum | type[enum.StrEnum]) -> OneOf:
+        """All the values of an enum, or the members named."""
+        return cls(tuple(str(v) for m in members
+                         for v in (m if isinstance(m, type) else (m,))))
+
+    def problem(self, value: Any) -> str | None:
+        items = value if isinstance(value, list) else (value,)
+        if all(item in self.values for item in items):
+            return None
+        return f"must be one of {', '.join(self.values)}"
+
+
+@dataclass(frozen=True, slots=True)
+class Range:
+    """A number from `low` (excluded with `above`) up to `high`; `what` says it in words."""
+
+    low: float
+    high: float | None = None
+    above: bool = False
+    what: str | None = None
+
+    def problem(self, value: Any) -> str | None:
+        if (value > self.low if self.above else value >= self.low) and \
+                (self.high is None or value <= self.high):
+            return None
+        if self.what is not None:
+            return f"must be {self.what}"
+        if self.above and self.low == 0:
+            return "must be positive"
+        if self.high is None:
+            return f"must be {self.low:g} or more"
+        return f"must be between {self.low:g} and {self.high:g}"
+
+
+@dataclass(frozen=True, slots=True)
+class Pattern:
+    regex: re.Pattern[str]
+    what: str
+
+    def problem(self, value: Any) -> str | None:
+        return None if self.regex.fullmatch(value) else f"must be {self.what}"
+
+
+@dataclass(frozen=True, slots=True)
+class Length:
+    low: int
+    high: int
+
+    def problem(self, value: Any) -> str | None:
+        return None if self.low <= len(value) <= self.high else \
+            f"must be {self.low}-{self.high} characters"
+
+
+@dataclass(frozen=True, slots=True)
+class Absolute:
+    """An absolute path (no NUL in it)."""
+
+    def problem(self, value: Any) -> str | None:
+        return None if os.path.isabs(value) and "\0" not in value else \
+            f"must be an absolute path, not {value!r}"
+
+
+RunId = Annotated[str, Pattern(RUN_ID_PATTERN, "1-64 characters of A-Z, a-z, 0-9, '_' or '-'")]
+Name = Annotated[str, Length(1, MAX_NAME)]
+AbsolutePath = Annotated[str, Absolute()]
+Positive = Annotated[float, Range(0, above=True)]
+Limit = Annotated[int, Range(1, MAX_LIST)]
+
+
+# --- decoding a request's fields ----------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class FieldSpec:
+    name: str
+    types: tuple[type, ...]
+    required: bool
+    checks: tuple[Check, ...]
+
+
+_SPECS: dict[type, tuple[FieldSpec, ...]] = {}
+
+
+def field_specs(cls: type) -> tuple[FieldSpec, ...]:
+    """The fields of a request class: the types msgpack may deliver for each, whether it is
+    required, and its checks (cached)."""
+    specs = _SPECS.get(cls)
+    if specs is None:
+        plain = typing.get_type_hints(cls)
+        extra = typing.get_type_hints(cls, include_extras=True)
+        specs = _SPECS[cls] = tuple(
+            FieldSpec(f.name, _allowed_types(plain[f.name]),
+                      f.default is MISSING and f.default_factory is MISSING,
+                      tuple(_checks(extra[f.name])))
+            for f in fields(cls))
+    return specs
+
+
+def decode_fields(op: str, specs: Iterable[FieldSpec], msg: dict[Any, Any]) -> dict[str, Any]:
+    """The fields of `msg`, each checked against its spec; RunnerdError(bad_request) naming
+    the first that is missing, mistyped or out of bounds."""
+    kwargs: dict[str, Any] = {}
+    for spec in specs:
+        if spec.name not in msg:
+            if spec.required:
+                raise _bad(f"{op}: missing field {spec.name!r}")
+            continue
+        value = msg[spec.name]
+        _check_type(op, spec, value)
+        if value is not None:
+            for check in spec.checks:
+                problem = check.problem(value)
+                if problem is not None:
+                    raise _bad(f"{op}: {spec.name} {problem}")
+        kwargs[spec.name] = value
+    return kwargs
+
+
+def _check_type(op: str, spec: FieldSpec, value: Any) -> None:
+    allowed = spec.types
+    if not isinstance(value, allowed) or (type(value) is bool and bool not in allowed):
+        raise _bad(f"{op}: field {spec.name!r} must be {_type_name(allowed)}")
+    if type(value) is int and not INT64_MIN <= value <= INT64_MAX:
+        raise _bad(f"{op}: field {spec.name!r} is out of range")
+    if type(value) is float and not math.isfinite(value):
+        raise _bad(f"{op}: field {spec.name!r} must be finite")
+
+
+def _bad(message: str) -> RunnerdError:
+    return RunnerdError(ErrorCode.BAD_REQUEST, message)
+
+
+def _allowed_types(annotation: Any) -> tuple[type, ...]:
+    """Map a field annotation to the Python types msgpack may deliver for it."""
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        return tuple(t for arg in typing.get_args(annotation) for t in _allowed_types(arg))
+    origin = typing.get_origin(annotation) or annotation
+    if annotation is type(None):
+        return (type(None),)
+    if origin is float:
+        return (float, int)
+    return (origin,)
+
+
+def _checks(annotation: Any) -> Iterable[Check]:
+    """The checks in an annotation's `Annotated` metadata (inside an `X | None` too)."""
+    if typing.get_origin(annotation) is Annotated:
+        yield from (m for m in annotation.__metadata__ if hasattr(m, "problem"))
+    for arg in typing.get_args(annotation) if _is_union(annotation) else ():
+        yield from _checks(arg)
+
+
+def _is_union(annotation: Any) -> bool:
+    return isinstance(annotation, types.UnionType) or \
+        typing.get_origin(annotation) is typing.Union
+
+
+def _type_name(allowed: tuple[type, ...]) -> str:
+    return " or ".join(sorted({"null" if t is type(None) else t.__name__ for t in allowed}))
