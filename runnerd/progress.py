@@ -273,9 +273,9 @@ class Progress:
 
     Like the watchdog's timers, evidence only moves a due time later, so it touches no
     timer: when one comes due, the run's evidence is read afresh and it is either judged
-    or put back at its true due time. `on_transition` and `heartbeat` run on the event
-    loop; `check` on the sampler's worker thread (between them, only appends and single
-    assignments)."""
+    or put back at its true due time. `on_commit`, `load` and `heartbeat` run on the
+    event loop, `check` on the sampler's worker thread: between them pass only deque
+    appends and single assignments."""
 
     def __init__(self, stall_timeout: float) -> None:
         self.default_timeout = stall_timeout

@@ -15,7 +15,16 @@ from typing import Any
 import pytest
 
 from conftest import Daemon, wait_for
-from runnerd.progress import describe, look_at_files, process_facts, stopped_note
+from runnerd.progress import (
+    Progress,
+    Watched,
+    describe,
+    look_at_files,
+    process_facts,
+    stopped_note,
+)
+from runnerd.resources import Group
+from runnerd_client.protocol import State
 
 CTL = [sys.executable, "-m", "runnerd.cli"]
 
@@ -329,3 +338,35 @@ def test_stack_of_a_hung_plain_script_under_exec(
     assert plain.returncode == 1
     assert "it dumps no stack on a signal" in plain.stdout
     assert "no stack could be read" in plain.stderr
+
+
+def test_the_tracker_judges_a_still_run_at_its_due_time_and_takes_it_back_on_progress(
+        ) -> None:
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        group = Group(frozenset({sleeper.pid}))
+        tracker = Progress(stall_timeout=10.0)
+        tracker.learn("r", Watched(State.RUNNING, "start"))
+        assert tracker.check(lambda _: group, 100.0) == []  # watched from 100
+        group.moved_at = 105.0  # its CPU moved: the due time moves, no timer is touched
+        assert tracker.check(lambda _: group, 112.0) == []
+        (verdict,) = tracker.check(lambda _: group, 115.5)
+        assert verdict.cause == "stalled" and verdict.note is not None
+        assert "no progress for 10 s" in verdict.note["message"]
+        assert f"process {sleeper.pid} (sleep)" in verdict.note["message"]
+        tracker.learn("r", Watched(State.LOST, "stalled"))
+        assert tracker.check(lambda _: group, 116.0) == []
+        group.moved_at = 117.0
+        (back,) = tracker.check(lambda _: group, 118.0)
+        assert back.cause == "progress" and back.note == {"kind": "cpu"}
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_a_run_with_stall_timeout_0_is_never_judged() -> None:
+    tracker = Progress(stall_timeout=10.0)
+    tracker.learn("r", Watched(State.RUNNING, "start", stall_timeout=0.0))
+    group = Group(frozenset({os.getpid()}))
+    assert tracker.check(lambda _: group, 0.0) == []
+    assert tracker.check(lambda _: group, 1e6) == []
