@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ from runnerd.mounts import mount_of, network_mount
 from runnerd.registry import Registry
 from runnerd_client.connection import Connection
 from runnerd_client.ids import new_key
-from runnerd_client.protocol import Create, RunnerdError, Start
+from runnerd_client.protocol import Create, Fail, RunnerdError, Start
 
 RUNS = textwrap.dedent("""
     import sys
@@ -71,11 +72,12 @@ def client_runs(daemon: Daemon, *failure_classes: str) -> list[str]:
     return out.split()
 
 
-def create(daemon: Daemon, run_id: str, host: str, start: bool = False) -> None:
+def create(daemon: Daemon, run_id: str, host: str, start: bool = False,
+           experiment: str = "probe") -> None:
     """A run with a chosen id and host, as a node's client would have made it."""
     conn = Connection(daemon.socket)
     try:
-        conn.call(Create(key=new_key(), run_id=run_id, experiment="probe", host=host))
+        conn.call(Create(key=new_key(), run_id=run_id, experiment=experiment, host=host))
         if start:
             conn.call(Start(key=new_key(), run_id=run_id, at=time.time() + 1))
     finally:
@@ -222,6 +224,117 @@ def test_commands_for_one_daemon_refuse_several(nodes: Nodes) -> None:
     assert nodes.a.run_state("ZZAMBIG-a") == "pending"
 
 
+def test_report_counts_a_run_two_daemons_know_once(nodes: Nodes, short_tmp: Path) -> None:
+    body = nodes.ctl_json("report")
+    assert body["runs"] == sum(body["counts"].values()) == 8  # SHARED-1 once
+    assert body["counts"]["failed_crash"] == 3
+    assert sorted(g["count"] for g in body["failure_groups"]) == [1, 2]
+    page = short_tmp / "report.html"
+    text = nodes.ctl("report", "--html", str(page)).stdout
+    assert text.startswith("8 run(s) since") and "ZZAMBIG-b" in page.read_text()
+
+
+def test_diagnose_reads_every_daemon(nodes: Nodes) -> None:
+    body = nodes.ctl_json("diagnose")
+    assert body["failures"] == 3 and sum(f["count"] for f in body["findings"]) == 3
+    mem = nodes.ctl_json("diagnose", nodes.runs_b[2][:12])
+    assert mem["failures"] == 1 and mem["findings"][0]["run_ids"] == [nodes.runs_b[2]]
+    latest = nodes.ctl_json("diagnose", "--latest")
+    assert latest["failures"] == 1
+    assert latest["findings"][0]["run_ids"] == [nodes.runs_b[2]]  # the newest of both
+    assert nodes.ctl("diagnose", "NOSUCHRUN", check=False).returncode == 4
+
+
+class Lines:
+    """A runnerctl process whose stdout and stderr lines are collected by threads."""
+
+    def __init__(self, daemon: Daemon, *args: str) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", "runnerd.cli", *args],
+                                     env=daemon.env, text=True, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE)
+        self.lines: list[str] = []
+        self.errors: list[str] = []
+        assert self.proc.stdout is not None and self.proc.stderr is not None
+        self.readers = [threading.Thread(target=self._read, args=(pipe, into), daemon=True)
+                        for pipe, into in ((self.proc.stdout, self.lines),
+                                           (self.proc.stderr, self.errors))]
+        for reader in self.readers:
+            reader.start()
+
+    @staticmethod
+    def _read(pipe: Any, into: list[str]) -> None:
+        with pipe:
+            into.extend(pipe)
+
+    def events(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in list(self.lines)]
+
+    def wait(self) -> int:
+        code = self.proc.wait(timeout=30)
+        for reader in self.readers:
+            reader.join(timeout=30)
+        return code
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+        return self.wait()
+
+
+@pytest.fixture
+def pair(short_tmp: Path) -> Iterator[Nodes]:
+    """Two daemons of their own, for tests that add runs."""
+    a, b = Daemon(short_tmp / "a"), Daemon(short_tmp / "b")
+    for daemon in (a, b):
+        daemon.root.mkdir()
+        daemon.start()
+    try:
+        yield Nodes(a, b, [], [])
+    finally:
+        a.stop()
+        b.stop()
+
+
+def test_follow_streams_every_daemon_naming_each(pair: Nodes) -> None:
+    nodes = pair
+    sockets = ("--socket", str(nodes.a.socket), "--socket", str(nodes.b.socket))
+    follower = Lines(nodes.a, *sockets, "follow", "--experiment", "watched", "--json")
+    try:
+        def started() -> bool:
+            create(nodes.a, f"W-A-{time.monotonic_ns()}", "node-a", start=True,
+                   experiment="watched")
+            return any(e["daemon"] == str(nodes.a.socket) for e in follower.events())
+
+        wait_for(started, timeout=30, what="the follower to be subscribed")
+        create(nodes.b, "W-B-1", "node-b", start=True, experiment="watched")
+        seen = wait_for(lambda: [e for e in follower.events() if e["run_id"] == "W-B-1"
+                                 and e["event"] == "transition" and e["to"] == "running"],
+                        what="node B's event")
+        assert seen[0]["daemon"] == str(nodes.b.socket)
+    finally:
+        assert follower.stop() == 0
+
+
+def test_follow_a_run_on_another_daemon_until_it_ends(pair: Nodes) -> None:
+    nodes = pair
+    create(nodes.b, "W-RUN-1", "node-b", start=True, experiment="watched")
+    sockets = ("--socket", str(nodes.a.socket), "--socket", str(nodes.b.socket))
+    follower = Lines(nodes.a, *sockets, "follow", "W-RUN-1")
+    wait_for(lambda: any("pending -> running" in line for line in follower.lines),
+             what="the run's history replayed")
+    conn = Connection(nodes.b.socket)
+    try:
+        conn.call(Fail(key=new_key(), run_id="W-RUN-1", reason="crash", failure_class="E",
+                       message="no", exit_code=7))
+    finally:
+        conn.close()
+    assert follower.wait() == 7
+    assert any("running -> failed_crash" in line for line in follower.lines)
+    assert str(nodes.b.socket) in follower.lines[0]
+    result = nodes.ctl("follow", "--since", "3", check=False)
+    assert result.returncode == 2 and "one daemon's position" in result.stderr
+
+
 # --- a Dask cluster, through Dask ---------------------------------------------------
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -291,7 +404,7 @@ def dask_nodes() -> Iterator[DaskNodes]:
         for daemon in (a, b):
             daemon.root.mkdir()
             daemon.start()
-        cluster = distributed.LocalCluster(n_workers=0, dashboard_address=None)
+        cluster = distributed.LocalCluster(n_workers=0, dashboard_address=":0")
         client = distributed.Client(cluster)
         nowhere = {**a.env, "RUNNERD_SOCKET": str(Path(name) / "nowhere" / "runnerd.sock")}
         procs = [start_worker(cluster.scheduler_address, {**env, "NODE_NAME": node})
@@ -362,6 +475,28 @@ def test_dask_show_and_failures_find_the_node(dask_nodes: DaskNodes) -> None:
 
 
 @dask_test
+def test_dask_diagnose_report_and_follow(dask_nodes: DaskNodes) -> None:
+    report = dask_nodes.ctl_json("report", "--experiment", "cluster")
+    assert report["runs"] == report["counts"]["succeeded"] == 7
+    run_id = make_failure(dask_nodes.a, "RecursionError")
+    diagnosed = dask_nodes.ctl_json("diagnose", run_id)
+    assert diagnosed["failures"] == 1 and diagnosed["findings"][0]["run_ids"] == [run_id]
+    follower = Lines(dask_nodes.a, "--dask", dask_nodes.address, "follow", "--experiment",
+                     "cluster", "--json")
+    try:
+        def seen_on_b() -> list[dict[str, Any]]:
+            future = dask_nodes.client.submit(double, time.monotonic_ns(),
+                                              workers=[dask_nodes.workers["b"]], pure=False)
+            future.result()
+            return [e for e in follower.events() if e["daemon"] == node_name(dask_nodes.b)]
+
+        events = wait_for(seen_on_b, timeout=60, interval=1.0, what="node B's events")
+        assert {e["event"] for e in events} >= {"transition"}
+    finally:
+        assert follower.stop() == 0
+
+
+@dask_test
 def test_dask_refuses_commands_for_one_daemon(dask_nodes: DaskNodes) -> None:
     result = dask_nodes.ctl("cancel", "x", check=False)
     assert result.returncode == 2 and "--dask" in result.stderr
@@ -400,7 +535,7 @@ def test_a_worker_oom_killed_on_node_b_is_labelled_in_node_bs_record(
         daemon.root.mkdir()
         daemon.start()
     monkeypatch.setenv("RUNNERD_SOCKET", str(a.socket))  # the scheduler's own node is A
-    cluster = distributed.LocalCluster(n_workers=0, dashboard_address=None)
+    cluster = distributed.LocalCluster(n_workers=0, dashboard_address=":0")
     client = distributed.Client(cluster)
     client.register_plugin(RunnerdSchedulerPlugin())
     client.register_plugin(RunnerdWorkerPlugin(experiment="oom"))
@@ -467,6 +602,14 @@ def test_failures_from_a_folder_are_deduplicated(nodes: Nodes, exports: Path) ->
     groups = nodes.a.ctl_json("failures", "--from", str(exports), "--group-by", "class")
     assert [(g["key"], g["count"]) for g in groups] == [("FloatingPointError", 2),
                                                          ("MemoryError", 1)]
+
+
+def test_diagnose_and_report_from_a_folder_count_each_failure_once(
+        nodes: Nodes, exports: Path) -> None:
+    body = nodes.a.ctl_json("diagnose", "--from", str(exports))
+    assert body["failures"] == 3  # each is in a runs export and a failures export
+    report = nodes.a.ctl_json("report", "--from", str(exports))
+    assert report["runs"] == sum(report["counts"].values()) == 8
 
 
 def test_a_malformed_export_line_is_warned_and_skipped(nodes: Nodes, exports: Path,

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from test_many_nodes import Lines
 
 from conftest import Daemon, wait_for
 from runnerd import config
@@ -147,6 +148,36 @@ def test_a_restarted_daemon_carries_on_in_its_folder_and_catches_up(
         assert node_folder(a) == folder
         wait_for(lambda: has_all(a, shared, first + unmirrored), what="the catch-up")
         assert json.loads((folder / NODE_FILE).read_text())["stopped_at"] is None
+    finally:
+        a.stop()
+
+
+def test_follow_from_the_shared_folder(short_tmp: Path, shared: Path) -> None:
+    a = mirroring(short_tmp / "a", shared)
+    try:
+        done = make_runs(a, 3, "x")
+        wait_for(lambda: has_all(a, shared, done, "failed_crash") or
+                 has_all(a, shared, done[2:], "failed_crash"), what="the runs mirrored")
+        ended = a.ctl("follow", done[2], "--from", str(shared), check=False)
+        assert ended.returncode == 1  # it failed: its outcome is the exit status
+        assert "running -> failed_crash" in ended.stdout and str(node_folder(a)) in ended.stdout
+        follower = Lines(a, "follow", "--from", str(shared), "--json")
+        try:
+            made: list[str] = []
+
+            def following() -> bool:  # the follower shows what changes once it has read
+                made.extend(make_runs(a, 1, "w"))
+                return any(e["run_id"] in made for e in follower.events())
+
+            wait_for(following, timeout=30, interval=0.5, what="the follower to be reading")
+            later = make_runs(a, 1, "y")
+            events = wait_for(lambda: [e for e in follower.events() if e["run_id"] == later[0]
+                                       and e["to"] == "succeeded"],
+                              timeout=30, what="the new run's transitions")
+            assert events[0]["daemon"] == str(node_folder(a))
+            assert not [e for e in follower.events() if e["run_id"] in done]  # from now on
+        finally:
+            assert follower.stop() == 0
     finally:
         a.stop()
 

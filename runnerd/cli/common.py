@@ -253,7 +253,7 @@ def runs_table(runs: Sequence[dict[str, Any]], hosts: bool = False,
 
 
 # Commands that merge the answers of several daemons (`--socket A --socket B`).
-MULTI_DAEMON_COMMANDS = ("status", "list", "show", "failures")
+MULTI_DAEMON_COMMANDS = ("status", "list", "show", "failures", "diagnose", "report", "follow")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -25,7 +25,7 @@ from runnerd.cli.common import (
     span,
     table,
 )
-from runnerd.cli.nodes import failures_many, from_option, several
+from runnerd.cli.nodes import diagnose_many, failures_many, from_option, list_many, several
 from runnerd_client.protocol import (
     Export,
     Failures,
@@ -88,17 +88,20 @@ def groups_table(group_by: str, groups: Sequence[dict[str, Any]]) -> str:
 @click.option("--latest", is_flag=True, help="Only the most recent failure.")
 @click.option("--experiment", help="Only this experiment's failures.")
 @click.option("--since", type=parse_duration, help="Failed within this long, e.g. 12h.")
+@from_option
 @json_option
 @click.pass_context
 def diagnose(ctx: click.Context, run: str | None, latest: bool, experiment: str | None,
-             since: float | None, as_json: bool) -> None:
+             since: float | None, from_dir: Path | None, as_json: bool) -> None:
     """What went wrong: failures by category, with the pattern, a suggestion, and whether a
-    rerun may help. Heuristics only: no network, no model."""
+    rerun may help; of several daemons (or a folder) each failure once. Heuristics only:
+    no network, no model."""
     from runnerd.diagnosis import findings
 
-    records = request(ctx, Failures(
-        run=run, experiment=experiment, limit=1 if latest else 10_000,
-        since=time.time() - since if since is not None else None))["failures"]
+    req = Failures(run=run, experiment=experiment, limit=1 if latest else 10_000,
+                   since=time.time() - since if since is not None else None)
+    records: list[Any] = diagnose_many(ctx, req, from_dir) \
+        if from_dir is not None or several(ctx) else request(ctx, req)["failures"]
     found = findings(records)
     if as_json:
         emit_json({"failures": len(records), "findings": found})
@@ -122,16 +125,19 @@ def diagnose(ctx: click.Context, run: str | None, latest: bool, experiment: str 
 @click.option("--experiment", help="Only this experiment.")
 @click.option("--html", "html_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Also write a self-contained HTML page with a timeline.")
+@from_option
 @json_option
 @click.pass_context
 def report(ctx: click.Context, since: float, experiment: str | None, html_path: Path | None,
-           as_json: bool) -> None:
+           from_dir: Path | None, as_json: bool) -> None:
     """What ran in the window: counts, failures by signature with advice, longest and
-    still-running runs."""
+    still-running runs; of several daemons (or a folder) each run once."""
     from runnerd import report as rpt
 
     start = time.time() - since
-    runs = request(ctx, ListRuns(since=start, experiment=experiment, limit=10_000))["runs"]
+    req = ListRuns(since=start, experiment=experiment, limit=10_000)
+    runs = list_many(ctx, req, from_dir) if from_dir is not None or several(ctx) \
+        else request(ctx, req)["runs"]
     body = rpt.build(runs, start)
     if html_path is not None:
         html_path.write_text(rpt.render_html(body, runs))

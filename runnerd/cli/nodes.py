@@ -118,17 +118,23 @@ class Folder:
     runs: list[Item] = field(default_factory=list)
     records: list[Item] = field(default_factory=list)
     sources: list[Item] = field(default_factory=list)
+    quiet: bool = False
+
+    def warn(self, text: str) -> None:
+        if not self.quiet:
+            say(f"runnerctl: warning: {shown(text)}", err=True)
 
 
-def read_folder(folder: Path) -> Folder:
+def read_folder(folder: Path, quiet: bool = False) -> Folder:
     """Every export file (*.jsonl) and mirrored node in `folder`, each named by its path;
-    malformed lines and unreadable sources are warned about on stderr and skipped, and a
-    node whose daemon did not stop cleanly is noted with what may be missing."""
+    malformed lines and unreadable sources are warned about on stderr (unless `quiet`) and
+    skipped, and a node whose daemon did not stop cleanly is noted with what may be
+    missing."""
     files = sorted(p for p in folder.glob("*.jsonl") if p.is_file())
     nodes = sorted(p for p in folder.iterdir() if p.is_dir() and is_node(p))
     if not files and not nodes:
         fail(f"no mirrored nodes or export files (*.jsonl) in {folder}", EXIT_ERROR)
-    got = Folder()
+    got = Folder(quiet=quiet)
     for path in files:
         _read_export(path, got)
     for path in nodes:
@@ -136,19 +142,15 @@ def read_folder(folder: Path) -> Folder:
     return got
 
 
-def _warn(text: str) -> None:
-    say(f"runnerctl: warning: {shown(text)}", err=True)
-
-
 def _read_export(path: Path, got: Folder) -> None:
     try:
         with path.open(encoding="utf-8", errors="replace") as lines:
             runs, records, warnings = parse_export(str(path), lines)
     except OSError as exc:
-        _warn(f"cannot read {path}: {exc.strerror}; skipped")
+        got.warn(f"cannot read {path}: {exc.strerror}; skipped")
         return
     for warning in warnings:
-        _warn(warning)
+        got.warn(warning)
     got.runs += runs
     got.records += records
     got.sources.append({"daemon": str(path), "kind": "export", "node": None,
@@ -159,13 +161,13 @@ def _read_mirrored(path: Path, got: Folder) -> None:
     try:
         node = read_node(path)
     except (NotMirrored, OSError) as exc:
-        _warn(f"{exc}; skipped")
+        got.warn(f"{exc}; skipped")
         return
     runs, warnings = parse_mirrored(str(path), node.lines)
     for warning in warnings:
-        _warn(warning)
+        got.warn(warning)
     state = node_state(node.header, time.time(), _gone(node.header))
-    if state["missing"]:
+    if state["missing"] and not got.quiet:
         say(f"runnerctl: note: {shown(path)} ({shown(state['host'])}) did not stop cleanly; "
             f"{shown(state['missing'])}", err=True)
     got.runs += runs
@@ -296,3 +298,19 @@ def mirror_line(mirror: Item) -> str:
     if mirror["state"] == "starting":
         return f"mirror {where}: starting; {waiting}"
     return f"mirror {where}: up to date (written {ago(mirror['refreshed_at'])})"
+
+
+def diagnose_many(ctx: click.Context, req: Failures, folder: Path | None) -> list[Item]:
+    """The failure records `diagnose` reads, of several daemons or of the folder, each
+    once, newest first (`req.run` a run id prefix, `req.limit` applied to the merge)."""
+    if folder is None:
+        return merge_failures((row for daemon, body in gather(ctx, req)
+                               for row in tag(body["failures"], daemon)), req.limit)
+    got = read_folder(folder)
+    records = merge_failures(filter_failures([*failures_of_runs(got.runs), *got.records],
+                                             experiment=req.experiment, since=req.since))
+    if req.run is not None:
+        records = [r for r in records if r["run_id"].startswith(req.run)]
+        if not records and not any(r["run_id"].startswith(req.run) for r in got.runs):
+            fail(f"no run matches {req.run!r} in {folder}", EXIT_NO_RUN)
+    return records[:req.limit]

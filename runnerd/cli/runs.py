@@ -179,13 +179,19 @@ def run_exit_status(ctx: click.Context, run_id: str) -> int:
 @click.option("--since", "since_seq", type=click.IntRange(min=0), metavar="SEQ",
               help="Replay the events from this seq on, then stream (resume a consumer: "
                    "the last seq it handled + 1).")
+@from_option
 @json_option
 @click.pass_context
 def follow(ctx: click.Context, run: str | None, experiment: str | None, sweep: str | None,
-           since_seq: int | None, as_json: bool) -> None:
+           since_seq: int | None, from_dir: Path | None, as_json: bool) -> None:
     """Print events as they happen. With RUN: from its start, until it ends, and exit with
     its outcome (0 succeeded, else the command's exit code or 1). --json: one event per
-    line, each with its seq."""
+    line, each with its seq; of several daemons (or a folder), each naming its daemon."""
+    if from_dir is not None or several(ctx):
+        from runnerd.cli.following import follow_many
+
+        follow_many(ctx, run, experiment, sweep, since_seq, as_json, from_dir)
+        return
     run_id = request(ctx, Get(run=run))["run"]["run_id"] if run else None
     sweep_id = request(ctx, SweepGet(sweep=sweep))["sweep"]["sweep_id"] if sweep else None
     last = 0 if run_id or sweep_id else None
