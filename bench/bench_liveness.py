@@ -9,9 +9,11 @@ and cleans up. Not a test: it asserts nothing, it reports.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -23,6 +25,7 @@ from typing import Any
 
 from harness import (
     CLK_TCK,
+    RUNNERCTL,
     Idle,
     Kill,
     Quiet,
@@ -63,6 +66,7 @@ class Plan:
     live_running: int = 10
     fill_procs: int = 4
     fill_window: int = 64
+    hangs: int = 5  # stopped and stalled commands each, all at once
 
 
 FULL = Plan(kills=100, held_runs=100_000, registry_runs=1_000_000, registry_running=10_000)
@@ -130,7 +134,9 @@ def stage_hold(daemon: Runnerd, plan: Plan, quiet: Quiet) -> Hold:
     with fillers(daemon.socket, plan.held_runs, plan.fill_procs, plan.fill_window,
                  create_start) as (seconds, errors, release):
         hold.fill_seconds, hold.fill_errors = seconds, errors
-        hold.backlog_seconds = daemon.wait_idle(600.0)
+        # A probe longer than sample_interval (5 s): the first rounds over new runs (their
+        # first samples written, their files looked at) are a one-time cost, not idleness.
+        hold.backlog_seconds = daemon.wait_idle(600.0, probe=6.0)
         running = daemon.counts().get("running", 0)
         quiet.wait()
         hold.full = sample_idle(daemon.pid, plan.idle_seconds, running)
@@ -154,7 +160,99 @@ def time_mass_death(daemon: Runnerd, release: Any, timeout: float = 600.0) -> fl
         return time.monotonic() - began
 
 
-# --- stage 3: restart with a large registry -------------------------------------
+# --- stage 3: hung commands found from outside -----------------------------------
+
+
+HANG_CONFIG = {"heartbeat_timeout": 5.0, "stall_timeout": 10.0, "sample_interval": 5.0}
+WAIT = "import time\nprint('ready', flush=True)\ntime.sleep(3600)\n"
+GO_QUIET = ("import time\nbusy = time.process_time() + 0.5\n"
+            "while time.process_time() < busy:\n    pass\nprint('quiet', flush=True)\n"
+            "time.sleep(3600)\n")
+
+
+@dataclass
+class Hangs:
+    """Seconds from a command's stop (SIGSTOP) or its last sign of progress to `lost`."""
+
+    stopped: list[float] = field(default_factory=list)
+    stalled: list[float] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+
+def command_of(proc: subprocess.Popen[bytes], timeout: float = 30.0) -> tuple[int, str]:
+    """The command runnerctl exec started, and its run id (from its environment)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            pid = int(Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()[0])
+            env = Path(f"/proc/{pid}/environ").read_bytes()
+            return pid, env.split(b"RUNNERD_RUN_ID=")[1].split(b"\0")[0].decode()
+        except (OSError, IndexError, ValueError):
+            time.sleep(0.01)
+    raise RuntimeError("runnerctl exec started no command")
+
+
+def until_lost(conn: Connection, runs: dict[str, float], cause: str,
+               timeout: float = 120.0) -> dict[str, float]:
+    """Poll every run until it is lost; seconds from its start time in `runs` (wall)."""
+    found: dict[str, float] = {}
+    deadline = time.monotonic() + timeout
+    while len(found) < len(runs) and time.monotonic() < deadline:
+        for run_id, began in runs.items():
+            if run_id not in found:
+                run = conn.call(Get(run=run_id))["run"]
+                if run["state"] == "lost":
+                    found[run_id] = time.time() - began
+                    if run["transitions"][-1]["cause"] != cause:
+                        raise RuntimeError(f"{run_id} lost as {run['transitions'][-1]['cause']}")
+        time.sleep(0.05)
+    return found
+
+
+def stage_hangs(root: Path, plan: Plan, quiet: Quiet) -> Hangs:
+    """`plan.hangs` commands under runnerctl exec SIGSTOPped, and as many that go quiet
+    after half a second of CPU; how long until each is lost, against its timeouts."""
+    daemon = Runnerd(root)
+    daemon.config.parent.mkdir(parents=True, exist_ok=True)
+    daemon.config.write_text("".join(f"{k} = {v}\n" for k, v in HANG_CONFIG.items()))
+    out, procs = Hangs(), []
+    try:
+        daemon.start(60.0)
+        quiet.wait()
+        print(f"hangs: {plan.hangs} stopped and {plan.hangs} stalled commands",
+              file=sys.stderr, flush=True)
+        for code in [WAIT] * plan.hangs + [GO_QUIET] * plan.hangs:
+            procs.append(subprocess.Popen(
+                [*RUNNERCTL, "exec", "--experiment", "bench-hang", "--", sys.executable, "-c",
+                 code], env=daemon.env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                start_new_session=True))
+        stopped, stalled = {}, {}
+        for n, proc in enumerate(procs):
+            assert proc.stdout is not None
+            pid, run_id = command_of(proc)
+            proc.stdout.readline()  # 'ready', or 'quiet' once its CPU is spent
+            if n < plan.hangs:
+                os.kill(pid, signal.SIGSTOP)
+                stopped[run_id] = time.time()
+            else:  # its last sign of progress: that line, in its stdout.log
+                with daemon.connect() as conn:
+                    folder = Path(conn.call(Get(run=run_id))["run"]["run_dir"])
+                stalled[run_id] = (folder / "stdout.log").stat().st_mtime
+        with daemon.connect() as conn:
+            out.stopped = list(until_lost(conn, stopped, "stopped").values())
+            out.stalled = list(until_lost(conn, stalled, "stalled").values())
+    except RuntimeError as exc:
+        out.problems.append(str(exc))
+    finally:
+        for proc in procs:  # its command dies with it (PR_SET_PDEATHSIG), stopped or not
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        daemon.stop()
+    return out
+
+
+# --- stage 4: restart with a large registry -------------------------------------
 
 
 FAILURES = (("RuntimeError", "CUDA out of memory. Tried to allocate {n} MiB"),
@@ -326,7 +424,7 @@ def print_hold(hold: Hold, plan: Plan) -> None:
     print(f"filled {plan.held_runs} create+start (heartbeat_timeout 3600 s) from "
           f"{plan.fill_procs} processes in {hold.fill_seconds:.1f} s ({rate:.0f}/s, "
           f"{hold.fill_errors} errors); daemon busy {hold.backlog_seconds:.1f} s more "
-          "(metadata.json)")
+          "(metadata.json, first samples)")
     print(f"then all {plan.fill_procs} holders exited at once: every run failed_crash after "
           f"{hold.mass_death_seconds:.1f} s")
     if hold.full is not None:
@@ -351,6 +449,25 @@ def print_restart(res: Restart) -> None:
           f"{verdict(res.to_status < 10)}")
 
 
+def print_hangs(hangs: Hangs, plan: Plan) -> None:
+    timeouts = ", ".join(f"{k} {v:g} s" for k, v in HANG_CONFIG.items())
+    print(f"\nHung commands under runnerctl exec, {plan.hangs} of each at once ({timeouts})")
+    for problem in hangs.problems:
+        print(f"  could not measure: {problem}")
+    print(f"{'from ... to lost':<52} {'p50 s':>7} {'max s':>7} {'bound s':>7}")
+    bound_stop = HANG_CONFIG["heartbeat_timeout"] * 1.25
+    bound_stall = HANG_CONFIG["stall_timeout"] + HANG_CONFIG["sample_interval"]
+    for label, values, bound in (
+            ("SIGSTOP -> lost (stopped)", hangs.stopped, bound_stop),
+            ("last output -> lost (stalled)", hangs.stalled, bound_stall)):
+        if values:
+            print(f"{label:<52} {pct(values, 0.5):>7.1f} {max(values):>7.1f} {bound:>7.1f}")
+    worst = max([*hangs.stopped, 0.0]) <= bound_stop and \
+        max([*hangs.stalled, 0.0]) <= bound_stall and not hangs.problems
+    print("target: stopped within heartbeat_timeout (+ a beat interval, a quarter of it), "
+          f"stalled within stall_timeout + one sample_interval: {verdict(worst)}")
+
+
 def main() -> None:
     parser = arguments(__doc__, "20 kills, 10,000 held runs, a 100,000-run registry (< 60 s)")
     parser.add_argument("--kills", type=int, help="override the number of SIGKILLs")
@@ -369,11 +486,13 @@ def main() -> None:
             hold = stage_hold(daemon, plan, bench.quiet)
         finally:
             daemon.stop()
+        hangs = stage_hangs(root / "h", plan, bench.quiet)
         restart = stage_restart(root / "b", plan, bench.quiet)
     bench.stop()
     bench.header("liveness", "quick" if args.quick else "full")
     print_kills(kills)
     print_hold(hold, plan)
+    print_hangs(hangs, plan)
     print_restart(restart)
 
 
