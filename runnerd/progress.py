@@ -284,7 +284,8 @@ class Progress:
         self._heap: list[tuple[float, str]] = []
         self._changes: deque[tuple[str, Watched | None, bool]] = deque()
         self._comeback: set[str] = set()  # lost for a cause progress undoes
-        self._rotation: deque[str] = deque()
+        self._rotation: deque[str] = deque()  # running runs, each once, looked at in turn
+        self._rotating: set[str] = set()
         self.moved: set[str] = set()  # runs whose evidence changed since the last round
 
     def timeout(self, run_id: str) -> float:
@@ -350,7 +351,9 @@ class Progress:
                 ev.since = now  # running again: its window starts afresh
             if watched.state is State.RUNNING and self.timeout(run_id) > 0:
                 heapq.heappush(self._heap, (ev.since + self.timeout(run_id), run_id))
-                self._rotation.append(run_id)
+                if run_id not in self._rotating:
+                    self._rotating.add(run_id)
+                    self._rotation.append(run_id)
             elif watched.state is State.LOST and watched.cause in COMEBACK:
                 ev.lost_at = now
                 self._comeback.add(run_id)
@@ -415,7 +418,8 @@ class Progress:
         for _ in range(min(FILES_PER_ROUND, len(self._rotation))):
             run_id = self._rotation.popleft()
             watched = self.watched.get(run_id)
-            if watched is None or watched.state.terminal:
+            if watched is None or watched.state is not State.RUNNING:
+                self._rotating.discard(run_id)
                 continue
             group = group_of(run_id)
             if group is None or group.moved_at is None or now - group.moved_at > FILES_EVERY:
