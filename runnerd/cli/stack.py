@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -130,6 +131,9 @@ def stack(ctx: click.Context, run: str, via: str, timeout: float) -> None:
     from runnerd.progress import tree
 
     info = request(ctx, Get(run=run))["run"]
+    if info["host"] and info["host"] != socket.gethostname():
+        fail(f"run {info['run_id']} runs on {shown(info['host'])}: run runnerctl stack there",
+             EXIT_ERROR)
     pids = tree(info["pids"])
     if not pids:
         fail(f"run {info['run_id']} ({info['state']}) has no live process on this machine",
