@@ -42,9 +42,10 @@ UNLIMITED = 1 << 60
 KEEP_ENDED = 60.0
 REFRESH = 60.0
 """Seconds a process's cgroup, a cgroup's limit and the machine's memory are trusted."""
-CPU_STEP = 0.05
-"""CPU seconds that count as progress when used within CPU_WINDOW: an idle process's
-timers and a heartbeat thread stay far below it, any real work reaches it at once."""
+CPU_STEP = 0.2
+"""CPU seconds that count as progress when used within CPU_WINDOW (a third of a percent of
+a core): an idle process's timers, a heartbeat thread, and runnerctl exec beating for its
+command every half second stay far below it; any real work reaches it at once."""
 CPU_WINDOW = 60.0
 
 
