@@ -7,22 +7,20 @@ event (the cost of reading and filtering the log), and with a hook that wants ev
 (utime + stime, not its children's) is read from /proc before the workload and once the
 hook has nothing left to deliver. Prints a table and the figure. Not a test: it reports.
 
-    nice python bench/bench_hooks.py [--runs N] [--rounds R] [--concurrency C]
+    nice python bench/bench_hooks.py [--quick] [--runs N] [--rounds R] [--concurrency C]
 """
 
 from __future__ import annotations
 
-import argparse
-import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from runnerd.testing import Daemon
+from harness import CLK_TCK, Runnerd, arguments, session, temp_root
+
 from runnerd_client.connection import Connection
 from runnerd_client.protocol import HookList
 
@@ -40,7 +38,6 @@ CONFIGS = {
     "hook wanting every event": '[[hooks]]\nname = "all"\nevents = ["*"]\n'
                                 'command = ["/bin/true"]\n',
 }
-TICK = os.sysconf("SC_CLK_TCK")
 SETTLE_TIMEOUT = 600.0
 
 
@@ -57,7 +54,7 @@ def cpu(pid: int) -> tuple[float, float]:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     own = int(fields[11]) + int(fields[12])
     children = int(fields[13]) + int(fields[14])
-    return own / TICK, children / TICK
+    return own / CLK_TCK, children / CLK_TCK
 
 
 def settled(conn: Connection, expected: int | None) -> int | None:
@@ -70,8 +67,8 @@ def settled(conn: Connection, expected: int | None) -> int | None:
 
 
 def one_round(config: str, runs: int, concurrency: int) -> Round:
-    with tempfile.TemporaryDirectory(prefix="rd-", dir="/tmp") as root:
-        daemon = Daemon(Path(root), log_level="warning")
+    with temp_root() as root:
+        daemon = Runnerd(root)
         daemon.config.parent.mkdir(parents=True)
         daemon.config.write_text(f"hook_concurrency = {concurrency}\n{config}")
         daemon.start()
@@ -94,18 +91,24 @@ def one_round(config: str, runs: int, concurrency: int) -> Round:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=300)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser = arguments(__doc__, "100 runs, 1 round")
+    parser.add_argument("--runs", type=int)
+    parser.add_argument("--rounds", type=int)
     parser.add_argument("--concurrency", type=int, default=4)
     args = parser.parse_args()
+    bench = session(args)
+    args.runs = args.runs or (100 if args.quick else 300)
+    args.rounds = args.rounds or (1 if args.quick else 3)
     events = 3 * args.runs
-    print(f"{args.runs} runs ({events} events), hook_concurrency {args.concurrency}, "
-          f"{args.rounds} rounds (the configurations take turns; medians)")
     rounds: dict[str, list[Round]] = {name: [] for name in CONFIGS}
     for _ in range(args.rounds):
         for name, config in CONFIGS.items():
+            bench.quiet.wait()
             rounds[name].append(one_round(config, args.runs, args.concurrency))
+    bench.stop()
+    bench.header("hooks", "quick" if args.quick else "full")
+    print(f"{args.runs} runs ({events} events), hook_concurrency {args.concurrency}, "
+          f"{args.rounds} rounds (the configurations take turns; medians)")
     print(f"{'daemon':<26}{'daemon CPU s':>13}{'delivered':>11}{'hook CPU s':>12}"
           f"{'seconds':>9}")
     for name, done in rounds.items():
