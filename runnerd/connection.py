@@ -196,6 +196,8 @@ class FrameProtocol(asyncio.BufferedProtocol):
         self.greeted = False
         self.closed = False
         self.buffer = bytearray()
+        self.outgoing: list[bytes] = []  # frames to send at the end of this turn of the loop
+        self.outgoing_bytes = 0
         self.subscriber: Subscriber | None = None
         self.subscription: asyncio.Future[Any] | None = None
         self.tasks: set[asyncio.Future[Any]] = set()
@@ -379,6 +381,7 @@ class FrameProtocol(asyncio.BufferedProtocol):
 
     def _close(self) -> None:
         self.closed = True
+        self._flush()
         if self.transport is not None:
             self.transport.close()  # flushes what is buffered, then closes
 
@@ -464,7 +467,7 @@ class FrameProtocol(asyncio.BufferedProtocol):
         assert self.transport is not None
         if self.subscriber is not None:
             raise RunnerdError(ErrorCode.BAD_REQUEST, "this connection is already subscribed")
-        self.subscriber = Subscriber(self._write, self.transport.get_write_buffer_size,
+        self.subscriber = Subscriber(self._write, self._buffered,
                                      req.run, req.experiment, req.sweep)
         self._queue(ok_reply(req_id, {"subscribed": True}))
         self.subscription = asyncio.ensure_future(
@@ -513,8 +516,22 @@ class FrameProtocol(asyncio.BufferedProtocol):
         self._write(frame(reply))
 
     def _write(self, data: bytes) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(data)
+        """Send `data` with everything else this turn of the loop answers: a batch's replies
+        go out in one send, not one each (the system call costs more than the frames)."""
+        if not self.outgoing:
+            self.loop.call_soon(self._flush)
+        self.outgoing.append(data)
+        self.outgoing_bytes += len(data)
+
+    def _flush(self) -> None:
+        out, self.outgoing, self.outgoing_bytes = self.outgoing, [], 0
+        if out and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(b"".join(out))
+
+    def _buffered(self) -> int:
+        """Bytes written and not yet sent, as a subscriber's lag counts them."""
+        sent_later = self.transport.get_write_buffer_size() if self.transport else 0
+        return sent_later + self.outgoing_bytes
 
 
 async def serve_connections(ctx: Context, listening: socket.socket) -> None:

@@ -6,6 +6,7 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from runnerd.registry import BatchResult
@@ -13,6 +14,9 @@ from runnerd_client.trust import write_atomically
 
 log = logging.getLogger(__name__)
 RETRY_FIRST, RETRY_MAX = 0.5, 10.0
+GATHER = 0.05
+"""Seconds a round of writes waits after the first document comes: the commits meanwhile
+join it, so a run created, started and ended in quick succession is written once."""
 
 
 def write_metadata(run_dir: str, doc: dict[str, Any]) -> None:
@@ -25,14 +29,18 @@ def write_metadata(run_dir: str, doc: dict[str, Any]) -> None:
 class MetadataWriter:
     """Writes metadata files after each commit on one thread off the event loop.
 
-    Pending documents are kept per run folder, newest wins: when commits outpace the
-    disk, a run's successive states collapse into one write of its latest state, and
-    the backlog is bounded by the number of runs, not by the number of commits. A write
+    Pending documents are kept per run folder, newest wins, and a round of writes gathers
+    the commits of GATHER seconds: a run's successive states collapse into one write of
+    its latest state (a write costs far more than a commit's share of a batch), and the
+    backlog is bounded by the number of runs, not by the number of commits. A write
     that fails (a full disk, a folder refused) is tried again, with a growing pause, until
     it lands or a newer document replaces it; it is warned about once.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, write: Callable[[str, dict[str, Any]], None] = write_metadata,
+                 gather: float = GATHER) -> None:
+        self._write = write
+        self._gather_for = gather
         self._pending: dict[str, dict[str, Any]] = {}
         self._failed: dict[str, dict[str, Any]] = {}
         self._pause = RETRY_FIRST
@@ -56,17 +64,24 @@ class MetadataWriter:
                     if timeout is not None and timeout <= 0:
                         break
                     self._ready.wait(timeout)
+                self._gather()
                 closing = self._closing
                 docs, self._pending = {**self._failed, **self._pending}, {}
             self._write_all(docs)
             if closing:
                 return
 
+    def _gather(self) -> None:
+        """Let `gather` seconds of commits join the documents pending (the lock is held)."""
+        until = time.monotonic() + self._gather_for
+        while self._pending and not self._closing and (left := until - time.monotonic()) > 0:
+            self._ready.wait(left)
+
     def _write_all(self, docs: dict[str, dict[str, Any]]) -> None:
         failed = {}
         for run_dir, doc in docs.items():
             try:
-                write_metadata(run_dir, doc)
+                self._write(run_dir, doc)
             except OSError as exc:
                 if run_dir not in self._failed:
                     log.warning("could not write metadata.json for run %s in %s: %s; will "

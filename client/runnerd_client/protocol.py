@@ -8,7 +8,6 @@ where a wire map becomes a typed request, so every field is checked exactly once
 
 from __future__ import annotations
 
-from dataclasses import fields
 from typing import Any
 
 from runnerd_client.enums import (
@@ -110,10 +109,10 @@ def decode_request(msg: dict[Any, Any]) -> tuple[int | None, Request]:
 def request_map(req: Request) -> dict[str, Any]:
     """A request as a wire map without an id; fields left at None are not sent."""
     msg: dict[str, Any] = {"op": req.op}
-    for f in fields(req):
-        value = getattr(req, f.name)
+    for spec in field_specs(type(req)):
+        value = getattr(req, spec.name)
         if value is not None:
-            msg[f.name] = value
+            msg[spec.name] = value
     return msg
 
 

@@ -5,10 +5,23 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from typing import Any
+from typing import Any, Protocol
 
 from runnerd.registry.effects import Effects
 from runnerd.registry.rows import iso, where
+
+
+class RunFacts(Protocol):
+    """What an event tells of its run (a RunRow, or a NewRun being inserted)."""
+
+    @property
+    def experiment(self) -> str: ...
+    @property
+    def variation(self) -> str: ...
+    @property
+    def sweep_id(self) -> str | None: ...
+    @property
+    def tags_json(self) -> str: ...
 
 
 class EventLog:
@@ -16,12 +29,17 @@ class EventLog:
         self.conn = conn
         self.effects = effects
 
-    def log(self, run_id: str, kind: str, at: float, data: dict[str, Any]) -> None:
+    def log(self, run_id: str, kind: str, at: float, data: dict[str, Any],
+            run: RunFacts | None = None) -> None:
         """Append a run's event; it carries the run's experiment, variation and tags (hooks
-        and consumers filter on them)."""
-        run = self.conn.execute("SELECT experiment, sweep_id, variation, tags FROM runs"
-                                " WHERE run_id = ?", (run_id,)).fetchone()
-        experiment, sweep_id, variation, tags = run or (None, None, None, None)
+        and consumers filter on them), looked up unless the caller has the run at hand."""
+        if run is not None:
+            self._append(run_id, run.experiment, run.sweep_id, kind, at, data, run.variation,
+                         run.tags_json)
+            return
+        found = self.conn.execute("SELECT experiment, sweep_id, variation, tags FROM runs"
+                                  " WHERE run_id = ?", (run_id,)).fetchone()
+        experiment, sweep_id, variation, tags = found or (None, None, None, None)
         self._append(run_id, experiment, sweep_id, kind, at, data, variation, tags)
 
     def log_sweep(self, sweep_id: str, experiment: str, kind: str, at: float,

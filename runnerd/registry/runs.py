@@ -7,7 +7,7 @@ import sqlite3
 from typing import Any
 
 from runnerd.registry.effects import Effects, Transition
-from runnerd.registry.events import EventLog
+from runnerd.registry.events import EventLog, RunFacts
 from runnerd.registry.rows import NO_CHANGE, NewRun, RunRow, RunUpdate
 from runnerd.registry.schema import RUN_COLUMNS
 from runnerd_client.protocol import ACTIVE_STATES, ErrorCode, RunnerdError, State
@@ -50,27 +50,21 @@ class Runs:
             raise RunnerdError(ErrorCode.BAD_REQUEST, f"{prefix!r} matches more than one run")
         return str(rows[0][0])
 
-    def next_attempt(self, experiment: str, variation: str) -> int:
-        row = self.conn.execute(
-            "SELECT MAX(attempt) FROM runs WHERE experiment = ? AND variation = ?",
-            (experiment, variation),
-        ).fetchone()
-        return int(row[0] or 0) + 1
-
     def create(self, new: NewRun, source: str) -> int:
         """Insert a pending run as its experiment and variation's next attempt, and record
         its creation by `source`; return the attempt."""
-        attempt = self.next_attempt(new.experiment, new.variation)
-        self.conn.execute(
+        (attempt,) = self.conn.execute(
             "INSERT INTO runs (run_id, experiment, variation, attempt, state, params, tags, cwd,"
             " run_dir, host, created_at, retry_of, launch, sweep_id, cell, resumed_from,"
-            " claim_token) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (new.run_id, new.experiment, new.variation, attempt, State.PENDING.value,
-             new.params_json, new.tags_json, new.cwd, new.run_dir, new.host, new.created_at,
-             new.retry_of, new.launch_json, new.sweep_id, new.cell, new.resumed_from,
-             new.claim_token))
-        self._record(new.run_id, None, State.PENDING, new.created_at, "create", source)
-        return attempt
+            " claim_token) SELECT ?, ?, ?, COALESCE(MAX(attempt), 0) + 1, ?, ?, ?, ?, ?, ?, ?,"
+            " ?, ?, ?, ?, ?, ? FROM runs WHERE experiment = ? AND variation = ?"
+            " RETURNING attempt",
+            (new.run_id, new.experiment, new.variation, State.PENDING.value, new.params_json,
+             new.tags_json, new.cwd, new.run_dir, new.host, new.created_at, new.retry_of,
+             new.launch_json, new.sweep_id, new.cell, new.resumed_from, new.claim_token,
+             new.experiment, new.variation)).fetchone()
+        self._record(new, new.run_id, None, State.PENDING, new.created_at, "create", source)
+        return int(attempt)
 
     def update(self, run_id: str, change: RunUpdate) -> None:
         """Change a run's values without a transition (a heartbeat counted)."""
@@ -85,17 +79,17 @@ class Runs:
         """Move a run to `to_state` (with `change`), recording the transition with its cause
         and source."""
         self._update(row.run_id, {"state": to_state.value, **change.changed()})
-        self._record(row.run_id, row.state, to_state, at, cause, source)
+        self._record(row, row.run_id, row.state, to_state, at, cause, source)
 
-    def _record(self, run_id: str, from_state: State | None, to_state: State, at: float,
-                cause: str, source: str) -> None:
+    def _record(self, run: RunFacts, run_id: str, from_state: State | None, to_state: State,
+                at: float, cause: str, source: str) -> None:
         self.conn.execute(
             "INSERT INTO transitions (run_id, at, from_state, to_state, cause, source)"
             " VALUES (?, ?, ?, ?, ?, ?)", (run_id, at, from_state, to_state.value, cause, source))
         self.effects.transitions.append(
             Transition(run_id, from_state, to_state, at, cause, source))
         self.events.log(run_id, "transition", at, {
-            "from": from_state, "to": to_state.value, "cause": cause, "source": source})
+            "from": from_state, "to": to_state.value, "cause": cause, "source": source}, run)
 
     def last_transition(self, run_id: str) -> tuple[str | None, str] | None:
         """(from state, source) of a run's latest transition."""
