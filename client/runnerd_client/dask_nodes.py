@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,15 +85,24 @@ class _Follower:
 _FOLLOWERS: dict[str, _Follower] = {}
 
 
+def _close_when_idle(follow_id: str, follower: _Follower) -> None:
+    """Close a subscription nobody has polled for FOLLOW_IDLE seconds (runnerctl gone)."""
+    while time.monotonic() - follower.polled < FOLLOW_IDLE:
+        time.sleep(FOLLOW_IDLE / 6)
+    if _FOLLOWERS.get(follow_id) is follower:
+        del _FOLLOWERS[follow_id]
+    follower.conn.close()
+
+
 def _poll(follow_id: str, filters: dict[str, Any], wait: float) -> dict[str, Any]:
     here = node()
-    for stale in [k for k, f in _FOLLOWERS.items() if time.monotonic() - f.polled > FOLLOW_IDLE]:
-        _FOLLOWERS.pop(stale).conn.close()
     follower = _FOLLOWERS.get(follow_id)
     try:
         if follower is None:
             conn = Connection(here["socket"], timeout=5.0)
             follower = _FOLLOWERS[follow_id] = _Follower(conn)
+            threading.Thread(target=_close_when_idle, args=(follow_id, follower),
+                             name="runnerd-follow-idle", daemon=True).start()
             conn.call(Subscribe(**filters))
         follower.polled = time.monotonic()
         events = _drain(follower.conn, wait)
