@@ -27,6 +27,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
+from dataclasses import dataclass, field
 from functools import partial
 from itertools import islice
 from pathlib import Path
@@ -313,8 +314,22 @@ def _events_after(store: Store, seq: int) -> list[tuple[int, str | None]]:
             for e in store.events.after(seq, None, None, None, EVENTS_PAGE)]
 
 
+def _last_seq(store: Store) -> int:
+    return store.events.last_seq()
+
+
 def _active(store: Store) -> list[str]:
     return [r.run_id for r in store.views.active_runs(10_000)]
+
+
+@dataclass
+class Snapshot:
+    """A compaction under way: how far it got, and the runs appended meanwhile to the
+    segments it replaces (written again once it is in place)."""
+
+    start_seq: int
+    after: str | None = None
+    meanwhile: dict[str, tuple[int, float]] = field(default_factory=dict)
 
 
 class Mirror:
@@ -337,7 +352,8 @@ class Mirror:
         self._writing: dict[str, tuple[int, float]] = {}  # taken from _dirty, not landed
         self._seen_seq = 0
         self._complete = False  # the folder holds every run up to the cursor
-        self._compact = False
+        self._compact = False  # a compaction is due
+        self._snapshot: Snapshot | None = None  # a compaction under way
         self._stopping = False
         self._wakeup = asyncio.Event()
         self._lock = asyncio.Lock()
@@ -363,7 +379,7 @@ class Mirror:
         await self._until_located()
         beat = time.monotonic() + HEARTBEAT
         while True:
-            if not self._dirty and self.error is None:
+            if not self._dirty and self.error is None and self._snapshot is None:
                 with anyio.move_on_after(max(0.0, beat - time.monotonic())):
                     await self._wakeup.wait()
             self._wakeup.clear()
@@ -376,7 +392,7 @@ class Mirror:
                 landed = await self._refresh()
             if not landed:
                 await anyio.sleep(self._backoff())
-            elif len(self._dirty) < PAGE:
+            elif len(self._dirty) < PAGE and self._snapshot is None:
                 await anyio.sleep(self.interval)
 
     async def _until_located(self) -> None:
@@ -425,48 +441,65 @@ class Mirror:
             self._mark(run_id, self._seen_seq, now)
 
     async def _refresh(self) -> bool:
-        """Write one page of changed runs and node.json; False if that failed."""
+        """Write one page of changed runs and node.json (and a page of a compaction under
+        way); False if that failed."""
         assert self.node is not None
         try:
-            if self._compact or self.node.journal > max(COMPACT_MIN, 2 * self.node.base_bytes):
-                await self._snapshot()
+            if self._snapshot is None and not self._stopping and (
+                    self._compact or self.node.journal > max(COMPACT_MIN,
+                                                             2 * self.node.base_bytes)):
+                self._snapshot = Snapshot(await self.registry.read(_last_seq))
+                await self.disk.run(self.node.begin_snapshot)
+            if self._snapshot is not None:
+                await self._snapshot_step(self._snapshot)
             self._writing = {run_id: self._dirty.pop(run_id)
                              for run_id in list(islice(self._dirty, PAGE))}
             records = await self.registry.read(partial(_details, run_ids=list(self._writing)))
             await self.disk.run(self.node.append, [encode_line(r) for r in records],
                                 await self._header())
         except (OSError, RunnerdError) as exc:
-            for run_id, mark in self._writing.items():
-                self._dirty[run_id] = min(mark, self._dirty.get(run_id, mark))
-            self._writing = {}
+            self._unwrite(self._writing)
+            await self._abort_snapshot()
             self._failed(exc)
             return False
+        if self._snapshot is not None:  # the segment it replaces got them: again after it
+            self._snapshot.meanwhile.update(self._writing)
         self._writing = {}
         self._landed()
         return True
 
-    async def _snapshot(self) -> None:
-        """Every run of the registry, written whole into the next segment."""
+    def _unwrite(self, taken: dict[str, tuple[int, float]]) -> None:
+        """Mark runs changed again (keeping their first change)."""
+        for run_id, mark in taken.items():
+            self._dirty[run_id] = min(mark, self._dirty.get(run_id, mark))
+        self._writing = {}
+
+    async def _snapshot_step(self, snapshot: Snapshot) -> None:
+        """One page of a compaction: every run of the registry, written whole into the next
+        segment, a page per refresh so that changes keep being written meanwhile."""
         assert self.node is not None
-        node = self.node
-        start_seq = await self.registry.read(lambda store: store.events.last_seq())
-        await self.disk.run(node.begin_snapshot)
+        page = await self.registry.read(partial(_snapshot_page, after=snapshot.after))
+        await self.disk.run(self.node.add_to_snapshot, [encode_line(r) for r in page])
+        if len(page) == PAGE:
+            snapshot.after = page[-1]["run_id"]
+            return
+        complete, self._complete = self._complete, True
+        self._seen_seq = max(self._seen_seq, snapshot.start_seq)
+        self._unwrite(snapshot.meanwhile)
         try:
-            after: str | None = None
-            while True:
-                page = await self.registry.read(partial(_snapshot_page, after=after))
-                await self.disk.run(node.add_to_snapshot, [encode_line(r) for r in page])
-                if len(page) < PAGE:
-                    break
-                after = page[-1]["run_id"]
-            self._seen_seq = max(self._seen_seq, start_seq)
-            self._complete = True
-            await self.disk.run(node.finish_snapshot, await self._header())
-        except BaseException:
-            node_abort = node.abort_snapshot
-            await asyncio.shield(self.disk.run(node_abort))
+            await self.disk.run(self.node.finish_snapshot, await self._header())
+        except OSError:
+            self._complete = complete
             raise
+        self._snapshot = None
         self._compact = False
+
+    async def _abort_snapshot(self) -> None:
+        """Drop a compaction under way: the segments it was to replace are still whole."""
+        if self._snapshot is not None and self.node is not None:
+            self._compact = self._compact or not self._complete
+            self._snapshot = None
+            await asyncio.shield(self.disk.run(self.node.abort_snapshot))
 
     def _cursor(self) -> int:
         """The last event seq whose run is in the folder (to catch up from after a restart)."""
@@ -518,6 +551,7 @@ class Mirror:
         with anyio.move_on_after(timeout):
             async with self._lock:
                 self._stopping = True
+                await self._abort_snapshot()
                 while self.node is not None and self._dirty and await self._refresh():
                     pass
                 if self.node is not None and not self._dirty:

@@ -12,18 +12,24 @@ import shutil
 import signal
 import subprocess
 import textwrap
+import time
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 from test_many_nodes import Lines
 
 from conftest import Daemon, wait_for
-from runnerd import config
+from runnerd import config, mirror
 from runnerd.cli.merge import node_state, parse_mirrored
 from runnerd.mirror import NodeFiles
 from runnerd.mirror_format import NODE_FILE, encode_line, read_node, segment_name
+from runnerd.registry import NewRun, Registry, Store
+from runnerd_client.ids import new_run_id
+from runnerd_client.protocol import State
 
 RUNS = textwrap.dedent("""
     import sys
@@ -344,6 +350,54 @@ def test_a_compaction_replaces_the_segments_and_readers_see_the_same_runs(
     runs, warnings = parse_mirrored("n", read_node(node.folder).lines)
     assert {r["run_id"]: r["state"] for r in runs} == {"r1": "succeeded", "r2": "running"}
     assert warnings == []
+
+
+async def test_a_compaction_keeps_every_change_made_while_it_runs(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A compaction writes a page per refresh; a run changed meanwhile lands in the segment
+    being replaced, and is written again once the snapshot is in place."""
+    monkeypatch.setattr(mirror, "PAGE", 2)
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    registry = Registry(tmp_path / "state" / "registry.sqlite3")
+    await registry.open()
+    try:
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(registry.run_writer)
+            ids = [await new_run(registry, n) for n in range(5)]
+            copy = mirror.Mirror(shared, registry, db=registry.path,
+                                 socket_path=tmp_path / "sock", host="n1")
+            registry.subscribers.append(copy.on_commit)
+            await copy._locate()  # a new folder: its first refresh starts a compaction
+            assert await copy._refresh() and copy._snapshot is not None
+            await registry.submit(partial(started, run_id=ids[0]))  # snapshotted pending
+            assert await copy._refresh() and copy._snapshot is not None
+            assert await copy._refresh() and copy._snapshot is None  # in place
+            assert await copy._refresh()  # what changed meanwhile, again
+            registry.stop()
+            tasks.cancel_scope.cancel()
+    finally:
+        await registry.close_db()
+    assert copy.node is not None
+    assert sorted(p.name for p in copy.node.folder.iterdir()) == [
+        NODE_FILE, segment_name(1)]
+    runs = {r["run_id"]: r["state"]
+            for r in parse_mirrored("n", read_node(copy.node.folder).lines)[0]}
+    assert runs == {**dict.fromkeys(ids, "pending"), ids[0]: "running"}
+    assert json.loads((copy.node.folder / NODE_FILE).read_text())["base"] == 1
+
+
+async def new_run(registry: Registry, n: int) -> str:
+    run_id = new_run_id()
+    await registry.submit(lambda store: store.runs.create(NewRun(
+        run_id=run_id, experiment="e", variation=f"v{n}", params_json="{}", tags_json="{}",
+        created_at=time.time()), "test"))
+    return run_id
+
+
+def started(store: Store, run_id: str) -> None:
+    store.runs.set_state(store.runs.require(run_id), State.RUNNING, at=time.time(),
+                         cause="start", source="test")
 
 
 def test_a_line_being_appended_is_not_read_and_a_bad_one_is_named(tmp_path: Path) -> None:

@@ -297,6 +297,8 @@ def mirror_line(mirror: Item) -> str:
                 f"{shown(mirror['error'])}; {waiting}, to be written when it answers")
     if mirror["state"] == "starting":
         return f"mirror {where}: starting; {waiting}"
+    if mirror["pending"]:
+        return f"mirror {where}: ok, {waiting} (last write {ago(mirror['refreshed_at'])})"
     return f"mirror {where}: up to date (written {ago(mirror['refreshed_at'])})"
 
 
