@@ -45,6 +45,7 @@ from harness import (
 )
 
 from runnerd import resources
+from runnerd_client import procinfo
 from runnerd_client.connection import Connection
 from runnerd_client.ids import new_key, new_run_id
 from runnerd_client.protocol import Create, Get, ListRuns, Start
@@ -228,15 +229,15 @@ def _median_ms(fn: Callable[[], object], reps: int = 5) -> float:
 def time_steps(attached: dict[str, int]) -> Steps:
     """What one sampling round costs, step by step (runnerd.resources, single-threaded): a
     group per run, each sampled with a fresh cgroup cache (a first round) or a warm one."""
-    table = resources.process_table()
-    children = resources.children_of(table)
+    table = procinfo.process_table()
+    children = procinfo.children_of(table)
     groups = [resources.Group(frozenset({pid})) for pid in attached.values()]
     warm = resources.Cgroups()
 
     def descendants() -> None:
-        found = resources.children_of(table)
+        found = procinfo.children_of(table)
         for group in groups:
-            resources.with_descendants(group.roots, table, found)
+            procinfo.with_descendants(group.roots, table, found)
 
     def sample(cgroups: Callable[[], resources.Cgroups]) -> Callable[[], None]:
         def round_() -> None:
@@ -247,7 +248,7 @@ def time_steps(attached: dict[str, int]) -> Steps:
 
     sample(lambda: warm)()
     sample(lambda: warm)()  # a process seen for the first time is read twice
-    return Steps(len(table), _median_ms(resources.process_table), _median_ms(descendants),
+    return Steps(len(table), _median_ms(procinfo.process_table), _median_ms(descendants),
                  _median_ms(sample(resources.Cgroups)), _median_ms(sample(lambda: warm)))
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import heapq
 import os
-import platform
 import stat
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -27,8 +26,9 @@ from functools import partial
 from typing import Any
 
 from runnerd.registry import BatchResult, Registry, RunUpdate, Store, iso
-from runnerd.resources import Group, process_table, read_proc, with_descendants
+from runnerd.resources import Group
 from runnerd.states import Event, transition
+from runnerd_client.procinfo import fd_target, frozen, process_facts, read_proc, tree
 from runnerd_client.protocol import State
 
 SOURCE = "watchdog"
@@ -41,46 +41,9 @@ TAIL = 4096
 LOGS = ("stdout.log", "stderr.log")
 COMEBACK = ("stalled", "stopped")
 """Causes of `lost` that evidence of progress undoes (a missed heartbeat needs one)."""
-_SYSCALLS_X86_64 = {
-    0: "read", 1: "write", 7: "poll", 23: "select", 34: "pause", 35: "nanosleep",
-    43: "accept", 45: "recvfrom", 47: "recvmsg", 61: "wait4", 202: "futex",
-    228: "clock_gettime", 230: "clock_nanosleep", 232: "epoll_wait", 247: "waitid",
-    270: "pselect6", 271: "ppoll", 281: "epoll_pwait", 288: "accept4", 441: "epoll_pwait2",
-}
 
 
-# --- what /proc says of one process --------------------------------------------------
-
-
-def _text(path: str) -> str | None:
-    try:
-        with open(path, "rb") as fh:
-            return fh.read(4096).decode(errors="replace").strip()
-    except OSError:
-        return None
-
-
-def syscall_name(pid: int) -> str | None:
-    """The system call a process is blocked in (/proc/PID/syscall), where readable."""
-    text = _text(f"/proc/{pid}/syscall")
-    if not text or text == "running" or not text.split()[0].lstrip("-").isdigit():
-        return None
-    number = int(text.split()[0])
-    if number < 0:
-        return None
-    names = _SYSCALLS_X86_64 if platform.machine() == "x86_64" else {}
-    return names.get(number, f"syscall {number}")
-
-
-def process_facts(pid: int) -> dict[str, Any] | None:
-    """Name, state, kernel wait channel and system call of a live process."""
-    proc = read_proc(pid)
-    if proc is None:
-        return None
-    wchan = _text(f"/proc/{pid}/wchan")
-    return {"pid": pid, "name": _text(f"/proc/{pid}/comm") or "?", "state": proc.state,
-            "cpu_seconds": round(proc.cpu, 2), "wchan": wchan if wchan not in ("", "0") else None,
-            "syscall": syscall_name(pid)}
+# --- what its processes show ---------------------------------------------------------
 
 
 def describe(facts: dict[str, Any]) -> str:
@@ -92,46 +55,6 @@ def describe(facts: dict[str, Any]) -> str:
     return f"process {facts['pid']} ({facts['name']}) {word}" + (f" {where}" if where else "")
 
 
-def _children(pid: int) -> list[int] | None:
-    """A process's children from /proc/PID/task/*/children; None where the kernel lacks it."""
-    found: list[int] = []
-    try:
-        tasks = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return []
-    for task in tasks:
-        text = _text(f"/proc/{pid}/task/{task}/children")
-        if text is None:
-            return None if os.path.exists(f"/proc/{pid}") else []
-        found += [int(p) for p in text.split()]
-    return found
-
-
-def tree(roots: Iterable[int]) -> list[int]:
-    """The live `roots` and their descendants, read for these processes alone."""
-    found: list[int] = []
-    todo = [p for p in roots if read_proc(p) is not None]
-    while todo:
-        pid = todo.pop()
-        if pid in found:
-            continue
-        kids = _children(pid)
-        if kids is None:  # no children files: the whole table
-            return sorted(with_descendants(roots, process_table()))
-        found.append(pid)
-        todo += kids
-    return found
-
-
-def _frozen(pid: int) -> bool:
-    """Whether a process's cgroup (v2) is frozen: its tasks show as sleeping."""
-    for line in (_text(f"/proc/{pid}/cgroup") or "").splitlines():
-        if line.startswith("0::"):
-            events = _text(f"/sys/fs/cgroup/{line[3:].lstrip('/')}/cgroup.events") or ""
-            return "frozen 1" in events.splitlines()
-    return False
-
-
 def stopped_note(roots: Iterable[int]) -> dict[str, Any] | None:
     """If every leaf process of a run's tree is stopped (T, t) or frozen, what says so: a
     supervisor waiting on a stopped command (runnerctl exec) does not count as moving."""
@@ -141,7 +64,7 @@ def stopped_note(roots: Iterable[int]) -> dict[str, Any] | None:
         return None
     parents = {p for pid in pids if (proc := read_proc(pid)) is not None for p in (proc.ppid,)}
     leaves = [f for f in facts if f["pid"] not in parents] or facts
-    if not all(f["state"] in "Tt" or _frozen(f["pid"]) for f in leaves):
+    if not all(f["state"] in "Tt" or frozen(f["pid"]) for f in leaves):
         return None
     return {"cause": "stopped", "processes": facts,
             "message": "stopped: " + "; ".join(describe(f) for f in leaves[:4])}
@@ -166,9 +89,9 @@ def output_targets(pids: Iterable[int]) -> list[str]:
     for pid in pids:
         for fd in (1, 2):
             with contextlib.suppress(OSError):
-                target = os.readlink(f"/proc/{pid}/fd/{fd}")
-                if target.startswith("/") and stat.S_ISREG(os.stat(target).st_mode) \
-                        and target not in found:
+                target = fd_target(pid, fd)
+                if target is not None and target.startswith("/") \
+                        and stat.S_ISREG(os.stat(target).st_mode) and target not in found:
                     found.append(target)
     return found
 

@@ -17,28 +17,33 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
-from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
 from runnerd.registry import BatchResult, Registry, StorageError
+from runnerd_client.procinfo import (
+    UNLIMITED,
+    Proc,
+    cgroup_dir,
+    children_of,
+    folder_limit,
+    machine_memory,
+    oom_kills,
+    process_table,
+    with_descendants,
+)
 
 if TYPE_CHECKING:
     from runnerd.progress import Progress, Verdict
 
 log = logging.getLogger(__name__)
-PAGE = os.sysconf("SC_PAGE_SIZE")
-TICKS = os.sysconf("SC_CLK_TCK")
-CGROUP_ROOT = Path("/sys/fs/cgroup")
 HISTORY_POINTS = 120
-UNLIMITED = 1 << 60
 KEEP_ENDED = 60.0
 REFRESH = 60.0
 """Seconds a process's cgroup, a cgroup's limit and the machine's memory are trusted."""
@@ -47,140 +52,6 @@ CPU_STEP = 0.2
 a core): an idle process's timers, a heartbeat thread, and runnerctl exec beating for its
 command every half second stay far below it; any real work reaches it at once."""
 CPU_WINDOW = 60.0
-
-
-def _read(path: Path | str) -> str | None:
-    try:
-        with open(path, "rb") as fh:
-            return fh.read().decode()
-    except OSError:
-        return None
-
-
-def machine_memory() -> int:
-    for line in (_read("/proc/meminfo") or "").splitlines():
-        if line.startswith("MemTotal:"):
-            return int(line.split()[1]) * 1024
-    return UNLIMITED
-
-
-def cgroup_paths(pid: int | str) -> tuple[str | None, str | None]:
-    """A process's cgroup paths: (v1 memory controller's, v2's)."""
-    v1 = v2 = None
-    for line in (_read(f"/proc/{pid}/cgroup") or "").splitlines():
-        number, controllers, path = line.split(":", 2)
-        if number == "0" and not controllers:
-            v2 = path
-        elif "memory" in controllers.split(","):
-            v1 = path
-    return v1, v2
-
-
-def cgroup_dir(pid: int | str) -> Path | None:
-    """The memory cgroup folder of a process (cgroup v2, else v1's memory controller)."""
-    v1, v2 = cgroup_paths(pid)
-    if v1 is not None and (CGROUP_ROOT / "memory").is_dir():
-        return CGROUP_ROOT / "memory" / v1.lstrip("/")
-    if v2 is not None:
-        for base in (CGROUP_ROOT, CGROUP_ROOT / "unified"):
-            if (base / v2.lstrip("/") / "memory.max").exists():
-                return base / v2.lstrip("/")
-    return None
-
-
-def folder_limit(folder: Path | None, machine: int) -> int:
-    """A memory cgroup's limit, capped by the machine's memory."""
-    if folder is None:
-        return machine
-    for name in ("memory.max", "memory.limit_in_bytes"):
-        text = (_read(folder / name) or "").strip()
-        if text.isdigit():
-            return min(int(text), machine)
-    return machine
-
-
-def memory_limit(pid: int | str) -> int:
-    """The effective memory limit of a process: its cgroup's, else the machine's memory."""
-    return folder_limit(cgroup_dir(pid), machine_memory())
-
-
-def cgroup_peak(folder: Path | None) -> int | None:
-    """The most memory the cgroup ever used, as the kernel counts it (v2, then v1)."""
-    if folder is None:
-        return None
-    for name in ("memory.peak", "memory.max_usage_in_bytes"):
-        text = (_read(folder / name) or "").strip()
-        if text.isdigit():
-            return int(text)
-    return None
-
-
-def oom_kills(folder: Path | None) -> int | None:
-    """The cgroup's OOM-kill counter (v2 memory.events, v1 memory.oom_control)."""
-    if folder is None:
-        return None
-    for name in ("memory.events", "memory.oom_control"):
-        for line in (_read(folder / name) or "").splitlines():
-            key, _, value = line.partition(" ")
-            if key == "oom_kill" and value.strip().isdigit():
-                return int(value)
-    return None
-
-
-class Proc(NamedTuple):
-    """One process as /proc/PID/stat shows it."""
-
-    ppid: int
-    cpu: float  # utime + stime, seconds
-    rss: int  # bytes
-    threads: int
-    state: str  # R, S, D, T (stopped), t (traced), ...
-
-
-def read_proc(pid: int) -> Proc | None:
-    """A live process's stat line; None if it is gone or a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            stat = fh.read()
-    except OSError:
-        return None
-    fields = stat[stat.rindex(b")") + 2:].split()
-    if fields[0] in (b"Z", b"X"):
-        return None
-    return Proc(int(fields[1]), (int(fields[11]) + int(fields[12])) / TICKS,
-                int(fields[21]) * PAGE, int(fields[17]), fields[0].decode())
-
-
-def process_table() -> dict[int, Proc]:
-    """Every live process in /proc, by pid."""
-    table = {}
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit() and (proc := read_proc(int(entry.name))) is not None:
-            table[int(entry.name)] = proc
-    return table
-
-
-def children_of(table: dict[int, Proc]) -> dict[int, list[int]]:
-    """parent pid -> its children's pids."""
-    children: dict[int, list[int]] = defaultdict(list)
-    for pid, proc in table.items():
-        children[proc.ppid].append(pid)
-    return children
-
-
-def with_descendants(roots: Iterable[int], table: dict[int, Proc],
-                     children: dict[int, list[int]] | None = None) -> set[int]:
-    """The live `roots` and all their descendants; pass `children` (children_of the
-    table) when calling it for many groups over one table."""
-    if children is None:
-        children = children_of(table)
-    found, todo = set(), [p for p in roots if p in table]
-    while todo:
-        pid = todo.pop()
-        if pid not in found:
-            found.add(pid)
-            todo += children.get(pid, ())
-    return found
 
 
 @dataclass

@@ -20,10 +20,10 @@ from runnerd.progress import (
     Watched,
     describe,
     look_at_files,
-    process_facts,
     stopped_note,
 )
 from runnerd.resources import Group
+from runnerd_client.procinfo import process_facts
 from runnerd_client.protocol import State
 
 CTL = [sys.executable, "-m", "runnerd.cli"]

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from runnerd_client.procinfo import read_proc
 from runnerd_client.protocol import State
 from runnerd_client.run import ACTIVE, RUN_ID_ENV, Run
 
@@ -119,11 +120,7 @@ def notes(run: dict[str, Any], prefix: str) -> list[dict[str, Any]]:
 
 def alive(pid: int) -> bool:
     """Whether the process exists and is not a zombie."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rpartition(")")[2].split()[:1] != ["Z"]
+    return read_proc(pid) is not None
 
 
 def wait_gone(pids: Iterable[int], timeout: float = GONE_WAIT) -> bool:

@@ -14,28 +14,12 @@ from pathlib import Path
 import click
 
 from runnerd.cli.common import EXIT_ERROR, cli, fail, request, say, shown
+from runnerd_client.procinfo import catches, comm, fd_targets, is_python, tree
 from runnerd_client.protocol import Get
 from runnerd_client.stacks import STACK_SIGNAL
 
 _STACK_FILE = re.compile(r"/stack-\d+\.txt$")
 SETTLE = 0.2  # seconds a dump must stop growing to be whole
-
-
-def _read(path: str) -> str:
-    try:
-        return Path(path).read_text(errors="replace")
-    except OSError:
-        return ""
-
-
-def is_python(pid: int) -> bool:
-    """Whether a process runs a Python interpreter (its executable, or libpython mapped)."""
-    try:
-        if os.path.basename(os.readlink(f"/proc/{pid}/exe")).startswith(("python", "pypy")):
-            return True
-    except OSError:
-        pass
-    return "libpython" in _read(f"/proc/{pid}/maps")
 
 
 def py_spy() -> str | None:
@@ -60,34 +44,16 @@ def via_py_spy(pid: int, timeout: float) -> tuple[str | None, str]:
     return None, "py-spy cannot attach" + (f" ({reason[-1]})" if reason else "")
 
 
-def handles_stack_signal(pid: int) -> bool:
-    """Whether the process catches STACK_SIGNAL (SigCgt): only then is it safe to send."""
-    for line in _read(f"/proc/{pid}/status").splitlines():
-        if line.startswith("SigCgt:"):
-            return bool(int(line.split()[1], 16) >> (int(STACK_SIGNAL) - 1) & 1)
-    return False
-
-
 def stack_file(pid: int) -> str | None:
     """Where the process's handler writes: the stack-PID.txt it holds open."""
-    try:
-        fds = os.listdir(f"/proc/{pid}/fd")
-    except OSError:
-        return None
-    for fd in fds:
-        try:
-            target = os.readlink(f"/proc/{pid}/fd/{fd}")
-        except OSError:
-            continue
-        if _STACK_FILE.search(target):
-            return target
-    return None
+    return next((t for t in fd_targets(pid) or () if _STACK_FILE.search(t)), None)
 
 
 def via_signal(pid: int, timeout: float) -> tuple[str | None, str]:
-    """The dump the process's faulthandler writes to its run folder on STACK_SIGNAL."""
+    """The dump the process's faulthandler writes to its run folder on STACK_SIGNAL (sent
+    only to a process that catches it: SigCgt)."""
     path = stack_file(pid)
-    if path is None or not handles_stack_signal(pid):
+    if path is None or not catches(pid, STACK_SIGNAL):
         return None, "it dumps no stack on a signal (it never entered rd.run)"
     before = os.stat(path).st_size
     os.kill(pid, STACK_SIGNAL)
@@ -128,8 +94,6 @@ def dump(pid: int, via: str, timeout: float) -> tuple[str | None, list[str]]:
 def stack(ctx: click.Context, run: str, via: str, timeout: float) -> None:
     """Print the Python stack of every thread of each Python process of RUN (its attached
     processes and their descendants, on this machine), to see where a hung run waits."""
-    from runnerd.progress import tree
-
     info = request(ctx, Get(run=run))["run"]
     if info["host"] and info["host"] != socket.gethostname():
         fail(f"run {info['run_id']} runs on {shown(info['host'])}: run runnerctl stack there",
@@ -140,7 +104,7 @@ def stack(ctx: click.Context, run: str, via: str, timeout: float) -> None:
              EXIT_ERROR)
     printed = 0
     for pid in pids:
-        name = _read(f"/proc/{pid}/comm").strip() or "?"
+        name = comm(pid) or "?"
         if not is_python(pid):
             say(f"== process {pid} ({shown(name)}): not a Python process\n")
             continue
