@@ -8,26 +8,23 @@ p50/p99/max of kill -> runnerd's failed_crash (from the run's `ended_at`) and ki
 tool's FAILED, which includes the hook's own start (Python, the tool's import, its store).
 Not a test: it reports.
 
-    python bench/bench_integrations.py [--kills N] [--batch N]
+    python bench/bench_integrations.py [--quick] [--kills N] [--batch N]
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import textwrap
 import time
 from collections.abc import Callable
 from datetime import datetime
-from pathlib import Path
 
-from runnerd.testing import Daemon
+from harness import Runnerd, arguments, pct, session, temp_root
 
 MLFLOW_SCRIPT = """
     import os
@@ -63,7 +60,7 @@ command = {json.dumps([sys.executable, "-m", f"runnerd_client.{tool}", "hook"])}
 """ for tool in ("mlflow", "optuna"))
 
 
-def start(daemon: Daemon, code: str, *args: str, env: dict[str, str]) -> subprocess.Popen[str]:
+def start(daemon: Runnerd, code: str, *args: str, env: dict[str, str]) -> subprocess.Popen[str]:
     script = daemon.root / f"bench_{abs(hash(code))}.py"
     script.write_text(textwrap.dedent(code))
     return subprocess.Popen([sys.executable, str(script), *args], env={**daemon.env, **env},
@@ -88,7 +85,7 @@ def poll(done: Callable[[], bool], timeout: float = 60.0) -> float:
     return float("nan")
 
 
-def runnerd_ended(daemon: Daemon, experiment: str, pid: int) -> float:
+def runnerd_ended(daemon: Runnerd, experiment: str, pid: int) -> float:
     """When the daemon ended the run of the killed process (its `ended_at`)."""
     for _ in range(1000):
         listed = daemon.runnerctl("list", "--experiment", experiment, "--json")
@@ -101,7 +98,7 @@ def runnerd_ended(daemon: Daemon, experiment: str, pid: int) -> float:
     return float("nan")
 
 
-def kill_mlflow(daemon: Daemon, kills: int, batch: int) -> list[tuple[float, float]]:
+def kill_mlflow(daemon: Runnerd, kills: int, batch: int) -> list[tuple[float, float]]:
     from mlflow.client import MlflowClient
 
     uri = f"sqlite:///{daemon.root}/mlflow.db"
@@ -120,7 +117,7 @@ def kill_mlflow(daemon: Daemon, kills: int, batch: int) -> list[tuple[float, flo
     return figures
 
 
-def kill_optuna(daemon: Daemon, kills: int, batch: int) -> list[tuple[float, float]]:
+def kill_optuna(daemon: Runnerd, kills: int, batch: int) -> list[tuple[float, float]]:
     import optuna
 
     url = f"sqlite:///{daemon.root}/optuna.db"
@@ -140,35 +137,38 @@ def kill_optuna(daemon: Daemon, kills: int, batch: int) -> list[tuple[float, flo
     return figures
 
 
-def quantile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-
-
 def report(tool: str, figures: list[tuple[float, float]]) -> None:
     for what, values in (("runnerd failed_crash", [f[0] for f in figures]),
                          (f"{tool} FAILED", [f[1] for f in figures])):
         print(f"{tool:7} kill -> {what:22} p50 {statistics.median(values) * 1000:7.0f} ms"
-              f"   p99 {quantile(values, 0.99) * 1000:7.0f} ms"
+              f"   p99 {pct(values, 0.99) * 1000:7.0f} ms"
               f"   max {max(values) * 1000:7.0f} ms   (n={len(values)})")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--kills", type=int, default=20, help="kills per tool (default 20)")
+    parser = arguments(__doc__, "5 kills per tool")
+    parser.add_argument("--kills", type=int, help="kills per tool (default 20)")
     parser.add_argument("--batch", type=int, default=4,
                         help="scripts started together before they are killed one by one")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="rd-bench-", dir="/tmp") as name:
-        daemon = Daemon(Path(name))
+    bench = session(args)
+    kills = args.kills or (5 if args.quick else 20)
+    with temp_root() as root:
+        daemon = Runnerd(root)
         daemon.config.parent.mkdir(parents=True)
         daemon.config.write_text(hooks_config())
-        daemon.start()
+        daemon.start(20.0)
         try:
-            report("optuna", kill_optuna(daemon, args.kills, args.batch))
-            report("mlflow", kill_mlflow(daemon, args.kills, args.batch))
+            bench.quiet.wait()
+            figures = {"optuna": kill_optuna(daemon, kills, args.batch)}
+            bench.quiet.wait()
+            figures["mlflow"] = kill_mlflow(daemon, kills, args.batch)
         finally:
             daemon.stop()
+    bench.stop()
+    bench.header("integrations", "quick" if args.quick else "full")
+    for tool, found in figures.items():
+        report(tool, found)
 
 
 if __name__ == "__main__":
