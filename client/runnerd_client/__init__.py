@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from runnerd_client.connection import Connection, DaemonUnavailable
+from runnerd_client.errors import RunRefused
 from runnerd_client.protocol import RunnerdError, State
 from runnerd_client.run import (
     ACTIVE,
@@ -29,7 +30,8 @@ from runnerd_client.shared import connect
 from runnerd_client.sweep import CellOutcome, SweepFailed, SweepResult, resume_sweep, sweep
 
 __all__ = [
-    "CellOutcome", "Client", "Connection", "DaemonUnavailable", "Run", "RunnerdError", "State",
+    "CellOutcome", "Client", "Connection", "DaemonUnavailable", "Run", "RunRefused",
+    "RunnerdError", "State",
     "SweepFailed", "SweepResult", "Terminated", "connect", "current_run", "resume_sweep",
     "retrying", "run", "sweep",
 ]
@@ -49,7 +51,12 @@ def run(experiment: str, variation: str = "default", *, params: dict[str, Any] |
 
     With `resume=True`, after an unsuccessful attempt of the same experiment and variation
     the run continues it: `run.resume_checkpoint` is that attempt's last checkpoint (its
-    `data` and `path`), or None. Changed params raise RunnerdError(conflict).
+    `data` and `path`), or None. Changed params raise RunRefused (`conflict`).
+
+    A wrong argument raises TypeError or ValueError naming it, before anything is sent; a
+    run the daemon refuses to create or start raises RunRefused (a RunnerdError), so that
+    the experiment never runs untracked believing it is tracked. A daemon that cannot be
+    reached raises nothing: the events are spooled and replayed.
     """
     return connect().run(
         experiment, variation, params=params, tags=tags, run_dir=run_dir,

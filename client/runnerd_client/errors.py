@@ -31,3 +31,14 @@ class RunnerdError(Exception):
 
     def __str__(self) -> str:
         return f"{self.code}: {self.message}"
+
+
+class RunRefused(RunnerdError):
+    """The daemon, reachable, refused to create, start or attach a run (`bad_request`,
+    `conflict`, ...): the run is not tracked, so the call raises rather than let the
+    experiment go on believing it is. (A daemon that cannot be reached refuses nothing:
+    the events are spooled and replayed.)"""
+
+    def __init__(self, code: ErrorCode | str, message: str, run_id: str) -> None:
+        super().__init__(code, message)
+        self.run_id = run_id

@@ -1,6 +1,8 @@
-"""What a request's fields may hold, declared beside them and checked once, by
-`decode_request`: a field's type, and the checks in its `Annotated` metadata (a closed
-set, a range, a pattern, a length, an absolute path).
+"""What a request's fields may hold, declared beside them: a field's type, and the checks in
+its `Annotated` metadata (a closed set, a range, a pattern, a length, an absolute path,
+plain JSON). The daemon checks every request it decodes (`decode_request`); the client
+checks every request before it sends it (`check_request`), so that a wrong argument raises
+TypeError or ValueError at the call instead of a refusal nobody sees.
 
     run_id: RunId            # 1-64 characters of A-Z, a-z, 0-9, '_' or '-'
     limit: Limit = 50        # 1 to MAX_LIST
@@ -10,6 +12,7 @@ set, a range, a pattern, a length, an absolute path).
 from __future__ import annotations
 
 import enum
+import json
 import math
 import os
 import re
@@ -100,7 +103,22 @@ class Absolute:
 
     def problem(self, value: Any) -> str | None:
         return None if os.path.isabs(value) and "\0" not in value else \
-            f"must be an absolute path, not {value!r}"
+            "must be an absolute path"
+
+
+@dataclass(frozen=True, slots=True)
+class PlainJson:
+    """A value JSON can hold (kept as JSON text in the registry): no NaN or infinity, no
+    object JSON cannot write."""
+
+    def problem(self, value: Any) -> str | None:
+        try:
+            json.dumps(value, allow_nan=False)
+        except ValueError:
+            return "must be plain JSON: it holds NaN or infinity"
+        except (TypeError, RecursionError) as exc:
+            return f"must be plain JSON: {exc}"
+        return None
 
 
 RunId = Annotated[str, Pattern(RUN_ID_PATTERN, "1-64 characters of A-Z, a-z, 0-9, '_' or '-'")]
@@ -108,6 +126,7 @@ Name = Annotated[str, Length(1, MAX_NAME)]
 AbsolutePath = Annotated[str, Absolute()]
 Positive = Annotated[float, Range(0, above=True)]
 Limit = Annotated[int, Range(1, MAX_LIST)]
+JsonMap = Annotated[dict[str, Any], PlainJson()]
 
 
 # --- decoding a request's fields ----------------------------------------------------
@@ -149,24 +168,79 @@ def decode_fields(op: str, specs: Iterable[FieldSpec], msg: dict[Any, Any]) -> d
                 raise _bad(f"{op}: missing field {spec.name!r}")
             continue
         value = msg[spec.name]
-        _check_type(op, spec, value)
-        if value is not None:
-            for check in spec.checks:
-                problem = check.problem(value)
-                if problem is not None:
-                    raise _bad(f"{op}: {spec.name} {problem}")
+        problem = _problem(spec, value)
+        if problem is not None:
+            raise _bad(f"{op}: {spec.name} {problem.text}" if problem.checked
+                       else f"{op}: field {spec.name!r} {problem.text}")
         kwargs[spec.name] = value
     return kwargs
 
 
-def _check_type(op: str, spec: FieldSpec, value: Any) -> None:
+def check_request(req: object) -> None:
+    """The client's check of a request before it is sent: TypeError (a field's type) or
+    ValueError (its bounds) naming the first field the daemon would refuse."""
+    for spec in field_specs(type(req)):
+        problem = _problem(spec, getattr(req, spec.name))
+        if problem is not None:
+            raise _argument_error(spec.name, problem)
+
+
+def check_argument(name: str, annotation: Any, value: Any) -> None:
+    """Check an argument that is not a request's field (`retries`, `jobs`...) against a
+    declaration in the same terms: TypeError or ValueError naming it."""
+    spec = FieldSpec(name, _allowed_types(annotation), True, tuple(_checks(annotation)))
+    problem = _problem(spec, value)
+    if problem is not None:
+        raise _argument_error(name, problem)
+
+
+@dataclass(frozen=True, slots=True)
+class _Problem:
+    text: str
+    value: Any
+    of_type: bool = False
+    """Its type is wrong (TypeError), rather than its value (ValueError)."""
+    checked: bool = False
+    """Found by a check of the field's declaration, not by its type."""
+
+
+def _problem(spec: FieldSpec, value: Any) -> _Problem | None:
+    """What is wrong with a field's value, or None."""
     allowed = spec.types
     if not isinstance(value, allowed) or (type(value) is bool and bool not in allowed):
-        raise _bad(f"{op}: field {spec.name!r} must be {_type_name(allowed)}")
+        return _Problem(f"must be {_type_name(allowed)}", value, of_type=True)
     if type(value) is int and not INT64_MIN <= value <= INT64_MAX:
-        raise _bad(f"{op}: field {spec.name!r} is out of range")
+        return _Problem("is out of range", value)
     if type(value) is float and not math.isfinite(value):
-        raise _bad(f"{op}: field {spec.name!r} must be finite")
+        return _Problem("must be finite", value)
+    if value is not None:
+        for check in spec.checks:
+            problem = check.problem(value)
+            if problem is not None:
+                return _Problem(problem, value, checked=True)
+    return None
+
+
+def _argument_error(name: str, problem: _Problem) -> TypeError | ValueError:
+    shown = repr(problem.value)
+    shown = shown if len(shown) <= 60 else shown[:57] + "..."
+    if problem.of_type:
+        return TypeError(f"{name} must be {_python_name(problem.text)}, not "
+                         f"{type(problem.value).__name__} {shown}")
+    if isinstance(problem.value, dict | list):
+        return ValueError(f"{name} {problem.text}")
+    return ValueError(f"{name} {problem.text}, not {shown}")
+
+
+def _python_name(wire: str) -> str:
+    """A wire type description (`float or int or null`) in Python's words."""
+    names = wire.removeprefix("must be ").split(" or ")
+    words = {"float": "a number", "int": "an int", "null": "None", "str": "a str",
+             "dict": "a dict", "list": "a list", "bool": "True or False"}
+    if "float" in names and "int" in names:
+        names.remove("int")
+    names.sort(key=lambda n: n == "null")  # None last
+    return " or ".join(dict.fromkeys(words.get(n, n) for n in names))
 
 
 def _bad(message: str) -> RunnerdError:
@@ -175,6 +249,8 @@ def _bad(message: str) -> RunnerdError:
 
 def _allowed_types(annotation: Any) -> tuple[type, ...]:
     """Map a field annotation to the Python types msgpack may deliver for it."""
+    if typing.get_origin(annotation) is Annotated:
+        return _allowed_types(annotation.__origin__)
     if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
         return tuple(t for arg in typing.get_args(annotation) for t in _allowed_types(arg))
     origin = typing.get_origin(annotation) or annotation

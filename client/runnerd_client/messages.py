@@ -18,6 +18,7 @@ from runnerd_client.enums import (
 )
 from runnerd_client.fields import (
     AbsolutePath,
+    JsonMap,
     Limit,
     Name,
     OneOf,
@@ -83,13 +84,13 @@ class Create(Mutation):
     run_id: RunId
     experiment: Name
     variation: Name = "default"
-    params: dict[str, Any] | None = None
-    tags: dict[str, Any] | None = None
+    params: JsonMap | None = None
+    tags: JsonMap | None = None
     cwd: AbsolutePath | None = None
     run_dir: AbsolutePath | None = None
     host: str | None = None
     retry_of: RunId | None = None
-    launch: dict[str, Any] | None = None
+    launch: JsonMap | None = None
     resume: bool = False
     sweep_id: str | None = None
     cell: int | None = None
@@ -169,7 +170,7 @@ class Artifact(Mutation):
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Checkpoint(Mutation):
     op: ClassVar[str] = "checkpoint"
-    data: dict[str, Any] | None = None
+    data: JsonMap | None = None
     path: str | None = None
 
 

@@ -1,7 +1,10 @@
 """Runs as an experiment sees them: two lines to be tracked, and never broken by us.
 
-Every event goes through `Client.emit` (see client.py): delivered, or spooled to
-disk while the daemon is away, and never raised into the experiment.
+Every event goes through `Client.emit` (see reporter.py): delivered, or spooled to
+disk while the daemon is away, and never raised into the experiment. What is raised is
+the caller's own mistake: a wrong argument (TypeError, ValueError, before anything is
+sent), or a run the daemon refused to create, start or attach (RunRefused), which would
+otherwise run untracked.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from types import FrameType, TracebackType
 from typing import IO, Any
 
 from runnerd_client import paths, stacks, trust
+from runnerd_client.errors import RunRefused
+from runnerd_client.fields import Positive, check_argument, check_request
 from runnerd_client.ids import new_key, new_run_id
 from runnerd_client.protocol import (
     Artifact,
@@ -35,12 +40,13 @@ from runnerd_client.protocol import (
     ErrorCode,
     Fail,
     FailReason,
+    Get,
     Heartbeat,
     RunnerdError,
     Start,
     Succeed,
 )
-from runnerd_client.reporter import Reporter
+from runnerd_client.reporter import Reply, Reporter
 
 log = logging.getLogger("runnerd_client")
 RUN_ID_ENV = "RUNNERD_RUN_ID"
@@ -58,7 +64,7 @@ def backoff_delay(backoff: float, attempt: int) -> float:
     return float(backoff ** attempt * random.uniform(0.75, 1.25))
 
 
-_ENDED = (ErrorCode.INVALID_TRANSITION,)  # what ending an already ended run answers
+_EVERY_CODE = tuple(ErrorCode)
 
 
 class Terminated(SystemExit):
@@ -107,26 +113,31 @@ class Client(Reporter):
         the attempt it reruns; `launch` is how to launch it again.
         With `resume`, after an unsuccessful attempt of the same experiment and variation
         the run continues it: `run.resumed_from` names it and `run.resume_checkpoint` holds
-        its last checkpoint. `cell` claims a sweep's cell for this attempt. A resume whose
-        params changed, or a claim another attempt holds, raises RunnerdError(conflict).
+        its last checkpoint. `cell` claims a sweep's cell for this attempt.
+
+        A wrong argument raises TypeError or ValueError naming it, before anything is sent.
+        A create the daemon refuses (a resume whose params changed, a claim another attempt
+        holds: `conflict`) raises RunRefused.
         """
         run_id = new_run_id()
+        limits = {"heartbeat_timeout": heartbeat_timeout, "lost_grace": lost_grace,
+                  "deadline": deadline, "stall_timeout": stall_timeout}
+        check_argument("heartbeat_interval", Positive, heartbeat_interval)
+        check_request(Start(key="-", run_id=run_id, **limits))  # refused later, left pending
         folder = Path(run_dir).resolve() if run_dir else paths.default_run_dir(run_id)
-        run = Run(self, run_id, experiment, variation, params=params or {}, run_dir=folder,
-                  heartbeat_interval=heartbeat_interval,
-                  limits={"heartbeat_timeout": heartbeat_timeout, "lost_grace": lost_grace,
-                          "deadline": deadline, "stall_timeout": stall_timeout})
+        params = {} if params is None else params
+        run = Run(self, run_id, experiment, variation, params=params, run_dir=folder,
+                  heartbeat_interval=heartbeat_interval, limits=limits)
         claim: dict[str, Any] = {"sweep_id": cell.sweep_id, "cell": cell.index,
                  "claim_after": cell.claim_after} if cell else {}
         if cell and cell.replication:
             claim["replicates"] = True
             tags = {**(tags or {}), "replication": cell.replication}
-        reply = self.wait(self.emit(Create(
+        reply = run.answer(self.emit(Create(
             key=new_key(), run_id=run_id, experiment=experiment, variation=variation,
-            params=params or {}, tags=tags or {}, cwd=os.getcwd(), run_dir=str(folder),
-            host=socket.gethostname(), retry_of=retry_of, launch=launch, resume=resume,
-            at=time.time(), **claim)),
-            "create", raising=(ErrorCode.CONFLICT,) if resume or cell else ()) or {}
+            params=params, tags={} if tags is None else tags, cwd=os.getcwd(),
+            run_dir=str(folder), host=socket.gethostname(), retry_of=retry_of, launch=launch,
+            resume=resume, at=time.time(), **claim)), "create", tracks=True) or {}
         run.attempt = reply.get("attempt")
         run.resumed_from = reply.get("resumed_from")
         run.resume_checkpoint = reply.get("resume_checkpoint")
@@ -136,17 +147,19 @@ class Client(Reporter):
         """Join an existing run (one launched by `runnerctl exec`, say) from this process.
 
         With the daemon away the attach is spooled and the run's names are not known yet.
+        A run the daemon does not know raises RunRefused; one already ended is said so once.
         """
-        reply = self.wait(self.emit(Attach(key=new_key(), run_id=run_id, at=time.time())),
-                          f"attach to {run_id}")
-        info = (reply or {}).get("run") or {"experiment": "", "variation": "", "params": {},
-                                            "run_dir": str(paths.default_run_dir(run_id))}
-        run = Run(self, run_id, info["experiment"], info["variation"], params=info["params"],
-                  run_dir=Path(info["run_dir"]), heartbeat_interval=60.0, limits={},
-                  attached=True)
-        run.attempt = info.get("attempt")
-        run.resumed_from = info.get("resumed_from")
-        run.resume_checkpoint = (reply or {}).get("resume_checkpoint")
+        run = Run(self, run_id, "", "", params={}, run_dir=paths.default_run_dir(run_id),
+                  heartbeat_interval=60.0, limits={}, attached=True)
+        reply = run.answer(self.emit(Attach(key=new_key(), run_id=run_id, at=time.time())),
+                           "attach to", tracks=True) or {}
+        info = reply.get("run")
+        if info:
+            run.experiment, run.variation = info["experiment"], info["variation"]
+            run.params, run.run_dir = info["params"], Path(info["run_dir"])
+            run.attempt = info.get("attempt")
+            run.resumed_from = info.get("resumed_from")
+        run.resume_checkpoint = reply.get("resume_checkpoint")
         return run
 
 
@@ -176,6 +189,8 @@ class Run:
         self._old_sigterm: Any = None
         self._crash_log: IO[str] | None = None
         self._active: Token[Run | None] | None = None
+        self._ended_outside = False
+        self._said_ended = False
         self.diagnosis: dict[str, Any] | None = None
         self.vouch: Callable[[], bool] | None = None
         """If set, the heartbeat thread beats only while it returns True (runnerctl exec:
@@ -196,14 +211,53 @@ class Run:
                 f" process {self._pid}; a forked child attaches first"
                 f" (rd.connect().attach({self.run_id!r}))"))
 
+    def answer(self, future: Future[Reply], what: str, *, tracks: bool = False,
+               if_active: bool = False) -> Reply | None:
+        """The daemon's reply to one of this run's events, None if it was refused.
+
+        A refused event that `tracks` the run (create, start, attach) raises RunRefused. A run
+        ended from outside (runnerctl cancel, its deadline) is said so once, and is nothing
+        to say with `if_active`. An event spooled while the daemon is away is no refusal.
+        """
+        try:
+            return self.client.wait(future, what, raising=_EVERY_CODE)
+        except RunnerdError as exc:
+            if exc.code == ErrorCode.INVALID_TRANSITION:
+                self._ended_outside = True
+                if not if_active:
+                    self.say_ended()
+            elif exc.code == ErrorCode.UNAVAILABLE:
+                pass  # not even spooled: the reporter said so
+            elif tracks:
+                raise RunRefused(exc.code, exc.message, self.run_id) from None
+            else:
+                log.warning("runnerd refused %s of run %s: %s", what, self.run_id, exc)
+            return None
+
+    def say_ended(self) -> None:
+        """Say once, plainly, that the run was ended from outside and how; this process
+        no longer reports for it (its heartbeats stop, its own end is not recorded)."""
+        self._stop.set()
+        with self._lock:
+            if self._said_ended:
+                return
+            self._said_ended = True
+        found = (self.client.ask(Get(run=self.run_id)) or {}).get("run") or {}
+        failure = found.get("failure") or {}
+        how = ": ".join(str(part) for part in (found.get("state"), failure.get(
+            "failure_class"), failure.get("message")) if part)
+        log.warning("run %s was ended from outside%s; this process no longer reports for it",
+                    self.run_id, f" ({how})" if how else "")
+
     def start(self, *, wait: bool = True) -> Run:
         """Start the run; `wait=False` sends it behind what came before without waiting
-        (the daemon applies one connection's events in order)."""
+        (the daemon applies one connection's events in order). A start the daemon refuses
+        raises RunRefused (with `wait`)."""
         self._mine("start")
         future = self.client.emit(Start(
             key=new_key(), run_id=self.run_id, at=time.time(), **self._limits))
         if wait:
-            self.client.wait(future, "start")
+            self.answer(future, "start", tracks=True)
         return self
 
     def heartbeat(self, *, progress: bool = True) -> Run:
@@ -219,11 +273,12 @@ class Run:
         return self
 
     def _heartbeat_answered(self, future: Future[dict[str, Any]]) -> None:
+        """On the connection's reader thread, which must not wait for a reply: a run that
+        takes no more heartbeats stops its beats, and the beating thread says why."""
         if not future.result().get("ok"):
             error = future.result()["error"]
             if error.get("code") in (ErrorCode.INVALID_TRANSITION, ErrorCode.UNKNOWN_RUN):
-                log.warning("run %s no longer takes heartbeats: %s", self.run_id,
-                            error.get("message"))
+                self._ended_outside = True
                 self._stop.set()
 
     def artifact(self, path: str | os.PathLike[str]) -> Run:
@@ -254,7 +309,7 @@ class Run:
         with self._lock:
             pending, self._pending = self._pending, []
         for what, future in pending:
-            self.client.wait(future, what)
+            self.answer(future, what, if_active=self._ended_outside)
         return self
 
     def succeed(self, *, if_active: bool = False) -> Run:
@@ -262,9 +317,8 @@ class Run:
         (a launched command through this library, say) is left as it is, silently."""
         self._mine("succeed")
         self.flush()
-        self.client.wait(self.client.emit(Succeed(
-            key=new_key(), run_id=self.run_id, at=time.time())), "succeed",
-            expected=_ENDED if if_active else ())
+        self.answer(self.client.emit(Succeed(key=new_key(), run_id=self.run_id,
+                                             at=time.time())), "succeed", if_active=if_active)
         return self
 
     def fail(self, reason: str = FailReason.CRASH, message: str | None = None, *,
@@ -283,11 +337,11 @@ class Run:
             message = message if message is not None else str(exc)
             traceback = traceback or "".join(tb.format_exception(exc))
         self.flush()
-        reply = self.client.wait(self.client.emit(Fail(
-            key=new_key(), run_id=self.run_id, reason=str(reason), failure_class=failure_class,
+        reply = self.answer(self.client.emit(Fail(
+            key=new_key(), run_id=self.run_id, reason=reason, failure_class=failure_class,
             message=message, traceback=traceback, exit_code=exit_code, signal=signal,
             category_hint=category_hint, cause=cause, at=time.time())), "fail",
-            expected=_ENDED if if_active else ())
+            if_active=if_active)
         if reply is not None and "retryable" in reply:
             self.diagnosis = {"category": reply["category"], "retryable": reply["retryable"]}
         return self
@@ -296,8 +350,8 @@ class Run:
         """Leave the run without ending it: this process no longer counts as its owner."""
         self._mine("detach")
         self.flush()
-        self.client.wait(self.client.emit(Detach(
-            key=new_key(), run_id=self.run_id, at=time.time())), "detach")
+        self.answer(self.client.emit(Detach(key=new_key(), run_id=self.run_id, at=time.time())),
+                    "detach")
         return self
 
     # --- context manager ---
@@ -358,6 +412,8 @@ class Run:
                 self.heartbeat(progress=False)  # alive, which is not moving
             except RunnerdError as exc:
                 log.warning("heartbeat not sent: %s", exc)
+        if self._ended_outside:
+            self.say_ended()
 
     def _catch_sigterm(self) -> None:
         if threading.current_thread() is not threading.main_thread():
