@@ -44,7 +44,7 @@ from harness import (
     verdict,
 )
 
-from runnerd import resources
+from runnerd import usage
 from runnerd_client import procinfo
 from runnerd_client.connection import Connection
 from runnerd_client.ids import new_key, new_run_id
@@ -227,19 +227,19 @@ def _median_ms(fn: Callable[[], object], reps: int = 5) -> float:
 
 
 def time_steps(attached: dict[str, int]) -> Steps:
-    """What one sampling round costs, step by step (runnerd.resources, single-threaded): a
+    """What one sampling round costs, step by step (runnerd.usage, single-threaded): a
     group per run, each sampled with a fresh cgroup cache (a first round) or a warm one."""
     table = procinfo.process_table()
     children = procinfo.children_of(table)
-    groups = [resources.Group(frozenset({pid})) for pid in attached.values()]
-    warm = resources.Cgroups()
+    groups = [usage.Group(frozenset({pid})) for pid in attached.values()]
+    warm = usage.Cgroups()
 
     def descendants() -> None:
         found = procinfo.children_of(table)
         for group in groups:
             procinfo.with_descendants(group.roots, table, found)
 
-    def sample(cgroups: Callable[[], resources.Cgroups]) -> Callable[[], None]:
+    def sample(cgroups: Callable[[], usage.Cgroups]) -> Callable[[], None]:
         def round_() -> None:
             cache, now = cgroups(), time.time()
             for group in groups:
@@ -249,7 +249,7 @@ def time_steps(attached: dict[str, int]) -> Steps:
     sample(lambda: warm)()
     sample(lambda: warm)()  # a process seen for the first time is read twice
     return Steps(len(table), _median_ms(procinfo.process_table), _median_ms(descendants),
-                 _median_ms(sample(resources.Cgroups)), _median_ms(sample(lambda: warm)))
+                 _median_ms(sample(usage.Cgroups)), _median_ms(sample(lambda: warm)))
 
 
 def running_runs(daemon: Runnerd) -> list[dict[str, Any]]:

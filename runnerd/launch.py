@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import IO, Any
 
 from runnerd.controls import escape_controls
-from runnerd.progress import stopped_note
-from runnerd.resources import gib
+from runnerd.evidence import stopped_note
+from runnerd.usage import gib
 from runnerd_client.procinfo import cgroup_dir, cgroup_peak, oom_kills
 from runnerd_client.protocol import FailReason, Get, RunnerdError
 from runnerd_client.run import RUN_ID_ENV, Cell, Client, Run, backoff_delay, worth_retrying

@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import anyio
 
-from runnerd.progress import stopped_note
+from runnerd.evidence import stopped_note
 from runnerd.registry import BatchResult, FailureRecord, Registry, RunRow, RunUpdate, Store
 from runnerd.states import Event, end_with_failure, failure_record, transition
 from runnerd_client.protocol import FailReason, State

@@ -15,14 +15,9 @@ from typing import Any
 import pytest
 
 from conftest import Daemon, wait_for
-from runnerd.progress import (
-    Progress,
-    Watched,
-    describe,
-    look_at_files,
-    stopped_note,
-)
-from runnerd.resources import Group
+from runnerd.evidence import describe, look_at_files, stopped_note
+from runnerd.progress import Progress, Watched
+from runnerd.usage import Group
 from runnerd_client.procinfo import process_facts
 from runnerd_client.protocol import State
 
