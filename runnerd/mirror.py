@@ -23,6 +23,7 @@ import queue
 import re
 import secrets
 import socket
+import stat
 import threading
 import time
 from collections.abc import Callable
@@ -103,7 +104,8 @@ def candidates(mirror: Path, host: str, db: Path) -> list[tuple[Path, dict[str, 
                                 "shared filesystem mounted?)", str(mirror))
     found = []
     for entry in os.scandir(mirror):
-        if entry.name.startswith(node_prefix(host)) and entry.is_dir(follow_symlinks=False):
+        if entry.name.startswith(node_prefix(host)) and entry.is_dir(follow_symlinks=False) \
+                and _ours(entry.stat(follow_symlinks=False)):
             try:
                 header = read_header(Path(entry.path))
             except NotMirrored:
@@ -111,6 +113,12 @@ def candidates(mirror: Path, host: str, db: Path) -> list[tuple[Path, dict[str, 
             if header.get("host") == host and header.get("db") == str(db):
                 found.append((Path(entry.path), header))
     return sorted(found, key=lambda f: str(f[1].get("started_at")), reverse=True)
+
+
+def _ours(info: os.stat_result) -> bool:
+    """A node folder this user made and nobody else can write to (the shared folder may be
+    writable by others: a folder planted there is not carried on)."""
+    return info.st_uid == os.getuid() and not info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
 
 
 class NodeFiles:

@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import textwrap
 import time
@@ -20,12 +21,12 @@ from typing import Any
 
 import anyio
 import pytest
-from test_many_nodes import Lines
+from test_many_nodes import Lines, dask_test, double, start_worker, stop_workers, worker_env
 
 from conftest import Daemon, wait_for
 from runnerd import config, mirror
 from runnerd.cli.merge import node_state, parse_mirrored
-from runnerd.mirror import NodeFiles
+from runnerd.mirror import NodeFiles, node_prefix
 from runnerd.mirror_format import NODE_FILE, encode_line, read_node, segment_name
 from runnerd.registry import NewRun, Registry, Store
 from runnerd_client.ids import new_run_id
@@ -121,6 +122,53 @@ def test_every_run_of_a_wiped_node_is_still_listed(short_tmp: Path, shared: Path
         b.stop()
 
 
+@dask_test
+def test_a_night_on_a_dask_cluster_outlives_its_nodes(short_tmp: Path, shared: Path) -> None:
+    """Two nodes, each a daemon mirroring to the shared folder and a Dask worker: tasks run
+    on both; `--dask` lists both nodes' runs; node B's job ends (its worker and daemon
+    stopped, its registry deleted) and `--from` still lists every run of the night."""
+    distributed = pytest.importorskip("distributed")
+    from runnerd_client.dask import RunnerdWorkerPlugin
+
+    a, b = mirroring(short_tmp / "a", shared), mirroring(short_tmp / "b", shared)
+    cluster = distributed.LocalCluster(n_workers=0, dashboard_address=":0")
+    client = distributed.Client(cluster)
+    procs = [start_worker(cluster.scheduler_address, {**node.env, "NODE_NAME": name})
+             for name, node in (("a", a), ("b", b))]
+    try:
+        client.register_plugin(RunnerdWorkerPlugin(experiment="night"))
+        workers = {name: worker for worker, name in worker_env(client, 2).items()}
+        futures = [client.submit(double, i, workers=[workers["ab"[i % 2]]], pure=False)
+                   for i in range(8)]
+        assert client.gather(futures) == [i * 2 for i in range(8)]
+        keys = sorted(f.key for f in futures)
+
+        def night(*source: str) -> list[str]:
+            runs = json.loads(a.ctl(*source, "list", "--experiment", "night", "--json").stdout)
+            return sorted(r["tags"]["dask_key"] for r in runs if r["state"] == "succeeded")
+
+        wait_for(lambda: night("--dask", cluster.scheduler_address) == keys, timeout=30,
+                 what="both nodes' runs through Dask")
+        wait_for(lambda: night_from(a, shared) == keys,
+                 what="every run mirrored")
+        stop_workers(procs[1:])  # node B's job ends: its worker, its daemon, its disk
+        assert b.stop() == 0
+        b.db.unlink()
+        assert night_from(a, shared) == keys
+    finally:
+        client.close()
+        cluster.close()
+        stop_workers(procs)
+        a.stop()
+        b.stop()
+
+
+def night_from(daemon: Daemon, shared: Path) -> list[str]:
+    runs = json.loads(daemon.ctl("list", "--from", str(shared), "--experiment", "night",
+                                 "--json").stdout)
+    return sorted(r["tags"]["dask_key"] for r in runs if r["state"] == "succeeded")
+
+
 def test_a_sigkilled_node_loses_at_most_the_last_interval_and_says_so(
         short_tmp: Path, shared: Path) -> None:
     a = mirroring(short_tmp / "a", shared)
@@ -184,6 +232,29 @@ def test_follow_from_the_shared_folder(short_tmp: Path, shared: Path) -> None:
             assert not [e for e in follower.events() if e["run_id"] in done]  # from now on
         finally:
             assert follower.stop() == 0
+    finally:
+        a.stop()
+
+
+def test_a_folder_another_user_planted_is_not_carried_on(short_tmp: Path, shared: Path) -> None:
+    """The shared folder may be writable by others: a node folder in it that claims to be
+    this registry's, but is not this user's, is left alone."""
+    if os.getuid() != 0:
+        pytest.skip("planting a folder as another user needs root")
+    root = short_tmp / "a"
+    planted = shared / f"{node_prefix(socket.gethostname())}planted"
+    planted.mkdir()
+    (planted / NODE_FILE).write_text(json.dumps({
+        "format": 1, "host": socket.gethostname(), "db": str(Daemon(root).db), "base": 0,
+        "seq": 0, "started_at": "9999-01-01T00:00:00Z"}))
+    for path in (planted, planted / NODE_FILE):
+        os.chown(path, 65534, 65534)
+    a = mirroring(root, shared)
+    try:
+        made = make_runs(a, 2, "p")
+        assert node_folder(a) != planted
+        wait_for(lambda: has_all(a, shared, made), what="the runs in the daemon's own folder")
+        assert mirror_status(a)["state"] == "ok"
     finally:
         a.stop()
 
@@ -307,7 +378,7 @@ def test_a_stalled_write_never_blocks_the_daemon(short_tmp: Path, shared: Path) 
         last = make_runs(daemon, 1, "l")
         wait_for(lambda: mirror_status(daemon)["writing_for_sec"], what="a blocked write")
         assert daemon.stop(timeout=30) == 0
-        assert "not written to" in daemon.log_tail(5000)
+        assert "not written to" in daemon.log_tail(1 << 20)
         segment.unlink()
         os.replace(saved, segment)
         daemon.start()  # the next start catches up what the stall kept back
