@@ -49,7 +49,7 @@ from typing import Any
 
 import msgpack
 
-from runnerd.diagnosis import RULES
+from runnerd.diagnosis_rules import RULES
 from runnerd.testing import Daemon
 from runnerd_client.connection import Connection
 from runnerd_client.ids import new_key, new_run_id

@@ -6,7 +6,8 @@ from typing import Any
 
 import pytest
 
-from runnerd.diagnosis import CATEGORIES, RULES, Diagnosis, Rule, diagnose, match_rule
+from runnerd.diagnosis import Diagnosis, diagnose, match_rule
+from runnerd.diagnosis_rules import CATEGORIES, RULES, Rule
 from runnerd_client.protocol import FailReason
 
 

@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 
 from conftest import Daemon
-from runnerd.diagnosis import CATEGORIES, diagnose
+from runnerd.diagnosis import diagnose
+from runnerd.diagnosis_rules import CATEGORIES
 from runnerd_client.tracebacks import command_ending
 
 CORPUS = Path(__file__).parent / "data" / "failures"
