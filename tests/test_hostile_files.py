@@ -20,7 +20,8 @@ import pytest
 
 from conftest import Daemon, wait_for
 from runnerd.controls import EscapeControls, escape_controls
-from runnerd.indexer import WatchPlan, checked_doc, watch_plan
+from runnerd.foreign_runs import checked_doc
+from runnerd.indexer import WatchPlan, watch_plan
 
 NOBODY = 65534
 HOSTILE = {

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from conftest import Daemon, wait_for
-from runnerd.indexer import FileKind, classify, imported_state
+from runnerd.foreign_runs import imported_state
+from runnerd.index_files import FileKind, classify
 
 
 @pytest.mark.parametrize(("name", "kind"), [
