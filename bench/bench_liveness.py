@@ -46,6 +46,7 @@ from harness import (
 import runnerd_client as rd
 from runnerd.registry import NewRun, RunUpdate, Store
 from runnerd.states import failure_record
+from runnerd_client import procinfo
 from runnerd_client.connection import Connection
 from runnerd_client.ids import new_key, new_run_id
 from runnerd_client.protocol import Create, Get, ListRuns, Request, Start, State
@@ -334,11 +335,6 @@ def build_registry(db: Path, lay: Layout, live: tuple[int, int], chunk: int = 20
     return time.monotonic() - began
 
 
-def process_start_time(pid: int) -> int:
-    raw = Path(f"/proc/{pid}/stat").read_bytes()
-    return int(raw[raw.rindex(b")") + 2:].split()[19])
-
-
 @dataclass
 class Restart:
     """Restart figures for one registry."""
@@ -375,8 +371,9 @@ def stage_restart(root: Path, plan: Plan, quiet: Quiet) -> Restart:
         print(f"building a registry of {plan.registry_runs} runs", file=sys.stderr, flush=True)
         lay = Layout(plan.registry_runs, plan.registry_running, plan.live_running, time.time(),
                      root / "data")
-        res.build_seconds = build_registry(
-            daemon.db, lay, (sleeper.pid, process_start_time(sleeper.pid)))
+        start = procinfo.start_time(sleeper.pid)
+        assert start is not None, "the sleeper is gone"
+        res.build_seconds = build_registry(daemon.db, lay, (sleeper.pid, start))
         res.db_mb = daemon.db.stat().st_size / 1e6
         quiet.wait()
         print("restarting on it", file=sys.stderr, flush=True)

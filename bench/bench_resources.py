@@ -368,11 +368,7 @@ def child_of(pid: int) -> int | None:
 
 def is_dead(pid: int) -> bool:
     """Gone or a zombie: the kernel has killed it (its parent may not have reaped it yet)."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_bytes()
-    except OSError:
-        return True
-    return raw[raw.rindex(b")") + 2:raw.rindex(b")") + 3] in (b"Z", b"X")
+    return procinfo.read_proc(pid) is None
 
 
 def run_id_of(pid: int) -> str | None:
