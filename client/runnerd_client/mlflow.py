@@ -84,7 +84,8 @@ class RunnerdRunContext:
 
         uri = mlflow.get_tracking_uri()
         link.note_uri(uri)
-        link.look_for_run(uri)
+        if mlflow.active_run() is None:  # a run is starting (not a nested one, not a model)
+            link.look_for_run(uri)
         _EXIT.install()
         return {TAG_RUN_ID: link.run.run_id, "runnerd.experiment": link.run.experiment,
                 "runnerd.variation": link.run.variation}
