@@ -1,52 +1,32 @@
 """The per-connection loop: the only code that reads from or writes to a client socket.
 
-It also bounds what one connection can cost everyone else (README, "Connection limits"):
-at most `max_connections` connections; at most `max_inflight` requests of a connection
-being worked on, and nothing more read from it while they are, or while its replies are
-not being read; a frame larger than one read is read only once its size is reserved from
-`frame_memory`; a frame must arrive whole within `frame_timeout`, and a connection that
-does nothing for `idle_timeout` is closed.
+It bounds what one connection costs everyone else (README, "Connection limits"; what the
+connections share is in `admission`): at most `max_inflight` requests of a connection are
+worked on, and nothing more is read from it while they are or while its replies are not
+read; a frame must arrive whole within `frame_timeout`; an idle connection is closed.
 """
 
 from __future__ import annotations
 
 import asyncio
-import heapq
-import inspect
-import itertools
 import logging
-import os
-import resource
 import socket
-import struct
 from collections import deque
 from functools import partial
-from pathlib import Path
 from typing import Any
 
-from runnerd import __version__
+from runnerd.admission import Clients, greeting, listen_backlog, peer_of, raise_fd_limit
 from runnerd.events import Subscriber
-from runnerd.handlers import HANDLERS, Context, Peer
-from runnerd_client.procinfo import start_time as process_start_time
+from runnerd.handlers import HANDLERS, READS, TASKS, Context, Peer
 from runnerd_client.protocol import (
     HEADER,
-    MAX_DEPTH,
-    MAX_ITEMS,
     PROTOCOL_VERSION,
     ErrorCode,
-    Export,
-    Failures,
-    Get,
     Hello,
     LimitExceeded,
-    ListRuns,
     Request,
     RunnerdError,
-    Status,
     Subscribe,
-    SweepCells,
-    SweepGet,
-    SweepList,
     check_shape,
     decode_request,
     error_reply,
@@ -56,126 +36,12 @@ from runnerd_client.protocol import (
 )
 
 log = logging.getLogger(__name__)
-_UCRED = struct.Struct("3i")
 READ_SIZE = 64 << 10
 """What one read takes; a frame larger than this is read only into reserved memory."""
 BIG_READ_SIZE = 256 << 10
 TASKS_PER_CONNECTION = 4
-"""`async` handlers (artifacts, cancel, prune..., and reads) of one connection running at once;
-the rest wait in the connection, dropped if it closes."""
-READS_AT_ONCE = 2
-"""Registry reads started and not finished, over every connection: the registry has one
-thread, so more would only queue there, where a `status` would wait behind them all."""
-READS = frozenset({Get, ListRuns, Status, Failures, Export, SweepGet, SweepCells, SweepList})
-REFUSAL_LOG_INTERVAL = 10.0
+"""Tasks (reads, artifacts, cancel...) of one connection run at once; the rest wait in it."""
 _SCRATCH = memoryview(bytearray(BIG_READ_SIZE))  # every read lands here first (one loop)
-_TASK_HANDLERS = frozenset(cls for cls, handler in HANDLERS.items()
-                           if inspect.iscoroutinefunction(handler)) - READS
-
-
-def listen_backlog() -> int:
-    """The kernel's cap on connects waiting to be accepted (net.core.somaxconn)."""
-    try:
-        return max(socket.SOMAXCONN, int(Path("/proc/sys/net/core/somaxconn").read_text()))
-    except (OSError, ValueError):
-        return socket.SOMAXCONN
-
-
-def raise_fd_limit(connections: int) -> None:
-    """Let the soft open-files limit hold `connections` sockets and the daemon's own files."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    wanted = connections + 256
-    if soft != resource.RLIM_INFINITY and soft < wanted:
-        new = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
-        if new < wanted:
-            log.warning("open files are limited to %d: fewer than max_connections (%d) "
-                        "connections may be accepted", new, connections)
-
-
-def peer_of(sock: socket.socket) -> Peer:
-    """The connecting process's pid and uid, from the kernel (SO_PEERCRED)."""
-    pid, uid, _gid = _UCRED.unpack(
-        sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
-    return Peer(pid=pid, uid=uid, start_time=process_start_time(pid))
-
-
-class FrameMemory:
-    """Memory reserved for frames larger than one read, shared by every connection: a
-    connection whose frame does not fit waits (unread) until another frame frees room."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.used = 0
-        self.waiting: deque[FrameProtocol] = deque()
-
-    def reserve(self, size: int) -> bool:
-        """Reserve `size` bytes if they fit (one frame always fits when nothing is reserved)."""
-        if self.used and self.used + size > self.limit:
-            return False
-        self.used += size
-        return True
-
-    def release(self, size: int) -> None:
-        self.used -= size
-        while self.waiting and self.reserve(self.waiting[0].wanted):
-            self.waiting.popleft().admitted()
-
-
-class Reads:
-    """Registry reads of every connection, READS_AT_ONCE at a time, from the connection with
-    the fewest waiting first: a client that floods reads waits behind its own reads, and a
-    `status` from anyone else is next."""
-
-    def __init__(self) -> None:
-        self.running = 0
-        self.ready: list[tuple[int, int, FrameProtocol]] = []
-        self.order = itertools.count()
-
-    def offer(self, conn: FrameProtocol) -> None:
-        """`conn` has a read to start (once: it comes back for its next one)."""
-        if not conn.scheduled:
-            conn.scheduled = True
-            heapq.heappush(self.ready, (len(conn.reads), next(self.order), conn))
-        self.start()
-
-    def start(self) -> None:
-        while self.running < READS_AT_ONCE and self.ready:
-            conn = heapq.heappop(self.ready)[2]
-            conn.scheduled = False
-            if conn.start_read():
-                self.running += 1
-                if conn.reads:
-                    self.offer(conn)
-
-    def done(self, _task: asyncio.Future[Any]) -> None:
-        self.running -= 1
-        self.start()
-
-
-class Clients:
-    """The served connections and what they share."""
-
-    def __init__(self, ctx: Context) -> None:
-        self.ctx = ctx
-        self.connections: set[FrameProtocol] = set()
-        self.memory = FrameMemory(ctx.config.frame_memory)
-        self.reads = Reads()
-        self.last_refusal_log = -REFUSAL_LOG_INTERVAL
-
-    def full(self, now: float) -> bool:
-        """True when a new connection must be refused (logged at most every 10 s)."""
-        if len(self.connections) < self.ctx.config.max_connections:
-            return False
-        if now - self.last_refusal_log >= REFUSAL_LOG_INTERVAL:
-            self.last_refusal_log = now
-            log.warning("refusing connections: %d are open (max_connections)",
-                        len(self.connections))
-        return True
-
-    def sweep(self, now: float) -> None:
-        for conn in list(self.connections):
-            conn.check_timeouts(now)
 
 
 class FrameProtocol(asyncio.BufferedProtocol):
@@ -225,28 +91,18 @@ class FrameProtocol(asyncio.BufferedProtocol):
             log.warning("could not read peer credentials: %s", exc)
             self._close()
             return
-        if self.peer.uid != os.getuid():
-            log.warning("refused pid %d of uid %d", self.peer.pid, self.peer.uid)
-            self._refuse(ErrorCode.FORBIDDEN, "this daemon serves only its own user")
-            return
-        if self.clients.full(self.loop.time()):
-            self._refuse(ErrorCode.UNAVAILABLE, "runnerd serves at most "
-                         f"{self.ctx.config.max_connections} connections at once "
-                         "(max_connections); try again later")
+        refused = self.clients.refusal(self.peer, self.loop.time())
+        if refused is not None:
+            self._refuse(*refused)
             return
         self.clients.connections.add(self)
         self.ctx.connections += 1
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self in self.clients.connections:
-            self.clients.connections.discard(self)
-            self.ctx.connections -= 1
         self.closed = True
         self.buffer = bytearray()
         self._release()
-        if self.wanted:
-            self.clients.memory.waiting.remove(self)
-            self.wanted = 0
+        self.clients.forget(self)
         if self.subscriber is not None:
             self.ctx.broker.unsubscribe(self.subscriber)
         if self.subscription is not None:
@@ -407,7 +263,7 @@ class FrameProtocol(asyncio.BufferedProtocol):
                 self.reads.append((req_id, req))
                 self.clients.reads.offer(self)
                 return True
-            if type(req) in _TASK_HANDLERS:
+            if type(req) in TASKS:
                 self._count_inflight()
                 self.queued.append((req_id, req))
                 self._run_tasks()
@@ -480,17 +336,7 @@ class FrameProtocol(asyncio.BufferedProtocol):
                                     f"daemon speaks protocol {PROTOCOL_VERSION}, not {req.v}"))
             return False
         self.greeted = True
-        cfg = self.ctx.config
-        self._queue(ok_reply(req_id, {
-            "daemon": f"runnerd/{__version__}", "version": __version__, "v": PROTOCOL_VERSION,
-            "max_frame": cfg.max_frame, "pid": os.getpid(),
-            "limits": {
-                "max_frame": cfg.max_frame, "max_items": MAX_ITEMS, "max_depth": MAX_DEPTH,
-                "max_connections": cfg.max_connections, "max_inflight": cfg.max_inflight,
-                "frame_memory": cfg.frame_memory, "frame_timeout": cfg.frame_timeout,
-                "idle_timeout": cfg.idle_timeout,
-            },
-        }))
+        self._queue(ok_reply(req_id, greeting(self.ctx.config)))
         return True
 
     def _finish(self, req_id: int | None, future: asyncio.Future[dict[str, Any]]) -> None:

@@ -19,7 +19,8 @@ import click
 from anyio import CancelScope
 
 from runnerd import __version__, config
-from runnerd.connection import listen_backlog, serve_connections
+from runnerd.admission import listen_backlog
+from runnerd.connection import serve_connections
 from runnerd.controls import EscapeControls
 from runnerd.events import Broker
 from runnerd.handlers import Context

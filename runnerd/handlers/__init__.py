@@ -15,6 +15,7 @@ so the mutations of one connection are applied in the order they arrived.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -78,7 +79,8 @@ from runnerd_client.protocol import (
     Watch,
 )
 
-__all__ = ["HANDLERS", "Context", "Handler", "Peer", "Reply", "hash_and_record"]
+__all__ = ["HANDLERS", "READS", "TASKS", "Context", "Handler", "Peer", "Reply",
+           "hash_and_record"]
 
 Handler = Callable[[Context, Peer, Any], Awaitable[Reply]]
 HANDLERS: dict[type[Request], Handler] = {
@@ -109,3 +111,8 @@ HANDLERS: dict[type[Request], Handler] = {
     SweepList: handle_sweep_list,
     HookList: handle_hooks,
 }
+READS = frozenset({Get, ListRuns, Status, Failures, Export, SweepGet, SweepCells, SweepList})
+"""Requests that only read the registry: they take turns on its reading thread."""
+TASKS = frozenset(cls for cls, handler in HANDLERS.items()
+                  if inspect.iscoroutinefunction(handler)) - READS
+"""The other requests whose handlers run as tasks (they await more than the writer)."""
