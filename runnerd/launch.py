@@ -29,7 +29,15 @@ from runnerd.evidence import stopped_note
 from runnerd.usage import gib
 from runnerd_client.procinfo import cgroup_dir, cgroup_peak, oom_kills
 from runnerd_client.protocol import FailReason, Get, RunnerdError
-from runnerd_client.run import RUN_ID_ENV, Cell, Client, Run, backoff_delay, worth_retrying
+from runnerd_client.run import (
+    RUN_ID_ENV,
+    Cell,
+    Client,
+    Retries,
+    Run,
+    backoff_delay,
+    worth_retrying,
+)
 from runnerd_client.tracebacks import CRASH_REPORTS, command_ending
 from runnerd_client.trust import UntrustedPath, create_file, open_folder
 
@@ -407,15 +415,6 @@ def _run_in(run: Run, launch: Launch, cgroup: Path | None, how: Attempt,
     run.flush()
     return Outcome(run, rc if rc >= 0 else 128 - rc, rc == 0 and not timed_out,
                    stopped is not None, tees[1].tail)
-
-
-@dataclass(frozen=True)
-class Retries:
-    """When a failed attempt is tried again (SPEC §6, `exec --retries`)."""
-
-    retries: int = 0
-    backoff: float = 2.0
-    retry_on: str = "retryable"
 
 
 def run_with_retries(client: Client, launch: Launch, retries: Retries, how: Attempt,

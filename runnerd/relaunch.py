@@ -9,9 +9,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from runnerd.launch import Attempt, Launch, Launcher, Retries, forwarding, run_with_retries
+from runnerd.launch import Attempt, Launch, Launcher, forwarding, run_with_retries
 from runnerd_client.protocol import RunnerdError
-from runnerd_client.run import Client
+from runnerd_client.run import Client, Retries
 
 
 def relaunch(socket: Path | None, runs: list[dict[str, Any]],

@@ -19,6 +19,8 @@ TRY = textwrap.dedent("""
     import json, sys
     import runnerd_client as rd
     c = rd.connect()
+    def f(**params):
+        return 1
     try:
         {call}
     except Exception as exc:
@@ -46,12 +48,40 @@ WRONG_CALLS = {
     "zero-interval": ('rd.run("w", heartbeat_interval=0)', "ValueError",
                       "heartbeat_interval must be positive"),
     "negative-stall-timeout": ('rd.run("w", stall_timeout=-5)', "ValueError",
-                                     "stall_timeout must be 0 (never) or positive"),
+                               "stall_timeout must be 0 (never) or positive"),
+    "negative-retries": ('rd.retrying(f, experiment="r", retries=-1)', "ValueError",
+                         "retries must be 0 or more, not -1"),
+    "retrying-retry-on": ('rd.retrying(f, experiment="r", retry_on="x")', "ValueError",
+                          "retry_on must be one of retryable, any, not 'x'"),
+    "negative-backoff": ('rd.retrying(f, experiment="r", backoff=-1.0)', "ValueError",
+                         "backoff must be 0 or more"),
+    "retrying-no-function": ('rd.retrying(None, experiment="r")', "TypeError",
+                             "fn must be callable, not NoneType None"),
+    "cells-of-ints": ('rd.sweep("s", [1, 2], f)', "TypeError",
+                      "cells[0] must be a dict of params, not int 1"),
+    "cells-not-a-list": ('rd.sweep("s", 5, f)', "TypeError",
+                         "cells must be an iterable of dicts of params, not int 5"),
+    "zero-jobs": ('rd.sweep("s", [{"a": 1}], f, jobs=0)', "ValueError",
+                  "jobs must be 1 or more, not 0"),
+    "sweep-retry-on": ('rd.sweep("s", [{"a": 1}], f, retry_on="x")', "ValueError",
+                       "retry_on must be one of retryable, any"),
+    "sweep-policy": ('rd.sweep("s", [{"a": 1}], f, failure_policy="sometimes")', "ValueError",
+                     "failure_policy must be one of fail_fast, continue_on_failure"),
+    "nan-cell": ('rd.sweep("s", [{"a": float("nan")}], f)', "ValueError",
+                 "cells[0] must be plain JSON: it holds NaN or infinity"),
+    "sweep-empty-experiment": ('rd.sweep("", [{"a": 1}], f)', "ValueError",
+                               "experiment must be 1-256 characters"),
+    "sweep-no-function": ('rd.sweep("s", [{"a": 1}], "train")', "TypeError",
+                          "fn must be callable, not str 'train'"),
+    "resume-zero-jobs": ('rd.resume_sweep("S", f, jobs=0)', "ValueError",
+                         "jobs must be 1 or more, not 0"),
 }
 
 
-def run_count(daemon: Daemon) -> int:
-    return len(daemon.ctl_json("list", "--limit", "10000"))
+def run_count(daemon: Daemon) -> tuple[int, int]:
+    """Runs and sweeps the daemon has."""
+    return (len(daemon.ctl_json("list", "--limit", "10000")),
+            len(daemon.ctl_json("sweep", "list", "--limit", "10000")))
 
 
 def attempt(daemon: Daemon, call: str) -> list[str] | None:
@@ -68,7 +98,7 @@ def test_a_wrong_argument_raises_at_the_call_and_nothing_is_sent(
         shared_daemon: Daemon, call: str, error: str, words: str) -> None:
     before = run_count(shared_daemon)
     raised(attempt(shared_daemon, call), error, words)
-    assert run_count(shared_daemon) == before  # no run made, none left pending
+    assert run_count(shared_daemon) == before  # no run or sweep made, none pending
 
 
 def raised(result: list[str] | None, error: str, words: str) -> None:

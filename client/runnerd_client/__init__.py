@@ -21,9 +21,11 @@ from runnerd_client.run import (
     ACTIVE,
     RUN_ID_ENV,
     Client,
+    Retries,
     Run,
     Terminated,
     backoff_delay,
+    check_callable,
     worth_retrying,
 )
 from runnerd_client.shared import connect
@@ -73,20 +75,23 @@ def retrying(fn: Callable[..., T], *args: Any, experiment: str, variation: str =
     A failed attempt is retried after `backoff ** attempt` seconds (with jitter) while
     retries remain, and, under retry_on="retryable", only if the daemon's diagnosis says
     a rerun may help (network, timeout, interruption: yes; a bug or a bad input: no).
-    Returns the result of the attempt that succeeds, or raises the last error.
+    Returns the result of the attempt that succeeds, or raises the last error. A wrong
+    argument (retries < 0, retry_on not "retryable" or "any") raises at once.
     """
-    client, retry_of = connect(), None
-    for attempt in range(1, retries + 2):
+    policy = Retries(retries, backoff, retry_on)
+    check_callable("fn", fn)
+    client, retry_of, attempt = connect(), None, 0
+    while True:
+        attempt += 1
         run = client.run(experiment, variation, params=params, retry_of=retry_of)
         try:
             with run:
                 return fn(*args, **kwargs)
         except Exception:
-            if attempt > retries or not worth_retrying(run.diagnosis, retry_on):
+            if attempt > policy.retries or not worth_retrying(run.diagnosis, policy.retry_on):
                 raise
-        time.sleep(backoff_delay(backoff, attempt))
+        time.sleep(backoff_delay(policy.backoff, attempt))
         retry_of = run.run_id
-    raise AssertionError("the last attempt returns or raises")
 
 
 def current_run() -> Run | None:

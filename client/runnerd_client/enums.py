@@ -1,5 +1,6 @@
 """The closed sets of the protocol: run states, why a run failed, what a sweep does on a
-failure and how it ended, what `failures` groups by, what `export` pages, what a label says.
+failure and how it ended, what `failures` groups by, what `export` pages, what a label says,
+which failures are retried.
 Each is an enum; the request fields that take one check their values against it."""
 
 from __future__ import annotations
@@ -63,6 +64,13 @@ class SweepPolicy(enum.StrEnum):
 
     FAIL_FAST = "fail_fast"
     CONTINUE_ON_FAILURE = "continue_on_failure"
+
+
+class RetryOn(enum.StrEnum):
+    """Which failures are tried again: those diagnosed retryable, or any."""
+
+    RETRYABLE = "retryable"
+    ANY = "any"
 
 
 class SweepStatus(enum.StrEnum):

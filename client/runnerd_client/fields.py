@@ -1,8 +1,9 @@
 """What a request's fields may hold, declared beside them: a field's type, and the checks in
 its `Annotated` metadata (a closed set, a range, a pattern, a length, an absolute path,
 plain JSON). The daemon checks every request it decodes (`decode_request`); the client
-checks every request before it sends it (`check_request`), so that a wrong argument raises
-TypeError or ValueError at the call instead of a refusal nobody sees.
+checks every request before it sends it (`check_fields`), so that a wrong argument raises
+TypeError or ValueError at the call instead of a refusal nobody sees. The client's own
+options (retries, a sweep's jobs) are declared and checked in the same terms.
 
     run_id: RunId            # 1-64 characters of A-Z, a-z, 0-9, '_' or '-'
     limit: Limit = 50        # 1 to MAX_LIST
@@ -22,6 +23,7 @@ from collections.abc import Iterable
 from dataclasses import MISSING, dataclass, fields
 from typing import Annotated, Any, Protocol
 
+from runnerd_client.enums import RetryOn
 from runnerd_client.errors import ErrorCode, RunnerdError
 from runnerd_client.framing import INT64_MAX, INT64_MIN
 from runnerd_client.ids import RUN_ID_PATTERN
@@ -127,6 +129,11 @@ AbsolutePath = Annotated[str, Absolute()]
 Positive = Annotated[float, Range(0, above=True)]
 Limit = Annotated[int, Range(1, MAX_LIST)]
 JsonMap = Annotated[dict[str, Any], PlainJson()]
+RetryCount = Annotated[int, Range(0)]
+Backoff = Annotated[float, Range(0)]
+"""Seconds: the base of the wait `backoff ** attempt` before a retry."""
+RetryWhen = Annotated[str, OneOf.of(RetryOn)]
+Jobs = Annotated[int, Range(1)]
 
 
 # --- decoding a request's fields ----------------------------------------------------
@@ -176,11 +183,12 @@ def decode_fields(op: str, specs: Iterable[FieldSpec], msg: dict[Any, Any]) -> d
     return kwargs
 
 
-def check_request(req: object) -> None:
-    """The client's check of a request before it is sent: TypeError (a field's type) or
-    ValueError (its bounds) naming the first field the daemon would refuse."""
-    for spec in field_specs(type(req)):
-        problem = _problem(spec, getattr(req, spec.name))
+def check_fields(obj: object) -> None:
+    """The client's check of a request before it is sent (or of any dataclass whose fields
+    are declared so): TypeError (a field's type) or ValueError (its bounds) naming the
+    first field that is wrong."""
+    for spec in field_specs(type(obj)):
+        problem = _problem(spec, getattr(obj, spec.name))
         if problem is not None:
             raise _argument_error(spec.name, problem)
 

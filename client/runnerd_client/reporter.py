@@ -34,7 +34,7 @@ from typing import Any
 
 from runnerd_client import paths
 from runnerd_client.connection import Connection, DaemonUnavailable
-from runnerd_client.fields import check_request
+from runnerd_client.fields import check_fields
 from runnerd_client.protocol import ErrorCode, Request, raise_for_reply
 from runnerd_client.spool import Spool
 
@@ -137,7 +137,7 @@ class Reporter:
             return None
 
     def _submit(self, entry: _Entry) -> Future[Reply]:
-        check_request(entry.req)  # a wrong argument raises here, at the call, never sent
+        check_fields(entry.req)  # a wrong argument raises here, at the call, never sent
         with self._lock:
             self._check_silence()
             if self._spooling:

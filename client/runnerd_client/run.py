@@ -28,8 +28,16 @@ from types import FrameType, TracebackType
 from typing import IO, Any
 
 from runnerd_client import paths, stacks, trust
+from runnerd_client.enums import RetryOn
 from runnerd_client.errors import RunRefused
-from runnerd_client.fields import Positive, check_argument, check_request
+from runnerd_client.fields import (
+    Backoff,
+    Positive,
+    RetryCount,
+    RetryWhen,
+    check_argument,
+    check_fields,
+)
 from runnerd_client.ids import new_key, new_run_id
 from runnerd_client.protocol import (
     Artifact,
@@ -55,7 +63,7 @@ RUN_ID_ENV = "RUNNERD_RUN_ID"
 def worth_retrying(diagnosis: dict[str, Any] | None, retry_on: str) -> bool:
     """Under retry_on="retryable", only a failure the daemon diagnosed retryable (a bug or
     a bad input fails at once); under "any", every failure."""
-    return retry_on == "any" or bool((diagnosis or {}).get("retryable"))
+    return retry_on == RetryOn.ANY or bool((diagnosis or {}).get("retryable"))
 
 
 def backoff_delay(backoff: float, attempt: int) -> float:
@@ -65,6 +73,26 @@ def backoff_delay(backoff: float, attempt: int) -> float:
 
 
 _EVERY_CODE = tuple(ErrorCode)
+
+
+@dataclass(frozen=True)
+class Retries:
+    """When a failed attempt is tried again (`rd.retrying`, `runnerctl exec --retries`): at
+    most `retries` times, after `backoff ** attempt` seconds, and under `retry_on` only
+    failures diagnosed retryable. A value out of bounds raises TypeError or ValueError."""
+
+    retries: RetryCount = 0
+    backoff: Backoff = 2.0
+    retry_on: RetryWhen = RetryOn.RETRYABLE
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+
+def check_callable(name: str, fn: object) -> None:
+    """TypeError naming an argument that should be a function and is not."""
+    if not callable(fn):
+        raise TypeError(f"{name} must be callable, not {type(fn).__name__} {fn!r:.60}")
 
 
 class Terminated(SystemExit):
@@ -123,7 +151,7 @@ class Client(Reporter):
         limits = {"heartbeat_timeout": heartbeat_timeout, "lost_grace": lost_grace,
                   "deadline": deadline, "stall_timeout": stall_timeout}
         check_argument("heartbeat_interval", Positive, heartbeat_interval)
-        check_request(Start(key="-", run_id=run_id, **limits))  # refused later, left pending
+        check_fields(Start(key="-", run_id=run_id, **limits))  # refused later, left pending
         folder = Path(run_dir).resolve() if run_dir else paths.default_run_dir(run_id)
         params = {} if params is None else params
         run = Run(self, run_id, experiment, variation, params=params, run_dir=folder,

@@ -14,12 +14,13 @@ written.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from runnerd_client.cells import differences
 from runnerd_client.connection import Connection
+from runnerd_client.fields import Jobs, JsonMap, check_argument
 from runnerd_client.ids import new_key, new_run_id
 from runnerd_client.protocol import (
     ErrorCode,
@@ -29,6 +30,7 @@ from runnerd_client.protocol import (
     SweepPolicy,
     SweepStart,
 )
+from runnerd_client.run import check_callable
 from runnerd_client.sweep_engine import Engine, Executor
 from runnerd_client.sweep_local import InProcess, Workers
 from runnerd_client.sweep_model import (
@@ -62,19 +64,39 @@ def sweep(experiment: str, cells: Iterable[dict[str, Any]], fn: Callable[..., An
     """Call `fn(**params)` for each cell as a tracked run of `experiment`; see the module.
 
     `executor`, a `distributed.Client`, runs the cells on a Dask cluster instead (its
-    workers need `RunnerdWorkerPlugin`; see `runnerd_client.dask`).
+    workers need `RunnerdWorkerPlugin`; see `runnerd_client.dask`). A wrong argument (cells
+    that are not dicts of plain JSON, jobs=0, retry_on="x") raises TypeError or ValueError
+    before anything is stored or run.
     """
-    cells = [dict(c) for c in cells]
-    spec = {"kind": "python", "function": _name(fn), "cells": cells, "jobs": jobs,
-            "retries": retries, "backoff": backoff, "retry_on": retry_on}
+    check_callable("fn", fn)
     sweep_id = new_run_id()
+    options = SweepOptions(experiment, sweep_id, failure_policy, jobs, retries, backoff,
+                           retry_on)
+    params = cell_params(cells)
+    spec = {"kind": "python", "function": _name(fn), "cells": params, "jobs": jobs,
+            "retries": retries, "backoff": backoff, "retry_on": retry_on}
     with daemon_connection() as conn:
         conn.call(SweepCreate(key=new_key(), sweep_id=sweep_id, experiment=experiment,
-                              spec=spec, failure_policy=str(failure_policy),
+                              spec=spec, failure_policy=failure_policy,
                               folder=str(Path(folder).resolve()) if folder else None))
-    options = SweepOptions(experiment, sweep_id, str(failure_policy), jobs, retries, backoff,
-                           retry_on)
-    return drive(options, [PlannedCell(i, c) for i, c in enumerate(cells)], fn, executor)
+    return drive(options, [PlannedCell(i, c) for i, c in enumerate(params)], fn, executor)
+
+
+def cell_params(cells: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Each cell's params, a dict of plain JSON; TypeError or ValueError naming the first
+    cell that is not one."""
+    if isinstance(cells, str | bytes | Mapping) or not isinstance(cells, Iterable):
+        raise TypeError("cells must be an iterable of dicts of params, not "
+                        f"{type(cells).__name__} {cells!r:.60}")
+    params = []
+    for index, cell in enumerate(cells):
+        name = f"cells[{index}]"
+        if not isinstance(cell, Mapping):
+            raise TypeError(f"{name} must be a dict of params, not {type(cell).__name__}"
+                            f" {cell!r:.60}")
+        params.append(dict(cell))
+        check_argument(name, JsonMap, params[-1])
+    return params
 
 
 def resume_sweep(sweep_id: str, fn: Callable[..., Any], *, jobs: int | None = None,
@@ -82,6 +104,9 @@ def resume_sweep(sweep_id: str, fn: Callable[..., Any], *, jobs: int | None = No
                  executor: DaskClient | None = None) -> SweepResult:
     """Run the cells of a stored sweep whose latest attempt did not succeed, each resumed
     from its last checkpoint; a function other than the stored one is refused."""
+    check_callable("fn", fn)
+    if jobs is not None:
+        check_argument("jobs", Jobs, jobs)
     with daemon_connection() as conn:
         stored = conn.call(SweepGet(sweep=sweep_id))["sweep"]
         changed = differences(stored["spec"], {"function": _name(fn)})

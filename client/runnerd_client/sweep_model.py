@@ -10,9 +10,18 @@ from __future__ import annotations
 import signal
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from runnerd_client.cells import variation
+from runnerd_client.fields import (
+    Backoff,
+    Jobs,
+    Name,
+    OneOf,
+    RetryCount,
+    RetryWhen,
+    check_fields,
+)
 from runnerd_client.protocol import SweepPolicy
 
 OUTCOME_STATES = ("succeeded", "failed", "abandoned", "skipped", "taken")
@@ -48,17 +57,25 @@ class Attempt:
 @dataclass(frozen=True)
 class SweepOptions:
     """How one turn runs its cells. With `replication`, attempts are linked to their cells
-    without claiming them (`sweep replicate`): the sweep's outcomes stay as they were."""
+    without claiming them (`sweep replicate`): the sweep's outcomes stay as they were.
+    A value out of bounds (jobs=0, retry_on="x") raises TypeError or ValueError."""
 
-    experiment: str
+    experiment: Name
     sweep_id: str
-    policy: str = SweepPolicy.FAIL_FAST
-    jobs: int = 1
-    retries: int = 0
-    backoff: float = 2.0
-    retry_on: str = "retryable"
+    failure_policy: Annotated[str, OneOf.of(SweepPolicy)] = SweepPolicy.FAIL_FAST
+    jobs: Jobs = 1
+    retries: RetryCount = 0
+    backoff: Backoff = 2.0
+    retry_on: RetryWhen = "retryable"
     resume: bool = False
     replication: str | None = None
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+    @property
+    def policy(self) -> str:
+        return self.failure_policy
 
     @classmethod
     def of(cls, stored: dict[str, Any], *, jobs: int | None = None, policy: str | None = None,
@@ -67,7 +84,8 @@ class SweepOptions:
         `policy` overriding them."""
         spec = stored["spec"]
         return cls(stored["experiment"], stored["sweep_id"],
-                   str(policy or stored["failure_policy"]), jobs or spec.get("jobs") or 1,
+                   policy if policy is not None else stored["failure_policy"],
+                   jobs if jobs is not None else spec.get("jobs") or 1,
                    spec.get("retries", 0), spec.get("backoff", 2.0),
                    spec.get("retry_on", "retryable"), resume, replication)
 

@@ -17,6 +17,7 @@ import click
 
 from runnerd.controls import escape_controls
 from runnerd_client.connection import Connection, DaemonUnavailable
+from runnerd_client.enums import RetryOn
 from runnerd_client.protocol import (
     ErrorCode,
     Request,
@@ -83,7 +84,7 @@ def retry_options(fn: F) -> F:
         click.option("--retries", type=click.IntRange(0, 100), default=0, show_default=True),
         click.option("--backoff", type=click.FloatRange(min=0), default=2.0, show_default=True,
                      help="Wait backoff**attempt seconds (with jitter) before a retry."),
-        click.option("--retry-on", type=click.Choice(["retryable", "any"]),
+        click.option("--retry-on", type=click.Choice([r.value for r in RetryOn]),
                      default="retryable", show_default=True,
                      help="Retry only failures diagnosed retryable, or any."),
     )):

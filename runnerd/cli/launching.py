@@ -27,7 +27,8 @@ from runnerd_client.protocol import (
 )
 
 if TYPE_CHECKING:
-    from runnerd.launch import Launch, Retries
+    from runnerd.launch import Launch
+    from runnerd_client.run import Retries
 
 
 @cli.command("exec", context_settings={"ignore_unknown_options": True})
@@ -48,7 +49,8 @@ def exec_command(ctx: click.Context, experiment: str | None, variation: str,
                  memory: int | None, retries: int, backoff: float, retry_on: str,
                  resume: bool, command: tuple[str, ...]) -> None:
     """Run COMMAND as a tracked run; exit with its exit code."""
-    from runnerd.launch import Launch, Retries
+    from runnerd.launch import Launch
+    from runnerd_client.run import Retries
 
     launch = Launch(command=list(command), params=parse_params(param_pairs), run_dir=run_dir,
                     experiment=experiment or Path(command[0]).name, variation=variation,
@@ -77,7 +79,8 @@ def launch_in_foreground(ctx: click.Context, launch: Launch, retries: Retries,
 @click.pass_context
 def retry(ctx: click.Context, run: str) -> None:
     """Run a run launched by exec again, as the next attempt, with the same command."""
-    from runnerd.launch import Launch, Retries
+    from runnerd.launch import Launch
+    from runnerd_client.run import Retries
 
     previous = request(ctx, Get(run=run))["run"]
     try:
