@@ -22,13 +22,14 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Annotated, Any
 
 from runnerd.controls import escape_controls
 from runnerd.evidence import stopped_note
 from runnerd.usage import gib
+from runnerd_client.fields import Positive, Range, check_argument, check_fields
 from runnerd_client.procinfo import cgroup_dir, cgroup_peak, oom_kills
-from runnerd_client.protocol import FailReason, Get, RunnerdError
+from runnerd_client.protocol import Create, FailReason, Get, RunnerdError
 from runnerd_client.run import (
     RUN_ID_ENV,
     Cell,
@@ -69,6 +70,16 @@ class Launch:
         if not spec:
             raise RunnerdError("bad_request", f"run {run['run_id']} was not launched by exec")
         return cls(**{k: spec[k] for k in cls.__dataclass_fields__ if k in spec})
+
+    def check(self) -> None:
+        """Check, before anything is launched, what its runs will be created with, as the
+        client checks a request before sending it: TypeError or ValueError naming the
+        field (experiment, variation, params, run_dir, timeout, memory)."""
+        check_fields(Create(key="-", run_id="-", experiment=self.experiment,
+                            variation=self.variation, params=self.params,
+                            run_dir=self.run_dir, launch=asdict(self)))
+        check_argument("timeout", Positive | None, self.timeout)
+        check_argument("memory", Annotated[int, Range(1)] | None, self.memory)
 
 
 @dataclass
@@ -389,8 +400,11 @@ def _run_in(run: Run, launch: Launch, cgroup: Path | None, how: Attempt,
                                    failure_class=exc.stop.failure_class, cause=exc.stop.cause)
         return Outcome(run, 128 + exc.stop.signum, False, True)
     except OSError as exc:
-        run.stop_heartbeats().fail(FailReason.CRASH, f"cannot run {launch.command[0]}: {exc}",
+        message = f"cannot run {launch.command[0]}: {exc.strerror or exc}"
+        run.stop_heartbeats().fail(FailReason.CRASH, message,
                                    failure_class=type(exc).__name__, exit_code=127)
+        if how.echo:
+            print(f"runnerctl: {escape_controls(message)}", file=sys.stderr)
         return Outcome(run, 127, False, False)
     assert proc.stdout is not None and proc.stderr is not None
     run.vouch = lambda: stopped_note([proc.pid]) is None  # a stopped command gets no beats

@@ -242,3 +242,41 @@ def test_exec_needs_no_daemon_to_run_the_command(short_tmp: Path) -> None:
     assert result.returncode == 4
     assert result.stdout == b"works\n"
     assert os.listdir(short_tmp / "state" / "spool")
+
+
+BAD_OPTIONS = {
+    "empty-variation": (["--variation", ""], "--variation", "1-256 characters"),
+    "empty-experiment": (["--experiment", ""], "--experiment", "1-256 characters"),
+    "long-variation": (["--variation", "v" * 300], "--variation", "1-256 characters"),
+    "zero-timeout": (["--timeout", "0"], "--timeout", "positive"),
+    "negative-timeout": (["--timeout", "-5"], "--timeout", "positive"),
+    "zero-memory": (["--memory", "0"], "--memory", "positive"),
+    "param-without-value": (["--param", "lr"], "--param", "is not k=v"),
+    "nan-param": (["--param", "lr=NaN"], "--param", "NaN or infinity"),
+    "negative-retries": (["--retries", "-1"], "--retries", "-1"),
+    "retry-on": (["--retry-on", "sometimes"], "--retry-on", "sometimes"),
+}
+
+
+@pytest.mark.parametrize(("options", "option", "why"), BAD_OPTIONS.values(),
+                         ids=BAD_OPTIONS.keys())
+def test_a_bad_option_is_a_usage_error_before_anything_runs(
+        shared_daemon: Daemon, short_tmp: Path, options: list[str], option: str,
+        why: str) -> None:
+    """Every option is checked before the command is launched: exit 2 naming it, no run
+    recorded, the command never started."""
+    ran = short_tmp / "ran"
+    before = len(shared_daemon.ctl_json("list", "--limit", "10000"))
+    result = runnerctl(shared_daemon, "exec", *options, "--", "touch", str(ran))
+    assert result.returncode == 2, result.stderr
+    assert option in result.stderr.decode() and why in result.stderr.decode(), result.stderr
+    assert not ran.exists()
+    assert len(shared_daemon.ctl_json("list", "--limit", "10000")) == before
+
+
+def test_a_command_that_cannot_be_started_says_why(shared_daemon: Daemon) -> None:
+    result = runnerctl(shared_daemon, "exec", "--experiment", "missing-said", "--",
+                       "/no/such/command-here")
+    assert result.returncode == 127
+    assert b"runnerctl: cannot run /no/such/command-here: " in result.stderr
+    assert b"No such file or directory" in result.stderr

@@ -36,7 +36,23 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def parse_duration(text: str) -> float:
-    """'90s', '15m', '2h', '1d12h' or a plain number of seconds."""
+    """'90s', '15m', '2h', '1d12h' or a plain number of seconds, 0 or more."""
+    seconds = _seconds(text)
+    if not 0 <= seconds < float("inf"):
+        raise click.BadParameter(f"{text!r}: a duration must be 0 or more")
+    return seconds
+
+
+def parse_timeout(text: str) -> float:
+    """A duration that must be positive: a command given none to run would be killed at
+    once."""
+    seconds = _seconds(text)
+    if not 0 < seconds < float("inf"):
+        raise click.BadParameter(f"{text!r}: a timeout must be positive")
+    return seconds
+
+
+def _seconds(text: str) -> float:
     try:
         return float(text)
     except ValueError:
@@ -51,12 +67,15 @@ _SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?", re.I)
 
 
 def parse_size(text: str) -> int:
-    """'512M', '2G', '1.5GiB' or a plain number of bytes (powers of 1024)."""
+    """'512M', '2G', '1.5GiB' or a plain number of bytes (powers of 1024), positive."""
     match = _SIZE.fullmatch(text.strip())
     if not match:
         raise click.BadParameter(f"{text!r} is not a size like 100M or 2G")
     number, unit = match.groups()
-    return int(float(number) * 1024 ** " kmgt".index(unit.lower() or " "))
+    size = int(float(number) * 1024 ** " kmgt".index(unit.lower() or " "))
+    if size <= 0:
+        raise click.BadParameter(f"{text!r}: a size must be positive")
+    return size
 
 
 def parse_params(pairs: Sequence[str], option: str = "--param") -> dict[str, Any]:

@@ -12,9 +12,9 @@ from runnerd.cli.common import (
     EXIT_ERROR,
     cli,
     fail,
-    parse_duration,
     parse_params,
     parse_size,
+    parse_timeout,
     request,
     retry_options,
     say,
@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 @click.option("--variation", default="default", show_default=True)
 @click.option("--param", "param_pairs", multiple=True, metavar="K=V", help="A run parameter.")
 @click.option("--run-dir", type=click.Path(file_okay=False, resolve_path=True))
-@click.option("--timeout", type=parse_duration, help="TERM, then KILL, after this long.")
+@click.option("--timeout", type=parse_timeout, help="TERM, then KILL, after this long.")
 @click.option("--memory", type=parse_size, help="Run in a memory cgroup limited to this.")
 @retry_options
 @click.option("--resume", is_flag=True,
@@ -53,9 +53,25 @@ def exec_command(ctx: click.Context, experiment: str | None, variation: str,
     from runnerd_client.run import Retries
 
     launch = Launch(command=list(command), params=parse_params(param_pairs), run_dir=run_dir,
-                    experiment=experiment or Path(command[0]).name, variation=variation,
-                    timeout=timeout, memory=memory, resume=resume)
+                    experiment=experiment if experiment is not None else Path(command[0]).name,
+                    variation=variation, timeout=timeout, memory=memory, resume=resume)
+    checked(launch)
     sys.exit(launch_in_foreground(ctx, launch, Retries(retries, backoff, retry_on)))
+
+
+OPTIONS = {"experiment": "--experiment", "variation": "--variation", "params": "--param",
+           "run_dir": "--run-dir", "timeout": "--timeout", "memory": "--memory"}
+
+
+def checked(launch: Launch) -> None:
+    """Refuse, before anything is launched, a launch whose run the daemon would refuse: a
+    usage error (exit 2) naming the option."""
+    try:
+        launch.check()
+    except (TypeError, ValueError) as exc:
+        field = str(exc).split(" ", 1)[0]
+        raise click.BadParameter(str(exc), param_hint=f"'{OPTIONS.get(field, field)}'") \
+            from None
 
 
 def launch_in_foreground(ctx: click.Context, launch: Launch, retries: Retries,

@@ -24,8 +24,8 @@ from runnerd.cli.common import (
     fail,
     json_option,
     local_time,
-    parse_duration,
     parse_size,
+    parse_timeout,
     request,
     retry_options,
     say,
@@ -126,7 +126,7 @@ def _checked(spec: dict[str, Any]) -> list[dict[str, Any]]:
 @click.option("--failure-policy", type=POLICIES, default=SweepPolicy.FAIL_FAST.value,
               show_default=True)
 @retry_options
-@click.option("--timeout", type=parse_duration, help="Per cell: TERM, then KILL, after this.")
+@click.option("--timeout", type=parse_timeout, help="Per cell: TERM, then KILL, after this.")
 @click.option("--memory", type=parse_size, help="Per cell: a memory cgroup limited to this.")
 @click.option("--folder", type=click.Path(file_okay=False, resolve_path=True),
               help="Where manifest.json goes (default: the data dir's sweeps/<id>/).")
