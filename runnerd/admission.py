@@ -14,8 +14,9 @@ import resource
 import socket
 import struct
 from collections import deque
+from collections.abc import Sized
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from runnerd import __version__
 from runnerd.config import Config
@@ -23,15 +24,26 @@ from runnerd.handlers import Context, Peer
 from runnerd_client.procinfo import start_time as process_start_time
 from runnerd_client.protocol import MAX_DEPTH, MAX_ITEMS, PROTOCOL_VERSION, ErrorCode
 
-if TYPE_CHECKING:
-    from runnerd.connection import FrameProtocol
-
 log = logging.getLogger(__name__)
 _UCRED = struct.Struct("3i")
 READS_AT_ONCE = 2
 """Registry reads started and not finished, over every connection: the registry has one
 thread, so more would only queue there, where a `status` would wait behind them all."""
 REFUSAL_LOG_INTERVAL = 10.0
+
+
+class Connection(Protocol):
+    """What the shared bookkeeping needs of a served connection (`connection.FrameProtocol`)."""
+
+    wanted: int  # frame memory it waits for
+    scheduled: bool  # waiting in Reads for its turn
+
+    @property
+    def reads(self) -> Sized: ...
+    def admitted(self) -> None: ...
+    def start_read(self) -> bool: ...
+    def check_timeouts(self, now: float) -> None: ...
+    def close(self) -> None: ...
 
 
 def listen_backlog() -> int:
@@ -68,7 +80,7 @@ class FrameMemory:
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.used = 0
-        self.waiting: deque[FrameProtocol] = deque()
+        self.waiting: deque[Connection] = deque()
 
     def reserve(self, size: int) -> bool:
         """Reserve `size` bytes if they fit (one frame always fits when nothing is reserved)."""
@@ -90,10 +102,10 @@ class Reads:
 
     def __init__(self) -> None:
         self.running = 0
-        self.ready: list[tuple[int, int, FrameProtocol]] = []
+        self.ready: list[tuple[int, int, Connection]] = []
         self.order = itertools.count()
 
-    def offer(self, conn: FrameProtocol) -> None:
+    def offer(self, conn: Connection) -> None:
         """`conn` has a read to start (once: it comes back for its next one)."""
         if not conn.scheduled:
             conn.scheduled = True
@@ -119,7 +131,7 @@ class Clients:
 
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
-        self.connections: set[FrameProtocol] = set()
+        self.connections: set[Connection] = set()
         self.memory = FrameMemory(ctx.config.frame_memory)
         self.reads = Reads()
         self.last_refusal_log = -REFUSAL_LOG_INTERVAL
@@ -135,7 +147,7 @@ class Clients:
                 "once (max_connections); try again later")
         return None
 
-    def forget(self, conn: FrameProtocol) -> None:
+    def forget(self, conn: Connection) -> None:
         """A connection closed: it counts no more, and waits for no frame memory."""
         if conn in self.connections:
             self.connections.discard(conn)

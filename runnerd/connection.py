@@ -89,7 +89,7 @@ class FrameProtocol(asyncio.BufferedProtocol):
             self.peer = peer_of(transport.get_extra_info("socket"))
         except OSError as exc:
             log.warning("could not read peer credentials: %s", exc)
-            self._close()
+            self.close()
             return
         refused = self.clients.refusal(self.peer, self.loop.time())
         if refused is not None:
@@ -161,7 +161,7 @@ class FrameProtocol(asyncio.BufferedProtocol):
             pos, completed = end, True
             self._release()
             if not self._dispatch(body):
-                self._close()
+                self.close()
                 return
         del buf[:pos]
         if not buf:
@@ -233,9 +233,9 @@ class FrameProtocol(asyncio.BufferedProtocol):
     def _refuse(self, code: ErrorCode, message: str) -> None:
         """Say why (in an error that names no request), then close."""
         self._queue(error_reply(None, code, message))
-        self._close()
+        self.close()
 
-    def _close(self) -> None:
+    def close(self) -> None:
         self.closed = True
         self._flush()
         if self.transport is not None:
@@ -396,4 +396,4 @@ async def serve_connections(ctx: Context, listening: socket.socket) -> None:
     finally:
         server.close()
         for conn in list(clients.connections):
-            conn._close()
+            conn.close()

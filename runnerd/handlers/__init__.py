@@ -8,7 +8,7 @@ so the mutations of one connection are applied in the order they arrived.
 - `artifacts`: artifact (hashed on threads of its own) and checkpoint
 - `queries`: get, list, status, failures, export
 - `sweeps`: sweep_create, sweep_start, sweep_end, sweep_get, sweep_cells, sweep_list
-- `admin`: watch, unwatch, prune (and hooks, from `runnerd.hooks`)
+- `admin`: watch, unwatch, prune, hooks
 - `claims`: which earlier attempt a new one follows, and when it may
 - `context`: `Peer` and `Context`; `common`: what they all share
 """
@@ -19,7 +19,7 @@ import inspect
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from runnerd.handlers.admin import handle_prune, handle_unwatch, handle_watch
+from runnerd.handlers.admin import handle_hooks, handle_prune, handle_unwatch, handle_watch
 from runnerd.handlers.artifacts import handle_artifact, handle_checkpoint, hash_and_record
 from runnerd.handlers.context import Context, Peer, Reply
 from runnerd.handlers.queries import (
@@ -48,7 +48,6 @@ from runnerd.handlers.sweeps import (
     handle_sweep_list,
     handle_sweep_start,
 )
-from runnerd.hooks import handle_hooks
 from runnerd_client.protocol import (
     Artifact,
     Attach,

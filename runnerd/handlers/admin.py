@@ -1,4 +1,4 @@
-"""Looking after the daemon: the crash indexer's folders and pruning old runs."""
+"""Looking after the daemon: the crash indexer's folders, pruning old runs, the hooks."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import os
 from runnerd.handlers.common import bad
 from runnerd.handlers.context import Context, Peer, Reply
 from runnerd.maintenance import prune
-from runnerd_client.protocol import ErrorCode, Prune, RunnerdError, Unwatch, Watch
+from runnerd_client.protocol import ErrorCode, HookList, Prune, RunnerdError, Unwatch, Watch
 
 
 async def handle_watch(ctx: Context, peer: Peer, req: Watch) -> Reply:
@@ -31,3 +31,10 @@ async def handle_prune(ctx: Context, peer: Peer, req: Prune) -> Reply:
     states = tuple(req.states or ())
     run_ids = await prune(ctx.registry, req.before, states, req.dry_run)
     return {"count": len(run_ids), "run_ids": run_ids[:100], "dry_run": req.dry_run}
+
+
+async def handle_hooks(ctx: Context, peer: Peer, req: HookList) -> Reply:
+    """Each hook with its cursor, backlog and last result (`runnerctl hooks`)."""
+    last_seq = await ctx.registry.read(lambda store: store.events.last_seq())
+    hooks = ctx.hooks.status(last_seq) if ctx.hooks is not None else []
+    return {"hooks": hooks, "last_seq": last_seq}

@@ -17,7 +17,7 @@ from runnerd.sweeps import ManifestWriter
 from runnerd_client.protocol import Artifact
 
 if TYPE_CHECKING:
-    from runnerd.hooks import HookRunner
+    from runnerd.hooks.runner import HookRunner
 
 Reply = dict[str, Any]
 
