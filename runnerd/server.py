@@ -246,7 +246,7 @@ class JournalFormatter(logging.Formatter):
 @click.option("--db", type=click.Path(path_type=Path), help="SQLite registry file.")
 @click.option("--config", "config_path", type=click.Path(path_type=Path), help="config.toml.")
 @click.option("--log-level", default="info", show_default=True,
-              type=click.Choice(["debug", "info", "warning", "error"]))
+              type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False))
 @click.option("--check-config", is_flag=True, help="Validate the configuration and exit.")
 @click.option("--mirror", type=click.Path(file_okay=False, path_type=Path),
               help="Keep the records in this shared folder too (NFS, Lustre, GPFS).")

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 from subprocess import Popen
@@ -274,3 +276,69 @@ def test_a_process_attaching_to_an_unknown_run_raises(shared_daemon: Daemon) -> 
 def test_no_daemon_process_is_left_pending(shared_daemon: Daemon) -> None:
     """None of the wrong calls above left a run pending."""
     assert [r["run_id"] for r in shared_daemon.ctl_json("list", "--state", "pending")] == []
+
+
+HOLDER = textwrap.dedent("""
+    import sys
+    import runnerd_client as rd
+    c = rd.connect()
+    pending = c.run("states")
+    running = c.run("states").start()
+    print(pending.run_id, running.run_id, flush=True)
+    sys.stdin.read()
+    running.succeed()
+""")
+
+
+def test_list_takes_several_states(shared_daemon: Daemon, procs: list[Popen[str]]) -> None:
+    proc = shared_daemon.python(HOLDER, stdin=subprocess.PIPE)
+    procs.append(proc)
+    assert proc.stdout is not None
+    pending, running = proc.stdout.readline().split()
+
+    def listed(*states: str) -> set[str]:
+        options = [arg for state in states for arg in ("--state", state)]
+        return {r["run_id"] for r in shared_daemon.ctl_json(
+            "list", "--experiment", "states", *options)}
+
+    assert listed("pending", "running") == {pending, running}
+    assert listed("pending") == {pending}
+    assert listed("RUNNING") == {running}  # a choice in any case
+    proc.communicate("", timeout=60)
+
+
+@pytest.mark.parametrize("args", [
+    ["list", "--experiment", "a", "--experiment", "b"],
+    ["list", "--limit", "5", "--limit=6"],
+    ["exec", "--variation", "a", "--variation", "b", "--", "true"],
+    ["sweep", "show", "X", "--json", "--json"],
+], ids=["experiment", "limit", "exec-variation", "flag"])
+def test_an_option_given_twice_is_a_usage_error(shared_daemon: Daemon,
+                                                args: list[str]) -> None:
+    """An option that takes one value refuses a second, instead of keeping the last."""
+    before = run_count(shared_daemon)
+    result = shared_daemon.ctl(*args, check=False)
+    option = next(a for a in args[1:] if a.startswith("--")).split("=")[0]
+    assert result.returncode == 2, result.stderr
+    assert f"{option} given more than once" in result.stderr
+    assert run_count(shared_daemon) == before
+
+
+@pytest.mark.parametrize("args", [
+    ["show", "NOPE"], ["list", "--sweep", "NOPE"], ["sweep", "show", "NOPE"],
+    ["sweep", "resume", "NOPE"], ["sweep", "replicate", "NOPE"], ["cancel", "NOPE"],
+    ["retry", "NOPE"], ["follow", "--sweep", "NOPE"],
+])
+def test_no_such_thing_exits_4(shared_daemon: Daemon, args: list[str]) -> None:
+    result = shared_daemon.ctl(*args, check=False)
+    assert result.returncode == 4, result.stderr
+    assert "matches" in result.stderr and "NOPE" in result.stderr
+
+
+def test_runnerd_takes_a_log_level_in_any_case(short_tmp: Path) -> None:
+    daemon = Daemon(short_tmp)
+    result = subprocess.run([sys.executable, "-m", "runnerd", "--log-level", "INFO",
+                             "--check-config"], env=daemon.env, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "configuration is valid" in result.stdout

@@ -10,6 +10,7 @@ import click
 from runnerd.cli.common import (
     EXIT_ERROR,
     Progress,
+    choice,
     cli,
     emit_json,
     fail,
@@ -72,7 +73,7 @@ def backup(ctx: click.Context, target: Path) -> None:
 @click.option("--older-than", type=parse_duration, required=True,
               help="Prune runs that ended longer ago than this, e.g. 30d.")
 @click.option("--state", "states", multiple=True,
-              type=click.Choice([s.value for s in State if s.terminal]),
+              type=choice(s for s in State if s.terminal),
               help="Only runs in this terminal state (repeatable).")
 @click.option("--dry-run", is_flag=True, help="Say what would go; delete nothing.")
 @json_option

@@ -8,7 +8,7 @@ import re
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
@@ -97,13 +97,19 @@ def parse_value(text: str) -> Any:
         return text
 
 
+def choice(values: Iterable[str]) -> click.Choice[str]:
+    """A closed set on the command line (an enum's values), taken in any case
+    (`--state RUNNING`)."""
+    return click.Choice([str(v) for v in values], case_sensitive=False)
+
+
 def retry_options(fn: F) -> F:
     """--retries, --backoff and --retry-on, as exec and sweep run take them."""
     for option in reversed((
         click.option("--retries", type=click.IntRange(0, 100), default=0, show_default=True),
         click.option("--backoff", type=click.FloatRange(min=0), default=2.0, show_default=True,
                      help="Wait backoff**attempt seconds (with jitter) before a retry."),
-        click.option("--retry-on", type=click.Choice([r.value for r in RetryOn]),
+        click.option("--retry-on", type=choice(RetryOn),
                      default="retryable", show_default=True,
                      help="Retry only failures diagnosed retryable, or any."),
     )):
@@ -129,6 +135,13 @@ def fail(message: str, code: int) -> NoReturn:
     sys.exit(code)
 
 
+def refused(exc: RunnerdError, prefix: str = "") -> NoReturn:
+    """Exit with a refusal from the daemon: 4 for no such run or sweep (the one code for a
+    thing that is not there), 1 for anything else."""
+    fail(f"{prefix}{exc.message}", EXIT_NO_RUN if exc.code == ErrorCode.UNKNOWN_RUN
+         else EXIT_ERROR)
+
+
 def request(ctx: click.Context, req: Request) -> dict[str, Any]:
     """Send one request to the daemon; map failures to SPEC §6 exit codes."""
     socket_path: Path | None = ctx.obj["socket"]
@@ -142,7 +155,7 @@ def request(ctx: click.Context, req: Request) -> dict[str, Any]:
         fail(f"{exc.message}\n(is the daemon running? start it with `runnerd`)",
               EXIT_UNREACHABLE)
     except RunnerdError as exc:
-        fail(exc.message, EXIT_NO_RUN if exc.code == ErrorCode.UNKNOWN_RUN else EXIT_ERROR)
+        refused(exc)
 
 
 class Progress:
@@ -272,11 +285,52 @@ def runs_table(runs: Sequence[dict[str, Any]], hosts: bool = False,
 # --- commands ---------------------------------------------------------------
 
 
+def refuse_repeated(ctx: click.Context, command: click.Command, args: Sequence[str], *,
+                    up_to_positional: bool) -> None:
+    """An option that takes one value, given twice, is a usage error: click would keep the
+    last one silently (`--state a --state b`). A group's options end at its subcommand."""
+    options = {name: param for param in command.params if isinstance(param, click.Option)
+               for name in (*param.opts, *param.secondary_opts)}
+    seen: set[str | None] = set()
+    tokens = iter(args)
+    for token in tokens:
+        if token == "--" or (up_to_positional and not token.startswith("-")):
+            return
+        option = options.get(token.split("=", 1)[0])
+        if option is None:
+            continue
+        if not option.multiple and not option.count:
+            if option.name in seen:
+                raise click.UsageError(f"{token.split('=', 1)[0]} given more than once", ctx)
+            seen.add(option.name)
+        if not option.is_flag and not option.count and "=" not in token:
+            next(tokens, None)  # its value
+
+
+class OneValueCommand(click.Command):
+    """A command whose single-valued options refuse a repetition."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        refuse_repeated(ctx, self, args, up_to_positional=False)
+        return super().parse_args(ctx, args)
+
+
+class OneValueGroup(click.Group):
+    """A group like OneValueCommand, whose commands and subgroups are so too."""
+
+    command_class = OneValueCommand
+    group_class = type
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        refuse_repeated(ctx, self, args, up_to_positional=True)
+        return super().parse_args(ctx, args)
+
+
 # Commands that merge the answers of several daemons (`--socket A --socket B`).
 MULTI_DAEMON_COMMANDS = ("status", "list", "show", "failures", "diagnose", "report", "follow")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=OneValueGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--socket", "socket_paths", type=click.Path(path_type=Path), multiple=True,
               help="Daemon socket (default: $RUNNERD_SOCKET or the XDG runtime path). Repeat "
                    f"it to query several as one: {', '.join(MULTI_DAEMON_COMMANDS)}.")

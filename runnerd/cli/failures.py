@@ -13,6 +13,7 @@ import click
 
 from runnerd.cli.common import (
     Progress,
+    choice,
     cli,
     emit_json,
     failure_summary,
@@ -28,13 +29,15 @@ from runnerd.cli.common import (
 from runnerd.cli.nodes import diagnose_many, failures_many, from_option, list_many, several
 from runnerd_client.protocol import (
     Export,
+    ExportWhat,
     Failures,
+    GroupBy,
     ListRuns,
 )
 
 
 @cli.command()
-@click.option("--group-by", type=click.Choice(["class", "signature", "category"]),
+@click.option("--group-by", type=choice(GroupBy),
               help="Group the failures and count them.")
 @click.option("--since", type=parse_duration, help="Failed within this long, e.g. 12h.")
 @click.option("--experiment", help="Only this experiment.")
@@ -173,9 +176,9 @@ def export_line(what: str, item: dict[str, Any]) -> dict[str, Any]:
 
 
 @cli.command()
-@click.option("--what", type=click.Choice(["runs", "failures"]), default="runs",
+@click.option("--what", type=choice(ExportWhat), default="runs",
               show_default=True)
-@click.option("--format", "fmt", type=click.Choice(["jsonl"]), default="jsonl",
+@click.option("--format", "fmt", type=choice(["jsonl"]), default="jsonl",
               show_default=True)
 @click.pass_context
 def export(ctx: click.Context, what: str, fmt: str) -> None:

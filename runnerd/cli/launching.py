@@ -10,11 +10,13 @@ import click
 
 from runnerd.cli.common import (
     EXIT_ERROR,
+    choice,
     cli,
     fail,
     parse_params,
     parse_size,
     parse_timeout,
+    refused,
     request,
     retry_options,
     say,
@@ -86,7 +88,7 @@ def launch_in_foreground(ctx: click.Context, launch: Launch, retries: Retries,
             outcome = run_with_retries(Client(ctx.obj["socket"]), launch, retries,
                                        Attempt(launcher, retry_of=retry_of))
         except RunnerdError as exc:
-            fail(f"{exc.code}: {exc.message}", EXIT_ERROR)
+            refused(exc, f"{exc.code}: ")
     return outcome.exit_code
 
 
@@ -108,7 +110,7 @@ def retry(ctx: click.Context, run: str) -> None:
 
 @cli.command()
 @click.argument("run")
-@click.option("--signal", "signame", type=click.Choice(["TERM", "KILL", "INT", "HUP"]),
+@click.option("--signal", "signame", type=choice(["TERM", "KILL", "INT", "HUP"]),
               help="Also send this signal to the run's processes.")
 @click.pass_context
 def cancel(ctx: click.Context, run: str, signame: str | None) -> None:

@@ -15,6 +15,7 @@ from runnerd.cli.common import (
     EXIT_ERROR,
     EXIT_UNREACHABLE,
     ago,
+    choice,
     cli,
     cpu_time,
     emit_json,
@@ -221,7 +222,8 @@ def follow(ctx: click.Context, run: str | None, experiment: str | None, sweep: s
 
 
 @cli.command("list")
-@click.option("--state", type=click.Choice([s.value for s in State]), help="Only this state.")
+@click.option("--state", "states", type=choice(State), multiple=True,
+              help="Only this state (repeat it for several).")
 @click.option("--experiment", help="Only this experiment.")
 @click.option("--since", type=parse_duration, help="Created within this long, e.g. 12h.")
 @click.option("--sweep", help="Only attempts of this sweep's cells.")
@@ -229,20 +231,33 @@ def follow(ctx: click.Context, run: str | None, experiment: str | None, sweep: s
 @from_option
 @json_option
 @click.pass_context
-def list_runs(ctx: click.Context, state: str | None, experiment: str | None,
+def list_runs(ctx: click.Context, states: tuple[str, ...], experiment: str | None,
               since: float | None, sweep: str | None, limit: int, from_dir: Path | None,
               as_json: bool) -> None:
     """Runs, newest first; of several daemons (or export files) merged, each with its host."""
-    req = ListRuns(state=state, experiment=experiment, limit=limit, sweep=sweep,
-                   since=time.time() - since if since is not None else None)
+    after = time.time() - since if since is not None else None
     many = from_dir is not None or several(ctx)
-    runs = list_many(ctx, req, from_dir) if many else request(ctx, req)["runs"]
+    runs = newest_first([
+        list_many(ctx, req, from_dir) if many else request(ctx, req)["runs"]
+        for req in (ListRuns(state=state, experiment=experiment, limit=limit, sweep=sweep,
+                             since=after) for state in dict.fromkeys(states or (None,)))],
+        limit)
     if as_json:
         emit_json(runs)
     elif runs:
         say(runs_table(runs, hosts=many))
     else:
         say("no runs")
+
+
+def newest_first(listings: list[list[dict[str, Any]]], limit: int) -> list[dict[str, Any]]:
+    """Runs listed state by state (each newest first) as one listing, as the daemon orders
+    runs, each once (a run may have changed state between two listings)."""
+    if len(listings) == 1:
+        return listings[0]
+    runs = {r["run_id"]: r for listing in listings for r in listing}
+    return sorted(runs.values(), key=lambda r: (r["created_at"], r["run_id"]),
+                  reverse=True)[:limit]
 
 
 def _resources(run: dict[str, Any]) -> str:

@@ -12,7 +12,16 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from runnerd.cli.common import EXIT_ERROR, EXIT_UNREACHABLE, EXIT_USAGE, fail, say, shown, table
+from runnerd.cli.common import (
+    EXIT_ERROR,
+    EXIT_UNREACHABLE,
+    EXIT_USAGE,
+    fail,
+    refused,
+    say,
+    shown,
+    table,
+)
 from runnerd_client.connection import Connection, DaemonUnavailable
 from runnerd_client.ids import new_key
 from runnerd_client.protocol import RunnerdError, SweepGet, SweepStart
@@ -43,7 +52,7 @@ def stored_sweep(conn: Connection, ref: str) -> dict[str, Any]:
     try:
         sweep_obj: dict[str, Any] = conn.call(SweepGet(sweep=ref))["sweep"]
     except RunnerdError as exc:
-        fail(exc.message, EXIT_ERROR)
+        refused(exc)
     return sweep_obj
 
 
@@ -51,7 +60,7 @@ def take_over(conn: Connection, sweep_id: str) -> None:
     try:
         conn.call(SweepStart(key=new_key(), sweep_id=sweep_id))
     except RunnerdError as exc:
-        fail(f"{exc.code}: {exc.message}", EXIT_ERROR)
+        refused(exc, f"{exc.code}: ")
 
 
 def resume_sweep(ctx: click.Context, stored: dict[str, Any], jobs: int | None,

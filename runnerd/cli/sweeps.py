@@ -19,6 +19,7 @@ import click
 from runnerd.cli.common import (
     EXIT_ERROR,
     EXIT_USAGE,
+    choice,
     cli,
     emit_json,
     fail,
@@ -26,6 +27,7 @@ from runnerd.cli.common import (
     local_time,
     parse_size,
     parse_timeout,
+    refused,
     request,
     retry_options,
     say,
@@ -52,7 +54,7 @@ from runnerd_client.protocol import (
 )
 from runnerd_client.sweep_model import PlannedCell, SweepOptions
 
-POLICIES = click.Choice([p.value for p in SweepPolicy])
+POLICIES = choice(SweepPolicy)
 MANIFEST_KEYS = ("sweep_id", "experiment", "failure_policy", "spec", "created_at", "ended_at",
                  "status")
 
@@ -149,7 +151,7 @@ def sweep_run(ctx: click.Context, experiment: str, grid: tuple[str, ...],
                               spec=spec, failure_policy=failure_policy, folder=folder))
         stored = conn.call(SweepGet(sweep=sweep_id))["sweep"]
     except RunnerdError as exc:
-        fail(f"{exc.code}: {exc.message}", EXIT_ERROR)
+        refused(exc, f"{exc.code}: ")
     conn.close()
     planned = [PlannedCell(i, c) for i, c in enumerate(cells)]
     sys.exit(run_cells(ctx, stored, SweepOptions.of(stored), planned, dask))
