@@ -49,6 +49,10 @@ TAIL = 64 * 1024
 LOGS = ("stdout.log", "stderr.log")
 
 
+PER_ATTEMPT_ENV = (RUN_ID_ENV, CHECKPOINT_ENV, CHECKPOINT_DATA_ENV)
+"""Variables each attempt gets afresh: never recorded as the environment to rerun with."""
+
+
 @dataclass(frozen=True)
 class Launch:
     """Everything needed to run a command again as the next attempt (kept on the run)."""
@@ -59,17 +63,36 @@ class Launch:
     params: dict[str, Any] = field(default_factory=dict)
     cwd: str = field(default_factory=os.getcwd)
     env: dict[str, str] = field(default_factory=dict)
+    """Variables set on top of the environment (a sweep cell's)."""
     run_dir: str | None = None
     timeout: float | None = None
     memory: int | None = None
     resume: bool = False
+    environ: dict[str, str] | None = field(default=None, repr=False)
+    """The environment to run with, as recorded with an earlier attempt; None: runnerctl's
+    own. Not part of the launch spec shown on the run: kept apart (`show --env`)."""
 
     @classmethod
-    def from_run(cls, run: dict[str, Any]) -> Launch:
+    def from_run(cls, run: dict[str, Any], environ: dict[str, str] | None = None) -> Launch:
+        """How to rerun `run`, with `environ`, the environment it was launched with (from
+        `get` with env); None: it has none recorded, and runs with runnerctl's."""
         spec = run.get("launch")
         if not spec:
             raise RunnerdError("bad_request", f"run {run['run_id']} was not launched by exec")
-        return cls(**{k: spec[k] for k in cls.__dataclass_fields__ if k in spec})
+        return cls(**{k: spec[k] for k in cls.__dataclass_fields__ if k in spec},
+                   environ=environ)
+
+    def spec(self) -> dict[str, Any]:
+        """The launch as its runs show it (`launch`): everything but the environment."""
+        return {k: v for k, v in asdict(self).items() if k != "environ"}
+
+    def recorded_env(self) -> dict[str, str]:
+        """The environment its command runs with, as recorded with its run so that a rerun
+        gets it again: the per-attempt variables aside, and those msgpack cannot carry
+        (not UTF-8, which os.environ keeps as surrogates)."""
+        base = self.environ if self.environ is not None else os.environ
+        return {k: v for k, v in {**base, **self.env}.items()
+                if k not in PER_ATTEMPT_ENV and _utf8(k) and _utf8(v)}
 
     def check(self) -> None:
         """Check, before anything is launched, what its runs will be created with, as the
@@ -77,7 +100,7 @@ class Launch:
         field (experiment, variation, params, run_dir, timeout, memory)."""
         check_fields(Create(key="-", run_id="-", experiment=self.experiment,
                             variation=self.variation, params=self.params,
-                            run_dir=self.run_dir, launch=asdict(self)))
+                            run_dir=self.run_dir, launch=self.spec()))
         check_argument("timeout", Positive | None, self.timeout)
         check_argument("memory", Annotated[int, Range(1)] | None, self.memory)
 
@@ -347,8 +370,9 @@ class Attempt:
 def run_once(client: Client, launch: Launch, how: Attempt) -> Outcome:
     """Launch the command once, as a new attempt of its (experiment, variation)."""
     run = client.run(launch.experiment, launch.variation, params=launch.params,
-                     run_dir=launch.run_dir, retry_of=how.retry_of, launch=asdict(launch),
-                     heartbeat_interval=30.0, resume=launch.resume, cell=how.cell)
+                     run_dir=launch.run_dir, retry_of=how.retry_of, launch=launch.spec(),
+                     launch_env=launch.recorded_env(), heartbeat_interval=30.0,
+                     resume=launch.resume, cell=how.cell)
     run.start()  # applied before its limits are read back
     run.heartbeat_interval = beat_interval(client, run)
     run.start_heartbeats()
@@ -378,13 +402,23 @@ def beat_interval(client: Client, run: Run) -> float:
 
 
 def _environment(run: Run, launch: Launch) -> dict[str, str]:
-    """The command's environment: ours, the launch's, its run, and what it resumes from."""
-    env = {**CRASH_REPORTS, **os.environ, **launch.env, RUN_ID_ENV: run.run_id}
+    """The command's environment: ours (or the one recorded with the run it reruns), the
+    launch's, its run, and what it resumes from."""
+    base = launch.environ if launch.environ is not None else os.environ
+    env = {**CRASH_REPORTS, **base, **launch.env, RUN_ID_ENV: run.run_id}
     checkpoint = run.resume_checkpoint
     if launch.resume:
         env[CHECKPOINT_ENV] = (checkpoint or {}).get("path") or ""
         env[CHECKPOINT_DATA_ENV] = json.dumps((checkpoint or {}).get("data"))
     return env
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _run_in(run: Run, launch: Launch, cgroup: Path | None, how: Attempt,

@@ -7,6 +7,7 @@ import os
 import struct
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,30 +29,48 @@ SOURCE = "reconciler"
 LivePid = tuple[str, int, int | None]
 
 
-def reconcile(store: Store, now: float) -> list[LivePid]:
-    """Fail active runs whose every attached process died while the daemon was down.
+@dataclass
+class Reconciled:
+    """What start-up found: processes still alive to watch again (run_id, pid, start
+    time), and how many runs it ended, interrupted or crashed."""
 
-    Returns the (run_id, pid, start time) of processes still alive, to watch again.
-    """
-    live_pids: list[LivePid] = []
+    live: list[LivePid] = field(default_factory=list)
+    interrupted: int = 0
+    crashed: int = 0
+
+    def said(self) -> str:
+        """What it did, for the start-up log line: `marked 4 runs interrupted`."""
+        ended = [f"{n} run{'s' * (n != 1)} {what}" for n, what in (
+            (self.interrupted, "interrupted"),
+            (self.crashed, "crashed while runnerd was down")) if n]
+        return "marked " + " and ".join(ended) if ended else "ended no run"
+
+
+def reconcile(store: Store, now: float) -> Reconciled:
+    """Fail active runs whose every attached process died while the daemon was down; the
+    processes still alive, to watch again."""
+    found = Reconciled()
     for row in store.runs.active():
         run_id = row.run_id
         records = store.attachments.pid_records(run_id)
         live = [(pid, start) for pid, start in records if is_alive(pid, start)]
         if records and not live:
-            _fail_gone(store, row, now)
+            if _fail_gone(store, row, now):
+                found.interrupted += 1
+            else:
+                found.crashed += 1
             continue
         for pid, start in records:
             if (pid, start) not in live:
                 store.attachments.remove_pid(run_id, pid)
-        live_pids += [(run_id, pid, start) for pid, start in live]
-    return live_pids
+        found.live += [(run_id, pid, start) for pid, start in live]
+    return found
 
 
-def _fail_gone(store: Store, row: RunRow, now: float) -> None:
+def _fail_gone(store: Store, row: RunRow, now: float) -> bool:
     """A run whose processes are gone at start-up. If they were attached in this boot they
     died on their own while runnerd was down: crashed (crash.log says how, if it can).
-    Otherwise the machine went down under them: interrupted (and worth resuming)."""
+    Otherwise the machine went down under them: interrupted (and worth resuming); True."""
     boots = store.attachments.pid_boots(row.run_id)
     pids = ", ".join(str(pid) for pid, _ in boots)
     record = exit_failure(row.run_dir, pids, "exited while runnerd was down", now)
@@ -59,11 +78,12 @@ def _fail_gone(store: Store, row: RunRow, now: float) -> None:
     if record.failure_class != "ProcessExited" or \
             current is not None and all(boot == current for _, boot in boots):
         end_with_failure(store, row, Event.PROCESS_EXITED, record, SOURCE)
-        return
+        return False
     record = failure_record(
         "Interrupted", f"process {pids} was running when the machine went down"
         " (it was started before the last boot)", FailReason.ABANDONED, now)
     end_with_failure(store, row, Event.INTERRUPTED, record, SOURCE)
+    return True
 
 
 def _spool_peer(header: dict[str, Any]) -> Peer:
@@ -145,9 +165,10 @@ def spool_folders(ctx: Context) -> list[Path]:
     return paths.spool_dirs(ctx.config.db, ctx.config.socket)
 
 
-async def replay_orphan_spools(ctx: Context, pid: int | None = None) -> None:
+async def replay_orphan_spools(ctx: Context, pid: int | None = None) -> int:
     """Replay the spools of clients that exited while the daemon was away (or of the one
-    process `pid` that just died), then delete them."""
+    process `pid` that just died), then delete them; how many events they held."""
+    total = 0
     for path, fd in claim_orphans(spool_folders(ctx), pid):
         with os.fdopen(os.dup(fd), "rb") as fh:
             data = fh.read()
@@ -157,7 +178,9 @@ async def replay_orphan_spools(ctx: Context, pid: int | None = None) -> None:
             log.warning("keeping %s to replay later: %s", path.name, exc)
             continue
         path.unlink()
+        total += count
         log.info("replayed %d events from %s", count, path.name)
+    return total
 
 
 def spool_replayer(ctx: Context) -> Callable[[int], Awaitable[None]]:
@@ -179,12 +202,13 @@ async def recover(ctx: Context, watchdog: Watchdog, watcher: ProcessWatcher) -> 
     """Replay orphan spools, reconcile, watch live processes again and re-arm every timer."""
     started = time.monotonic()
     registry = ctx.registry
-    await replay_orphan_spools(ctx)
-    live = await registry.submit(lambda store: reconcile(store, time.time()))
-    for run_id, pid, start in live:
+    replayed = await replay_orphan_spools(ctx)
+    found = await registry.submit(lambda store: reconcile(store, time.time()))
+    for run_id, pid, start in found.live:
         watcher.watch(run_id, pid, start)
     rows = await registry.read(lambda store: store.runs.active())
     for row in rows:
         watchdog.arm(row.run_id, next_due(row))
-    log.info("recovered %d active runs (%d live processes) in %.3f s",
-             len(rows), len(live), time.monotonic() - started)
+    log.info("start-up: replayed %d spooled events, %s; recovered %d active runs"
+             " (%d live processes) in %.3f s", replayed, found.said(), len(rows),
+             len(found.live), time.monotonic() - started)

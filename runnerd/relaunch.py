@@ -1,5 +1,6 @@
 """`runnerctl resume --interrupted`: relaunch the launched runs a crash cut short, each as
-its next attempt resumed from its last checkpoint, all at once."""
+its next attempt resumed from its last checkpoint, in the environment it ran with, all at
+once."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from runnerd.launch import Attempt, Launch, Launcher, forwarding, run_with_retries
-from runnerd_client.protocol import RunnerdError
+from runnerd_client.protocol import Get, RunnerdError
 from runnerd_client.run import Client, Retries
 
 
@@ -21,7 +22,8 @@ def relaunch(socket: Path | None, runs: list[dict[str, Any]],
     codes: list[int] = []
 
     def one(run: dict[str, Any]) -> None:
-        launch = replace(Launch.from_run(run), resume=True)
+        recorded = client.ask(Get(run=run["run_id"], env=True), timeout=30.0) or {}
+        launch = replace(Launch.from_run(run, recorded.get("env")), resume=True)
         try:
             outcome = run_with_retries(client, launch, Retries(),
                                        Attempt(launcher, echo=False, retry_of=run["run_id"]))

@@ -4,7 +4,7 @@ may hold beside it (`runnerd_client.fields`); `REQUESTS` maps each `op` to its c
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Any, ClassVar
 
 from runnerd_client.enums import (
@@ -91,6 +91,10 @@ class Create(Mutation):
     host: str | None = None
     retry_of: RunId | None = None
     launch: JsonMap | None = None
+    launch_env: JsonMap | None = field(default=None, repr=False)
+    """The environment a launched command runs with (`runnerctl exec`), so that a rerun gets
+    it again. The registry keeps it apart: no run object carries it, only `get` and
+    `export` with `env`; no repr shows it."""
     resume: bool = False
     sweep_id: str | None = None
     cell: int | None = None
@@ -190,6 +194,8 @@ class Get(Request):
 
     op: ClassVar[str] = "get"
     run: str
+    env: bool = False
+    """Also the environment the run was launched with (`env` in the reply; null if none)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -230,6 +236,8 @@ class Export(Request):
     what: Annotated[str, OneOf.of(ExportWhat)] = ExportWhat.RUNS
     after: str | None = None
     limit: Limit = 500
+    env: bool = False
+    """With runs: each with `env`, the environment it was launched with (null if none)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -133,12 +133,14 @@ class Client(Reporter):
             heartbeat_timeout: float | None = None, lost_grace: float | None = None,
             deadline: float | None = None, retry_of: str | None = None,
             launch: dict[str, Any] | None = None, resume: bool = False,
-            cell: Cell | None = None, stall_timeout: float | None = None) -> Run:
+            cell: Cell | None = None, stall_timeout: float | None = None,
+            launch_env: dict[str, str] | None = None) -> Run:
         """Register a new run (pending); `start()` it or use it as a context manager.
 
         `stall_timeout`: seconds without progress (CPU, output, files, heartbeats) before
         the daemon calls it stalled (0: never; None: the daemon's). `retry_of` links it to
-        the attempt it reruns; `launch` is how to launch it again.
+        the attempt it reruns; `launch` is how to launch it again, and `launch_env` the
+        environment its command runs with (kept apart: shown only when asked for).
         With `resume`, after an unsuccessful attempt of the same experiment and variation
         the run continues it: `run.resumed_from` names it and `run.resume_checkpoint` holds
         its last checkpoint. `cell` claims a sweep's cell for this attempt.
@@ -165,7 +167,8 @@ class Client(Reporter):
             key=new_key(), run_id=run_id, experiment=experiment, variation=variation,
             params=params, tags={} if tags is None else tags, cwd=os.getcwd(),
             run_dir=str(folder), host=socket.gethostname(), retry_of=retry_of, launch=launch,
-            resume=resume, at=time.time(), **claim)), "create", tracks=True) or {}
+            launch_env=launch_env, resume=resume, at=time.time(), **claim)), "create",
+            tracks=True) or {}
         run.attempt = reply.get("attempt")
         run.resumed_from = reply.get("resumed_from")
         run.resume_checkpoint = reply.get("resume_checkpoint")

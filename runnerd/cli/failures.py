@@ -180,14 +180,18 @@ def export_line(what: str, item: dict[str, Any]) -> dict[str, Any]:
               show_default=True)
 @click.option("--format", "fmt", type=choice(["jsonl"]), default="jsonl",
               show_default=True)
+@click.option("--env", "with_env", is_flag=True,
+              help="Runs with the environment each was launched with, values included.")
 @click.pass_context
-def export(ctx: click.Context, what: str, fmt: str) -> None:
+def export(ctx: click.Context, what: str, fmt: str, with_env: bool) -> None:
     """Dump the registry, one JSON object per line, for jq, grep and other tools."""
+    if with_env and what != ExportWhat.RUNS:
+        raise click.UsageError("--env goes with --what runs")
     after: str | None = None
     done = 0
     with Progress(f"exporting {what}") as progress:
         while True:
-            page = request(ctx, Export(what=what, after=after))
+            page = request(ctx, Export(what=what, after=after, env=with_env))
             for item in page["items"]:
                 click.echo(json.dumps(export_line(what, item), sort_keys=True))
             done += len(page["items"])

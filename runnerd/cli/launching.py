@@ -96,13 +96,15 @@ def launch_in_foreground(ctx: click.Context, launch: Launch, retries: Retries,
 @click.argument("run")
 @click.pass_context
 def retry(ctx: click.Context, run: str) -> None:
-    """Run a run launched by exec again, as the next attempt, with the same command."""
+    """Run a run launched by exec again, as the next attempt, with the same command, in
+    the environment it ran with."""
     from runnerd.launch import Launch
     from runnerd_client.run import Retries
 
-    previous = request(ctx, Get(run=run))["run"]
+    reply = request(ctx, Get(run=run, env=True))
+    previous = reply["run"]
     try:
-        launch = Launch.from_run(previous)
+        launch = Launch.from_run(previous, reply.get("env"))
     except RunnerdError as exc:
         fail(exc.message, EXIT_ERROR)
     sys.exit(launch_in_foreground(ctx, launch, Retries(), retry_of=previous["run_id"]))

@@ -316,20 +316,44 @@ def _show_human(run: dict[str, Any]) -> None:
             say("\n" + failure["traceback"].rstrip())
 
 
+def _show_env(run_id: str, env: dict[str, str] | None, with_values: bool) -> None:
+    """The environment a launched run ran with: its values only when asked (--env)."""
+    if env is None:
+        return
+    if not with_values:
+        say(f"\nEnvironment: {len(env)} variables recorded ({', '.join(sorted(env)[:8])}"
+            f"{', ...' if len(env) > 8 else ''}); `runnerctl show {run_id} --env` prints them")
+        return
+    say("\nEnvironment")
+    for name in sorted(env):
+        say(f"{shown(name)}={shown(env[name])}")
+
+
 @cli.command()
 @click.argument("run")
+@click.option("--env", "with_env", is_flag=True,
+              help="Also print the environment it was launched with, values included.")
 @from_option
 @json_option
 @click.pass_context
-def show(ctx: click.Context, run: str, from_dir: Path | None, as_json: bool) -> None:
+def show(ctx: click.Context, run: str, with_env: bool, from_dir: Path | None,
+         as_json: bool) -> None:
     """One run: fields, transitions, artifacts, checkpoints and failure."""
-    obj = show_from(from_dir, run) if from_dir is not None else \
-        show_many(ctx, run) if several(ctx) else request(ctx, Get(run=run))["run"]
+    one = from_dir is None and not several(ctx)
+    if with_env and not one:
+        raise click.UsageError("--env asks one daemon")
+    env: dict[str, str] | None = None
+    if one:
+        reply = request(ctx, Get(run=run, env=True))
+        obj, env = reply["run"], reply.get("env")
+    else:
+        obj = show_from(from_dir, run) if from_dir is not None else show_many(ctx, run)
     if as_json:
-        emit_json(obj)
+        emit_json({**obj, "env": env} if with_env else obj)
         return
     if "daemon" in obj:
         say(f"{'daemon':<12} {shown(obj['daemon'])}")
     _show_human(obj)
+    _show_env(obj["run_id"], env, with_env)
 
 

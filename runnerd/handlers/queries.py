@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 from runnerd import __version__
 from runnerd.handlers.context import Context, Peer, Reply
@@ -12,6 +13,7 @@ from runnerd.registry import Store
 from runnerd_client.protocol import (
     PROTOCOL_VERSION,
     Export,
+    ExportWhat,
     Failures,
     Get,
     GroupBy,
@@ -22,8 +24,14 @@ from runnerd_client.replies import DaemonInfo, ListedFailure, RunInfo, StatusInf
 
 
 async def handle_get(ctx: Context, peer: Peer, req: Get) -> Reply:
-    return {"run": await ctx.registry.read(
-        lambda s: s.views.run_details(s.runs.resolve(req.run)))}
+    def read(store: Store) -> Reply:
+        run_id = store.runs.resolve(req.run)
+        reply: Reply = {"run": store.views.run_details(run_id)}
+        if req.env:
+            reply["env"] = store.runs.launch_env(run_id)
+        return reply
+
+    return await ctx.registry.read(read)
 
 
 async def handle_list(ctx: Context, peer: Peer, req: ListRuns) -> Reply:
@@ -76,6 +84,13 @@ async def handle_failures(ctx: Context, peer: Peer, req: Failures) -> Reply:
 
 
 async def handle_export(ctx: Context, peer: Peer, req: Export) -> Reply:
-    items = await ctx.registry.read(lambda s: s.views.export_page(req.what, req.after,
-                                                                  req.limit))
-    return {"items": items, "next": items[-1].run_id if len(items) == req.limit else None}
+    def read(store: Store) -> tuple[list[Any], str | None]:
+        items = store.views.export_page(req.what, req.after, req.limit)
+        last = items[-1].run_id if len(items) == req.limit else None
+        if req.env and req.what == ExportWhat.RUNS:
+            return [{**fields_of(item), "env": store.runs.launch_env(item.run_id)}
+                    for item in items], last
+        return list(items), last
+
+    items, last = await ctx.registry.read(read)
+    return {"items": items, "next": last}

@@ -52,6 +52,7 @@ def handle_create(ctx: Context, peer: Peer, req: Create) -> Awaitable[Reply]:
     _check_create(req)
     params, tags = as_json(req.params, "params"), as_json(req.tags, "tags")
     launch = as_json(req.launch, "launch") if req.launch is not None else None
+    launch_env = as_json(req.launch_env, "launch_env") if req.launch_env is not None else None
     run_dir = os.path.normpath(req.run_dir) if req.run_dir else str(
         paths.default_run_dir(req.run_id))
 
@@ -65,6 +66,8 @@ def handle_create(ctx: Context, peer: Peer, req: Create) -> Awaitable[Reply]:
             created_at=at, retry_of=req.retry_of, launch_json=launch, sweep_id=req.sweep_id,
             cell=req.cell, resumed_from=resumed.run_id if resumed else None,
             claim_token=req.claim_token), peer.source)
+        if launch_env is not None:
+            store.runs.set_launch_env(req.run_id, launch_env)
         if req.sweep_id is not None and req.cell is not None and not req.replicates:
             store.sweeps.claim_cell(req.sweep_id, req.cell, req.run_id)
         store.attachments.add_pid(req.run_id, peer.pid, peer.start_time, at)

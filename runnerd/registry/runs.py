@@ -110,6 +110,16 @@ class Runs:
         self.conn.execute("UPDATE runs SET stall_timeout = ? WHERE run_id = ?",
                           (seconds, run_id))
 
+    def set_launch_env(self, run_id: str, env_json: str) -> None:
+        """Keep the environment a launched run's command runs with (JSON text)."""
+        self.conn.execute("UPDATE runs SET launch_env = ? WHERE run_id = ?", (env_json, run_id))
+
+    def launch_env(self, run_id: str) -> dict[str, str] | None:
+        """The environment a run was launched with, or None (not launched by runnerctl)."""
+        row = self.conn.execute("SELECT launch_env FROM runs WHERE run_id = ?",
+                                (run_id,)).fetchone()
+        return json.loads(row[0]) if row and row[0] is not None else None
+
     def liveness(self, run_ids: list[str]
                  ) -> dict[str, tuple[State, str | None, str | None, float | None]]:
         """(state, cause of its latest transition, run_dir, own stall_timeout) of each run

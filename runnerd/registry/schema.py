@@ -189,6 +189,9 @@ MIGRATIONS: tuple[str, ...] = (
     """,
     # 8: a run's own stall_timeout (NULL: the daemon's), set when it starts.
     "ALTER TABLE runs ADD COLUMN stall_timeout REAL",
+    # 9: the environment a launched run's command ran with (JSON), for its reruns; never
+    # part of a run object (not in RUN_COLUMNS).
+    "ALTER TABLE runs ADD COLUMN launch_env TEXT",
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
