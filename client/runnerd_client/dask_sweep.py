@@ -61,7 +61,7 @@ class OnDask:
                  socket_path: str | Path | None = None) -> None:
         self.options, self.client, self.fn = options, client, fn
         self.socket_path = socket_path
-        self.turn = new_key()[:8]  # keys differ between turns of one sweep
+        self.turn = new_key()[-8:]  # keys differ between turns of one sweep (a random end)
         self.pending: dict[Any, tuple[Future[Any], Attempt]] = {}
         self.done: queue.SimpleQueue[Future[Any]] = queue.SimpleQueue()
 
