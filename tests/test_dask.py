@@ -277,3 +277,77 @@ def test_a_retired_worker_leaves_its_task_labelled_retired(cluster: Cluster) -> 
     assert ended["state"] == "failed_abandoned"  # the worker's teardown abandoned it
     assert ended["failure"]["retryable"] is True
     future.cancel()
+
+
+def exported_failures(daemon: Daemon) -> dict[str, dict[str, Any]]:
+    lines = daemon.ctl("export", "--what", "failures").stdout.splitlines()
+    return {record["run_id"]: record for record in map(json.loads, lines)}
+
+
+def test_a_redispatch_follows_the_dead_dispatch_and_failures_name_task_and_worker(
+        cluster: Cluster) -> None:
+    """After its worker died, Dask's next dispatch of a task is linked to the dead one
+    (retry_of), and the exported failure records name the Dask key, the worker and the
+    phase (issue 21, items 15 and 16)."""
+    future = cluster.client.submit(sleep_long, 60)
+    first = wait_for(lambda: cluster.run_of(future.key, "running"), what="the task to run")
+    wait_for(lambda: cluster.in_ledger(future.key), what="the scheduler's ledger entry")
+    victim = first["tags"]["worker"]
+    os.kill(cluster.worker_pids()[victim], signal.SIGKILL)
+    again = wait_for(lambda: next((r for r in cluster.runs() if r["tags"]["dask_key"] ==
+                                   future.key and r["run_id"] != first["run_id"]), None),
+                     timeout=30, what="Dask's second dispatch on another worker")
+    assert again["retry_of"] == first["run_id"]
+    future.cancel()
+    bad = cluster.client.submit(explode, 3)
+    with pytest.raises(ValueError):
+        bad.result()
+    raised = wait_for(lambda: cluster.run_of(bad.key, "failed_crash"), what="the failed run")
+    wait_for(lambda: cluster.run_of(future.key, "failed_crash"), what="the killed run")
+    records = exported_failures(cluster.daemon)
+    killed = records[first["run_id"]]["details"]
+    assert (killed["task_id"], killed["worker_id"], killed["phase"]) == \
+        (future.key, victim, "running")
+    details = records[raised["run_id"]]["details"]
+    assert (details["task_id"], details["worker_id"], details["phase"]) == \
+        (bad.key, raised["tags"]["worker"], "running")
+    assert details["traceback"].rstrip().endswith("ValueError: no data for shard 3")
+
+
+def test_a_task_cancelled_after_the_callers_timeout_says_so(cluster: Cluster) -> None:
+    """Dask tells neither the worker nor the scheduler's plugins why a caller cancelled a
+    task: the record says what it was (released while executing) and what that may be."""
+    future = cluster.client.submit(sleep_long, 60)
+    wait_for(lambda: cluster.run_of(future.key, "running"), what="the task to run")
+    with pytest.raises(TimeoutError):
+        future.result(timeout=0.5)
+    future.cancel()
+    ended = wait_for(lambda: cluster.run_of(future.key, "failed_abandoned"), timeout=30,
+                     what="the cancelled task's run")
+    assert ended["failure"]["failure_class"] == "TaskReleased"
+    assert "cancelled" in ended["failure"]["message"]
+    assert "result(timeout=...)" in ended["failure"]["message"]
+
+
+def probe_run() -> str:
+    from runnerd_client import RunRefused
+
+    try:
+        run = current_run()
+    except RunRefused as exc:
+        return f"{exc.code}: {exc.message}"
+    return "tracked" if run is not None else "no run"
+
+
+def test_a_task_whose_run_cannot_be_made_is_told_at_once(cluster: Cluster) -> None:
+    """A wrong annotation is no run: current_run() in the task raises why, at once (it
+    waited 30 s for a run that never came)."""
+    with dask.annotate(runnerd={"params": {"lr": float("nan")}}):
+        future = cluster.client.submit(probe_run, pure=False)
+    started = time.monotonic()
+    assert future.result(timeout=60) == \
+        "bad_request: params must be plain JSON: it holds NaN or infinity"
+    assert time.monotonic() - started < 20
+    with dask.annotate(runnerd={"experiment": "dask-test"}):
+        tracked = cluster.client.submit(probe_run, pure=False)
+    assert tracked.result(timeout=60) == "tracked"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -280,3 +281,14 @@ def test_a_command_that_cannot_be_started_says_why(shared_daemon: Daemon) -> Non
     assert result.returncode == 127
     assert b"runnerctl: cannot run /no/such/command-here: " in result.stderr
     assert b"No such file or directory" in result.stderr
+
+
+def test_an_exported_failure_names_its_task_worker_and_phase(shared_daemon: Daemon) -> None:
+    """Outside Dask the task is the run and the worker its host (issue 21, item 15)."""
+    result = runnerctl(shared_daemon, "exec", "--experiment", "exported", "--", "false")
+    assert result.returncode == 1
+    run = latest(shared_daemon, "exported")
+    lines = shared_daemon.ctl("export", "--what", "failures").stdout.splitlines()
+    [record] = [r for r in map(json.loads, lines) if r["run_id"] == run["run_id"]]
+    assert record["details"] == {"phase": "running", "task_id": run["run_id"],
+                                 "worker_id": run["host"], "traceback": None}

@@ -36,7 +36,8 @@ from runnerd_client import paths
 from runnerd_client.cells import variation as variation_of
 from runnerd_client.dask_commands import CommandFailed, stop_command
 from runnerd_client.dask_labels import announce
-from runnerd_client.dask_scheduler import RUN_TOPIC, RunnerdSchedulerPlugin
+from runnerd_client.dask_scheduler import ANNOTATION, RUN_TOPIC, RunnerdSchedulerPlugin
+from runnerd_client.errors import RunRefused
 from runnerd_client.ids import new_key, new_run_id
 from runnerd_client.protocol import (
     Create,
@@ -45,7 +46,6 @@ from runnerd_client.protocol import (
     FailReason,
     Heartbeat,
     Request,
-    RunnerdError,
     Start,
     Succeed,
 )
@@ -53,7 +53,6 @@ from runnerd_client.run import Client, Run
 
 log = logging.getLogger("runnerd_client.dask")
 EXECUTING = ("executing", "long-running")
-ANNOTATION = "runnerd"
 PLUGIN_NAME = "runnerd"
 TEARDOWN_FLUSH = 5.0
 LEDGER_DELAY = 0.25  # a task still running this long is entered in the scheduler's ledger
@@ -70,7 +69,7 @@ class TaskRun:
     run: Run
     seq: int = 0
     created: threading.Event = field(default_factory=threading.Event)
-    refused: str | None = None
+    refused: RunRefused | None = None
     ledger: asyncio.TimerHandle | None = None
 
 
@@ -193,7 +192,7 @@ class RunnerdWorkerPlugin(WorkerPlugin):
             self.events.put(lambda: self._emit(task_failure(task.run_id, ts, at)))
         else:
             stop_command(task.run_id)  # a sweep cell's command: stopped with its task
-            message = f"Dask moved the task from executing to {finish}"
+            message = released(finish)
             self.events.put(lambda: self._emit(Fail(
                 key=new_key(), run_id=task.run_id, reason=FailReason.ABANDONED,
                 failure_class="TaskReleased", message=message, at=at)))
@@ -215,19 +214,39 @@ class RunnerdWorkerPlugin(WorkerPlugin):
                 log.exception("runnerd plugin: event not recorded")
 
     def _create(self, task: TaskRun, create: Create) -> None:
-        """Create and start the run; a claimed sweep cell waits for the daemon's verdict."""
-        future = self.client.emit(create)
+        """Create and start the run; a claimed sweep cell waits for the daemon's verdict.
+        A run that cannot be made (a wrong annotation, a refusal) is said on the worker's
+        log, and `current_run()` in its task raises why."""
+        try:
+            future = self.client.emit(create)
+        except (TypeError, ValueError) as exc:  # the task's annotation, checked before sent
+            self._refuse(task, RunRefused(ErrorCode.BAD_REQUEST, str(exc), task.run_id))
+            return
         if create.sweep_id is not None:
             reply = future.result()
             if not reply.get("ok") and (reply.get("error") or {}).get("code") == \
                     ErrorCode.CONFLICT:
-                task.refused = reply["error"]["message"]
+                task.refused = RunRefused(ErrorCode.CONFLICT, reply["error"]["message"],
+                                          task.run_id)
                 task.created.set()
                 return
             task.run.resumed_from = reply.get("resumed_from")
             task.run.resume_checkpoint = reply.get("resume_checkpoint")
             task.run.attempt = reply.get("attempt")
+        else:
+            future.add_done_callback(lambda done: self._answered(task, done.result()))
         self._emit(Start(key=new_key(), run_id=task.run_id, at=create.at))
+        task.created.set()
+
+    def _answered(self, task: TaskRun, reply: dict[str, Any]) -> None:
+        error = reply.get("error") or {}
+        if not reply.get("ok") and error.get("code") != ErrorCode.UNAVAILABLE:
+            self._refuse(task, RunRefused(str(error.get("code")), str(error.get("message")),
+                                          task.run_id))
+
+    def _refuse(self, task: TaskRun, refusal: RunRefused) -> None:
+        log.warning("runnerd plugin: task %s runs untracked: %s", task.key, refusal)
+        task.refused = refusal
         task.created.set()
 
     def _emit(self, req: Request) -> None:
@@ -237,6 +256,16 @@ class RunnerdWorkerPlugin(WorkerPlugin):
         for task in list(self.active.values()):
             task.seq += 1
             self.client.emit(Heartbeat(run_id=task.run_id, seq=task.seq, at=time.time()))
+
+
+def released(finish: str) -> str:
+    """Why a task stopped executing, as far as its worker can tell: Dask does not say why
+    a client cancelled it (a caller's own timeout and any other reason look the same)."""
+    if finish == "worker-closing":
+        return "its worker closed while the task was executing"
+    return (f"Dask moved the task from executing to {finish}: a client cancelled it"
+            " (future.cancel(), after its own result(timeout=...) say) or no longer wants"
+            " its result; Dask does not tell the worker which")
 
 
 def task_failure(run_id: str, ts: Any, at: float) -> Fail:
@@ -261,8 +290,9 @@ def task_failure(run_id: str, ts: Any, at: float) -> Fail:
 
 def current_run(timeout: float = 30.0) -> Run | None:
     """Inside a task on a worker with the plugin: the run of this dispatch (for artifacts
-    and checkpoints), once the daemon has it; None outside a task. A sweep cell claimed by
-    another attempt raises RunnerdError(conflict)."""
+    and checkpoints), once the daemon has it; None outside a task. A run that could not be
+    made raises RunRefused: a sweep cell claimed by another attempt (`conflict`), a wrong
+    annotation or a create the daemon refused (`bad_request`)."""
     key = getattr(thread_state, "key", None)
     try:
         plugin = get_worker().plugins.get(PLUGIN_NAME)
@@ -275,5 +305,5 @@ def current_run(timeout: float = 30.0) -> Run | None:
         return None
     task.created.wait(timeout)
     if task.refused is not None:
-        raise RunnerdError(ErrorCode.CONFLICT, task.refused)
+        raise task.refused
     return task.run

@@ -24,6 +24,7 @@ from runnerd_client.protocol import Label, RunnerdError
 
 log = logging.getLogger("runnerd_client.dask")
 RUN_TOPIC = "runnerd-run"  # the event a worker logs for each task's run
+ANNOTATION = "runnerd"  # the tasks' annotations runnerd reads (dask.annotate(runnerd=...))
 
 
 
@@ -94,16 +95,32 @@ class RunnerdSchedulerPlugin(SchedulerPlugin):
     def transition(self, key: Any, start: str, finish: str, *args: Any, stimulus_id: str,
                    **kwargs: Any) -> None:
         """A finished task leaves the ledger (one whose worker died stays, for
-        `remove_worker`); one Dask gave up on is labelled KilledWorker."""
+        `remove_worker`); one Dask gave up on is labelled KilledWorker; one released
+        because its worker is gone is dispatched again as a retry of the dead dispatch."""
         attempt = self.ledger.get(str(key))
         if attempt is None:
             return
+        if start == "processing" and finish == "released" and \
+                attempt.worker not in self.scheduler.workers:
+            self._follow(key, attempt.run_id)
         if finish == "erred" and _killed_worker(kwargs.get("exception")):
             cause = self.reasons.get(str(attempt.worker))  # its worker is being removed
             self._label(attempt.run_id, "killed_worker", LABELS["killed_worker"] + (
                 f"; its last worker: {LABELS[cause]}" if cause else ""), worker=attempt.worker)
         if finish in ("memory", "erred", "forgotten"):
             del self.ledger[str(key)]
+
+    def _follow(self, key: Any, run_id: str) -> None:
+        """The task's next dispatch follows the run of the one whose worker died: its
+        worker's plugin links it (`retry_of`), through the task's annotations, which each
+        dispatch carries to its worker. (The scheduler removes the worker before it runs
+        the task again, and calls this in between.)"""
+        ts = self.scheduler.tasks.get(key)
+        if ts is None:
+            return
+        annotations = dict(ts.annotations or {})
+        annotations[ANNOTATION] = {**(annotations.get(ANNOTATION) or {}), "retry_of": run_id}
+        ts.annotations = annotations
 
     def _label(self, run_id: str, label: str, note: str | None = None,
                worker: str | None = None) -> None:

@@ -167,11 +167,14 @@ def report(ctx: click.Context, since: float, experiment: str | None, html_path: 
 
 
 def export_line(what: str, item: dict[str, Any]) -> dict[str, Any]:
-    """A failure gains `timestamp` and `details`, the keys other failure-log tools read."""
+    """A failure gains `timestamp` and `details` (phase, task_id, worker_id, traceback), the
+    keys other failure-log tools read; the daemon says what its run knows of them."""
     if what == "failures":
+        known = item.get("details") or {}
         return {**item, "timestamp": item["at"], "details": {
-            "phase": item.get("phase"), "task_id": item["run_id"],
-            "worker_id": item.get("worker_id"), "traceback": item.get("traceback")}}
+            "phase": known.get("phase", item.get("phase")),
+            "task_id": known.get("task_id", item["run_id"]),
+            "worker_id": known.get("worker_id"), "traceback": item.get("traceback")}}
     return item
 
 

@@ -87,10 +87,24 @@ async def handle_export(ctx: Context, peer: Peer, req: Export) -> Reply:
     def read(store: Store) -> tuple[list[Any], str | None]:
         items = store.views.export_page(req.what, req.after, req.limit)
         last = items[-1].run_id if len(items) == req.limit else None
-        if req.env and req.what == ExportWhat.RUNS:
+        if req.what == ExportWhat.FAILURES:
+            return [{**fields_of(item), "details": _details(store, item)} for item in items], last
+        if req.env:
             return [{**fields_of(item), "env": store.runs.launch_env(item.run_id)}
                     for item in items], last
         return list(items), last
 
     items, last = await ctx.registry.read(read)
     return {"items": items, "next": last}
+
+
+def _details(store: Store, failure: Any) -> dict[str, Any]:
+    """What the failure's run knows of where it failed, in the terms other systems' failure
+    logs use: the task (a Dask key, else the run), the worker (a Dask worker's address, else
+    the host) and the phase (the failure's own, else the state the run failed in)."""
+    row = store.runs.get(failure.run_id)
+    tags = row.tags() if row is not None else {}
+    before = store.runs.last_transition(failure.run_id)
+    return {"task_id": tags.get("dask_key") or failure.run_id,
+            "worker_id": tags.get("worker") or (row.host if row is not None else None),
+            "phase": failure.phase or (before[0] if before else None)}
