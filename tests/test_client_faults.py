@@ -496,3 +496,20 @@ def test_a_heartbeat_arriving_after_a_later_one_counts_once(daemon: Daemon) -> N
         conn.call(Heartbeat(run_id=run_id, seq=seq))
     conn.close()
     assert daemon.ctl_json("show", run_id)["heartbeats"] == 5
+
+
+def test_requests_sent_on_a_connection_the_daemon_closed_fail_as_unavailable(
+        daemon: Daemon) -> None:
+    """A batch sent after the daemon went away (the spool's replay, say) gets one failed
+    future per request, which the caller spools again; it must not raise at the caller."""
+    from runnerd_client.connection import Connection, DaemonUnavailable
+    from runnerd_client.messages import Status
+
+    conn = Connection(daemon.socket)
+    daemon.stop(signal.SIGKILL)
+    wait_for(lambda: not conn.alive, what="the client to see the daemon gone")
+    futures = conn.send_many([Status(), Status()])
+    assert len(futures) == 2
+    for future in futures:
+        assert isinstance(future.exception(timeout=5), DaemonUnavailable)
+    conn.close()

@@ -145,7 +145,8 @@ class Connection:
             with self._lock:
                 closed = self._closed
                 ids = [] if closed else [next(self._ids) for _ in reqs]
-                self._pending.update(zip(ids, futures, strict=True))
+                if closed is None:
+                    self._pending.update(zip(ids, futures, strict=True))
             if closed is not None:
                 for future in futures:
                     future.set_exception(closed)
