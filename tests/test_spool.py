@@ -136,9 +136,11 @@ WORKLOAD = textwrap.dedent("""
 """)
 
 
-def test_daemon_sigkilled_under_load_loses_no_acknowledged_event(short_tmp: Path) -> None:
+def test_daemon_sigkilled_under_load_loses_no_acknowledged_event(
+        short_tmp: Path, procs: list[subprocess.Popen[str]]) -> None:
     daemon = Daemon(short_tmp).start()
     clients = [daemon.python(WORKLOAD, str(n), "4") for n in range(16)]
+    procs += clients  # reaped, their pipes closed, however the test ends
     try:
         for _ in range(3):
             wait_for(lambda: len(daemon.ctl_json("list", "--limit", "10000")) >= 4,
@@ -162,10 +164,6 @@ def test_daemon_sigkilled_under_load_loses_no_acknowledged_event(short_tmp: Path
             assert [t["to"] for t in run["transitions"]] == ["pending", "running", "succeeded"]
         assert daemon.ctl_json("status")["counts"] == {"succeeded": 64}
     finally:
-        for proc in clients:
-            if proc.poll() is None:
-                proc.kill()
-                proc.communicate(timeout=30)
         daemon.stop()
 
 
