@@ -17,7 +17,8 @@ ARTIFACT_TIMEOUT = 600.0  # seconds to hash one artifact
 HOOK_TIMEOUT = 30.0  # seconds per hook call
 EVENT_NAMES = (  # what a hook's `events` patterns match: a state change is named by its state
     "pending", "running", "succeeded", "failed_crash", "failed_abandoned", "failed_timeout",
-    "lost", "failed_lost", "sweep_ended", "failure", "artifact", "checkpoint", "memory_warning")
+    "lost", "failed_lost", "sweep_ended", "failure", "artifact", "checkpoint", "memory_warning",
+    "stalled")
 
 
 class ConfigError(Exception):

@@ -383,6 +383,14 @@ def test_a_bad_hooks_table_is_refused_by_name(tmp_path: Path, table: str, messag
     assert refused.returncode == 1 and message in refused.stderr
 
 
+def test_every_event_the_daemon_logs_can_be_hooked(tmp_path: Path) -> None:
+    """A hook may ask for each kind the registry logs (stalled included), by name."""
+    path = tmp_path / "config.toml"
+    path.write_text('[[hooks]]\nname = "x"\nevents = ["stalled", "memory_warning", "lost"]\n'
+                    'command = ["true"]\n')
+    assert load(path).hooks[0].events == ("stalled", "memory_warning", "lost")
+
+
 def test_two_hooks_with_one_name_are_refused(tmp_path: Path) -> None:
     path = tmp_path / "config.toml"
     path.write_text('[[hooks]]\nname = "x"\nevents = ["*"]\ncommand = ["true"]\n' * 2)
