@@ -1,16 +1,18 @@
-"""Frames on the wire: a 4-byte big-endian length, then one msgpack map; and the bounds a
-request's size and shape must keep (README, "Connection limits")."""
+"""Frames on the wire: a 4-byte big-endian length, then one msgpack map; the bounds a
+request's size and shape must keep (README, "Connection limits"); and the one place a typed
+reply (`runnerd_client.replies`) becomes a map: `fields_of`, which the packer, and the
+daemon's JSON writers (idempotent replies, manifest.json), call for each one they meet."""
 
 from __future__ import annotations
 
 import struct
 from collections.abc import Callable
+from dataclasses import fields, is_dataclass
 from typing import Any
 
 import msgpack
 
 from runnerd_client.errors import ErrorCode, RunnerdError
-from runnerd_client.replies import fields_of
 
 DEFAULT_MAX_FRAME = 1 << 20
 MAX_ITEMS = 10_000
@@ -171,3 +173,35 @@ def raise_for_reply(reply: dict[str, Any]) -> dict[str, Any]:
         return reply
     error = reply.get("error") or {}
     raise RunnerdError(str(error.get("code", "internal")), str(error.get("message", "")))
+
+
+# --- typed replies as maps ---------------------------------------------------------
+
+
+_KEYS: dict[type, tuple[tuple[str, str], ...]] = {}
+
+
+def _keys(cls: type) -> tuple[tuple[str, str], ...]:
+    """(attribute, wire key) of each field; a trailing '_' (`from_`) is not sent."""
+    keys = _KEYS.get(cls)
+    if keys is None:
+        keys = _KEYS[cls] = tuple((f.name, f.name.rstrip("_")) for f in fields(cls))
+    return keys
+
+
+def fields_of(value: Any) -> dict[str, Any]:
+    """One reply object as a map (its values as they are): msgpack's and json's `default`."""
+    if not is_dataclass(value) or isinstance(value, type):
+        raise TypeError(f"cannot encode {type(value).__name__}")
+    return {key: getattr(value, name) for name, key in _keys(type(value))}
+
+
+def as_map(value: Any) -> Any:
+    """A reply (or any value holding reply objects) as plain maps and lists."""
+    if isinstance(value, dict):
+        return {key: as_map(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [as_map(item) for item in value]
+    if is_dataclass(value) and not isinstance(value, type):
+        return as_map(fields_of(value))
+    return value

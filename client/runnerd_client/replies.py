@@ -1,15 +1,17 @@
 """What the daemon answers about runs, sweeps and itself, typed: frozen, slotted dataclasses
-whose fields, in order, are the keys of the wire map (SPEC §3, §6, §8).
-
-`fields_of` is the one place they become maps: the frame packer and the daemon's JSON
-writers (idempotent replies, manifest.json) call it for each one they meet, and `as_map`
-turns a whole reply into plain maps and lists (for a payload made elsewhere).
+whose fields, in order, are the keys of the wire map (SPEC §3, §6, §8). They become maps in
+one place, `framing.fields_of` (`as_map` for a whole reply); only the daemon builds them,
+so a client that reads maps never imports this module.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, is_dataclass
+from dataclasses import dataclass
 from typing import Any
+
+from runnerd_client.framing import as_map, fields_of
+
+__all__ = ["as_map", "fields_of"]  # and the reply classes below
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,32 +191,3 @@ class StatusInfo:
     active: list[RunInfo]
     failures: list[ListedFailure]
     daemon: DaemonInfo
-
-
-_KEYS: dict[type, tuple[tuple[str, str], ...]] = {}
-
-
-def _keys(cls: type) -> tuple[tuple[str, str], ...]:
-    """(attribute, wire key) of each field; a trailing '_' (`from_`) is not sent."""
-    keys = _KEYS.get(cls)
-    if keys is None:
-        keys = _KEYS[cls] = tuple((f.name, f.name.rstrip("_")) for f in fields(cls))
-    return keys
-
-
-def fields_of(value: Any) -> dict[str, Any]:
-    """One reply object as a map (its values as they are): msgpack's and json's `default`."""
-    if not is_dataclass(value) or isinstance(value, type):
-        raise TypeError(f"cannot encode {type(value).__name__}")
-    return {key: getattr(value, name) for name, key in _keys(type(value))}
-
-
-def as_map(value: Any) -> Any:
-    """A reply (or any value holding reply objects) as plain maps and lists."""
-    if isinstance(value, dict):
-        return {key: as_map(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [as_map(item) for item in value]
-    if is_dataclass(value) and not isinstance(value, type):
-        return as_map(fields_of(value))
-    return value
