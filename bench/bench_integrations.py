@@ -85,16 +85,17 @@ def poll(done: Callable[[], bool], timeout: float = 60.0) -> float:
     return float("nan")
 
 
-def runnerd_ended(daemon: Runnerd, experiment: str, pid: int) -> float:
-    """When the daemon ended the run of the killed process (its `ended_at`)."""
-    for _ in range(1000):
+def runnerd_ended(daemon: Runnerd, experiment: str) -> float:
+    """When the daemon ended the killed script's run, the only one of `experiment` (a
+    dead process's pid is no longer listed with its run)."""
+    for _ in range(100):
         listed = daemon.runnerctl("list", "--experiment", experiment, "--json")
         if listed.returncode != 0:
             sys.exit(f"runnerctl list failed: {listed.stderr}")
-        for run in json.loads(listed.stdout):
-            if run["ended_at"] and pid in run["pids"]:
-                return datetime.fromisoformat(run["ended_at"]).timestamp()
-        time.sleep(0.01)
+        ended = [run["ended_at"] for run in json.loads(listed.stdout) if run["ended_at"]]
+        if ended:
+            return datetime.fromisoformat(ended[0]).timestamp()
+        time.sleep(0.05)
     return float("nan")
 
 
@@ -102,17 +103,18 @@ def kill_mlflow(daemon: Runnerd, kills: int, batch: int) -> list[tuple[float, fl
     from mlflow.client import MlflowClient
 
     uri = f"sqlite:///{daemon.root}/mlflow.db"
-    env = {"MLFLOW_TRACKING_URI": uri, "RUNNERD_MLFLOW": "1", "RUNNERD_EXPERIMENT": "b-ml"}
     client, figures = MlflowClient(uri), []
     while len(figures) < kills:
-        procs = [start(daemon, MLFLOW_SCRIPT, env=env) for _ in range(min(batch, kills -
-                                                                        len(figures)))]
-        for proc in procs:
+        names = [f"b-ml-{len(figures) + i}" for i in range(min(batch, kills - len(figures)))]
+        procs = [(name, start(daemon, MLFLOW_SCRIPT, env={
+            "MLFLOW_TRACKING_URI": uri, "RUNNERD_MLFLOW": "1", "RUNNERD_EXPERIMENT": name}))
+            for name in names]
+        for name, proc in procs:
             mlflow_id, pid = ready(proc)
             killed = time.time()
             os.kill(pid, signal.SIGKILL)
             failed = poll(lambda m=mlflow_id: client.get_run(m).info.status == "FAILED")
-            figures.append((runnerd_ended(daemon, "b-ml", pid) - killed, failed - killed))
+            figures.append((runnerd_ended(daemon, name) - killed, failed - killed))
             proc.wait()
     return figures
 
@@ -132,7 +134,7 @@ def kill_optuna(daemon: Runnerd, kills: int, batch: int) -> list[tuple[float, fl
             killed = time.time()
             os.kill(pid, signal.SIGKILL)
             failed = poll(lambda t=trial_id: storage.get_trial(t).state.name == "FAIL")
-            figures.append((runnerd_ended(daemon, name, pid) - killed, failed - killed))
+            figures.append((runnerd_ended(daemon, name) - killed, failed - killed))
             proc.wait()
     return figures
 
