@@ -71,7 +71,10 @@ class EventLog:
                 for r in rows]
 
     def last_seq(self) -> int:
-        return int(self.conn.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0])
+        """The highest seq ever given, even if its event has since been pruned."""
+        found = self.conn.execute(
+            "SELECT seq FROM sqlite_sequence WHERE name = 'events'").fetchone()
+        return int(found[0]) if found else 0
 
 
 def _event(seq: int, run_id: str, experiment: str | None, sweep_id: str | None, kind: str,

@@ -192,6 +192,26 @@ MIGRATIONS: tuple[str, ...] = (
     # 9: the environment a launched run's command ran with (JSON), for its reruns; never
     # part of a run object (not in RUN_COLUMNS).
     "ALTER TABLE runs ADD COLUMN launch_env TEXT",
+    # 10: event seqs are never reused: consumers keep a cursor on them (follow --since,
+    # subscribe, hooks), and pruning the newest events let new ones take their numbers.
+    """
+    CREATE TABLE events_kept (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        run_id TEXT NOT NULL,
+        experiment TEXT,
+        kind TEXT NOT NULL,
+        at REAL NOT NULL,
+        data TEXT NOT NULL,
+        sweep_id TEXT
+    );
+    INSERT INTO events_kept (seq, run_id, experiment, kind, at, data, sweep_id)
+        SELECT seq, run_id, experiment, kind, at, data, sweep_id FROM events;
+    DROP TABLE events;
+    ALTER TABLE events_kept RENAME TO events;
+    CREATE INDEX events_by_run ON events (run_id, seq);
+    CREATE INDEX events_by_experiment ON events (experiment, seq);
+    CREATE INDEX events_by_sweep ON events (sweep_id, seq) WHERE sweep_id IS NOT NULL;
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
