@@ -36,7 +36,7 @@ from harness import (
     verdict,
 )
 
-from runnerd.driver import with_latest
+from runnerd.cli.sweep_driver import with_latest
 from runnerd.registry import NewRun, RunUpdate
 from runnerd.states import failure_record
 from runnerd_client.connection import Connection

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from conftest import Daemon, wait_for
-from runnerd.report import COLOURS
+from runnerd.cli.report import COLOURS
 
 MIXED = textwrap.dedent("""
     import os, signal, sys

@@ -98,7 +98,7 @@ def service() -> None:
 @click.option("--no-enable", is_flag=True, help="Write the units; do not run systemctl.")
 def service_install(no_enable: bool) -> None:
     """Write runnerd.service and runnerd.socket for this interpreter, then enable them."""
-    from runnerd import service as svc
+    from runnerd.cli import service as svc
 
     for path in svc.install(svc.unit_dir()):
         say(f"wrote {path}")
@@ -114,7 +114,7 @@ def service_install(no_enable: bool) -> None:
 @service.command("uninstall")
 def service_uninstall() -> None:
     """Stop and disable the units, then remove them."""
-    from runnerd import service as svc
+    from runnerd.cli import service as svc
 
     if svc.user_systemd():
         svc.run_all(svc.DISABLE)
@@ -125,7 +125,7 @@ def service_uninstall() -> None:
 @service.command("status")
 def service_status() -> None:
     """Where the units are, and what systemd says of them."""
-    from runnerd import service as svc
+    from runnerd.cli import service as svc
 
     for name in svc.UNITS:
         path = svc.unit_dir() / name

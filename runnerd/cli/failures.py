@@ -135,7 +135,7 @@ def report(ctx: click.Context, since: float, experiment: str | None, html_path: 
            from_dir: Path | None, as_json: bool) -> None:
     """What ran in the window: counts, failures by signature with advice, longest and
     still-running runs; of several daemons (or a folder) each run once."""
-    from runnerd import report as rpt
+    from runnerd.cli import report as rpt
 
     start = time.time() - since
     req = ListRuns(since=start, experiment=experiment, limit=10_000)

@@ -29,7 +29,7 @@ from runnerd_client.protocol import (
 )
 
 if TYPE_CHECKING:
-    from runnerd.launch import Launch
+    from runnerd.cli.launcher import Launch
     from runnerd_client.run import Retries
 
 
@@ -51,7 +51,7 @@ def exec_command(ctx: click.Context, experiment: str | None, variation: str,
                  memory: int | None, retries: int, backoff: float, retry_on: str,
                  resume: bool, command: tuple[str, ...]) -> None:
     """Run COMMAND as a tracked run; exit with its exit code."""
-    from runnerd.launch import Launch
+    from runnerd.cli.launcher import Launch
     from runnerd_client.run import Retries
 
     launch = Launch(command=list(command), params=parse_params(param_pairs), run_dir=run_dir,
@@ -79,7 +79,7 @@ def checked(launch: Launch) -> None:
 def launch_in_foreground(ctx: click.Context, launch: Launch, retries: Retries,
                          retry_of: str | None = None) -> int:
     """Run a launch with its retries, passing Ctrl-C and SIGTERM on; its exit code."""
-    from runnerd.launch import Attempt, Launcher, forwarding, run_with_retries
+    from runnerd.cli.launcher import Attempt, Launcher, forwarding, run_with_retries
     from runnerd_client.run import Client
 
     launcher = Launcher()
@@ -98,7 +98,7 @@ def launch_in_foreground(ctx: click.Context, launch: Launch, retries: Retries,
 def retry(ctx: click.Context, run: str) -> None:
     """Run a run launched by exec again, as the next attempt, with the same command, in
     the environment it ran with."""
-    from runnerd.launch import Launch
+    from runnerd.cli.launcher import Launch
     from runnerd_client.run import Retries
 
     reply = request(ctx, Get(run=run, env=True))

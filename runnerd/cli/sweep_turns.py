@@ -1,5 +1,5 @@
 """A sweep's turn from the command line: progress drawn on a terminal, a line per cell,
-the summary table and the exit status; the turn itself is `runnerd.driver`'s."""
+the summary table and the exit status; the turn itself is `runnerd.cli.sweep_driver`'s."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from runnerd_client.sweep_engine import Listener
 from runnerd_client.sweep_model import CellOutcome, PlannedCell, SweepOptions, SweepResult
 
 if TYPE_CHECKING:
-    from runnerd.driver import Turn
+    from runnerd.cli.sweep_driver import Turn
 
 T = TypeVar("T")
 
@@ -85,7 +85,7 @@ def run_cells(ctx: click.Context, stored: dict[str, Any], options: SweepOptions,
 def on_dask(address: str, stored: dict[str, Any], options: SweepOptions,
             planned: list[PlannedCell]) -> int:
     """Run the cells' commands on the Dask cluster at `address`; the exit status."""
-    from runnerd import driver
+    from runnerd.cli import sweep_driver as driver
     from runnerd_client.dask_commands import CommandFailed
     from runnerd_client.sweep_model import SweepFailed
 
@@ -116,7 +116,7 @@ def on_dask(address: str, stored: dict[str, Any], options: SweepOptions,
 def with_progress(intro: str, total: int, run: Callable[[Listener], T]) -> T:
     """Call `run` with a listener printing a line per finished cell and, on a terminal,
     redrawing a progress line; a daemon that stayed away is an error."""
-    from runnerd import driver
+    from runnerd.cli import sweep_driver as driver
 
     tty = sys.stderr.isatty()
     out = threading.Lock()
@@ -146,7 +146,7 @@ def with_progress(intro: str, total: int, run: Callable[[Listener], T]) -> T:
 def drive(ctx: click.Context, stored: dict[str, Any], options: SweepOptions,
           planned: list[PlannedCell]) -> int:
     """Run the planned cells, end the turn, print the summary; the exit status."""
-    from runnerd import driver
+    from runnerd.cli import sweep_driver as driver
 
     turn, result = with_progress(
         f"sweep {stored['sweep_id']}: {len(planned)} cell(s) of"
@@ -160,7 +160,7 @@ def drive(ctx: click.Context, stored: dict[str, Any], options: SweepOptions,
 def replicate(ctx: click.Context, stored: dict[str, Any], recorded: dict[int, Any],
               jobs: int | None) -> int:
     """Replicate the recorded cells, print each verdict; exit 1 on any difference."""
-    from runnerd import replicate
+    from runnerd.cli import replicate
 
     def run(listener: Listener) -> replicate.Replication:
         try:
@@ -188,7 +188,7 @@ def print_summary(turn: Turn, result: SweepResult) -> None:
     """The cells this turn ran (the failed ones only, past 50), the sweep's counts, and
     under fail_fast the failure it stopped at. ATTEMPTS is the manifest's: the cell's
     attempts in this sweep, retries and resumes included."""
-    from runnerd.driver import failure_text
+    from runnerd.cli.sweep_driver import failure_text
 
     outcomes = result.outcomes
     listed = outcomes if len(outcomes) <= 50 else [o for o in outcomes
@@ -206,7 +206,7 @@ def print_summary(turn: Turn, result: SweepResult) -> None:
 
 
 def print_first_failure(outcome: CellOutcome) -> None:
-    from runnerd.driver import failure_text, stderr_text
+    from runnerd.cli.sweep_driver import failure_text, stderr_text
 
     say(f"\nfail_fast: stopped at cell {outcome.index}"
         f" ({json.dumps(outcome.params)}): {failure_text(outcome)}", err=True)

@@ -1,8 +1,8 @@
 """Sweeps: run a grid as launched runs, resume what did not succeed, replicate, inspect;
 and `resume --interrupted` for the work a crash of runnerd or the machine cut short.
 
-The commands parse and print; the turns themselves are `runnerd.driver`'s (through the
-client's sweep engine), the relaunch `runnerd.relaunch`'s.
+The commands parse and print; the turns themselves are `runnerd.cli.sweep_driver`'s (through the
+client's sweep engine), the relaunch `runnerd.cli.relaunch`'s.
 """
 
 from __future__ import annotations
@@ -192,7 +192,7 @@ def sweep_replicate(ctx: click.Context, sweep_ref: str, failed_only: bool,
     """Run cells again and check each ends as recorded: succeeded again, or failed with the
     same failure class and signature. The replication is a record of its own (a report
     beside the manifest); the sweep's outcomes stay as they were. Exit 1 on any difference."""
-    from runnerd.replicate import recorded_cells
+    from runnerd.cli.replicate import recorded_cells
     from runnerd_client.sweep_record import sweep_cells
 
     conn = connect(ctx)
@@ -262,7 +262,7 @@ def sweep_show(ctx: click.Context, sweep_ref: str, as_json: bool) -> None:
 def resume(ctx: click.Context, interrupted: bool, dry_run: bool, as_json: bool) -> None:
     """Relaunch interrupted launched runs from their last checkpoints, and resume the sweeps
     they belong to."""
-    from runnerd.relaunch import relaunch
+    from runnerd.cli.relaunch import relaunch
 
     if as_json and not dry_run:
         raise click.UsageError("--json goes with --dry-run")

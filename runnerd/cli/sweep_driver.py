@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from runnerd import launch
-from runnerd.launch import KILL_AFTER, Launch, Launcher, on_signals, run_once
+from runnerd.cli import launcher as launch
+from runnerd.cli.launcher import KILL_AFTER, Launch, Launcher, on_signals, run_once
 from runnerd_client.cells import substitute
 from runnerd_client.connection import DaemonUnavailable
 from runnerd_client.protocol import ErrorCode, Get, RunnerdError

@@ -10,7 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from runnerd.launch import Attempt, Launch, Launcher, forwarding, run_with_retries
+from runnerd.cli.launcher import Attempt, Launch, Launcher, forwarding, run_with_retries
 from runnerd_client.protocol import Get, RunnerdError
 from runnerd_client.run import Client, Retries
 

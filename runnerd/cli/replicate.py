@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from runnerd import driver
+from runnerd.cli import sweep_driver as driver
 from runnerd_client.ids import new_run_id
 from runnerd_client.protocol import SweepPolicy
 from runnerd_client.run import Client
