@@ -104,6 +104,7 @@ def kill_mlflow(daemon: Runnerd, kills: int, batch: int) -> list[tuple[float, fl
 
     uri = f"sqlite:///{daemon.root}/mlflow.db"
     client, figures = MlflowClient(uri), []
+    client.search_experiments()  # makes the store's tables before scripts race to
     while len(figures) < kills:
         names = [f"b-ml-{len(figures) + i}" for i in range(min(batch, kills - len(figures)))]
         procs = [(name, start(daemon, MLFLOW_SCRIPT, env={
