@@ -67,10 +67,12 @@ class ProcessWatcher:
     """pid -> runs it is attached to; a pidfd (or a poll) per pid."""
 
     def __init__(self, registry: Registry,
-                 before_exit: Callable[[int], Awaitable[None]] | None = None) -> None:
+                 before_exit: Callable[[int], Awaitable[None]] | None = None,
+                 explain: Callable[[str], dict[str, Any] | None] = lambda run_id: None) -> None:
         self.registry = registry
         self.before_exit = before_exit
-        self.explain: Callable[[str], dict[str, Any] | None] = lambda run_id: None
+        self.explain = explain
+        """What else is known of a run whose process exited (an OOM kill, say)."""
         self._tasks: set[asyncio.Task[None]] = set()
         self._runs: dict[int, set[str]] = defaultdict(set)
         self._starts: dict[int, int | None] = {}
