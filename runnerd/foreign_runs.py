@@ -29,6 +29,7 @@ MAX_DEPTH = 64
 MAX_RUNTIME = 1e9  # 31 years: more is a broken file, not a run
 LATEST_TIME = 253402300799.0  # 9999-12-31 23:59:59 UTC, the last time a date can show
 SOURCE = "imported"
+FOREIGN_ID_TAG = "foreign_run_id"
 
 
 class _Malformed(ValueError):
@@ -128,7 +129,7 @@ def checked_doc(doc: Any) -> dict[str, Any] | str:
         if not status or len(status) > MAX_STATUS:
             raise _Malformed("status", f"must be a text of 1 to {MAX_STATUS} characters, "
                                        f"not {_brief(doc.get('status'))}")
-        names = ("run_id", "experiment", "variation", "failure_class")
+        names = ("run_id", "experiment", "variation", "failure_class", "state")
         checked: dict[str, Any] = {field: _text(doc, field, MAX_NAME) for field in names}
         for field in ("failure_reason", "error"):
             checked[field] = _text(doc, field, MAX_MESSAGE)
@@ -149,12 +150,17 @@ def checked_doc(doc: Any) -> dict[str, Any] | str:
 
 _SUCCEEDED = ("succeeded", "success", "successful", "completed", "complete", "finished", "done",
               "ok")
+_TERMINAL = frozenset(s.value for s in State if s.terminal)
 _FAILED_BY_REASON = {"abandoned": State.FAILED_ABANDONED, "timeout": State.FAILED_TIMEOUT,
                      "lost": State.FAILED_LOST}
 
 
 def imported_state(doc: dict[str, Any]) -> State:
-    """A foreign status in our terms; an unfinished one is `lost` (nobody reports it)."""
+    """A foreign status in our terms; an unfinished one is `lost` (nobody reports it). A
+    finished `state` of ours (a copy of one of our folders) is taken as it is."""
+    ours = doc.get("state")
+    if ours in _TERMINAL:
+        return State(ours)
     status = doc["status"].lower()
     if status in _SUCCEEDED:
         return State.SUCCEEDED
@@ -165,14 +171,23 @@ def imported_state(doc: dict[str, Any]) -> State:
     return State.LOST
 
 
+def _ours(store: Store, run_id: str | None) -> bool:
+    """Whether `run_id` names a run of ours (not one imported): its metadata.json, in its
+    folder or a copy of it, is never imported."""
+    if not run_id or not is_valid_run_id(run_id):
+        return False
+    row = store.runs.get(run_id)
+    return row is not None and row.tags().get("source") != SOURCE
+
+
 def import_run(store: Store, path: str, doc: dict[str, Any], at: float) -> str:
     """Import a foreign run folder's checked metadata (`checked_doc`, read from `path`) as
-    a run, never twice, never one of ours."""
+    a run, never twice, never one of ours. The folder is the run: two folders saying one
+    run_id (notata's `log_<id>` under two outputs) are two runs, their id kept as a tag."""
     folder = os.path.dirname(path)
-    run_id = doc["run_id"] or ""
-    if not is_valid_run_id(run_id):
-        run_id = "imp-" + hashlib.sha1(folder.encode()).hexdigest()[:16]
-    if store.runs.get(run_id) is not None or store.indexing.run_in_dir(folder) is not None:
+    run_id = "imp-" + hashlib.sha1(os.fsencode(folder)).hexdigest()[:16]
+    if store.indexing.run_in_dir(folder) is not None or _ours(store, doc["run_id"]) \
+            or store.runs.get(run_id) is not None:
         return "known"
     state = imported_state(doc)
     start = at if doc["start_time"] is None else doc["start_time"]
@@ -183,9 +198,10 @@ def import_run(store: Store, path: str, doc: dict[str, Any], at: float) -> str:
     experiment = doc["experiment"] or os.path.basename(os.path.dirname(folder)) or "-"
     variation = doc["variation"] or os.path.basename(folder) or "default"
     experiment, variation = experiment[:MAX_NAME], variation[:MAX_NAME]
+    tags = {"source": SOURCE} | ({FOREIGN_ID_TAG: doc["run_id"]} if doc["run_id"] else {})
     store.runs.create(NewRun(
         run_id=run_id, experiment=experiment, variation=variation,
-        params_json=json.dumps(doc["params"]), tags_json=json.dumps({"source": SOURCE}),
+        params_json=json.dumps(doc["params"]), tags_json=json.dumps(tags),
         run_dir=folder, created_at=start), SOURCE)
     row = store.runs.require(run_id)
     store.runs.set_state(row, state, at=end or at, cause="import", source=SOURCE,

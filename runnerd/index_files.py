@@ -179,13 +179,14 @@ def read_all(paths: list[str]) -> list[Fact]:
 
 
 def scan_folders(folders: list[str]) -> list[Fact]:
-    """The crash files directly in each folder (a failed run's run_dir)."""
+    """The crash files in each folder (a failed run's run_dir) and below it, however deep
+    (notata's `log.text("artifacts/debug/traceback", ...)` is three folders down); a
+    folder that cannot be read is passed over."""
     paths = []
     for folder in dict.fromkeys(folders):
-        try:
+        for current, entries in _folders(folder, []):
             # Not metadata.json: follow_failures drops it, so do not read and parse it.
-            paths += [e.path for e in os.scandir(folder) if e.is_file(follow_symlinks=False)
-                      and classify(e.name) not in (None, FileKind.METADATA)]
-        except OSError:
-            continue
+            paths += [os.path.join(current, e.name) for e in entries
+                      if classify(e.name) not in (None, FileKind.METADATA)
+                      and e.is_file(follow_symlinks=False)]
     return read_all(paths)

@@ -15,21 +15,19 @@ from runnerd.index_files import Fact, FileKind
 from runnerd.registry import Store
 from runnerd.states import failure_record
 
-OWNER_DEPTH = 3
-
 
 def owner(store: Store, path: str) -> str | None:
-    """The run whose folder holds `path` (the folder itself or one of its parents)."""
+    """The run whose folder holds `path`: the nearest run folder above it, however deep
+    (notata's `log.text("artifacts/debug/traceback", tb)` lands three folders down)."""
     folder = os.path.dirname(path)
-    for _ in range(OWNER_DEPTH):
+    while True:
         run_id = store.indexing.run_in_dir(folder)
         if run_id is not None:
             return run_id
         parent = os.path.dirname(folder)
         if parent == folder:
-            break
+            return None
         folder = parent
-    return None
 
 
 def apply_fact(store: Store, fact: Fact, at: float) -> str:

@@ -76,17 +76,18 @@ def test_clean_exit_succeeds_with_artifact_checkpoint_and_metadata(daemon: Daemo
     assert Path(run["run_dir"]).parent == daemon.root / "data" / "runnerd" / "runs"
     meta = wait_for(lambda: _metadata(run["run_dir"], "succeeded"), what="metadata.json")
     assert meta["run_id"] == run["run_id"]
+    assert meta["status"] == "complete"
     assert meta["runtime_sec"] >= 0
     assert meta["failure_class"] is None
     assert not (Path(run["run_dir"]) / "crash.log").exists()
 
 
-def _metadata(run_dir: str, status: str) -> dict[str, Any] | None:
+def _metadata(run_dir: str, state: str) -> dict[str, Any] | None:
     path = Path(run_dir) / "metadata.json"
     if not path.exists():
         return None
     meta: dict[str, Any] = json.loads(path.read_text())
-    return meta if meta["status"] == status else None
+    return meta if meta["state"] == state else None
 
 
 def test_exception_is_failed_crash_with_class_message_traceback(daemon: Daemon) -> None:
@@ -101,7 +102,7 @@ def test_exception_is_failed_crash_with_class_message_traceback(daemon: Daemon) 
     assert len(failure["signature"]) == 16
     meta = wait_for(lambda: _metadata(run["run_dir"], "failed_crash"), what="metadata.json")
     assert meta["failure_class"] == "ValueError"
-    assert meta["failure_reason"] == "crash"
+    assert (meta["status"], meta["failure_reason"]) == ("failed", "loss diverged at step 42")
     # The same bug in another run groups under the same signature.
     _, again = finished(daemon, "crash")
     assert again["attempt"] == 2

@@ -58,7 +58,9 @@ def warned(daemon: Daemon, text: str) -> bool:
 
 
 def run_ids(daemon: Daemon) -> set[str]:
-    return {r["run_id"] for r in daemon.ctl_json("list", "--limit", "10000")}
+    """The runs' ids; an imported run's by the id its metadata.json gave (a tag)."""
+    return {r["tags"].get("foreign_run_id", r["run_id"])
+            for r in daemon.ctl_json("list", "--limit", "10000")}
 
 
 def serving(daemon: Daemon) -> bool:
@@ -295,7 +297,7 @@ WAITS_FOR_A_LINE = textwrap.dedent("""
 
 def metadata_state(folder: Path) -> str | None:
     try:
-        return str(json.loads((folder / "metadata.json").read_text())["status"])
+        return str(json.loads((folder / "metadata.json").read_text())["state"])
     except (OSError, ValueError):
         return None
 
@@ -468,11 +470,12 @@ def test_control_characters_from_an_imported_file_are_shown_escaped(daemon: Daem
                                               "experiment": "exp\x1b[31m",
                                               "failure_reason": reason})
     daemon.ctl("watch", str(short_tmp / "foreign"))
-    for command in (["list"], ["failures"], ["show", "ctl-chars"], ["status"]):
+    [run] = daemon.ctl_json("list")
+    for command in (["list"], ["failures"], ["show", run["run_id"]], ["status"]):
         out = daemon.ctl(*command).stdout
         assert "\x1b" not in out and "\x07" not in out, command
         assert "\\x1b" in out, command
         assert not any(line.startswith("FAKE LINE") for line in out.splitlines()), command
-    assert daemon.ctl_json("show", "ctl-chars")["failure"]["message"] == reason
+    assert daemon.ctl_json("show", run["run_id"])["failure"]["message"] == reason
     assert daemon.ctl_json("list")[0]["experiment"] == "exp\x1b[31m"
     assert daemon.ctl_json("failures")[0]["message"] == reason

@@ -7,6 +7,7 @@ import os
 import signal
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -58,6 +59,12 @@ def make_foreign_runs(root: Path, count: int, malformed: int) -> dict[str, str]:
     return expected
 
 
+def by_foreign_id(daemon: Daemon) -> dict[str, dict[str, Any]]:
+    """The imported runs, by the run_id their folder's metadata.json gave (a tag)."""
+    return {r["tags"]["foreign_run_id"]: r for r in daemon.ctl_json("list", "--limit", "10000")
+            if "foreign_run_id" in r["tags"]}
+
+
 def test_watch_imports_foreign_runs_once_warns_on_malformed_and_follows(
         daemon: Daemon, short_tmp: Path) -> None:
     root = short_tmp / "elsewhere"
@@ -67,12 +74,13 @@ def test_watch_imports_foreign_runs_once_warns_on_malformed_and_follows(
     result = daemon.ctl("watch", str(root))
     assert "190 run(s) imported" in result.stdout
     assert result.stderr.count("warning:") == 10
-    runs = {r["run_id"]: r for r in daemon.ctl_json("list", "--limit", "10000")}
+    runs = by_foreign_id(daemon)
     assert {k: runs[k]["state"] for k in expected} == expected
-    failed = daemon.ctl_json("show", "foreign-0003")
+    failed = daemon.ctl_json("show", runs["foreign-0003"]["run_id"])
     assert failed["failure"]["message"] == "CUDA out of memory on shard 3"
     assert failed["failure"]["category"] == "oom"
-    assert failed["tags"] == {"source": "imported"}
+    assert failed["tags"] == {"source": "imported", "foreign_run_id": "foreign-0003"}
+    assert failed["run_dir"] == str(root / "sweep-a" / "run-0003")
     assert failed["transitions"][0]["source"] == "imported"
     assert failed["started_at"].startswith("2023-11-14")
     assert foreign.read_bytes() == original  # the other tool's file is never rewritten
@@ -83,10 +91,8 @@ def test_watch_imports_foreign_runs_once_warns_on_malformed_and_follows(
     late.mkdir(parents=True)
     (late / "metadata.json").write_text(json.dumps({"run_id": "late", "status": "failed",
                                                     "failure_reason": "disk quota exceeded"}))
-    run = wait_for(lambda: "late" in {r["run_id"] for r in daemon.ctl_json("list")},
-                   what="the new folder to be indexed")
-    assert run
-    assert daemon.ctl_json("show", "late")["state"] == "failed_crash"
+    wait_for(lambda: "late" in by_foreign_id(daemon), what="the new folder to be indexed")
+    assert by_foreign_id(daemon)["late"]["state"] == "failed_crash"
     daemon.ctl("unwatch", str(root))
     assert daemon.ctl("unwatch", str(root), check=False).returncode == 1
 
@@ -102,7 +108,7 @@ def test_watched_directories_survive_a_restart(short_tmp: Path) -> None:
         folder = root / "after-restart"
         folder.mkdir()
         (folder / "metadata.json").write_text(json.dumps({"run_id": "after", "status": "done"}))
-        wait_for(lambda: any(r["run_id"] == "after" for r in second.ctl_json("list")),
+        wait_for(lambda: "after" in by_foreign_id(second),
                  what="the followed directory to be indexed after a restart")
     finally:
         second.stop()

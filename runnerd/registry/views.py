@@ -11,7 +11,7 @@ from runnerd.registry.failures import Failures
 from runnerd.registry.rows import RunRow, iso, where
 from runnerd.registry.runs import Runs
 from runnerd.registry.schema import RUN_COLUMNS
-from runnerd_client.protocol import ACTIVE_STATES
+from runnerd_client.protocol import ACTIVE_STATES, State
 from runnerd_client.replies import (
     ArtifactInfo,
     CheckpointInfo,
@@ -127,11 +127,21 @@ class Views:
             "experiment": row.experiment,
             "variation": row.variation,
             "attempt": row.attempt,
-            "status": row.state.value,
+            "status": notata_status(row.state),
+            "state": row.state.value,
             "start_time": iso(start),
             "end_time": iso(end),
             "runtime_sec": round(end - start, 3) if start is not None and end is not None
             else None,
-            "failure_reason": failure.reason if failure else None,
+            "failure_reason": (failure.message or failure.failure_class) if failure else None,
             "failure_class": failure.failure_class if failure else None,
+            "category": failure.category if failure else None,
         }
+
+
+def notata_status(state: State) -> str:
+    """notata's `status` (SPEC §7): `complete`, `failed` for every failed_* state, else the
+    state, so notata's recipes (`grep '"status": "failed"'`) work on our folders."""
+    if state is State.SUCCEEDED:
+        return "complete"
+    return "failed" if state.value.startswith("failed") else state.value

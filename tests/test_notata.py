@@ -1,0 +1,118 @@
+"""notata's files and recipes: folders written by the real notata library are imported as
+they are (each folder a run, a traceback however deep attached, params read), and
+notata's own grep/jq recipes work verbatim on runnerd's run folders."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import textwrap
+import traceback
+from pathlib import Path
+from typing import Any
+
+import notata
+
+from conftest import Daemon, wait_for
+
+
+def notata_run(base: Path, run_id: str, error: Exception | None = None,
+               params: dict[str, Any] | None = None) -> Path:
+    """A run written by notata's Logbook, as its README shows: a failure's traceback saved
+    with `log.text("artifacts/debug/traceback", tb)` before the exception leaves the block."""
+    try:
+        with notata.Logbook(run_id, base_dir=base, params=params) as log:
+            log.info("training")
+            if error is not None:
+                try:
+                    raise error
+                except Exception:
+                    log.text("artifacts/debug/traceback", traceback.format_exc())
+                    raise
+    except Exception as exc:
+        assert exc is error
+    return Path(log.path)
+
+
+def imported(daemon: Daemon) -> dict[str, dict[str, Any]]:
+    """The imported runs, by their folder."""
+    return {r["run_dir"]: r for r in daemon.ctl_json("list", "--limit", "1000")
+            if r["tags"].get("source") == "imported"}
+
+
+def test_real_notata_folders_are_imported_each_folder_a_run(daemon: Daemon,
+                                                            short_tmp: Path) -> None:
+    root = short_tmp / "notata"
+    stable = notata_run(root / "outputs", "stable",
+                        params={"lr": 0.001, "model": "ridge", "layers": [64, 32]})
+    unstable = notata_run(root / "outputs", "unstable", ZeroDivisionError("division by zero"))
+    again = notata_run(root / "outputs2", "unstable", RuntimeError("loss is NaN at step 7"))
+    deep = unstable / "artifacts" / "artifacts" / "debug" / "traceback.txt"
+    assert deep.is_file()  # where notata 0.3.0 puts it: three folders below the run's
+
+    result = daemon.ctl("watch", str(root))
+    assert "3 run(s) imported" in result.stdout, result.stdout + result.stderr
+    runs = imported(daemon)
+    assert set(runs) == {str(stable), str(unstable), str(again)}
+    assert runs[str(stable)]["state"] == "succeeded"
+    first = daemon.ctl_json("show", runs[str(unstable)]["run_id"])
+    second = daemon.ctl_json("show", runs[str(again)]["run_id"])
+    assert first["run_id"] != second["run_id"]
+    for run in (first, second):
+        assert run["tags"] == {"source": "imported", "foreign_run_id": "unstable"}
+        assert run["state"] == "failed_crash"
+    assert first["failure"]["message"] == "division by zero"
+    assert second["failure"]["message"] == "loss is NaN at step 7"
+    assert [f["path"] for f in first["crash_files"]] == [str(deep)]
+    assert "ZeroDivisionError: division by zero" in first["failure"]["traceback"]
+    assert "RuntimeError: loss is NaN at step 7" in second["failure"]["traceback"]
+    assert (first["experiment"], second["experiment"]) == ("outputs", "outputs2")
+
+    again_scan = daemon.ctl("watch", str(root))
+    assert "0 run(s) imported" in again_scan.stdout
+    assert "3 already known" in again_scan.stdout
+    assert len(imported(daemon)) == 3
+
+
+RECIPE_RUNS = textwrap.dedent("""
+    import sys
+    import runnerd_client as rd
+
+    folder, mode = sys.argv[1], sys.argv[2]
+    with rd.run("recipes", mode, run_dir=folder):
+        if mode == "diverges":
+            raise ValueError("loss diverged at step 42")
+""")
+
+
+def test_notatas_recipes_work_on_runnerd_folders(daemon: Daemon, short_tmp: Path) -> None:
+    root = short_tmp / "runs"
+    for mode in ("converges", "diverges"):
+        proc = daemon.python(RECIPE_RUNS, str(root / mode), mode)
+        proc.communicate(timeout=60)
+
+    def written() -> dict[str, Any] | None:
+        docs = {p.parent.name: json.loads(p.read_text()) for p in root.glob("*/metadata.json")}
+        done = len(docs) == 2 and all(d["end_time"] for d in docs.values())
+        return docs if done else None
+
+    docs = wait_for(written, what="both metadata.json files")
+    assert (docs["converges"]["status"], docs["converges"]["state"]) == ("complete", "succeeded")
+    failed = docs["diverges"]
+    assert (failed["status"], failed["state"]) == ("failed", "failed_crash")
+    assert failed["failure_class"] == "ValueError" and "category" in failed
+
+    def shell(recipe: str) -> str:
+        return subprocess.run(["sh", "-c", recipe], cwd=root, capture_output=True, text=True,
+                              check=True).stdout
+
+    assert shell("""grep -l '"status": "failed"' */metadata.json""") == \
+        "diverges/metadata.json\n"
+    assert shell("jq '.failure_reason' */metadata.json") == \
+        'null\n"loss diverged at step 42"\n'
+
+    # The crash indexer knows these folders for runs of ours: none is imported again.
+    result = daemon.ctl("watch", str(root))
+    assert "0 run(s) imported" in result.stdout and "2 already known" in result.stdout
+    assert not imported(daemon)
+    assert len(daemon.ctl_json("list")) == 2
