@@ -118,6 +118,15 @@ def _params(doc: dict[str, Any]) -> dict[str, Any]:
     return value
 
 
+def checked_params(value: Any) -> dict[str, Any] | str:
+    """Params read from a file beside the metadata.json, checked as those inside it are;
+    or what is wrong with them."""
+    try:
+        return _params({"params": value})
+    except _Malformed as exc:
+        return str(exc)
+
+
 def checked_doc(doc: Any) -> dict[str, Any] | str:
     """The values of a foreign metadata.json that `import_run` uses, checked and cut to
     size; or what is wrong with it, naming the field. Nothing a file says reaches the

@@ -12,15 +12,18 @@ from __future__ import annotations
 import enum
 import fnmatch
 import json
+import logging
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from runnerd.crashfiles import CRASH_LOG, open_untrusted, tail
-from runnerd.foreign_runs import MAX_METADATA, checked_doc
+from runnerd.foreign_params import params_file, parse_params
+from runnerd.foreign_runs import MAX_METADATA, checked_doc, checked_params
 from runnerd_client.trust import UntrustedPath, check_own_folder
 
+log = logging.getLogger(__name__)
 _OPEN_FOLDER = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 
 
@@ -92,7 +95,29 @@ def _read(path: str, kind: FileKind) -> Fact | None:
         doc = checked_doc(json.loads(fh.read(MAX_METADATA + 1)))
     if isinstance(doc, str):
         return Fact(path, kind, size, problem=doc)
+    if not doc["params"]:
+        doc["params"] = _params_beside(path)
     return Fact(path, kind, size, doc=doc)
+
+
+def _params_beside(path: str) -> dict[str, Any]:
+    """The params of the file beside a foreign metadata.json (notata's params.yaml, a
+    config.json); one that cannot be read is warned about, the run imported without."""
+    params = params_file(os.path.dirname(path))
+    if params is None:
+        return {}
+    try:
+        with os.fdopen(open_untrusted(params), "rb") as fh:
+            data = fh.read(MAX_METADATA + 1)
+        if len(data) > MAX_METADATA:
+            raise ValueError(f"larger than {MAX_METADATA} bytes")
+        found = checked_params(parse_params(params, data))
+    except (OSError, UntrustedPath, ValueError, RecursionError) as exc:
+        found = f"{type(exc).__name__}: {exc}"
+    if isinstance(found, str):
+        log.warning("params not imported from %s: %s", shown_path(params), found)
+        return {}
+    return found
 
 
 def read_fact(path: str) -> Fact | None:

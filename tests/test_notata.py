@@ -12,8 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import notata
+import pytest
+import yaml
+from hypothesis import given
+from hypothesis import strategies as st
 
 from conftest import Daemon, wait_for
+from runnerd.foreign_params import simple_yaml
 
 
 def notata_run(base: Path, run_id: str, error: Exception | None = None,
@@ -55,6 +60,8 @@ def test_real_notata_folders_are_imported_each_folder_a_run(daemon: Daemon,
     runs = imported(daemon)
     assert set(runs) == {str(stable), str(unstable), str(again)}
     assert runs[str(stable)]["state"] == "succeeded"
+    assert daemon.ctl_json("show", runs[str(stable)]["run_id"])["params"] == \
+        {"lr": 0.001, "model": "ridge", "layers": [64, 32]}
     first = daemon.ctl_json("show", runs[str(unstable)]["run_id"])
     second = daemon.ctl_json("show", runs[str(again)]["run_id"])
     assert first["run_id"] != second["run_id"]
@@ -116,3 +123,41 @@ def test_notatas_recipes_work_on_runnerd_folders(daemon: Daemon, short_tmp: Path
     assert "0 run(s) imported" in result.stdout and "2 already known" in result.stdout
     assert not imported(daemon)
     assert len(daemon.ctl_json("list")) == 2
+
+
+scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.text(max_size=30),
+                    st.floats(allow_nan=False, allow_infinity=False))
+params = st.recursive(
+    st.dictionaries(st.text(min_size=1, max_size=10), st.one_of(scalars, st.lists(scalars)),
+                    max_size=6),
+    lambda inner: st.dictionaries(st.text(min_size=1, max_size=10), inner, max_size=4),
+    max_leaves=12)
+
+
+@given(params)
+def test_a_params_yaml_is_read_as_pyyaml_reads_it_or_refused(value: dict[str, Any]) -> None:
+    text = yaml.dump(value, sort_keys=True)  # as notata writes it
+    try:
+        read = simple_yaml(text)
+    except ValueError:
+        return
+    assert read == yaml.safe_load(text)
+
+
+@pytest.mark.parametrize("value", [
+    {"lr": 0.001, "model": "ridge", "layers": [64, 32], "seed": 7, "dropout": None},
+    {"optimizer": {"name": "adam", "betas": [0.9, 0.999]}, "tag": "run 3", "debug": False},
+    {"path": "/data/x.csv", "note": "yes", "when": "2025-01-01", "big": 1e-05, "empty": []},
+])
+def test_notatas_usual_params_are_read(value: dict[str, Any]) -> None:
+    assert simple_yaml(yaml.dump(value, sort_keys=True)) == value
+
+
+@pytest.mark.parametrize("text", [
+    "a: &x 1\nb: *x\n", "a: !!python/tuple [1, 2]\n", "a: |\n  two\n  lines\n",
+    "a: 012\n", "a: 1e5\n", "a: yes\n", "- 1\n", "a: {b: 1}\n", "a: 2001-12-14 21:59:43\n",
+    "a:\n- b: 1\n", "a: 1\na: 2\n",
+])
+def test_what_is_not_plain_yaml_is_refused(text: str) -> None:
+    with pytest.raises(ValueError, match="line|mapping"):
+        simple_yaml(text)
