@@ -16,7 +16,7 @@ from datetime import datetime
 from typing import Any
 
 from runnerd.crashfiles import MAX_READ
-from runnerd.registry import NewRun, RunUpdate, Store
+from runnerd.registry import NewRun, RunRow, RunUpdate, Store
 from runnerd.states import failure_record
 from runnerd_client.ids import is_valid_run_id
 from runnerd_client.protocol import FailReason, State
@@ -29,6 +29,7 @@ MAX_DEPTH = 64
 MAX_RUNTIME = 1e9  # 31 years: more is a broken file, not a run
 LATEST_TIME = 253402300799.0  # 9999-12-31 23:59:59 UTC, the last time a date can show
 SOURCE = "imported"
+IMPORT_CAUSE = "import"  # the transition that creates an imported run
 FOREIGN_ID_TAG = "foreign_run_id"
 
 
@@ -194,16 +195,13 @@ def import_run(store: Store, path: str, doc: dict[str, Any], at: float) -> str:
     a run, never twice, never one of ours. The folder is the run: two folders saying one
     run_id (notata's `log_<id>` under two outputs) are two runs, their id kept as a tag."""
     folder = os.path.dirname(path)
+    if (known := store.indexing.run_in_dir(folder)) is not None:
+        return _follow_up(store, store.runs.require(known), doc, at)
     run_id = "imp-" + hashlib.sha1(os.fsencode(folder)).hexdigest()[:16]
-    if store.indexing.run_in_dir(folder) is not None or _ours(store, doc["run_id"]) \
-            or store.runs.get(run_id) is not None:
+    if _ours(store, doc["run_id"]) or store.runs.get(run_id) is not None:
         return "known"
     state = imported_state(doc)
     start = at if doc["start_time"] is None else doc["start_time"]
-    end = None
-    if state.terminal:
-        end = doc["end_time"] if doc["end_time"] is not None else \
-            start + (doc["runtime_sec"] or 0.0)
     experiment = doc["experiment"] or os.path.basename(os.path.dirname(folder)) or "-"
     variation = doc["variation"] or os.path.basename(folder) or "default"
     experiment, variation = experiment[:MAX_NAME], variation[:MAX_NAME]
@@ -212,15 +210,35 @@ def import_run(store: Store, path: str, doc: dict[str, Any], at: float) -> str:
         run_id=run_id, experiment=experiment, variation=variation,
         params_json=json.dumps(doc["params"]), tags_json=json.dumps(tags),
         run_dir=folder, created_at=start), SOURCE)
-    row = store.runs.require(run_id)
-    store.runs.set_state(row, state, at=end or at, cause="import", source=SOURCE,
+    _set_state(store, store.runs.require(run_id), state, doc, start, at, IMPORT_CAUSE)
+    return "imported"
+
+
+def _follow_up(store: Store, row: RunRow, doc: dict[str, Any], at: float) -> str:
+    """A run imported unfinished (notata writes its metadata.json as the run begins) takes
+    the end its file says now; a run of ours, or one already finished, is left alone."""
+    state = imported_state(doc)
+    if row.tags().get("source") != SOURCE or row.state.terminal or not state.terminal:
+        return "known"
+    start = row.started_at if doc["start_time"] is None else doc["start_time"]
+    _set_state(store, row, state, doc, start or at, at, "import_end")
+    return "imported"
+
+
+def _set_state(store: Store, row: RunRow, state: State, doc: dict[str, Any], start: float,
+               at: float, cause: str) -> None:
+    """Move an imported run to the state its file says, with its failure."""
+    end = None
+    if state.terminal:
+        end = doc["end_time"] if doc["end_time"] is not None else \
+            start + (doc["runtime_sec"] or 0.0)
+    store.runs.set_state(row, state, at=end or at, cause=cause, source=SOURCE,
                          change=RunUpdate(started_at=start, ended_at=end,
                                           lost_at=None if state.terminal else at,
                                           last_heartbeat_at=start))
     if state.value.startswith("failed"):
-        store.failures.put(run_id, failure_record(
+        store.failures.put(row.run_id, failure_record(
             doc["failure_class"] or "Imported",
             doc["failure_reason"] or doc["error"] or doc["status"],
             FailReason.CRASH if state is State.FAILED_CRASH else state.value.split("_")[1],
             end or at, traceback=doc["traceback"]))
-    return "imported"

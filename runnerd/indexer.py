@@ -21,7 +21,7 @@ from typing import Any
 import anyio
 import watchfiles
 
-from runnerd.foreign_runs import SOURCE
+from runnerd.foreign_runs import IMPORT_CAUSE, SOURCE
 from runnerd.index_files import (
     Fact,
     FileKind,
@@ -181,11 +181,12 @@ class Indexer:
         return summary
 
     def on_commit(self, result: BatchResult) -> None:
-        """A run that just failed gets its folder scanned for crash files."""
+        """A run that just failed gets its folder scanned for crash files (an imported
+        one's only when it ends after its import: the import scanned the folder)."""
         for t in result.effects.transitions:
             row = result.rows.get(t.run_id)
             if t.to_state.value.startswith("failed") and row and row.run_dir \
-                    and t.source != SOURCE:
+                    and (t.source, t.cause) != (SOURCE, IMPORT_CAUSE):
                 self._failed_dirs.append(row.run_dir)
                 self._failure_seen.set()
 

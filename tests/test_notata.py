@@ -81,6 +81,35 @@ def test_real_notata_folders_are_imported_each_folder_a_run(daemon: Daemon,
     assert len(imported(daemon)) == 3
 
 
+def test_a_notata_run_followed_while_it_runs_ends_as_its_file_says(daemon: Daemon,
+                                                                   short_tmp: Path) -> None:
+    root = short_tmp / "live"
+    root.mkdir()
+    daemon.ctl("watch", str(root))
+    log = notata.Logbook("live", base_dir=root / "outputs", params={"lr": 0.1})
+    folder = str(log.path)
+    wait_for(lambda: imported(daemon).get(folder, {}).get("state") == "lost",
+             what="the running notata run to be imported (unfinished: lost)")
+    try:
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    except RuntimeError as exc:
+        log.text("artifacts/debug/traceback", traceback.format_exc())
+        log.mark_failed(str(exc))
+
+    def ended() -> dict[str, Any] | None:
+        run: dict[str, Any] = daemon.ctl_json("show", imported(daemon)[folder]["run_id"])
+        failure = run["failure"]
+        return run if failure and failure["traceback"] else None
+
+    run = wait_for(ended, what="the run to end as its metadata.json says, with its traceback")
+    assert run["state"] == "failed_crash"
+    assert run["failure"]["message"] == "CUDA out of memory. Tried to allocate 2.00 GiB"
+    assert run["failure"]["category"] == "oom"
+    assert "RuntimeError: CUDA out of memory" in run["failure"]["traceback"]
+    assert run["params"] == {"lr": 0.1}
+    assert [t["to"] for t in run["transitions"]] == ["pending", "lost", "failed_crash"]
+
+
 RECIPE_RUNS = textwrap.dedent("""
     import sys
     import runnerd_client as rd
