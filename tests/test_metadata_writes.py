@@ -47,8 +47,8 @@ async def test_a_run_created_started_and_ended_in_one_batch_has_one_document(
         await task
         await registry.close_db()
     docs = [doc for result in committed for doc in result.metadata]
-    assert [(run_dir, doc["status"], doc["runtime_sec"]) for run_dir, doc in docs] == \
-        [(str(tmp_path / "run"), "succeeded", 2.5)]
+    assert [(run_dir, doc["status"], doc["state"], doc["runtime_sec"]) for run_dir, doc in docs] \
+        == [(str(tmp_path / "run"), "complete", "succeeded", 2.5)]
 
 
 def result_with(run_dir: str, status: str) -> BatchResult:
