@@ -317,33 +317,42 @@ def handle(event: HookInput) -> None:
     run = event.run
     if not (event.failed or event.state == State.LOST):
         return
-    uris = sorted({uri for note in notes(run, NOTE_PREFIX)
-                   for uri in note.get("tracking_uris") or []})
+    found = notes(run, NOTE_PREFIX)
+    uris = sorted({uri for note in found for uri in note.get("tracking_uris") or []})
     if not uris:
         return
+    noted = {(r.get("tracking_uri"), r.get("run_id")) for note in found
+             for r in note.get("mlflow_runs") or []}
     if event.failed:
         wait_gone(run.get("pids") or [])
     from mlflow.client import MlflowClient
 
     for uri in uris:
         client = MlflowClient(uri)
-        for mlflow_run in linked_runs(client, str(run["run_id"])):
-            settle(client, mlflow_run, run)
+        ids = sorted(str(i) for u, i in noted if u == uri and i)
+        for mlflow_id in ids:  # the noted runs first: one read each
+            settle(client, client.get_run(mlflow_id), run)
+        for mlflow_run in linked_runs(client, str(run["run_id"])):  # then any not noted
+            if mlflow_run.info.run_id not in ids:
+                settle(client, mlflow_run, run)
 
 
 def settle(client: MlflowClient, mlflow_run: MlflowRun, run: dict[str, Any]) -> None:
     """Bring one linked MLflow run in line with its runnerd run."""
+    from mlflow.entities import RunTag
+
     mlflow_id, state = mlflow_run.info.run_id, str(run["state"])
     if not needs_ending(mlflow_run):
         return
+    tags = [RunTag(TAG_STATE, state)]
     if state == State.LOST:
-        client.set_tag(mlflow_id, TAG_STATE, state)  # it may come back: not ended
+        client.log_batch(mlflow_id, tags=tags)  # it may come back: not ended
         return
+    failure_class = (run.get("failure") or {}).get("failure_class")
+    if failure_class:
+        tags.append(RunTag("runnerd.failure_class", str(failure_class)))
+    client.log_batch(mlflow_id, tags=tags)
     status = target_status(state)
-    client.set_tag(mlflow_id, TAG_STATE, state)
-    failure = run.get("failure") or {}
-    if failure.get("failure_class"):
-        client.set_tag(mlflow_id, "runnerd.failure_class", str(failure["failure_class"]))
     end = mlflow_run.info.end_time or _millis(run.get("ended_at"))
     client.set_terminated(mlflow_id, status, end_time=end)
     print(f"MLflow run {mlflow_id}: {mlflow_run.info.status} -> {status}"
