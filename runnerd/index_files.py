@@ -12,7 +12,6 @@ from __future__ import annotations
 import enum
 import fnmatch
 import json
-import logging
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -23,7 +22,6 @@ from runnerd.foreign_params import params_file, parse_params
 from runnerd.foreign_runs import MAX_METADATA, checked_doc, checked_params
 from runnerd_client.trust import UntrustedPath, check_own_folder
 
-log = logging.getLogger(__name__)
 _OPEN_FOLDER = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 
 
@@ -62,6 +60,8 @@ class Fact:
     text: str | None = None
     doc: dict[str, Any] | None = None
     problem: str | None = None
+    note: str | None = None
+    """A warning about a fact filed all the same (params beside it that cannot be read)."""
 
 
 def shown_path(path: str) -> str:
@@ -95,17 +95,19 @@ def _read(path: str, kind: FileKind) -> Fact | None:
         doc = checked_doc(json.loads(fh.read(MAX_METADATA + 1)))
     if isinstance(doc, str):
         return Fact(path, kind, size, problem=doc)
+    note = None
     if not doc["params"]:
-        doc["params"] = _params_beside(path)
-    return Fact(path, kind, size, doc=doc)
+        doc["params"], note = _params_beside(path)
+    return Fact(path, kind, size, doc=doc, note=note)
 
 
-def _params_beside(path: str) -> dict[str, Any]:
+def _params_beside(path: str) -> tuple[dict[str, Any], str | None]:
     """The params of the file beside a foreign metadata.json (notata's params.yaml, a
-    config.json); one that cannot be read is warned about, the run imported without."""
+    config.json); for one that cannot be read, none and why (the run is imported all the
+    same)."""
     params = params_file(os.path.dirname(path))
     if params is None:
-        return {}
+        return {}, None
     try:
         with os.fdopen(open_untrusted(params), "rb") as fh:
             data = fh.read(MAX_METADATA + 1)
@@ -115,9 +117,8 @@ def _params_beside(path: str) -> dict[str, Any]:
     except (OSError, UntrustedPath, ValueError, RecursionError) as exc:
         found = f"{type(exc).__name__}: {exc}"
     if isinstance(found, str):
-        log.warning("params not imported from %s: %s", shown_path(params), found)
-        return {}
-    return found
+        return {}, f"params not imported from {os.path.basename(params)}: {found}"
+    return found, None
 
 
 def read_fact(path: str) -> Fact | None:

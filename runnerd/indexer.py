@@ -169,6 +169,8 @@ class Indexer:
                     self._skipped.add(fact.path)
                     self._changed.set()  # watched no more, nor hiding others (watch_plan)
                 continue
+            if fact.note is not None:
+                _warn(summary, fact.path, fact.note, filed=True)
             pending.append((fact, self.registry.submit(
                 partial(apply_fact, fact=fact, at=time.time()))))
         for fact, future in pending:
@@ -308,7 +310,8 @@ def _below(folder: str, tops: Iterable[str]) -> bool:
     return any(folder == top or folder.startswith(top.rstrip("/") + "/") for top in tops)
 
 
-def _warn(summary: Summary, path: str, problem: str) -> None:
+def _warn(summary: Summary, path: str, problem: str, filed: bool = False) -> None:
     assert summary.warnings is not None
     summary.warnings.append(f"{shown_path(path)}: {problem}")
-    log.warning("not indexed: %s: %s", shown_path(path), problem)
+    log.warning("%s: %s: %s", "indexed all the same" if filed else "not indexed",
+                shown_path(path), problem)

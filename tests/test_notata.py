@@ -110,6 +110,26 @@ def test_a_notata_run_followed_while_it_runs_ends_as_its_file_says(daemon: Daemo
     assert [t["to"] for t in run["transitions"]] == ["pending", "lost", "failed_crash"]
 
 
+def test_params_that_cannot_be_read_are_a_warning_and_the_run_is_imported(
+        daemon: Daemon, short_tmp: Path) -> None:
+    root = short_tmp / "odd"
+    anchors = notata_run(root / "outputs", "anchors")
+    (anchors / "params.yaml").write_text("base: &b 1\nlr: *b\n")
+    planted = notata_run(root / "outputs", "planted")
+    secret = short_tmp / "secret.json"
+    secret.write_text('{"token": "s3cr3t"}')
+    (planted / "config.json").symlink_to(secret)
+    result = daemon.ctl("watch", str(root))
+    assert "2 run(s) imported" in result.stdout
+    warnings = [line for line in result.stderr.splitlines() if "warning:" in line]
+    assert len(warnings) == 2, result.stderr
+    assert any("params not imported from params.yaml" in w and "line 1" in w
+               for w in warnings), warnings
+    assert any("params not imported from config.json" in w for w in warnings), warnings
+    for run in imported(daemon).values():
+        assert daemon.ctl_json("show", run["run_id"])["params"] == {}
+
+
 RECIPE_RUNS = textwrap.dedent("""
     import sys
     import runnerd_client as rd
