@@ -32,6 +32,9 @@ def test_classify(name: str, kind: FileKind | None) -> None:
     ({"status": "failed"}, "failed_crash"),
     ({"status": "failed", "failure_reason": "timeout"}, "failed_timeout"),
     ({"status": "cancelled"}, "failed_abandoned"), ({"status": "running"}, "lost"),
+    # Another registry's folder: its precise finished state is taken, an unfinished one lost.
+    ({"status": "failed", "state": "failed_timeout", "failure_reason": "took too long"},
+     "failed_timeout"), ({"status": "running", "state": "running"}, "lost"),
 ])
 def test_foreign_status_mapping(doc: dict[str, str], state: str) -> None:
     assert imported_state(doc).value == state

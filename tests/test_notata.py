@@ -5,6 +5,7 @@ notata's own grep/jq recipes work verbatim on runnerd's run folders."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import textwrap
 import traceback
@@ -171,6 +172,11 @@ def test_notatas_recipes_work_on_runnerd_folders(daemon: Daemon, short_tmp: Path
     result = daemon.ctl("watch", str(root))
     assert "0 run(s) imported" in result.stdout and "2 already known" in result.stdout
     assert not imported(daemon)
+    # A copy of one of our folders (rsync'd results, say) names a run of ours: not imported.
+    copy = short_tmp / "copied" / "diverges"
+    shutil.copytree(root / "diverges", copy)
+    result = daemon.ctl("watch", str(copy.parent))
+    assert "0 run(s) imported" in result.stdout and "1 already known" in result.stdout
     assert len(daemon.ctl_json("list")) == 2
 
 
