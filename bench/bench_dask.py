@@ -89,18 +89,21 @@ def has_plugin(dask_worker: Any) -> bool:
 
 
 @contextlib.contextmanager
-def cluster(experiment: str | None, warmup: int, socket_path: str | None = None
-            ) -> Iterator[Any]:
+def cluster(experiment: str | None, warmup: int, socket_path: str | None = None) -> Iterator[Any]:
     """A 2-worker LocalCluster and its Client, with the worker plugin if `experiment`; warm."""
     options: dict[str, Any] = {
-        "n_workers": 2, "threads_per_worker": 1, "processes": True, "dashboard_address": None,
+        "n_workers": 2,
+        "threads_per_worker": 1,
+        "processes": True,
+        "dashboard_address": None,
         "silence_logs": logging.ERROR,
         "scheduler_kwargs": {"dashboard_address": ":0"},  # no dashboard, nor a port collision
     }
     with LocalCluster(**options) as made, Client(made) as client:  # type: ignore[no-untyped-call]
         if experiment is not None:
-            client.register_plugin(RunnerdWorkerPlugin(experiment=experiment,
-                                                       socket_path=socket_path))
+            client.register_plugin(
+                RunnerdWorkerPlugin(experiment=experiment, socket_path=socket_path)
+            )
         client.gather(client.map(inc, range(warmup), pure=False))
         found = set(client.run(has_plugin).values())
         if found != {experiment is not None}:
@@ -135,8 +138,7 @@ class Round:
     local_cpu: float  # this process: scheduler, client (and the Status polls)
 
 
-def timed_round(client: Any, config: str, plan: Plan, server: Runnerd,
-                conn: Connection) -> Round:
+def timed_round(client: Any, config: str, plan: Plan, server: Runnerd, conn: Connection) -> Round:
     """map+gather `plan.tasks` fresh keys, then wait for runnerd to record them and rest."""
     before = succeeded(conn)
     sv0, wk0, own0 = server.cpu(), worker_cpu(client), time.process_time()
@@ -165,18 +167,27 @@ def stage_overhead(plan: Plan, runnerd: Runnerd, bare: Bare, quiet: Quiet) -> li
         clients = {
             WITH: stack.enter_context(cluster(EXPERIMENT, plan.warmup)),
             WITHOUT: stack.enter_context(cluster(None, plan.warmup)),
-            **({BARE: stack.enter_context(cluster(EXPERIMENT, plan.warmup, str(bare.socket)))}
-               if plan.bare else {}),
+            **(
+                {BARE: stack.enter_context(cluster(EXPERIMENT, plan.warmup, str(bare.socket)))}
+                if plan.bare
+                else {}
+            ),
         }
-        quiet.ours = lambda: (time.process_time() + runnerd.cpu()
-                              + (bare.cpu() if plan.bare else 0.0)
-                              + sum(worker_cpu(c) for c in clients.values()))
+        quiet.ours = lambda: (
+            time.process_time()
+            + runnerd.cpu()
+            + (bare.cpu() if plan.bare else 0.0)
+            + sum(worker_cpu(c) for c in clients.values())
+        )
         runnerd.wait_idle(probe=0.25)
         for n in range(plan.rounds):
             for config in list(clients)[:: 1 if n % 2 == 0 else -1]:
                 quiet.wait()
-                print(f"map of {plan.tasks} tasks {config} ({n + 1}/{plan.rounds})",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"map of {plan.tasks} tasks {config} ({n + 1}/{plan.rounds})",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 rounds.append(timed_round(clients[config], config, plan, servers[config], conn))
     return rounds
 
@@ -197,8 +208,9 @@ def running_run(conn: Connection, key: str, timeout: float = 60.0) -> dict[str, 
     """The daemon's running run of Dask key `key`, polled every 2 ms."""
     deadline = time.perf_counter() + timeout
     while time.perf_counter() < deadline:
-        for run in conn.call(ListRuns(experiment=KILL_EXPERIMENT, state="running",
-                                      limit=10))["runs"]:
+        for run in conn.call(ListRuns(experiment=KILL_EXPERIMENT, state="running", limit=10))[
+            "runs"
+        ]:
             if run["tags"].get("dask_key") == key:
                 return dict(run)
         time.sleep(0.002)
@@ -256,56 +268,77 @@ def print_overhead(rounds: list[Round], plan: Plan) -> None:
     def med(config: str, value: Callable[[Round], float]) -> float:
         return statistics.median(value(r) for r in by[config])
 
-    print(f"\n`client.gather(client.map(inc, range({plan.tasks}), pure=False))` on 2-worker "
-          f"LocalClusters (processes, 1 thread each), {plan.rounds} rounds each, alternating")
-    print(f"{'':<12} {'median s':>8} {'min s':>6} {'max s':>6} {'tasks/s':>7} "
-          f"{'recorded ms':>11} {'runs':>5} {'busy s':>6} {'server CPU s':>12} "
-          f"{'ms/task':>7} {'workers CPU s':>13} {'local CPU s':>11}")
+    print(
+        f"\n`client.gather(client.map(inc, range({plan.tasks}), pure=False))` on 2-worker "
+        f"LocalClusters (processes, 1 thread each), {plan.rounds} rounds each, alternating"
+    )
+    print(
+        f"{'':<12} {'median s':>8} {'min s':>6} {'max s':>6} {'tasks/s':>7} "
+        f"{'recorded ms':>11} {'runs':>5} {'busy s':>6} {'server CPU s':>12} "
+        f"{'ms/task':>7} {'workers CPU s':>13} {'local CPU s':>11}"
+    )
     for config in configs:
         walls = [r.wall for r in by[config]]
         median, server = med(config, lambda r: r.wall), med(config, lambda r: r.server_cpu)
         recorded, busy = med(config, lambda r: r.recorded), med(config, lambda r: r.busy)
         workers, local = med(config, lambda r: r.workers_cpu), med(config, lambda r: r.local_cpu)
         during = f"{med(config, lambda r: r.server_cpu_map):.2f} / {server:.2f}"
-        print(f"{config:<12} {median:>8.2f} {min(walls):>6.2f} {max(walls):>6.2f} "
-              f"{plan.tasks / median:>7.0f} {recorded * 1e3:>11.0f} "
-              f"{min(r.runs for r in by[config]):>5} {busy:>6.1f} {during:>12} "
-              f"{server / plan.tasks * 1e3:>7.2f} {workers:>13.2f} {local:>11.2f}")
+        print(
+            f"{config:<12} {median:>8.2f} {min(walls):>6.2f} {max(walls):>6.2f} "
+            f"{plan.tasks / median:>7.0f} {recorded * 1e3:>11.0f} "
+            f"{min(r.runs for r in by[config]):>5} {busy:>6.1f} {during:>12} "
+            f"{server / plan.tasks * 1e3:>7.2f} {workers:>13.2f} {local:>11.2f}"
+        )
     for config in configs:
         print(f"  {config} walls: " + " ".join(f"{r.wall:.2f}" for r in by[config]))
     ratio = med(WITH, lambda r: r.wall) / med(WITHOUT, lambda r: r.wall)
     print(f"ratio with/without {ratio:.2f}; target: < 1.2 {verdict(ratio < 1.2)}")
     if BARE in by:
         bare = med(BARE, lambda r: r.wall) / med(WITHOUT, lambda r: r.wall)
-        print(f"ratio plugin on the bare server/without {bare:.2f} (the plugin's own cost, "
-              "no runnerd work)")
-    extra = {name: (med(WITH, value) - med(WITHOUT, value)) / plan.tasks * 1e6
-             for name, value in (("workers", lambda r: r.workers_cpu),
-                                 ("scheduler and client", lambda r: r.local_cpu),
-                                 ("runnerd", lambda r: r.server_cpu))}
-    print("the plugin's CPU per task: " + ", ".join(f"{k} +{v:.0f} us" for k, v in extra.items())
-          + f", all on the same {os.cpu_count()} CPUs")
-    print("(plugin, bare: the plugin talking to the bare msgpack server, which acks "
-          "everything; recorded ms: after the gather, until runnerd counted every run "
-          f"succeeded, polled every {plan.poll * 1e3:.0f} ms; runs: fewest recorded in a round; "
-          "busy s: the server's CPU stayed above 5% that much longer; server CPU s: during the "
-          "map / until idle; local: this process, which runs the schedulers; medians)")
+        print(
+            f"ratio plugin on the bare server/without {bare:.2f} (the plugin's own cost, "
+            "no runnerd work)"
+        )
+    extra = {
+        name: (med(WITH, value) - med(WITHOUT, value)) / plan.tasks * 1e6
+        for name, value in (
+            ("workers", lambda r: r.workers_cpu),
+            ("scheduler and client", lambda r: r.local_cpu),
+            ("runnerd", lambda r: r.server_cpu),
+        )
+    }
+    print(
+        "the plugin's CPU per task: "
+        + ", ".join(f"{k} +{v:.0f} us" for k, v in extra.items())
+        + f", all on the same {os.cpu_count()} CPUs"
+    )
+    print(
+        "(plugin, bare: the plugin talking to the bare msgpack server, which acks "
+        "everything; recorded ms: after the gather, until runnerd counted every run "
+        f"succeeded, polled every {plan.poll * 1e3:.0f} ms; runs: fewest recorded in a round; "
+        "busy s: the server's CPU stayed above 5% that much longer; server CPU s: during the "
+        "map / until idle; local: this process, which runs the schedulers; medians)"
+    )
 
 
 def print_kills(res: Kills) -> None:
-    print(f"\nSIGKILLed workers: {len(res.kills)}, one at a time, each running `hold` "
-          "(the nanny restarts it)")
+    print(
+        f"\nSIGKILLed workers: {len(res.kills)}, one at a time, each running `hold` "
+        "(the nanny restarts it)"
+    )
     print(f"{'from':<58} {'p50 ms':>7} {'p99 ms':>7} {'max ms':>7}")
     for label, values in (
-            ("SIGKILL to the daemon noticing (failure 'at')", [k.noticed for k in res.kills]),
-            ("SIGKILL to `get` showing failed_crash (polled every 1 ms)",
-             [k.seen for k in res.kills]),
-            ("submit to the run `running` in the daemon", res.to_running),
-            ("SIGKILL to 2 workers with the plugin again", res.restart)):
+        ("SIGKILL to the daemon noticing (failure 'at')", [k.noticed for k in res.kills]),
+        ("SIGKILL to `get` showing failed_crash (polled every 1 ms)", [k.seen for k in res.kills]),
+        ("submit to the run `running` in the daemon", res.to_running),
+        ("SIGKILL to 2 workers with the plugin again", res.restart),
+    ):
         print(pct_row(label, values, 58))
     p99 = pct([k.seen for k in res.kills], 0.99)
-    print(f"failure_class: {', '.join(sorted({k.failure_class for k in res.kills}))}; "
-          f"target: failed_crash within 1 s: p99 {p99 * 1e3:.0f} ms {verdict(p99 < 1.0)}")
+    print(
+        f"failure_class: {', '.join(sorted({k.failure_class for k in res.kills}))}; "
+        f"target: failed_crash within 1 s: p99 {p99 * 1e3:.0f} ms {verdict(p99 < 1.0)}"
+    )
 
 
 # --- main ---------------------------------------------------------------------------
@@ -340,8 +373,11 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, metavar="N", help="tasks per timed map (0: skip)")
     parser.add_argument("--rounds", type=int, metavar="N", help="timed maps per configuration")
     parser.add_argument("--kills", type=int, metavar="N", help="SIGKILLed workers (0: skip)")
-    parser.add_argument("--no-bare", action="store_true",
-                        help="skip the plugin against the bare server (one cluster fewer)")
+    parser.add_argument(
+        "--no-bare",
+        action="store_true",
+        help="skip the plugin against the bare server (one cluster fewer)",
+    )
     args = parser.parse_args()
     bench = session(args)
     plan = QUICK if args.quick else FULL

@@ -41,15 +41,21 @@ def load(path: Path) -> Case:
     fields = dict(line.split(": ", 1) for line in head.splitlines())
     ending = fields["exit"]
     code = -signal.Signals[ending] if ending.startswith("SIG") else int(ending)
-    return Case(path.stem, fields["class"], fields["category"], fields["retryable"] == "yes",
-                code, output)
+    return Case(
+        path.stem, fields["class"], fields["category"], fields["retryable"] == "yes", code, output
+    )
 
 
 def record_of(case: Case) -> dict[str, Any]:
     ending = command_ending(case.output, case.returncode)
-    return {"failure_class": ending.failure_class, "message": ending.message,
-            "traceback": ending.traceback, "reason": "crash", "exit_code": case.returncode,
-            "signal": ending.signal}
+    return {
+        "failure_class": ending.failure_class,
+        "message": ending.message,
+        "traceback": ending.traceback,
+        "reason": "crash",
+        "exit_code": case.returncode,
+        "signal": ending.signal,
+    }
 
 
 def accuracy(cases: list[Case], misses: bool) -> None:
@@ -59,25 +65,35 @@ def accuracy(cases: list[Case], misses: bool) -> None:
     for case in cases:
         record = record_of(case)
         found = diagnose(record)
-        scores = {"category": found.category == case.category,
-                  "retryable": found.retryable == case.retryable,
-                  "class": record["failure_class"] == case.failure_class}
+        scores = {
+            "category": found.category == case.category,
+            "retryable": found.retryable == case.retryable,
+            "class": record["failure_class"] == case.failure_class,
+        }
         totals[case.category] += 1
         for what, ok in scores.items():
             right[case.category][what] += ok
         if not all(scores.values()):
-            wrong.append(f"  {case.name}: {record['failure_class']} -> {found.category} "
-                         f"(retryable={found.retryable}) [{found.pattern}]")
+            wrong.append(
+                f"  {case.name}: {record['failure_class']} -> {found.category} "
+                f"(retryable={found.retryable}) [{found.pattern}]"
+            )
     print(f"{'CATEGORY':<14}{'CASES':>6}{'CATEGORY OK':>13}{'RETRYABLE OK':>14}{'CLASS OK':>10}")
     for category in sorted(totals):
         got = right[category]
-        print(f"{category:<14}{totals[category]:>6}{got['category']:>13}"
-              f"{got['retryable']:>14}{got['class']:>10}")
+        print(
+            f"{category:<14}{totals[category]:>6}{got['category']:>13}"
+            f"{got['retryable']:>14}{got['class']:>10}"
+        )
     n = sum(totals.values())
-    share = {what: sum(r[what] for r in right.values()) / n for what in
-             ("category", "retryable", "class")}
-    print(f"{'all':<14}{n:>6}{share['category']:>12.1%}{share['retryable']:>14.1%}"
-          f"{share['class']:>10.1%}")
+    share = {
+        what: sum(r[what] for r in right.values()) / n
+        for what in ("category", "retryable", "class")
+    }
+    print(
+        f"{'all':<14}{n:>6}{share['category']:>12.1%}{share['retryable']:>14.1%}"
+        f"{share['class']:>10.1%}"
+    )
     if misses and wrong:
         print("misses:", *wrong, sep="\n")
 
@@ -101,16 +117,24 @@ def speed(cases: list[Case], rounds: int = 20) -> None:
     long_read = time.perf_counter() - start
     print(f"\nreading an output: {read * 1e3:.2f} ms on average ({size / len(cases):.0f} B)")
     print(f"diagnosing a record (its traceback re-read): {judged * 1e3:.2f} ms on average")
-    print(f"reading a {min(len(big.encode()), 64 * 1024) / 1024:.0f} KiB tail: "
-          f"{long_read * 1e3:.1f} ms")
-    for name, text in (("4,600 exception lines", "ValueError: x\n" * 4600),
-                       ("32,768 dotted words", "a." * 32768)):
-        record = {"failure_class": "ExitCode", "message": "exit code 1", "traceback": text,
-                  "reason": "crash", "exit_code": 1}
+    print(
+        f"reading a {min(len(big.encode()), 64 * 1024) / 1024:.0f} KiB tail: "
+        f"{long_read * 1e3:.1f} ms"
+    )
+    for name, text in (
+        ("4,600 exception lines", "ValueError: x\n" * 4600),
+        ("32,768 dotted words", "a." * 32768),
+    ):
+        record = {
+            "failure_class": "ExitCode",
+            "message": "exit code 1",
+            "traceback": text,
+            "reason": "crash",
+            "exit_code": 1,
+        }
         start = time.perf_counter()
         diagnose(record)
-        print(f"diagnosing a 64 KiB tail of {name}: "
-              f"{(time.perf_counter() - start) * 1e3:.1f} ms")
+        print(f"diagnosing a 64 KiB tail of {name}: {(time.perf_counter() - start) * 1e3:.1f} ms")
 
 
 def main() -> None:

@@ -70,8 +70,7 @@ QUICK = Plan(seconds=1.5, transitions=600)
 # --- subscriber processes ---------------------------------------------------------
 
 
-def _subscriber(sock: str, index: int, counters: Any, ready: Any, stop: Any,
-                results: Any) -> None:
+def _subscriber(sock: str, index: int, counters: Any, ready: Any, stop: Any, results: Any) -> None:
     """Process body: subscribe to everything, count events, timestamp the latency runs."""
     samples: list[tuple[str, str, float]] = []
     try:
@@ -142,8 +141,11 @@ class Subscribers:
 def _probe(sock: str) -> None:
     conn = Connection(sock, client="bench_events")
     try:
-        conn.call(Create(key=new_key(), run_id=new_run_id(), experiment=PROBE,
-                         variation="probe", params={}))
+        conn.call(
+            Create(
+                key=new_key(), run_id=new_run_id(), experiment=PROBE, variation="probe", params={}
+            )
+        )
     finally:
         conn.close()
 
@@ -154,8 +156,10 @@ def subscribers(sock: str, n: int, timeout: float = 120.0) -> Iterator[Subscribe
     ctx = FORK
     counters = ctx.RawArray(ctypes.c_longlong, max(n, 1) * COUNTERS)
     ready, results, stop = ctx.Queue(), ctx.Queue(), ctx.Event()
-    procs = [ctx.Process(target=_subscriber, args=(sock, i, counters, ready, stop, results),
-                         daemon=True) for i in range(n)]
+    procs = [
+        ctx.Process(target=_subscriber, args=(sock, i, counters, ready, stop, results), daemon=True)
+        for i in range(n)
+    ]
     for p in procs:
         p.start()
     group = Subscribers(procs, counters, results, stop)
@@ -224,8 +228,15 @@ class Throughput:
     again: bool = False
 
 
-def measure_throughput(runnerd: Runnerd, group: Subscribers | None, workload: str,
-                       body: Body, procs: int, repeat: int, subs: int) -> Throughput:
+def measure_throughput(
+    runnerd: Runnerd,
+    group: Subscribers | None,
+    workload: str,
+    body: Body,
+    procs: int,
+    repeat: int,
+    subs: int,
+) -> Throughput:
     """The harness's `measure`, plus the subscribers' deliveries and CPU over the same span."""
     before = group.totals() if group else (0, 0, 0)
     cpu0, began = (group.cpu() if group else 0.0), time.monotonic()
@@ -234,18 +245,25 @@ def measure_throughput(runnerd: Runnerd, group: Subscribers | None, workload: st
     after = group.settle() if group else (0, 0, 0)
     cpu = group.cpu() - cpu0 if group else 0.0
     received, dropped, lagged = (a - b for a, b in zip(after, before, strict=True))
-    return Throughput(workload, subs, figures, received, dropped, lagged, cpu,
-                      time.monotonic() - began)
+    return Throughput(
+        workload, subs, figures, received, dropped, lagged, cpu, time.monotonic() - began
+    )
 
 
-def stage_throughput(plan: Plan, runnerd: Runnerd, group: Subscribers | None, subs: int,
-                     report: Report, again: bool = False) -> None:
+def stage_throughput(
+    plan: Plan,
+    runnerd: Runnerd,
+    group: Subscribers | None,
+    subs: int,
+    report: Report,
+    again: bool = False,
+) -> None:
     """Heartbeats (no events), then pipelined lifecycles (3 events each)."""
     sock = runnerd.socket
     for workload, body, procs in (
-            ("heartbeats", heartbeats(sock, 1, plan.seconds), plan.heartbeat_clients),
-            ("lifecycles", lifecycles(sock, plan.lifecycle_window, plan.seconds),
-             plan.lifecycle_procs)):
+        ("heartbeats", heartbeats(sock, 1, plan.seconds), plan.heartbeat_clients),
+        ("lifecycles", lifecycles(sock, plan.lifecycle_window, plan.seconds), plan.lifecycle_procs),
+    ):
         report.quiet.wait()
         t = measure_throughput(runnerd, group, workload, body, procs, plan.repeat, subs)
         t.again = again
@@ -282,10 +300,19 @@ def drive_transitions(sock: str, count: int, rate: float) -> Stamps:
             k += 1
             run_id = new_run_id()
             steps: list[tuple[str, Request]] = [
-                ("pending", Create(key=new_key(), run_id=run_id, experiment=LATENCY,
-                                   variation=f"v{k % 10}", params={"k": k})),
+                (
+                    "pending",
+                    Create(
+                        key=new_key(),
+                        run_id=run_id,
+                        experiment=LATENCY,
+                        variation=f"v{k % 10}",
+                        params={"k": k},
+                    ),
+                ),
                 ("running", Start(key=new_key(), run_id=run_id)),
-                ("succeeded", Succeed(key=new_key(), run_id=run_id))]
+                ("succeeded", Succeed(key=new_key(), run_id=run_id)),
+            ]
             for to, req in steps[: count - len(stamps)]:
                 delay = next_at - time.monotonic()
                 if delay > 0:
@@ -299,12 +326,17 @@ def drive_transitions(sock: str, count: int, rate: float) -> Stamps:
     return stamps
 
 
-def stage_latency(plan: Plan, runnerd: Runnerd, group: Subscribers, subs: int,
-                  report: Report) -> Stamps:
+def stage_latency(
+    plan: Plan, runnerd: Runnerd, group: Subscribers, subs: int, report: Report
+) -> Stamps:
     """Paced transitions; the subscribers stamp each event with time.time() on receipt."""
     report.quiet.wait()
-    print(f"  latency   runnerd subscribers={subs} transitions={plan.transitions} "
-          f"at {plan.rate:.0f}/s", file=sys.stderr, flush=True)
+    print(
+        f"  latency   runnerd subscribers={subs} transitions={plan.transitions} "
+        f"at {plan.rate:.0f}/s",
+        file=sys.stderr,
+        flush=True,
+    )
     stamps = drive_transitions(str(runnerd.socket), plan.transitions, plan.rate)
     group.settle(timeout=10)
     return stamps
@@ -343,13 +375,17 @@ def _ms(sorted_values: Sequence[float], q: float) -> str:
 
 
 def print_throughput(report: Report, plan: Plan) -> None:
-    print(f"\nThroughput with subscribers (each its own process, Subscribe() with no filter, "
-          f"draining next_event); heartbeats: {plan.heartbeat_clients} clients, window 1 (they "
-          f"make no events); lifecycles: create+start+succeed, {plan.lifecycle_procs} processes "
-          f"x {plan.lifecycle_window} in flight (3 events each)")
-    print(f"{'workload':<11} {'subs':>4} {'rate/s':>8} {'ratio':>6} {'p50 ms':>7} {'p99 ms':>7} "
-          f"{'cpu us':>7} {'cpu ratio':>9} {'delivered':>9} {'lagged':>6} {'sub us/ev':>9} "
-          f"{'sub cpu/s':>9} {'errors':>6}")
+    print(
+        f"\nThroughput with subscribers (each its own process, Subscribe() with no filter, "
+        f"draining next_event); heartbeats: {plan.heartbeat_clients} clients, window 1 (they "
+        f"make no events); lifecycles: create+start+succeed, {plan.lifecycle_procs} processes "
+        f"x {plan.lifecycle_window} in flight (3 events each)"
+    )
+    print(
+        f"{'workload':<11} {'subs':>4} {'rate/s':>8} {'ratio':>6} {'p50 ms':>7} {'p99 ms':>7} "
+        f"{'cpu us':>7} {'cpu ratio':>9} {'delivered':>9} {'lagged':>6} {'sub us/ev':>9} "
+        f"{'sub cpu/s':>9} {'errors':>6}"
+    )
     base: dict[str, Throughput] = {}
     for t in report.throughput:
         f = t.figures
@@ -357,48 +393,64 @@ def print_throughput(report: Report, plan: Plan) -> None:
         offered = t.received + t.dropped
         delivered = f"{t.received / offered:.0%}" if offered else "-"
         per_event = f"{t.sub_cpu / t.received * 1e6:.1f}" if t.sub_cpu >= 0.1 else "-"
-        print(f"{t.workload:<11} {'0*' if t.again else t.subs:>4} {f.rate:>8.0f} "
-              f"{f.rate / b.rate:>6.0%} {f.p50_ms:>7.2f} {f.p99_ms:>7.2f} "
-              f"{f.cpu_per_ack_us:>7.0f} {b.cpu_per_ack_us / f.cpu_per_ack_us:>9.0%} "
-              f"{delivered:>9} {t.lagged:>6} {per_event:>9} "
-              f"{t.sub_cpu / max(t.wall, 1e-9):>9.2f} {f.errors:>6}")
-    print("(ratio: rate over the first 0-subscriber rate; 0*: 0 subscribers again at the end, "
-          "for drift; cpu us: daemon CPU per ack (per lifecycle); cpu ratio: 0-subscriber cpu us "
-          "over this one, the ratio to expect where subscribers do not share the daemon's CPUs; "
-          "delivered: events received / (received + dropped for lag); sub us/ev, sub cpu/s: "
-          "the subscribers' CPU per event received, and in CPU-s per second of the stage)")
+        print(
+            f"{t.workload:<11} {'0*' if t.again else t.subs:>4} {f.rate:>8.0f} "
+            f"{f.rate / b.rate:>6.0%} {f.p50_ms:>7.2f} {f.p99_ms:>7.2f} "
+            f"{f.cpu_per_ack_us:>7.0f} {b.cpu_per_ack_us / f.cpu_per_ack_us:>9.0%} "
+            f"{delivered:>9} {t.lagged:>6} {per_event:>9} "
+            f"{t.sub_cpu / max(t.wall, 1e-9):>9.2f} {f.errors:>6}"
+        )
+    print(
+        "(ratio: rate over the first 0-subscriber rate; 0*: 0 subscribers again at the end, "
+        "for drift; cpu us: daemon CPU per ack (per lifecycle); cpu ratio: 0-subscriber cpu us "
+        "over this one, the ratio to expect where subscribers do not share the daemon's CPUs; "
+        "delivered: events received / (received + dropped for lag); sub us/ev, sub cpu/s: "
+        "the subscribers' CPU per event received, and in CPU-s per second of the stage)"
+    )
     for workload in ("heartbeats", "lifecycles"):
         most = [t for t in report.throughput if t.workload == workload and not t.again]
         if len(most) > 1 and workload in base:
             t, b = most[-1], base[workload].figures
             ratio, cpu = t.figures.rate / b.rate, b.cpu_per_ack_us / t.figures.cpu_per_ack_us
-            print(f"target: {workload} with {t.subs} subscribers >= 80% of 0: {ratio:.0%} "
-                  f"{verdict(ratio >= 0.8)} (daemon CPU per op: {cpu:.0%} "
-                  f"{verdict(cpu >= 0.8)})")
+            print(
+                f"target: {workload} with {t.subs} subscribers >= 80% of 0: {ratio:.0%} "
+                f"{verdict(ratio >= 0.8)} (daemon CPU per op: {cpu:.0%} "
+                f"{verdict(cpu >= 0.8)})"
+            )
 
 
 def print_latency(report: Report) -> None:
     if not report.latency:
         return
     lat = report.latency[0]
-    print(f"\nLatency to subscribers: {lat.transitions} transitions (create, start, succeed, each "
-          f"acknowledged), paced at {lat.rate:.0f}/s; time.time() in both processes (the same "
-          "system clock)")
-    print(f"{'subs':>4} {'samples':>8} {'missing':>7} | from ack: {'p50 ms':>7} {'p99 ms':>7} "
-          f"{'max ms':>7} | from send: {'p50 ms':>7} {'p99 ms':>7} | {'ack rtt p50':>11}")
+    print(
+        f"\nLatency to subscribers: {lat.transitions} transitions (create, start, succeed, each "
+        f"acknowledged), paced at {lat.rate:.0f}/s; time.time() in both processes (the same "
+        "system clock)"
+    )
+    print(
+        f"{'subs':>4} {'samples':>8} {'missing':>7} | from ack: {'p50 ms':>7} {'p99 ms':>7} "
+        f"{'max ms':>7} | from send: {'p50 ms':>7} {'p99 ms':>7} | {'ack rtt p50':>11}"
+    )
     for s in report.latency:
-        print(f"{s.subs:>4} {len(s.from_ack):>8} {s.missing:>7} |           "
-              f"{_ms(s.from_ack, 0.5)} {_ms(s.from_ack, 0.99)} {_ms(s.from_ack, 1.0)} |"
-              f"            {_ms(s.from_send, 0.5)} {_ms(s.from_send, 0.99)} | "
-              f"{_ms(s.ack_rtt, 0.5):>11}")
-    print("(from ack: receipt minus the writer's ack, which the daemon sends after the commit, "
-          "so a lower bound of commit-to-receipt, negative when the event overtakes the ack; "
-          "from send: minus the moment the request left, an upper bound)")
+        print(
+            f"{s.subs:>4} {len(s.from_ack):>8} {s.missing:>7} |           "
+            f"{_ms(s.from_ack, 0.5)} {_ms(s.from_ack, 0.99)} {_ms(s.from_ack, 1.0)} |"
+            f"            {_ms(s.from_send, 0.5)} {_ms(s.from_send, 0.99)} | "
+            f"{_ms(s.ack_rtt, 0.5):>11}"
+        )
+    print(
+        "(from ack: receipt minus the writer's ack, which the daemon sends after the commit, "
+        "so a lower bound of commit-to-receipt, negative when the event overtakes the ack; "
+        "from send: minus the moment the request left, an upper bound)"
+    )
     worst = report.latency[-1]
     ack, send = (pct(v, 0.99) * 1e3 for v in (worst.from_ack, worst.from_send))
-    print(f"target: p99 < 50 ms with {worst.subs} subscribers: from ack {ack:.1f} ms "
-          f"{verdict(ack < 50)}, from send (upper bound) {send:.1f} ms "
-          f"{verdict(send < 50)}")
+    print(
+        f"target: p99 < 50 ms with {worst.subs} subscribers: from ack {ack:.1f} ms "
+        f"{verdict(ack < 50)}, from send (upper bound) {send:.1f} ms "
+        f"{verdict(send < 50)}"
+    )
 
 
 # --- main ----------------------------------------------------------------------------
@@ -433,14 +485,27 @@ def run(plan: Plan, profile: str | None, bench: Session) -> Report:
 
 
 def main() -> None:
-    parser = arguments(__doc__, f"{QUICK.seconds} s per workload, {QUICK.transitions} "
-                       "transitions (< 60 s)")
-    parser.add_argument("--repeat", type=int, default=1, metavar="N",
-                        help="run each timed workload N times and keep the best (default 1)")
-    parser.add_argument("--rate", type=float, metavar="N",
-                        help=f"transitions/s in the latency stage (default {FULL.rate:.0f})")
-    parser.add_argument("--profile-daemon", metavar="FILE",
-                        help="run runnerd under cProfile (event-loop thread only), stats to FILE")
+    parser = arguments(
+        __doc__, f"{QUICK.seconds} s per workload, {QUICK.transitions} transitions (< 60 s)"
+    )
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run each timed workload N times and keep the best (default 1)",
+    )
+    parser.add_argument(
+        "--rate",
+        type=float,
+        metavar="N",
+        help=f"transitions/s in the latency stage (default {FULL.rate:.0f})",
+    )
+    parser.add_argument(
+        "--profile-daemon",
+        metavar="FILE",
+        help="run runnerd under cProfile (event-loop thread only), stats to FILE",
+    )
     args = parser.parse_args()
     bench = session(args)
     plan = replace(QUICK if args.quick else FULL, repeat=max(1, args.repeat))

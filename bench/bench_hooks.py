@@ -34,9 +34,9 @@ for n in range(int(sys.argv[1])):
 CONFIGS = {
     "no hook": "",
     "hook wanting no event": '[[hooks]]\nname = "none"\nevents = ["failed_lost"]\n'
-                             'command = ["/bin/true"]\n',
+    'command = ["/bin/true"]\n',
     "hook wanting every event": '[[hooks]]\nname = "all"\nevents = ["*"]\n'
-                                'command = ["/bin/true"]\n',
+    'command = ["/bin/true"]\n',
 }
 SETTLE_TIMEOUT = 600.0
 
@@ -76,12 +76,13 @@ def one_round(config: str, runs: int, concurrency: int) -> Round:
             conn = Connection(daemon.socket)
             expected = 3 * runs if '"*"' in config else None
             before, started = cpu(daemon.pid), time.monotonic()
-            subprocess.run([sys.executable, "-c", WORKLOAD, str(runs)], env=daemon.env,
-                           check=True)
+            subprocess.run([sys.executable, "-c", WORKLOAD, str(runs)], env=daemon.env, check=True)
             while (delivered := settled(conn, expected)) is None:
                 if time.monotonic() - started > SETTLE_TIMEOUT:
-                    sys.exit(f"the hooks did not deliver in {SETTLE_TIMEOUT:g} s "
-                             f"(log: {daemon.log_tail(2000)})")
+                    sys.exit(
+                        f"the hooks did not deliver in {SETTLE_TIMEOUT:g} s "
+                        f"(log: {daemon.log_tail(2000)})"
+                    )
                 time.sleep(0.2)
             after, seconds = cpu(daemon.pid), time.monotonic() - started
             conn.close()
@@ -107,22 +108,31 @@ def main() -> None:
             rounds[name].append(one_round(config, args.runs, args.concurrency))
     bench.stop()
     bench.header("hooks", "quick" if args.quick else "full")
-    print(f"{args.runs} runs ({events} events), hook_concurrency {args.concurrency}, "
-          f"{args.rounds} rounds (the configurations take turns; medians)")
-    print(f"{'daemon':<26}{'daemon CPU s':>13}{'delivered':>11}{'hook CPU s':>12}"
-          f"{'seconds':>9}")
+    print(
+        f"{args.runs} runs ({events} events), hook_concurrency {args.concurrency}, "
+        f"{args.rounds} rounds (the configurations take turns; medians)"
+    )
+    print(f"{'daemon':<26}{'daemon CPU s':>13}{'delivered':>11}{'hook CPU s':>12}{'seconds':>9}")
     for name, done in rounds.items():
-        print(f"{name:<26}{median(done, 'daemon_cpu'):>13.3f}{median(done, 'delivered'):>11.0f}"
-              f"{median(done, 'hook_cpu'):>12.3f}{median(done, 'seconds'):>9.2f}")
+        print(
+            f"{name:<26}{median(done, 'daemon_cpu'):>13.3f}{median(done, 'delivered'):>11.0f}"
+            f"{median(done, 'hook_cpu'):>12.3f}{median(done, 'seconds'):>9.2f}"
+        )
     base, none, every = rounds.values()
-    filtering = statistics.median(n.daemon_cpu - b.daemon_cpu
-                                  for b, n in zip(base, none, strict=True))
-    delivery = statistics.median((e.daemon_cpu - b.daemon_cpu) / e.delivered
-                                 for b, e in zip(base, every, strict=True))
-    print(f"\nreading and filtering the log: {filtering / events * 1e6:.0f} us of daemon CPU "
-          "per event")
-    print(f"daemon CPU per hook delivery: {delivery * 1e3:.2f} ms (the hook command itself: "
-          f"{median(every, 'hook_cpu') / median(every, 'delivered') * 1e3:.2f} ms)")
+    filtering = statistics.median(
+        n.daemon_cpu - b.daemon_cpu for b, n in zip(base, none, strict=True)
+    )
+    delivery = statistics.median(
+        (e.daemon_cpu - b.daemon_cpu) / e.delivered for b, e in zip(base, every, strict=True)
+    )
+    print(
+        f"\nreading and filtering the log: {filtering / events * 1e6:.0f} us of daemon CPU "
+        "per event"
+    )
+    print(
+        f"daemon CPU per hook delivery: {delivery * 1e3:.2f} ms (the hook command itself: "
+        f"{median(every, 'hook_cpu') / median(every, 'delivered') * 1e3:.2f} ms)"
+    )
 
 
 def median(rounds: list[Round], field: str) -> float:

@@ -45,8 +45,16 @@ def greeted(path: Path) -> RawClient:
 def fill(path: Path, runs: int) -> None:
     client = greeted(path)
     for i in range(runs):
-        client.send({"op": "create", "id": i + 1, "key": new_key(), "run_id": new_run_id(),
-                     "experiment": "fill", "params": {f"p{k}": k * 0.5 for k in range(20)}})
+        client.send(
+            {
+                "op": "create",
+                "id": i + 1,
+                "key": new_key(),
+                "run_id": new_run_id(),
+                "experiment": "fill",
+                "params": {f"p{k}": k * 0.5 for k in range(20)},
+            }
+        )
     for _ in range(runs):
         client.recv()
     client.close()
@@ -65,7 +73,7 @@ def pipeliners(path: Path, stop: Any, count: int = 50) -> None:
     while not stop.is_set():
         for i, sock in enumerate(socks):
             try:
-                offsets[i] = (offsets[i] + sock.send(burst[offsets[i]:])) % len(burst)
+                offsets[i] = (offsets[i] + sock.send(burst[offsets[i] :])) % len(burst)
             except BlockingIOError:
                 pass
         time.sleep(0.001)
@@ -88,7 +96,7 @@ def slowloris(path: Path, stop: Any, count: int = 300) -> None:
                     sock.setblocking(False)
                     conn[:] = [sock, 0]
                 if offset < len(payload):
-                    conn[1] = offset + sock.send(payload[offset:offset + (256 << 10)])
+                    conn[1] = offset + sock.send(payload[offset : offset + (256 << 10)])
                 elif sock.recv(4096) == b"":
                     raise ConnectionError
             except (BlockingIOError, TimeoutError):
@@ -109,7 +117,7 @@ def big_frames(path: Path, stop: Any, nested: bool) -> None:
     keys = [f"key{i:06d}" for i in range(60_000)]
     params: dict[str, Any] = {k: i for i, k in enumerate(keys)}
     if nested:
-        params = {f"group{g}": {k: 1 for k in keys[g * 1000:(g + 1) * 1000]} for g in range(60)}
+        params = {f"group{g}": {k: 1 for k in keys[g * 1000 : (g + 1) * 1000]} for g in range(60)}
     threads = [threading.Thread(target=_send_big, args=(path, stop, params)) for _ in range(2)]
     for thread in threads:
         thread.start()
@@ -120,8 +128,16 @@ def big_frames(path: Path, stop: Any, nested: bool) -> None:
 def _send_big(path: Path, stop: Any, params: dict[str, Any]) -> None:
     client = greeted(path)
     while not stop.is_set():
-        client.call({"op": "create", "id": 1, "key": new_key(), "run_id": new_run_id(),
-                     "experiment": "big", "params": params})
+        client.call(
+            {
+                "op": "create",
+                "id": 1,
+                "key": new_key(),
+                "run_id": new_run_id(),
+                "experiment": "big",
+                "params": params,
+            }
+        )
     client.close()
 
 
@@ -138,15 +154,17 @@ class Figures:
     buildup: list[float]
 
 
-def measure(daemon: Runnerd, name: str, attack: Attack | None, seconds: float,
-            warmup: float) -> Figures:
+def measure(
+    daemon: Runnerd, name: str, attack: Attack | None, seconds: float, warmup: float
+) -> Figures:
     """Start `attack` and time `status` from then on: for `warmup` s while the attack builds
     up (reported apart), then for `seconds` s."""
     stop = multiprocessing.get_context("fork").Event()
     attacker = None
     if attack is not None:
         attacker = multiprocessing.get_context("fork").Process(
-            target=attack, args=(daemon.socket, stop), daemon=True)
+            target=attack, args=(daemon.socket, stop), daemon=True
+        )
         attacker.start()
     peak, sampling = [0.0], threading.Event()
 
@@ -170,7 +188,8 @@ def measure(daemon: Runnerd, name: str, attack: Attack | None, seconds: float,
             try:
                 client.call({"op": "status", "id": req_id})
                 (latencies if time.monotonic() > steady else buildup).append(
-                    time.perf_counter() - began)
+                    time.perf_counter() - began
+                )
             except OSError:
                 failed += 1
                 client.close()
@@ -191,19 +210,25 @@ def measure(daemon: Runnerd, name: str, attack: Attack | None, seconds: float,
 
 
 def report(rows: list[Figures]) -> None:
-    print(f"{'scenario':<44} {'RSS peak':>9} {'after':>7} {'status p50':>11} {'p99':>8} "
-          f"{'max':>8} {'n':>5} {'failed':>6} {'build-up max':>12}")
+    print(
+        f"{'scenario':<44} {'RSS peak':>9} {'after':>7} {'status p50':>11} {'p99':>8} "
+        f"{'max':>8} {'n':>5} {'failed':>6} {'build-up max':>12}"
+    )
     for f in rows:
         p99 = pct(f.latencies, 0.99)
         ok = f.rss_peak < GOAL_RSS_MB and p99 < GOAL_P99
-        print(f"{f.name:<44} {f.rss_peak:>6.0f} MB {f.rss_after:>4.0f} MB "
-              f"{pct(f.latencies, 0.5) * 1e3:>8.1f} ms {p99 * 1e3:>5.1f} ms "
-              f"{max(f.latencies, default=float('nan')) * 1e3:>5.0f} ms {len(f.latencies):>5} "
-              f"{f.failed:>6} {max(f.buildup, default=float('nan')) * 1e3:>9.0f} ms"
-              f"  {'ok' if ok else 'MISSED'}")
-    print(f"goals: daemon RSS < {GOAL_RSS_MB} MB, status p99 < {GOAL_P99 * 1e3:.0f} ms "
-          "(after the build-up: the first seconds of an attack, while its connections open "
-          "and their first requests are read, are reported apart as 'build-up max')")
+        print(
+            f"{f.name:<44} {f.rss_peak:>6.0f} MB {f.rss_after:>4.0f} MB "
+            f"{pct(f.latencies, 0.5) * 1e3:>8.1f} ms {p99 * 1e3:>5.1f} ms "
+            f"{max(f.latencies, default=float('nan')) * 1e3:>5.0f} ms {len(f.latencies):>5} "
+            f"{f.failed:>6} {max(f.buildup, default=float('nan')) * 1e3:>9.0f} ms"
+            f"  {'ok' if ok else 'MISSED'}"
+        )
+    print(
+        f"goals: daemon RSS < {GOAL_RSS_MB} MB, status p99 < {GOAL_P99 * 1e3:.0f} ms "
+        "(after the build-up: the first seconds of an attack, while its connections open "
+        "and their first requests are read, are reported apart as 'build-up max')"
+    )
 
 
 def run(seconds: float, warmup: float, bench: Session) -> list[Figures]:
@@ -212,10 +237,14 @@ def run(seconds: float, warmup: float, bench: Session) -> list[Figures]:
         ("baseline (no attacker)", None),
         ("50 non-reading pipeliners of `list`", pipeliners),
         ("300 slowloris 1 MiB frames", slowloris),
-        ("2 senders, 60,000 params keys in one map",
-         lambda path, stop: big_frames(path, stop, nested=False)),
-        ("2 senders, 60,000 params keys in 60 maps",
-         lambda path, stop: big_frames(path, stop, nested=True)),
+        (
+            "2 senders, 60,000 params keys in one map",
+            lambda path, stop: big_frames(path, stop, nested=False),
+        ),
+        (
+            "2 senders, 60,000 params keys in 60 maps",
+            lambda path, stop: big_frames(path, stop, nested=True),
+        ),
     ]
     rows = []
     with temp_root() as root:

@@ -38,13 +38,25 @@ from runnerd_client.protocol import Create, Fail, Failures, Request, Start
 
 IMPORTED = re.compile(r"(\d+) run\(s\) imported, (\d+) crash file\(s\) indexed, (\d+) already")
 FOREIGN_KEY = "tracker"
-CLASSES = ("ValueError", "RuntimeError", "KeyError", "IndexError", "TypeError", "OSError",
-           "AssertionError", "ZeroDivisionError", "TimeoutError", "MemoryError")
-TEMPLATES = ("batch {n} has shape ({m}, 3) but the model wants (3, {m})",
-             "step {n}: loss became nan after {m} updates",
-             "worker {n} lost its lease after {m} s",
-             "could not read shard {n} of {m}",
-             "expected {m} columns, got {n}")
+CLASSES = (
+    "ValueError",
+    "RuntimeError",
+    "KeyError",
+    "IndexError",
+    "TypeError",
+    "OSError",
+    "AssertionError",
+    "ZeroDivisionError",
+    "TimeoutError",
+    "MemoryError",
+)
+TEMPLATES = (
+    "batch {n} has shape ({m}, 3) but the model wants (3, {m})",
+    "step {n}: loss became nan after {m} updates",
+    "worker {n} lost its lease after {m} s",
+    "could not read shard {n} of {m}",
+    "expected {m} columns, got {n}",
+)
 
 
 @dataclass(frozen=True)
@@ -72,9 +84,12 @@ def metadata_doc(i: int, now: float) -> dict[str, Any]:
     failed = i % 10 < 3
     reasons = ("CUDA out of memory", "loss is nan", "timeout", "worker killed by SIGKILL")
     doc: dict[str, Any] = {
-        "run_id": f"ext-{i:06d}", "status": "failed" if failed else "complete",
+        "run_id": f"ext-{i:06d}",
+        "status": "failed" if failed else "complete",
         "failure_reason": reasons[i % len(reasons)] if failed else None,
-        "start_time": start, "end_time": start + runtime, "runtime_sec": runtime,
+        "start_time": start,
+        "end_time": start + runtime,
+        "runtime_sec": runtime,
         FOREIGN_KEY: "other-tracker/2.1",
     }
     if i % 2:
@@ -101,8 +116,9 @@ def ctl(daemon: Runnerd, *args: str) -> tuple[float, str]:
     done = daemon.runnerctl(*args, timeout=1800)
     seconds = time.perf_counter() - began
     if done.returncode != 0:
-        raise RuntimeError(f"runnerctl {' '.join(args)} exited {done.returncode}: "
-                           f"{done.stderr[-2000:]}")
+        raise RuntimeError(
+            f"runnerctl {' '.join(args)} exited {done.returncode}: {done.stderr[-2000:]}"
+        )
     return seconds, done.stdout
 
 
@@ -170,11 +186,23 @@ def failed_lifecycle(index: int, k: int) -> list[Request]:
     run_id = new_run_id()
     shape = k % (len(CLASSES) * len(TEMPLATES))
     cls, template = CLASSES[shape % len(CLASSES)], TEMPLATES[shape // len(CLASSES)]
-    return [Create(key=new_key(), run_id=run_id, experiment=f"bench-fail-{index}",
-                   variation=f"v{k % 100}", params={"k": k}),
-            Start(key=new_key(), run_id=run_id),
-            Fail(key=new_key(), run_id=run_id, reason="crash", failure_class=cls,
-                 message=template.format(n=k, m=k % 977 + 1))]
+    return [
+        Create(
+            key=new_key(),
+            run_id=run_id,
+            experiment=f"bench-fail-{index}",
+            variation=f"v{k % 100}",
+            params={"k": k},
+        ),
+        Start(key=new_key(), run_id=run_id),
+        Fail(
+            key=new_key(),
+            run_id=run_id,
+            reason="crash",
+            failure_class=cls,
+            message=template.format(n=k, m=k % 977 + 1),
+        ),
+    ]
 
 
 def time_command(daemon: Runnerd, args: Sequence[str], reps: int) -> list[float]:
@@ -184,8 +212,10 @@ def time_command(daemon: Runnerd, args: Sequence[str], reps: int) -> list[float]
 
 
 COMMANDS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("runnerctl failures --group-by signature --json",
-     ("failures", "--group-by", "signature", "--json")),
+    (
+        "runnerctl failures --group-by signature --json",
+        ("failures", "--group-by", "signature", "--json"),
+    ),
     ("runnerctl failures --group-by signature", ("failures", "--group-by", "signature")),
     ("runnerctl failures --group-by class --json", ("failures", "--group-by", "class", "--json")),
     ("runnerctl failures --limit 100", ("failures", "--limit", "100")),
@@ -215,19 +245,22 @@ def stage_failures(root: Path, plan: Plan, quiet: Quiet) -> FailureStage:
     daemon = Runnerd(root / "f")
     try:
         daemon.start(60.0)
-        with fillers(daemon.socket, plan.failures, plan.fill_procs, plan.fill_window,
-                     failed_lifecycle) as (seconds, errors, _):
+        with fillers(
+            daemon.socket, plan.failures, plan.fill_procs, plan.fill_window, failed_lifecycle
+        ) as (seconds, errors, _):
             stage.fill_seconds, stage.fill_errors = seconds, errors
         stage.backlog_seconds = daemon.wait_idle()
         groups = json.loads(ctl(daemon, *COMMANDS[0][1])[1])
         stage.groups, stage.grouped = len(groups), sum(g["count"] for g in groups)
         print("timing the failure queries", file=sys.stderr, flush=True)
         quiet.wait()
-        stage.timings += [(label, time_command(daemon, args, plan.reps))
-                          for label, args in COMMANDS]
+        stage.timings += [
+            (label, time_command(daemon, args, plan.reps)) for label, args in COMMANDS
+        ]
         stage.timings.append(time_floor(plan.reps))
-        stage.timings += [(label, time_request(daemon.socket, req, plan.reps))
-                          for label, req in REQUESTS]
+        stage.timings += [
+            (label, time_request(daemon.socket, req, plan.reps)) for label, req in REQUESTS
+        ]
     finally:
         daemon.stop()
     return stage
@@ -237,16 +270,24 @@ def stage_failures(root: Path, plan: Plan, quiet: Quiet) -> FailureStage:
 
 
 def print_import(stage: ImportStage) -> None:
-    print(f"\nImport of {stage.folders} foreign run folders (metadata.json each; written in "
-          f"{stage.write_seconds:.1f} s)")
-    print(f"{'command':<34} {'wall s':>7} {'folders/s':>9} {'imported':>8} {'known':>6} "
-          f"{'busy after s':>12}")
+    print(
+        f"\nImport of {stage.folders} foreign run folders (metadata.json each; written in "
+        f"{stage.write_seconds:.1f} s)"
+    )
+    print(
+        f"{'command':<34} {'wall s':>7} {'folders/s':>9} {'imported':>8} {'known':>6} "
+        f"{'busy after s':>12}"
+    )
     for w in stage.watches:
-        print(f"{w.label:<34} {w.seconds:>7.2f} {stage.folders / w.seconds:>9.0f} "
-              f"{w.imported:>8} {w.known:>6} {w.busy_after:>12.1f}")
+        print(
+            f"{w.label:<34} {w.seconds:>7.2f} {stage.folders / w.seconds:>9.0f} "
+            f"{w.imported:>8} {w.known:>6} {w.busy_after:>12.1f}"
+        )
     kept, sample = stage.kept
-    print(f"foreign metadata.json files still holding the foreign tool's keys after the import: "
-          f"{kept} of {sample} sampled")
+    print(
+        f"foreign metadata.json files still holding the foreign tool's keys after the import: "
+        f"{kept} of {sample} sampled"
+    )
     print("registry after: " + ", ".join(f"{n} {s}" for s, n in sorted(stage.counts.items())))
     rate = stage.folders / stage.watches[0].seconds if stage.watches else 0.0
     print(f"target: import >= 1000 folders/s: {rate:.0f} {verdict(rate >= 1000)}")
@@ -255,18 +296,22 @@ def print_import(stage: ImportStage) -> None:
 def print_failures(stage: FailureStage) -> None:
     rate = stage.records / stage.fill_seconds if stage.fill_seconds else float("nan")
     print(f"\nFailure queries over {stage.records} failure records (50 bug shapes)")
-    print(f"filled create+start+fail in {stage.fill_seconds:.1f} s ({rate:.0f}/s, "
-          f"{stage.fill_errors} errors); daemon busy {stage.backlog_seconds:.1f} s more "
-          f"(metadata.json, crash-file scans); --group-by signature: {stage.groups} groups "
-          f"holding {stage.grouped} records")
+    print(
+        f"filled create+start+fail in {stage.fill_seconds:.1f} s ({rate:.0f}/s, "
+        f"{stage.fill_errors} errors); daemon busy {stage.backlog_seconds:.1f} s more "
+        f"(metadata.json, crash-file scans); --group-by signature: {stage.groups} groups "
+        f"holding {stage.grouped} records"
+    )
     print(f"{'command':<48} {'median ms':>9} {'max ms':>7}")
     for label, times in stage.timings:
         print(median_row(label, times, 48))
     grouped = next((t for label, t in stage.timings if "signature --json" in label), None)
     if grouped:
         median = statistics.median(grouped)
-        print(f"target: failures --group-by signature < 1 s: median {median * 1e3:.0f} ms "
-              f"{verdict(median < 1.0)}")
+        print(
+            f"target: failures --group-by signature < 1 s: median {median * 1e3:.0f} ms "
+            f"{verdict(median < 1.0)}"
+        )
 
 
 def main() -> None:

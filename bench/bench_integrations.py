@@ -52,20 +52,28 @@ OPTUNA_SCRIPT = """
 
 
 def hooks_config() -> str:
-    return "".join(f"""
+    return "".join(
+        f"""
 [[hooks]]
 name = "{tool}"
 events = ["failed_*", "lost"]
 command = {json.dumps([sys.executable, "-m", f"runnerd_client.{tool}", "hook"])}
-""" for tool in ("mlflow", "optuna"))
+"""
+        for tool in ("mlflow", "optuna")
+    )
 
 
 def start(daemon: Runnerd, code: str, *args: str, env: dict[str, str]) -> subprocess.Popen[str]:
     script = daemon.root / f"bench_{abs(hash(code))}.py"
     script.write_text(textwrap.dedent(code))
-    return subprocess.Popen([sys.executable, str(script), *args], env={**daemon.env, **env},
-                            text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL)
+    return subprocess.Popen(
+        [sys.executable, str(script), *args],
+        env={**daemon.env, **env},
+        text=True,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
 
 
 def ready(proc: subprocess.Popen[str]) -> tuple[str, int]:
@@ -107,9 +115,21 @@ def kill_mlflow(daemon: Runnerd, kills: int, batch: int) -> list[tuple[float, fl
     client.search_experiments()  # makes the store's tables before scripts race to
     while len(figures) < kills:
         names = [f"b-ml-{len(figures) + i}" for i in range(min(batch, kills - len(figures)))]
-        procs = [(name, start(daemon, MLFLOW_SCRIPT, env={
-            "MLFLOW_TRACKING_URI": uri, "RUNNERD_MLFLOW": "1", "RUNNERD_EXPERIMENT": name}))
-            for name in names]
+        procs = [
+            (
+                name,
+                start(
+                    daemon,
+                    MLFLOW_SCRIPT,
+                    env={
+                        "MLFLOW_TRACKING_URI": uri,
+                        "RUNNERD_MLFLOW": "1",
+                        "RUNNERD_EXPERIMENT": name,
+                    },
+                ),
+            )
+            for name in names
+        ]
         for name, proc in procs:
             mlflow_id, pid = ready(proc)
             killed = time.time()
@@ -131,7 +151,8 @@ def kill_optuna(daemon: Runnerd, kills: int, batch: int) -> list[tuple[float, fl
         for name, proc in procs:
             number, pid = ready(proc)
             trial_id = storage.get_trial_id_from_study_id_trial_number(
-                storage.get_study_id_from_name(name), int(number))
+                storage.get_study_id_from_name(name), int(number)
+            )
             killed = time.time()
             os.kill(pid, signal.SIGKILL)
             failed = poll(lambda t=trial_id: storage.get_trial(t).state.name == "FAIL")
@@ -141,18 +162,26 @@ def kill_optuna(daemon: Runnerd, kills: int, batch: int) -> list[tuple[float, fl
 
 
 def report(tool: str, figures: list[tuple[float, float]]) -> None:
-    for what, values in (("runnerd failed_crash", [f[0] for f in figures]),
-                         (f"{tool} FAILED", [f[1] for f in figures])):
-        print(f"{tool:7} kill -> {what:22} p50 {statistics.median(values) * 1000:7.0f} ms"
-              f"   p99 {pct(values, 0.99) * 1000:7.0f} ms"
-              f"   max {max(values) * 1000:7.0f} ms   (n={len(values)})")
+    for what, values in (
+        ("runnerd failed_crash", [f[0] for f in figures]),
+        (f"{tool} FAILED", [f[1] for f in figures]),
+    ):
+        print(
+            f"{tool:7} kill -> {what:22} p50 {statistics.median(values) * 1000:7.0f} ms"
+            f"   p99 {pct(values, 0.99) * 1000:7.0f} ms"
+            f"   max {max(values) * 1000:7.0f} ms   (n={len(values)})"
+        )
 
 
 def main() -> None:
     parser = arguments(__doc__, "5 kills per tool")
     parser.add_argument("--kills", type=int, help="kills per tool (default 20)")
-    parser.add_argument("--batch", type=int, default=4,
-                        help="scripts started together before they are killed one by one")
+    parser.add_argument(
+        "--batch",
+        type=int,
+        default=4,
+        help="scripts started together before they are killed one by one",
+    )
     args = parser.parse_args()
     bench = session(args)
     kills = args.kills or (5 if args.quick else 20)

@@ -71,8 +71,9 @@ class Plan:
 
 
 FULL = Plan(kills=100, held_runs=100_000, registry_runs=1_000_000, registry_running=10_000)
-QUICK = Plan(kills=20, held_runs=10_000, registry_runs=100_000, registry_running=1_000,
-             idle_seconds=5.0)
+QUICK = Plan(
+    kills=20, held_runs=10_000, registry_runs=100_000, registry_running=1_000, idle_seconds=5.0
+)
 
 
 # --- stage 1: death detection ---------------------------------------------------
@@ -80,8 +81,11 @@ QUICK = Plan(kills=20, held_runs=10_000, registry_runs=100_000, registry_running
 
 def victim(sock: Path, first: int, index: int, _barrier: Any) -> tuple[int, str]:
     """A client process: create and start a run with the client library (then wait to die)."""
-    run = rd.connect(sock).run("bench-liveness", f"victim-{first + index}",
-                               heartbeat_timeout=3600).start()
+    run = (
+        rd.connect(sock)
+        .run("bench-liveness", f"victim-{first + index}", heartbeat_timeout=3600)
+        .start()
+    )
     return os.getpid(), run.run_id
 
 
@@ -110,9 +114,16 @@ def stage_kills(daemon: Runnerd, plan: Plan) -> list[Kill]:
 
 def create_start(index: int, k: int) -> list[Request]:
     run_id = new_run_id()
-    return [Create(key=new_key(), run_id=run_id, experiment="bench-hold",
-                   variation=f"h{index}-{k % 100}", params={"k": k}),
-            Start(key=new_key(), run_id=run_id, heartbeat_timeout=3600.0)]
+    return [
+        Create(
+            key=new_key(),
+            run_id=run_id,
+            experiment="bench-hold",
+            variation=f"h{index}-{k % 100}",
+            params={"k": k},
+        ),
+        Start(key=new_key(), run_id=run_id, heartbeat_timeout=3600.0),
+    ]
 
 
 @dataclass
@@ -132,8 +143,9 @@ def stage_hold(daemon: Runnerd, plan: Plan, quiet: Quiet) -> Hold:
     quiet.wait()
     hold = Hold(empty=sample_idle(daemon.pid, plan.idle_seconds, 0))
     print(f"holding {plan.held_runs} running runs", file=sys.stderr, flush=True)
-    with fillers(daemon.socket, plan.held_runs, plan.fill_procs, plan.fill_window,
-                 create_start) as (seconds, errors, release):
+    with fillers(
+        daemon.socket, plan.held_runs, plan.fill_procs, plan.fill_window, create_start
+    ) as (seconds, errors, release):
         hold.fill_seconds, hold.fill_errors = seconds, errors
         # A probe longer than sample_interval (5 s): the first rounds over new runs (their
         # first samples written, their files looked at) are a one-time cost, not idleness.
@@ -166,9 +178,11 @@ def time_mass_death(daemon: Runnerd, release: Any, timeout: float = 600.0) -> fl
 
 HANG_CONFIG = {"heartbeat_timeout": 5.0, "stall_timeout": 10.0, "sample_interval": 5.0}
 WAIT = "import time\nprint('ready', flush=True)\ntime.sleep(3600)\n"
-GO_QUIET = ("import time\nbusy = time.process_time() + 0.5\n"
-            "while time.process_time() < busy:\n    pass\nprint('quiet', flush=True)\n"
-            "time.sleep(3600)\n")
+GO_QUIET = (
+    "import time\nbusy = time.process_time() + 0.5\n"
+    "while time.process_time() < busy:\n    pass\nprint('quiet', flush=True)\n"
+    "time.sleep(3600)\n"
+)
 
 
 @dataclass
@@ -193,8 +207,9 @@ def command_of(proc: subprocess.Popen[bytes], timeout: float = 30.0) -> tuple[in
     raise RuntimeError("runnerctl exec started no command")
 
 
-def until_lost(conn: Connection, runs: dict[str, float], cause: str,
-               timeout: float = 120.0) -> dict[str, float]:
+def until_lost(
+    conn: Connection, runs: dict[str, float], cause: str, timeout: float = 120.0
+) -> dict[str, float]:
     """Poll every run until it is lost; seconds from its start time in `runs` (wall)."""
     found: dict[str, float] = {}
     deadline = time.monotonic() + timeout
@@ -220,13 +235,30 @@ def stage_hangs(root: Path, plan: Plan, quiet: Quiet) -> Hangs:
     try:
         daemon.start(60.0)
         quiet.wait()
-        print(f"hangs: {plan.hangs} stopped and {plan.hangs} stalled commands",
-              file=sys.stderr, flush=True)
+        print(
+            f"hangs: {plan.hangs} stopped and {plan.hangs} stalled commands",
+            file=sys.stderr,
+            flush=True,
+        )
         for code in [WAIT] * plan.hangs + [GO_QUIET] * plan.hangs:
-            procs.append(subprocess.Popen(
-                [*RUNNERCTL, "exec", "--experiment", "bench-hang", "--", sys.executable, "-c",
-                 code], env=daemon.env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                start_new_session=True))
+            procs.append(
+                subprocess.Popen(
+                    [
+                        *RUNNERCTL,
+                        "exec",
+                        "--experiment",
+                        "bench-hang",
+                        "--",
+                        sys.executable,
+                        "-c",
+                        code,
+                    ],
+                    env=daemon.env,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.DEVNULL,
+                    start_new_session=True,
+                )
+            )
         stopped, stalled = {}, {}
         for n, proc in enumerate(procs):
             assert proc.stdout is not None
@@ -256,13 +288,18 @@ def stage_hangs(root: Path, plan: Plan, quiet: Quiet) -> Hangs:
 # --- stage 4: restart with a large registry -------------------------------------
 
 
-FAILURES = (("RuntimeError", "CUDA out of memory. Tried to allocate {n} MiB"),
-            ("ValueError", "loss is nan at step {n}"),
-            ("KeyError", "missing column id_{n}"),
-            ("TimeoutError", "rank {n} did not answer"),
-            ("FileNotFoundError", "no checkpoint at /data/ckpt/{n}.pt"))
-ENDS = {State.FAILED_CRASH: "crash", State.FAILED_ABANDONED: "abandoned",
-        State.FAILED_TIMEOUT: "timeout"}
+FAILURES = (
+    ("RuntimeError", "CUDA out of memory. Tried to allocate {n} MiB"),
+    ("ValueError", "loss is nan at step {n}"),
+    ("KeyError", "missing column id_{n}"),
+    ("TimeoutError", "rank {n} did not answer"),
+    ("FileNotFoundError", "no checkpoint at /data/ckpt/{n}.pt"),
+)
+ENDS = {
+    State.FAILED_CRASH: "crash",
+    State.FAILED_ABANDONED: "abandoned",
+    State.FAILED_TIMEOUT: "timeout",
+}
 
 
 @dataclass(frozen=True)
@@ -279,8 +316,15 @@ class Layout:
         if i >= self.total - self.running:
             return State.RUNNING
         bucket = i % 100
-        return (State.SUCCEEDED if bucket < 80 else State.FAILED_CRASH if bucket < 95
-                else State.FAILED_ABANDONED if bucket < 98 else State.FAILED_TIMEOUT)
+        return (
+            State.SUCCEEDED
+            if bucket < 80
+            else State.FAILED_CRASH
+            if bucket < 95
+            else State.FAILED_ABANDONED
+            if bucket < 98
+            else State.FAILED_TIMEOUT
+        )
 
     def created(self, i: int) -> float:
         if i >= self.total - self.running:
@@ -294,24 +338,52 @@ def add_run(store: Store, lay: Layout, i: int, run_id: str, pid: tuple[int, int]
     state, created = lay.state(i), lay.created(i)
     started = created + 1.0
     ended = None if state == State.RUNNING else started + i % 600
-    store.runs.create(NewRun(
-        run_id=run_id, experiment=f"exp-{i % 100}", variation=f"v{(i // 100) % 100}",
-        params_json=f'{{"lr": 0.01, "seed": {i}}}', tags_json="{}", created_at=created,
-        cwd="/tmp", run_dir=str(lay.data / "runnerd" / "runs" / run_id), host="bench"), "bench")
-    beats = RunUpdate(started_at=started, heartbeat_seq=5, heartbeats=5,
-                      last_heartbeat_at=ended or lay.now - i % 300, heartbeat_timeout=900.0,
-                      lost_grace=172800.0)
-    store.runs.set_state(store.runs.require(run_id), State.RUNNING, at=started, cause="start",
-                         source="bench", change=beats)
+    store.runs.create(
+        NewRun(
+            run_id=run_id,
+            experiment=f"exp-{i % 100}",
+            variation=f"v{(i // 100) % 100}",
+            params_json=f'{{"lr": 0.01, "seed": {i}}}',
+            tags_json="{}",
+            created_at=created,
+            cwd="/tmp",
+            run_dir=str(lay.data / "runnerd" / "runs" / run_id),
+            host="bench",
+        ),
+        "bench",
+    )
+    beats = RunUpdate(
+        started_at=started,
+        heartbeat_seq=5,
+        heartbeats=5,
+        last_heartbeat_at=ended or lay.now - i % 300,
+        heartbeat_timeout=900.0,
+        lost_grace=172800.0,
+    )
+    store.runs.set_state(
+        store.runs.require(run_id),
+        State.RUNNING,
+        at=started,
+        cause="start",
+        source="bench",
+        change=beats,
+    )
     if ended is None:
         store.attachments.add_pid(run_id, *pid, lay.now - 3600)
         return
-    store.runs.set_state(store.runs.require(run_id), state, at=ended, cause="bench",
-                         source="bench", change=RunUpdate(ended_at=ended))
+    store.runs.set_state(
+        store.runs.require(run_id),
+        state,
+        at=ended,
+        cause="bench",
+        source="bench",
+        change=RunUpdate(ended_at=ended),
+    )
     if state in ENDS:
         failure_class, template = FAILURES[i % len(FAILURES)]
-        store.failures.put(run_id, failure_record(failure_class, template.format(n=i % 977),
-                                                  ENDS[state], ended))
+        store.failures.put(
+            run_id, failure_record(failure_class, template.format(n=i % 977), ENDS[state], ended)
+        )
 
 
 def dead_pids(count: int) -> Iterator[tuple[int, int]]:
@@ -369,8 +441,9 @@ def stage_restart(root: Path, plan: Plan, quiet: Quiet) -> Restart:
         daemon.start(60.0)  # the daemon makes the schema
         daemon.stop()
         print(f"building a registry of {plan.registry_runs} runs", file=sys.stderr, flush=True)
-        lay = Layout(plan.registry_runs, plan.registry_running, plan.live_running, time.time(),
-                     root / "data")
+        lay = Layout(
+            plan.registry_runs, plan.registry_running, plan.live_running, time.time(), root / "data"
+        )
         start = procinfo.start_time(sleeper.pid)
         assert start is not None, "the sleeper is gone"
         res.build_seconds = build_registry(daemon.db, lay, (sleeper.pid, start))
@@ -398,52 +471,76 @@ def stage_restart(root: Path, plan: Plan, quiet: Quiet) -> Restart:
 def print_kills(kills: list[Kill]) -> None:
     print(f"\nDeath detection: {len(kills)} SIGKILLed clients, one at a time")
     print(f"{'from the SIGKILL to':<52} {'p50 ms':>7} {'p99 ms':>7} {'max ms':>7}")
-    print(pct_row("the daemon noticing (failure 'at', ms resolution)",
-                  [k.noticed for k in kills], 52))
+    print(
+        pct_row("the daemon noticing (failure 'at', ms resolution)", [k.noticed for k in kills], 52)
+    )
     print(pct_row("`get` showing failed_crash (polled every 1 ms)", [k.seen for k in kills], 52))
     classes = sorted({k.failure_class for k in kills})
     p99 = pct([k.seen for k in kills], 0.99)
-    print(f"failure_class: {', '.join(classes)}; target (SPEC §2): failed_crash within 1 s: "
-          f"p99 {p99 * 1e3:.0f} ms {verdict(p99 < 1.0)}")
+    print(
+        f"failure_class: {', '.join(classes)}; target (SPEC §2): failed_crash within 1 s: "
+        f"p99 {p99 * 1e3:.0f} ms {verdict(p99 < 1.0)}"
+    )
 
 
 def print_hold(hold: Hold, plan: Plan) -> None:
     tick = 100 / CLK_TCK / plan.idle_seconds
-    print(f"\nIdle daemon over {plan.idle_seconds:g} s (CPU % = utime+stime / wall, resolution "
-          f"{tick:.2f}%; schedstat: the same in ns; wakeups: context switches/s, all threads)")
-    print(f"{'running runs held':>17} {'CPU %':>6} {'schedstat %':>11} {'wakeups/s':>9} "
-          f"{'RSS MB':>7}")
+    print(
+        f"\nIdle daemon over {plan.idle_seconds:g} s (CPU % = utime+stime / wall, resolution "
+        f"{tick:.2f}%; schedstat: the same in ns; wakeups: context switches/s, all threads)"
+    )
+    print(
+        f"{'running runs held':>17} {'CPU %':>6} {'schedstat %':>11} {'wakeups/s':>9} {'RSS MB':>7}"
+    )
     for idle in (hold.empty, hold.full):
         if idle is not None:
-            print(f"{idle.runs:>17} {idle.cpu_pct:>6.2f} {idle.precise_pct:>11.3f} "
-                  f"{idle.wakeups:>9.1f} {idle.rss_mb:>7.1f}")
+            print(
+                f"{idle.runs:>17} {idle.cpu_pct:>6.2f} {idle.precise_pct:>11.3f} "
+                f"{idle.wakeups:>9.1f} {idle.rss_mb:>7.1f}"
+            )
     rate = plan.held_runs / hold.fill_seconds if hold.fill_seconds else float("nan")
-    print(f"filled {plan.held_runs} create+start (heartbeat_timeout 3600 s) from "
-          f"{plan.fill_procs} processes in {hold.fill_seconds:.1f} s ({rate:.0f}/s, "
-          f"{hold.fill_errors} errors); daemon busy {hold.backlog_seconds:.1f} s more "
-          "(metadata.json, first samples)")
-    print(f"then all {plan.fill_procs} holders exited at once: every run failed_crash after "
-          f"{hold.mass_death_seconds:.1f} s")
+    print(
+        f"filled {plan.held_runs} create+start (heartbeat_timeout 3600 s) from "
+        f"{plan.fill_procs} processes in {hold.fill_seconds:.1f} s ({rate:.0f}/s, "
+        f"{hold.fill_errors} errors); daemon busy {hold.backlog_seconds:.1f} s more "
+        "(metadata.json, first samples)"
+    )
+    print(
+        f"then all {plan.fill_procs} holders exited at once: every run failed_crash after "
+        f"{hold.mass_death_seconds:.1f} s"
+    )
     if hold.full is not None:
-        print(f"target: idle CPU < 1% with {hold.full.runs} runs: {hold.full.precise_pct:.3f}% "
-              f"{verdict(hold.full.precise_pct < 1.0)}")
+        print(
+            f"target: idle CPU < 1% with {hold.full.runs} runs: {hold.full.precise_pct:.3f}% "
+            f"{verdict(hold.full.precise_pct < 1.0)}"
+        )
 
 
 def print_restart(res: Restart) -> None:
-    print(f"\nRestart on a registry of {res.runs} runs, {res.running} of them running "
-          f"(all but 10 attached to dead pids)")
+    print(
+        f"\nRestart on a registry of {res.runs} runs, {res.running} of them running "
+        f"(all but 10 attached to dead pids)"
+    )
     print(f"built through the registry's Store in {res.build_seconds:.1f} s: {res.db_mb:.0f} MB")
     print(f"{'start':<44} {'to status s':>11} {'recover s':>9}")
-    print(f"{'first (reconciles the dead runs)':<44} {res.to_status:>11.2f} "
-          f"{res.recover_seconds:>9.3f}")
-    print(f"{'second (nothing left to reconcile)':<44} {res.second_start:>11.2f} "
-          f"{res.second_recover:>9.3f}")
+    print(
+        f"{'first (reconciles the dead runs)':<44} {res.to_status:>11.2f} "
+        f"{res.recover_seconds:>9.3f}"
+    )
+    print(
+        f"{'second (nothing left to reconcile)':<44} {res.second_start:>11.2f} "
+        f"{res.second_recover:>9.3f}"
+    )
     print(f"log: {res.recovered_line}")
-    print(f"daemon busy {res.busy_after:.1f} s after the first status answer (metadata.json, "
-          "crash-file scans)")
+    print(
+        f"daemon busy {res.busy_after:.1f} s after the first status answer (metadata.json, "
+        "crash-file scans)"
+    )
     print("counts after: " + ", ".join(f"{n} {s}" for s, n in sorted(res.counts.items())))
-    print(f"target: reconcile {res.runs} runs < 10 s: {res.to_status:.1f} s "
-          f"{verdict(res.to_status < 10)}")
+    print(
+        f"target: reconcile {res.runs} runs < 10 s: {res.to_status:.1f} s "
+        f"{verdict(res.to_status < 10)}"
+    )
 
 
 def print_hangs(hangs: Hangs, plan: Plan) -> None:
@@ -455,14 +552,20 @@ def print_hangs(hangs: Hangs, plan: Plan) -> None:
     bound_stop = HANG_CONFIG["heartbeat_timeout"] * 1.25
     bound_stall = HANG_CONFIG["stall_timeout"] + HANG_CONFIG["sample_interval"]
     for label, values, bound in (
-            ("SIGSTOP -> lost (stopped)", hangs.stopped, bound_stop),
-            ("last output -> lost (stalled)", hangs.stalled, bound_stall)):
+        ("SIGSTOP -> lost (stopped)", hangs.stopped, bound_stop),
+        ("last output -> lost (stalled)", hangs.stalled, bound_stall),
+    ):
         if values:
             print(f"{label:<52} {pct(values, 0.5):>7.1f} {max(values):>7.1f} {bound:>7.1f}")
-    worst = max([*hangs.stopped, 0.0]) <= bound_stop and \
-        max([*hangs.stalled, 0.0]) <= bound_stall and not hangs.problems
-    print("target: stopped within heartbeat_timeout (+ a beat interval, a quarter of it), "
-          f"stalled within stall_timeout + one sample_interval: {verdict(worst)}")
+    worst = (
+        max([*hangs.stopped, 0.0]) <= bound_stop
+        and max([*hangs.stalled, 0.0]) <= bound_stall
+        and not hangs.problems
+    )
+    print(
+        "target: stopped within heartbeat_timeout (+ a beat interval, a quarter of it), "
+        f"stalled within stall_timeout + one sample_interval: {verdict(worst)}"
+    )
 
 
 def main() -> None:

@@ -103,12 +103,21 @@ def drive(daemon: Runnerd, rate: float, seconds: float, lag: Lag) -> None:
         while (due := began + n / rate) < began + seconds:
             time.sleep(max(0.0, due - time.monotonic()))
             run_id = new_run_id()
-            futures = conn.send_many([
-                Create(key=new_key(), run_id=run_id, experiment="bench-mirror",
-                       variation=f"v{n % 100}"),
-                Start(key=new_key(), run_id=run_id), Succeed(key=new_key(), run_id=run_id)])
+            futures = conn.send_many(
+                [
+                    Create(
+                        key=new_key(),
+                        run_id=run_id,
+                        experiment="bench-mirror",
+                        variation=f"v{n % 100}",
+                    ),
+                    Start(key=new_key(), run_id=run_id),
+                    Succeed(key=new_key(), run_id=run_id),
+                ]
+            )
             futures[-1].add_done_callback(
-                lambda _, run_id=run_id: lag.acked.setdefault(run_id, time.time()))
+                lambda _, run_id=run_id: lag.acked.setdefault(run_id, time.time())
+            )
             n += 1
         lag.sent = n
         deadline = time.monotonic() + 60
@@ -123,8 +132,9 @@ def drive(daemon: Runnerd, rate: float, seconds: float, lag: Lag) -> None:
 def mirror_run(root: Path, rate: float, seconds: float, mirror: bool) -> Lag:
     shared = root / "shared"
     shared.mkdir(parents=True, exist_ok=True)
-    daemon = Runnerd(root / ("m" if mirror else "p"),
-                     extra_args=["--mirror", str(shared)] if mirror else [])
+    daemon = Runnerd(
+        root / ("m" if mirror else "p"), extra_args=["--mirror", str(shared)] if mirror else []
+    )
     lag = Lag()
     tail = Tail(shared, lag.seen) if mirror else None
     try:
@@ -144,16 +154,22 @@ def mirror_run(root: Path, rate: float, seconds: float, mirror: bool) -> Lag:
 def print_mirror(rate: float, plain: list[Lag], mirrored: list[Lag]) -> None:
     lags = [lag for run in mirrored for lag in run.lags()]
     sent = sum(run.sent for run in mirrored)
-    print(f"\nMirror lag at {rate:g} lifecycles/s (create + start + succeed), {sent} runs in "
-          f"{len(mirrored)} round(s)")
-    print(f"  from the succeed's ack to its line in the file: p50 {pct(lags, 0.5) * 1e3:.0f} ms,"
-          f" p99 {pct(lags, 0.99) * 1e3:.0f} ms, max {max(lags, default=0) * 1e3:.0f} ms; "
-          f"{len(lags)} of {sent} runs seen")
+    print(
+        f"\nMirror lag at {rate:g} lifecycles/s (create + start + succeed), {sent} runs in "
+        f"{len(mirrored)} round(s)"
+    )
+    print(
+        f"  from the succeed's ack to its line in the file: p50 {pct(lags, 0.5) * 1e3:.0f} ms,"
+        f" p99 {pct(lags, 0.99) * 1e3:.0f} ms, max {max(lags, default=0) * 1e3:.0f} ms; "
+        f"{len(lags)} of {sent} runs seen"
+    )
     without = statistics.median(run.cpu / run.seconds for run in plain)
     with_ = statistics.median(run.cpu / run.seconds for run in mirrored)
-    print(f"  daemon CPU (median of the rounds): {without:.1%} of a core without the mirror, "
-          f"{with_:.1%} with it ({with_ - without:+.1%}, "
-          f"{(with_ - without) / rate * 1e6:+.0f} us per lifecycle)")
+    print(
+        f"  daemon CPU (median of the rounds): {without:.1%} of a core without the mirror, "
+        f"{with_:.1%} with it ({with_ - without:+.1%}, "
+        f"{(with_ - without) / rate * 1e6:+.0f} us per lifecycle)"
+    )
 
 
 # --- --dask with many runs ------------------------------------------------------------
@@ -170,25 +186,50 @@ def fill(db: Path, runs: int, now: float, chunk: int = 20_000) -> None:
 
 def add_run(store: Store, i: int, created: float) -> None:
     run_id = new_run_id(now=created)
-    store.runs.create(NewRun(run_id=run_id, experiment=f"exp-{i % 20}",
-                             variation=f"v{i % 1000}", params_json=f'{{"seed": {i}}}',
-                             tags_json="{}", created_at=created, host="bench"), "bench")
-    store.runs.set_state(store.runs.require(run_id), State.RUNNING, at=created + 1,
-                         cause="start", source="bench",
-                         change=RunUpdate(started_at=created + 1))
+    store.runs.create(
+        NewRun(
+            run_id=run_id,
+            experiment=f"exp-{i % 20}",
+            variation=f"v{i % 1000}",
+            params_json=f'{{"seed": {i}}}',
+            tags_json="{}",
+            created_at=created,
+            host="bench",
+        ),
+        "bench",
+    )
+    store.runs.set_state(
+        store.runs.require(run_id),
+        State.RUNNING,
+        at=created + 1,
+        cause="start",
+        source="bench",
+        change=RunUpdate(started_at=created + 1),
+    )
     end = State.FAILED_CRASH if i % 10 == 0 else State.SUCCEEDED
     if end == State.FAILED_CRASH:
-        store.failures.put(run_id, failure_record(
-            "ValueError", f"loss is nan at step {i % 977}", "crash", created + 60))
-    store.runs.set_state(store.runs.require(run_id), end, at=created + 60, cause="bench",
-                         source="bench", change=RunUpdate(ended_at=created + 60))
+        store.failures.put(
+            run_id,
+            failure_record("ValueError", f"loss is nan at step {i % 977}", "crash", created + 60),
+        )
+    store.runs.set_state(
+        store.runs.require(run_id),
+        end,
+        at=created + 60,
+        cause="bench",
+        source="bench",
+        change=RunUpdate(ended_at=created + 60),
+    )
 
 
-COMMANDS = (("status", ["status"]), ("list (50)", ["list"]),
-            ("list --limit 10000", ["list", "--limit", "10000"]),
-            ("failures --group-by class", ["failures", "--group-by", "class"]),
-            ("diagnose --since 30d", ["diagnose", "--since", "30d"]),
-            ("report --since 30d", ["report", "--since", "30d"]))
+COMMANDS = (
+    ("status", ["status"]),
+    ("list (50)", ["list"]),
+    ("list --limit 10000", ["list", "--limit", "10000"]),
+    ("failures --group-by class", ["failures", "--group-by", "class"]),
+    ("diagnose --since 30d", ["diagnose", "--since", "30d"]),
+    ("report --since 30d", ["report", "--since", "30d"]),
+)
 
 
 def dask_queries(root: Path, runs: int, reps: int) -> dict[str, tuple[list[float], list[float]]]:
@@ -207,18 +248,34 @@ def dask_queries(root: Path, runs: int, reps: int) -> dict[str, tuple[list[float
             node.start()
         cluster = LocalCluster(n_workers=0, dashboard_address=":0")
         client = Client(cluster)
-        workers = [subprocess.Popen(
-            [sys.executable, "-m", "distributed.cli.dask_worker", cluster.scheduler_address,
-             "--nthreads", "1", "--nworkers", "1", "--no-dashboard"], env=node.env,
-            stderr=subprocess.DEVNULL, start_new_session=True) for node in nodes]
+        workers = [
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "distributed.cli.dask_worker",
+                    cluster.scheduler_address,
+                    "--nthreads",
+                    "1",
+                    "--nworkers",
+                    "1",
+                    "--no-dashboard",
+                ],
+                env=node.env,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+            for node in nodes
+        ]
         client.wait_for_workers(2, timeout=120)
         env = nodes[0].env
         sockets = [arg for node in nodes for arg in ("--socket", str(node.socket))]
         times = {}
         for label, args in COMMANDS:
             print(f"  {label}", file=sys.stderr, flush=True)
-            through = time_command([*RUNNERCTL, "--dask", cluster.scheduler_address, *args,
-                                    "--json"], env, reps)
+            through = time_command(
+                [*RUNNERCTL, "--dask", cluster.scheduler_address, *args, "--json"], env, reps
+            )
             direct = time_command([*RUNNERCTL, *sockets, *args, "--json"], env, reps)
             times[label] = (through, direct)
         return times
@@ -235,12 +292,16 @@ def dask_queries(root: Path, runs: int, reps: int) -> dict[str, tuple[list[float
 
 
 def print_dask(runs: int, times: dict[str, tuple[list[float], list[float]]]) -> None:
-    print(f"\nrunnerctl --dask with 2 workers (2 nodes) and {runs:,} runs per node, "
-          "wall time of the whole command (median of the runs)")
+    print(
+        f"\nrunnerctl --dask with 2 workers (2 nodes) and {runs:,} runs per node, "
+        "wall time of the whole command (median of the runs)"
+    )
     print(f"  {'command':<28} {'--dask':>9} {'--socket x2':>12}")
     for label, (through, direct) in times.items():
-        print(f"  {label:<28} {statistics.median(through) * 1e3:>7.0f} ms "
-              f"{statistics.median(direct) * 1e3:>9.0f} ms")
+        print(
+            f"  {label:<28} {statistics.median(through) * 1e3:>7.0f} ms "
+            f"{statistics.median(direct) * 1e3:>9.0f} ms"
+        )
 
 
 def main() -> None:
@@ -248,8 +309,9 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=100.0, help="lifecycles a second")
     parser.add_argument("--seconds", type=float, help="per mirror mode (default 30)")
     parser.add_argument("--runs", type=int, help="per node for --dask (default 100,000)")
-    parser.add_argument("--rounds", type=int, default=3,
-                        help="mirror rounds, without and with alternately")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="mirror rounds, without and with alternately"
+    )
     parser.add_argument("--no-dask", action="store_true", help="only the mirror figures")
     args = parser.parse_args()
     seconds = args.seconds or (8.0 if args.quick else 30.0)
@@ -263,8 +325,11 @@ def main() -> None:
         for n in range(args.rounds):
             for mode, into in ((False, plain), (True, mirrored)):
                 run.quiet.wait()
-                print(f"mirror round {n + 1}: {'with' if mode else 'without'}",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"mirror round {n + 1}: {'with' if mode else 'without'}",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 into.append(mirror_run(root / f"{n}", args.rate, seconds, mirror=mode))
         if mirrored:
             results.append(lambda: print_mirror(args.rate, plain, mirrored))

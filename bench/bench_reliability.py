@@ -92,11 +92,50 @@ class Plan:
     sync_each: int = 500  # events appended with an fdatasync each
 
 
-FULL = Plan(("--clients", "16", "--runs", "3", "--beats", "20", "--daemon-kills", "5",
-             "--client-kills", "4", "--stops", "2", "--freezes", "2", "--seed", "16"), repeat=3)
-QUICK = Plan(("--clients", "4", "--runs", "2", "--beats", "10", "--daemon-kills", "2",
-              "--client-kills", "2", "--stops", "1", "--freezes", "1", "--seed", "16"),
-             repeat=1, spooled=500, sync_each=100)
+FULL = Plan(
+    (
+        "--clients",
+        "16",
+        "--runs",
+        "3",
+        "--beats",
+        "20",
+        "--daemon-kills",
+        "5",
+        "--client-kills",
+        "4",
+        "--stops",
+        "2",
+        "--freezes",
+        "2",
+        "--seed",
+        "16",
+    ),
+    repeat=3,
+)
+QUICK = Plan(
+    (
+        "--clients",
+        "4",
+        "--runs",
+        "2",
+        "--beats",
+        "10",
+        "--daemon-kills",
+        "2",
+        "--client-kills",
+        "2",
+        "--stops",
+        "1",
+        "--freezes",
+        "1",
+        "--seed",
+        "16",
+    ),
+    repeat=1,
+    spooled=500,
+    sync_each=100,
+)
 
 
 @dataclass
@@ -125,8 +164,9 @@ class Report:
 def stage_chaos(plan: Plan, report: Report) -> None:
     """tests/chaos.py, every fault in turn on a daemon of its own; it exits 0 if clean."""
     print("chaos: every fault", file=sys.stderr, flush=True)
-    report.chaos = subprocess.run([sys.executable, str(CHAOS), *plan.chaos],
-                                  capture_output=True, text=True)
+    report.chaos = subprocess.run(
+        [sys.executable, str(CHAOS), *plan.chaos], capture_output=True, text=True
+    )
 
 
 # --- client overhead ---------------------------------------------------------------------
@@ -139,13 +179,25 @@ def start_daemon(root: Path) -> Runnerd:
     return daemon.start(20.0)
 
 
-def client(env: dict[str, str], plan: Plan, bare: bool,
-           after_start: Callable[[], None] = lambda: None) -> dict[str, Any]:
+def client(
+    env: dict[str, str], plan: Plan, bare: bool, after_start: Callable[[], None] = lambda: None
+) -> dict[str, Any]:
     """Run the experiment once; `after_start` is called once its run has started."""
-    proc = subprocess.Popen([sys.executable, "-c", EXPERIMENT, "bare" if bare else "rd",
-                             str(plan.steps), str(plan.step)], env=env, text=True,
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            EXPERIMENT,
+            "bare" if bare else "rd",
+            str(plan.steps),
+            str(plan.step),
+        ],
+        env=env,
+        text=True,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
     assert proc.stdin is not None and proc.stdout is not None
     assert proc.stdout.readline().strip() == "started"
     after_start()
@@ -175,8 +227,12 @@ def landed(sock: Path, run_id: str, beats: int, timeout: float = 60.0) -> str:
 def timing(out: dict[str, Any], plan: Plan) -> Timing:
     """Own work is the steps' nominal length: whatever the client library's threads take
     from the experiment's steps counts as overhead."""
-    return Timing(set_up=out["set_up"], block=out["block"], own=plan.steps * plan.step,
-                  at_exit=out["exited"] - out["ended"])
+    return Timing(
+        set_up=out["set_up"],
+        block=out["block"],
+        own=plan.steps * plan.step,
+        at_exit=out["exited"] - out["ended"],
+    )
 
 
 def stage_clients(plan: Plan, root: Path, report: Report) -> None:
@@ -198,11 +254,12 @@ def stage_clients(plan: Plan, root: Path, report: Report) -> None:
 
     try:
         for label, env, bare, after_start in (
-                (BARE, live, True, nothing),
-                ("live daemon", live, False, nothing),
-                ("no daemon (socket absent)", nowhere, False, nothing),
-                ("no daemon, spool on tmpfs", nowhere_shm, False, nothing),
-                (FROZEN, live, False, freeze)):
+            (BARE, live, True, nothing),
+            ("live daemon", live, False, nothing),
+            ("no daemon (socket absent)", nowhere, False, nothing),
+            ("no daemon, spool on tmpfs", nowhere_shm, False, nothing),
+            (FROZEN, live, False, freeze),
+        ):
             runs = []
             for _ in range(plan.repeat):
                 try:
@@ -262,43 +319,65 @@ def through_reporter(folder: Path, count: int) -> float:
 def stage_spool(plan: Plan, root: Path, report: Report) -> None:
     logging.getLogger("runnerd_client").setLevel(logging.ERROR)  # "runnerd is away"
     with tempfile.TemporaryDirectory(prefix="rdb-", dir="/dev/shm") as shm:
-        for disk, folder in ((f"{root.parent} (temp dir's disk)", root / "spool"),
-                             ("/dev/shm (tmpfs)", Path(shm))):
+        for disk, folder in (
+            (f"{root.parent} (temp dir's disk)", root / "spool"),
+            ("/dev/shm (tmpfs)", Path(shm)),
+        ):
             spool = Spool([folder / "direct"])
-            for label, count, every in (("append, no fdatasync", plan.spooled, 0),
-                                        ("append + fdatasync each", plan.sync_each, 1),
-                                        ("append, fdatasync per 100", plan.spooled, 100)):
+            for label, count, every in (
+                ("append, no fdatasync", plan.spooled, 0),
+                ("append + fdatasync each", plan.sync_each, 1),
+                ("append, fdatasync per 100", plan.spooled, 100),
+            ):
                 report.spool.append((disk, label, count, per_event(spool, count, every)))
-            report.spool.append((disk, "Reporter.emit, no daemon (its batches)",
-                                 plan.spooled, through_reporter(folder, plan.spooled)))
+            report.spool.append(
+                (
+                    disk,
+                    "Reporter.emit, no daemon (its batches)",
+                    plan.spooled,
+                    through_reporter(folder, plan.spooled),
+                )
+            )
 
 
 # --- output --------------------------------------------------------------------------------
 
 
 def print_clients(plan: Plan, report: Report) -> None:
-    print(f"\nClient wall time: {plan.steps:,} steps of {plan.step * 1e3:.0f} ms CPU work, a "
-          f"heartbeat after each, then succeed (median of {plan.repeat}; ACK_WAIT "
-          f"{ACK_WAIT} s)")
-    print(f"{'situation':<34} {'create+start':>12} {'body':>6} {'body-own':>8} {'at exit':>7} "
-          f"{'total-own':>9} {'overhead':>8}  landed (after SIGCONT)")
-    medians = {label: sorted(runs, key=lambda t: t.overhead)[len(runs) // 2]
-               for label, runs in report.clients}
+    print(
+        f"\nClient wall time: {plan.steps:,} steps of {plan.step * 1e3:.0f} ms CPU work, a "
+        f"heartbeat after each, then succeed (median of {plan.repeat}; ACK_WAIT "
+        f"{ACK_WAIT} s)"
+    )
+    print(
+        f"{'situation':<34} {'create+start':>12} {'body':>6} {'body-own':>8} {'at exit':>7} "
+        f"{'total-own':>9} {'overhead':>8}  landed (after SIGCONT)"
+    )
+    medians = {
+        label: sorted(runs, key=lambda t: t.overhead)[len(runs) // 2]
+        for label, runs in report.clients
+    }
     base = medians[BARE].overhead if BARE in medians else 0.0
     for label, mid in medians.items():
-        print(f"{label:<34} {mid.set_up:>12.3f} {mid.block:>6.3f} {mid.block - mid.own:>8.3f} "
-              f"{mid.at_exit:>7.3f} {mid.overhead:>9.3f} {mid.overhead - base:>8.3f}  "
-              f"{mid.landed}")
+        print(
+            f"{label:<34} {mid.set_up:>12.3f} {mid.block:>6.3f} {mid.block - mid.own:>8.3f} "
+            f"{mid.at_exit:>7.3f} {mid.overhead:>9.3f} {mid.overhead - base:>8.3f}  "
+            f"{mid.landed}"
+        )
     if FROZEN in medians:
         total = medians[FROZEN].overhead
-        print(f"target: overhead with the daemon frozen mid-run < {GOAL_OVERHEAD:.0f} s: "
-              f"{total - base:.2f} s {verdict(total - base < GOAL_OVERHEAD)}; ends within "
-              f"{GOAL_FROZEN_END:.0f} s of its own work: {total:.2f} s "
-              f"{verdict(total < GOAL_FROZEN_END)}")
-    print("(seconds; create+start: before the block's body; body: the steps, heartbeats and "
-          "succeed; own: the steps' nominal CPU work; at exit: runnerd_client's at-exit "
-          "handlers; total-own: create+start + body-own + at exit; overhead: total-own less "
-          "that of the run with no runnerd call, what the machine's load alone costs)")
+        print(
+            f"target: overhead with the daemon frozen mid-run < {GOAL_OVERHEAD:.0f} s: "
+            f"{total - base:.2f} s {verdict(total - base < GOAL_OVERHEAD)}; ends within "
+            f"{GOAL_FROZEN_END:.0f} s of its own work: {total:.2f} s "
+            f"{verdict(total < GOAL_FROZEN_END)}"
+        )
+    print(
+        "(seconds; create+start: before the block's body; body: the steps, heartbeats and "
+        "succeed; own: the steps' nominal CPU work; at exit: runnerd_client's at-exit "
+        "handlers; total-own: create+start + body-own + at exit; overhead: total-own less "
+        "that of the run with no runnerd call, what the machine's load alone costs)"
+    )
 
 
 def print_spool(report: Report) -> None:
@@ -323,11 +402,14 @@ def main() -> None:
     bench.stop()
     bench.header("reliability", "quick" if args.quick else "full")
     if report.chaos is not None:
-        print(f"\nEvents acknowledged vs found, per fault (python tests/chaos.py "
-              f"{' '.join(plan.chaos)}):")
+        print(
+            f"\nEvents acknowledged vs found, per fault (python tests/chaos.py "
+            f"{' '.join(plan.chaos)}):"
+        )
         print(report.chaos.stdout.rstrip() or report.chaos.stderr[-3000:])
-        print(f"target: every acknowledged event found once: "
-              f"{verdict(report.chaos.returncode == 0)}")
+        print(
+            f"target: every acknowledged event found once: {verdict(report.chaos.returncode == 0)}"
+        )
     print_clients(plan, report)
     print_spool(report)
 

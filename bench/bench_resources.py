@@ -52,8 +52,10 @@ from runnerd_client.protocol import Create, Get, ListRuns, Start
 
 EXPERIMENT = "bench-resources"
 PR_SET_PDEATHSIG = 1
-HOG = ("import time\nheld = []\nwhile True:\n    held.append(b'x' * (1 << 20))\n"
-       "    time.sleep(0.003)\n")
+HOG = (
+    "import time\nheld = []\nwhile True:\n    held.append(b'x' * (1 << 20))\n"
+    "    time.sleep(0.003)\n"
+)
 
 
 @dataclass(frozen=True)
@@ -92,10 +94,11 @@ def _client(sock: str, index: int, out: int, parent: int) -> None:
         conn = Connection(sock, timeout=120, client="bench_resources")
         try:
             run_id = new_run_id()
-            conn.call(Create(key=new_key(), run_id=run_id, experiment=EXPERIMENT,
-                             variation=f"c{index}"), timeout=120)
-            conn.call(Start(key=new_key(), run_id=run_id, heartbeat_timeout=3600.0),
-                      timeout=120)
+            conn.call(
+                Create(key=new_key(), run_id=run_id, experiment=EXPERIMENT, variation=f"c{index}"),
+                timeout=120,
+            )
+            conn.call(Start(key=new_key(), run_id=run_id, heartbeat_timeout=3600.0), timeout=120)
         finally:
             conn.close()
         os.write(out, f"{os.getpid()} {run_id}\n".encode())
@@ -119,8 +122,9 @@ def _read_lines(fd: int, want: int, timeout: float) -> list[str]:
     return buf.decode().splitlines()
 
 
-def _spawner(sock: str, first: int, count: int, batch: int, results: Any, release: Any,
-             parent: int) -> None:
+def _spawner(
+    sock: str, first: int, count: int, batch: int, results: Any, release: Any, parent: int
+) -> None:
     """Fork `count` clients, `batch` at a time; report them; kill and reap them on release."""
     die_with_parent(parent)
     me = os.getpid()
@@ -159,9 +163,15 @@ def clients(sock: Path, plan: Plan) -> Iterator[dict[str, int]]:
     results, release = FORK.Queue(), FORK.Event()
     per = -(-plan.procs // plan.spawners)
     counts = [min(per, plan.procs - i * per) for i in range(plan.spawners)]
-    procs = [FORK.Process(target=_spawner, args=(str(sock), i * per, n, plan.batch, results,
-                                                 release, os.getpid()), daemon=True)
-             for i, n in enumerate(counts) if n > 0]
+    procs = [
+        FORK.Process(
+            target=_spawner,
+            args=(str(sock), i * per, n, plan.batch, results, release, os.getpid()),
+            daemon=True,
+        )
+        for i, n in enumerate(counts)
+        if n > 0
+    ]
     for p in procs:
         p.start()
     try:
@@ -244,18 +254,25 @@ def time_steps(attached: dict[str, int]) -> Steps:
             cache, now = cgroups(), time.time()
             for group in groups:
                 group.sample(table, children, cache, now)
+
         return round_
 
     sample(lambda: warm)()
     sample(lambda: warm)()  # a process seen for the first time is read twice
-    return Steps(len(table), _median_ms(procinfo.process_table), _median_ms(descendants),
-                 _median_ms(sample(usage.Cgroups)), _median_ms(sample(lambda: warm)))
+    return Steps(
+        len(table),
+        _median_ms(procinfo.process_table),
+        _median_ms(descendants),
+        _median_ms(sample(usage.Cgroups)),
+        _median_ms(sample(lambda: warm)),
+    )
 
 
 def running_runs(daemon: Runnerd) -> list[dict[str, Any]]:
     with daemon.connect() as conn:
-        runs: list[dict[str, Any]] = conn.call(ListRuns(state="running", limit=10_000),
-                                               timeout=120)["runs"]
+        runs: list[dict[str, Any]] = conn.call(
+            ListRuns(state="running", limit=10_000), timeout=120
+        )["runs"]
         return runs
 
 
@@ -280,13 +297,15 @@ def wait_none_running(daemon: Runnerd, timeout: float = 300.0) -> None:
         time.sleep(0.2)
 
 
-def window(daemon: Runnerd, quiet: Quiet, interval: float, attached: int,
-           seconds: float) -> Window:
+def window(daemon: Runnerd, quiet: Quiet, interval: float, attached: int, seconds: float) -> Window:
     """Let the daemon settle, wait for other load to go, then time it for `seconds`."""
     daemon.wait_idle(timeout=20.0)
     quiet.wait()
-    print(f"timing {seconds:g} s: {attached} attached, sample_interval {interval:g}",
-          file=sys.stderr, flush=True)
+    print(
+        f"timing {seconds:g} s: {attached} attached, sample_interval {interval:g}",
+        file=sys.stderr,
+        flush=True,
+    )
     busy0, mine0, daemon0, t0 = machine_busy(), _self_cpu(), daemon.cpu(), time.monotonic()
     tasks = _tasks(daemon.pid)
     idle = sample_idle(daemon.pid, seconds, attached)
@@ -376,15 +395,29 @@ def run_id_of(pid: int) -> str | None:
         env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
     except OSError:
         return None
-    found = [e[len(b"RUNNERD_RUN_ID="):] for e in env if e.startswith(b"RUNNERD_RUN_ID=")]
+    found = [e[len(b"RUNNERD_RUN_ID=") :] for e in env if e.startswith(b"RUNNERD_RUN_ID=")]
     return found[0].decode() if found else None
 
 
 def one_oom(daemon: Runnerd, conn: Connection, memory: str, poll: float = 0.0005) -> Oom | str:
     """Launch one hog under `runnerctl exec --memory`; the figures, or why there are none."""
-    proc = subprocess.Popen([*RUNNERCTL, "exec", "--experiment", "bench-oom", "--memory", memory,
-                             "--", sys.executable, "-c", HOG], env=daemon.env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [
+            *RUNNERCTL,
+            "exec",
+            "--experiment",
+            "bench-oom",
+            "--memory",
+            memory,
+            "--",
+            sys.executable,
+            "-c",
+            HOG,
+        ],
+        env=daemon.env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     try:
         command = run_id = None
         while proc.poll() is None and (command is None or run_id is None):
@@ -411,10 +444,15 @@ def one_oom(daemon: Runnerd, conn: Connection, memory: str, poll: float = 0.0005
             time.sleep(poll)
         proc.communicate(timeout=60)
         failure = run["failure"] or {}
-        return Oom(proc.returncode, seen - dead, exited - dead,
-                   epoch(failure["at"]) - dead_wall if failure.get("at") else float("nan"),
-                   str(failure.get("failure_class")), failure.get("category"),
-                   str(failure.get("message")))
+        return Oom(
+            proc.returncode,
+            seen - dead,
+            exited - dead,
+            epoch(failure["at"]) - dead_wall if failure.get("at") else float("nan"),
+            str(failure.get("failure_class")),
+            failure.get("category"),
+            str(failure.get("message")),
+        )
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -446,49 +484,68 @@ def stage_oom(daemon: Runnerd, plan: Plan, quiet: Quiet) -> Ooms:
 
 
 def print_sampling(s: Sampling, plan: Plan) -> None:
-    print(f"\nThe daemon's CPU while sampling (% of one core; {plan.procs} client processes "
-          f"started in {s.spawn_seconds:.1f} s, each attached to a run of its own)")
-    print(f"{'sample_interval':>15} {'attached':>8} {'window s':>8} {'CPU %':>6} "
-          f"{'schedstat %':>11} {'ms/round':>8} {'wakeups/s':>9} {'RSS MB':>7} "
-          f"{'others %':>8}")
+    print(
+        f"\nThe daemon's CPU while sampling (% of one core; {plan.procs} client processes "
+        f"started in {s.spawn_seconds:.1f} s, each attached to a run of its own)"
+    )
+    print(
+        f"{'sample_interval':>15} {'attached':>8} {'window s':>8} {'CPU %':>6} "
+        f"{'schedstat %':>11} {'ms/round':>8} {'wakeups/s':>9} {'RSS MB':>7} "
+        f"{'others %':>8}"
+    )
     for w in s.windows:
-        precise, wakeups = ((f"{'n/a':>11}", f"{'n/a':>9}") if w.threads_gone else
-                            (f"{w.idle.precise_pct:>11.3f}", f"{w.idle.wakeups:>9.1f}"))
-        print(f"{w.interval:>15g} {w.attached:>8} {w.seconds:>8g} {w.idle.cpu_pct:>6.2f} "
-              f"{precise} {w.ms_per_round:>8.1f} {wakeups} {w.idle.rss_mb:>7.1f} "
-              f"{w.others_pct:>8.1f}")
-    print(f"(CPU % = utime+stime / wall; schedstat %: the same in ns, n/a when a daemon "
-          f"thread exited in the window;\n ms/round = CPU-ms per sampling round; others % = "
-          f"CPU the rest of the machine used in the window;\n restart with {plan.procs} live "
-          f"runs answered `status` in {s.restart_seconds:.2f} s)")
+        precise, wakeups = (
+            (f"{'n/a':>11}", f"{'n/a':>9}")
+            if w.threads_gone
+            else (f"{w.idle.precise_pct:>11.3f}", f"{w.idle.wakeups:>9.1f}")
+        )
+        print(
+            f"{w.interval:>15g} {w.attached:>8} {w.seconds:>8g} {w.idle.cpu_pct:>6.2f} "
+            f"{precise} {w.ms_per_round:>8.1f} {wakeups} {w.idle.rss_mb:>7.1f} "
+            f"{w.others_pct:>8.1f}"
+        )
+    print(
+        f"(CPU % = utime+stime / wall; schedstat %: the same in ns, n/a when a daemon "
+        f"thread exited in the window;\n ms/round = CPU-ms per sampling round; others % = "
+        f"CPU the rest of the machine used in the window;\n restart with {plan.procs} live "
+        f"runs answered `status` in {s.restart_seconds:.2f} s)"
+    )
     if s.steps is not None:
         st = s.steps
-        print(f"\nOne round's steps run in this process ({plan.procs} runs of 1 pid, "
-              f"{st.procs_in_proc} processes in /proc; median CPU ms of 5)")
-        for label, ms in (("process_table (read every /proc/PID/stat)", st.process_table),
-                          ("children_of, then with_descendants of every run", st.descendants),
-                          ("Group.sample of every run, cgroups read (a first round)",
-                           st.first_round),
-                          ("Group.sample of every run, cgroups cached", st.later_round)):
+        print(
+            f"\nOne round's steps run in this process ({plan.procs} runs of 1 pid, "
+            f"{st.procs_in_proc} processes in /proc; median CPU ms of 5)"
+        )
+        for label, ms in (
+            ("process_table (read every /proc/PID/stat)", st.process_table),
+            ("children_of, then with_descendants of every run", st.descendants),
+            ("Group.sample of every run, cgroups read (a first round)", st.first_round),
+            ("Group.sample of every run, cgroups cached", st.later_round),
+        ):
             print(f"  {label:<56} {ms:8.1f}")
     default = next((w for w in s.windows if w.interval == 5.0 and w.attached), None)
     if default is not None:
-        print(f"target: < 2% of a core sampling {default.attached} processes every 5 s: "
-              f"{default.idle.cpu_pct:.2f}% {verdict(default.idle.cpu_pct < 2.0)}")
+        print(
+            f"target: < 2% of a core sampling {default.attached} processes every 5 s: "
+            f"{default.idle.cpu_pct:.2f}% {verdict(default.idle.cpu_pct < 2.0)}"
+        )
 
 
 def print_ooms(o: Ooms, plan: Plan) -> None:
-    print(f"\nOOM kill under `runnerctl exec --memory {plan.memory}` (a command allocating "
-          f"1 MiB every 3 ms), {len(o.kills)} kills, one at a time")
+    print(
+        f"\nOOM kill under `runnerctl exec --memory {plan.memory}` (a command allocating "
+        f"1 MiB every 3 ms), {len(o.kills)} kills, one at a time"
+    )
     for problem in o.problems:
         print(f"  could not measure: {problem}")
     if not o.kills:
         return
     print(f"{'from the kill (command seen dead in /proc) to':<48} {'p50 ms':>7} {'max ms':>7}")
-    for label, values in (("`get` showing failed_crash (polled every 0.5 ms)",
-                           [k.to_seen for k in o.kills]),
-                          ("runnerctl exec exiting", [k.to_exit for k in o.kills]),
-                          ("the failure's `at` (wall clock, ms)", [k.to_at for k in o.kills])):
+    for label, values in (
+        ("`get` showing failed_crash (polled every 0.5 ms)", [k.to_seen for k in o.kills]),
+        ("runnerctl exec exiting", [k.to_exit for k in o.kills]),
+        ("the failure's `at` (wall clock, ms)", [k.to_at for k in o.kills]),
+    ):
         print(f"{label:<48} {pct(values, 0.5) * 1e3:>7.1f} {max(values) * 1e3:>7.1f}")
     rcs = sorted({k.rc for k in o.kills})
     kinds = sorted({f"{k.failure_class}/{k.category}" for k in o.kills})

@@ -119,16 +119,28 @@ def time_xargs(count: int) -> tuple[float, float]:
 def stage_sweep_run(plan: Plan, runnerd: Runnerd, root: Path, quiet: Quiet) -> SweepRun:
     """`sweep run --jobs 2` of `true` over plan.cells cells, and xargs, each plan.repeat times."""
     res = SweepRun(plan.cells)
-    argv = [*RUNNERCTL, "sweep", "run", "--experiment", EXPERIMENT,
-            *grid_args(plan.cells, root), "--jobs", "2",
-            "--failure-policy", "continue_on_failure", "--", "true"]
+    argv = [
+        *RUNNERCTL,
+        "sweep",
+        "run",
+        "--experiment",
+        EXPERIMENT,
+        *grid_args(plan.cells, root),
+        "--jobs",
+        "2",
+        "--failure-policy",
+        "continue_on_failure",
+        "--",
+        "true",
+    ]
     for n in range(plan.repeat):
         quiet.wait()
         wall, cpu = time_xargs(plan.cells)
         if wall < res.xargs:
             res.xargs, res.xargs_cpu = wall, cpu
-        print(f"sweep run of {plan.cells} cells ({n + 1}/{plan.repeat})", file=sys.stderr,
-              flush=True)
+        print(
+            f"sweep run of {plan.cells} cells ({n + 1}/{plan.repeat})", file=sys.stderr, flush=True
+        )
         daemon0, cpu0, began = runnerd.cpu(), child_cpu(), time.perf_counter()
         proc = subprocess.run(argv, env=runnerd.env, cwd=root, capture_output=True, text=True)
         wall = time.perf_counter() - began
@@ -167,13 +179,25 @@ def create_sweep(sock: Path, count: int, res: Resume) -> None:
     since a request holds at most 10,000 list items), made and ended (failed) over the
     protocol."""
     res.sweep_id = new_run_id()
-    spec = {"kind": "command", "command": ["true"], "cwd": "/tmp",
-            "grid": {"i": list(range(-(-count // 100))), "j": list(range(100))}}
+    spec = {
+        "kind": "command",
+        "command": ["true"],
+        "cwd": "/tmp",
+        "grid": {"i": list(range(-(-count // 100))), "j": list(range(100))},
+    }
     conn = Connection(sock, client="bench_sweeps")
     try:
         began = time.perf_counter()
-        conn.call(SweepCreate(key=new_key(), sweep_id=res.sweep_id, experiment="bench-big",
-                              spec=spec, failure_policy="continue_on_failure"), timeout=600)
+        conn.call(
+            SweepCreate(
+                key=new_key(),
+                sweep_id=res.sweep_id,
+                experiment="bench-big",
+                spec=spec,
+                failure_policy="continue_on_failure",
+            ),
+            timeout=600,
+        )
         res.create = time.perf_counter() - began
         conn.call(SweepEnd(key=new_key(), sweep_id=res.sweep_id, status="failed"), timeout=600)
         res.end = time.perf_counter() - began - res.create
@@ -197,19 +221,42 @@ def mark_cells(db: Path, sweep_id: str) -> float:
                 continue
             at = now - 3600 + cell.index * 0.01
             run_id = new_run_id(now=at)
-            store.runs.create(NewRun(
-                run_id=run_id, experiment="bench-big", variation=cell.variation,
-                params_json=json.dumps(cell.params), tags_json="{}", created_at=at, cwd="/tmp",
-                host="bench", sweep_id=sweep_id, cell=cell.index), "bench")
-            store.runs.set_state(store.runs.require(run_id), State.RUNNING, at=at,
-                                 cause="start", source="bench",
-                                 change=RunUpdate(started_at=at, last_heartbeat_at=at))
-            store.runs.set_state(store.runs.require(run_id), state, at=at + 0.005,
-                                 cause="bench", source="bench",
-                                 change=RunUpdate(ended_at=at + 0.005))
+            store.runs.create(
+                NewRun(
+                    run_id=run_id,
+                    experiment="bench-big",
+                    variation=cell.variation,
+                    params_json=json.dumps(cell.params),
+                    tags_json="{}",
+                    created_at=at,
+                    cwd="/tmp",
+                    host="bench",
+                    sweep_id=sweep_id,
+                    cell=cell.index,
+                ),
+                "bench",
+            )
+            store.runs.set_state(
+                store.runs.require(run_id),
+                State.RUNNING,
+                at=at,
+                cause="start",
+                source="bench",
+                change=RunUpdate(started_at=at, last_heartbeat_at=at),
+            )
+            store.runs.set_state(
+                store.runs.require(run_id),
+                state,
+                at=at + 0.005,
+                cause="bench",
+                source="bench",
+                change=RunUpdate(ended_at=at + 0.005),
+            )
             if state == State.FAILED_CRASH:
-                store.failures.put(run_id, failure_record("ExitCode", "exit code 1", "crash",
-                                                          at + 0.005, exit_code=1))
+                store.failures.put(
+                    run_id,
+                    failure_record("ExitCode", "exit code 1", "crash", at + 0.005, exit_code=1),
+                )
             store.sweeps.claim_cell(sweep_id, cell.index, run_id)
     return time.monotonic() - began
 
@@ -240,8 +287,7 @@ def plan_resume(sock: Path, sweep_id: str, take_over: bool) -> tuple[dict[str, f
         lap("SweepCells pages (unfinished)")
         planned = [with_latest(c) for c in unfinished]
         lap("with_latest")
-        steps["pages + with_latest"] = steps["SweepCells pages (unfinished)"] + \
-            steps["with_latest"]
+        steps["pages + with_latest"] = steps["SweepCells pages (unfinished)"] + steps["with_latest"]
         steps["total"] = last - began
         if take_over:
             conn.call(SweepEnd(key=new_key(), sweep_id=sweep_id, status="failed"), timeout=600)
@@ -257,8 +303,9 @@ def heartbeat_stall(sock: Path, sweep_id: str, seconds: float = 2.0) -> tuple[fl
     worst = []
     try:
         run_id = new_run_id()
-        conn.call(Create(key=new_key(), run_id=run_id, experiment="bench-stall",
-                         variation="default"))
+        conn.call(
+            Create(key=new_key(), run_id=run_id, experiment="bench-stall", variation="default")
+        )
         conn.call(Start(key=new_key(), run_id=run_id))
         seq = 0
         for take_over in (False, True):
@@ -295,8 +342,11 @@ def stage_resume(plan: Plan, runnerd: Runnerd, quiet: Quiet) -> Resume:
         variant = res.steps.setdefault(TAKE_OVER if take_over else IDLE, {})
         for n in range(plan.reps):
             quiet.wait()
-            print(f"resume plan {n + 1}/{plan.reps}" + (" with SweepStart" if take_over else ""),
-                  file=sys.stderr, flush=True)
+            print(
+                f"resume plan {n + 1}/{plan.reps}" + (" with SweepStart" if take_over else ""),
+                file=sys.stderr,
+                flush=True,
+            )
             steps, res.planned = plan_resume(runnerd.socket, res.sweep_id, take_over)
             for name, seconds in steps.items():
                 variant.setdefault(name, []).append(seconds)
@@ -310,8 +360,12 @@ def stage_resume(plan: Plan, runnerd: Runnerd, quiet: Quiet) -> Resume:
     quiet.wait()
     print("runnerctl sweep show --json", file=sys.stderr, flush=True)
     res.commands = [
-        ("runnerctl sweep show --json", time_command(
-            [*RUNNERCTL, "sweep", "show", "--json", res.sweep_id], runnerd.env, plan.show_reps)),
+        (
+            "runnerctl sweep show --json",
+            time_command(
+                [*RUNNERCTL, "sweep", "show", "--json", res.sweep_id], runnerd.env, plan.show_reps
+            ),
+        ),
         time_floor(plan.show_reps),
     ]
     return res
@@ -323,23 +377,37 @@ def stage_resume(plan: Plan, runnerd: Runnerd, quiet: Quiet) -> Resume:
 def print_sweep_run(res: SweepRun, repeat: int) -> None:
     per = 1e3 / res.cells
     overhead = (res.wall - res.xargs) * per
-    print(f"\n`runnerctl sweep run --jobs 2 --failure-policy continue_on_failure -- true` over "
-          f"{res.cells} cells, beside `seq {res.cells} | xargs -P 2 -I{{}} true`"
-          + (f" (best of {repeat})" if repeat > 1 else ""))
+    print(
+        f"\n`runnerctl sweep run --jobs 2 --failure-policy continue_on_failure -- true` over "
+        f"{res.cells} cells, beside `seq {res.cells} | xargs -P 2 -I{{}} true`"
+        + (f" (best of {repeat})" if repeat > 1 else "")
+    )
     print(f"{'':<28} {'wall s':>7} {'ms/cell':>8} {'CPU s':>7} {'CPU ms/cell':>11}")
-    print(f"{'xargs -P 2':<28} {res.xargs:>7.2f} {res.xargs * per:>8.2f} {res.xargs_cpu:>7.2f} "
-          f"{res.xargs_cpu * per:>11.2f}")
-    print(f"{'runnerctl sweep run':<28} {res.wall:>7.2f} {res.wall * per:>8.2f} "
-          f"{res.ctl_cpu:>7.2f} {res.ctl_cpu * per:>11.2f}")
-    print(f"{'  runnerd, meanwhile':<28} {'':>7} {'':>8} {res.daemon_cpu:>7.2f} "
-          f"{res.daemon_cpu * per:>11.2f}")
-    print(f"{'  runnerd, after exit':<28} {res.drain:>7.2f} {'':>8} {res.drain_cpu:>7.2f} "
-          f"{res.drain_cpu * per:>11.2f}")
+    print(
+        f"{'xargs -P 2':<28} {res.xargs:>7.2f} {res.xargs * per:>8.2f} {res.xargs_cpu:>7.2f} "
+        f"{res.xargs_cpu * per:>11.2f}"
+    )
+    print(
+        f"{'runnerctl sweep run':<28} {res.wall:>7.2f} {res.wall * per:>8.2f} "
+        f"{res.ctl_cpu:>7.2f} {res.ctl_cpu * per:>11.2f}"
+    )
+    print(
+        f"{'  runnerd, meanwhile':<28} {'':>7} {'':>8} {res.daemon_cpu:>7.2f} "
+        f"{res.daemon_cpu * per:>11.2f}"
+    )
+    print(
+        f"{'  runnerd, after exit':<28} {res.drain:>7.2f} {'':>8} {res.drain_cpu:>7.2f} "
+        f"{res.drain_cpu * per:>11.2f}"
+    )
     print(f"runnerctl exit {res.exit_code}: {res.last_line}")
-    print(f"ratio {res.wall / res.xargs:.1f}x; target: overhead < 5 ms/cell: "
-          f"{overhead:.2f} ms {verdict(overhead < 5)}")
-    print("(CPU of runnerctl and xargs includes their `true`s; runnerd after exit: how long "
-          "it stayed busy, writing metadata.json and manifest.json)")
+    print(
+        f"ratio {res.wall / res.xargs:.1f}x; target: overhead < 5 ms/cell: "
+        f"{overhead:.2f} ms {verdict(overhead < 5)}"
+    )
+    print(
+        "(CPU of runnerctl and xargs includes their `true`s; runnerd after exit: how long "
+        "it stayed busy, writing metadata.json and manifest.json)"
+    )
 
 
 def _ms(values: Sequence[float] | None) -> str:
@@ -349,29 +417,41 @@ def _ms(values: Sequence[float] | None) -> str:
 
 
 def print_resume(res: Resume) -> None:
-    print(f"\nResume plan of a {res.cells}-cell sweep: "
-          + ", ".join(f"{n} {s}" for s, n in res.summary.items() if n and s != "total")
-          + f"; {res.planned} cells planned")
-    print(f"made by SweepCreate in {res.create:.2f} s (its SweepEnd, which waits for "
-          f"manifest.json: {res.end:.2f} s); cells marked through the registry's Store in "
-          f"{res.build:.1f} s; daemon restarted in {res.restart:.2f} s")
+    print(
+        f"\nResume plan of a {res.cells}-cell sweep: "
+        + ", ".join(f"{n} {s}" for s, n in res.summary.items() if n and s != "total")
+        + f"; {res.planned} cells planned"
+    )
+    print(
+        f"made by SweepCreate in {res.create:.2f} s (its SweepEnd, which waits for "
+        f"manifest.json: {res.end:.2f} s); cells marked through the registry's Store in "
+        f"{res.build:.1f} s; daemon restarted in {res.restart:.2f} s"
+    )
     idle, taken = res.steps[IDLE], res.steps[TAKE_OVER]
     print(f"{'':<40} {IDLE:>17} {TAKE_OVER:>17}")
-    print(f"{'step (one Connection)':<40} {'median ms':>9} {'max ms':>7} {'median ms':>9} "
-          f"{'max ms':>7}")
+    print(
+        f"{'step (one Connection)':<40} {'median ms':>9} {'max ms':>7} {'median ms':>9} "
+        f"{'max ms':>7}"
+    )
     for name in taken:
         print(f"{name:<40} {_ms(idle.get(name))} {_ms(taken[name])}")
     for label, values in res.commands:
         print(f"{label:<40} {_ms(values)}")
     for variant, steps in res.steps.items():
         median = statistics.median(steps["pages + with_latest"])
-        print(f"target: pages + with_latest < 1 s, {variant}: median {median * 1e3:.0f} ms "
-              f"{verdict(median < 1)}")
-    print(f"worst heartbeat round trip: {res.stall[0]:.1f} ms on the idle daemon, "
-          f"{res.stall[1]:.1f} ms while it rewrites this sweep's manifest.json (after SweepStart)")
-    print(f"({len(res.steps[IDLE]['total'])} plans each; the first without SweepStart is the "
-          "first after the restart; SweepCells pages of 5,000; SweepStart makes the daemon "
-          "rewrite manifest.json 0.2 s later, on the registry thread the pages need)")
+        print(
+            f"target: pages + with_latest < 1 s, {variant}: median {median * 1e3:.0f} ms "
+            f"{verdict(median < 1)}"
+        )
+    print(
+        f"worst heartbeat round trip: {res.stall[0]:.1f} ms on the idle daemon, "
+        f"{res.stall[1]:.1f} ms while it rewrites this sweep's manifest.json (after SweepStart)"
+    )
+    print(
+        f"({len(res.steps[IDLE]['total'])} plans each; the first without SweepStart is the "
+        "first after the restart; SweepCells pages of 5,000; SweepStart makes the daemon "
+        "rewrite manifest.json 0.2 s later, on the registry thread the pages need)"
+    )
 
 
 # --- main ---------------------------------------------------------------------------
@@ -403,10 +483,16 @@ def run(plan: Plan, bench: Session) -> Report:
 def main() -> None:
     parser = arguments(__doc__, "200 cells for `sweep run`, a 20,000-cell sweep to resume")
     parser.add_argument("--cells", type=int, metavar="N", help="cells of `sweep run` (0: skip)")
-    parser.add_argument("--big", type=int, metavar="N",
-                        help="cells of the sweep to resume (0: skip)")
-    parser.add_argument("--repeat", type=int, default=1, metavar="N",
-                        help="run `sweep run` and xargs N times and keep the best (default 1)")
+    parser.add_argument(
+        "--big", type=int, metavar="N", help="cells of the sweep to resume (0: skip)"
+    )
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run `sweep run` and xargs N times and keep the best (default 1)",
+    )
     args = parser.parse_args()
     bench = session(args)
     plan = replace(QUICK if args.quick else FULL, repeat=max(1, args.repeat))

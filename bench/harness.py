@@ -130,8 +130,9 @@ def sample_idle(pid: int, seconds: float, runs: int) -> Idle:
         time.sleep(min(1.0, seconds - (time.monotonic() - t0)))
         peak = max(peak, rss_mb(pid))
     cpu1, (ns1, sw1), wall = cpu_seconds(pid), task_totals(pid), time.monotonic() - t0
-    return Idle(runs, (cpu1 - cpu0) / wall * 100, (ns1 - ns0) / wall * 100, (sw1 - sw0) / wall,
-                peak)
+    return Idle(
+        runs, (cpu1 - cpu0) / wall * 100, (ns1 - ns0) / wall * 100, (sw1 - sw0) / wall, peak
+    )
 
 
 # --- the daemon ---------------------------------------------------------------------
@@ -164,7 +165,8 @@ class Runnerd(Daemon):
             try:
                 with self.connect(timeout=max(deadline - time.monotonic(), 0.1)) as conn:
                     reply: dict[str, Any] = conn.call(
-                        Status(), timeout=max(deadline - time.monotonic(), 0.1))
+                        Status(), timeout=max(deadline - time.monotonic(), 0.1)
+                    )
                     return reply
             except DaemonUnavailable:
                 if (self.proc and self.proc.poll() is not None) or time.monotonic() > deadline:
@@ -281,15 +283,17 @@ class Quiet:
     ours: Callable[[], float] = lambda: 0.0
 
     def others(self) -> list[str]:
-        found = subprocess.run(["pgrep", "-af", OTHERS], capture_output=True,
-                               text=True).stdout.splitlines()
+        found = subprocess.run(
+            ["pgrep", "-af", OTHERS], capture_output=True, text=True
+        ).stdout.splitlines()
         since = int(_stat(os.getpid())[19])
         others = []
         for line in found:
             pid, command = int(line.split(" ", 1)[0]), line.split(" ", 1)[-1]
             with contextlib.suppress(OSError):
-                if not _ours(pid) and (not re.search(BENCH, command)
-                                       or int(_stat(pid)[19]) < since):
+                if not _ours(pid) and (
+                    not re.search(BENCH, command) or int(_stat(pid)[19]) < since
+                ):
                     others.append(command)
         return others
 
@@ -320,18 +324,24 @@ class Session:
 
     def stop(self) -> None:
         self.wall = time.monotonic() - self.began - self.quiet.waited
-        self.foreign = ((machine_busy() - self.busy0) - (own_cpu() - self.own0)
-                        - (self.quiet.busy - self.quiet.own))
+        self.foreign = (
+            (machine_busy() - self.busy0)
+            - (own_cpu() - self.own0)
+            - (self.quiet.busy - self.quiet.own)
+        )
 
     def header(self, what: str, mode: str) -> None:
         cpus = os.cpu_count() or 1
         share = self.foreign / (max(self.wall, 1e-9) * cpus)
-        waited = f" (+{self.quiet.waited:.0f} s waiting for other load)" if self.quiet.notes \
-            else ""
-        print(f"runnerd {what} benchmark, {mode} mode: {self.wall:.0f} s on {cpus} CPUs"
-              f"{waited}; load average {self.load_before:.1f} before")
-        print(f"other processes used {self.foreign:.0f} CPU-s while it ran ({share:.0%} of the "
-              "machine)" + ("  <- figures are noisy" if share > 0.05 else ""))
+        waited = f" (+{self.quiet.waited:.0f} s waiting for other load)" if self.quiet.notes else ""
+        print(
+            f"runnerd {what} benchmark, {mode} mode: {self.wall:.0f} s on {cpus} CPUs"
+            f"{waited}; load average {self.load_before:.1f} before"
+        )
+        print(
+            f"other processes used {self.foreign:.0f} CPU-s while it ran ({share:.0%} of the "
+            "machine)" + ("  <- figures are noisy" if share > 0.05 else "")
+        )
         if self.quiet.notes:
             print(f"waited for: {'; '.join(sorted(self.quiet.notes))[:300]}")
 
@@ -340,8 +350,11 @@ def arguments(doc: str | None, quick: str) -> argparse.ArgumentParser:
     """A bench script's options: --quick (what it does then), --no-wait."""
     parser = argparse.ArgumentParser(description=(doc or "").splitlines()[0])
     parser.add_argument("--quick", action="store_true", help=quick)
-    parser.add_argument("--no-wait", action="store_true",
-                        help="time even while other heavy work runs (see the header's noise)")
+    parser.add_argument(
+        "--no-wait",
+        action="store_true",
+        help="time even while other heavy work runs (see the header's noise)",
+    )
     return parser
 
 
@@ -436,13 +449,14 @@ def _forked(body: Body, index: int, barrier: Any, queue: Any, release: Release) 
 
 
 @contextlib.contextmanager
-def forked(body: Body, procs: int,
-           timeout: float = 1800.0) -> Iterator[tuple[list[Any], Release]]:
+def forked(body: Body, procs: int, timeout: float = 1800.0) -> Iterator[tuple[list[Any], Release]]:
     """Run `body(index, barrier)` in `procs` forked processes; yield (their results, what
     lets them exit) while they live. Leaving the block lets them exit too."""
     barrier, queue, release = FORK.Barrier(procs), FORK.Queue(), Release()
-    workers = [FORK.Process(target=_forked, args=(body, i, barrier, queue, release),
-                            daemon=True) for i in range(procs)]
+    workers = [
+        FORK.Process(target=_forked, args=(body, i, barrier, queue, release), daemon=True)
+        for i in range(procs)
+    ]
     for w in workers:
         w.start()
     try:
@@ -464,8 +478,9 @@ MakeRequests = Callable[[int, int], list[Request]]
 
 
 @contextlib.contextmanager
-def fillers(sock: Path, total: int, procs: int, window: int,
-            make: MakeRequests) -> Iterator[tuple[float, int, Release]]:
+def fillers(
+    sock: Path, total: int, procs: int, window: int, make: MakeRequests
+) -> Iterator[tuple[float, int, Release]]:
     """Send `total` request groups `make(process, k)` from `procs` processes, `window` in
     flight each; yield (seconds, error replies, release event) while the processes live."""
     per = -(-total // procs)
@@ -487,18 +502,26 @@ def fillers(sock: Path, total: int, procs: int, window: int,
 
 
 def create(run_id: str, experiment: str, variation: str, seed: int) -> Create:
-    return Create(key=new_key(), run_id=run_id, experiment=experiment, variation=variation,
-                  params={"lr": 0.01, "seed": seed})
+    return Create(
+        key=new_key(),
+        run_id=run_id,
+        experiment=experiment,
+        variation=variation,
+        params={"lr": 0.01, "seed": seed},
+    )
 
 
 def lifecycle(run_id: str, variation: str, k: int) -> list[Request]:
-    return [create(run_id, "bench-lifecycle", variation, k),
-            Start(key=new_key(), run_id=run_id),
-            Succeed(key=new_key(), run_id=run_id)]
+    return [
+        create(run_id, "bench-lifecycle", variation, k),
+        Start(key=new_key(), run_id=run_id),
+        Succeed(key=new_key(), run_id=run_id),
+    ]
 
 
-def _timed(pipe: Pipeline, barrier: Any, seconds: float,
-           step: Callable[[int], None]) -> dict[str, Any]:
+def _timed(
+    pipe: Pipeline, barrier: Any, seconds: float, step: Callable[[int], None]
+) -> dict[str, Any]:
     """Call `step(k)` from the barrier on for `seconds`; what was sent when, and answered."""
     barrier.wait(timeout=120)
     start = time.monotonic()
@@ -508,9 +531,14 @@ def _timed(pipe: Pipeline, barrier: Any, seconds: float,
         step(k)
     end = time.monotonic()
     pipe.drain()
-    return {"start": start, "end": end, "done": pipe.done.tobytes(),
-            "latency": pipe.latency.tobytes(), "errors": len(pipe.errors),
-            "error_sample": pipe.errors[:3]}
+    return {
+        "start": start,
+        "end": end,
+        "done": pipe.done.tobytes(),
+        "latency": pipe.latency.tobytes(),
+        "errors": len(pipe.errors),
+        "error_sample": pipe.errors[:3],
+    }
 
 
 def heartbeats(sock: Path, window: int, seconds: float) -> Body:
@@ -522,8 +550,9 @@ def heartbeats(sock: Path, window: int, seconds: float) -> Body:
             conn.call(create(run_id, "bench-heartbeat", f"c{index}", index))
             conn.call(Start(key=new_key(), run_id=run_id))
             pipe = Pipeline(conn, window)
-            result = _timed(pipe, barrier, seconds,
-                            lambda k: pipe.submit([Heartbeat(run_id=run_id, seq=k)]))
+            result = _timed(
+                pipe, barrier, seconds, lambda k: pipe.submit([Heartbeat(run_id=run_id, seq=k)])
+            )
             conn.call(Succeed(key=new_key(), run_id=run_id))
             return result
 
@@ -582,9 +611,15 @@ def summarize(results: list[dict[str, Any]]) -> Figures:
                 count += 1
                 latencies.append(dt)
     seconds = max(hi - lo, 1e-9)
-    return Figures(count / seconds, count, seconds, sum(r["errors"] for r in results),
-                   pct(latencies, 0.50) * 1e3, pct(latencies, 0.99) * 1e3,
-                   error_sample=[e for r in results for e in r["error_sample"]][:3])
+    return Figures(
+        count / seconds,
+        count,
+        seconds,
+        sum(r["errors"] for r in results),
+        pct(latencies, 0.50) * 1e3,
+        pct(latencies, 0.99) * 1e3,
+        error_sample=[e for r in results for e in r["error_sample"]][:3],
+    )
 
 
 def measure(server: Runnerd, label: str, body: Body, procs: int, repeat: int = 1) -> Figures:
@@ -598,8 +633,9 @@ def measure(server: Runnerd, label: str, body: Body, procs: int, repeat: int = 1
             figures = summarize(results)
         figures.cpu_per_ack_us = (server.cpu() - cpu0) / max(figures.count, 1) * 1e6
         if figures.errors:
-            print(f"    {figures.errors} error replies, e.g. {figures.error_sample}",
-                  file=sys.stderr)
+            print(
+                f"    {figures.errors} error replies, e.g. {figures.error_sample}", file=sys.stderr
+            )
         best = figures if best is None or figures.rate > best.rate else best
     assert best is not None
     return best
@@ -651,8 +687,9 @@ class Kill:
     failure_class: str
 
 
-def kill_and_watch(conn: Connection, pid: int, run_id: str, poll: float = 0.001,
-                   timeout: float = 30.0) -> Kill:
+def kill_and_watch(
+    conn: Connection, pid: int, run_id: str, poll: float = 0.001, timeout: float = 30.0
+) -> Kill:
     """SIGKILL a run's process and poll `get` until the run is failed_crash."""
     wall, began = time.time(), time.perf_counter()
     os.kill(pid, signal.SIGKILL)
@@ -665,8 +702,11 @@ def kill_and_watch(conn: Connection, pid: int, run_id: str, poll: float = 0.001,
             raise RuntimeError(f"run {run_id} still {run['state']} {timeout} s after SIGKILL")
         time.sleep(poll)
     failure = run["failure"] or {}
-    return Kill(max(0.0, epoch(failure.get("at") or run["ended_at"]) - wall), seen,
-                str(failure.get("failure_class")))
+    return Kill(
+        max(0.0, epoch(failure.get("at") or run["ended_at"]) - wall),
+        seen,
+        str(failure.get("failure_class")),
+    )
 
 
 # --- output -------------------------------------------------------------------------
@@ -684,8 +724,10 @@ def pct(values: Sequence[float], q: float) -> float:
 
 def pct_row(label: str, values: Sequence[float], width: int) -> str:
     """`label`, then p50, p99 and max of `values` (seconds) in ms."""
-    return (f"{label:<{width}} {pct(values, 0.5) * 1e3:>7.1f} {pct(values, 0.99) * 1e3:>7.1f} "
-            f"{max(values) * 1e3:>7.1f}")
+    return (
+        f"{label:<{width}} {pct(values, 0.5) * 1e3:>7.1f} {pct(values, 0.99) * 1e3:>7.1f} "
+        f"{max(values) * 1e3:>7.1f}"
+    )
 
 
 def median_row(label: str, values: Sequence[float], width: int) -> str:

@@ -30,8 +30,13 @@ def start_daemon() -> int:
     log_path = paths.db_path().parent / "runnerd.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "runnerd"], stdout=log, stderr=log,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "runnerd"],
+            stdout=log,
+            stderr=log,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
     deadline = time.monotonic() + 15
     while not daemon_running():
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -43,8 +48,9 @@ def start_daemon() -> int:
 
 def experiment(mode: str) -> tuple[subprocess.Popen[str], str]:
     """Start the toy experiment; return it and its run id once it has started."""
-    proc = subprocess.Popen([sys.executable, str(HERE / "experiment.py"), mode],
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(HERE / "experiment.py"), mode], stdout=subprocess.PIPE, text=True
+    )
     assert proc.stdout is not None
     line = proc.stdout.readline()
     print(line, end="")
@@ -90,18 +96,37 @@ def main() -> None:
     wait_for_state(killed_id, "failed_crash")
     wait_for_state(hung_id, "lost")
     print("\n== a sweep of 4 cells, one failing, under continue_on_failure")
-    subprocess.run([sys.executable, "-m", "runnerd.cli", "sweep", "run", "--experiment",
-                    "demo-sweep", "--grid", "x=1,2,3,4", "--jobs", "2", "--failure-policy",
-                    "continue_on_failure", "--", sys.executable, "-c",
-                    "import sys; x = {x}; sys.exit(f'x={x} is unlucky' if x == 3 else 0)"])
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "runnerd.cli",
+            "sweep",
+            "run",
+            "--experiment",
+            "demo-sweep",
+            "--grid",
+            "x=1,2,3,4",
+            "--jobs",
+            "2",
+            "--failure-policy",
+            "continue_on_failure",
+            "--",
+            sys.executable,
+            "-c",
+            "import sys; x = {x}; sys.exit(f'x={x} is unlucky' if x == 3 else 0)",
+        ]
+    )
     print("\n== runnerctl status")
     ctl("status")
     for proc in (hung, running):
         proc.kill()
         proc.communicate()
     if pid is not None:
-        print(f"\nrunnerd is still running (pid {pid}): try `runnerctl list` and "
-              f"`runnerctl show {hung_id}`; stop it with `kill {pid}`.")
+        print(
+            f"\nrunnerd is still running (pid {pid}): try `runnerctl list` and "
+            f"`runnerctl show {hung_id}`; stop it with `kill {pid}`."
+        )
 
 
 if __name__ == "__main__":

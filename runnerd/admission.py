@@ -62,14 +62,19 @@ def raise_fd_limit(connections: int) -> None:
         new = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
         resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
         if new < wanted:
-            log.warning("open files are limited to %d: fewer than max_connections (%d) "
-                        "connections may be accepted", new, connections)
+            log.warning(
+                "open files are limited to %d: fewer than max_connections (%d) "
+                "connections may be accepted",
+                new,
+                connections,
+            )
 
 
 def peer_of(sock: socket.socket) -> Peer:
     """The connecting process's pid and uid, from the kernel (SO_PEERCRED)."""
     pid, uid, _gid = _UCRED.unpack(
-        sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+        sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+    )
     return Peer(pid=pid, uid=uid, start_time=process_start_time(pid))
 
 
@@ -144,7 +149,8 @@ class Clients:
         if self.full(now):
             return ErrorCode.UNAVAILABLE, (
                 f"runnerd serves at most {self.ctx.config.max_connections} connections at "
-                "once (max_connections); try again later")
+                "once (max_connections); try again later"
+            )
         return None
 
     def forget(self, conn: Connection) -> None:
@@ -162,8 +168,9 @@ class Clients:
             return False
         if now - self.last_refusal_log >= REFUSAL_LOG_INTERVAL:
             self.last_refusal_log = now
-            log.warning("refusing connections: %d are open (max_connections)",
-                        len(self.connections))
+            log.warning(
+                "refusing connections: %d are open (max_connections)", len(self.connections)
+            )
         return True
 
     def sweep(self, now: float) -> None:
@@ -174,12 +181,19 @@ class Clients:
 def greeting(cfg: Config) -> dict[str, Any]:
     """The reply to `hello`: who answers, and the limits a client must keep."""
     return {
-        "daemon": f"runnerd/{__version__}", "version": __version__, "v": PROTOCOL_VERSION,
-        "max_frame": cfg.max_frame, "pid": os.getpid(),
+        "daemon": f"runnerd/{__version__}",
+        "version": __version__,
+        "v": PROTOCOL_VERSION,
+        "max_frame": cfg.max_frame,
+        "pid": os.getpid(),
         "limits": {
-            "max_frame": cfg.max_frame, "max_items": MAX_ITEMS, "max_depth": MAX_DEPTH,
-            "max_connections": cfg.max_connections, "max_inflight": cfg.max_inflight,
-            "frame_memory": cfg.frame_memory, "frame_timeout": cfg.frame_timeout,
+            "max_frame": cfg.max_frame,
+            "max_items": MAX_ITEMS,
+            "max_depth": MAX_DEPTH,
+            "max_connections": cfg.max_connections,
+            "max_inflight": cfg.max_inflight,
+            "frame_memory": cfg.frame_memory,
+            "frame_timeout": cfg.frame_timeout,
             "idle_timeout": cfg.idle_timeout,
         },
     }

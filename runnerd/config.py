@@ -16,9 +16,21 @@ from runnerd_client.protocol import DEFAULT_MAX_FRAME
 ARTIFACT_TIMEOUT = 600.0  # seconds to hash one artifact
 HOOK_TIMEOUT = 30.0  # seconds per hook call
 EVENT_NAMES = (  # what a hook's `events` patterns match: a state change is named by its state
-    "pending", "running", "succeeded", "failed_crash", "failed_abandoned", "failed_timeout",
-    "lost", "failed_lost", "sweep_ended", "failure", "artifact", "checkpoint", "memory_warning",
-    "stalled")
+    "pending",
+    "running",
+    "succeeded",
+    "failed_crash",
+    "failed_abandoned",
+    "failed_timeout",
+    "lost",
+    "failed_lost",
+    "sweep_ended",
+    "failure",
+    "artifact",
+    "checkpoint",
+    "memory_warning",
+    "stalled",
+)
 
 
 class ConfigError(Exception):
@@ -103,16 +115,22 @@ def _convert(source: Path, key: str, value: Any) -> Any:
     if key not in _CHECKS:
         known = ", ".join(f.name for f in fields(Config))
         raise ConfigError(f"{source}: unknown key {key!r} (known: {known})")
-    if not isinstance(value, _CHECKS[key]) or (isinstance(value, bool)
-                                               and bool not in _CHECKS[key]):
+    if not isinstance(value, _CHECKS[key]) or (
+        isinstance(value, bool) and bool not in _CHECKS[key]
+    ):
         raise ConfigError(f"{source}: {key} has the wrong type ({type(value).__name__})")
     if isinstance(value, str):
         return _convert_text(source, key, value)
     if isinstance(value, list):
-        return _convert_hooks(source, value) if key == "hooks" else \
-            _convert_dirs(source, key, value)
-    if isinstance(value, int | float) and not isinstance(value, bool) and value <= 0 \
-            and not (key in _ZERO_TURNS_OFF and value == 0):
+        return (
+            _convert_hooks(source, value) if key == "hooks" else _convert_dirs(source, key, value)
+        )
+    if (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and value <= 0
+        and not (key in _ZERO_TURNS_OFF and value == 0)
+    ):
         raise ConfigError(f"{source}: {key} must be positive")
     return value
 
@@ -131,8 +149,7 @@ _HOOK_KEYS = ("name", "events", "command", "experiment", "tags", "timeout")
 
 
 def _convert_hooks(source: Path, tables: list[Any]) -> tuple[Hook, ...]:
-    hooks = tuple(_convert_hook(f"{source}: hooks[{n}]", table)
-                  for n, table in enumerate(tables))
+    hooks = tuple(_convert_hook(f"{source}: hooks[{n}]", table) for n, table in enumerate(tables))
     names = [hook.name for hook in hooks]
     for name in names:
         if names.count(name) > 1:
@@ -150,46 +167,60 @@ def _convert_hook(where: str, table: Any) -> Hook:
         raise ConfigError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(_HOOK_KEYS)})")
     name = table.get("name")
     if not isinstance(name, str) or not _HOOK_NAME.fullmatch(name):
-        raise ConfigError(f"{where}: name is required: 1-64 characters of A-Z, a-z, 0-9, "
-                          "'_', '.' or '-'")
+        raise ConfigError(
+            f"{where}: name is required: 1-64 characters of A-Z, a-z, 0-9, '_', '.' or '-'"
+        )
     where = f"{where} ({name})"
-    return Hook(name=name, events=_hook_events(where, table.get("events")),
-                command=_hook_command(where, table.get("command")),
-                experiment=_hook_experiment(where, table.get("experiment")),
-                tags=_hook_tags(where, table.get("tags", {})),
-                timeout=_hook_timeout(where, table.get("timeout", HOOK_TIMEOUT)))
+    return Hook(
+        name=name,
+        events=_hook_events(where, table.get("events")),
+        command=_hook_command(where, table.get("command")),
+        experiment=_hook_experiment(where, table.get("experiment")),
+        tags=_hook_tags(where, table.get("tags", {})),
+        timeout=_hook_timeout(where, table.get("timeout", HOOK_TIMEOUT)),
+    )
 
 
 def _hook_events(where: str, events: Any) -> tuple[str, ...]:
-    if not isinstance(events, list) or not events or \
-            not all(isinstance(e, str) and e for e in events):
-        raise ConfigError(f"{where}: events must be a list of patterns, e.g. [\"failed_*\"]")
+    if (
+        not isinstance(events, list)
+        or not events
+        or not all(isinstance(e, str) and e for e in events)
+    ):
+        raise ConfigError(f'{where}: events must be a list of patterns, e.g. ["failed_*"]')
     for pattern in events:
         if not any(fnmatchcase(known, pattern) for known in EVENT_NAMES):
-            raise ConfigError(f"{where}: events pattern {pattern!r} matches no event "
-                              f"(events: {', '.join(EVENT_NAMES)})")
+            raise ConfigError(
+                f"{where}: events pattern {pattern!r} matches no event "
+                f"(events: {', '.join(EVENT_NAMES)})"
+            )
     return tuple(events)
 
 
 def _hook_command(where: str, command: Any) -> tuple[str, ...] | str:
     if isinstance(command, str) and command.strip():
         return command
-    if isinstance(command, list) and command and all(isinstance(a, str) for a in command) \
-            and command[0]:
+    if (
+        isinstance(command, list)
+        and command
+        and all(isinstance(a, str) for a in command)
+        and command[0]
+    ):
         return tuple(command)
     raise ConfigError(f"{where}: command must be a list of arguments (or a shell line)")
 
 
 def _hook_experiment(where: str, experiment: Any) -> str | None:
     if experiment is not None and (not isinstance(experiment, str) or not experiment):
-        raise ConfigError(f"{where}: experiment must be a pattern, e.g. \"lr-*\"")
+        raise ConfigError(f'{where}: experiment must be a pattern, e.g. "lr-*"')
     return experiment
 
 
 def _hook_tags(where: str, tags: Any) -> dict[str, Any]:
-    if not isinstance(tags, dict) or \
-            not all(isinstance(v, str | int | float | bool) for v in tags.values()):
-        raise ConfigError(f"{where}: tags must be a table of values, e.g. {{ team = \"vision\" }}")
+    if not isinstance(tags, dict) or not all(
+        isinstance(v, str | int | float | bool) for v in tags.values()
+    ):
+        raise ConfigError(f'{where}: tags must be a table of values, e.g. {{ team = "vision" }}')
     return dict(tags)
 
 

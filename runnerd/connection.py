@@ -108,9 +108,12 @@ class FrameProtocol(asyncio.BufferedProtocol):
         if self.subscription is not None:
             self.subscription.cancel()
         if self.queued or self.reads or self.tasks:
-            log.debug("pid %s closed its connection: %d queued requests dropped, %d running "
-                      "cancelled", self.peer.pid if self.peer else "?",
-                      len(self.queued) + len(self.reads), len(self.tasks))
+            log.debug(
+                "pid %s closed its connection: %d queued requests dropped, %d running cancelled",
+                self.peer.pid if self.peer else "?",
+                len(self.queued) + len(self.reads),
+                len(self.tasks),
+            )
         self.queued.clear()
         self.reads.clear()
         for task in list(self.tasks):
@@ -129,7 +132,7 @@ class FrameProtocol(asyncio.BufferedProtocol):
         self._unblocked()
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        return _SCRATCH[:BIG_READ_SIZE if self.reserved else READ_SIZE]
+        return _SCRATCH[: BIG_READ_SIZE if self.reserved else READ_SIZE]
 
     def buffer_updated(self, nbytes: int) -> None:
         if self.closed:
@@ -157,7 +160,7 @@ class FrameProtocol(asyncio.BufferedProtocol):
             if end > len(buf):
                 self._reserve(HEADER.size + length)
                 break
-            body = bytes(buf[pos + HEADER.size:end])
+            body = bytes(buf[pos + HEADER.size : end])
             pos, completed = end, True
             self._release()
             if not self._dispatch(body):
@@ -215,20 +218,29 @@ class FrameProtocol(asyncio.BufferedProtocol):
         cfg = self.ctx.config
         if self.write_paused:
             if now - self.write_paused_at > cfg.idle_timeout and self.transport is not None:
-                log.info("closing the connection of pid %s: replies unread for %s s"
-                         " (idle_timeout)", self.peer.pid if self.peer else "?",
-                         cfg.idle_timeout)
+                log.info(
+                    "closing the connection of pid %s: replies unread for %s s (idle_timeout)",
+                    self.peer.pid if self.peer else "?",
+                    cfg.idle_timeout,
+                )
                 self.transport.abort()
         elif self._blocked():
             return  # waiting for us, not for the client
         elif self.frame_started is not None:
             if now - self.frame_started > cfg.frame_timeout:
-                self._refuse(ErrorCode.BAD_FRAME, f"no whole frame within {cfg.frame_timeout}"
-                             " s (frame_timeout); closing")
-        elif not self.inflight and self.subscriber is None and \
-                now - self.last_active > cfg.idle_timeout:
-            self._refuse(ErrorCode.UNAVAILABLE, f"closing a connection idle for "
-                         f"{cfg.idle_timeout} s (idle_timeout)")
+                self._refuse(
+                    ErrorCode.BAD_FRAME,
+                    f"no whole frame within {cfg.frame_timeout} s (frame_timeout); closing",
+                )
+        elif (
+            not self.inflight
+            and self.subscriber is None
+            and now - self.last_active > cfg.idle_timeout
+        ):
+            self._refuse(
+                ErrorCode.UNAVAILABLE,
+                f"closing a connection idle for {cfg.idle_timeout} s (idle_timeout)",
+            )
 
     def _refuse(self, code: ErrorCode, message: str) -> None:
         """Say why (in an error that names no request), then close."""
@@ -294,8 +306,13 @@ class FrameProtocol(asyncio.BufferedProtocol):
         """Start queued handlers while fewer than TASKS_PER_CONNECTION run, and only while
         the client reads its replies."""
         peer = self.peer
-        while peer is not None and self.queued and len(self.tasks) < TASKS_PER_CONNECTION \
-                and not self.closed and not self.write_paused:
+        while (
+            peer is not None
+            and self.queued
+            and len(self.tasks) < TASKS_PER_CONNECTION
+            and not self.closed
+            and not self.write_paused
+        ):
             req_id, req = self.queued.popleft()
             task = asyncio.ensure_future(HANDLERS[type(req)](self.ctx, peer, req))
             self.tasks.add(task)
@@ -323,17 +340,24 @@ class FrameProtocol(asyncio.BufferedProtocol):
         assert self.transport is not None
         if self.subscriber is not None:
             raise RunnerdError(ErrorCode.BAD_REQUEST, "this connection is already subscribed")
-        self.subscriber = Subscriber(self._write, self._buffered,
-                                     req.run, req.experiment, req.sweep)
+        self.subscriber = Subscriber(
+            self._write, self._buffered, req.run, req.experiment, req.sweep
+        )
         self._queue(ok_reply(req_id, {"subscribed": True}))
         self.subscription = asyncio.ensure_future(
-            self.ctx.broker.subscribe(self.subscriber, req.since))
+            self.ctx.broker.subscribe(self.subscriber, req.since)
+        )
         return True
 
     def _hello(self, req_id: int | None, req: Hello) -> bool:
         if req.v != PROTOCOL_VERSION:
-            self._queue(error_reply(req_id, ErrorCode.VERSION_MISMATCH,
-                                    f"daemon speaks protocol {PROTOCOL_VERSION}, not {req.v}"))
+            self._queue(
+                error_reply(
+                    req_id,
+                    ErrorCode.VERSION_MISMATCH,
+                    f"daemon speaks protocol {PROTOCOL_VERSION}, not {req.v}",
+                )
+            )
             return False
         self.greeted = True
         self._queue(ok_reply(req_id, greeting(self.ctx.config)))
@@ -386,8 +410,9 @@ async def serve_connections(ctx: Context, listening: socket.socket) -> None:
     clients = Clients(ctx)
     loop = asyncio.get_running_loop()
     raise_fd_limit(ctx.config.max_connections)
-    server = await loop.create_unix_server(lambda: FrameProtocol(ctx, clients),
-                                           sock=listening, backlog=listen_backlog())
+    server = await loop.create_unix_server(
+        lambda: FrameProtocol(ctx, clients), sock=listening, backlog=listen_backlog()
+    )
     interval = min(ctx.config.frame_timeout, ctx.config.idle_timeout) / 4
     try:
         while True:  # until the caller's scope is cancelled

@@ -60,8 +60,10 @@ def private_folder(folder: Path, what: str) -> None:
     try:
         trust.private_dir(folder)
     except trust.UntrustedPath as exc:
-        raise StartupError(f"refusing the {what} folder {exc}; remove it, or choose a folder"
-                           " of your own that only you can write to") from None
+        raise StartupError(
+            f"refusing the {what} folder {exc}; remove it, or choose a folder"
+            " of your own that only you can write to"
+        ) from None
 
 
 def prepare_socket_dir(path: Path) -> None:
@@ -128,24 +130,44 @@ class Daemon:
         self.metadata = MetadataWriter()
         self.watchdog = Watchdog(registry)
         self.progress = Progress(cfg.stall_timeout)
-        self.watcher = ProcessWatcher(registry, before_exit=self._replay_spool_of,
-                                      explain=self._explain_death)
-        self.sampler = Sampler(registry, self.watcher.runs, cfg.sample_interval,
-                               cfg.memory_warning, self.progress)
+        self.watcher = ProcessWatcher(
+            registry, before_exit=self._replay_spool_of, explain=self._explain_death
+        )
+        self.sampler = Sampler(
+            registry, self.watcher.runs, cfg.sample_interval, cfg.memory_warning, self.progress
+        )
         send, self._spooled_artifacts = anyio.create_memory_object_stream[Artifact](math.inf)
         self.ctx = Context(
-            config=cfg, registry=registry, indexer=Indexer(registry, extra_dirs=cfg.watched_dirs),
-            broker=Broker(registry), manifests=ManifestWriter(registry), started_at=time.time(),
-            sampler=self.sampler, spooled_artifacts=send,
+            config=cfg,
+            registry=registry,
+            indexer=Indexer(registry, extra_dirs=cfg.watched_dirs),
+            broker=Broker(registry),
+            manifests=ManifestWriter(registry),
+            started_at=time.time(),
+            sampler=self.sampler,
+            spooled_artifacts=send,
             hooks=HookRunner(cfg, registry) if cfg.hooks else None,
-            mirror=Mirror(cfg.mirror, registry, db=cfg.db, socket_path=cfg.socket,
-                          interval=cfg.mirror_interval) if cfg.mirror is not None else None)
+            mirror=Mirror(
+                cfg.mirror,
+                registry,
+                db=cfg.db,
+                socket_path=cfg.socket,
+                interval=cfg.mirror_interval,
+            )
+            if cfg.mirror is not None
+            else None,
+        )
         ctx = self.ctx
         registry.subscribers += [
-            self.metadata.on_commit, self.watchdog.on_commit, ctx.indexer.on_commit,
-            ctx.broker.on_commit, ctx.manifests.on_commit,
+            self.metadata.on_commit,
+            self.watchdog.on_commit,
+            ctx.indexer.on_commit,
+            ctx.broker.on_commit,
+            ctx.manifests.on_commit,
             *(part.on_commit for part in (ctx.hooks, ctx.mirror) if part is not None),
-            self.sampler.on_commit, self.progress.on_commit]
+            self.sampler.on_commit,
+            self.progress.on_commit,
+        ]
 
     @classmethod
     async def open(cls, cfg: config.Config) -> Daemon:
@@ -154,8 +176,12 @@ class Daemon:
         private_folder(cfg.db.parent, "registry")
         if cfg.hooks:  # their cursors live beside the registry
             private_folder(cfg.db.parent / "hooks", "hooks")
-        registry = Registry(cfg.db, synchronous=cfg.synchronous, max_batch=cfg.max_batch,
-                            busy_timeout_ms=int(cfg.busy_timeout * 1000))
+        registry = Registry(
+            cfg.db,
+            synchronous=cfg.synchronous,
+            max_batch=cfg.max_batch,
+            busy_timeout_ms=int(cfg.busy_timeout * 1000),
+        )
         await registry.open()
         return cls(cfg, registry)
 
@@ -176,15 +202,25 @@ class Daemon:
             await recover(ctx, self.watchdog, self.watcher)
             registry.subscribers.append(self.watcher.on_commit)  # recovery judged its pids
             await ctx.indexer.load()
-            for task in (self.watchdog.run, self.watcher.poll, ctx.indexer.follow_dirs,
-                         ctx.indexer.follow_failures, self.sampler.run, ctx.manifests.run,
-                         *(part.run for part in (ctx.hooks, ctx.mirror) if part is not None)):
+            for task in (
+                self.watchdog.run,
+                self.watcher.poll,
+                ctx.indexer.follow_dirs,
+                ctx.indexer.follow_failures,
+                self.sampler.run,
+                ctx.manifests.run,
+                *(part.run for part in (ctx.hooks, ctx.mirror) if part is not None),
+            ):
                 outer.start_soon(task)
             outer.start_soon(sweep_orphan_spools, ctx, self.config.spool_sweep_interval)
             if self.config.retention:
                 outer.start_soon(prune_periodically, registry, self.config.retention)
-            log.info("runnerd %s serving %s with registry %s", __version__, self.config.socket,
-                     self.config.db)
+            log.info(
+                "runnerd %s serving %s with registry %s",
+                __version__,
+                self.config.socket,
+                self.config.db,
+            )
             async with anyio.create_task_group() as serving:
                 serving.start_soon(_until_signal, serving.cancel_scope, notifier)
                 serving.start_soon(serve_connections, ctx, sock)
@@ -233,8 +269,19 @@ async def resume_interrupted(ctx: Context) -> None:
     log_path = ctx.config.db.parent / "resume-interrupted.log"
     with open(log_path, "ab") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "runnerd.cli", "--socket", str(ctx.config.socket), "resume",
-             "--interrupted"], stdin=subprocess.DEVNULL, stdout=out, stderr=out,
-            start_new_session=True)
+            [
+                sys.executable,
+                "-m",
+                "runnerd.cli",
+                "--socket",
+                str(ctx.config.socket),
+                "resume",
+                "--interrupted",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=out,
+            start_new_session=True,
+        )
     log.info("relaunching interrupted runs (pid %d, log %s)", proc.pid, log_path)
     threading.Thread(target=proc.wait, name="runnerd-resume-reaper", daemon=True).start()

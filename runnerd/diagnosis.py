@@ -55,8 +55,9 @@ def _exit_code(value: Any) -> int | None:
 
 def _short(failure_class: str) -> str:
     """A qualified class 'pkg.mod.Error' counts as 'Error' (a 'Signal:X' stays whole)."""
-    return failure_class if failure_class.startswith("Signal:") else \
-        failure_class.rsplit(".", 1)[-1]
+    return (
+        failure_class if failure_class.startswith("Signal:") else failure_class.rsplit(".", 1)[-1]
+    )
 
 
 def _facts(record: Mapping[str, Any], category_hint: str | None) -> list[Facts]:
@@ -67,8 +68,9 @@ def _facts(record: Mapping[str, Any], category_hint: str | None) -> list[Facts]:
     found = explain(_text(record.get("traceback")))
     others = [(str(r.failure_class), r.message) for r in found.raised[-RAISED_LIMIT:]]
     others += [("", line) for line in (*found.notes, found.ending) if line]
-    evidence = "\n".join([f"{failure_class}: {message}",
-                          *(f"{c}: {m}" for c, m in others)])[-EVIDENCE_LIMIT:]
+    evidence = "\n".join([f"{failure_class}: {message}", *(f"{c}: {m}" for c, m in others)])[
+        -EVIDENCE_LIMIT:
+    ]
     primary = Facts(
         failure_class=_short(failure_class),
         message=message[:MATCH_LIMIT],  # rules read the head (BUG-2)
@@ -78,8 +80,10 @@ def _facts(record: Mapping[str, Any], category_hint: str | None) -> list[Facts]:
         hint=_text(category_hint).lower() or None,
         evidence=evidence,
     )
-    return [primary, *(replace(primary, failure_class=_short(c), message=m[:MATCH_LIMIT])
-                       for c, m in others)]
+    return [
+        primary,
+        *(replace(primary, failure_class=_short(c), message=m[:MATCH_LIMIT]) for c, m in others),
+    ]
 
 
 def match_rule(record: Mapping[str, Any], category_hint: str | None = None) -> Rule:
@@ -115,12 +119,21 @@ def findings(records: list[Mapping[str, Any]], examples: int = 5) -> list[dict[s
     groups: dict[str, dict[str, Any]] = {}
     for record in records:
         rule = match_rule(record, _witnessed(record))
-        group = groups.setdefault(rule.pattern, {
-            "category": rule.category, "pattern": rule.pattern, "retryable": rule.retryable,
-            "suggestion": rule.suggestion, "count": 0, "run_ids": [],
-            "example": {"failure_class": record.get("failure_class"),
-                        "message": record.get("message")},
-        })
+        group = groups.setdefault(
+            rule.pattern,
+            {
+                "category": rule.category,
+                "pattern": rule.pattern,
+                "retryable": rule.retryable,
+                "suggestion": rule.suggestion,
+                "count": 0,
+                "run_ids": [],
+                "example": {
+                    "failure_class": record.get("failure_class"),
+                    "message": record.get("message"),
+                },
+            },
+        )
         group["count"] += 1
         if len(group["run_ids"]) < examples:
             group["run_ids"].append(record.get("run_id"))

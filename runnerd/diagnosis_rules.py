@@ -68,8 +68,15 @@ class Rule:
         """Reject malformed rows at import, where a typo is cheapest to find."""
         if self.category not in CATEGORIES:
             raise ValueError(f"unknown category {self.category!r}")
-        criteria = (self.classes, self.class_prefixes, self.messages, self.reasons,
-                    self.signals, self.exit_codes, self.hints)
+        criteria = (
+            self.classes,
+            self.class_prefixes,
+            self.messages,
+            self.reasons,
+            self.signals,
+            self.exit_codes,
+            self.hints,
+        )
         if not self.fallback and not any(criteria):
             raise ValueError(f"rule {self.pattern!r} has no criteria and would never match")
         if not self.suggestion.strip() or "\n" in self.suggestion:
@@ -80,15 +87,16 @@ class Rule:
     def matches(self, facts: Facts) -> bool:
         """Whether any criterion of this rule holds for the record (and `only_if` too)."""
         regex = _regex(self.messages)
-        hit = (self.fallback
-               or facts.hint in self.hints
-               or facts.failure_class in self.classes
-               or (bool(facts.failure_class) and facts.failure_class.startswith(
-                   self.class_prefixes))
-               or facts.reason in self.reasons
-               or facts.signal in self.signals
-               or facts.exit_code in self.exit_codes
-               or (regex is not None and regex.search(facts.message) is not None))
+        hit = (
+            self.fallback
+            or facts.hint in self.hints
+            or facts.failure_class in self.classes
+            or (bool(facts.failure_class) and facts.failure_class.startswith(self.class_prefixes))
+            or facts.reason in self.reasons
+            or facts.signal in self.signals
+            or facts.exit_code in self.exit_codes
+            or (regex is not None and regex.search(facts.message) is not None)
+        )
         if not hit or self.only_if is None:
             return hit
         condition = _regex((self.only_if,))

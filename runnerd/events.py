@@ -31,9 +31,14 @@ Framed = tuple[Event, bytes]  # an event and its encoded frame
 class Subscriber:
     """One subscribed connection: its filter, its position and what it missed."""
 
-    def __init__(self, write: Callable[[bytes], None], buffered: Callable[[], int],
-                 run_id: str | None = None, experiment: str | None = None,
-                 sweep_id: str | None = None) -> None:
+    def __init__(
+        self,
+        write: Callable[[bytes], None],
+        buffered: Callable[[], int],
+        run_id: str | None = None,
+        experiment: str | None = None,
+        sweep_id: str | None = None,
+    ) -> None:
         self.write, self.buffered = write, buffered
         self.run_id, self.experiment, self.sweep_id = run_id, experiment, sweep_id
         self.last_seq = 0
@@ -42,9 +47,11 @@ class Subscriber:
         self.pending: list[Framed] = []
 
     def matches(self, event: Event) -> bool:
-        return (self.run_id is None or event["run_id"] == self.run_id) and \
-            (self.experiment is None or event["experiment"] == self.experiment) and \
-            (self.sweep_id is None or event["sweep_id"] == self.sweep_id)
+        return (
+            (self.run_id is None or event["run_id"] == self.run_id)
+            and (self.experiment is None or event["experiment"] == self.experiment)
+            and (self.sweep_id is None or event["sweep_id"] == self.sweep_id)
+        )
 
     def offer(self, events: list[Framed]) -> None:
         """A batch's committed events: delivered now, or held while the backlog is sent."""
@@ -116,9 +123,15 @@ class Broker:
 
     async def _send_backlog(self, subscriber: Subscriber) -> None:
         while True:
-            page = await self.registry.read(partial(
-                _page, after=subscriber.last_seq, run_id=subscriber.run_id,
-                experiment=subscriber.experiment, sweep_id=subscriber.sweep_id))
+            page = await self.registry.read(
+                partial(
+                    _page,
+                    after=subscriber.last_seq,
+                    run_id=subscriber.run_id,
+                    experiment=subscriber.experiment,
+                    sweep_id=subscriber.sweep_id,
+                )
+            )
             subscriber.deliver([(event, frame(event)) for event in page])
             if len(page) < BACKLOG_PAGE or subscriber.dropped:
                 return
@@ -127,6 +140,7 @@ class Broker:
         self.subscribers.discard(subscriber)
 
 
-def _page(store: Store, after: int, run_id: str | None, experiment: str | None,
-          sweep_id: str | None) -> list[Event]:
+def _page(
+    store: Store, after: int, run_id: str | None, experiment: str | None, sweep_id: str | None
+) -> list[Event]:
     return store.events.after(after, run_id, experiment, sweep_id, BACKLOG_PAGE)

@@ -32,10 +32,22 @@ LOGS = ("stdout.log", "stderr.log")
 
 def describe(facts: dict[str, Any]) -> str:
     """'process 123 (python) sleeping in do_wait (wait4)' and the like."""
-    word = {"T": "stopped", "t": "stopped by a tracer", "D": "waiting on I/O",
-            "R": "running", "S": "sleeping"}.get(facts["state"], f"in state {facts['state']}")
-    where = " ".join(filter(None, (facts["wchan"] and f"in {facts['wchan']}",
-                                   facts["syscall"] and f"({facts['syscall']})")))
+    word = {
+        "T": "stopped",
+        "t": "stopped by a tracer",
+        "D": "waiting on I/O",
+        "R": "running",
+        "S": "sleeping",
+    }.get(facts["state"], f"in state {facts['state']}")
+    where = " ".join(
+        filter(
+            None,
+            (
+                facts["wchan"] and f"in {facts['wchan']}",
+                facts["syscall"] and f"({facts['syscall']})",
+            ),
+        )
+    )
     return f"process {facts['pid']} ({facts['name']}) {word}" + (f" {where}" if where else "")
 
 
@@ -50,8 +62,11 @@ def stopped_note(roots: Iterable[int]) -> dict[str, Any] | None:
     leaves = [f for f in facts if f["pid"] not in parents] or facts
     if not all(f["state"] in "Tt" or frozen(f["pid"]) for f in leaves):
         return None
-    return {"cause": "stopped", "processes": facts,
-            "message": "stopped: " + "; ".join(describe(f) for f in leaves[:4])}
+    return {
+        "cause": "stopped",
+        "processes": facts,
+        "message": "stopped: " + "; ".join(describe(f) for f in leaves[:4]),
+    }
 
 
 # --- files the run writes -------------------------------------------------------------
@@ -74,8 +89,12 @@ def output_targets(pids: Iterable[int]) -> list[str]:
         for fd in (1, 2):
             with contextlib.suppress(OSError):
                 target = fd_target(pid, fd)
-                if target is not None and target.startswith("/") \
-                        and stat.S_ISREG(os.stat(target).st_mode) and target not in found:
+                if (
+                    target is not None
+                    and target.startswith("/")
+                    and stat.S_ISREG(os.stat(target).st_mode)
+                    and target not in found
+                ):
                     found.append(target)
     return found
 
@@ -95,8 +114,11 @@ def look_at_files(run_dir: str | None, roots: Iterable[int]) -> Files:
                     if stat.S_ISDIR(info.st_mode):
                         todo.append(entry.path)
                     elif stat.S_ISREG(info.st_mode):
-                        kind = "output" if entry.name in LOGS and \
-                            os.path.dirname(entry.path) == run_dir else "files"
+                        kind = (
+                            "output"
+                            if entry.name in LOGS and os.path.dirname(entry.path) == run_dir
+                            else "files"
+                        )
                         _newer(seen, info.st_mtime, kind, info.st_size)
                         if kind == "output":
                             outputs.append((info.st_mtime, entry.path))
@@ -155,20 +177,31 @@ def latest(group: Group | None, ev: Evidence) -> tuple[float, str]:
     return max(candidates)
 
 
-def stalled_note(group: Group, ev: Evidence, run_dir: str | None, idle: float,
-                 timeout: float) -> dict[str, Any]:
+def stalled_note(
+    group: Group, ev: Evidence, run_dir: str | None, idle: float, timeout: float
+) -> dict[str, Any]:
     """What was measured of a run that stalled: its processes (and what each waits in),
     CPU, bytes written and last output line."""
     facts = [f for pid in tree(group.roots) if (f := process_facts(pid)) is not None][:8]
     line = last_line(ev.files.output)
     cpu = group.cpu
-    parts = [f"no progress for {idle:.0f} s (stall_timeout {timeout:g} s): "
-             f"{cpu:.2f} CPU-s in all, {ev.files.bytes} bytes in its files"]
+    parts = [
+        f"no progress for {idle:.0f} s (stall_timeout {timeout:g} s): "
+        f"{cpu:.2f} CPU-s in all, {ev.files.bytes} bytes in its files"
+    ]
     waiting = [f for f in facts if f["state"] not in "R"] or facts
     if waiting:
         parts.append("; ".join(describe(f) for f in waiting[:3]))
     if line is not None:
         parts.append(f"last output: {line!r}")
-    return {"cause": "stalled", "idle_seconds": round(idle, 1), "stall_timeout": timeout,
-            "cpu_seconds": round(cpu, 3), "bytes": ev.files.bytes, "last_output": line,
-            "run_dir": run_dir, "processes": facts, "message": "; ".join(parts)}
+    return {
+        "cause": "stalled",
+        "idle_seconds": round(idle, 1),
+        "stall_timeout": timeout,
+        "cpu_seconds": round(cpu, 3),
+        "bytes": ev.files.bytes,
+        "last_output": line,
+        "run_dir": run_dir,
+        "processes": facts,
+        "message": "; ".join(parts),
+    }

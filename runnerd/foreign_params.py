@@ -21,7 +21,8 @@ _SPECIAL = ("&", "*", "!", "|", ">", "%", "@", "`", "{", "[", "]", "}", ",", "?"
 _WORDS: dict[str, Any] = {
     **dict.fromkeys(("true", "True", "TRUE"), True),
     **dict.fromkeys(("false", "False", "FALSE"), False),
-    **dict.fromkeys(("null", "Null", "NULL", "~"), None)}
+    **dict.fromkeys(("null", "Null", "NULL", "~"), None),
+}
 _OTHER_YAML = ("yes", "no", "on", "off", ".inf", "+.inf", "-.inf", ".nan", "=", "<<")
 _LINE = tuple[int, str, int]  # indent, text, line number
 
@@ -34,7 +35,7 @@ def simple_yaml(text: str) -> dict[str, Any]:
         stripped = raw.strip()
         if not stripped or stripped.startswith("#") or stripped in ("---", "..."):
             continue
-        if "\t" in raw[:len(raw) - len(raw.lstrip())]:
+        if "\t" in raw[: len(raw) - len(raw.lstrip())]:
             raise ValueError(f"line {number}: a tab in the indentation")
         lines.append((len(raw) - len(raw.lstrip(" ")), stripped, number))
     if not lines:
@@ -77,8 +78,9 @@ def _block(lines: list[_LINE], at: int, indent: int) -> tuple[Any, int]:
         at += 1
         if rest:
             mapping[key] = _scalar(rest, number)
-        elif at < len(lines) and (lines[at][0] > indent or
-                                  (lines[at][0] == indent and _is_item(lines[at][1]))):
+        elif at < len(lines) and (
+            lines[at][0] > indent or (lines[at][0] == indent and _is_item(lines[at][1]))
+        ):
             mapping[key], at = _block(lines, at, lines[at][0])
         else:
             mapping[key] = None
@@ -89,10 +91,10 @@ def _split(text: str) -> tuple[str, str] | None:
     """A line's (name, value) when it is `name: value` or `name:`, the name plain or quoted."""
     if text[0] in "'\"":
         close = _closing_quote(text)
-        if close is None or not text[close + 1:].startswith(":"):
+        if close is None or not text[close + 1 :].startswith(":"):
             return None
-        after = text[close + 2:]
-        return (text[:close + 1], after.strip()) if not after or after[0] == " " else None
+        after = text[close + 2 :]
+        return (text[: close + 1], after.strip()) if not after or after[0] == " " else None
     if text.endswith(":"):
         return text[:-1].rstrip(), ""
     key, sep, value = text.partition(": ")
@@ -106,7 +108,7 @@ def _closing_quote(text: str) -> int | None:
             at += 2
             continue
         if text[at] == quote:
-            if quote == "'" and text[at + 1:at + 2] == "'":
+            if quote == "'" and text[at + 1 : at + 2] == "'":
                 at += 2
                 continue
             return at
@@ -128,8 +130,14 @@ def _scalar(text: str, number: int) -> Any:
         return value
     if text in ("{}", "[]"):
         return {} if text == "{}" else []
-    if text.startswith(_SPECIAL) or text == "-" or text.startswith("- ") or " #" in text \
-            or ": " in text or text.endswith(":"):
+    if (
+        text.startswith(_SPECIAL)
+        or text == "-"
+        or text.startswith("- ")
+        or " #" in text
+        or ": " in text
+        or text.endswith(":")
+    ):
         raise ValueError(f"line {number}: {text[:40]!r} is not a plain value")
     if text in _WORDS:
         return _WORDS[text]
@@ -153,5 +161,11 @@ def parse_params(name: str, data: bytes) -> dict[str, Any]:
 
 def params_file(folder: str) -> str | None:
     """The params file beside a metadata.json, the first of PARAMS_FILES there."""
-    return next((os.path.join(folder, name) for name in PARAMS_FILES
-                 if os.path.isfile(os.path.join(folder, name))), None)
+    return next(
+        (
+            os.path.join(folder, name)
+            for name in PARAMS_FILES
+            if os.path.isfile(os.path.join(folder, name))
+        ),
+        None,
+    )

@@ -79,8 +79,9 @@ def _time(doc: dict[str, Any], field: str) -> float | None:
         except (ValueError, OverflowError, OSError):
             seconds = None
     if seconds is None or not 0 <= seconds <= LATEST_TIME:  # NaN fails both
-        raise _Malformed(field, "must be a time from 1970 to 9999 (seconds or ISO 8601), "
-                                f"not {_brief(value)}")
+        raise _Malformed(
+            field, f"must be a time from 1970 to 9999 (seconds or ISO 8601), not {_brief(value)}"
+        )
     return seconds
 
 
@@ -90,8 +91,10 @@ def _runtime(doc: dict[str, Any]) -> float | None:
         return None
     seconds = _number(value)
     if seconds is None or not 0 <= seconds <= MAX_RUNTIME:
-        raise _Malformed("runtime_sec", f"must be a number of seconds from 0 to {MAX_RUNTIME:g},"
-                                        f" not {_brief(value)}")
+        raise _Malformed(
+            "runtime_sec",
+            f"must be a number of seconds from 0 to {MAX_RUNTIME:g}, not {_brief(value)}",
+        )
     return seconds
 
 
@@ -137,17 +140,23 @@ def checked_doc(doc: Any) -> dict[str, Any] | str:
     try:
         status = _text(doc, "status", MAX_STATUS + 1)
         if not status or len(status) > MAX_STATUS:
-            raise _Malformed("status", f"must be a text of 1 to {MAX_STATUS} characters, "
-                                       f"not {_brief(doc.get('status'))}")
+            raise _Malformed(
+                "status",
+                f"must be a text of 1 to {MAX_STATUS} characters, not {_brief(doc.get('status'))}",
+            )
         names = ("run_id", "experiment", "variation", "failure_class", "state")
         checked: dict[str, Any] = {field: _text(doc, field, MAX_NAME) for field in names}
         for field in ("failure_reason", "error"):
             checked[field] = _text(doc, field, MAX_MESSAGE)
         traceback = _text(doc, "traceback", MAX_METADATA)
-        checked |= {"status": status, "params": _params(doc),
-                    "traceback": traceback[-MAX_READ:] if traceback else None,
-                    "start_time": _time(doc, "start_time"), "end_time": _time(doc, "end_time"),
-                    "runtime_sec": _runtime(doc)}
+        checked |= {
+            "status": status,
+            "params": _params(doc),
+            "traceback": traceback[-MAX_READ:] if traceback else None,
+            "start_time": _time(doc, "start_time"),
+            "end_time": _time(doc, "end_time"),
+            "runtime_sec": _runtime(doc),
+        }
         if (checked["start_time"] or 0.0) + (checked["runtime_sec"] or 0.0) > LATEST_TIME:
             raise _Malformed("runtime_sec", "ends the run after the year 9999")
     except _Malformed as exc:
@@ -158,11 +167,22 @@ def checked_doc(doc: Any) -> dict[str, Any] | str:
 # --- what it becomes ----------------------------------------------------------------
 
 
-_SUCCEEDED = ("succeeded", "success", "successful", "completed", "complete", "finished", "done",
-              "ok")
+_SUCCEEDED = (
+    "succeeded",
+    "success",
+    "successful",
+    "completed",
+    "complete",
+    "finished",
+    "done",
+    "ok",
+)
 _TERMINAL = frozenset(s.value for s in State if s.terminal)
-_FAILED_BY_REASON = {"abandoned": State.FAILED_ABANDONED, "timeout": State.FAILED_TIMEOUT,
-                     "lost": State.FAILED_LOST}
+_FAILED_BY_REASON = {
+    "abandoned": State.FAILED_ABANDONED,
+    "timeout": State.FAILED_TIMEOUT,
+    "lost": State.FAILED_LOST,
+}
 
 
 def imported_state(doc: dict[str, Any]) -> State:
@@ -175,9 +195,10 @@ def imported_state(doc: dict[str, Any]) -> State:
     if status in _SUCCEEDED:
         return State.SUCCEEDED
     if status.startswith(("fail", "error", "crash", "abort", "kill", "cancel")):
-        return _FAILED_BY_REASON.get(str(doc.get("failure_reason") or "").lower(),
-                                     State.FAILED_ABANDONED if "cancel" in status
-                                     else State.FAILED_CRASH)
+        return _FAILED_BY_REASON.get(
+            str(doc.get("failure_reason") or "").lower(),
+            State.FAILED_ABANDONED if "cancel" in status else State.FAILED_CRASH,
+        )
     return State.LOST
 
 
@@ -206,10 +227,18 @@ def import_run(store: Store, path: str, doc: dict[str, Any], at: float) -> str:
     variation = doc["variation"] or os.path.basename(folder) or "default"
     experiment, variation = experiment[:MAX_NAME], variation[:MAX_NAME]
     tags = {"source": SOURCE} | ({FOREIGN_ID_TAG: doc["run_id"]} if doc["run_id"] else {})
-    store.runs.create(NewRun(
-        run_id=run_id, experiment=experiment, variation=variation,
-        params_json=json.dumps(doc["params"]), tags_json=json.dumps(tags),
-        run_dir=folder, created_at=start), SOURCE)
+    store.runs.create(
+        NewRun(
+            run_id=run_id,
+            experiment=experiment,
+            variation=variation,
+            params_json=json.dumps(doc["params"]),
+            tags_json=json.dumps(tags),
+            run_dir=folder,
+            created_at=start,
+        ),
+        SOURCE,
+    )
     _set_state(store, store.runs.require(run_id), state, doc, start, at, IMPORT_CAUSE)
     return "imported"
 
@@ -225,20 +254,42 @@ def _follow_up(store: Store, row: RunRow, doc: dict[str, Any], at: float) -> str
     return "imported"
 
 
-def _set_state(store: Store, row: RunRow, state: State, doc: dict[str, Any], start: float,
-               at: float, cause: str) -> None:
+def _set_state(
+    store: Store,
+    row: RunRow,
+    state: State,
+    doc: dict[str, Any],
+    start: float,
+    at: float,
+    cause: str,
+) -> None:
     """Move an imported run to the state its file says, with its failure."""
     end = None
     if state.terminal:
-        end = doc["end_time"] if doc["end_time"] is not None else \
-            start + (doc["runtime_sec"] or 0.0)
-    store.runs.set_state(row, state, at=end or at, cause=cause, source=SOURCE,
-                         change=RunUpdate(started_at=start, ended_at=end,
-                                          lost_at=None if state.terminal else at,
-                                          last_heartbeat_at=start))
+        end = (
+            doc["end_time"] if doc["end_time"] is not None else start + (doc["runtime_sec"] or 0.0)
+        )
+    store.runs.set_state(
+        row,
+        state,
+        at=end or at,
+        cause=cause,
+        source=SOURCE,
+        change=RunUpdate(
+            started_at=start,
+            ended_at=end,
+            lost_at=None if state.terminal else at,
+            last_heartbeat_at=start,
+        ),
+    )
     if state.value.startswith("failed"):
-        store.failures.put(row.run_id, failure_record(
-            doc["failure_class"] or "Imported",
-            doc["failure_reason"] or doc["error"] or doc["status"],
-            FailReason.CRASH if state is State.FAILED_CRASH else state.value.split("_")[1],
-            end or at, traceback=doc["traceback"]))
+        store.failures.put(
+            row.run_id,
+            failure_record(
+                doc["failure_class"] or "Imported",
+                doc["failure_reason"] or doc["error"] or doc["status"],
+                FailReason.CRASH if state is State.FAILED_CRASH else state.value.split("_")[1],
+                end or at,
+                traceback=doc["traceback"],
+            ),
+        )

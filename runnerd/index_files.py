@@ -164,12 +164,16 @@ def _folders(folder: str, skipped: list[Fact]) -> Iterator[tuple[str, list[os.Di
             continue
         except OSError as exc:
             if not isinstance(exc, FileNotFoundError):
-                skipped.append(Fact(current, FileKind.FOLDER, 0,
-                                    problem=f"cannot read: {exc.strerror or exc}"))
+                skipped.append(
+                    Fact(current, FileKind.FOLDER, 0, problem=f"cannot read: {exc.strerror or exc}")
+                )
             continue
         yield current, entries
-        pending += [os.path.join(current, e.name) for e in entries
-                    if classify(e.name) is None and e.is_dir(follow_symlinks=False)]
+        pending += [
+            os.path.join(current, e.name)
+            for e in entries
+            if classify(e.name) is None and e.is_dir(follow_symlinks=False)
+        ]
 
 
 def scan(folder: str) -> list[Fact]:
@@ -177,8 +181,10 @@ def scan(folder: str) -> list[Fact]:
     facts: list[Fact] = []
     for current, entries in _folders(folder, facts):
         for entry in entries:
-            if classify(entry.name) is not None and \
-                    (fact := read_fact(os.path.join(current, entry.name))) is not None:
+            if (
+                classify(entry.name) is not None
+                and (fact := read_fact(os.path.join(current, entry.name))) is not None
+            ):
                 facts.append(fact)
     return facts
 
@@ -212,7 +218,10 @@ def scan_folders(folders: list[str]) -> list[Fact]:
     for folder in dict.fromkeys(folders):
         for current, entries in _folders(folder, []):
             # Not metadata.json: follow_failures drops it, so do not read and parse it.
-            paths += [os.path.join(current, e.name) for e in entries
-                      if classify(e.name) not in (None, FileKind.METADATA)
-                      and e.is_file(follow_symlinks=False)]
+            paths += [
+                os.path.join(current, e.name)
+                for e in entries
+                if classify(e.name) not in (None, FileKind.METADATA)
+                and e.is_file(follow_symlinks=False)
+            ]
     return read_all(paths)

@@ -53,12 +53,25 @@ def _enrich_failure(store: Store, run_id: str, fact: Fact) -> None:
     crash = crash_signal(fact.text or "") if fact.kind is FileKind.CRASH_LOG else None
     if crash is not None and failure.failure_class == "ProcessExited":
         signal, first_line = crash
-        record = failure_record(f"Signal:{signal}", f"{failure.message}: {first_line}",
-                                failure.reason, failure.at, traceback=fact.text,
-                                signal=signal, exit_code=failure.exit_code)
+        record = failure_record(
+            f"Signal:{signal}",
+            f"{failure.message}: {first_line}",
+            failure.reason,
+            failure.at,
+            traceback=fact.text,
+            signal=signal,
+            exit_code=failure.exit_code,
+        )
         store.failures.put(run_id, record)
     elif not failure.traceback:
-        record = failure_record(failure.failure_class, failure.message, failure.reason,
-                                failure.at, traceback=fact.text, phase=failure.phase,
-                                exit_code=failure.exit_code, signal=failure.signal)
+        record = failure_record(
+            failure.failure_class,
+            failure.message,
+            failure.reason,
+            failure.at,
+            traceback=fact.text,
+            phase=failure.phase,
+            exit_code=failure.exit_code,
+            signal=failure.signal,
+        )
         store.failures.put(run_id, record)

@@ -43,11 +43,31 @@ DEBOUNCE_MS = 200
 WATCH_OVERLAP = 4 * DEBOUNCE_MS / 1000  # a replaced watcher's last debounce, with margin
 # Reading these never ends (/proc/self/pagemap) or blocks (a FIFO in /dev); none holds runs.
 SYSTEM_FOLDERS = ("/proc", "/sys", "/dev")
-PSEUDO_FILESYSTEMS = frozenset({
-    "proc", "sysfs", "devtmpfs", "devpts", "cgroup", "cgroup2", "debugfs", "tracefs",
-    "securityfs", "pstore", "bpf", "configfs", "fusectl", "mqueue", "hugetlbfs", "autofs",
-    "binfmt_misc", "efivarfs", "selinuxfs", "rpc_pipefs", "nsfs",
-})
+PSEUDO_FILESYSTEMS = frozenset(
+    {
+        "proc",
+        "sysfs",
+        "devtmpfs",
+        "devpts",
+        "cgroup",
+        "cgroup2",
+        "debugfs",
+        "tracefs",
+        "securityfs",
+        "pstore",
+        "bpf",
+        "configfs",
+        "fusectl",
+        "mqueue",
+        "hugetlbfs",
+        "autofs",
+        "binfmt_misc",
+        "efivarfs",
+        "selinuxfs",
+        "rpc_pipefs",
+        "nsfs",
+    }
+)
 
 
 def check_watchable(folder: str) -> None:
@@ -70,7 +90,8 @@ class CrashFilter(watchfiles.DefaultFilter):
         if change == watchfiles.Change.deleted or not super().__call__(change, path):
             return False
         return classify(path) is not None or (
-            change == watchfiles.Change.added and os.path.isdir(path))
+            change == watchfiles.Change.added and os.path.isdir(path)
+        )
 
 
 @dataclass(frozen=True)
@@ -97,8 +118,13 @@ def watch_plan(dirs: Iterable[str], skipped: set[str]) -> WatchPlan:
     for folder in flat:
         try:
             with os.scandir(folder) as entries:
-                recursive += [e.path for e in entries if e.is_dir(follow_symlinks=False)
-                              and e.path not in flat and e.path not in skipped]
+                recursive += [
+                    e.path
+                    for e in entries
+                    if e.is_dir(follow_symlinks=False)
+                    and e.path not in flat
+                    and e.path not in skipped
+                ]
         except OSError:
             continue
     return WatchPlan(tuple(sorted(recursive)), tuple(sorted(flat)))
@@ -118,8 +144,13 @@ class Summary:
     warnings: list[str] | None = None
 
     def as_reply(self) -> dict[str, Any]:
-        return {"imported": self.imported, "indexed": self.indexed, "known": self.known,
-                "orphans": self.orphan, "warnings": self.warnings or []}
+        return {
+            "imported": self.imported,
+            "indexed": self.indexed,
+            "known": self.known,
+            "orphans": self.orphan,
+            "warnings": self.warnings or [],
+        }
 
 
 class Indexer:
@@ -171,8 +202,9 @@ class Indexer:
                 continue
             if fact.note is not None:
                 _warn(summary, fact.path, fact.note, filed=True)
-            pending.append((fact, self.registry.submit(
-                partial(apply_fact, fact=fact, at=time.time()))))
+            pending.append(
+                (fact, self.registry.submit(partial(apply_fact, fact=fact, at=time.time())))
+            )
         for fact, future in pending:
             try:
                 outcome = await future
@@ -187,8 +219,12 @@ class Indexer:
         one's only when it ends after its import: the import scanned the folder)."""
         for t in result.effects.transitions:
             row = result.rows.get(t.run_id)
-            if t.to_state.value.startswith("failed") and row and row.run_dir \
-                    and (t.source, t.cause) != (SOURCE, IMPORT_CAUSE):
+            if (
+                t.to_state.value.startswith("failed")
+                and row
+                and row.run_dir
+                and (t.source, t.cause) != (SOURCE, IMPORT_CAUSE)
+            ):
                 self._failed_dirs.append(row.run_dir)
                 self._failure_seen.set()
 
@@ -269,16 +305,26 @@ class Indexer:
         while True:
             try:
                 async for changes in watchfiles.awatch(
-                        *dirs, watch_filter=CrashFilter(), stop_event=stop, debounce=DEBOUNCE_MS,
-                        recursive=recursive, ignore_permission_denied=True):
+                    *dirs,
+                    watch_filter=CrashFilter(),
+                    stop_event=stop,
+                    debounce=DEBOUNCE_MS,
+                    recursive=recursive,
+                    ignore_permission_denied=True,
+                ):
                     paths = sorted({path for _, path in changes})
                     await self.index(await anyio.to_thread.run_sync(read_all, paths))
                     if not recursive and any(os.path.isdir(path) for path in paths):
                         self._changed.set()  # a new folder beside a skipped one: watch it
                 return
             except Exception as exc:
-                log.warning("following %s failed (%s: %s); following again in %g s",
-                            ", ".join(dirs), type(exc).__name__, exc, FOLLOW_RETRY)
+                log.warning(
+                    "following %s failed (%s: %s); following again in %g s",
+                    ", ".join(dirs),
+                    type(exc).__name__,
+                    exc,
+                    FOLLOW_RETRY,
+                )
             with anyio.move_on_after(FOLLOW_RETRY):
                 await stop.wait()
             dirs = [d for d in dirs if os.path.isdir(d)]
@@ -293,8 +339,14 @@ class Indexer:
             except Exception:
                 log.exception("rescanning %s failed", folder)
                 continue
-            log.log(level, "rescanned %s: %d imported, %d crash files indexed, %d warning(s)",
-                    folder, summary.imported, summary.indexed, len(summary.warnings or ()))
+            log.log(
+                level,
+                "rescanned %s: %d imported, %d crash files indexed, %d warning(s)",
+                folder,
+                summary.imported,
+                summary.indexed,
+                len(summary.warnings or ()),
+            )
 
 
 async def _stop_after_overlap(stop: anyio.Event, stops: list[anyio.Event]) -> None:
@@ -313,5 +365,6 @@ def _below(folder: str, tops: Iterable[str]) -> bool:
 def _warn(summary: Summary, path: str, problem: str, filed: bool = False) -> None:
     assert summary.warnings is not None
     summary.warnings.append(f"{shown_path(path)}: {problem}")
-    log.warning("%s: %s: %s", "indexed all the same" if filed else "not indexed",
-                shown_path(path), problem)
+    log.warning(
+        "%s: %s: %s", "indexed all the same" if filed else "not indexed", shown_path(path), problem
+    )

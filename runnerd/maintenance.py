@@ -14,11 +14,13 @@ log = logging.getLogger(__name__)
 PRUNE_INTERVAL = 3600.0
 
 
-async def prune(registry: Registry, before: float, states: tuple[str, ...] = (),
-                dry_run: bool = False) -> list[str]:
+async def prune(
+    registry: Registry, before: float, states: tuple[str, ...] = (), dry_run: bool = False
+) -> list[str]:
     """The run ids of terminal runs that ended before `before`, deleted unless a dry run."""
     run_ids: list[str] = await registry.submit(
-        lambda store: store.upkeep.prune(before, states, dry_run))
+        lambda store: store.upkeep.prune(before, states, dry_run)
+    )
     return run_ids
 
 
@@ -26,8 +28,10 @@ async def prune_periodically(registry: Registry, retention: float) -> None:
     """Every hour, delete terminal runs that ended more than `retention` seconds ago; a
     prune the disk refused is retried until it lands (nobody else will ask again)."""
     while True:
-        pruned = await registry.land(partial(_prune_older, cutoff=time.time() - retention),
-                                     f"pruning runs older than {retention:.0f} s")
+        pruned = await registry.land(
+            partial(_prune_older, cutoff=time.time() - retention),
+            f"pruning runs older than {retention:.0f} s",
+        )
         if pruned:
             log.info("pruned %d runs older than %.0f s", len(pruned), retention)
         await anyio.sleep(PRUNE_INTERVAL)

@@ -37,8 +37,9 @@ class MetadataWriter:
     it lands or a newer document replaces it; it is warned about once.
     """
 
-    def __init__(self, write: Callable[[str, dict[str, Any]], None] = write_metadata,
-                 gather: float = GATHER) -> None:
+    def __init__(
+        self, write: Callable[[str, dict[str, Any]], None] = write_metadata, gather: float = GATHER
+    ) -> None:
         self._write = write
         self._gather_for = gather
         self._pending: dict[str, dict[str, Any]] = {}
@@ -84,13 +85,16 @@ class MetadataWriter:
                 self._write(run_dir, doc)
             except OSError as exc:
                 if run_dir not in self._failed:
-                    log.warning("could not write metadata.json for run %s in %s: %s; will "
-                                "try again", doc["run_id"], run_dir, exc)
+                    log.warning(
+                        "could not write metadata.json for run %s in %s: %s; will try again",
+                        doc["run_id"],
+                        run_dir,
+                        exc,
+                    )
                 failed[run_dir] = doc
                 continue
             if run_dir in self._failed:
-                log.info("wrote metadata.json for run %s in %s after all", doc["run_id"],
-                         run_dir)
+                log.info("wrote metadata.json for run %s in %s after all", doc["run_id"], run_dir)
         self._failed = failed
         self._pause = min(self._pause * 2, RETRY_MAX) if failed else RETRY_FIRST
 

@@ -69,8 +69,7 @@ class Disk:
     daemon awaits it without blocking, and exits without it if it hangs on a dead server."""
 
     def __init__(self) -> None:
-        self._jobs: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]]] = \
-            queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]]] = queue.SimpleQueue()
         self.busy_since: float | None = None
         threading.Thread(target=self._work, name="runnerd-mirror", daemon=True).start()
 
@@ -100,12 +99,18 @@ def node_prefix(host: str) -> str:
 def candidates(mirror: Path, host: str, db: Path) -> list[tuple[Path, dict[str, Any]]]:
     """Folders this host's daemon with this registry path wrote before, newest first."""
     if not mirror.is_dir():
-        raise FileNotFoundError(errno.ENOENT, "the mirror folder does not exist (is the "
-                                "shared filesystem mounted?)", str(mirror))
+        raise FileNotFoundError(
+            errno.ENOENT,
+            "the mirror folder does not exist (is the shared filesystem mounted?)",
+            str(mirror),
+        )
     found = []
     for entry in os.scandir(mirror):
-        if entry.name.startswith(node_prefix(host)) and entry.is_dir(follow_symlinks=False) \
-                and _ours(entry.stat(follow_symlinks=False)):
+        if (
+            entry.name.startswith(node_prefix(host))
+            and entry.is_dir(follow_symlinks=False)
+            and _ours(entry.stat(follow_symlinks=False))
+        ):
             try:
                 header = read_header(Path(entry.path))
             except NotMirrored:
@@ -136,16 +141,22 @@ class NodeFiles:
     @classmethod
     def create(cls, mirror: Path, host: str) -> NodeFiles:
         if not mirror.is_dir():
-            raise FileNotFoundError(errno.ENOENT, "the mirror folder does not exist (is the "
-                                    "shared filesystem mounted?)", str(mirror))
+            raise FileNotFoundError(
+                errno.ENOENT,
+                "the mirror folder does not exist (is the shared filesystem mounted?)",
+                str(mirror),
+            )
         folder = mirror / f"{node_prefix(host)}{secrets.token_hex(4)}"
         folder.mkdir(mode=0o700)
         return cls(folder, base=0, segment=0)  # its first snapshot is segment 1
 
     @classmethod
     def reopen(cls, folder: Path, header: dict[str, Any]) -> NodeFiles:
-        numbers = [n for name in os.listdir(folder)
-                   if (n := segment_number(name)) is not None and n >= header["base"]]
+        numbers = [
+            n
+            for name in os.listdir(folder)
+            if (n := segment_number(name)) is not None and n >= header["base"]
+        ]
         return cls(folder, header["base"], max(numbers, default=header["base"]))
 
     def _size(self, number: int) -> int:
@@ -218,7 +229,7 @@ class NodeFiles:
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
-        view = view[os.write(fd, view):]
+        view = view[os.write(fd, view) :]
 
 
 class TornWrite(OSError):
@@ -228,8 +239,12 @@ class TornWrite(OSError):
 def _append(dir_fd: int, name: str, data: bytes) -> None:
     """Append `data` and fsync it. A failed write is cut back off, so that the next append
     never continues half a line (TornWrite if even that failed)."""
-    fd = os.open(name, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
-                 0o600, dir_fd=dir_fd)
+    fd = os.open(
+        name,
+        os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+        0o600,
+        dir_fd=dir_fd,
+    )
     try:
         info = os.fstat(fd)
         check_own_file(info, name)
@@ -318,8 +333,7 @@ def _same_registry(store: Store, header: dict[str, Any]) -> bool:
 
 
 def _events_after(store: Store, seq: int) -> list[tuple[int, str | None]]:
-    return [(e["seq"], e["run_id"])
-            for e in store.events.after(seq, None, None, None, EVENTS_PAGE)]
+    return [(e["seq"], e["run_id"]) for e in store.events.after(seq, None, None, None, EVENTS_PAGE)]
 
 
 def _last_seq(store: Store) -> int:
@@ -343,8 +357,16 @@ class Snapshot:
 class Mirror:
     """Keeps one registry's records current in the shared folder `folder`."""
 
-    def __init__(self, folder: Path, registry: Registry, *, db: Path, socket_path: Path,
-                 interval: float = INTERVAL, host: str | None = None) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        registry: Registry,
+        *,
+        db: Path,
+        socket_path: Path,
+        interval: float = INTERVAL,
+        host: str | None = None,
+    ) -> None:
         self.folder = folder
         self.registry = registry
         self.db, self.socket_path = db, socket_path
@@ -453,18 +475,24 @@ class Mirror:
         way); False if that failed."""
         assert self.node is not None
         try:
-            if self._snapshot is None and not self._stopping and (
-                    self._compact or self.node.journal > max(COMPACT_MIN,
-                                                             2 * self.node.base_bytes)):
+            if (
+                self._snapshot is None
+                and not self._stopping
+                and (
+                    self._compact or self.node.journal > max(COMPACT_MIN, 2 * self.node.base_bytes)
+                )
+            ):
                 self._snapshot = Snapshot(await self.registry.read(_last_seq))
                 await self.disk.run(self.node.begin_snapshot)
             if self._snapshot is not None:
                 await self._snapshot_step(self._snapshot)
-            self._writing = {run_id: self._dirty.pop(run_id)
-                             for run_id in list(islice(self._dirty, PAGE))}
+            self._writing = {
+                run_id: self._dirty.pop(run_id) for run_id in list(islice(self._dirty, PAGE))
+            }
             records = await self.registry.read(partial(_details, run_ids=list(self._writing)))
-            await self.disk.run(self.node.append, [encode_line(r) for r in records],
-                                await self._header())
+            await self.disk.run(
+                self.node.append, [encode_line(r) for r in records], await self._header()
+            )
         except (OSError, RunnerdError) as exc:
             self._unwrite(self._writing)
             await self._abort_snapshot()
@@ -523,26 +551,43 @@ class Mirror:
         anchor = await self.registry.read(partial(_anchor, seq=seq))
         now = time.time()
         return {
-            "format": FORMAT, "host": self.host, "node": self.node.folder.name,
-            "socket": str(self.socket_path), "db": str(self.db), "pid": os.getpid(),
-            "version": __version__, "started_at": iso(self.started_at),
-            "refreshed_at": iso(now), "interval": self.interval, "heartbeat": HEARTBEAT,
-            "seq": seq, "anchor": anchor, "base": self.node.base,
-            "pending": len(self._dirty), "stopped_at": iso(now) if stopped else None,
+            "format": FORMAT,
+            "host": self.host,
+            "node": self.node.folder.name,
+            "socket": str(self.socket_path),
+            "db": str(self.db),
+            "pid": os.getpid(),
+            "version": __version__,
+            "started_at": iso(self.started_at),
+            "refreshed_at": iso(now),
+            "interval": self.interval,
+            "heartbeat": HEARTBEAT,
+            "seq": seq,
+            "anchor": anchor,
+            "base": self.node.base,
+            "pending": len(self._dirty),
+            "stopped_at": iso(now) if stopped else None,
         }
 
     def _landed(self) -> None:
         if self.error is not None:
-            log.info("mirror: %s answers again; catching up (%d run(s) waiting)",
-                     self.folder, len(self._dirty))
+            log.info(
+                "mirror: %s answers again; catching up (%d run(s) waiting)",
+                self.folder,
+                len(self._dirty),
+            )
         self.refreshed_at = time.time()
         self.error = self.failing_since = None
 
     def _failed(self, exc: BaseException) -> None:
         text = str(exc)
         if self.error is None:
-            log.warning("mirror: cannot write to %s: %s; the daemon carries on and the mirror"
-                        " will catch up", self.folder, text)
+            log.warning(
+                "mirror: cannot write to %s: %s; the daemon carries on and the mirror"
+                " will catch up",
+                self.folder,
+                text,
+            )
             self.failing_since = time.time()
         self.error = text
 
@@ -566,9 +611,12 @@ class Mirror:
                     await self.disk.run(self.node.write_header, await self._header(True))
                     log.info("mirror: flushed to %s", self.node.folder)
                     return
-        log.warning("mirror: %d changed run(s) not written to %s before exiting: %s",
-                    len(self._dirty) + len(self._writing), self.folder,
-                    self.error or f"the folder did not answer within {timeout:g} s")
+        log.warning(
+            "mirror: %d changed run(s) not written to %s before exiting: %s",
+            len(self._dirty) + len(self._writing),
+            self.folder,
+            self.error or f"the folder did not answer within {timeout:g} s",
+        )
 
     def status(self) -> dict[str, Any]:
         """How the mirror is doing, for `runnerctl status`."""
@@ -585,9 +633,11 @@ class Mirror:
         return {
             "folder": str(self.folder),
             "node": str(self.node.folder) if self.node is not None else None,
-            "state": state, "refreshed_at": iso(self.refreshed_at),
+            "state": state,
+            "refreshed_at": iso(self.refreshed_at),
             "pending": len(waiting),
             "oldest_pending_sec": round(now - oldest, 3) if oldest is not None else None,
-            "error": self.error, "failing_since": iso(self.failing_since),
+            "error": self.error,
+            "failing_since": iso(self.failing_since),
             "writing_for_sec": round(now - busy, 3) if busy is not None else None,
         }

@@ -78,15 +78,21 @@ def read_node(folder: Path) -> MirroredNode:
     between the two: then start again (the new node.json names the new base)."""
     for _ in range(READ_ATTEMPTS):
         header = read_header(folder)
-        numbers = sorted(n for name in os.listdir(folder)
-                         if (n := segment_number(name)) is not None and n >= header["base"])
+        numbers = sorted(
+            n
+            for name in os.listdir(folder)
+            if (n := segment_number(name)) is not None and n >= header["base"]
+        )
         node = MirroredNode(folder, header)
         try:
             for number in numbers:
                 path = folder / segment_name(number)
                 with path.open(encoding="utf-8", errors="replace") as lines:
-                    node.lines += [(str(path), n, line) for n, line in enumerate(lines, 1)
-                                   if line.endswith("\n")]  # not one being appended now
+                    node.lines += [
+                        (str(path), n, line)
+                        for n, line in enumerate(lines, 1)
+                        if line.endswith("\n")
+                    ]  # not one being appended now
         except FileNotFoundError:
             continue
         return node

@@ -14,12 +14,37 @@ from pathlib import Path
 
 MOUNTINFO = Path("/proc/self/mountinfo")
 
-NETWORK_FILESYSTEMS = frozenset({
-    "nfs", "nfs4", "cifs", "smb3", "smbfs", "ncpfs", "9p", "afs", "fuse.sshfs", "sshfs",
-    "lustre", "gpfs", "beegfs", "ceph", "fuse.ceph", "fuse.ceph-fuse", "glusterfs",
-    "fuse.glusterfs", "gfs2", "ocfs2", "pvfs2", "orangefs", "fuse.s3fs", "fuse.gcsfuse",
-    "fuse.rclone", "davfs", "fuse.davfs2",
-})
+NETWORK_FILESYSTEMS = frozenset(
+    {
+        "nfs",
+        "nfs4",
+        "cifs",
+        "smb3",
+        "smbfs",
+        "ncpfs",
+        "9p",
+        "afs",
+        "fuse.sshfs",
+        "sshfs",
+        "lustre",
+        "gpfs",
+        "beegfs",
+        "ceph",
+        "fuse.ceph",
+        "fuse.ceph-fuse",
+        "glusterfs",
+        "fuse.glusterfs",
+        "gfs2",
+        "ocfs2",
+        "pvfs2",
+        "orangefs",
+        "fuse.s3fs",
+        "fuse.gcsfuse",
+        "fuse.rclone",
+        "davfs",
+        "fuse.davfs2",
+    }
+)
 
 _OCTAL = re.compile(r"\\([0-7]{3})")
 

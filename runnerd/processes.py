@@ -41,13 +41,25 @@ def exit_failure(run_dir: str | None, pids: str, note: str, at: float) -> Failur
     crash = native_crash(run_dir)
     if crash is not None:
         signal, first_line, text = crash
-        return failure_record(f"Signal:{signal}", f"process {pids} {first_line}",
-                              FailReason.CRASH, at, traceback=text, signal=signal)
+        return failure_record(
+            f"Signal:{signal}",
+            f"process {pids} {first_line}",
+            FailReason.CRASH,
+            at,
+            traceback=text,
+            signal=signal,
+        )
     return failure_record("ProcessExited", f"process {pids} exited {note}", FailReason.CRASH, at)
 
 
-def process_exited(store: Store, run_id: str, pid: int, at: float, note: str,
-                   explanation: dict[str, Any] | None = None) -> None:
+def process_exited(
+    store: Store,
+    run_id: str,
+    pid: int,
+    at: float,
+    note: str,
+    explanation: dict[str, Any] | None = None,
+) -> None:
     """Drop a dead pid from a run; with none left, the run is failed_crash (named after the
     OOM killer when `explanation` says it struck)."""
     row = store.runs.get(run_id)
@@ -66,9 +78,12 @@ def process_exited(store: Store, run_id: str, pid: int, at: float, note: str,
 class ProcessWatcher:
     """pid -> runs it is attached to; a pidfd (or a poll) per pid."""
 
-    def __init__(self, registry: Registry,
-                 before_exit: Callable[[int], Awaitable[None]] | None = None,
-                 explain: Callable[[str], dict[str, Any] | None] = lambda run_id: None) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        before_exit: Callable[[int], Awaitable[None]] | None = None,
+        explain: Callable[[str], dict[str, Any] | None] = lambda run_id: None,
+    ) -> None:
         self.registry = registry
         self.before_exit = before_exit
         self.explain = explain
@@ -150,8 +165,14 @@ class ProcessWatcher:
             except Exception:
                 log.exception("replaying the spool of dead pid %d failed", pid)
         for run_id in runs:
-            op = partial(process_exited, run_id=run_id, pid=pid, at=at, note="without reporting",
-                         explanation=self.explain(run_id))
+            op = partial(
+                process_exited,
+                run_id=run_id,
+                pid=pid,
+                at=at,
+                note="without reporting",
+                explanation=self.explain(run_id),
+            )
             self.registry.submit_quietly(op, f"marking run {run_id} crashed")
 
     def runs(self) -> dict[str, set[int]]:

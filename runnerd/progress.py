@@ -106,8 +106,10 @@ class Progress:
 
     def submit(self, registry: Registry, verdicts: list[Verdict]) -> None:
         for verdict in verdicts:
-            registry.submit_quietly(partial(apply_verdict, verdict=verdict),
-                                    f"marking run {verdict.run_id} {verdict.cause}")
+            registry.submit_quietly(
+                partial(apply_verdict, verdict=verdict),
+                f"marking run {verdict.run_id} {verdict.cause}",
+            )
 
     def heartbeat(self, run_id: str, at: float) -> None:
         """A heartbeat its code sent on purpose (not a library's or runnerctl's own)."""
@@ -152,8 +154,11 @@ class Progress:
         """Judge the runs whose stall is due, and the stalled ones for a comeback;
         `group_of` gives a run's sampled processes."""
         self._apply_changes(now)
-        verdicts = [v for run_id in self._due(now)
-                    if (v := self._judge(run_id, group_of(run_id), now)) is not None]
+        verdicts = [
+            v
+            for run_id in self._due(now)
+            if (v := self._judge(run_id, group_of(run_id), now)) is not None
+        ]
         for run_id in list(self._comeback):
             ev, group = self.evidence[run_id], group_of(run_id)
             self._look(run_id, group, now, FILES_EVERY)
@@ -184,8 +189,11 @@ class Progress:
         if now - at < timeout:
             heapq.heappush(self._heap, (at + timeout, run_id))
             return None
-        note = stopped_note(group.roots) if group.stopped else \
-            stalled_note(group, ev, watched.run_dir, now - at, timeout)
+        note = (
+            stopped_note(group.roots)
+            if group.stopped
+            else stalled_note(group, ev, watched.run_dir, now - at, timeout)
+        )
         if note is None:  # its processes were stopped a moment ago, and no longer are
             heapq.heappush(self._heap, (now + timeout, run_id))
             return None
@@ -197,8 +205,9 @@ class Progress:
         if now - ev.files_checked_at < every:
             return
         before = (ev.files.at, ev.files.kind)
-        ev.files = look_at_files(watched.run_dir if watched else None,
-                                 group.roots if group is not None else ())
+        ev.files = look_at_files(
+            watched.run_dir if watched else None, group.roots if group is not None else ()
+        )
         ev.files_checked_at = now
         if (ev.files.at, ev.files.kind) != before:
             self.moved.add(run_id)
@@ -236,10 +245,18 @@ def apply_verdict(store: Store, verdict: Verdict) -> None:
     if verdict.cause == "progress":
         if row.state is State.LOST and store.runs.last_cause(verdict.run_id) in COMEBACK:
             alive = RunUpdate(last_heartbeat_at=max(verdict.at, row.last_heartbeat_at or 0.0))
-            transition(store, row, Event.HEARTBEAT, verdict.at, SOURCE, cause="progress",
-                       change=alive)
+            transition(
+                store, row, Event.HEARTBEAT, verdict.at, SOURCE, cause="progress", change=alive
+            )
         return
     if row.state is State.RUNNING and verdict.note is not None:
         store.runs.note_stall(verdict.run_id, verdict.at, verdict.note)
-        transition(store, row, Event.HEARTBEAT_MISSED, verdict.at, SOURCE, cause=verdict.cause,
-                   change=RunUpdate(lost_at=verdict.at))
+        transition(
+            store,
+            row,
+            Event.HEARTBEAT_MISSED,
+            verdict.at,
+            SOURCE,
+            cause=verdict.cause,
+            change=RunUpdate(lost_at=verdict.at),
+        )

@@ -32,9 +32,14 @@ class Reconciled:
 
     def said(self) -> str:
         """What it did, for the start-up log line: `marked 4 runs interrupted`."""
-        ended = [f"{n} run{'s' * (n != 1)} {what}" for n, what in (
-            (self.interrupted, "interrupted"),
-            (self.crashed, "crashed while runnerd was down")) if n]
+        ended = [
+            f"{n} run{'s' * (n != 1)} {what}"
+            for n, what in (
+                (self.interrupted, "interrupted"),
+                (self.crashed, "crashed while runnerd was down"),
+            )
+            if n
+        ]
         return "marked " + " and ".join(ended) if ended else "ended no run"
 
 
@@ -67,13 +72,20 @@ def _fail_gone(store: Store, row: RunRow, now: float) -> bool:
     pids = ", ".join(str(pid) for pid, _ in boots)
     record = exit_failure(row.run_dir, pids, "exited while runnerd was down", now)
     current = procinfo.boot_id()
-    if record.failure_class != "ProcessExited" or \
-            current is not None and all(boot == current for _, boot in boots):
+    if (
+        record.failure_class != "ProcessExited"
+        or current is not None
+        and all(boot == current for _, boot in boots)
+    ):
         end_with_failure(store, row, Event.PROCESS_EXITED, record, SOURCE)
         return False
     record = failure_record(
-        "Interrupted", f"process {pids} was running when the machine went down"
-        " (it was started before the last boot)", FailReason.ABANDONED, now)
+        "Interrupted",
+        f"process {pids} was running when the machine went down"
+        " (it was started before the last boot)",
+        FailReason.ABANDONED,
+        now,
+    )
     end_with_failure(store, row, Event.INTERRUPTED, record, SOURCE)
     return True
 
@@ -89,6 +101,12 @@ async def recover(ctx: Context, watchdog: Watchdog, watcher: ProcessWatcher) -> 
     rows = await registry.read(lambda store: store.runs.active())
     for row in rows:
         watchdog.arm(row.run_id, next_due(row))
-    log.info("start-up: replayed %d spooled events, %s; recovered %d active runs"
-             " (%d live processes) in %.3f s", replayed, found.said(), len(rows),
-             len(found.live), time.monotonic() - started)
+    log.info(
+        "start-up: replayed %d spooled events, %s; recovered %d active runs"
+        " (%d live processes) in %.3f s",
+        replayed,
+        found.said(),
+        len(rows),
+        len(found.live),
+        time.monotonic() - started,
+    )

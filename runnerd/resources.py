@@ -45,8 +45,14 @@ class Sampler:
     """Samples every active run's processes on a worker thread, persists what changed,
     warns once per crossing of the threshold, and explains deaths the OOM killer caused."""
 
-    def __init__(self, registry: Registry, runs: Callable[[], dict[str, set[int]]],
-                 interval: float, threshold: float, progress: Progress | None = None) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        runs: Callable[[], dict[str, set[int]]],
+        interval: float,
+        threshold: float,
+        progress: Progress | None = None,
+    ) -> None:
         self.registry = registry
         self.progress = progress
         self.runs = runs
@@ -64,8 +70,11 @@ class Sampler:
     def on_commit(self, result: BatchResult) -> None:
         """A process attached or detached, or a run ended: group the runs again."""
         effects = result.effects
-        if effects.attached or effects.detached or \
-                any(t.to_state.terminal for t in effects.transitions):
+        if (
+            effects.attached
+            or effects.detached
+            or any(t.to_state.terminal for t in effects.transitions)
+        ):
             self._regroup = True
 
     def group_runs(self, now: float) -> list[str]:
@@ -124,8 +133,7 @@ class Sampler:
     def group_of(self, run_id: str) -> Group | None:
         """The sampled processes of a run, if it has live ones."""
         use = self.usage.get(run_id)
-        return use.group if use is not None and use.group is not None and use.group.pids \
-            else None
+        return use.group if use is not None and use.group is not None and use.group.pids else None
 
     def _apply(self, run_id: str, use: Usage, group: Group, now: float, found: Round) -> None:
         use.apply(group, now)
@@ -186,11 +194,16 @@ class Sampler:
         if not sampled:
             return
         future = self.registry.submit(
-            lambda store: store.attachments.put_resources(sampled, warnings, now))
+            lambda store: store.attachments.put_resources(sampled, warnings, now)
+        )
         future.add_done_callback(partial(self._recorded, sampled, warnings))
 
-    def _recorded(self, sampled: dict[str, dict[str, Any]], warnings: dict[str, dict[str, Any]],
-                  done: asyncio.Future[None]) -> None:
+    def _recorded(
+        self,
+        sampled: dict[str, dict[str, Any]],
+        warnings: dict[str, dict[str, Any]],
+        done: asyncio.Future[None],
+    ) -> None:
         exc = None if done.cancelled() else done.exception()
         if exc is None:
             return
@@ -204,9 +217,12 @@ class Sampler:
 
     def warning(self, run_id: str) -> dict[str, Any]:
         use = self.usage[run_id]
-        return {"rss_bytes": use.rss_bytes, "limit_bytes": use.limit_bytes,
-                "message": f"memory at {use.rss_bytes / use.limit_bytes:.0%} of its limit "
-                           f"({gib(use.rss_bytes)} of {gib(use.limit_bytes)})"}
+        return {
+            "rss_bytes": use.rss_bytes,
+            "limit_bytes": use.limit_bytes,
+            "message": f"memory at {use.rss_bytes / use.limit_bytes:.0%} of its limit "
+            f"({gib(use.rss_bytes)} of {gib(use.limit_bytes)})",
+        }
 
     def peak_text(self, run_id: str) -> str:
         use = self.usage.get(run_id)
@@ -219,6 +235,9 @@ class Sampler:
         use = self.usage.get(run_id)
         if use is None or not (use.oom_killed() or use.above):
             return None
-        return {"failure_class": "Signal:SIGKILL", "signal": "SIGKILL",
-                "category_hint": "oom",
-                "message": f"killed by the OOM killer: {self.peak_text(run_id)}"}
+        return {
+            "failure_class": "Signal:SIGKILL",
+            "signal": "SIGKILL",
+            "category_hint": "oom",
+            "message": f"killed by the OOM killer: {self.peak_text(run_id)}",
+        }

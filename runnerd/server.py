@@ -33,8 +33,13 @@ def setup_logging(level: str) -> None:
 class JournalFormatter(logging.Formatter):
     """Prefixes each line with its syslog priority, as sd-daemon(3) describes."""
 
-    PRIORITIES = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3,
-                  logging.CRITICAL: 2}
+    PRIORITIES = {
+        logging.DEBUG: 7,
+        logging.INFO: 6,
+        logging.WARNING: 4,
+        logging.ERROR: 3,
+        logging.CRITICAL: 2,
+    }
 
     def format(self, record: logging.LogRecord) -> str:
         return f"<{self.PRIORITIES.get(record.levelno, 6)}>{super().format(record)}"
@@ -44,19 +49,33 @@ class JournalFormatter(logging.Formatter):
 @click.option("--socket", "socket_path", type=click.Path(path_type=Path), help="Unix socket.")
 @click.option("--db", type=click.Path(path_type=Path), help="SQLite registry file.")
 @click.option("--config", "config_path", type=click.Path(path_type=Path), help="config.toml.")
-@click.option("--log-level", default="info", show_default=True,
-              type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False))
+@click.option(
+    "--log-level",
+    default="info",
+    show_default=True,
+    type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
+)
 @click.option("--check-config", is_flag=True, help="Validate the configuration and exit.")
-@click.option("--mirror", type=click.Path(file_okay=False, path_type=Path),
-              help="Keep the records in this shared folder too (NFS, Lustre, GPFS).")
+@click.option(
+    "--mirror",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Keep the records in this shared folder too (NFS, Lustre, GPFS).",
+)
 @click.version_option(__version__, prog_name="runnerd")
-def main(socket_path: Path | None, db: Path | None, config_path: Path | None,
-         log_level: str, check_config: bool, mirror: Path | None) -> None:
+def main(
+    socket_path: Path | None,
+    db: Path | None,
+    config_path: Path | None,
+    log_level: str,
+    check_config: bool,
+    mirror: Path | None,
+) -> None:
     """Run the runnerd daemon in the foreground."""
     setup_logging(log_level)
     try:
-        cfg = config.load(config_path, socket=socket_path, db=db,
-                          mirror=mirror.absolute() if mirror else None)
+        cfg = config.load(
+            config_path, socket=socket_path, db=db, mirror=mirror.absolute() if mirror else None
+        )
         if check_config:
             click.echo(f"configuration is valid: socket {cfg.socket}, registry {cfg.db}")
             return

@@ -88,8 +88,7 @@ async def _record_spooled_artifact(ctx: Context, req: Artifact) -> None:
         log.warning("spooled artifact refused: %s", exc)
 
 
-async def hash_spooled_artifacts(ctx: Context,
-                                 stream: MemoryObjectReceiveStream[Artifact]) -> None:
+async def hash_spooled_artifacts(ctx: Context, stream: MemoryObjectReceiveStream[Artifact]) -> None:
     """Record replayed artifacts one at a time, as they are hashed, while the daemon serves."""
     async with stream:
         async for req in stream:

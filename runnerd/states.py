@@ -42,18 +42,20 @@ TRANSITIONS: dict[Event, dict[State, State]] = {
     Event.SUCCEED: {R: State.SUCCEEDED, L: State.SUCCEEDED},
     Event.FAIL_CRASH: {P: State.FAILED_CRASH, R: State.FAILED_CRASH, L: State.FAILED_CRASH},
     Event.FAIL_ABANDONED: {
-        P: State.FAILED_ABANDONED, R: State.FAILED_ABANDONED, L: State.FAILED_ABANDONED
+        P: State.FAILED_ABANDONED,
+        R: State.FAILED_ABANDONED,
+        L: State.FAILED_ABANDONED,
     },
-    Event.FAIL_TIMEOUT: {
-        P: State.FAILED_TIMEOUT, R: State.FAILED_TIMEOUT, L: State.FAILED_TIMEOUT
-    },
+    Event.FAIL_TIMEOUT: {P: State.FAILED_TIMEOUT, R: State.FAILED_TIMEOUT, L: State.FAILED_TIMEOUT},
     Event.CANCEL: {P: State.FAILED_ABANDONED, R: State.FAILED_ABANDONED, L: State.FAILED_ABANDONED},
     Event.HEARTBEAT_MISSED: {R: L},
     Event.GRACE_EXPIRED: {L: State.FAILED_LOST},
     Event.DEADLINE: {R: State.FAILED_TIMEOUT, L: State.FAILED_TIMEOUT},
     Event.PROCESS_EXITED: {P: State.FAILED_CRASH, R: State.FAILED_CRASH, L: State.FAILED_CRASH},
     Event.INTERRUPTED: {
-        P: State.FAILED_ABANDONED, R: State.FAILED_ABANDONED, L: State.FAILED_ABANDONED
+        P: State.FAILED_ABANDONED,
+        R: State.FAILED_ABANDONED,
+        L: State.FAILED_ABANDONED,
     },
 }
 
@@ -68,14 +70,23 @@ def next_state(event: Event, current: State) -> State:
     return target
 
 
-def transition(store: Store, row: RunRow, event: Event, at: float, source: str, *,
-               cause: str | None = None, change: RunUpdate = NO_CHANGE) -> State:
+def transition(
+    store: Store,
+    row: RunRow,
+    event: Event,
+    at: float,
+    source: str,
+    *,
+    cause: str | None = None,
+    change: RunUpdate = NO_CHANGE,
+) -> State:
     """Apply `event` to a run through the table, recording it if the state changes (with
     `cause`, when the caller knows better than the event's name why)."""
     target = next_state(event, row.state)
     if target != row.state:
-        store.runs.set_state(row, target, at=at, cause=cause or event.value, source=source,
-                             change=change)
+        store.runs.set_state(
+            row, target, at=at, cause=cause or event.value, source=source, change=change
+        )
     elif change != NO_CHANGE:
         store.runs.update(row.run_id, change)
     return target
@@ -107,36 +118,66 @@ def before_inferred_end(store: Store, row: RunRow, at: float) -> RunRow:
     return replace(row, state=earlier)
 
 
-def failure_record(failure_class: str, message: str, reason: str, at: float,
-                   category_hint: str | None = None, *, traceback: str | None = None,
-                   phase: str | None = None, exit_code: int | None = None,
-                   signal: str | None = None) -> FailureRecord:
+def failure_record(
+    failure_class: str,
+    message: str,
+    reason: str,
+    at: float,
+    category_hint: str | None = None,
+    *,
+    traceback: str | None = None,
+    phase: str | None = None,
+    exit_code: int | None = None,
+    signal: str | None = None,
+) -> FailureRecord:
     """A failure record of SPEC §3, with its signature and its diagnosis.
 
     `category_hint="oom"` comes from whoever saw the kernel's OOM killer at work.
     """
-    found = diagnose({"failure_class": failure_class, "message": message, "reason": reason,
-                      "at": at, "traceback": traceback, "phase": phase,
-                      "exit_code": exit_code, "signal": signal}, category_hint)
+    found = diagnose(
+        {
+            "failure_class": failure_class,
+            "message": message,
+            "reason": reason,
+            "at": at,
+            "traceback": traceback,
+            "phase": phase,
+            "exit_code": exit_code,
+            "signal": signal,
+        },
+        category_hint,
+    )
     return FailureRecord(
-        failure_class=failure_class, message=message, reason=reason, at=at,
-        signature=signature(failure_class, message, traceback), category=found.category,
-        retryable=found.retryable, traceback=traceback, phase=phase, exit_code=exit_code,
-        signal=signal)
+        failure_class=failure_class,
+        message=message,
+        reason=reason,
+        at=at,
+        signature=signature(failure_class, message, traceback),
+        category=found.category,
+        retryable=found.retryable,
+        traceback=traceback,
+        phase=phase,
+        exit_code=exit_code,
+        signal=signal,
+    )
 
 
 def relabelled(record: FailureRecord, category: str, note: str | None) -> FailureRecord:
     """A failure record re-diagnosed with what an outside witness says killed the run (the
     witness's note is part of what the diagnosis reads)."""
-    message = record.message if not note or note in record.message else \
-        f"{record.message} ({note})"
+    message = record.message if not note or note in record.message else f"{record.message} ({note})"
     found = diagnose({**record.as_dict(), "message": message}, category)
-    return replace(record, message=message, category=found.category,
-                   retryable=found.retryable)
+    return replace(record, message=message, category=found.category, retryable=found.retryable)
 
 
-def end_with_failure(store: Store, row: RunRow, event: Event, record: FailureRecord,
-                     source: str, cause: str | None = None) -> State:
+def end_with_failure(
+    store: Store,
+    row: RunRow,
+    event: Event,
+    record: FailureRecord,
+    source: str,
+    cause: str | None = None,
+) -> State:
     """End a run in the failed state `event` leads to, with its failure record (recorded
     first, so its event precedes the terminal transition in the event log)."""
     next_state(event, row.state)
@@ -144,5 +185,6 @@ def end_with_failure(store: Store, row: RunRow, event: Event, record: FailureRec
     if label is not None:
         record = relabelled(record, *label)
     store.failures.put(row.run_id, record)
-    return transition(store, row, event, record.at, source, cause=cause,
-                      change=RunUpdate(ended_at=record.at))
+    return transition(
+        store, row, event, record.at, source, cause=cause, change=RunUpdate(ended_at=record.at)
+    )

@@ -29,8 +29,11 @@ DEBOUNCE = 0.2
 
 def status(row: SweepRow) -> str:
     """The stored status, except that a running sweep whose driver is gone is interrupted."""
-    if row.status == SweepStatus.RUNNING and row.driver_pid and \
-            not is_alive(row.driver_pid, row.driver_start):
+    if (
+        row.status == SweepStatus.RUNNING
+        and row.driver_pid
+        and not is_alive(row.driver_pid, row.driver_start)
+    ):
         return SweepStatus.INTERRUPTED.value
     return row.status
 
@@ -38,9 +41,18 @@ def status(row: SweepRow) -> str:
 def sweep_object(store: Store, row: SweepRow) -> SweepInfo:
     """A sweep without its cells: what `sweep list` and `sweep show` start from."""
     return SweepInfo(
-        row.sweep_id, row.experiment, row.failure_policy, json.loads(row.spec_json), row.folder,
-        str(Path(row.folder) / "manifest.json"), status(row), iso(row.created_at),
-        iso(row.ended_at), row.driver_pid, store.sweeps.summary(row.sweep_id))
+        row.sweep_id,
+        row.experiment,
+        row.failure_policy,
+        json.loads(row.spec_json),
+        row.folder,
+        str(Path(row.folder) / "manifest.json"),
+        status(row),
+        iso(row.created_at),
+        iso(row.ended_at),
+        row.driver_pid,
+        store.sweeps.summary(row.sweep_id),
+    )
 
 
 MANIFEST_PAGE = 5000
@@ -58,8 +70,7 @@ def encode(head: dict[str, Any], cells: list[CellInfo]) -> str:
     """The manifest as compact JSON, one cell per line: C-speed to encode (a 100,000-cell
     sweep is a few MB), and still easy to grep."""
     compact = (",", ":")
-    lines = ",\n".join(json.dumps(cell, separators=compact, default=fields_of)
-                        for cell in cells)
+    lines = ",\n".join(json.dumps(cell, separators=compact, default=fields_of) for cell in cells)
     return f'{json.dumps(head, separators=compact)[:-1]},"cells":[\n{lines}\n]}}\n'
 
 
@@ -102,18 +113,19 @@ class ManifestWriter:
             head = await self.registry.read(partial(manifest_head, sweep_id=sweep_id))
             cells: list[CellInfo] = []
             while True:
-                page = await self.registry.read(partial(
-                    _cells_page, sweep_id=sweep_id, after=cells[-1].index if cells else -1))
+                page = await self.registry.read(
+                    partial(_cells_page, sweep_id=sweep_id, after=cells[-1].index if cells else -1)
+                )
                 cells += page
                 if len(page) < MANIFEST_PAGE:
                     break
             folder = head.pop("folder")
             try:
-                await anyio.to_thread.run_sync(
-                    lambda: write_manifest(folder, encode(head, cells)))
+                await anyio.to_thread.run_sync(lambda: write_manifest(folder, encode(head, cells)))
             except OSError as exc:
-                log.warning("could not write the manifest of sweep %s in %s: %s",
-                            sweep_id, folder, exc)
+                log.warning(
+                    "could not write the manifest of sweep %s in %s: %s", sweep_id, folder, exc
+                )
                 return None
             return str(Path(folder) / "manifest.json")
 

@@ -57,10 +57,14 @@ class Daemon:
     @property
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
-        env.update(RUNNERD_SOCKET=str(self.socket), RUNNERD_DB=str(self.db),
-                   XDG_DATA_HOME=str(self.root / "data"),
-                   XDG_CONFIG_HOME=str(self.root / "config"),
-                   XDG_STATE_HOME=str(self.root / "state"), PYTHONUNBUFFERED="1")
+        env.update(
+            RUNNERD_SOCKET=str(self.socket),
+            RUNNERD_DB=str(self.db),
+            XDG_DATA_HOME=str(self.root / "data"),
+            XDG_CONFIG_HOME=str(self.root / "config"),
+            XDG_STATE_HOME=str(self.root / "state"),
+            PYTHONUNBUFFERED="1",
+        )
         env.pop("RUNNERD_RUN_ID", None)
         return env
 
@@ -71,22 +75,32 @@ class Daemon:
 
     def command(self) -> list[str]:
         profile = ["-m", "cProfile", "-o", self.profile] if self.profile else []
-        return [sys.executable, *profile, "-m", "runnerd", "--log-level", self.log_level,
-                *self.extra_args]
+        return [
+            sys.executable,
+            *profile,
+            "-m",
+            "runnerd",
+            "--log-level",
+            self.log_level,
+            *self.extra_args,
+        ]
 
     def start(self, timeout: float = 10.0) -> Self:
         """Launch the daemon; return once it accepts connections."""
         self.root.mkdir(parents=True, exist_ok=True)
         with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(self.command(), env=self.env, stdout=log,
-                                         stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(
+                self.command(), env=self.env, stdout=log, stderr=subprocess.STDOUT
+            )
         deadline = time.monotonic() + timeout
         while not self.accepting():
             if self.proc.poll() is not None:
                 raise StartError(f"runnerd exited {self.proc.returncode}: {self.log_tail(3000)}")
             if time.monotonic() > deadline:
-                raise StartError(f"timed out after {timeout} s waiting for runnerd to listen "
-                                 f"(log: {self.log_tail(2000)})")
+                raise StartError(
+                    f"timed out after {timeout} s waiting for runnerd to listen "
+                    f"(log: {self.log_tail(2000)})"
+                )
             time.sleep(0.005)
         return self
 
@@ -115,8 +129,13 @@ class Daemon:
 
     def runnerctl(self, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
         """Run runnerctl against this daemon."""
-        return subprocess.run([sys.executable, "-m", "runnerd.cli", *args], env=self.env,
-                              capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(
+            [sys.executable, "-m", "runnerd.cli", *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
 
     def log_tail(self, size: int) -> str:
         return self.log.read_text(errors="replace")[-size:] if self.log.exists() else ""

@@ -89,8 +89,9 @@ class Group:
     moved_at: float | None = None  # when its CPU last grew by CPU_STEP within CPU_WINDOW
     _window: tuple[float, float] = (float("-inf"), 0.0)  # (since, CPU seconds since)
 
-    def sample(self, table: dict[int, Proc], children: dict[int, list[int]],
-               cgroups: Cgroups, now: float) -> bool:
+    def sample(
+        self, table: dict[int, Proc], children: dict[int, list[int]], cgroups: Cgroups, now: float
+    ) -> bool:
         """Read the group's processes from `table`; whether any figure changed."""
         pids = with_descendants(self.roots, table, children)
         if not pids:
@@ -107,18 +108,20 @@ class Group:
             limit = min(limit, cgroups.limit(folder, now))
             if folder is not None:
                 folders.add(folder)
-        self.stopped = all(table[p].state in "Tt" for p in pids
-                           if not any(c in pids for c in children.get(p, ())))
+        self.stopped = all(
+            table[p].state in "Tt" for p in pids if not any(c in pids for c in children.get(p, ()))
+        )
         figures = (rss, threads, round(cpu, 3), limit, frozenset(folders))
-        changed = figures != (self.rss, self.threads, round(self.cpu, 3), self.limit,
-                              self.folders) or pids != self.pids
+        changed = (
+            figures != (self.rss, self.threads, round(self.cpu, 3), self.limit, self.folders)
+            or pids != self.pids
+        )
         self.pids, self.rss, self.threads, self.limit = pids, rss, threads, limit
         self._count_cpu(cpu - self.cpu, now)
         self.folders, self.cpu = frozenset(folders), cpu
         if changed:
             self.version += 1
         return changed
-
 
     def _count_cpu(self, used: float, now: float) -> None:
         since, total = self._window
@@ -176,9 +179,14 @@ class Usage:
             del self.history[:-HISTORY_POINTS]
 
     def as_dict(self) -> dict[str, Any]:
-        return {"peak_rss_bytes": self.peak_rss_bytes, "rss_bytes": self.rss_bytes,
-                "cpu_seconds": self.cpu_seconds, "limit_bytes": self.limit_bytes,
-                "threads": self.threads, "history": [list(p) for p in self.history]}
+        return {
+            "peak_rss_bytes": self.peak_rss_bytes,
+            "rss_bytes": self.rss_bytes,
+            "cpu_seconds": self.cpu_seconds,
+            "limit_bytes": self.limit_bytes,
+            "threads": self.threads,
+            "history": [list(p) for p in self.history],
+        }
 
     def oom_killed(self) -> bool:
         """Whether the kernel's OOM killer struck one of the run's cgroups since first seen."""

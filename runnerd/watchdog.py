@@ -47,21 +47,36 @@ def check_run(store: Store, run_id: str, now: float) -> float | None:
     if row is None or row.state.terminal:
         return None
     if row.deadline and row.started_at is not None and now >= row.started_at + row.deadline:
-        record = failure_record("Timeout", f"run exceeded its deadline of {row.deadline:g} s",
-                                FailReason.TIMEOUT, now)
+        record = failure_record(
+            "Timeout", f"run exceeded its deadline of {row.deadline:g} s", FailReason.TIMEOUT, now
+        )
         end_with_failure(store, row, Event.DEADLINE, record, SOURCE)
         return None
-    if row.state == State.RUNNING and row.last_heartbeat_at is not None \
-            and row.heartbeat_timeout is not None \
-            and now >= row.last_heartbeat_at + row.heartbeat_timeout:
+    if (
+        row.state == State.RUNNING
+        and row.last_heartbeat_at is not None
+        and row.heartbeat_timeout is not None
+        and now >= row.last_heartbeat_at + row.heartbeat_timeout
+    ):
         stopped = stopped_note(store.attachments.pids(run_id))  # SIGSTOP, a debugger
         if stopped is not None:
             store.runs.note_stall(run_id, now, stopped)
-        transition(store, row, Event.HEARTBEAT_MISSED, now, SOURCE,
-                   cause="stopped" if stopped else None, change=RunUpdate(lost_at=now))
+        transition(
+            store,
+            row,
+            Event.HEARTBEAT_MISSED,
+            now,
+            SOURCE,
+            cause="stopped" if stopped else None,
+            change=RunUpdate(lost_at=now),
+        )
         row = store.runs.require(run_id)
-    elif row.state == State.LOST and row.lost_at is not None and row.lost_grace is not None \
-            and now >= row.lost_at + row.lost_grace:
+    elif (
+        row.state == State.LOST
+        and row.lost_at is not None
+        and row.lost_grace is not None
+        and now >= row.lost_at + row.lost_grace
+    ):
         end_with_failure(store, row, Event.GRACE_EXPIRED, lost_record(store, row, now), SOURCE)
         return None
     return next_due(row)
@@ -74,8 +89,9 @@ def lost_record(store: Store, row: RunRow, now: float) -> FailureRecord:
     if note is not None and cause == "stalled":
         return failure_record("Stalled", note["message"], FailReason.LOST, now)
     silent = f"no heartbeat for {now - (row.last_heartbeat_at or now):.0f} s"
-    return failure_record("HeartbeatLost", f"{silent}: {note['message']}" if note else silent,
-                          FailReason.LOST, now)
+    return failure_record(
+        "HeartbeatLost", f"{silent}: {note['message']}" if note else silent, FailReason.LOST, now
+    )
 
 
 class Watchdog:
@@ -137,8 +153,11 @@ class Watchdog:
 
     def _check(self, run_id: str) -> None:
         now = self.clock()
-        task = asyncio.get_running_loop().create_task(self.registry.land(
-            lambda store: check_run(store, run_id, now), f"watchdog check of {run_id}"))
+        task = asyncio.get_running_loop().create_task(
+            self.registry.land(
+                lambda store: check_run(store, run_id, now), f"watchdog check of {run_id}"
+            )
+        )
         self._checks.add(task)
 
         def rearm(done: asyncio.Task[float | None]) -> None:
@@ -146,8 +165,12 @@ class Watchdog:
             if done.cancelled():
                 return
             if done.exception() is not None:  # not storage (`land` retries that)
-                log.warning("watchdog check of %s failed: %s; again in %.0f s", run_id,
-                          done.exception(), RECHECK_AFTER_ERROR)
+                log.warning(
+                    "watchdog check of %s failed: %s; again in %.0f s",
+                    run_id,
+                    done.exception(),
+                    RECHECK_AFTER_ERROR,
+                )
                 self.arm(run_id, self.clock() + RECHECK_AFTER_ERROR)
             else:
                 self.arm(run_id, done.result())

@@ -188,8 +188,7 @@ class FaultResult:
 
     @property
     def clean(self) -> bool:
-        return not (self.lost or self.duplicated or self.wrong_state or self.refused
-                    or self.stuck)
+        return not (self.lost or self.duplicated or self.wrong_state or self.refused or self.stuck)
 
 
 @dataclass
@@ -218,8 +217,11 @@ class ChaosDaemon(Daemon):
 
     @property
     def spool_folders(self) -> list[Path]:
-        return [self.db.parent / "spool", self.socket.parent / "spool",
-                self.root / "tmp" / f"runnerd-spool-{os.getuid()}"]
+        return [
+            self.db.parent / "spool",
+            self.socket.parent / "spool",
+            self.root / "tmp" / f"runnerd-spool-{os.getuid()}",
+        ]
 
     def spools(self, pattern: str = "*") -> list[Path]:
         return [p for folder in self.spool_folders for p in folder.glob(f"{pattern}.spool")]
@@ -253,42 +255,48 @@ def read_logs(folder: Path) -> tuple[dict[str, list[dict[str, Any]]], set[str], 
     return events, finished, child_exits
 
 
-def check_run(run: dict[str, Any], logged: list[dict[str, Any]], finished: bool,
-              result: FaultResult) -> None:
+def check_run(
+    run: dict[str, Any], logged: list[dict[str, Any]], finished: bool, result: FaultResult
+) -> None:
     """Count the run's acknowledged events found in the registry; note what is missing,
     doubled or in a wrong state."""
     run_id = run["run_id"]
     acked = [e for e in logged if e["ok"]]
-    result.refused += [f"{run_id}: {e['op']} refused ({e['code']})" for e in logged
-                       if not e["ok"]]
+    result.refused += [f"{run_id}: {e['op']} refused ({e['code']})" for e in logged if not e["ok"]]
     sent = Counter(e["op"] for e in acked)
     states = Counter(t["to"] for t in run["transitions"])
     ends = sum(n for s, n in states.items() if s not in ACTIVE)
     if states["pending"] != 1 or ends != 1:
         result.duplicated.append(f"{run_id}: transitions {dict(states)}")
     failure = run.get("failure") or {}
-    found = Counter({
-        "create": 1,
-        "start": min(1, states["running"]),
-        "heartbeat": min(sent["heartbeat"], run["heartbeats"]),
-        "checkpoint": min(sent["checkpoint"], len(run["checkpoints"])),
-        "succeed": int(run["state"] == "succeeded"),
-        "fail": int(run["state"] == "failed_crash" and PLANNED in (failure.get("message") or "")),
-    })
+    found = Counter(
+        {
+            "create": 1,
+            "start": min(1, states["running"]),
+            "heartbeat": min(sent["heartbeat"], run["heartbeats"]),
+            "checkpoint": min(sent["checkpoint"], len(run["checkpoints"])),
+            "succeed": int(run["state"] == "succeeded"),
+            "fail": int(
+                run["state"] == "failed_crash" and PLANNED in (failure.get("message") or "")
+            ),
+        }
+    )
     for op, count in sent.items():
         result.found += min(count, found[op])
         if found[op] < count:
             result.lost.append(f"{run_id}: {op}: {count} acknowledged, {found[op]} found")
-    if finished and (run["heartbeats"] != sent["heartbeat"]
-                     or len(run["checkpoints"]) != sent["checkpoint"]):
-        result.duplicated.append(f"{run_id}: {run['heartbeats']} heartbeats and "
-                                 f"{len(run['checkpoints'])} checkpoints stored, "
-                                 f"{sent['heartbeat']} and {sent['checkpoint']} acknowledged")
+    if finished and (
+        run["heartbeats"] != sent["heartbeat"] or len(run["checkpoints"]) != sent["checkpoint"]
+    ):
+        result.duplicated.append(
+            f"{run_id}: {run['heartbeats']} heartbeats and "
+            f"{len(run['checkpoints'])} checkpoints stored, "
+            f"{sent['heartbeat']} and {sent['checkpoint']} acknowledged"
+        )
     expected = "succeeded" if sent["succeed"] else "failed_crash"
     if run["state"] != expected:
         result.wrong_state.append(f"{run_id}: {run['state']}, expected {expected}")
-    elif not sent["succeed"] and not sent["fail"] and failure.get("failure_class") == \
-            "Interrupted":
+    elif not sent["succeed"] and not sent["fail"] and failure.get("failure_class") == "Interrupted":
         result.wrong_state.append(f"{run_id}: Interrupted, but its client died in this boot")
 
 
@@ -301,8 +309,9 @@ def verify(daemon: ChaosDaemon, folder: Path, experiment: str, result: FaultResu
         result.acked_spooled += sum(1 for e in logged if e["ok"] and e["spooled"])
     conn = daemon.registry()
     try:
-        stored = {r["run_id"] for r in conn.call(ListRuns(experiment=experiment,
-                                                          limit=10_000))["runs"]}
+        stored = {
+            r["run_id"] for r in conn.call(ListRuns(experiment=experiment, limit=10_000))["runs"]
+        }
         for run_id, logged in events.items():
             if run_id not in stored:
                 acked = sum(1 for e in logged if e["ok"])
@@ -330,8 +339,11 @@ def settled(daemon: ChaosDaemon, experiment: str) -> bool:
 def small_tmpfs(mount: Path, size: str = "64m") -> Iterator[str]:
     """A private tmpfs on the new folder `mount`; yields why not ("" if mounted)."""
     mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs",
-                           str(mount)], capture_output=True, text=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(mount)],
+        capture_output=True,
+        text=True,
+    )
     try:
         yield "" if done.returncode == 0 else f"cannot mount a tmpfs: {done.stderr.strip()}"
     finally:
@@ -364,10 +376,20 @@ class Phase:
         plan = self.chaos.plan
         self.folder.mkdir()
         for i in range(plan.clients):
-            self.procs.append(self.chaos.daemon.python(
-                CLIENT, str(self.log(i)), self.experiment, mode,
-                str(self.gate), str(plan.runs), str(plan.beats), str(plan.beat_timeout),
-                str(spread), env={"RUNNERD_ACK_WAIT": str(plan.ack_wait)}))
+            self.procs.append(
+                self.chaos.daemon.python(
+                    CLIENT,
+                    str(self.log(i)),
+                    self.experiment,
+                    mode,
+                    str(self.gate),
+                    str(plan.runs),
+                    str(plan.beats),
+                    str(plan.beat_timeout),
+                    str(spread),
+                    env={"RUNNERD_ACK_WAIT": str(plan.ack_wait)},
+                )
+            )
 
     def log(self, client: int) -> Path:
         return self.folder / f"client-{client}.jsonl"
@@ -446,8 +468,11 @@ def disk_full(phase: Phase) -> None:
     filler = fill(phase.chaos.daemon.db.parent, 0)
     began = time.monotonic()
     victim = phase.chaos.rng.randrange(len(phase.procs))
-    wait_for(lambda: '"spooled": true' in phase.log(victim).read_text(), timeout=60,
-             what="the victim to spool")
+    wait_for(
+        lambda: '"spooled": true' in phase.log(victim).read_text(),
+        timeout=60,
+        what="the victim to spool",
+    )
     phase.procs[victim].kill()
     time.sleep(max(0.0, began + phase.chaos.plan.ack_wait * 1.5 - time.monotonic()))
     filler.unlink()
@@ -469,11 +494,17 @@ def startup_deaths(phase: Phase) -> None:
     chaos = phase.chaos
     spread = max(chaos.start_seconds, 0.2)
     phase.spawn(spread=spread)
-    wait_for(lambda: phase.logged('"op": "start"', chaos.plan.runs), timeout=120,
-             what="every client in its last run")
+    wait_for(
+        lambda: phase.logged('"op": "start"', chaos.plan.runs),
+        timeout=120,
+        what="every client in its last run",
+    )
     chaos.daemon.stop(signal.SIGKILL)
-    wait_for(lambda: all(chaos.daemon.spools(f"{p.pid}-*") for p in phase.procs),
-             timeout=60, what="every client to spool")
+    wait_for(
+        lambda: all(chaos.daemon.spools(f"{p.pid}-*") for p in phase.procs),
+        timeout=60,
+        what="every client to spool",
+    )
     victims = chaos.rng.sample(phase.procs, len(phase.procs) // 2)
     moments = sorted(chaos.rng.uniform(0, spread) for _ in victims)
     phase.gate.touch()
@@ -498,16 +529,16 @@ FAULTS: dict[str, Callable[[Phase], None]] = {
 WHAT = {
     "daemon_kill": "daemon SIGKILLed and restarted at random moments",
     "short_stop": "daemon SIGSTOPped for 0.75 x ACK_WAIT (past the runs' heartbeat "
-                  "timeout), then SIGCONT",
+    "timeout), then SIGCONT",
     "client_kill": "clients SIGKILLed mid-run",
     "frozen_killed": "daemon SIGSTOPped for 2 x ACK_WAIT, then SIGKILLed and restarted "
-                     "(a watchdog)",
+    "(a watchdog)",
     "disk_full": "registry's tmpfs filled for 1.5 x ACK_WAIT, a client SIGKILLed with "
-                 "events spooled meanwhile, then freed",
+    "events spooled meanwhile, then freed",
     "fork": "clients fork in their runs (child os._exit(0) or sys.exit(0) in the "
-            "with-block); daemon SIGKILLed once, down ACK_WAIT",
+    "with-block); daemon SIGKILLed once, down ACK_WAIT",
     "startup_deaths": "daemon down while clients spool; as it starts, half the clients "
-                      "SIGKILLed, half end their runs and exit",
+    "SIGKILLed, half end their runs and exit",
 }
 
 
@@ -537,8 +568,12 @@ class Chaos:
             for proc in phase.procs:
                 self._finish(proc, result)
             try:
-                wait_for(lambda: settled(self.daemon, phase.experiment), timeout=120,
-                         interval=0.1, what="every run to end and every spool to land")
+                wait_for(
+                    lambda: settled(self.daemon, phase.experiment),
+                    timeout=120,
+                    interval=0.1,
+                    what="every run to end and every spool to land",
+                )
             except pytest.fail.Exception as exc:
                 result.stuck.append(str(exc))
             verify(self.daemon, phase.folder, phase.experiment, result)
@@ -563,8 +598,7 @@ class Chaos:
             result.stuck.append(f"client {proc.pid} exited {proc.returncode}: {err[-2000:]}")
 
 
-def run_chaos(root: Path, plan: Plan = Plan(), faults: tuple[str, ...] = tuple(FAULTS)
-              ) -> Report:
+def run_chaos(root: Path, plan: Plan = Plan(), faults: tuple[str, ...] = tuple(FAULTS)) -> Report:
     """Each fault in turn on one daemon under `root` (a short path)."""
     report = Report(plan)
     started = time.monotonic()
@@ -573,8 +607,9 @@ def run_chaos(root: Path, plan: Plan = Plan(), faults: tuple[str, ...] = tuple(F
     config.write_text("spool_sweep_interval = 0.5\n")
     (root / "tmp").mkdir()
     chaos = Chaos(root, plan, random.Random(plan.seed), ChaosDaemon(root))
-    disk: AbstractContextManager[str] = small_tmpfs(chaos.daemon.db.parent) \
-        if "disk_full" in faults else nullcontext("")
+    disk: AbstractContextManager[str] = (
+        small_tmpfs(chaos.daemon.db.parent) if "disk_full" in faults else nullcontext("")
+    )
     with disk as no_disk:
         chaos.start_daemon()
         try:
@@ -590,15 +625,19 @@ def run_chaos(root: Path, plan: Plan = Plan(), faults: tuple[str, ...] = tuple(F
 
 
 def print_report(report: Report) -> None:
-    print(f"{'fault':<15} {'runs':>5} {'acked live':>10} {'spooled':>8} {'found':>7} "
-          f"{'lost':>5} {'dup':>4} {'wrong':>5} {'refused':>7} {'s':>6}  what")
+    print(
+        f"{'fault':<15} {'runs':>5} {'acked live':>10} {'spooled':>8} {'found':>7} "
+        f"{'lost':>5} {'dup':>4} {'wrong':>5} {'refused':>7} {'s':>6}  what"
+    )
     for f in report.faults:
         if f.skipped:
             print(f"{f.fault:<15} skipped: {f.skipped}")
             continue
-        print(f"{f.fault:<15} {f.runs:>5} {f.acked_live:>10} {f.acked_spooled:>8} "
-              f"{f.found:>7} {len(f.lost):>5} {len(f.duplicated):>4} {len(f.wrong_state):>5} "
-              f"{len(f.refused):>7} {f.seconds:>6.1f}  {WHAT[f.fault]}")
+        print(
+            f"{f.fault:<15} {f.runs:>5} {f.acked_live:>10} {f.acked_spooled:>8} "
+            f"{f.found:>7} {len(f.lost):>5} {len(f.duplicated):>4} {len(f.wrong_state):>5} "
+            f"{len(f.refused):>7} {f.seconds:>6.1f}  {WHAT[f.fault]}"
+        )
     for f in report.faults:
         for problem in [*f.lost, *f.duplicated, *f.wrong_state, *f.refused, *f.stuck][:20]:
             print(f"  {f.fault}: {problem}")
@@ -617,24 +656,38 @@ def main() -> None:
     parser.add_argument("--client-kills", type=int, default=4)
     parser.add_argument("--stops", type=int, default=2)
     parser.add_argument("--freezes", type=int, default=2)
-    parser.add_argument("--ack-wait", type=float, default=defaults.ack_wait,
-                        help="the clients' RUNNERD_ACK_WAIT")
-    parser.add_argument("--faults", default=",".join(FAULTS),
-                        help=f"comma-separated, in order (default: all of {', '.join(FAULTS)})")
+    parser.add_argument(
+        "--ack-wait", type=float, default=defaults.ack_wait, help="the clients' RUNNERD_ACK_WAIT"
+    )
+    parser.add_argument(
+        "--faults",
+        default=",".join(FAULTS),
+        help=f"comma-separated, in order (default: all of {', '.join(FAULTS)})",
+    )
     parser.add_argument("--seed", type=int, default=int(time.time()))
     parser.add_argument("--json", action="store_true", help="the report as JSON")
     args = parser.parse_args()
-    plan = replace(defaults, clients=args.clients, runs=args.runs, beats=args.beats,
-                   daemon_kills=args.daemon_kills, client_kills=args.client_kills,
-                   stops=args.stops, freezes=args.freezes, ack_wait=args.ack_wait,
-                   seed=args.seed)
+    plan = replace(
+        defaults,
+        clients=args.clients,
+        runs=args.runs,
+        beats=args.beats,
+        daemon_kills=args.daemon_kills,
+        client_kills=args.client_kills,
+        stops=args.stops,
+        freezes=args.freezes,
+        ack_wait=args.ack_wait,
+        seed=args.seed,
+    )
     with tempfile.TemporaryDirectory(prefix="chaos-", dir="/tmp") as name:
         report = run_chaos(Path(name), plan, tuple(args.faults.split(",")))
     if args.json:
         print(json.dumps({**asdict(report), "clean": report.clean}, indent=2))
     else:
-        print(f"seed {plan.seed}, {plan.clients} clients x {plan.runs} runs per fault, "
-              f"ACK_WAIT {plan.ack_wait} s, {report.seconds} s")
+        print(
+            f"seed {plan.seed}, {plan.clients} clients x {plan.runs} runs per fault, "
+            f"ACK_WAIT {plan.ack_wait} s, {report.seconds} s"
+        )
         print_report(report)
     sys.exit(0 if report.clean else 1)
 

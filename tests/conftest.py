@@ -24,8 +24,12 @@ from runnerd_client.ids import new_key, new_run_id
 T = TypeVar("T")
 
 
-def wait_for(condition: Callable[[], T], timeout: float = 10.0, interval: float = 0.01,
-             what: str = "condition") -> T:
+def wait_for(
+    condition: Callable[[], T],
+    timeout: float = 10.0,
+    interval: float = 0.01,
+    what: str = "condition",
+) -> T:
     """Poll until `condition()` is truthy; fail the test with `what` at the deadline."""
     deadline = time.monotonic() + timeout
     while True:
@@ -57,8 +61,7 @@ class Daemon(testing.Daemon):
         """Run runnerctl against this daemon."""
         result = self.runnerctl(*args)
         if check and result.returncode != 0:
-            pytest.fail(f"runnerctl {' '.join(args)} exited {result.returncode}: "
-                        f"{result.stderr}")
+            pytest.fail(f"runnerctl {' '.join(args)} exited {result.returncode}: {result.stderr}")
         return result
 
     def ctl_json(self, *args: str) -> Any:
@@ -81,8 +84,14 @@ class Daemon(testing.Daemon):
             script.with_suffix(".tmp").write_text(code)
             script.with_suffix(".tmp").rename(script)
         env = {**self.env, **kwargs.pop("env", {})}
-        return subprocess.Popen([sys.executable, str(script), *args], env=env, text=True,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs)
+        return subprocess.Popen(
+            [sys.executable, str(script), *args],
+            env=env,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            **kwargs,
+        )
 
     def run_state(self, run_id: str) -> str:
         return str(self.ctl_json("show", run_id)["state"])
@@ -162,15 +171,18 @@ class Wire:
             self._full_run()
         except OSError as exc:
             proc = self.daemon.proc
-            pytest.fail(f"runnerd stopped serving ({exc!r}; exit code "
-                        f"{proc.poll() if proc else None}): {self.daemon.log.read_text()[-3000:]}")
+            pytest.fail(
+                f"runnerd stopped serving ({exc!r}; exit code "
+                f"{proc.poll() if proc else None}): {self.daemon.log.read_text()[-3000:]}"
+            )
         assert self.daemon.ctl("status").returncode == 0
 
     def _full_run(self) -> None:
         client = self.connect()
         run_id = new_run_id()
-        created = client.request("create", key=new_key(), run_id=run_id, experiment="healthy",
-                                 params={"lr": 0.1})
+        created = client.request(
+            "create", key=new_key(), run_id=run_id, experiment="healthy", params={"lr": 0.1}
+        )
         assert created["ok"] is True, created
         assert client.request("start", key=new_key(), run_id=run_id)["state"] == "running"
         assert client.request("succeed", key=new_key(), run_id=run_id)["state"] == "succeeded"

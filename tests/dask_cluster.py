@@ -19,8 +19,12 @@ class Cluster:
     def __init__(self, daemon: Daemon, **options: Any) -> None:
         self.daemon = daemon
         self.cluster = distributed.LocalCluster(
-            n_workers=options.pop("n_workers", 2), threads_per_worker=1, processes=True,
-            dashboard_address=":0", **options)
+            n_workers=options.pop("n_workers", 2),
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=":0",
+            **options,
+        )
         self.client = distributed.Client(self.cluster)
         self.client.register_plugin(RunnerdWorkerPlugin(experiment="dask-test"))
         self.scheduler_plugin = RunnerdSchedulerPlugin()
@@ -30,13 +34,21 @@ class Cluster:
         return list(self.daemon.ctl_json("list", "--experiment", "dask-test", "--limit", "1000"))
 
     def run_of(self, key: str, state: str | None = None) -> dict[str, Any] | None:
-        return next((r for r in self.runs() if r["tags"].get("dask_key") == key
-                     and (state is None or r["state"] == state)), None)
+        return next(
+            (
+                r
+                for r in self.runs()
+                if r["tags"].get("dask_key") == key and (state is None or r["state"] == state)
+            ),
+            None,
+        )
 
     def in_ledger(self, key: str) -> bool:
         """Whether the scheduler plugin has entered the task's run (after LEDGER_DELAY)."""
+
         def look(dask_scheduler: Any) -> bool:
             return key in dask_scheduler.plugins[RunnerdSchedulerPlugin.name].ledger
+
         return bool(self.client.run_on_scheduler(look))
 
     def worker_pids(self) -> dict[str, int]:

@@ -116,21 +116,61 @@ SHAPES: dict[str, Shape] = {}
 for _op, _cls in REQUESTS.items():
     _hints = typing.get_type_hints(_cls)
     _fields = dataclasses.fields(_cls)
-    SHAPES[_op] = Shape({f.name: _wire_types(_hints[f.name]) for f in _fields},
-                        frozenset(f.name for f in _fields
-                                  if f.default is dataclasses.MISSING
-                                  and f.default_factory is dataclasses.MISSING))
+    SHAPES[_op] = Shape(
+        {f.name: _wire_types(_hints[f.name]) for f in _fields},
+        frozenset(
+            f.name
+            for f in _fields
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        ),
+    )
 
 OPS = tuple(REQUESTS)
-OP_WEIGHTS = {"create": 16, "start": 12, "heartbeat": 10, "succeed": 6, "fail": 6, "attach": 4,
-              "detach": 3, "cancel": 4, "checkpoint": 4, "artifact": 3, "get": 8, "list": 4,
-              "status": 3, "failures": 3, "export": 2, "watch": 1, "unwatch": 1, "prune": 2,
-              "hello": 2}
-JUNK_OPS = tuple(op for op in ("subscribe", "sweep", "resume", "frobnicate", "", " ", "HELLO",
-                                "Create", "get\0", "create ", "status\n", "__init__",
-                                "__class__", "shutdown", "💥") if op not in REQUESTS)
-FIELD_NAMES = tuple(sorted({name for shape in SHAPES.values() for name in shape.fields}
-                           | {"op", "id"}))
+OP_WEIGHTS = {
+    "create": 16,
+    "start": 12,
+    "heartbeat": 10,
+    "succeed": 6,
+    "fail": 6,
+    "attach": 4,
+    "detach": 3,
+    "cancel": 4,
+    "checkpoint": 4,
+    "artifact": 3,
+    "get": 8,
+    "list": 4,
+    "status": 3,
+    "failures": 3,
+    "export": 2,
+    "watch": 1,
+    "unwatch": 1,
+    "prune": 2,
+    "hello": 2,
+}
+JUNK_OPS = tuple(
+    op
+    for op in (
+        "subscribe",
+        "sweep",
+        "resume",
+        "frobnicate",
+        "",
+        " ",
+        "HELLO",
+        "Create",
+        "get\0",
+        "create ",
+        "status\n",
+        "__init__",
+        "__class__",
+        "shutdown",
+        "💥",
+    )
+    if op not in REQUESTS
+)
+FIELD_NAMES = tuple(
+    sorted({name for shape in SHAPES.values() for name in shape.fields} | {"op", "id"})
+)
 STATES = tuple(s.value for s in State)
 TERMINAL = tuple(s.value for s in State if s.terminal)
 
@@ -146,26 +186,126 @@ def _rule_words() -> list[str]:
 
 
 TOKENS = (
-    *OPS, *JUNK_OPS, *FIELD_NAMES, *STATES, *sorted(CODES), *_rule_words(),
-    "crash", "abandoned", "timeout", "lost", "class", "signature", "category", "runs",
-    "failures", "SIGKILL", "Signal:SIGSEGV", "ProcessExited", "9", "-1", "0", "1e309", "NaN",
-    "null", "true", "", " ", "\0", "\n", "\r\n", "\t", "'", '"', "/", "..", "%", "_", "*",
-    "\\", "\U0010ffff", "\ufeff", "é", "😀", "日本", "\x7f", "\u202e", "0x7fff", "deadbeefcafe",
-    'File "train.py", line 12, in step', "CUDA out of memory", "connection reset",
+    *OPS,
+    *JUNK_OPS,
+    *FIELD_NAMES,
+    *STATES,
+    *sorted(CODES),
+    *_rule_words(),
+    "crash",
+    "abandoned",
+    "timeout",
+    "lost",
+    "class",
+    "signature",
+    "category",
+    "runs",
+    "failures",
+    "SIGKILL",
+    "Signal:SIGSEGV",
+    "ProcessExited",
+    "9",
+    "-1",
+    "0",
+    "1e309",
+    "NaN",
+    "null",
+    "true",
+    "",
+    " ",
+    "\0",
+    "\n",
+    "\r\n",
+    "\t",
+    "'",
+    '"',
+    "/",
+    "..",
+    "%",
+    "_",
+    "*",
+    "\\",
+    "\U0010ffff",
+    "\ufeff",
+    "é",
+    "😀",
+    "日本",
+    "\x7f",
+    "\u202e",
+    "0x7fff",
+    "deadbeefcafe",
+    'File "train.py", line 12, in step',
+    "CUDA out of memory",
+    "connection reset",
 )
-MESSAGES = ("CUDA out of memory. Tried to allocate 2.00 GiB", "loss is nan at step 17",
-            "connection reset by peer", "expected 3 got 4", "No module named 'torch'",
-            "division by zero", "timed out after 30 s", "invalid value 'x' for --lr", "")
-TRACEBACK = ('Traceback (most recent call last):\n  File "/src/train.py", line 88, in main\n'
-             '    step()\n  File "/src/model.py", line 12, in step\n    raise ValueError(x)\n'
-             "ValueError: bad value 3\n")
-CLASSES = ("ValueError", "RuntimeError", "KeyError", "MemoryError", "OutOfMemoryError",
-           "KeyboardInterrupt", "Signal:SIGKILL", "Signal:SIGSEGV", "ProcessExited",
-           "ConnectionResetError", "HeartbeatLost", "Timeout", "pkg.mod.Error", "")
+MESSAGES = (
+    "CUDA out of memory. Tried to allocate 2.00 GiB",
+    "loss is nan at step 17",
+    "connection reset by peer",
+    "expected 3 got 4",
+    "No module named 'torch'",
+    "division by zero",
+    "timed out after 30 s",
+    "invalid value 'x' for --lr",
+    "",
+)
+TRACEBACK = (
+    'Traceback (most recent call last):\n  File "/src/train.py", line 88, in main\n'
+    '    step()\n  File "/src/model.py", line 12, in step\n    raise ValueError(x)\n'
+    "ValueError: bad value 3\n"
+)
+CLASSES = (
+    "ValueError",
+    "RuntimeError",
+    "KeyError",
+    "MemoryError",
+    "OutOfMemoryError",
+    "KeyboardInterrupt",
+    "Signal:SIGKILL",
+    "Signal:SIGSEGV",
+    "ProcessExited",
+    "ConnectionResetError",
+    "HeartbeatLost",
+    "Timeout",
+    "pkg.mod.Error",
+    "",
+)
 CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
-INTERESTING_BYTES = (0x00, 0x01, 0x7F, 0x80, 0x8F, 0x90, 0x9F, 0xA0, 0xBF, 0xC0, 0xC1, 0xC2,
-                     0xC3, 0xC4, 0xC6, 0xC7, 0xC8, 0xC9, 0xCA, 0xCB, 0xCF, 0xD3, 0xD4, 0xD6,
-                     0xD7, 0xD9, 0xDB, 0xDC, 0xDD, 0xDE, 0xDF, 0xE0, 0xFF)
+INTERESTING_BYTES = (
+    0x00,
+    0x01,
+    0x7F,
+    0x80,
+    0x8F,
+    0x90,
+    0x9F,
+    0xA0,
+    0xBF,
+    0xC0,
+    0xC1,
+    0xC2,
+    0xC3,
+    0xC4,
+    0xC6,
+    0xC7,
+    0xC8,
+    0xC9,
+    0xCA,
+    0xCB,
+    0xCF,
+    0xD3,
+    0xD4,
+    0xD6,
+    0xD7,
+    0xD9,
+    0xDB,
+    0xDC,
+    0xDD,
+    0xDE,
+    0xDF,
+    0xE0,
+    0xFF,
+)
 DEPTHS = (2, 10, 63, 64, 65, 66, 200, 511, 512, 1000, 1023, 1024, 1025, 3000)
 
 
@@ -223,8 +363,11 @@ def unsafe(msg: dict[Any, Any], sandbox: Sandbox) -> str | None:
             return f"{name!r} names a path outside the sandbox"
     op = msg.get("op")
     signal = msg.get("signal")
-    if op == "cancel" and isinstance(signal, str) \
-            and signal.upper().removeprefix("SIG") in CANCEL_SIGNALS:
+    if (
+        op == "cancel"
+        and isinstance(signal, str)
+        and signal.upper().removeprefix("SIG") in CANCEL_SIGNALS
+    ):
         return "cancel with a real signal"
     if MAX_FAILURE_TEXT is not None and op in ("fail", "cancel"):
         for name in ("message", "traceback"):
@@ -236,8 +379,12 @@ def unsafe(msg: dict[Any, Any], sandbox: Sandbox) -> str | None:
 
 def outside(value: Any, sandbox: Sandbox) -> bool:
     """An absolute path (a NUL makes it no path at all) outside the sandbox."""
-    return isinstance(value, str) and os.path.isabs(value) and "\0" not in value \
+    return (
+        isinstance(value, str)
+        and os.path.isabs(value)
+        and "\0" not in value
         and not sandbox.contains(value)
+    )
 
 
 def make_safe(msg: dict[Any, Any], sandbox: Sandbox) -> dict[Any, Any]:
@@ -324,7 +471,7 @@ def plan_session(stream: bytes, limit: int, sandbox: Sandbox) -> Plan:
         end = pos + HEADER.size + length
         if end > size:
             break
-        outcome, closes, greeted = judge(stream[pos + HEADER.size:end], greeted, sandbox)
+        outcome, closes, greeted = judge(stream[pos + HEADER.size : end], greeted, sandbox)
         if closes:
             return Plan(expected, pos, outcome, greeted)
         expected.append(outcome)
@@ -370,8 +517,10 @@ def match_replies(replies: Sequence[dict[str, Any]], expected: Sequence[Expect])
     for req_id in set(got) | set(want):
         g, w = got.get(req_id, Counter()), want.get(req_id, Counter())
         if g.total() != w.total():
-            problems.append(f"id {req_id!r}: {g.total()} replies for {w.total()} frames "
-                            f"(got {dict(g)}, want {dict(w)})")
+            problems.append(
+                f"id {req_id!r}: {g.total()} replies for {w.total()} frames "
+                f"(got {dict(g)}, want {dict(w)})"
+            )
             continue
         for code, n in w.items():
             if code != ANY and g[code] < n:
@@ -410,8 +559,18 @@ def nested(depth: int, as_map: bool, leaf: Any = None) -> bytes:
 
 
 KINDS: dict[str, float] = {
-    "request": 46, "mutated": 14, "junkmap": 9, "value": 10, "bytes": 10, "lying": 1,
-    "truncated": 1.5, "deep": 2, "big": 0.6, "too_large": 1, "bad_hello": 1, "hello": 1,
+    "request": 46,
+    "mutated": 14,
+    "junkmap": 9,
+    "value": 10,
+    "bytes": 10,
+    "lying": 1,
+    "truncated": 1.5,
+    "deep": 2,
+    "big": 0.6,
+    "too_large": 1,
+    "bad_hello": 1,
+    "hello": 1,
 }
 CLOSING_KINDS = ("too_large", "bad_hello")
 
@@ -419,9 +578,15 @@ CLOSING_KINDS = ("too_large", "bad_hello")
 class FrameGen:
     """Seeded frames of every kind; remembers the run ids and keys it made, to reuse them."""
 
-    def __init__(self, rng: random.Random, sandbox: Sandbox, run_ids: Sequence[str],
-                 limit: int = DEFAULT_MAX_FRAME, big: int = 300_000,
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        rng: random.Random,
+        sandbox: Sandbox,
+        run_ids: Sequence[str],
+        limit: int = DEFAULT_MAX_FRAME,
+        big: int = 300_000,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.rng = rng
         self.clock = clock
         self.sandbox = sandbox
@@ -445,26 +610,60 @@ class FrameGen:
         if r < 0.5:
             return self.rng.randint(-3, 100)
         if r < 0.8:
-            return self.rng.choice((0, -1, 1, 127, 128, 255, 256, 65535, 65536, 2**31 - 1,
-                                    -(2**31), 2**32, INT64_MAX, INT64_MIN, INT64_MAX + 1,
-                                    UINT64_MAX, -(2**63) + 1))
+            return self.rng.choice(
+                (
+                    0,
+                    -1,
+                    1,
+                    127,
+                    128,
+                    255,
+                    256,
+                    65535,
+                    65536,
+                    2**31 - 1,
+                    -(2**31),
+                    2**32,
+                    INT64_MAX,
+                    INT64_MIN,
+                    INT64_MAX + 1,
+                    UINT64_MAX,
+                    -(2**63) + 1,
+                )
+            )
         return self.rng.randint(INT64_MIN, UINT64_MAX)
 
     def real(self) -> float:
         r = self.rng.random()
         if r < 0.5:
             return self.rng.uniform(-1e6, 1e6)
-        return self.rng.choice((0.0, -0.0, 0.5, 1e-300, 5e-324, 1e308, 1.7976931348623157e308,
-                                -1e308, math.nan, math.inf, -math.inf, self.clock(),
-                                self.clock() + 86400 * 365, float(2**63)))
+        return self.rng.choice(
+            (
+                0.0,
+                -0.0,
+                0.5,
+                1e-300,
+                5e-324,
+                1e308,
+                1.7976931348623157e308,
+                -1e308,
+                math.nan,
+                math.inf,
+                -math.inf,
+                self.clock(),
+                self.clock() + 86400 * 365,
+                float(2**63),
+            )
+        )
 
     def text(self) -> str:
         rng, r = self.rng, self.rng.random()
         if r < 0.35:
             return rng.choice(TOKENS)
         if r < 0.55:
-            return "".join(rng.choices("abcdefghijklmnopqrstuvwxyzABCXYZ0123456789_-",
-                                       k=rng.randint(0, 24)))
+            return "".join(
+                rng.choices("abcdefghijklmnopqrstuvwxyzABCXYZ0123456789_-", k=rng.randint(0, 24))
+            )
         if r < 0.7:
             return "".join(chr(rng.randint(0x20, 0x7E)) for _ in range(rng.randint(0, 24)))
         if r < 0.8:
@@ -518,8 +717,16 @@ class FrameGen:
             return [self.json_value(depth + 1) for _ in range(rng.randint(0, 4))]
         if depth < 3 and r < 0.3:
             return self.json_map(depth + 1)
-        return rng.choice((None, True, rng.randint(-1000, 1000), rng.uniform(-10, 10),
-                           self.text(), self.integer() if rng.random() < 0.2 else 0))
+        return rng.choice(
+            (
+                None,
+                True,
+                rng.randint(-1000, 1000),
+                rng.uniform(-10, 10),
+                self.text(),
+                self.integer() if rng.random() < 0.2 else 0,
+            )
+        )
 
     def json_map(self, depth: int = 0) -> dict[str, Any]:
         return {self.text(): self.json_value(depth) for _ in range(self.rng.randint(0, 5))}
@@ -549,10 +756,19 @@ class FrameGen:
             return rng.choice(self.shared_runs)
         if r < 0.9:
             return self.fresh_run_id()
-        return rng.choice(("", "x" * 65, "bad id", "../etc", "a/b", "é", "\0",
-                           (rng.choice(self.shared_runs)[:rng.randint(1, 15)]
-                            if self.shared_runs else "0"),
-                           self.text()))
+        return rng.choice(
+            (
+                "",
+                "x" * 65,
+                "bad id",
+                "../etc",
+                "a/b",
+                "é",
+                "\0",
+                (rng.choice(self.shared_runs)[: rng.randint(1, 15)] if self.shared_runs else "0"),
+                self.text(),
+            )
+        )
 
     def key(self) -> str:
         if self.keys and self.rng.random() < 0.08:
@@ -564,18 +780,46 @@ class FrameGen:
     def path(self, op: str) -> str:
         sb, rng = self.sandbox, self.rng
         if op in ("watch", "unwatch"):
-            return rng.choice((sb.watch, sb.watch, os.path.join(sb.watch, "sub"),
-                               os.path.join(sb.root, "nope"), sb.artifact, "watch", "", "/\0"))
-        return rng.choice((sb.artifact, sb.artifact, sb.watch, sb.fifo,
-                           os.path.join(sb.root, "missing.bin"), os.path.join(sb.runs, "x", ".."),
-                           "relative/file", "", "/\0x", self.text()))
+            return rng.choice(
+                (
+                    sb.watch,
+                    sb.watch,
+                    os.path.join(sb.watch, "sub"),
+                    os.path.join(sb.root, "nope"),
+                    sb.artifact,
+                    "watch",
+                    "",
+                    "/\0",
+                )
+            )
+        return rng.choice(
+            (
+                sb.artifact,
+                sb.artifact,
+                sb.watch,
+                sb.fifo,
+                os.path.join(sb.root, "missing.bin"),
+                os.path.join(sb.runs, "x", ".."),
+                "relative/file",
+                "",
+                "/\0x",
+                self.text(),
+            )
+        )
 
     def run_dir(self) -> Any:
         rng = self.rng
         if rng.random() < 0.7:
             return os.path.join(self.sandbox.runs, f"r{rng.randrange(50)}")
-        return rng.choice((os.path.join(self.sandbox.runs, self.text().replace("\0", "")),
-                           self.sandbox.runs + "/a/../b", "relative/dir", "", "/\0"))
+        return rng.choice(
+            (
+                os.path.join(self.sandbox.runs, self.text().replace("\0", "")),
+                self.sandbox.runs + "/a/../b",
+                "relative/dir",
+                "",
+                "/\0",
+            )
+        )
 
     def limit_value(self) -> int:
         r = self.rng.random()
@@ -584,8 +828,9 @@ class FrameGen:
         return self.rng.choice((0, -1, 101, 1000, 10_000, 10_001, INT64_MAX))
 
     def seconds(self) -> float:
-        return self.rng.choice((3600.0, 3600.0, 86400.0, 86400, 0.05, 0.2, 1, 0, -1, 1e308,
-                                5e-324, 1e-3))
+        return self.rng.choice(
+            (3600.0, 3600.0, 86400.0, 86400, 0.05, 0.2, 1, 0, -1, 1e308, 5e-324, 1e-3)
+        )
 
     def at(self) -> float:
         now = self.clock()
@@ -601,8 +846,9 @@ class FrameGen:
 
     def next_seq(self) -> int:
         self.seq += 1
-        return self.rng.choice((self.seq, self.seq, self.seq, self.rng.randint(1, 50), 0, -5,
-                                INT64_MAX))
+        return self.rng.choice(
+            (self.seq, self.seq, self.seq, self.rng.randint(1, 50), 0, -5, INT64_MAX)
+        )
 
     def signal(self, op: str) -> str:
         if op == "cancel":
@@ -694,8 +940,9 @@ class FrameGen:
 
     def junkmap(self) -> dict[Any, Any]:
         """A map of real and junk field names with values of any type."""
-        msg: dict[Any, Any] = {self.key_value(): self.value(1)
-                               for _ in range(self.rng.randint(0, 6))}
+        msg: dict[Any, Any] = {
+            self.key_value(): self.value(1) for _ in range(self.rng.randint(0, 6))
+        }
         if self.rng.random() < 0.8:
             msg["op"] = self.rng.choice(OPS) if self.rng.random() < 0.8 else self.value(2)
         return self.make_safe(msg)
@@ -712,20 +959,39 @@ class FrameGen:
             elif r < 0.7:
                 data[i:i] = bytes([rng.choice(INTERESTING_BYTES)])
             elif r < 0.8:
-                del data[i:i + rng.randint(1, 4)]
+                del data[i : i + rng.randint(1, 4)]
             elif r < 0.88:
                 j = rng.randrange(i, len(data) + 1)
                 data[j:j] = data[i:j][:64]
             elif r < 0.94:
                 del data[i:]
             else:
-                data[i:i + 4] = rng.choice((b"\xff\xff\xff\xff", b"\x7f\xff\xff\xff",
-                                            b"\x80\x00\x00\x00", b"\x00\x00\x00\x00"))
+                data[i : i + 4] = rng.choice(
+                    (
+                        b"\xff\xff\xff\xff",
+                        b"\x7f\xff\xff\xff",
+                        b"\x80\x00\x00\x00",
+                        b"\x00\x00\x00\x00",
+                    )
+                )
         return bytes(data)
 
     def big_string(self, size: int) -> str:
-        token = self.rng.choice(("\n", " ", "'", '"', "/a", "0x1f ", "é", "a", "expected ",
-                                 'File "x.py", line 1, in f\n', self.text() or "z"))
+        token = self.rng.choice(
+            (
+                "\n",
+                " ",
+                "'",
+                '"',
+                "/a",
+                "0x1f ",
+                "é",
+                "a",
+                "expected ",
+                'File "x.py", line 1, in f\n',
+                self.text() or "z",
+            )
+        )
         return (token * (size // max(1, len(token.encode())) + 1))[:size]
 
     # -- frames and sessions
@@ -739,8 +1005,9 @@ class FrameGen:
         if kind == "value":
             return framed(pack(self.value()))
         if kind == "bytes":
-            size = rng.choice((0, 1, 2, 5, rng.randint(0, 64), rng.randint(0, 64),
-                               rng.randint(64, 4096)))
+            size = rng.choice(
+                (0, 1, 2, 5, rng.randint(0, 64), rng.randint(0, 64), rng.randint(64, 4096))
+            )
             return framed(rng.randbytes(size))
         if kind == "mutated":
             body = self.mutate(pack(self.request()))
@@ -750,7 +1017,7 @@ class FrameGen:
             return framed(body, max(0, len(body) + rng.choice((-9, -2, -1, 1, 2, 40))))
         if kind == "truncated":
             body = pack(self.request())
-            return framed(body)[:rng.randint(1, HEADER.size + len(body) - 1)]
+            return framed(body)[: rng.randint(1, HEADER.size + len(body) - 1)]
         if kind == "deep":
             depth, as_map = rng.choice(DEPTHS), rng.random() < 0.5
             if rng.random() < 0.3:
@@ -758,35 +1025,64 @@ class FrameGen:
             head = self.request("create")
             name = rng.choice(("params", "tags", "launch", "run_id", "experiment"))
             head.pop(name, None)
-            return framed(packed_map([*((k, pack(v)) for k, v in head.items()),
-                                      (name, b"\x81\xa1a" + nested(depth, as_map))]))
+            return framed(
+                packed_map(
+                    [
+                        *((k, pack(v)) for k, v in head.items()),
+                        (name, b"\x81\xa1a" + nested(depth, as_map)),
+                    ]
+                )
+            )
         if kind == "big":
             return self.big_frame()
         if kind == "too_large":
-            length = rng.choice((self.limit + 1, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFF,
-                                 0xFFFFFFFE, rng.randint(self.limit + 1, 0xFFFFFFFF)))
+            length = rng.choice(
+                (
+                    self.limit + 1,
+                    0x7FFFFFFF,
+                    0x80000000,
+                    0xFFFFFFFF,
+                    0xFFFFFFFE,
+                    rng.randint(self.limit + 1, 0xFFFFFFFF),
+                )
+            )
             return HEADER.pack(length) + rng.randbytes(rng.choice((0, 1, 10, 100)))
         if kind == "bad_hello":
             v = rng.choice((0, 2, -1, 99, INT64_MAX, INT64_MIN))
             return framed(pack({"op": "hello", "v": v, "id": self.req_id(), "client": "fz"}))
         if kind == "hello":
-            return framed(pack(self.make_safe({"op": "hello", "v": PROTOCOL_VERSION,
-                                               "id": self.req_id(), "client": self.text()})))
+            return framed(
+                pack(
+                    self.make_safe(
+                        {
+                            "op": "hello",
+                            "v": PROTOCOL_VERSION,
+                            "id": self.req_id(),
+                            "client": self.text(),
+                        }
+                    )
+                )
+            )
         raise ValueError(f"unknown frame kind {kind!r}")
 
     def big_frame(self) -> bytes:
         """A request with one huge field; now and then exactly at the frame limit."""
         rng = self.rng
-        op = rng.choice(("create", "fail", "checkpoint", "get", "heartbeat", "artifact",
-                         "cancel", "junk"))
+        op = rng.choice(
+            ("create", "fail", "checkpoint", "get", "heartbeat", "artifact", "cancel", "junk")
+        )
         msg = self.request(op if op != "junk" else "frobnicate")
         if op in ("fail", "checkpoint", "heartbeat", "cancel") and self.runs:
             msg["run_id"] = self.runs[-1]  # a live run: the handler reads the whole field
-        name = rng.choice(("experiment", "message", "traceback", "params", "path", "run_id",
-                           "key", "pad"))
+        name = rng.choice(
+            ("experiment", "message", "traceback", "params", "path", "run_id", "key", "pad")
+        )
         size = rng.choice((4096, rng.randint(4096, 65536), rng.randint(65536, self.big)))
-        if MAX_FAILURE_TEXT is not None and op in ("fail", "cancel") \
-                and name in ("message", "traceback"):
+        if (
+            MAX_FAILURE_TEXT is not None
+            and op in ("fail", "cancel")
+            and name in ("message", "traceback")
+        ):
             name = "phase" if op == "fail" else "pad"
         value: Any = self.big_string(size)
         if name == "params":
@@ -806,8 +1102,9 @@ class FrameGen:
     def session(self, extra: deque[bytes] | None = None) -> list[tuple[str, bytes]]:
         """One connection's frames, (kind, bytes) each; ends early after a closing kind."""
         rng = self.rng
-        count = rng.choice((rng.randint(1, 10), rng.randint(10, 100), rng.randint(10, 100),
-                            rng.randint(100, 400)))
+        count = rng.choice(
+            (rng.randint(1, 10), rng.randint(10, 100), rng.randint(10, 100), rng.randint(100, 400))
+        )
         frames: list[tuple[str, bytes]] = []
         if rng.random() < 0.92:
             frames.append(("hello", self.frame("hello")))
@@ -817,8 +1114,11 @@ class FrameGen:
                 continue
             kind = rng.choices(self.kinds, self.weights)[0]
             frames.append((kind, self.frame(kind)))
-            if kind in CLOSING_KINDS or kind == "truncated" \
-                    or (kind == "lying" and rng.random() < 0.7):
+            if (
+                kind in CLOSING_KINDS
+                or kind == "truncated"
+                or (kind == "lying" and rng.random() < 0.7)
+            ):
                 break  # the daemon hangs up, waits for bytes, or reads the rest askew
         return frames
 
@@ -834,22 +1134,29 @@ SEMANTIC: dict[str, Maker] = {
     "v": lambda g, op: PROTOCOL_VERSION,
     "experiment": lambda g, op: g.rng.choice(
         ("fuzz", "mnist", "sweep-a", f"e{g.rng.randrange(20)}", f"e{g.rng.randrange(20)}")
-        if g.rng.random() < 0.9 else ("", "x" * 257, g.text())),
+        if g.rng.random() < 0.9
+        else ("", "x" * 257, g.text())
+    ),
     "params": lambda g, op: g.json_map() if g.rng.random() < 0.93 else {g.text(): g.value()},
     "run_dir": lambda g, op: g.run_dir(),
-    "cwd": lambda g, op: g.rng.choice((g.sandbox.root, g.sandbox.root, g.sandbox.runs,
-                                       "relative", "", "/\0")),
+    "cwd": lambda g, op: g.rng.choice(
+        (g.sandbox.root, g.sandbox.root, g.sandbox.runs, "relative", "", "/\0")
+    ),
     "path": lambda g, op: g.path(op),
     "heartbeat_timeout": lambda g, op: g.seconds(),
     "at": lambda g, op: g.at(),
-    "before": lambda g, op: (g.rng.choice((0, 1e9, -1.0)) if g.rng.random() < 0.97
-                             else g.clock() + 1e6),
+    "before": lambda g, op: (
+        g.rng.choice((0, 1e9, -1.0)) if g.rng.random() < 0.97 else g.clock() + 1e6
+    ),
     "dry_run": lambda g, op: g.rng.random() < 0.7,
-    "states": lambda g, op: [g.rng.choice((*TERMINAL, *TERMINAL, "running", "nope", ""))
-                             for _ in range(g.rng.randint(0, 3))],
+    "states": lambda g, op: [
+        g.rng.choice((*TERMINAL, *TERMINAL, "running", "nope", ""))
+        for _ in range(g.rng.randint(0, 3))
+    ],
     "state": lambda g, op: g.rng.choice((*STATES, "nope", "", "RUNNING")),
     "reason": lambda g, op: g.rng.choice(
-        ("crash", "crash", "abandoned", "timeout", "lost", "", "CRASH")),
+        ("crash", "crash", "abandoned", "timeout", "lost", "", "CRASH")
+    ),
     "failure_class": lambda g, op: g.rng.choice(CLASSES) if g.rng.random() < 0.7 else g.text(),
     "message": lambda g, op: g.rng.choice(MESSAGES) if g.rng.random() < 0.6 else g.text(),
     "traceback": lambda g, op: TRACEBACK if g.rng.random() < 0.6 else g.text(),
@@ -857,15 +1164,21 @@ SEMANTIC: dict[str, Maker] = {
     "category_hint": lambda g, op: g.rng.choice(("oom", "OOM", "", "network", g.text())),
     "exit_code": lambda g, op: g.rng.choice((0, 1, 137, 139, -9, 255, 256, g.integer())),
     "limit": lambda g, op: g.limit_value(),
-    "group_by": lambda g, op: g.rng.choice(
-        ("class", "signature", "category", "run", "", "CLASS")),
+    "group_by": lambda g, op: g.rng.choice(("class", "signature", "category", "run", "", "CLASS")),
     "what": lambda g, op: g.rng.choice(("runs", "failures", "artifacts", "")),
     "client": lambda g, op: g.text(),
 }
-for _alias, _same in (("variation", "experiment"), ("tags", "params"), ("launch", "params"),
-                      ("data", "params"), ("lost_grace", "heartbeat_timeout"),
-                      ("deadline", "heartbeat_timeout"), ("since", "at"), ("host", "client"),
-                      ("phase", "client")):
+for _alias, _same in (
+    ("variation", "experiment"),
+    ("tags", "params"),
+    ("launch", "params"),
+    ("data", "params"),
+    ("lost_grace", "heartbeat_timeout"),
+    ("deadline", "heartbeat_timeout"),
+    ("since", "at"),
+    ("host", "client"),
+    ("phase", "client"),
+):
     SEMANTIC[_alias] = SEMANTIC[_same]
 
 
@@ -898,8 +1211,9 @@ class Link:
         self.eof = False
         self.write_closed = False
 
-    def pump(self, data: bytes, want: int, deadline: float,
-             chunk: Callable[[], int] | None = None) -> None:
+    def pump(
+        self, data: bytes, want: int, deadline: float, chunk: Callable[[], int] | None = None
+    ) -> None:
         """Write `data`, reading all the while; return once it is written (or the daemon
         hung up) and `want` replies have arrived (or EOF). Raise Hangup at the deadline."""
         view, sent = memoryview(data), 0
@@ -909,10 +1223,13 @@ class Link:
                 return
             left = deadline - time.monotonic()
             if left <= 0:
-                raise Hangup(f"{len(self.replies)} of {want} replies after the deadline "
-                             f"({sent} of {len(view)} bytes written)")
-            self.poller.modify(self.sock.fileno(),
-                               select.POLLIN | (select.POLLOUT if writing else 0))
+                raise Hangup(
+                    f"{len(self.replies)} of {want} replies after the deadline "
+                    f"({sent} of {len(view)} bytes written)"
+                )
+            self.poller.modify(
+                self.sock.fileno(), select.POLLIN | (select.POLLOUT if writing else 0)
+            )
             for _, event in self.poller.poll(min(left, 1.0) * 1000):
                 if event & (select.POLLIN | select.POLLHUP | select.POLLERR):
                     self.read()
@@ -949,7 +1266,7 @@ class Link:
             (length,) = HEADER.unpack_from(buf, pos)
             if len(buf) - pos - HEADER.size < length:
                 break
-            body = bytes(buf[pos + HEADER.size:pos + HEADER.size + length])
+            body = bytes(buf[pos + HEADER.size : pos + HEADER.size + length])
             pos += HEADER.size + length
             try:
                 msg = msgpack.unpackb(body, raw=False, strict_map_key=False)
@@ -997,7 +1314,7 @@ class Stats:
             if f.name == "slowest":
                 self.slowest = max(mine, theirs)
             elif f.name == "problems":
-                self.problems += theirs[:max(0, 25 - len(self.problems))]
+                self.problems += theirs[: max(0, 25 - len(self.problems))]
             elif isinstance(mine, Counter):
                 mine.update(theirs)
             else:
@@ -1082,15 +1399,17 @@ class Fuzzer:
                 link.pump(stream, 0, deadline, chunk)
                 stats.abandoned += 1
                 return
-            link.pump(stream[:plan.cut], len(plan.expected), deadline, chunk)
+            link.pump(stream[: plan.cut], len(plan.expected), deadline, chunk)
             link.read()
             if len(link.replies) < len(plan.expected):
-                stats.problem(f"{label} the daemon hung up after {len(link.replies)} of "
-                              f"{len(plan.expected)} replies")
+                stats.problem(
+                    f"{label} the daemon hung up after {len(link.replies)} of "
+                    f"{len(plan.expected)} replies"
+                )
             self.check(label, link.replies, plan.expected)
             if plan.closing is not None:
                 link.replies = []
-                link.pump(stream[plan.cut:], 1 << 30, deadline, chunk)  # until EOF
+                link.pump(stream[plan.cut :], 1 << 30, deadline, chunk)  # until EOF
                 self.check(label, link.replies, [plan.closing])
             stats.slowest = max(stats.slowest, time.monotonic() - started)
             stats.events += link.events
@@ -1133,8 +1452,15 @@ def seed_runs(socket_path: str, count: int = 30) -> tuple[str, ...]:
         for i in range(count):
             run_id = new_run_id()
             run_ids.append(run_id)
-            conn.call(Create(key=new_key(), run_id=run_id, experiment="fuzz-seed",
-                             variation=f"v{i % 3}", params={"i": i}))
+            conn.call(
+                Create(
+                    key=new_key(),
+                    run_id=run_id,
+                    experiment="fuzz-seed",
+                    variation=f"v{i % 3}",
+                    params={"i": i},
+                )
+            )
             stage = i % 5
             if stage == 0:
                 continue  # pending
@@ -1143,8 +1469,15 @@ def seed_runs(socket_path: str, count: int = 30) -> tuple[str, ...]:
             if stage == 3:
                 conn.call(Succeed(key=new_key(), run_id=run_id))
             elif stage == 4:
-                conn.call(Fail(key=new_key(), run_id=run_id, failure_class="ValueError",
-                               message=f"bad value {i}", traceback=TRACEBACK))
+                conn.call(
+                    Fail(
+                        key=new_key(),
+                        run_id=run_id,
+                        failure_class="ValueError",
+                        message=f"bad value {i}",
+                        traceback=TRACEBACK,
+                    )
+                )
     return tuple(run_ids)
 
 
@@ -1161,16 +1494,24 @@ def check_health(socket_path: str) -> None:
     keys = [new_key() for _ in range(3)]
     with contextlib.closing(Connection(socket_path, client="fuzz-health", timeout=30)) as conn:
         assert conn.hello["v"] == PROTOCOL_VERSION, conn.hello
-        created = _call(conn, Create(key=keys[0], run_id=run_id, experiment="fuzz-health",
-                                     params=params))
+        created = _call(
+            conn, Create(key=keys[0], run_id=run_id, experiment="fuzz-health", params=params)
+        )
         assert created["state"] == "pending" and created["attempt"] >= 1, created
         assert _call(conn, Start(key=keys[1], run_id=run_id))["state"] == "running"
         assert _call(conn, Succeed(key=keys[2], run_id=run_id))["state"] == "succeeded"
         run = _call(conn, Get(run=run_id))["run"]
         assert (run["run_id"], run["state"], run["experiment"], run["params"]) == (
-            run_id, "succeeded", "fuzz-health", params), run
+            run_id,
+            "succeeded",
+            "fuzz-health",
+            params,
+        ), run
         assert [(t["from"], t["to"]) for t in run["transitions"]] == [
-            (None, "pending"), ("pending", "running"), ("running", "succeeded")], run
+            (None, "pending"),
+            ("pending", "running"),
+            ("running", "succeeded"),
+        ], run
         replay = _call(conn, Succeed(key=keys[2], run_id=run_id))
         assert replay["state"] == "succeeded", replay
         again = conn.send(Succeed(key=new_key(), run_id=run_id)).result(30)
@@ -1197,9 +1538,10 @@ LOG_RECORD = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ ", re.M)
 def unretrieved(record: str) -> bool:
     """A request that failed after its client hung up, logged as an ERROR by asyncio (a
     registry future, or the task of an async handler): the fuzzing found it, now fixed."""
-    return ("Future exception was never retrieved" in record
-            or "Task exception was never retrieved" in record) \
-        and "exception=RunnerdError(" in record
+    return (
+        "Future exception was never retrieved" in record
+        or "Task exception was never retrieved" in record
+    ) and "exception=RunnerdError(" in record
 
 
 def log_errors(log: Path) -> tuple[list[str], list[str]]:
@@ -1220,8 +1562,9 @@ def registry_summary(db: str | Path) -> dict[str, dict[str, int]]:
     with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=30)) as conn:
         return {
             "runs": dict(conn.execute("SELECT state, COUNT(*) FROM runs GROUP BY state")),
-            "transitions": dict(conn.execute(
-                "SELECT cause, COUNT(*) FROM transitions GROUP BY cause")),
+            "transitions": dict(
+                conn.execute("SELECT cause, COUNT(*) FROM transitions GROUP BY cause")
+            ),
         }
 
 
@@ -1257,12 +1600,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--frames", type=int, default=1_000_000, help="frames in all")
     parser.add_argument("--connections", type=int, default=8, help="concurrent connections")
     parser.add_argument("--seed", default=None, help="seed (printed when not given)")
-    parser.add_argument("--timeout", type=float, default=60.0,
-                        help="seconds a session may wait for its replies")
-    parser.add_argument("--rounds", type=int, default=1,
-                        help="fuzz in rounds, with the daemon's RSS after each")
-    parser.add_argument("--no-guard", action="store_true",
-                        help="send failure texts longer than MAX_FAILURE_TEXT too")
+    parser.add_argument(
+        "--timeout", type=float, default=60.0, help="seconds a session may wait for its replies"
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="fuzz in rounds, with the daemon's RSS after each"
+    )
+    parser.add_argument(
+        "--no-guard",
+        action="store_true",
+        help="send failure texts longer than MAX_FAILURE_TEXT too",
+    )
     return parser.parse_args(argv)
 
 
@@ -1281,13 +1629,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             server.stop(timeout=120)
 
 
-def _round(target: Target, seed: str, frames: int, connections: int,
-           server: Daemon) -> tuple[list[Stats], int, list[int]]:
+def _round(
+    target: Target, seed: str, frames: int, connections: int, server: Daemon
+) -> tuple[list[Stats], int, list[int]]:
     """One round: `connections` forked fuzzers; (their stats, daemon restarts, RSS samples)."""
     queue = FORK.Queue()
     per = -(-frames // connections)
-    workers = [FORK.Process(target=_worker, args=(target, f"{seed}:{i}", per, queue),
-                            daemon=True) for i in range(connections)]
+    workers = [
+        FORK.Process(target=_worker, args=(target, f"{seed}:{i}", per, queue), daemon=True)
+        for i in range(connections)
+    ]
     for w in workers:
         w.start()
     results: list[Stats] = []
@@ -1308,22 +1659,31 @@ def _round(target: Target, seed: str, frames: int, connections: int,
 
 def _bench(args: argparse.Namespace, seed: str, root: Path, server: Daemon) -> int:
     sandbox = Sandbox(str(root / "sb")).prepare()
-    target = Target(str(server.socket), sandbox, seed_runs(str(server.socket)),
-                    timeout=args.timeout, reconnect_for=120.0)
+    target = Target(
+        str(server.socket),
+        sandbox,
+        seed_runs(str(server.socket)),
+        timeout=args.timeout,
+        reconnect_for=120.0,
+    )
     rss, restarts, total = [rss_kib(server.pid)], 0, Stats()
     began = time.monotonic()
     for n in range(args.rounds):
         round_seed = seed if args.rounds == 1 else f"{seed}/{n}"
-        results, again, samples = _round(target, round_seed, args.frames // args.rounds,
-                                         args.connections, server)
+        results, again, samples = _round(
+            target, round_seed, args.frames // args.rounds, args.connections, server
+        )
         restarts += again
         rss += samples
         for stats in results:
             total.merge(stats)
         if args.rounds > 1:
             runs = sum(registry_summary(server.env["RUNNERD_DB"])["runs"].values())
-            print(f"round {n + 1}: {total.frames:,} frames so far, {runs:,} runs in the "
-                  f"registry, daemon RSS {rss_kib(server.pid) / 1024:.1f} MiB", flush=True)
+            print(
+                f"round {n + 1}: {total.frames:,} frames so far, {runs:,} runs in the "
+                f"registry, daemon RSS {rss_kib(server.pid) / 1024:.1f} MiB",
+                flush=True,
+            )
     elapsed = time.monotonic() - began
     rss.append(rss_kib(server.pid))
     health = "ok"
@@ -1331,8 +1691,13 @@ def _bench(args: argparse.Namespace, seed: str, root: Path, server: Daemon) -> i
         check_health(str(server.socket))
     except Exception as exc:
         health = f"FAILED: {exc!r}"
-    ctl = subprocess.run([sys.executable, "-m", "runnerd.cli", "status"], env=server.env,
-                         capture_output=True, text=True, timeout=120)
+    ctl = subprocess.run(
+        [sys.executable, "-m", "runnerd.cli", "status"],
+        env=server.env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     integrity = integrity_check(server.env["RUNNERD_DB"])
     errors, unretrieved_errors = log_errors(server.log)
     _report(total, elapsed, restarts, health, ctl.returncode, integrity, rss, errors)
@@ -1340,17 +1705,33 @@ def _bench(args: argparse.Namespace, seed: str, root: Path, server: Daemon) -> i
     summary = registry_summary(server.env["RUNNERD_DB"])
     print(f"registry runs      {summary['runs']}")
     print(f"transitions        {summary['transitions']}")
-    good = (restarts == 0 and health == "ok" and ctl.returncode == 0 and integrity == "ok"
-            and total.problem_count == 0 and not errors)
+    good = (
+        restarts == 0
+        and health == "ok"
+        and ctl.returncode == 0
+        and integrity == "ok"
+        and total.problem_count == 0
+        and not errors
+    )
     return 0 if good else 1
 
 
-def _report(total: Stats, elapsed: float, restarts: int, health: str, ctl_rc: int,
-            integrity: str, rss: list[int], errors: list[str]) -> None:
+def _report(
+    total: Stats,
+    elapsed: float,
+    restarts: int,
+    health: str,
+    ctl_rc: int,
+    integrity: str,
+    rss: list[int],
+    errors: list[str],
+) -> None:
     rate = total.frames / elapsed if elapsed else 0.0
-    print(f"frames sent        {total.frames:>12,}   ({total.bytes / 1e6:,.1f} MB in "
-          f"{total.sessions:,} sessions, {total.abandoned:,} abandoned, {total.unsafe:,} "
-          f"left unsent by the safety gate)")
+    print(
+        f"frames sent        {total.frames:>12,}   ({total.bytes / 1e6:,.1f} MB in "
+        f"{total.sessions:,} sessions, {total.abandoned:,} abandoned, {total.unsafe:,} "
+        f"left unsent by the safety gate)"
+    )
     print(f"frames checked     {total.checked:>12,}   (replies matched against the oracle)")
     print(f"event frames       {total.events:>12,}   (to subscribed connections)")
     print(f"elapsed            {elapsed:>12.1f} s")
@@ -1370,8 +1751,10 @@ def _report(total: Stats, elapsed: float, restarts: int, health: str, ctl_rc: in
     print(f"runnerctl status   exit {ctl_rc}")
     print(f"integrity_check    {integrity}")
     quarters = ", ".join(f"{rss[round(q * (len(rss) - 1))] / 1024:.1f}" for q in (0.25, 0.5, 0.75))
-    print(f"daemon RSS         {rss[0] / 1024:.1f} MiB before, {rss[-1] / 1024:.1f} MiB after, "
-          f"peak {max(rss) / 1024:.1f} (at 1/4, 1/2, 3/4 of the run: {quarters})")
+    print(
+        f"daemon RSS         {rss[0] / 1024:.1f} MiB before, {rss[-1] / 1024:.1f} MiB after, "
+        f"peak {max(rss) / 1024:.1f} (at 1/4, 1/2, 3/4 of the run: {quarters})"
+    )
     print(f"daemon log errors  {len(errors)} (besides those)")
     for record in errors[:5]:
         print(f"  {record[:600]}")

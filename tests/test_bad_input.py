@@ -58,9 +58,14 @@ def send_until_hangup(client: RawClient, data: bytes) -> None:
 def create_frame(run_id: str, field: str, value_bytes: bytes) -> bytes:
     """A create request whose `field` is the given pre-packed msgpack bytes."""
     head = {"op": "create", "id": 1, "key": new_key(), "run_id": run_id, "experiment": "deep"}
-    body = b"".join([bytes([0x80 | (len(head) + 1)]),
-                     *(msgpack.packb(k) + msgpack.packb(v) for k, v in head.items()),
-                     msgpack.packb(field), value_bytes])
+    body = b"".join(
+        [
+            bytes([0x80 | (len(head) + 1)]),
+            *(msgpack.packb(k) + msgpack.packb(v) for k, v in head.items()),
+            msgpack.packb(field),
+            value_bytes,
+        ]
+    )
     return HEADER.pack(len(body)) + body
 
 
@@ -134,8 +139,9 @@ def test_truncated_frame_left_hanging_blocks_no_one(wire: Wire, bystander: RawCl
 
 
 @pytest.mark.parametrize("with_body", [False, True], ids=["prefix-only", "whole-frame"])
-def test_oversized_frame_is_refused_and_closed(wire: Wire, bystander: RawClient,
-                                               with_body: bool) -> None:
+def test_oversized_frame_is_refused_and_closed(
+    wire: Wire, bystander: RawClient, with_body: bool
+) -> None:
     size = 2 << 20
     client = wire.connect()
     send_until_hangup(client, HEADER.pack(size) + (b"\0" * size if with_body else b"\x80"))
@@ -147,7 +153,8 @@ def test_oversized_frame_is_refused_and_closed(wire: Wire, bystander: RawClient,
 
 
 def test_frame_of_exactly_the_limit_is_served_one_byte_more_is_not(
-        wire: Wire, bystander: RawClient) -> None:
+    wire: Wire, bystander: RawClient
+) -> None:
     client = wire.connect()
     client.send_raw(padded_frame({"op": "status", "id": 7}, DEFAULT_MAX_FRAME))
     reply = client.recv()
@@ -169,8 +176,9 @@ NOT_MSGPACK = {
 
 
 @pytest.mark.parametrize("body", NOT_MSGPACK.values(), ids=NOT_MSGPACK.keys())
-def test_body_that_is_not_msgpack_is_bad_frame(wire: Wire, bystander: RawClient,
-                                               body: bytes) -> None:
+def test_body_that_is_not_msgpack_is_bad_frame(
+    wire: Wire, bystander: RawClient, body: bytes
+) -> None:
     client = wire.connect()
     send_body(client, body)
     assert error_of(client.recv()) == "bad_frame"
@@ -179,10 +187,12 @@ def test_body_that_is_not_msgpack_is_bad_frame(wire: Wire, bystander: RawClient,
     wire.assert_serving(bystander)
 
 
-@pytest.mark.parametrize("value", [[1, 2], 7, "status", None, 1.5],
-                         ids=["list", "int", "str", "nil", "float"])
-def test_msgpack_that_is_not_a_map_is_bad_frame(wire: Wire, bystander: RawClient,
-                                                value: Any) -> None:
+@pytest.mark.parametrize(
+    "value", [[1, 2], 7, "status", None, 1.5], ids=["list", "int", "str", "nil", "float"]
+)
+def test_msgpack_that_is_not_a_map_is_bad_frame(
+    wire: Wire, bystander: RawClient, value: Any
+) -> None:
     client = wire.connect()
     send_body(client, msgpack.packb(value))
     assert error_of(client.recv()) == "bad_frame"
@@ -204,8 +214,7 @@ def test_deep_nesting_beyond_msgpack_limits(wire: Wire, bystander: RawClient) ->
 
 
 @pytest.mark.parametrize("field", ["params", "tags"])
-def test_deep_nesting_within_msgpack_limits(wire: Wire, bystander: RawClient,
-                                            field: str) -> None:
+def test_deep_nesting_within_msgpack_limits(wire: Wire, bystander: RawClient, field: str) -> None:
     run_id = new_run_id()
     client = wire.connect()
     client.send_raw(create_frame(run_id, field, b"\x81\xa1a" + b"\x91" * 1000 + b"\xc0"))
@@ -230,10 +239,10 @@ def test_unknown_op(conn: RawClient, shared: Wire) -> None:
     shared.assert_serving(conn)
 
 
-@pytest.mark.parametrize("msg", [{"id": 3}, {"id": 3, "op": 5}, {"id": 3, "op": None}],
-                         ids=["missing", "int", "nil"])
-def test_op_missing_or_not_a_string(conn: RawClient, shared: Wire,
-                                    msg: dict[str, Any]) -> None:
+@pytest.mark.parametrize(
+    "msg", [{"id": 3}, {"id": 3, "op": 5}, {"id": 3, "op": None}], ids=["missing", "int", "nil"]
+)
+def test_op_missing_or_not_a_string(conn: RawClient, shared: Wire, msg: dict[str, Any]) -> None:
     reply = conn.call(msg)
     assert error_of(reply) == "bad_request"
     assert reply["id"] == 3
@@ -252,10 +261,12 @@ MISSING = [
 ]
 
 
-@pytest.mark.parametrize(("op", "fields", "missing"), MISSING,
-                         ids=[f"{op}-{name}" for op, _, name in MISSING])
-def test_missing_field_is_bad_request_naming_it(conn: RawClient, shared: Wire, op: str,
-                                                fields: dict[str, Any], missing: str) -> None:
+@pytest.mark.parametrize(
+    ("op", "fields", "missing"), MISSING, ids=[f"{op}-{name}" for op, _, name in MISSING]
+)
+def test_missing_field_is_bad_request_naming_it(
+    conn: RawClient, shared: Wire, op: str, fields: dict[str, Any], missing: str
+) -> None:
     reply = call(conn, op, **fields)
     assert error_of(reply) == "bad_request"
     assert repr(missing) in reply["error"]["message"]
@@ -280,11 +291,14 @@ WRONG_TYPE = [
 ]
 
 
-@pytest.mark.parametrize(("op", "fields", "name"), WRONG_TYPE,
-                         ids=[f"{op}-{name}-{type(f[name]).__name__}"
-                              for op, f, name in WRONG_TYPE])
-def test_wrong_type_is_bad_request_naming_the_field(conn: RawClient, shared: Wire, op: str,
-                                                    fields: dict[str, Any], name: str) -> None:
+@pytest.mark.parametrize(
+    ("op", "fields", "name"),
+    WRONG_TYPE,
+    ids=[f"{op}-{name}-{type(f[name]).__name__}" for op, f, name in WRONG_TYPE],
+)
+def test_wrong_type_is_bad_request_naming_the_field(
+    conn: RawClient, shared: Wire, op: str, fields: dict[str, Any], name: str
+) -> None:
     reply = call(conn, op, **fields)
     assert error_of(reply) == "bad_request"
     assert repr(name) in reply["error"]["message"]
@@ -298,8 +312,9 @@ def test_id_of_the_wrong_type_is_bad_request(conn: RawClient, shared: Wire) -> N
     shared.assert_serving(conn)
 
 
-@pytest.mark.parametrize("op", ["start", "attach", "detach", "succeed", "fail", "cancel",
-                                "checkpoint"])
+@pytest.mark.parametrize(
+    "op", ["start", "attach", "detach", "succeed", "fail", "cancel", "checkpoint"]
+)
 def test_mutation_of_an_unknown_run(conn: RawClient, shared: Wire, op: str) -> None:
     reply = call(conn, op, key=new_key(), run_id="NOSUCHRUN")
     assert error_of(reply) == "unknown_run"
@@ -313,8 +328,7 @@ def test_heartbeat_and_get_of_an_unknown_run(conn: RawClient, shared: Wire) -> N
     shared.assert_serving(conn)
 
 
-def test_request_before_hello_is_refused_then_hello_works(wire: Wire,
-                                                          bystander: RawClient) -> None:
+def test_request_before_hello_is_refused_then_hello_works(wire: Wire, bystander: RawClient) -> None:
     client = wire.connect(hello=False)
     reply = call(client, "status")
     assert error_of(reply) == "bad_request"
@@ -338,8 +352,10 @@ def test_silent_peers_block_no_one(wire: Wire, bystander: RawClient) -> None:
     half_header = wire.connect(hello=False)
     half_header.send_raw(b"\x00\x00")
     try:
-        wait_for(lambda: call(bystander, "status")["daemon"]["clients"] >= 3,
-                 what="the daemon to count the silent peers as clients")
+        wait_for(
+            lambda: call(bystander, "status")["daemon"]["clients"] >= 3,
+            what="the daemon to count the silent peers as clients",
+        )
         wire.assert_serving(bystander)
     finally:
         silent.close()
@@ -362,8 +378,9 @@ NOT_JSONABLE = {
 
 
 @pytest.mark.parametrize("fields", NOT_JSONABLE.values(), ids=NOT_JSONABLE.keys())
-def test_params_that_are_not_jsonable(conn: RawClient, shared: Wire,
-                                      fields: dict[str, Any]) -> None:
+def test_params_that_are_not_jsonable(
+    conn: RawClient, shared: Wire, fields: dict[str, Any]
+) -> None:
     run_id = new_run_id()
     reply = call(conn, "create", key=new_key(), run_id=run_id, experiment="e", **fields)
     assert error_of(reply) == "bad_request"
@@ -405,8 +422,7 @@ def test_invalid_run_id_on_create(conn: RawClient, shared: Wire, run_id: str) ->
 
 
 def test_run_id_of_64_characters_is_accepted(conn: RawClient, shared: Wire) -> None:
-    reply = call(conn, "create", key=new_key(), run_id=new_run_id().ljust(64, "A"),
-                 experiment="e")
+    reply = call(conn, "create", key=new_key(), run_id=new_run_id().ljust(64, "A"), experiment="e")
     assert reply["ok"] is True, reply
     shared.assert_serving(conn)
 
@@ -421,22 +437,27 @@ BAD_PATHS = {
 
 
 @pytest.mark.parametrize("fields", BAD_PATHS.values(), ids=BAD_PATHS.keys())
-def test_run_dir_and_cwd_must_be_absolute(conn: RawClient, shared: Wire,
-                                          fields: dict[str, Any]) -> None:
+def test_run_dir_and_cwd_must_be_absolute(
+    conn: RawClient, shared: Wire, fields: dict[str, Any]
+) -> None:
     experiment = f"bad-{new_run_id()}"
-    reply = call(conn, "create", key=new_key(), run_id=new_run_id(), experiment=experiment,
-                 **fields)
+    reply = call(
+        conn, "create", key=new_key(), run_id=new_run_id(), experiment=experiment, **fields
+    )
     assert error_of(reply) == "bad_request"
     assert next(iter(fields)) in reply["error"]["message"]
     assert call(conn, "list", experiment=experiment)["runs"] == []
     shared.assert_serving(conn)
 
 
-@pytest.mark.parametrize("fields", [{"experiment": ""}, {"experiment": "e" * 257},
-                                    {"experiment": "e", "variation": ""}],
-                         ids=["empty-experiment", "long-experiment", "empty-variation"])
-def test_experiment_and_variation_names_are_checked(conn: RawClient, shared: Wire,
-                                                    fields: dict[str, Any]) -> None:
+@pytest.mark.parametrize(
+    "fields",
+    [{"experiment": ""}, {"experiment": "e" * 257}, {"experiment": "e", "variation": ""}],
+    ids=["empty-experiment", "long-experiment", "empty-variation"],
+)
+def test_experiment_and_variation_names_are_checked(
+    conn: RawClient, shared: Wire, fields: dict[str, Any]
+) -> None:
     reply = call(conn, "create", key=new_key(), run_id=new_run_id(), **fields)
     assert error_of(reply) == "bad_request"
     shared.assert_serving(conn)
@@ -512,8 +533,7 @@ def test_fail_exit_code_beyond_64_bits_changes_nothing(raw: RawClient, wire: Wir
 
 
 @pytest.mark.parametrize("op", ["create", "start"])
-def test_nan_event_time_is_not_an_internal_error(raw: RawClient, wire: Wire,
-                                                 op: str) -> None:
+def test_nan_event_time_is_not_an_internal_error(raw: RawClient, wire: Wire, op: str) -> None:
     run_id = new_run_id()
     fields: dict[str, Any] = {"experiment": "e"}
     if op == "start":
@@ -551,19 +571,22 @@ OTHER_USER = textwrap.dedent("""
 
 
 @pytest.mark.skipif(os.getuid() != 0, reason="needs root to act as another user")
-def test_peer_of_another_uid_is_forbidden(daemon: Daemon, wire: Wire,
-                                          bystander: RawClient) -> None:
+def test_peer_of_another_uid_is_forbidden(daemon: Daemon, wire: Wire, bystander: RawClient) -> None:
     for folder in (daemon.root, daemon.socket.parent):
         folder.chmod(0o755)
     daemon.socket.chmod(0o777)
     hello = frame({"op": "hello", "v": 1, "id": 1, "client": "intruder"})
-    proc = subprocess.run([sys.executable, "-c", OTHER_USER, str(daemon.socket), hello.hex()],
-                          capture_output=True, text=True, timeout=30)
+    proc = subprocess.run(
+        [sys.executable, "-c", OTHER_USER, str(daemon.socket), hello.hex()],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert proc.returncode == 0, proc.stderr  # it read to EOF: the daemon hung up
     data = bytes.fromhex(proc.stdout)
-    (length,) = HEADER.unpack(data[:HEADER.size])
+    (length,) = HEADER.unpack(data[: HEADER.size])
     assert len(data) == HEADER.size + length, "one frame, then the connection closed"
-    reply = unpack_body(data[HEADER.size:])
+    reply = unpack_body(data[HEADER.size :])
     assert error_of(reply) == "forbidden"
     assert call(bystander, "list")["runs"] == []
     wire.assert_serving(bystander)

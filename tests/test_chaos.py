@@ -9,8 +9,17 @@ from pathlib import Path
 import pytest
 from chaos import FAULTS, Plan, run_chaos
 
-SMALL = Plan(clients=4, runs=2, beats=10, daemon_kills=2, client_kills=2, stops=1, freezes=1,
-             ack_wait=1.0, seed=7)
+SMALL = Plan(
+    clients=4,
+    runs=2,
+    beats=10,
+    daemon_kills=2,
+    client_kills=2,
+    stops=1,
+    freezes=1,
+    ack_wait=1.0,
+    seed=7,
+)
 
 
 @pytest.mark.parametrize("fault", FAULTS)

@@ -29,14 +29,31 @@ def store(tmp_path: Path) -> Iterator[Store]:
         conn.close()
 
 
-def attempt(store: Store, run_id: str, state: State, *, variation: str = "x=1",
-            params: dict[str, Any] | None = None, sweep: bool = False,
-            token: str | None = None) -> RunRow:
+def attempt(
+    store: Store,
+    run_id: str,
+    state: State,
+    *,
+    variation: str = "x=1",
+    params: dict[str, Any] | None = None,
+    sweep: bool = False,
+    token: str | None = None,
+) -> RunRow:
     """A run of experiment `e` in `state` (as cell 0 of sweep S1 with `sweep`)."""
-    store.runs.create(NewRun(
-        run_id=run_id, experiment="e", variation=variation,
-        params_json=json.dumps(params or {"x": 1}), tags_json="{}", created_at=NOW,
-        sweep_id="S1" if sweep else None, cell=0 if sweep else None, claim_token=token), "test")
+    store.runs.create(
+        NewRun(
+            run_id=run_id,
+            experiment="e",
+            variation=variation,
+            params_json=json.dumps(params or {"x": 1}),
+            tags_json="{}",
+            created_at=NOW,
+            sweep_id="S1" if sweep else None,
+            cell=0 if sweep else None,
+            claim_token=token,
+        ),
+        "test",
+    )
     if sweep:
         store.sweeps.claim_cell("S1", 0, run_id)
     row = store.runs.require(run_id)
@@ -46,10 +63,19 @@ def attempt(store: Store, run_id: str, state: State, *, variation: str = "x=1",
 
 
 def sweep(store: Store) -> None:
-    store.sweeps.create(NewSweep(
-        sweep_id="S1", experiment="e", failure_policy="fail_fast", spec_json="{}",
-        folder="/tmp/S1", driver_pid=1, driver_start=None, created_at=NOW),
-        [(0, json.dumps({"x": 1}), "x=1")])
+    store.sweeps.create(
+        NewSweep(
+            sweep_id="S1",
+            experiment="e",
+            failure_policy="fail_fast",
+            spec_json="{}",
+            folder="/tmp/S1",
+            driver_pid=1,
+            driver_start=None,
+            created_at=NOW,
+        ),
+        [(0, json.dumps({"x": 1}), "x=1")],
+    )
 
 
 def create(run_id: str = "NEW", **fields: Any) -> Create:
@@ -65,8 +91,7 @@ def conflict(store: Store, req: Create) -> str:
     return str(caught.value.message)
 
 
-def test_a_cell_never_attempted_is_claimed_by_the_attempt_planned_after_none(
-        store: Store) -> None:
+def test_a_cell_never_attempted_is_claimed_by_the_attempt_planned_after_none(store: Store) -> None:
     sweep(store)
     assert followed(store, create(), NOW) is None
     assert "was claimed meanwhile" in conflict(store, create(claim_after="A1"))
@@ -90,8 +115,7 @@ def test_a_live_attempt_holds_its_cell(store: Store, state: State) -> None:
     assert "held by live attempt 1 (run A1" in message and state.value in message
 
 
-def test_a_lost_attempt_is_superseded_by_the_one_that_takes_its_cell_over(
-        store: Store) -> None:
+def test_a_lost_attempt_is_superseded_by_the_one_that_takes_its_cell_over(store: Store) -> None:
     sweep(store)
     attempt(store, "A1", State.LOST, sweep=True)
     followed(store, create(claim_after="A1"), NOW)
@@ -143,5 +167,6 @@ def test_a_resume_with_other_params_is_refused_naming_them(store: Store) -> None
 
 def test_a_resume_waits_for_a_live_attempt(store: Store) -> None:
     attempt(store, "A1", State.RUNNING)
-    assert "e/x=1 is held by live attempt 1 (run A1, running)" in \
-        conflict(store, create(cell=False, resume=True))
+    assert "e/x=1 is held by live attempt 1 (run A1, running)" in conflict(
+        store, create(cell=False, resume=True)
+    )

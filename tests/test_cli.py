@@ -35,8 +35,9 @@ def three_runs(daemon: Daemon) -> Iterator[tuple[str, str, str]]:
     assert proc.returncode == 0, err
 
 
-def test_status_shows_counts_active_runs_and_failures(daemon: Daemon,
-                                                      three_runs: tuple[str, str, str]) -> None:
+def test_status_shows_counts_active_runs_and_failures(
+    daemon: Daemon, three_runs: tuple[str, str, str]
+) -> None:
     ok, bad, live = three_runs
     text = daemon.ctl("status").stdout
     assert "3 run(s): 1 running, 1 succeeded, 1 failed_crash" in text
@@ -51,8 +52,9 @@ def test_status_shows_counts_active_runs_and_failures(daemon: Daemon,
     assert [f["run_id"] for f in body["failures"]] == [bad]
 
 
-def test_list_filters_and_orders_newest_first(daemon: Daemon,
-                                              three_runs: tuple[str, str, str]) -> None:
+def test_list_filters_and_orders_newest_first(
+    daemon: Daemon, three_runs: tuple[str, str, str]
+) -> None:
     ok, bad, live = three_runs
     assert [r["run_id"] for r in daemon.ctl_json("list")] == [live, bad, ok]
     assert [r["run_id"] for r in daemon.ctl_json("list", "--state", "failed_crash")] == [bad]
@@ -64,17 +66,32 @@ def test_list_filters_and_orders_newest_first(daemon: Daemon,
     assert len(table) == 4
 
 
-def test_run_objects_carry_the_spec_fields(daemon: Daemon,
-                                           three_runs: tuple[str, str, str]) -> None:
+def test_run_objects_carry_the_spec_fields(
+    daemon: Daemon, three_runs: tuple[str, str, str]
+) -> None:
     run = daemon.ctl_json("list")[0]
-    for key in ("run_id", "experiment", "variation", "attempt", "state", "params", "run_dir",
-                "pids", "created_at", "started_at", "ended_at", "last_heartbeat_at", "failure"):
+    for key in (
+        "run_id",
+        "experiment",
+        "variation",
+        "attempt",
+        "state",
+        "params",
+        "run_dir",
+        "pids",
+        "created_at",
+        "started_at",
+        "ended_at",
+        "last_heartbeat_at",
+        "failure",
+    ):
         assert key in run
     assert run["created_at"].endswith("Z")
 
 
 def test_show_accepts_a_unique_prefix_and_prints_the_failure(
-        daemon: Daemon, three_runs: tuple[str, str, str]) -> None:
+    daemon: Daemon, three_runs: tuple[str, str, str]
+) -> None:
     _, bad, _ = three_runs
     prefix = bad[:12]
     assert daemon.ctl_json("show", prefix)["run_id"] == bad
@@ -107,8 +124,15 @@ def test_bad_usage_exits_2(daemon: Daemon) -> None:
     assert daemon.ctl("list", "--since", "yesterday", check=False).returncode == 2
 
 
-@pytest.mark.parametrize(("text", "seconds"), [
-    ("90", 90.0), ("30s", 30.0), ("15m", 900.0), ("2h", 7200.0), ("1d12h", 129600.0),
-])
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        ("90", 90.0),
+        ("30s", 30.0),
+        ("15m", 900.0),
+        ("2h", 7200.0),
+        ("1d12h", 129600.0),
+    ],
+)
 def test_parse_duration(text: str, seconds: float) -> None:
     assert parse_duration(text) == seconds

@@ -117,12 +117,16 @@ def test_sys_exit_nonzero_is_a_crash_with_its_code(daemon: Daemon) -> None:
     assert run["failure"]["exit_code"] == 3
 
 
-@pytest.mark.parametrize(("sig", "failure_class", "exit_code"), [
-    (signal.SIGINT, "KeyboardInterrupt", -signal.SIGINT),
-    (signal.SIGTERM, "Terminated", 128 + signal.SIGTERM),
-])
-def test_interrupt_and_sigterm_are_abandoned(daemon: Daemon, sig: int, failure_class: str,
-                                             exit_code: int) -> None:
+@pytest.mark.parametrize(
+    ("sig", "failure_class", "exit_code"),
+    [
+        (signal.SIGINT, "KeyboardInterrupt", -signal.SIGINT),
+        (signal.SIGTERM, "Terminated", 128 + signal.SIGTERM),
+    ],
+)
+def test_interrupt_and_sigterm_are_abandoned(
+    daemon: Daemon, sig: int, failure_class: str, exit_code: int
+) -> None:
     proc, run_id = start_experiment(daemon, "sigint" if sig == signal.SIGINT else "sigterm")
     assert proc.stdout is not None
     assert proc.stdout.readline().strip() == "waiting"
@@ -203,8 +207,9 @@ def test_current_run_attaches_a_child_process(daemon: Daemon) -> None:
 def test_experiment_runs_untracked_when_the_daemon_is_away(short_tmp: Path) -> None:
     away = Daemon(short_tmp)
     code = "import runnerd_client as rd\nwith rd.run('x') as run:\n    print('worked')"
-    proc = subprocess.run([sys.executable, "-c", code], env=away.env, capture_output=True,
-                          text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=away.env, capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 0
     assert proc.stdout.strip() == "worked"
     assert proc.stderr.count("not reachable") == 1

@@ -57,7 +57,8 @@ STEPS = textwrap.dedent("""
 
 
 def test_a_frozen_then_killed_daemon_loses_no_event_and_blocks_nothing(
-        daemon: Daemon, procs: list[subprocess.Popen[str]]) -> None:
+    daemon: Daemon, procs: list[subprocess.Popen[str]]
+) -> None:
     """Frozen mid-run (SIGSTOP), then killed and restarted, as systemd's watchdog does: the
     client goes on and ends meanwhile, and every event it reported lands."""
     proc = daemon.python(STEPS, "1000", stdin=subprocess.PIPE)
@@ -73,8 +74,10 @@ def test_a_frozen_then_killed_daemon_loses_no_event_and_blocks_nothing(
     finally:
         daemon.stop(signal.SIGKILL)
     daemon.start()
-    run = wait_for(lambda: (r := daemon.run_if_known(run_id)) and r["state"] == "succeeded"
-                   and r, what="the spooled end to land")
+    run = wait_for(
+        lambda: (r := daemon.run_if_known(run_id)) and r["state"] == "succeeded" and r,
+        what="the spooled end to land",
+    )
     assert run["heartbeats"] == 1000
     assert [c["data"] for c in run["checkpoints"]] == [{"step": 1}]
     assert [t["to"] for t in run["transitions"]] == ["pending", "running", "succeeded"]
@@ -103,7 +106,8 @@ TIGHT_LOOP = textwrap.dedent("""
 
 
 def test_heartbeats_in_a_tight_loop_and_from_many_threads_never_hang(
-        daemon: Daemon, procs: list[subprocess.Popen[str]]) -> None:
+    daemon: Daemon, procs: list[subprocess.Popen[str]]
+) -> None:
     """Sending holds no lock the reading of replies needs: a loop that outpaces the daemon
     fills the socket, and the replies that would drain it are still read."""
     proc = daemon.python(TIGHT_LOOP, "20000")
@@ -111,9 +115,20 @@ def test_heartbeats_in_a_tight_loop_and_from_many_threads_never_hang(
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
     first, second = out.split()
-    counts = wait_for(lambda: (c := (daemon.ctl_json("show", first)["heartbeats"],
-                                      daemon.ctl_json("show", second)["heartbeats"]))
-                      == (22_000, 2_000) and c, timeout=60, what="every heartbeat")
+    counts = wait_for(
+        lambda: (
+            (
+                c := (
+                    daemon.ctl_json("show", first)["heartbeats"],
+                    daemon.ctl_json("show", second)["heartbeats"],
+                )
+            )
+            == (22_000, 2_000)
+            and c
+        ),
+        timeout=60,
+        what="every heartbeat",
+    )
     assert counts == (22_000, 2_000)
 
 
@@ -142,8 +157,10 @@ def test_a_forked_child_never_acts_for_the_parents_run(daemon: Daemon) -> None:
     assert proc.returncode == 1 and "ValueError" in err, err
     run_id, child = out.splitlines()
     assert child == "child: forbidden"
-    run = wait_for(lambda: (r := daemon.run_if_known(run_id)) and r["state"] != "running"
-                   and r, what="the run to end")
+    run = wait_for(
+        lambda: (r := daemon.run_if_known(run_id)) and r["state"] != "running" and r,
+        what="the run to end",
+    )
     assert run["state"] == "failed_crash"
     assert run["failure"]["failure_class"] == "ValueError"
     assert run["heartbeats"] == 1
@@ -170,7 +187,8 @@ FORK_WHILE_SPOOLING = textwrap.dedent("""
 
 
 def test_a_child_forked_while_spooling_leaves_the_parents_spool_alone(
-        short_tmp: Path, procs: list[subprocess.Popen[str]]) -> None:
+    short_tmp: Path, procs: list[subprocess.Popen[str]]
+) -> None:
     daemon = Daemon(short_tmp)
     proc = daemon.python(FORK_WHILE_SPOOLING, stdin=subprocess.PIPE)
     procs.append(proc)
@@ -183,8 +201,11 @@ def test_a_child_forked_while_spooling_leaves_the_parents_spool_alone(
         say(proc)  # both read the same pipe: one line each
         _, err = proc.communicate(timeout=60)
         assert proc.returncode == 0, err
-        run = wait_for(lambda: (r := daemon.run_if_known(run_id)) and r["state"] == "succeeded"
-                       and r, timeout=30, what="the parent's run to land whole")
+        run = wait_for(
+            lambda: (r := daemon.run_if_known(run_id)) and r["state"] == "succeeded" and r,
+            timeout=30,
+            what="the parent's run to land whole",
+        )
         assert run["heartbeats"] == 100
         assert [c["data"] for c in run["checkpoints"]] == [{"step": 100}]
     finally:
@@ -192,7 +213,8 @@ def test_a_child_forked_while_spooling_leaves_the_parents_spool_alone(
 
 
 def test_the_spool_moves_to_the_runtime_dir_when_the_registry_disk_is_full(
-        short_tmp: Path, procs: list[subprocess.Popen[str]]) -> None:
+    short_tmp: Path, procs: list[subprocess.Popen[str]]
+) -> None:
     with tmpfs(short_tmp / "state", "4m") as state:
         daemon = Daemon(short_tmp)
         fast_sweeps(daemon)
@@ -207,8 +229,11 @@ def test_the_spool_moves_to_the_runtime_dir_when_the_registry_disk_is_full(
             assert proc.returncode == 0, err
             assert list((daemon.socket.parent / "spool").glob("*.spool"))
             filler.unlink()
-            run = wait_for(lambda: (r := daemon.run_if_known(run_id)) and r["state"]
-                           == "succeeded" and r, timeout=60, what="the spool to land")
+            run = wait_for(
+                lambda: (r := daemon.run_if_known(run_id)) and r["state"] == "succeeded" and r,
+                timeout=60,
+                what="the spool to land",
+            )
             assert run["heartbeats"] == 20
             assert [c["data"] for c in run["checkpoints"]] == [{"step": 1}]
         finally:
@@ -226,7 +251,8 @@ HOLD_LOCK = textwrap.dedent("""
 
 
 def test_an_end_spooled_before_the_client_died_wins_over_the_start_up_verdict(
-        daemon: Daemon, procs: list[subprocess.Popen[str]]) -> None:
+    daemon: Daemon, procs: list[subprocess.Popen[str]]
+) -> None:
     """The client reported succeed to its spool and died as the daemon started: the spool is
     replayed after the reconcile judged the run, and the client's word wins."""
     fast_sweeps(daemon)
@@ -238,20 +264,29 @@ def test_an_end_spooled_before_the_client_died_wins_over_the_start_up_verdict(
     say(proc)
     assert next(out) == "reported"
     say(proc)  # the with-block ends: succeed goes to the spool, then the process lingers
-    spools = wait_for(lambda: list((daemon.root / "state" / "spool").glob("*.spool")),
-                      what="the spool")
-    wait_for(lambda: b"\xa7succeed" in b"".join(p.read_bytes() for p in spools),
-             what="succeed in the spool")
-    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, *map(str, spools)],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    spools = wait_for(
+        lambda: list((daemon.root / "state" / "spool").glob("*.spool")), what="the spool"
+    )
+    wait_for(
+        lambda: b"\xa7succeed" in b"".join(p.read_bytes() for p in spools),
+        what="succeed in the spool",
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, *map(str, spools)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     procs.append(holder)
     proc.kill()  # the spool's lock passes to the holder: the daemon cannot replay it yet
     assert next(lines(holder)) == "held"
     daemon.start()
     assert daemon.ctl_json("show", run_id)["state"] == "failed_crash"
     say(holder)
-    run = wait_for(lambda: (r := daemon.run_if_known(run_id)) and r["state"] == "succeeded"
-                   and r, what="the spooled succeed to win")
+    run = wait_for(
+        lambda: (r := daemon.run_if_known(run_id)) and r["state"] == "succeeded" and r,
+        what="the spooled succeed to win",
+    )
     assert run["heartbeats"] == 3
     assert run["failure"] is None
 
@@ -267,7 +302,8 @@ def _killed_while_daemon_down(daemon: Daemon, procs: list[subprocess.Popen[str]]
 
 
 def test_a_client_killed_while_the_daemon_is_down_crashed(
-        daemon: Daemon, procs: list[subprocess.Popen[str]]) -> None:
+    daemon: Daemon, procs: list[subprocess.Popen[str]]
+) -> None:
     run_id = _killed_while_daemon_down(daemon, procs)
     daemon.start()
     run = daemon.ctl_json("show", run_id)
@@ -276,7 +312,8 @@ def test_a_client_killed_while_the_daemon_is_down_crashed(
 
 
 def test_a_client_gone_with_a_reboot_was_interrupted(
-        daemon: Daemon, procs: list[subprocess.Popen[str]]) -> None:
+    daemon: Daemon, procs: list[subprocess.Popen[str]]
+) -> None:
     run_id = _killed_while_daemon_down(daemon, procs)
     daemon.as_if_rebooted()
     daemon.start()
@@ -286,7 +323,8 @@ def test_a_client_gone_with_a_reboot_was_interrupted(
 
 
 def test_a_big_spooled_artifact_holds_up_no_start(
-        short_tmp: Path, procs: list[subprocess.Popen[str]]) -> None:
+    short_tmp: Path, procs: list[subprocess.Popen[str]]
+) -> None:
     """Hashing 3 GiB takes seconds: the daemon serves meanwhile, and records it after."""
     big = short_tmp / "big.bin"
     with open(big, "wb") as fh:
@@ -307,8 +345,11 @@ def test_a_big_spooled_artifact_holds_up_no_start(
         first = daemon.ctl_json("show", out.strip())
         assert first["state"] == "succeeded"
         assert first["artifacts"] == []
-        run = wait_for(lambda: (r := daemon.run_if_known(out.strip())) and r["artifacts"] and r,
-                       timeout=120, what="the artifact to be hashed")
+        run = wait_for(
+            lambda: (r := daemon.run_if_known(out.strip())) and r["artifacts"] and r,
+            timeout=120,
+            what="the artifact to be hashed",
+        )
         assert [a["size"] for a in run["artifacts"]] == [3 << 30]
     finally:
         daemon.stop()
@@ -322,6 +363,7 @@ def _as_nobody() -> list[str]:
         pytest.skip("needs root to act as a second user")
     try:
         import pwd
+
         pwd.getpwuid(NOBODY)
     except KeyError:
         pytest.skip("this machine has no user 'nobody'")
@@ -364,8 +406,11 @@ def test_a_socket_folder_of_another_user_gets_nothing(short_tmp: Path) -> None:
     daemon = Daemon(short_tmp)
     daemon.socket.parent.mkdir()
     os.chown(daemon.socket.parent, NOBODY, NOBODY)
-    listener = subprocess.Popen([*as_nobody, sys.executable, "-c", LISTEN, str(daemon.socket)],
-                                stdout=subprocess.PIPE, text=True)
+    listener = subprocess.Popen(
+        [*as_nobody, sys.executable, "-c", LISTEN, str(daemon.socket)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert next(lines(listener)) == "ready"
         proc = daemon.python(TRY_RUN)
@@ -387,8 +432,11 @@ def test_a_socket_served_by_another_user_gets_nothing(short_tmp: Path) -> None:
     os.chmod(short_tmp, 0o711)
     daemon = Daemon(short_tmp)
     daemon.socket.parent.mkdir(mode=0o700)
-    listener = subprocess.Popen([*as_nobody, sys.executable, "-c", LISTEN,
-                                 str(theirs / "s.sock")], stdout=subprocess.PIPE, text=True)
+    listener = subprocess.Popen(
+        [*as_nobody, sys.executable, "-c", LISTEN, str(theirs / "s.sock")],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert next(lines(listener)) == "ready"
         os.rename(theirs / "s.sock", daemon.socket)  # their socket, in our private folder
@@ -406,27 +454,39 @@ def test_a_socket_served_by_another_user_gets_nothing(short_tmp: Path) -> None:
 
 @pytest.mark.parametrize("folder", ["state", "run"])
 def test_the_daemon_refuses_a_state_or_socket_folder_others_may_write(
-        short_tmp: Path, folder: str) -> None:
+    short_tmp: Path, folder: str
+) -> None:
     daemon = Daemon(short_tmp)
     (short_tmp / folder).mkdir(mode=0o777)
     os.chmod(short_tmp / folder, 0o777)
-    result = subprocess.run([sys.executable, "-m", "runnerd"], env=daemon.env,
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "runnerd"],
+        env=daemon.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode != 0
     assert str(short_tmp / folder) in result.stderr
     assert "others may write to it" in result.stderr
 
 
 def test_the_daemon_never_follows_a_symlinked_socket_folder_of_another_user(
-        short_tmp: Path) -> None:
+    short_tmp: Path,
+) -> None:
     _as_nobody()
     target = short_tmp / "target"
     target.mkdir(mode=0o755)
     daemon = Daemon(short_tmp)
     daemon.socket.parent.symlink_to(target)
     os.lchown(daemon.socket.parent, NOBODY, NOBODY)
-    result = subprocess.run([sys.executable, "-m", "runnerd"], env=daemon.env,
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "runnerd"],
+        env=daemon.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode != 0
     assert "symlink" in result.stderr
     assert oct(target.stat().st_mode & 0o777) == oct(0o755)
@@ -437,12 +497,14 @@ def test_a_spool_another_user_planted_is_ignored(short_tmp: Path) -> None:
     victim = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         daemon = Daemon(short_tmp)
-        forged = daemon.python(textwrap.dedent("""
+        forged = daemon.python(
+            textwrap.dedent("""
             import os
             import runnerd_client as rd
             with rd.run("forged", heartbeat_interval=3600) as run:
                 print(run.run_id, flush=True)
-        """))
+        """)
+        )
         out, err = forged.communicate(timeout=60)
         assert forged.returncode == 0, err
         (spool,) = (short_tmp / "state" / "spool").glob("*.spool")
@@ -499,7 +561,8 @@ def test_a_heartbeat_arriving_after_a_later_one_counts_once(daemon: Daemon) -> N
 
 
 def test_requests_sent_on_a_connection_the_daemon_closed_fail_as_unavailable(
-        daemon: Daemon) -> None:
+    daemon: Daemon,
+) -> None:
     """A batch sent after the daemon went away (the spool's replay, say) gets one failed
     future per request, which the caller spools again; it must not raise at the caller."""
     from runnerd_client.connection import Connection, DaemonUnavailable

@@ -103,7 +103,7 @@ def pipeline_lists(daemon: Daemon, count: int = 39_200, seconds: float = 1.5) ->
         if not pending:
             pending, sent = memoryview(burst), sent + 1000
         try:
-            pending = pending[sock.send(pending):]
+            pending = pending[sock.send(pending) :]
         except TimeoutError:
             continue
     return sock
@@ -113,8 +113,14 @@ def fill_registry(daemon: Daemon, runs: int = 50) -> None:
     """Runs with some params, so that each `list` reply has something to say."""
     client = greeted(daemon)
     for _ in range(runs):
-        reply = call(client, "create", key=new_key(), run_id=new_run_id(), experiment="fill",
-                     params={f"p{i}": i * 0.5 for i in range(20)})
+        reply = call(
+            client,
+            "create",
+            key=new_key(),
+            run_id=new_run_id(),
+            experiment="fill",
+            params={f"p{i}": i * 0.5 for i in range(20)},
+        )
         assert reply["ok"] is True, reply
     client.close()
 
@@ -122,8 +128,9 @@ def fill_registry(daemon: Daemon, runs: int = 50) -> None:
 def test_non_reading_pipeliners_do_not_starve_status_nor_grow_memory(daemon: Daemon) -> None:
     fill_registry(daemon)
     pipeliners: list[socket.socket] = []
-    threads = [threading.Thread(target=lambda: pipeliners.append(pipeline_lists(daemon)))
-               for _ in range(4)]
+    threads = [
+        threading.Thread(target=lambda: pipeliners.append(pipeline_lists(daemon))) for _ in range(4)
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -137,8 +144,10 @@ def test_non_reading_pipeliners_do_not_starve_status_nor_grow_memory(daemon: Dae
 
 def test_queued_work_of_closed_pipeliners_is_dropped(daemon: Daemon) -> None:
     fill_registry(daemon)
-    threads = [threading.Thread(target=lambda: pipeline_lists(daemon, seconds=1.0).close())
-               for _ in range(4)]
+    threads = [
+        threading.Thread(target=lambda: pipeline_lists(daemon, seconds=1.0).close())
+        for _ in range(4)
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -155,8 +164,9 @@ def test_queued_work_of_closed_pipeliners_is_dropped(daemon: Daemon) -> None:
     assert "queued requests dropped" in daemon.log.read_text()
 
 
-def test_a_connection_beyond_the_cap_is_refused_clearly(short_tmp: Path,
-                                                        clients: list[RawClient]) -> None:
+def test_a_connection_beyond_the_cap_is_refused_clearly(
+    short_tmp: Path, clients: list[RawClient]
+) -> None:
     daemon = configured(short_tmp, max_connections=8)
     try:
         clients += [greeted(daemon) for _ in range(8)]
@@ -185,12 +195,13 @@ def _greets(daemon: Daemon) -> bool:
         client.close()
 
 
-def test_a_half_sent_frame_is_closed_after_frame_timeout(limited: Daemon,
-                                                        clients: list[RawClient]) -> None:
+def test_a_half_sent_frame_is_closed_after_frame_timeout(
+    limited: Daemon, clients: list[RawClient]
+) -> None:
     slow = greeted(limited)
     clients.append(slow)
     body = frame({"op": "status", "id": 1})
-    slow.send_raw(body[:len(body) - 2])
+    slow.send_raw(body[: len(body) - 2])
     reply = slow.recv()
     assert reply["id"] is None and reply["error"]["code"] == "bad_frame", reply
     assert "frame_timeout" in reply["error"]["message"]
@@ -198,8 +209,9 @@ def test_a_half_sent_frame_is_closed_after_frame_timeout(limited: Daemon,
     status_answers(limited)
 
 
-def test_idle_connections_are_closed_but_not_subscribers(limited: Daemon,
-                                                        clients: list[RawClient]) -> None:
+def test_idle_connections_are_closed_but_not_subscribers(
+    limited: Daemon, clients: list[RawClient]
+) -> None:
     idle, subscriber = greeted(limited), greeted(limited)
     clients += [idle, subscriber]
     assert call(subscriber, "subscribe")["ok"] is True
@@ -236,7 +248,7 @@ def test_half_open_big_frames_hold_bounded_memory(short_tmp: Path) -> None:
         while time.monotonic() < deadline:
             for i, sock in enumerate(socks):
                 try:
-                    offsets[i] += sock.send(payload[offsets[i]:offsets[i] + (1 << 18)])
+                    offsets[i] += sock.send(payload[offsets[i] : offsets[i] + (1 << 18)])
                 except BlockingIOError:
                     pass
             time.sleep(0.01)
@@ -252,8 +264,9 @@ def test_huge_key_count_is_refused_and_the_connection_stays_usable(raw: RawClien
     huge = {f"k{i:05d}": i for i in range(60_000)}
     spread = {f"g{g}": {f"k{i}": i for i in range(1000)} for g in range(30)}
     for params in (huge, spread):
-        reply = call(raw, "create", key=new_key(), run_id=new_run_id(), experiment="big",
-                     params=params)
+        reply = call(
+            raw, "create", key=new_key(), run_id=new_run_id(), experiment="big", params=params
+        )
         assert reply["ok"] is False and reply["error"]["code"] == "bad_request", reply
         assert "max_items" in reply["error"]["message"]
     assert call(raw, "list")["ok"] is True

@@ -58,8 +58,13 @@ def test_sigkill_loses_no_acknowledged_event(short_tmp: Path) -> None:
 
 
 def test_second_daemon_on_the_same_socket_is_refused(daemon: Daemon) -> None:
-    other = subprocess.run([sys.executable, "-m", "runnerd"], env=daemon.env,
-                           capture_output=True, text=True, timeout=30)
+    other = subprocess.run(
+        [sys.executable, "-m", "runnerd"],
+        env=daemon.env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert other.returncode == 1
     assert "already serving" in other.stderr
     assert daemon.ctl("status").returncode == 0
@@ -70,8 +75,9 @@ def test_corrupt_registry_is_a_clear_error_and_is_not_overwritten(short_tmp: Pat
     d.db.parent.mkdir(parents=True)
     garbage = b"this is not a sqlite database" * 1000
     d.db.write_bytes(garbage)
-    result = subprocess.run([sys.executable, "-m", "runnerd"], env=d.env, capture_output=True,
-                            text=True, timeout=30)
+    result = subprocess.run(
+        [sys.executable, "-m", "runnerd"], env=d.env, capture_output=True, text=True, timeout=30
+    )
     assert result.returncode == 1
     assert f"the registry {d.db} is damaged" in result.stderr
     assert d.db.read_bytes() == garbage
@@ -117,20 +123,26 @@ def test_config_file_with_unknown_key_is_refused(short_tmp: Path) -> None:
     config = short_tmp / "config" / "runnerd" / "config.toml"
     config.parent.mkdir(parents=True)
     config.write_text("heartbeat_timout = 60\n")
-    result = subprocess.run([sys.executable, "-m", "runnerd"], env=d.env, capture_output=True,
-                            text=True, timeout=30)
+    result = subprocess.run(
+        [sys.executable, "-m", "runnerd"], env=d.env, capture_output=True, text=True, timeout=30
+    )
     assert result.returncode == 1
     assert "config.toml" in result.stderr and "heartbeat_timout" in result.stderr
 
 
 def test_version(short_tmp: Path) -> None:
-    result = subprocess.run([sys.executable, "-m", "runnerd", "--version"], capture_output=True,
-                            text=True, timeout=30)
+    result = subprocess.run(
+        [sys.executable, "-m", "runnerd", "--version"], capture_output=True, text=True, timeout=30
+    )
     assert result.returncode == 0
     assert "runnerd" in result.stdout and "0." in result.stdout
 
 
 def test_daemon_log_names_socket_and_registry(daemon: Daemon) -> None:
-    line = wait_for(lambda: next((line for line in daemon.log.read_text().splitlines()
-                                  if "serving" in line), None), what="the serving line")
+    line = wait_for(
+        lambda: next(
+            (line for line in daemon.log.read_text().splitlines() if "serving" in line), None
+        ),
+        what="the serving line",
+    )
     assert str(daemon.socket) in line and str(daemon.db) in line

@@ -32,8 +32,17 @@ def store(tmp_path: Path) -> Iterator[Store]:
 
 
 def ended_run(store: Store, run_id: str, at: float) -> None:
-    store.runs.create(NewRun(run_id=run_id, experiment="e", variation=run_id, params_json="{}",
-                             tags_json="{}", created_at=at), "test")
+    store.runs.create(
+        NewRun(
+            run_id=run_id,
+            experiment="e",
+            variation=run_id,
+            params_json="{}",
+            tags_json="{}",
+            created_at=at,
+        ),
+        "test",
+    )
     row = store.runs.require(run_id)
     store.runs.set_state(row, State.SUCCEEDED, at=at, cause="test", source="test")
 

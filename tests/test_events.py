@@ -27,9 +27,16 @@ WORKER = textwrap.dedent("""
 def collect(conn: Connection, until: Any, timeout: float = 20.0) -> list[dict[str, Any]]:
     """Events until `until(events)` is true."""
     events: list[dict[str, Any]] = []
-    wait_for(lambda: (event := conn.next_event(timeout=0.1)) is not None and
-             events.append(event) is None and until(events), timeout=timeout,
-             interval=0, what="events")
+    wait_for(
+        lambda: (
+            (event := conn.next_event(timeout=0.1)) is not None
+            and events.append(event) is None
+            and until(events)
+        ),
+        timeout=timeout,
+        interval=0,
+        what="events",
+    )
     return events
 
 
@@ -38,7 +45,8 @@ def transitions(events: list[dict[str, Any]]) -> list[str]:
 
 
 def test_a_subscriber_sees_every_change_in_order_and_resumes_with_since(
-        daemon: Daemon, procs: list[subprocess.Popen[str]]) -> None:
+    daemon: Daemon, procs: list[subprocess.Popen[str]]
+) -> None:
     watcher = Connection(daemon.socket)
     watcher.call(Subscribe(experiment="stream"))
     proc = daemon.python(WORKER)
@@ -66,8 +74,7 @@ def test_a_subscriber_sees_every_change_in_order_and_resumes_with_since(
     everything = collect(full, lambda ev: transitions(ev)[-1:] == ["failed_crash"])
     full.close()
     assert [e["seq"] for e in seen + missed] == [e["seq"] for e in everything]
-    assert transitions(everything) == ["pending", "running", "lost", "running",
-                                       "failed_crash"]
+    assert transitions(everything) == ["pending", "running", "lost", "running", "failed_crash"]
     assert all(e["run_id"] == run_id for e in everything)
 
 
@@ -105,9 +112,23 @@ def test_a_stalled_subscriber_is_told_it_lagged_and_slows_no_one(daemon: Daemon)
 
 
 def test_follow_prints_a_launched_run_and_exits_with_its_outcome(daemon: Daemon) -> None:
-    result = subprocess.run([sys.executable, "-m", "runnerd.cli", "exec", "--experiment",
-                             "followed", "--", "sh", "-c", "echo hi; exit 3"], env=daemon.env,
-                            capture_output=True, timeout=60)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "runnerd.cli",
+            "exec",
+            "--experiment",
+            "followed",
+            "--",
+            "sh",
+            "-c",
+            "echo hi; exit 3",
+        ],
+        env=daemon.env,
+        capture_output=True,
+        timeout=60,
+    )
     assert result.returncode == 3
     run_id = daemon.ctl_json("list", "--experiment", "followed")[0]["run_id"]
     followed = daemon.ctl("follow", run_id, check=False)
@@ -122,8 +143,13 @@ def test_follow_prints_a_launched_run_and_exits_with_its_outcome(daemon: Daemon)
 
 
 def test_follow_of_a_succeeded_run_exits_0(daemon: Daemon) -> None:
-    subprocess.run([sys.executable, "-m", "runnerd.cli", "exec", "--experiment", "fine", "--",
-                    "true"], env=daemon.env, check=True, capture_output=True, timeout=60)
+    subprocess.run(
+        [sys.executable, "-m", "runnerd.cli", "exec", "--experiment", "fine", "--", "true"],
+        env=daemon.env,
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
     run_id = daemon.ctl_json("list", "--experiment", "fine")[0]["run_id"]
     assert daemon.ctl("follow", run_id).returncode == 0
 
@@ -151,14 +177,30 @@ def test_events_carry_the_runs_tags_experiment_and_variation(daemon: Daemon) -> 
     for events in (seen, replayed):
         assert transitions(events) == ["pending", "running", "succeeded"]
         for event in events:
-            assert (event["run_id"], event["experiment"], event["variation"],
-                    event["tags"]) == (run_id, "tagged", "lr=0.1", {"team": "vision"})
+            assert (event["run_id"], event["experiment"], event["variation"], event["tags"]) == (
+                run_id,
+                "tagged",
+                "lr=0.1",
+                {"team": "vision"},
+            )
 
 
 def test_the_end_of_a_sweep_is_an_event(daemon: Daemon) -> None:
-    result = daemon.ctl("sweep", "run", "--experiment", "swept", "--grid", "x=1,2",
-                        "--failure-policy", "continue_on_failure", "--", "sh", "-c",
-                        "exit $(( {x} - 1 ))", check=False)
+    result = daemon.ctl(
+        "sweep",
+        "run",
+        "--experiment",
+        "swept",
+        "--grid",
+        "x=1,2",
+        "--failure-policy",
+        "continue_on_failure",
+        "--",
+        "sh",
+        "-c",
+        "exit $(( {x} - 1 ))",
+        check=False,
+    )
     assert result.returncode == 1, result.stderr
     sweep_id = daemon.ctl_json("sweep", "list")[0]["sweep_id"]
     conn = Connection(daemon.socket)
@@ -166,16 +208,19 @@ def test_the_end_of_a_sweep_is_an_event(daemon: Daemon) -> None:
     events = collect(conn, lambda ev: ev[-1]["event"] == "sweep_ended")
     conn.close()
     ended = events[-1]
-    assert (ended["run_id"], ended["sweep_id"], ended["experiment"]) == (None, sweep_id,
-                                                                         "swept")
+    assert (ended["run_id"], ended["sweep_id"], ended["experiment"]) == (None, sweep_id, "swept")
     assert ended["status"] == "failed"
     assert (ended["cells"]["succeeded"], ended["cells"]["failed"]) == (1, 1)
 
 
 def follow_lines(daemon: Daemon, *args: str, count: int) -> list[str]:
     """The first `count` lines `runnerctl follow ARGS` prints (it is stopped then)."""
-    proc = subprocess.Popen([sys.executable, "-m", "runnerd.cli", "follow", *args],
-                            env=daemon.env, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "runnerd.cli", "follow", *args],
+        env=daemon.env,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert proc.stdout is not None
     try:
         return [proc.stdout.readline() for _ in range(count)]
@@ -185,16 +230,31 @@ def follow_lines(daemon: Daemon, *args: str, count: int) -> list[str]:
 
 
 def test_follow_since_replays_from_that_seq_then_streams_one_json_event_per_line(
-        daemon: Daemon) -> None:
+    daemon: Daemon,
+) -> None:
     for n in range(3):
         daemon.ctl("exec", "--experiment", "resumed", "--variation", f"v{n}", "--", "true")
-    everything = [json.loads(line) for line in follow_lines(daemon, "--since", "0", "--json",
-                                                            count=6)]
+    everything = [
+        json.loads(line) for line in follow_lines(daemon, "--since", "0", "--json", count=6)
+    ]
     assert [e["seq"] for e in everything] == sorted(e["seq"] for e in everything)
     middle = everything[3]["seq"]
-    proc = subprocess.Popen([sys.executable, "-m", "runnerd.cli", "follow", "--since",
-                             str(middle), "--experiment", "resumed", "--json"],
-                            env=daemon.env, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "runnerd.cli",
+            "follow",
+            "--since",
+            str(middle),
+            "--experiment",
+            "resumed",
+            "--json",
+        ],
+        env=daemon.env,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert proc.stdout is not None
     try:
         first = json.loads(proc.stdout.readline())

@@ -17,8 +17,13 @@ from conftest import Daemon, wait_for
 
 
 def runnerctl(daemon: Daemon, *args: str, **kwargs: Any) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run([sys.executable, "-m", "runnerd.cli", *args], env=daemon.env,
-                          capture_output=True, timeout=120, **kwargs)
+    return subprocess.run(
+        [sys.executable, "-m", "runnerd.cli", *args],
+        env=daemon.env,
+        capture_output=True,
+        timeout=120,
+        **kwargs,
+    )
 
 
 def latest(daemon: Daemon, experiment: str) -> dict[str, Any]:
@@ -27,17 +32,32 @@ def latest(daemon: Daemon, experiment: str) -> dict[str, Any]:
     return run
 
 
-@pytest.mark.parametrize(("command", "code", "state", "failure_class", "exit_code", "sig"), [
-    (["true"], 0, "succeeded", None, None, None),
-    (["false"], 1, "failed_crash", "ExitCode", 1, None),
-    (["sh", "-c", "exit 3"], 3, "failed_crash", "ExitCode", 3, None),
-    (["sh", "-c", "kill -KILL $$"], 137, "failed_crash", "Signal:SIGKILL", -9, "SIGKILL"),
-    ([sys.executable, "-c", "import ctypes; ctypes.string_at(0)"], 139, "failed_crash",
-     "Signal:SIGSEGV", -11, "SIGSEGV"),
-])
+@pytest.mark.parametrize(
+    ("command", "code", "state", "failure_class", "exit_code", "sig"),
+    [
+        (["true"], 0, "succeeded", None, None, None),
+        (["false"], 1, "failed_crash", "ExitCode", 1, None),
+        (["sh", "-c", "exit 3"], 3, "failed_crash", "ExitCode", 3, None),
+        (["sh", "-c", "kill -KILL $$"], 137, "failed_crash", "Signal:SIGKILL", -9, "SIGKILL"),
+        (
+            [sys.executable, "-c", "import ctypes; ctypes.string_at(0)"],
+            139,
+            "failed_crash",
+            "Signal:SIGSEGV",
+            -11,
+            "SIGSEGV",
+        ),
+    ],
+)
 def test_exec_records_how_the_command_ended(
-        daemon: Daemon, command: list[str], code: int, state: str, failure_class: str | None,
-        exit_code: int | None, sig: str | None) -> None:
+    daemon: Daemon,
+    command: list[str],
+    code: int,
+    state: str,
+    failure_class: str | None,
+    exit_code: int | None,
+    sig: str | None,
+) -> None:
     result = runnerctl(daemon, "exec", "--experiment", "ending", "--", *command)
     assert result.returncode == code
     run = latest(daemon, "ending")
@@ -48,14 +68,16 @@ def test_exec_records_how_the_command_ended(
     assert failure.get("signal") == sig
     logs = [Path(run["run_dir"], name) for name in ("stdout.log", "stderr.log")]
     assert all(log.exists() for log in logs)
-    assert {Path(a["path"]).name for a in run["artifacts"]} == \
-        {log.name for log in logs if log.stat().st_size}  # empty logs are not artifacts
+    assert {Path(a["path"]).name for a in run["artifacts"]} == {
+        log.name for log in logs if log.stat().st_size
+    }  # empty logs are not artifacts
     assert run["launch"]["command"] == command
 
 
 def test_timeout_terminates_the_command_and_ends_failed_timeout(daemon: Daemon) -> None:
-    result = runnerctl(daemon, "exec", "--experiment", "slow", "--timeout", "1", "--",
-                       "sleep", "60")
+    result = runnerctl(
+        daemon, "exec", "--experiment", "slow", "--timeout", "1", "--", "sleep", "60"
+    )
     assert result.returncode == 128 + signal.SIGTERM
     run = latest(daemon, "slow")
     assert run["state"] == "failed_timeout"
@@ -78,21 +100,47 @@ FLAKY = textwrap.dedent("""
 def test_flaky_command_is_retried_until_it_succeeds(daemon: Daemon, short_tmp: Path) -> None:
     script = short_tmp / "flaky.py"
     script.write_text(FLAKY)
-    result = runnerctl(daemon, "exec", "--experiment", "flaky", "--retries", "3",
-                       "--backoff", "0.1", "--", sys.executable, str(script),
-                       str(short_tmp / "count"))
+    result = runnerctl(
+        daemon,
+        "exec",
+        "--experiment",
+        "flaky",
+        "--retries",
+        "3",
+        "--backoff",
+        "0.1",
+        "--",
+        sys.executable,
+        str(script),
+        str(short_tmp / "count"),
+    )
     assert result.returncode == 0
     assert b"finally worked" in result.stdout
     runs = sorted(daemon.ctl_json("list", "--experiment", "flaky"), key=lambda r: r["attempt"])
     assert [(r["attempt"], r["state"]) for r in runs] == [
-        (1, "failed_crash"), (2, "failed_crash"), (3, "succeeded")]
+        (1, "failed_crash"),
+        (2, "failed_crash"),
+        (3, "succeeded"),
+    ]
     assert [r["retry_of"] for r in runs] == [None, runs[0]["run_id"], runs[1]["run_id"]]
     assert runs[0]["failure"]["category"] == "network"
 
 
 def test_a_bug_is_not_retried(daemon: Daemon) -> None:
-    result = runnerctl(daemon, "exec", "--experiment", "bug", "--retries", "3", "--backoff",
-                       "0.1", "--", sys.executable, "-c", "import no_such_module_here")
+    result = runnerctl(
+        daemon,
+        "exec",
+        "--experiment",
+        "bug",
+        "--retries",
+        "3",
+        "--backoff",
+        "0.1",
+        "--",
+        sys.executable,
+        "-c",
+        "import no_such_module_here",
+    )
     assert result.returncode == 1
     assert b"not retryable" in result.stderr
     [run] = daemon.ctl_json("list", "--experiment", "bug")
@@ -103,8 +151,7 @@ def test_a_bug_is_not_retried(daemon: Daemon) -> None:
 
 def test_ten_megabytes_of_output_arrive_whole(daemon: Daemon) -> None:
     code = "import sys\nfor i in range(100_000): sys.stdout.write(f'{i:099d}\\n')"
-    result = runnerctl(daemon, "exec", "--experiment", "chatty", "--", sys.executable, "-c",
-                       code)
+    result = runnerctl(daemon, "exec", "--experiment", "chatty", "--", sys.executable, "-c", code)
     assert result.returncode == 0
     assert len(result.stdout) == 10_000_000
     run = latest(daemon, "chatty")
@@ -115,11 +162,29 @@ def test_ten_megabytes_of_output_arrive_whole(daemon: Daemon) -> None:
 
 
 def test_cancel_with_signal_stops_the_command(daemon: Daemon) -> None:
-    proc = subprocess.Popen([sys.executable, "-m", "runnerd.cli", "exec", "--experiment",
-                             "cancelled", "--", "sleep", "60"], env=daemon.env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    run_id = wait_for(lambda: [r["run_id"] for r in daemon.ctl_json(
-        "list", "--experiment", "cancelled", "--state", "running")], what="the exec'd run")[0]
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "runnerd.cli",
+            "exec",
+            "--experiment",
+            "cancelled",
+            "--",
+            "sleep",
+            "60",
+        ],
+        env=daemon.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    run_id = wait_for(
+        lambda: [
+            r["run_id"]
+            for r in daemon.ctl_json("list", "--experiment", "cancelled", "--state", "running")
+        ],
+        what="the exec'd run",
+    )[0]
     result = daemon.ctl("cancel", run_id, "--signal", "TERM")
     assert "failed_abandoned" in result.stdout and "sent SIGTERM" in result.stdout
     proc.communicate(timeout=30)
@@ -130,11 +195,26 @@ def test_cancel_with_signal_stops_the_command(daemon: Daemon) -> None:
 
 
 def test_sigint_to_exec_is_forwarded_and_abandons_the_run(daemon: Daemon) -> None:
-    proc = subprocess.Popen([sys.executable, "-m", "runnerd.cli", "exec", "--experiment",
-                             "interrupted", "--", "sleep", "60"], env=daemon.env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    wait_for(lambda: daemon.ctl_json("list", "--experiment", "interrupted", "--state",
-                                     "running"), what="the exec'd run")
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "runnerd.cli",
+            "exec",
+            "--experiment",
+            "interrupted",
+            "--",
+            "sleep",
+            "60",
+        ],
+        env=daemon.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    wait_for(
+        lambda: daemon.ctl_json("list", "--experiment", "interrupted", "--state", "running"),
+        what="the exec'd run",
+    )
     proc.send_signal(signal.SIGINT)
     proc.communicate(timeout=30)
     assert proc.returncode == 128 + signal.SIGINT
@@ -160,8 +240,7 @@ GRANDCHILD = textwrap.dedent("""
 def test_a_grandchild_reports_into_the_execd_run(daemon: Daemon, short_tmp: Path) -> None:
     script = short_tmp / "parent.py"
     script.write_text(GRANDCHILD)
-    result = runnerctl(daemon, "exec", "--experiment", "family", "--", sys.executable,
-                       str(script))
+    result = runnerctl(daemon, "exec", "--experiment", "family", "--", sys.executable, str(script))
     assert result.returncode == 0, result.stderr
     run = latest(daemon, "family")
     assert run["state"] == "succeeded"
@@ -170,8 +249,9 @@ def test_a_grandchild_reports_into_the_execd_run(daemon: Daemon, short_tmp: Path
 
 
 def test_retry_reruns_the_same_command_as_the_next_attempt(daemon: Daemon) -> None:
-    first = runnerctl(daemon, "exec", "--experiment", "again", "--param", "lr=0.5", "--",
-                      "sh", "-c", "exit 5")
+    first = runnerctl(
+        daemon, "exec", "--experiment", "again", "--param", "lr=0.5", "--", "sh", "-c", "exit 5"
+    )
     assert first.returncode == 5
     previous = latest(daemon, "again")
     again = runnerctl(daemon, "retry", previous["run_id"][:12])
@@ -227,8 +307,7 @@ def test_retrying_api(daemon: Daemon) -> None:
 
 
 def test_exec_of_a_missing_command_is_a_clear_failure(daemon: Daemon) -> None:
-    result = runnerctl(daemon, "exec", "--experiment", "missing", "--",
-                       "/no/such/command-here")
+    result = runnerctl(daemon, "exec", "--experiment", "missing", "--", "/no/such/command-here")
     assert result.returncode == 127
     run = latest(daemon, "missing")
     assert run["state"] == "failed_crash"
@@ -237,9 +316,12 @@ def test_exec_of_a_missing_command_is_a_clear_failure(daemon: Daemon) -> None:
 
 def test_exec_needs_no_daemon_to_run_the_command(short_tmp: Path) -> None:
     away = Daemon(short_tmp)
-    result = subprocess.run([sys.executable, "-m", "runnerd.cli", "exec", "--", "sh", "-c",
-                             "echo works; exit 4"], env=away.env, capture_output=True,
-                            timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "runnerd.cli", "exec", "--", "sh", "-c", "echo works; exit 4"],
+        env=away.env,
+        capture_output=True,
+        timeout=60,
+    )
     assert result.returncode == 4
     assert result.stdout == b"works\n"
     assert os.listdir(short_tmp / "state" / "spool")
@@ -259,11 +341,10 @@ BAD_OPTIONS = {
 }
 
 
-@pytest.mark.parametrize(("options", "option", "why"), BAD_OPTIONS.values(),
-                         ids=BAD_OPTIONS.keys())
+@pytest.mark.parametrize(("options", "option", "why"), BAD_OPTIONS.values(), ids=BAD_OPTIONS.keys())
 def test_a_bad_option_is_a_usage_error_before_anything_runs(
-        shared_daemon: Daemon, short_tmp: Path, options: list[str], option: str,
-        why: str) -> None:
+    shared_daemon: Daemon, short_tmp: Path, options: list[str], option: str, why: str
+) -> None:
     """Every option is checked before the command is launched: exit 2 naming it, no run
     recorded, the command never started."""
     ran = short_tmp / "ran"
@@ -276,8 +357,9 @@ def test_a_bad_option_is_a_usage_error_before_anything_runs(
 
 
 def test_a_command_that_cannot_be_started_says_why(shared_daemon: Daemon) -> None:
-    result = runnerctl(shared_daemon, "exec", "--experiment", "missing-said", "--",
-                       "/no/such/command-here")
+    result = runnerctl(
+        shared_daemon, "exec", "--experiment", "missing-said", "--", "/no/such/command-here"
+    )
     assert result.returncode == 127
     assert b"runnerctl: cannot run /no/such/command-here: " in result.stderr
     assert b"No such file or directory" in result.stderr
@@ -290,5 +372,9 @@ def test_an_exported_failure_names_its_task_worker_and_phase(shared_daemon: Daem
     run = latest(shared_daemon, "exported")
     lines = shared_daemon.ctl("export", "--what", "failures").stdout.splitlines()
     [record] = [r for r in map(json.loads, lines) if r["run_id"] == run["run_id"]]
-    assert record["details"] == {"phase": "running", "task_id": run["run_id"],
-                                 "worker_id": run["host"], "traceback": None}
+    assert record["details"] == {
+        "phase": "running",
+        "task_id": run["run_id"],
+        "worker_id": run["host"],
+        "traceback": None,
+    }

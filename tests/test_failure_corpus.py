@@ -48,8 +48,15 @@ class Case:
 def load(path: Path) -> Case:
     head, output = path.read_text(encoding="utf-8").split(SEPARATOR, 1)
     fields = dict(line.split(": ", 1) for line in head.splitlines())
-    return Case(path, fields["source"], fields["class"], fields["category"],
-                {"yes": True, "no": False}[fields["retryable"]], fields["exit"], output)
+    return Case(
+        path,
+        fields["source"],
+        fields["class"],
+        fields["category"],
+        {"yes": True, "no": False}[fields["retryable"]],
+        fields["exit"],
+        output,
+    )
 
 
 CASES = [load(path) for path in sorted(CORPUS.glob("*.txt"))]
@@ -60,18 +67,35 @@ def test_the_corpus_is_large_varied_and_sourced() -> None:
     assert len(CASES) >= 80
     assert all(case.source.startswith("https://github.com/") for case in CASES)
     assert all(case.category in CATEGORIES for case in CASES)
-    assert {"oom", "timeout", "walltime", "network", "dependency", "disk", "permission",
-            "resource", "bug", "numerical", "validation", "signal", "killed_worker"} <= \
-        {case.category for case in CASES}
+    assert {
+        "oom",
+        "timeout",
+        "walltime",
+        "network",
+        "dependency",
+        "disk",
+        "permission",
+        "resource",
+        "bug",
+        "numerical",
+        "validation",
+        "signal",
+        "killed_worker",
+    } <= {case.category for case in CASES}
     assert all(case.output.strip() for case in CASES)
 
 
 def record_of(case: Case) -> dict[str, Any]:
     """The failure record `runnerctl exec` makes of this ending."""
     ending = command_ending(case.output, case.returncode)
-    return {"failure_class": ending.failure_class, "message": ending.message,
-            "traceback": ending.traceback, "reason": "crash",
-            "exit_code": case.returncode, "signal": ending.signal}
+    return {
+        "failure_class": ending.failure_class,
+        "message": ending.message,
+        "traceback": ending.traceback,
+        "reason": "crash",
+        "exit_code": case.returncode,
+        "signal": ending.signal,
+    }
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
@@ -107,12 +131,26 @@ def replay(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_each_output_replayed_through_exec_is_recorded_right(
-        shared_daemon: Daemon, replay: Path, case: Case) -> None:
+    shared_daemon: Daemon, replay: Path, case: Case
+) -> None:
     experiment = f"corpus-{case.name}"
     result = subprocess.run(
-        [sys.executable, "-m", "runnerd.cli", "exec", "--experiment", experiment, "--",
-         sys.executable, str(replay), str(case.path)],
-        env=shared_daemon.env, capture_output=True, timeout=120)
+        [
+            sys.executable,
+            "-m",
+            "runnerd.cli",
+            "exec",
+            "--experiment",
+            experiment,
+            "--",
+            sys.executable,
+            str(replay),
+            str(case.path),
+        ],
+        env=shared_daemon.env,
+        capture_output=True,
+        timeout=120,
+    )
     code = case.returncode
     assert result.returncode == (code if code >= 0 else 128 - code), result.stderr[-2000:]
     assert result.stderr.decode() == case.output  # the user sees the output as it was

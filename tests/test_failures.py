@@ -32,8 +32,10 @@ def test_segfault_is_signal_sigsegv_with_the_python_stack(daemon: Daemon) -> Non
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == -11
     run_id = out.strip()
-    run = wait_for(lambda: (r := daemon.ctl_json("show", run_id))["state"] == "failed_crash"
-                   and r, what="the crash to be recorded")
+    run = wait_for(
+        lambda: (r := daemon.ctl_json("show", run_id))["state"] == "failed_crash" and r,
+        what="the crash to be recorded",
+    )
     failure = run["failure"]
     assert failure["failure_class"] == "Signal:SIGSEGV"
     assert failure["signal"] == "SIGSEGV"
@@ -83,7 +85,10 @@ def test_thirty_runs_three_bugs_make_three_signature_groups(daemon: Daemon) -> N
         assert group["first_seen"] <= group["last_seen"]
     by_class = daemon.ctl_json("failures", "--group-by", "class")
     assert {g["key"]: g["count"] for g in by_class} == {
-        "FileNotFoundError": 10, "FloatingPointError": 10, "ConnectionError": 10}
+        "FileNotFoundError": 10,
+        "FloatingPointError": 10,
+        "ConnectionError": 10,
+    }
     text = daemon.ctl("failures", "--group-by", "signature").stdout
     assert text.splitlines()[0].split()[:2] == ["COUNT", "SIGNATURE"]
     assert len(daemon.ctl_json("failures")) == 30
@@ -132,14 +137,20 @@ def test_diagnose_names_category_retryability_and_a_suggestion(daemon: Daemon) -
         proc = daemon.python(MIXED, kind)
         out, _ = proc.communicate(timeout=60)
         run_ids[kind] = out.strip()
-    wait_for(lambda: daemon.ctl_json("show", run_ids["killed"])["state"] == "failed_crash",
-             what="the killed run to be noticed")
+    wait_for(
+        lambda: daemon.ctl_json("show", run_ids["killed"])["state"] == "failed_crash",
+        what="the killed run to be noticed",
+    )
     report = daemon.ctl_json("diagnose", "--experiment", "mixed")
     assert report["failures"] == 5
     by_run = {f["run_ids"][0]: f for f in report["findings"]}
-    expected = {"memory": ("oom", False), "network": ("network", True),
-                "import": ("dependency", False), "value": ("validation", False),
-                "killed": ("signal", True)}
+    expected = {
+        "memory": ("oom", False),
+        "network": ("network", True),
+        "import": ("dependency", False),
+        "value": ("validation", False),
+        "killed": ("signal", True),
+    }
     for kind, (category, retryable) in expected.items():
         finding = by_run[run_ids[kind]]
         assert (finding["category"], finding["retryable"]) == (category, retryable), kind
@@ -153,8 +164,13 @@ def test_diagnose_names_category_retryability_and_a_suggestion(daemon: Daemon) -
     text = daemon.ctl("diagnose", "--experiment", "mixed").stdout
     assert "oom (not retryable)" in text and "suggestion:" in text
     groups = daemon.ctl_json("failures", "--group-by", "category")
-    assert sorted(g["key"] for g in groups) == ["dependency", "network", "oom", "signal",
-                                                 "validation"]
+    assert sorted(g["key"] for g in groups) == [
+        "dependency",
+        "network",
+        "oom",
+        "signal",
+        "validation",
+    ]
 
 
 def test_progress_shows_on_a_terminal_only(daemon: Daemon) -> None:
@@ -162,8 +178,13 @@ def test_progress_shows_on_a_terminal_only(daemon: Daemon) -> None:
     piped = daemon.ctl("export")
     assert "exporting" not in piped.stderr
     master, slave = pty.openpty()
-    proc = subprocess.run([sys.executable, "-m", "runnerd.cli", "export"], env=daemon.env,
-                          stdout=subprocess.PIPE, stderr=slave, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "runnerd.cli", "export"],
+        env=daemon.env,
+        stdout=subprocess.PIPE,
+        stderr=slave,
+        timeout=60,
+    )
     os.close(slave)
     shown = os.read(master, 65536).decode()
     os.close(master)
@@ -203,11 +224,17 @@ TRAIN = textwrap.dedent("""
 """)
 
 
-def exec_command(daemon: Daemon, experiment: str, *command: str,
-                 cwd: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "runnerd.cli", "exec", "--experiment",
-                           experiment, "--", *command], env=daemon.env, cwd=cwd,
-                          capture_output=True, text=True, timeout=120)
+def exec_command(
+    daemon: Daemon, experiment: str, *command: str, cwd: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "runnerd.cli", "exec", "--experiment", experiment, "--", *command],
+        env=daemon.env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def write_files(root: Any, files: dict[str, str]) -> None:
@@ -218,10 +245,10 @@ def write_files(root: Any, files: dict[str, str]) -> None:
 
 
 def test_a_cuda_oom_under_exec_reads_as_out_of_memory_not_exit_code(
-        daemon: Daemon, short_tmp: Any) -> None:
+    daemon: Daemon, short_tmp: Any
+) -> None:
     write_files(short_tmp, {**FAKE_TORCH, "train.py": TRAIN})
-    result = exec_command(daemon, "oom", sys.executable, "train.py", "oom", "2",
-                          cwd=str(short_tmp))
+    result = exec_command(daemon, "oom", sys.executable, "train.py", "oom", "2", cwd=str(short_tmp))
     assert result.returncode == 1
     assert result.stderr.rstrip().endswith("1.06 GiB is free.")
     [failure] = daemon.ctl_json("failures", "--experiment", "oom")
@@ -233,7 +260,7 @@ def test_a_cuda_oom_under_exec_reads_as_out_of_memory_not_exit_code(
     table = daemon.ctl("failures", "--experiment", "oom").stdout.splitlines()
     assert table[0].split()[4:6] == ["CATEGORY", "RETRY"]
     row = table[1].split()
-    assert row[row.index("crash") + 1:][:2] == ["oom", "no"]
+    assert row[row.index("crash") + 1 :][:2] == ["oom", "no"]
     assert "torch.cuda.OutOfMemoryError: CUDA out of memory" in table[1]
     assert "ExitCode" not in table[1]
     advice = daemon.ctl("diagnose", "--experiment", "oom").stdout
@@ -241,26 +268,43 @@ def test_a_cuda_oom_under_exec_reads_as_out_of_memory_not_exit_code(
 
 
 def test_group_by_class_and_signature_give_one_group_per_bug(
-        daemon: Daemon, short_tmp: Any) -> None:
+    daemon: Daemon, short_tmp: Any
+) -> None:
     write_files(short_tmp, {**FAKE_TORCH, "train.py": TRAIN})
-    runs = [("oom", 2), ("oom", 6), ("config", 1), ("config", 2), ("config", 3),
-            ("index", 1), ("index", 2)]
+    runs = [
+        ("oom", 2),
+        ("oom", 6),
+        ("config", 1),
+        ("config", 2),
+        ("config", 3),
+        ("index", 1),
+        ("index", 2),
+    ]
     for kind, n in runs:
-        result = exec_command(daemon, "bugs", sys.executable, "train.py", kind, str(n),
-                              cwd=str(short_tmp))
+        result = exec_command(
+            daemon, "bugs", sys.executable, "train.py", kind, str(n), cwd=str(short_tmp)
+        )
         assert result.returncode == 1, result.stderr
     by_class = daemon.ctl_json("failures", "--group-by", "class")
     assert {g["key"]: g["count"] for g in by_class} == {
-        "json.decoder.JSONDecodeError": 3, "torch.cuda.OutOfMemoryError": 2, "IndexError": 2}
+        "json.decoder.JSONDecodeError": 3,
+        "torch.cuda.OutOfMemoryError": 2,
+        "IndexError": 2,
+    }
     by_signature = daemon.ctl_json("failures", "--group-by", "signature")
     assert sorted(g["count"] for g in by_signature) == [2, 2, 3]
     found = daemon.ctl_json("diagnose", "--experiment", "bugs")["findings"]
     assert {(f["category"], f["count"]) for f in found} == {
-        ("oom", 2), ("validation", 3), ("bug", 2)}
+        ("oom", 2),
+        ("validation", 3),
+        ("bug", 2),
+    }
     report = daemon.ctl_json("report")
     assert sorted((g["failure_class"], g["count"]) for g in report["failure_groups"]) == [
-        ("IndexError", 2), ("json.decoder.JSONDecodeError", 3),
-        ("torch.cuda.OutOfMemoryError", 2)]
+        ("IndexError", 2),
+        ("json.decoder.JSONDecodeError", 3),
+        ("torch.cuda.OutOfMemoryError", 2),
+    ]
 
 
 POOL = textwrap.dedent("""
@@ -278,7 +322,8 @@ POOL = textwrap.dedent("""
 
 
 def test_a_pool_child_killed_is_told_from_one_that_segfaulted(
-        daemon: Daemon, short_tmp: Any) -> None:
+    daemon: Daemon, short_tmp: Any
+) -> None:
     script = short_tmp / "pool.py"
     script.write_text(POOL)
     for how in ("kill", "segfault"):
@@ -287,8 +332,11 @@ def test_a_pool_child_killed_is_told_from_one_that_segfaulted(
         assert "BrokenProcessPool" in result.stderr
     [killed] = daemon.ctl_json("failures", "--experiment", "pool-kill")
     [crashed] = daemon.ctl_json("failures", "--experiment", "pool-segfault")
-    assert killed["failure_class"] == crashed["failure_class"] == \
-        "concurrent.futures.process.BrokenProcessPool"
+    assert (
+        killed["failure_class"]
+        == crashed["failure_class"]
+        == "concurrent.futures.process.BrokenProcessPool"
+    )
     assert (killed["category"], killed["retryable"]) == ("oom", False)
     assert (crashed["category"], crashed["retryable"]) == ("signal", False)
 

@@ -44,24 +44,39 @@ MIN_FRAMES = 10_000
 
 # --- hypothesis strategies --------------------------------------------------------------
 
-INTS = st.one_of(st.integers(-(2**63), 2**64 - 1),
-                 st.sampled_from([0, -1, 1, 2**31, 2**63 - 1, 2**63, 2**64 - 1, -(2**63)]))
+INTS = st.one_of(
+    st.integers(-(2**63), 2**64 - 1),
+    st.sampled_from([0, -1, 1, 2**31, 2**63 - 1, 2**63, 2**64 - 1, -(2**63)]),
+)
 FLOATS = st.floats()  # nan, inf, -0.0 and subnormals included
 TEXT = st.one_of(st.text(max_size=30), st.sampled_from(fuzz.TOKENS))
 SCALARS = st.one_of(
-    st.none(), st.booleans(), INTS, FLOATS, TEXT, st.binary(max_size=30),
+    st.none(),
+    st.booleans(),
+    INTS,
+    FLOATS,
+    TEXT,
+    st.binary(max_size=30),
     st.builds(msgpack.ExtType, st.integers(0, 127), st.binary(max_size=12)),
     st.builds(msgpack.Timestamp, st.integers(0, 2**34 - 1), st.integers(0, 10**9 - 1)),
 )
-KEYS = st.one_of(st.sampled_from(fuzz.FIELD_NAMES), TEXT, INTS, st.none(), st.booleans(),
-                 FLOATS, st.binary(max_size=8))
+KEYS = st.one_of(
+    st.sampled_from(fuzz.FIELD_NAMES),
+    TEXT,
+    INTS,
+    st.none(),
+    st.booleans(),
+    FLOATS,
+    st.binary(max_size=8),
+)
 VALUES = st.recursive(
     SCALARS,
     lambda kids: st.one_of(st.lists(kids, max_size=6), st.dictionaries(KEYS, kids, max_size=6)),
     max_leaves=30,
 )
-NESTED = st.builds(fuzz.nested, st.sampled_from(fuzz.DEPTHS) | st.integers(1, 1500),
-                   st.booleans(), SCALARS)
+NESTED = st.builds(
+    fuzz.nested, st.sampled_from(fuzz.DEPTHS) | st.integers(1, 1500), st.booleans(), SCALARS
+)
 
 
 def typed(allowed: tuple[type, ...], run_ids: tuple[str, ...]) -> st.SearchStrategy[Any]:
@@ -92,7 +107,7 @@ def requests(draw: st.DrawFn, run_ids: tuple[str, ...], sandbox: fuzz.Sandbox) -
     if draw(st.integers(0, 9)):
         msg["id"] = draw(st.integers(0, 2**31) | INTS | VALUES)
     shape = fuzz.SHAPES.get(op) if isinstance(op, str) else None
-    for name, allowed in (shape.fields.items() if shape else ()):
+    for name, allowed in shape.fields.items() if shape else ():
         how = draw(st.sampled_from(("typed", "typed", "typed", "missing", "any")))
         if how == "typed":
             msg[name] = draw(typed(allowed, run_ids))
@@ -105,16 +120,20 @@ def requests(draw: st.DrawFn, run_ids: tuple[str, ...], sandbox: fuzz.Sandbox) -
 @st.composite
 def frames(draw: st.DrawFn, run_ids: tuple[str, ...], sandbox: fuzz.Sandbox) -> bytes:
     """One frame: a request, any value, a mutated request, bytes, or deep nesting."""
-    kind = draw(st.sampled_from(("request", "request", "request", "value", "mutated",
-                                 "bytes", "deep")))
+    kind = draw(
+        st.sampled_from(("request", "request", "request", "value", "mutated", "bytes", "deep"))
+    )
     if kind == "request":
         body = fuzz.pack(draw(requests(run_ids, sandbox)))
     elif kind == "value":
         body = fuzz.pack(draw(VALUES))
     elif kind == "mutated":
         edited = bytearray(fuzz.pack(draw(requests(run_ids, sandbox))))
-        for where, byte in draw(st.lists(st.tuples(st.integers(0, 1 << 16), st.integers(0, 255)),
-                                         min_size=1, max_size=4)):
+        for where, byte in draw(
+            st.lists(
+                st.tuples(st.integers(0, 1 << 16), st.integers(0, 255)), min_size=1, max_size=4
+            )
+        ):
             edited[where % len(edited)] = byte
         body = bytes(edited)
     elif kind == "bytes":
@@ -122,11 +141,16 @@ def frames(draw: st.DrawFn, run_ids: tuple[str, ...], sandbox: fuzz.Sandbox) -> 
     else:
         body = draw(NESTED)
         if draw(st.booleans()):
-            body = fuzz.packed_map([("op", fuzz.pack("create")), ("id", fuzz.pack(1)),
-                                    ("key", fuzz.pack(new_key())),
-                                    ("run_id", fuzz.pack(new_run_id())),
-                                    ("experiment", fuzz.pack("deep")),
-                                    ("params", b"\x81\xa1a" + body)])
+            body = fuzz.packed_map(
+                [
+                    ("op", fuzz.pack("create")),
+                    ("id", fuzz.pack(1)),
+                    ("key", fuzz.pack(new_key())),
+                    ("run_id", fuzz.pack(new_run_id())),
+                    ("experiment", fuzz.pack("deep")),
+                    ("params", b"\x81\xa1a" + body),
+                ]
+            )
     lie = draw(st.sampled_from((0,) * 12 + (-1, 1, 3)))
     return fuzz.framed(body, max(0, len(body) + lie))
 
@@ -148,8 +172,9 @@ def arena() -> Iterator[Arena]:
         try:
             sandbox = fuzz.Sandbox(os.path.join(name, "sb")).prepare()
             run_ids = fuzz.seed_runs(str(daemon.socket))
-            yield Arena(daemon, fuzz.Target(str(daemon.socket), sandbox, run_ids,
-                                             timeout=20.0, big=200_000))
+            yield Arena(
+                daemon, fuzz.Target(str(daemon.socket), sandbox, run_ids, timeout=20.0, big=200_000)
+            )
             unwatch(daemon, sandbox)
         finally:
             daemon.stop()
@@ -170,8 +195,9 @@ def unwatch(daemon: Daemon, sandbox: fuzz.Sandbox) -> None:
 def barrage(arena: Arena, label: str, extra: list[bytes]) -> fuzz.Stats:
     """FRAMES_PER_EXAMPLE seeded frames plus `extra`, over CONNECTIONS threads at once."""
     per = FRAMES_PER_EXAMPLE // CONNECTIONS
-    fuzzers = [fuzz.Fuzzer(arena.target, f"{label}:{i}", extra[i::CONNECTIONS])
-               for i in range(CONNECTIONS)]
+    fuzzers = [
+        fuzz.Fuzzer(arena.target, f"{label}:{i}", extra[i::CONNECTIONS]) for i in range(CONNECTIONS)
+    ]
     with ThreadPoolExecutor(CONNECTIONS) as pool:
         results = list(pool.map(lambda f: f.run(per), fuzzers))
     total = fuzz.Stats()
@@ -192,11 +218,17 @@ def test_barrage_of_bad_frames_leaves_the_daemon_serving(arena: Arena) -> None:
     target = arena.target
 
     @seed(SEED)
-    @settings(max_examples=EXAMPLES, deadline=None, database=None,
-              phases=(Phase.explicit, Phase.generate),
-              suppress_health_check=list(HealthCheck))
-    @given(salt=st.integers(0, 2**32 - 1),
-           extra=st.lists(frames(target.run_ids, target.sandbox), min_size=10, max_size=50))
+    @settings(
+        max_examples=EXAMPLES,
+        deadline=None,
+        database=None,
+        phases=(Phase.explicit, Phase.generate),
+        suppress_health_check=list(HealthCheck),
+    )
+    @given(
+        salt=st.integers(0, 2**32 - 1),
+        extra=st.lists(frames(target.run_ids, target.sandbox), min_size=10, max_size=50),
+    )
     def examples_of(salt: int, extra: list[bytes]) -> None:
         stats = barrage(arena, f"{SEED}/{salt}", extra)
         total.merge(stats)
@@ -204,9 +236,11 @@ def test_barrage_of_bad_frames_leaves_the_daemon_serving(arena: Arena) -> None:
         assert stats.problem_count == 0, f"seed {SEED}: " + "\n".join(stats.problems)
 
     examples_of()
-    print(f"{total.frames} frames ({total.checked} checked, {total.events} events) in "
-          f"{total.sessions} sessions: "
-          f"{dict(total.codes)}")
+    print(
+        f"{total.frames} frames ({total.checked} checked, {total.events} events) in "
+        f"{total.sessions} sessions: "
+        f"{dict(total.codes)}"
+    )
     assert total.frames >= total.checked >= MIN_FRAMES, total
     assert total.kinds["hypothesis"] > 0 and total.kinds["too_large"] > 0, total.kinds
     assert total.codes["ok"] > 0 and total.codes["invalid_transition"] > 0, total.codes
@@ -235,8 +269,7 @@ def test_oracle_replays_and_judges_sessions(tmp_path: Path) -> None:
     assert [(e.id, e.code) for e in plan.expected] == [(5, "bad_request"), (1, "ok"), (5, "*")]
     assert plan.closing is None
     lying = fuzz.framed(fuzz.pack({"op": "status", "id": 6}), 3)
-    plan = fuzz.plan_session(hello + lying + HEADER.pack(1 << 21) + status, 1 << 20,
-                             sandbox)
+    plan = fuzz.plan_session(hello + lying + HEADER.pack(1 << 21) + status, 1 << 20, sandbox)
     assert [e.code for e in plan.expected] == ["ok", "bad_frame"]
     assert plan.closing == fuzz.Expect(None, "too_large")
     assert plan.cut == len(hello) + 4 + 3  # the status body's tail read as a header
@@ -252,11 +285,13 @@ def fail_with(daemon: Daemon, **fail_fields: Any) -> None:
     try:
         client.hello()
         run_id = new_run_id()
-        created = client.call({"op": "create", "id": 1, "key": new_key(), "run_id": run_id,
-                               "experiment": "bug"})
+        created = client.call(
+            {"op": "create", "id": 1, "key": new_key(), "run_id": run_id, "experiment": "bug"}
+        )
         assert created["ok"], created
-        reply = client.call({"op": "fail", "id": 2, "key": new_key(), "run_id": run_id,
-                             **fail_fields})
+        reply = client.call(
+            {"op": "fail", "id": 2, "key": new_key(), "run_id": run_id, **fail_fields}
+        )
         assert reply["ok"] is True, reply
         assert client.call({"op": "no-such-op", "id": 3})["error"]["code"] == "unknown_op"
     finally:
@@ -276,9 +311,14 @@ def test_a_huge_message_repeating_expected_does_not_freeze_the_daemon(daemon: Da
 def test_a_client_gone_before_its_error_replies_leaves_no_error_in_the_log(daemon: Daemon) -> None:
     gone = RawClient(daemon.socket)
     gone.hello()
-    gone.send_raw(b"".join(fuzz.framed(fuzz.pack(
-        {"op": "start", "id": i, "key": new_key(), "run_id": f"NOSUCHRUN{i}"}))
-        for i in range(20)))
+    gone.send_raw(
+        b"".join(
+            fuzz.framed(
+                fuzz.pack({"op": "start", "id": i, "key": new_key(), "run_id": f"NOSUCHRUN{i}"})
+            )
+            for i in range(20)
+        )
+    )
     gone.close()
     bystander = RawClient(daemon.socket)
     bystander.hello()
@@ -310,10 +350,13 @@ def test_prune_finds_each_runs_idempotency_keys_by_index(daemon: Daemon) -> None
             "INSERT INTO runs (run_id, experiment, variation, attempt, state, params, tags,"
             " created_at, ended_at, heartbeat_seq, heartbeats)"
             " VALUES (?, 'old', 'v', ?, 'succeeded', '{}', '{}', 1.0, 2.0, 0, 0)",
-            [(f"OLD{i:06d}", i + 1) for i in range(runs)])
-        db.executemany("INSERT INTO idempotency (key, op, run_id, reply, at)"
-                       " VALUES (?, 'start', ?, '{}', 1.0)",
-                       [(f"k{i}", f"OLD{i % runs:06d}") for i in range(keys)])
+            [(f"OLD{i:06d}", i + 1) for i in range(runs)],
+        )
+        db.executemany(
+            "INSERT INTO idempotency (key, op, run_id, reply, at)"
+            " VALUES (?, 'start', ?, '{}', 1.0)",
+            [(f"k{i}", f"OLD{i % runs:06d}") for i in range(keys)],
+        )
         db.execute("COMMIT")
     daemon.start()
     client = RawClient(daemon.socket, timeout=120)

@@ -59,11 +59,12 @@ RECORD = textwrap.dedent("""
 """)
 
 
-def hook_table(name: str, out: Path, mode: str = "", events: str = '["*"]',
-               extra: str = "") -> str:
+def hook_table(name: str, out: Path, mode: str = "", events: str = '["*"]', extra: str = "") -> str:
     argv = [sys.executable, str(out.parent / "record.py"), str(out), *([mode] if mode else [])]
-    return (f"[[hooks]]\nname = {json.dumps(name)}\nevents = {events}\n"
-            f"command = {json.dumps(argv)}\n{extra}\n")
+    return (
+        f"[[hooks]]\nname = {json.dumps(name)}\nevents = {events}\n"
+        f"command = {json.dumps(argv)}\n{extra}\n"
+    )
 
 
 @pytest.fixture
@@ -113,9 +114,25 @@ def logged(daemon: Daemon) -> list[dict[str, Any]]:
 
 
 def run_exec(daemon: Daemon, experiment: str, command: str = "true", *args: str) -> None:
-    subprocess.run([sys.executable, "-m", "runnerd.cli", "exec", "--experiment", experiment,
-                    *args, "--", "sh", "-c", command], env=daemon.env, capture_output=True,
-                   timeout=60, check=False)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "runnerd.cli",
+            "exec",
+            "--experiment",
+            experiment,
+            *args,
+            "--",
+            "sh",
+            "-c",
+            command,
+        ],
+        env=daemon.env,
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
 
 
 def in_order_per_run(got: list[dict[str, Any]]) -> bool:
@@ -140,7 +157,14 @@ def test_each_event_is_delivered_once_across_a_daemon_restart(hooked: Daemon) ->
     assert [r["seq"] for r in got] == [e["seq"] for e in logged(hooked)]
     assert {r["experiment"] for r in got} == {"before", "after"}
     assert [r["name"] for r in got if r["experiment"] == "before"] == [
-        "pending", "running", "succeeded", "pending", "running", "failure", "failed_crash"]
+        "pending",
+        "running",
+        "succeeded",
+        "pending",
+        "running",
+        "failure",
+        "failed_crash",
+    ]
 
 
 def test_a_hook_that_was_down_catches_up_after_a_restart_in_order(hooked: Daemon) -> None:
@@ -163,14 +187,17 @@ def test_a_hook_that_was_down_catches_up_after_a_restart_in_order(hooked: Daemon
     assert len({r["run_id"] for r in got}) == 3
 
 
-def test_a_hook_that_fails_twice_gets_the_event_then_the_next_in_order(
-        hooked: Daemon) -> None:
+def test_a_hook_that_fails_twice_gets_the_event_then_the_next_in_order(hooked: Daemon) -> None:
     out = hooked.root / "flaky.jsonl"
     configure(hooked, hook_table("flaky", out, "fail-twice", '["running", "succeeded"]'))
     hooked.start()
     run_exec(hooked, "flaky")
-    failing = wait_for(lambda: (hook := hooks_status(hooked)["flaky"])["last"] and
-                       hook["last"]["exit"] == 3 and hook, what="a failed call")
+    failing = wait_for(
+        lambda: (
+            (hook := hooks_status(hooked)["flaky"])["last"] and hook["last"]["exit"] == 3 and hook
+        ),
+        what="a failed call",
+    )
     # the failing event holds back the run's next one
     assert failing["backlog"] == {"running": 2, "succeeded": 1}[failing["last"]["event"]]
     assert failing["retrying"] == 1
@@ -186,8 +213,7 @@ def test_a_hook_that_fails_twice_gets_the_event_then_the_next_in_order(
     got = records(out)
     assert [r["name"] for r in got] == ["running", "succeeded"]
     assert hooks_status(hooked)["flaky"]["failed"] == 4  # two per event
-    warnings = [line for line in hooked.log.read_text().splitlines()
-                if "hook flaky: event" in line]
+    warnings = [line for line in hooked.log.read_text().splitlines() if "hook flaky: event" in line]
     assert len(warnings) == 4
     assert "not yet (1)\\nsecond line \\x1b[31m" in warnings[0]
 
@@ -197,12 +223,31 @@ def test_a_hanging_hook_is_killed_at_its_timeout_and_the_rest_go_on(hooked: Daem
     configure(hooked, hook_table("hang", out, "hang", '["pending"]', "timeout = 5"))
     hooked.start()
     run_exec(hooked, "hang")
-    mark = wait_for(lambda: next(hooked.root.glob("hang.jsonl.hang-*"), None) and
-                    next(hooked.root.glob("hang.jsonl.hang-*")).read_text(),
-                    what="the hook to hang")
-    others = [subprocess.Popen([sys.executable, "-m", "runnerd.cli", "exec", "--experiment",
-                                "fine", "--variation", f"v{n}", "--", "true"],
-                               env=hooked.env) for n in range(3)]
+    mark = wait_for(
+        lambda: (
+            next(hooked.root.glob("hang.jsonl.hang-*"), None)
+            and next(hooked.root.glob("hang.jsonl.hang-*")).read_text()
+        ),
+        what="the hook to hang",
+    )
+    others = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "runnerd.cli",
+                "exec",
+                "--experiment",
+                "fine",
+                "--variation",
+                f"v{n}",
+                "--",
+                "true",
+            ],
+            env=hooked.env,
+        )
+        for n in range(3)
+    ]
     for proc in others:
         proc.wait(timeout=60)
     wait_for(lambda: len(records(out)) == 3, what="the other runs' events")
@@ -211,8 +256,9 @@ def test_a_hanging_hook_is_killed_at_its_timeout_and_the_rest_go_on(hooked: Daem
     assert records(out)[-1]["experiment"] == "hang"
     for pid in map(int, mark.split()):  # the hook and what it started, killed together
         wait_for(lambda pid=pid: gone(pid), what=f"pid {pid} to be killed")
-    assert any("timed out after 5 s; killed" in line for line in hooked.log.read_text()
-               .splitlines())
+    assert any(
+        "timed out after 5 s; killed" in line for line in hooked.log.read_text().splitlines()
+    )
 
 
 def gone(pid: int) -> bool:
@@ -235,8 +281,7 @@ ORDERED = textwrap.dedent("""
 """)
 
 
-def test_events_reach_the_hook_in_order_per_run_with_runs_side_by_side(
-        hooked: Daemon) -> None:
+def test_events_reach_the_hook_in_order_per_run_with_runs_side_by_side(hooked: Daemon) -> None:
     out = hooked.root / "ordered.jsonl"
     configure(hooked, hook_table("ordered", out, "slow"), concurrency=4)
     hooked.start()
@@ -249,8 +294,12 @@ def test_events_reach_the_hook_in_order_per_run_with_runs_side_by_side(
     assert sorted(r["seq"] for r in got) == [e["seq"] for e in logged(hooked)]
     assert len({r["run_id"] for r in got}) == 12
     assert in_order_per_run(got)
-    assert [r["name"] for r in got if r["run_id"] == got[0]["run_id"]] == \
-        ["pending", "running", *["checkpoint"] * 5, "succeeded"]
+    assert [r["name"] for r in got if r["run_id"] == got[0]["run_id"]] == [
+        "pending",
+        "running",
+        *["checkpoint"] * 5,
+        "succeeded",
+    ]
 
 
 TAGGED = textwrap.dedent("""
@@ -263,24 +312,34 @@ TAGGED = textwrap.dedent("""
 """)
 
 
-def test_hooks_get_only_the_events_their_patterns_experiment_and_tags_match(
-        hooked: Daemon) -> None:
-    configure(hooked,
-              hook_table("failed", hooked.root / "failed.jsonl",
-                         events='["failed_*", "lost"]'),
-              hook_table("lr", hooked.root / "lr.jsonl", events='["succeeded"]',
-                         extra='experiment = "lr-*"'),
-              hook_table("vision", hooked.root / "vision.jsonl", events='["*ed*"]',
-                         extra='tags = { team = "vision" }'),
-              hook_table("sweeps", hooked.root / "sweeps.jsonl", events='["sweep_ended"]'))
+def test_hooks_get_only_the_events_their_patterns_experiment_and_tags_match(hooked: Daemon) -> None:
+    configure(
+        hooked,
+        hook_table("failed", hooked.root / "failed.jsonl", events='["failed_*", "lost"]'),
+        hook_table(
+            "lr", hooked.root / "lr.jsonl", events='["succeeded"]', extra='experiment = "lr-*"'
+        ),
+        hook_table(
+            "vision",
+            hooked.root / "vision.jsonl",
+            events='["*ed*"]',
+            extra='tags = { team = "vision" }',
+        ),
+        hook_table("sweeps", hooked.root / "sweeps.jsonl", events='["sweep_ended"]'),
+    )
     hooked.start()
-    for team, outcome, experiment in (("vision", "fail", "lr-1"), ("audio", "ok", "lr-2"),
-                                      ("vision", "ok", "other"), ("audio", "fail", "other")):
+    for team, outcome, experiment in (
+        ("vision", "fail", "lr-1"),
+        ("audio", "ok", "lr-2"),
+        ("vision", "ok", "other"),
+        ("audio", "fail", "other"),
+    ):
         proc = hooked.python(TAGGED, team, outcome, experiment)
         proc.communicate(timeout=60)
     hooked.ctl("sweep", "run", "--experiment", "lr-sweep", "--grid", "x=1", "--", "true")
-    wait_for(lambda: settled(hooked, "failed", "lr", "vision", "sweeps"),
-             what="every hook to deliver")
+    wait_for(
+        lambda: settled(hooked, "failed", "lr", "vision", "sweeps"), what="every hook to deliver"
+    )
 
     def seen(name: str) -> list[tuple[str, str]]:
         return [(r["experiment"], r["name"]) for r in records(hooked.root / f"{name}.jsonl")]
@@ -304,41 +363,65 @@ def test_the_command_gets_the_event_the_run_and_the_environment(hooked: Daemon) 
     (got,) = records(out)
     run = hooked.ctl_json("show", got["run_id"])
     changing = ("pids", "resources")  # its process, gone since, is detached; samples
-    assert {k: v for k, v in got["run"].items() if k not in changing} == \
-        {k: v for k, v in run.items() if k not in changing}
+    assert {k: v for k, v in got["run"].items() if k not in changing} == {
+        k: v for k, v in run.items() if k not in changing
+    }
     assert got["run"].keys() == run.keys()
-    assert (got["hook"], got["kind"], got["name"], got["experiment"], got["variation"],
-            got["tags"]) == ("payload", "transition", "failed_crash", "payload", "default",
-                             {"team": "vision"})
+    assert (
+        got["hook"],
+        got["kind"],
+        got["name"],
+        got["experiment"],
+        got["variation"],
+        got["tags"],
+    ) == ("payload", "transition", "failed_crash", "payload", "default", {"team": "vision"})
     assert got["data"]["from"] == "running" and got["data"]["to"] == "failed_crash"
     assert abs(got["at"] - _unix(run["ended_at"])) < 0.01
-    assert got["env"] == {"RUNNERD_HOOK": "payload", "RUNNERD_EVENT": "failed_crash",
-                          "RUNNERD_RUN_ID": got["run_id"], "RUNNERD_STATE": "failed_crash",
-                          "RUNNERD_EXPERIMENT": "payload",
-                          "RUNNERD_SOCKET": str(hooked.socket)}
+    assert got["env"] == {
+        "RUNNERD_HOOK": "payload",
+        "RUNNERD_EVENT": "failed_crash",
+        "RUNNERD_RUN_ID": got["run_id"],
+        "RUNNERD_STATE": "failed_crash",
+        "RUNNERD_EXPERIMENT": "payload",
+        "RUNNERD_SOCKET": str(hooked.socket),
+    }
 
 
 def _unix(iso_time: str) -> float:
     from datetime import datetime
+
     return datetime.fromisoformat(iso_time).timestamp()
 
 
 def test_runnerctl_hooks_lists_each_hook_with_its_last_result(hooked: Daemon) -> None:
     out = hooked.root / "listed.jsonl"
-    configure(hooked, hook_table("listed", out, events='["succeeded"]'),
-              '[[hooks]]\nname = "broken"\nevents = ["failed_*"]\n'
-              'command = "echo no such service >&2; exit 7"\n')
+    configure(
+        hooked,
+        hook_table("listed", out, events='["succeeded"]'),
+        '[[hooks]]\nname = "broken"\nevents = ["failed_*"]\n'
+        'command = "echo no such service >&2; exit 7"\n',
+    )
     hooked.start()
     assert [line.split()[:6] for line in hooked.ctl("hooks").stdout.splitlines()[1:]] == [
-        ["listed", "succeeded", "0", "0", "0", "-"], ["broken", "failed_*", "0", "0", "0", "-"]]
+        ["listed", "succeeded", "0", "0", "0", "-"],
+        ["broken", "failed_*", "0", "0", "0", "-"],
+    ]
     run_exec(hooked, "listed", "exit 0")
     run_exec(hooked, "listed", "exit 1")
-    wait_for(lambda: hooks_status(hooked)["broken"]["failed"] and
-             hooks_status(hooked)["listed"]["delivered"], what="both hooks to be called")
+    wait_for(
+        lambda: (
+            hooks_status(hooked)["broken"]["failed"] and hooks_status(hooked)["listed"]["delivered"]
+        ),
+        what="both hooks to be called",
+    )
     doc = hooked.ctl_json("hooks")
     listed, broken = doc["hooks"]
-    assert (listed["name"], listed["events"], listed["backlog"], listed["delivered"]) == \
-        ("listed", ["succeeded"], 0, 1)
+    assert (listed["name"], listed["events"], listed["backlog"], listed["delivered"]) == (
+        "listed",
+        ["succeeded"],
+        0,
+        1,
+    )
     assert listed["last"]["ok"] is True and listed["last"]["exit"] == 0
     assert listed["command"][-1] == str(out) and listed["timeout"] == 30
     assert broken["command"] == "echo no such service >&2; exit 7"
@@ -346,8 +429,15 @@ def test_runnerctl_hooks_lists_each_hook_with_its_last_result(hooked: Daemon) ->
     assert broken["backlog"] == 1 and broken["retrying"] == 1
     assert doc["last_seq"] == logged(hooked)[-1]["seq"]
     lines = hooked.ctl("hooks").stdout.splitlines()
-    assert lines[0].split() == ["NAME", "EVENTS", "BACKLOG", "RETRYING", "DELIVERED", "LAST",
-                                "RESULT"]
+    assert lines[0].split() == [
+        "NAME",
+        "EVENTS",
+        "BACKLOG",
+        "RETRYING",
+        "DELIVERED",
+        "LAST",
+        "RESULT",
+    ]
     assert lines[1].split()[:5] == ["listed", "succeeded", "0", "0", "1"]
     assert "ok in" in lines[1]
     assert lines[2].split()[:5] == ["broken", "failed_*", "1", "1", "0"]
@@ -359,35 +449,50 @@ def test_runnerctl_hooks_without_hooks_says_so(daemon: Daemon) -> None:
     assert daemon.ctl_json("hooks")["hooks"] == []
 
 
-@pytest.mark.parametrize(("table", "message"), [
-    ('events = ["failed_*"]\ncommand = ["true"]', "name is required"),
-    ('name = "a/b"\nevents = ["*"]\ncommand = ["true"]', "name is required"),
-    ('name = "x"\nevents = ["faild_*"]\ncommand = ["true"]',
-     "events pattern 'faild_*' matches no event"),
-    ('name = "x"\nevents = []\ncommand = ["true"]', "events must be a list of patterns"),
-    ('name = "x"\nevents = ["*"]\ncommand = []', "command must be a list"),
-    ('name = "x"\nevents = ["*"]\ncommand = ["true"]\ntimeout = 0',
-     "timeout must be a positive number"),
-    ('name = "x"\nevents = ["*"]\ncommand = ["true"]\ntags = { a = [1] }',
-     "tags must be a table of values"),
-    ('name = "x"\nevents = ["*"]\ncommand = ["true"]\nretries = 3', "unknown key 'retries'"),
-])
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        ('events = ["failed_*"]\ncommand = ["true"]', "name is required"),
+        ('name = "a/b"\nevents = ["*"]\ncommand = ["true"]', "name is required"),
+        (
+            'name = "x"\nevents = ["faild_*"]\ncommand = ["true"]',
+            "events pattern 'faild_*' matches no event",
+        ),
+        ('name = "x"\nevents = []\ncommand = ["true"]', "events must be a list of patterns"),
+        ('name = "x"\nevents = ["*"]\ncommand = []', "command must be a list"),
+        (
+            'name = "x"\nevents = ["*"]\ncommand = ["true"]\ntimeout = 0',
+            "timeout must be a positive number",
+        ),
+        (
+            'name = "x"\nevents = ["*"]\ncommand = ["true"]\ntags = { a = [1] }',
+            "tags must be a table of values",
+        ),
+        ('name = "x"\nevents = ["*"]\ncommand = ["true"]\nretries = 3', "unknown key 'retries'"),
+    ],
+)
 def test_a_bad_hooks_table_is_refused_by_name(tmp_path: Path, table: str, message: str) -> None:
     path = tmp_path / "config.toml"
     path.write_text(f"[[hooks]]\n{table}\n")
     with pytest.raises(ConfigError, match="hooks\\[0\\]") as caught:
         load(path)
     assert message in str(caught.value)
-    refused = subprocess.run([sys.executable, "-m", "runnerd", "--config", str(path),
-                              "--check-config"], capture_output=True, text=True, timeout=60)
+    refused = subprocess.run(
+        [sys.executable, "-m", "runnerd", "--config", str(path), "--check-config"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert refused.returncode == 1 and message in refused.stderr
 
 
 def test_every_event_the_daemon_logs_can_be_hooked(tmp_path: Path) -> None:
     """A hook may ask for each kind the registry logs (stalled included), by name."""
     path = tmp_path / "config.toml"
-    path.write_text('[[hooks]]\nname = "x"\nevents = ["stalled", "memory_warning", "lost"]\n'
-                    'command = ["true"]\n')
+    path.write_text(
+        '[[hooks]]\nname = "x"\nevents = ["stalled", "memory_warning", "lost"]\n'
+        'command = ["true"]\n'
+    )
     assert load(path).hooks[0].events == ("stalled", "memory_warning", "lost")
 
 
@@ -402,9 +507,17 @@ def test_two_hooks_with_one_name_are_refused(tmp_path: Path) -> None:
 
 
 def _wire(kind: str, **fields: Any) -> dict[str, Any]:
-    return {"event": kind, "seq": 7, "run_id": "R1", "experiment": "lr-1", "variation": "v",
-            "tags": {"team": "vision", "seed": 1}, "sweep_id": None,
-            "at": "2026-01-02T03:04:05.678Z", **fields}
+    return {
+        "event": kind,
+        "seq": 7,
+        "run_id": "R1",
+        "experiment": "lr-1",
+        "variation": "v",
+        "tags": {"team": "vision", "seed": 1},
+        "sweep_id": None,
+        "at": "2026-01-02T03:04:05.678Z",
+        **fields,
+    }
 
 
 def test_an_event_is_named_by_its_new_state_or_its_kind() -> None:
@@ -415,30 +528,45 @@ def test_an_event_is_named_by_its_new_state_or_its_kind() -> None:
 
 def test_filters_need_every_part_to_match() -> None:
     failed = _wire("transition", to="failed_crash")
-    hook = Hook(name="h", events=("failed_*", "lost"), command=("true",),
-                experiment="lr-*", tags={"team": "vision"})
+    hook = Hook(
+        name="h",
+        events=("failed_*", "lost"),
+        command=("true",),
+        experiment="lr-*",
+        tags={"team": "vision"},
+    )
     assert wanted(hook, failed)
     assert not wanted(hook, _wire("transition", to="succeeded"))
     assert not wanted(hook, {**failed, "experiment": "other"})
     assert not wanted(hook, {**failed, "tags": {"team": "audio"}})
     assert not wanted(hook, {**failed, "tags": {}})
-    assert not wanted(Hook(name="h", events=("*",), command="true", tags={"seed": "1"}),
-                      failed)  # 1 is not "1"
+    assert not wanted(
+        Hook(name="h", events=("*",), command="true", tags={"seed": "1"}), failed
+    )  # 1 is not "1"
 
 
 def test_the_hook_event_keeps_the_kinds_fields_under_data() -> None:
     event = hook_event(_wire("checkpoint", data={"step": 3}, path="ckpt"))
-    assert event == {"seq": 7, "kind": "checkpoint", "name": "checkpoint", "run_id": "R1",
-                     "experiment": "lr-1", "variation": "v",
-                     "tags": {"team": "vision", "seed": 1}, "sweep_id": None,
-                     "at": 1767323045.678, "data": {"data": {"step": 3}, "path": "ckpt"}}
+    assert event == {
+        "seq": 7,
+        "kind": "checkpoint",
+        "name": "checkpoint",
+        "run_id": "R1",
+        "experiment": "lr-1",
+        "variation": "v",
+        "tags": {"team": "vision", "seed": 1},
+        "sweep_id": None,
+        "at": 1767323045.678,
+        "data": {"data": {"step": 3}, "path": "ckpt"},
+    }
 
 
 def test_a_call_that_cannot_start_or_writes_a_lot_says_why(tmp_path: Path) -> None:
     missing = HookCall((str(tmp_path / "missing"),), {}, {}, 5).run()
     assert not missing.ok and missing.exit is None and "cannot start" in (missing.error or "")
-    chatty = HookCall("head -c 3000000 /dev/zero | tr '\\0' x >&2; echo >&2; echo last >&2; exit 4",
-                      {}, {}, 10).run()
+    chatty = HookCall(
+        "head -c 3000000 /dev/zero | tr '\\0' x >&2; echo >&2; echo last >&2; exit 4", {}, {}, 10
+    ).run()
     assert (chatty.ok, chatty.exit) == (False, 4)
     assert chatty.error is not None and chatty.error.endswith("x\nlast")
     assert len(chatty.error) <= 600
@@ -465,7 +593,8 @@ def test_a_cursor_is_never_read_or_written_through_a_symlink(tmp_path: Path) -> 
 
 
 async def test_a_full_window_stops_reading_the_log_until_there_is_room(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """In process, on a real registry: with room for 4 waiting events and pages of 3, a
     hook that catches up on 30 logged events while 30 more are committed delivers each
     once, in order per run."""
@@ -475,16 +604,20 @@ async def test_a_full_window_stops_reading_the_log_until_there_is_room(
     registry = Registry(tmp_path / "state" / "registry.sqlite3")
     await registry.open()
     hook = Hook(name="w", events=("*",), command=("sh", "-c", f'printf "%s\\n" "$(cat)" >> {out}'))
-    cfg = Config(db=registry.path, socket=tmp_path / "runnerd.sock", hooks=(hook,),
-                 hook_concurrency=2)
+    cfg = Config(
+        db=registry.path, socket=tmp_path / "runnerd.sock", hooks=(hook,), hook_concurrency=2
+    )
     folder = registry.path.parent / "hooks"
     folder.mkdir(mode=0o700)
     cursor.save(folder, "w", cursor.Cursor(0))  # it has everything logged below to catch up
 
     async def log(numbers: range) -> None:
         for n in numbers:
-            await registry.submit(lambda store, n=n: store.events.log(
-                f"run{n % 3}", "checkpoint", time.time(), {"data": n, "path": None}))
+            await registry.submit(
+                lambda store, n=n: store.events.log(
+                    f"run{n % 3}", "checkpoint", time.time(), {"data": n, "path": None}
+                )
+            )
 
     async with anyio.create_task_group() as tasks:
         tasks.start_soon(registry.run_writer)
@@ -498,8 +631,10 @@ async def test_a_full_window_stops_reading_the_log_until_there_is_room(
                 await anyio.sleep(0.01)
         tasks.cancel_scope.cancel()
     await registry.close_db()
-    got = [(body["event"]["run_id"], body["event"]["seq"], body["event"]["data"]["data"])
-           for body in records(out)]
+    got = [
+        (body["event"]["run_id"], body["event"]["seq"], body["event"]["data"]["data"])
+        for body in records(out)
+    ]
     assert sorted(seq for _, seq, _ in got) == list(range(1, 61))
     for run_id in ("run0", "run1", "run2"):
         numbers = [n for run, _, n in got if run == run_id]

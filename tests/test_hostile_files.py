@@ -31,8 +31,10 @@ HOSTILE = {
     "huge": '{"status": "complete", "start_time": 1e308}',
 }
 LOG_LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (DEBUG|INFO|WARNING|ERROR|CRITICAL) ")
-needs_root = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None,
-                                reason="needs root and setpriv to act as a second user")
+needs_root = pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("setpriv") is None,
+    reason="needs root and setpriv to act as a second user",
+)
 
 
 def write_run(folder: Path, doc: dict[str, Any] | str) -> Path:
@@ -53,14 +55,15 @@ def chown_nobody(*paths: Path) -> None:
 
 def warned(daemon: Daemon, text: str) -> bool:
     """Whether the daemon logged a warning that names `text` (as the log shows it)."""
-    return any(" WARNING " in line and text in line
-               for line in daemon.log.read_text().splitlines())
+    return any(" WARNING " in line and text in line for line in daemon.log.read_text().splitlines())
 
 
 def run_ids(daemon: Daemon) -> set[str]:
     """The runs' ids; an imported run's by the id its metadata.json gave (a tag)."""
-    return {r["tags"].get("foreign_run_id", r["run_id"])
-            for r in daemon.ctl_json("list", "--limit", "10000")}
+    return {
+        r["tags"].get("foreign_run_id", r["run_id"])
+        for r in daemon.ctl_json("list", "--limit", "10000")
+    }
 
 
 def serving(daemon: Daemon) -> bool:
@@ -71,25 +74,35 @@ def serving(daemon: Daemon) -> bool:
 # --- reading what is in a watched folder --------------------------------------------------
 
 
-@pytest.mark.parametrize(("doc", "field"), [
-    ({"status": "running", "start_time": float("nan")}, "start_time"),
-    ({"status": "complete", "start_time": 1e308}, "start_time"),
-    ({"status": "complete", "end_time": "not a time"}, "end_time"),
-    ({"status": "complete", "runtime_sec": "x"}, "runtime_sec"),
-    ({"status": "complete", "runtime_sec": float("inf")}, "runtime_sec"),
-    ({"status": "x" * 1000}, "status"),
-    ({"status": "failed", "failure_reason": ["a list"]}, "failure_reason"),
-    ({"status": "complete", "params": "not a map"}, "params"),
-    ({"status": "complete", "experiment": {"a": 1}}, "experiment"),
-])
+@pytest.mark.parametrize(
+    ("doc", "field"),
+    [
+        ({"status": "running", "start_time": float("nan")}, "start_time"),
+        ({"status": "complete", "start_time": 1e308}, "start_time"),
+        ({"status": "complete", "end_time": "not a time"}, "end_time"),
+        ({"status": "complete", "runtime_sec": "x"}, "runtime_sec"),
+        ({"status": "complete", "runtime_sec": float("inf")}, "runtime_sec"),
+        ({"status": "x" * 1000}, "status"),
+        ({"status": "failed", "failure_reason": ["a list"]}, "failure_reason"),
+        ({"status": "complete", "params": "not a map"}, "params"),
+        ({"status": "complete", "experiment": {"a": 1}}, "experiment"),
+    ],
+)
 def test_a_bad_value_in_a_foreign_metadata_file_is_named(doc: dict[str, Any], field: str) -> None:
     problem = checked_doc(doc)
     assert isinstance(problem, str) and field in problem
 
 
 def test_a_foreign_metadata_file_keeps_its_good_values() -> None:
-    doc = checked_doc({"status": "complete", "start_time": "2023-11-14T22:13:20Z",
-                       "runtime_sec": 60, "experiment": "e" * 300, "params": {"lr": 0.1}})
+    doc = checked_doc(
+        {
+            "status": "complete",
+            "start_time": "2023-11-14T22:13:20Z",
+            "runtime_sec": 60,
+            "experiment": "e" * 300,
+            "params": {"lr": 0.1},
+        }
+    )
     assert isinstance(doc, dict)
     assert doc["start_time"] == 1_700_000_000.0
     assert doc["experiment"] == "e" * 256
@@ -97,7 +110,8 @@ def test_a_foreign_metadata_file_keeps_its_good_values() -> None:
 
 
 def test_hostile_metadata_files_are_warnings_and_the_daemon_survives_restarts(
-        short_tmp: Path) -> None:
+    short_tmp: Path,
+) -> None:
     root = short_tmp / "foreign"
     paths = {name: write_run(root / name, text) for name, text in HOSTILE.items()}
     write_run(root / "good", {"run_id": "good-run", "status": "complete"})
@@ -118,8 +132,9 @@ def test_hostile_metadata_files_are_warnings_and_the_daemon_survives_restarts(
         daemon.stop()
 
 
-def test_hostile_metadata_files_in_a_followed_folder_are_warnings(daemon: Daemon,
-                                                                   short_tmp: Path) -> None:
+def test_hostile_metadata_files_in_a_followed_folder_are_warnings(
+    daemon: Daemon, short_tmp: Path
+) -> None:
     root = short_tmp / "foreign"
     root.mkdir()
     daemon.ctl("watch", str(root))
@@ -139,8 +154,10 @@ def test_a_folder_name_that_is_not_utf8_is_a_warning(daemon: Daemon, short_tmp: 
     with open(bad + b"/metadata.json", "w") as fh:
         fh.write(json.dumps({"run_id": "not-utf8", "status": "complete"}))
     result = daemon.ctl("watch", str(root))
-    assert f"warning: {root}/run-\\xff/metadata.json: refused: its path is not valid UTF-8" \
+    assert (
+        f"warning: {root}/run-\\xff/metadata.json: refused: its path is not valid UTF-8"
         in result.stderr
+    )
     assert "not-utf8" not in run_ids(daemon)
     assert serving(daemon)
 
@@ -201,7 +218,8 @@ def test_another_users_private_subfolder_is_skipped(daemon: Daemon, short_tmp: P
 
 @needs_root
 def test_a_file_another_user_drops_into_a_followed_folder_is_ignored(
-        daemon: Daemon, short_tmp: Path) -> None:
+    daemon: Daemon, short_tmp: Path
+) -> None:
     short_tmp.chmod(0o755)
     root = short_tmp / "shared"
     drop = root / "drop"
@@ -210,11 +228,19 @@ def test_a_file_another_user_drops_into_a_followed_folder_is_ignored(
     drop.chmod(0o775)
     daemon.ctl("watch", str(root))
     planted = drop / "metadata.json"
-    subprocess.run(as_nobody(sys.executable, "-c", f"open({str(planted)!r}, 'w').write("
-                             f"{json.dumps({'run_id': 'planted', 'status': 'complete'})!r})"),
-                   check=True)
-    wait_for(lambda: warned(daemon, f"{planted}: refused: it belongs to uid {NOBODY}"),
-             what="a warning naming the file")
+    subprocess.run(
+        as_nobody(
+            sys.executable,
+            "-c",
+            f"open({str(planted)!r}, 'w').write("
+            f"{json.dumps({'run_id': 'planted', 'status': 'complete'})!r})",
+        ),
+        check=True,
+    )
+    wait_for(
+        lambda: warned(daemon, f"{planted}: refused: it belongs to uid {NOBODY}"),
+        what="a warning naming the file",
+    )
     write_run(root / "mine", {"run_id": "my-run", "status": "complete"})
     wait_for(lambda: "my-run" in run_ids(daemon), what="the follower to go on")
     assert "planted" not in run_ids(daemon)
@@ -224,34 +250,51 @@ class NobodyDaemon(Daemon):
     """A daemon run by the second user, so that a folder of root's is one it cannot read."""
 
     def start(self, timeout: float = 10.0) -> Self:
-        imports = subprocess.run(as_nobody(sys.executable, "-c", "import runnerd"),
-                                 capture_output=True, text=True, env=self.env)
+        imports = subprocess.run(
+            as_nobody(sys.executable, "-c", "import runnerd"),
+            capture_output=True,
+            text=True,
+            env=self.env,
+        )
         if imports.returncode != 0:
-            pytest.skip(f"the second user cannot import runnerd from this checkout "
-                        f"(a private folder above it?): {imports.stderr.strip()[-200:]}")
+            pytest.skip(
+                f"the second user cannot import runnerd from this checkout "
+                f"(a private folder above it?): {imports.stderr.strip()[-200:]}"
+            )
         return super().start(timeout)
 
     def command(self) -> list[str]:
         return as_nobody(*super().command())
 
     def runnerctl(self, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(as_nobody(sys.executable, "-m", "runnerd.cli", *args),
-                              env=self.env, capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(
+            as_nobody(sys.executable, "-m", "runnerd.cli", *args),
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
 
 
 def make_run_as_nobody(folder: Path, run_id: str) -> None:
-    subprocess.run(as_nobody(sys.executable, "-c", textwrap.dedent(f"""
+    subprocess.run(
+        as_nobody(
+            sys.executable,
+            "-c",
+            textwrap.dedent(f"""
         import json, pathlib
         folder = pathlib.Path({str(folder)!r})
         folder.mkdir()
         (folder / "metadata.json").write_text(json.dumps(
             {{"run_id": {run_id!r}, "status": "complete"}}))
-    """)), check=True)
+    """),
+        ),
+        check=True,
+    )
 
 
 @needs_root
-def test_a_subfolder_the_daemon_cannot_read_does_not_stop_the_follower(
-        short_tmp: Path) -> None:
+def test_a_subfolder_the_daemon_cannot_read_does_not_stop_the_follower(short_tmp: Path) -> None:
     chown_nobody(short_tmp)
     root = short_tmp / "runs"
     write_run(root / "before", {"run_id": "before", "status": "complete"})
@@ -270,8 +313,10 @@ def test_a_subfolder_the_daemon_cannot_read_does_not_stop_the_follower(
         for names in (("after", "before/nested"), ("after/inside",)):
             for name in names:
                 make_run_as_nobody(root / name, name.replace("/", "-"))
-            wait_for(lambda names=names: {n.replace("/", "-") for n in names} <= run_ids(daemon),
-                     what=f"runs in new folders {names} to be followed")
+            wait_for(
+                lambda names=names: {n.replace("/", "-") for n in names} <= run_ids(daemon),
+                what=f"runs in new folders {names} to be followed",
+            )
         assert serving(daemon)
         assert daemon.stop() == 0
         daemon.start()
@@ -302,8 +347,9 @@ def metadata_state(folder: Path) -> str | None:
         return None
 
 
-def test_metadata_is_never_written_through_a_planted_symlink(daemon: Daemon,
-                                                             short_tmp: Path) -> None:
+def test_metadata_is_never_written_through_a_planted_symlink(
+    daemon: Daemon, short_tmp: Path
+) -> None:
     folder = short_tmp / "rundir"
     folder.mkdir()
     victims = [short_tmp / "victim-1", short_tmp / "victim-2"]
@@ -321,15 +367,18 @@ def test_metadata_is_never_written_through_a_planted_symlink(daemon: Daemon,
 
 
 def test_metadata_is_not_written_in_a_folder_anyone_may_write_to_until_it_is_fixed(
-        daemon: Daemon, short_tmp: Path) -> None:
+    daemon: Daemon, short_tmp: Path
+) -> None:
     folder = short_tmp / "open"
     folder.mkdir()
     folder.chmod(0o777)
     proc = daemon.python(WAITS_FOR_A_LINE, str(folder), stdin=subprocess.PIPE)
     assert proc.stdout is not None
     run_id = proc.stdout.readline().strip()
-    wait_for(lambda: warned(daemon, f"refusing {folder}: anyone may write to it"),
-             what="a warning naming the folder")
+    wait_for(
+        lambda: warned(daemon, f"refusing {folder}: anyone may write to it"),
+        what="a warning naming the folder",
+    )
     assert not (folder / "metadata.json").exists()
     folder.chmod(0o755)  # fixed: the pending document lands on its next retry
     wait_for(lambda: metadata_state(folder) == "running", timeout=30, what="the retry")
@@ -343,8 +392,11 @@ def small_disk(short_tmp: Path) -> Iterator[Path]:
     """A 2 MiB tmpfs (skipped where mounting is not allowed)."""
     mount = short_tmp / "disk"
     mount.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)],
+        capture_output=True,
+        text=True,
+    )
     if result.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs here: {result.stderr.strip()}")
     try:
@@ -366,7 +418,8 @@ def fill(folder: Path) -> Path:
 
 
 def test_a_metadata_write_that_fails_on_a_full_disk_lands_once_there_is_room(
-        daemon: Daemon, small_disk: Path) -> None:
+    daemon: Daemon, small_disk: Path
+) -> None:
     folder = small_disk / "run"
     proc = daemon.python(WAITS_FOR_A_LINE, str(folder), stdin=subprocess.PIPE)
     assert proc.stdout is not None
@@ -376,8 +429,10 @@ def test_a_metadata_write_that_fails_on_a_full_disk_lands_once_there_is_room(
     proc.communicate("\n", timeout=60)
     assert proc.returncode == 0
     assert daemon.run_state(run_id) == "succeeded"
-    wait_for(lambda: warned(daemon, f"could not write metadata.json for run {run_id}"),
-             what="the failed write")
+    wait_for(
+        lambda: warned(daemon, f"could not write metadata.json for run {run_id}"),
+        what="the failed write",
+    )
     assert metadata_state(folder) == "running"
     filler.unlink()
     wait_for(lambda: metadata_state(folder) == "succeeded", timeout=30, what="the retry")
@@ -387,12 +442,22 @@ def test_a_metadata_write_that_fails_on_a_full_disk_lands_once_there_is_room(
 
 
 def exec_in(daemon: Daemon, folder: Path) -> subprocess.CompletedProcess[str]:
-    return daemon.ctl("exec", "--experiment", "hostile-exec", "--run-dir", str(folder), "--",
-                      "echo", "hello", check=False)
+    return daemon.ctl(
+        "exec",
+        "--experiment",
+        "hostile-exec",
+        "--run-dir",
+        str(folder),
+        "--",
+        "echo",
+        "hello",
+        check=False,
+    )
 
 
-def test_exec_never_writes_its_logs_through_a_planted_symlink(daemon: Daemon,
-                                                              short_tmp: Path) -> None:
+def test_exec_never_writes_its_logs_through_a_planted_symlink(
+    daemon: Daemon, short_tmp: Path
+) -> None:
     folder = short_tmp / "rundir"
     folder.mkdir()
     victim = short_tmp / "victim"
@@ -430,15 +495,18 @@ def test_exec_still_writes_its_logs_in_a_folder_of_ours(daemon: Daemon, short_tm
 
 
 def test_escape_controls_shows_every_control_character() -> None:
-    assert escape_controls("a\nb\rc\td\x1b[31me\x07f\x00g\x7fh\x9bi") == \
-        "a\\nb\\rc\\td\\x1b[31me\\x07f\\x00g\\x7fh\\x9bi"
+    assert (
+        escape_controls("a\nb\rc\td\x1b[31me\x07f\x00g\x7fh\x9bi")
+        == "a\\nb\\rc\\td\\x1b[31me\\x07f\\x00g\\x7fh\\x9bi"
+    )
     assert escape_controls("line 1\n\tline 2\x1b", keep="\n\t") == "line 1\n\tline 2\\x1b"
     assert escape_controls("plain text, é and 漢字") == "plain text, é and 漢字"
 
 
 def test_a_log_record_is_one_line_and_its_traceback_is_indented() -> None:
-    record = logging.LogRecord("runnerd.x", logging.ERROR, __file__, 1, "bad %s", ("a\nb\x1b",),
-                               None)
+    record = logging.LogRecord(
+        "runnerd.x", logging.ERROR, __file__, 1, "bad %s", ("a\nb\x1b",), None
+    )
     try:
         raise ValueError("x\nERROR runnerd.server: forged")
     except ValueError:
@@ -463,12 +531,19 @@ def test_a_folder_name_cannot_forge_a_log_line(daemon: Daemon, short_tmp: Path) 
     assert [line for line in lines if not LOG_LINE.match(line)] == []
 
 
-def test_control_characters_from_an_imported_file_are_shown_escaped(daemon: Daemon,
-                                                                     short_tmp: Path) -> None:
+def test_control_characters_from_an_imported_file_are_shown_escaped(
+    daemon: Daemon, short_tmp: Path
+) -> None:
     reason = "boom\x1b]0;owned\x07\x1b[2J\nFAKE LINE"
-    write_run(short_tmp / "foreign" / "run", {"run_id": "ctl-chars", "status": "failed",
-                                              "experiment": "exp\x1b[31m",
-                                              "failure_reason": reason})
+    write_run(
+        short_tmp / "foreign" / "run",
+        {
+            "run_id": "ctl-chars",
+            "status": "failed",
+            "experiment": "exp\x1b[31m",
+            "failure_reason": reason,
+        },
+    )
     daemon.ctl("watch", str(short_tmp / "foreign"))
     [run] = daemon.ctl_json("list")
     for command in (["list"], ["failures"], ["show", run["run_id"]], ["status"]):

@@ -69,12 +69,26 @@ def app(daemon: Daemon) -> Iterator[Path]:
 def multirun(daemon: Daemon, app: Path, name: str, *overrides: str) -> subprocess.Popen[str]:
     # An editable install hides hydra_plugins from Hydra's plugin scan; an installed
     # package does not need this.
-    env = {**daemon.env, "PYTHONUNBUFFERED": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    env = {
+        **daemon.env,
+        "PYTHONUNBUFFERED": "1",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    }
     return subprocess.Popen(
-        [sys.executable, "app.py", "--multirun", f"hydra.job.name={name}",
-         f"hydra.sweep.dir={app / name}", *overrides],
-        cwd=app, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        [
+            sys.executable,
+            "app.py",
+            "--multirun",
+            f"hydra.job.name={name}",
+            f"hydra.sweep.dir={app / name}",
+            *overrides,
+        ],
+        cwd=app,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
 
 
 def finished(proc: subprocess.Popen[str]) -> tuple[int, str]:
@@ -105,8 +119,7 @@ def job_dirs(app: Path, name: str) -> list[str]:
     return sorted(d.name for d in (app / name).iterdir() if (d / ".hydra").is_dir())
 
 
-def test_the_callback_records_each_job_with_its_real_exception(daemon: Daemon,
-                                                                app: Path) -> None:
+def test_the_callback_records_each_job_with_its_real_exception(daemon: Daemon, app: Path) -> None:
     code, err = finished(multirun(daemon, app, "cb-raise", "x=1,2,3", "mode=raise"))
     assert code == 1 and "x=2 diverged" in err
     found = runs(daemon, "cb-raise")
@@ -120,18 +133,24 @@ def test_the_callback_records_each_job_with_its_real_exception(daemon: Daemon,
     assert failed["tags"]["hydra.job_num"] == 1
     assert [found[f"mode=raise,x={x}"]["state"] for x in (1, 3)] == ["succeeded", "succeeded"]
     sweep = the_sweep(daemon, "cb-raise")
-    assert cell_states(sweep) == {"mode=raise,x=1": "succeeded", "mode=raise,x=2": "failed",
-                                  "mode=raise,x=3": "succeeded"}
+    assert cell_states(sweep) == {
+        "mode=raise,x=1": "succeeded",
+        "mode=raise,x=2": "failed",
+        "mode=raise,x=3": "succeeded",
+    }
     assert (app / "cb-raise" / "2" / "done.txt").read_text() == "3"  # Hydra went on
 
 
-@pytest.mark.parametrize(("sig", "state", "failure_class", "skipped"), [
-    (signal.SIGTERM, "failed_abandoned", "Terminated", "skipped"),
-    (signal.SIGKILL, "failed_crash", "ProcessExited", "pending"),
-])
+@pytest.mark.parametrize(
+    ("sig", "state", "failure_class", "skipped"),
+    [
+        (signal.SIGTERM, "failed_abandoned", "Terminated", "skipped"),
+        (signal.SIGKILL, "failed_crash", "ProcessExited", "pending"),
+    ],
+)
 def test_a_killed_job_is_recorded_and_the_jobs_never_started_too(
-        daemon: Daemon, app: Path, sig: signal.Signals, state: str, failure_class: str,
-        skipped: str) -> None:
+    daemon: Daemon, app: Path, sig: signal.Signals, state: str, failure_class: str, skipped: str
+) -> None:
     name = f"cb-{sig.name}"
     proc = multirun(daemon, app, name, "x=1,2,3", "mode=wait")
     assert proc.stdout is not None
@@ -143,8 +162,10 @@ def test_a_killed_job_is_recorded_and_the_jobs_never_started_too(
     os.kill(proc.pid, sig)
     code, _ = finished(proc)
     assert code == (143 if sig == signal.SIGTERM else -9)
-    killed = wait_for(lambda: (r := runs(daemon, name)["mode=wait,x=2"])["state"] != "running"
-                      and r, what="the killed job's run to end")
+    killed = wait_for(
+        lambda: (r := runs(daemon, name)["mode=wait,x=2"])["state"] != "running" and r,
+        what="the killed job's run to end",
+    )
     assert (killed["state"], killed["failure"]["failure_class"]) == (state, failure_class)
     assert runs(daemon, name)["mode=wait,x=1"]["state"] == "succeeded"
     cells = cell_states(the_sweep(daemon, name))
@@ -153,13 +174,18 @@ def test_a_killed_job_is_recorded_and_the_jobs_never_started_too(
 
 
 def test_the_launcher_runs_a_multirun_as_a_sweep_fail_fast_then_resumes_it(
-        daemon: Daemon, app: Path) -> None:
-    code, err = finished(multirun(daemon, app, "ln", "x=1,2,3", "mode=raise",
-                                  "hydra/launcher=runnerd"))
+    daemon: Daemon, app: Path
+) -> None:
+    code, err = finished(
+        multirun(daemon, app, "ln", "x=1,2,3", "mode=raise", "hydra/launcher=runnerd")
+    )
     assert code == 1 and "stopped by fail_fast" in err and "x=2 diverged" in err
     sweep = the_sweep(daemon, "ln")
-    assert cell_states(sweep) == {"mode=raise,x=1": "succeeded", "mode=raise,x=2": "failed",
-                                  "mode=raise,x=3": "skipped"}
+    assert cell_states(sweep) == {
+        "mode=raise,x=1": "succeeded",
+        "mode=raise,x=2": "failed",
+        "mode=raise,x=3": "skipped",
+    }
     manifest = json.loads((app / "ln" / "manifest.json").read_text())
     assert manifest["sweep_id"] == sweep["sweep_id"]
     failure = manifest["cells"][1]["failure"]
@@ -167,26 +193,47 @@ def test_the_launcher_runs_a_multirun_as_a_sweep_fail_fast_then_resumes_it(
     first = runs(daemon, "ln")["mode=raise,x=1"]["run_id"]
 
     (app / "fixed").touch()
-    code, err = finished(multirun(daemon, app, "ln-again", "x=1,2,3", "mode=raise",
-                                  "hydra/launcher=runnerd",
-                                  f"hydra.launcher.resume={sweep['sweep_id']}"))
+    code, err = finished(
+        multirun(
+            daemon,
+            app,
+            "ln-again",
+            "x=1,2,3",
+            "mode=raise",
+            "hydra/launcher=runnerd",
+            f"hydra.launcher.resume={sweep['sweep_id']}",
+        )
+    )
     assert code == 0, err
     resumed = the_sweep(daemon, "ln")
     assert set(cell_states(resumed).values()) == {"succeeded"}
     assert runs(daemon, "ln")["mode=raise,x=1"]["run_id"] == first  # not run again
     assert {c["variation"]: c["attempts"] for c in resumed["cells"]} == {
-        "mode=raise,x=1": 1, "mode=raise,x=2": 2, "mode=raise,x=3": 1}
+        "mode=raise,x=1": 1,
+        "mode=raise,x=2": 2,
+        "mode=raise,x=3": 1,
+    }
     # in the first multirun's folders, under their own job numbers
     assert [(app / "ln" / n / "done.txt").read_text() for n in "012"] == ["1", "2", "3"]
     assert not (app / "ln-again").exists() or not list((app / "ln-again").glob("*/done.txt"))
 
 
 def test_the_launcher_continues_on_failure_when_told(daemon: Daemon, app: Path) -> None:
-    code, err = finished(multirun(daemon, app, "ln-all", "x=1,2,3", "mode=raise",
-                                  "hydra/launcher=runnerd",
-                                  "hydra.launcher.failure_policy=continue_on_failure"))
+    code, err = finished(
+        multirun(
+            daemon,
+            app,
+            "ln-all",
+            "x=1,2,3",
+            "mode=raise",
+            "hydra/launcher=runnerd",
+            "hydra.launcher.failure_policy=continue_on_failure",
+        )
+    )
     assert code == 1 and "x=2 diverged" in err
     assert cell_states(the_sweep(daemon, "ln-all")) == {
-        "mode=raise,x=1": "succeeded", "mode=raise,x=2": "failed",
-        "mode=raise,x=3": "succeeded"}
+        "mode=raise,x=1": "succeeded",
+        "mode=raise,x=2": "failed",
+        "mode=raise,x=3": "succeeded",
+    }
     assert job_dirs(app, "ln-all") == ["0", "1", "2"]

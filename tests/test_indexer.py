@@ -16,26 +16,42 @@ from runnerd.foreign_runs import imported_state
 from runnerd.index_files import FileKind, classify
 
 
-@pytest.mark.parametrize(("name", "kind"), [
-    ("metadata.json", FileKind.METADATA), ("crash.log", FileKind.CRASH_LOG),
-    ("traceback.txt", FileKind.TRACEBACK), ("traceback-rank3.txt", FileKind.TRACEBACK),
-    ("worker.traceback", FileKind.TRACEBACK), ("core", FileKind.CORE),
-    ("core.12345", FileKind.CORE), ("model.pt", None), ("metadata.json.tmp", None),
-    ("score.txt", None),
-])
+@pytest.mark.parametrize(
+    ("name", "kind"),
+    [
+        ("metadata.json", FileKind.METADATA),
+        ("crash.log", FileKind.CRASH_LOG),
+        ("traceback.txt", FileKind.TRACEBACK),
+        ("traceback-rank3.txt", FileKind.TRACEBACK),
+        ("worker.traceback", FileKind.TRACEBACK),
+        ("core", FileKind.CORE),
+        ("core.12345", FileKind.CORE),
+        ("model.pt", None),
+        ("metadata.json.tmp", None),
+        ("score.txt", None),
+    ],
+)
 def test_classify(name: str, kind: FileKind | None) -> None:
     assert classify(f"/runs/x/{name}") == kind
 
 
-@pytest.mark.parametrize(("doc", "state"), [
-    ({"status": "complete"}, "succeeded"), ({"status": "SUCCESS"}, "succeeded"),
-    ({"status": "failed"}, "failed_crash"),
-    ({"status": "failed", "failure_reason": "timeout"}, "failed_timeout"),
-    ({"status": "cancelled"}, "failed_abandoned"), ({"status": "running"}, "lost"),
-    # Another registry's folder: its precise finished state is taken, an unfinished one lost.
-    ({"status": "failed", "state": "failed_timeout", "failure_reason": "took too long"},
-     "failed_timeout"), ({"status": "running", "state": "running"}, "lost"),
-])
+@pytest.mark.parametrize(
+    ("doc", "state"),
+    [
+        ({"status": "complete"}, "succeeded"),
+        ({"status": "SUCCESS"}, "succeeded"),
+        ({"status": "failed"}, "failed_crash"),
+        ({"status": "failed", "failure_reason": "timeout"}, "failed_timeout"),
+        ({"status": "cancelled"}, "failed_abandoned"),
+        ({"status": "running"}, "lost"),
+        # Another registry's folder: its precise finished state is taken, an unfinished one lost.
+        (
+            {"status": "failed", "state": "failed_timeout", "failure_reason": "took too long"},
+            "failed_timeout",
+        ),
+        ({"status": "running", "state": "running"}, "lost"),
+    ],
+)
 def test_foreign_status_mapping(doc: dict[str, str], state: str) -> None:
     assert imported_state(doc).value == state
 
@@ -47,9 +63,13 @@ def make_foreign_runs(root: Path, count: int, malformed: int) -> dict[str, str]:
         folder = root / "sweep-a" / f"run-{n:04d}"
         folder.mkdir(parents=True)
         failed = n % 3 == 0
-        doc = {"run_id": f"foreign-{n:04d}", "status": "failed" if failed else "complete",
-               "start_time": 1_700_000_000 + n, "end_time": 1_700_000_060 + n,
-               "runtime_sec": 60}
+        doc = {
+            "run_id": f"foreign-{n:04d}",
+            "status": "failed" if failed else "complete",
+            "start_time": 1_700_000_000 + n,
+            "end_time": 1_700_000_060 + n,
+            "runtime_sec": 60,
+        }
         if failed:
             doc["failure_reason"] = f"CUDA out of memory on shard {n}"
         (folder / "metadata.json").write_text(json.dumps(doc))
@@ -64,12 +84,16 @@ def make_foreign_runs(root: Path, count: int, malformed: int) -> dict[str, str]:
 
 def by_foreign_id(daemon: Daemon) -> dict[str, dict[str, Any]]:
     """The imported runs, by the run_id their folder's metadata.json gave (a tag)."""
-    return {r["tags"]["foreign_run_id"]: r for r in daemon.ctl_json("list", "--limit", "10000")
-            if "foreign_run_id" in r["tags"]}
+    return {
+        r["tags"]["foreign_run_id"]: r
+        for r in daemon.ctl_json("list", "--limit", "10000")
+        if "foreign_run_id" in r["tags"]
+    }
 
 
 def test_watch_imports_foreign_runs_once_warns_on_malformed_and_follows(
-        daemon: Daemon, short_tmp: Path) -> None:
+    daemon: Daemon, short_tmp: Path
+) -> None:
     root = short_tmp / "elsewhere"
     expected = make_foreign_runs(root, 190, 10)
     foreign = root / "sweep-a" / "run-0003" / "metadata.json"
@@ -92,8 +116,9 @@ def test_watch_imports_foreign_runs_once_warns_on_malformed_and_follows(
     assert len(daemon.ctl_json("list", "--limit", "10000")) == 190
     late = root / "sweep-c" / "late-run"
     late.mkdir(parents=True)
-    (late / "metadata.json").write_text(json.dumps({"run_id": "late", "status": "failed",
-                                                    "failure_reason": "disk quota exceeded"}))
+    (late / "metadata.json").write_text(
+        json.dumps({"run_id": "late", "status": "failed", "failure_reason": "disk quota exceeded"})
+    )
     wait_for(lambda: "late" in by_foreign_id(daemon), what="the new folder to be indexed")
     assert by_foreign_id(daemon)["late"]["state"] == "failed_crash"
     daemon.ctl("unwatch", str(root))
@@ -111,8 +136,10 @@ def test_watched_directories_survive_a_restart(short_tmp: Path) -> None:
         folder = root / "after-restart"
         folder.mkdir()
         (folder / "metadata.json").write_text(json.dumps({"run_id": "after", "status": "done"}))
-        wait_for(lambda: "after" in by_foreign_id(second),
-                 what="the followed directory to be indexed after a restart")
+        wait_for(
+            lambda: "after" in by_foreign_id(second),
+            what="the followed directory to be indexed after a restart",
+        )
     finally:
         second.stop()
 
@@ -145,8 +172,10 @@ def test_crash_files_in_a_failed_runs_folder_are_attached(daemon: Daemon) -> Non
 
     run = wait_for(indexed, what="the crash files to be indexed")
     kinds = {os.path.basename(f["path"]): (f["kind"], f["size"]) for f in run["crash_files"]}
-    assert kinds == {"traceback.txt": ("traceback", kinds["traceback.txt"][1]),
-                     "core.4242": ("core", 4096)}
+    assert kinds == {
+        "traceback.txt": ("traceback", kinds["traceback.txt"][1]),
+        "core.4242": ("core", 4096),
+    }
     failure = run["failure"]
     assert failure["failure_class"] == "ProcessExited"
     assert "KeyError: 'missing-key'" in failure["traceback"]

@@ -47,14 +47,21 @@ def finding(daemon: Daemon, run_id: str) -> dict[str, Any]:
 
 def gave_up(made: Cluster, key: str) -> dict[str, Any]:
     """The task's run once its death is labelled (the labels' notes are in the message)."""
-    return wait_for(lambda: (r := made.run_of(key)) and r["state"].startswith("failed")
-                    and (r["failure"] or {}).get("category") in ("killed_worker", "oom",
-                                                                 "walltime") and r,
-                    timeout=30, what="the run ended and labelled")
+    return wait_for(
+        lambda: (
+            (r := made.run_of(key))
+            and r["state"].startswith("failed")
+            and (r["failure"] or {}).get("category") in ("killed_worker", "oom", "walltime")
+            and r
+        ),
+        timeout=30,
+        what="the run ended and labelled",
+    )
 
 
 def test_killed_worker_after_the_workers_ran_out_of_memory_is_not_retryable(
-        daemon: Daemon, monkeypatch: pytest.MonkeyPatch) -> None:
+    daemon: Daemon, monkeypatch: pytest.MonkeyPatch
+) -> None:
     report_to(daemon, monkeypatch)
     with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
         made = Cluster(daemon, n_workers=1, memory_limit="400MiB")
@@ -72,15 +79,27 @@ def test_killed_worker_after_the_workers_ran_out_of_memory_is_not_retryable(
 
 
 def test_killed_worker_after_a_walltime_is_retryable(
-        daemon: Daemon, monkeypatch: pytest.MonkeyPatch) -> None:
+    daemon: Daemon, monkeypatch: pytest.MonkeyPatch
+) -> None:
     report_to(daemon, monkeypatch)
     with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
         made = Cluster(daemon, n_workers=0)
     worker = subprocess.Popen(
-        [sys.executable, "-m", "distributed.cli.dask_worker", made.cluster.scheduler_address,
-         "--nthreads", "1", "--nworkers", "1", "--no-dashboard"],
-        start_new_session=True, stderr=subprocess.DEVNULL,
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).parent)})  # to find our tasks
+        [
+            sys.executable,
+            "-m",
+            "distributed.cli.dask_worker",
+            made.cluster.scheduler_address,
+            "--nthreads",
+            "1",
+            "--nworkers",
+            "1",
+            "--no-dashboard",
+        ],
+        start_new_session=True,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parent)},
+    )  # to find our tasks
     try:
         made.client.wait_for_workers(1, timeout=60)
         future = made.client.submit(sleep_long, 60)

@@ -26,8 +26,14 @@ WORKER = textwrap.dedent("""
 """)
 
 
-def worker(daemon: Daemon, procs: list[subprocess.Popen[str]], interval: float = 60.0,
-           timeout: str = "-", grace: str = "-", deadline: str = "-") -> tuple[int, str]:
+def worker(
+    daemon: Daemon,
+    procs: list[subprocess.Popen[str]],
+    interval: float = 60.0,
+    timeout: str = "-",
+    grace: str = "-",
+    deadline: str = "-",
+) -> tuple[int, str]:
     proc = daemon.python(WORKER, str(interval), timeout, grace, deadline)
     procs.append(proc)
     assert proc.stdout is not None
@@ -42,12 +48,17 @@ def show(daemon: Daemon, run_id: str) -> dict[str, Any]:
 
 
 def reaches(daemon: Daemon, run_id: str, state: str, timeout: float = 10.0) -> dict[str, Any]:
-    return wait_for(lambda: (r := show(daemon, run_id))["state"] == state and r,
-                    timeout=timeout, interval=0.05, what=f"{run_id} to be {state}")
+    return wait_for(
+        lambda: (r := show(daemon, run_id))["state"] == state and r,
+        timeout=timeout,
+        interval=0.05,
+        what=f"{run_id} to be {state}",
+    )
 
 
 def test_sigkilled_client_is_failed_crash_process_exited(
-        daemon: Daemon, procs: list[subprocess.Popen[str]]) -> None:
+    daemon: Daemon, procs: list[subprocess.Popen[str]]
+) -> None:
     pid, run_id = worker(daemon, procs)
     assert show(daemon, run_id)["state"] == "running"
     os.kill(pid, signal.SIGKILL)
@@ -60,7 +71,8 @@ def test_sigkilled_client_is_failed_crash_process_exited(
 
 
 def test_run_dies_with_its_last_attached_process(
-        daemon: Daemon, procs: list[subprocess.Popen[str]]) -> None:
+    daemon: Daemon, procs: list[subprocess.Popen[str]]
+) -> None:
     parent_pid, run_id = worker(daemon, procs)
     child_code = textwrap.dedent("""
         import time
@@ -71,8 +83,12 @@ def test_run_dies_with_its_last_attached_process(
             time.sleep(0.05)
     """)
     child = subprocess.Popen(
-        [sys.executable, "-c", child_code], env={**daemon.env, "RUNNERD_RUN_ID": run_id},
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        [sys.executable, "-c", child_code],
+        env={**daemon.env, "RUNNERD_RUN_ID": run_id},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     procs.append(child)
     assert child.stdout is not None and child.stdout.readline().strip() == run_id
     wait_for(lambda: len(show(daemon, run_id)["pids"]) == 2, what="two attached pids")
@@ -84,7 +100,8 @@ def test_run_dies_with_its_last_attached_process(
 
 
 def test_stopped_client_goes_lost_stopped_then_recovers_on_its_next_heartbeat(
-        daemon: Daemon, procs: list[subprocess.Popen[str]]) -> None:
+    daemon: Daemon, procs: list[subprocess.Popen[str]]
+) -> None:
     pid, run_id = worker(daemon, procs, interval=0.2, timeout="1")
     os.kill(pid, signal.SIGSTOP)
     run = reaches(daemon, run_id, "lost")
@@ -96,14 +113,16 @@ def test_stopped_client_goes_lost_stopped_then_recovers_on_its_next_heartbeat(
 
 
 def test_a_live_client_that_stops_beating_goes_lost_heartbeat_missed(
-        daemon: Daemon, procs: list[subprocess.Popen[str]]) -> None:
+    daemon: Daemon, procs: list[subprocess.Popen[str]]
+) -> None:
     _pid, run_id = worker(daemon, procs, interval=60, timeout="1")
     run = reaches(daemon, run_id, "lost")
     assert run["transitions"][-1]["cause"] == "heartbeat_missed"
 
 
 def test_lost_run_past_its_grace_is_failed_lost(
-        daemon: Daemon, procs: list[subprocess.Popen[str]]) -> None:
+    daemon: Daemon, procs: list[subprocess.Popen[str]]
+) -> None:
     pid, run_id = worker(daemon, procs, interval=0.2, timeout="0.5", grace="0.5")
     os.kill(pid, signal.SIGSTOP)
     run = reaches(daemon, run_id, "failed_lost")
@@ -114,7 +133,8 @@ def test_lost_run_past_its_grace_is_failed_lost(
 
 
 def test_run_past_its_deadline_is_failed_timeout(
-        daemon: Daemon, procs: list[subprocess.Popen[str]]) -> None:
+    daemon: Daemon, procs: list[subprocess.Popen[str]]
+) -> None:
     _, run_id = worker(daemon, procs, interval=0.2, deadline="1")
     run = reaches(daemon, run_id, "failed_timeout")
     assert run["failure"]["failure_class"] == "Timeout"
@@ -123,7 +143,8 @@ def test_run_past_its_deadline_is_failed_timeout(
 
 
 def test_restart_marks_runs_whose_process_died_meanwhile_crashed_and_keeps_live_ones(
-        short_tmp: Path, procs: list[subprocess.Popen[str]]) -> None:
+    short_tmp: Path, procs: list[subprocess.Popen[str]]
+) -> None:
     first = Daemon(short_tmp).start()
     doomed_pid, doomed = worker(first, procs)
     _, alive = worker(first, procs, interval=0.2, deadline="3")
@@ -145,7 +166,8 @@ def test_restart_marks_runs_whose_process_died_meanwhile_crashed_and_keeps_live_
 
 
 def test_restarted_daemon_still_notices_a_death(
-        short_tmp: Path, procs: list[subprocess.Popen[str]]) -> None:
+    short_tmp: Path, procs: list[subprocess.Popen[str]]
+) -> None:
     first = Daemon(short_tmp).start()
     pid, run_id = worker(first, procs)
     first.stop(signal.SIGKILL)
@@ -153,7 +175,8 @@ def test_restarted_daemon_still_notices_a_death(
     try:
         assert show(second, run_id)["state"] == "running"
         os.kill(pid, signal.SIGKILL)
-        assert reaches(second, run_id, "failed_crash")["failure"]["failure_class"] == \
-            "ProcessExited"
+        assert (
+            reaches(second, run_id, "failed_crash")["failure"]["failure_class"] == "ProcessExited"
+        )
     finally:
         second.stop()

@@ -57,8 +57,9 @@ class Nodes:
 
     def ctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         """runnerctl asking both daemons."""
-        return self.a.ctl("--socket", str(self.a.socket), "--socket", str(self.b.socket), *args,
-                          check=check)
+        return self.a.ctl(
+            "--socket", str(self.a.socket), "--socket", str(self.b.socket), *args, check=check
+        )
 
     def ctl_json(self, *args: str) -> Any:
         return json.loads(self.ctl(*args, "--json").stdout)
@@ -72,8 +73,9 @@ def client_runs(daemon: Daemon, *failure_classes: str) -> list[str]:
     return out.split()
 
 
-def create(daemon: Daemon, run_id: str, host: str, start: bool = False,
-           experiment: str = "probe") -> None:
+def create(
+    daemon: Daemon, run_id: str, host: str, start: bool = False, experiment: str = "probe"
+) -> None:
     """A run with a chosen id and host, as a node's client would have made it."""
     conn = Connection(daemon.socket)
     try:
@@ -123,14 +125,14 @@ def test_list_holds_every_run_once_with_its_daemon(nodes: Nodes) -> None:
     daemons = {r["run_id"]: r["daemon"] for r in runs}
     assert len(runs) == len(daemons) == 8
     for run_id in nodes.runs_a:
-        assert daemons[run_id] == (str(nodes.b.socket) if run_id == "SHARED-1"
-                                   else str(nodes.a.socket))
+        assert daemons[run_id] == (
+            str(nodes.b.socket) if run_id == "SHARED-1" else str(nodes.a.socket)
+        )
     for run_id in nodes.runs_b:
         assert daemons[run_id] == str(nodes.b.socket)
     shared = next(r for r in runs if r["run_id"] == "SHARED-1")
     assert shared["state"] == "running" and shared["host"] == "node-a"  # the copy heard last
-    assert [r["created_at"] for r in runs] == sorted((r["created_at"] for r in runs),
-                                                     reverse=True)
+    assert [r["created_at"] for r in runs] == sorted((r["created_at"] for r in runs), reverse=True)
     assert nodes.ctl_json("list", "--limit", "3") == runs[:3]
     failed = nodes.ctl_json("list", "--state", "failed_crash")
     assert sorted(r["run_id"] for r in failed) == sorted([nodes.runs_a[1], *nodes.runs_b[1:3]])
@@ -176,8 +178,7 @@ def test_show_of_an_unknown_run_on_every_daemon_exits_4(nodes: Nodes) -> None:
 
 def test_failures_are_merged_and_grouped(nodes: Nodes) -> None:
     records = nodes.ctl_json("failures")
-    assert sorted(f["run_id"] for f in records) == sorted(
-        [nodes.runs_a[1], *nodes.runs_b[1:3]])
+    assert sorted(f["run_id"] for f in records) == sorted([nodes.runs_a[1], *nodes.runs_b[1:3]])
     assert {f["run_id"]: f["daemon"] for f in records}[nodes.runs_a[1]] == str(nodes.a.socket)
     assert all(f["host"] for f in records)
     groups = {g["key"]: g for g in nodes.ctl_json("failures", "--group-by", "class")}
@@ -211,8 +212,9 @@ def test_status_with_a_stopped_daemon_shows_the_other(nodes: Nodes, short_tmp: P
     assert body["daemons"][1]["status"] is None and "not reachable" in body["daemons"][1]["error"]
     listed = nodes.a.ctl("--socket", str(gone.socket), "--socket", str(nodes.a.socket), "list")
     assert "not reachable" in listed.stderr and "ZZAMBIG-a" in listed.stdout
-    nowhere = nodes.a.ctl("--socket", str(gone.socket), "--socket", str(short_tmp / "x.sock"),
-                          "status", check=False)
+    nowhere = nodes.a.ctl(
+        "--socket", str(gone.socket), "--socket", str(short_tmp / "x.sock"), "status", check=False
+    )
     assert nowhere.returncode == 3 and "0 of 2 answered" in nowhere.stdout
 
 
@@ -249,15 +251,20 @@ class Lines:
     """A runnerctl process whose stdout and stderr lines are collected by threads."""
 
     def __init__(self, daemon: Daemon, *args: str) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "runnerd.cli", *args],
-                                     env=daemon.env, text=True, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "runnerd.cli", *args],
+            env=daemon.env,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
         self.lines: list[str] = []
         self.errors: list[str] = []
         assert self.proc.stdout is not None and self.proc.stderr is not None
-        self.readers = [threading.Thread(target=self._read, args=(pipe, into), daemon=True)
-                        for pipe, into in ((self.proc.stdout, self.lines),
-                                           (self.proc.stderr, self.errors))]
+        self.readers = [
+            threading.Thread(target=self._read, args=(pipe, into), daemon=True)
+            for pipe, into in ((self.proc.stdout, self.lines), (self.proc.stderr, self.errors))
+        ]
         for reader in self.readers:
             reader.start()
 
@@ -300,16 +307,23 @@ def test_follow_streams_every_daemon_naming_each(pair: Nodes) -> None:
     sockets = ("--socket", str(nodes.a.socket), "--socket", str(nodes.b.socket))
     follower = Lines(nodes.a, *sockets, "follow", "--experiment", "watched", "--json")
     try:
+
         def started() -> bool:
-            create(nodes.a, f"W-A-{time.monotonic_ns()}", "node-a", start=True,
-                   experiment="watched")
+            create(
+                nodes.a, f"W-A-{time.monotonic_ns()}", "node-a", start=True, experiment="watched"
+            )
             return any(e["daemon"] == str(nodes.a.socket) for e in follower.events())
 
         wait_for(started, timeout=30, what="the follower to be subscribed")
         create(nodes.b, "W-B-1", "node-b", start=True, experiment="watched")
-        seen = wait_for(lambda: [e for e in follower.events() if e["run_id"] == "W-B-1"
-                                 and e["event"] == "transition" and e["to"] == "running"],
-                        what="node B's event")
+        seen = wait_for(
+            lambda: [
+                e
+                for e in follower.events()
+                if e["run_id"] == "W-B-1" and e["event"] == "transition" and e["to"] == "running"
+            ],
+            what="node B's event",
+        )
         assert seen[0]["daemon"] == str(nodes.b.socket)
     finally:
         assert follower.stop() == 0
@@ -320,12 +334,22 @@ def test_follow_a_run_on_another_daemon_until_it_ends(pair: Nodes) -> None:
     create(nodes.b, "W-RUN-1", "node-b", start=True, experiment="watched")
     sockets = ("--socket", str(nodes.a.socket), "--socket", str(nodes.b.socket))
     follower = Lines(nodes.a, *sockets, "follow", "W-RUN-1")
-    wait_for(lambda: any("pending -> running" in line for line in follower.lines),
-             what="the run's history replayed")
+    wait_for(
+        lambda: any("pending -> running" in line for line in follower.lines),
+        what="the run's history replayed",
+    )
     conn = Connection(nodes.b.socket)
     try:
-        conn.call(Fail(key=new_key(), run_id="W-RUN-1", reason="crash", failure_class="E",
-                       message="no", exit_code=7))
+        conn.call(
+            Fail(
+                key=new_key(),
+                run_id="W-RUN-1",
+                reason="crash",
+                failure_class="E",
+                message="no",
+                exit_code=7,
+            )
+        )
     finally:
         conn.close()
     assert follower.wait() == 7
@@ -342,10 +366,12 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 def dask_test(test: F) -> F:
     """A test with a real LocalCluster: Dask's own warnings are not ours to fail on."""
-    for mark in (pytest.mark.filterwarnings("ignore::DeprecationWarning"),
-                 pytest.mark.filterwarnings("ignore::ResourceWarning"),
-                 pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning"),
-                 pytest.mark.timeout(180)):
+    for mark in (
+        pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+        pytest.mark.filterwarnings("ignore::ResourceWarning"),
+        pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning"),
+        pytest.mark.timeout(180),
+    ):
         test = mark(test)
     return test
 
@@ -375,10 +401,22 @@ class DaskNodes:
 
 def start_worker(address: str, env: dict[str, str], *extra: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        [sys.executable, "-m", "distributed.cli.dask_worker", address, "--nthreads", "1",
-         "--nworkers", "1", "--no-dashboard", *extra], start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "distributed.cli.dask_worker",
+            address,
+            "--nthreads",
+            "1",
+            "--nworkers",
+            "1",
+            "--no-dashboard",
+            *extra,
+        ],
+        start_new_session=True,
         stderr=subprocess.DEVNULL,
-        env={**env, "PYTHONPATH": str(Path(__file__).parent)})  # to find our tasks
+        env={**env, "PYTHONPATH": str(Path(__file__).parent)},
+    )  # to find our tasks
 
 
 def stop_workers(workers: list[subprocess.Popen[bytes]]) -> None:
@@ -407,23 +445,37 @@ def dask_nodes() -> Iterator[DaskNodes]:
         cluster = distributed.LocalCluster(n_workers=0, dashboard_address=":0")
         client = distributed.Client(cluster)
         nowhere = {**a.env, "RUNNERD_SOCKET": str(Path(name) / "nowhere" / "runnerd.sock")}
-        procs = [start_worker(cluster.scheduler_address, {**env, "NODE_NAME": node})
-                 for node, env in (("a", a.env), ("b", b.env), ("nowhere", nowhere))]
+        procs = [
+            start_worker(cluster.scheduler_address, {**env, "NODE_NAME": node})
+            for node, env in (("a", a.env), ("b", b.env), ("nowhere", nowhere))
+        ]
         try:
             by_worker = worker_env(client, 3)
             workers = {node: worker for worker, node in by_worker.items()}
             client.register_plugin(RunnerdWorkerPlugin(experiment="cluster"))
             keys: dict[str, list[str]] = {}
             for node in ("a", "b"):
-                futures = [client.submit(double, i, workers=[workers[node]], pure=False)
-                           for i in range(3 if node == "a" else 4)]
+                futures = [
+                    client.submit(double, i, workers=[workers[node]], pure=False)
+                    for i in range(3 if node == "a" else 4)
+                ]
                 assert client.gather(futures) == [i * 2 for i in range(len(futures))]
                 keys[node] = [f.key for f in futures]
             for node, daemon in (("a", a), ("b", b)):
-                wait_for(lambda d=daemon, n=node: len([
-                    r for r in d.ctl_json("list", "--experiment", "cluster")
-                    if r["state"] == "succeeded"]) == len(keys[n]),
-                    timeout=30, what=f"node {node}'s tasks recorded")
+                wait_for(
+                    lambda d=daemon, n=node: (
+                        len(
+                            [
+                                r
+                                for r in d.ctl_json("list", "--experiment", "cluster")
+                                if r["state"] == "succeeded"
+                            ]
+                        )
+                        == len(keys[n])
+                    ),
+                    timeout=30,
+                    what=f"node {node}'s tasks recorded",
+                )
             yield DaskNodes(a, b, cluster.scheduler_address, client, workers, keys)
         finally:
             client.close()
@@ -439,7 +491,8 @@ def node_name(daemon: Daemon) -> str:
 
 @dask_test
 def test_dask_lists_every_nodes_runs_and_names_the_one_without_a_daemon(
-        dask_nodes: DaskNodes) -> None:
+    dask_nodes: DaskNodes,
+) -> None:
     result = dask_nodes.ctl("list", "--experiment", "cluster", "--json")
     runs = json.loads(result.stdout)
     by_node: dict[str, list[str]] = {}
@@ -447,7 +500,8 @@ def test_dask_lists_every_nodes_runs_and_names_the_one_without_a_daemon(
         by_node.setdefault(run["daemon"], []).append(run["tags"]["dask_key"])
     assert {node: sorted(keys) for node, keys in by_node.items()} == {
         node_name(dask_nodes.a): sorted(dask_nodes.keys["a"]),
-        node_name(dask_nodes.b): sorted(dask_nodes.keys["b"])}
+        node_name(dask_nodes.b): sorted(dask_nodes.keys["b"]),
+    }
     assert "nowhere/runnerd.sock" in result.stderr and "left out" in result.stderr
     table = dask_nodes.ctl("list", "--experiment", "cluster").stdout
     assert table.splitlines()[0].split()[:2] == ["HOST", "RUN"]
@@ -470,8 +524,10 @@ def test_dask_show_and_failures_find_the_node(dask_nodes: DaskNodes) -> None:
     shown = dask_nodes.ctl_json("show", run_id)
     assert shown["daemon"] == node_name(dask_nodes.b) and shown["transitions"]
     groups = dask_nodes.ctl_json("failures", "--group-by", "class")
-    assert any(g["key"] == "ZeroDivisionError" and g["daemons"] == [node_name(dask_nodes.b)]
-               for g in groups)
+    assert any(
+        g["key"] == "ZeroDivisionError" and g["daemons"] == [node_name(dask_nodes.b)]
+        for g in groups
+    )
 
 
 @dask_test
@@ -481,12 +537,15 @@ def test_dask_diagnose_report_and_follow(dask_nodes: DaskNodes) -> None:
     run_id = make_failure(dask_nodes.a, "RecursionError")
     diagnosed = dask_nodes.ctl_json("diagnose", run_id)
     assert diagnosed["failures"] == 1 and diagnosed["findings"][0]["run_ids"] == [run_id]
-    follower = Lines(dask_nodes.a, "--dask", dask_nodes.address, "follow", "--experiment",
-                     "cluster", "--json")
+    follower = Lines(
+        dask_nodes.a, "--dask", dask_nodes.address, "follow", "--experiment", "cluster", "--json"
+    )
     try:
+
         def seen_on_b() -> list[dict[str, Any]]:
-            future = dask_nodes.client.submit(double, time.monotonic_ns(),
-                                              workers=[dask_nodes.workers["b"]], pure=False)
+            future = dask_nodes.client.submit(
+                double, time.monotonic_ns(), workers=[dask_nodes.workers["b"]], pure=False
+            )
             future.result()
             return [e for e in follower.events() if e["daemon"] == node_name(dask_nodes.b)]
 
@@ -514,7 +573,6 @@ def make_failure(daemon: Daemon, failure_class: str) -> str:
     return client_runs(daemon, failure_class)[1]
 
 
-
 def grow(limit_mb: int) -> None:
     chunks = []
     for _ in range(limit_mb * 2 // 20):
@@ -524,7 +582,8 @@ def grow(limit_mb: int) -> None:
 
 @dask_test
 def test_a_worker_oom_killed_on_node_b_is_labelled_in_node_bs_record(
-        short_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    short_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The scheduler sits on node A; node B's worker is OOM-killed by its nanny. The label
     reaches B's daemon through B's restarted worker, not A's daemon."""
     distributed = pytest.importorskip("distributed")
@@ -539,26 +598,42 @@ def test_a_worker_oom_killed_on_node_b_is_labelled_in_node_bs_record(
     client = distributed.Client(cluster)
     client.register_plugin(RunnerdSchedulerPlugin())
     client.register_plugin(RunnerdWorkerPlugin(experiment="oom"))
-    procs = [start_worker(cluster.scheduler_address, {**a.env, "NODE_NAME": "a"}),
-             start_worker(cluster.scheduler_address, {**b.env, "NODE_NAME": "b"},
-                          "--memory-limit", "400MiB")]
+    procs = [
+        start_worker(cluster.scheduler_address, {**a.env, "NODE_NAME": "a"}),
+        start_worker(
+            cluster.scheduler_address, {**b.env, "NODE_NAME": "b"}, "--memory-limit", "400MiB"
+        ),
+    ]
     try:
         workers = {node: worker for worker, node in worker_env(client, 2).items()}
         future = client.submit(grow, 400, workers=[workers["b"]], retries=0)
-        oom = wait_for(lambda: next((r for r in b.ctl_json("list", "--experiment", "oom")
-                                     if (r["failure"] or {}).get("category") == "oom"), None),
-                       timeout=90, what="node B's run labelled oom")
+        oom = wait_for(
+            lambda: next(
+                (
+                    r
+                    for r in b.ctl_json("list", "--experiment", "oom")
+                    if (r["failure"] or {}).get("category") == "oom"
+                ),
+                None,
+            ),
+            timeout=90,
+            what="node B's run labelled oom",
+        )
         assert oom["tags"]["worker"] == workers["b"] and oom["state"].startswith("failed")
         assert "memory" in oom["failure"]["message"]
         assert a.ctl_json("list", "--experiment", "oom") == []
 
         def delivered(dask_scheduler: Any) -> list[Any]:
             plugin = dask_scheduler.plugins[RunnerdSchedulerPlugin.name]
-            return [[run_id, label, list(node)]
-                    for run_id, label, node in plugin.node_labels.delivered]
+            return [
+                [run_id, label, list(node)] for run_id, label, node in plugin.node_labels.delivered
+            ]
 
-        assert [oom["run_id"], "oom", [os.uname().nodename, str(b.socket)]] in \
-            client.run_on_scheduler(delivered)
+        assert [
+            oom["run_id"],
+            "oom",
+            [os.uname().nodename, str(b.socket)],
+        ] in client.run_on_scheduler(delivered)
         future.cancel()
     finally:
         client.close()
@@ -590,9 +665,10 @@ def test_list_from_a_folder_of_exports(nodes: Nodes, exports: Path) -> None:
     assert len(runs) == len(files) == 8
     assert files[nodes.runs_b[0]] == str(exports / "b-runs.jsonl")
     assert files["SHARED-1"] == str(exports / "b-runs.jsonl")  # the copy heard last
-    assert [r["run_id"] for r in nodes.a.ctl_json("list", "--from", str(exports),
-                                                  "--experiment", "probe")] == \
-        [r["run_id"] for r in runs if r["experiment"] == "probe"]
+    assert [
+        r["run_id"]
+        for r in nodes.a.ctl_json("list", "--from", str(exports), "--experiment", "probe")
+    ] == [r["run_id"] for r in runs if r["experiment"] == "probe"]
 
 
 def test_failures_from_a_folder_are_deduplicated(nodes: Nodes, exports: Path) -> None:
@@ -600,25 +676,30 @@ def test_failures_from_a_folder_are_deduplicated(nodes: Nodes, exports: Path) ->
     assert sorted(f["run_id"] for f in records) == sorted([nodes.runs_a[1], *nodes.runs_b[1:3]])
     assert all(f["host"] and "details" not in f for f in records)
     groups = nodes.a.ctl_json("failures", "--from", str(exports), "--group-by", "class")
-    assert [(g["key"], g["count"]) for g in groups] == [("FloatingPointError", 2),
-                                                         ("MemoryError", 1)]
+    assert [(g["key"], g["count"]) for g in groups] == [
+        ("FloatingPointError", 2),
+        ("MemoryError", 1),
+    ]
 
 
 def test_diagnose_and_report_from_a_folder_count_each_failure_once(
-        nodes: Nodes, exports: Path) -> None:
+    nodes: Nodes, exports: Path
+) -> None:
     body = nodes.a.ctl_json("diagnose", "--from", str(exports))
     assert body["failures"] == 3  # each is in a runs export and a failures export
     report = nodes.a.ctl_json("report", "--from", str(exports))
     assert report["runs"] == sum(report["counts"].values()) == 8
 
 
-def test_a_malformed_export_line_is_warned_and_skipped(nodes: Nodes, exports: Path,
-                                                       short_tmp: Path) -> None:
+def test_a_malformed_export_line_is_warned_and_skipped(
+    nodes: Nodes, exports: Path, short_tmp: Path
+) -> None:
     folder = short_tmp / "shared"
     folder.mkdir()
     good = (exports / "a-runs.jsonl").read_text().splitlines()
-    (folder / "a.jsonl").write_text("\n".join(
-        [good[0], "{not json", '{"state": 3}', "[1, 2]", "", *good[1:]]) + "\n")
+    (folder / "a.jsonl").write_text(
+        "\n".join([good[0], "{not json", '{"state": 3}', "[1, 2]", "", *good[1:]]) + "\n"
+    )
     (folder / "b.jsonl").write_bytes(b"\xff\xfe\n")
     result = nodes.a.ctl("list", "--from", str(folder), "--json")
     assert sorted(r["run_id"] for r in json.loads(result.stdout)) == sorted(nodes.runs_a)
@@ -637,43 +718,66 @@ def test_from_a_folder_without_exports_is_an_error(nodes: Nodes, short_tmp: Path
 
 
 def run(run_id: str, created: str, daemon: str, ended: str | None = None) -> dict[str, Any]:
-    return {"run_id": run_id, "created_at": f"2026-01-01T00:00:{created}Z", "daemon": daemon,
-            "ended_at": f"2026-01-01T00:01:{ended}Z" if ended else None}
+    return {
+        "run_id": run_id,
+        "created_at": f"2026-01-01T00:00:{created}Z",
+        "daemon": daemon,
+        "ended_at": f"2026-01-01T00:01:{ended}Z" if ended else None,
+    }
 
 
 def test_merge_runs_keeps_the_copy_heard_last_newest_first() -> None:
-    runs = [run("r1", "01", "A"), run("r2", "03", "A"), run("r1", "01", "B", ended="00"),
-            run("r3", "02", "B")]
+    runs = [
+        run("r1", "01", "A"),
+        run("r2", "03", "A"),
+        run("r1", "01", "B", ended="00"),
+        run("r3", "02", "B"),
+    ]
     merged = merge_runs(runs)
-    assert [(r["run_id"], r["daemon"]) for r in merged] == [("r2", "A"), ("r3", "B"),
-                                                             ("r1", "B")]
+    assert [(r["run_id"], r["daemon"]) for r in merged] == [("r2", "A"), ("r3", "B"), ("r1", "B")]
     assert merge_runs(runs, limit=2) == merged[:2]
 
 
 def failure(run_id: str, at: str, daemon: str, cls: str = "E") -> dict[str, Any]:
-    return {"run_id": run_id, "at": f"2026-01-01T00:00:{at}Z", "daemon": daemon,
-            "failure_class": cls, "message": f"m{run_id}", "signature": cls}
+    return {
+        "run_id": run_id,
+        "at": f"2026-01-01T00:00:{at}Z",
+        "daemon": daemon,
+        "failure_class": cls,
+        "message": f"m{run_id}",
+        "signature": cls,
+    }
 
 
 def test_merge_failures_one_per_run_newest_first() -> None:
-    merged = merge_failures([failure("r1", "01", "A"), failure("r2", "05", "B"),
-                             failure("r1", "01", "B")], limit=5)
+    merged = merge_failures(
+        [failure("r1", "01", "A"), failure("r2", "05", "B"), failure("r1", "01", "B")], limit=5
+    )
     assert [(f["run_id"], f["daemon"]) for f in merged] == [("r2", "B"), ("r1", "A")]
 
 
-def group(key: str, count: int, first: str, last: str, run_ids: list[str],
-          daemon: str) -> dict[str, Any]:
-    return {"key": key, "count": count, "first_seen": f"2026-01-01T00:00:{first}Z",
-            "last_seen": f"2026-01-01T00:00:{last}Z", "run_ids": run_ids, "daemon": daemon,
-            "example": {"failure_class": key, "message": daemon}}
+def group(
+    key: str, count: int, first: str, last: str, run_ids: list[str], daemon: str
+) -> dict[str, Any]:
+    return {
+        "key": key,
+        "count": count,
+        "first_seen": f"2026-01-01T00:00:{first}Z",
+        "last_seen": f"2026-01-01T00:00:{last}Z",
+        "run_ids": run_ids,
+        "daemon": daemon,
+        "example": {"failure_class": key, "message": daemon},
+    }
 
 
 def test_merge_groups_adds_counts_and_widens_the_window() -> None:
-    merged = merge_groups([
-        group("E", 3, "10", "20", ["a1", "a2", "a3"], "A"),
-        group("F", 4, "05", "06", ["b9"], "B"),
-        group("E", 2, "05", "30", ["b1", "b2", "b3", "b4"], "B"),
-    ])
+    merged = merge_groups(
+        [
+            group("E", 3, "10", "20", ["a1", "a2", "a3"], "A"),
+            group("F", 4, "05", "06", ["b9"], "B"),
+            group("E", 2, "05", "30", ["b1", "b2", "b3", "b4"], "B"),
+        ]
+    )
     assert [(g["key"], g["count"]) for g in merged] == [("E", 5), ("F", 4)]
     e = merged[0]
     assert (e["first_seen"], e["last_seen"]) == ("2026-01-01T00:00:05Z", "2026-01-01T00:00:30Z")
@@ -684,30 +788,46 @@ def test_merge_groups_adds_counts_and_widens_the_window() -> None:
 
 
 def test_group_failures_groups_records_like_a_daemon() -> None:
-    records = merge_failures([failure("r1", "01", "A"), failure("r2", "02", "B"),
-                              failure("r3", "03", "B", cls="G")])
+    records = merge_failures(
+        [failure("r1", "01", "A"), failure("r2", "02", "B"), failure("r3", "03", "B", cls="G")]
+    )
     groups = group_failures(records, "class")
     assert [(g["key"], g["count"], g["run_ids"]) for g in groups] == [
-        ("E", 2, ["r2", "r1"]), ("G", 1, ["r3"])]
+        ("E", 2, ["r2", "r1"]),
+        ("G", 1, ["r3"]),
+    ]
     assert group_failures(records, "category")[0]["key"] == "unknown"
 
 
 def test_total_counts_adds_states() -> None:
     assert total_counts([{"running": 1, "succeeded": 2}, {"succeeded": 3}]) == {
-        "running": 1, "succeeded": 5}
+        "running": 1,
+        "succeeded": 5,
+    }
 
 
 def test_parse_export_sorts_lines_and_warns() -> None:
-    record = {**failure("r1", "01", "x"), "reason": "crash", "experiment": "e",
-              "timestamp": "t", "details": {}}
+    record = {
+        **failure("r1", "01", "x"),
+        "reason": "crash",
+        "experiment": "e",
+        "timestamp": "t",
+        "details": {},
+    }
     lines = [json.dumps(record), '{"state": "running"}', "42", "{"]
     runs, records, warnings = parse_export("f.jsonl", lines)
     assert runs == []
-    assert records == [{**{k: v for k, v in record.items() if k not in ("timestamp", "details")},
-                        "daemon": "f.jsonl"}]
-    assert warnings == ["f.jsonl:2: bad or missing 'run_id', skipped",
-                        "f.jsonl:3: neither a run nor a failure record, skipped",
-                        "f.jsonl:4: not JSON, skipped"]
+    assert records == [
+        {
+            **{k: v for k, v in record.items() if k not in ("timestamp", "details")},
+            "daemon": "f.jsonl",
+        }
+    ]
+    assert warnings == [
+        "f.jsonl:2: bad or missing 'run_id', skipped",
+        "f.jsonl:3: neither a run nor a failure record, skipped",
+        "f.jsonl:4: not JSON, skipped",
+    ]
 
 
 # --- a registry on a network filesystem ---------------------------------------------
@@ -723,14 +843,17 @@ MOUNTINFO = textwrap.dedent("""\
 """)
 
 
-@pytest.mark.parametrize(("path", "expected"), [
-    ("/home/me/.local/state/runnerd", ("/home", "nfs4")),
-    ("/home", ("/home", "nfs4")),
-    ("/home/me/local disk/runnerd", ("/home/me/local disk", "ext4")),
-    ("/data/x", ("/data", "fuse.sshfs")),  # the mount stacked last is the one seen
-    ("/databases/x", ("/databases", "xfs")),
-    ("/var/tmp", ("/", "ext4")),
-])
+@pytest.mark.parametrize(
+    ("path", "expected"),
+    [
+        ("/home/me/.local/state/runnerd", ("/home", "nfs4")),
+        ("/home", ("/home", "nfs4")),
+        ("/home/me/local disk/runnerd", ("/home/me/local disk", "ext4")),
+        ("/data/x", ("/data", "fuse.sshfs")),  # the mount stacked last is the one seen
+        ("/databases/x", ("/databases", "xfs")),
+        ("/var/tmp", ("/", "ext4")),
+    ],
+)
 def test_mount_of_finds_the_longest_mount_point(path: str, expected: tuple[str, str]) -> None:
     assert mount_of(path, MOUNTINFO) == expected
 
@@ -757,14 +880,19 @@ async def test_the_registry_refuses_a_network_filesystem(tmp_path: Path) -> None
 def test_the_daemon_exits_1_naming_the_path_and_type(short_tmp: Path) -> None:
     """The real `runnerd` entry point, with the mount table it reads swapped for a fake."""
     fake = short_tmp / "mountinfo"
-    fake.write_text("1 0 0:1 / / rw - ext4 /dev/vda rw\n"
-                    f"2 1 0:2 / {short_tmp.resolve()} rw - lustre mds@o2ib:/fs rw\n")
+    fake.write_text(
+        "1 0 0:1 / / rw - ext4 /dev/vda rw\n"
+        f"2 1 0:2 / {short_tmp.resolve()} rw - lustre mds@o2ib:/fs rw\n"
+    )
     daemon = Daemon(short_tmp)
-    code = ("import sys; from pathlib import Path; import runnerd.mounts as m; "
-            f"m.MOUNTINFO = Path({str(fake)!r}); from runnerd.server import main; "
-            "sys.argv[0] = 'runnerd'; main()")
-    result = subprocess.run([sys.executable, "-c", code], env=daemon.env, capture_output=True,
-                            text=True, timeout=60)
+    code = (
+        "import sys; from pathlib import Path; import runnerd.mounts as m; "
+        f"m.MOUNTINFO = Path({str(fake)!r}); from runnerd.server import main; "
+        "sys.argv[0] = 'runnerd'; main()"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=daemon.env, capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 1
     assert f"refusing the registry {daemon.db}" in result.stderr and "lustre" in result.stderr
     assert not daemon.db.exists() and not daemon.socket.exists()

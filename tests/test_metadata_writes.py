@@ -22,18 +22,41 @@ def lifecycle(run_dir: str) -> Any:
     """create, start and succeed of one run, as one mutation."""
 
     def op(store: Store) -> None:
-        store.runs.create(NewRun(run_id="R1", experiment="e", variation="v", params_json="{}",
-                                 tags_json="{}", run_dir=run_dir, created_at=100.0), "test")
-        store.runs.set_state(store.runs.require("R1"), State.RUNNING, at=101.0, cause="start",
-                             source="test", change=RunUpdate(started_at=101.0))
-        store.runs.set_state(store.runs.require("R1"), State.SUCCEEDED, at=103.5,
-                             cause="succeed", source="test", change=RunUpdate(ended_at=103.5))
+        store.runs.create(
+            NewRun(
+                run_id="R1",
+                experiment="e",
+                variation="v",
+                params_json="{}",
+                tags_json="{}",
+                run_dir=run_dir,
+                created_at=100.0,
+            ),
+            "test",
+        )
+        store.runs.set_state(
+            store.runs.require("R1"),
+            State.RUNNING,
+            at=101.0,
+            cause="start",
+            source="test",
+            change=RunUpdate(started_at=101.0),
+        )
+        store.runs.set_state(
+            store.runs.require("R1"),
+            State.SUCCEEDED,
+            at=103.5,
+            cause="succeed",
+            source="test",
+            change=RunUpdate(ended_at=103.5),
+        )
 
     return op
 
 
 async def test_a_run_created_started_and_ended_in_one_batch_has_one_document(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     registry = Registry(tmp_path / "registry.sqlite3")
     await registry.open()
     committed: list[BatchResult] = []
@@ -47,16 +70,16 @@ async def test_a_run_created_started_and_ended_in_one_batch_has_one_document(
         await task
         await registry.close_db()
     docs = [doc for result in committed for doc in result.metadata]
-    assert [(run_dir, doc["status"], doc["state"], doc["runtime_sec"]) for run_dir, doc in docs] \
-        == [(str(tmp_path / "run"), "complete", "succeeded", 2.5)]
+    assert [
+        (run_dir, doc["status"], doc["state"], doc["runtime_sec"]) for run_dir, doc in docs
+    ] == [(str(tmp_path / "run"), "complete", "succeeded", 2.5)]
 
 
 def result_with(run_dir: str, status: str) -> BatchResult:
     return BatchResult([], metadata=[(run_dir, {"run_id": "R1", "status": status})])
 
 
-def test_commits_close_together_are_written_once_and_a_later_one_again(
-        tmp_path: Path) -> None:
+def test_commits_close_together_are_written_once_and_a_later_one_again(tmp_path: Path) -> None:
     written: list[tuple[str, str]] = []
     lock = threading.Lock()
 

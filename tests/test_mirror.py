@@ -98,13 +98,14 @@ def test_every_run_of_a_wiped_node_is_still_listed(short_tmp: Path, shared: Path
         b.db.unlink()  # the job ended: the node's local disk is wiped
         for suffix in ("-wal", "-shm"):
             Path(f"{b.db}{suffix}").unlink(missing_ok=True)
-        runs = wait_for(lambda: has_all(a, shared, runs_a + runs_b) and mirrored(a, shared),
-                        what="both nodes' runs in the shared folder")
+        runs = wait_for(
+            lambda: has_all(a, shared, runs_a + runs_b) and mirrored(a, shared),
+            what="both nodes' runs in the shared folder",
+        )
         assert sorted(runs) == sorted(runs_a + runs_b)
         assert {runs[r]["daemon"] for r in runs_b} == {str(folder_b)}
         assert runs[runs_b[2]]["failure"]["failure_class"] == "FloatingPointError"
-        shown = json.loads(a.ctl("show", runs_b[2][:12], "--from", str(shared),
-                                 "--json").stdout)
+        shown = json.loads(a.ctl("show", runs_b[2][:12], "--from", str(shared), "--json").stdout)
         assert [t["to"] for t in shown["transitions"]] == ["pending", "running", "failed_crash"]
         grouped = a.ctl_json("failures", "--from", str(shared), "--group-by", "class")
         assert [(g["key"], g["count"]) for g in grouped] == [("FloatingPointError", 2)]
@@ -133,13 +134,16 @@ def test_a_night_on_a_dask_cluster_outlives_its_nodes(short_tmp: Path, shared: P
     a, b = mirroring(short_tmp / "a", shared), mirroring(short_tmp / "b", shared)
     cluster = distributed.LocalCluster(n_workers=0, dashboard_address=":0")
     client = distributed.Client(cluster)
-    procs = [start_worker(cluster.scheduler_address, {**node.env, "NODE_NAME": name})
-             for name, node in (("a", a), ("b", b))]
+    procs = [
+        start_worker(cluster.scheduler_address, {**node.env, "NODE_NAME": name})
+        for name, node in (("a", a), ("b", b))
+    ]
     try:
         client.register_plugin(RunnerdWorkerPlugin(experiment="night"))
         workers = {name: worker for worker, name in worker_env(client, 2).items()}
-        futures = [client.submit(double, i, workers=[workers["ab"[i % 2]]], pure=False)
-                   for i in range(8)]
+        futures = [
+            client.submit(double, i, workers=[workers["ab"[i % 2]]], pure=False) for i in range(8)
+        ]
         assert client.gather(futures) == [i * 2 for i in range(8)]
         keys = sorted(f.key for f in futures)
 
@@ -147,10 +151,12 @@ def test_a_night_on_a_dask_cluster_outlives_its_nodes(short_tmp: Path, shared: P
             runs = json.loads(a.ctl(*source, "list", "--experiment", "night", "--json").stdout)
             return sorted(r["tags"]["dask_key"] for r in runs if r["state"] == "succeeded")
 
-        wait_for(lambda: night("--dask", cluster.scheduler_address) == keys, timeout=30,
-                 what="both nodes' runs through Dask")
-        wait_for(lambda: night_from(a, shared) == keys,
-                 what="every run mirrored")
+        wait_for(
+            lambda: night("--dask", cluster.scheduler_address) == keys,
+            timeout=30,
+            what="both nodes' runs through Dask",
+        )
+        wait_for(lambda: night_from(a, shared) == keys, what="every run mirrored")
         stop_workers(procs[1:])  # node B's job ends: its worker, its daemon, its disk
         assert b.stop() == 0
         b.db.unlink()
@@ -164,18 +170,22 @@ def test_a_night_on_a_dask_cluster_outlives_its_nodes(short_tmp: Path, shared: P
 
 
 def night_from(daemon: Daemon, shared: Path) -> list[str]:
-    runs = json.loads(daemon.ctl("list", "--from", str(shared), "--experiment", "night",
-                                 "--json").stdout)
+    runs = json.loads(
+        daemon.ctl("list", "--from", str(shared), "--experiment", "night", "--json").stdout
+    )
     return sorted(r["tags"]["dask_key"] for r in runs if r["state"] == "succeeded")
 
 
 def test_a_sigkilled_node_loses_at_most_the_last_interval_and_says_so(
-        short_tmp: Path, shared: Path) -> None:
+    short_tmp: Path, shared: Path
+) -> None:
     a = mirroring(short_tmp / "a", shared)
     try:
         early = make_runs(a, 6, "e")
-        wait_for(lambda: has_all(a, shared, early) and mirror_status(a)["pending"] == 0,
-                 what="the mirror to catch up")
+        wait_for(
+            lambda: has_all(a, shared, early) and mirror_status(a)["pending"] == 0,
+            what="the mirror to catch up",
+        )
         a.stop(signal.SIGKILL)
         a.db.unlink()
         result = a.ctl("list", "--from", str(shared), "--json")
@@ -189,7 +199,8 @@ def test_a_sigkilled_node_loses_at_most_the_last_interval_and_says_so(
 
 
 def test_a_restarted_daemon_carries_on_in_its_folder_and_catches_up(
-        short_tmp: Path, shared: Path) -> None:
+    short_tmp: Path, shared: Path
+) -> None:
     a = mirroring(short_tmp / "a", shared)
     try:
         first = make_runs(a, 2, "f")
@@ -210,8 +221,13 @@ def test_follow_from_the_shared_folder(short_tmp: Path, shared: Path) -> None:
     a = mirroring(short_tmp / "a", shared)
     try:
         done = make_runs(a, 3, "x")
-        wait_for(lambda: has_all(a, shared, done, "failed_crash") or
-                 has_all(a, shared, done[2:], "failed_crash"), what="the runs mirrored")
+        wait_for(
+            lambda: (
+                has_all(a, shared, done, "failed_crash")
+                or has_all(a, shared, done[2:], "failed_crash")
+            ),
+            what="the runs mirrored",
+        )
         ended = a.ctl("follow", done[2], "--from", str(shared), check=False)
         assert ended.returncode == 1  # it failed: its outcome is the exit status
         assert "running -> failed_crash" in ended.stdout and str(node_folder(a)) in ended.stdout
@@ -225,9 +241,15 @@ def test_follow_from_the_shared_folder(short_tmp: Path, shared: Path) -> None:
 
             wait_for(following, timeout=30, interval=0.5, what="the follower to be reading")
             later = make_runs(a, 1, "y")
-            events = wait_for(lambda: [e for e in follower.events() if e["run_id"] == later[0]
-                                       and e["to"] == "succeeded"],
-                              timeout=30, what="the new run's transitions")
+            events = wait_for(
+                lambda: [
+                    e
+                    for e in follower.events()
+                    if e["run_id"] == later[0] and e["to"] == "succeeded"
+                ],
+                timeout=30,
+                what="the new run's transitions",
+            )
             assert events[0]["daemon"] == str(node_folder(a))
             assert not [e for e in follower.events() if e["run_id"] in done]  # from now on
         finally:
@@ -244,9 +266,18 @@ def test_a_folder_another_user_planted_is_not_carried_on(short_tmp: Path, shared
     root = short_tmp / "a"
     planted = shared / f"{node_prefix(socket.gethostname())}planted"
     planted.mkdir()
-    (planted / NODE_FILE).write_text(json.dumps({
-        "format": 1, "host": socket.gethostname(), "db": str(Daemon(root).db), "base": 0,
-        "seq": 0, "started_at": "9999-01-01T00:00:00Z"}))
+    (planted / NODE_FILE).write_text(
+        json.dumps(
+            {
+                "format": 1,
+                "host": socket.gethostname(),
+                "db": str(Daemon(root).db),
+                "base": 0,
+                "seq": 0,
+                "started_at": "9999-01-01T00:00:00Z",
+            }
+        )
+    )
     for path in (planted, planted / NODE_FILE):
         os.chown(path, 65534, 65534)
     a = mirroring(root, shared)
@@ -264,8 +295,9 @@ def test_a_folder_another_user_planted_is_not_carried_on(short_tmp: Path, shared
 
 def namespaces_work() -> bool:
     try:
-        probe = subprocess.run(["unshare", "-m", "--propagation", "private", "true"],
-                               capture_output=True, timeout=10)
+        probe = subprocess.run(
+            ["unshare", "-m", "--propagation", "private", "true"], capture_output=True, timeout=10
+        )
     except (OSError, subprocess.TimeoutExpired):
         return False
     return probe.returncode == 0 and shutil.which("nsenter") is not None
@@ -279,16 +311,37 @@ class OwnMountDaemon(Daemon):
 
     def command(self) -> list[str]:
         script = 'mount -t tmpfs -o size=512k tmpfs "$0" && exec "$@"'
-        return ["unshare", "-m", "--propagation", "private", "sh", "-c", script,
-                str(self.shared), *super().command()]
+        return [
+            "unshare",
+            "-m",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            script,
+            str(self.shared),
+            *super().command(),
+        ]
 
     def seen(self) -> Path:
         """The shared folder as the daemon sees it."""
         return Path(f"/proc/{self.pid}/root") / self.shared.relative_to("/")
 
     def remount(self, options: str) -> None:
-        subprocess.run(["nsenter", "-t", str(self.pid), "-m", "mount", "-o",
-                        f"remount,{options}", str(self.shared)], check=True, timeout=10)
+        subprocess.run(
+            [
+                "nsenter",
+                "-t",
+                str(self.pid),
+                "-m",
+                "mount",
+                "-o",
+                f"remount,{options}",
+                str(self.shared),
+            ],
+            check=True,
+            timeout=10,
+        )
 
 
 @pytest.fixture
@@ -319,7 +372,8 @@ def fill(folder: Path) -> Path:
 
 @pytest.mark.parametrize("fault", ["full", "read-only"])
 def test_a_full_or_read_only_shared_folder_never_blocks_the_daemon(
-        own_mount: OwnMountDaemon, fault: str) -> None:
+    own_mount: OwnMountDaemon, fault: str
+) -> None:
     daemon = own_mount
     before = make_runs(daemon, 2, "b")
     wait_for(lambda: has_all(daemon, daemon.seen(), before), what="the first runs mirrored")
@@ -328,8 +382,10 @@ def test_a_full_or_read_only_shared_folder_never_blocks_the_daemon(
         daemon.remount("ro")
     during = make_runs(daemon, 12, "d")  # answered while nothing can be written
     error = "No space left on device" if fault == "full" else "Read-only file system"
-    behind = wait_for(lambda: (m := mirror_status(daemon))["state"] == "behind" and m,
-                      what="status to say the mirror is behind")
+    behind = wait_for(
+        lambda: (m := mirror_status(daemon))["state"] == "behind" and m,
+        what="status to say the mirror is behind",
+    )
     assert error in behind["error"] and behind["pending"] >= 1
     text = daemon.ctl("status").stdout
     assert "mirror" in text and "BEHIND since" in text and error in text
@@ -338,10 +394,17 @@ def test_a_full_or_read_only_shared_folder_never_blocks_the_daemon(
         filler.unlink()
     else:
         daemon.remount("rw")
-    wait_for(lambda: has_all(daemon, daemon.seen(), before + during), timeout=60,
-             what="the mirror to catch up")
-    assert wait_for(lambda: (m := mirror_status(daemon))["state"] == "ok" and m,
-                    what="status ok again")["error"] is None
+    wait_for(
+        lambda: has_all(daemon, daemon.seen(), before + during),
+        timeout=60,
+        what="the mirror to catch up",
+    )
+    assert (
+        wait_for(
+            lambda: (m := mirror_status(daemon))["state"] == "ok" and m, what="status ok again"
+        )["error"]
+        is None
+    )
     assert "Traceback" not in daemon.log_tail(100_000)
 
 
@@ -360,16 +423,22 @@ def test_a_stalled_write_never_blocks_the_daemon(short_tmp: Path, shared: Path) 
         os.mkfifo(segment)
         os.link(segment, alias)  # a second name, to unblock the writer by later
         during = make_runs(daemon, 5, "d")  # the mirror's open of the FIFO blocks
-        stalled = wait_for(lambda: (m := mirror_status(daemon))["state"] == "stalled" and m,
-                           timeout=30, what="status to say the mirror is stalled")
+        stalled = wait_for(
+            lambda: (m := mirror_status(daemon))["state"] == "stalled" and m,
+            timeout=30,
+            what="status to say the mirror is stalled",
+        )
         assert stalled["pending"] >= 1 and stalled["writing_for_sec"] >= 10
         assert "STALLED, a write has not returned" in daemon.ctl("status").stdout
         more = make_runs(daemon, 2, "m")
         os.replace(saved, segment)
         reader = os.open(alias, os.O_RDONLY | os.O_NONBLOCK)  # the blocked open returns
         try:
-            wait_for(lambda: has_all(daemon, shared, before + during + more), timeout=60,
-                     what="the mirror to catch up after the stall")
+            wait_for(
+                lambda: has_all(daemon, shared, before + during + more),
+                timeout=60,
+                what="the mirror to catch up after the stall",
+            )
         finally:
             os.close(reader)
         # Stalled again, then SIGTERM: the daemon gives the flush 10 s and exits.
@@ -382,8 +451,10 @@ def test_a_stalled_write_never_blocks_the_daemon(short_tmp: Path, shared: Path) 
         segment.unlink()
         os.replace(saved, segment)
         daemon.start()  # the next start catches up what the stall kept back
-        wait_for(lambda: has_all(daemon, shared, before + during + more + last),
-                 what="the catch-up after a restart")
+        wait_for(
+            lambda: has_all(daemon, shared, before + during + more + last),
+            what="the catch-up after a restart",
+        )
     finally:
         daemon.stop()
 
@@ -392,28 +463,50 @@ def test_a_stalled_write_never_blocks_the_daemon(short_tmp: Path, shared: Path) 
 
 
 def record(run_id: str, state: str = "running", **extra: Any) -> dict[str, Any]:
-    return {"run_id": run_id, "experiment": "e", "variation": "v", "attempt": 1,
-            "state": state, "host": "n1", "created_at": "2026-01-01T00:00:00Z",
-            "started_at": None, "ended_at": None, "last_heartbeat_at": None,
-            "failure": None, "resources": None, **extra}
+    return {
+        "run_id": run_id,
+        "experiment": "e",
+        "variation": "v",
+        "attempt": 1,
+        "state": state,
+        "host": "n1",
+        "created_at": "2026-01-01T00:00:00Z",
+        "started_at": None,
+        "ended_at": None,
+        "last_heartbeat_at": None,
+        "failure": None,
+        "resources": None,
+        **extra,
+    }
 
 
 def header(base: int, **extra: Any) -> dict[str, Any]:
-    return {"format": 1, "host": "n1", "base": base, "seq": 3, "pending": 0,
-            "refreshed_at": "2026-01-01T00:00:00Z", "stopped_at": None, "interval": 2.0,
-            "heartbeat": 30.0, **extra}
+    return {
+        "format": 1,
+        "host": "n1",
+        "base": base,
+        "seq": 3,
+        "pending": 0,
+        "refreshed_at": "2026-01-01T00:00:00Z",
+        "stopped_at": None,
+        "interval": 2.0,
+        "heartbeat": 30.0,
+        **extra,
+    }
 
 
-def test_a_compaction_replaces_the_segments_and_readers_see_the_same_runs(
-        tmp_path: Path) -> None:
+def test_a_compaction_replaces_the_segments_and_readers_see_the_same_runs(tmp_path: Path) -> None:
     node = NodeFiles.create(tmp_path, "n1")
     node.begin_snapshot()
     node.add_to_snapshot([encode_line(record("r1"))])
     node.finish_snapshot(header(0))
-    node.append([encode_line(record("r2")), encode_line(record("r1", "succeeded"))],
-                header(node.base))
-    assert [r["state"] for r in parse_mirrored("n", read_node(node.folder).lines)[0]] == \
-        ["running", "succeeded"]
+    node.append(
+        [encode_line(record("r2")), encode_line(record("r1", "succeeded"))], header(node.base)
+    )
+    assert [r["state"] for r in parse_mirrored("n", read_node(node.folder).lines)[0]] == [
+        "running",
+        "succeeded",
+    ]
     node.begin_snapshot()
     node.add_to_snapshot([encode_line(record("r1", "succeeded")), encode_line(record("r2"))])
     node.finish_snapshot(header(node.base))
@@ -424,7 +517,8 @@ def test_a_compaction_replaces_the_segments_and_readers_see_the_same_runs(
 
 
 async def test_a_compaction_keeps_every_change_made_while_it_runs(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A compaction writes a page per refresh; a run changed meanwhile lands in the segment
     being replaced, and is written again once the snapshot is in place."""
     monkeypatch.setattr(mirror, "PAGE", 2)
@@ -436,8 +530,9 @@ async def test_a_compaction_keeps_every_change_made_while_it_runs(
         async with anyio.create_task_group() as tasks:
             tasks.start_soon(registry.run_writer)
             ids = [await new_run(registry, n) for n in range(5)]
-            copy = mirror.Mirror(shared, registry, db=registry.path,
-                                 socket_path=tmp_path / "sock", host="n1")
+            copy = mirror.Mirror(
+                shared, registry, db=registry.path, socket_path=tmp_path / "sock", host="n1"
+            )
             registry.subscribers.append(copy.on_commit)
             await copy._locate()  # a new folder: its first refresh starts a compaction
             assert await copy._refresh() and copy._snapshot is not None
@@ -450,54 +545,75 @@ async def test_a_compaction_keeps_every_change_made_while_it_runs(
     finally:
         await registry.close_db()
     assert copy.node is not None
-    assert sorted(p.name for p in copy.node.folder.iterdir()) == [
-        NODE_FILE, segment_name(1)]
-    runs = {r["run_id"]: r["state"]
-            for r in parse_mirrored("n", read_node(copy.node.folder).lines)[0]}
+    assert sorted(p.name for p in copy.node.folder.iterdir()) == [NODE_FILE, segment_name(1)]
+    runs = {
+        r["run_id"]: r["state"] for r in parse_mirrored("n", read_node(copy.node.folder).lines)[0]
+    }
     assert runs == {**dict.fromkeys(ids, "pending"), ids[0]: "running"}
     assert json.loads((copy.node.folder / NODE_FILE).read_text())["base"] == 1
 
 
 async def new_run(registry: Registry, n: int) -> str:
     run_id = new_run_id()
-    await registry.submit(lambda store: store.runs.create(NewRun(
-        run_id=run_id, experiment="e", variation=f"v{n}", params_json="{}", tags_json="{}",
-        created_at=time.time()), "test"))
+    await registry.submit(
+        lambda store: store.runs.create(
+            NewRun(
+                run_id=run_id,
+                experiment="e",
+                variation=f"v{n}",
+                params_json="{}",
+                tags_json="{}",
+                created_at=time.time(),
+            ),
+            "test",
+        )
+    )
     return run_id
 
 
 def started(store: Store, run_id: str) -> None:
-    store.runs.set_state(store.runs.require(run_id), State.RUNNING, at=time.time(),
-                         cause="start", source="test")
+    store.runs.set_state(
+        store.runs.require(run_id), State.RUNNING, at=time.time(), cause="start", source="test"
+    )
 
 
 def test_a_line_being_appended_is_not_read_and_a_bad_one_is_named(tmp_path: Path) -> None:
     (tmp_path / NODE_FILE).write_text(json.dumps(header(1)))
     (tmp_path / segment_name(1)).write_bytes(
-        encode_line(record("r1")) + b"{broken\n" + b'{"run_id": "r2"}\n'
-        + encode_line(record("r1", "lost")) + b'{"run_id": "r3", "sta')
+        encode_line(record("r1"))
+        + b"{broken\n"
+        + b'{"run_id": "r2"}\n'
+        + encode_line(record("r1", "lost"))
+        + b'{"run_id": "r3", "sta'
+    )
     runs, warnings = parse_mirrored("n", read_node(tmp_path).lines)
     assert [(r["run_id"], r["state"]) for r in runs] == [("r1", "lost")]
     where = tmp_path / segment_name(1)
-    assert warnings == [f"{where}:2: not JSON, skipped",
-                        f"{where}:3: bad or missing 'experiment', skipped"]
+    assert warnings == [
+        f"{where}:2: not JSON, skipped",
+        f"{where}:3: bad or missing 'experiment', skipped",
+    ]
 
 
-@pytest.mark.parametrize(("extra", "now", "gone", "state"), [
-    ({"stopped_at": "2026-01-01T00:00:00Z"}, 10_000.0, True, "stopped"),
-    ({}, 0.0, None, "live"),
-    ({}, 10_000.0, None, "silent"),  # not refreshed for 3 heartbeats
-    ({}, 0.0, True, "silent"),  # its daemon is known to be dead
-])
-def test_node_state(extra: dict[str, Any], now: float, gone: bool | None,
-                    state: str) -> None:
+@pytest.mark.parametrize(
+    ("extra", "now", "gone", "state"),
+    [
+        ({"stopped_at": "2026-01-01T00:00:00Z"}, 10_000.0, True, "stopped"),
+        ({}, 0.0, None, "live"),
+        ({}, 10_000.0, None, "silent"),  # not refreshed for 3 heartbeats
+        ({}, 0.0, True, "silent"),  # its daemon is known to be dead
+    ],
+)
+def test_node_state(extra: dict[str, Any], now: float, gone: bool | None, state: str) -> None:
     epoch = 1767225600.0  # 2026-01-01T00:00:00Z
     told = node_state(header(1, pending=2, **extra), epoch + now, gone)
     assert told["state"] == state
     if state == "silent":
-        assert told["missing"] == ("what changed after 2026-01-01T00:00:00Z is missing: at "
-                                   "most the last 2 s of changes, and 2 run(s) that were "
-                                   "then waiting to be written")
+        assert told["missing"] == (
+            "what changed after 2026-01-01T00:00:00Z is missing: at "
+            "most the last 2 s of changes, and 2 run(s) that were "
+            "then waiting to be written"
+        )
     else:
         assert told["missing"] is None
 

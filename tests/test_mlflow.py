@@ -73,12 +73,27 @@ def script(daemon: Daemon, name: str, code: str) -> Path:
     return path
 
 
-def exec_(daemon: Daemon, uri: str, experiment: str, path: Path,
-          **kwargs: Any) -> subprocess.Popen[str]:
+def exec_(
+    daemon: Daemon, uri: str, experiment: str, path: Path, **kwargs: Any
+) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "runnerd.cli", "exec", "--experiment", experiment, "--",
-         sys.executable, str(path)], env=env_for(daemon, uri), text=True,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs)
+        [
+            sys.executable,
+            "-m",
+            "runnerd.cli",
+            "exec",
+            "--experiment",
+            experiment,
+            "--",
+            sys.executable,
+            str(path),
+        ],
+        env=env_for(daemon, uri),
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        **kwargs,
+    )
 
 
 def only_run(daemon: Daemon, experiment: str) -> dict[str, Any]:
@@ -97,15 +112,33 @@ def mlflow_runs(uri: str, run_id: str) -> list[MlflowRun]:
 def deliver(daemon: Daemon, run_id: str, uri: str) -> subprocess.CompletedProcess[str]:
     """Give the shipped hook the event of the run's last state change, as the daemon does."""
     run = daemon.ctl_json("show", run_id)
-    event = {"seq": 1, "kind": "state", "name": run["state"], "run_id": run_id,
-             "experiment": run["experiment"], "variation": run["variation"],
-             "tags": run["tags"], "at": run["ended_at"], "data": {}}
-    env = {**env_for(daemon, uri), "RUNNERD_HOOK": "mlflow", "RUNNERD_EVENT": run["state"],
-           "RUNNERD_RUN_ID": run_id, "RUNNERD_STATE": run["state"],
-           "RUNNERD_EXPERIMENT": run["experiment"]}
-    return subprocess.run([sys.executable, "-m", "runnerd_client.mlflow", "hook"],
-                          input=json.dumps({"hook": "mlflow", "event": event, "run": run}),
-                          env=env, text=True, capture_output=True, timeout=120)
+    event = {
+        "seq": 1,
+        "kind": "state",
+        "name": run["state"],
+        "run_id": run_id,
+        "experiment": run["experiment"],
+        "variation": run["variation"],
+        "tags": run["tags"],
+        "at": run["ended_at"],
+        "data": {},
+    }
+    env = {
+        **env_for(daemon, uri),
+        "RUNNERD_HOOK": "mlflow",
+        "RUNNERD_EVENT": run["state"],
+        "RUNNERD_RUN_ID": run_id,
+        "RUNNERD_STATE": run["state"],
+        "RUNNERD_EXPERIMENT": run["experiment"],
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "runnerd_client.mlflow", "hook"],
+        input=json.dumps({"hook": "mlflow", "event": event, "run": run}),
+        env=env,
+        text=True,
+        capture_output=True,
+        timeout=120,
+    )
 
 
 def statuses(uri: str, run_id: str) -> list[str]:
@@ -114,8 +147,11 @@ def statuses(uri: str, run_id: str) -> list[str]:
 
 def settled(uri: str, run_id: str, expected: list[str]) -> None:
     """Wait for the hook to have brought the MLflow runs to `expected`."""
-    wait_for(lambda: statuses(uri, run_id) == expected, timeout=60,
-             what=f"MLflow runs of {run_id} to be {expected}")
+    wait_for(
+        lambda: statuses(uri, run_id) == expected,
+        timeout=60,
+        what=f"MLflow runs of {run_id} to be {expected}",
+    )
 
 
 def names(uri: str, run_id: str) -> dict[str, str]:
@@ -165,8 +201,9 @@ def test_a_succeeding_script_is_linked_both_ways(shared_daemon: Daemon, store: s
     assert statuses(store, run["run_id"]) == ["FINISHED"]  # a success is left alone
 
 
-def test_an_uncaught_exception_ends_the_mlflow_run_failed(shared_daemon: Daemon,
-                                                          store: str) -> None:
+def test_an_uncaught_exception_ends_the_mlflow_run_failed(
+    shared_daemon: Daemon, store: str
+) -> None:
     code = """
         import mlflow
         mlflow.start_run()
@@ -183,7 +220,8 @@ def test_an_uncaught_exception_ends_the_mlflow_run_failed(shared_daemon: Daemon,
 
 
 def test_the_hook_corrects_finished_at_exit_and_leaves_what_the_script_ended(
-        shared_daemon: Daemon, store: str) -> None:
+    shared_daemon: Daemon, store: str
+) -> None:
     code = """
         import sys
         import mlflow
@@ -198,26 +236,34 @@ def test_the_hook_corrects_finished_at_exit_and_leaves_what_the_script_ended(
     run = only_run(shared_daemon, "ml-exit")
     assert (run["state"], run["failure"]["exit_code"]) == ("failed_crash", 3)
     settled(store, run["run_id"], ["FAILED", "FINISHED"])  # MLflow alone: both FINISHED
-    assert names(store, run["run_id"]) == {"ended-by-the-script": "FINISHED",
-                                           "left-to-mlflow": "FAILED"}
+    assert names(store, run["run_id"]) == {
+        "ended-by-the-script": "FINISHED",
+        "left-to-mlflow": "FAILED",
+    }
     result = deliver(shared_daemon, run["run_id"], store)  # delivered again: no change
     assert result.returncode == 0, result.stderr
-    assert names(store, run["run_id"]) == {"ended-by-the-script": "FINISHED",
-                                           "left-to-mlflow": "FAILED"}
+    assert names(store, run["run_id"]) == {
+        "ended-by-the-script": "FINISHED",
+        "left-to-mlflow": "FAILED",
+    }
 
 
-@pytest.mark.parametrize(("sig", "state", "status"), [
-    (signal.SIGKILL, "failed_crash", "FAILED"),
-    (signal.SIGTERM, "failed_abandoned", "KILLED"),
-])
+@pytest.mark.parametrize(
+    ("sig", "state", "status"),
+    [
+        (signal.SIGKILL, "failed_crash", "FAILED"),
+        (signal.SIGTERM, "failed_abandoned", "KILLED"),
+    ],
+)
 def test_a_killed_script_ends_its_mlflow_run_through_the_hook(
-        shared_daemon: Daemon, store: str, sig: signal.Signals, state: str,
-        status: str) -> None:
+    shared_daemon: Daemon, store: str, sig: signal.Signals, state: str, status: str
+) -> None:
     experiment = f"ml-{sig.name}"
     proc = exec_(shared_daemon, store, experiment, script(shared_daemon, "wait", WAIT))
     pid = started(proc)
-    run_id = wait_for(lambda: shared_daemon.ctl_json("list", "--experiment", experiment),
-                      what="the run")[0]["run_id"]
+    run_id = wait_for(
+        lambda: shared_daemon.ctl_json("list", "--experiment", experiment), what="the run"
+    )[0]["run_id"]
     assert statuses(store, run_id) == ["RUNNING"]  # what MLflow alone keeps saying
     # SIGKILL hits the script itself; SIGTERM goes to runnerctl, as scancel sends it.
     os.kill(pid if sig == signal.SIGKILL else proc.pid, sig)
@@ -231,8 +277,7 @@ def test_a_killed_script_ends_its_mlflow_run_through_the_hook(
     assert linked.info.end_time is not None
 
 
-def test_an_mlflow_run_in_a_with_rd_run_block_is_linked(shared_daemon: Daemon,
-                                                        store: str) -> None:
+def test_an_mlflow_run_in_a_with_rd_run_block_is_linked(shared_daemon: Daemon, store: str) -> None:
     code = """
         import mlflow
         import runnerd_client as rd
@@ -240,9 +285,13 @@ def test_an_mlflow_run_in_a_with_rd_run_block_is_linked(shared_daemon: Daemon,
             with mlflow.start_run():
                 mlflow.log_metric("loss", 0.2)
     """
-    proc = subprocess.run([sys.executable, str(script(shared_daemon, "block", code))],
-                          env=env_for(shared_daemon, store), capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        [sys.executable, str(script(shared_daemon, "block", code))],
+        env=env_for(shared_daemon, store),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     run = only_run(shared_daemon, "ml-block")
     assert run["state"] == "succeeded"
@@ -267,29 +316,50 @@ def opted_in(daemon: Daemon, uri: str, mode: str, experiment: str) -> subprocess
     if not path.exists():
         script(daemon, "plain_optin", PLAIN)
     env = env_for(daemon, uri, RUNNERD_MLFLOW="1", RUNNERD_EXPERIMENT=experiment)
-    return subprocess.Popen([sys.executable, str(path), mode], env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return subprocess.Popen(
+        [sys.executable, str(path), mode],
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
 
 
-@pytest.mark.parametrize(("mode", "sig", "state", "failure_class", "status"), [
-    ("ok", None, "succeeded", None, "FINISHED"),
-    ("raise", None, "failed_crash", "RuntimeError", "FAILED"),
-    ("wait", signal.SIGTERM, "failed_abandoned", "Terminated", "KILLED"),
-    ("wait", signal.SIGKILL, "failed_crash", "ProcessExited", "FAILED"),
-])
+@pytest.mark.parametrize(
+    ("mode", "sig", "state", "failure_class", "status"),
+    [
+        ("ok", None, "succeeded", None, "FINISHED"),
+        ("raise", None, "failed_crash", "RuntimeError", "FAILED"),
+        ("wait", signal.SIGTERM, "failed_abandoned", "Terminated", "KILLED"),
+        ("wait", signal.SIGKILL, "failed_crash", "ProcessExited", "FAILED"),
+    ],
+)
 def test_the_opt_in_makes_a_plain_script_its_own_run(
-        shared_daemon: Daemon, store: str, mode: str, sig: signal.Signals | None, state: str,
-        failure_class: str | None, status: str) -> None:
+    shared_daemon: Daemon,
+    store: str,
+    mode: str,
+    sig: signal.Signals | None,
+    state: str,
+    failure_class: str | None,
+    status: str,
+) -> None:
     experiment = f"ml-optin-{mode}{sig.name if sig else ''}"
     proc = opted_in(shared_daemon, store, mode, experiment)
     pid = started(proc)
     if sig is not None:
         os.kill(pid, sig)
     proc.communicate(timeout=120)
-    run = wait_for(lambda: shared_daemon.ctl_json("list", "--experiment", experiment),
-                   what="the opt-in's run")[0]
-    run = wait_for(lambda: (r := shared_daemon.ctl_json("show", run["run_id"]))["state"]
-                   not in ("pending", "running") and r, what="the run to end")
+    run = wait_for(
+        lambda: shared_daemon.ctl_json("list", "--experiment", experiment), what="the opt-in's run"
+    )[0]
+    run = wait_for(
+        lambda: (
+            (r := shared_daemon.ctl_json("show", run["run_id"]))["state"]
+            not in ("pending", "running")
+            and r
+        ),
+        what="the run to end",
+    )
     assert run["state"] == state
     assert (run["failure"] or {}).get("failure_class") == failure_class
     settled(store, run["run_id"], [status])
@@ -297,20 +367,35 @@ def test_the_opt_in_makes_a_plain_script_its_own_run(
     assert linked.data.params == {"mode": mode}
 
 
-def test_the_hook_refuses_bad_input_and_ignores_unlinked_runs(shared_daemon: Daemon,
-                                                              store: str) -> None:
+def test_the_hook_refuses_bad_input_and_ignores_unlinked_runs(
+    shared_daemon: Daemon, store: str
+) -> None:
     hook = [sys.executable, "-m", "runnerd_client.mlflow", "hook"]
-    bad = subprocess.run(hook, input="{not json", capture_output=True, text=True,
-                         env=shared_daemon.env, timeout=60)
+    bad = subprocess.run(
+        hook, input="{not json", capture_output=True, text=True, env=shared_daemon.env, timeout=60
+    )
     assert bad.returncode == 1 and "not JSON" in bad.stderr
-    unlinked = {"hook": "mlflow", "event": {}, "run": {"run_id": "X", "state": "failed_crash",
-                                                      "artifacts": [], "pids": []}}
-    quiet = subprocess.run([sys.executable, "-X", "importtime", *hook[1:]],
-                           input=json.dumps(unlinked), capture_output=True, text=True,
-                           env=shared_daemon.env, timeout=60)
+    unlinked = {
+        "hook": "mlflow",
+        "event": {},
+        "run": {"run_id": "X", "state": "failed_crash", "artifacts": [], "pids": []},
+    }
+    quiet = subprocess.run(
+        [sys.executable, "-X", "importtime", *hook[1:]],
+        input=json.dumps(unlinked),
+        capture_output=True,
+        text=True,
+        env=shared_daemon.env,
+        timeout=60,
+    )
     assert quiet.returncode == 0
     assert "mlflow.client" not in quiet.stderr  # MLflow is imported only when needed
-    pruned = subprocess.run(hook, input=json.dumps({"hook": "mlflow", "event": {},
-                                                    "run": None}),
-                            capture_output=True, text=True, env=shared_daemon.env, timeout=60)
+    pruned = subprocess.run(
+        hook,
+        input=json.dumps({"hook": "mlflow", "event": {}, "run": None}),
+        capture_output=True,
+        text=True,
+        env=shared_daemon.env,
+        timeout=60,
+    )
     assert pruned.returncode == 0, pruned.stderr

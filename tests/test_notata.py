@@ -22,8 +22,9 @@ from conftest import Daemon, wait_for
 from runnerd.foreign_params import simple_yaml
 
 
-def notata_run(base: Path, run_id: str, error: Exception | None = None,
-               params: dict[str, Any] | None = None) -> Path:
+def notata_run(
+    base: Path, run_id: str, error: Exception | None = None, params: dict[str, Any] | None = None
+) -> Path:
     """A run written by notata's Logbook, as its README shows: a failure's traceback saved
     with `log.text("artifacts/debug/traceback", tb)` before the exception leaves the block."""
     try:
@@ -42,15 +43,20 @@ def notata_run(base: Path, run_id: str, error: Exception | None = None,
 
 def imported(daemon: Daemon) -> dict[str, dict[str, Any]]:
     """The imported runs, by their folder."""
-    return {r["run_dir"]: r for r in daemon.ctl_json("list", "--limit", "1000")
-            if r["tags"].get("source") == "imported"}
+    return {
+        r["run_dir"]: r
+        for r in daemon.ctl_json("list", "--limit", "1000")
+        if r["tags"].get("source") == "imported"
+    }
 
 
-def test_real_notata_folders_are_imported_each_folder_a_run(daemon: Daemon,
-                                                            short_tmp: Path) -> None:
+def test_real_notata_folders_are_imported_each_folder_a_run(
+    daemon: Daemon, short_tmp: Path
+) -> None:
     root = short_tmp / "notata"
-    stable = notata_run(root / "outputs", "stable",
-                        params={"lr": 0.001, "model": "ridge", "layers": [64, 32]})
+    stable = notata_run(
+        root / "outputs", "stable", params={"lr": 0.001, "model": "ridge", "layers": [64, 32]}
+    )
     unstable = notata_run(root / "outputs", "unstable", ZeroDivisionError("division by zero"))
     again = notata_run(root / "outputs2", "unstable", RuntimeError("loss is NaN at step 7"))
     deep = unstable / "artifacts" / "artifacts" / "debug" / "traceback.txt"
@@ -61,8 +67,11 @@ def test_real_notata_folders_are_imported_each_folder_a_run(daemon: Daemon,
     runs = imported(daemon)
     assert set(runs) == {str(stable), str(unstable), str(again)}
     assert runs[str(stable)]["state"] == "succeeded"
-    assert daemon.ctl_json("show", runs[str(stable)]["run_id"])["params"] == \
-        {"lr": 0.001, "model": "ridge", "layers": [64, 32]}
+    assert daemon.ctl_json("show", runs[str(stable)]["run_id"])["params"] == {
+        "lr": 0.001,
+        "model": "ridge",
+        "layers": [64, 32],
+    }
     first = daemon.ctl_json("show", runs[str(unstable)]["run_id"])
     second = daemon.ctl_json("show", runs[str(again)]["run_id"])
     assert first["run_id"] != second["run_id"]
@@ -82,15 +91,18 @@ def test_real_notata_folders_are_imported_each_folder_a_run(daemon: Daemon,
     assert len(imported(daemon)) == 3
 
 
-def test_a_notata_run_followed_while_it_runs_ends_as_its_file_says(daemon: Daemon,
-                                                                   short_tmp: Path) -> None:
+def test_a_notata_run_followed_while_it_runs_ends_as_its_file_says(
+    daemon: Daemon, short_tmp: Path
+) -> None:
     root = short_tmp / "live"
     root.mkdir()
     daemon.ctl("watch", str(root))
     log = notata.Logbook("live", base_dir=root / "outputs", params={"lr": 0.1})
     folder = str(log.path)
-    wait_for(lambda: imported(daemon).get(folder, {}).get("state") == "lost",
-             what="the running notata run to be imported (unfinished: lost)")
+    wait_for(
+        lambda: imported(daemon).get(folder, {}).get("state") == "lost",
+        what="the running notata run to be imported (unfinished: lost)",
+    )
     try:
         raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
     except RuntimeError as exc:
@@ -112,7 +124,8 @@ def test_a_notata_run_followed_while_it_runs_ends_as_its_file_says(daemon: Daemo
 
 
 def test_params_that_cannot_be_read_are_a_warning_and_the_run_is_imported(
-        daemon: Daemon, short_tmp: Path) -> None:
+    daemon: Daemon, short_tmp: Path
+) -> None:
     root = short_tmp / "odd"
     anchors = notata_run(root / "outputs", "anchors")
     (anchors / "params.yaml").write_text("base: &b 1\nlr: *b\n")
@@ -124,8 +137,9 @@ def test_params_that_cannot_be_read_are_a_warning_and_the_run_is_imported(
     assert "2 run(s) imported" in result.stdout
     warnings = [line for line in result.stderr.splitlines() if "warning:" in line]
     assert len(warnings) == 2, result.stderr
-    assert any("params not imported from params.yaml" in w and "line 1" in w
-               for w in warnings), warnings
+    assert any("params not imported from params.yaml" in w and "line 1" in w for w in warnings), (
+        warnings
+    )
     assert any("params not imported from config.json" in w for w in warnings), warnings
     for run in imported(daemon).values():
         assert daemon.ctl_json("show", run["run_id"])["params"] == {}
@@ -160,13 +174,12 @@ def test_notatas_recipes_work_on_runnerd_folders(daemon: Daemon, short_tmp: Path
     assert failed["failure_class"] == "ValueError" and "category" in failed
 
     def shell(recipe: str) -> str:
-        return subprocess.run(["sh", "-c", recipe], cwd=root, capture_output=True, text=True,
-                              check=True).stdout
+        return subprocess.run(
+            ["sh", "-c", recipe], cwd=root, capture_output=True, text=True, check=True
+        ).stdout
 
-    assert shell("""grep -l '"status": "failed"' */metadata.json""") == \
-        "diverges/metadata.json\n"
-    assert shell("jq '.failure_reason' */metadata.json") == \
-        'null\n"loss diverged at step 42"\n'
+    assert shell("""grep -l '"status": "failed"' */metadata.json""") == "diverges/metadata.json\n"
+    assert shell("jq '.failure_reason' */metadata.json") == 'null\n"loss diverged at step 42"\n'
 
     # The crash indexer knows these folders for runs of ours: none is imported again.
     result = daemon.ctl("watch", str(root))
@@ -180,13 +193,20 @@ def test_notatas_recipes_work_on_runnerd_folders(daemon: Daemon, short_tmp: Path
     assert len(daemon.ctl_json("list")) == 2
 
 
-scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.text(max_size=30),
-                    st.floats(allow_nan=False, allow_infinity=False))
+scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.text(max_size=30),
+    st.floats(allow_nan=False, allow_infinity=False),
+)
 params = st.recursive(
-    st.dictionaries(st.text(min_size=1, max_size=10), st.one_of(scalars, st.lists(scalars)),
-                    max_size=6),
+    st.dictionaries(
+        st.text(min_size=1, max_size=10), st.one_of(scalars, st.lists(scalars)), max_size=6
+    ),
     lambda inner: st.dictionaries(st.text(min_size=1, max_size=10), inner, max_size=4),
-    max_leaves=12)
+    max_leaves=12,
+)
 
 
 @given(params)
@@ -199,20 +219,34 @@ def test_a_params_yaml_is_read_as_pyyaml_reads_it_or_refused(value: dict[str, An
     assert read == yaml.safe_load(text)
 
 
-@pytest.mark.parametrize("value", [
-    {"lr": 0.001, "model": "ridge", "layers": [64, 32], "seed": 7, "dropout": None},
-    {"optimizer": {"name": "adam", "betas": [0.9, 0.999]}, "tag": "run 3", "debug": False},
-    {"path": "/data/x.csv", "note": "yes", "when": "2025-01-01", "big": 1e-05, "empty": []},
-])
+@pytest.mark.parametrize(
+    "value",
+    [
+        {"lr": 0.001, "model": "ridge", "layers": [64, 32], "seed": 7, "dropout": None},
+        {"optimizer": {"name": "adam", "betas": [0.9, 0.999]}, "tag": "run 3", "debug": False},
+        {"path": "/data/x.csv", "note": "yes", "when": "2025-01-01", "big": 1e-05, "empty": []},
+    ],
+)
 def test_notatas_usual_params_are_read(value: dict[str, Any]) -> None:
     assert simple_yaml(yaml.dump(value, sort_keys=True)) == value
 
 
-@pytest.mark.parametrize("text", [
-    "a: &x 1\nb: *x\n", "a: !!python/tuple [1, 2]\n", "a: |\n  two\n  lines\n",
-    "a: 012\n", "a: 1e5\n", "a: yes\n", "- 1\n", "a: {b: 1}\n", "a: 2001-12-14 21:59:43\n",
-    "a:\n- b: 1\n", "a: 1\na: 2\n",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "a: &x 1\nb: *x\n",
+        "a: !!python/tuple [1, 2]\n",
+        "a: |\n  two\n  lines\n",
+        "a: 012\n",
+        "a: 1e5\n",
+        "a: yes\n",
+        "- 1\n",
+        "a: {b: 1}\n",
+        "a: 2001-12-14 21:59:43\n",
+        "a:\n- b: 1\n",
+        "a: 1\na: 2\n",
+    ],
+)
 def test_what_is_not_plain_yaml_is_refused(text: str) -> None:
     with pytest.raises(ValueError, match="line|mapping"):
         simple_yaml(text)

@@ -78,14 +78,19 @@ def storage_url(daemon: Daemon) -> str:
 def study(daemon: Daemon, name: str, mode: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, str(daemon.root / "study.py"), storage_url(daemon), name, mode],
-        env={**daemon.env, "PYTHONUNBUFFERED": "1"}, text=True, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE)
+        env={**daemon.env, "PYTHONUNBUFFERED": "1"},
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
 
 
 def runs_of(daemon: Daemon, name: str) -> dict[str, dict[str, Any]]:
     """The study's runs by variation (`trial=N`), each as `show --json` prints it."""
-    return {r["variation"]: daemon.ctl_json("show", r["run_id"])
-            for r in daemon.ctl_json("list", "--experiment", name)}
+    return {
+        r["variation"]: daemon.ctl_json("show", r["run_id"])
+        for r in daemon.ctl_json("list", "--experiment", name)
+    }
 
 
 def trials(daemon: Daemon, name: str) -> list[Any]:
@@ -105,14 +110,17 @@ def note(run: dict[str, Any]) -> dict[str, Any]:
     return recorded
 
 
-@pytest.mark.parametrize(("mode", "state", "failure_class", "optuna_state"), [
-    ("ok", "succeeded", None, "COMPLETE"),
-    ("raise", "failed_crash", "ValueError", "FAIL"),
-    ("prune", "failed_abandoned", "TrialPruned", "PRUNED"),
-])
+@pytest.mark.parametrize(
+    ("mode", "state", "failure_class", "optuna_state"),
+    [
+        ("ok", "succeeded", None, "COMPLETE"),
+        ("raise", "failed_crash", "ValueError", "FAIL"),
+        ("prune", "failed_abandoned", "TrialPruned", "PRUNED"),
+    ],
+)
 def test_each_trial_is_a_run_ended_as_optuna_ends_it(
-        hooked: Daemon, mode: str, state: str, failure_class: str | None,
-        optuna_state: str) -> None:
+    hooked: Daemon, mode: str, state: str, failure_class: str | None, optuna_state: str
+) -> None:
     name = f"study-{mode}"
     proc = study(hooked, name, mode)
     _, err = proc.communicate(timeout=120)
@@ -123,8 +131,11 @@ def test_each_trial_is_a_run_ended_as_optuna_ends_it(
     second = runs["trial=1"]
     assert second["state"] == state
     assert (second["failure"] or {}).get("failure_class") == failure_class
-    assert second["tags"] == {"optuna.study": name, "optuna.trial": 1,
-                              "optuna.storage": storage_url(hooked)}
+    assert second["tags"] == {
+        "optuna.study": name,
+        "optuna.trial": 1,
+        "optuna.storage": storage_url(hooked),
+    }
     wait_for(lambda: delivered(hooked), timeout=60, what="the hook to catch up")
     by_number = {t.number: t for t in trials(hooked, name)}
     assert by_number[1].state.name == optuna_state
@@ -135,12 +146,16 @@ def test_each_trial_is_a_run_ended_as_optuna_ends_it(
     assert first["value"] == pytest.approx(by_number[0].value)
 
 
-@pytest.mark.parametrize(("sig", "state", "failure_class"), [
-    (signal.SIGKILL, "failed_crash", "ProcessExited"),
-    (signal.SIGTERM, "failed_abandoned", "Terminated"),
-])
+@pytest.mark.parametrize(
+    ("sig", "state", "failure_class"),
+    [
+        (signal.SIGKILL, "failed_crash", "ProcessExited"),
+        (signal.SIGTERM, "failed_abandoned", "Terminated"),
+    ],
+)
 def test_a_killed_trial_is_failed_in_optunas_storage(
-        hooked: Daemon, sig: signal.Signals, state: str, failure_class: str) -> None:
+    hooked: Daemon, sig: signal.Signals, state: str, failure_class: str
+) -> None:
     name = f"study-{sig.name}"
     proc = study(hooked, name, "wait")
     assert proc.stdout is not None
@@ -149,26 +164,43 @@ def test_a_killed_trial_is_failed_in_optunas_storage(
     os.kill(int(line.split()[1]), sig)
     proc.communicate(timeout=60)
     assert {t.number: t.state.name for t in trials(hooked, name)}[1] in ("RUNNING", "FAIL")
-    run = wait_for(lambda: (r := runs_of(hooked, name)["trial=1"])["state"] != "running" and r,
-                   what="the trial's run to end")
+    run = wait_for(
+        lambda: (r := runs_of(hooked, name)["trial=1"])["state"] != "running" and r,
+        what="the trial's run to end",
+    )
     assert run["state"] == state
     assert run["failure"]["failure_class"] == failure_class
-    wait_for(lambda: {t.number: t.state.name for t in trials(hooked, name)}[1] == "FAIL",
-             timeout=60, what="the hook to fail the trial in Optuna's storage")
+    wait_for(
+        lambda: {t.number: t.state.name for t in trials(hooked, name)}[1] == "FAIL",
+        timeout=60,
+        what="the hook to fail the trial in Optuna's storage",
+    )
     dead = {t.number: t for t in trials(hooked, name)}[1]
-    assert dead.user_attrs["runnerd"] == {"run_id": run["run_id"], "state": state,
-                                          "failure_class": failure_class}
+    assert dead.user_attrs["runnerd"] == {
+        "run_id": run["run_id"],
+        "state": state,
+        "failure_class": failure_class,
+    }
 
 
 def test_the_hook_finds_the_password_it_was_given_and_leaves_other_runs() -> None:
     from runnerd_client.optuna import hide_password
 
-    assert hide_password("postgresql://me:s3cret@db:5432/optuna") == \
-        "postgresql://me:***@db:5432/optuna"
+    assert (
+        hide_password("postgresql://me:s3cret@db:5432/optuna")
+        == "postgresql://me:***@db:5432/optuna"
+    )
     assert hide_password("sqlite:////tmp/x.db") == "sqlite:////tmp/x.db"
-    unrelated = {"hook": "optuna", "event": {}, "run": {"run_id": "X", "state": "failed_crash",
-                                                       "tags": {}, "pids": []}}
-    result = subprocess.run([sys.executable, "-m", "runnerd_client.optuna", "hook"],
-                            input=json.dumps(unrelated), capture_output=True, text=True,
-                            timeout=60)
+    unrelated = {
+        "hook": "optuna",
+        "event": {},
+        "run": {"run_id": "X", "state": "failed_crash", "tags": {}, "pids": []},
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "runnerd_client.optuna", "hook"],
+        input=json.dumps(unrelated),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr

@@ -34,12 +34,15 @@ def configured(root: Path, text: str) -> Daemon:
 @pytest.fixture
 def quick(short_tmp: Path) -> Iterator[Daemon]:
     """Heartbeats within 2 s, stalls after 2 s, a lost run fails after 3 s more."""
-    daemon = configured(short_tmp, """
+    daemon = configured(
+        short_tmp,
+        """
         sample_interval = 0.2
         heartbeat_timeout = 2
         stall_timeout = 2
         lost_grace = 3
-    """)
+    """,
+    )
     try:
         yield daemon
     finally:
@@ -67,23 +70,33 @@ def children(pid: int) -> list[int]:
         return []
 
 
-def launch(daemon: Daemon, execs: list[subprocess.Popen[str]], code: str,
-           *options: str) -> tuple[subprocess.Popen[str], str, int]:
+def launch(
+    daemon: Daemon, execs: list[subprocess.Popen[str]], code: str, *options: str
+) -> tuple[subprocess.Popen[str], str, int]:
     """`runnerctl exec` of a Python script; (runnerctl, run id, the command's pid) once
     the command has printed its first line."""
     script = daemon.root / f"cmd{len(execs)}.py"
     script.write_text(textwrap.dedent(code))
-    proc = subprocess.Popen([*CTL, "exec", "--experiment", "progress", *options, "--",
-                             sys.executable, str(script)], env=daemon.env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [*CTL, "exec", "--experiment", "progress", *options, "--", sys.executable, str(script)],
+        env=daemon.env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
     execs.append(proc)
     assert proc.stdout is not None
     first = proc.stdout.readline()
     assert first, proc.stderr.read() if proc.stderr else ""
     command = wait_for(lambda: children(proc.pid), what="the command")[0]
-    run_id = Path(f"/proc/{command}/environ").read_bytes().split(
-        b"RUNNERD_RUN_ID=")[1].split(b"\0")[0].decode()
+    run_id = (
+        Path(f"/proc/{command}/environ")
+        .read_bytes()
+        .split(b"RUNNERD_RUN_ID=")[1]
+        .split(b"\0")[0]
+        .decode()
+    )
     wait_for(lambda: daemon.run_state(run_id) == "running", what="the run to run")
     return proc, run_id, command
 
@@ -102,21 +115,31 @@ SLEEPER = """
 
 
 def test_a_stopped_command_goes_lost_stopped_then_back_to_running(
-        short_tmp: Path, execs: list[subprocess.Popen[str]]) -> None:
-    daemon = configured(short_tmp, """
+    short_tmp: Path, execs: list[subprocess.Popen[str]]
+) -> None:
+    daemon = configured(
+        short_tmp,
+        """
         sample_interval = 0.2
         heartbeat_timeout = 2
-    """)
+    """,
+    )
     try:
         _proc, run_id, command = launch(daemon, execs, SLEEPER)
         os.kill(command, signal.SIGSTOP)
-        run = wait_for(lambda: (r := show(daemon, run_id))["state"] == "lost" and r,
-                       timeout=15, what="the stopped run to be lost")
+        run = wait_for(
+            lambda: (r := show(daemon, run_id))["state"] == "lost" and r,
+            timeout=15,
+            what="the stopped run to be lost",
+        )
         assert run["transitions"][-1]["cause"] == "stopped"
         assert run["transitions"][-1]["source"] == "watchdog"
         os.kill(command, signal.SIGCONT)
-        run = wait_for(lambda: (r := show(daemon, run_id))["state"] == "running" and r,
-                       timeout=15, what="the run to be running again")
+        run = wait_for(
+            lambda: (r := show(daemon, run_id))["state"] == "running" and r,
+            timeout=15,
+            what="the run to be running again",
+        )
         assert run["transitions"][-1]["from"] == "lost"
     finally:
         daemon.stop()
@@ -140,17 +163,24 @@ POOL = """
 
 
 def test_a_pool_whose_child_was_killed_stalls_then_fails_lost_and_diagnose_names_it(
-        quick: Daemon, execs: list[subprocess.Popen[str]]) -> None:
+    quick: Daemon, execs: list[subprocess.Popen[str]]
+) -> None:
     proc, run_id, command = launch(quick, execs, POOL)
     assert proc.stdout is not None
     wait_for(lambda: children(command), what="the pool's worker")
     worker = children(command)[0]
     os.kill(worker, signal.SIGKILL)  # the parent now waits forever for its result
-    run = wait_for(lambda: (r := show(quick, run_id))["state"] == "lost" and r,
-                   timeout=20, what="the run to stall")
+    run = wait_for(
+        lambda: (r := show(quick, run_id))["state"] == "lost" and r,
+        timeout=20,
+        what="the run to stall",
+    )
     assert run["transitions"][-1]["cause"] == "stalled"
-    run = wait_for(lambda: (r := show(quick, run_id))["state"] == "failed_lost" and r,
-                   timeout=20, what="the stalled run to fail")
+    run = wait_for(
+        lambda: (r := show(quick, run_id))["state"] == "failed_lost" and r,
+        timeout=20,
+        what="the stalled run to fail",
+    )
     failure = run["failure"]
     assert failure["failure_class"] == "Stalled" and failure["reason"] == "lost"
     assert "no progress for" in failure["message"]
@@ -163,14 +193,22 @@ def test_a_pool_whose_child_was_killed_stalls_then_fails_lost_and_diagnose_names
 
 
 def test_busy_and_quietly_writing_commands_are_never_stalled(
-        quick: Daemon, execs: list[subprocess.Popen[str]], short_tmp: Path) -> None:
-    _, busy, _ = launch(quick, execs, """
+    quick: Daemon, execs: list[subprocess.Popen[str]], short_tmp: Path
+) -> None:
+    _, busy, _ = launch(
+        quick,
+        execs,
+        """
         print("spinning", flush=True)
         while True:
             pass
-    """)
+    """,
+    )
     folder = short_tmp / "writer"
-    _, writer, _ = launch(quick, execs, f"""
+    _, writer, _ = launch(
+        quick,
+        execs,
+        f"""
         import time
         print("writing", flush=True)
         with open({str(folder / "data.bin")!r}, "ab") as out:
@@ -178,16 +216,24 @@ def test_busy_and_quietly_writing_commands_are_never_stalled(
                 out.write(b"x" * 100)
                 out.flush()
                 time.sleep(0.3)
-    """, "--run-dir", str(folder))
+    """,
+        "--run-dir",
+        str(folder),
+    )
     for _ in range(2):  # by the time a silent run stalled twice, the others had the chance
         _, idle, _ = launch(quick, execs, SLEEPER.replace("0.05", "0.5"))
-        wait_for(lambda run_id=idle: quick.run_state(run_id) == "failed_lost", timeout=30,
-                 what="a silent run to stall and fail")
+        wait_for(
+            lambda run_id=idle: quick.run_state(run_id) == "failed_lost",
+            timeout=30,
+            what="a silent run to stall and fail",
+        )
     assert quick.run_state(busy) == "running"
     assert quick.run_state(writer) == "running"
     assert show(quick, busy)["resources"]["progress"]["kind"] == "cpu"
-    wait_for(lambda: show(quick, writer)["resources"]["progress"]["kind"] == "files",
-             what="the writer's files to be seen")
+    wait_for(
+        lambda: show(quick, writer)["resources"]["progress"]["kind"] == "files",
+        what="the writer's files to be seen",
+    )
     text = quick.ctl("show", writer).stdout
     assert "progress" in text and "(files)" in text
     assert "MOVED" in quick.ctl("status").stdout
@@ -203,15 +249,19 @@ HUNG_CLIENT = """
 
 
 def test_an_rd_run_script_hung_with_its_heartbeat_thread_alive_stalls(
-        short_tmp: Path, procs: list[subprocess.Popen[str]]) -> None:
+    short_tmp: Path, procs: list[subprocess.Popen[str]]
+) -> None:
     daemon = configured(short_tmp, "sample_interval = 0.2\n")  # the run's own stall_timeout
     try:
         proc = daemon.python(textwrap.dedent(HUNG_CLIENT))
         procs.append(proc)
         assert proc.stdout is not None
         run_id = proc.stdout.readline().strip()
-        run = wait_for(lambda: (r := show(daemon, run_id))["state"] == "lost" and r,
-                       timeout=20, what="the hung client to stall")
+        run = wait_for(
+            lambda: (r := show(daemon, run_id))["state"] == "lost" and r,
+            timeout=20,
+            what="the hung client to stall",
+        )
         assert run["transitions"][-1]["cause"] == "stalled"
         assert run["heartbeats"] > 0  # beating all along: alive is not moving
     finally:
@@ -219,14 +269,16 @@ def test_an_rd_run_script_hung_with_its_heartbeat_thread_alive_stalls(
 
 
 def test_stall_timeout_must_not_be_negative(daemon: Daemon) -> None:
-    proc = daemon.python(textwrap.dedent("""
+    proc = daemon.python(
+        textwrap.dedent("""
         import runnerd_client as rd
         from runnerd_client.protocol import RunnerdError
         try:
             rd.connect().run("bad", stall_timeout=-1).start()
         except RunnerdError as exc:
             print(exc)
-    """))
+    """)
+    )
     out, err = proc.communicate(timeout=60)
     assert "stall_timeout must be 0 (never) or positive" in out + err
 
@@ -237,8 +289,9 @@ def test_stall_timeout_must_not_be_negative(daemon: Daemon) -> None:
 def test_stopped_note_names_a_stopped_process_and_not_a_sleeping_one() -> None:
     proc = subprocess.Popen(["sleep", "60"])
     try:
-        wait_for(lambda: (f := process_facts(proc.pid)) and f["state"] == "S",
-                 what="sleep to sleep")
+        wait_for(
+            lambda: (f := process_facts(proc.pid)) and f["state"] == "S", what="sleep to sleep"
+        )
         assert stopped_note([proc.pid]) is None
         os.kill(proc.pid, signal.SIGSTOP)
         note = wait_for(lambda: stopped_note([proc.pid]), what="the stop to show")
@@ -250,8 +303,9 @@ def test_stopped_note_names_a_stopped_process_and_not_a_sleeping_one() -> None:
 
 
 def test_a_supervisor_waiting_on_its_stopped_child_counts_as_stopped() -> None:
-    parent = subprocess.Popen([sys.executable, "-c",
-                               "import subprocess; subprocess.run(['sleep', '60'])"])
+    parent = subprocess.Popen(
+        [sys.executable, "-c", "import subprocess; subprocess.run(['sleep', '60'])"]
+    )
     try:
         child = wait_for(lambda: children(parent.pid), what="the child")[0]
         os.kill(child, signal.SIGSTOP)
@@ -281,8 +335,10 @@ def test_files_show_the_newest_write_and_its_kind(tmp_path: Path) -> None:
 def test_describe_says_what_a_process_waits_in() -> None:
     proc = subprocess.Popen(["sleep", "60"])
     try:
-        facts = wait_for(lambda: (f := process_facts(proc.pid)) and f["state"] == "S" and f,
-                         what="sleep to sleep")
+        facts = wait_for(
+            lambda: (f := process_facts(proc.pid)) and f["state"] == "S" and f,
+            what="sleep to sleep",
+        )
         text = describe(facts)
         assert text.startswith(f"process {proc.pid} (sleep) sleeping")
     finally:
@@ -307,10 +363,17 @@ HUNG = """
 
 
 def test_stack_of_a_hung_rd_run_script_by_py_spy_and_by_signal(
-        daemon: Daemon, procs: list[subprocess.Popen[str]]) -> None:
-    proc = daemon.python(textwrap.dedent(HUNG.format(
-        setup="import runnerd_client as rd", enter='with rd.run("hung") as run:',
-        run_id="run.run_id")))
+    daemon: Daemon, procs: list[subprocess.Popen[str]]
+) -> None:
+    proc = daemon.python(
+        textwrap.dedent(
+            HUNG.format(
+                setup="import runnerd_client as rd",
+                enter='with rd.run("hung") as run:',
+                run_id="run.run_id",
+            )
+        )
+    )
     procs.append(proc)
     assert proc.stdout is not None
     run_id = proc.stdout.readline().strip()
@@ -318,14 +381,17 @@ def test_stack_of_a_hung_rd_run_script_by_py_spy_and_by_signal(
         out = daemon.ctl("stack", run_id, "--via", via).stdout
         assert f"== process {proc.pid} (python" in out
         assert "hang_here" in out and "wait" in out, out
-    assert "hang_here" in (Path(show(daemon, run_id)["run_dir"]) /
-                           f"stack-{proc.pid}.txt").read_text()
+    assert (
+        "hang_here" in (Path(show(daemon, run_id)["run_dir"]) / f"stack-{proc.pid}.txt").read_text()
+    )
 
 
 def test_stack_of_a_hung_plain_script_under_exec(
-        daemon: Daemon, execs: list[subprocess.Popen[str]]) -> None:
-    _, run_id, command = launch(daemon, execs, HUNG.format(
-        setup="", enter="if True:", run_id="'ready'"))
+    daemon: Daemon, execs: list[subprocess.Popen[str]]
+) -> None:
+    _, run_id, command = launch(
+        daemon, execs, HUNG.format(setup="", enter="if True:", run_id="'ready'")
+    )
     out = daemon.ctl("stack", run_id).stdout
     assert f"== process {command} (python" in out
     assert "hang_here" in out, out
@@ -335,8 +401,7 @@ def test_stack_of_a_hung_plain_script_under_exec(
     assert "no stack could be read" in plain.stderr
 
 
-def test_the_tracker_judges_a_still_run_at_its_due_time_and_takes_it_back_on_progress(
-        ) -> None:
+def test_the_tracker_judges_a_still_run_at_its_due_time_and_takes_it_back_on_progress() -> None:
     sleeper = subprocess.Popen(["sleep", "60"])
     try:
         group = Group(frozenset({sleeper.pid}))

@@ -16,11 +16,17 @@ from conftest import Daemon, wait_for
 SECRET = "s3cr3t-token-7f2c"
 
 
-def runnerctl(daemon: Daemon, *args: str, env: dict[str, str] | None = None,
-              **kwargs: Any) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "runnerd.cli", *args],
-                          env={**daemon.env, **(env or {})}, capture_output=True, text=True,
-                          timeout=120, **kwargs)
+def runnerctl(
+    daemon: Daemon, *args: str, env: dict[str, str] | None = None, **kwargs: Any
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "runnerd.cli", *args],
+        env={**daemon.env, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        **kwargs,
+    )
 
 
 def only_run(daemon: Daemon, experiment: str) -> dict[str, Any]:
@@ -31,8 +37,17 @@ def only_run(daemon: Daemon, experiment: str) -> dict[str, Any]:
 
 
 def test_retry_reruns_the_command_with_the_environment_it_ran_with(daemon: Daemon) -> None:
-    first = runnerctl(daemon, "exec", "--experiment", "env", "--", "sh", "-c",
-                      'echo "FOO=$FOO"; exit 3', env={"FOO": "bar"})
+    first = runnerctl(
+        daemon,
+        "exec",
+        "--experiment",
+        "env",
+        "--",
+        "sh",
+        "-c",
+        'echo "FOO=$FOO"; exit 3',
+        env={"FOO": "bar"},
+    )
     assert (first.returncode, first.stdout) == (3, "FOO=bar\n")
     previous = only_run(daemon, "env")
     again = runnerctl(daemon, "retry", previous["run_id"])  # FOO is not set here
@@ -43,13 +58,29 @@ def test_retry_reruns_the_command_with_the_environment_it_ran_with(daemon: Daemo
 
 
 def test_the_environment_is_shown_only_when_asked(daemon: Daemon) -> None:
-    result = runnerctl(daemon, "exec", "--experiment", "private", "--", "sh", "-c",
-                       "exit 1", env={"API_TOKEN": SECRET})
+    result = runnerctl(
+        daemon,
+        "exec",
+        "--experiment",
+        "private",
+        "--",
+        "sh",
+        "-c",
+        "exit 1",
+        env={"API_TOKEN": SECRET},
+    )
     assert result.returncode == 1
     run_id = only_run(daemon, "private")["run_id"]
-    for args in (["show", run_id], ["show", run_id, "--json"], ["list", "--json"],
-                 ["export"], ["export", "--what", "failures"], ["failures", "--json"],
-                 ["status", "--json"], ["report", "--json"]):
+    for args in (
+        ["show", run_id],
+        ["show", run_id, "--json"],
+        ["list", "--json"],
+        ["export"],
+        ["export", "--what", "failures"],
+        ["failures", "--json"],
+        ["status", "--json"],
+        ["report", "--json"],
+    ):
         out = daemon.ctl(*args).stdout
         assert SECRET not in out, args
     shown = daemon.ctl("show", run_id, "--env").stdout
@@ -70,14 +101,29 @@ HANGS_UNLESS_RESUMED = 'echo "FOO=$FOO" >> "$0"; [ -n "$RUNNERD_CHECKPOINT_DATA"
 
 
 def test_resume_interrupted_relaunches_with_the_environment_and_startup_says_what_it_did(
-        short_tmp: Path, procs: list[subprocess.Popen[str]]) -> None:
+    short_tmp: Path, procs: list[subprocess.Popen[str]]
+) -> None:
     daemon = Daemon(short_tmp).start()
     out = short_tmp / "seen.txt"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "runnerd.cli", "exec", "--experiment", "cut", "--", "sh",
-         "-c", HANGS_UNLESS_RESUMED, str(out)],
-        env={**daemon.env, "FOO": "bar"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True)
+        [
+            sys.executable,
+            "-m",
+            "runnerd.cli",
+            "exec",
+            "--experiment",
+            "cut",
+            "--",
+            "sh",
+            "-c",
+            HANGS_UNLESS_RESUMED,
+            str(out),
+        ],
+        env={**daemon.env, "FOO": "bar"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     procs.append(proc)
     wait_for(lambda: out.exists() and out.read_text() == "FOO=bar\n", what="the command")
     daemon.stop(signal.SIGKILL)  # the machine goes down: the daemon and the run at once
@@ -86,10 +132,16 @@ def test_resume_interrupted_relaunches_with_the_environment_and_startup_says_wha
     daemon.as_if_rebooted()
     daemon = Daemon(short_tmp).start()
     try:
-        said = wait_for(lambda: [line for line in daemon.log.read_text().splitlines()
-                                 if "start-up:" in line][1:], what="the start-up line")
-        assert "replayed 0 spooled events, marked 1 run interrupted; recovered 0 active runs" \
-            in said[0], said
+        said = wait_for(
+            lambda: [line for line in daemon.log.read_text().splitlines() if "start-up:" in line][
+                1:
+            ],
+            what="the start-up line",
+        )
+        assert (
+            "replayed 0 spooled events, marked 1 run interrupted; recovered 0 active runs"
+            in said[0]
+        ), said
         [cut] = daemon.ctl_json("list", "--experiment", "cut")
         assert cut["failure"]["failure_class"] == "Interrupted"
         resumed = runnerctl(daemon, "resume", "--interrupted", env={"FOO": ""})

@@ -32,8 +32,13 @@ MIXED = textwrap.dedent("""
 
 
 def runnerctl(daemon: Daemon, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "runnerd.cli", *args], env=daemon.env,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "runnerd.cli", *args],
+        env=daemon.env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 @pytest.fixture
@@ -42,18 +47,49 @@ def nightly(daemon: Daemon) -> Daemon:
     proc = daemon.python(MIXED)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
-    assert runnerctl(daemon, "exec", "--experiment", "nightly", "--variation", "slow",
-                     "--timeout", "0.5", "--", "sleep", "30").returncode != 0
-    assert runnerctl(daemon, "exec", "--experiment", "nightly", "--variation", "killed",
-                     "--", "sh", "-c", "kill -KILL $$").returncode == 137
+    assert (
+        runnerctl(
+            daemon,
+            "exec",
+            "--experiment",
+            "nightly",
+            "--variation",
+            "slow",
+            "--timeout",
+            "0.5",
+            "--",
+            "sleep",
+            "30",
+        ).returncode
+        != 0
+    )
+    assert (
+        runnerctl(
+            daemon,
+            "exec",
+            "--experiment",
+            "nightly",
+            "--variation",
+            "killed",
+            "--",
+            "sh",
+            "-c",
+            "kill -KILL $$",
+        ).returncode
+        == 137
+    )
     return daemon
 
 
 def test_report_json_counts_each_outcome(nightly: Daemon) -> None:
     body: dict[str, Any] = nightly.ctl_json("report", "--since", "1h")
     assert body["runs"] == 7
-    assert body["counts"] == {"succeeded": 2, "failed_crash": 3, "failed_abandoned": 1,
-                              "failed_timeout": 1}
+    assert body["counts"] == {
+        "succeeded": 2,
+        "failed_crash": 3,
+        "failed_abandoned": 1,
+        "failed_timeout": 1,
+    }
     groups = {g["failure_class"]: g for g in body["failure_groups"]}
     assert groups["ValueError"]["count"] == 2
     assert groups["ValueError"]["category"] == "validation"
@@ -65,18 +101,27 @@ def test_report_json_counts_each_outcome(nightly: Daemon) -> None:
     assert "Failures by signature" in nightly.ctl("report").stdout
 
 
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-                  "--no-first-run", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync",
-                  "--proxy-server=127.0.0.1:9", "--host-resolver-rules=MAP * ~NOTFOUND"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--proxy-server=127.0.0.1:9",
+    "--host-resolver-rules=MAP * ~NOTFOUND",
+]
 
 
 def chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-@pytest.mark.skipif(chromium() is None,
-                    reason="chromium is not installed (.ci/run installs Debian's chromium)")
+@pytest.mark.skipif(
+    chromium() is None, reason="chromium is not installed (.ci/run installs Debian's chromium)"
+)
 def test_report_html_renders_offline_in_a_browser(nightly: Daemon, short_tmp: Path) -> None:
     page = short_tmp / "report.html"
     result = runnerctl(nightly, "report", "--since", "1h", "--html", str(page))
@@ -86,19 +131,33 @@ def test_report_html_renders_offline_in_a_browser(nightly: Daemon, short_tmp: Pa
     browser = chromium()
     assert browser is not None
     profile = short_tmp / "chromium-profile"
-    dom = subprocess.run([browser, *CHROMIUM_FLAGS, f"--user-data-dir={profile}",
-                          "--dump-dom", page.as_uri()],
-                         capture_output=True, text=True, timeout=120)
+    dom = subprocess.run(
+        [browser, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--dump-dom", page.as_uri()],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert dom.returncode == 0, dom.stderr[-2000:]
     bars = re.findall(r'<rect class="bar state-([a-z_]+)"[^>]*fill="(#[0-9a-f]+)"', dom.stdout)
     assert len(bars) == 7
     assert all(COLOURS[state] == colour for state, colour in bars)
     assert sorted(state for state, _ in bars) == sorted(
-        ["succeeded"] * 2 + ["failed_crash"] * 3 + ["failed_abandoned", "failed_timeout"])
+        ["succeeded"] * 2 + ["failed_crash"] * 3 + ["failed_abandoned", "failed_timeout"]
+    )
     assert dom.stdout.count('class="failure-mark"') == 5
     assert dom.stdout.count('<tr class="group">') == 4
     shot = short_tmp / "report.png"
-    subprocess.run([browser, *CHROMIUM_FLAGS, f"--user-data-dir={profile}",
-                    f"--screenshot={shot}", "--window-size=1300,900", page.as_uri()],
-                   capture_output=True, timeout=120, check=True)
+    subprocess.run(
+        [
+            browser,
+            *CHROMIUM_FLAGS,
+            f"--user-data-dir={profile}",
+            f"--screenshot={shot}",
+            "--window-size=1300,900",
+            page.as_uri(),
+        ],
+        capture_output=True,
+        timeout=120,
+        check=True,
+    )
     wait_for(lambda: shot.exists() and shot.stat().st_size > 10_000, what="the screenshot")

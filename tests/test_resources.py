@@ -49,8 +49,14 @@ def test_peak_memory_and_cpu_of_a_run(sampled: Daemon) -> None:
     proc = sampled.python(HUNGRY, stdin=subprocess.PIPE)
     assert proc.stdout is not None
     run_id = proc.stdout.readline().strip()
-    run = wait_for(lambda: (r := sampled.ctl_json("show", run_id))["resources"] and
-                   r["resources"]["peak_rss_bytes"] >= 300 << 20 and r, what="a sample")
+    run = wait_for(
+        lambda: (
+            (r := sampled.ctl_json("show", run_id))["resources"]
+            and r["resources"]["peak_rss_bytes"] >= 300 << 20
+            and r
+        ),
+        what="a sample",
+    )
     use = run["resources"]
     assert 0.8 <= use["cpu_seconds"] <= 5.0
     assert use["limit_bytes"] > use["peak_rss_bytes"]
@@ -60,14 +66,33 @@ def test_peak_memory_and_cpu_of_a_run(sampled: Daemon) -> None:
     proc.communicate("\n", timeout=60)
 
 
-def exec_with_memory(daemon: Daemon, limit: str, megabytes: int, hold: float,
-                     experiment: str) -> subprocess.CompletedProcess[bytes]:
-    code = ("import time\nb = []\n"
-            f"for _ in range({megabytes}):\n    b.append(b'x' * (1 << 20))\n"
-            f"    time.sleep(0.01)\ntime.sleep({hold})")
-    result = subprocess.run([sys.executable, "-m", "runnerd.cli", "exec", "--experiment",
-                             experiment, "--memory", limit, "--", sys.executable, "-c", code],
-                            env=daemon.env, capture_output=True, timeout=120)
+def exec_with_memory(
+    daemon: Daemon, limit: str, megabytes: int, hold: float, experiment: str
+) -> subprocess.CompletedProcess[bytes]:
+    code = (
+        "import time\nb = []\n"
+        f"for _ in range({megabytes}):\n    b.append(b'x' * (1 << 20))\n"
+        f"    time.sleep(0.01)\ntime.sleep({hold})"
+    )
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "runnerd.cli",
+            "exec",
+            "--experiment",
+            experiment,
+            "--memory",
+            limit,
+            "--",
+            sys.executable,
+            "-c",
+            code,
+        ],
+        env=daemon.env,
+        capture_output=True,
+        timeout=120,
+    )
     if result.returncode == 126:
         pytest.skip(f"no writable memory cgroup here: {result.stderr.decode().strip()}")
     return result
@@ -98,8 +123,10 @@ def test_one_warning_per_crossing_of_the_threshold(sampled: Daemon) -> None:
     assert result.returncode == 0, result.stderr
     run = latest(sampled, "near")
     assert run["state"] == "succeeded"
-    events = [json.loads(line) for line in
-              sampled.ctl("follow", run["run_id"], "--json").stdout.splitlines()]
+    events = [
+        json.loads(line)
+        for line in sampled.ctl("follow", run["run_id"], "--json").stdout.splitlines()
+    ]
     warnings = [e for e in events if e["event"] == "memory_warning"]
     assert len(warnings) == 1
     assert len(run["resources"]["warnings"]) == 1
@@ -107,27 +134,38 @@ def test_one_warning_per_crossing_of_the_threshold(sampled: Daemon) -> None:
 
 
 def test_a_sigkill_by_hand_far_below_the_limit_is_not_oom(sampled: Daemon) -> None:
-    proc = sampled.python(textwrap.dedent("""
+    proc = sampled.python(
+        textwrap.dedent("""
         import time
         import runnerd_client as rd
         with rd.run("killed") as run:
             print(run.run_id, flush=True)
             time.sleep(60)
-    """))
+    """)
+    )
     assert proc.stdout is not None
     run_id = proc.stdout.readline().strip()
     wait_for(lambda: sampled.ctl_json("show", run_id)["resources"], what="a sample")
     os.kill(proc.pid, signal.SIGKILL)
     proc.communicate(timeout=30)
-    run = wait_for(lambda: (r := sampled.ctl_json("show", run_id))["state"] == "failed_crash"
-                   and r, what="the crash")
+    run = wait_for(
+        lambda: (r := sampled.ctl_json("show", run_id))["state"] == "failed_crash" and r,
+        what="the crash",
+    )
     assert run["failure"]["category"] != "oom"
     assert run["failure"]["failure_class"] == "ProcessExited"
 
 
-@pytest.mark.parametrize(("text", "size"), [
-    ("100M", 100 << 20), ("2G", 2 << 30), ("1.5GiB", 3 << 29), ("4096", 4096), ("64k", 65536),
-])
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [
+        ("100M", 100 << 20),
+        ("2G", 2 << 30),
+        ("1.5GiB", 3 << 29),
+        ("4096", 4096),
+        ("64k", 65536),
+    ],
+)
 def test_parse_size(text: str, size: int) -> None:
     assert parse_size(text) == size
 
@@ -137,8 +175,10 @@ def test_a_shared_process_is_sampled_once_and_unchanged_runs_cost_nothing() -> N
     changed, so no run is updated and nothing would be written."""
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        wait_for(lambda: Path(f"/proc/{sleeper.pid}/stat").read_text().split()[2] == "S",
-                 what="the sleeper to sleep")
+        wait_for(
+            lambda: Path(f"/proc/{sleeper.pid}/stat").read_text().split()[2] == "S",
+            what="the sleeper to sleep",
+        )
         runs = {f"run-{i}": {sleeper.pid} for i in range(1000)}
         sampler = Sampler(None, lambda: runs, 5.0, 0.9)  # type: ignore[arg-type]
         sampler.group_runs(0.0)
@@ -146,7 +186,8 @@ def test_a_shared_process_is_sampled_once_and_unchanged_runs_cost_nothing() -> N
         first = sampler.measure(0.0)
         assert len(first.changed) == 1000
         assert {sampler.usage[r].rss_bytes for r in runs} == {
-            next(iter(sampler.groups.values())).rss}
+            next(iter(sampler.groups.values())).rss
+        }
         assert sampler.measure(5.0).changed == []
         runs["late"] = {sleeper.pid}
         sampler.group_runs(10.0)

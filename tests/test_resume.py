@@ -50,20 +50,28 @@ def lines_until(proc: subprocess.Popen[str], wanted: str) -> list[str]:
 
 
 def test_a_killed_run_resumes_from_its_last_checkpoint(
-        daemon: Daemon, procs: list[subprocess.Popen[str]]) -> None:
+    daemon: Daemon, procs: list[subprocess.Popen[str]]
+) -> None:
     first = daemon.python(TRAIN, "0.1", "slow")
     procs.append(first)
     lines_until(first, "epoch 3")
     first.send_signal(signal.SIGKILL)
     first.communicate(timeout=30)
-    killed = wait_for(lambda: next((r for r in daemon.ctl_json("list", "--experiment", "train")
-                                    if r["state"] == "failed_crash"), None),
-                      what="the killed run to be failed_crash")
+    killed = wait_for(
+        lambda: next(
+            (
+                r
+                for r in daemon.ctl_json("list", "--experiment", "train")
+                if r["state"] == "failed_crash"
+            ),
+            None,
+        ),
+        what="the killed run to be failed_crash",
+    )
 
     out, err = daemon.python(TRAIN, "0.1").communicate(timeout=60)
     assert f"resumed {killed['run_id']} 3" in out, err
-    assert [line for line in out.splitlines() if line.startswith("epoch")] == \
-        ["epoch 4", "epoch 5"]
+    assert [line for line in out.splitlines() if line.startswith("epoch")] == ["epoch 4", "epoch 5"]
     second = daemon.ctl_json("show", out.split()[-1])
     assert second["state"] == "succeeded"
     assert second["resumed_from"] == killed["run_id"]
@@ -76,7 +84,8 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(
 
 
 def test_a_resume_with_changed_params_is_refused_naming_them(
-        daemon: Daemon, procs: list[subprocess.Popen[str]]) -> None:
+    daemon: Daemon, procs: list[subprocess.Popen[str]]
+) -> None:
     first = daemon.python(TRAIN, "0.1", "slow")
     procs.append(first)
     lines_until(first, "epoch 3")
@@ -113,13 +122,28 @@ def launch(daemon: Daemon, name: str, *extra: str, hang_at: str = "2") -> subpro
     script = daemon.root / "epochs.py"
     script.write_text(EPOCHS)
     return subprocess.Popen(
-        [sys.executable, "-m", "runnerd.cli", "exec", "--experiment", name, *extra, "--",
-         sys.executable, str(script)], env={**daemon.env, "HANG_AT": hang_at}, text=True,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        [
+            sys.executable,
+            "-m",
+            "runnerd.cli",
+            "exec",
+            "--experiment",
+            name,
+            *extra,
+            "--",
+            sys.executable,
+            str(script),
+        ],
+        env={**daemon.env, "HANG_AT": hang_at},
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
 
 
 def test_a_machine_crash_leaves_exactly_its_runs_interrupted_and_resume_relaunches_them(
-        short_tmp: Path, procs: list[subprocess.Popen[str]]) -> None:
+    short_tmp: Path, procs: list[subprocess.Popen[str]]
+) -> None:
     daemon = Daemon(short_tmp).start()
     ok = daemon.ctl("exec", "--experiment", "fine", "--", "true")
     assert ok.returncode == 0
@@ -136,8 +160,11 @@ def test_a_machine_crash_leaves_exactly_its_runs_interrupted_and_resume_relaunch
 
     daemon = Daemon(short_tmp).start()
     try:
-        interrupted = [r for r in daemon.ctl_json("list", "--limit", "100")
-                       if (r["failure"] or {}).get("failure_class") == "Interrupted"]
+        interrupted = [
+            r
+            for r in daemon.ctl_json("list", "--limit", "100")
+            if (r["failure"] or {}).get("failure_class") == "Interrupted"
+        ]
         assert sorted(r["experiment"] for r in interrupted) == ["job0", "job1", "job2"]
         assert {r["state"] for r in interrupted} == {"failed_abandoned"}
         plan = daemon.ctl_json("resume", "--interrupted", "--dry-run")
@@ -161,7 +188,8 @@ def test_a_machine_crash_leaves_exactly_its_runs_interrupted_and_resume_relaunch
 
 
 def test_the_daemon_resumes_interrupted_runs_itself_when_configured(
-        short_tmp: Path, procs: list[subprocess.Popen[str]]) -> None:
+    short_tmp: Path, procs: list[subprocess.Popen[str]]
+) -> None:
     daemon = Daemon(short_tmp).start()
     hanging = launch(daemon, "auto")
     procs.append(hanging)
@@ -175,9 +203,15 @@ def test_the_daemon_resumes_interrupted_runs_itself_when_configured(
     config.write_text("resume_interrupted = true\n")
     daemon = Daemon(short_tmp).start()
     try:
-        resumed = wait_for(lambda: [r for r in daemon.ctl_json("list") if r["resumed_from"]
-                                    and r["state"] == "succeeded"], timeout=30,
-                           what="the interrupted run to be relaunched and succeed")
+        resumed = wait_for(
+            lambda: [
+                r
+                for r in daemon.ctl_json("list")
+                if r["resumed_from"] and r["state"] == "succeeded"
+            ],
+            timeout=30,
+            what="the interrupted run to be relaunched and succeed",
+        )
         assert len(resumed) == 1
         assert resumed[0]["experiment"] == "auto"
     finally:

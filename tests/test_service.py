@@ -34,10 +34,13 @@ def test_notify_ready_status_watchdog_and_stopping(short_tmp: Path) -> None:
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     notify.bind(str(short_tmp / "notify.sock"))
     daemon = Daemon(short_tmp)
-    env = {**daemon.env, "NOTIFY_SOCKET": str(short_tmp / "notify.sock"),
-           "WATCHDOG_USEC": "400000"}
-    proc = subprocess.Popen([sys.executable, "-m", "runnerd"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {**daemon.env, "NOTIFY_SOCKET": str(short_tmp / "notify.sock"), "WATCHDOG_USEC": "400000"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "runnerd"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         notify.settimeout(15)
         first = notify.recv(4096).decode()
@@ -64,18 +67,25 @@ def test_socket_activation(short_tmp: Path) -> None:
     listening.bind(str(path))
     listening.listen()
     daemon = Daemon(short_tmp)
-    env = {**daemon.env, "RUNNERD_SOCKET": str(short_tmp / "not-this-one.sock"),
-           "LISTEN_FDS": "1"}
+    env = {**daemon.env, "RUNNERD_SOCKET": str(short_tmp / "not-this-one.sock"), "LISTEN_FDS": "1"}
     fd = listening.fileno()
     proc = subprocess.Popen(
         ["sh", "-c", 'LISTEN_PID=$$ exec "$@"', "sh", sys.executable, "-m", "runnerd"],
-        env=env, preexec_fn=lambda: os.dup2(fd, 3), close_fds=False,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        env=env,
+        preexec_fn=lambda: os.dup2(fd, 3),
+        close_fds=False,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     listening.close()
     try:
-        result = subprocess.run([sys.executable, "-m", "runnerd.cli", "--socket", str(path),
-                                 "status", "--json"], env=daemon.env, capture_output=True,
-                                text=True, timeout=60)
+        result = subprocess.run(
+            [sys.executable, "-m", "runnerd.cli", "--socket", str(path), "status", "--json"],
+            env=daemon.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert result.returncode == 0, result.stderr
         assert not (short_tmp / "not-this-one.sock").exists()
         proc.send_signal(signal.SIGTERM)
@@ -87,44 +97,76 @@ def test_socket_activation(short_tmp: Path) -> None:
             proc.wait()
 
 
-@pytest.mark.skipif(shutil.which("systemd-analyze") is None,
-                    reason="systemd-analyze is not installed (Debian package: systemd)")
+@pytest.mark.skipif(
+    shutil.which("systemd-analyze") is None,
+    reason="systemd-analyze is not installed (Debian package: systemd)",
+)
 def test_installed_units_pass_systemd_analyze_verify(short_tmp: Path) -> None:
-    env = {**os.environ, "XDG_CONFIG_HOME": str(short_tmp / "config"),
-           "XDG_RUNTIME_DIR": str(short_tmp / "rt")}
+    env = {
+        **os.environ,
+        "XDG_CONFIG_HOME": str(short_tmp / "config"),
+        "XDG_RUNTIME_DIR": str(short_tmp / "rt"),
+    }
     (short_tmp / "rt").mkdir(mode=0o700)
-    out = subprocess.run([sys.executable, "-m", "runnerd.cli", "service", "install",
-                          "--no-enable"], env=env, capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "runnerd.cli", "service", "install", "--no-enable"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     units = short_tmp / "config" / "systemd" / "user"
     service = (units / "runnerd.service").read_text()
     assert f"ExecStart={sys.executable} -m runnerd" in service
     assert "Type=notify" in service and "WatchdogSec=" in service
-    verify = subprocess.run(["systemd-analyze", "--user", "verify",
-                             str(units / "runnerd.service"), str(units / "runnerd.socket")],
-                            env=env, capture_output=True, text=True, timeout=60)
+    verify = subprocess.run(
+        [
+            "systemd-analyze",
+            "--user",
+            "verify",
+            str(units / "runnerd.service"),
+            str(units / "runnerd.socket"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert verify.returncode == 0, verify.stderr
-    removed = subprocess.run([sys.executable, "-m", "runnerd.cli", "service", "uninstall"],
-                             env=env, capture_output=True, text=True, timeout=60)
+    removed = subprocess.run(
+        [sys.executable, "-m", "runnerd.cli", "service", "uninstall"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert removed.returncode == 0 and not (units / "runnerd.service").exists()
 
 
 def start_fails(daemon: Daemon, *args: str) -> str:
-    result = subprocess.run([sys.executable, "-m", "runnerd", *args], env=daemon.env,
-                            capture_output=True, text=True, timeout=30)
+    result = subprocess.run(
+        [sys.executable, "-m", "runnerd", *args],
+        env=daemon.env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert result.returncode == 1, result.stderr
     return result.stderr
 
 
-@pytest.mark.parametrize(("text", "words"), [
-    ("heartbeat_timeout = 'soon'\n", ["heartbeat_timeout", "wrong type"]),
-    ("lost_grace = -5\n", ["lost_grace", "positive"]),
-    ("watched_dirs = ['relative/dir']\n", ["watched_dirs", "absolute"]),
-    ("synchronous = 'SOMETIMES'\n", ["synchronous"]),
-    ("this is not toml\n", ["config.toml"]),
-])
-def test_config_errors_name_the_file_and_key(short_tmp: Path, text: str,
-                                              words: list[str]) -> None:
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("heartbeat_timeout = 'soon'\n", ["heartbeat_timeout", "wrong type"]),
+        ("lost_grace = -5\n", ["lost_grace", "positive"]),
+        ("watched_dirs = ['relative/dir']\n", ["watched_dirs", "absolute"]),
+        ("synchronous = 'SOMETIMES'\n", ["synchronous"]),
+        ("this is not toml\n", ["config.toml"]),
+    ],
+)
+def test_config_errors_name_the_file_and_key(short_tmp: Path, text: str, words: list[str]) -> None:
     daemon = Daemon(short_tmp)
     config = short_tmp / "config" / "runnerd" / "config.toml"
     config.parent.mkdir(parents=True)
@@ -140,10 +182,16 @@ def test_check_config_accepts_a_good_file(short_tmp: Path) -> None:
     daemon = Daemon(short_tmp)
     config = short_tmp / "config" / "runnerd" / "config.toml"
     config.parent.mkdir(parents=True)
-    config.write_text("heartbeat_timeout = 60\nretention = 86400\n"
-                      f"watched_dirs = ['{short_tmp}']\n")
-    result = subprocess.run([sys.executable, "-m", "runnerd", "--check-config"],
-                            env=daemon.env, capture_output=True, text=True, timeout=30)
+    config.write_text(
+        f"heartbeat_timeout = 60\nretention = 86400\nwatched_dirs = ['{short_tmp}']\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "runnerd", "--check-config"],
+        env=daemon.env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert result.returncode == 0
     assert "valid" in result.stdout
 
@@ -160,8 +208,13 @@ def test_a_registry_from_a_newer_runnerd_is_refused(short_tmp: Path) -> None:
 def test_journal_format_under_systemd(short_tmp: Path) -> None:
     daemon = Daemon(short_tmp)
     env = {**daemon.env, "JOURNAL_STREAM": "8:12345"}
-    proc = subprocess.Popen([sys.executable, "-m", "runnerd"], env=env, text=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "runnerd"],
+        env=env,
+        text=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     wait_for(daemon.socket.exists, what="the socket")
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=30)
@@ -183,8 +236,9 @@ WRITERS = textwrap.dedent("""
 
 def test_backup_while_8_clients_write_is_consistent(daemon: Daemon, short_tmp: Path) -> None:
     writers = [daemon.python(WRITERS, "150", str(n)) for n in range(8)]
-    wait_for(lambda: len(daemon.ctl_json("list", "--limit", "10000")) >= 100,
-             what="writes under way")
+    wait_for(
+        lambda: len(daemon.ctl_json("list", "--limit", "10000")) >= 100, what="writes under way"
+    )
     target = short_tmp / "backup.sqlite3"
     result = daemon.ctl("backup", str(target))
     for proc in writers:
@@ -197,10 +251,12 @@ def test_backup_while_8_clients_write_is_consistent(daemon: Daemon, short_tmp: P
         assert 100 <= runs <= 1200
         mismatched = copy.execute(
             "SELECT COUNT(*) FROM runs r WHERE r.state != (SELECT to_state FROM transitions t"
-            " WHERE t.run_id = r.run_id ORDER BY seq DESC LIMIT 1)").fetchone()[0]
+            " WHERE t.run_id = r.run_id ORDER BY seq DESC LIMIT 1)"
+        ).fetchone()[0]
         assert mismatched == 0
-        orphans = copy.execute("SELECT COUNT(*) FROM failures WHERE run_id NOT IN"
-                               " (SELECT run_id FROM runs)").fetchone()[0]
+        orphans = copy.execute(
+            "SELECT COUNT(*) FROM failures WHERE run_id NOT IN (SELECT run_id FROM runs)"
+        ).fetchone()[0]
         assert orphans == 0
     assert len(daemon.ctl_json("list", "--limit", "10000")) == 1200
 
@@ -229,8 +285,7 @@ def test_prune_removes_only_what_it_says(daemon: Daemon) -> None:
 
     try:
         assert daemon.ctl_json("prune", "--older-than", "1d")["count"] == 0
-        dry = daemon.ctl_json("prune", "--older-than", "0", "--state", "failed_crash",
-                              "--dry-run")
+        dry = daemon.ctl_json("prune", "--older-than", "0", "--state", "failed_crash", "--dry-run")
         assert dry["count"] == 2 and dry["dry_run"] is True
         assert len(states()) == 6
         done = daemon.ctl_json("prune", "--older-than", "0", "--state", "failed_crash")

@@ -71,7 +71,8 @@ def test_history_made_without_a_daemon_appears_once_when_it_starts(short_tmp: Pa
 
 
 def test_client_started_before_the_daemon_goes_live_when_it_arrives(
-        short_tmp: Path, procs: list[subprocess.Popen[str]]) -> None:
+    short_tmp: Path, procs: list[subprocess.Popen[str]]
+) -> None:
     daemon = Daemon(short_tmp)
     proc = daemon.python(FULL_RUN, "wait", stdin=subprocess.PIPE)
     procs.append(proc)
@@ -92,7 +93,8 @@ def test_client_started_before_the_daemon_goes_live_when_it_arrives(
 
 
 def test_client_killed_while_spooling_is_replayed_then_marked_crashed(
-        short_tmp: Path, procs: list[subprocess.Popen[str]]) -> None:
+    short_tmp: Path, procs: list[subprocess.Popen[str]]
+) -> None:
     """Its spooled history is applied first; then, its process gone in this boot while
     unwatched, the reconciler calls it crashed (SPEC §2: it exited on its own)."""
     daemon = Daemon(short_tmp)
@@ -109,8 +111,7 @@ def test_client_killed_while_spooling_is_replayed_then_marked_crashed(
         assert run["state"] == "failed_crash"
         assert run["failure"]["failure_class"] == "ProcessExited"
         assert run["heartbeats"] == 5
-        assert [t["to"] for t in run["transitions"]] == ["pending", "running",
-                                                          "failed_crash"]
+        assert [t["to"] for t in run["transitions"]] == ["pending", "running", "failed_crash"]
     finally:
         daemon.stop()
 
@@ -137,14 +138,17 @@ WORKLOAD = textwrap.dedent("""
 
 
 def test_daemon_sigkilled_under_load_loses_no_acknowledged_event(
-        short_tmp: Path, procs: list[subprocess.Popen[str]]) -> None:
+    short_tmp: Path, procs: list[subprocess.Popen[str]]
+) -> None:
     daemon = Daemon(short_tmp).start()
     clients = [daemon.python(WORKLOAD, str(n), "4") for n in range(16)]
     procs += clients  # reaped, their pipes closed, however the test ends
     try:
         for _ in range(3):
-            wait_for(lambda: len(daemon.ctl_json("list", "--limit", "10000")) >= 4,
-                     what="clients to make progress")
+            wait_for(
+                lambda: len(daemon.ctl_json("list", "--limit", "10000")) >= 4,
+                what="clients to make progress",
+            )
             daemon.stop(signal.SIGKILL)
             daemon.start()
         results = []
@@ -153,8 +157,10 @@ def test_daemon_sigkilled_under_load_loses_no_acknowledged_event(
             assert proc.returncode == 0, err
             assert "Traceback" not in err
             results += json.loads(out)
-        runs = {r["run_id"]: r for r in daemon.ctl_json("list", "--experiment", "chaos",
-                                                          "--limit", "10000")}
+        runs = {
+            r["run_id"]: r
+            for r in daemon.ctl_json("list", "--experiment", "chaos", "--limit", "10000")
+        }
         assert len(runs) == len(results) == 64
         assert any(live for _, live in results)
         for run_id, _ in results:
@@ -169,8 +175,7 @@ def test_daemon_sigkilled_under_load_loses_no_acknowledged_event(
 
 def test_a_spool_cut_short_by_a_crash_ends_at_the_last_whole_frame() -> None:
     events = [Heartbeat(run_id="R", seq=n) for n in range(1, 4)] + [Succeed(key="k", run_id="R")]
-    data = frame({"spool": 1, "pid": os.getpid()}) + b"".join(
-        frame(request_map(e)) for e in events)
+    data = frame({"spool": 1, "pid": os.getpid()}) + b"".join(frame(request_map(e)) for e in events)
     whole = [req for req, _ in parse(data)]
     assert whole == [None, *events]
     cut = [req for req, _ in parse(data[:-3])]

@@ -21,8 +21,9 @@ from runnerd_client.protocol import Artifact, Create, Get, ListRuns, RunnerdErro
 
 def create(conn: Connection, experiment: str = "storage") -> str:
     run_id = new_run_id()
-    conn.call(Create(key=new_key(), run_id=run_id, experiment=experiment, params={
-        "padding": "x" * 2000}))
+    conn.call(
+        Create(key=new_key(), run_id=run_id, experiment=experiment, params={"padding": "x" * 2000})
+    )
     return run_id
 
 
@@ -31,8 +32,11 @@ def tmpfs(mount: Path, size: str = "2m") -> Iterator[Path]:
     """A small private (0700) tmpfs mounted on the new folder `mount` (the test is skipped
     where mounting is not allowed)."""
     mount.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs",
-                             str(mount)], capture_output=True, text=True)
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(mount)],
+        capture_output=True,
+        text=True,
+    )
     if result.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs here: {result.stderr.strip()}")
     try:
@@ -63,7 +67,8 @@ def fill(folder: Path, leave: int) -> Path:
 
 
 def test_full_disk_answers_unavailable_keeps_reads_and_recovers(
-        short_tmp: Path, small_disk: Path) -> None:
+    short_tmp: Path, small_disk: Path
+) -> None:
     daemon = Daemon(short_tmp).start()
     try:
         conn = Connection(daemon.socket)
@@ -113,8 +118,12 @@ def test_locked_database_waits_then_answers_unavailable(short_tmp: Path) -> None
     try:
         conn = Connection(daemon.socket)
         before = create(conn)
-        locker = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(daemon.db)],
-                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        locker = subprocess.Popen(
+            [sys.executable, "-c", HOLD_LOCK, str(daemon.db)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         assert locker.stdout is not None and locker.stdout.readline().strip() == "locked"
         with pytest.raises(RunnerdError) as refused:
             create(conn)
@@ -144,8 +153,9 @@ SPOOLING_CLIENT = textwrap.dedent("""
 """)
 
 
-def test_a_client_whose_spool_disk_is_full_still_finishes(short_tmp: Path,
-                                                          small_disk: Path) -> None:
+def test_a_client_whose_spool_disk_is_full_still_finishes(
+    short_tmp: Path, small_disk: Path
+) -> None:
     daemon = Daemon(short_tmp)  # never started: the client must spool, not beside the registry
     fill(small_disk, leave=0)
     proc = daemon.python(SPOOLING_CLIENT)
@@ -156,7 +166,8 @@ def test_a_client_whose_spool_disk_is_full_still_finishes(short_tmp: Path,
 
 
 def test_artifact_paths_are_normalized_and_symlinks_followed_as_documented(
-        daemon: Daemon, short_tmp: Path) -> None:
+    daemon: Daemon, short_tmp: Path
+) -> None:
     conn = Connection(daemon.socket)
     run_id = create(conn)
     target = short_tmp / "files" / "model.bin"
@@ -165,13 +176,16 @@ def test_artifact_paths_are_normalized_and_symlinks_followed_as_documented(
     link = short_tmp / "latest.bin"
     link.symlink_to(target)
     (short_tmp / "dir-link").symlink_to(short_tmp / "files")
-    dotted = conn.call(Artifact(key=new_key(), run_id=run_id,
-                                path=f"{short_tmp}/files/../files/./model.bin"))
+    dotted = conn.call(
+        Artifact(key=new_key(), run_id=run_id, path=f"{short_tmp}/files/../files/./model.bin")
+    )
     assert dotted["path"] == str(target)
     linked = conn.call(Artifact(key=new_key(), run_id=run_id, path=str(link)))
     assert linked["path"] == str(link) and linked["sha256"] == dotted["sha256"]
-    for bad, words in ((short_tmp / "dir-link", "directory"),
-                       (short_tmp / "dangling", "does not exist")):
+    for bad, words in (
+        (short_tmp / "dir-link", "directory"),
+        (short_tmp / "dangling", "does not exist"),
+    ):
         if bad.name == "dangling":
             bad.symlink_to(short_tmp / "nowhere")
         with pytest.raises(RunnerdError) as refused:

@@ -61,19 +61,42 @@ def error(conn: RawClient, op: str, /, **fields: Any) -> tuple[str, str]:
 
 def new_sweep(conn: RawClient, experiment: str, grid: dict[str, list[Any]]) -> str:
     sweep_id = new_run_id()
-    ok(conn, "sweep_create", key=new_key(), sweep_id=sweep_id, experiment=experiment,
-       spec={"kind": "command", "command": ["true"], "cwd": "/", "grid": grid},
-       failure_policy="continue_on_failure")
+    ok(
+        conn,
+        "sweep_create",
+        key=new_key(),
+        sweep_id=sweep_id,
+        experiment=experiment,
+        spec={"kind": "command", "command": ["true"], "cwd": "/", "grid": grid},
+        failure_policy="continue_on_failure",
+    )
     return sweep_id
 
 
-def claim(conn: RawClient, sweep_id: str, experiment: str, cell: int, params: dict[str, Any],
-          after: str | None = None, **extra: Any) -> tuple[str, dict[str, Any]]:
+def claim(
+    conn: RawClient,
+    sweep_id: str,
+    experiment: str,
+    cell: int,
+    params: dict[str, Any],
+    after: str | None = None,
+    **extra: Any,
+) -> tuple[str, dict[str, Any]]:
     run_id = new_run_id()
     fields = {"claim_after": after} if after else {}
-    reply = call(conn, "create", key=new_key(), run_id=run_id, experiment=experiment,
-                 variation=variation(params), params=params, sweep_id=sweep_id, cell=cell,
-                 **fields, **extra)
+    reply = call(
+        conn,
+        "create",
+        key=new_key(),
+        run_id=run_id,
+        experiment=experiment,
+        variation=variation(params),
+        params=params,
+        sweep_id=sweep_id,
+        cell=cell,
+        **fields,
+        **extra,
+    )
     return run_id, reply
 
 
@@ -86,9 +109,17 @@ def test_a_cell_is_claimed_once_per_attempt_it_follows(conn: RawClient) -> None:
     sweep_id = new_sweep(conn, "claims", {"x": [1, 2]})
     first, reply = claim(conn, sweep_id, "claims", 0, {"x": 1})
     assert reply["ok"] and reply["attempt"] == 1
-    code, message = error(conn, "create", key=new_key(), run_id=new_run_id(),
-                          experiment="claims", variation="x=1", params={"x": 1},
-                          sweep_id=sweep_id, cell=0)
+    code, message = error(
+        conn,
+        "create",
+        key=new_key(),
+        run_id=new_run_id(),
+        experiment="claims",
+        variation="x=1",
+        params={"x": 1},
+        sweep_id=sweep_id,
+        cell=0,
+    )
     assert code == "conflict" and first in message  # planned as a first attempt: too late
     _, reply = claim(conn, sweep_id, "claims", 0, {"x": 1}, after=first)
     assert reply["error"]["code"] == "conflict"
@@ -99,8 +130,10 @@ def test_a_cell_is_claimed_once_per_attempt_it_follows(conn: RawClient) -> None:
     _, reply = claim(conn, sweep_id, "claims", 0, {"x": 1}, after=first)
     assert reply["error"]["code"] == "conflict"  # the other resume got there first
     cells = ok(conn, "sweep_cells", sweep=sweep_id)["cells"]
-    assert [(c["index"], c["attempts"], c["run_id"], c["state"]) for c in cells] == \
-        [(0, 2, second, "running"), (1, 0, None, "pending")]  # a pending attempt is live
+    assert [(c["index"], c["attempts"], c["run_id"], c["state"]) for c in cells] == [
+        (0, 2, second, "running"),
+        (1, 0, None, "pending"),
+    ]  # a pending attempt is live
 
 
 def test_a_cell_that_succeeded_meanwhile_is_not_claimed_again(conn: RawClient) -> None:
@@ -114,8 +147,7 @@ def test_a_cell_that_succeeded_meanwhile_is_not_claimed_again(conn: RawClient) -
     assert f"succeeded meanwhile (run {first})" in reply["error"]["message"]
 
 
-def test_a_replicating_attempt_is_linked_to_its_cell_and_claims_nothing(
-        conn: RawClient) -> None:
+def test_a_replicating_attempt_is_linked_to_its_cell_and_claims_nothing(conn: RawClient) -> None:
     sweep_id = new_sweep(conn, "replicated", {"x": [1, 2]})
     first, _ = claim(conn, sweep_id, "replicated", 0, {"x": 1})
     end(conn, first, reason="crash", message="boom")
@@ -130,8 +162,9 @@ def test_a_replicating_attempt_is_linked_to_its_cell_and_claims_nothing(
     assert (linked["sweep_id"], linked["cell"]) == (sweep_id, 0)
     _, reply = claim(conn, sweep_id, "replicated", 0, {"x": 2}, replicates=True)
     assert reply["error"]["code"] == "bad_request"  # not that cell's variation
-    code, _ = error(conn, "create", key=new_key(), run_id=new_run_id(),
-                    experiment="replicated", replicates=True)
+    code, _ = error(
+        conn, "create", key=new_key(), run_id=new_run_id(), experiment="replicated", replicates=True
+    )
     assert code == "bad_request"  # replicating no cell
 
 
@@ -143,18 +176,26 @@ def test_a_claim_must_name_the_cells_experiment_and_variation(conn: RawClient) -
     assert reply["error"]["code"] == "bad_request"
     _, reply = claim(conn, sweep_id, "names", 5, {"x": 1})
     assert "no cell 5" in reply["error"]["message"]
-    code, _ = error(conn, "create", key=new_key(), run_id=new_run_id(), experiment="names",
-                    sweep_id=sweep_id)
+    code, _ = error(
+        conn, "create", key=new_key(), run_id=new_run_id(), experiment="names", sweep_id=sweep_id
+    )
     assert code == "bad_request"  # a sweep without a cell
     _, reply = claim(conn, "NOSUCHSWEEP", "names", 0, {"x": 1})
     assert reply["error"]["code"] == "unknown_run"
 
 
-def test_resume_links_to_the_last_unsuccessful_attempt_and_its_checkpoint(
-        conn: RawClient) -> None:
+def test_resume_links_to_the_last_unsuccessful_attempt_and_its_checkpoint(conn: RawClient) -> None:
     def create(params: dict[str, Any]) -> dict[str, Any]:
-        return call(conn, "create", key=new_key(), run_id=new_run_id(), experiment="ckpt",
-                    variation="v", params=params, resume=True)
+        return call(
+            conn,
+            "create",
+            key=new_key(),
+            run_id=new_run_id(),
+            experiment="ckpt",
+            variation="v",
+            params=params,
+            resume=True,
+        )
 
     first = create({"lr": 0.1})
     assert first["ok"] and "resumed_from" not in first
@@ -180,23 +221,35 @@ def test_resume_links_to_the_last_unsuccessful_attempt_and_its_checkpoint(
     assert fresh["ok"] and "resumed_from" not in fresh  # after a success: a fresh start
 
 
-@pytest.mark.parametrize(("fields", "code", "words"), [
-    ({"spec": {"grid": {}}}, "bad_request", "grid"),
-    ({"spec": {"grid": {"x": []}}}, "bad_request", "non-empty list"),
-    ({"spec": {"grid": {"x": 1}}}, "bad_request", "non-empty list"),
-    ({"spec": {"cells": [1, 2]}}, "bad_request", "list of maps"),
-    ({"spec": {"grid": {"x": list(range(1001)), "y": list(range(1000))}}}, "bad_request",
-     "1000000 cells, not 1001000"),
-    ({"failure_policy": "sometimes"}, "bad_request", "failure_policy"),
-    ({"experiment": ""}, "bad_request", "experiment"),
-    ({"sweep_id": "no spaces"}, "bad_request", "sweep_id"),
-    ({"folder": "relative/dir"}, "bad_request", "absolute"),
-    ({"spec": "not a map"}, "bad_request", "spec"),
-])
-def test_a_malformed_sweep_is_refused(conn: RawClient, fields: dict[str, Any], code: str,
-                                      words: str) -> None:
-    request = {"key": new_key(), "sweep_id": new_run_id(), "experiment": "bad",
-               "spec": {"grid": {"x": [1]}}, **fields}
+@pytest.mark.parametrize(
+    ("fields", "code", "words"),
+    [
+        ({"spec": {"grid": {}}}, "bad_request", "grid"),
+        ({"spec": {"grid": {"x": []}}}, "bad_request", "non-empty list"),
+        ({"spec": {"grid": {"x": 1}}}, "bad_request", "non-empty list"),
+        ({"spec": {"cells": [1, 2]}}, "bad_request", "list of maps"),
+        (
+            {"spec": {"grid": {"x": list(range(1001)), "y": list(range(1000))}}},
+            "bad_request",
+            "1000000 cells, not 1001000",
+        ),
+        ({"failure_policy": "sometimes"}, "bad_request", "failure_policy"),
+        ({"experiment": ""}, "bad_request", "experiment"),
+        ({"sweep_id": "no spaces"}, "bad_request", "sweep_id"),
+        ({"folder": "relative/dir"}, "bad_request", "absolute"),
+        ({"spec": "not a map"}, "bad_request", "spec"),
+    ],
+)
+def test_a_malformed_sweep_is_refused(
+    conn: RawClient, fields: dict[str, Any], code: str, words: str
+) -> None:
+    request = {
+        "key": new_key(),
+        "sweep_id": new_run_id(),
+        "experiment": "bad",
+        "spec": {"grid": {"x": [1]}},
+        **fields,
+    }
     got, message = error(conn, "sweep_create", **request)
     assert got == code
     assert words in message
@@ -207,25 +260,41 @@ def test_sweep_reads_and_ends_answer_clearly(conn: RawClient) -> None:
     assert error(conn, "sweep_cells", sweep="NOPE")[0] == "unknown_run"
     assert error(conn, "sweep_cells", sweep="x", limit=0)[0] == "bad_request"
     sweep_id = new_sweep(conn, "ends", {"x": [1, 2, 3]})
-    assert error(conn, "sweep_end", key=new_key(), sweep_id=sweep_id,
-                 status="running")[0] == "bad_request"
-    assert error(conn, "sweep_end", key=new_key(), sweep_id="NOPE",
-                 status="failed")[0] == "unknown_run"
-    duplicate = error(conn, "sweep_create", key=new_key(), sweep_id=sweep_id, experiment="x",
-                      spec={"grid": {"x": [1]}})
+    assert (
+        error(conn, "sweep_end", key=new_key(), sweep_id=sweep_id, status="running")[0]
+        == "bad_request"
+    )
+    assert (
+        error(conn, "sweep_end", key=new_key(), sweep_id="NOPE", status="failed")[0]
+        == "unknown_run"
+    )
+    duplicate = error(
+        conn,
+        "sweep_create",
+        key=new_key(),
+        sweep_id=sweep_id,
+        experiment="x",
+        spec={"grid": {"x": [1]}},
+    )
     assert duplicate[0] == "conflict"
     key = new_key()
     first = ok(conn, "sweep_end", key=key, sweep_id=sweep_id, status="failed", skip=True)
     assert first["skipped"] == 3
-    assert ok(conn, "sweep_end", key=key, sweep_id=sweep_id, status="failed",
-              skip=True)["skipped"] == 3  # a replay answers the first reply
+    assert (
+        ok(conn, "sweep_end", key=key, sweep_id=sweep_id, status="failed", skip=True)["skipped"]
+        == 3
+    )  # a replay answers the first reply
     sweep = ok(conn, "sweep_get", sweep=sweep_id[:12])["sweep"]
     assert sweep["status"] == "failed"
     assert sweep["cells_summary"]["skipped"] == 3
     manifest = json.loads(Path(sweep["manifest"]).read_text())
     assert manifest["cells_summary"] == sweep["cells_summary"]
-    assert error(conn, "fail", key=new_key(), run_id=new_run_id(), reason="crash",
-                 cause="Not Allowed")[0] == "bad_request"
+    assert (
+        error(
+            conn, "fail", key=new_key(), run_id=new_run_id(), reason="crash", cause="Not Allowed"
+        )[0]
+        == "bad_request"
+    )
 
 
 def test_a_version_2_registry_is_upgraded_in_place(short_tmp: Path) -> None:
@@ -234,8 +303,10 @@ def test_a_version_2_registry_is_upgraded_in_place(short_tmp: Path) -> None:
     db = sqlite3.connect(daemon.db)
     for number, script in enumerate(MIGRATIONS[:2], start=1):
         db.executescript(f"{script}; PRAGMA user_version = {number};")
-    db.execute("INSERT INTO runs (run_id, experiment, variation, attempt, state, params, tags,"
-               " created_at) VALUES ('OLD1', 'old', 'default', 1, 'succeeded', '{}', '{}', 1)")
+    db.execute(
+        "INSERT INTO runs (run_id, experiment, variation, attempt, state, params, tags,"
+        " created_at) VALUES ('OLD1', 'old', 'default', 1, 'succeeded', '{}', '{}', 1)"
+    )
     db.commit()
     db.close()
     daemon.start()
@@ -256,16 +327,19 @@ def test_a_grid_expands_in_order_the_last_key_fastest() -> None:
     spec = {"grid": {"lr": [0.1, 0.01], "seed": [1, 2, 3]}}
     cells = list(expand(spec))
     assert count(spec) == len(cells) == 6
-    assert cells[:4] == [{"lr": 0.1, "seed": 1}, {"lr": 0.1, "seed": 2},
-                         {"lr": 0.1, "seed": 3}, {"lr": 0.01, "seed": 1}]
+    assert cells[:4] == [
+        {"lr": 0.1, "seed": 1},
+        {"lr": 0.1, "seed": 2},
+        {"lr": 0.1, "seed": 3},
+        {"lr": 0.01, "seed": 1},
+    ]
     assert list(expand({"cells": [{"a": 1}], "grid": {"b": [2]}})) == [{"a": 1}]
     with pytest.raises(SpecError):
         list(expand({}))
 
 
 def test_a_variation_is_readable_and_ignores_key_order() -> None:
-    assert variation({"seed": 2, "lr": 0.1}) == variation({"lr": 0.1, "seed": 2}) == \
-        "lr=0.1,seed=2"
+    assert variation({"seed": 2, "lr": 0.1}) == variation({"lr": 0.1, "seed": 2}) == "lr=0.1,seed=2"
     assert variation({}) == "default"
     assert variation({"opt": "adam", "layers": [1, 2]}) == "layers=[1,2],opt=adam"
     long = variation({"text": "x" * 500})
@@ -273,9 +347,13 @@ def test_a_variation_is_readable_and_ignores_key_order() -> None:
     assert long != variation({"text": "x" * 499})
 
 
-@given(st.dictionaries(st.text(min_size=1, max_size=8),
-                       st.one_of(st.integers(), st.text(max_size=30), st.booleans(),
-                                 st.floats(allow_nan=False)), max_size=6))
+@given(
+    st.dictionaries(
+        st.text(min_size=1, max_size=8),
+        st.one_of(st.integers(), st.text(max_size=30), st.booleans(), st.floats(allow_nan=False)),
+        max_size=6,
+    )
+)
 def test_variations_are_stable_short_and_tell_params_apart(params: dict[str, Any]) -> None:
     name = variation(params)
     assert 1 <= len(name) <= 200
@@ -285,8 +363,12 @@ def test_variations_are_stable_short_and_tell_params_apart(params: dict[str, Any
 def test_substitution_and_placeholders() -> None:
     command = ["train.py", "--lr={lr}", "{seed}", "{{literal}}"]
     assert placeholders(command) == {"lr", "seed"}
-    assert substitute(command, {"lr": 0.1, "seed": 3, "unused": 1}) == \
-        ["train.py", "--lr=0.1", "3", "{literal}"]
+    assert substitute(command, {"lr": 0.1, "seed": 3, "unused": 1}) == [
+        "train.py",
+        "--lr=0.1",
+        "3",
+        "{literal}",
+    ]
     with pytest.raises(SpecError, match="seed"):
         substitute(command, {"lr": 0.1})
 
@@ -299,12 +381,22 @@ def test_differences_name_what_changed() -> None:
     assert changed_keys({"a": 1, "b": 2}, {"a": 1, "b": 3, "c": 0}) == ["b", "c"]
 
 
-@pytest.mark.parametrize(("given", "values"), [
-    ('["ridge","lasso"]', ["ridge", "lasso"]), ("0.1,0.01", [0.1, 0.01]), ("0.1", [0.1]),
-    ("adam,sgd", ["adam", "sgd"]), ('"a,b"', ["a,b"]), ('{"depth":2}', [{"depth": 2}]),
-    ("[[1,2],[3]]", [[1, 2], [3]]), ("true,null", [True, None])])
-def test_a_grid_value_is_json_when_it_parses_else_a_comma_list(given: str,
-                                                                values: list[Any]) -> None:
+@pytest.mark.parametrize(
+    ("given", "values"),
+    [
+        ('["ridge","lasso"]', ["ridge", "lasso"]),
+        ("0.1,0.01", [0.1, 0.01]),
+        ("0.1", [0.1]),
+        ("adam,sgd", ["adam", "sgd"]),
+        ('"a,b"', ["a,b"]),
+        ('{"depth":2}', [{"depth": 2}]),
+        ("[[1,2],[3]]", [[1, 2], [3]]),
+        ("true,null", [True, None]),
+    ],
+)
+def test_a_grid_value_is_json_when_it_parses_else_a_comma_list(
+    given: str, values: list[Any]
+) -> None:
     assert grid_values("k", given) == values
 
 
@@ -312,4 +404,3 @@ def test_a_grid_value_is_json_when_it_parses_else_a_comma_list(given: str,
 def test_an_ambiguous_grid_value_is_refused(given: str) -> None:
     with pytest.raises(SpecError, match="k="):
         grid_values("k", given)
-

@@ -62,8 +62,12 @@ class Cells:
             self.fail(name)
 
     def command(self, *placeholders: str) -> list[str]:
-        return [sys.executable, str(self.script), str(self.state),
-                *(f"{{{p}}}" for p in placeholders)]
+        return [
+            sys.executable,
+            str(self.script),
+            str(self.state),
+            *(f"{{{p}}}" for p in placeholders),
+        ]
 
     def fail(self, name: str) -> None:
         (self.state / f"fail-{name}").touch()
@@ -94,17 +98,26 @@ def cell_processes(cells: Cells) -> list[int]:
     return pids
 
 
-def runnerctl(daemon: Daemon, *args: str,
-              env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "runnerd.cli", *args],
-                          env={**daemon.env, **(env or {})}, capture_output=True, text=True,
-                          timeout=120)
+def runnerctl(
+    daemon: Daemon, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "runnerd.cli", *args],
+        env={**daemon.env, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
-def spawn(daemon: Daemon, procs: list[subprocess.Popen[str]], *args: str) -> \
-        subprocess.Popen[str]:
-    proc = subprocess.Popen([sys.executable, "-m", "runnerd.cli", *args], env=daemon.env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def spawn(daemon: Daemon, procs: list[subprocess.Popen[str]], *args: str) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "runnerd.cli", *args],
+        env=daemon.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     procs.append(proc)
     return proc
 
@@ -128,9 +141,12 @@ def manifest_path_of(output: str) -> Path:
 
 def started_sweep(daemon: Daemon, experiment: str) -> str:
     """The sweep a `sweep run` just created (it is running in the background)."""
-    found = wait_for(lambda: [s["sweep_id"] for s in daemon.ctl_json("sweep", "list")
-                              if s["experiment"] == experiment],
-                     what=f"the sweep of {experiment} to be created")
+    found = wait_for(
+        lambda: [
+            s["sweep_id"] for s in daemon.ctl_json("sweep", "list") if s["experiment"] == experiment
+        ],
+        what=f"the sweep of {experiment} to be created",
+    )
     return str(found[0])
 
 
@@ -141,7 +157,8 @@ def show(daemon: Daemon, sweep_id: str) -> dict[str, Any]:
 
 def sweep_runs(daemon: Daemon, sweep_id: str, state: str | None = None) -> list[dict[str, Any]]:
     runs: list[dict[str, Any]] = daemon.ctl_json(
-        "list", "--sweep", sweep_id, "--limit", "10000", *(("--state", state) if state else ()))
+        "list", "--sweep", sweep_id, "--limit", "10000", *(("--state", state) if state else ())
+    )
     return runs
 
 
@@ -192,11 +209,24 @@ BROKEN = ("1-2", "2-0")  # cells 6 and 8 of the grid
 
 
 def test_continue_on_failure_runs_every_cell_at_most_jobs_at_once(
-        daemon: Daemon, short_tmp: Path, procs: list[subprocess.Popen[str]]) -> None:
+    daemon: Daemon, short_tmp: Path, procs: list[subprocess.Popen[str]]
+) -> None:
     cells = Cells(short_tmp, sleep=0.3, fail=BROKEN)
-    proc = spawn(daemon, procs, "sweep", "run", "--experiment", "grid", *GRID,
-                 "--failure-policy", "continue_on_failure", "--jobs", "3", "--",
-                 *cells.command("x", "y"))
+    proc = spawn(
+        daemon,
+        procs,
+        "sweep",
+        "run",
+        "--experiment",
+        "grid",
+        *GRID,
+        "--failure-policy",
+        "continue_on_failure",
+        "--jobs",
+        "3",
+        "--",
+        *cells.command("x", "y"),
+    )
     watch = Watch(daemon, started_sweep(daemon, "grid"))
     watch.start()
     code, out, err = finish(proc)
@@ -208,8 +238,9 @@ def test_continue_on_failure_runs_every_cell_at_most_jobs_at_once(
     assert watch.samples > 10
     assert 2 <= watch.most_live <= 3
     assert not watch.twice
-    assert cells.ends() == Counter({f"{x}-{y}": 1 for x in range(3) for y in range(4)
-                                    if f"{x}-{y}" not in BROKEN})
+    assert cells.ends() == Counter(
+        {f"{x}-{y}": 1 for x in range(3) for y in range(4) if f"{x}-{y}" not in BROKEN}
+    )
 
     path = manifest_path_of(out)
     assert path == short_tmp / "data" / "runnerd" / "sweeps" / sweep_id / "manifest.json"
@@ -220,9 +251,15 @@ def test_continue_on_failure_runs_every_cell_at_most_jobs_at_once(
         assert doc["failure_policy"] == "continue_on_failure"
         assert doc["status"] == "failed"
         assert doc["ended_at"] is not None
-        assert doc["cells_summary"] == {"total": 12, "succeeded": 10, "failed": 2,
-                                        "abandoned": 0, "skipped": 0, "running": 0,
-                                        "pending": 0}
+        assert doc["cells_summary"] == {
+            "total": 12,
+            "succeeded": 10,
+            "failed": 2,
+            "abandoned": 0,
+            "skipped": 0,
+            "running": 0,
+            "pending": 0,
+        }
         assert [c["index"] for c in doc["cells"]] == list(range(12))
         for cell in doc["cells"]:
             name = f"{cell['params']['x']}-{cell['params']['y']}"
@@ -243,27 +280,47 @@ def test_continue_on_failure_runs_every_cell_at_most_jobs_at_once(
 
 
 def test_fail_fast_stops_at_the_first_failure_and_skips_the_rest(
-        daemon: Daemon, short_tmp: Path) -> None:
+    daemon: Daemon, short_tmp: Path
+) -> None:
     cells = Cells(short_tmp, fail=BROKEN)
-    result = runnerctl(daemon, "sweep", "run", "--experiment", "fast", *GRID,
-                       "--failure-policy", "fail_fast", "--jobs", "1", "--",
-                       *cells.command("x", "y"))
+    result = runnerctl(
+        daemon,
+        "sweep",
+        "run",
+        "--experiment",
+        "fast",
+        *GRID,
+        "--failure-policy",
+        "fail_fast",
+        "--jobs",
+        "1",
+        "--",
+        *cells.command("x", "y"),
+    )
 
     assert result.returncode == 1, result.stderr
     assert "fail_fast: stopped at cell 6 (" in result.stderr
     assert "ValueError: cell 1-2 was told to fail" in result.stderr
     assert "Traceback (most recent call last)" in result.stderr
-    assert cells.starts() == Counter({f"0-{y}": 1 for y in range(4)} | {"1-0": 1, "1-1": 1,
-                                                                         "1-2": 1})
+    assert cells.starts() == Counter(
+        {f"0-{y}": 1 for y in range(4)} | {"1-0": 1, "1-1": 1, "1-2": 1}
+    )
     sweep_id = sweep_id_of(result.stdout)
     manifest = json.loads(manifest_path_of(result.stdout).read_text())
     assert manifest["status"] == "failed"
-    assert manifest["cells_summary"] == {"total": 12, "succeeded": 6, "failed": 1,
-                                         "abandoned": 0, "skipped": 5, "running": 0,
-                                         "pending": 0}
+    assert manifest["cells_summary"] == {
+        "total": 12,
+        "succeeded": 6,
+        "failed": 1,
+        "abandoned": 0,
+        "skipped": 5,
+        "running": 0,
+        "pending": 0,
+    }
     states = [(c["index"], c["state"], c["attempts"]) for c in manifest["cells"]]
-    assert states == [(i, "succeeded", 1) for i in range(6)] + [(6, "failed", 1)] + \
-        [(i, "skipped", 0) for i in range(7, 12)]
+    assert states == [(i, "succeeded", 1) for i in range(6)] + [(6, "failed", 1)] + [
+        (i, "skipped", 0) for i in range(7, 12)
+    ]
     failed = manifest["cells"][6]["failure"]
     assert "ValueError: cell 1-2 was told to fail" in failed["traceback"]
     assert all(c["run_id"] is None for c in manifest["cells"][7:])
@@ -272,14 +329,28 @@ def test_fail_fast_stops_at_the_first_failure_and_skips_the_rest(
 
 
 def test_fail_fast_stops_the_running_cells_with_cause_fail_fast(
-        daemon: Daemon, short_tmp: Path, procs: list[subprocess.Popen[str]]) -> None:
+    daemon: Daemon, short_tmp: Path, procs: list[subprocess.Popen[str]]
+) -> None:
     cells = Cells(short_tmp, fail=("1",))
     for name in ("0", "1"):  # cell 0 runs until stopped; cell 1 fails once both run
         (cells.state / f"hold-{name}").touch()
-    proc = spawn(daemon, procs, "sweep", "run", "--experiment", "stops", "--grid",
-                 "x=0,1,2,3", "--jobs", "2", "--", *cells.command("x"))
-    wait_for(lambda: cells.starts() == Counter({"0": 1, "1": 1}), timeout=30,
-             what="cells 0 and 1 to run")
+    proc = spawn(
+        daemon,
+        procs,
+        "sweep",
+        "run",
+        "--experiment",
+        "stops",
+        "--grid",
+        "x=0,1,2,3",
+        "--jobs",
+        "2",
+        "--",
+        *cells.command("x"),
+    )
+    wait_for(
+        lambda: cells.starts() == Counter({"0": 1, "1": 1}), timeout=30, what="cells 0 and 1 to run"
+    )
     (cells.state / "hold-1").unlink()
     code, out, err = finish(proc)
 
@@ -288,30 +359,54 @@ def test_fail_fast_stops_the_running_cells_with_cause_fail_fast(
     assert [c["state"] for c in shown["cells"]] == ["abandoned", "failed", "skipped", "skipped"]
     stopped = shown["cells"][0]
     assert (stopped["failure"]["failure_class"], stopped["failure"]["message"]) == (
-        "FailFast", "stopped by fail_fast: cell 1 failed")
+        "FailFast",
+        "stopped by fail_fast: cell 1 failed",
+    )
     run = daemon.ctl_json("show", stopped["run_id"])
-    assert [t["cause"] for t in run["transitions"] if t["to"] == "failed_abandoned"] == \
-        ["fail_fast"]
+    assert [t["cause"] for t in run["transitions"] if t["to"] == "failed_abandoned"] == [
+        "fail_fast"
+    ]
     assert not cell_processes(cells)
     assert not cells.ends()
 
 
 def test_resume_after_the_driver_is_killed_runs_only_the_unfinished_cells(
-        daemon: Daemon, short_tmp: Path, procs: list[subprocess.Popen[str]]) -> None:
+    daemon: Daemon, short_tmp: Path, procs: list[subprocess.Popen[str]]
+) -> None:
     cells = Cells(short_tmp, sleep=0.3)
     (cells.state / "hold-3").touch()  # cell 3 is surely running when the driver dies
-    driver = spawn(daemon, procs, "sweep", "run", "--experiment", "killed", "--grid",
-                   "x=0,1,2,3,4,5,6,7", "--jobs", "2", "--", *cells.command("x"))
+    driver = spawn(
+        daemon,
+        procs,
+        "sweep",
+        "run",
+        "--experiment",
+        "killed",
+        "--grid",
+        "x=0,1,2,3,4,5,6,7",
+        "--jobs",
+        "2",
+        "--",
+        *cells.command("x"),
+    )
     sweep_id = started_sweep(daemon, "killed")
-    wait_for(lambda: cells.starts()["3"] and
-             len(sweep_runs(daemon, sweep_id, "succeeded")) >= 2, timeout=30,
-             what="two cells to succeed and cell 3 to start")
+    wait_for(
+        lambda: cells.starts()["3"] and len(sweep_runs(daemon, sweep_id, "succeeded")) >= 2,
+        timeout=30,
+        what="two cells to succeed and cell 3 to start",
+    )
     driver.send_signal(signal.SIGKILL)
     finish(driver)
-    wait_for(lambda: not cell_processes(cells), timeout=5,
-             what="the cells' commands to die with their driver")
-    wait_for(lambda: not [r for r in sweep_runs(daemon, sweep_id) if r["state"] in LIVE],
-             timeout=30, what="the killed driver's runs to end")
+    wait_for(
+        lambda: not cell_processes(cells),
+        timeout=5,
+        what="the cells' commands to die with their driver",
+    )
+    wait_for(
+        lambda: not [r for r in sweep_runs(daemon, sweep_id) if r["state"] in LIVE],
+        timeout=30,
+        what="the killed driver's runs to end",
+    )
     ended_before = cells.ends()
     (cells.state / "hold-3").unlink()
 
@@ -344,7 +439,8 @@ def test_resume_after_the_driver_is_killed_runs_only_the_unfinished_cells(
             assert cell["run_id"] != old[name]["run_id"]
             assert cell["attempts"] == old[name]["attempts"] + 1
     assert cells.ends() - ended_before == Counter(
-        {name.removeprefix("x="): 1 for name in new if name not in done})
+        {name.removeprefix("x="): 1 for name in new if name not in done}
+    )
     manifest = json.loads(manifest_path_of(result.stdout).read_text())
     assert manifest["cells"] == after["cells"]
     assert manifest["cells_summary"] == after["cells_summary"]
@@ -352,26 +448,46 @@ def test_resume_after_the_driver_is_killed_runs_only_the_unfinished_cells(
 
 
 def test_driver_outlives_a_killed_daemon_and_resume_runs_what_did_not_succeed(
-        short_tmp: Path, procs: list[subprocess.Popen[str]]) -> None:
+    short_tmp: Path, procs: list[subprocess.Popen[str]]
+) -> None:
     first = Daemon(short_tmp).start()
     second: Daemon | None = None
     try:
         cells = Cells(short_tmp, sleep=0.3, fail=("5",))
         (cells.state / "hold-3").touch()  # cell 3 runs across the whole outage
-        driver = spawn(first, procs, "sweep", "run", "--experiment", "outage", "--grid",
-                       "x=0,1,2,3,4,5,6,7", "--jobs", "2", "--failure-policy",
-                       "continue_on_failure", "--", *cells.command("x"))
+        driver = spawn(
+            first,
+            procs,
+            "sweep",
+            "run",
+            "--experiment",
+            "outage",
+            "--grid",
+            "x=0,1,2,3,4,5,6,7",
+            "--jobs",
+            "2",
+            "--failure-policy",
+            "continue_on_failure",
+            "--",
+            *cells.command("x"),
+        )
         sweep_id = started_sweep(first, "outage")
-        wait_for(lambda: cells.starts()["3"] and
-                 len(sweep_runs(first, sweep_id, "succeeded")) >= 2, timeout=30,
-                 what="two cells to succeed and cell 3 to start")
+        wait_for(
+            lambda: cells.starts()["3"] and len(sweep_runs(first, sweep_id, "succeeded")) >= 2,
+            timeout=30,
+            what="two cells to succeed and cell 3 to start",
+        )
         first.stop(signal.SIGKILL)
         started = sum(cells.starts().values())
-        wait_for(lambda: sum(cells.starts().values()) > started, timeout=30,
-                 what="a cell to start while runnerd is down")
+        wait_for(
+            lambda: sum(cells.starts().values()) > started,
+            timeout=30,
+            what="a cell to start while runnerd is down",
+        )
         (cells.state / "hold-3").unlink()
-        wait_for(lambda: cells.ends()["3"], timeout=30,
-                 what="cell 3 to succeed while runnerd is down")
+        wait_for(
+            lambda: cells.ends()["3"], timeout=30, what="cell 3 to succeed while runnerd is down"
+        )
         second = Daemon(short_tmp).start()
         code, out, err = finish(driver)
 
@@ -383,8 +499,9 @@ def test_driver_outlives_a_killed_daemon_and_resume_runs_what_did_not_succeed(
         assert before["status"] == "failed"
         assert before["ended_at"] is not None
         assert before["cells_summary"]["succeeded"] == 7
-        assert [(c["index"], c["state"], c["attempts"]) for c in before["cells"]] == \
-            [(i, "failed" if i == 5 else "succeeded", 1) for i in range(8)]
+        assert [(c["index"], c["state"], c["attempts"]) for c in before["cells"]] == [
+            (i, "failed" if i == 5 else "succeeded", 1) for i in range(8)
+        ]
 
         cells.heal("5")
         result = runnerctl(second, "sweep", "resume", sweep_id)
@@ -399,9 +516,15 @@ def test_driver_outlives_a_killed_daemon_and_resume_runs_what_did_not_succeed(
             else:
                 assert (new["run_id"], new["attempts"]) == (old["run_id"], 1)
         manifest = json.loads(manifest_path_of(result.stdout).read_text())
-        assert manifest["cells_summary"] == {"total": 8, "succeeded": 8, "failed": 0,
-                                             "abandoned": 0, "skipped": 0, "running": 0,
-                                             "pending": 0}
+        assert manifest["cells_summary"] == {
+            "total": 8,
+            "succeeded": 8,
+            "failed": 0,
+            "abandoned": 0,
+            "skipped": 0,
+            "running": 0,
+            "pending": 0,
+        }
         assert manifest["cells"] == after["cells"]
         assert len(sweep_runs(second, sweep_id)) == 9
     finally:
@@ -411,12 +534,25 @@ def test_driver_outlives_a_killed_daemon_and_resume_runs_what_did_not_succeed(
 
 
 def test_two_resumes_at_once_never_run_a_cell_twice(
-        daemon: Daemon, short_tmp: Path, procs: list[subprocess.Popen[str]]) -> None:
+    daemon: Daemon, short_tmp: Path, procs: list[subprocess.Popen[str]]
+) -> None:
     cells = Cells(short_tmp, sleep=0.3)
     (cells.state / "fail-all").touch()
-    first = runnerctl(daemon, "sweep", "run", "--experiment", "twice", "--grid",
-                      "x=0,1,2,3,4,5", "--jobs", "3", "--failure-policy",
-                      "continue_on_failure", "--", *cells.command("x"))
+    first = runnerctl(
+        daemon,
+        "sweep",
+        "run",
+        "--experiment",
+        "twice",
+        "--grid",
+        "x=0,1,2,3,4,5",
+        "--jobs",
+        "3",
+        "--failure-policy",
+        "continue_on_failure",
+        "--",
+        *cells.command("x"),
+    )
     assert first.returncode == 1
     sweep_id = sweep_id_of(first.stdout)
     assert show(daemon, sweep_id)["cells_summary"]["failed"] == 6
@@ -424,8 +560,7 @@ def test_two_resumes_at_once_never_run_a_cell_twice(
 
     watch = Watch(daemon, sweep_id)
     watch.start()
-    resumes = [spawn(daemon, procs, "sweep", "resume", sweep_id, "--jobs", "3")
-               for _ in range(2)]
+    resumes = [spawn(daemon, procs, "sweep", "resume", sweep_id, "--jobs", "3") for _ in range(2)]
     outputs = [finish(proc) for proc in resumes]
     watch.stop()
 
@@ -437,30 +572,48 @@ def test_two_resumes_at_once_never_run_a_cell_twice(
     assert [c["attempts"] for c in after["cells"]] == [2] * 6
     assert len(sweep_runs(daemon, sweep_id)) == 12
     assert cells.ends() == Counter({str(x): 1 for x in range(6)})
-    said = Counter(m.groups() for _, out, _ in outputs
-                   for m in re.finditer(r"^cell (\d+) x=\d+: (\w+)", out, re.M))
+    said = Counter(
+        m.groups()
+        for _, out, _ in outputs
+        for m in re.finditer(r"^cell (\d+) x=\d+: (\w+)", out, re.M)
+    )
     for index in range(6):
         assert said[(str(index), "succeeded")] == 1, outputs
         assert said[(str(index), "succeeded")] + said[(str(index), "taken")] <= 2
     assert set(state for _, state in said) <= {"succeeded", "taken"}
 
 
-def held_resumes(daemon: Daemon, short_tmp: Path, procs: list[subprocess.Popen[str]]
-                 ) -> tuple[Cells, str, subprocess.Popen[str], subprocess.CompletedProcess[str]]:
+def held_resumes(
+    daemon: Daemon, short_tmp: Path, procs: list[subprocess.Popen[str]]
+) -> tuple[Cells, str, subprocess.Popen[str], subprocess.CompletedProcess[str]]:
     """A sweep of two failed cells; a first resume holding both of them running, and a
     second resume of it run to its end meanwhile."""
     cells = Cells(short_tmp)
     (cells.state / "fail-all").touch()
-    first = runnerctl(daemon, "sweep", "run", "--experiment", "held", "--grid", "x=0,1",
-                      "--failure-policy", "continue_on_failure", "--", *cells.command("x"))
+    first = runnerctl(
+        daemon,
+        "sweep",
+        "run",
+        "--experiment",
+        "held",
+        "--grid",
+        "x=0,1",
+        "--failure-policy",
+        "continue_on_failure",
+        "--",
+        *cells.command("x"),
+    )
     assert first.returncode == 1
     sweep_id = sweep_id_of(first.stdout)
     (cells.state / "fail-all").unlink()
     for name in ("0", "1"):
         (cells.state / f"hold-{name}").touch()
     holder = spawn(daemon, procs, "sweep", "resume", sweep_id, "--jobs", "2")
-    wait_for(lambda: cells.starts() == Counter({"0": 2, "1": 2}), timeout=30,
-             what="the first resume to run both cells")
+    wait_for(
+        lambda: cells.starts() == Counter({"0": 2, "1": 2}),
+        timeout=30,
+        what="the first resume to run both cells",
+    )
     second = runnerctl(daemon, "sweep", "resume", sweep_id)
     return cells, sweep_id, holder, second
 
@@ -472,7 +625,8 @@ def release(cells: Cells, holder: subprocess.Popen[str]) -> tuple[int, str, str]
 
 
 def test_a_resume_whose_every_cell_another_resume_runs_runs_nothing_and_exits_0(
-        daemon: Daemon, short_tmp: Path, procs: list[subprocess.Popen[str]]) -> None:
+    daemon: Daemon, short_tmp: Path, procs: list[subprocess.Popen[str]]
+) -> None:
     cells, sweep_id, holder, second = held_resumes(daemon, short_tmp, procs)
     try:
         said = sorted(re.findall(r"^cell (\d+) x=\d+: (\w+)", second.stdout, re.M))
@@ -487,14 +641,14 @@ def test_a_resume_whose_every_cell_another_resume_runs_runs_nothing_and_exits_0(
 
 
 def test_a_resume_ending_does_not_end_the_sweep_another_resume_still_runs(
-        daemon: Daemon, short_tmp: Path, procs: list[subprocess.Popen[str]]) -> None:
+    daemon: Daemon, short_tmp: Path, procs: list[subprocess.Popen[str]]
+) -> None:
     cells, sweep_id, holder, second = held_resumes(daemon, short_tmp, procs)
     try:
         meanwhile = show(daemon, sweep_id)
         listed = {s["sweep_id"]: s for s in daemon.ctl_json("sweep", "list")}[sweep_id]
         assert meanwhile["cells_summary"]["running"] == 2
-        assert (meanwhile["status"], meanwhile["ended_at"]) == ("running", None), \
-            second.stdout
+        assert (meanwhile["status"], meanwhile["ended_at"]) == ("running", None), second.stdout
         assert listed["status"] == "running"
     finally:
         code, out, err = release(cells, holder)
@@ -507,16 +661,35 @@ def test_a_resume_ending_does_not_end_the_sweep_another_resume_still_runs(
 def test_resume_refuses_a_changed_command_or_grid(daemon: Daemon, short_tmp: Path) -> None:
     cells = Cells(short_tmp, fail=("2",))
     command = cells.command("x")
-    first = runnerctl(daemon, "sweep", "run", "--experiment", "changed", "--grid", "x=1,2",
-                      "--failure-policy", "continue_on_failure", "--", *command)
+    first = runnerctl(
+        daemon,
+        "sweep",
+        "run",
+        "--experiment",
+        "changed",
+        "--grid",
+        "x=1,2",
+        "--failure-policy",
+        "continue_on_failure",
+        "--",
+        *command,
+    )
     assert first.returncode == 1
     sweep_id = sweep_id_of(first.stdout)
     runs = sorted(r["run_id"] for r in sweep_runs(daemon, sweep_id))
     assert len(runs) == 2
     cells.heal("2")
 
-    other = runnerctl(daemon, "sweep", "resume", sweep_id, "--", sys.executable,
-                      str(short_tmp / "other.py"), "{x}")
+    other = runnerctl(
+        daemon,
+        "sweep",
+        "resume",
+        sweep_id,
+        "--",
+        sys.executable,
+        str(short_tmp / "other.py"),
+        "{x}",
+    )
     assert other.returncode == 2
     assert "command:" in other.stderr and "other.py" in other.stderr
     assert "nothing was run" in other.stderr
@@ -551,9 +724,21 @@ def report_of(output: str) -> dict[str, Any]:
 
 def test_replicate_checks_each_cell_ends_as_recorded(daemon: Daemon, short_tmp: Path) -> None:
     cells = Cells(short_tmp, fail=("2",))
-    first = runnerctl(daemon, "sweep", "run", "--experiment", "again", "--grid",
-                      "x=0,1,2,3", "--failure-policy", "continue_on_failure", "--jobs", "2",
-                      "--", *cells.command("x"))
+    first = runnerctl(
+        daemon,
+        "sweep",
+        "run",
+        "--experiment",
+        "again",
+        "--grid",
+        "x=0,1,2,3",
+        "--failure-policy",
+        "continue_on_failure",
+        "--jobs",
+        "2",
+        "--",
+        *cells.command("x"),
+    )
     assert first.returncode == 1
     sweep_id = sweep_id_of(first.stdout)
     manifest = manifest_path_of(first.stdout)
@@ -563,15 +748,17 @@ def test_replicate_checks_each_cell_ends_as_recorded(daemon: Daemon, short_tmp: 
     assert same.returncode == 0, same.stdout + same.stderr
     assert replicated(same.stdout) == {0: "yes", 1: "yes", 2: "yes", 3: "yes"}
     assert "4 of 4 cell(s) ended as recorded" in same.stdout
-    assert re.search(r"^2\s+x=2\s+failed ValueError \[\w+\]\s+failed ValueError \[\w+\]\s+yes",
-                     same.stdout, re.M), same.stdout
+    assert re.search(
+        r"^2\s+x=2\s+failed ValueError \[\w+\]\s+failed ValueError \[\w+\]\s+yes", same.stdout, re.M
+    ), same.stdout
     report = report_of(same.stdout)
     assert (report["sweep_id"], report["same"], report["differ"]) == (sweep_id, 4, 0)
     assert Path(manifest.parent, f"replication-{report['replication_id']}.json").exists()
     linked = sweep_runs(daemon, sweep_id)
     assert len(linked) == 8  # its attempts are linked to the sweep's cells...
-    assert sorted(r["run_id"] for r in linked if r["tags"].get("replication") ==
-                  report["replication_id"]) == sorted(c["now"]["run_id"] for c in report["cells"])
+    assert sorted(
+        r["run_id"] for r in linked if r["tags"].get("replication") == report["replication_id"]
+    ) == sorted(c["now"]["run_id"] for c in report["cells"])
     assert show(daemon, sweep_id) == recorded  # ...and claim none of them
     assert manifest.read_text() == written
 
@@ -587,12 +774,12 @@ def test_replicate_checks_each_cell_ends_as_recorded(daemon: Daemon, short_tmp: 
     cells.heal("1")  # compared with the sweep's record again, not with the last replication
     healed = runnerctl(daemon, "sweep", "replicate", sweep_id)
     assert replicated(healed.stdout) == {0: "yes", 1: "yes", 2: "yes", 3: "yes"}
-    other = runnerctl(daemon, "sweep", "replicate", sweep_id, "--failed-only",
-                      env={"MODE": "key"})
+    other = runnerctl(daemon, "sweep", "replicate", sweep_id, "--failed-only", env={"MODE": "key"})
     assert other.returncode == 1
     assert replicated(other.stdout) == {2: "NO"}
-    assert re.search(r"^2\s+x=2\s+failed ValueError \[\w+\]\s+failed KeyError \[\w+\]\s+NO",
-                     other.stdout, re.M), other.stdout
+    assert re.search(
+        r"^2\s+x=2\s+failed ValueError \[\w+\]\s+failed KeyError \[\w+\]\s+NO", other.stdout, re.M
+    ), other.stdout
     after = show(daemon, sweep_id)
     assert after == recorded
     assert [c["attempts"] for c in after["cells"]] == [1, 1, 1, 1]
@@ -604,32 +791,59 @@ def test_the_attempts_column_is_the_manifests_attempts(daemon: Daemon, short_tmp
     """A variation run before (by an earlier sweep) has a run `attempt` of 2; the cell's
     `attempts` in this sweep is 1, and the table shows that one meaning."""
     cells = Cells(short_tmp, fail=("1",))
-    args = ("sweep", "run", "--experiment", "att", "--grid", "x=0,1", "--failure-policy",
-            "continue_on_failure", "--", *cells.command("x"))
+    args = (
+        "sweep",
+        "run",
+        "--experiment",
+        "att",
+        "--grid",
+        "x=0,1",
+        "--failure-policy",
+        "continue_on_failure",
+        "--",
+        *cells.command("x"),
+    )
     runnerctl(daemon, *args)
     second = runnerctl(daemon, *args)
 
     manifest = json.loads(manifest_path_of(second.stdout).read_text())
     assert [c["attempts"] for c in manifest["cells"]] == [1, 1]
     assert {daemon.ctl_json("show", c["run_id"])["attempt"] for c in manifest["cells"]} == {2}
-    header, *rows = [line.split() for line in second.stdout.splitlines()
-                     if re.match(r"^(CELL|\d+)\s", line)]
+    header, *rows = [
+        line.split() for line in second.stdout.splitlines() if re.match(r"^(CELL|\d+)\s", line)
+    ]
     assert header[:4] == ["CELL", "VARIATION", "STATE", "ATTEMPTS"]
     assert [(row[0], row[3]) for row in rows] == [("0", "1"), ("1", "1")]
 
 
 def test_a_placeholder_no_cell_has_is_refused(daemon: Daemon, short_tmp: Path) -> None:
     cells = Cells(short_tmp)
-    result = runnerctl(daemon, "sweep", "run", "--experiment", "typo", "--grid", "x=1,2",
-                       "--", *cells.command("x", "y"))
+    result = runnerctl(
+        daemon,
+        "sweep",
+        "run",
+        "--experiment",
+        "typo",
+        "--grid",
+        "x=1,2",
+        "--",
+        *cells.command("x", "y"),
+    )
     assert result.returncode == 2
     assert "the command uses y, which no cell has" in result.stderr
     assert runnerctl(daemon, "sweep", "list").stdout.strip() == "no sweeps"
     assert cells.log() == []
 
 
-@pytest.mark.parametrize("args", [("sweep", "show", "NOPE"), ("sweep", "show", "NOPE", "--json"),
-                                  ("sweep", "resume", "NOPE"), ("sweep", "replicate", "NOPE")])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("sweep", "show", "NOPE"),
+        ("sweep", "show", "NOPE", "--json"),
+        ("sweep", "resume", "NOPE"),
+        ("sweep", "replicate", "NOPE"),
+    ],
+)
 def test_an_unknown_sweep_is_named(daemon: Daemon, args: tuple[str, ...]) -> None:
     result = runnerctl(daemon, *args)
     assert result.returncode != 0
@@ -641,36 +855,68 @@ def test_a_toml_file_of_cells_is_a_sweep(daemon: Daemon, short_tmp: Path) -> Non
     cells = Cells(short_tmp)
     grid = short_tmp / "cells.toml"
     grid.write_text('[[cells]]\nx = 1\nname = "a"\n\n[[cells]]\nx = 2\nname = "b"\n')
-    result = runnerctl(daemon, "sweep", "run", "--experiment", "toml", "--grid-file",
-                       str(grid), "--", *cells.command("x", "name"))
+    result = runnerctl(
+        daemon,
+        "sweep",
+        "run",
+        "--experiment",
+        "toml",
+        "--grid-file",
+        str(grid),
+        "--",
+        *cells.command("x", "name"),
+    )
     assert result.returncode == 0, result.stderr
     shown = show(daemon, sweep_id_of(result.stdout))
     assert [(c["params"], c["variation"], c["state"]) for c in shown["cells"]] == [
         ({"x": 1, "name": "a"}, "name=a,x=1", "succeeded"),
-        ({"x": 2, "name": "b"}, "name=b,x=2", "succeeded")]
+        ({"x": 2, "name": "b"}, "name=b,x=2", "succeeded"),
+    ]
     assert shown["spec"]["cells"] == [{"x": 1, "name": "a"}, {"x": 2, "name": "b"}]
     assert cells.ends() == Counter({"1-a": 1, "2-b": 1})
 
 
 def test_a_grid_value_that_is_json_is_taken_as_json(daemon: Daemon, short_tmp: Path) -> None:
     cells = Cells(short_tmp)
-    result = runnerctl(daemon, "sweep", "run", "--experiment", "json-grid", "--grid",
-                       'model=["ridge","lasso"]', "--grid", "alpha=0.1,1", "--grid",
-                       'note="a,b"', "--", *cells.command("model", "alpha"))
+    result = runnerctl(
+        daemon,
+        "sweep",
+        "run",
+        "--experiment",
+        "json-grid",
+        "--grid",
+        'model=["ridge","lasso"]',
+        "--grid",
+        "alpha=0.1,1",
+        "--grid",
+        'note="a,b"',
+        "--",
+        *cells.command("model", "alpha"),
+    )
     assert result.returncode == 0, result.stderr
     shown = show(daemon, sweep_id_of(result.stdout))
     assert [c["params"] for c in shown["cells"]] == [
-        {"model": m, "alpha": a, "note": "a,b"} for m in ("ridge", "lasso") for a in (0.1, 1)]
-    assert cells.ends() == Counter({"ridge-0.1": 1, "ridge-1": 1, "lasso-0.1": 1,
-                                    "lasso-1": 1})
+        {"model": m, "alpha": a, "note": "a,b"} for m in ("ridge", "lasso") for a in (0.1, 1)
+    ]
+    assert cells.ends() == Counter({"ridge-0.1": 1, "ridge-1": 1, "lasso-0.1": 1, "lasso-1": 1})
 
 
 @pytest.mark.parametrize("value", ['model=["ridge",lasso]', 'model=["ridge"', "x=1,,2"])
 def test_an_ambiguous_grid_value_is_a_usage_error_before_any_cell_runs(
-        daemon: Daemon, short_tmp: Path, value: str) -> None:
+    daemon: Daemon, short_tmp: Path, value: str
+) -> None:
     cells = Cells(short_tmp)
-    result = runnerctl(daemon, "sweep", "run", "--experiment", "ambiguous", "--grid", value,
-                       "--", *cells.command(value.partition("=")[0]))
+    result = runnerctl(
+        daemon,
+        "sweep",
+        "run",
+        "--experiment",
+        "ambiguous",
+        "--grid",
+        value,
+        "--",
+        *cells.command(value.partition("=")[0]),
+    )
     assert result.returncode == 2
     assert value in result.stderr and "Traceback" not in result.stderr
     assert runnerctl(daemon, "sweep", "list").stdout.strip() == "no sweeps"
@@ -679,8 +925,9 @@ def test_an_ambiguous_grid_value_is_a_usage_error_before_any_cell_runs(
 
 def test_a_malformed_grid_option_is_a_usage_error(daemon: Daemon, short_tmp: Path) -> None:
     cells = Cells(short_tmp)
-    result = runnerctl(daemon, "sweep", "run", "--experiment", "bad", "--grid", "x",
-                       "--", *cells.command("x"))
+    result = runnerctl(
+        daemon, "sweep", "run", "--experiment", "bad", "--grid", "x", "--", *cells.command("x")
+    )
     assert result.returncode == 2
     assert "'x' is not K=V1,V2" in result.stderr
     assert cells.log() == []
@@ -696,23 +943,57 @@ while os.path.exists(marker):
 
 
 def test_a_crash_mid_sweep_is_resumed_by_resume_interrupted(
-        short_tmp: Path, procs: list[subprocess.Popen[str]]) -> None:
+    short_tmp: Path, procs: list[subprocess.Popen[str]]
+) -> None:
     script = short_tmp / "hold.py"
     script.write_text(HOLDING)
     for cell in (1, 2):
         (short_tmp / f"hold-{cell}").write_text("")
     daemon = Daemon(short_tmp).start()
     driver = subprocess.Popen(
-        [sys.executable, "-m", "runnerd.cli", "sweep", "run", "--experiment", "crashy",
-         "--grid", "c=0,1,2,3", "--jobs", "2", "--failure-policy", "continue_on_failure",
-         "--", sys.executable, str(script), str(short_tmp), "{c}"],
-        env=daemon.env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        [
+            sys.executable,
+            "-m",
+            "runnerd.cli",
+            "sweep",
+            "run",
+            "--experiment",
+            "crashy",
+            "--grid",
+            "c=0,1,2,3",
+            "--jobs",
+            "2",
+            "--failure-policy",
+            "continue_on_failure",
+            "--",
+            sys.executable,
+            str(script),
+            str(short_tmp),
+            "{c}",
+        ],
+        env=daemon.env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     procs.append(driver)
-    wait_for(lambda: len([r for r in daemon.ctl_json("list", "--experiment", "crashy")
-                          if r["state"] == "running"]) == 2 and
-             any(r["state"] == "succeeded" for r in daemon.ctl_json(
-                 "list", "--experiment", "crashy")), timeout=30,
-             what="cell 0 done and cells 1 and 2 held")
+    wait_for(
+        lambda: (
+            len(
+                [
+                    r
+                    for r in daemon.ctl_json("list", "--experiment", "crashy")
+                    if r["state"] == "running"
+                ]
+            )
+            == 2
+            and any(
+                r["state"] == "succeeded" for r in daemon.ctl_json("list", "--experiment", "crashy")
+            )
+        ),
+        timeout=30,
+        what="cell 0 done and cells 1 and 2 held",
+    )
     daemon.stop(signal.SIGKILL)  # the machine goes down: daemon, driver and cells at once
     driver.kill()
     driver.communicate(timeout=30)
@@ -723,11 +1004,16 @@ def test_a_crash_mid_sweep_is_resumed_by_resume_interrupted(
     try:
         sweep = daemon.ctl_json("sweep", "list")[0]
         assert sweep["status"] == "interrupted"
-        states = {c["index"]: c["state"] for c in
-                  daemon.ctl_json("sweep", "show", sweep["sweep_id"])["cells"]}
+        states = {
+            c["index"]: c["state"]
+            for c in daemon.ctl_json("sweep", "show", sweep["sweep_id"])["cells"]
+        }
         assert states == {0: "succeeded", 1: "abandoned", 2: "abandoned", 3: "pending"}
-        assert daemon.ctl_json("resume", "--interrupted", "--dry-run") == \
-            {"runs": [], "sweeps": [sweep["sweep_id"]], "not_launched": []}
+        assert daemon.ctl_json("resume", "--interrupted", "--dry-run") == {
+            "runs": [],
+            "sweeps": [sweep["sweep_id"]],
+            "not_launched": [],
+        }
         done = daemon.ctl("resume", "--interrupted")
         assert f"sweep {sweep['sweep_id']} succeeded" in done.stdout, done.stdout
         cells = daemon.ctl_json("sweep", "show", sweep["sweep_id"])["cells"]
@@ -738,14 +1024,18 @@ def test_a_crash_mid_sweep_is_resumed_by_resume_interrupted(
 
 
 def test_follow_sweep_prints_its_runs_events_from_the_start(daemon: Daemon) -> None:
-    result = daemon.ctl("sweep", "run", "--experiment", "followed-sweep", "--grid",
-                        "n=1,2", "--", "true")
+    result = daemon.ctl(
+        "sweep", "run", "--experiment", "followed-sweep", "--grid", "n=1,2", "--", "true"
+    )
     sweep_id = result.stdout.split()[1].rstrip(":")
     other = daemon.ctl("exec", "--experiment", "not-in-it", "--", "true")
     assert other.returncode == 0
-    follow = subprocess.Popen([sys.executable, "-m", "runnerd.cli", "follow", "--sweep",
-                               sweep_id[:10], "--json"], env=daemon.env, text=True,
-                              stdout=subprocess.PIPE)
+    follow = subprocess.Popen(
+        [sys.executable, "-m", "runnerd.cli", "follow", "--sweep", sweep_id[:10], "--json"],
+        env=daemon.env,
+        text=True,
+        stdout=subprocess.PIPE,
+    )
     try:
         assert follow.stdout is not None
         events = [json.loads(follow.stdout.readline()) for _ in range(6)]
@@ -753,5 +1043,8 @@ def test_follow_sweep_prints_its_runs_events_from_the_start(daemon: Daemon) -> N
         follow.kill()
         follow.communicate(timeout=30)
     assert {e["sweep_id"] for e in events} == {sweep_id}
-    assert [e["to"] for e in events if e["event"] == "transition"][:3] == \
-        ["pending", "running", "succeeded"]
+    assert [e["to"] for e in events if e["event"] == "transition"][:3] == [
+        "pending",
+        "running",
+        "succeeded",
+    ]

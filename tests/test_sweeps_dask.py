@@ -53,12 +53,20 @@ CELLS = [{"x": i, **({"fail": True} if i in (3, 11, 17) else {})} for i in range
 
 
 def test_a_sweep_on_the_cluster_under_continue_on_failure(cluster: Cluster) -> None:
-    result = rd.sweep("dask-sweep", CELLS, cell, failure_policy="continue_on_failure",
-                      executor=cluster.client)
+    result = rd.sweep(
+        "dask-sweep", CELLS, cell, failure_policy="continue_on_failure", executor=cluster.client
+    )
     assert [o.index for o in result.outcomes if o.state == "failed"] == [3, 11, 17]
-    assert all(o.value == o.index ** 2 for o in result.outcomes if o.state == "succeeded")
-    assert result.summary == {"total": 20, "succeeded": 17, "failed": 3, "abandoned": 0,
-                              "skipped": 0, "running": 0, "pending": 0}
+    assert all(o.value == o.index**2 for o in result.outcomes if o.state == "succeeded")
+    assert result.summary == {
+        "total": 20,
+        "succeeded": 17,
+        "failed": 3,
+        "abandoned": 0,
+        "skipped": 0,
+        "running": 0,
+        "pending": 0,
+    }
     assert result.manifest is not None
     manifest = json.loads(result.manifest.read_text())
     assert manifest["cells_summary"] == result.summary
@@ -82,23 +90,39 @@ def test_a_sweep_on_the_cluster_under_fail_fast(cluster: Cluster) -> None:
     assert sweep["status"] == "failed"
     assert summary["failed"] >= 1
     assert summary["running"] == summary["pending"] == 0
-    assert summary["succeeded"] + summary["failed"] + summary["abandoned"] + \
-        summary["skipped"] == 20
+    assert (
+        summary["succeeded"] + summary["failed"] + summary["abandoned"] + summary["skipped"] == 20
+    )
 
 
 def test_runnerctl_sweep_run_on_the_cluster(cluster: Cluster, short_tmp: Path) -> None:
     script = short_tmp / "cell.py"
-    script.write_text("import sys\nx = int(sys.argv[1])\n"
-                      "if x == 2:\n    raise ValueError(f'x={x} diverged')\nprint(x * 10)\n")
+    script.write_text(
+        "import sys\nx = int(sys.argv[1])\n"
+        "if x == 2:\n    raise ValueError(f'x={x} diverged')\nprint(x * 10)\n"
+    )
     result = cluster.daemon.ctl(
-        "sweep", "run", "--experiment", "dask-cli", "--grid", "x=0,1,2,3",
-        "--failure-policy", "continue_on_failure", "--dask",
-        cluster.cluster.scheduler_address, "--", sys.executable, str(script), "{x}",
-        check=False)
+        "sweep",
+        "run",
+        "--experiment",
+        "dask-cli",
+        "--grid",
+        "x=0,1,2,3",
+        "--failure-policy",
+        "continue_on_failure",
+        "--dask",
+        cluster.cluster.scheduler_address,
+        "--",
+        sys.executable,
+        str(script),
+        "{x}",
+        check=False,
+    )
     assert result.returncode == 1, result.stderr
     assert "3 succeeded, 1 failed of 4" in result.stdout
-    sweep = cluster.daemon.ctl_json("sweep", "show", cluster.daemon.ctl_json(
-        "sweep", "list")[0]["sweep_id"])
+    sweep = cluster.daemon.ctl_json(
+        "sweep", "show", cluster.daemon.ctl_json("sweep", "list")[0]["sweep_id"]
+    )
     failed = [c for c in sweep["cells"] if c["state"] == "failed"]
     assert [c["index"] for c in failed] == [2]
     assert failed[0]["failure"]["failure_class"] == "ValueError"
@@ -120,15 +144,37 @@ def steady(x: int) -> int:
 
 def test_a_worker_lost_mid_sweep_leaves_each_cell_one_success(cluster: Cluster) -> None:
     outcome: dict[str, Any] = {}
-    thread = threading.Thread(target=lambda: outcome.update(result=rd.sweep(
-        "dask-lost", [{"x": i} for i in range(12)], steady,
-        failure_policy="continue_on_failure", executor=cluster.client)))
+    thread = threading.Thread(
+        target=lambda: outcome.update(
+            result=rd.sweep(
+                "dask-lost",
+                [{"x": i} for i in range(12)],
+                steady,
+                failure_policy="continue_on_failure",
+                executor=cluster.client,
+            )
+        )
+    )
     thread.start()
-    running = wait_for(lambda: next((r for r in cluster.daemon.ctl_json(
-        "list", "--experiment", "dask-lost", "--state", "running")), None), timeout=30,
-        what="a cell to run")
-    wait_for(lambda: cluster.daemon.ctl_json("list", "--experiment", "dask-lost",
-                                             "--state", "succeeded"), what="a cell done")
+    running = wait_for(
+        lambda: next(
+            (
+                r
+                for r in cluster.daemon.ctl_json(
+                    "list", "--experiment", "dask-lost", "--state", "running"
+                )
+            ),
+            None,
+        ),
+        timeout=30,
+        what="a cell to run",
+    )
+    wait_for(
+        lambda: cluster.daemon.ctl_json(
+            "list", "--experiment", "dask-lost", "--state", "succeeded"
+        ),
+        what="a cell done",
+    )
     os.kill(cluster.worker_pids()[running["tags"]["worker"]], signal.SIGKILL)
     thread.join(120)
     result = outcome["result"]
@@ -138,8 +184,6 @@ def test_a_worker_lost_mid_sweep_leaves_each_cell_one_success(cluster: Cluster) 
     assert succeeded == list(range(12))  # one success per cell: nothing recomputed
     crashed = [r for r in runs if r["state"] == "failed_crash"]
     assert crashed and all(r["failure"]["failure_class"] == "ProcessExited" for r in crashed)
-
-
 
 
 def held_or_failing(i: int, state: str) -> int:
@@ -162,7 +206,8 @@ def fail_fast_cause(daemon: Daemon, run_id: str) -> list[str]:
 
 
 def test_fail_fast_on_the_cluster_stops_the_running_cells(
-        cluster: Cluster, short_tmp: Path) -> None:
+    cluster: Cluster, short_tmp: Path
+) -> None:
     cells = [{"i": i, "state": str(short_tmp)} for i in range(3)]
     try:
         with pytest.raises(rd.SweepFailed) as raised:
@@ -196,13 +241,26 @@ if x == "1":
 
 
 def test_fail_fast_of_runnerctl_on_the_cluster_kills_the_running_commands(
-        cluster: Cluster, short_tmp: Path) -> None:
+    cluster: Cluster, short_tmp: Path
+) -> None:
     script = short_tmp / "held.py"
     script.write_text(HELD)
     result = cluster.daemon.ctl(
-        "sweep", "run", "--experiment", "dask-cli-stops", "--grid", "x=0,1,2", "--dask",
-        cluster.cluster.scheduler_address, "--", sys.executable, str(script),
-        str(short_tmp), "{x}", check=False)
+        "sweep",
+        "run",
+        "--experiment",
+        "dask-cli-stops",
+        "--grid",
+        "x=0,1,2",
+        "--dask",
+        cluster.cluster.scheduler_address,
+        "--",
+        sys.executable,
+        str(script),
+        str(short_tmp),
+        "{x}",
+        check=False,
+    )
 
     assert result.returncode == 1, result.stderr
     assert "fail_fast: ValueError: cell 1 diverged" in result.stderr
@@ -210,8 +268,11 @@ def test_fail_fast_of_runnerctl_on_the_cluster_kills_the_running_commands(
     cells = cluster.daemon.ctl_json("sweep", "show", sweep_id)["cells"]
     assert [c["state"] for c in cells] == ["abandoned", "failed", "skipped"]
     assert fail_fast_cause(cluster.daemon, cells[0]["run_id"]) == ["fail_fast"]
-    wait_for(lambda: not running(script), timeout=10,
-             what="cell 0's command to be killed with its cancelled task")
+    wait_for(
+        lambda: not running(script),
+        timeout=10,
+        what="cell 0's command to be killed with its cancelled task",
+    )
     assert not (short_tmp / "end-0").exists()
 
 

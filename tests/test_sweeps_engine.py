@@ -53,8 +53,9 @@ class Scripted:
         cell = attempt.cell
         run_id = f"run-{cell.index}-{attempt.number}"
         if cell.index in self.held:
-            return CellOutcome(cell.index, cell.params, "abandoned", run_id,
-                               error=self.stops[0].message)
+            return CellOutcome(
+                cell.index, cell.params, "abandoned", run_id, error=self.stops[0].message
+            )
         state, diagnosis = self.ends.get((cell.index, attempt.number), ("succeeded", None))
         if not self.known:
             return CellOutcome(cell.index, cell.params, state)
@@ -67,10 +68,10 @@ class Scripted:
         self.closed = True
 
 
-def options(policy: str = SweepPolicy.FAIL_FAST, retries: int = 0,
-            retry_on: str = "retryable") -> SweepOptions:
-    return SweepOptions("e", "S", policy, jobs=2, retries=retries, backoff=0.0,
-                        retry_on=retry_on)
+def options(
+    policy: str = SweepPolicy.FAIL_FAST, retries: int = 0, retry_on: str = "retryable"
+) -> SweepOptions:
+    return SweepOptions("e", "S", policy, jobs=2, retries=retries, backoff=0.0, retry_on=retry_on)
 
 
 def cells(n: int) -> list[PlannedCell]:
@@ -86,8 +87,7 @@ def test_fail_fast_stops_the_running_cells_and_starts_no_other() -> None:
     engine = Engine(options(), executor)
     outcomes = engine.run(cells(5))
 
-    assert executor.stops == [Stop("FailFast", "stopped by fail_fast: cell 1 failed",
-                                   "fail_fast")]
+    assert executor.stops == [Stop("FailFast", "stopped by fail_fast: cell 1 failed", "fail_fast")]
     assert states(outcomes) == {1: "failed", 0: "abandoned"}
     assert [a.cell.index for a in executor.started] == [0, 1]
     assert executor.closed
@@ -102,16 +102,22 @@ def test_continue_on_failure_runs_every_cell_at_most_slots_at_once() -> None:
     assert not executor.stops
 
 
-@pytest.mark.parametrize(("diagnosis", "retry_on", "attempts"), [
-    (RETRYABLE, "retryable", 3), (A_BUG, "retryable", 1), (A_BUG, "any", 3)])
+@pytest.mark.parametrize(
+    ("diagnosis", "retry_on", "attempts"),
+    [(RETRYABLE, "retryable", 3), (A_BUG, "retryable", 1), (A_BUG, "any", 3)],
+)
 def test_a_failed_attempt_is_retried_only_while_retries_remain_and_a_rerun_may_help(
-        diagnosis: dict[str, Any], retry_on: str, attempts: int) -> None:
+    diagnosis: dict[str, Any], retry_on: str, attempts: int
+) -> None:
     ends = {(0, n): ("failed", diagnosis) for n in (1, 2, 3)}
     executor = Scripted(ends=ends)
     outcomes = Engine(options(retries=2, retry_on=retry_on), executor).run(cells(1))
 
     assert [(a.number, a.claim_after, a.retry_of) for a in executor.started] == [
-        (1, None, None), (2, "run-0-1", "run-0-1"), (3, "run-0-2", "run-0-2")][:attempts]
+        (1, None, None),
+        (2, "run-0-1", "run-0-1"),
+        (3, "run-0-2", "run-0-2"),
+    ][:attempts]
     assert [(o.state, o.attempts) for o in outcomes] == [("failed", attempts)]
 
 

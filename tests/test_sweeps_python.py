@@ -68,16 +68,25 @@ def test_fail_fast_in_workers_stops_the_running_cells(daemon: Daemon, short_tmp:
     sweep = daemon.ctl_json("sweep", "list")[0]
     cells = daemon.ctl_json("sweep", "show", sweep["sweep_id"])["cells"]
     assert [(c["index"], c["state"]) for c in cells] == [
-        (0, "abandoned"), (1, "failed"), (2, "skipped")]
+        (0, "abandoned"),
+        (1, "failed"),
+        (2, "skipped"),
+    ]
     assert cells[0]["failure"]["failure_class"] == "FailFast"
-    assert [t["cause"] for t in transitions_into(daemon, cells[0]["run_id"],
-                                                 "failed_abandoned")] == ["fail_fast"]
+    assert [
+        t["cause"] for t in transitions_into(daemon, cells[0]["run_id"], "failed_abandoned")
+    ] == ["fail_fast"]
     assert cells[1]["failure"]["failure_class"] == "ValueError"
-    assert raised == {"raised": "SweepFailed", "cause": "ValueError", "index": 1,
-                      "sweep_id": sweep["sweep_id"], "manifest": sweep["manifest"],
-                      "text": f"sweep {sweep['sweep_id']} stopped by fail_fast: cell 1 (i=1)"
-                              f" failed: ValueError: cell 1 diverged;"
-                              f" manifest {sweep['manifest']}"}
+    assert raised == {
+        "raised": "SweepFailed",
+        "cause": "ValueError",
+        "index": 1,
+        "sweep_id": sweep["sweep_id"],
+        "manifest": sweep["manifest"],
+        "text": f"sweep {sweep['sweep_id']} stopped by fail_fast: cell 1 (i=1)"
+        f" failed: ValueError: cell 1 diverged;"
+        f" manifest {sweep['manifest']}",
+    }
 
 
 FIRST_FAILS = """
@@ -98,7 +107,8 @@ except rd.SweepFailed as exc:
 
 
 def test_fail_fast_in_process_starts_no_cell_after_the_failure(
-        daemon: Daemon, short_tmp: Path) -> None:
+    daemon: Daemon, short_tmp: Path
+) -> None:
     proc = daemon.python(FIRST_FAILS, str(short_tmp))
     out, err = proc.communicate(timeout=60)
 
@@ -107,7 +117,10 @@ def test_fail_fast_in_process_starts_no_cell_after_the_failure(
     sweep = daemon.ctl_json("sweep", "list")[0]
     manifest = json.loads(Path(sweep["manifest"]).read_text())
     assert [(c["state"], c["attempts"]) for c in manifest["cells"]] == [
-        ("failed", 1), ("skipped", 0), ("skipped", 0)]
+        ("failed", 1),
+        ("skipped", 0),
+        ("skipped", 0),
+    ]
 
 
 SWEEP = """
@@ -144,8 +157,15 @@ def test_rd_sweep_outcomes_summary_and_manifest_agree(daemon: Daemon) -> None:
     outcomes = {o[0]: o for o in result["outcomes"]}
     assert sorted(i for i, o in outcomes.items() if o[1] == "failed") == [4, 9, 15]
     assert all(outcomes[i][2] == i * i for i in outcomes if i not in (4, 9, 15))
-    assert result["summary"] == {"total": 20, "succeeded": 17, "failed": 3, "abandoned": 0,
-                                 "skipped": 0, "running": 0, "pending": 0}
+    assert result["summary"] == {
+        "total": 20,
+        "succeeded": 17,
+        "failed": 3,
+        "abandoned": 0,
+        "skipped": 0,
+        "running": 0,
+        "pending": 0,
+    }
     assert result["status"] == "failed"
     manifest = json.loads(Path(result["manifest"]).read_text())
     assert manifest["cells_summary"] == result["summary"]
@@ -155,19 +175,25 @@ def test_rd_sweep_outcomes_summary_and_manifest_agree(daemon: Daemon) -> None:
         if cell["state"] == "failed":
             assert cell["failure"]["failure_class"] == "KeyError"
             assert "has no data" in cell["failure"]["traceback"]
-    pids = {run["pids"][0] for run in daemon.ctl_json("list", "--sweep", result["sweep_id"])
-            if run["pids"]}
+    pids = {
+        run["pids"][0]
+        for run in daemon.ctl_json("list", "--sweep", result["sweep_id"])
+        if run["pids"]
+    }
     assert proc.pid not in pids  # jobs=2: the cells ran in worker processes
 
 
-def test_rd_sweep_fail_fast_raises_sweep_failed_after_writing_the_manifest(
-        daemon: Daemon) -> None:
+def test_rd_sweep_fail_fast_raises_sweep_failed_after_writing_the_manifest(daemon: Daemon) -> None:
     proc = daemon.python(SWEEP, "fail_fast")
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 1
     sweep = daemon.ctl_json("sweep", "list")[0]
-    assert json.loads(out) == {"raised": "'cell 4 has no data'", "cell": 4,
-                               "sweep_id": sweep["sweep_id"], "manifest": sweep["manifest"]}
+    assert json.loads(out) == {
+        "raised": "'cell 4 has no data'",
+        "cell": 4,
+        "sweep_id": sweep["sweep_id"],
+        "manifest": sweep["manifest"],
+    }
     manifest: dict[str, Any] = json.loads(Path(sweep["manifest"]).read_text())
     summary = manifest["cells_summary"]
     assert manifest["status"] == "failed"

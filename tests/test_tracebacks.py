@@ -32,10 +32,13 @@ CHAINED = out("""
 
 def test_the_last_exception_is_the_failure_and_its_causes_are_kept() -> None:
     found = explain(CHAINED)
-    assert str(found.exception) == ("urllib3.exceptions.MaxRetryError: "
-                                    "HTTPSConnectionPool(host='hub', port=443)")
+    assert str(found.exception) == (
+        "urllib3.exceptions.MaxRetryError: HTTPSConnectionPool(host='hub', port=443)"
+    )
     assert [r.failure_class for r in found.raised] == [
-        "socket.gaierror", "urllib3.exceptions.MaxRetryError"]
+        "socket.gaierror",
+        "urllib3.exceptions.MaxRetryError",
+    ]
 
 
 def test_a_launchers_summary_gives_way_to_the_childs_exception() -> None:
@@ -53,12 +56,27 @@ def test_a_launchers_summary_gives_way_to_the_childs_exception() -> None:
     assert (ending.failure_class, ending.message) == ("ValueError", "no config named 'base'")
 
 
-@pytest.mark.parametrize("prefix", ["[rank3]:", "2024-11-20 14:37:16", "(Actor pid=42)",
-                                    "[1,0]<stderr>:", "web-1  |", "SUBPROCESS:", "3:"])
+@pytest.mark.parametrize(
+    "prefix",
+    [
+        "[rank3]:",
+        "2024-11-20 14:37:16",
+        "(Actor pid=42)",
+        "[1,0]<stderr>:",
+        "web-1  |",
+        "SUBPROCESS:",
+        "3:",
+    ],
+)
 def test_tool_prefixes_are_read_through(prefix: str) -> None:
-    text = "\n".join(f"{prefix} {line}" for line in (
-        "Traceback (most recent call last):", '  File "t.py", line 1, in f',
-        "torch.OutOfMemoryError: CUDA out of memory."))
+    text = "\n".join(
+        f"{prefix} {line}"
+        for line in (
+            "Traceback (most recent call last):",
+            '  File "t.py", line 1, in f',
+            "torch.OutOfMemoryError: CUDA out of memory.",
+        )
+    )
     assert command_ending(text, 1).failure_class == "torch.OutOfMemoryError"
 
 
@@ -74,7 +92,8 @@ def test_a_message_runs_over_its_lines_until_a_blank_line() -> None:
     assert ending.failure_class == "AssertionError"
     assert ending.message.splitlines() == [
         "The NVIDIA driver on your system is too old (found version 9000).",
-        "Please update your GPU driver"]
+        "Please update your GPU driver",
+    ]
 
 
 def test_a_cpp_exception_names_a_native_crash() -> None:
@@ -94,26 +113,38 @@ def test_a_signal_stays_the_class_of_a_python_death_by_signal() -> None:
     assert ending.message == "command killed by SIGINT: KeyboardInterrupt"
 
 
-@pytest.mark.parametrize(("text", "detail"), [
-    ("Epoch 3/10\nKilled\n", "exit code 137: Killed"),
-    ("step 1\nslurmstepd: error: *** JOB 4 ON n1 CANCELLED AT 2024-01-01T00:00:00 DUE TO "
-     "TIME LIMIT ***\nstep 2\n", "exit code 137: slurmstepd: error: *** JOB 4 ON n1 CANCELLED"
-     " AT 2024-01-01T00:00:00 DUE TO TIME LIMIT ***"),
-    ("step 9\n\nLoss is nan, stopping training\nsaving\n", "exit code 137: Loss is nan, "
-     "stopping training"),
-    ("", "exit code 137"),
-], ids=["killed", "slurm", "last-paragraph", "nothing"])
+@pytest.mark.parametrize(
+    ("text", "detail"),
+    [
+        ("Epoch 3/10\nKilled\n", "exit code 137: Killed"),
+        (
+            "step 1\nslurmstepd: error: *** JOB 4 ON n1 CANCELLED AT 2024-01-01T00:00:00 DUE TO "
+            "TIME LIMIT ***\nstep 2\n",
+            "exit code 137: slurmstepd: error: *** JOB 4 ON n1 CANCELLED"
+            " AT 2024-01-01T00:00:00 DUE TO TIME LIMIT ***",
+        ),
+        (
+            "step 9\n\nLoss is nan, stopping training\nsaving\n",
+            "exit code 137: Loss is nan, stopping training",
+        ),
+        ("", "exit code 137"),
+    ],
+    ids=["killed", "slurm", "last-paragraph", "nothing"],
+)
 def test_without_an_exception_the_telling_line_is_the_message(text: str, detail: str) -> None:
     ending = command_ending(text, 137)
     assert (ending.failure_class, ending.message) == ("ExitCode", detail)
 
 
-@pytest.mark.parametrize("line", [
-    "Error: All model downloads failed",  # a Rust or click program
-    "ncclSystemError: System call failed",  # a library's text, not a Python class
-    "UserWarning: this will change\nstep 2",  # a warning, and the program went on
-    "    raise ValueError(msg)",  # a source line
-])
+@pytest.mark.parametrize(
+    "line",
+    [
+        "Error: All model downloads failed",  # a Rust or click program
+        "ncclSystemError: System call failed",  # a library's text, not a Python class
+        "UserWarning: this will change\nstep 2",  # a warning, and the program went on
+        "    raise ValueError(msg)",  # a source line
+    ],
+)
 def test_lines_that_are_not_exceptions(line: str) -> None:
     assert explain(line).exception is None
 
@@ -142,7 +173,8 @@ def test_notes_are_the_telling_lines_outside_tracebacks() -> None:
     """)
     assert explain(text).notes == (
         "distributed.nanny - WARNING - Worker exceeded 95% memory budget. Restarting",
-        "The exit codes of the workers are {SIGKILL(-9)}")
+        "The exit codes of the workers are {SIGKILL(-9)}",
+    )
 
 
 def test_any_bytes_are_read_without_an_error() -> None:
@@ -150,7 +182,8 @@ def test_any_bytes_are_read_without_an_error() -> None:
     alphabet = "aEr.:( )\n\r\t\"'|│[]0-9Traceback File line in\x1b"
     for _ in range(200):
         text = "".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 3000)))
-        ending = command_ending(text.encode("utf-8", "replace") + b"\xff\xfe", rng.choice(
-            [1, 2, 137, -9, -11, -64]))
+        ending = command_ending(
+            text.encode("utf-8", "replace") + b"\xff\xfe", rng.choice([1, 2, 137, -9, -11, -64])
+        )
         assert ending.failure_class
         assert ending.message

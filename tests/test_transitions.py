@@ -50,8 +50,10 @@ CLIENT_EVENTS: dict[Event, tuple[str, dict[str, Any]]] = {
     Event.ATTACH: ("attach", {}),
     Event.HEARTBEAT: ("heartbeat", {"seq": 1}),
     Event.SUCCEED: ("succeed", {}),
-    Event.FAIL_CRASH: ("fail", {"reason": "crash", "failure_class": "ValueError",
-                                "message": "loss is nan at step 42"}),
+    Event.FAIL_CRASH: (
+        "fail",
+        {"reason": "crash", "failure_class": "ValueError", "message": "loss is nan at step 42"},
+    ),
     Event.FAIL_ABANDONED: ("fail", {"reason": "abandoned", "failure_class": "KeyboardInterrupt"}),
     Event.FAIL_TIMEOUT: ("fail", {"reason": "timeout", "failure_class": "Timeout"}),
     Event.CANCEL: ("cancel", {"message": "not needed any more"}),
@@ -85,8 +87,9 @@ class Runs(Wire):
         self.ok("create", key=new_key(), run_id=run_id, experiment=experiment, **fields)
         return run_id
 
-    def send(self, event: Event, run_id: str, key: str | None = None,
-             **extra: Any) -> dict[str, Any]:
+    def send(
+        self, event: Event, run_id: str, key: str | None = None, **extra: Any
+    ) -> dict[str, Any]:
         op, fields = CLIENT_EVENTS[event]
         if op != "heartbeat":
             fields = {**fields, "key": key or new_key()}
@@ -95,8 +98,14 @@ class Runs(Wire):
     def lost_run(self) -> str:
         """A run that started with a short heartbeat_timeout and never beat: lost."""
         run_id = self.create()
-        self.ok("start", key=new_key(), run_id=run_id, heartbeat_timeout=LOST_AFTER,
-                lost_grace=3600.0, deadline=3600.0)
+        self.ok(
+            "start",
+            key=new_key(),
+            run_id=run_id,
+            heartbeat_timeout=LOST_AFTER,
+            lost_grace=3600.0,
+            deadline=3600.0,
+        )
         wait_for(lambda: self.get(run_id)["state"] == "lost", what=f"run {run_id} to go lost")
         return run_id
 
@@ -213,10 +222,11 @@ def test_client_event_from_state(wire: Runs, event: Event, state: State) -> None
         return
     assert reply["ok"] is True, reply
     assert state_in(reply) == after["state"] == target
-    recorded = [(t["from"], t["to"], t["cause"], t["source"])
-                for t in after["transitions"][len(before["transitions"]):]]
-    assert recorded == ([] if target == state else [(state, target, event.value,
-                                                     source_of(event))])
+    recorded = [
+        (t["from"], t["to"], t["cause"], t["source"])
+        for t in after["transitions"][len(before["transitions"]) :]
+    ]
+    assert recorded == ([] if target == state else [(state, target, event.value, source_of(event))])
     check_effects(event, before, after)
 
 
@@ -231,18 +241,26 @@ def test_client_event_from_lost(wire: Runs, event: Event) -> None:
     assert state_in(reply) == target
     first = after["transitions"][len(before["transitions"])]
     assert (first["from"], first["to"], first["cause"], first["source"]) == (
-        "lost", target, event.value, source_of(event))
+        "lost",
+        target,
+        event.value,
+        source_of(event),
+    )
     if target in TERMINAL:  # a running run may go lost again; a finished one stays
         assert after["state"] == target
         assert after["transitions"][-1] == first
     check_effects(event, before, after)
 
 
-@pytest.mark.parametrize("event", [
-    Event.HEARTBEAT,
-    Event.START,
-    Event.ATTACH,
-], ids=str)
+@pytest.mark.parametrize(
+    "event",
+    [
+        Event.HEARTBEAT,
+        Event.START,
+        Event.ATTACH,
+    ],
+    ids=str,
+)
 def test_a_run_back_from_lost_has_a_full_heartbeat_timeout(wire: Runs, event: Event) -> None:
     run_id = wire.lost_run()
     extra = {"heartbeat_timeout": LOST_AFTER} if event == Event.START else {}
@@ -380,8 +398,9 @@ def test_a_key_reused_for_another_run_is_not_taken_for_a_replay(wire: Runs) -> N
 def test_create_of_an_existing_run_with_a_new_key_conflicts(wire: Runs) -> None:
     run_id = wire.create("conflict", params={"lr": 0.1})
     before = wire.get(run_id)
-    reply = wire.call("create", key=new_key(), run_id=run_id, experiment="conflict",
-                      params={"lr": 0.2})
+    reply = wire.call(
+        "create", key=new_key(), run_id=run_id, experiment="conflict", params={"lr": 0.2}
+    )
     assert error_of(reply) == "conflict"
     assert run_id in reply["error"]["message"]
     assert wire.get(run_id) == before
@@ -394,8 +413,9 @@ def test_attempts_count_per_experiment_and_variation(wire: Runs) -> None:
     experiment = f"attempts-{new_run_id()}"
 
     def attempt(exp: str, variation: str) -> int:
-        reply = wire.ok("create", key=new_key(), run_id=new_run_id(), experiment=exp,
-                        variation=variation)
+        reply = wire.ok(
+            "create", key=new_key(), run_id=new_run_id(), experiment=exp, variation=variation
+        )
         assert wire.get(reply["run_id"])["attempt"] == reply["attempt"]
         return int(reply["attempt"])
 

@@ -16,22 +16,32 @@ from runnerd.watchdog import Watchdog, next_due
 
 
 def row(state: str, **values: Any) -> RunRow:
-    base = {"state": state, "deadline": None, "started_at": 100.0, "heartbeat_timeout": 60.0,
-            "last_heartbeat_at": 100.0, "lost_grace": 600.0, "lost_at": None}
+    base = {
+        "state": state,
+        "deadline": None,
+        "started_at": 100.0,
+        "heartbeat_timeout": 60.0,
+        "last_heartbeat_at": 100.0,
+        "lost_grace": 600.0,
+        "lost_at": None,
+    }
     fields = {**base, **values}
     return RunRow.of([fields.get(name) for name in RUN_COLUMNS])
 
 
-@pytest.mark.parametrize(("fields", "due"), [
-    (row("running"), 160.0),
-    (row("running", last_heartbeat_at=150.0), 210.0),
-    (row("running", deadline=30.0), 130.0),
-    (row("lost", lost_at=170.0), 770.0),
-    (row("lost", lost_at=170.0, deadline=10_000.0), 770.0),
-    (row("pending", started_at=None, last_heartbeat_at=None), None),
-    (row("succeeded"), None),
-    (row("failed_crash"), None),
-])
+@pytest.mark.parametrize(
+    ("fields", "due"),
+    [
+        (row("running"), 160.0),
+        (row("running", last_heartbeat_at=150.0), 210.0),
+        (row("running", deadline=30.0), 130.0),
+        (row("lost", lost_at=170.0), 770.0),
+        (row("lost", lost_at=170.0, deadline=10_000.0), 770.0),
+        (row("pending", started_at=None, last_heartbeat_at=None), None),
+        (row("succeeded"), None),
+        (row("failed_crash"), None),
+    ],
+)
 def test_next_due_derives_from_persisted_fields(fields: RunRow, due: float | None) -> None:
     assert next_due(fields) == due
 

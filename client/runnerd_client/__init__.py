@@ -1,9 +1,9 @@
 """runnerd_client: report experiment runs to the runnerd daemon (stdlib + msgpack only).
 
-    import runnerd_client as rd
+import runnerd_client as rd
 
-    with rd.run("lr-sweep", variation="lr=0.1", params={"lr": 0.1}) as run:
-        ...
+with rd.run("lr-sweep", variation="lr=0.1", params={"lr": 0.1}) as run:
+    ...
 """
 
 from __future__ import annotations
@@ -32,20 +32,42 @@ from runnerd_client.shared import connect
 from runnerd_client.sweep import CellOutcome, SweepFailed, SweepResult, resume_sweep, sweep
 
 __all__ = [
-    "CellOutcome", "Client", "Connection", "DaemonUnavailable", "Run", "RunRefused",
-    "RunnerdError", "State",
-    "SweepFailed", "SweepResult", "Terminated", "connect", "current_run", "resume_sweep",
-    "retrying", "run", "sweep",
+    "CellOutcome",
+    "Client",
+    "Connection",
+    "DaemonUnavailable",
+    "Run",
+    "RunRefused",
+    "RunnerdError",
+    "State",
+    "SweepFailed",
+    "SweepResult",
+    "Terminated",
+    "connect",
+    "current_run",
+    "resume_sweep",
+    "retrying",
+    "run",
+    "sweep",
 ]
 __version__ = "0.1.0"
 T = TypeVar("T")
 
 
-def run(experiment: str, variation: str = "default", *, params: dict[str, Any] | None = None,
-        tags: dict[str, Any] | None = None, run_dir: str | Path | None = None,
-        heartbeat_interval: float = 60.0, heartbeat_timeout: float | None = None,
-        lost_grace: float | None = None, deadline: float | None = None,
-        resume: bool = False, stall_timeout: float | None = None) -> Run:
+def run(
+    experiment: str,
+    variation: str = "default",
+    *,
+    params: dict[str, Any] | None = None,
+    tags: dict[str, Any] | None = None,
+    run_dir: str | Path | None = None,
+    heartbeat_interval: float = 60.0,
+    heartbeat_timeout: float | None = None,
+    lost_grace: float | None = None,
+    deadline: float | None = None,
+    resume: bool = False,
+    stall_timeout: float | None = None,
+) -> Run:
     """A new run of `experiment`; use it with `with`: it starts, beats and ends truthfully.
 
     `stall_timeout`: seconds with no progress at all (CPU, output, files, heartbeats sent
@@ -61,15 +83,31 @@ def run(experiment: str, variation: str = "default", *, params: dict[str, Any] |
     reached raises nothing: the events are spooled and replayed.
     """
     return connect().run(
-        experiment, variation, params=params, tags=tags, run_dir=run_dir,
-        heartbeat_interval=heartbeat_interval, heartbeat_timeout=heartbeat_timeout,
-        lost_grace=lost_grace, deadline=deadline, resume=resume, stall_timeout=stall_timeout,
+        experiment,
+        variation,
+        params=params,
+        tags=tags,
+        run_dir=run_dir,
+        heartbeat_interval=heartbeat_interval,
+        heartbeat_timeout=heartbeat_timeout,
+        lost_grace=lost_grace,
+        deadline=deadline,
+        resume=resume,
+        stall_timeout=stall_timeout,
     )
 
 
-def retrying(fn: Callable[..., T], *args: Any, experiment: str, variation: str = "default",
-             retries: int = 3, backoff: float = 2.0, retry_on: str = "retryable",
-             params: dict[str, Any] | None = None, **kwargs: Any) -> T:
+def retrying(
+    fn: Callable[..., T],
+    *args: Any,
+    experiment: str,
+    variation: str = "default",
+    retries: int = 3,
+    backoff: float = 2.0,
+    retry_on: str = "retryable",
+    params: dict[str, Any] | None = None,
+    **kwargs: Any,
+) -> T:
     """Call `fn(*args, **kwargs)` as tracked attempts of one (experiment, variation).
 
     A failed attempt is retried after `backoff ** attempt` seconds (with jitter) while

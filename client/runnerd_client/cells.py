@@ -67,8 +67,10 @@ def grid_values(key: str, given: str) -> list[Any]:
     else:
         return value if isinstance(value, list) else [value]
     if any(c in given for c in '[]{}"'):
-        raise SpecError(f"{key}={given} is neither JSON nor a plain comma-separated list;"
-                        f" give a JSON list, e.g. {key}='[\"a\",\"b,c\"]'")
+        raise SpecError(
+            f"{key}={given} is neither JSON nor a plain comma-separated list;"
+            f' give a JSON list, e.g. {key}=\'["a","b,c"]\''
+        )
     values = given.split(",")
     if "" in values:
         raise SpecError(f"{key}={given} has an empty value")
@@ -98,7 +100,7 @@ def variation(params: Mapping[str, Any]) -> str:
     if len(name) <= MAX_VARIATION:
         return name
     digest = hashlib.sha256(name.encode()).hexdigest()[:16]
-    return f"{name[:MAX_VARIATION - 17]}~{digest}"
+    return f"{name[: MAX_VARIATION - 17]}~{digest}"
 
 
 class _Strict(dict[str, str]):
@@ -125,14 +127,18 @@ def placeholders(command: Sequence[str]) -> set[str]:
     return names
 
 
-def differences(stored: Mapping[str, Any], given: Mapping[str, Any],
-                keys: Sequence[str] = ("command", "grid", "cells", "function")) -> list[str]:
+def differences(
+    stored: Mapping[str, Any],
+    given: Mapping[str, Any],
+    keys: Sequence[str] = ("command", "grid", "cells", "function"),
+) -> list[str]:
     """What a spec given again changes in the stored one, one line per changed key."""
     out = []
     for key in keys:
         if key in given and given[key] is not None and given[key] != stored.get(key):
-            out.append(f"{key}: stored {json.dumps(stored.get(key))},"
-                       f" given {json.dumps(given[key])}")
+            out.append(
+                f"{key}: stored {json.dumps(stored.get(key))}, given {json.dumps(given[key])}"
+            )
     return out
 
 

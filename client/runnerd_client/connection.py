@@ -85,8 +85,9 @@ def open_socket(path: Path, timeout: float) -> socket.socket:
     except UntrustedPath as exc:
         raise UntrustedDaemon(f"not connecting to {path}: {exc}") from None
     except OSError as exc:
-        raise DaemonUnavailable(f"runnerd is not reachable at {path}: "
-                                f"{exc.strerror or exc}") from None
+        raise DaemonUnavailable(
+            f"runnerd is not reachable at {path}: {exc.strerror or exc}"
+        ) from None
     deadline, delay = time.monotonic() + min(timeout, CONNECT_PATIENCE), 0.005
     while True:
         try:
@@ -94,30 +95,44 @@ def open_socket(path: Path, timeout: float) -> socket.socket:
             break
         except OSError as exc:
             if exc.errno != errno.EAGAIN or time.monotonic() > deadline:
-                raise DaemonUnavailable(f"runnerd is not reachable at {path}: "
-                                        f"{exc.strerror or exc}") from None
+                raise DaemonUnavailable(
+                    f"runnerd is not reachable at {path}: {exc.strerror or exc}"
+                ) from None
             time.sleep(delay)
             delay = min(delay * 2, 0.1)
     _pid, uid, _gid = _UCRED.unpack(
-        sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+        sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+    )
     if uid != os.getuid():
-        raise _refuse(sock, f"not talking to {path}: it is served by uid {uid}, not by this"
-                            f" user (uid {os.getuid()})")
+        raise _refuse(
+            sock,
+            f"not talking to {path}: it is served by uid {uid}, not by this"
+            f" user (uid {os.getuid()})",
+        )
     return sock
 
 
 class Connection:
     """One socket to the daemon; `send` from any thread, replies matched by id."""
 
-    def __init__(self, path: str | Path | None = None, *, timeout: float = 5.0,
-                 client: str = CLIENT_NAME, send_timeout: float | None = None) -> None:
+    def __init__(
+        self,
+        path: str | Path | None = None,
+        *,
+        timeout: float = 5.0,
+        client: str = CLIENT_NAME,
+        send_timeout: float | None = None,
+    ) -> None:
         self.path = Path(path) if path is not None else paths.socket_path()
         self._sock = open_socket(self.path, timeout)
         self._sock.settimeout(None)
         if send_timeout is not None:  # a send the daemon does not take in time ends it
             seconds = int(send_timeout)
-            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _TIMEVAL.pack(
-                seconds, int((send_timeout - seconds) * 1e6)))
+            self._sock.setsockopt(
+                socket.SOL_SOCKET,
+                socket.SO_SNDTIMEO,
+                _TIMEVAL.pack(seconds, int((send_timeout - seconds) * 1e6)),
+            )
         self._owner = os.getpid()
         self._send_lock = threading.Lock()
         self._lock = threading.Lock()
@@ -205,7 +220,7 @@ class Connection:
                     (length,) = HEADER.unpack_from(buf, pos)
                     if end - pos - head < length:
                         break
-                    self._deliver(unpack_body(bytes(buf[pos + head:pos + head + length])))
+                    self._deliver(unpack_body(bytes(buf[pos + head : pos + head + length])))
                     pos += head + length
                 del buf[:pos]
         except (OSError, ConnectionError, ValueError):

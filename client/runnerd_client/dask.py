@@ -79,8 +79,12 @@ class RunnerdWorkerPlugin(WorkerPlugin):
     idempotent = True
     name = PLUGIN_NAME
 
-    def __init__(self, experiment: str = "dask", socket_path: str | None = None,
-                 heartbeat_interval: float = 60.0) -> None:
+    def __init__(
+        self,
+        experiment: str = "dask",
+        socket_path: str | None = None,
+        heartbeat_interval: float = 60.0,
+    ) -> None:
         self.experiment = experiment
         self.socket_path = socket_path
         self.heartbeat_interval = heartbeat_interval
@@ -91,8 +95,9 @@ class RunnerdWorkerPlugin(WorkerPlugin):
         self.client = Client(self.socket_path)
         self.active: dict[str, TaskRun] = {}
         self.events: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
-        self.thread = threading.Thread(target=self._report, name="runnerd-dask-reporter",
-                                       daemon=True)
+        self.thread = threading.Thread(
+            target=self._report, name="runnerd-dask-reporter", daemon=True
+        )
         self.thread.start()
         announce(worker, self.socket_path)  # so that labels find this node's daemon
         if threading.current_thread() is threading.main_thread():
@@ -113,13 +118,24 @@ class RunnerdWorkerPlugin(WorkerPlugin):
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGTERM)
 
-    def _killed_by_sigterm(self, tasks: list[TaskRun], at: float,
-                           recorded: threading.Event) -> None:
-        futures = [self.client.emit(Fail(
-            key=new_key(), run_id=task.run_id, reason=FailReason.CRASH,
-            failure_class="Signal:SIGTERM", signal="SIGTERM", category_hint="walltime",
-            message="the worker process got SIGTERM (a job's walltime, scancel)", at=at))
-            for task in tasks]
+    def _killed_by_sigterm(
+        self, tasks: list[TaskRun], at: float, recorded: threading.Event
+    ) -> None:
+        futures = [
+            self.client.emit(
+                Fail(
+                    key=new_key(),
+                    run_id=task.run_id,
+                    reason=FailReason.CRASH,
+                    failure_class="Signal:SIGTERM",
+                    signal="SIGTERM",
+                    category_hint="walltime",
+                    message="the worker process got SIGTERM (a job's walltime, scancel)",
+                    at=at,
+                )
+            )
+            for task in tasks
+        ]
         for future in futures:
             try:
                 future.result(SIGTERM_FLUSH)
@@ -154,28 +170,55 @@ class RunnerdWorkerPlugin(WorkerPlugin):
         experiment = spec.get("experiment") or self.experiment
         variation = spec.get("variation") or (variation_of(params) if params else name)[:256]
         run_id = new_run_id()
-        run = Run(self.client, run_id, experiment, variation, params=params,
-                  run_dir=paths.default_run_dir(run_id),
-                  heartbeat_interval=self.heartbeat_interval, limits={})
+        run = Run(
+            self.client,
+            run_id,
+            experiment,
+            variation,
+            params=params,
+            run_dir=paths.default_run_dir(run_id),
+            heartbeat_interval=self.heartbeat_interval,
+            limits={},
+        )
         task = TaskRun(run_id, name, run)
         self.active[name] = task
-        tags = {"dask_key": name, "dispatch": getattr(ts, "run_id", None),
-                "worker": self.worker.address, "host": self.host,
-                "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
-                "sweep_id": spec.get("sweep_id"), "cell": spec.get("cell")}
-        create = Create(key=new_key(), run_id=run_id, experiment=experiment,
-                        variation=variation, params=params,
-                        tags={k: v for k, v in tags.items() if v is not None},
-                        cwd=self.cwd, run_dir=str(run.run_dir), host=self.host,
-                        sweep_id=spec.get("sweep_id"), cell=spec.get("cell"),
-                        claim_after=spec.get("claim_after"), retry_of=spec.get("retry_of"),
-                        claim_token=name, resume=bool(spec.get("resume")),
-                        at=time.time())
+        tags = {
+            "dask_key": name,
+            "dispatch": getattr(ts, "run_id", None),
+            "worker": self.worker.address,
+            "host": self.host,
+            "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+            "sweep_id": spec.get("sweep_id"),
+            "cell": spec.get("cell"),
+        }
+        create = Create(
+            key=new_key(),
+            run_id=run_id,
+            experiment=experiment,
+            variation=variation,
+            params=params,
+            tags={k: v for k, v in tags.items() if v is not None},
+            cwd=self.cwd,
+            run_dir=str(run.run_dir),
+            host=self.host,
+            sweep_id=spec.get("sweep_id"),
+            cell=spec.get("cell"),
+            claim_after=spec.get("claim_after"),
+            retry_of=spec.get("retry_of"),
+            claim_token=name,
+            resume=bool(spec.get("resume")),
+            at=time.time(),
+        )
         self.events.put(lambda: self._create(task, create))
-        entry = {"key": name, "run_id": run_id, "dispatch": tags["dispatch"],
-                 "worker": self.worker.address}
+        entry = {
+            "key": name,
+            "run_id": run_id,
+            "dispatch": tags["dispatch"],
+            "worker": self.worker.address,
+        }
         task.ledger = asyncio.get_running_loop().call_later(
-            LEDGER_DELAY, self.worker.log_event, RUN_TOPIC, entry)
+            LEDGER_DELAY, self.worker.log_event, RUN_TOPIC, entry
+        )
 
     def _end(self, key: Any, finish: str) -> None:
         task = self.active.pop(str(key), None)
@@ -185,17 +228,25 @@ class RunnerdWorkerPlugin(WorkerPlugin):
             task.ledger.cancel()
         at = time.time()
         if finish == "memory":
-            self.events.put(lambda: self._emit(Succeed(key=new_key(), run_id=task.run_id,
-                                                       at=at)))
+            self.events.put(lambda: self._emit(Succeed(key=new_key(), run_id=task.run_id, at=at)))
         elif finish == "error":
             ts = self.worker.state.tasks.get(key)
             self.events.put(lambda: self._emit(task_failure(task.run_id, ts, at)))
         else:
             stop_command(task.run_id)  # a sweep cell's command: stopped with its task
             message = released(finish)
-            self.events.put(lambda: self._emit(Fail(
-                key=new_key(), run_id=task.run_id, reason=FailReason.ABANDONED,
-                failure_class="TaskReleased", message=message, at=at)))
+            self.events.put(
+                lambda: self._emit(
+                    Fail(
+                        key=new_key(),
+                        run_id=task.run_id,
+                        reason=FailReason.ABANDONED,
+                        failure_class="TaskReleased",
+                        message=message,
+                        at=at,
+                    )
+                )
+            )
 
     # --- the reporter thread ---
 
@@ -224,10 +275,10 @@ class RunnerdWorkerPlugin(WorkerPlugin):
             return
         if create.sweep_id is not None:
             reply = future.result()
-            if not reply.get("ok") and (reply.get("error") or {}).get("code") == \
-                    ErrorCode.CONFLICT:
-                task.refused = RunRefused(ErrorCode.CONFLICT, reply["error"]["message"],
-                                          task.run_id)
+            if not reply.get("ok") and (reply.get("error") or {}).get("code") == ErrorCode.CONFLICT:
+                task.refused = RunRefused(
+                    ErrorCode.CONFLICT, reply["error"]["message"], task.run_id
+                )
                 task.created.set()
                 return
             task.run.resumed_from = reply.get("resumed_from")
@@ -241,8 +292,9 @@ class RunnerdWorkerPlugin(WorkerPlugin):
     def _answered(self, task: TaskRun, reply: dict[str, Any]) -> None:
         error = reply.get("error") or {}
         if not reply.get("ok") and error.get("code") != ErrorCode.UNAVAILABLE:
-            self._refuse(task, RunRefused(str(error.get("code")), str(error.get("message")),
-                                          task.run_id))
+            self._refuse(
+                task, RunRefused(str(error.get("code")), str(error.get("message")), task.run_id)
+            )
 
     def _refuse(self, task: TaskRun, refusal: RunRefused) -> None:
         log.warning("runnerd plugin: task %s runs untracked: %s", task.key, refusal)
@@ -263,9 +315,11 @@ def released(finish: str) -> str:
     a client cancelled it (a caller's own timeout and any other reason look the same)."""
     if finish == "worker-closing":
         return "its worker closed while the task was executing"
-    return (f"Dask moved the task from executing to {finish}: a client cancelled it"
-            " (future.cancel(), after its own result(timeout=...) say) or no longer wants"
-            " its result; Dask does not tell the worker which")
+    return (
+        f"Dask moved the task from executing to {finish}: a client cancelled it"
+        " (future.cancel(), after its own result(timeout=...) say) or no longer wants"
+        " its result; Dask does not tell the worker which"
+    )
 
 
 def task_failure(run_id: str, ts: Any, at: float) -> Fail:
@@ -281,11 +335,26 @@ def task_failure(run_id: str, ts: Any, at: float) -> Fail:
     frames = getattr(ts, "traceback_text", "") or ""
     traceback = f"Traceback (most recent call last):\n{frames}{failure_class}: {message}\n"
     if isinstance(exc, CommandFailed):
-        return Fail(key=new_key(), run_id=run_id, reason=FailReason.CRASH,
-                    failure_class=exc.failure_class, message=message, exit_code=exc.exit_code,
-                    signal=exc.signal, traceback=exc.traceback, at=at)
-    return Fail(key=new_key(), run_id=run_id, reason=FailReason.CRASH,
-                failure_class=failure_class, message=message, traceback=traceback, at=at)
+        return Fail(
+            key=new_key(),
+            run_id=run_id,
+            reason=FailReason.CRASH,
+            failure_class=exc.failure_class,
+            message=message,
+            exit_code=exc.exit_code,
+            signal=exc.signal,
+            traceback=exc.traceback,
+            at=at,
+        )
+    return Fail(
+        key=new_key(),
+        run_id=run_id,
+        reason=FailReason.CRASH,
+        failure_class=failure_class,
+        message=message,
+        traceback=traceback,
+        at=at,
+    )
 
 
 def current_run(timeout: float = 30.0) -> Run | None:

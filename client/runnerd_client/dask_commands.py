@@ -26,15 +26,23 @@ _running_lock = threading.Lock()
 class CommandFailed(Exception):
     """A sweep cell's command that did not exit 0 on its worker."""
 
-    def __init__(self, message: str, failure_class: str, exit_code: int,
-                 signal: str | None = None, traceback: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        failure_class: str,
+        exit_code: int,
+        signal: str | None = None,
+        traceback: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.failure_class, self.exit_code, self.signal = failure_class, exit_code, signal
         self.traceback = traceback
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (CommandFailed, (str(self), self.failure_class, self.exit_code, self.signal,
-                                self.traceback))
+        return (
+            CommandFailed,
+            (str(self), self.failure_class, self.exit_code, self.signal, self.traceback),
+        )
 
 
 @dataclass(frozen=True)
@@ -51,12 +59,21 @@ class CommandCell:
         run = ACTIVE.get()
         folder = run.run_dir if run is not None else Path(self.cwd)
         folder.mkdir(parents=True, exist_ok=True)
-        env = {**CRASH_REPORTS, **os.environ,
-               **({RUN_ID_ENV: run.run_id} if run is not None else {})}
+        env = {
+            **CRASH_REPORTS,
+            **os.environ,
+            **({RUN_ID_ENV: run.run_id} if run is not None else {}),
+        }
         logs = [folder / "stdout.log", folder / "stderr.log"]
         with open(logs[0], "wb") as out, open(logs[1], "wb") as err:
-            proc = subprocess.Popen(substitute(self.command, params), cwd=self.cwd, env=env,
-                                    stdout=out, stderr=err, start_new_session=True)
+            proc = subprocess.Popen(
+                substitute(self.command, params),
+                cwd=self.cwd,
+                env=env,
+                stdout=out,
+                stderr=err,
+                start_new_session=True,
+            )
             code = _wait(proc, run.run_id if run is not None else None, self.timeout)
         for log_path in logs:
             if run is not None and log_path.stat().st_size:
@@ -96,5 +113,10 @@ def stop_command(run_id: str) -> None:
 def command_failure(code: int, stderr_tail: bytes) -> CommandFailed:
     """How the command ended, read from its stderr as `runnerctl exec` reads it."""
     ending = command_ending(stderr_tail, code)
-    return CommandFailed(ending.message, ending.failure_class, code if code > 0 else 128 - code,
-                         ending.signal, ending.traceback)
+    return CommandFailed(
+        ending.message,
+        ending.failure_class,
+        code if code > 0 else 128 - code,
+        ending.signal,
+        ending.traceback,
+    )

@@ -28,8 +28,9 @@ Label = tuple[str, str, str]  # (run_id, label, note)
 def announce(worker: Any, socket_path: str | None) -> None:
     """On a worker being set up: tell the scheduler which node's daemon its runs go to."""
     path = Path(socket_path) if socket_path else paths.socket_path()
-    worker.log_event(NODE_TOPIC, {"worker": worker.address, "host": socket.gethostname(),
-                                  "socket": str(path)})
+    worker.log_event(
+        NODE_TOPIC, {"worker": worker.address, "host": socket.gethostname(), "socket": str(path)}
+    )
 
 
 def local_node(socket_path: str | None) -> Node:
@@ -76,14 +77,16 @@ class NodeLabels:
             return
         live = [w for w, n in self.nodes.items() if n == node and w in scheduler.workers]
         if not live:
-            log.info("run %s: label %s held until a worker of %s:%s is back", label[0],
-                     label[1], *node)
+            log.info(
+                "run %s: label %s held until a worker of %s:%s is back", label[0], label[1], *node
+            )
             self.held.setdefault(node, []).append(label)
             return
         try:
             client = await self._client_of(scheduler)
-            replies = await client.run(dask_nodes.label, *label, workers=live[:1],
-                                       on_error="return")
+            replies = await client.run(
+                dask_nodes.label, *label, workers=live[:1], on_error="return"
+            )
         except Exception as exc:  # the scheduler's loop must go on: say why, keep nothing
             log.warning("run %s not labelled %s on %s:%s: %r", label[0], label[1], *node, exc)
             return
@@ -91,8 +94,13 @@ class NodeLabels:
 
     def _done(self, node: Node, label: Label, reply: Any) -> None:
         if not isinstance(reply, dict) or "error" in reply:
-            log.warning("run %s not labelled %s on %s:%s: %s", label[0], label[1], *node,
-                        reply.get("error") if isinstance(reply, dict) else reply)
+            log.warning(
+                "run %s not labelled %s on %s:%s: %s",
+                label[0],
+                label[1],
+                *node,
+                reply.get("error") if isinstance(reply, dict) else reply,
+            )
             return
         self.delivered.append((label[0], label[1], node))
 
@@ -103,8 +111,11 @@ class NodeLabels:
                 from distributed import Client
 
                 self._client = await Client(  # type: ignore[no-untyped-call]
-                    scheduler.address, asynchronous=True, security=scheduler.security,
-                    set_as_default=False)
+                    scheduler.address,
+                    asynchronous=True,
+                    security=scheduler.security,
+                    set_as_default=False,
+                )
             return self._client
 
     async def close(self) -> None:

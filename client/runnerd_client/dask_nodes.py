@@ -50,8 +50,11 @@ def node() -> dict[str, str]:
 
 
 def _error(exc: RunnerdError) -> dict[str, Any]:
-    return {"code": str(exc.code), "message": exc.message,
-            "unreachable": isinstance(exc, DaemonUnavailable)}
+    return {
+        "code": str(exc.code),
+        "message": exc.message,
+        "unreachable": isinstance(exc, DaemonUnavailable),
+    }
 
 
 def _ask(request: dict[str, Any], timeout: float) -> dict[str, Any]:
@@ -101,8 +104,12 @@ def _poll(follow_id: str, filters: dict[str, Any], wait: float) -> dict[str, Any
         if follower is None:
             conn = Connection(here["socket"], timeout=5.0)
             follower = _FOLLOWERS[follow_id] = _Follower(conn)
-            threading.Thread(target=_close_when_idle, args=(follow_id, follower),
-                             name="runnerd-follow-idle", daemon=True).start()
+            threading.Thread(
+                target=_close_when_idle,
+                args=(follow_id, follower),
+                name="runnerd-follow-idle",
+                daemon=True,
+            ).start()
             conn.call(Subscribe(**filters))
         follower.polled = time.monotonic()
         events = _drain(follower.conn, wait)

@@ -27,7 +27,6 @@ RUN_TOPIC = "runnerd-run"  # the event a worker logs for each task's run
 ANNOTATION = "runnerd"  # the tasks' annotations runnerd reads (dask.annotate(runnerd=...))
 
 
-
 @dataclass
 class Dispatch:
     """One dispatch of a task, as the scheduler's ledger keeps it."""
@@ -71,18 +70,23 @@ class RunnerdSchedulerPlugin(SchedulerPlugin):
         if not isinstance(msg, dict):
             return
         if topic == RUN_TOPIC:
-            self.ledger[msg["key"]] = Dispatch(msg["key"], msg.get("dispatch"), msg["run_id"],
-                                              msg.get("worker"))
+            self.ledger[msg["key"]] = Dispatch(
+                msg["key"], msg.get("dispatch"), msg["run_id"], msg.get("worker")
+            )
         elif topic == NODE_TOPIC:
             self.node_labels.seen(self.scheduler, msg)
         elif topic == "worker-restart-memory":
             self.reasons[str(msg.get("worker"))] = "oom"
-        elif msg.get("action") == "closing-worker" and isinstance(topic, str) and \
-                "signal-15" in str(msg.get("reason", "")):
+        elif (
+            msg.get("action") == "closing-worker"
+            and isinstance(topic, str)
+            and "signal-15" in str(msg.get("reason", ""))
+        ):
             self.reasons[topic] = "walltime"
 
-    def remove_worker(self, scheduler: Any, worker: str, *, stimulus_id: str,
-                      **kwargs: Any) -> None:
+    def remove_worker(
+        self, scheduler: Any, worker: str, *, stimulus_id: str, **kwargs: Any
+    ) -> None:
         """A worker is gone: label the runs of the tasks it was running, if we know why."""
         label = self.reasons.pop(worker, None)
         if label is None and stimulus_id.startswith("retire-workers"):
@@ -92,21 +96,29 @@ class RunnerdSchedulerPlugin(SchedulerPlugin):
             if label is not None:
                 self._label(attempt.run_id, label, worker=worker)
 
-    def transition(self, key: Any, start: str, finish: str, *args: Any, stimulus_id: str,
-                   **kwargs: Any) -> None:
+    def transition(
+        self, key: Any, start: str, finish: str, *args: Any, stimulus_id: str, **kwargs: Any
+    ) -> None:
         """A finished task leaves the ledger (one whose worker died stays, for
         `remove_worker`); one Dask gave up on is labelled KilledWorker; one released
         because its worker is gone is dispatched again as a retry of the dead dispatch."""
         attempt = self.ledger.get(str(key))
         if attempt is None:
             return
-        if start == "processing" and finish == "released" and \
-                attempt.worker not in self.scheduler.workers:
+        if (
+            start == "processing"
+            and finish == "released"
+            and attempt.worker not in self.scheduler.workers
+        ):
             self._follow(key, attempt.run_id)
         if finish == "erred" and _killed_worker(kwargs.get("exception")):
             cause = self.reasons.get(str(attempt.worker))  # its worker is being removed
-            self._label(attempt.run_id, "killed_worker", LABELS["killed_worker"] + (
-                f"; its last worker: {LABELS[cause]}" if cause else ""), worker=attempt.worker)
+            self._label(
+                attempt.run_id,
+                "killed_worker",
+                LABELS["killed_worker"] + (f"; its last worker: {LABELS[cause]}" if cause else ""),
+                worker=attempt.worker,
+            )
         if finish in ("memory", "erred", "forgotten"):
             del self.ledger[str(key)]
 
@@ -122,16 +134,18 @@ class RunnerdSchedulerPlugin(SchedulerPlugin):
         annotations[ANNOTATION] = {**(annotations.get(ANNOTATION) or {}), "retry_of": run_id}
         ts.annotations = annotations
 
-    def _label(self, run_id: str, label: str, note: str | None = None,
-               worker: str | None = None) -> None:
+    def _label(
+        self, run_id: str, label: str, note: str | None = None, worker: str | None = None
+    ) -> None:
         """Label the run in the daemon of its worker's node, through Dask; where that node
         is unknown, in the daemon beside the scheduler, from a thread (the scheduler's
         event loop must not wait on us)."""
         self.labels.append((run_id, label))
         if self.node_labels.send(self.scheduler, worker, (run_id, label, note or LABELS[label])):
             return
-        threading.Thread(target=send_label, args=(self.socket_path, run_id, label, note),
-                         daemon=True).start()
+        threading.Thread(
+            target=send_label, args=(self.socket_path, run_id, label, note), daemon=True
+        ).start()
 
 
 def _killed_worker(exception: Any) -> bool:
@@ -145,16 +159,16 @@ def _killed_worker(exception: Any) -> bool:
         return False
 
 
-def send_label(socket_path: str | Path | None, run_id: str, label: str,
-               note: str | None = None) -> None:
+def send_label(
+    socket_path: str | Path | None, run_id: str, label: str, note: str | None = None
+) -> None:
     try:
         conn = Connection(socket_path, timeout=5.0)
     except RunnerdError as exc:
         log.warning("runnerd unreachable, run %s not labelled %s: %s", run_id, label, exc)
         return
     try:
-        conn.call(Label(key=new_key(), run_id=run_id, category=label,
-                        note=note or LABELS[label]))
+        conn.call(Label(key=new_key(), run_id=run_id, category=label, note=note or LABELS[label]))
     except RunnerdError as exc:
         log.warning("run %s not labelled %s: %s", run_id, label, exc)
     finally:

@@ -57,8 +57,13 @@ class OnDask:
 
     slots = sys.maxsize
 
-    def __init__(self, options: SweepOptions, client: DaskClient, fn: Callable[..., Any],
-                 socket_path: str | Path | None = None) -> None:
+    def __init__(
+        self,
+        options: SweepOptions,
+        client: DaskClient,
+        fn: Callable[..., Any],
+        socket_path: str | Path | None = None,
+    ) -> None:
         self.options, self.client, self.fn = options, client, fn
         self.socket_path = socket_path
         self.turn = new_key()[-8:]  # keys differ between turns of one sweep (a random end)
@@ -67,14 +72,25 @@ class OnDask:
 
     def start(self, attempt: Attempt) -> None:
         cell, options = attempt.cell, self.options
-        spec = {"experiment": options.experiment, "variation": cell.variation,
-                "params": cell.params, "sweep_id": options.sweep_id, "cell": cell.index,
-                "claim_after": attempt.claim_after, "retry_of": attempt.retry_of,
-                "resume": options.resume}
+        spec = {
+            "experiment": options.experiment,
+            "variation": cell.variation,
+            "params": cell.params,
+            "sweep_id": options.sweep_id,
+            "cell": cell.index,
+            "claim_after": attempt.claim_after,
+            "retry_of": attempt.retry_of,
+            "resume": options.resume,
+        }
         with annotate(runnerd=spec):
             future = self.client.submit(
-                cell_task, self.fn, cell.params, pure=False, retries=0,
-                key=f"runnerd-{options.sweep_id}-{cell.index}-{attempt.number}-{self.turn}")
+                cell_task,
+                self.fn,
+                cell.params,
+                pure=False,
+                retries=0,
+                key=f"runnerd-{options.sweep_id}-{cell.index}-{attempt.number}-{self.turn}",
+            )
         self.pending[future.key] = (future, attempt)
         future.add_done_callback(self.done.put)  # type: ignore[no-untyped-call]
 
@@ -91,10 +107,14 @@ class OnDask:
     def stop(self, why: Stop) -> None:
         """Record the running attempts abandoned (with `why`), then cancel every task."""
         with daemon_connection(self.socket_path) as conn:
-            abandon_running(conn, self.options.sweep_id,
-                            {attempt.cell.index for _, attempt in self.pending.values()}, why)
-        self.client.cancel([f for f, _ in self.pending.values()  # type: ignore[no-untyped-call]
-                            if not f.done()])  # type: ignore[no-untyped-call]
+            abandon_running(
+                conn,
+                self.options.sweep_id,
+                {attempt.cell.index for _, attempt in self.pending.values()},
+                why,
+            )
+        running = [f for f, _ in self.pending.values() if not f.done()]  # type: ignore[no-untyped-call]
+        self.client.cancel(running)  # type: ignore[no-untyped-call]
 
     def close(self) -> None:
         """Wait (a while) for the workers to have recorded every attempt ended."""
@@ -109,8 +129,7 @@ def _outcome(future: Future[Any], attempt: Attempt) -> CellOutcome:
     if future.status == "error":
         exc = future.exception()  # type: ignore[no-untyped-call]
         name = getattr(exc, "failure_class", type(exc).__name__)
-        return CellOutcome(cell.index, cell.params, "failed", error=f"{name}: {exc}",
-                           exception=exc)
+        return CellOutcome(cell.index, cell.params, "failed", error=f"{name}: {exc}", exception=exc)
     value = future.result()
     if isinstance(value, Taken):
         return CellOutcome(cell.index, cell.params, "taken", error=value.message)

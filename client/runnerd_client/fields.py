@@ -53,8 +53,7 @@ class OneOf:
     @classmethod
     def of(cls, *members: enum.StrEnum | type[enum.StrEnum]) -> OneOf:
         """All the values of an enum, or the members named."""
-        return cls(tuple(str(v) for m in members
-                         for v in (m if isinstance(m, type) else (m,))))
+        return cls(tuple(str(v) for m in members for v in (m if isinstance(m, type) else (m,))))
 
     def problem(self, value: Any) -> str | None:
         items = value if isinstance(value, list) else (value,)
@@ -68,13 +67,15 @@ class Range:
 
     __slots__ = ("low", "high", "above", "what")
 
-    def __init__(self, low: float, high: float | None = None, above: bool = False,
-                 what: str | None = None) -> None:
+    def __init__(
+        self, low: float, high: float | None = None, above: bool = False, what: str | None = None
+    ) -> None:
         self.low, self.high, self.above, self.what = low, high, above, what
 
     def problem(self, value: Any) -> str | None:
-        if (value > self.low if self.above else value >= self.low) and \
-                (self.high is None or value <= self.high):
+        if (value > self.low if self.above else value >= self.low) and (
+            self.high is None or value <= self.high
+        ):
             return None
         if self.what is not None:
             return f"must be {self.what}"
@@ -102,8 +103,11 @@ class Length:
         self.low, self.high = low, high
 
     def problem(self, value: Any) -> str | None:
-        return None if self.low <= len(value) <= self.high else \
-            f"must be {self.low}-{self.high} characters"
+        return (
+            None
+            if self.low <= len(value) <= self.high
+            else f"must be {self.low}-{self.high} characters"
+        )
 
 
 class Absolute:
@@ -112,8 +116,7 @@ class Absolute:
     __slots__ = ()
 
     def problem(self, value: Any) -> str | None:
-        return None if os.path.isabs(value) and "\0" not in value else \
-            "must be an absolute path"
+        return None if os.path.isabs(value) and "\0" not in value else "must be an absolute path"
 
 
 class PlainJson:
@@ -154,8 +157,9 @@ class FieldSpec:
 
     __slots__ = ("name", "types", "required", "checks")
 
-    def __init__(self, name: str, types: tuple[type, ...], required: bool,
-                 checks: tuple[Check, ...]) -> None:
+    def __init__(
+        self, name: str, types: tuple[type, ...], required: bool, checks: tuple[Check, ...]
+    ) -> None:
         self.name, self.types, self.required, self.checks = name, types, required, checks
 
 
@@ -170,10 +174,14 @@ def field_specs(cls: type) -> tuple[FieldSpec, ...]:
         plain = typing.get_type_hints(cls)
         extra = typing.get_type_hints(cls, include_extras=True)
         specs = _SPECS[cls] = tuple(
-            FieldSpec(f.name, _allowed_types(plain[f.name]),
-                      f.default is MISSING and f.default_factory is MISSING,
-                      tuple(_checks(extra[f.name])))
-            for f in fields(cls))
+            FieldSpec(
+                f.name,
+                _allowed_types(plain[f.name]),
+                f.default is MISSING and f.default_factory is MISSING,
+                tuple(_checks(extra[f.name])),
+            )
+            for f in fields(cls)
+        )
     return specs
 
 
@@ -189,8 +197,11 @@ def decode_fields(op: str, specs: Iterable[FieldSpec], msg: dict[Any, Any]) -> d
         value = msg[spec.name]
         problem = _problem(spec, value)
         if problem is not None:
-            raise _bad(f"{op}: {spec.name} {problem.text}" if problem.checked
-                       else f"{op}: field {spec.name!r} {problem.text}")
+            raise _bad(
+                f"{op}: {spec.name} {problem.text}"
+                if problem.checked
+                else f"{op}: field {spec.name!r} {problem.text}"
+            )
         kwargs[spec.name] = value
     return kwargs
 
@@ -245,8 +256,10 @@ def _argument_error(name: str, problem: _Problem) -> TypeError | ValueError:
     shown = repr(problem.value)
     shown = shown if len(shown) <= 60 else shown[:57] + "..."
     if problem.of_type:
-        return TypeError(f"{name} must be {_python_name(problem.text)}, not "
-                         f"{type(problem.value).__name__} {shown}")
+        return TypeError(
+            f"{name} must be {_python_name(problem.text)}, not "
+            f"{type(problem.value).__name__} {shown}"
+        )
     if isinstance(problem.value, dict | list):
         return ValueError(f"{name} {problem.text}")
     return ValueError(f"{name} {problem.text}, not {shown}")
@@ -255,8 +268,15 @@ def _argument_error(name: str, problem: _Problem) -> TypeError | ValueError:
 def _python_name(wire: str) -> str:
     """A wire type description (`float or int or null`) in Python's words."""
     names = wire.removeprefix("must be ").split(" or ")
-    words = {"float": "a number", "int": "an int", "null": "None", "str": "a str",
-             "dict": "a dict", "list": "a list", "bool": "True or False"}
+    words = {
+        "float": "a number",
+        "int": "an int",
+        "null": "None",
+        "str": "a str",
+        "dict": "a dict",
+        "list": "a list",
+        "bool": "True or False",
+    }
     if "float" in names and "int" in names:
         names.remove("int")
     names.sort(key=lambda n: n == "null")  # None last
@@ -290,8 +310,7 @@ def _checks(annotation: Any) -> Iterable[Check]:
 
 
 def _is_union(annotation: Any) -> bool:
-    return isinstance(annotation, types.UnionType) or \
-        typing.get_origin(annotation) is typing.Union
+    return isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union
 
 
 def _type_name(allowed: tuple[type, ...]) -> str:

@@ -74,8 +74,15 @@ def unpack_request(body: bytes, max_items: int = MAX_ITEMS) -> dict[Any, Any]:
     body too short to hold that many (items take a byte at least) is not counted."""
     hook = _counting_hook(max_items) if len(body) > max_items else None
     try:
-        msg = msgpack.unpackb(body, raw=False, strict_map_key=False, max_map_len=max_items,
-                              max_array_len=max_items, object_hook=hook, list_hook=hook)
+        msg = msgpack.unpackb(
+            body,
+            raw=False,
+            strict_map_key=False,
+            max_map_len=max_items,
+            max_array_len=max_items,
+            object_hook=hook,
+            list_hook=hook,
+        )
     except (ValueError, _Counted) as exc:
         if (isinstance(exc, _Counted) or "exceeds max_" in str(exc)) and _whole_map(body):
             raise LimitExceeded(_scan_id(body), _too_many(max_items)) from None
@@ -87,16 +94,18 @@ def unpack_request(body: bytes, max_items: int = MAX_ITEMS) -> dict[Any, Any]:
     return msg
 
 
-def check_shape(msg: dict[Any, Any], req_id: int | None, max_items: int = MAX_ITEMS,
-                max_depth: int = MAX_DEPTH) -> None:
+def check_shape(
+    msg: dict[Any, Any], req_id: int | None, max_items: int = MAX_ITEMS, max_depth: int = MAX_DEPTH
+) -> None:
     """Refuse (LimitExceeded) a request whose maps and lists hold more than `max_items`
     items in all, or nest deeper than `max_depth`."""
     shape = _shape_error(msg, max_items, max_depth)
     if shape == "items":
         raise LimitExceeded(req_id, _too_many(max_items))
     if shape == "depth":
-        raise LimitExceeded(req_id, f"a request's values nest at most {max_depth} levels"
-                            " (max_depth)")
+        raise LimitExceeded(
+            req_id, f"a request's values nest at most {max_depth} levels (max_depth)"
+        )
 
 
 def _too_many(max_items: int) -> str:
@@ -154,8 +163,7 @@ def _shape_error(value: Any, max_items: int, max_depth: int) -> str | None:
         if items > max_items:
             return "items"
         children = node.values() if isinstance(node, dict) else node
-        stack.extend((child, depth + 1) for child in children
-                     if isinstance(child, dict | list))
+        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
     return None
 
 

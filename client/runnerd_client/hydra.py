@@ -100,10 +100,15 @@ class RunnerdCallback(Callback):
             sweep_id = new_run_id()
             conn = connect_daemon()
             try:
-                conn.call(SweepCreate(key=new_key(), sweep_id=sweep_id,
-                                      experiment=self._experiment(config),
-                                      spec={"kind": "hydra", "cells": cells},
-                                      failure_policy=SweepPolicy.CONTINUE_ON_FAILURE))
+                conn.call(
+                    SweepCreate(
+                        key=new_key(),
+                        sweep_id=sweep_id,
+                        experiment=self._experiment(config),
+                        spec={"kind": "hydra", "cells": cells},
+                        failure_policy=SweepPolicy.CONTINUE_ON_FAILURE,
+                    )
+                )
             finally:
                 conn.close()
         except Exception as exc:  # the multirun goes on, its jobs recorded one by one
@@ -135,11 +140,17 @@ class RunnerdCallback(Callback):
         sweep_id = self.sweep_id or os.environ.get(SWEEP_ENV)
         number = OmegaConf.select(config, "hydra.job.num")
         cell = Cell(sweep_id, int(number)) if sweep_id and number is not None else None
-        return connect().run(self._experiment(config), variation(params), params=params,
-                             tags={"hydra.overrides": overrides, "hydra.job_num": number,
-                                   "hydra.output_dir": OmegaConf.select(
-                                       config, "hydra.runtime.output_dir")},
-                             cell=cell)
+        return connect().run(
+            self._experiment(config),
+            variation(params),
+            params=params,
+            tags={
+                "hydra.overrides": overrides,
+                "hydra.job_num": number,
+                "hydra.output_dir": OmegaConf.select(config, "hydra.runtime.output_dir"),
+            },
+            cell=cell,
+        )
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         run, self.run = self.run, None
@@ -162,8 +173,10 @@ class RunnerdCallback(Callback):
         if not self._exit_hook:
             atexit.register(self._at_exit)
             self._exit_hook = True
-        if threading.current_thread() is threading.main_thread() and \
-                signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        if (
+            threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+        ):
             signal.signal(signal.SIGTERM, self._on_sigterm)
 
     def _on_sigterm(self, signum: int, frame: FrameType | None) -> None:
@@ -173,8 +186,9 @@ class RunnerdCallback(Callback):
     def _at_exit(self) -> None:
         run, self.run = self.run, None
         if run is not None:
-            error: BaseException = Terminated() if self.terminated else SystemExit(
-                "the process exited during the job")
+            error: BaseException = (
+                Terminated() if self.terminated else SystemExit("the process exited during the job")
+            )
             run.__exit__(type(error), error, None)
         self._end_sweep(SweepStatus.INTERRUPTED)
 
@@ -192,8 +206,12 @@ class RunnerdCallback(Callback):
             conn.close()
 
 
-def job_returns(overrides: Sequence[Sequence[str]], outcomes: dict[int, Any],
-                done: dict[int, JobReturn], succeeded_before: set[int]) -> list[JobReturn]:
+def job_returns(
+    overrides: Sequence[Sequence[str]],
+    outcomes: dict[int, Any],
+    done: dict[int, JobReturn],
+    succeeded_before: set[int],
+) -> list[JobReturn]:
     """What Hydra's sweeper expects of a launch, from a sweep's outcomes by job index: the
     job's own JobReturn where this process ran it, else one made of its outcome; a job a
     resume did not run because it had succeeded counts as completed."""
@@ -213,8 +231,8 @@ def job_returns(overrides: Sequence[Sequence[str]], outcomes: dict[int, Any],
             state = outcome.state if outcome is not None else "not run"
             error = outcome.exception if outcome is not None else None
             ret._return_value = error or RuntimeError(
-                f"job {' '.join(job)}: {state}" + (f": {outcome.error}"
-                                                   if outcome is not None and outcome.error
-                                                   else ""))
+                f"job {' '.join(job)}: {state}"
+                + (f": {outcome.error}" if outcome is not None and outcome.error else "")
+            )
         returns.append(ret)
     return returns

@@ -23,8 +23,9 @@ from runnerd_client.procinfo import read_proc
 from runnerd_client.protocol import State
 from runnerd_client.run import ACTIVE, RUN_ID_ENV, Run
 
-FAILED = frozenset({State.FAILED_CRASH, State.FAILED_ABANDONED, State.FAILED_TIMEOUT,
-                    State.FAILED_LOST})
+FAILED = frozenset(
+    {State.FAILED_CRASH, State.FAILED_ABANDONED, State.FAILED_TIMEOUT, State.FAILED_LOST}
+)
 GONE_WAIT = 5.0
 """How long a hook waits for a failed run's processes to exit before it acts anyway (a
 `runnerctl cancel` without a signal leaves them running)."""
@@ -96,8 +97,9 @@ def read_hook_input(stream: IO[str]) -> HookInput:
     if not isinstance(payload, dict) or not isinstance(payload.get("run", {}), dict | None):
         raise ValueError('the hook\'s input must be an object whose "run" is an object or null')
     event, run = payload.get("event"), payload.get("run")
-    return HookInput(str(payload.get("hook") or ""), event if isinstance(event, dict) else {},
-                     run or {})
+    return HookInput(
+        str(payload.get("hook") or ""), event if isinstance(event, dict) else {}, run or {}
+    )
 
 
 def notes(run: dict[str, Any], prefix: str) -> list[dict[str, Any]]:
@@ -139,8 +141,9 @@ def wait_gone(pids: Iterable[int], timeout: float = GONE_WAIT) -> bool:
 def hook_parser(prog: str) -> argparse.ArgumentParser:
     """`python -m PROG hook [OPTIONS]`, for an integration to add its options to."""
     parser = argparse.ArgumentParser(prog=f"python -m {prog}")
-    parser.add_argument("command", choices=["hook"],
-                        help="act on one runnerd hook event read from stdin")
+    parser.add_argument(
+        "command", choices=["hook"], help="act on one runnerd hook event read from stdin"
+    )
     return parser
 
 
@@ -155,8 +158,7 @@ def run_hook(prog: str, handle: Callable[[HookInput], None]) -> int:
     return 0
 
 
-def hook_main(prog: str, handle: Callable[[HookInput], None],
-              argv: list[str] | None = None) -> int:
+def hook_main(prog: str, handle: Callable[[HookInput], None], argv: list[str] | None = None) -> int:
     """`python -m PROG hook` for an integration without options (2 on a usage error)."""
     hook_parser(prog).parse_args(argv)
     return run_hook(prog, handle)

@@ -153,8 +153,9 @@ class Succeed(Mutation):
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Fail(Mutation):
     op: ClassVar[str] = "fail"
-    reason: Annotated[str, OneOf.of(FailReason.CRASH, FailReason.ABANDONED,
-                                    FailReason.TIMEOUT)] = FailReason.CRASH
+    reason: Annotated[str, OneOf.of(FailReason.CRASH, FailReason.ABANDONED, FailReason.TIMEOUT)] = (
+        FailReason.CRASH
+    )
     failure_class: str | None = None
     message: str | None = None
     traceback: str | None = None
@@ -321,8 +322,9 @@ class SweepEnd(SweepMutation):
     comes once manifest.json is written."""
 
     op: ClassVar[str] = "sweep_end"
-    status: Annotated[str, OneOf.of(SweepStatus.SUCCEEDED, SweepStatus.FAILED,
-                                    SweepStatus.INTERRUPTED)]
+    status: Annotated[
+        str, OneOf.of(SweepStatus.SUCCEEDED, SweepStatus.FAILED, SweepStatus.INTERRUPTED)
+    ]
     skip: bool = False
 
 
@@ -354,9 +356,33 @@ class SweepList(Request):
 REQUESTS: dict[str, type[Request]] = {
     cls.op: cls
     for cls in (
-        Hello, Create, Start, Attach, Detach, Heartbeat, Succeed, Fail,
-        Artifact, Checkpoint, Cancel, Get, ListRuns, Status, Failures, Export, Watch,
-        Unwatch, Prune, Subscribe, Label, SweepCreate, SweepStart, SweepEnd, SweepGet, SweepCells,
-        SweepList, HookList,
+        Hello,
+        Create,
+        Start,
+        Attach,
+        Detach,
+        Heartbeat,
+        Succeed,
+        Fail,
+        Artifact,
+        Checkpoint,
+        Cancel,
+        Get,
+        ListRuns,
+        Status,
+        Failures,
+        Export,
+        Watch,
+        Unwatch,
+        Prune,
+        Subscribe,
+        Label,
+        SweepCreate,
+        SweepStart,
+        SweepEnd,
+        SweepGet,
+        SweepCells,
+        SweepList,
+        HookList,
     )
 }

@@ -87,8 +87,11 @@ class RunnerdRunContext:
         if mlflow.active_run() is None:  # a run is starting (not a nested one, not a model)
             link.look_for_run(uri)
         _EXIT.install()
-        return {TAG_RUN_ID: link.run.run_id, "runnerd.experiment": link.run.experiment,
-                "runnerd.variation": link.run.variation}
+        return {
+            TAG_RUN_ID: link.run.run_id,
+            "runnerd.experiment": link.run.experiment,
+            "runnerd.variation": link.run.variation,
+        }
 
 
 class _Link:
@@ -112,8 +115,9 @@ class _Link:
 
     def look_for_run(self, uri: str) -> None:
         """Note, from a thread, the MLflow run about to be made (`finish` waits for it)."""
-        finder = threading.Thread(target=self.find_runs, args=(uri, time.time()), daemon=True,
-                                  name="runnerd-mlflow-link")
+        finder = threading.Thread(
+            target=self.find_runs, args=(uri, time.time()), daemon=True, name="runnerd-mlflow-link"
+        )
         self.finders.append(finder)
         finder.start()
 
@@ -130,9 +134,12 @@ class _Link:
             client = MlflowClient(uri)
             deadline = time.monotonic() + FIND_FOR
             while time.monotonic() < deadline:
-                found = [r for r in linked_runs(client, self.run.run_id)
-                         if r.info.run_id not in self.mlflow_runs
-                         and r.info.start_time >= int(since * 1000) - 1000]
+                found = [
+                    r
+                    for r in linked_runs(client, self.run.run_id)
+                    if r.info.run_id not in self.mlflow_runs
+                    and r.info.start_time >= int(since * 1000) - 1000
+                ]
                 if found:
                     self.note_runs(uri, found)
                     return
@@ -144,14 +151,23 @@ class _Link:
         with self.lock:
             for mlflow_run in found:
                 self.mlflow_runs[mlflow_run.info.run_id] = {
-                    "run_id": mlflow_run.info.run_id, "tracking_uri": uri,
-                    "experiment_id": mlflow_run.info.experiment_id}
+                    "run_id": mlflow_run.info.run_id,
+                    "tracking_uri": uri,
+                    "experiment_id": mlflow_run.info.experiment_id,
+                }
             self._write(wait=False)
 
     def _write(self, wait: bool) -> None:
-        write_note(self.run, f"{NOTE_PREFIX}{os.getpid()}.json", {
-            "runnerd_run_id": self.run.run_id, "tracking_uris": self.uris,
-            "mlflow_runs": list(self.mlflow_runs.values())}, wait=wait)
+        write_note(
+            self.run,
+            f"{NOTE_PREFIX}{os.getpid()}.json",
+            {
+                "runnerd_run_id": self.run.run_id,
+                "tracking_uris": self.uris,
+                "mlflow_runs": list(self.mlflow_runs.values()),
+            },
+            wait=wait,
+        )
 
 
 _links: dict[tuple[int, str], _Link] = {}
@@ -191,8 +207,9 @@ class _Exit:
         self.installed_in = os.getpid()
         previous_hook = sys.excepthook
 
-        def excepthook(kind: type[BaseException], exc: BaseException,
-                       tb: TracebackType | None) -> None:
+        def excepthook(
+            kind: type[BaseException], exc: BaseException, tb: TracebackType | None
+        ) -> None:
             self.exception = exc
             previous_hook(kind, exc, tb)
 
@@ -223,8 +240,10 @@ class _Exit:
             real_exit(code)
 
         sys.exit = exit_
-        if threading.current_thread() is threading.main_thread() and \
-                signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        if (
+            threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+        ):
             signal.signal(signal.SIGTERM, self._on_sigterm)
 
     def _on_sigterm(self, signum: int, frame: FrameType | None) -> None:
@@ -295,9 +314,13 @@ def linked_runs(client: MlflowClient, run_id: str) -> list[MlflowRun]:
     experiments = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ALL)]
     if not experiments:
         return []
-    return list(client.search_runs(
-        experiments, filter_string=f"tags.`{TAG_RUN_ID}` = '{run_id}'",
-        run_view_type=ViewType.ALL))
+    return list(
+        client.search_runs(
+            experiments,
+            filter_string=f"tags.`{TAG_RUN_ID}` = '{run_id}'",
+            run_view_type=ViewType.ALL,
+        )
+    )
 
 
 def target_status(state: str) -> str:
@@ -309,7 +332,8 @@ def needs_ending(mlflow_run: MlflowRun) -> bool:
     """Still running, or ended FINISHED by MLflow's exit hook (not by the script)."""
     status = mlflow_run.info.status
     return status in ("RUNNING", "SCHEDULED") or (
-        status == "FINISHED" and mlflow_run.data.tags.get(TAG_AT_EXIT) == "true")
+        status == "FINISHED" and mlflow_run.data.tags.get(TAG_AT_EXIT) == "true"
+    )
 
 
 def handle(event: HookInput) -> None:
@@ -321,8 +345,11 @@ def handle(event: HookInput) -> None:
     uris = sorted({uri for note in found for uri in note.get("tracking_uris") or []})
     if not uris:
         return
-    noted = {(r.get("tracking_uri"), r.get("run_id")) for note in found
-             for r in note.get("mlflow_runs") or []}
+    noted = {
+        (r.get("tracking_uri"), r.get("run_id"))
+        for note in found
+        for r in note.get("mlflow_runs") or []
+    }
     if event.failed:
         wait_gone(run.get("pids") or [])
     from mlflow.client import MlflowClient
@@ -355,8 +382,11 @@ def settle(client: MlflowClient, mlflow_run: MlflowRun, run: dict[str, Any]) -> 
     status = target_status(state)
     end = mlflow_run.info.end_time or _millis(run.get("ended_at"))
     client.set_terminated(mlflow_id, status, end_time=end)
-    print(f"MLflow run {mlflow_id}: {mlflow_run.info.status} -> {status}"
-          f" (runnerd run {run['run_id']} {state})", file=sys.stderr)
+    print(
+        f"MLflow run {mlflow_id}: {mlflow_run.info.status} -> {status}"
+        f" (runnerd run {run['run_id']} {state})",
+        file=sys.stderr,
+    )
 
 
 def _millis(iso: object) -> int | None:

@@ -59,8 +59,9 @@ class Pruned(Terminated):
         self.message = message or "pruned by Optuna"
 
 
-def tracked(objective: Callable[[optuna.Trial], T], *, storage: Any = None,
-            experiment: str | None = None) -> Callable[[optuna.Trial], T]:
+def tracked(
+    objective: Callable[[optuna.Trial], T], *, storage: Any = None, experiment: str | None = None
+) -> Callable[[optuna.Trial], T]:
     """`objective` with each trial recorded as a runnerd run (see the module). `storage` is
     the study's storage (a URL or an RDBStorage): the hook needs it to fail a dead trial."""
     url = storage if isinstance(storage, str) else getattr(storage, "url", None)
@@ -87,8 +88,9 @@ def _start(trial: optuna.Trial, url: str | None, experiment: str | None) -> Run:
     tags: dict[str, Any] = {TAG_STUDY: study, TAG_TRIAL: trial.number}
     if url:
         tags[TAG_STORAGE] = hide_password(url)
-    run = connect().run(experiment or study, f"trial={trial.number}", params=dict(trial.params),
-                        tags=tags)
+    run = connect().run(
+        experiment or study, f"trial={trial.number}", params=dict(trial.params), tags=tags
+    )
     run.__enter__()  # started, beating, SIGTERM raises Terminated, faulthandler on
     return run
 
@@ -119,8 +121,7 @@ def _end_raised(run: Run, trial: optuna.Trial, exc: BaseException) -> None:
 
 def _invalid(result: Any) -> str | None:
     """Why Optuna would refuse a returned value, or None."""
-    values = result if isinstance(result, Sequence) and not isinstance(result, str) \
-        else [result]
+    values = result if isinstance(result, Sequence) and not isinstance(result, str) else [result]
     for value in values:
         try:
             number = float(value)
@@ -132,11 +133,19 @@ def _invalid(result: Any) -> str | None:
 
 
 def _note(run: Run, trial: optuna.Trial, state: str, result: Any) -> None:
-    value = list(result) if isinstance(result, Sequence) and not isinstance(result, str) \
-        else result
+    value = list(result) if isinstance(result, Sequence) and not isinstance(result, str) else result
     try:
-        write_note(run, NOTE, {"study": trial.study.study_name, "number": trial.number,
-                               "params": trial.params, "state": state, "value": value})
+        write_note(
+            run,
+            NOTE,
+            {
+                "study": trial.study.study_name,
+                "number": trial.number,
+                "params": trial.params,
+                "state": state,
+                "value": value,
+            },
+        )
     except (OSError, TypeError, ValueError) as exc:  # never break the study for a note
         print(f"runnerd: trial {trial.number} not noted: {exc}", file=sys.stderr)
 
@@ -158,8 +167,12 @@ def handle(event: HookInput, storages: Sequence[str] = ()) -> None:
     """Fail the trial of a failed run in Optuna's storage, if Optuna did not end it."""
     tags = event.run.get("tags") or {}
     hidden, study, number = tags.get(TAG_STORAGE), tags.get(TAG_STUDY), tags.get(TAG_TRIAL)
-    if not (event.failed and isinstance(hidden, str) and isinstance(study, str)
-            and isinstance(number, int)):
+    if not (
+        event.failed
+        and isinstance(hidden, str)
+        and isinstance(study, str)
+        and isinstance(number, int)
+    ):
         return
     url = next((s for s in storages if hide_password(s) == hidden), hidden)
     fail_dead_trial(url, study, number, event.run)
@@ -174,35 +187,54 @@ def fail_dead_trial(url: str, study: str, number: int, run: dict[str, Any]) -> N
     storage = optuna.storages.RDBStorage(url)
     try:
         trial_id = storage.get_trial_id_from_study_id_trial_number(
-            storage.get_study_id_from_name(study), number)
+            storage.get_study_id_from_name(study), number
+        )
     except KeyError:
-        print(f"no trial {number} of study {study} in {hide_password(url)}: nothing to fail",
-              file=sys.stderr)
+        print(
+            f"no trial {number} of study {study} in {hide_password(url)}: nothing to fail",
+            file=sys.stderr,
+        )
         return
     pids = [int(pid) for pid in run.get("pids") or []]
     deadline = time.monotonic() + GONE_WAIT
     while not storage.get_trial(trial_id).state.is_finished():
         if not any(alive(pid) for pid in pids):
             try:
-                storage.set_trial_user_attr(trial_id, "runnerd", {
-                    "run_id": run["run_id"], "state": run["state"],
-                    "failure_class": (run.get("failure") or {}).get("failure_class")})
+                storage.set_trial_user_attr(
+                    trial_id,
+                    "runnerd",
+                    {
+                        "run_id": run["run_id"],
+                        "state": run["state"],
+                        "failure_class": (run.get("failure") or {}).get("failure_class"),
+                    },
+                )
                 storage.set_trial_state_values(trial_id, TrialState.FAIL)
             except UpdateFinishedTrialError:
                 return  # Optuna ended it meanwhile: its word stands
-            print(f"Optuna trial {study}#{number}: RUNNING -> FAIL"
-                  f" (runnerd run {run['run_id']} {run['state']})", file=sys.stderr)
+            print(
+                f"Optuna trial {study}#{number}: RUNNING -> FAIL"
+                f" (runnerd run {run['run_id']} {run['state']})",
+                file=sys.stderr,
+            )
             return
         if time.monotonic() > deadline:
-            raise RuntimeError(f"trial {number} of {study} is still RUNNING in a live process"
-                               f" ({', '.join(map(str, pids))}); it is left to Optuna for now")
+            raise RuntimeError(
+                f"trial {number} of {study} is still RUNNING in a live process"
+                f" ({', '.join(map(str, pids))}); it is left to Optuna for now"
+            )
         time.sleep(0.02)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = hook_parser(PROG)
-    parser.add_argument("--storage", action="append", default=[], metavar="URL",
-                        help="a storage URL with its password, for trials tagged with it")
+    parser.add_argument(
+        "--storage",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="a storage URL with its password, for trials tagged with it",
+    )
     args = parser.parse_args(argv)
     return run_hook(PROG, lambda event: handle(event, args.storage))
 

@@ -39,8 +39,11 @@ def spool_dirs(db: Path | None = None, socket: Path | None = None) -> list[Path]
     that several daemons of one user replay only their own). The daemon replays all three."""
     socket = socket or socket_path()
     daemon = hashlib.sha256(os.fsencode(os.path.abspath(socket))).hexdigest()[:16]
-    folders = [(db or db_path()).parent / "spool", socket.parent / "spool",
-               Path(tempfile.gettempdir()) / f"runnerd-spool-{os.getuid()}" / daemon]
+    folders = [
+        (db or db_path()).parent / "spool",
+        socket.parent / "spool",
+        Path(tempfile.gettempdir()) / f"runnerd-spool-{os.getuid()}" / daemon,
+    ]
     return list(dict.fromkeys(folders))
 
 

@@ -74,14 +74,61 @@ from runnerd_client.messages import (
 )
 
 __all__ = [  # what this module passes on from the modules it was split into
-    "ACTIVE_STATES", "DEFAULT_MAX_FRAME", "HEADER", "INT64_MAX", "INT64_MIN", "MAX_DEPTH",
-    "MAX_ITEMS", "REQUESTS", "Artifact", "Attach", "Cancel", "Checkpoint", "Create", "Detach",
-    "ErrorCode", "Export", "ExportWhat", "Fail", "FailReason", "Failures", "Get", "GroupBy",
-    "Heartbeat", "Hello", "HookList", "Label", "LabelCategory", "LimitExceeded", "ListRuns",
-    "Mutation", "Prune", "Request", "RunnerdError", "Start", "State", "Status", "Subscribe",
-    "Succeed", "SweepCells", "SweepCreate", "SweepEnd", "SweepGet", "SweepList",
-    "SweepMutation", "SweepPolicy", "SweepStart", "SweepStatus", "Unwatch", "Watch",
-    "check_shape", "error_reply", "frame", "ok_reply", "raise_for_reply", "unpack_body",
+    "ACTIVE_STATES",
+    "DEFAULT_MAX_FRAME",
+    "HEADER",
+    "INT64_MAX",
+    "INT64_MIN",
+    "MAX_DEPTH",
+    "MAX_ITEMS",
+    "REQUESTS",
+    "Artifact",
+    "Attach",
+    "Cancel",
+    "Checkpoint",
+    "Create",
+    "Detach",
+    "ErrorCode",
+    "Export",
+    "ExportWhat",
+    "Fail",
+    "FailReason",
+    "Failures",
+    "Get",
+    "GroupBy",
+    "Heartbeat",
+    "Hello",
+    "HookList",
+    "Label",
+    "LabelCategory",
+    "LimitExceeded",
+    "ListRuns",
+    "Mutation",
+    "Prune",
+    "Request",
+    "RunnerdError",
+    "Start",
+    "State",
+    "Status",
+    "Subscribe",
+    "Succeed",
+    "SweepCells",
+    "SweepCreate",
+    "SweepEnd",
+    "SweepGet",
+    "SweepList",
+    "SweepMutation",
+    "SweepPolicy",
+    "SweepStart",
+    "SweepStatus",
+    "Unwatch",
+    "Watch",
+    "check_shape",
+    "error_reply",
+    "frame",
+    "ok_reply",
+    "raise_for_reply",
+    "unpack_body",
     "unpack_request",
 ]
 
@@ -95,8 +142,9 @@ def decode_request(msg: dict[Any, Any]) -> tuple[int | None, Request]:
     """Turn a wire map into (id, typed request); raise RunnerdError when it is not one."""
     req_id = msg.get("id")
     if req_id is not None and (type(req_id) is not int or not INT64_MIN <= req_id <= INT64_MAX):
-        raise RunnerdError(ErrorCode.BAD_REQUEST,
-                           "field 'id' must be an integer that fits in a signed 64-bit int")
+        raise RunnerdError(
+            ErrorCode.BAD_REQUEST, "field 'id' must be an integer that fits in a signed 64-bit int"
+        )
     op = msg.get("op")
     if not isinstance(op, str):
         raise RunnerdError(ErrorCode.BAD_REQUEST, "field 'op' is missing or not a string")

@@ -82,8 +82,9 @@ _reporters: weakref.WeakSet[Reporter] = weakref.WeakSet()
 class Reporter:
     """One process's connection, its unacknowledged events and its spool."""
 
-    def __init__(self, socket_path: str | Path | None = None,
-                 spool_dirs: list[Path] | None = None) -> None:
+    def __init__(
+        self, socket_path: str | Path | None = None, spool_dirs: list[Path] | None = None
+    ) -> None:
         self.socket_path = Path(socket_path) if socket_path else paths.socket_path()
         self._spool_dirs = spool_dirs
         self._start_afresh()
@@ -150,8 +151,14 @@ class Reporter:
             self._wake.notify_all()
         return entry.future
 
-    def wait(self, future: Future[Reply], what: str, *, raising: tuple[str, ...] = (),
-             expected: tuple[str, ...] = ()) -> Reply | None:
+    def wait(
+        self,
+        future: Future[Reply],
+        what: str,
+        *,
+        raising: tuple[str, ...] = (),
+        expected: tuple[str, ...] = (),
+    ) -> Reply | None:
         """The reply (SPOOLED when the event is on disk), or None with a warning; a refusal
         whose code is in `raising` is raised instead, for the caller asked for a verdict,
         and one in `expected` is None without a warning. Waits at most about ACK_WAIT for
@@ -166,8 +173,7 @@ class Reporter:
                 raise_for_reply(reply)
             if error.get("code") in expected:
                 return None
-            log.warning("runnerd refused %s: %s: %s", what, error.get("code"),
-                        error.get("message"))
+            log.warning("runnerd refused %s: %s: %s", what, error.get("code"), error.get("message"))
             return None
         return reply
 
@@ -190,8 +196,7 @@ class Reporter:
         except TimeoutError:
             return None
 
-    def drain(self, timeout: float, *, patient: bool = True,
-              hello_wait: float = ACK_WAIT) -> bool:
+    def drain(self, timeout: float, *, patient: bool = True, hello_wait: float = ACK_WAIT) -> bool:
         """Try, until `timeout`, to have every event acknowledged (those still unanswered at
         the end are spooled) and to deliver the spool; True when nothing is left undelivered.
 
@@ -230,8 +235,9 @@ class Reporter:
 
     def _ensure_sender(self) -> None:
         if self._sender is None or not self._sender.is_alive():
-            self._sender = threading.Thread(target=self._send_loop, name="runnerd-sender",
-                                            daemon=True)
+            self._sender = threading.Thread(
+                target=self._send_loop, name="runnerd-sender", daemon=True
+            )
             self._sender.start()
 
     def _send_loop(self) -> None:
@@ -349,10 +355,17 @@ class Reporter:
         except OSError as exc:
             if not self._spool_failed:
                 self._spool_failed = True
-                log.error("cannot spool to %s (%s): events are being lost",
-                          ", ".join(map(str, self._spool.folders)), exc)
-            entry.future.set_result({"ok": False, "error": {
-                "code": ErrorCode.UNAVAILABLE, "message": f"not spooled: {exc}"}})
+                log.error(
+                    "cannot spool to %s (%s): events are being lost",
+                    ", ".join(map(str, self._spool.folders)),
+                    exc,
+                )
+            entry.future.set_result(
+                {
+                    "ok": False,
+                    "error": {"code": ErrorCode.UNAVAILABLE, "message": f"not spooled: {exc}"},
+                }
+            )
             return
         self._to_sync.append(entry.future)
         self._wake.notify_all()
@@ -376,8 +389,7 @@ class Reporter:
         if not self._warned:
             self._warned = True
             log.warning("%s; recording events in %s until it is back", reason, self._spool.path)
-        threading.Thread(target=self._reconnect_loop, name="runnerd-reconnect",
-                         daemon=True).start()
+        threading.Thread(target=self._reconnect_loop, name="runnerd-reconnect", daemon=True).start()
 
     def _reconnect_loop(self) -> None:
         delay = FIRST_BACKOFF
@@ -419,8 +431,7 @@ class Reporter:
             return
         self._settle(time.monotonic() + EXIT_WAIT)
         if self._spooling and not self.drain(EXIT_WAIT, patient=False, hello_wait=EXIT_HELLO):
-            log.warning("runnerd still away; it will replay %s when it finds it",
-                        self._spool.path)
+            log.warning("runnerd still away; it will replay %s when it finds it", self._spool.path)
 
 
 def _deliver(conn: Connection, reqs: list[Request], deadline: float | None) -> bool:
@@ -441,8 +452,9 @@ def _deliver(conn: Connection, reqs: list[Request], deadline: float | None) -> b
         if error.get("code") == ErrorCode.UNAVAILABLE:
             return False
         if error:
-            log.warning("replayed %s refused: %s: %s", req.op, error.get("code"),
-                        error.get("message"))
+            log.warning(
+                "replayed %s refused: %s: %s", req.op, error.get("code"), error.get("message")
+            )
     return True
 
 

@@ -69,7 +69,7 @@ def worth_retrying(diagnosis: dict[str, Any] | None, retry_on: str) -> bool:
 def backoff_delay(backoff: float, attempt: int) -> float:
     """Seconds before the retry after `attempt`: backoff ** attempt, with ±25% jitter so
     that many runs failing together do not retry together."""
-    return float(backoff ** attempt * random.uniform(0.75, 1.25))
+    return float(backoff**attempt * random.uniform(0.75, 1.25))
 
 
 _EVERY_CODE = tuple(ErrorCode)
@@ -127,14 +127,25 @@ class Cell:
 class Client(Reporter):
     """What `rd.connect()` returns: makes runs and attaches to them."""
 
-    def run(self, experiment: str, variation: str = "default", *,
-            params: dict[str, Any] | None = None, tags: dict[str, Any] | None = None,
-            run_dir: str | Path | None = None, heartbeat_interval: float = 60.0,
-            heartbeat_timeout: float | None = None, lost_grace: float | None = None,
-            deadline: float | None = None, retry_of: str | None = None,
-            launch: dict[str, Any] | None = None, resume: bool = False,
-            cell: Cell | None = None, stall_timeout: float | None = None,
-            launch_env: dict[str, str] | None = None) -> Run:
+    def run(
+        self,
+        experiment: str,
+        variation: str = "default",
+        *,
+        params: dict[str, Any] | None = None,
+        tags: dict[str, Any] | None = None,
+        run_dir: str | Path | None = None,
+        heartbeat_interval: float = 60.0,
+        heartbeat_timeout: float | None = None,
+        lost_grace: float | None = None,
+        deadline: float | None = None,
+        retry_of: str | None = None,
+        launch: dict[str, Any] | None = None,
+        resume: bool = False,
+        cell: Cell | None = None,
+        stall_timeout: float | None = None,
+        launch_env: dict[str, str] | None = None,
+    ) -> Run:
         """Register a new run (pending); `start()` it or use it as a context manager.
 
         `stall_timeout`: seconds without progress (CPU, output, files, heartbeats) before
@@ -150,25 +161,60 @@ class Client(Reporter):
         holds: `conflict`) raises RunRefused.
         """
         run_id = new_run_id()
-        limits = {"heartbeat_timeout": heartbeat_timeout, "lost_grace": lost_grace,
-                  "deadline": deadline, "stall_timeout": stall_timeout}
+        limits = {
+            "heartbeat_timeout": heartbeat_timeout,
+            "lost_grace": lost_grace,
+            "deadline": deadline,
+            "stall_timeout": stall_timeout,
+        }
         check_argument("heartbeat_interval", Positive, heartbeat_interval)
         check_fields(Start(key="-", run_id=run_id, **limits))  # refused later, left pending
         folder = Path(run_dir).resolve() if run_dir else paths.default_run_dir(run_id)
         params = {} if params is None else params
-        run = Run(self, run_id, experiment, variation, params=params, run_dir=folder,
-                  heartbeat_interval=heartbeat_interval, limits=limits)
-        claim: dict[str, Any] = {"sweep_id": cell.sweep_id, "cell": cell.index,
-                 "claim_after": cell.claim_after} if cell else {}
+        run = Run(
+            self,
+            run_id,
+            experiment,
+            variation,
+            params=params,
+            run_dir=folder,
+            heartbeat_interval=heartbeat_interval,
+            limits=limits,
+        )
+        claim: dict[str, Any] = (
+            {"sweep_id": cell.sweep_id, "cell": cell.index, "claim_after": cell.claim_after}
+            if cell
+            else {}
+        )
         if cell and cell.replication:
             claim["replicates"] = True
             tags = {**(tags or {}), "replication": cell.replication}
-        reply = run.answer(self.emit(Create(
-            key=new_key(), run_id=run_id, experiment=experiment, variation=variation,
-            params=params, tags={} if tags is None else tags, cwd=os.getcwd(),
-            run_dir=str(folder), host=socket.gethostname(), retry_of=retry_of, launch=launch,
-            launch_env=launch_env, resume=resume, at=time.time(), **claim)), "create",
-            tracks=True) or {}
+        reply = (
+            run.answer(
+                self.emit(
+                    Create(
+                        key=new_key(),
+                        run_id=run_id,
+                        experiment=experiment,
+                        variation=variation,
+                        params=params,
+                        tags={} if tags is None else tags,
+                        cwd=os.getcwd(),
+                        run_dir=str(folder),
+                        host=socket.gethostname(),
+                        retry_of=retry_of,
+                        launch=launch,
+                        launch_env=launch_env,
+                        resume=resume,
+                        at=time.time(),
+                        **claim,
+                    )
+                ),
+                "create",
+                tracks=True,
+            )
+            or {}
+        )
         run.attempt = reply.get("attempt")
         run.resumed_from = reply.get("resumed_from")
         run.resume_checkpoint = reply.get("resume_checkpoint")
@@ -180,10 +226,25 @@ class Client(Reporter):
         With the daemon away the attach is spooled and the run's names are not known yet.
         A run the daemon does not know raises RunRefused; one already ended is said so once.
         """
-        run = Run(self, run_id, "", "", params={}, run_dir=paths.default_run_dir(run_id),
-                  heartbeat_interval=60.0, limits={}, attached=True)
-        reply = run.answer(self.emit(Attach(key=new_key(), run_id=run_id, at=time.time())),
-                           "attach to", tracks=True) or {}
+        run = Run(
+            self,
+            run_id,
+            "",
+            "",
+            params={},
+            run_dir=paths.default_run_dir(run_id),
+            heartbeat_interval=60.0,
+            limits={},
+            attached=True,
+        )
+        reply = (
+            run.answer(
+                self.emit(Attach(key=new_key(), run_id=run_id, at=time.time())),
+                "attach to",
+                tracks=True,
+            )
+            or {}
+        )
         info = reply.get("run")
         if info:
             run.experiment, run.variation = info["experiment"], info["variation"]
@@ -197,9 +258,19 @@ class Client(Reporter):
 class Run:
     """One run: explicit calls that chain, or a context manager that ends it truthfully."""
 
-    def __init__(self, client: Reporter, run_id: str, experiment: str, variation: str, *,
-                 params: dict[str, Any], run_dir: Path, heartbeat_interval: float,
-                 limits: dict[str, float | None], attached: bool = False) -> None:
+    def __init__(
+        self,
+        client: Reporter,
+        run_id: str,
+        experiment: str,
+        variation: str,
+        *,
+        params: dict[str, Any],
+        run_dir: Path,
+        heartbeat_interval: float,
+        limits: dict[str, float | None],
+        attached: bool = False,
+    ) -> None:
         self.client = client
         self.run_id = run_id
         self.experiment = experiment
@@ -237,13 +308,18 @@ class Run:
         """Only the process that made or attached the run reports for it: a forked child's
         copy would end the parent's run, or beat with the parent's sequence numbers."""
         if os.getpid() != self._pid:
-            raise RunnerdError(ErrorCode.FORBIDDEN, (
-                f"cannot {what} run {self.run_id} from process {os.getpid()}: it belongs to"
-                f" process {self._pid}; a forked child attaches first"
-                f" (rd.connect().attach({self.run_id!r}))"))
+            raise RunnerdError(
+                ErrorCode.FORBIDDEN,
+                (
+                    f"cannot {what} run {self.run_id} from process {os.getpid()}: it belongs to"
+                    f" process {self._pid}; a forked child attaches first"
+                    f" (rd.connect().attach({self.run_id!r}))"
+                ),
+            )
 
-    def answer(self, future: Future[Reply], what: str, *, tracks: bool = False,
-               if_active: bool = False) -> Reply | None:
+    def answer(
+        self, future: Future[Reply], what: str, *, tracks: bool = False, if_active: bool = False
+    ) -> Reply | None:
         """The daemon's reply to one of this run's events, None if it was refused.
 
         A refused event that `tracks` the run (create, start, attach) raises RunRefused. A run
@@ -275,18 +351,25 @@ class Run:
             self._said_ended = True
         found = (self.client.ask(Get(run=self.run_id)) or {}).get("run") or {}
         failure = found.get("failure") or {}
-        how = ": ".join(str(part) for part in (found.get("state"), failure.get(
-            "failure_class"), failure.get("message")) if part)
-        log.warning("run %s was ended from outside%s; this process no longer reports for it",
-                    self.run_id, f" ({how})" if how else "")
+        how = ": ".join(
+            str(part)
+            for part in (found.get("state"), failure.get("failure_class"), failure.get("message"))
+            if part
+        )
+        log.warning(
+            "run %s was ended from outside%s; this process no longer reports for it",
+            self.run_id,
+            f" ({how})" if how else "",
+        )
 
     def start(self, *, wait: bool = True) -> Run:
         """Start the run; `wait=False` sends it behind what came before without waiting
         (the daemon applies one connection's events in order). A start the daemon refuses
         raises RunRefused (with `wait`)."""
         self._mine("start")
-        future = self.client.emit(Start(
-            key=new_key(), run_id=self.run_id, at=time.time(), **self._limits))
+        future = self.client.emit(
+            Start(key=new_key(), run_id=self.run_id, at=time.time(), **self._limits)
+        )
         if wait:
             self.answer(future, "start", tracks=True)
         return self
@@ -297,9 +380,14 @@ class Run:
         self._mine("heartbeat")
         with self._lock:  # numbered and queued together: the daemon drops a seq out of order
             self._seq += 1
-            future = self.client.emit(Heartbeat(
-                run_id=self.run_id, seq=self._seq, at=time.time(),
-                progress=None if progress else False))
+            future = self.client.emit(
+                Heartbeat(
+                    run_id=self.run_id,
+                    seq=self._seq,
+                    at=time.time(),
+                    progress=None if progress else False,
+                )
+            )
         future.add_done_callback(self._heartbeat_answered)
         return self
 
@@ -318,17 +406,31 @@ class Run:
         full = Path(path).resolve()
         if not full.is_file():
             raise FileNotFoundError(f"artifact {full} is not an existing file")
-        self._track("artifact", self.client.emit(Artifact(
-            key=new_key(), run_id=self.run_id, path=str(full), at=time.time())))
+        self._track(
+            "artifact",
+            self.client.emit(
+                Artifact(key=new_key(), run_id=self.run_id, path=str(full), at=time.time())
+            ),
+        )
         return self
 
-    def checkpoint(self, data: dict[str, Any] | None = None, *,
-                   path: str | os.PathLike[str] | None = None) -> Run:
+    def checkpoint(
+        self, data: dict[str, Any] | None = None, *, path: str | os.PathLike[str] | None = None
+    ) -> Run:
         """Record a checkpoint (a small map, and optionally the file that holds it)."""
         self._mine("checkpoint")
-        self._track("checkpoint", self.client.emit(Checkpoint(
-            key=new_key(), run_id=self.run_id, data=data or {},
-            path=str(Path(path).resolve()) if path is not None else None, at=time.time())))
+        self._track(
+            "checkpoint",
+            self.client.emit(
+                Checkpoint(
+                    key=new_key(),
+                    run_id=self.run_id,
+                    data=data or {},
+                    path=str(Path(path).resolve()) if path is not None else None,
+                    at=time.time(),
+                )
+            ),
+        )
         return self
 
     def _track(self, what: str, future: Future[dict[str, Any]]) -> None:
@@ -348,15 +450,27 @@ class Run:
         (a launched command through this library, say) is left as it is, silently."""
         self._mine("succeed")
         self.flush()
-        self.answer(self.client.emit(Succeed(key=new_key(), run_id=self.run_id,
-                                             at=time.time())), "succeed", if_active=if_active)
+        self.answer(
+            self.client.emit(Succeed(key=new_key(), run_id=self.run_id, at=time.time())),
+            "succeed",
+            if_active=if_active,
+        )
         return self
 
-    def fail(self, reason: str = FailReason.CRASH, message: str | None = None, *,
-             failure_class: str | None = None, traceback: str | None = None,
-             exit_code: int | None = None, signal: str | None = None,
-             category_hint: str | None = None, exc: BaseException | None = None,
-             cause: str | None = None, if_active: bool = False) -> Run:
+    def fail(
+        self,
+        reason: str = FailReason.CRASH,
+        message: str | None = None,
+        *,
+        failure_class: str | None = None,
+        traceback: str | None = None,
+        exit_code: int | None = None,
+        signal: str | None = None,
+        category_hint: str | None = None,
+        exc: BaseException | None = None,
+        cause: str | None = None,
+        if_active: bool = False,
+    ) -> Run:
         """End the run failed; pass `exc` to record its class, message and traceback.
 
         The daemon's diagnosis (category, retryable) lands in `self.diagnosis`; it stays
@@ -368,11 +482,25 @@ class Run:
             message = message if message is not None else str(exc)
             traceback = traceback or "".join(tb.format_exception(exc))
         self.flush()
-        reply = self.answer(self.client.emit(Fail(
-            key=new_key(), run_id=self.run_id, reason=reason, failure_class=failure_class,
-            message=message, traceback=traceback, exit_code=exit_code, signal=signal,
-            category_hint=category_hint, cause=cause, at=time.time())), "fail",
-            if_active=if_active)
+        reply = self.answer(
+            self.client.emit(
+                Fail(
+                    key=new_key(),
+                    run_id=self.run_id,
+                    reason=reason,
+                    failure_class=failure_class,
+                    message=message,
+                    traceback=traceback,
+                    exit_code=exit_code,
+                    signal=signal,
+                    category_hint=category_hint,
+                    cause=cause,
+                    at=time.time(),
+                )
+            ),
+            "fail",
+            if_active=if_active,
+        )
         if reply is not None and "retryable" in reply:
             self.diagnosis = {"category": reply["category"], "retryable": reply["retryable"]}
         return self
@@ -381,8 +509,9 @@ class Run:
         """Leave the run without ending it: this process no longer counts as its owner."""
         self._mine("detach")
         self.flush()
-        self.answer(self.client.emit(Detach(key=new_key(), run_id=self.run_id, at=time.time())),
-                    "detach")
+        self.answer(
+            self.client.emit(Detach(key=new_key(), run_id=self.run_id, at=time.time())), "detach"
+        )
         return self
 
     # --- context manager ---
@@ -408,25 +537,38 @@ class Run:
         self._stop.set()
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb_: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb_: TracebackType | None,
+    ) -> None:
         self.stop_heartbeats()
         self._restore_sigterm()
         self._leave_active()
         if os.getpid() != self._pid:
             return  # a forked child leaving the block: the run and its crash.log are the parent's
         self._disable_faulthandler()
-        if exc is None or (isinstance(exc, SystemExit) and not isinstance(exc, Terminated)
-                           and exc.code in (0, None)):
+        if exc is None or (
+            isinstance(exc, SystemExit)
+            and not isinstance(exc, Terminated)
+            and exc.code in (0, None)
+        ):
             self.detach() if self._attached else self.succeed()
         elif isinstance(exc, Terminated):
-            self.fail(FailReason.ABANDONED, exc=exc, failure_class=exc.failure_class,
-                      message=exc.message, cause=exc.cause)
+            self.fail(
+                FailReason.ABANDONED,
+                exc=exc,
+                failure_class=exc.failure_class,
+                message=exc.message,
+                cause=exc.cause,
+            )
         elif isinstance(exc, KeyboardInterrupt):
             self.fail(FailReason.ABANDONED, exc=exc, message="interrupted")
         else:
-            exit_code = exc.code if isinstance(exc, SystemExit) and isinstance(exc.code, int) \
-                else None
+            exit_code = (
+                exc.code if isinstance(exc, SystemExit) and isinstance(exc.code, int) else None
+            )
             self.fail(FailReason.CRASH, exc=exc, exit_code=exit_code)
 
     def _leave_active(self) -> None:

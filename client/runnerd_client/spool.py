@@ -103,9 +103,18 @@ class Spool:
             fd = trust.create_file(dir_fd, name, mode=0o600, append=True)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX)
-                _append_whole(fd, frame({
-                    "spool": SPOOL_VERSION, "pid": os.getpid(), "uid": os.getuid(),
-                    "start_time": start_time(os.getpid()), "created": time.time()}))
+                _append_whole(
+                    fd,
+                    frame(
+                        {
+                            "spool": SPOOL_VERSION,
+                            "pid": os.getpid(),
+                            "uid": os.getuid(),
+                            "start_time": start_time(os.getpid()),
+                            "created": time.time(),
+                        }
+                    ),
+                )
                 os.fsync(dir_fd)
             except OSError:
                 os.close(fd)
@@ -234,8 +243,9 @@ def _open_own(path: Path) -> int | None:
     return fd
 
 
-def claim_orphans(folders: Sequence[Path] | None = None,
-                  pid: int | None = None) -> Iterator[tuple[Path, int]]:
+def claim_orphans(
+    folders: Sequence[Path] | None = None, pid: int | None = None
+) -> Iterator[tuple[Path, int]]:
     """Spool segments whose owner is gone (of process `pid` only, if given), oldest first
     across `folders`, each yielded with its lock held (fd) until the next. Folders and files
     another user could have made or changed are ignored with a warning."""

@@ -57,10 +57,19 @@ def _name(fn: Callable[..., Any]) -> str:
     return f"{getattr(fn, '__module__', '?')}:{getattr(fn, '__qualname__', repr(fn))}"
 
 
-def sweep(experiment: str, cells: Iterable[dict[str, Any]], fn: Callable[..., Any], *,
-          failure_policy: str = SweepPolicy.FAIL_FAST, jobs: int = 1, retries: int = 0,
-          backoff: float = 2.0, retry_on: str = "retryable",
-          folder: str | Path | None = None, executor: DaskClient | None = None) -> SweepResult:
+def sweep(
+    experiment: str,
+    cells: Iterable[dict[str, Any]],
+    fn: Callable[..., Any],
+    *,
+    failure_policy: str = SweepPolicy.FAIL_FAST,
+    jobs: int = 1,
+    retries: int = 0,
+    backoff: float = 2.0,
+    retry_on: str = "retryable",
+    folder: str | Path | None = None,
+    executor: DaskClient | None = None,
+) -> SweepResult:
     """Call `fn(**params)` for each cell as a tracked run of `experiment`; see the module.
 
     `executor`, a `distributed.Client`, runs the cells on a Dask cluster instead (its
@@ -70,15 +79,28 @@ def sweep(experiment: str, cells: Iterable[dict[str, Any]], fn: Callable[..., An
     """
     check_callable("fn", fn)
     sweep_id = new_run_id()
-    options = SweepOptions(experiment, sweep_id, failure_policy, jobs, retries, backoff,
-                           retry_on)
+    options = SweepOptions(experiment, sweep_id, failure_policy, jobs, retries, backoff, retry_on)
     params = cell_params(cells)
-    spec = {"kind": "python", "function": _name(fn), "cells": params, "jobs": jobs,
-            "retries": retries, "backoff": backoff, "retry_on": retry_on}
+    spec = {
+        "kind": "python",
+        "function": _name(fn),
+        "cells": params,
+        "jobs": jobs,
+        "retries": retries,
+        "backoff": backoff,
+        "retry_on": retry_on,
+    }
     with daemon_connection() as conn:
-        conn.call(SweepCreate(key=new_key(), sweep_id=sweep_id, experiment=experiment,
-                              spec=spec, failure_policy=failure_policy,
-                              folder=str(Path(folder).resolve()) if folder else None))
+        conn.call(
+            SweepCreate(
+                key=new_key(),
+                sweep_id=sweep_id,
+                experiment=experiment,
+                spec=spec,
+                failure_policy=failure_policy,
+                folder=str(Path(folder).resolve()) if folder else None,
+            )
+        )
     return drive(options, [PlannedCell(i, c) for i, c in enumerate(params)], fn, executor)
 
 
@@ -86,22 +108,30 @@ def cell_params(cells: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Each cell's params, a dict of plain JSON; TypeError or ValueError naming the first
     cell that is not one."""
     if isinstance(cells, str | bytes | Mapping) or not isinstance(cells, Iterable):
-        raise TypeError("cells must be an iterable of dicts of params, not "
-                        f"{type(cells).__name__} {cells!r:.60}")
+        raise TypeError(
+            "cells must be an iterable of dicts of params, not "
+            f"{type(cells).__name__} {cells!r:.60}"
+        )
     params = []
     for index, cell in enumerate(cells):
         name = f"cells[{index}]"
         if not isinstance(cell, Mapping):
-            raise TypeError(f"{name} must be a dict of params, not {type(cell).__name__}"
-                            f" {cell!r:.60}")
+            raise TypeError(
+                f"{name} must be a dict of params, not {type(cell).__name__} {cell!r:.60}"
+            )
         params.append(dict(cell))
         check_argument(name, JsonMap, params[-1])
     return params
 
 
-def resume_sweep(sweep_id: str, fn: Callable[..., Any], *, jobs: int | None = None,
-                 failure_policy: str | None = None,
-                 executor: DaskClient | None = None) -> SweepResult:
+def resume_sweep(
+    sweep_id: str,
+    fn: Callable[..., Any],
+    *,
+    jobs: int | None = None,
+    failure_policy: str | None = None,
+    executor: DaskClient | None = None,
+) -> SweepResult:
     """Run the cells of a stored sweep whose latest attempt did not succeed, each resumed
     from its last checkpoint; a function other than the stored one is refused."""
     check_callable("fn", fn)
@@ -120,35 +150,46 @@ def resume_sweep(sweep_id: str, fn: Callable[..., Any], *, jobs: int | None = No
 
 def unfinished(conn: Connection, sweep_id: str) -> list[PlannedCell]:
     """The cells whose latest attempt did not succeed, each planned after that attempt."""
-    return [PlannedCell(c["index"], c["params"], c["run_id"])
-            for c in sweep_cells(conn, sweep_id, unfinished=True)]
+    return [
+        PlannedCell(c["index"], c["params"], c["run_id"])
+        for c in sweep_cells(conn, sweep_id, unfinished=True)
+    ]
 
 
-def drive(options: SweepOptions, planned: list[PlannedCell], fn: Callable[..., Any],
-          dask: DaskClient | None = None) -> SweepResult:
+def drive(
+    options: SweepOptions,
+    planned: list[PlannedCell],
+    fn: Callable[..., Any],
+    dask: DaskClient | None = None,
+) -> SweepResult:
     """Run the cells, end the turn (the manifest is written then), and under fail_fast
     raise SweepFailed for the first failure; cells never started are `skipped`."""
-    engine = Engine(options, _executor(options, planned, fn, dask),
-                    lookup=registry_lookup(options.sweep_id))
+    engine = Engine(
+        options, _executor(options, planned, fn, dask), lookup=registry_lookup(options.sweep_id)
+    )
     interrupted = True
     try:
         engine.run(planned)
         interrupted = False
     finally:
         ran = {o.index for o in engine.outcomes}
-        outcomes = engine.outcomes + [CellOutcome(c.index, c.params, "skipped")
-                                      for c in planned if c.index not in ran]
+        outcomes = engine.outcomes + [
+            CellOutcome(c.index, c.params, "skipped") for c in planned if c.index not in ran
+        ]
         with daemon_connection() as conn:
-            result = end_turn(conn, options, outcomes, engine.followed,
-                              interrupted=interrupted)
+            result = end_turn(conn, options, outcomes, engine.followed, interrupted=interrupted)
     first = next((o for o in result.outcomes if o.state == "failed"), None)
     if options.fail_fast and first is not None:
         raise SweepFailed(result, first) from first.exception
     return result
 
 
-def _executor(options: SweepOptions, planned: list[PlannedCell], fn: Callable[..., Any],
-              dask: DaskClient | None) -> Executor:
+def _executor(
+    options: SweepOptions,
+    planned: list[PlannedCell],
+    fn: Callable[..., Any],
+    dask: DaskClient | None,
+) -> Executor:
     if dask is not None:
         from runnerd_client.dask_sweep import OnDask  # imports distributed, an extra
 

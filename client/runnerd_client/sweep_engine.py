@@ -65,8 +65,13 @@ attempt whose executor could not know them (it ran elsewhere)."""
 class Engine:
     """Runs planned cells through an executor; `stop` may be called from a signal handler."""
 
-    def __init__(self, options: SweepOptions, executor: Executor,
-                 listener: Listener | None = None, lookup: Lookup | None = None) -> None:
+    def __init__(
+        self,
+        options: SweepOptions,
+        executor: Executor,
+        listener: Listener | None = None,
+        lookup: Lookup | None = None,
+    ) -> None:
         self.options, self.executor = options, executor
         self.listener = listener or Listener()
         self.lookup = lookup
@@ -135,8 +140,9 @@ class Engine:
             retry = self._retry(attempt, outcome)
             if retry is not None:
                 delay = backoff_delay(self.options.backoff, attempt.number)
-                heapq.heappush(self._later, (time.monotonic() + delay, next(self._order),
-                                             retry, outcome))
+                heapq.heappush(
+                    self._later, (time.monotonic() + delay, next(self._order), retry, outcome)
+                )
                 return
         self.outcomes.append(outcome)
         self.listener.ended(outcome)

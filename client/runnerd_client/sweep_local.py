@@ -45,18 +45,23 @@ class FailFast(Terminated):
     def __init__(self, why: Stop | None = None) -> None:
         super().__init__()
         if why is not None:
-            self.failure_class, self.message, self.cause = \
-                why.failure_class, why.message, why.cause
+            self.failure_class, self.message, self.cause = why.failure_class, why.message, why.cause
 
 
-def call_cell(client: Client, options: SweepOptions, attempt: Attempt,
-              call: Callable[[dict[str, Any]], Any]) -> CellOutcome:
+def call_cell(
+    client: Client, options: SweepOptions, attempt: Attempt, call: Callable[[dict[str, Any]], Any]
+) -> CellOutcome:
     """One attempt: a run claiming the cell, around `call(params)`."""
     cell = attempt.cell
     try:
-        run = client.run(options.experiment, cell.variation, params=cell.params,
-                         retry_of=attempt.retry_of, resume=options.resume,
-                         cell=Cell(options.sweep_id, cell.index, attempt.claim_after))
+        run = client.run(
+            options.experiment,
+            cell.variation,
+            params=cell.params,
+            retry_of=attempt.retry_of,
+            resume=options.resume,
+            cell=Cell(options.sweep_id, cell.index, attempt.claim_after),
+        )
     except RunnerdError as exc:
         return CellOutcome(cell.index, cell.params, "taken", error=exc.message)
     try:
@@ -66,9 +71,15 @@ def call_cell(client: Client, options: SweepOptions, attempt: Attempt,
     except FailFast as exc:
         return CellOutcome(cell.index, cell.params, "abandoned", run.run_id, error=exc.message)
     except Exception as exc:
-        return CellOutcome(cell.index, cell.params, "failed", run.run_id,
-                           error=f"{type(exc).__name__}: {exc}", exception=exc,
-                           diagnosis=run.diagnosis)
+        return CellOutcome(
+            cell.index,
+            cell.params,
+            "failed",
+            run.run_id,
+            error=f"{type(exc).__name__}: {exc}",
+            exception=exc,
+            diagnosis=run.diagnosis,
+        )
 
 
 class InProcess:
@@ -129,15 +140,20 @@ _STOP = _Stop()
 Outcomes: TypeAlias = "Queue[tuple[int, CellOutcome]]"  # (worker number, its outcome)
 
 
-def _work(options: SweepOptions, fn: Callable[..., Any], number: int, inbox: Pipe,
-          done: Outcomes, why: ctypes.Array[ctypes.c_char]) -> None:
+def _work(
+    options: SweepOptions,
+    fn: Callable[..., Any],
+    number: int,
+    inbox: Pipe,
+    done: Outcomes,
+    why: ctypes.Array[ctypes.c_char],
+) -> None:
     """A forked worker: run each attempt sent, until told to end (None) or stopped."""
     signal.signal(signal.SIGTERM, _STOP.handle)
     _STOP.why = why
     try:
         while (attempt := inbox.recv()) is not None:
-            outcome = call_cell(connect(), options, attempt,
-                                lambda params: _STOP.call(fn, params))
+            outcome = call_cell(connect(), options, attempt, lambda params: _STOP.call(fn, params))
             done.put((number, _portable(outcome)))
     except (FailFast, KeyboardInterrupt, EOFError):
         pass
@@ -151,12 +167,16 @@ def _portable(outcome: CellOutcome) -> CellOutcome:
         pickle.dumps(outcome)
         return outcome
     except Exception:
-        text = "".join(traceback.format_exception(outcome.exception)) \
-            if outcome.exception else None
-        return CellOutcome(outcome.index, outcome.params, outcome.state, outcome.run_id,
-                           error=outcome.error, diagnosis=outcome.diagnosis,
-                           exception=RuntimeError(text or outcome.error)
-                           if outcome.exception else None)
+        text = "".join(traceback.format_exception(outcome.exception)) if outcome.exception else None
+        return CellOutcome(
+            outcome.index,
+            outcome.params,
+            outcome.state,
+            outcome.run_id,
+            error=outcome.error,
+            diagnosis=outcome.diagnosis,
+            exception=RuntimeError(text or outcome.error) if outcome.exception else None,
+        )
 
 
 @dataclass
@@ -176,8 +196,9 @@ class Workers:
         self.workers: list[_Worker] = []
         for number in range(max(1, min(options.jobs, count))):
             ours, theirs = context.Pipe()
-            process = context.Process(target=_work, daemon=True, args=(
-                options, fn, number, theirs, self.done, self.why))
+            process = context.Process(
+                target=_work, daemon=True, args=(options, fn, number, theirs, self.done, self.why)
+            )
             process.start()
             theirs.close()
             self.workers.append(_Worker(process, ours))
@@ -209,9 +230,12 @@ class Workers:
             attempt = worker.attempt
             if attempt is not None and not worker.process.is_alive():
                 worker.attempt = None
-                return CellOutcome(attempt.cell.index, attempt.cell.params, "failed",
-                                   error="its worker process died (exit code"
-                                         f" {worker.process.exitcode})")
+                return CellOutcome(
+                    attempt.cell.index,
+                    attempt.cell.params,
+                    "failed",
+                    error=f"its worker process died (exit code {worker.process.exitcode})",
+                )
         return None
 
     def stop(self, why: Stop) -> None:

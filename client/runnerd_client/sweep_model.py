@@ -78,16 +78,29 @@ class SweepOptions:
         return self.failure_policy
 
     @classmethod
-    def of(cls, stored: dict[str, Any], *, jobs: int | None = None, policy: str | None = None,
-           resume: bool = False, replication: str | None = None) -> SweepOptions:
+    def of(
+        cls,
+        stored: dict[str, Any],
+        *,
+        jobs: int | None = None,
+        policy: str | None = None,
+        resume: bool = False,
+        replication: str | None = None,
+    ) -> SweepOptions:
         """The options a stored sweep (as `SweepGet` gives it) was made with, `jobs` and
         `policy` overriding them."""
         spec = stored["spec"]
-        return cls(stored["experiment"], stored["sweep_id"],
-                   policy if policy is not None else stored["failure_policy"],
-                   jobs if jobs is not None else spec.get("jobs") or 1,
-                   spec.get("retries", 0), spec.get("backoff", 2.0),
-                   spec.get("retry_on", "retryable"), resume, replication)
+        return cls(
+            stored["experiment"],
+            stored["sweep_id"],
+            policy if policy is not None else stored["failure_policy"],
+            jobs if jobs is not None else spec.get("jobs") or 1,
+            spec.get("retries", 0),
+            spec.get("backoff", 2.0),
+            spec.get("retry_on", "retryable"),
+            resume,
+            replication,
+        )
 
     @property
     def fail_fast(self) -> bool:
@@ -142,7 +155,8 @@ class SweepFailed(Exception):
     def __init__(self, result: SweepResult, cell: CellOutcome) -> None:
         super().__init__(
             f"sweep {result.sweep_id} stopped by fail_fast: cell {cell.index}"
-            f" ({cell.variation}) failed: {cell.error}; manifest {result.manifest}")
+            f" ({cell.variation}) failed: {cell.error}; manifest {result.manifest}"
+        )
         self.result, self.cell = result, cell
         self.sweep_id, self.manifest = result.sweep_id, result.manifest
 

@@ -44,20 +44,21 @@ def daemon_connection(socket_path: str | Path | None = None) -> Iterator[Connect
         conn.close()
 
 
-def sweep_cells(conn: Connection, sweep_id: str, unfinished: bool = False,
-                after: int = -1) -> Iterator[dict[str, Any]]:
+def sweep_cells(
+    conn: Connection, sweep_id: str, unfinished: bool = False, after: int = -1
+) -> Iterator[dict[str, Any]]:
     """A sweep's cells from the daemon (those past index `after`), a page at a time."""
     while True:
-        page = conn.call(SweepCells(sweep=sweep_id, after=after, limit=PAGE,
-                                    unfinished=unfinished))
+        page = conn.call(SweepCells(sweep=sweep_id, after=after, limit=PAGE, unfinished=unfinished))
         yield from page["cells"]
         if page["next"] is None:
             return
         after = page["next"]
 
 
-def cell_state(conn: Connection, sweep_id: str, index: int,
-               timeout: float = SETTLE) -> dict[str, Any]:
+def cell_state(
+    conn: Connection, sweep_id: str, index: int, timeout: float = SETTLE
+) -> dict[str, Any]:
     """One cell as the registry has it once its latest attempt ended (or at the timeout):
     a worker elsewhere reports its tasks' ends on its own time."""
     deadline = time.monotonic() + timeout
@@ -72,10 +73,12 @@ def cell_state(conn: Connection, sweep_id: str, index: int,
 def registry_lookup(sweep_id: str, socket_path: str | Path | None = None) -> Lookup:
     """The engine's view of a cell's latest attempt: its run and failure (with the
     daemon's diagnosis), once it ended."""
+
     def lookup(index: int) -> tuple[str | None, dict[str, Any] | None]:
         with daemon_connection(socket_path) as conn:
             cell = cell_state(conn, sweep_id, index)
         return cell.get("run_id"), cell.get("failure")
+
     return lookup
 
 
@@ -95,40 +98,69 @@ def abandon_running(conn: Connection, sweep_id: str, indexes: set[int], why: Sto
     for cell in sweep_cells(conn, sweep_id):
         if cell["index"] in indexes and cell["state"] == "running":
             try:
-                conn.call(Fail(key=new_key(), run_id=cell["run_id"],
-                               reason=FailReason.ABANDONED, failure_class=why.failure_class,
-                               message=why.message, cause=why.cause, at=time.time()))
+                conn.call(
+                    Fail(
+                        key=new_key(),
+                        run_id=cell["run_id"],
+                        reason=FailReason.ABANDONED,
+                        failure_class=why.failure_class,
+                        message=why.message,
+                        cause=why.cause,
+                        at=time.time(),
+                    )
+                )
             except RunnerdError as exc:
                 if exc.code != ErrorCode.INVALID_TRANSITION:  # it ended meanwhile: fine
                     raise
 
 
-def end_turn(conn: Connection, options: SweepOptions, outcomes: list[CellOutcome],
-             followed: Mapping[int, str | None], *, interrupted: bool) -> SweepResult:
+def end_turn(
+    conn: Connection,
+    options: SweepOptions,
+    outcomes: list[CellOutcome],
+    followed: Mapping[int, str | None],
+    *,
+    interrupted: bool,
+) -> SweepResult:
     """End this turn (the daemon writes the manifest first), then complete each outcome
     from the record: its run, failure and attempts. `followed` names, per cell, the run
     its last attempt in this turn followed, to tell whether that attempt made a run."""
     summary = conn.call(SweepGet(sweep=options.sweep_id))["sweep"]["cells_summary"]
-    status = SweepStatus.INTERRUPTED if interrupted else \
-        SweepStatus.SUCCEEDED if summary["succeeded"] == summary["total"] else \
-        SweepStatus.FAILED
+    status = (
+        SweepStatus.INTERRUPTED
+        if interrupted
+        else SweepStatus.SUCCEEDED
+        if summary["succeeded"] == summary["total"]
+        else SweepStatus.FAILED
+    )
     stopped = options.fail_fast and any(o.state == "failed" for o in outcomes)
-    ended = conn.call(SweepEnd(key=new_key(), sweep_id=options.sweep_id, status=status,
-                               skip=stopped))
+    ended = conn.call(
+        SweepEnd(key=new_key(), sweep_id=options.sweep_id, status=status, skip=stopped)
+    )
     if outcomes:
         last = max(o.index for o in outcomes)
-        complete(outcomes, followed, itertools.takewhile(
-            lambda c: c["index"] <= last,
-            sweep_cells(conn, options.sweep_id, after=min(o.index for o in outcomes) - 1)))
+        complete(
+            outcomes,
+            followed,
+            itertools.takewhile(
+                lambda c: c["index"] <= last,
+                sweep_cells(conn, options.sweep_id, after=min(o.index for o in outcomes) - 1),
+            ),
+        )
     stored = conn.call(SweepGet(sweep=options.sweep_id))["sweep"]
     manifest = ended.get("manifest") or stored.get("manifest")
-    return SweepResult(options.sweep_id, sorted(outcomes, key=lambda o: o.index),
-                       stored["cells_summary"], Path(manifest) if manifest else None,
-                       stored["status"])
+    return SweepResult(
+        options.sweep_id,
+        sorted(outcomes, key=lambda o: o.index),
+        stored["cells_summary"],
+        Path(manifest) if manifest else None,
+        stored["status"],
+    )
 
 
-def complete(outcomes: list[CellOutcome], followed: Mapping[int, str | None],
-             cells: Iterable[dict[str, Any]]) -> None:
+def complete(
+    outcomes: list[CellOutcome], followed: Mapping[int, str | None], cells: Iterable[dict[str, Any]]
+) -> None:
     """Fill each outcome from its cell's record: its attempts, and the run and failure of
     the attempt this turn made. An attempt that ran elsewhere and was cancelled (Dask)
     ends as the record says; cancelled before it made a run, it was never started."""

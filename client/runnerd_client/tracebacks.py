@@ -32,12 +32,15 @@ _LINES = re.compile(r"\r\n|\r|\n")
 _PREFIX = re.compile(
     r"^(?:\d{4}-\d\d-\d\d[ T]\d\d:\d\d:\d\d(?:[.,]\d+)?(?:Z|[+-]\d\d:?\d\d)?\s+"
     r"|\[\d+\]\s+|\[rank\d+\]:\s?|\[default\d+\]:\s?|\[\d+,\d+\]<std(?:out|err)>:\s?"
-    r"|\d{1,4}: (?=\S)|[\w.-]+\s+\|\s|[A-Z][A-Z_]{2,}: |\(\w+ pid=\d+(?:, ip=[\d.]+)?\)\s?)")
+    r"|\d{1,4}: (?=\S)|[\w.-]+\s+\|\s|[A-Z][A-Z_]{2,}: |\(\w+ pid=\d+(?:, ip=[\d.]+)?\)\s?)"
+)
 _HEADER = re.compile(r"Traceback \(most recent call")
 _FRAME = re.compile(r'^\s*File\s+(?:"[^"]*", line \d+,? in\b|\S+:\d+, in\b)')
 _BOX = re.compile(r"^\s*[│╭╰└┌├─━┃┏┗]")
-_CHAIN = re.compile(r"^(?:During handling of the above exception"
-                    r"|The above exception was the direct cause)")
+_CHAIN = re.compile(
+    r"^(?:During handling of the above exception"
+    r"|The above exception was the direct cause)"
+)
 _LOG = re.compile(r"^(?:DEBUG|INFO|WARN|WARNING|ERROR|CRITICAL|FATAL)\b[:\s-]")
 _RULE = re.compile(r"^\s*[-=*_]{10,}\s*$")
 _NAME = r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*"
@@ -48,7 +51,9 @@ _RAISED = re.compile(rf"^(?P<cls>{_CXX}|{_NAME})\s*(?::(?P<msg>.*))?$", re.ASCII
 _BARE = re.compile(
     r"^\s*(?P<cls>(?:[A-Za-z_]\w*\.)*[A-Za-z_]?\w*?(?:Error|Exception|Exit|Interrupt"
     r"|KilledWorker|BrokenProcessPool|TimeoutExpired|Timeout|gaierror|Warning))"
-    r"\s*(?::(?P<msg>.*))?$", re.ASCII)
+    r"\s*(?::(?P<msg>.*))?$",
+    re.ASCII,
+)
 _TERMINATE = re.compile(r"terminate called after throwing an instance of '(?P<cls>[^']+)'")
 # What Python prints for an exception it could not raise (in __del__, at shutdown).
 _IGNORED = re.compile(r"^Exception ignored in\b")
@@ -60,7 +65,9 @@ _NOTABLE = re.compile(
     r"|exitcode|signal|sig(?:kill|term|segv|abrt|bus|ill|fpe)|preempt\w*|time limit"
     r"|no space|quota|permission denied|too many open files|bus error|restarting worker"
     r"|failed|fail|cannot|can't|could not|couldn't|unable|not found|too old|incompatible"
-    r"|mismatch|unsupported|denied|refused|invalid)\b", re.IGNORECASE)
+    r"|mismatch|unsupported|denied|refused|invalid)\b",
+    re.IGNORECASE,
+)
 # In a command's environment (unless it sets its own): a Python process, or a pool's
 # child, that dies of a native crash prints "Fatal Python error: Segmentation fault" and its
 # stack on stderr, so a segfault is told apart from a kill.
@@ -111,8 +118,9 @@ def _clean(line: str) -> str:
 
 def _looks_raised(name: str) -> bool:
     """A traceback's last line names a class: dotted, capitalized or '...error'."""
-    return ("." in name or "::" in name or name[:1].isupper() or name.endswith("error")) \
-        and name not in ("None", "True", "False")
+    return (
+        "." in name or "::" in name or name[:1].isupper() or name.endswith("error")
+    ) and name not in ("None", "True", "False")
 
 
 def _bare_exception(line: str) -> re.Match[str] | None:
@@ -125,9 +133,16 @@ def _bare_exception(line: str) -> re.Match[str] | None:
 
 
 def _stops_message(line: str) -> bool:
-    return (not line.strip() or bool(_HEADER.search(line)) or bool(_FRAME.match(line))
-            or bool(_CHAIN.match(line)) or bool(_LOG.match(line)) or bool(_IGNORED.match(line))
-            or bool(_bare_exception(line)) or bool(_TERMINATE.search(line)))
+    return (
+        not line.strip()
+        or bool(_HEADER.search(line))
+        or bool(_FRAME.match(line))
+        or bool(_CHAIN.match(line))
+        or bool(_LOG.match(line))
+        or bool(_IGNORED.match(line))
+        or bool(_bare_exception(line))
+        or bool(_TERMINATE.search(line))
+    )
 
 
 def _message(lines: list[str], start: int, first: str | None) -> tuple[str, int]:
@@ -195,7 +210,7 @@ class _Reader:
         return index + 1
 
     def _is_last(self, index: int) -> bool:
-        return not any(line.strip() for line in self.lines[index + 1:])
+        return not any(line.strip() for line in self.lines[index + 1 :])
 
     def _add(self, index: int, name: str, first: str | None) -> int:
         message, end = _message(self.lines, index, first)
@@ -207,8 +222,11 @@ class _Reader:
         return end
 
     def notes(self) -> tuple[str, ...]:
-        found = [self.raw[i].strip() for i in range(len(self.raw))
-                 if i not in self.taken and _NOTABLE.search(self.raw[i])]
+        found = [
+            self.raw[i].strip()
+            for i in range(len(self.raw))
+            if i not in self.taken and _NOTABLE.search(self.raw[i])
+        ]
         return tuple(line[:DETAIL_LIMIT] for line in found[-NOTES:])
 
 
@@ -277,13 +295,15 @@ def command_ending(output: bytes | str, returncode: int, killer: str = "") -> En
     traceback = text if text.strip() else None
     if returncode >= 0:
         if found.exception is not None:
-            return Ending(found.exception.failure_class,
-                          found.exception.message or f"exit code {returncode}", traceback)
+            return Ending(
+                found.exception.failure_class,
+                found.exception.message or f"exit code {returncode}",
+                traceback,
+            )
         detail = f": {found.detail}" if found.detail else ""
         return Ending("ExitCode", f"exit code {returncode}{detail}", traceback)
     name = _signal_name(-returncode)
     native = next((r for r in reversed(found.raised) if "::" in r.failure_class), None)
     detail = f": {found.detail[:DETAIL_LIMIT]}" if found.detail else ""
     message = f"command killed by {name}{killer}{detail}"
-    return Ending(native.failure_class if native else f"Signal:{name}", message, traceback,
-                  name)
+    return Ending(native.failure_class if native else f"Signal:{name}", message, traceback, name)

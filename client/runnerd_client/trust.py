@@ -57,8 +57,12 @@ def _check_chain(path: str) -> None:
     for folder in _ancestors(path):
         info = os.lstat(folder)
         problem = _owner_problem(info, root_ok=True)
-        if problem is None and stat.S_ISDIR(info.st_mode) and \
-                info.st_mode & _WRITABLE_BY_OTHERS and not info.st_mode & stat.S_ISVTX:
+        if (
+            problem is None
+            and stat.S_ISDIR(info.st_mode)
+            and info.st_mode & _WRITABLE_BY_OTHERS
+            and not info.st_mode & stat.S_ISVTX
+        ):
             problem = "others may write to it, and it is not sticky"
         if problem is not None:
             raise UntrustedPath(path, f"{folder} is above it and {problem}")
@@ -126,8 +130,9 @@ def open_folder(path: str | os.PathLike[str], *, create: bool = False) -> Iterat
         os.close(fd)
 
 
-def create_file(folder_fd: int, name: str, *, mode: int = 0o644, exclusive: bool = True,
-                append: bool = False) -> int:
+def create_file(
+    folder_fd: int, name: str, *, mode: int = 0o644, exclusive: bool = True, append: bool = False
+) -> int:
     """Open `name` inside the folder for reading and writing, never through a symlink; with
     `exclusive` it must not exist yet, else an existing file is truncated (or appended to)."""
     flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -141,8 +146,9 @@ def create_file(folder_fd: int, name: str, *, mode: int = 0o644, exclusive: bool
     return fd
 
 
-def write_atomically(folder: str | os.PathLike[str], name: str, data: bytes, *,
-                     mode: int = 0o644) -> None:
+def write_atomically(
+    folder: str | os.PathLike[str], name: str, data: bytes, *, mode: int = 0o644
+) -> None:
     """Replace folder/name with `data`: readers see the old or the new file, and nothing
     planted in the folder (a symlink at the temporary name, say) is written through."""
     with open_folder(folder, create=True) as dir_fd:

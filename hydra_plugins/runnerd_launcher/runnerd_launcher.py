@@ -43,27 +43,35 @@ class RunnerdLauncherConf:
     resume: str | None = None
 
 
-ConfigStore.instance().store(group="hydra/launcher", name="runnerd", node=RunnerdLauncherConf,
-                             provider="runnerd")
+ConfigStore.instance().store(
+    group="hydra/launcher", name="runnerd", node=RunnerdLauncherConf, provider="runnerd"
+)
 
 
 class RunnerdLauncher(Launcher):
     """Launches a multirun's jobs as the cells of a runnerd sweep."""
 
-    def __init__(self, experiment: str | None = None, failure_policy: str = "fail_fast",
-                 jobs: int = 1, resume: str | None = None) -> None:
+    def __init__(
+        self,
+        experiment: str | None = None,
+        failure_policy: str = "fail_fast",
+        jobs: int = 1,
+        resume: str | None = None,
+    ) -> None:
         self.experiment, self.failure_policy = experiment, failure_policy
         self.jobs, self.resume = jobs, resume
         self.config: DictConfig | None = None
         self.task_function: TaskFunction | None = None
         self.hydra_context: HydraContext | None = None
 
-    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction,
-              config: DictConfig) -> None:
+    def setup(
+        self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig
+    ) -> None:
         self.config, self.hydra_context, self.task_function = config, hydra_context, task_function
 
-    def launch(self, job_overrides: Sequence[Sequence[str]],
-               initial_job_idx: int) -> Sequence[JobReturn]:
+    def launch(
+        self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int
+    ) -> Sequence[JobReturn]:
         assert self.config is not None
         setup_globals()
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
@@ -81,14 +89,21 @@ class RunnerdLauncher(Launcher):
 
         log.info("Launching %d jobs as a runnerd sweep", len(job_overrides))
         if self.resume:
-            result = rd.resume_sweep(self.resume, hydra_job, jobs=self.jobs,
-                                     failure_policy=self.failure_policy)
+            result = rd.resume_sweep(
+                self.resume, hydra_job, jobs=self.jobs, failure_policy=self.failure_policy
+            )
         else:
-            result = rd.sweep(self._experiment(), cells, hydra_job,
-                              failure_policy=self.failure_policy, jobs=self.jobs,
-                              folder=folder)
-        log.info("runnerd sweep %s: %s (manifest %s)", result.sweep_id, result.summary,
-                 result.manifest)
+            result = rd.sweep(
+                self._experiment(),
+                cells,
+                hydra_job,
+                failure_policy=self.failure_policy,
+                jobs=self.jobs,
+                folder=folder,
+            )
+        log.info(
+            "runnerd sweep %s: %s (manifest %s)", result.sweep_id, result.summary, result.manifest
+        )
         outcomes = {by_name[o.variation]: o for o in result.outcomes if o.variation in by_name}
         return job_returns(job_overrides, outcomes, done, self._succeeded(result.sweep_id))
 
@@ -108,14 +123,19 @@ class RunnerdLauncher(Launcher):
         assert self.task_function is not None
         log.info("\t#%d : %s", number, " ".join(filter_overrides(overrides)))
         sweep_config = self.hydra_context.config_loader.load_sweep_config(
-            self.config, list(overrides))
+            self.config, list(overrides)
+        )
         with open_dict(sweep_config):
             sweep_config.hydra.job.id = number
             sweep_config.hydra.job.num = number
             sweep_config.hydra.sweep.dir = folder
-        ret = run_job(hydra_context=self.hydra_context, task_function=self.task_function,
-                      config=sweep_config, job_dir_key="hydra.sweep.dir",
-                      job_subdir_key="hydra.sweep.subdir")
+        ret = run_job(
+            hydra_context=self.hydra_context,
+            task_function=self.task_function,
+            config=sweep_config,
+            job_dir_key="hydra.sweep.dir",
+            job_subdir_key="hydra.sweep.subdir",
+        )
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         return ret
 
@@ -135,7 +155,9 @@ class RunnerdLauncher(Launcher):
         finally:
             conn.close()
         if stored["spec"].get("cells") != cells:
-            raise ValueError(f"hydra.launcher.resume={self.resume}: these jobs are not that"
-                             f" sweep's ({len(stored['spec'].get('cells') or [])} stored,"
-                             f" {len(cells)} given); run the same overrides again")
+            raise ValueError(
+                f"hydra.launcher.resume={self.resume}: these jobs are not that"
+                f" sweep's ({len(stored['spec'].get('cells') or [])} stored,"
+                f" {len(cells)} given); run the same overrides again"
+            )
         return str(stored["folder"])

@@ -38,9 +38,11 @@ def watch(ctx: click.Context, directory: str) -> None:
         body = request(ctx, Watch(path=directory))
     for warning in body["warnings"]:
         say(f"warning: {shown(warning)}", err=True)
-    say(f"watching {directory}: {body['imported']} run(s) imported, "
+    say(
+        f"watching {directory}: {body['imported']} run(s) imported, "
         f"{body['indexed']} crash file(s) indexed, {body['known']} already known, "
-        f"{len(body['warnings'])} warning(s)")
+        f"{len(body['warnings'])} warning(s)"
+    )
 
 
 @cli.command()
@@ -50,7 +52,6 @@ def unwatch(ctx: click.Context, directory: str) -> None:
     """Stop indexing DIRECTORY (what was imported stays)."""
     request(ctx, Unwatch(path=directory))
     say(f"no longer watching {directory}")
-
 
 
 @cli.command()
@@ -70,19 +71,29 @@ def backup(ctx: click.Context, target: Path) -> None:
 
 
 @cli.command()
-@click.option("--older-than", type=parse_duration, required=True,
-              help="Prune runs that ended longer ago than this, e.g. 30d.")
-@click.option("--state", "states", multiple=True,
-              type=choice(s for s in State if s.terminal),
-              help="Only runs in this terminal state (repeatable).")
+@click.option(
+    "--older-than",
+    type=parse_duration,
+    required=True,
+    help="Prune runs that ended longer ago than this, e.g. 30d.",
+)
+@click.option(
+    "--state",
+    "states",
+    multiple=True,
+    type=choice(s for s in State if s.terminal),
+    help="Only runs in this terminal state (repeatable).",
+)
 @click.option("--dry-run", is_flag=True, help="Say what would go; delete nothing.")
 @json_option
 @click.pass_context
-def prune(ctx: click.Context, older_than: float, states: tuple[str, ...], dry_run: bool,
-          as_json: bool) -> None:
+def prune(
+    ctx: click.Context, older_than: float, states: tuple[str, ...], dry_run: bool, as_json: bool
+) -> None:
     """Delete terminal runs that ended long ago (never a pending, running or lost one)."""
-    body = request(ctx, Prune(before=time.time() - older_than, states=list(states) or None,
-                              dry_run=dry_run))
+    body = request(
+        ctx, Prune(before=time.time() - older_than, states=list(states) or None, dry_run=dry_run)
+    )
     if as_json:
         emit_json({k: body[k] for k in ("count", "run_ids", "dry_run")})
     else:
@@ -131,9 +142,8 @@ def service_status() -> None:
         path = svc.unit_dir() / name
         say(f"{name}: {'installed at ' + str(path) if path.exists() else 'not installed'}")
     if svc.user_systemd():
-        svc.run_all((["systemctl", "--user", "--no-pager", "status", "runnerd.socket",
-                      "runnerd.service"],))
+        svc.run_all(
+            (["systemctl", "--user", "--no-pager", "status", "runnerd.socket", "runnerd.service"],)
+        )
     else:
         say("no systemd user manager here")
-
-

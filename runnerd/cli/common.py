@@ -105,14 +105,25 @@ def choice(values: Iterable[str]) -> click.Choice[str]:
 
 def retry_options(fn: F) -> F:
     """--retries, --backoff and --retry-on, as exec and sweep run take them."""
-    for option in reversed((
-        click.option("--retries", type=click.IntRange(0, 100), default=0, show_default=True),
-        click.option("--backoff", type=click.FloatRange(min=0), default=2.0, show_default=True,
-                     help="Wait backoff**attempt seconds (with jitter) before a retry."),
-        click.option("--retry-on", type=choice(RetryOn),
-                     default="retryable", show_default=True,
-                     help="Retry only failures diagnosed retryable, or any."),
-    )):
+    for option in reversed(
+        (
+            click.option("--retries", type=click.IntRange(0, 100), default=0, show_default=True),
+            click.option(
+                "--backoff",
+                type=click.FloatRange(min=0),
+                default=2.0,
+                show_default=True,
+                help="Wait backoff**attempt seconds (with jitter) before a retry.",
+            ),
+            click.option(
+                "--retry-on",
+                type=choice(RetryOn),
+                default="retryable",
+                show_default=True,
+                help="Retry only failures diagnosed retryable, or any.",
+            ),
+        )
+    ):
         fn = option(fn)
     return fn
 
@@ -138,8 +149,7 @@ def fail(message: str, code: int) -> NoReturn:
 def refused(exc: RunnerdError, prefix: str = "") -> NoReturn:
     """Exit with a refusal from the daemon: 4 for no such run or sweep (the one code for a
     thing that is not there), 1 for anything else."""
-    fail(f"{prefix}{exc.message}", EXIT_NO_RUN if exc.code == ErrorCode.UNKNOWN_RUN
-         else EXIT_ERROR)
+    fail(f"{prefix}{exc.message}", EXIT_NO_RUN if exc.code == ErrorCode.UNKNOWN_RUN else EXIT_ERROR)
 
 
 def request(ctx: click.Context, req: Request) -> dict[str, Any]:
@@ -152,8 +162,7 @@ def request(ctx: click.Context, req: Request) -> dict[str, Any]:
         finally:
             conn.close()
     except DaemonUnavailable as exc:
-        fail(f"{exc.message}\n(is the daemon running? start it with `runnerd`)",
-              EXIT_UNREACHABLE)
+        fail(f"{exc.message}\n(is the daemon running? start it with `runnerd`)", EXIT_UNREACHABLE)
     except RunnerdError as exc:
         refused(exc)
 
@@ -218,8 +227,9 @@ def span(seconds: float) -> str:
 def runtime(run: dict[str, Any]) -> str:
     if not run.get("started_at"):
         return "-"
-    end = datetime.fromisoformat(run["ended_at"]).timestamp() if run.get("ended_at") \
-        else time.time()
+    end = (
+        datetime.fromisoformat(run["ended_at"]).timestamp() if run.get("ended_at") else time.time()
+    )
     return span(end - datetime.fromisoformat(run["started_at"]).timestamp())
 
 
@@ -266,31 +276,58 @@ def moved(run: dict[str, Any]) -> str:
     return f"{ago(progress['at'])} ({progress['kind']})"
 
 
-def runs_table(runs: Sequence[dict[str, Any]], hosts: bool = False,
-               progress: bool = False) -> str:
+def runs_table(runs: Sequence[dict[str, Any]], hosts: bool = False, progress: bool = False) -> str:
     """With `hosts` (several daemons), a HOST column comes first; with `progress`, a MOVED
     column says when each last made progress."""
     return table(
-        ("HOST",) * hosts + ("RUN", "EXPERIMENT", "VARIATION", "ATT", "STATE", "CREATED",
-                             "RUNTIME", "PEAK MEM", "CPU") + ("MOVED",) * progress
+        ("HOST",) * hosts
+        + (
+            "RUN",
+            "EXPERIMENT",
+            "VARIATION",
+            "ATT",
+            "STATE",
+            "CREATED",
+            "RUNTIME",
+            "PEAK MEM",
+            "CPU",
+        )
+        + ("MOVED",) * progress
         + ("FAILURE",),
-        [(r.get("host") or "-",) * hosts + (
-            r["run_id"], r["experiment"], r["variation"], r["attempt"], r["state"],
-            local_time(r["created_at"]), runtime(r), peak_memory(r), cpu_time(r))
-         + (moved(r),) * progress + (failure_summary(r),)
-         for r in runs],
+        [
+            (r.get("host") or "-",) * hosts
+            + (
+                r["run_id"],
+                r["experiment"],
+                r["variation"],
+                r["attempt"],
+                r["state"],
+                local_time(r["created_at"]),
+                runtime(r),
+                peak_memory(r),
+                cpu_time(r),
+            )
+            + (moved(r),) * progress
+            + (failure_summary(r),)
+            for r in runs
+        ],
     )
 
 
 # --- commands ---------------------------------------------------------------
 
 
-def refuse_repeated(ctx: click.Context, command: click.Command, args: Sequence[str], *,
-                    up_to_positional: bool) -> None:
+def refuse_repeated(
+    ctx: click.Context, command: click.Command, args: Sequence[str], *, up_to_positional: bool
+) -> None:
     """An option that takes one value, given twice, is a usage error: click would keep the
     last one silently (`--state a --state b`). A group's options end at its subcommand."""
-    options = {name: param for param in command.params if isinstance(param, click.Option)
-               for name in (*param.opts, *param.secondary_opts)}
+    options = {
+        name: param
+        for param in command.params
+        if isinstance(param, click.Option)
+        for name in (*param.opts, *param.secondary_opts)
+    }
     seen: set[str | None] = set()
     tokens = iter(args)
     for token in tokens:
@@ -331,25 +368,33 @@ MULTI_DAEMON_COMMANDS = ("status", "list", "show", "failures", "diagnose", "repo
 
 
 @click.group(cls=OneValueGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--socket", "socket_paths", type=click.Path(path_type=Path), multiple=True,
-              help="Daemon socket (default: $RUNNERD_SOCKET or the XDG runtime path). Repeat "
-                   f"it to query several as one: {', '.join(MULTI_DAEMON_COMMANDS)}.")
-@click.option("--dask", "dask_address", metavar="ADDRESS",
-              help="Ask the daemon of every node of the Dask cluster whose scheduler is at "
-                   f"ADDRESS, through the cluster: {', '.join(MULTI_DAEMON_COMMANDS)}.")
+@click.option(
+    "--socket",
+    "socket_paths",
+    type=click.Path(path_type=Path),
+    multiple=True,
+    help="Daemon socket (default: $RUNNERD_SOCKET or the XDG runtime path). Repeat "
+    f"it to query several as one: {', '.join(MULTI_DAEMON_COMMANDS)}.",
+)
+@click.option(
+    "--dask",
+    "dask_address",
+    metavar="ADDRESS",
+    help="Ask the daemon of every node of the Dask cluster whose scheduler is at "
+    f"ADDRESS, through the cluster: {', '.join(MULTI_DAEMON_COMMANDS)}.",
+)
 @click.version_option(package_name="runnerd", prog_name="runnerctl")
 @click.pass_context
 def cli(ctx: click.Context, socket_paths: tuple[Path, ...], dask_address: str | None) -> None:
     """Query and command the runnerd daemon."""
     env = os.environ.get("RUNNERD_SOCKET")
     sockets = list(socket_paths) or ([Path(env)] if env else [])
-    if (len(sockets) > 1 or dask_address) and \
-            ctx.invoked_subcommand not in MULTI_DAEMON_COMMANDS:
+    if (len(sockets) > 1 or dask_address) and ctx.invoked_subcommand not in MULTI_DAEMON_COMMANDS:
         raise click.UsageError(
             f"{ctx.invoked_subcommand} talks to one daemon: give one --socket (several, or "
-            f"--dask, are for {', '.join(MULTI_DAEMON_COMMANDS)})")
-    ctx.obj = {"socket": sockets[0] if sockets else None, "sockets": sockets,
-               "dask": dask_address}
+            f"--dask, are for {', '.join(MULTI_DAEMON_COMMANDS)})"
+        )
+    ctx.obj = {"socket": sockets[0] if sockets else None, "sockets": sockets, "dask": dask_address}
 
 
 json_option = click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
@@ -363,5 +408,3 @@ def subscribed(ctx: click.Context, **filters: Any) -> Connection:
     except DaemonUnavailable as exc:
         fail(exc.message, EXIT_UNREACHABLE)
     return conn
-
-

@@ -45,7 +45,8 @@ def connect(address: str) -> Cluster:
         fail("--dask needs Dask's distributed (pip install 'runnerd[dask]')", EXIT_ERROR)
     try:
         client = distributed.Client(  # type: ignore[no-untyped-call]
-            address, timeout=CONNECT_TIMEOUT, set_as_default=False)
+            address, timeout=CONNECT_TIMEOUT, set_as_default=False
+        )
     except (OSError, TimeoutError, ValueError) as exc:
         fail(f"cannot reach the Dask scheduler at {address}: {exc}", EXIT_UNREACHABLE)
     cluster = Cluster(client, address)
@@ -55,8 +56,14 @@ def connect(address: str) -> Cluster:
         fail(f"the Dask cluster at {address} has no workers", EXIT_UNREACHABLE)
     for worker, where in sorted(found.items()):
         if isinstance(where, BaseException):
-            cluster.broken.append(Answer(f"worker {worker}", error=DaemonUnavailable(
-                f"worker {worker} could not run runnerd's query: {where!r}")))
+            cluster.broken.append(
+                Answer(
+                    f"worker {worker}",
+                    error=DaemonUnavailable(
+                        f"worker {worker} could not run runnerd's query: {where!r}"
+                    ),
+                )
+            )
         else:
             cluster.nodes.setdefault(f"{where['host']}:{where['socket']}", worker)
     return cluster
@@ -73,8 +80,9 @@ def cluster_of(ctx: click.Context) -> Cluster:
 
 def _answer(name: str, reply: Any) -> Answer:
     if isinstance(reply, BaseException):
-        return Answer(name, error=DaemonUnavailable(f"{name}: the query failed on its worker:"
-                                                    f" {reply!r}"))
+        return Answer(
+            name, error=DaemonUnavailable(f"{name}: the query failed on its worker: {reply!r}")
+        )
     error = reply.get("error")
     if error is None:
         return Answer(name, body=reply["body"])
@@ -83,14 +91,16 @@ def _answer(name: str, reply: Any) -> Answer:
     return Answer(name, error=RunnerdError(error["code"], error["message"]))
 
 
-def run_on_nodes(cluster: Cluster, function: Callable[..., Any], *args: Any,
-                 nodes: list[str] | None = None) -> dict[str, Any]:
+def run_on_nodes(
+    cluster: Cluster, function: Callable[..., Any], *args: Any, nodes: list[str] | None = None
+) -> dict[str, Any]:
     """`function(*args)` on one worker of each node (or of `nodes`): node -> its result."""
     chosen = {name: cluster.nodes[name] for name in nodes or cluster.nodes}
-    replies = cluster.client.run(function, *args, workers=list(chosen.values()),
-                                 on_error="return")
-    return {name: replies.get(worker, DaemonUnavailable(f"worker {worker} is gone"))
-            for name, worker in chosen.items()}
+    replies = cluster.client.run(function, *args, workers=list(chosen.values()), on_error="return")
+    return {
+        name: replies.get(worker, DaemonUnavailable(f"worker {worker} is gone"))
+        for name, worker in chosen.items()
+    }
 
 
 def ask_each(ctx: click.Context, req: Request) -> list[Answer]:
@@ -100,8 +110,9 @@ def ask_each(ctx: click.Context, req: Request) -> list[Answer]:
     return [*(_answer(name, replies[name]) for name in sorted(replies)), *cluster.broken]
 
 
-def follow_nodes(ctx: click.Context, filters: dict[str, Any], nodes: list[str] | None = None,
-                 wait: float = 1.0) -> Iterator[tuple[str, dict[str, Any]]]:
+def follow_nodes(
+    ctx: click.Context, filters: dict[str, Any], nodes: list[str] | None = None, wait: float = 1.0
+) -> Iterator[tuple[str, dict[str, Any]]]:
     """(node, event) as they happen on every node (or on `nodes`), polled through Dask
     about every `wait` seconds; a node that cannot be followed is said so once."""
     cluster = cluster_of(ctx)
@@ -109,8 +120,7 @@ def follow_nodes(ctx: click.Context, filters: dict[str, Any], nodes: list[str] |
     warned: set[str] = set()
     try:
         while True:
-            replies = run_on_nodes(cluster, dask_nodes.poll, follow_id, filters, wait,
-                                   nodes=nodes)
+            replies = run_on_nodes(cluster, dask_nodes.poll, follow_id, filters, wait, nodes=nodes)
             batch: list[tuple[str, dict[str, Any]]] = []
             for name, reply in sorted(replies.items()):
                 if isinstance(reply, dict) and "events" in reply:

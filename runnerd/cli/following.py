@@ -32,23 +32,34 @@ FOLDER_POLL = 2.0
 Event = tuple[str, dict[str, Any] | None]  # (daemon, event); None: that daemon went away
 
 
-def follow_many(ctx: click.Context, run: str | None, experiment: str | None,
-                sweep: str | None, since_seq: int | None, as_json: bool,
-                folder: Path | None) -> None:
+def follow_many(
+    ctx: click.Context,
+    run: str | None,
+    experiment: str | None,
+    sweep: str | None,
+    since_seq: int | None,
+    as_json: bool,
+    folder: Path | None,
+) -> None:
     """Print every source's events as they happen, until Ctrl-C (or RUN's end)."""
     if since_seq is not None:
         raise click.UsageError("--since SEQ is one daemon's position: give one --socket")
     if folder is not None:
         events = _folder_events(folder, run, experiment)
     else:
-        filters: dict[str, Any] = {"experiment": experiment,
-                                   "sweep": _sweep_id(ctx, sweep) if sweep else None}
+        filters: dict[str, Any] = {
+            "experiment": experiment,
+            "sweep": _sweep_id(ctx, sweep) if sweep else None,
+        }
         target = show_many(ctx, run) if run else None
         if target is not None:
             filters = {"run": target["run_id"], "since": 0}
         daemons = [target["daemon"]] if target is not None else None
-        events = _dask_events(ctx, filters, daemons) if ctx.obj.get("dask") else \
-            _socket_events([Path(d) for d in daemons or ctx.obj["sockets"]], filters)
+        events = (
+            _dask_events(ctx, filters, daemons)
+            if ctx.obj.get("dask")
+            else _socket_events([Path(d) for d in daemons or ctx.obj["sockets"]], filters)
+        )
     try:
         for daemon, event in events:
             _print(daemon, event, as_json)
@@ -72,8 +83,10 @@ def _print(daemon: str, event: dict[str, Any], as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps({**event, "daemon": daemon}, sort_keys=True))
         return
-    say(f"{local_time(event['at'])} {shown(daemon)} {event['run_id'] or event['sweep_id']} "
-        f"{shown(event['experiment'])}: {shown(describe(event))}")
+    say(
+        f"{local_time(event['at'])} {shown(daemon)} {event['run_id'] or event['sweep_id']} "
+        f"{shown(event['experiment'])}: {shown(describe(event))}"
+    )
 
 
 def _outcome(ctx: click.Context, run_id: str, folder: Path | None) -> int:
@@ -111,46 +124,65 @@ def _stream(path: Path, filters: dict[str, Any], found: queue.SimpleQueue[Event]
                 while (event := conn.next_event()) is not None:
                     last = event["seq"]
                     if event["event"] == "lagged":
-                        say(f"runnerctl: {shown(path)} lagged, {event['dropped']} events "
-                            "dropped; catching up", err=True)
+                        say(
+                            f"runnerctl: {shown(path)} lagged, {event['dropped']} events "
+                            "dropped; catching up",
+                            err=True,
+                        )
                         break
                     found.put((str(path), event))
             finally:
                 conn.close()
     except DaemonUnavailable as exc:
-        say(f"runnerctl: warning: {shown(path)}: {shown(exc.message)}; no longer followed",
-            err=True)
+        say(
+            f"runnerctl: warning: {shown(path)}: {shown(exc.message)}; no longer followed", err=True
+        )
     found.put((str(path), None))
 
 
-def _dask_events(ctx: click.Context, filters: dict[str, Any],
-                 nodes: list[str] | None) -> Iterator[tuple[str, Item]]:
+def _dask_events(
+    ctx: click.Context, filters: dict[str, Any], nodes: list[str] | None
+) -> Iterator[tuple[str, Item]]:
     from runnerd.cli import dask_nodes
 
-    yield from dask_nodes.follow_nodes(ctx, {k: v for k, v in filters.items() if v is not None},
-                                       nodes)
+    yield from dask_nodes.follow_nodes(
+        ctx, {k: v for k, v in filters.items() if v is not None}, nodes
+    )
 
 
-def _folder_events(folder: Path, run: str | None,
-                   experiment: str | None) -> Iterator[tuple[str, Item]]:
+def _folder_events(
+    folder: Path, run: str | None, experiment: str | None
+) -> Iterator[tuple[str, Item]]:
     """The mirrored records' new transitions, read again every FOLDER_POLL seconds; with
     RUN, from its first one."""
     seen: dict[tuple[str, str], int] = {}
     first = True
     while True:
         for record in read_folder(folder, quiet=not first).runs:
-            if (run and not record["run_id"].startswith(run)) or \
-                    (experiment and record["experiment"] != experiment):
+            if (run and not record["run_id"].startswith(run)) or (
+                experiment and record["experiment"] != experiment
+            ):
                 continue
             where = (record["daemon"], record["run_id"])
             transitions = record.get("transitions") or []
             start = seen.get(where, 0 if run or not first else len(transitions))
             seen[where] = len(transitions)
             for t in transitions[start:]:
-                yield record["daemon"], {
-                    "event": "transition", "seq": t["seq"], "run_id": record["run_id"],
-                    "experiment": record["experiment"], "variation": record["variation"],
-                    "sweep_id": record.get("sweep_id"), "at": t["at"], "from": t["from"],
-                    "to": t["to"], "cause": t["cause"], "source": t["source"]}
+                yield (
+                    record["daemon"],
+                    {
+                        "event": "transition",
+                        "seq": t["seq"],
+                        "run_id": record["run_id"],
+                        "experiment": record["experiment"],
+                        "variation": record["variation"],
+                        "sweep_id": record.get("sweep_id"),
+                        "at": t["at"],
+                        "from": t["from"],
+                        "to": t["to"],
+                        "cause": t["cause"],
+                        "source": t["source"],
+                    },
+                )
         first = False
         time.sleep(FOLDER_POLL)

@@ -21,8 +21,12 @@ def hooks(ctx: click.Context, as_json: bool) -> None:
     if as_json:
         emit_json({"hooks": body["hooks"], "last_seq": body["last_seq"]})
     elif body["hooks"]:
-        say(table(("NAME", "EVENTS", "BACKLOG", "RETRYING", "DELIVERED", "LAST", "RESULT"),
-                  [_row(hook) for hook in body["hooks"]]))
+        say(
+            table(
+                ("NAME", "EVENTS", "BACKLOG", "RETRYING", "DELIVERED", "LAST", "RESULT"),
+                [_row(hook) for hook in body["hooks"]],
+            )
+        )
     else:
         say("no hooks configured (add [[hooks]] tables to the daemon's config.toml)")
 
@@ -30,8 +34,15 @@ def hooks(ctx: click.Context, as_json: bool) -> None:
 def _row(hook: dict[str, Any]) -> tuple[Any, ...]:
     last = hook["last"]
     when = f"{ago(last['at'])}: {last['event']} (seq {last['seq']})" if last else "-"
-    return (hook["name"], ",".join(hook["events"]), hook["backlog"], hook["retrying"],
-            hook["delivered"], when, _result(last) if last else "-")
+    return (
+        hook["name"],
+        ",".join(hook["events"]),
+        hook["backlog"],
+        hook["retrying"],
+        hook["delivered"],
+        when,
+        _result(last) if last else "-",
+    )
 
 
 def _result(last: dict[str, Any]) -> str:

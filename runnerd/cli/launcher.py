@@ -79,8 +79,7 @@ class Launch:
         spec = run.get("launch")
         if not spec:
             raise RunnerdError("bad_request", f"run {run['run_id']} was not launched by exec")
-        return cls(**{k: spec[k] for k in cls.__dataclass_fields__ if k in spec},
-                   environ=environ)
+        return cls(**{k: spec[k] for k in cls.__dataclass_fields__ if k in spec}, environ=environ)
 
     def spec(self) -> dict[str, Any]:
         """The launch as its runs show it (`launch`): everything but the environment."""
@@ -91,16 +90,27 @@ class Launch:
         gets it again: the per-attempt variables aside, and those msgpack cannot carry
         (not UTF-8, which os.environ keeps as surrogates)."""
         base = self.environ if self.environ is not None else os.environ
-        return {k: v for k, v in {**base, **self.env}.items()
-                if k not in PER_ATTEMPT_ENV and _utf8(k) and _utf8(v)}
+        return {
+            k: v
+            for k, v in {**base, **self.env}.items()
+            if k not in PER_ATTEMPT_ENV and _utf8(k) and _utf8(v)
+        }
 
     def check(self) -> None:
         """Check, before anything is launched, what its runs will be created with, as the
         client checks a request before sending it: TypeError or ValueError naming the
         field (experiment, variation, params, run_dir, timeout, memory)."""
-        check_fields(Create(key="-", run_id="-", experiment=self.experiment,
-                            variation=self.variation, params=self.params,
-                            run_dir=self.run_dir, launch=self.spec()))
+        check_fields(
+            Create(
+                key="-",
+                run_id="-",
+                experiment=self.experiment,
+                variation=self.variation,
+                params=self.params,
+                run_dir=self.run_dir,
+                launch=self.spec(),
+            )
+        )
         check_argument("timeout", Positive | None, self.timeout)
         check_argument("memory", Annotated[int, Range(1)] | None, self.memory)
 
@@ -128,8 +138,11 @@ class Stop:
     @classmethod
     def received(cls, signum: int) -> Stop:
         """runnerctl itself got SIGINT or SIGTERM, and passed it on."""
-        return cls("KeyboardInterrupt" if signum == signal.SIGINT else "Terminated",
-                   f"runnerctl received {signal.Signals(signum).name}", signum)
+        return cls(
+            "KeyboardInterrupt" if signum == signal.SIGINT else "Terminated",
+            f"runnerctl received {signal.Signals(signum).name}",
+            signum,
+        )
 
 
 class Launcher:
@@ -147,8 +160,9 @@ class Launcher:
         (several threads may start commands at once: the lock is not held meanwhile)."""
         if self.stopping is not None:
             raise Stopped(self.stopping)
-        proc = subprocess.Popen(command, start_new_session=True, preexec_fn=_die_with_parent,
-                                **kwargs)
+        proc = subprocess.Popen(
+            command, start_new_session=True, preexec_fn=_die_with_parent, **kwargs
+        )
         with self._lock:
             self._running[proc.pid] = proc
             stop = self.stopping
@@ -213,8 +227,9 @@ def _die_with_parent() -> None:
 class Tee(threading.Thread):
     """Copy a child's output to a log file, and to the terminal if given, as it comes."""
 
-    def __init__(self, source: IO[bytes], terminal: IO[bytes] | None, log: IO[bytes],
-                 log_path: Path) -> None:
+    def __init__(
+        self, source: IO[bytes], terminal: IO[bytes] | None, log: IO[bytes], log_path: Path
+    ) -> None:
         super().__init__(daemon=True)
         self.source, self.terminal, self.log, self.log_path = source, terminal, log, log_path
         self.tail = b""
@@ -291,8 +306,10 @@ def memory_cgroup(name: str, limit: int | None) -> Iterator[Path | None]:
 @contextmanager
 def on_signals(handle: Callable[[int], None]) -> Iterator[None]:
     """Call `handle(signum)` on SIGINT and SIGTERM while inside (main thread only)."""
-    previous = {sig: signal.signal(sig, lambda signum, _frame: handle(signum))
-                for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {
+        sig: signal.signal(sig, lambda signum, _frame: handle(signum))
+        for sig in (signal.SIGINT, signal.SIGTERM)
+    }
     try:
         yield
     finally:
@@ -326,35 +343,71 @@ def wait(proc: subprocess.Popen[bytes], timeout: float | None) -> bool:
     return True
 
 
-def record_end(run: Run, rc: int, *, timed_out: bool, stopped: Stop | None,
-               timeout: float | None, stderr_tail: bytes, cgroup: Path | None,
-               oom_before: int | None, limit: int | None = None) -> None:
+def record_end(
+    run: Run,
+    rc: int,
+    *,
+    timed_out: bool,
+    stopped: Stop | None,
+    timeout: float | None,
+    stderr_tail: bytes,
+    cgroup: Path | None,
+    oom_before: int | None,
+    limit: int | None = None,
+) -> None:
     """End the run from the command's exit status, unless the command already ended it
     (through the client library): its own report wins, and the daemon decides which came
     first."""
     if stopped is not None:
-        run.fail(FailReason.ABANDONED, stopped.message, failure_class=stopped.failure_class,
-                 cause=stopped.cause, if_active=True)
+        run.fail(
+            FailReason.ABANDONED,
+            stopped.message,
+            failure_class=stopped.failure_class,
+            cause=stopped.cause,
+            if_active=True,
+        )
     elif timed_out:
-        run.fail(FailReason.TIMEOUT, f"command exceeded --timeout of {timeout:g} s",
-                 failure_class="Timeout", exit_code=rc, if_active=True)
+        run.fail(
+            FailReason.TIMEOUT,
+            f"command exceeded --timeout of {timeout:g} s",
+            failure_class="Timeout",
+            exit_code=rc,
+            if_active=True,
+        )
     elif rc == 0:
         run.succeed(if_active=True)
     elif rc > 0:
         ending = command_ending(stderr_tail, rc)
-        run.fail(FailReason.CRASH, ending.message, failure_class=ending.failure_class,
-                 exit_code=rc, traceback=ending.traceback, if_active=True)
+        run.fail(
+            FailReason.CRASH,
+            ending.message,
+            failure_class=ending.failure_class,
+            exit_code=rc,
+            traceback=ending.traceback,
+            if_active=True,
+        )
     else:
         name = signal.Signals(-rc).name
-        oom = name == "SIGKILL" and oom_before is not None and \
-            (oom_kills(cgroup) or 0) > oom_before
+        oom = name == "SIGKILL" and oom_before is not None and (oom_kills(cgroup) or 0) > oom_before
         peak = cgroup_peak(cgroup) if limit else None
-        killer = f" (OOM killer, peak {gib(peak)} of a {gib(limit)} limit)" if oom and peak \
-            and limit else " (OOM killer)" if oom else ""
+        killer = (
+            f" (OOM killer, peak {gib(peak)} of a {gib(limit)} limit)"
+            if oom and peak and limit
+            else " (OOM killer)"
+            if oom
+            else ""
+        )
         ending = command_ending(stderr_tail, rc, killer)
-        run.fail(FailReason.CRASH, ending.message, failure_class=ending.failure_class,
-                 signal=name, exit_code=rc, traceback=ending.traceback,
-                 category_hint="oom" if oom else None, if_active=True)
+        run.fail(
+            FailReason.CRASH,
+            ending.message,
+            failure_class=ending.failure_class,
+            signal=name,
+            exit_code=rc,
+            traceback=ending.traceback,
+            category_hint="oom" if oom else None,
+            if_active=True,
+        )
 
 
 @dataclass(frozen=True)
@@ -369,26 +422,39 @@ class Attempt:
 
 def run_once(client: Client, launch: Launch, how: Attempt) -> Outcome:
     """Launch the command once, as a new attempt of its (experiment, variation)."""
-    run = client.run(launch.experiment, launch.variation, params=launch.params,
-                     run_dir=launch.run_dir, retry_of=how.retry_of, launch=launch.spec(),
-                     launch_env=launch.recorded_env(), heartbeat_interval=30.0,
-                     resume=launch.resume, cell=how.cell)
+    run = client.run(
+        launch.experiment,
+        launch.variation,
+        params=launch.params,
+        run_dir=launch.run_dir,
+        retry_of=how.retry_of,
+        launch=launch.spec(),
+        launch_env=launch.recorded_env(),
+        heartbeat_interval=30.0,
+        resume=launch.resume,
+        cell=how.cell,
+    )
     run.start()  # applied before its limits are read back
     run.heartbeat_interval = beat_interval(client, run)
     run.start_heartbeats()
     try:
         logs = open_logs(run.run_dir)
     except OSError as exc:
-        run.stop_heartbeats().fail(FailReason.CRASH, f"cannot write its logs: {exc}",
-                                   failure_class=type(exc).__name__, exit_code=126)
+        run.stop_heartbeats().fail(
+            FailReason.CRASH,
+            f"cannot write its logs: {exc}",
+            failure_class=type(exc).__name__,
+            exit_code=126,
+        )
         print(f"runnerctl: {escape_controls(str(exc))}", file=sys.stderr)
         return Outcome(run, 126, False, False)
     try:
         with logs[0], logs[1], memory_cgroup(f"runnerd-{run.run_id}", launch.memory) as cgroup:
             return _run_in(run, launch, cgroup, how, logs)
     except CgroupError as exc:
-        run.stop_heartbeats().fail(FailReason.CRASH, f"--memory: {exc}",
-                                   failure_class="CgroupError", exit_code=126)
+        run.stop_heartbeats().fail(
+            FailReason.CRASH, f"--memory: {exc}", failure_class="CgroupError", exit_code=126
+        )
         print(f"runnerctl: --memory: {exc}", file=sys.stderr)
         return Outcome(run, 126, False, False)
 
@@ -421,31 +487,45 @@ def _utf8(text: str) -> bool:
     return True
 
 
-def _run_in(run: Run, launch: Launch, cgroup: Path | None, how: Attempt,
-            logs: tuple[IO[bytes], IO[bytes]]) -> Outcome:
-    command = launch.command if cgroup is None else [
-        "sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', str(cgroup), *launch.command]
+def _run_in(
+    run: Run, launch: Launch, cgroup: Path | None, how: Attempt, logs: tuple[IO[bytes], IO[bytes]]
+) -> Outcome:
+    command = (
+        launch.command
+        if cgroup is None
+        else ["sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', str(cgroup), *launch.command]
+    )
     oom_before = oom_kills(cgroup or cgroup_dir("self"))
     try:
-        proc = how.launcher.popen(command, cwd=launch.cwd, env=_environment(run, launch),
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        proc = how.launcher.popen(
+            command,
+            cwd=launch.cwd,
+            env=_environment(run, launch),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
     except Stopped as exc:
-        run.stop_heartbeats().fail(FailReason.ABANDONED, exc.stop.message,
-                                   failure_class=exc.stop.failure_class, cause=exc.stop.cause)
+        run.stop_heartbeats().fail(
+            FailReason.ABANDONED,
+            exc.stop.message,
+            failure_class=exc.stop.failure_class,
+            cause=exc.stop.cause,
+        )
         return Outcome(run, 128 + exc.stop.signum, False, True)
     except OSError as exc:
         message = f"cannot run {launch.command[0]}: {exc.strerror or exc}"
-        run.stop_heartbeats().fail(FailReason.CRASH, message,
-                                   failure_class=type(exc).__name__, exit_code=127)
+        run.stop_heartbeats().fail(
+            FailReason.CRASH, message, failure_class=type(exc).__name__, exit_code=127
+        )
         if how.echo:
             print(f"runnerctl: {escape_controls(message)}", file=sys.stderr)
         return Outcome(run, 127, False, False)
     assert proc.stdout is not None and proc.stderr is not None
     run.vouch = lambda: stopped_note([proc.pid]) is None  # a stopped command gets no beats
-    tees = [Tee(proc.stdout, sys.stdout.buffer if how.echo else None, logs[0],
-                run.run_dir / LOGS[0]),
-            Tee(proc.stderr, sys.stderr.buffer if how.echo else None, logs[1],
-                run.run_dir / LOGS[1])]
+    tees = [
+        Tee(proc.stdout, sys.stdout.buffer if how.echo else None, logs[0], run.run_dir / LOGS[0]),
+        Tee(proc.stderr, sys.stderr.buffer if how.echo else None, logs[1], run.run_dir / LOGS[1]),
+    ]
     for tee in tees:
         tee.start()
     timed_out = wait(proc, launch.timeout)
@@ -457,17 +537,34 @@ def _run_in(run: Run, launch: Launch, cgroup: Path | None, how: Attempt,
         if tee.size:  # an empty log is no product of the run
             run.artifact(tee.log_path)
     rc = proc.returncode
-    record_end(run, rc, timed_out=timed_out, stopped=stopped, timeout=launch.timeout,
-               stderr_tail=tees[1].tail, cgroup=cgroup or cgroup_dir("self"),
-               oom_before=oom_before, limit=launch.memory)
+    record_end(
+        run,
+        rc,
+        timed_out=timed_out,
+        stopped=stopped,
+        timeout=launch.timeout,
+        stderr_tail=tees[1].tail,
+        cgroup=cgroup or cgroup_dir("self"),
+        oom_before=oom_before,
+        limit=launch.memory,
+    )
     run.flush()
-    return Outcome(run, rc if rc >= 0 else 128 - rc, rc == 0 and not timed_out,
-                   stopped is not None, tees[1].tail)
+    return Outcome(
+        run,
+        rc if rc >= 0 else 128 - rc,
+        rc == 0 and not timed_out,
+        stopped is not None,
+        tees[1].tail,
+    )
 
 
-def run_with_retries(client: Client, launch: Launch, retries: Retries, how: Attempt,
-                     say: Callable[[str], None] = lambda line: print(line, file=sys.stderr),
-                     ) -> Outcome:
+def run_with_retries(
+    client: Client,
+    launch: Launch,
+    retries: Retries,
+    how: Attempt,
+    say: Callable[[str], None] = lambda line: print(line, file=sys.stderr),
+) -> Outcome:
     """Attempts until one succeeds, retries run out, or a failure is not worth retrying.
 
     A sweep cell's retries claim the cell after the attempt they follow.

@@ -41,28 +41,53 @@ if TYPE_CHECKING:
 @click.option("--timeout", type=parse_timeout, help="TERM, then KILL, after this long.")
 @click.option("--memory", type=parse_size, help="Run in a memory cgroup limited to this.")
 @retry_options
-@click.option("--resume", is_flag=True,
-              help="Continue the last unsuccessful attempt from its last checkpoint"
-                   " ($RUNNERD_CHECKPOINT).")
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Continue the last unsuccessful attempt from its last checkpoint ($RUNNERD_CHECKPOINT).",
+)
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 @click.pass_context
-def exec_command(ctx: click.Context, experiment: str | None, variation: str,
-                 param_pairs: tuple[str, ...], run_dir: str | None, timeout: float | None,
-                 memory: int | None, retries: int, backoff: float, retry_on: str,
-                 resume: bool, command: tuple[str, ...]) -> None:
+def exec_command(
+    ctx: click.Context,
+    experiment: str | None,
+    variation: str,
+    param_pairs: tuple[str, ...],
+    run_dir: str | None,
+    timeout: float | None,
+    memory: int | None,
+    retries: int,
+    backoff: float,
+    retry_on: str,
+    resume: bool,
+    command: tuple[str, ...],
+) -> None:
     """Run COMMAND as a tracked run; exit with its exit code."""
     from runnerd.cli.launcher import Launch
     from runnerd_client.run import Retries
 
-    launch = Launch(command=list(command), params=parse_params(param_pairs), run_dir=run_dir,
-                    experiment=experiment if experiment is not None else Path(command[0]).name,
-                    variation=variation, timeout=timeout, memory=memory, resume=resume)
+    launch = Launch(
+        command=list(command),
+        params=parse_params(param_pairs),
+        run_dir=run_dir,
+        experiment=experiment if experiment is not None else Path(command[0]).name,
+        variation=variation,
+        timeout=timeout,
+        memory=memory,
+        resume=resume,
+    )
     checked(launch)
     sys.exit(launch_in_foreground(ctx, launch, Retries(retries, backoff, retry_on)))
 
 
-OPTIONS = {"experiment": "--experiment", "variation": "--variation", "params": "--param",
-           "run_dir": "--run-dir", "timeout": "--timeout", "memory": "--memory"}
+OPTIONS = {
+    "experiment": "--experiment",
+    "variation": "--variation",
+    "params": "--param",
+    "run_dir": "--run-dir",
+    "timeout": "--timeout",
+    "memory": "--memory",
+}
 
 
 def checked(launch: Launch) -> None:
@@ -72,12 +97,12 @@ def checked(launch: Launch) -> None:
         launch.check()
     except (TypeError, ValueError) as exc:
         field = str(exc).split(" ", 1)[0]
-        raise click.BadParameter(str(exc), param_hint=f"'{OPTIONS.get(field, field)}'") \
-            from None
+        raise click.BadParameter(str(exc), param_hint=f"'{OPTIONS.get(field, field)}'") from None
 
 
-def launch_in_foreground(ctx: click.Context, launch: Launch, retries: Retries,
-                         retry_of: str | None = None) -> int:
+def launch_in_foreground(
+    ctx: click.Context, launch: Launch, retries: Retries, retry_of: str | None = None
+) -> int:
     """Run a launch with its retries, passing Ctrl-C and SIGTERM on; its exit code."""
     from runnerd.cli.launcher import Attempt, Launcher, forwarding, run_with_retries
     from runnerd_client.run import Client
@@ -85,8 +110,9 @@ def launch_in_foreground(ctx: click.Context, launch: Launch, retries: Retries,
     launcher = Launcher()
     with forwarding(launcher):
         try:
-            outcome = run_with_retries(Client(ctx.obj["socket"]), launch, retries,
-                                       Attempt(launcher, retry_of=retry_of))
+            outcome = run_with_retries(
+                Client(ctx.obj["socket"]), launch, retries, Attempt(launcher, retry_of=retry_of)
+            )
         except RunnerdError as exc:
             refused(exc, f"{exc.code}: ")
     return outcome.exit_code
@@ -112,16 +138,23 @@ def retry(ctx: click.Context, run: str) -> None:
 
 @cli.command()
 @click.argument("run")
-@click.option("--signal", "signame", type=choice(["TERM", "KILL", "INT", "HUP"]),
-              help="Also send this signal to the run's processes.")
+@click.option(
+    "--signal",
+    "signame",
+    type=choice(["TERM", "KILL", "INT", "HUP"]),
+    help="Also send this signal to the run's processes.",
+)
 @click.pass_context
 def cancel(ctx: click.Context, run: str, signame: str | None) -> None:
     """Mark RUN failed_abandoned, signalling its processes if asked."""
     run_id = request(ctx, Get(run=run))["run"]["run_id"]
     body = request(ctx, Cancel(key=new_key(), run_id=run_id, signal=signame))
     signalled = body.get("signalled") or []
-    say(f"{run_id}: {body['state']}" + (
-        f"; sent SIG{signame} to {', '.join(map(str, signalled)) or 'no live process'}"
-        if signame else ""))
-
-
+    say(
+        f"{run_id}: {body['state']}"
+        + (
+            f"; sent SIG{signame} to {', '.join(map(str, signalled)) or 'no live process'}"
+            if signame
+            else ""
+        )
+    )

@@ -34,8 +34,9 @@ def when(ts: str | None) -> float:
 
 
 def _last_heard(run: Item) -> float:
-    return max(when(run.get(key)) for key in
-               ("created_at", "started_at", "last_heartbeat_at", "ended_at"))
+    return max(
+        when(run.get(key)) for key in ("created_at", "started_at", "last_heartbeat_at", "ended_at")
+    )
 
 
 def _dedupe(items: Iterable[Item], fresher: Callable[[Item], float]) -> list[Item]:
@@ -50,8 +51,9 @@ def _dedupe(items: Iterable[Item], fresher: Callable[[Item], float]) -> list[Ite
 
 def merge_runs(runs: Iterable[Item], limit: int | None = None) -> list[Item]:
     """Runs of every daemon, once each, newest first; `limit` applies to the merged list."""
-    merged = sorted(_dedupe(runs, _last_heard),
-                    key=lambda r: (when(r["created_at"]), r["run_id"]), reverse=True)
+    merged = sorted(
+        _dedupe(runs, _last_heard), key=lambda r: (when(r["created_at"]), r["run_id"]), reverse=True
+    )
     return merged[:limit]
 
 
@@ -71,9 +73,11 @@ def merge_groups(groups: Iterable[Item], limit: int | None = None) -> list[Item]
     for group in sorted(groups, key=lambda g: when(g["last_seen"]), reverse=True):
         into = merged.get(group["key"])
         if into is None:
-            merged[group["key"]] = {**{k: v for k, v in group.items() if k != "daemon"},
-                                    "run_ids": list(group["run_ids"]),
-                                    "daemons": [group["daemon"]]}
+            merged[group["key"]] = {
+                **{k: v for k, v in group.items() if k != "daemon"},
+                "run_ids": list(group["run_ids"]),
+                "daemons": [group["daemon"]],
+            }
             continue
         into["count"] += group["count"]
         into["first_seen"] = min(into["first_seen"], group["first_seen"], key=when)
@@ -81,20 +85,28 @@ def merge_groups(groups: Iterable[Item], limit: int | None = None) -> list[Item]
         del into["run_ids"][GROUP_EXAMPLES:]
         if group["daemon"] not in into["daemons"]:
             into["daemons"].append(group["daemon"])
-    ranked = sorted(merged.values(), key=lambda g: (g["count"], when(g["last_seen"])),
-                    reverse=True)
+    ranked = sorted(merged.values(), key=lambda g: (g["count"], when(g["last_seen"])), reverse=True)
     return ranked[:limit]
 
 
-def group_failures(records: Iterable[Item], group_by: str,
-                   limit: int | None = None) -> list[Item]:
+def group_failures(records: Iterable[Item], group_by: str, limit: int | None = None) -> list[Item]:
     """Failure records grouped as a daemon groups them (`failures --group-by`)."""
     field = GROUP_FIELDS[group_by]
-    return merge_groups(({
-        "key": record.get(field) or "unknown", "count": 1, "first_seen": record["at"],
-        "last_seen": record["at"], "run_ids": [record["run_id"]], "daemon": record["daemon"],
-        "example": {"failure_class": record["failure_class"], "message": record["message"]},
-    } for record in records), limit)
+    return merge_groups(
+        (
+            {
+                "key": record.get(field) or "unknown",
+                "count": 1,
+                "first_seen": record["at"],
+                "last_seen": record["at"],
+                "run_ids": [record["run_id"]],
+                "daemon": record["daemon"],
+                "example": {"failure_class": record["failure_class"], "message": record["message"]},
+            }
+            for record in records
+        ),
+        limit,
+    )
 
 
 def total_counts(counts: Iterable[Mapping[str, int]]) -> dict[str, int]:
@@ -106,26 +118,45 @@ def total_counts(counts: Iterable[Mapping[str, int]]) -> dict[str, int]:
     return total
 
 
-def filter_runs(runs: Iterable[Item], *, state: str | None, experiment: str | None,
-                since: float | None) -> list[Item]:
+def filter_runs(
+    runs: Iterable[Item], *, state: str | None, experiment: str | None, since: float | None
+) -> list[Item]:
     """What `list` asks a daemon to keep, applied to runs read from files."""
-    return [r for r in runs if (state is None or r["state"] == state)
-            and (experiment is None or r["experiment"] == experiment)
-            and (since is None or when(r["created_at"]) >= since)]
+    return [
+        r
+        for r in runs
+        if (state is None or r["state"] == state)
+        and (experiment is None or r["experiment"] == experiment)
+        and (since is None or when(r["created_at"]) >= since)
+    ]
 
 
-def filter_failures(records: Iterable[Item], *, experiment: str | None,
-                    since: float | None) -> list[Item]:
+def filter_failures(
+    records: Iterable[Item], *, experiment: str | None, since: float | None
+) -> list[Item]:
     """What `failures` asks a daemon to keep, applied to records read from files."""
-    return [f for f in records if (experiment is None or f["experiment"] == experiment)
-            and (since is None or when(f["at"]) >= since)]
+    return [
+        f
+        for f in records
+        if (experiment is None or f["experiment"] == experiment)
+        and (since is None or when(f["at"]) >= since)
+    ]
 
 
 def failures_of_runs(runs: Iterable[Item]) -> list[Item]:
     """The failure record each failed run carries, as `failures` lists it."""
-    return [{**run["failure"], "run_id": run["run_id"], "experiment": run["experiment"],
-             "variation": run["variation"], "host": run.get("host"), "daemon": run["daemon"]}
-            for run in runs if run.get("failure")]
+    return [
+        {
+            **run["failure"],
+            "run_id": run["run_id"],
+            "experiment": run["experiment"],
+            "variation": run["variation"],
+            "host": run.get("host"),
+            "daemon": run["daemon"],
+        }
+        for run in runs
+        if run.get("failure")
+    ]
 
 
 # --- export files -------------------------------------------------------------
@@ -152,14 +183,26 @@ def _number(value: Any) -> bool:
 
 # What the tables, filters and merges read from a line: checked, so a bad line is skipped
 # with a warning instead of failing the whole listing.
-_FAILURE = {"failure_class": _text, "message": _text, "reason": _text, "signature": _text,
-            "category": _maybe(_text), "at": _time}
+_FAILURE = {
+    "failure_class": _text,
+    "message": _text,
+    "reason": _text,
+    "signature": _text,
+    "category": _maybe(_text),
+    "at": _time,
+}
 _RESOURCES = {"peak_rss_bytes": _number, "cpu_seconds": _number, "limit_bytes": _number}
 _RUN = {
-    "run_id": _text, "experiment": _text, "variation": _text, "state": _text,
+    "run_id": _text,
+    "experiment": _text,
+    "variation": _text,
+    "state": _text,
     "attempt": _maybe(lambda v: isinstance(v, int) and not isinstance(v, bool)),
-    "host": _maybe(_text), "created_at": _time, "started_at": _maybe(_time),
-    "ended_at": _maybe(_time), "last_heartbeat_at": _maybe(_time),
+    "host": _maybe(_text),
+    "created_at": _time,
+    "started_at": _maybe(_time),
+    "ended_at": _maybe(_time),
+    "last_heartbeat_at": _maybe(_time),
     "failure": _maybe(lambda v: _bad_field(v, _FAILURE) is None),
     "resources": _maybe(lambda v: _bad_field(v, _RESOURCES) is None),
 }
@@ -172,8 +215,9 @@ def _bad_field(obj: Any, fields: Mapping[str, Callable[[Any], bool]]) -> str | N
     return next((name for name, check in fields.items() if not check(obj.get(name))), None)
 
 
-def parse_mirrored(name: str, lines: Iterable[tuple[str, int, str]]) -> tuple[list[Item],
-                                                                             list[str]]:
+def parse_mirrored(
+    name: str, lines: Iterable[tuple[str, int, str]]
+) -> tuple[list[Item], list[str]]:
     """The runs of one mirrored node (lines as (file, number, text), in the order written)
     and warnings. A later line of a run replaces an earlier one: the journal's order, not
     the run's times, says which is newer (a label changes no time)."""
@@ -209,13 +253,28 @@ def node_state(header: Mapping[str, Any], now: float, gone: bool | None) -> Item
     missing = None
     if state == "silent":
         pending = int(header.get("pending") or 0)
-        missing = (f"what changed after {header.get('refreshed_at')} is missing: at most the "
-                   f"last {float(header.get('interval') or 1.0):g} s of changes"
-                   + (f", and {pending} run(s) that were then waiting to be written"
-                      if pending else ""))
-    return {"state": state, "missing": missing,
-            **{key: header.get(key) for key in ("host", "pid", "socket", "db", "started_at",
-                                                 "refreshed_at", "stopped_at", "pending")}}
+        missing = (
+            f"what changed after {header.get('refreshed_at')} is missing: at most the "
+            f"last {float(header.get('interval') or 1.0):g} s of changes"
+            + (f", and {pending} run(s) that were then waiting to be written" if pending else "")
+        )
+    return {
+        "state": state,
+        "missing": missing,
+        **{
+            key: header.get(key)
+            for key in (
+                "host",
+                "pid",
+                "socket",
+                "db",
+                "started_at",
+                "refreshed_at",
+                "stopped_at",
+                "pending",
+            )
+        },
+    }
 
 
 def distinct_counts(runs: Iterable[Item]) -> dict[str, int]:
@@ -251,6 +310,7 @@ def parse_export(name: str, lines: Iterable[str]) -> tuple[list[Item], list[Item
         elif is_run:
             runs.append({**obj, "daemon": name})
         else:
-            records.append({**{k: v for k, v in obj.items() if k not in EXPORT_ONLY_KEYS},
-                            "daemon": name})
+            records.append(
+                {**{k: v for k, v in obj.items() if k not in EXPORT_ONLY_KEYS}, "daemon": name}
+            )
     return runs, records, warnings

@@ -40,9 +40,12 @@ from runnerd_client.connection import Connection, DaemonUnavailable
 from runnerd_client.protocol import ErrorCode, Failures, Get, ListRuns, Request, RunnerdError
 
 from_option = click.option(
-    "--from", "from_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+    "--from",
+    "from_dir",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
     help="Read DIR instead of asking daemons: the nodes mirrored there (runnerd --mirror) "
-         "and `runnerctl export` files (*.jsonl).")
+    "and `runnerctl export` files (*.jsonl).",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,8 +156,9 @@ def _read_export(path: Path, got: Folder) -> None:
         got.warn(warning)
     got.runs += runs
     got.records += records
-    got.sources.append({"daemon": str(path), "kind": "export", "node": None,
-                        "counts": distinct_counts(runs)})
+    got.sources.append(
+        {"daemon": str(path), "kind": "export", "node": None, "counts": distinct_counts(runs)}
+    )
 
 
 def _read_mirrored(path: Path, got: Folder) -> None:
@@ -168,11 +172,15 @@ def _read_mirrored(path: Path, got: Folder) -> None:
         got.warn(warning)
     state = node_state(node.header, time.time(), _gone(node.header))
     if state["missing"] and not got.quiet:
-        say(f"runnerctl: note: {shown(path)} ({shown(state['host'])}) did not stop cleanly; "
-            f"{shown(state['missing'])}", err=True)
+        say(
+            f"runnerctl: note: {shown(path)} ({shown(state['host'])}) did not stop cleanly; "
+            f"{shown(state['missing'])}",
+            err=True,
+        )
     got.runs += runs
-    got.sources.append({"daemon": str(path), "kind": "mirror", "node": state,
-                        "counts": distinct_counts(runs)})
+    got.sources.append(
+        {"daemon": str(path), "kind": "mirror", "node": state, "counts": distinct_counts(runs)}
+    )
 
 
 def _gone(header: dict[str, Any]) -> bool | None:
@@ -192,12 +200,18 @@ def _gone(header: dict[str, Any]) -> bool | None:
 def list_many(ctx: click.Context, req: ListRuns, folder: Path | None) -> list[Item]:
     """`list` over several daemons, or over the export files in `folder`."""
     if folder is None:
-        return merge_runs((run for daemon, body in gather(ctx, req)
-                           for run in tag(body["runs"], daemon)), req.limit)
+        return merge_runs(
+            (run for daemon, body in gather(ctx, req) for run in tag(body["runs"], daemon)),
+            req.limit,
+        )
     if req.sweep is not None:
         raise click.UsageError("--sweep needs a daemon; it cannot be used with --from")
-    return merge_runs(filter_runs(read_folder(folder).runs, state=req.state,
-                                  experiment=req.experiment, since=req.since), req.limit)
+    return merge_runs(
+        filter_runs(
+            read_folder(folder).runs, state=req.state, experiment=req.experiment, since=req.since
+        ),
+        req.limit,
+    )
 
 
 def failures_many(ctx: click.Context, req: Failures, folder: Path | None) -> list[Item]:
@@ -208,10 +222,12 @@ def failures_many(ctx: click.Context, req: Failures, folder: Path | None) -> lis
         return merge_groups(rows, req.limit) if req.group_by else merge_failures(rows, req.limit)
     got = read_folder(folder)
     # A run's own failure comes first: of equal copies the first is kept, and it has a host.
-    merged = merge_failures(filter_failures([*failures_of_runs(got.runs), *got.records],
-                                            experiment=req.experiment, since=req.since))
-    return group_failures(merged, req.group_by, req.limit) if req.group_by \
-        else merged[:req.limit]
+    merged = merge_failures(
+        filter_failures(
+            [*failures_of_runs(got.runs), *got.records], experiment=req.experiment, since=req.since
+        )
+    )
+    return group_failures(merged, req.group_by, req.limit) if req.group_by else merged[: req.limit]
 
 
 def show_many(ctx: click.Context, prefix: str) -> Item:
@@ -219,14 +235,24 @@ def show_many(ctx: click.Context, prefix: str) -> Item:
     answers = ask_each(ctx, Get(run=prefix))
     warn_unreachable(answers)
     for answer in answers:
-        if answer.error is not None and not answer.unreachable \
-                and answer.error.code != ErrorCode.UNKNOWN_RUN:
+        if (
+            answer.error is not None
+            and not answer.unreachable
+            and answer.error.code != ErrorCode.UNKNOWN_RUN
+        ):
             fail(f"{answer.daemon}: {answer.error.message}", EXIT_ERROR)
-    found = merge_runs(run for answer in answers if answer.body is not None
-                       for run in tag([answer.body["run"]], answer.daemon))
+    found = merge_runs(
+        run
+        for answer in answers
+        if answer.body is not None
+        for run in tag([answer.body["run"]], answer.daemon)
+    )
     if len(found) > 1:
-        fail(f"{prefix!r} matches more than one run: "
-             + ", ".join(f"{r['run_id']} on {r['daemon']}" for r in found), EXIT_ERROR)
+        fail(
+            f"{prefix!r} matches more than one run: "
+            + ", ".join(f"{r['run_id']} on {r['daemon']}" for r in found),
+            EXIT_ERROR,
+        )
     if found:
         return found[0]
     if any(a.unreachable for a in answers):
@@ -239,8 +265,11 @@ def show_from(folder: Path, prefix: str) -> Item:
     found = merge_runs(r for r in read_folder(folder).runs if r["run_id"].startswith(prefix))
     exact = [r for r in found if r["run_id"] == prefix]
     if len(found) > 1 and not exact:
-        fail(f"{prefix!r} matches more than one run: "
-             + ", ".join(f"{r['run_id']} in {r['daemon']}" for r in found), EXIT_ERROR)
+        fail(
+            f"{prefix!r} matches more than one run: "
+            + ", ".join(f"{r['run_id']} in {r['daemon']}" for r in found),
+            EXIT_ERROR,
+        )
     if not found:
         fail(f"no run matches {prefix!r} in {folder}", EXIT_NO_RUN)
     # An export line has no history; a mirrored record has it as `show --json` gives it.
@@ -263,8 +292,11 @@ def status_from(folder: Path, as_json: bool) -> None:
         node = source["node"]
         lines.append(node_line(node) if node else "an export file")
         lines.append(counts_line(source["counts"]))
-        active = [r for r in got.runs if r["daemon"] == source["daemon"]
-                  and r["state"] in ("pending", "running", "lost")]
+        active = [
+            r
+            for r in got.runs
+            if r["daemon"] == source["daemon"] and r["state"] in ("pending", "running", "lost")
+        ]
         if active:
             lines += ["Active runs (as last mirrored)", runs_table(merge_runs(active)[:10])]
         say("\n".join(lines) + "\n")
@@ -290,11 +322,15 @@ def mirror_line(mirror: Item) -> str:
     where = shown(mirror["node"] or mirror["folder"])
     waiting = f"{mirror['pending']} changed run(s) waiting"
     if mirror["state"] == "stalled":
-        return (f"mirror {where}: STALLED, a write has not returned for "
-                f"{mirror['writing_for_sec']:.0f} s; {waiting}; the daemon carries on")
+        return (
+            f"mirror {where}: STALLED, a write has not returned for "
+            f"{mirror['writing_for_sec']:.0f} s; {waiting}; the daemon carries on"
+        )
     if mirror["state"] == "behind":
-        return (f"mirror {where}: BEHIND since {ago(mirror['failing_since'])}: "
-                f"{shown(mirror['error'])}; {waiting}, to be written when it answers")
+        return (
+            f"mirror {where}: BEHIND since {ago(mirror['failing_since'])}: "
+            f"{shown(mirror['error'])}; {waiting}, to be written when it answers"
+        )
     if mirror["state"] == "starting":
         return f"mirror {where}: starting; {waiting}"
     if mirror["pending"]:
@@ -306,13 +342,18 @@ def diagnose_many(ctx: click.Context, req: Failures, folder: Path | None) -> lis
     """The failure records `diagnose` reads, of several daemons or of the folder, each
     once, newest first (`req.run` a run id prefix, `req.limit` applied to the merge)."""
     if folder is None:
-        return merge_failures((row for daemon, body in gather(ctx, req)
-                               for row in tag(body["failures"], daemon)), req.limit)
+        return merge_failures(
+            (row for daemon, body in gather(ctx, req) for row in tag(body["failures"], daemon)),
+            req.limit,
+        )
     got = read_folder(folder)
-    records = merge_failures(filter_failures([*failures_of_runs(got.runs), *got.records],
-                                             experiment=req.experiment, since=req.since))
+    records = merge_failures(
+        filter_failures(
+            [*failures_of_runs(got.runs), *got.records], experiment=req.experiment, since=req.since
+        )
+    )
     if req.run is not None:
         records = [r for r in records if r["run_id"].startswith(req.run)]
         if not records and not any(r["run_id"].startswith(req.run) for r in got.runs):
             fail(f"no run matches {req.run!r} in {folder}", EXIT_NO_RUN)
-    return records[:req.limit]
+    return records[: req.limit]

@@ -15,8 +15,9 @@ from runnerd_client.protocol import Get, RunnerdError
 from runnerd_client.run import Client, Retries
 
 
-def relaunch(socket: Path | None, runs: list[dict[str, Any]],
-             say: Callable[[str], None]) -> list[int]:
+def relaunch(
+    socket: Path | None, runs: list[dict[str, Any]], say: Callable[[str], None]
+) -> list[int]:
     """Relaunch each run; the exit status of each (1 for one not relaunched)."""
     client, launcher = Client(socket), Launcher()
     codes: list[int] = []
@@ -25,8 +26,9 @@ def relaunch(socket: Path | None, runs: list[dict[str, Any]],
         recorded = client.ask(Get(run=run["run_id"], env=True), timeout=30.0) or {}
         launch = replace(Launch.from_run(run, recorded.get("env")), resume=True)
         try:
-            outcome = run_with_retries(client, launch, Retries(),
-                                       Attempt(launcher, echo=False, retry_of=run["run_id"]))
+            outcome = run_with_retries(
+                client, launch, Retries(), Attempt(launcher, echo=False, retry_of=run["run_id"])
+            )
         except RunnerdError as exc:
             say(f"{run['run_id']}: not relaunched: {exc}")
             codes.append(1)

@@ -44,12 +44,18 @@ class Ending:
         return cls(state, failure.get("failure_class"), failure.get("signature"), run_id)
 
     def same(self, other: Ending) -> bool:
-        return (self.state, self.failure_class, self.signature) == \
-            (other.state, other.failure_class, other.signature)
+        return (self.state, self.failure_class, self.signature) == (
+            other.state,
+            other.failure_class,
+            other.signature,
+        )
 
     def text(self) -> str:
-        return self.state if self.failure_class is None else \
-            f"{self.state} {self.failure_class} [{self.signature}]"
+        return (
+            self.state
+            if self.failure_class is None
+            else f"{self.state} {self.failure_class} [{self.signature}]"
+        )
 
 
 @dataclass(frozen=True)
@@ -88,22 +94,34 @@ def recorded_cells(cells: Iterable[dict[str, Any]], failed_only: bool) -> dict[i
     return {c["index"]: c for c in cells if c["state"] in wanted}
 
 
-def replicate(socket: Path | None, sweep: dict[str, Any], recorded: dict[int, dict[str, Any]],
-              jobs: int | None, listener: Listener) -> Replication:
+def replicate(
+    socket: Path | None,
+    sweep: dict[str, Any],
+    recorded: dict[int, dict[str, Any]],
+    jobs: int | None,
+    listener: Listener,
+) -> Replication:
     """Run the recorded cells again under continue_on_failure, compare, keep the report.
     Raises driver.NotRecorded if the daemon stayed away."""
     replication_id, started = new_run_id(), time.time()
-    options = SweepOptions.of(sweep, jobs=jobs, policy=SweepPolicy.CONTINUE_ON_FAILURE,
-                              replication=replication_id)
+    options = SweepOptions.of(
+        sweep, jobs=jobs, policy=SweepPolicy.CONTINUE_ON_FAILURE, replication=replication_id
+    )
     client = Client(socket)
     planned = [PlannedCell(i, c["params"]) for i, c in sorted(recorded.items())]
     turn = driver.run_turn(client, sweep, options, planned, listener)
     if not client.drain(driver.END_PATIENCE):
         raise driver.NotRecorded(f"runnerd was unreachable for {driver.END_PATIENCE:g} s")
-    replication = Replication(replication_id, sweep["sweep_id"], started,
-                              [_verdict(recorded[o.index], _now(client, o))
-                               for o in sorted(turn.outcomes, key=lambda o: o.index)],
-                              turn.interrupted is not None)
+    replication = Replication(
+        replication_id,
+        sweep["sweep_id"],
+        started,
+        [
+            _verdict(recorded[o.index], _now(client, o))
+            for o in sorted(turn.outcomes, key=lambda o: o.index)
+        ],
+        turn.interrupted is not None,
+    )
     replication.report = _keep(sweep, replication)
     return replication
 
@@ -117,24 +135,32 @@ def _now(client: Client, outcome: CellOutcome) -> Ending:
 
 
 def _verdict(cell: dict[str, Any], now: Ending) -> Verdict:
-    return Verdict(cell["index"], cell["variation"],
-                   Ending.of(cell["state"], cell["failure"], cell["run_id"]), now)
+    return Verdict(
+        cell["index"],
+        cell["variation"],
+        Ending.of(cell["state"], cell["failure"], cell["run_id"]),
+        now,
+    )
 
 
 def _keep(sweep: dict[str, Any], replication: Replication) -> Path:
     """Write the report beside the sweep's manifest; its path (OSError if it cannot)."""
     name = f"replication-{replication.replication_id}.json"
-    doc = {"replication_id": replication.replication_id, "sweep_id": replication.sweep_id,
-           "experiment": sweep["experiment"], "started_at": _iso(replication.started_at),
-           "ended_at": _iso(time.time()), "interrupted": replication.interrupted,
-           "same": len(replication.verdicts) - replication.differ,
-           "differ": replication.differ,
-           "cells": [{**asdict(v), "same": v.same} for v in replication.verdicts]}
+    doc = {
+        "replication_id": replication.replication_id,
+        "sweep_id": replication.sweep_id,
+        "experiment": sweep["experiment"],
+        "started_at": _iso(replication.started_at),
+        "ended_at": _iso(time.time()),
+        "interrupted": replication.interrupted,
+        "same": len(replication.verdicts) - replication.differ,
+        "differ": replication.differ,
+        "cells": [{**asdict(v), "same": v.same} for v in replication.verdicts],
+    }
     write_atomically(sweep["folder"], name, (json.dumps(doc, indent=1) + "\n").encode())
     return Path(sweep["folder"]) / name
 
 
 def _iso(ts: float) -> str:
     """As the daemon writes times: ISO 8601 UTC with milliseconds."""
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace(
-        "+00:00", "Z")
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")

@@ -15,9 +15,14 @@ from runnerd.diagnosis import diagnose
 
 Run = dict[str, Any]
 COLOURS = {
-    "succeeded": "#2e7d32", "failed_crash": "#c62828", "failed_abandoned": "#ef6c00",
-    "failed_timeout": "#8e24aa", "failed_lost": "#6d4c41", "lost": "#fbc02d",
-    "running": "#1565c0", "pending": "#90a4ae",
+    "succeeded": "#2e7d32",
+    "failed_crash": "#c62828",
+    "failed_abandoned": "#ef6c00",
+    "failed_timeout": "#8e24aa",
+    "failed_lost": "#6d4c41",
+    "lost": "#fbc02d",
+    "running": "#1565c0",
+    "pending": "#90a4ae",
 }
 
 
@@ -38,12 +43,19 @@ def failure_groups(runs: Sequence[Run], examples: int = 5) -> list[dict[str, Any
         if not failure:
             continue
         found = diagnose(failure)
-        group = groups.setdefault(failure["signature"], {
-            "signature": failure["signature"], "count": 0, "run_ids": [],
-            "failure_class": failure["failure_class"], "message": failure["message"],
-            "category": found.category, "retryable": found.retryable,
-            "suggestion": found.suggestion,
-        })
+        group = groups.setdefault(
+            failure["signature"],
+            {
+                "signature": failure["signature"],
+                "count": 0,
+                "run_ids": [],
+                "failure_class": failure["failure_class"],
+                "message": failure["message"],
+                "category": found.category,
+                "retryable": found.retryable,
+                "suggestion": found.suggestion,
+            },
+        )
         group["count"] += 1
         if len(group["run_ids"]) < examples:
             group["run_ids"].append(run["run_id"])
@@ -55,12 +67,20 @@ def build(runs: Sequence[Run], since: float, now: float | None = None) -> dict[s
     now = time.time() if now is None else now
     by_length = sorted(runs, key=lambda r: runtime(r, now), reverse=True)
     return {
-        "since": since, "until": now, "runs": len(runs),
+        "since": since,
+        "until": now,
+        "runs": len(runs),
         "counts": dict(Counter(run["state"] for run in runs)),
         "failure_groups": failure_groups(runs),
-        "longest": [{"run_id": r["run_id"], "experiment": r["experiment"],
-                     "state": r["state"], "runtime_sec": round(runtime(r, now), 3)}
-                    for r in by_length[:5]],
+        "longest": [
+            {
+                "run_id": r["run_id"],
+                "experiment": r["experiment"],
+                "state": r["state"],
+                "runtime_sec": round(runtime(r, now), 3),
+            }
+            for r in by_length[:5]
+        ],
         "running": [r["run_id"] for r in runs if r["state"] in ("running", "lost", "pending")],
     }
 
@@ -110,19 +130,22 @@ def _bar(index: int, run: Run, since: float, until: float) -> str:
     end = _epoch(run["ended_at"]) or until
     x0, x1 = _x(start, since, until), _x(end, since, until)
     y = 30 + index * ROW
-    title = html.escape(f"{run['run_id']} {run['experiment']}/{run['variation']} "
-                        f"#{run['attempt']}: {run['state']}")
+    title = html.escape(
+        f"{run['run_id']} {run['experiment']}/{run['variation']} #{run['attempt']}: {run['state']}"
+    )
     parts = [
         f'<text class="label" x="4" y="{y + 12}">{html.escape(run["experiment"][:18])} '
-        f'{html.escape(run["run_id"][-8:])}</text>',
+        f"{html.escape(run['run_id'][-8:])}</text>",
         f'<rect class="bar state-{run["state"]}" data-run="{html.escape(run["run_id"])}" '
         f'x="{x0:.1f}" y="{y}" width="{max(x1 - x0, 2):.1f}" height="{ROW - 4}" '
         f'fill="{COLOURS.get(run["state"], "#999")}"><title>{title}</title></rect>',
     ]
     if run.get("failure"):
-        parts.append(f'<circle class="failure-mark" cx="{x1:.1f}" cy="{y + (ROW - 4) / 2}" '
-                     f'r="5" fill="#000"><title>{html.escape(run["failure"]["failure_class"])}'
-                     f'</title></circle>')
+        parts.append(
+            f'<circle class="failure-mark" cx="{x1:.1f}" cy="{y + (ROW - 4) / 2}" '
+            f'r="5" fill="#000"><title>{html.escape(run["failure"]["failure_class"])}'
+            f"</title></circle>"
+        )
     return "".join(parts)
 
 
@@ -133,22 +156,27 @@ def _axis(since: float, until: float, height: int) -> str:
         x = _x(ts, since, until)
         label = datetime.fromtimestamp(ts).strftime("%H:%M:%S")
         anchor = "end" if i == 5 else "middle"
-        ticks.append(f'<line x1="{x:.1f}" y1="20" x2="{x:.1f}" y2="{height}" stroke="#ddd"/>'
-                     f'<text class="label" x="{x:.1f}" y="14" text-anchor="{anchor}">'
-                     f'{label}</text>')
+        ticks.append(
+            f'<line x1="{x:.1f}" y1="20" x2="{x:.1f}" y2="{height}" stroke="#ddd"/>'
+            f'<text class="label" x="{x:.1f}" y="14" text-anchor="{anchor}">'
+            f"{label}</text>"
+        )
     return "".join(ticks)
 
 
 def _groups_table(report: dict[str, Any]) -> str:
     rows = "".join(
-        f"<tr class=\"group\"><td>{g['count']}</td><td>{html.escape(g['category'])}</td>"
+        f'<tr class="group"><td>{g["count"]}</td><td>{html.escape(g["category"])}</td>'
         f"<td>{'yes' if g['retryable'] else 'no'}</td>"
         f"<td>{html.escape(g['failure_class'])}: {html.escape(g['message'][:120])}</td>"
         f"<td>{html.escape(g['suggestion'])}</td>"
         f"<td>{html.escape(' '.join(g['run_ids']))}</td></tr>"
-        for g in report["failure_groups"])
-    return ("<table id=\"groups\"><tr><th>count</th><th>category</th><th>retryable</th>"
-            f"<th>failure</th><th>suggestion</th><th>runs</th></tr>{rows}</table>")
+        for g in report["failure_groups"]
+    )
+    return (
+        '<table id="groups"><tr><th>count</th><th>category</th><th>retryable</th>'
+        f"<th>failure</th><th>suggestion</th><th>runs</th></tr>{rows}</table>"
+    )
 
 
 def render_html(report: dict[str, Any], runs: Sequence[Run]) -> str:
@@ -159,16 +187,17 @@ def render_html(report: dict[str, Any], runs: Sequence[Run]) -> str:
     bars = "".join(_bar(i, run, since, until) for i, run in enumerate(ordered))
     axis = _axis(since, until, height)
     counts = ", ".join(f"{n} {state}" for state, n in sorted(report["counts"].items()))
-    legend = "".join(f'<span><i style="background:{c}"></i>{s}</span>'
-                     for s, c in COLOURS.items())
+    legend = "".join(f'<span><i style="background:{c}"></i>{s}</span>' for s, c in COLOURS.items())
     data = json.dumps({r["run_id"]: r for r in ordered}).replace("</", "<\\/")
-    window = (f"{datetime.fromtimestamp(since):%Y-%m-%d %H:%M} to "
-              f"{datetime.fromtimestamp(until):%Y-%m-%d %H:%M}")
+    window = (
+        f"{datetime.fromtimestamp(since):%Y-%m-%d %H:%M} to "
+        f"{datetime.fromtimestamp(until):%Y-%m-%d %H:%M}"
+    )
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>runnerd report</title>
 <style>{STYLE}</style></head><body>
 <h1>runnerd report: {window}</h1>
-<p id="summary">{report['runs']} run(s): {html.escape(counts) or 'none'}</p>
+<p id="summary">{report["runs"]} run(s): {html.escape(counts) or "none"}</p>
 <div class="legend">{legend}</div>
 <h2>Timeline</h2>
 <svg id="timeline" width="{LEFT + WIDTH + 20}" height="{height}">{axis}{bars}</svg>

@@ -60,12 +60,18 @@ from runnerd_client.protocol import (
 @cli.command()
 @json_option
 @click.option("--watch", is_flag=True, help="Redraw as runs change (driven by events).")
-@click.option("--interval", type=click.FloatRange(min=0.1), default=1.0, show_default=True,
-              help="With --watch: redraw at most this often.")
+@click.option(
+    "--interval",
+    type=click.FloatRange(min=0.1),
+    default=1.0,
+    show_default=True,
+    help="With --watch: redraw at most this often.",
+)
 @from_option
 @click.pass_context
-def status(ctx: click.Context, as_json: bool, watch: bool, interval: float,
-           from_dir: Path | None) -> None:
+def status(
+    ctx: click.Context, as_json: bool, watch: bool, interval: float, from_dir: Path | None
+) -> None:
     """Daemon health, counts by state, active runs and latest failures."""
     if from_dir is not None and not watch:
         status_from(from_dir, as_json)
@@ -89,18 +95,27 @@ def status(ctx: click.Context, as_json: bool, watch: bool, interval: float,
 
 def render_status(body: dict[str, Any]) -> str:
     d = body["daemon"]
-    lines = [f"runnerd {d['version']} (pid {d['pid']}), up {span(d['uptime_sec'])}, "
-             f"{d['clients']} client(s)",
-             f"socket {d['socket']}\nregistry {d['db']} ({d['db_bytes'] / 1e6:.1f} MB)"]
+    lines = [
+        f"runnerd {d['version']} (pid {d['pid']}), up {span(d['uptime_sec'])}, "
+        f"{d['clients']} client(s)",
+        f"socket {d['socket']}\nregistry {d['db']} ({d['db_bytes'] / 1e6:.1f} MB)",
+    ]
     if body.get("mirror"):
         lines.append(mirror_line(body["mirror"]))
     lines.append(f"\n{counts_line(body['counts'])}")
     if body["active"]:
         lines += ["\nActive runs", runs_table(body["active"], progress=True)]
     if body["failures"]:
-        lines += ["\nLatest failures", table(("RUN", "WHEN", "REASON", "FAILURE"), [
-            (f["run_id"], ago(f["at"]), f["reason"], failure_summary({"failure": f}))
-            for f in body["failures"]])]
+        lines += [
+            "\nLatest failures",
+            table(
+                ("RUN", "WHEN", "REASON", "FAILURE"),
+                [
+                    (f["run_id"], ago(f["at"]), f["reason"], failure_summary({"failure": f}))
+                    for f in body["failures"]
+                ],
+            ),
+        ]
     return "\n".join(lines)
 
 
@@ -116,16 +131,29 @@ def status_many(ctx: click.Context, as_json: bool) -> None:
     answered = [a.body for a in answers if a.body is not None]
     counts = total_counts(body["counts"] for body in answered)
     if as_json:
-        emit_json({"counts": counts, "daemons": [
-            {"daemon": a.daemon, "reachable": not a.unreachable, "status": a.body,
-             "error": a.error.message if a.error else None} for a in answers]})
+        emit_json(
+            {
+                "counts": counts,
+                "daemons": [
+                    {
+                        "daemon": a.daemon,
+                        "reachable": not a.unreachable,
+                        "status": a.body,
+                        "error": a.error.message if a.error else None,
+                    }
+                    for a in answers
+                ],
+            }
+        )
     else:
         for a in answers:
-            text = render_status(a.body) if a.body is not None else \
-                f"unreachable: {a.error.message if a.error else ''}"
+            text = (
+                render_status(a.body)
+                if a.body is not None
+                else f"unreachable: {a.error.message if a.error else ''}"
+            )
             say(f"== {shown(a.daemon)} ==\n{text}\n")
-        say(f"All daemons ({len(answered)} of {len(answers)} answered): "
-            f"{counts_line(counts)}")
+        say(f"All daemons ({len(answered)} of {len(answers)} answered): {counts_line(counts)}")
     if not answered:
         sys.exit(EXIT_UNREACHABLE if all(a.unreachable for a in answers) else EXIT_ERROR)
 
@@ -156,7 +184,8 @@ def describe(event: dict[str, Any]) -> str:
         return f"artifact {event['path']} ({event['size']} bytes)"
     if kind == "checkpoint":
         return f"checkpoint {json.dumps(event['data'])}" + (
-            f" {event['path']}" if event["path"] else "")
+            f" {event['path']}" if event["path"] else ""
+        )
     if kind == "failure":
         return f"failure {event['failure_class']}: {event['message']} [{event['category']}]"
     if kind == "sweep_ended":
@@ -177,14 +206,26 @@ def run_exit_status(ctx: click.Context, run_id: str) -> int:
 @click.argument("run", required=False)
 @click.option("--experiment", help="Follow every run of this experiment.")
 @click.option("--sweep", help="Follow every run of this sweep, from its start.")
-@click.option("--since", "since_seq", type=click.IntRange(min=0), metavar="SEQ",
-              help="Replay the events from this seq on, then stream (resume a consumer: "
-                   "the last seq it handled + 1).")
+@click.option(
+    "--since",
+    "since_seq",
+    type=click.IntRange(min=0),
+    metavar="SEQ",
+    help="Replay the events from this seq on, then stream (resume a consumer: "
+    "the last seq it handled + 1).",
+)
 @from_option
 @json_option
 @click.pass_context
-def follow(ctx: click.Context, run: str | None, experiment: str | None, sweep: str | None,
-           since_seq: int | None, from_dir: Path | None, as_json: bool) -> None:
+def follow(
+    ctx: click.Context,
+    run: str | None,
+    experiment: str | None,
+    sweep: str | None,
+    since_seq: int | None,
+    from_dir: Path | None,
+    as_json: bool,
+) -> None:
     """Print events as they happen. With RUN: from its start, until it ends, and exit with
     its outcome (0 succeeded, else the command's exit code or 1). --json: one event per
     line, each with its seq; of several daemons (or a folder), each naming its daemon."""
@@ -203,16 +244,20 @@ def follow(ctx: click.Context, run: str | None, experiment: str | None, sweep: s
         try:
             while (event := events.next_event()) is not None:
                 if event["event"] == "lagged":
-                    say(f"runnerctl: lagged, {event['dropped']} events dropped; "
-                        "catching up", err=True)
+                    say(
+                        f"runnerctl: lagged, {event['dropped']} events dropped; catching up",
+                        err=True,
+                    )
                     last = event["seq"]
                     break
                 last = event["seq"]
                 if as_json:
                     click.echo(json.dumps(event, sort_keys=True))
                 else:
-                    say(f"{local_time(event['at'])} {event['run_id'] or event['sweep_id']} "
-                        f"{shown(event['experiment'])}: {shown(describe(event))}")
+                    say(
+                        f"{local_time(event['at'])} {event['run_id'] or event['sweep_id']} "
+                        f"{shown(event['experiment'])}: {shown(describe(event))}"
+                    )
                 if run_id and event["event"] == "transition" and State(event["to"]).terminal:
                     sys.exit(run_exit_status(ctx, run_id))
         except DaemonUnavailable:
@@ -222,8 +267,13 @@ def follow(ctx: click.Context, run: str | None, experiment: str | None, sweep: s
 
 
 @cli.command("list")
-@click.option("--state", "states", type=choice(State), multiple=True,
-              help="Only this state (repeat it for several).")
+@click.option(
+    "--state",
+    "states",
+    type=choice(State),
+    multiple=True,
+    help="Only this state (repeat it for several).",
+)
 @click.option("--experiment", help="Only this experiment.")
 @click.option("--since", type=parse_duration, help="Created within this long, e.g. 12h.")
 @click.option("--sweep", help="Only attempts of this sweep's cells.")
@@ -231,17 +281,29 @@ def follow(ctx: click.Context, run: str | None, experiment: str | None, sweep: s
 @from_option
 @json_option
 @click.pass_context
-def list_runs(ctx: click.Context, states: tuple[str, ...], experiment: str | None,
-              since: float | None, sweep: str | None, limit: int, from_dir: Path | None,
-              as_json: bool) -> None:
+def list_runs(
+    ctx: click.Context,
+    states: tuple[str, ...],
+    experiment: str | None,
+    since: float | None,
+    sweep: str | None,
+    limit: int,
+    from_dir: Path | None,
+    as_json: bool,
+) -> None:
     """Runs, newest first; of several daemons (or export files) merged, each with its host."""
     after = time.time() - since if since is not None else None
     many = from_dir is not None or several(ctx)
-    runs = newest_first([
-        list_many(ctx, req, from_dir) if many else request(ctx, req)["runs"]
-        for req in (ListRuns(state=state, experiment=experiment, limit=limit, sweep=sweep,
-                             since=after) for state in dict.fromkeys(states or (None,)))],
-        limit)
+    runs = newest_first(
+        [
+            list_many(ctx, req, from_dir) if many else request(ctx, req)["runs"]
+            for req in (
+                ListRuns(state=state, experiment=experiment, limit=limit, sweep=sweep, since=after)
+                for state in dict.fromkeys(states or (None,))
+            )
+        ],
+        limit,
+    )
     if as_json:
         emit_json(runs)
     elif runs:
@@ -256,8 +318,7 @@ def newest_first(listings: list[list[dict[str, Any]]], limit: int) -> list[dict[
     if len(listings) == 1:
         return listings[0]
     runs = {r["run_id"]: r for listing in listings for r in listing}
-    return sorted(runs.values(), key=lambda r: (r["created_at"], r["run_id"]),
-                  reverse=True)[:limit]
+    return sorted(runs.values(), key=lambda r: (r["created_at"], r["run_id"]), reverse=True)[:limit]
 
 
 def _resources(run: dict[str, Any]) -> str:
@@ -288,28 +349,50 @@ def _show_human(run: dict[str, Any]) -> None:
     for name, get in fields:
         say(f"{name:<12} {shown(get(run))}")
     say("\nTransitions")
-    say(table(("WHEN", "FROM", "TO", "CAUSE", "SOURCE"), [
-        (local_time(t["at"]), t["from"] or "-", t["to"], t["cause"], t["source"])
-        for t in run["transitions"]]))
+    say(
+        table(
+            ("WHEN", "FROM", "TO", "CAUSE", "SOURCE"),
+            [
+                (local_time(t["at"]), t["from"] or "-", t["to"], t["cause"], t["source"])
+                for t in run["transitions"]
+            ],
+        )
+    )
     if run["artifacts"]:
         say("\nArtifacts")
-        say(table(("PATH", "SIZE", "SHA256"), [
-            (a["path"], a["size"], a["sha256"][:16]) for a in run["artifacts"]]))
+        say(
+            table(
+                ("PATH", "SIZE", "SHA256"),
+                [(a["path"], a["size"], a["sha256"][:16]) for a in run["artifacts"]],
+            )
+        )
     if run["checkpoints"]:
         say("\nCheckpoints")
-        say(table(("SEQ", "WHEN", "DATA", "PATH"), [
-            (c["seq"], local_time(c["at"]), json.dumps(c["data"]), c["path"] or "-")
-            for c in run["checkpoints"]]))
+        say(
+            table(
+                ("SEQ", "WHEN", "DATA", "PATH"),
+                [
+                    (c["seq"], local_time(c["at"]), json.dumps(c["data"]), c["path"] or "-")
+                    for c in run["checkpoints"]
+                ],
+            )
+        )
     for warning in (run.get("resources") or {}).get("warnings", []):
         say(f"\nwarning ({local_time(warning['at'])}): {shown(warning['message'])}")
     if run.get("crash_files"):
         say("\nCrash files")
-        say(table(("PATH", "KIND", "SIZE"), [
-            (f["path"], f["kind"], f["size"]) for f in run["crash_files"]]))
+        say(
+            table(
+                ("PATH", "KIND", "SIZE"),
+                [(f["path"], f["kind"], f["size"]) for f in run["crash_files"]],
+            )
+        )
     failure = run.get("failure")
     if failure:
-        say(f"\nFailure: {shown(failure['failure_class'])} ({failure['reason']}), "
-            f"signature {failure['signature']}")
+        say(
+            f"\nFailure: {shown(failure['failure_class'])} ({failure['reason']}), "
+            f"signature {failure['signature']}"
+        )
         if failure["message"]:
             say(shown(failure["message"]))
         if failure.get("traceback"):
@@ -321,8 +404,10 @@ def _show_env(run_id: str, env: dict[str, str] | None, with_values: bool) -> Non
     if env is None:
         return
     if not with_values:
-        say(f"\nEnvironment: {len(env)} variables recorded ({', '.join(sorted(env)[:8])}"
-            f"{', ...' if len(env) > 8 else ''}); `runnerctl show {run_id} --env` prints them")
+        say(
+            f"\nEnvironment: {len(env)} variables recorded ({', '.join(sorted(env)[:8])}"
+            f"{', ...' if len(env) > 8 else ''}); `runnerctl show {run_id} --env` prints them"
+        )
         return
     say("\nEnvironment")
     for name in sorted(env):
@@ -331,13 +416,18 @@ def _show_env(run_id: str, env: dict[str, str] | None, with_values: bool) -> Non
 
 @cli.command()
 @click.argument("run")
-@click.option("--env", "with_env", is_flag=True,
-              help="Also print the environment it was launched with, values included.")
+@click.option(
+    "--env",
+    "with_env",
+    is_flag=True,
+    help="Also print the environment it was launched with, values included.",
+)
 @from_option
 @json_option
 @click.pass_context
-def show(ctx: click.Context, run: str, with_env: bool, from_dir: Path | None,
-         as_json: bool) -> None:
+def show(
+    ctx: click.Context, run: str, with_env: bool, from_dir: Path | None, as_json: bool
+) -> None:
     """One run: fields, transitions, artifacts, checkpoints and failure."""
     one = from_dir is None and not several(ctx)
     if with_env and not one:
@@ -355,5 +445,3 @@ def show(ctx: click.Context, run: str, with_env: bool, from_dir: Path | None,
         say(f"{'daemon':<12} {shown(obj['daemon'])}")
     _show_human(obj)
     _show_env(obj["run_id"], env, with_env)
-
-

@@ -11,10 +11,14 @@ from pathlib import Path
 import runnerd
 
 UNITS = ("runnerd.service", "runnerd.socket")
-ENABLE = (["systemctl", "--user", "daemon-reload"],
-          ["systemctl", "--user", "enable", "--now", "runnerd.socket"])
-DISABLE = (["systemctl", "--user", "disable", "--now", "runnerd.socket", "runnerd.service"],
-           ["systemctl", "--user", "daemon-reload"])
+ENABLE = (
+    ["systemctl", "--user", "daemon-reload"],
+    ["systemctl", "--user", "enable", "--now", "runnerd.socket"],
+)
+DISABLE = (
+    ["systemctl", "--user", "disable", "--now", "runnerd.socket", "runnerd.service"],
+    ["systemctl", "--user", "daemon-reload"],
+)
 
 
 def templates() -> Path:

@@ -34,8 +34,9 @@ def via_py_spy(pid: int, timeout: float) -> tuple[str | None, str]:
     if exe is None:
         return None, "py-spy is not installed (pip install 'runnerd[stack]')"
     try:
-        done = subprocess.run([exe, "dump", "--pid", str(pid)], capture_output=True,
-                              text=True, timeout=timeout)
+        done = subprocess.run(
+            [exe, "dump", "--pid", str(pid)], capture_output=True, text=True, timeout=timeout
+        )
     except subprocess.TimeoutExpired:
         return None, f"py-spy did not answer within {timeout:g} s"
     if done.returncode == 0 and done.stdout.strip():
@@ -85,23 +86,37 @@ def dump(pid: int, via: str, timeout: float) -> tuple[str | None, list[str]]:
 
 @cli.command()
 @click.argument("run")
-@click.option("--via", type=click.Choice(["auto", "py-spy", "signal"]), default="auto",
-              show_default=True, help="py-spy (attaches with ptrace), or the dump a process "
-              "that entered rd.run writes to its run folder on a signal; auto tries both.")
-@click.option("--timeout", type=float, default=10.0, show_default=True,
-              help="Seconds to wait for each process's dump.")
+@click.option(
+    "--via",
+    type=click.Choice(["auto", "py-spy", "signal"]),
+    default="auto",
+    show_default=True,
+    help="py-spy (attaches with ptrace), or the dump a process "
+    "that entered rd.run writes to its run folder on a signal; auto tries both.",
+)
+@click.option(
+    "--timeout",
+    type=float,
+    default=10.0,
+    show_default=True,
+    help="Seconds to wait for each process's dump.",
+)
 @click.pass_context
 def stack(ctx: click.Context, run: str, via: str, timeout: float) -> None:
     """Print the Python stack of every thread of each Python process of RUN (its attached
     processes and their descendants, on this machine), to see where a hung run waits."""
     info = request(ctx, Get(run=run))["run"]
     if info["host"] and info["host"] != socket.gethostname():
-        fail(f"run {info['run_id']} runs on {shown(info['host'])}: run runnerctl stack there",
-             EXIT_ERROR)
+        fail(
+            f"run {info['run_id']} runs on {shown(info['host'])}: run runnerctl stack there",
+            EXIT_ERROR,
+        )
     pids = tree(info["pids"])
     if not pids:
-        fail(f"run {info['run_id']} ({info['state']}) has no live process on this machine",
-             EXIT_ERROR)
+        fail(
+            f"run {info['run_id']} ({info['state']}) has no live process on this machine",
+            EXIT_ERROR,
+        )
     printed = 0
     for pid in pids:
         name = comm(pid) or "?"
@@ -110,12 +125,18 @@ def stack(ctx: click.Context, run: str, via: str, timeout: float) -> None:
             continue
         text, reasons = dump(pid, via, timeout)
         if text is None:
-            say(f"== process {pid} ({shown(name)}): cannot show its stack\n   "
-                + "\n   ".join(shown(r) for r in reasons) + "\n")
+            say(
+                f"== process {pid} ({shown(name)}): cannot show its stack\n   "
+                + "\n   ".join(shown(r) for r in reasons)
+                + "\n"
+            )
             continue
         printed += 1
         say(f"== process {pid} ({shown(name)})\n{text.rstrip()}\n")
     if not printed:
-        fail("no stack could be read: py-spy needs ptrace permission (same user, and "
-             "kernel.yama.ptrace_scope 0, or CAP_SYS_PTRACE); the signal dump needs a "
-             "process that entered rd.run", EXIT_ERROR)
+        fail(
+            "no stack could be read: py-spy needs ptrace permission (same user, and "
+            "kernel.yama.ptrace_scope 0, or CAP_SYS_PTRACE); the signal dump needs a "
+            "process that entered rd.run",
+            EXIT_ERROR,
+        )

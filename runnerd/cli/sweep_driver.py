@@ -43,10 +43,16 @@ def cell_launch(sweep: dict[str, Any], cell: PlannedCell, resume: bool) -> Launc
     """The `exec` of one cell: the spec's command with the cell's params put in."""
     spec = sweep["spec"]
     return Launch(
-        command=substitute(spec["command"], cell.params), experiment=sweep["experiment"],
-        variation=cell.variation, params=cell.params, cwd=spec["cwd"],
+        command=substitute(spec["command"], cell.params),
+        experiment=sweep["experiment"],
+        variation=cell.variation,
+        params=cell.params,
+        cwd=spec["cwd"],
         env={SWEEP_ENV: sweep["sweep_id"], CELL_ENV: str(cell.index)},
-        timeout=spec.get("timeout"), memory=spec.get("memory"), resume=resume)
+        timeout=spec.get("timeout"),
+        memory=spec.get("memory"),
+        resume=resume,
+    )
 
 
 class Launched:
@@ -58,8 +64,10 @@ class Launched:
         self.slots = options.jobs
         self.todo: queue.SimpleQueue[Attempt | None] = queue.SimpleQueue()
         self.done: queue.SimpleQueue[CellOutcome] = queue.SimpleQueue()
-        self.threads = [threading.Thread(target=self._work, name=f"cell-worker-{i}",
-                                         daemon=True) for i in range(options.jobs)]
+        self.threads = [
+            threading.Thread(target=self._work, name=f"cell-worker-{i}", daemon=True)
+            for i in range(options.jobs)
+        ]
         for thread in self.threads:
             thread.start()
 
@@ -74,8 +82,9 @@ class Launched:
 
     def stop(self, why: Stop) -> None:
         """TERM every running command, KILL it KILL_AFTER later; start no more."""
-        self.launcher.stop_all(launch.Stop(why.failure_class, why.message, why.signum,
-                                           why.cause), KILL_AFTER)
+        self.launcher.stop_all(
+            launch.Stop(why.failure_class, why.message, why.signum, why.cause), KILL_AFTER
+        )
 
     def close(self) -> None:
         for _ in self.threads:
@@ -88,18 +97,30 @@ class Launched:
             try:
                 outcome = self._attempt(attempt)
             except Exception as exc:  # the engine waits for every attempt it started
-                outcome = CellOutcome(attempt.cell.index, attempt.cell.params, "failed",
-                                      error=f"{type(exc).__name__}: {exc}", exception=exc)
+                outcome = CellOutcome(
+                    attempt.cell.index,
+                    attempt.cell.params,
+                    "failed",
+                    error=f"{type(exc).__name__}: {exc}",
+                    exception=exc,
+                )
             self.done.put(outcome)
 
     def _attempt(self, attempt: Attempt) -> CellOutcome:
         cell = attempt.cell
-        how = launch.Attempt(self.launcher, echo=False, retry_of=attempt.retry_of,
-                             cell=Cell(self.options.sweep_id, cell.index, attempt.claim_after,
-                                       replication=self.options.replication))
+        how = launch.Attempt(
+            self.launcher,
+            echo=False,
+            retry_of=attempt.retry_of,
+            cell=Cell(
+                self.options.sweep_id,
+                cell.index,
+                attempt.claim_after,
+                replication=self.options.replication,
+            ),
+        )
         try:
-            done = run_once(self.client, cell_launch(self.sweep, cell, self.options.resume),
-                            how)
+            done = run_once(self.client, cell_launch(self.sweep, cell, self.options.resume), how)
         except RunnerdError as exc:
             if exc.code != ErrorCode.CONFLICT:
                 raise
@@ -109,9 +130,15 @@ class Launched:
             return CellOutcome(cell.index, cell.params, "succeeded", run_id)
         record = fetch_run(self.client, run_id) or {}  # to show the failure as it ends
         abandoned = done.interrupted or record.get("state") == "failed_abandoned"
-        return CellOutcome(cell.index, cell.params, "abandoned" if abandoned else "failed",
-                           run_id, failure=record.get("failure"),
-                           diagnosis=done.run.diagnosis, stderr_tail=done.stderr_tail)
+        return CellOutcome(
+            cell.index,
+            cell.params,
+            "abandoned" if abandoned else "failed",
+            run_id,
+            failure=record.get("failure"),
+            diagnosis=done.run.diagnosis,
+            stderr_tail=done.stderr_tail,
+        )
 
 
 def fetch_run(client: Client, run_id: str) -> dict[str, Any] | None:
@@ -124,8 +151,7 @@ def fetch_run(client: Client, run_id: str) -> dict[str, Any] | None:
 class Progress(Listener):
     """A line per finished cell (`say`), and a progress line to redraw (`draw`)."""
 
-    def __init__(self, total: int, say: Callable[[str], None],
-                 draw: Callable[[str], None]) -> None:
+    def __init__(self, total: int, say: Callable[[str], None], draw: Callable[[str], None]) -> None:
         self.total, self.say, self.draw = total, say, draw
         self.started_at = time.monotonic()
         self.live: set[int] = set()  # cells started and not ended (a retry waiting too)
@@ -156,8 +182,13 @@ class Turn:
     first_failure: CellOutcome | None
 
 
-def run_turn(client: Client, sweep: dict[str, Any], options: SweepOptions,
-             planned: list[PlannedCell], listener: Listener) -> Turn:
+def run_turn(
+    client: Client,
+    sweep: dict[str, Any],
+    options: SweepOptions,
+    planned: list[PlannedCell],
+    listener: Listener,
+) -> Turn:
     """Run the planned cells' commands; SIGINT or SIGTERM stops them and starts no more."""
     lookup = None if options.replication else registry_lookup(options.sweep_id, client.socket_path)
     engine = Engine(options, Launched(client, sweep, options), listener, lookup)
@@ -171,16 +202,25 @@ def run_turn(client: Client, sweep: dict[str, Any], options: SweepOptions,
     with on_signals(on_signal):
         outcomes = engine.run(planned)
     first = next((o for o in outcomes if o.state == "failed"), None)
-    return Turn(outcomes, engine.followed, received[0] if received else None,
-                first if options.fail_fast else None)
+    return Turn(
+        outcomes,
+        engine.followed,
+        received[0] if received else None,
+        first if options.fail_fast else None,
+    )
 
 
 class NotRecorded(Exception):
     """The daemon stayed away: the turn's cells ran, its end is not recorded."""
 
 
-def drive(socket: Path | None, sweep: dict[str, Any], options: SweepOptions,
-          planned: list[PlannedCell], listener: Listener) -> tuple[Turn, SweepResult]:
+def drive(
+    socket: Path | None,
+    sweep: dict[str, Any],
+    options: SweepOptions,
+    planned: list[PlannedCell],
+    listener: Listener,
+) -> tuple[Turn, SweepResult]:
     """Run a turn and end it. If the daemon went away meanwhile, the cells ran all the same
     (their events spooled): wait for it to be back and to have every event first."""
     client = Client(socket)
@@ -189,8 +229,13 @@ def drive(socket: Path | None, sweep: dict[str, Any], options: SweepOptions,
         if not client.drain(END_PATIENCE):
             raise DaemonUnavailable(f"runnerd was unreachable for {END_PATIENCE:g} s")
         with daemon_connection(socket) as conn:
-            result = end_turn(conn, options, turn.outcomes, turn.followed,
-                              interrupted=turn.interrupted is not None)
+            result = end_turn(
+                conn,
+                options,
+                turn.outcomes,
+                turn.followed,
+                interrupted=turn.interrupted is not None,
+            )
     except (RunnerdError, DaemonUnavailable) as exc:
         raise NotRecorded(str(exc)) from exc
     return turn, result
@@ -203,8 +248,11 @@ def with_latest(cell: dict[str, Any]) -> PlannedCell:
 
 def failure_text(outcome: CellOutcome) -> str:
     failure = outcome.failure
-    return f"{failure.get('failure_class', '?')}: {failure.get('message', '')}" \
-        if failure else outcome.error or ""
+    return (
+        f"{failure.get('failure_class', '?')}: {failure.get('message', '')}"
+        if failure
+        else outcome.error or ""
+    )
 
 
 def stderr_text(outcome: CellOutcome) -> str:
@@ -215,8 +263,10 @@ def stderr_text(outcome: CellOutcome) -> str:
 def line(outcome: CellOutcome) -> str:
     """One finished cell, as a plain line."""
     note = "" if outcome.state == "succeeded" else f" ({failure_text(outcome)})"
-    return f"cell {outcome.index} {outcome.variation}: {outcome.state}" \
-           f" run {outcome.run_id or '-'}{note}"
+    return (
+        f"cell {outcome.index} {outcome.variation}: {outcome.state}"
+        f" run {outcome.run_id or '-'}{note}"
+    )
 
 
 def progress_line(progress: Progress) -> str:
@@ -224,18 +274,24 @@ def progress_line(progress: Progress) -> str:
     left = progress.total - ended - running
     elapsed = time.monotonic() - progress.started_at
     eta = elapsed / ended * (progress.total - ended) if ended else None
-    return (f"{done} done, {ended - done} failed, {running} running, {left} left,"
-            f" {_clock(elapsed)} elapsed" + (f", ETA {_clock(eta)}" if eta is not None else ""))
+    return (
+        f"{done} done, {ended - done} failed, {running} running, {left} left,"
+        f" {_clock(elapsed)} elapsed" + (f", ETA {_clock(eta)}" if eta is not None else "")
+    )
 
 
 def _clock(seconds: float) -> str:
     minutes, secs = divmod(int(seconds), 60)
-    return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}" if minutes >= 60 \
+    return (
+        f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}"
+        if minutes >= 60
         else f"{minutes}:{secs:02d}"
+    )
 
 
-def on_dask(address: str, sweep: dict[str, Any], options: SweepOptions,
-            planned: list[PlannedCell]) -> SweepResult:
+def on_dask(
+    address: str, sweep: dict[str, Any], options: SweepOptions, planned: list[PlannedCell]
+) -> SweepResult:
     """The cells' commands as tasks of the Dask cluster at `address`, each recorded by the
     worker plugin in its node's daemon. Raises SweepFailed under fail_fast, and
     ImportError without the dask extra."""

@@ -38,14 +38,15 @@ def connect(ctx: click.Context) -> Connection:
     try:
         return Connection(ctx.obj["socket"])
     except DaemonUnavailable as exc:
-        fail(f"{exc.message}\n(is the daemon running? start it with `runnerd`)",
-             EXIT_UNREACHABLE)
+        fail(f"{exc.message}\n(is the daemon running? start it with `runnerd`)", EXIT_UNREACHABLE)
 
 
 def counts_text(summary: dict[str, int]) -> str:
     """A cells summary as `3 succeeded, 1 failed of 4`."""
-    return ", ".join(f"{n} {state}" for state, n in summary.items()
-                     if n and state != "total") + f" of {summary['total']}"
+    return (
+        ", ".join(f"{n} {state}" for state, n in summary.items() if n and state != "total")
+        + f" of {summary['total']}"
+    )
 
 
 def stored_sweep(conn: Connection, ref: str) -> dict[str, Any]:
@@ -63,8 +64,13 @@ def take_over(conn: Connection, sweep_id: str) -> None:
         refused(exc, f"{exc.code}: ")
 
 
-def resume_sweep(ctx: click.Context, stored: dict[str, Any], jobs: int | None,
-                 policy: str | None, dask: str | None = None) -> int:
+def resume_sweep(
+    ctx: click.Context,
+    stored: dict[str, Any],
+    jobs: int | None,
+    policy: str | None,
+    dask: str | None = None,
+) -> int:
     """Take the sweep over and run its unfinished cells; the exit status."""
     from runnerd_client.sweep import unfinished
 
@@ -76,21 +82,28 @@ def resume_sweep(ctx: click.Context, stored: dict[str, Any], jobs: int | None,
     return run_cells(ctx, stored, options, planned, dask)
 
 
-def run_cells(ctx: click.Context, stored: dict[str, Any], options: SweepOptions,
-              planned: list[PlannedCell], dask: str | None) -> int:
-    return on_dask(dask, stored, options, planned) if dask else \
-        drive(ctx, stored, options, planned)
+def run_cells(
+    ctx: click.Context,
+    stored: dict[str, Any],
+    options: SweepOptions,
+    planned: list[PlannedCell],
+    dask: str | None,
+) -> int:
+    return on_dask(dask, stored, options, planned) if dask else drive(ctx, stored, options, planned)
 
 
-def on_dask(address: str, stored: dict[str, Any], options: SweepOptions,
-            planned: list[PlannedCell]) -> int:
+def on_dask(
+    address: str, stored: dict[str, Any], options: SweepOptions, planned: list[PlannedCell]
+) -> int:
     """Run the cells' commands on the Dask cluster at `address`; the exit status."""
     from runnerd.cli import sweep_driver as driver
     from runnerd_client.dask_commands import CommandFailed
     from runnerd_client.sweep_model import SweepFailed
 
-    say(f"sweep {stored['sweep_id']}: {len(planned)} cell(s) of"
-        f" {shown(stored['experiment'])} on the Dask cluster at {address}")
+    say(
+        f"sweep {stored['sweep_id']}: {len(planned)} cell(s) of"
+        f" {shown(stored['experiment'])} on the Dask cluster at {address}"
+    )
     try:
         result = driver.on_dask(address, stored, options, planned)
     except ImportError:
@@ -105,11 +118,14 @@ def on_dask(address: str, stored: dict[str, Any], options: SweepOptions,
             say(f"fail_fast: {exc}", err=True)
         return 1
     for outcome in result.outcomes:
-        say(f"cell {outcome.index} {shown(outcome.variation)}: {outcome.state}"
-            f" run {outcome.run_id or '-'}" + (f" ({outcome.error})"
-                                               if outcome.error else ""))
-    say(f"sweep {result.sweep_id} {result.status}: {counts_text(result.summary)};"
-        f" manifest {result.manifest}")
+        say(
+            f"cell {outcome.index} {shown(outcome.variation)}: {outcome.state}"
+            f" run {outcome.run_id or '-'}" + (f" ({outcome.error})" if outcome.error else "")
+        )
+    say(
+        f"sweep {result.sweep_id} {result.status}: {counts_text(result.summary)};"
+        f" manifest {result.manifest}"
+    )
     return 0 if all(o.state in ("succeeded", "taken") for o in result.outcomes) else 1
 
 
@@ -136,29 +152,35 @@ def with_progress(intro: str, total: int, run: Callable[[Listener], T]) -> T:
     try:
         return run(driver.Progress(total, tell, draw))
     except driver.NotRecorded as exc:
-        fail(f"the sweep's end was not recorded: {exc}\n(its cells' events are spooled;"
-             " `runnerctl sweep resume` once runnerd is back)", EXIT_ERROR)
+        fail(
+            f"the sweep's end was not recorded: {exc}\n(its cells' events are spooled;"
+            " `runnerctl sweep resume` once runnerd is back)",
+            EXIT_ERROR,
+        )
     finally:
         if tty:
             click.echo("\r\033[K", nl=False, err=True)
 
 
-def drive(ctx: click.Context, stored: dict[str, Any], options: SweepOptions,
-          planned: list[PlannedCell]) -> int:
+def drive(
+    ctx: click.Context, stored: dict[str, Any], options: SweepOptions, planned: list[PlannedCell]
+) -> int:
     """Run the planned cells, end the turn, print the summary; the exit status."""
     from runnerd.cli import sweep_driver as driver
 
     turn, result = with_progress(
         f"sweep {stored['sweep_id']}: {len(planned)} cell(s) of"
         f" {shown(stored['experiment'])}, {options.jobs} at once, {options.policy}",
-        len(planned), lambda listener: driver.drive(ctx.obj["socket"], stored, options,
-                                                    planned, listener))
+        len(planned),
+        lambda listener: driver.drive(ctx.obj["socket"], stored, options, planned, listener),
+    )
     print_summary(turn, result)
     return exit_status(turn)
 
 
-def replicate(ctx: click.Context, stored: dict[str, Any], recorded: dict[int, Any],
-              jobs: int | None) -> int:
+def replicate(
+    ctx: click.Context, stored: dict[str, Any], recorded: dict[int, Any], jobs: int | None
+) -> int:
     """Replicate the recorded cells, print each verdict; exit 1 on any difference."""
     from runnerd.cli import replicate
 
@@ -168,13 +190,32 @@ def replicate(ctx: click.Context, stored: dict[str, Any], recorded: dict[int, An
         except OSError as exc:
             fail(f"the replication's report was not written: {exc}", EXIT_ERROR)
 
-    done = with_progress(f"sweep {stored['sweep_id']}: {len(recorded)} cell(s) of"
-                         f" {shown(stored['experiment'])} replicated", len(recorded), run)
-    say(table(("CELL", "VARIATION", "RECORDED", "NOW", "SAME", "RUN"), [
-        (v.index, v.variation, v.recorded.text(), v.now.text(), "yes" if v.same else "NO",
-         v.now.run_id or "-") for v in done.verdicts]))
-    say(f"{len(done.verdicts) - done.differ} of {len(done.verdicts)} cell(s) ended as"
-        f" recorded; replication {done.replication_id}, report {done.report}")
+    done = with_progress(
+        f"sweep {stored['sweep_id']}: {len(recorded)} cell(s) of"
+        f" {shown(stored['experiment'])} replicated",
+        len(recorded),
+        run,
+    )
+    say(
+        table(
+            ("CELL", "VARIATION", "RECORDED", "NOW", "SAME", "RUN"),
+            [
+                (
+                    v.index,
+                    v.variation,
+                    v.recorded.text(),
+                    v.now.text(),
+                    "yes" if v.same else "NO",
+                    v.now.run_id or "-",
+                )
+                for v in done.verdicts
+            ],
+        )
+    )
+    say(
+        f"{len(done.verdicts) - done.differ} of {len(done.verdicts)} cell(s) ended as"
+        f" recorded; replication {done.replication_id}, report {done.report}"
+    )
     return 1 if done.differ else 128 + signal.SIGINT if done.interrupted else 0
 
 
@@ -191,16 +232,30 @@ def print_summary(turn: Turn, result: SweepResult) -> None:
     from runnerd.cli.sweep_driver import failure_text
 
     outcomes = result.outcomes
-    listed = outcomes if len(outcomes) <= 50 else [o for o in outcomes
-                                                   if o.state != "succeeded"]
+    listed = outcomes if len(outcomes) <= 50 else [o for o in outcomes if o.state != "succeeded"]
     if listed:
-        say(table(("CELL", "VARIATION", "STATE", "ATTEMPTS", "RUN", "FAILURE"), [
-            (o.index, o.variation, o.state, o.attempts, o.run_id or "-",
-             "" if o.state == "succeeded" else failure_text(o)) for o in listed]))
+        say(
+            table(
+                ("CELL", "VARIATION", "STATE", "ATTEMPTS", "RUN", "FAILURE"),
+                [
+                    (
+                        o.index,
+                        o.variation,
+                        o.state,
+                        o.attempts,
+                        o.run_id or "-",
+                        "" if o.state == "succeeded" else failure_text(o),
+                    )
+                    for o in listed
+                ],
+            )
+        )
     if len(listed) < len(outcomes):
         say(f"({len(outcomes) - len(listed)} more cell(s) succeeded)")
-    say(f"sweep {result.sweep_id} {result.status}: {counts_text(result.summary)};"
-        f" manifest {result.manifest}")
+    say(
+        f"sweep {result.sweep_id} {result.status}: {counts_text(result.summary)};"
+        f" manifest {result.manifest}"
+    )
     if turn.first_failure is not None:
         print_first_failure(turn.first_failure)
 
@@ -208,8 +263,11 @@ def print_summary(turn: Turn, result: SweepResult) -> None:
 def print_first_failure(outcome: CellOutcome) -> None:
     from runnerd.cli.sweep_driver import failure_text, stderr_text
 
-    say(f"\nfail_fast: stopped at cell {outcome.index}"
-        f" ({json.dumps(outcome.params)}): {failure_text(outcome)}", err=True)
+    say(
+        f"\nfail_fast: stopped at cell {outcome.index}"
+        f" ({json.dumps(outcome.params)}): {failure_text(outcome)}",
+        err=True,
+    )
     text = stderr_text(outcome).rstrip()
     if text:
         say(text, err=True)

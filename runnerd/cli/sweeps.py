@@ -55,13 +55,22 @@ from runnerd_client.protocol import (
 from runnerd_client.sweep_model import PlannedCell, SweepOptions
 
 POLICIES = choice(SweepPolicy)
-MANIFEST_KEYS = ("sweep_id", "experiment", "failure_policy", "spec", "created_at", "ended_at",
-                 "status")
+MANIFEST_KEYS = (
+    "sweep_id",
+    "experiment",
+    "failure_policy",
+    "spec",
+    "created_at",
+    "ended_at",
+    "status",
+)
 
 
 dask_option = click.option(
-    "--dask", metavar="ADDRESS",
-    help="Run the cells on the Dask cluster whose scheduler is at ADDRESS.")
+    "--dask",
+    metavar="ADDRESS",
+    help="Run the cells on the Dask cluster whose scheduler is at ADDRESS.",
+)
 
 
 @cli.group()
@@ -79,8 +88,7 @@ def cells_spec(grid: tuple[str, ...], grid_file: str | None) -> dict[str, Any]:
         if not sep or not key or not values:
             raise click.BadParameter(f"{item!r} is not K=V1,V2,...", param_hint="--grid")
         if "cells" in spec:
-            raise click.BadParameter("a list of cells and --grid do not mix",
-                                     param_hint="--grid")
+            raise click.BadParameter("a list of cells and --grid do not mix", param_hint="--grid")
         try:
             spec.setdefault("grid", {})[key] = grid_values(key, values)
         except SpecError as exc:
@@ -92,8 +100,11 @@ def _read_grid_file(path: Path) -> dict[str, Any]:
     """A file of cells (a list, or {"cells": [...]}) or of a grid ({"grid": {...}} or a map
     of value lists), as JSON or, by its suffix, TOML."""
     try:
-        data = tomllib.loads(path.read_text()) if path.suffix == ".toml" else \
-            json.loads(path.read_text())
+        data = (
+            tomllib.loads(path.read_text())
+            if path.suffix == ".toml"
+            else json.loads(path.read_text())
+        )
     except (OSError, ValueError) as exc:
         raise click.BadParameter(f"{path}: {exc}", param_hint="--grid-file") from None
     if isinstance(data, list):
@@ -111,44 +122,87 @@ def _checked(spec: dict[str, Any]) -> list[dict[str, Any]]:
         raise click.UsageError(str(exc)) from None
     missing = placeholders(spec["command"]) - set().union(*(c.keys() for c in cells))
     if missing:
-        raise click.UsageError(f"the command uses {', '.join(sorted(missing))},"
-                               " which no cell has")
+        raise click.UsageError(f"the command uses {', '.join(sorted(missing))}, which no cell has")
     return cells
 
 
 @sweep.command("run", context_settings={"ignore_unknown_options": True})
 @click.option("--experiment", required=True, help="The experiment every cell belongs to.")
-@click.option("--grid", multiple=True, metavar="K=V1,V2,...",
-              help="A parameter and its values (V1,V2,... or a JSON list); several make a"
-                   " Cartesian product.")
-@click.option("--grid-file", type=click.Path(exists=True, dir_okay=False),
-              help="JSON or TOML: a list of cells, or a map of value lists.")
-@click.option("--jobs", type=click.IntRange(1, 256), default=1, show_default=True,
-              help="Cells running at once.")
-@click.option("--failure-policy", type=POLICIES, default=SweepPolicy.FAIL_FAST.value,
-              show_default=True)
+@click.option(
+    "--grid",
+    multiple=True,
+    metavar="K=V1,V2,...",
+    help="A parameter and its values (V1,V2,... or a JSON list); several make a Cartesian product.",
+)
+@click.option(
+    "--grid-file",
+    type=click.Path(exists=True, dir_okay=False),
+    help="JSON or TOML: a list of cells, or a map of value lists.",
+)
+@click.option(
+    "--jobs",
+    type=click.IntRange(1, 256),
+    default=1,
+    show_default=True,
+    help="Cells running at once.",
+)
+@click.option(
+    "--failure-policy", type=POLICIES, default=SweepPolicy.FAIL_FAST.value, show_default=True
+)
 @retry_options
 @click.option("--timeout", type=parse_timeout, help="Per cell: TERM, then KILL, after this.")
 @click.option("--memory", type=parse_size, help="Per cell: a memory cgroup limited to this.")
-@click.option("--folder", type=click.Path(file_okay=False, resolve_path=True),
-              help="Where manifest.json goes (default: the data dir's sweeps/<id>/).")
+@click.option(
+    "--folder",
+    type=click.Path(file_okay=False, resolve_path=True),
+    help="Where manifest.json goes (default: the data dir's sweeps/<id>/).",
+)
 @dask_option
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 @click.pass_context
-def sweep_run(ctx: click.Context, experiment: str, grid: tuple[str, ...],
-              grid_file: str | None, jobs: int, failure_policy: str, retries: int,
-              backoff: float, retry_on: str, timeout: float | None, memory: int | None,
-              folder: str | None, dask: str | None, command: tuple[str, ...]) -> None:
+def sweep_run(
+    ctx: click.Context,
+    experiment: str,
+    grid: tuple[str, ...],
+    grid_file: str | None,
+    jobs: int,
+    failure_policy: str,
+    retries: int,
+    backoff: float,
+    retry_on: str,
+    timeout: float | None,
+    memory: int | None,
+    folder: str | None,
+    dask: str | None,
+    command: tuple[str, ...],
+) -> None:
     """Run COMMAND once per cell, `{name}` standing for the cell's value of name."""
-    spec = {"kind": "command", "command": list(command), "cwd": os.getcwd(),
-            **cells_spec(grid, grid_file), "jobs": jobs, "retries": retries,
-            "backoff": backoff, "retry_on": retry_on, "timeout": timeout, "memory": memory}
+    spec = {
+        "kind": "command",
+        "command": list(command),
+        "cwd": os.getcwd(),
+        **cells_spec(grid, grid_file),
+        "jobs": jobs,
+        "retries": retries,
+        "backoff": backoff,
+        "retry_on": retry_on,
+        "timeout": timeout,
+        "memory": memory,
+    }
     cells = _checked(spec)
     sweep_id = new_run_id()
     conn = connect(ctx)
     try:
-        conn.call(SweepCreate(key=new_key(), sweep_id=sweep_id, experiment=experiment,
-                              spec=spec, failure_policy=failure_policy, folder=folder))
+        conn.call(
+            SweepCreate(
+                key=new_key(),
+                sweep_id=sweep_id,
+                experiment=experiment,
+                spec=spec,
+                failure_policy=failure_policy,
+                folder=folder,
+            )
+        )
         stored = conn.call(SweepGet(sweep=sweep_id))["sweep"]
     except RunnerdError as exc:
         refused(exc, f"{exc.code}: ")
@@ -159,25 +213,38 @@ def sweep_run(ctx: click.Context, experiment: str, grid: tuple[str, ...],
 
 @sweep.command("resume", context_settings={"ignore_unknown_options": True})
 @click.argument("sweep_ref", metavar="SWEEP")
-@click.option("--grid", multiple=True, metavar="K=V1,V2,...",
-              help="Given again, it must equal the stored grid.")
+@click.option(
+    "--grid",
+    multiple=True,
+    metavar="K=V1,V2,...",
+    help="Given again, it must equal the stored grid.",
+)
 @click.option("--grid-file", type=click.Path(exists=True, dir_okay=False))
 @click.option("--jobs", type=click.IntRange(1, 256), help="Default: as stored.")
 @click.option("--failure-policy", type=POLICIES, help="Default: as stored.")
 @dask_option
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 @click.pass_context
-def sweep_resume(ctx: click.Context, sweep_ref: str, grid: tuple[str, ...],
-                 grid_file: str | None, jobs: int | None, failure_policy: str | None,
-                 dask: str | None, command: tuple[str, ...]) -> None:
+def sweep_resume(
+    ctx: click.Context,
+    sweep_ref: str,
+    grid: tuple[str, ...],
+    grid_file: str | None,
+    jobs: int | None,
+    failure_policy: str | None,
+    dask: str | None,
+    command: tuple[str, ...],
+) -> None:
     """Run the cells whose latest attempt did not succeed, each from its last checkpoint."""
     conn = connect(ctx)
     stored = stored_sweep(conn, sweep_ref)
     given = {"command": list(command) or None, **cells_spec(grid, grid_file)}
     changed = differences(stored["spec"], given)
     if changed:
-        fail("refused: this is not the stored sweep; nothing was run.\n" + "\n".join(changed),
-             EXIT_USAGE)
+        fail(
+            "refused: this is not the stored sweep; nothing was run.\n" + "\n".join(changed),
+            EXIT_USAGE,
+        )
     conn.close()
     sys.exit(resume_sweep(ctx, stored, jobs, failure_policy, dask))
 
@@ -187,8 +254,9 @@ def sweep_resume(ctx: click.Context, sweep_ref: str, grid: tuple[str, ...],
 @click.option("--failed-only", is_flag=True, help="Only the cells that failed.")
 @click.option("--jobs", type=click.IntRange(1, 256), help="Default: as stored.")
 @click.pass_context
-def sweep_replicate(ctx: click.Context, sweep_ref: str, failed_only: bool,
-                    jobs: int | None) -> None:
+def sweep_replicate(
+    ctx: click.Context, sweep_ref: str, failed_only: bool, jobs: int | None
+) -> None:
     """Run cells again and check each ends as recorded: succeeded again, or failed with the
     same failure class and signature. The replication is a record of its own (a report
     beside the manifest); the sweep's outcomes stay as they were. Exit 1 on any difference."""
@@ -217,13 +285,39 @@ def sweep_list(ctx: click.Context, limit: int, as_json: bool) -> None:
     if not sweeps:
         say("no sweeps")
         return
-    say(table(("SWEEP", "EXPERIMENT", "STATUS", "POLICY", "CELLS", "OK", "FAILED",
-               "ABANDONED", "SKIPPED", "RUNNING", "CREATED"), [
-        (s["sweep_id"], s["experiment"], s["status"], s["failure_policy"],
-         s["cells_summary"]["total"], s["cells_summary"]["succeeded"],
-         s["cells_summary"]["failed"], s["cells_summary"]["abandoned"],
-         s["cells_summary"]["skipped"], s["cells_summary"]["running"],
-         local_time(s["created_at"])) for s in sweeps]))
+    say(
+        table(
+            (
+                "SWEEP",
+                "EXPERIMENT",
+                "STATUS",
+                "POLICY",
+                "CELLS",
+                "OK",
+                "FAILED",
+                "ABANDONED",
+                "SKIPPED",
+                "RUNNING",
+                "CREATED",
+            ),
+            [
+                (
+                    s["sweep_id"],
+                    s["experiment"],
+                    s["status"],
+                    s["failure_policy"],
+                    s["cells_summary"]["total"],
+                    s["cells_summary"]["succeeded"],
+                    s["cells_summary"]["failed"],
+                    s["cells_summary"]["abandoned"],
+                    s["cells_summary"]["skipped"],
+                    s["cells_summary"]["running"],
+                    local_time(s["created_at"]),
+                )
+                for s in sweeps
+            ],
+        )
+    )
 
 
 @sweep.command("show")
@@ -238,24 +332,49 @@ def sweep_show(ctx: click.Context, sweep_ref: str, as_json: bool) -> None:
     stored = stored_sweep(conn, sweep_ref)
     all_cells = list(cells(conn, stored["sweep_id"]))
     if as_json:
-        emit_json({**{k: stored[k] for k in MANIFEST_KEYS}, "cells": all_cells,
-                   "cells_summary": stored["cells_summary"]})
+        emit_json(
+            {
+                **{k: stored[k] for k in MANIFEST_KEYS},
+                "cells": all_cells,
+                "cells_summary": stored["cells_summary"],
+            }
+        )
         return
     counts = stored["cells_summary"]
     spec = stored["spec"]
     what = " ".join(spec["command"]) if "command" in spec else spec.get("function", "?")
-    say(f"sweep {stored['sweep_id']} of {shown(stored['experiment'])}: {stored['status']},"
+    say(
+        f"sweep {stored['sweep_id']} of {shown(stored['experiment'])}: {stored['status']},"
         f" {stored['failure_policy']}\nruns     {what}"
-        f"\nmanifest {stored['manifest']}\ncells    {counts_text(counts)}")
-    say(table(("CELL", "VARIATION", "STATE", "ATTEMPTS", "RUN", "FAILURE"), [
-        (c["index"], c["variation"], c["state"], c["attempts"], c["run_id"] or "-",
-         f"{c['failure']['failure_class']}: {c['failure']['message']}" if c["failure"]
-         else "") for c in all_cells]))
+        f"\nmanifest {stored['manifest']}\ncells    {counts_text(counts)}"
+    )
+    say(
+        table(
+            ("CELL", "VARIATION", "STATE", "ATTEMPTS", "RUN", "FAILURE"),
+            [
+                (
+                    c["index"],
+                    c["variation"],
+                    c["state"],
+                    c["attempts"],
+                    c["run_id"] or "-",
+                    f"{c['failure']['failure_class']}: {c['failure']['message']}"
+                    if c["failure"]
+                    else "",
+                )
+                for c in all_cells
+            ],
+        )
+    )
 
 
 @cli.command("resume")
-@click.option("--interrupted", is_flag=True, required=True,
-              help="Relaunch the runs (and sweeps) a crash of runnerd or the machine cut short.")
+@click.option(
+    "--interrupted",
+    is_flag=True,
+    required=True,
+    help="Relaunch the runs (and sweeps) a crash of runnerd or the machine cut short.",
+)
 @click.option("--dry-run", is_flag=True, help="Only say what would be relaunched.")
 @click.option("--json", "as_json", is_flag=True, help="With --dry-run: the plan as JSON.")
 @click.pass_context
@@ -271,15 +390,24 @@ def resume(ctx: click.Context, interrupted: bool, dry_run: bool, as_json: bool) 
     launched = [r for r in runs if not r["sweep_id"] and r["launch"]]
     others = [r for r in runs if not r["sweep_id"] and not r["launch"]]
     if as_json:
-        emit_json({"runs": [r["run_id"] for r in launched], "sweeps": sweeps,
-                   "not_launched": [r["run_id"] for r in others]})
+        emit_json(
+            {
+                "runs": [r["run_id"] for r in launched],
+                "sweeps": sweeps,
+                "not_launched": [r["run_id"] for r in others],
+            }
+        )
         return
     for r in others:
-        say(f"{r['run_id']} {shown(r['experiment'])}/{shown(r['variation'])}: interrupted, but not"
-            " launched by runnerctl; rerun it yourself (with resume=True)")
+        say(
+            f"{r['run_id']} {shown(r['experiment'])}/{shown(r['variation'])}: interrupted, but not"
+            " launched by runnerctl; rerun it yourself (with resume=True)"
+        )
     for r in launched:
-        say(f"{r['run_id']} {shown(r['experiment'])}/{shown(r['variation'])}: relaunch"
-            f" {' '.join(r['launch']['command'])}")
+        say(
+            f"{r['run_id']} {shown(r['experiment'])}/{shown(r['variation'])}: relaunch"
+            f" {' '.join(r['launch']['command'])}"
+        )
     for sweep_id in sweeps:
         say(f"sweep {sweep_id}: resume its unfinished cells")
     if dry_run:

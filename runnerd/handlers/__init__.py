@@ -78,8 +78,7 @@ from runnerd_client.protocol import (
     Watch,
 )
 
-__all__ = ["HANDLERS", "READS", "TASKS", "Context", "Handler", "Peer", "Reply",
-           "hash_and_record"]
+__all__ = ["HANDLERS", "READS", "TASKS", "Context", "Handler", "Peer", "Reply", "hash_and_record"]
 
 Handler = Callable[[Context, Peer, Any], Awaitable[Reply]]
 HANDLERS: dict[type[Request], Handler] = {
@@ -112,6 +111,8 @@ HANDLERS: dict[type[Request], Handler] = {
 }
 READS = frozenset({Get, ListRuns, Status, Failures, Export, SweepGet, SweepCells, SweepList})
 """Requests that only read the registry: they take turns on its reading thread."""
-TASKS = frozenset(cls for cls, handler in HANDLERS.items()
-                  if inspect.iscoroutinefunction(handler)) - READS
+TASKS = (
+    frozenset(cls for cls, handler in HANDLERS.items() if inspect.iscoroutinefunction(handler))
+    - READS
+)
 """The other requests whose handlers run as tasks (they await more than the writer)."""

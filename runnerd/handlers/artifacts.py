@@ -40,8 +40,7 @@ def file_digest(path: str, timeout: float = ARTIFACT_TIMEOUT) -> tuple[int, str]
         info = os.stat(real)
         _require_regular(path, info)
         # O_NONBLOCK: a FIFO swapped in since the stat must not wait for a writer.
-        fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY
-                     | os.O_CLOEXEC)
+        fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
         with open(fd, "rb", buffering=0) as fh:
             opened = os.fstat(fd)
             if (opened.st_dev, opened.st_ino) != (info.st_dev, info.st_ino):
@@ -53,14 +52,20 @@ def file_digest(path: str, timeout: float = ARTIFACT_TIMEOUT) -> tuple[int, str]
     except OSError as exc:
         raise bad(f"artifact {path} cannot be read: {exc.strerror}") from None
     if (after.st_size, after.st_mtime_ns) != (opened.st_size, opened.st_mtime_ns):
-        raise bad(f"artifact {path} changed while it was hashed ({opened.st_size} bytes, then "
-                   f"{after.st_size}): register it once it is complete")
+        raise bad(
+            f"artifact {path} changed while it was hashed ({opened.st_size} bytes, then "
+            f"{after.st_size}): register it once it is complete"
+        )
     return opened.st_size, digest
 
 
-FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"),
-              (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a FIFO"),
-              (stat.S_ISSOCK, "a socket"))
+FILE_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISSOCK, "a socket"),
+)
 
 
 def _require_regular(path: str, info: os.stat_result) -> None:
@@ -77,16 +82,20 @@ def _sha256(fh: io.FileIO, size: int, path: str, timeout: float) -> str:
     buffer = memoryview(bytearray(HASH_CHUNK))
     left = size
     while left > 0:
-        n = fh.readinto(buffer[:min(HASH_CHUNK, left)])
+        n = fh.readinto(buffer[: min(HASH_CHUNK, left)])
         if not n:
             break  # it shrank: the size check afterwards says so
         digest.update(buffer[:n])
         left -= n
         if time.monotonic() > deadline:
-            raise RunnerdError(ErrorCode.TOO_LARGE, (
-                f"artifact {path} could not be hashed within {timeout:g} s (artifact_timeout): "
-                f"{size - left} of {size} bytes read. Register a smaller file, or raise "
-                "artifact_timeout in config.toml"))
+            raise RunnerdError(
+                ErrorCode.TOO_LARGE,
+                (
+                    f"artifact {path} could not be hashed within {timeout:g} s (artifact_timeout): "
+                    f"{size - left} of {size} bytes read. Register a smaller file, or raise "
+                    "artifact_timeout in config.toml"
+                ),
+            )
     return digest.hexdigest()
 
 
@@ -97,7 +106,8 @@ async def handle_artifact(ctx: Context, peer: Peer, req: Artifact) -> Reply:
 async def hash_and_record(ctx: Context, req: Artifact) -> Reply:
     """Hash the file on the hashing threads (bounded, timed out), then record it."""
     digest = await asyncio.get_running_loop().run_in_executor(
-        _hashing, file_digest, req.path, ctx.config.artifact_timeout)
+        _hashing, file_digest, req.path, ctx.config.artifact_timeout
+    )
     return await record_artifact(ctx, req, digest)
 
 
@@ -114,15 +124,15 @@ def record_artifact(ctx: Context, req: Artifact, digest: tuple[int, str]) -> Awa
     return mutate(ctx, req, apply)
 
 
-
 def handle_checkpoint(ctx: Context, peer: Peer, req: Checkpoint) -> Awaitable[Reply]:
     data = as_json(req.data, "data")
 
     def apply(store: Store, at: float) -> Reply:
         row = store.runs.require(req.run_id)
         if row.state.terminal:
-            raise RunnerdError(ErrorCode.INVALID_TRANSITION,
-                               f"cannot checkpoint a run that is {row.state}")
+            raise RunnerdError(
+                ErrorCode.INVALID_TRANSITION, f"cannot checkpoint a run that is {row.state}"
+            )
         return {"seq": store.attachments.add_checkpoint(req.run_id, data, req.path, at)}
 
     return mutate(ctx, req, apply)

@@ -23,8 +23,13 @@ def followed(store: Store, req: Create, at: float) -> RunRow | None:
     if req.replicates:
         cell_of(store, req)  # linked to the cell, it claims and resumes nothing
         return None
-    previous = claim_cell(store, req, at) if req.sweep_id is not None else \
-        resumable(store, req, at) if req.resume else None
+    previous = (
+        claim_cell(store, req, at)
+        if req.sweep_id is not None
+        else resumable(store, req, at)
+        if req.resume
+        else None
+    )
     if not req.resume or previous is None or previous.state == State.SUCCEEDED:
         return None
     same_params(previous, req.params or {})
@@ -39,13 +44,17 @@ def claim_cell(store: Store, req: Create, at: float) -> RunRow | None:
     latest = cell_of(store, req)
     row = store.runs.get(latest) if latest else None
     if latest != req.claim_after and not same_task(row, req):
-        raise RunnerdError(ErrorCode.CONFLICT, f"cell {req.cell} of sweep {req.sweep_id}"
-                           f" was claimed meanwhile by run {latest}")
+        raise RunnerdError(
+            ErrorCode.CONFLICT,
+            f"cell {req.cell} of sweep {req.sweep_id} was claimed meanwhile by run {latest}",
+        )
     if row is not None:
         take_over(store, row, at, f"cell {req.cell} of sweep {req.sweep_id}")
         if row.state == State.SUCCEEDED:
-            raise RunnerdError(ErrorCode.CONFLICT, f"cell {req.cell} of sweep"
-                               f" {req.sweep_id} succeeded meanwhile (run {latest})")
+            raise RunnerdError(
+                ErrorCode.CONFLICT,
+                f"cell {req.cell} of sweep {req.sweep_id} succeeded meanwhile (run {latest})",
+            )
     return row
 
 
@@ -56,15 +65,15 @@ def cell_of(store: Store, req: Create) -> str | None:
     sweep = store.sweeps.require(req.sweep_id)
     cell = store.sweeps.cell(req.sweep_id, req.cell)
     if (sweep.experiment, cell.variation) != (req.experiment, req.variation):
-        raise bad(f"cell {req.cell} of sweep {req.sweep_id} is"
-                  f" {sweep.experiment}/{cell.variation}")
+        raise bad(f"cell {req.cell} of sweep {req.sweep_id} is {sweep.experiment}/{cell.variation}")
     return cell.latest_run_id
 
 
 def same_task(latest: RunRow | None, req: Create) -> bool:
     """Whether this attempt runs the very task the latest one ran (the same claim token)."""
-    return latest is not None and req.claim_token is not None and \
-        latest.claim_token == req.claim_token
+    return (
+        latest is not None and req.claim_token is not None and latest.claim_token == req.claim_token
+    )
 
 
 def resumable(store: Store, req: Create, at: float) -> RunRow | None:
@@ -78,11 +87,14 @@ def resumable(store: Store, req: Create, at: float) -> RunRow | None:
 def take_over(store: Store, row: RunRow, at: float, what: str) -> None:
     """A new attempt may not start beside a live one; a lost one is given up for it."""
     if row.state in (State.PENDING, State.RUNNING):
-        raise RunnerdError(ErrorCode.CONFLICT, f"{what} is held by live attempt"
-                           f" {row.attempt} (run {row.run_id}, {row.state})")
+        raise RunnerdError(
+            ErrorCode.CONFLICT,
+            f"{what} is held by live attempt {row.attempt} (run {row.run_id}, {row.state})",
+        )
     if row.state == State.LOST:
-        record = failure_record("Superseded", "a new attempt took over this lost run",
-                                FailReason.ABANDONED, at)
+        record = failure_record(
+            "Superseded", "a new attempt took over this lost run", FailReason.ABANDONED, at
+        )
         end_with_failure(store, row, Event.CANCEL, record, "superseded")
 
 
@@ -90,5 +102,7 @@ def same_params(previous: RunRow, params: dict[str, Any]) -> None:
     """A resume runs what the attempt it resumes ran: changed params are a conflict."""
     changed = changed_keys(previous.params(), params)
     if changed:
-        raise RunnerdError(ErrorCode.CONFLICT, f"cannot resume run {previous.run_id}:"
-                           f" params changed: {', '.join(changed)}")
+        raise RunnerdError(
+            ErrorCode.CONFLICT,
+            f"cannot resume run {previous.run_id}: params changed: {', '.join(changed)}",
+        )

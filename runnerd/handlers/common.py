@@ -62,8 +62,9 @@ def _payload_digest(req: Mutation | SweepMutation) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def mutate(ctx: Context, req: Mutation | SweepMutation,
-           apply: Callable[[Store, float], Reply]) -> Awaitable[Reply]:
+def mutate(
+    ctx: Context, req: Mutation | SweepMutation, apply: Callable[[Store, float], Reply]
+) -> Awaitable[Reply]:
     """Queue an idempotent mutation: a replayed key answers the first reply, changes nothing;
     the same key with other fields is a `conflict`."""
     at = event_time(req.at)

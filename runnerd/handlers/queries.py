@@ -39,8 +39,13 @@ async def handle_list(ctx: Context, peer: Peer, req: ListRuns) -> Reply:
         if req.interrupted:
             return store.views.interrupted_runs(req.limit)
         sweep_id = store.sweeps.resolve(req.sweep) if req.sweep is not None else None
-        return store.views.list_runs(state=req.state, experiment=req.experiment,
-                                     since=req.since, limit=req.limit, sweep_id=sweep_id)
+        return store.views.list_runs(
+            state=req.state,
+            experiment=req.experiment,
+            since=req.since,
+            limit=req.limit,
+            sweep_id=sweep_id,
+        )
 
     return {"runs": await ctx.registry.read(read)}
 
@@ -49,14 +54,23 @@ async def handle_status(ctx: Context, peer: Peer, req: Status) -> Reply:
     limit = max(1, min(req.limit, 100))
 
     def read(store: Store) -> tuple[dict[str, int], list[RunInfo], list[ListedFailure]]:
-        return (store.views.counts(), store.views.active_runs(limit),
-                store.failures.listing(limit=limit))
+        return (
+            store.views.counts(),
+            store.views.active_runs(limit),
+            store.failures.listing(limit=limit),
+        )
 
     counts, active, failures = await ctx.registry.read(read)
     daemon = DaemonInfo(
-        version=__version__, protocol=PROTOCOL_VERSION, pid=os.getpid(),
-        uptime_sec=round(time.time() - ctx.started_at, 3), socket=str(ctx.config.socket),
-        db=str(ctx.config.db), db_bytes=_db_size(ctx.config.db), clients=ctx.connections)
+        version=__version__,
+        protocol=PROTOCOL_VERSION,
+        pid=os.getpid(),
+        uptime_sec=round(time.time() - ctx.started_at, 3),
+        socket=str(ctx.config.socket),
+        db=str(ctx.config.db),
+        db_bytes=_db_size(ctx.config.db),
+        clients=ctx.connections,
+    )
     body = fields_of(StatusInfo(counts, active, failures, daemon))
     if ctx.mirror is not None:
         body["mirror"] = ctx.mirror.status()
@@ -67,20 +81,33 @@ def _db_size(db: Path) -> int:
     return sum(p.stat().st_size for p in (db, Path(f"{db}-wal")) if p.exists())
 
 
-GROUP_KEYS = {GroupBy.CLASS: "failure_class", GroupBy.SIGNATURE: "signature",
-              GroupBy.CATEGORY: "category"}
+GROUP_KEYS = {
+    GroupBy.CLASS: "failure_class",
+    GroupBy.SIGNATURE: "signature",
+    GroupBy.CATEGORY: "category",
+}
 
 
 async def handle_failures(ctx: Context, peer: Peer, req: Failures) -> Reply:
     if req.group_by is None:
+
         def read(store: Store) -> Reply:
             run_id = store.runs.resolve(req.run) if req.run else None
-            return {"failures": store.failures.listing(
-                since=req.since, experiment=req.experiment, run_id=run_id, limit=req.limit)}
+            return {
+                "failures": store.failures.listing(
+                    since=req.since, experiment=req.experiment, run_id=run_id, limit=req.limit
+                )
+            }
+
         return await ctx.registry.read(read)
     key = GROUP_KEYS[GroupBy(req.group_by)]
-    return {"groups": await ctx.registry.read(lambda s: s.failures.groups(
-        key, since=req.since, experiment=req.experiment, limit=req.limit))}
+    return {
+        "groups": await ctx.registry.read(
+            lambda s: s.failures.groups(
+                key, since=req.since, experiment=req.experiment, limit=req.limit
+            )
+        )
+    }
 
 
 async def handle_export(ctx: Context, peer: Peer, req: Export) -> Reply:
@@ -90,8 +117,9 @@ async def handle_export(ctx: Context, peer: Peer, req: Export) -> Reply:
         if req.what == ExportWhat.FAILURES:
             return [{**fields_of(item), "details": _details(store, item)} for item in items], last
         if req.env:
-            return [{**fields_of(item), "env": store.runs.launch_env(item.run_id)}
-                    for item in items], last
+            return [
+                {**fields_of(item), "env": store.runs.launch_env(item.run_id)} for item in items
+            ], last
         return list(items), last
 
     items, last = await ctx.registry.read(read)
@@ -105,6 +133,8 @@ def _details(store: Store, failure: Any) -> dict[str, Any]:
     row = store.runs.get(failure.run_id)
     tags = row.tags() if row is not None else {}
     before = store.runs.last_transition(failure.run_id)
-    return {"task_id": tags.get("dask_key") or failure.run_id,
-            "worker_id": tags.get("worker") or (row.host if row is not None else None),
-            "phase": failure.phase or (before[0] if before else None)}
+    return {
+        "task_id": tags.get("dask_key") or failure.run_id,
+        "worker_id": tags.get("worker") or (row.host if row is not None else None),
+        "phase": failure.phase or (before[0] if before else None),
+    }

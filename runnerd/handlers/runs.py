@@ -53,26 +53,45 @@ def handle_create(ctx: Context, peer: Peer, req: Create) -> Awaitable[Reply]:
     params, tags = as_json(req.params, "params"), as_json(req.tags, "tags")
     launch = as_json(req.launch, "launch") if req.launch is not None else None
     launch_env = as_json(req.launch_env, "launch_env") if req.launch_env is not None else None
-    run_dir = os.path.normpath(req.run_dir) if req.run_dir else str(
-        paths.default_run_dir(req.run_id))
+    run_dir = (
+        os.path.normpath(req.run_dir) if req.run_dir else str(paths.default_run_dir(req.run_id))
+    )
 
     def apply(store: Store, at: float) -> Reply:
         if store.runs.get(req.run_id) is not None:
             raise RunnerdError(ErrorCode.CONFLICT, f"run {req.run_id} already exists")
         resumed = followed(store, req, at)
-        attempt = store.runs.create(NewRun(
-            run_id=req.run_id, experiment=req.experiment, variation=req.variation,
-            params_json=params, tags_json=tags, cwd=req.cwd, run_dir=run_dir, host=req.host,
-            created_at=at, retry_of=req.retry_of, launch_json=launch, sweep_id=req.sweep_id,
-            cell=req.cell, resumed_from=resumed.run_id if resumed else None,
-            claim_token=req.claim_token), peer.source)
+        attempt = store.runs.create(
+            NewRun(
+                run_id=req.run_id,
+                experiment=req.experiment,
+                variation=req.variation,
+                params_json=params,
+                tags_json=tags,
+                cwd=req.cwd,
+                run_dir=run_dir,
+                host=req.host,
+                created_at=at,
+                retry_of=req.retry_of,
+                launch_json=launch,
+                sweep_id=req.sweep_id,
+                cell=req.cell,
+                resumed_from=resumed.run_id if resumed else None,
+                claim_token=req.claim_token,
+            ),
+            peer.source,
+        )
         if launch_env is not None:
             store.runs.set_launch_env(req.run_id, launch_env)
         if req.sweep_id is not None and req.cell is not None and not req.replicates:
             store.sweeps.claim_cell(req.sweep_id, req.cell, req.run_id)
         store.attachments.add_pid(req.run_id, peer.pid, peer.start_time, at)
-        reply: Reply = {"run_id": req.run_id, "attempt": attempt, "run_dir": run_dir,
-                        "state": State.PENDING.value}
+        reply: Reply = {
+            "run_id": req.run_id,
+            "attempt": attempt,
+            "run_dir": run_dir,
+            "state": State.PENDING.value,
+        }
         if resumed is not None:
             reply["resumed_from"] = resumed.run_id
             reply["resume_checkpoint"] = store.attachments.resume_checkpoint(resumed.run_id)
@@ -91,9 +110,20 @@ def handle_start(ctx: Context, peer: Peer, req: Start) -> Awaitable[Reply]:
         timeout = req.heartbeat_timeout or row.heartbeat_timeout or ctx.config.heartbeat_timeout
         grace = req.lost_grace or row.lost_grace or ctx.config.lost_grace
         deadline = req.deadline or row.deadline
-        state = transition(store, row, Event.START, at, peer.source, change=RunUpdate(
-            started_at=row.started_at or at, last_heartbeat_at=at, heartbeat_timeout=timeout,
-            lost_grace=grace, deadline=deadline))
+        state = transition(
+            store,
+            row,
+            Event.START,
+            at,
+            peer.source,
+            change=RunUpdate(
+                started_at=row.started_at or at,
+                last_heartbeat_at=at,
+                heartbeat_timeout=timeout,
+                lost_grace=grace,
+                deadline=deadline,
+            ),
+        )
         store.attachments.add_pid(req.run_id, peer.pid, peer.start_time, at)
         return {"state": state.value, "attempt": row.attempt}
 
@@ -104,14 +134,19 @@ def handle_attach(ctx: Context, peer: Peer, req: Attach) -> Awaitable[Reply]:
     def apply(store: Store, at: float) -> Reply:
         row = store.runs.require(req.run_id)
         # Back from lost is a sign of life: the watchdog counts the heartbeat timeout from now.
-        alive = RunUpdate(last_heartbeat_at=max(at, row.last_heartbeat_at or 0.0)) \
-            if row.state == State.LOST else NO_CHANGE
+        alive = (
+            RunUpdate(last_heartbeat_at=max(at, row.last_heartbeat_at or 0.0))
+            if row.state == State.LOST
+            else NO_CHANGE
+        )
         transition(store, row, Event.ATTACH, at, peer.source, change=alive)
         store.attachments.add_pid(req.run_id, peer.pid, peer.start_time, at)
         run = store.views.run_object(store.runs.require(req.run_id))
         resumed = run.resumed_from
-        return {"run": run, "resume_checkpoint": store.attachments.resume_checkpoint(resumed)
-                if resumed else None}
+        return {
+            "run": run,
+            "resume_checkpoint": store.attachments.resume_checkpoint(resumed) if resumed else None,
+        }
 
     return mutate(ctx, req, apply)
 
@@ -141,14 +176,17 @@ def handle_heartbeat(ctx: Context, peer: Peer, req: Heartbeat) -> Awaitable[Repl
         last = max(at, row.last_heartbeat_at or 0.0)
         if req.seq <= row.heartbeat_seq:
             if store.runs.fill_heartbeat_gap(req.run_id, req.seq):
-                store.runs.update(req.run_id, RunUpdate(heartbeats=heartbeats,
-                                                        last_heartbeat_at=last))
+                store.runs.update(
+                    req.run_id, RunUpdate(heartbeats=heartbeats, last_heartbeat_at=last)
+                )
             return {"state": row.state.value}
         store.runs.note_heartbeat_gap(req.run_id, row.heartbeat_seq, req.seq)
         counted = RunUpdate(heartbeat_seq=req.seq, heartbeats=heartbeats, last_heartbeat_at=last)
         if inferred_end_after(store, row, at) is not None or (  # spooled, from before that end
-                req.progress is False and row.state is State.LOST
-                and store.runs.last_cause(req.run_id) == "stalled"):  # alive is not moving
+            req.progress is False
+            and row.state is State.LOST
+            and store.runs.last_cause(req.run_id) == "stalled"
+        ):  # alive is not moving
             store.runs.update(req.run_id, counted)
             return {"state": row.state.value}
         state = transition(store, row, Event.HEARTBEAT, at, peer.source, change=counted)
@@ -160,8 +198,9 @@ def handle_heartbeat(ctx: Context, peer: Peer, req: Heartbeat) -> Awaitable[Repl
 def handle_succeed(ctx: Context, peer: Peer, req: Succeed) -> Awaitable[Reply]:
     def apply(store: Store, at: float) -> Reply:
         row = before_inferred_end(store, store.runs.require(req.run_id), at)
-        state = transition(store, row, Event.SUCCEED, at, peer.source,
-                           change=RunUpdate(ended_at=at))
+        state = transition(
+            store, row, Event.SUCCEED, at, peer.source, change=RunUpdate(ended_at=at)
+        )
         return {"state": state.value}
 
     return mutate(ctx, req, apply)
@@ -184,19 +223,26 @@ def handle_fail(ctx: Context, peer: Peer, req: Fail) -> Awaitable[Reply]:
     def apply(store: Store, at: float) -> Reply:
         row = before_inferred_end(store, store.runs.require(req.run_id), at)
         record = failure_record(
-            req.failure_class or default_class, message, req.reason, at,
-            category_hint=req.category_hint, traceback=req.traceback, phase=req.phase,
-            exit_code=req.exit_code, signal=req.signal,
+            req.failure_class or default_class,
+            message,
+            req.reason,
+            at,
+            category_hint=req.category_hint,
+            traceback=req.traceback,
+            phase=req.phase,
+            exit_code=req.exit_code,
+            signal=req.signal,
         )
         state = end_with_failure(store, row, event, record, peer.source, cause=req.cause)
-        return {"state": state.value, "category": record.category,
-                "retryable": record.retryable}
+        return {"state": state.value, "category": record.category, "retryable": record.retryable}
 
     return mutate(ctx, req, apply)
 
 
-SIGNALS = {name: getattr(signal, f"SIG{name}")
-           for name in ("TERM", "KILL", "INT", "HUP", "QUIT", "USR1", "USR2")}
+SIGNALS = {
+    name: getattr(signal, f"SIG{name}")
+    for name in ("TERM", "KILL", "INT", "HUP", "QUIT", "USR1", "USR2")
+}
 
 
 async def handle_cancel(ctx: Context, peer: Peer, req: Cancel) -> Reply:
@@ -208,16 +254,21 @@ async def handle_cancel(ctx: Context, peer: Peer, req: Cancel) -> Reply:
 
     def apply(store: Store, at: float) -> Reply:
         row = store.runs.require(req.run_id)
-        record = failure_record("Cancelled", req.message or "cancelled by the user",
-                                FailReason.ABANDONED, at)
+        record = failure_record(
+            "Cancelled", req.message or "cancelled by the user", FailReason.ABANDONED, at
+        )
         state = end_with_failure(store, row, Event.CANCEL, record, "cancel")
         targets.extend(store.attachments.pid_records(req.run_id))
         return {"state": state.value}
 
     reply = await mutate(ctx, req, apply)
     if signum is not None:
-        reply = {**reply, "signalled": [pid for pid, start in targets
-                                        if is_alive(pid, start) and _kill(pid, signum)]}
+        reply = {
+            **reply,
+            "signalled": [
+                pid for pid, start in targets if is_alive(pid, start) and _kill(pid, signum)
+            ],
+        }
     return reply
 
 
@@ -242,7 +293,11 @@ def handle_label(ctx: Context, peer: Peer, req: Label) -> Awaitable[Reply]:
             return {"state": row.state.value, "applied": False}
         record = relabelled(failure, req.category, note)
         store.failures.put(req.run_id, record)
-        return {"state": row.state.value, "applied": True, "category": record.category,
-                "retryable": bool(record.retryable)}
+        return {
+            "state": row.state.value,
+            "applied": True,
+            "category": record.category,
+            "retryable": bool(record.retryable),
+        }
 
     return mutate(ctx, req, apply)

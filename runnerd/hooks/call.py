@@ -37,8 +37,9 @@ class HookCall:
     """A command with its stdin payload, environment and timeout; `run` in a thread,
     `kill` from anywhere (the daemon stopping)."""
 
-    def __init__(self, command: tuple[str, ...] | str, payload: Any, env: dict[str, str],
-                 timeout: float) -> None:
+    def __init__(
+        self, command: tuple[str, ...] | str, payload: Any, env: dict[str, str], timeout: float
+    ) -> None:
         self.argv = ["/bin/sh", "-c", command] if isinstance(command, str) else list(command)
         self.payload, self.env, self.timeout = payload, env, timeout
         self._lock = threading.Lock()
@@ -58,15 +59,21 @@ class HookCall:
                 error = _excerpt(stderr) or _described(exit_code)
         return Outcome(exit_code == 0, exit_code, error, time.monotonic() - started)
 
-    def _run(self, stdin: IO[bytes], stderr: IO[bytes],
-             env: dict[str, str]) -> tuple[int | None, str | None]:
+    def _run(
+        self, stdin: IO[bytes], stderr: IO[bytes], env: dict[str, str]
+    ) -> tuple[int | None, str | None]:
         with self._lock:
             if self._stopped:
                 return None, "not run: the daemon is stopping"
             try:
                 self._proc = subprocess.Popen(
-                    self.argv, stdin=stdin, stdout=subprocess.DEVNULL, stderr=stderr,
-                    env=env, start_new_session=True)
+                    self.argv,
+                    stdin=stdin,
+                    stdout=subprocess.DEVNULL,
+                    stderr=stderr,
+                    env=env,
+                    start_new_session=True,
+                )
             except (OSError, ValueError) as exc:
                 return None, f"cannot start {self.argv[0]}: {exc}"
         if not _exited(self._proc, self.timeout):

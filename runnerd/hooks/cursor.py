@@ -30,8 +30,9 @@ class Cursor:
     last: dict[str, Any] | None = None
 
     def encode(self) -> bytes:
-        return json.dumps({"seq": self.seq, "delivered": sorted(self.delivered),
-                           "last": self.last}).encode()
+        return json.dumps(
+            {"seq": self.seq, "delivered": sorted(self.delivered), "last": self.last}
+        ).encode()
 
 
 def load(folder: Path, name: str) -> Cursor | None:
@@ -42,16 +43,24 @@ def load(folder: Path, name: str) -> Cursor | None:
     except FileNotFoundError:
         return None
     except OSError as exc:
-        log.warning("hook %s: cannot read its cursor %s (%s); it starts at the end of the log",
-                    name, path, exc)
+        log.warning(
+            "hook %s: cannot read its cursor %s (%s); it starts at the end of the log",
+            name,
+            path,
+            exc,
+        )
         return None
     with os.fdopen(fd, "rb") as fh:
         try:
             trust.check_own_file(os.fstat(fd), path)
             return _decode(fh.read(MAX_SIZE))
         except (trust.UntrustedPath, ValueError, OSError) as exc:
-            log.warning("hook %s: ignoring its cursor %s (%s); it starts at the end of the log",
-                        name, path, exc)
+            log.warning(
+                "hook %s: ignoring its cursor %s (%s); it starts at the end of the log",
+                name,
+                path,
+                exc,
+            )
             return None
 
 
@@ -64,8 +73,7 @@ def _decode(data: bytes) -> Cursor:
         raise ValueError("seq is not a seq")
     if not isinstance(delivered, list) or not all(type(s) is int for s in delivered):
         raise ValueError("delivered is not a list of seqs")
-    return Cursor(seq, {s for s in delivered if s > seq},
-                  last if isinstance(last, dict) else None)
+    return Cursor(seq, {s for s in delivered if s > seq}, last if isinstance(last, dict) else None)
 
 
 def save(folder: Path, name: str, cursor: Cursor) -> None:

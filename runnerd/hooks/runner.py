@@ -52,8 +52,7 @@ def wanted(hook: Hook, event: Event) -> bool:
     name = event_name(event)
     if not any(fnmatchcase(name, pattern) for pattern in hook.events):
         return False
-    if hook.experiment is not None and not fnmatchcase(event["experiment"] or "",
-                                                       hook.experiment):
+    if hook.experiment is not None and not fnmatchcase(event["experiment"] or "", hook.experiment):
         return False
     tags = event.get("tags") or {}
     return all(key in tags and tags[key] == value for key, value in hook.tags.items())
@@ -62,16 +61,23 @@ def wanted(hook: Hook, event: Event) -> bool:
 def hook_event(event: Event) -> Event:
     """The event as a hook gets it: its envelope, its name, `at` in unix time, and the
     kind's own fields under `data`."""
-    return {"seq": event["seq"], "kind": event["event"], "name": event_name(event),
-            "run_id": event["run_id"], "experiment": event["experiment"],
-            "variation": event.get("variation"), "tags": event.get("tags") or {},
-            "sweep_id": event.get("sweep_id"),
-            "at": datetime.fromisoformat(event["at"]).timestamp(),
-            "data": {k: v for k, v in event.items() if k not in ENVELOPE}}
+    return {
+        "seq": event["seq"],
+        "kind": event["event"],
+        "name": event_name(event),
+        "run_id": event["run_id"],
+        "experiment": event["experiment"],
+        "variation": event.get("variation"),
+        "tags": event.get("tags") or {},
+        "sweep_id": event.get("sweep_id"),
+        "at": datetime.fromisoformat(event["at"]).timestamp(),
+        "data": {k: v for k, v in event.items() if k not in ENVELOPE},
+    }
 
 
-def _subject(store: Store, run_id: str | None,
-             sweep_id: str | None) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+def _subject(
+    store: Store, run_id: str | None, sweep_id: str | None
+) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
     """The run as `show --json` prints it (or the sweep of a sweep's event); None if gone."""
     if run_id:
         return (as_map(store.views.run_details(run_id)) if store.runs.get(run_id) else None), None
@@ -109,19 +115,25 @@ class HookRunner:
         gets its turn), in a worker thread; killed if the daemon stops meanwhile."""
         async with self.slots:
             run, sweep = await self.registry.read(
-                partial(_subject, run_id=event["run_id"], sweep_id=event["sweep_id"]))
+                partial(_subject, run_id=event["run_id"], sweep_id=event["sweep_id"])
+            )
             body: dict[str, Any] = {"hook": hook.name, "event": event, "run": run}
             if sweep is not None:
                 body["sweep"] = sweep
             state = (run or {}).get("state") or (sweep or {}).get("status") or ""
-            env = {"RUNNERD_HOOK": hook.name, "RUNNERD_EVENT": event["name"],
-                   "RUNNERD_RUN_ID": event["run_id"] or "", "RUNNERD_STATE": state,
-                   "RUNNERD_EXPERIMENT": event["experiment"] or "",
-                   "RUNNERD_SOCKET": self.socket}
+            env = {
+                "RUNNERD_HOOK": hook.name,
+                "RUNNERD_EVENT": event["name"],
+                "RUNNERD_RUN_ID": event["run_id"] or "",
+                "RUNNERD_STATE": state,
+                "RUNNERD_EXPERIMENT": event["experiment"] or "",
+                "RUNNERD_SOCKET": self.socket,
+            }
             call = HookCall(hook.command, body, env, hook.timeout)
             try:
-                return await anyio.to_thread.run_sync(call.run, limiter=self.threads,
-                                                      abandon_on_cancel=True)
+                return await anyio.to_thread.run_sync(
+                    call.run, limiter=self.threads, abandon_on_cancel=True
+                )
             finally:
                 call.kill()  # a no-op once it ended; at shutdown it stops the command
 
@@ -153,8 +165,9 @@ class HookWorker:
             try:
                 await self._serve()
             except Exception:
-                log.exception("hook %s failed; restarting it in %g s", self.hook.name,
-                              RESTART_DELAY)
+                log.exception(
+                    "hook %s failed; restarting it in %g s", self.hook.name, RESTART_DELAY
+                )
             await anyio.sleep(RESTART_DELAY)
 
     async def _serve(self) -> None:
@@ -175,16 +188,24 @@ class HookWorker:
         if saved is None:  # a new hook: it gets what happens from now on
             saved = cursor.Cursor(last_seq)
         elif saved.seq > last_seq:
-            log.warning("hook %s: its cursor (%d) is past the end of the log (%d), which was "
-                        "pruned or restored; it goes on from there", name, saved.seq, last_seq)
+            log.warning(
+                "hook %s: its cursor (%d) is past the end of the log (%d), which was "
+                "pruned or restored; it goes on from there",
+                name,
+                saved.seq,
+                last_seq,
+            )
             saved = cursor.Cursor(last_seq, last=saved.last)
         self._reset(saved)
 
     def offer(self, events: list[Event]) -> None:
         """A committed batch's events: taken at once when they follow the last event read
         and there is room (no read of the log), else read from the log later."""
-        if self.tasks is not None and events[0]["seq"] == self.read_to + 1 and \
-                len(self.waiting) < WINDOW:
+        if (
+            self.tasks is not None
+            and events[0]["seq"] == self.read_to + 1
+            and len(self.waiting) < WINDOW
+        ):
             self._take(events)
         else:
             self.wake.set()
@@ -196,7 +217,8 @@ class HookWorker:
                 await self._sleep()
                 continue
             page = await self.runner.registry.read(
-                lambda store: store.events.after(self.read_to, None, None, None, PAGE))
+                lambda store: store.events.after(self.read_to, None, None, None, PAGE)
+            )
             self._take(page)
             if len(page) < PAGE:
                 await self._sleep()
@@ -251,9 +273,16 @@ class HookWorker:
                 return
             failures += 1
             delay = min(backoff_delay(2.0, failures - 1), MAX_RETRY_DELAY)
-            log.warning("hook %s: event %d (%s of %s) not delivered, attempt %d: %s; "
-                        "retrying in %.1f s", self.hook.name, event["seq"], event["name"],
-                        key, failures, outcome.error, delay)
+            log.warning(
+                "hook %s: event %d (%s of %s) not delivered, attempt %d: %s; retrying in %.1f s",
+                self.hook.name,
+                event["seq"],
+                event["name"],
+                key,
+                failures,
+                outcome.error,
+                delay,
+            )
             self.retrying.add(key)
             await anyio.sleep(delay)
 
@@ -262,10 +291,16 @@ class HookWorker:
         self.version += 1
         self.delivered += outcome.ok
         self.failed += not outcome.ok
-        self.last = {"at": iso(time.time()),
-                     "seq": event["seq"], "event": event["name"], "run_id": event["run_id"],
-                     "ok": outcome.ok, "exit": outcome.exit, "error": outcome.error,
-                     "seconds": round(outcome.seconds, 3)}
+        self.last = {
+            "at": iso(time.time()),
+            "seq": event["seq"],
+            "event": event["name"],
+            "run_id": event["run_id"],
+            "ok": outcome.ok,
+            "exit": outcome.exit,
+            "error": outcome.error,
+            "seconds": round(outcome.seconds, 3),
+        }
 
     def _advance(self) -> None:
         """Move the cursor up to the first event still waiting (or all that was read)."""
@@ -288,14 +323,13 @@ class HookWorker:
     async def _save(self) -> None:
         if self.version == self.saved:
             return
-        version, state = self.version, cursor.Cursor(self.cursor, set(self.done_above),
-                                                     self.last)
+        version, state = self.version, cursor.Cursor(self.cursor, set(self.done_above), self.last)
         try:
-            await anyio.to_thread.run_sync(cursor.save, self.runner.folder, self.hook.name,
-                                           state)
+            await anyio.to_thread.run_sync(cursor.save, self.runner.folder, self.hook.name, state)
         except OSError as exc:
-            log.error("hook %s: cannot save its cursor in %s: %s", self.hook.name,
-                      self.runner.folder, exc)
+            log.error(
+                "hook %s: cannot save its cursor in %s: %s", self.hook.name, self.runner.folder, exc
+            )
             return
         self.saved = version
 
@@ -303,11 +337,17 @@ class HookWorker:
         """What `runnerctl hooks` shows: the hook, where it is, and its last result."""
         hook = self.hook
         return {
-            "name": hook.name, "events": list(hook.events),
+            "name": hook.name,
+            "events": list(hook.events),
             "command": hook.command if isinstance(hook.command, str) else list(hook.command),
-            "experiment": hook.experiment, "tags": hook.tags, "timeout": hook.timeout,
+            "experiment": hook.experiment,
+            "tags": hook.tags,
+            "timeout": hook.timeout,
             "cursor": self.cursor,
             "backlog": len(self.waiting) + max(0, last_seq - self.read_to),
-            "retrying": len(self.retrying), "calls": self.calls,
-            "delivered": self.delivered, "failed": self.failed, "last": self.last,
+            "retrying": len(self.retrying),
+            "calls": self.calls,
+            "delivered": self.delivered,
+            "failed": self.failed,
+            "last": self.last,
         }

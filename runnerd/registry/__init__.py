@@ -28,7 +28,23 @@ from runnerd.registry.store import Store
 from runnerd.registry.writer import Op, Registry
 
 __all__ = [
-    "MIGRATIONS", "NO_CHANGE", "SCHEMA_VERSION", "BatchResult", "CellRow", "DamagedRegistry",
-    "Effects", "FailureRecord", "NewRun", "NewSweep", "Op", "Registry", "RunRow", "RunUpdate",
-    "StorageError", "Store", "SweepRow", "Transition", "iso",
+    "MIGRATIONS",
+    "NO_CHANGE",
+    "SCHEMA_VERSION",
+    "BatchResult",
+    "CellRow",
+    "DamagedRegistry",
+    "Effects",
+    "FailureRecord",
+    "NewRun",
+    "NewSweep",
+    "Op",
+    "Registry",
+    "RunRow",
+    "RunUpdate",
+    "StorageError",
+    "Store",
+    "SweepRow",
+    "Transition",
+    "iso",
 ]

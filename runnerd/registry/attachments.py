@@ -27,7 +27,8 @@ class Attachments:
     def add_pid(self, run_id: str, pid: int, start_time: int | None, at: float) -> None:
         self.conn.execute(
             "INSERT OR REPLACE INTO run_pids (run_id, pid, start_time, at, boot_id)"
-            " VALUES (?, ?, ?, ?, ?)", (run_id, pid, start_time, at, _this_boot()),
+            " VALUES (?, ?, ?, ?, ?)",
+            (run_id, pid, start_time, at, _this_boot()),
         )
         self.effects.attached.append((run_id, pid, start_time))
 
@@ -78,23 +79,28 @@ class Attachments:
             seen.add(current)
             row = self.conn.execute(
                 "SELECT seq, data, path, at FROM checkpoints WHERE run_id = ?"
-                " ORDER BY seq DESC LIMIT 1", (current,)).fetchone()
+                " ORDER BY seq DESC LIMIT 1",
+                (current,),
+            ).fetchone()
             if row is not None:
-                return ResumeCheckpoint(current, row[0], json.loads(row[1]), row[2],
-                                        iso(row[3]))
-            found = self.conn.execute("SELECT resumed_from FROM runs WHERE run_id = ?",
-                                      (current,)).fetchone()
+                return ResumeCheckpoint(current, row[0], json.loads(row[1]), row[2], iso(row[3]))
+            found = self.conn.execute(
+                "SELECT resumed_from FROM runs WHERE run_id = ?", (current,)
+            ).fetchone()
             current = found[0] if found else None
         return None
 
     # --- resources ---
 
-    def put_resources(self, sampled: dict[str, dict[str, Any]],
-                      warnings: dict[str, dict[str, Any]], at: float) -> None:
+    def put_resources(
+        self, sampled: dict[str, dict[str, Any]], warnings: dict[str, dict[str, Any]], at: float
+    ) -> None:
         """Record the latest sample of each run; a warning is kept and becomes an event."""
         for run_id, data in sampled.items():
-            if self.conn.execute("SELECT 1 FROM runs WHERE run_id = ?",
-                                 (run_id,)).fetchone() is None:
+            if (
+                self.conn.execute("SELECT 1 FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+                is None
+            ):
                 continue
             kept = (self.resources(run_id) or {}).get("warnings", [])
             if run_id in warnings:
@@ -103,9 +109,9 @@ class Attachments:
                 self.events.log(run_id, "memory_warning", at, warnings[run_id])
             self.conn.execute(
                 "INSERT OR REPLACE INTO resources (run_id, data, at) VALUES (?, ?, ?)",
-                (run_id, json.dumps({**data, "warnings": kept}), at))
+                (run_id, json.dumps({**data, "warnings": kept}), at),
+            )
 
     def resources(self, run_id: str) -> dict[str, Any] | None:
-        row = self.conn.execute("SELECT data FROM resources WHERE run_id = ?",
-                                (run_id,)).fetchone()
+        row = self.conn.execute("SELECT data FROM resources WHERE run_id = ?", (run_id,)).fetchone()
         return json.loads(row[0]) if row else None

@@ -32,21 +32,25 @@ class Effects:
     sweeps: list[str] = field(default_factory=list)
 
     def mark(self) -> tuple[int, ...]:
-        return (len(self.transitions), len(self.attached), len(self.detached),
-                len(self.events), len(self.sweeps))
+        return (
+            len(self.transitions),
+            len(self.attached),
+            len(self.detached),
+            len(self.events),
+            len(self.sweeps),
+        )
 
     def rollback(self, mark: tuple[int, ...]) -> None:
         """Forget what a rolled-back operation did."""
-        del self.transitions[mark[0]:]
-        del self.attached[mark[1]:]
-        del self.detached[mark[2]:]
-        del self.events[mark[3]:]
-        del self.sweeps[mark[4]:]
+        del self.transitions[mark[0] :]
+        del self.attached[mark[1] :]
+        del self.detached[mark[2] :]
+        del self.events[mark[3] :]
+        del self.sweeps[mark[4] :]
 
     def take(self) -> Effects:
         """What was gathered so far, leaving this empty for the next batch."""
-        taken = Effects(self.transitions, self.attached, self.detached, self.events,
-                        self.sweeps)
+        taken = Effects(self.transitions, self.attached, self.detached, self.events, self.sweeps)
         self.transitions, self.attached, self.detached = [], [], []
         self.events, self.sweeps = [], []
         return taken

@@ -14,8 +14,16 @@ from runnerd_client.trust import create_file, open_folder
 
 # SQLite's primary result codes of a storage fault that may pass: a write that met one is
 # worth trying again (a full disk is freed, a lock released, a flaky disk comes back).
-TRANSIENT = frozenset({sqlite3.SQLITE_FULL, sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED,
-                       sqlite3.SQLITE_IOERR, sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_PROTOCOL})
+TRANSIENT = frozenset(
+    {
+        sqlite3.SQLITE_FULL,
+        sqlite3.SQLITE_BUSY,
+        sqlite3.SQLITE_LOCKED,
+        sqlite3.SQLITE_IOERR,
+        sqlite3.SQLITE_CANTOPEN,
+        sqlite3.SQLITE_PROTOCOL,
+    }
+)
 DAMAGED = frozenset({sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB})
 
 
@@ -39,8 +47,11 @@ class StorageError(RunnerdError):
 
 def write_error(exc: sqlite3.Error) -> RunnerdError:
     message = f"registry write failed: {exc}"
-    return StorageError(message) if error_code(exc) in TRANSIENT else \
-        RunnerdError(ErrorCode.UNAVAILABLE, message)
+    return (
+        StorageError(message)
+        if error_code(exc) in TRANSIENT
+        else RunnerdError(ErrorCode.UNAVAILABLE, message)
+    )
 
 
 def refuse_network_filesystem(path: Path, mountinfo: str) -> None:
@@ -48,11 +59,15 @@ def refuse_network_filesystem(path: Path, mountinfo: str) -> None:
     found = network_mount(path.parent, mountinfo)
     if found is not None:
         point, fstype = found
-        raise RunnerdError(ErrorCode.UNAVAILABLE, (
-            f"refusing the registry {path}: it is on {fstype} (mounted at {point}), a "
-            "network filesystem, and SQLite's WAL needs shared memory on a local "
-            "filesystem. Use a node-local path such as $TMPDIR or /var/tmp, e.g. "
-            "RUNNERD_DB=/var/tmp/$USER/runnerd/registry.sqlite3 (or runnerd --db)"))
+        raise RunnerdError(
+            ErrorCode.UNAVAILABLE,
+            (
+                f"refusing the registry {path}: it is on {fstype} (mounted at {point}), a "
+                "network filesystem, and SQLite's WAL needs shared memory on a local "
+                "filesystem. Use a node-local path such as $TMPDIR or /var/tmp, e.g. "
+                "RUNNERD_DB=/var/tmp/$USER/runnerd/registry.sqlite3 (or runnerd --db)"
+            ),
+        )
 
 
 def create_or_check_file(path: Path) -> bool:
@@ -66,11 +81,15 @@ def create_or_check_file(path: Path) -> bool:
     except FileExistsError:
         pass
     if path.stat().st_size == 0:
-        raise RunnerdError(ErrorCode.UNAVAILABLE, (
-            f"the registry {path} exists but is empty (0 bytes): a failed copy or a "
-            "full disk may have emptied it, and runnerd will not start a new registry "
-            "over it. Put back a copy made with `runnerctl backup` if you have one; to "
-            f"start afresh, remove it (rm {path}) and start runnerd again"))
+        raise RunnerdError(
+            ErrorCode.UNAVAILABLE,
+            (
+                f"the registry {path} exists but is empty (0 bytes): a failed copy or a "
+                "full disk may have emptied it, and runnerd will not start a new registry "
+                "over it. Put back a copy made with `runnerctl backup` if you have one; to "
+                f"start afresh, remove it (rm {path}) and start runnerd again"
+            ),
+        )
     return False
 
 
@@ -103,15 +122,19 @@ def refusal(path: Path, exc: sqlite3.Error, busy_timeout_ms: int) -> str:
     """Why the registry cannot be used, and what to do about it."""
     code = error_code(exc)
     if code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
-        return (f"the registry {path} is locked by another process (waited "
-                f"{busy_timeout_ms / 1000:g} s): another runnerd, or a tool such as "
-                "sqlite3 or a backup, holds a write transaction on it. Find it with "
-                f"`fuser -v {path}` (or `lsof {path}`), let it finish or stop it, then "
-                "start runnerd again")
+        return (
+            f"the registry {path} is locked by another process (waited "
+            f"{busy_timeout_ms / 1000:g} s): another runnerd, or a tool such as "
+            "sqlite3 or a backup, holds a write transaction on it. Find it with "
+            f"`fuser -v {path}` (or `lsof {path}`), let it finish or stop it, then "
+            "start runnerd again"
+        )
     if code in DAMAGED or isinstance(exc, DamagedRegistry):
-        return (f"the registry {path} is damaged ({exc}); runnerd will not write to it. "
-                f"Keep it aside (mv {path} {path}.damaged, with its -wal file if any), "
-                "then put back a copy made with `runnerctl backup`, or rebuild what "
-                f"can be read: sqlite3 {path}.damaged .recover | sqlite3 {path} ; "
-                "then start runnerd again")
+        return (
+            f"the registry {path} is damaged ({exc}); runnerd will not write to it. "
+            f"Keep it aside (mv {path} {path}.damaged, with its -wal file if any), "
+            "then put back a copy made with `runnerctl backup`, or rebuild what "
+            f"can be read: sqlite3 {path}.damaged .recover | sqlite3 {path} ; "
+            "then start runnerd again"
+        )
     return f"cannot open registry {path}: {exc}"

@@ -109,12 +109,32 @@ class FailureRecord:
     @classmethod
     def of(cls, row: Sequence[Any]) -> FailureRecord:
         """From a row of the failures table's columns, in order (`schema.FAILURE_COLUMNS`)."""
-        (failure_class, message, traceback, phase, reason, signature, category, retryable,
-         exit_code, signal, at) = row
-        return cls(failure_class=failure_class, message=message, traceback=traceback,
-                   phase=phase, reason=reason, signature=signature, category=category,
-                   retryable=None if retryable is None else bool(retryable),
-                   exit_code=exit_code, signal=signal, at=at)
+        (
+            failure_class,
+            message,
+            traceback,
+            phase,
+            reason,
+            signature,
+            category,
+            retryable,
+            exit_code,
+            signal,
+            at,
+        ) = row
+        return cls(
+            failure_class=failure_class,
+            message=message,
+            traceback=traceback,
+            phase=phase,
+            reason=reason,
+            signature=signature,
+            category=category,
+            retryable=None if retryable is None else bool(retryable),
+            exit_code=exit_code,
+            signal=signal,
+            at=at,
+        )
 
     def as_dict(self) -> dict[str, Any]:
         """Its fields by name, as the diagnosis rules read a record."""
@@ -125,9 +145,7 @@ def iso(ts: float | None) -> str | None:
     """Epoch seconds as ISO 8601 UTC, the form every public run object uses."""
     if ts is None:
         return None
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace(
-        "+00:00", "Z"
-    )
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def where(*conditions: tuple[str, Any]) -> tuple[str, list[Any]]:
@@ -175,8 +193,7 @@ class RunUpdate:
 
     def changed(self) -> dict[str, Any]:
         """The values given, by name."""
-        return {name: value for name in _UPDATABLE
-                if (value := getattr(self, name)) is not None}
+        return {name: value for name in _UPDATABLE if (value := getattr(self, name)) is not None}
 
 
 _UPDATABLE = tuple(f.name for f in fields(RunUpdate))

@@ -59,10 +59,27 @@ class Runs:
             " claim_token) SELECT ?, ?, ?, COALESCE(MAX(attempt), 0) + 1, ?, ?, ?, ?, ?, ?, ?,"
             " ?, ?, ?, ?, ?, ? FROM runs WHERE experiment = ? AND variation = ?"
             " RETURNING attempt",
-            (new.run_id, new.experiment, new.variation, State.PENDING.value, new.params_json,
-             new.tags_json, new.cwd, new.run_dir, new.host, new.created_at, new.retry_of,
-             new.launch_json, new.sweep_id, new.cell, new.resumed_from, new.claim_token,
-             new.experiment, new.variation)).fetchone()
+            (
+                new.run_id,
+                new.experiment,
+                new.variation,
+                State.PENDING.value,
+                new.params_json,
+                new.tags_json,
+                new.cwd,
+                new.run_dir,
+                new.host,
+                new.created_at,
+                new.retry_of,
+                new.launch_json,
+                new.sweep_id,
+                new.cell,
+                new.resumed_from,
+                new.claim_token,
+                new.experiment,
+                new.variation,
+            ),
+        ).fetchone()
         self._record(new, new.run_id, None, State.PENDING, new.created_at, "create", source)
         return int(attempt)
 
@@ -74,41 +91,65 @@ class Runs:
         sets = ", ".join(f"{col} = ?" for col in values)
         self.conn.execute(f"UPDATE runs SET {sets} WHERE run_id = ?", (*values.values(), run_id))
 
-    def set_state(self, row: RunRow, to_state: State, *, at: float, cause: str,
-                  source: str, change: RunUpdate = NO_CHANGE) -> None:
+    def set_state(
+        self,
+        row: RunRow,
+        to_state: State,
+        *,
+        at: float,
+        cause: str,
+        source: str,
+        change: RunUpdate = NO_CHANGE,
+    ) -> None:
         """Move a run to `to_state` (with `change`), recording the transition with its cause
         and source."""
         self._update(row.run_id, {"state": to_state.value, **change.changed()})
         self._record(row, row.run_id, row.state, to_state, at, cause, source)
 
-    def _record(self, run: RunFacts, run_id: str, from_state: State | None, to_state: State,
-                at: float, cause: str, source: str) -> None:
+    def _record(
+        self,
+        run: RunFacts,
+        run_id: str,
+        from_state: State | None,
+        to_state: State,
+        at: float,
+        cause: str,
+        source: str,
+    ) -> None:
         self.conn.execute(
             "INSERT INTO transitions (run_id, at, from_state, to_state, cause, source)"
-            " VALUES (?, ?, ?, ?, ?, ?)", (run_id, at, from_state, to_state.value, cause, source))
-        self.effects.transitions.append(
-            Transition(run_id, from_state, to_state, at, cause, source))
-        self.events.log(run_id, "transition", at, {
-            "from": from_state, "to": to_state.value, "cause": cause, "source": source}, run)
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (run_id, at, from_state, to_state.value, cause, source),
+        )
+        self.effects.transitions.append(Transition(run_id, from_state, to_state, at, cause, source))
+        self.events.log(
+            run_id,
+            "transition",
+            at,
+            {"from": from_state, "to": to_state.value, "cause": cause, "source": source},
+            run,
+        )
 
     def last_transition(self, run_id: str) -> tuple[str | None, str] | None:
         """(from state, source) of a run's latest transition."""
         row = self.conn.execute(
             "SELECT from_state, source FROM transitions WHERE run_id = ?"
-            " ORDER BY rowid DESC LIMIT 1", (run_id,)).fetchone()
+            " ORDER BY rowid DESC LIMIT 1",
+            (run_id,),
+        ).fetchone()
         return (row[0], row[1]) if row else None
 
     def last_cause(self, run_id: str) -> str | None:
         """The cause of a run's latest transition (why it is lost: heartbeat_missed,
         stalled, stopped)."""
-        row = self.conn.execute("SELECT cause FROM transitions WHERE run_id = ?"
-                                " ORDER BY seq DESC LIMIT 1", (run_id,)).fetchone()
+        row = self.conn.execute(
+            "SELECT cause FROM transitions WHERE run_id = ? ORDER BY seq DESC LIMIT 1", (run_id,)
+        ).fetchone()
         return str(row[0]) if row else None
 
     def set_stall_timeout(self, run_id: str, seconds: float) -> None:
         """The run's own stall_timeout (0: never judged stalled)."""
-        self.conn.execute("UPDATE runs SET stall_timeout = ? WHERE run_id = ?",
-                          (seconds, run_id))
+        self.conn.execute("UPDATE runs SET stall_timeout = ? WHERE run_id = ?", (seconds, run_id))
 
     def set_launch_env(self, run_id: str, env_json: str) -> None:
         """Keep the environment a launched run's command runs with (JSON text)."""
@@ -116,18 +157,21 @@ class Runs:
 
     def launch_env(self, run_id: str) -> dict[str, str] | None:
         """The environment a run was launched with, or None (not launched by runnerctl)."""
-        row = self.conn.execute("SELECT launch_env FROM runs WHERE run_id = ?",
-                                (run_id,)).fetchone()
+        row = self.conn.execute(
+            "SELECT launch_env FROM runs WHERE run_id = ?", (run_id,)
+        ).fetchone()
         return json.loads(row[0]) if row and row[0] is not None else None
 
-    def liveness(self, run_ids: list[str]
-                 ) -> dict[str, tuple[State, str | None, str | None, float | None]]:
+    def liveness(
+        self, run_ids: list[str]
+    ) -> dict[str, tuple[State, str | None, str | None, float | None]]:
         """(state, cause of its latest transition, run_dir, own stall_timeout) of each run
         that exists: what the progress tracker needs of a run it starts watching."""
         found = {}
         for run_id in run_ids:
-            row = self.conn.execute("SELECT state, run_dir, stall_timeout FROM runs"
-                                    " WHERE run_id = ?", (run_id,)).fetchone()
+            row = self.conn.execute(
+                "SELECT state, run_dir, stall_timeout FROM runs WHERE run_id = ?", (run_id,)
+            ).fetchone()
             if row is not None:
                 found[run_id] = (State(row[0]), self.last_cause(run_id), row[1], row[2])
         return found
@@ -139,8 +183,11 @@ class Runs:
 
     def stall_note(self, run_id: str) -> dict[str, Any] | None:
         """The latest such note of a run."""
-        row = self.conn.execute("SELECT data FROM events WHERE run_id = ? AND kind = 'stalled'"
-                                " ORDER BY seq DESC LIMIT 1", (run_id,)).fetchone()
+        row = self.conn.execute(
+            "SELECT data FROM events WHERE run_id = ? AND kind = 'stalled'"
+            " ORDER BY seq DESC LIMIT 1",
+            (run_id,),
+        ).fetchone()
         return json.loads(row[0]) if row else None
 
     def heartbeat_running(self, run_id: str, seq: int, at: float) -> bool:
@@ -157,23 +204,28 @@ class Runs:
         """Remember the seqs between `last` and `seq` (a jump), to count them if they come."""
         self.conn.executemany(
             "INSERT OR IGNORE INTO heartbeat_gaps (run_id, seq) VALUES (?, ?)",
-            [(run_id, n) for n in range(max(last + 1, seq - MAX_GAP), seq)])
+            [(run_id, n) for n in range(max(last + 1, seq - MAX_GAP), seq)],
+        )
 
     def fill_heartbeat_gap(self, run_id: str, seq: int) -> bool:
         """True if `seq` was skipped and has now come (once)."""
-        cur = self.conn.execute("DELETE FROM heartbeat_gaps WHERE run_id = ? AND seq = ?",
-                                (run_id, seq))
+        cur = self.conn.execute(
+            "DELETE FROM heartbeat_gaps WHERE run_id = ? AND seq = ?", (run_id, seq)
+        )
         return cur.rowcount == 1
 
     def active(self) -> list[RunRow]:
         """Every run that is pending, running or lost."""
         marks = ", ".join("?" for _ in ACTIVE_STATES)
-        rows = self.conn.execute(f"{_SELECT} WHERE state IN ({marks})",
-                                 tuple(s.value for s in ACTIVE_STATES)).fetchall()
+        rows = self.conn.execute(
+            f"{_SELECT} WHERE state IN ({marks})", tuple(s.value for s in ACTIVE_STATES)
+        ).fetchall()
         return [RunRow.of(r) for r in rows]
 
     def latest_attempt(self, experiment: str, variation: str) -> RunRow | None:
         row = self.conn.execute(
             "SELECT run_id FROM runs WHERE experiment = ? AND variation = ?"
-            " ORDER BY attempt DESC LIMIT 1", (experiment, variation)).fetchone()
+            " ORDER BY attempt DESC LIMIT 1",
+            (experiment, variation),
+        ).fetchone()
         return self.get(row[0]) if row else None

@@ -216,18 +216,57 @@ MIGRATIONS: tuple[str, ...] = (
 SCHEMA_VERSION = len(MIGRATIONS)
 
 RUN_COLUMNS = (
-    "run_id", "experiment", "variation", "attempt", "state", "params", "tags", "cwd",
-    "run_dir", "host", "created_at", "started_at", "ended_at", "last_heartbeat_at", "lost_at",
-    "heartbeat_seq", "heartbeats", "heartbeat_timeout", "lost_grace", "deadline", "retry_of",
-    "launch", "sweep_id", "cell", "resumed_from", "claim_token",
+    "run_id",
+    "experiment",
+    "variation",
+    "attempt",
+    "state",
+    "params",
+    "tags",
+    "cwd",
+    "run_dir",
+    "host",
+    "created_at",
+    "started_at",
+    "ended_at",
+    "last_heartbeat_at",
+    "lost_at",
+    "heartbeat_seq",
+    "heartbeats",
+    "heartbeat_timeout",
+    "lost_grace",
+    "deadline",
+    "retry_of",
+    "launch",
+    "sweep_id",
+    "cell",
+    "resumed_from",
+    "claim_token",
 )
 SWEEP_COLUMNS = (
-    "sweep_id", "experiment", "failure_policy", "spec", "folder", "status", "driver_pid",
-    "driver_start", "created_at", "ended_at",
+    "sweep_id",
+    "experiment",
+    "failure_policy",
+    "spec",
+    "folder",
+    "status",
+    "driver_pid",
+    "driver_start",
+    "created_at",
+    "ended_at",
 )
 FAILURE_COLUMNS = (
-    "failure_class", "message", "traceback", "phase", "reason", "signature", "category",
-    "retryable", "exit_code", "signal", "at",
+    "failure_class",
+    "message",
+    "traceback",
+    "phase",
+    "reason",
+    "signature",
+    "category",
+    "retryable",
+    "exit_code",
+    "signal",
+    "at",
 )
 
 
@@ -237,7 +276,8 @@ def migrate(conn: sqlite3.Connection) -> None:
     version = conn.execute("PRAGMA user_version").fetchone()[0]
     if version > SCHEMA_VERSION:
         raise sqlite3.DatabaseError(
-            f"schema version {version} is newer than this runnerd knows ({SCHEMA_VERSION})")
+            f"schema version {version} is newer than this runnerd knows ({SCHEMA_VERSION})"
+        )
     for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
         conn.executescript(f"BEGIN IMMEDIATE; {script}; PRAGMA user_version = {number}; COMMIT;")
         log.info("registry migrated to schema version %d", number)

@@ -39,7 +39,11 @@ class Store:
         changed = dict.fromkeys(t.run_id for t in effects.transitions)
         rows = {run_id: row for run_id in changed if (row := self.runs.get(run_id)) is not None}
         # An imported run's folder, and its metadata.json, belong to the tool that made them.
-        docs = [doc for row in rows.values() if row.tags().get("source") != "imported"
-                and (doc := self.views.metadata_doc(row)) is not None]
+        docs = [
+            doc
+            for row in rows.values()
+            if row.tags().get("source") != "imported"
+            and (doc := self.views.metadata_doc(row)) is not None
+        ]
         sweeps = {*effects.sweeps, *(row.sweep_id for row in rows.values() if row.sweep_id)}
         return BatchResult(outcomes, effects, rows, docs, sweeps)

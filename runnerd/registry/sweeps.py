@@ -35,11 +35,22 @@ class Sweeps:
         self.conn.execute(
             "INSERT INTO sweeps (sweep_id, experiment, failure_policy, spec, folder, status,"
             " driver_pid, driver_start, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (new.sweep_id, new.experiment, new.failure_policy, new.spec_json, new.folder,
-             SweepStatus.RUNNING.value, new.driver_pid, new.driver_start, new.created_at))
+            (
+                new.sweep_id,
+                new.experiment,
+                new.failure_policy,
+                new.spec_json,
+                new.folder,
+                SweepStatus.RUNNING.value,
+                new.driver_pid,
+                new.driver_start,
+                new.created_at,
+            ),
+        )
         self.conn.executemany(
             "INSERT INTO sweep_cells (sweep_id, idx, params, variation) VALUES (?, ?, ?, ?)",
-            ((new.sweep_id, idx, params, variation) for idx, params, variation in cells))
+            ((new.sweep_id, idx, params, variation) for idx, params, variation in cells),
+        )
         self.effects.sweeps.append(new.sweep_id)
 
     def get(self, sweep_id: str) -> SweepRow | None:
@@ -56,9 +67,14 @@ class Sweeps:
         """The one sweep_id starting with `prefix` (exact match first)."""
         if prefix and self.get(prefix) is not None:
             return prefix
-        rows = self.conn.execute(
-            "SELECT sweep_id FROM sweeps WHERE sweep_id >= ? AND sweep_id < ? LIMIT 2",
-            (prefix, prefix + "\U0010ffff")).fetchall() if prefix else []
+        rows = (
+            self.conn.execute(
+                "SELECT sweep_id FROM sweeps WHERE sweep_id >= ? AND sweep_id < ? LIMIT 2",
+                (prefix, prefix + "\U0010ffff"),
+            ).fetchall()
+            if prefix
+            else []
+        )
         if not rows:
             raise RunnerdError(ErrorCode.UNKNOWN_RUN, f"no sweep matches {prefix!r}")
         if len(rows) > 1:
@@ -67,8 +83,13 @@ class Sweeps:
 
     def take_over(self, sweep_id: str, driver_pid: int, driver_start: int | None) -> None:
         """The sweep runs again, driven by this process (a resume)."""
-        self._update(sweep_id, status=SweepStatus.RUNNING.value, ended_at=None,
-                     driver_pid=driver_pid, driver_start=driver_start)
+        self._update(
+            sweep_id,
+            status=SweepStatus.RUNNING.value,
+            ended_at=None,
+            driver_pid=driver_pid,
+            driver_start=driver_start,
+        )
 
     def release(self, sweep_id: str) -> None:
         """Its driver is done, but another still runs cells: no driver now."""
@@ -79,28 +100,30 @@ class Sweeps:
 
     def _update(self, sweep_id: str, **values: Any) -> None:
         sets = ", ".join(f"{col} = ?" for col in values)
-        self.conn.execute(f"UPDATE sweeps SET {sets} WHERE sweep_id = ?",
-                          (*values.values(), sweep_id))
+        self.conn.execute(
+            f"UPDATE sweeps SET {sets} WHERE sweep_id = ?", (*values.values(), sweep_id)
+        )
         self.effects.sweeps.append(sweep_id)
 
     def latest(self, limit: int) -> list[SweepRow]:
         """The newest sweeps first."""
-        rows = self.conn.execute(f"{_SELECT} ORDER BY created_at DESC LIMIT ?",
-                                 (limit,)).fetchall()
+        rows = self.conn.execute(f"{_SELECT} ORDER BY created_at DESC LIMIT ?", (limit,)).fetchall()
         return [SweepRow(*r) for r in rows]
 
     # --- cells ---
 
     def skip_unattempted(self, sweep_id: str) -> int:
         cur = self.conn.execute(
-            "UPDATE sweep_cells SET skipped = 1 WHERE sweep_id = ? AND attempts = 0",
-            (sweep_id,))
+            "UPDATE sweep_cells SET skipped = 1 WHERE sweep_id = ? AND attempts = 0", (sweep_id,)
+        )
         return cur.rowcount
 
     def cell(self, sweep_id: str, idx: int) -> CellRow:
         row = self.conn.execute(
             "SELECT variation, params, latest_run_id, attempts FROM sweep_cells"
-            " WHERE sweep_id = ? AND idx = ?", (sweep_id, idx)).fetchone()
+            " WHERE sweep_id = ? AND idx = ?",
+            (sweep_id, idx),
+        ).fetchone()
         if row is None:
             raise RunnerdError(ErrorCode.BAD_REQUEST, f"sweep {sweep_id} has no cell {idx}")
         return CellRow(*row)
@@ -108,10 +131,13 @@ class Sweeps:
     def claim_cell(self, sweep_id: str, idx: int, run_id: str) -> None:
         self.conn.execute(
             "UPDATE sweep_cells SET latest_run_id = ?, attempts = attempts + 1"
-            " WHERE sweep_id = ? AND idx = ?", (run_id, sweep_id, idx))
+            " WHERE sweep_id = ? AND idx = ?",
+            (run_id, sweep_id, idx),
+        )
 
-    def cells(self, sweep_id: str, *, after: int = -1, limit: int = -1,
-              unfinished: bool = False) -> list[CellInfo]:
+    def cells(
+        self, sweep_id: str, *, after: int = -1, limit: int = -1, unfinished: bool = False
+    ) -> list[CellInfo]:
         """Cells in index order with their latest attempt's state and failure."""
         rows = self.conn.execute(
             f"SELECT c.idx, c.params, c.variation, c.latest_run_id, c.attempts, {CELL_STATE},"
@@ -120,23 +146,40 @@ class Sweeps:
             " LEFT JOIN failures f ON f.run_id = c.latest_run_id"
             " WHERE c.sweep_id = ? AND c.idx > ?"
             + (" AND r.state IS NOT 'succeeded'" if unfinished else "")
-            + " ORDER BY c.idx LIMIT ?", (sweep_id, after, limit)).fetchall()
-        return [CellInfo(r[0], json.loads(r[1]), r[2], r[3], r[4], r[5], r[6],
-                         failure_object(r[3], r[7:]) if r[7] is not None else None)
-                for r in rows]
+            + " ORDER BY c.idx LIMIT ?",
+            (sweep_id, after, limit),
+        ).fetchall()
+        return [
+            CellInfo(
+                r[0],
+                json.loads(r[1]),
+                r[2],
+                r[3],
+                r[4],
+                r[5],
+                r[6],
+                failure_object(r[3], r[7:]) if r[7] is not None else None,
+            )
+            for r in rows
+        ]
 
     def live_cells(self, sweep_id: str) -> int:
         """Cells whose latest attempt is pending or running (a lost one may never return)."""
-        return int(self.conn.execute(
-            "SELECT COUNT(*) FROM sweep_cells c JOIN runs r ON r.run_id = c.latest_run_id"
-            " WHERE c.sweep_id = ? AND r.state IN ('pending', 'running')",
-            (sweep_id,)).fetchone()[0])
+        return int(
+            self.conn.execute(
+                "SELECT COUNT(*) FROM sweep_cells c JOIN runs r ON r.run_id = c.latest_run_id"
+                " WHERE c.sweep_id = ? AND r.state IN ('pending', 'running')",
+                (sweep_id,),
+            ).fetchone()[0]
+        )
 
     def summary(self, sweep_id: str) -> dict[str, int]:
         """How many cells are in each state, and in all."""
         summary = dict.fromkeys(CELL_STATES, 0)
         for state, n in self.conn.execute(
-                f"SELECT {CELL_STATE} AS s, COUNT(*) FROM sweep_cells c LEFT JOIN runs r"
-                " ON r.run_id = c.latest_run_id WHERE c.sweep_id = ? GROUP BY s", (sweep_id,)):
+            f"SELECT {CELL_STATE} AS s, COUNT(*) FROM sweep_cells c LEFT JOIN runs r"
+            " ON r.run_id = c.latest_run_id WHERE c.sweep_id = ? GROUP BY s",
+            (sweep_id,),
+        ):
             summary[state] = n
         return {"total": sum(summary.values()), **summary}

@@ -26,8 +26,9 @@ _SELECT = f"SELECT {', '.join(RUN_COLUMNS)} FROM runs"
 
 
 class Views:
-    def __init__(self, conn: sqlite3.Connection, runs: Runs, attachments: Attachments,
-                 failures: Failures) -> None:
+    def __init__(
+        self, conn: sqlite3.Connection, runs: Runs, attachments: Attachments, failures: Failures
+    ) -> None:
         self.conn = conn
         self.runs = runs
         self.attachments = attachments
@@ -39,16 +40,28 @@ class Views:
 
     def _run_fields(self, row: RunRow) -> dict[str, Any]:
         return {
-            "run_id": row.run_id, "experiment": row.experiment, "variation": row.variation,
-            "attempt": row.attempt, "state": row.state.value, "cwd": row.cwd,
-            "run_dir": row.run_dir, "host": row.host, "heartbeats": row.heartbeats,
-            "heartbeat_timeout": row.heartbeat_timeout, "lost_grace": row.lost_grace,
-            "deadline": row.deadline, "retry_of": row.retry_of,
-            "resumed_from": row.resumed_from, "sweep_id": row.sweep_id, "cell": row.cell,
+            "run_id": row.run_id,
+            "experiment": row.experiment,
+            "variation": row.variation,
+            "attempt": row.attempt,
+            "state": row.state.value,
+            "cwd": row.cwd,
+            "run_dir": row.run_dir,
+            "host": row.host,
+            "heartbeats": row.heartbeats,
+            "heartbeat_timeout": row.heartbeat_timeout,
+            "lost_grace": row.lost_grace,
+            "deadline": row.deadline,
+            "retry_of": row.retry_of,
+            "resumed_from": row.resumed_from,
+            "sweep_id": row.sweep_id,
+            "cell": row.cell,
             "params": json.loads(row.params_json),
             "launch": json.loads(row.launch_json) if row.launch_json else None,
-            "tags": json.loads(row.tags_json), "created_at": iso(row.created_at),
-            "started_at": iso(row.started_at), "ended_at": iso(row.ended_at),
+            "tags": json.loads(row.tags_json),
+            "created_at": iso(row.created_at),
+            "started_at": iso(row.started_at),
+            "ended_at": iso(row.ended_at),
             "last_heartbeat_at": iso(row.last_heartbeat_at),
             "pids": self.attachments.pids(row.run_id),
             "resources": self.attachments.resources(row.run_id),
@@ -60,28 +73,48 @@ class Views:
         run = (run_id,)
         transitions = self.conn.execute(
             "SELECT seq, at, from_state, to_state, cause, source FROM transitions"
-            " WHERE run_id = ? ORDER BY seq", run)
+            " WHERE run_id = ? ORDER BY seq",
+            run,
+        )
         artifacts = self.conn.execute(
-            "SELECT path, size, sha256, at FROM artifacts WHERE run_id = ? ORDER BY at", run)
+            "SELECT path, size, sha256, at FROM artifacts WHERE run_id = ? ORDER BY at", run
+        )
         crash_files = self.conn.execute(
-            "SELECT path, kind, size, at FROM crash_files WHERE run_id = ? ORDER BY path", run)
+            "SELECT path, kind, size, at FROM crash_files WHERE run_id = ? ORDER BY path", run
+        )
         checkpoints = self.conn.execute(
-            "SELECT seq, data, path, at FROM checkpoints WHERE run_id = ? ORDER BY seq", run)
+            "SELECT seq, data, path, at FROM checkpoints WHERE run_id = ? ORDER BY seq", run
+        )
         return RunDetails(
             **self._run_fields(self.runs.require(run_id)),
-            transitions=[TransitionInfo(r[0], iso(r[1]), r[2], r[3], r[4], r[5])
-                         for r in transitions],
+            transitions=[
+                TransitionInfo(r[0], iso(r[1]), r[2], r[3], r[4], r[5]) for r in transitions
+            ],
             artifacts=[ArtifactInfo(r[0], r[1], r[2], iso(r[3])) for r in artifacts],
             crash_files=[CrashFileInfo(r[0], r[1], r[2], iso(r[3])) for r in crash_files],
-            checkpoints=[CheckpointInfo(r[0], json.loads(r[1]), r[2], iso(r[3]))
-                         for r in checkpoints])
+            checkpoints=[
+                CheckpointInfo(r[0], json.loads(r[1]), r[2], iso(r[3])) for r in checkpoints
+            ],
+        )
 
-    def list_runs(self, *, state: str | None, experiment: str | None, since: float | None,
-                  limit: int, sweep_id: str | None = None) -> list[RunInfo]:
-        clause, args = where(("state = ?", state), ("experiment = ?", experiment),
-                             ("created_at >= ?", since), ("sweep_id = ?", sweep_id))
+    def list_runs(
+        self,
+        *,
+        state: str | None,
+        experiment: str | None,
+        since: float | None,
+        limit: int,
+        sweep_id: str | None = None,
+    ) -> list[RunInfo]:
+        clause, args = where(
+            ("state = ?", state),
+            ("experiment = ?", experiment),
+            ("created_at >= ?", since),
+            ("sweep_id = ?", sweep_id),
+        )
         rows = self.conn.execute(
-            f"{_SELECT} {clause} ORDER BY created_at DESC, run_id DESC LIMIT ?", (*args, limit),
+            f"{_SELECT} {clause} ORDER BY created_at DESC, run_id DESC LIMIT ?",
+            (*args, limit),
         ).fetchall()
         return [self.run_object(RunRow.of(r)) for r in rows]
 
@@ -103,16 +136,20 @@ class Views:
             " JOIN runs r USING (run_id) WHERE f.failure_class = 'Interrupted'"
             " AND NOT EXISTS (SELECT 1 FROM runs n WHERE n.experiment = r.experiment"
             " AND n.variation = r.variation AND n.attempt > r.attempt)"
-            " ORDER BY r.created_at LIMIT ?", (limit,)).fetchall()
+            " ORDER BY r.created_at LIMIT ?",
+            (limit,),
+        ).fetchall()
         return [self.run_object(RunRow.of(r)) for r in rows]
 
-    def export_page(self, what: str, after: str | None,
-                    limit: int) -> list[RunInfo] | list[ListedFailure]:
+    def export_page(
+        self, what: str, after: str | None, limit: int
+    ) -> list[RunInfo] | list[ListedFailure]:
         """Runs or failures in run_id order, from just after `after`."""
         if what == "failures":
             return self.failures.page(after, limit)
         rows = self.conn.execute(
-            f"{_SELECT} WHERE run_id > ? ORDER BY run_id LIMIT ?", (after or "", limit),
+            f"{_SELECT} WHERE run_id > ? ORDER BY run_id LIMIT ?",
+            (after or "", limit),
         ).fetchall()
         return [self.run_object(RunRow.of(r)) for r in rows]
 
@@ -131,8 +168,7 @@ class Views:
             "state": row.state.value,
             "start_time": iso(start),
             "end_time": iso(end),
-            "runtime_sec": round(end - start, 3) if start is not None and end is not None
-            else None,
+            "runtime_sec": round(end - start, 3) if start is not None and end is not None else None,
             "failure_reason": (failure.message or failure.failure_class) if failure else None,
             "failure_class": failure.failure_class if failure else None,
             "category": failure.category if failure else None,

@@ -56,9 +56,15 @@ class Registry:
     """Mutations queued with `submit` (or `land`), applied in batches by `run_writer`;
     reads with `read`. Subscribers get each batch's result once it is committed."""
 
-    def __init__(self, path: Path, *, synchronous: str = "FULL", max_batch: int = 512,
-                 busy_timeout_ms: int = 5000,
-                 mountinfo: Callable[[], str] = read_mountinfo) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        synchronous: str = "FULL",
+        max_batch: int = 512,
+        busy_timeout_ms: int = 5000,
+        mountinfo: Callable[[], str] = read_mountinfo,
+    ) -> None:
         self.path = path
         self.mountinfo = mountinfo
         self.synchronous = synchronous
@@ -90,8 +96,9 @@ class Registry:
         except sqlite3.Error as exc:
             await reader.close()
             await writer.close()
-            raise RunnerdError(ErrorCode.UNAVAILABLE,
-                               opening.refusal(self.path, exc, self.busy_timeout_ms)) from exc
+            raise RunnerdError(
+                ErrorCode.UNAVAILABLE, opening.refusal(self.path, exc, self.busy_timeout_ms)
+            ) from exc
         self._writer, self._reader = writer, reader
         self._store, self._read_store = Store(writer.conn), Store(reader.conn)
 
@@ -117,9 +124,13 @@ class Registry:
                 if self._closing:
                     raise
                 failures += 1
-                log.log(logging.WARNING if failures == 1 else logging.DEBUG,
-                        "%s failed: %s; retrying in %.1f s until it lands", what, exc.message,
-                        delay)
+                log.log(
+                    logging.WARNING if failures == 1 else logging.DEBUG,
+                    "%s failed: %s; retrying in %.1f s until it lands",
+                    what,
+                    exc.message,
+                    delay,
+                )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RETRY_MAX)
                 continue
