@@ -1,9 +1,12 @@
-"""A LocalCluster whose workers report to a test's daemon, for test_dask and
-test_sweeps_dask (imported after `pytest.importorskip("distributed")`)."""
+"""A LocalCluster whose workers report to a test's daemon, and worker processes of their own,
+for the Dask tests (imported after `pytest.importorskip("distributed")`)."""
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import distributed
@@ -63,3 +66,25 @@ def report_to(daemon: Daemon, monkeypatch: pytest.MonkeyPatch) -> None:
     """Point this process's environment at `daemon`: the workers it starts inherit it."""
     for name in ("RUNNERD_SOCKET", "RUNNERD_DB", "XDG_DATA_HOME", "XDG_STATE_HOME"):
         monkeypatch.setenv(name, daemon.env[name])
+
+
+def start_worker(address: str, env: dict[str, str], *extra: str) -> subprocess.Popen[bytes]:
+    """A one-thread worker process of its own session (to be killed as a group), with the
+    tests folder on its path to find our tasks."""
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "distributed.cli.dask_worker",
+            address,
+            "--nthreads",
+            "1",
+            "--nworkers",
+            "1",
+            "--no-dashboard",
+            *extra,
+        ],
+        start_new_session=True,
+        stderr=subprocess.DEVNULL,
+        env={**env, "PYTHONPATH": str(Path(__file__).parent)},
+    )  # to find our tasks

@@ -7,8 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +19,7 @@ from conftest import Daemon, wait_for
 distributed = pytest.importorskip("distributed")
 dask = pytest.importorskip("dask")
 
-from dask_cluster import Cluster, report_to  # noqa: E402  (after the skip: distributed is optional)
+from dask_cluster import Cluster, report_to, start_worker  # noqa: E402  (after the skip: distributed is optional)
 
 from runnerd_client.dask import (  # noqa: E402
     RunnerdWorkerPlugin,
@@ -230,22 +228,7 @@ def test_walltime_on_a_real_dask_worker_is_labelled(
     whole process group, as a job's walltime does, kills the worker process itself."""
     report_to(daemon, monkeypatch)
     made = Cluster(daemon, n_workers=0)
-    worker = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "distributed.cli.dask_worker",
-            made.cluster.scheduler_address,
-            "--nthreads",
-            "1",
-            "--nworkers",
-            "1",
-            "--no-dashboard",
-        ],
-        start_new_session=True,
-        stderr=subprocess.DEVNULL,
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).parent)},
-    )  # to find our tasks
+    worker = start_worker(made.cluster.scheduler_address, dict(os.environ))
     try:
         made.client.wait_for_workers(1, timeout=60)
         future = made.client.submit(sleep_long, 60)
@@ -288,25 +271,7 @@ def test_two_nodes_each_record_their_own_runs_and_runnerctl_sees_both(
     cluster = distributed.LocalCluster(n_workers=0, dashboard_address=":0")
     client = distributed.Client(cluster)
     client.register_plugin(RunnerdWorkerPlugin(experiment="two-nodes"))
-    workers = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "distributed.cli.dask_worker",
-                cluster.scheduler_address,
-                "--nthreads",
-                "1",
-                "--nworkers",
-                "1",
-                "--no-dashboard",
-            ],
-            start_new_session=True,
-            stderr=subprocess.DEVNULL,
-            env={**node.env, "PYTHONPATH": str(Path(__file__).parent)},
-        )
-        for node in nodes
-    ]
+    workers = [start_worker(cluster.scheduler_address, node.env) for node in nodes]
     try:
         client.wait_for_workers(2, timeout=60)
         addresses = sorted(client.scheduler_info()["workers"])

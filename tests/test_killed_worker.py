@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,7 +15,7 @@ from conftest import Daemon, wait_for
 distributed = pytest.importorskip("distributed")
 dask = pytest.importorskip("dask")
 
-from dask_cluster import Cluster, report_to  # noqa: E402  (after the skip: distributed is optional)
+from dask_cluster import Cluster, report_to, start_worker  # noqa: E402  (after the skip: distributed is optional)
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::DeprecationWarning"),
@@ -84,22 +81,7 @@ def test_killed_worker_after_a_walltime_is_retryable(
     report_to(daemon, monkeypatch)
     with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
         made = Cluster(daemon, n_workers=0)
-    worker = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "distributed.cli.dask_worker",
-            made.cluster.scheduler_address,
-            "--nthreads",
-            "1",
-            "--nworkers",
-            "1",
-            "--no-dashboard",
-        ],
-        start_new_session=True,
-        stderr=subprocess.DEVNULL,
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).parent)},
-    )  # to find our tasks
+    worker = start_worker(made.cluster.scheduler_address, dict(os.environ))
     try:
         made.client.wait_for_workers(1, timeout=60)
         future = made.client.submit(sleep_long, 60)

@@ -399,26 +399,6 @@ class DaskNodes:
         return json.loads(self.ctl(*args, "--json").stdout)
 
 
-def start_worker(address: str, env: dict[str, str], *extra: str) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "distributed.cli.dask_worker",
-            address,
-            "--nthreads",
-            "1",
-            "--nworkers",
-            "1",
-            "--no-dashboard",
-            *extra,
-        ],
-        start_new_session=True,
-        stderr=subprocess.DEVNULL,
-        env={**env, "PYTHONPATH": str(Path(__file__).parent)},
-    )  # to find our tasks
-
-
 def stop_workers(workers: list[subprocess.Popen[bytes]]) -> None:
     for worker in workers:
         if worker.poll() is None:
@@ -435,6 +415,8 @@ def worker_env(client: Any, count: int) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def dask_nodes() -> Iterator[DaskNodes]:
     distributed = pytest.importorskip("distributed")
+    import dask_cluster
+
     from runnerd_client.dask import RunnerdWorkerPlugin
 
     with tempfile.TemporaryDirectory(prefix="rd-", dir="/tmp") as name:
@@ -446,7 +428,7 @@ def dask_nodes() -> Iterator[DaskNodes]:
         client = distributed.Client(cluster)
         nowhere = {**a.env, "RUNNERD_SOCKET": str(Path(name) / "nowhere" / "runnerd.sock")}
         procs = [
-            start_worker(cluster.scheduler_address, {**env, "NODE_NAME": node})
+            dask_cluster.start_worker(cluster.scheduler_address, {**env, "NODE_NAME": node})
             for node, env in (("a", a.env), ("b", b.env), ("nowhere", nowhere))
         ]
         try:
@@ -587,6 +569,8 @@ def test_a_worker_oom_killed_on_node_b_is_labelled_in_node_bs_record(
     """The scheduler sits on node A; node B's worker is OOM-killed by its nanny. The label
     reaches B's daemon through B's restarted worker, not A's daemon."""
     distributed = pytest.importorskip("distributed")
+    import dask_cluster
+
     from runnerd_client.dask import RunnerdSchedulerPlugin, RunnerdWorkerPlugin
 
     a, b = Daemon(short_tmp / "a"), Daemon(short_tmp / "b")
@@ -599,8 +583,8 @@ def test_a_worker_oom_killed_on_node_b_is_labelled_in_node_bs_record(
     client.register_plugin(RunnerdSchedulerPlugin())
     client.register_plugin(RunnerdWorkerPlugin(experiment="oom"))
     procs = [
-        start_worker(cluster.scheduler_address, {**a.env, "NODE_NAME": "a"}),
-        start_worker(
+        dask_cluster.start_worker(cluster.scheduler_address, {**a.env, "NODE_NAME": "a"}),
+        dask_cluster.start_worker(
             cluster.scheduler_address, {**b.env, "NODE_NAME": "b"}, "--memory-limit", "400MiB"
         ),
     ]
