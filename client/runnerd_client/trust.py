@@ -147,16 +147,26 @@ def create_file(
 
 
 def write_atomically(
-    folder: str | os.PathLike[str], name: str, data: bytes, *, mode: int = 0o644
+    folder: str | os.PathLike[str],
+    name: str,
+    data: bytes,
+    *,
+    mode: int = 0o644,
+    create: bool = True,
+    durable: bool = False,
 ) -> None:
     """Replace folder/name with `data`: readers see the old or the new file, and nothing
-    planted in the folder (a symlink at the temporary name, say) is written through."""
-    with open_folder(folder, create=True) as dir_fd:
+    planted in the folder (a symlink at the temporary name, say) is written through. With
+    `durable`, the file and the folder are synced, so the new file survives a crash."""
+    with open_folder(folder, create=create) as dir_fd:
         tmp = f".{name}.{secrets.token_hex(6)}.tmp"
         fd = create_file(dir_fd, tmp, mode=mode)
         try:
             with os.fdopen(fd, "wb") as fh:
                 fh.write(data)
+                if durable:
+                    fh.flush()
+                    os.fsync(fh.fileno())
             os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
         except BaseException:
             try:
@@ -164,3 +174,5 @@ def write_atomically(
             except OSError:
                 pass
             raise
+        if durable:
+            os.fsync(dir_fd)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -78,20 +77,6 @@ def _decode(data: bytes) -> Cursor:
 
 def save(folder: Path, name: str, cursor: Cursor) -> None:
     """Replace the cursor file: written to a new file, synced, renamed over, folder synced."""
-    data = cursor.encode()
-    with trust.open_folder(folder) as dir_fd:
-        tmp = f".{name}.{secrets.token_hex(6)}.tmp"
-        fd = trust.create_file(dir_fd, tmp, mode=0o600)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, f"{name}.json", src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-        except BaseException:
-            try:
-                os.unlink(tmp, dir_fd=dir_fd)
-            except OSError:
-                pass
-            raise
-        os.fsync(dir_fd)
+    trust.write_atomically(
+        folder, f"{name}.json", cursor.encode(), mode=0o600, create=False, durable=True
+    )
