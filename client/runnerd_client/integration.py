@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from runnerd_client import trust
 from runnerd_client.procinfo import read_proc
 from runnerd_client.protocol import State
 from runnerd_client.run import ACTIVE, RUN_ID_ENV, Run
@@ -55,11 +56,9 @@ def enclosing_run() -> Run | None:
 def write_note(run: Run, name: str, data: dict[str, Any], *, wait: bool = False) -> Path:
     """Record `data` on the run as `run_dir/name`, a JSON file registered as an artifact:
     `runnerctl show` lists it and a hook reads it. `wait` returns once it is recorded."""
-    run.run_dir.mkdir(parents=True, exist_ok=True)
     path = run.run_dir / name
-    scratch = path.with_name(f".{name}.{os.getpid()}.tmp")
-    scratch.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
-    os.replace(scratch, path)
+    text = json.dumps(data, indent=1, sort_keys=True) + "\n"
+    trust.write_atomically(run.run_dir, name, text.encode())
     run.artifact(path)
     if wait:
         run.flush()
