@@ -22,8 +22,6 @@ import atexit
 import json
 import logging
 import os
-import signal
-import threading
 from collections.abc import Iterable, Sequence
 from types import FrameType
 from typing import Any
@@ -37,6 +35,7 @@ from runnerd_client import paths
 from runnerd_client.cells import variation
 from runnerd_client.connection import Connection
 from runnerd_client.ids import new_key, new_run_id
+from runnerd_client.integration import catch_sigterm
 from runnerd_client.protocol import SweepCreate, SweepEnd, SweepPolicy, SweepStatus
 from runnerd_client.run import ACTIVE, Cell, Run, Terminated
 
@@ -173,11 +172,7 @@ class RunnerdCallback(Callback):
         if not self._exit_hook:
             atexit.register(self._at_exit)
             self._exit_hook = True
-        if (
-            threading.current_thread() is threading.main_thread()
-            and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
-        ):
-            signal.signal(signal.SIGTERM, self._on_sigterm)
+        catch_sigterm(self._on_sigterm)
 
     def _on_sigterm(self, signum: int, frame: FrameType | None) -> None:
         self.terminated = True

@@ -24,7 +24,6 @@ from __future__ import annotations
 import atexit
 import logging
 import os
-import signal
 import sys
 import threading
 import time
@@ -35,6 +34,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from runnerd_client.integration import (
     HookInput,
+    catch_sigterm,
     enclosing_run,
     hook_main,
     notes,
@@ -240,11 +240,7 @@ class _Exit:
             real_exit(code)
 
         sys.exit = exit_
-        if (
-            threading.current_thread() is threading.main_thread()
-            and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
-        ):
-            signal.signal(signal.SIGTERM, self._on_sigterm)
+        catch_sigterm(self._on_sigterm)
 
     def _on_sigterm(self, signum: int, frame: FrameType | None) -> None:
         self.terminated = True
