@@ -21,7 +21,7 @@ from typing import Any
 
 import anyio
 import pytest
-from test_many_nodes import Lines, dask_test, double, start_worker, stop_workers, worker_env
+from test_many_nodes import Lines, dask_test, double, stop_workers, worker_env
 
 from conftest import Daemon, wait_for
 from runnerd import config, mirror
@@ -129,6 +129,8 @@ def test_a_night_on_a_dask_cluster_outlives_its_nodes(short_tmp: Path, shared: P
     on both; `--dask` lists both nodes' runs; node B's job ends (its worker and daemon
     stopped, its registry deleted) and `--from` still lists every run of the night."""
     distributed = pytest.importorskip("distributed")
+    from dask_cluster import start_worker
+
     from runnerd_client.dask import RunnerdWorkerPlugin
 
     a, b = mirroring(short_tmp / "a", shared), mirroring(short_tmp / "b", shared)
