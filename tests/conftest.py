@@ -19,6 +19,7 @@ import pytest
 
 from runnerd import testing
 from runnerd.testing import RawClient
+from runnerd_client.cells import sorted_variation
 from runnerd_client.ids import new_key, new_run_id
 
 T = TypeVar("T")
@@ -56,6 +57,14 @@ class Daemon(testing.Daemon):
         (the machine went down under them, rather than they died on their own)."""
         with closing(sqlite3.connect(self.db)) as db, db:
             db.execute("UPDATE run_pids SET boot_id = 'an-earlier-boot'")
+
+    def as_named_before(self) -> None:
+        """With the daemon down: name the sweeps' cells and their runs as runnerd recorded
+        them before names followed the params' order, keys sorted (`lr=0.1,x=3`)."""
+        with closing(sqlite3.connect(self.db)) as db, db:
+            db.create_function("sorted_name", 1, lambda p: sorted_variation(json.loads(p)))
+            db.execute("UPDATE sweep_cells SET variation = sorted_name(params)")
+            db.execute("UPDATE runs SET variation = sorted_name(params) WHERE sweep_id IS NOT NULL")
 
     def ctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         """Run runnerctl against this daemon."""

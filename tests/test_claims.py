@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from runnerd.handlers.claims import followed
+from runnerd.handlers.claims import followed, recorded_variation
 from runnerd.registry import NewRun, NewSweep, RunRow, Store
 from runnerd.registry.schema import migrate
 from runnerd_client.protocol import Create, RunnerdError, State
@@ -62,7 +62,8 @@ def attempt(
     return store.runs.require(run_id)
 
 
-def sweep(store: Store) -> None:
+def sweep(store: Store, params: dict[str, Any] | None = None, name: str = "x=1") -> None:
+    """Sweep S1 of experiment `e`, its one cell recorded with `params` named `name`."""
     store.sweeps.create(
         NewSweep(
             sweep_id="S1",
@@ -74,7 +75,7 @@ def sweep(store: Store) -> None:
             driver_start=None,
             created_at=NOW,
         ),
-        [(0, json.dumps({"x": 1}), "x=1")],
+        [(0, json.dumps(params or {"x": 1}), name)],
     )
 
 
@@ -145,6 +146,25 @@ def test_a_cell_is_claimed_only_for_its_own_experiment_and_variation(store: Stor
         followed(store, create(variation="x=2"), NOW)
     assert caught.value.code == "bad_request"
     assert "cell 0 of sweep S1 is e/x=1" in caught.value.message
+
+
+def test_a_cell_recorded_with_keys_sorted_is_claimed_and_resumed_in_any_key_order(
+    store: Store,
+) -> None:
+    """An older registry named cells with their keys sorted: a claim naming the params in
+    their own order (or sorted) is still the cell's, and is recorded under its name."""
+    params = {"x": 1, "lr": 0.1}
+    sweep(store, params, "lr=0.1,x=1")
+    attempt(store, "A1", State.FAILED_CRASH, variation="lr=0.1,x=1", params=params, sweep=True)
+    for name, given in [("x=1,lr=0.1", params), ("lr=0.1,x=1", {"lr": 0.1, "x": 1})]:
+        req = create(variation=name, params=given, claim_after="A1", resume=True)
+        resumed = followed(store, req, NOW)
+        assert resumed is not None and resumed.run_id == "A1"
+        assert recorded_variation(store, req) == "lr=0.1,x=1"
+    with pytest.raises(RunnerdError) as caught:
+        followed(store, create(variation="x=2,lr=0.1", params={"x": 2, "lr": 0.1}), NOW)
+    assert "cell 0 of sweep S1 is e/lr=0.1,x=1" in caught.value.message
+    assert recorded_variation(store, create(cell=False, variation="mine")) == "mine"
 
 
 def test_a_resume_follows_the_latest_attempt_of_its_variation(store: Store) -> None:

@@ -27,6 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 CONFIG = """
     x: 1
+    lr: 0.01
     mode: ok
     hydra:
       callbacks:
@@ -123,20 +124,20 @@ def test_the_callback_records_each_job_with_its_real_exception(daemon: Daemon, a
     code, err = finished(multirun(daemon, app, "cb-raise", "x=1,2,3", "mode=raise"))
     assert code == 1 and "x=2 diverged" in err
     found = runs(daemon, "cb-raise")
-    assert sorted(found) == ["mode=raise,x=1", "mode=raise,x=2", "mode=raise,x=3"]
-    failed = found["mode=raise,x=2"]
+    assert sorted(found) == ["x=1,mode=raise", "x=2,mode=raise", "x=3,mode=raise"]
+    failed = found["x=2,mode=raise"]
     assert failed["state"] == "failed_crash"
     assert failed["params"] == {"x": 2, "mode": "raise"}
     assert failed["failure"]["failure_class"] == "ValueError"
     assert failed["failure"]["message"] == "x=2 diverged"
     assert "app.py" in failed["failure"]["traceback"]
     assert failed["tags"]["hydra.job_num"] == 1
-    assert [found[f"mode=raise,x={x}"]["state"] for x in (1, 3)] == ["succeeded", "succeeded"]
+    assert [found[f"x={x},mode=raise"]["state"] for x in (1, 3)] == ["succeeded", "succeeded"]
     sweep = the_sweep(daemon, "cb-raise")
     assert cell_states(sweep) == {
-        "mode=raise,x=1": "succeeded",
-        "mode=raise,x=2": "failed",
-        "mode=raise,x=3": "succeeded",
+        "x=1,mode=raise": "succeeded",
+        "x=2,mode=raise": "failed",
+        "x=3,mode=raise": "succeeded",
     }
     assert (app / "cb-raise" / "2" / "done.txt").read_text() == "3"  # Hydra went on
 
@@ -163,34 +164,42 @@ def test_a_killed_job_is_recorded_and_the_jobs_never_started_too(
     code, _ = finished(proc)
     assert code == (143 if sig == signal.SIGTERM else -9)
     killed = wait_for(
-        lambda: (r := runs(daemon, name)["mode=wait,x=2"])["state"] != "running" and r,
+        lambda: (r := runs(daemon, name)["x=2,mode=wait"])["state"] != "running" and r,
         what="the killed job's run to end",
     )
     assert (killed["state"], killed["failure"]["failure_class"]) == (state, failure_class)
-    assert runs(daemon, name)["mode=wait,x=1"]["state"] == "succeeded"
+    assert runs(daemon, name)["x=1,mode=wait"]["state"] == "succeeded"
     cells = cell_states(the_sweep(daemon, name))
-    assert cells["mode=wait,x=3"] == skipped  # a SIGKILLed driver leaves it for a resume
+    assert cells["x=3,mode=wait"] == skipped  # a SIGKILLed driver leaves it for a resume
     assert job_dirs(app, name) == ["0", "1"]  # Hydra's record stops there
 
 
+@pytest.mark.parametrize("named_before", [False, True], ids=["new", "recorded-keys-sorted"])
 def test_the_launcher_runs_a_multirun_as_a_sweep_fail_fast_then_resumes_it(
-    daemon: Daemon, app: Path
+    daemon: Daemon, app: Path, named_before: bool
 ) -> None:
+    """The resume gives the overrides in another order, and (recorded-keys-sorted) resumes
+    a sweep recorded when cells were named with their keys sorted: both match its cells."""
     code, err = finished(
         multirun(daemon, app, "ln", "x=1,2,3", "mode=raise", "hydra/launcher=runnerd")
     )
     assert code == 1 and "stopped by fail_fast" in err and "x=2 diverged" in err
     sweep = the_sweep(daemon, "ln")
     assert cell_states(sweep) == {
-        "mode=raise,x=1": "succeeded",
-        "mode=raise,x=2": "failed",
-        "mode=raise,x=3": "skipped",
+        "x=1,mode=raise": "succeeded",
+        "x=2,mode=raise": "failed",
+        "x=3,mode=raise": "skipped",
     }
     manifest = json.loads((app / "ln" / "manifest.json").read_text())
     assert manifest["sweep_id"] == sweep["sweep_id"]
     failure = manifest["cells"][1]["failure"]
     assert (failure["failure_class"], failure["message"]) == ("ValueError", "x=2 diverged")
-    first = runs(daemon, "ln")["mode=raise,x=1"]["run_id"]
+    name = "mode=raise,x={}" if named_before else "x={},mode=raise"
+    if named_before:
+        daemon.stop()
+        daemon.as_named_before()
+        daemon.start()
+    first = runs(daemon, "ln")[name.format(1)]["run_id"]
 
     (app / "fixed").touch()
     code, err = finished(
@@ -198,21 +207,25 @@ def test_the_launcher_runs_a_multirun_as_a_sweep_fail_fast_then_resumes_it(
             daemon,
             app,
             "ln-again",
-            "x=1,2,3",
             "mode=raise",
+            "x=1,2,3",
             "hydra/launcher=runnerd",
             f"hydra.launcher.resume={sweep['sweep_id']}",
         )
     )
     assert code == 0, err
     resumed = the_sweep(daemon, "ln")
-    assert set(cell_states(resumed).values()) == {"succeeded"}
-    assert runs(daemon, "ln")["mode=raise,x=1"]["run_id"] == first  # not run again
-    assert {c["variation"]: c["attempts"] for c in resumed["cells"]} == {
-        "mode=raise,x=1": 1,
-        "mode=raise,x=2": 2,
-        "mode=raise,x=3": 1,
+    assert {c["variation"]: (c["state"], c["attempts"]) for c in resumed["cells"]} == {
+        name.format(1): ("succeeded", 1),
+        name.format(2): ("succeeded", 2),
+        name.format(3): ("succeeded", 1),
     }
+    after = runs(daemon, "ln")
+    assert sorted(after) == [name.format(x) for x in (1, 2, 3)]  # no run under another name
+    assert after[name.format(1)]["run_id"] == first  # not run again
+    assert after[name.format(2)]["attempt"] == 2  # the cell's attempts count on
+    manifest = json.loads((app / "ln" / "manifest.json").read_text())
+    assert [c["variation"] for c in manifest["cells"]] == [name.format(x) for x in (1, 2, 3)]
     # in the first multirun's folders, under their own job numbers
     assert [(app / "ln" / n / "done.txt").read_text() for n in "012"] == ["1", "2", "3"]
     assert not (app / "ln-again").exists() or not list((app / "ln-again").glob("*/done.txt"))
@@ -232,8 +245,26 @@ def test_the_launcher_continues_on_failure_when_told(daemon: Daemon, app: Path) 
     )
     assert code == 1 and "x=2 diverged" in err
     assert cell_states(the_sweep(daemon, "ln-all")) == {
-        "mode=raise,x=1": "succeeded",
-        "mode=raise,x=2": "failed",
-        "mode=raise,x=3": "succeeded",
+        "x=1,mode=raise": "succeeded",
+        "x=2,mode=raise": "failed",
+        "x=3,mode=raise": "succeeded",
     }
     assert job_dirs(app, "ln-all") == ["0", "1", "2"]
+
+
+def test_cells_are_named_in_the_order_the_overrides_were_written(daemon: Daemon, app: Path) -> None:
+    code, err = finished(
+        multirun(daemon, app, "order", "x=1,3", "lr=0.1", "hydra/launcher=runnerd")
+    )
+    assert code == 0, err
+    names = ["x=1,lr=0.1", "x=3,lr=0.1"]
+    sweep = the_sweep(daemon, "order")
+    assert [c["variation"] for c in sweep["cells"]] == names
+    assert [c["params"] for c in sweep["cells"]] == [{"x": 1, "lr": 0.1}, {"x": 3, "lr": 0.1}]
+    shown = daemon.ctl("sweep", "show", sweep["sweep_id"]).stdout
+    assert all(f" {name} " in shown for name in names), shown
+    listed = daemon.ctl("list", "--experiment", "order").stdout
+    assert all(name in listed for name in names), listed
+    assert sorted(runs(daemon, "order")) == names
+    manifest = json.loads((app / "order" / "manifest.json").read_text())
+    assert [c["variation"] for c in manifest["cells"]] == names

@@ -18,12 +18,15 @@ from conftest import Daemon, RawClient
 from runnerd.registry import MIGRATIONS
 from runnerd_client.cells import (
     SpecError,
+    cell_key,
     changed_keys,
     count,
     differences,
     expand,
     grid_values,
+    names_cell,
     placeholders,
+    sorted_variation,
     substitute,
     variation,
 )
@@ -134,6 +137,41 @@ def test_a_cell_is_claimed_once_per_attempt_it_follows(conn: RawClient) -> None:
         (0, 2, second, "running"),
         (1, 0, None, "pending"),
     ]  # a pending attempt is live
+
+
+def test_cells_are_named_in_grid_order_and_claimed_with_their_params_in_any_order(
+    conn: RawClient,
+) -> None:
+    """A claim whose params come in another order (named in that order, or keys sorted as
+    an older client names them) is the cell's: its run is recorded under the cell's name,
+    so the cell's attempts count on under one name; other params are refused."""
+    sweep_id = new_sweep(conn, "order", {"x": [1, 3], "lr": [0.1]})
+    cells = ok(conn, "sweep_cells", sweep=sweep_id)["cells"]
+    assert [c["variation"] for c in cells] == ["x=1,lr=0.1", "x=3,lr=0.1"]
+    first, reply = claim(conn, sweep_id, "order", 0, {"lr": 0.1, "x": 1})  # lr=0.1,x=1
+    assert reply["ok"] and reply["attempt"] == 1, reply
+    assert ok(conn, "get", run=first)["run"]["variation"] == "x=1,lr=0.1"
+    end(conn, first, reason="crash", message="boom")
+    second = new_run_id()
+    reply = call(
+        conn,
+        "create",
+        key=new_key(),
+        run_id=second,
+        experiment="order",
+        variation="lr=0.1,x=1",
+        params={"x": 1, "lr": 0.1},
+        sweep_id=sweep_id,
+        cell=0,
+        claim_after=first,
+        resume=True,
+    )
+    assert reply["ok"] and reply["attempt"] == 2 and reply["resumed_from"] == first, reply
+    run = ok(conn, "get", run=second)["run"]
+    assert (run["variation"], run["params"]) == ("x=1,lr=0.1", {"x": 1, "lr": 0.1})
+    _, reply = claim(conn, sweep_id, "order", 1, {"lr": 0.1, "x": 1})
+    assert reply["error"]["code"] == "bad_request"
+    assert "is order/x=3,lr=0.1" in reply["error"]["message"]
 
 
 def test_a_cell_that_succeeded_meanwhile_is_not_claimed_again(conn: RawClient) -> None:
@@ -338,13 +376,27 @@ def test_a_grid_expands_in_order_the_last_key_fastest() -> None:
         list(expand({}))
 
 
-def test_a_variation_is_readable_and_ignores_key_order() -> None:
-    assert variation({"seed": 2, "lr": 0.1}) == variation({"lr": 0.1, "seed": 2}) == "lr=0.1,seed=2"
+def test_a_variation_is_readable_in_the_order_given() -> None:
+    assert variation({"x": 3, "lr": 0.1}) == "x=3,lr=0.1"
+    assert variation({"lr": 0.1, "x": 3}) == "lr=0.1,x=3"
+    assert sorted_variation({"x": 3, "lr": 0.1}) == "lr=0.1,x=3"  # as names were recorded
     assert variation({}) == "default"
-    assert variation({"opt": "adam", "layers": [1, 2]}) == "layers=[1,2],opt=adam"
+    assert variation({"opt": "adam", "layers": [1, 2]}) == "opt=adam,layers=[1,2]"
     long = variation({"text": "x" * 500})
     assert len(long) == 200 and long.startswith("text=xxx")
     assert long != variation({"text": "x" * 499})
+
+
+def test_a_cell_is_named_by_its_name_or_its_params_in_any_order() -> None:
+    cell = {"x": 3, "lr": 0.1}
+    assert names_cell("x=3,lr=0.1", cell, "x=3,lr=0.1", cell)
+    reordered = {"lr": 0.1, "x": 3}
+    assert names_cell("lr=0.1,x=3", reordered, "x=3,lr=0.1", cell)  # its params' own order
+    assert names_cell("x=3,lr=0.1", {"x": 3, "lr": 0.1}, "lr=0.1,x=3", cell)  # recorded sorted
+    assert not names_cell("x=3,lr=0.1", {"x": 3, "lr": 0.2}, "lr=0.1,x=3", cell)
+    assert not names_cell("x=true", {"x": True}, "x=1", {"x": 1})  # true is not 1
+    assert not names_cell("other", cell, "x=3,lr=0.1", cell)
+    assert cell_key(cell) == cell_key(reordered) != cell_key({"x": 3.0, "lr": 0.1})
 
 
 @given(
@@ -357,7 +409,11 @@ def test_a_variation_is_readable_and_ignores_key_order() -> None:
 def test_variations_are_stable_short_and_tell_params_apart(params: dict[str, Any]) -> None:
     name = variation(params)
     assert 1 <= len(name) <= 200
-    assert name == variation(dict(reversed(list(params.items()))))
+    assert name == variation(dict(params.items()))
+    reordered = dict(reversed(list(params.items())))
+    assert sorted_variation(params) == sorted_variation(reordered)
+    assert names_cell(variation(reordered), reordered, name, params)
+    assert names_cell(sorted_variation(reordered), reordered, name, params)
 
 
 def test_substitution_and_placeholders() -> None:

@@ -706,6 +706,67 @@ def test_resume_refuses_a_changed_command_or_grid(daemon: Daemon, short_tmp: Pat
     assert cells.starts() == Counter({"1": 1, "2": 2})
 
 
+@pytest.mark.parametrize("named_before", [False, True], ids=["new", "recorded-keys-sorted"])
+def test_cells_are_named_in_grid_order_and_resumed_whatever_the_order(
+    daemon: Daemon, short_tmp: Path, named_before: bool
+) -> None:
+    """Cells are named in the order of the --grid options; a resume given the grid in
+    another order, and (recorded-keys-sorted) a resume or replication of a sweep recorded
+    when names had their keys sorted, keep the cells' recorded names."""
+    cells = Cells(short_tmp, fail=("2-0.1",))
+    command = cells.command("x", "lr")
+    first = runnerctl(
+        daemon,
+        "sweep",
+        "run",
+        "--experiment",
+        "order",
+        "--grid",
+        "x=1,2",
+        "--grid",
+        "lr=0.1",
+        "--failure-policy",
+        "continue_on_failure",
+        "--",
+        *command,
+    )
+    assert first.returncode == 1, first.stderr
+    sweep_id = sweep_id_of(first.stdout)
+    assert re.search(r"^1\s+x=2,lr=0\.1\s+failed", first.stdout, re.M), first.stdout
+    assert [c["variation"] for c in show(daemon, sweep_id)["cells"]] == ["x=1,lr=0.1", "x=2,lr=0.1"]
+    names = ["x=1,lr=0.1", "x=2,lr=0.1"]
+    if named_before:
+        daemon.stop()
+        daemon.as_named_before()
+        daemon.start()
+        names = ["lr=0.1,x=1", "lr=0.1,x=2"]
+    cells.heal("2-0.1")
+
+    again = runnerctl(
+        daemon, "sweep", "resume", sweep_id, "--grid", "lr=0.1", "--grid", "x=1,2", "--", *command
+    )
+    assert again.returncode == 0, again.stdout + again.stderr
+    shown = show(daemon, sweep_id)
+    assert [(c["variation"], c["state"], c["attempts"]) for c in shown["cells"]] == [
+        (names[0], "succeeded", 1),
+        (names[1], "succeeded", 2),
+    ]
+    runs = sweep_runs(daemon, sweep_id)
+    assert sorted((r["variation"], r["attempt"]) for r in runs) == [
+        (names[0], 1),
+        (names[1], 1),
+        (names[1], 2),
+    ]
+    manifest = json.loads(manifest_path_of(again.stdout).read_text())
+    assert [c["variation"] for c in manifest["cells"]] == names
+    text = daemon.ctl("sweep", "show", sweep_id).stdout
+    assert all(re.search(rf"^\d+\s+{re.escape(n)}\s+succeeded", text, re.M) for n in names), text
+    same = runnerctl(daemon, "sweep", "replicate", sweep_id)
+    assert same.returncode == 0, same.stdout + same.stderr
+    assert replicated(same.stdout) == {0: "yes", 1: "yes"}
+    assert {r["variation"] for r in sweep_runs(daemon, sweep_id)} == set(names)
+
+
 REPLICATION_ROW = re.compile(r"^(\d+)\s+(\S+)\s+.*\s(yes|NO)\s+(\S+)$", re.M)
 
 
@@ -869,8 +930,8 @@ def test_a_toml_file_of_cells_is_a_sweep(daemon: Daemon, short_tmp: Path) -> Non
     assert result.returncode == 0, result.stderr
     shown = show(daemon, sweep_id_of(result.stdout))
     assert [(c["params"], c["variation"], c["state"]) for c in shown["cells"]] == [
-        ({"x": 1, "name": "a"}, "name=a,x=1", "succeeded"),
-        ({"x": 2, "name": "b"}, "name=b,x=2", "succeeded"),
+        ({"x": 1, "name": "a"}, "x=1,name=a", "succeeded"),
+        ({"x": 2, "name": "b"}, "x=2,name=b", "succeeded"),
     ]
     assert shown["spec"]["cells"] == [{"x": 1, "name": "a"}, {"x": 2, "name": "b"}]
     assert cells.ends() == Counter({"1-a": 1, "2-b": 1})

@@ -10,6 +10,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from conftest import Daemon
 
 STOPS = """
@@ -236,3 +238,59 @@ def test_rd_resume_sweep_runs_only_what_did_not_succeed(daemon: Daemon, short_tm
     cells = daemon.ctl_json("sweep", "show", sweep_id)["cells"]
     assert [c["attempts"] for c in cells] == [2, 1, 1, 2, 1, 1, 2, 1, 1]
     assert {c["state"] for c in cells} == {"succeeded"}
+
+
+ORDERED = """
+import json, os, sys
+import runnerd_client as rd
+
+def cell(x, lr):
+    if os.path.exists(os.environ["BROKEN"]) and x == 1:
+        raise OSError("disk unavailable")
+    return x
+
+if sys.argv[1] == "run":
+    result = rd.sweep("ordered", [{"x": 0, "lr": 0.1}, {"x": 1, "lr": 0.1}], cell,
+                      failure_policy="continue_on_failure")
+else:
+    result = rd.resume_sweep(sys.argv[2], cell)
+print(json.dumps({"sweep_id": result.sweep_id, "names": [o.variation for o in result.outcomes]}))
+"""
+
+
+@pytest.mark.parametrize("named_before", [False, True], ids=["new", "recorded-keys-sorted"])
+def test_cells_are_named_in_the_order_given_and_a_resume_keeps_the_recorded_names(
+    daemon: Daemon, short_tmp: Path, named_before: bool
+) -> None:
+    """Each cell's keys in the order the dict has them; a sweep recorded when names had
+    their keys sorted resumes under those names, its cells' attempts counting on."""
+    broken = short_tmp / "broken"
+    broken.write_text("")
+    env = {"BROKEN": str(broken)}
+    first = daemon.python(ORDERED, "run", env=env)
+    out, err = first.communicate(timeout=120)
+    assert first.returncode == 0, err
+    ran = json.loads(out)
+    assert ran["names"] == ["x=0,lr=0.1", "x=1,lr=0.1"]
+    names = ran["names"]
+    if named_before:
+        daemon.stop()
+        daemon.as_named_before()
+        daemon.start()
+        names = ["lr=0.1,x=0", "lr=0.1,x=1"]
+    broken.unlink()
+    second = daemon.python(ORDERED, "resume", ran["sweep_id"], env=env)
+    out, err = second.communicate(timeout=120)
+    assert second.returncode == 0, err
+    assert json.loads(out)["names"] == names[1:]
+    cells = daemon.ctl_json("sweep", "show", ran["sweep_id"])["cells"]
+    assert [(c["variation"], c["attempts"], c["state"]) for c in cells] == [
+        (names[0], 1, "succeeded"),
+        (names[1], 2, "succeeded"),
+    ]
+    runs = daemon.ctl_json("list", "--experiment", "ordered")
+    assert sorted((r["variation"], r["attempt"]) for r in runs) == [
+        (names[0], 1),
+        (names[1], 1),
+        (names[1], 2),
+    ]

@@ -92,15 +92,43 @@ def text(value: Any) -> str:
 
 
 def variation(params: Mapping[str, Any]) -> str:
-    """A stable, readable name for a params map: `lr=0.1,seed=2` (keys sorted); a long one
-    keeps its start and a hash of the whole."""
+    """A stable, readable name for a params map, its keys in the order given (a grid's, the
+    order Hydra's overrides were written in): `x=3,lr=0.1`; a long one keeps its start and
+    a hash of the whole. Compare cells with `cell_key` or `names_cell`, never by name alone:
+    the same params in another order are named otherwise."""
     if not params:
         return "default"
-    name = ",".join(f"{key}={text(params[key])}" for key in sorted(params))
+    name = ",".join(f"{key}={text(value)}" for key, value in params.items())
     if len(name) <= MAX_VARIATION:
         return name
     digest = hashlib.sha256(name.encode()).hexdigest()[:16]
     return f"{name[: MAX_VARIATION - 17]}~{digest}"
+
+
+def sorted_variation(params: Mapping[str, Any]) -> str:
+    """The name of a params map with its keys sorted: what cells were named before names
+    followed the order given (`lr=0.1,x=3`), still recorded in older registries."""
+    return variation(dict(sorted(params.items())))
+
+
+def cell_key(params: Mapping[str, Any]) -> str:
+    """What a cell's params are, whatever the order of their keys: for matching cells
+    (1, 1.0 and true differ, as in their names)."""
+    return json.dumps(params, sort_keys=True, separators=(",", ":"))
+
+
+def names_cell(
+    name: str, params: Mapping[str, Any], cell_name: str, cell_params: Mapping[str, Any]
+) -> bool:
+    """Whether an attempt named `name` with `params` is of a recorded cell: it has the
+    cell's name, or the cell's params (in any key order) named in their order or sorted,
+    as a client reading the cell back, or an older one, names them."""
+    if name == cell_name:
+        return True
+    return cell_key(params) == cell_key(cell_params) and name in (
+        variation(params),
+        sorted_variation(params),
+    )
 
 
 class _Strict(dict[str, str]):

@@ -13,7 +13,7 @@ Two ways in, both configured, never coded:
   sweep folder, and `hydra.launcher.resume=SWEEP_ID`, which reruns only the jobs that did
   not succeed, in the original folders under their original job numbers.
 
-Cells and runs are named by their overrides, keys sorted (`lr=0.1,x=3`).
+Cells and runs are named by their overrides in the order written (`x=3,lr=0.1`).
 """
 
 from __future__ import annotations

@@ -112,7 +112,8 @@ class CellOutcome:
     """How one cell ended in this turn: `state` is succeeded, failed, abandoned (stopped by
     fail_fast or a signal), skipped (never started) or taken (claimed by another driver of
     the sweep). `attempts` is the cell's count of attempts in the sweep, as manifest.json
-    has it; `failure` its latest attempt's failure as the daemon recorded it."""
+    has it; `failure` its latest attempt's failure as the daemon recorded it, `recorded_as`
+    the cell's name there (a sweep recorded when names had their keys sorted keeps them)."""
 
     index: int
     params: dict[str, Any]
@@ -125,10 +126,11 @@ class CellOutcome:
     failure: dict[str, Any] | None = field(default=None, repr=False)
     diagnosis: dict[str, Any] | None = field(default=None, repr=False)
     stderr_tail: bytes = field(default=b"", repr=False)
+    recorded_as: str | None = field(default=None, repr=False)
 
     @property
     def variation(self) -> str:
-        return variation(self.params)
+        return self.recorded_as or variation(self.params)
 
 
 @dataclass

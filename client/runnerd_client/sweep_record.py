@@ -161,15 +161,15 @@ def end_turn(
 def complete(
     outcomes: list[CellOutcome], followed: Mapping[int, str | None], cells: Iterable[dict[str, Any]]
 ) -> None:
-    """Fill each outcome from its cell's record: its attempts, and the run and failure of
-    the attempt this turn made. An attempt that ran elsewhere and was cancelled (Dask)
-    ends as the record says; cancelled before it made a run, it was never started."""
+    """Fill each outcome from its cell's record: its name, its attempts, and the run and
+    failure of the attempt this turn made. An attempt that ran elsewhere and was cancelled
+    (Dask) ends as the record says; cancelled before it made a run, it was never started."""
     by_index = {o.index: o for o in outcomes}
     for cell in cells:
         outcome = by_index.get(cell["index"])
         if outcome is None:
             continue
-        outcome.attempts = cell["attempts"]
+        outcome.attempts, outcome.recorded_as = cell["attempts"], cell["variation"]
         if outcome.state in ("taken", "skipped"):
             continue
         if outcome.run_id is None:

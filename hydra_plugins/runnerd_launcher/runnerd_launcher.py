@@ -26,7 +26,7 @@ from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 import runnerd_client as rd
-from runnerd_client.cells import variation
+from runnerd_client.cells import cell_key
 from runnerd_client.hydra import connect_daemon, job_returns, overrides_params
 from runnerd_client.protocol import SweepGet
 from runnerd_client.sweep import sweep_cells
@@ -78,11 +78,11 @@ class RunnerdLauncher(Launcher):
         cells = [overrides_params(job) for job in job_overrides]
         folder = self._sweep_dir(cells)
         Path(folder).mkdir(parents=True, exist_ok=True)
-        by_name = {variation(params): index for index, params in enumerate(cells)}
+        by_key = {cell_key(params): index for index, params in enumerate(cells)}
         done: dict[int, JobReturn] = {}
 
         def hydra_job(**params: Any) -> Any:
-            index = by_name[variation(params)]
+            index = by_key[cell_key(params)]  # a resume's stored params may be in another order
             ret = self._run_job(initial_job_idx + index, job_overrides[index], folder)
             done[index] = ret
             return ret.return_value  # raises the job's exception: the cell's run records it
@@ -104,7 +104,7 @@ class RunnerdLauncher(Launcher):
         log.info(
             "runnerd sweep %s: %s (manifest %s)", result.sweep_id, result.summary, result.manifest
         )
-        outcomes = {by_name[o.variation]: o for o in result.outcomes if o.variation in by_name}
+        outcomes = {o.index: o for o in result.outcomes}  # the cells are the jobs, in order
         return job_returns(job_overrides, outcomes, done, self._succeeded(result.sweep_id))
 
     def _succeeded(self, sweep_id: str) -> set[int]:

@@ -8,12 +8,13 @@ again (Dask re-dispatches a task whose worker died) follows its earlier dispatch
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from runnerd.handlers.common import bad
 from runnerd.registry import RunRow, Store
 from runnerd.states import Event, end_with_failure, failure_record
-from runnerd_client.cells import changed_keys
+from runnerd_client.cells import changed_keys, names_cell
 from runnerd_client.protocol import Create, ErrorCode, FailReason, RunnerdError, State
 
 
@@ -60,13 +61,24 @@ def claim_cell(store: Store, req: Create, at: float) -> RunRow | None:
 
 def cell_of(store: Store, req: Create) -> str | None:
     """The run of the cell's latest attempt, once the cell is known to be the request's
-    experiment and variation."""
+    experiment and variation (its params named in another key order too: `names_cell`)."""
     assert req.sweep_id is not None and req.cell is not None
     sweep = store.sweeps.require(req.sweep_id)
     cell = store.sweeps.cell(req.sweep_id, req.cell)
-    if (sweep.experiment, cell.variation) != (req.experiment, req.variation):
+    if sweep.experiment != req.experiment or not names_cell(
+        req.variation, req.params or {}, cell.variation, json.loads(cell.params_json)
+    ):
         raise bad(f"cell {req.cell} of sweep {req.sweep_id} is {sweep.experiment}/{cell.variation}")
     return cell.latest_run_id
+
+
+def recorded_variation(store: Store, req: Create) -> str:
+    """The variation a new attempt is recorded under: a cell's attempt under the cell's own
+    name, however its client ordered the params, so the cell's attempts count on under
+    one name (a sweep recorded with keys sorted keeps them so)."""
+    if req.sweep_id is None or req.cell is None:
+        return req.variation
+    return store.sweeps.cell(req.sweep_id, req.cell).variation
 
 
 def same_task(latest: RunRow | None, req: Create) -> bool:

@@ -7,7 +7,7 @@ import os
 import signal
 from collections.abc import Awaitable
 
-from runnerd.handlers.claims import followed
+from runnerd.handlers.claims import followed, recorded_variation
 from runnerd.handlers.common import as_json, bad, event_time, mutate
 from runnerd.handlers.context import Context, Peer, Reply
 from runnerd.processes import is_alive
@@ -65,7 +65,7 @@ def handle_create(ctx: Context, peer: Peer, req: Create) -> Awaitable[Reply]:
             NewRun(
                 run_id=req.run_id,
                 experiment=req.experiment,
-                variation=req.variation,
+                variation=recorded_variation(store, req),
                 params_json=params,
                 tags_json=tags,
                 cwd=req.cwd,
