@@ -3,7 +3,17 @@
 Imports stay light (no daemon modules, no SQLite) so `runnerctl status` starts fast.
 """
 
-from runnerd.cli import admin, failures, hooks, launching, runs, stack, sweeps  # noqa: F401  (they register commands)
+from runnerd.cli import (  # noqa: F401  (they register commands)
+    admin,
+    failures,
+    following,
+    hooks,
+    launching,
+    runs,
+    stack,
+    status,
+    sweeps,
+)
 from runnerd.cli.common import cli, parse_duration, parse_size
 
 __all__ = ["cli", "main", "parse_duration", "parse_size"]

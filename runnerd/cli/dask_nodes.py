@@ -19,7 +19,7 @@ from typing import Any
 import click
 
 from runnerd.cli.common import EXIT_ERROR, EXIT_UNREACHABLE, fail
-from runnerd.cli.nodes import Answer
+from runnerd.cli.daemons import Answer
 from runnerd_client import dask_nodes
 from runnerd_client.connection import DaemonUnavailable
 from runnerd_client.protocol import Request, RunnerdError, request_map

@@ -1,6 +1,6 @@
-"""`runnerctl follow` over several daemons (`--socket` repeated), the nodes of a Dask
-cluster (`--dask`) or a shared folder (`--from`): one stream, each line naming where it
-happened (its `daemon`).
+"""`runnerctl follow`: events as they happen, of one daemon or over several daemons
+(`--socket` repeated), the nodes of a Dask cluster (`--dask`) or a shared folder
+(`--from`): one stream, each line naming where it happened (its `daemon`).
 
 Each daemon numbers its own events, so `--since SEQ` needs one daemon. A daemon that goes
 away is named and the others are followed on; with RUN, the run is found on the daemon
@@ -22,14 +22,117 @@ from typing import Any
 
 import click
 
-from runnerd.cli.common import EXIT_NO_RUN, EXIT_UNREACHABLE, fail, local_time, say, shown
+from runnerd.cli import dask_nodes
+from runnerd.cli.common import (
+    EXIT_NO_RUN,
+    EXIT_UNREACHABLE,
+    cli,
+    fail,
+    json_option,
+    local_time,
+    request,
+    say,
+    shown,
+    subscribed,
+)
 from runnerd.cli.merge import Item
-from runnerd.cli.nodes import ask_each, read_folder, show_from, show_many
+from runnerd.cli.nodes import ask_each, from_option, read_folder, several, show_from, show_many
 from runnerd_client.connection import Connection, DaemonUnavailable
-from runnerd_client.protocol import State, Subscribe, SweepGet
+from runnerd_client.protocol import Get, State, Subscribe, SweepGet
 
 FOLDER_POLL = 2.0
 Event = tuple[str, dict[str, Any] | None]  # (daemon, event); None: that daemon went away
+
+
+@cli.command()
+@click.argument("run", required=False)
+@click.option("--experiment", help="Follow every run of this experiment.")
+@click.option("--sweep", help="Follow every run of this sweep, from its start.")
+@click.option(
+    "--since",
+    "since_seq",
+    type=click.IntRange(min=0),
+    metavar="SEQ",
+    help="Replay the events from this seq on, then stream (resume a consumer: "
+    "the last seq it handled + 1).",
+)
+@from_option
+@json_option
+@click.pass_context
+def follow(
+    ctx: click.Context,
+    run: str | None,
+    experiment: str | None,
+    sweep: str | None,
+    since_seq: int | None,
+    from_dir: Path | None,
+    as_json: bool,
+) -> None:
+    """Print events as they happen. With RUN: from its start, until it ends, and exit with
+    its outcome (0 succeeded, else the command's exit code or 1). --json: one event per
+    line, each with its seq; of several daemons (or a folder), each naming its daemon."""
+    if from_dir is not None or several(ctx):
+        follow_many(ctx, run, experiment, sweep, since_seq, as_json, from_dir)
+    else:
+        follow_one(ctx, run, experiment, sweep, since_seq, as_json)
+
+
+def follow_one(
+    ctx: click.Context,
+    run: str | None,
+    experiment: str | None,
+    sweep: str | None,
+    since_seq: int | None,
+    as_json: bool,
+) -> None:
+    """The one daemon's events; a lag re-subscribes from the last seq seen."""
+    run_id = request(ctx, Get(run=run))["run"]["run_id"] if run else None
+    sweep_id = request(ctx, SweepGet(sweep=sweep))["sweep"]["sweep_id"] if sweep else None
+    last = 0 if run_id or sweep_id else None
+    if since_seq is not None:
+        last = max(since_seq - 1, 0)
+    while True:
+        events = subscribed(ctx, run=run_id, experiment=experiment, sweep=sweep_id, since=last)
+        try:
+            while (event := events.next_event()) is not None:
+                if event["event"] == "lagged":
+                    say(
+                        f"runnerctl: lagged, {event['dropped']} events dropped; catching up",
+                        err=True,
+                    )
+                    last = event["seq"]
+                    break
+                last = event["seq"]
+                if as_json:
+                    click.echo(json.dumps(event, sort_keys=True))
+                else:
+                    say(
+                        f"{local_time(event['at'])} {event['run_id'] or event['sweep_id']} "
+                        f"{shown(event['experiment'])}: {shown(describe(event))}"
+                    )
+                if run_id and event["event"] == "transition" and State(event["to"]).terminal:
+                    sys.exit(exit_status(request(ctx, Get(run=run_id))["run"]))
+        except DaemonUnavailable:
+            fail("the daemon went away", EXIT_UNREACHABLE)
+        finally:
+            events.close()
+
+
+def describe(event: dict[str, Any]) -> str:
+    kind = event["event"]
+    if kind == "transition":
+        return f"{event['from'] or '-'} -> {event['to']} ({event['cause']}, {event['source']})"
+    if kind == "artifact":
+        return f"artifact {event['path']} ({event['size']} bytes)"
+    if kind == "checkpoint":
+        return f"checkpoint {json.dumps(event['data'])}" + (
+            f" {event['path']}" if event["path"] else ""
+        )
+    if kind == "failure":
+        return f"failure {event['failure_class']}: {event['message']} [{event['category']}]"
+    if kind == "sweep_ended":
+        return f"sweep ended {event['status']}"
+    return str(kind)
 
 
 def follow_many(
@@ -78,8 +181,6 @@ def _sweep_id(ctx: click.Context, prefix: str) -> str:
 
 
 def _print(daemon: str, event: dict[str, Any], as_json: bool) -> None:
-    from runnerd.cli.runs import describe
-
     if as_json:
         click.echo(json.dumps({**event, "daemon": daemon}, sort_keys=True))
         return
@@ -90,8 +191,12 @@ def _print(daemon: str, event: dict[str, Any], as_json: bool) -> None:
 
 
 def _outcome(ctx: click.Context, run_id: str, folder: Path | None) -> int:
-    """A followed run's outcome as an exit status: 0, the command's own code, or 1."""
     run = show_from(folder, run_id) if folder is not None else show_many(ctx, run_id)
+    return exit_status(run)
+
+
+def exit_status(run: Item) -> int:
+    """A followed run's outcome as an exit status: 0, the command's own code, or 1."""
     if run["state"] == State.SUCCEEDED:
         return 0
     code = (run["failure"] or {}).get("exit_code")
@@ -143,8 +248,6 @@ def _stream(path: Path, filters: dict[str, Any], found: queue.SimpleQueue[Event]
 def _dask_events(
     ctx: click.Context, filters: dict[str, Any], nodes: list[str] | None
 ) -> Iterator[tuple[str, Item]]:
-    from runnerd.cli import dask_nodes
-
     yield from dask_nodes.follow_nodes(
         ctx, {k: v for k, v in filters.items() if v is not None}, nodes
     )

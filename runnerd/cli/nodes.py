@@ -12,14 +12,15 @@ from __future__ import annotations
 import os
 import socket
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import click
 
+from runnerd.cli import dask_nodes
 from runnerd.cli.common import EXIT_ERROR, EXIT_NO_RUN, EXIT_UNREACHABLE, fail, say, shown
+from runnerd.cli.daemons import Answer, ask_sockets, warn_unreachable
 from runnerd.cli.merge import (
     Item,
     distinct_counts,
@@ -36,8 +37,7 @@ from runnerd.cli.merge import (
     tag,
 )
 from runnerd.mirror_format import NotMirrored, is_node, read_node
-from runnerd_client.connection import Connection, DaemonUnavailable
-from runnerd_client.protocol import ErrorCode, Failures, Get, ListRuns, Request, RunnerdError
+from runnerd_client.protocol import ErrorCode, Failures, Get, ListRuns, Request
 
 from_option = click.option(
     "--from",
@@ -48,52 +48,17 @@ from_option = click.option(
 )
 
 
-@dataclass(frozen=True, slots=True)
-class Answer:
-    """One daemon's reply to a request, or why there is none."""
-
-    daemon: str
-    body: dict[str, Any] | None = None
-    error: RunnerdError | None = None
-
-    @property
-    def unreachable(self) -> bool:
-        return isinstance(self.error, DaemonUnavailable)
-
-
 def several(ctx: click.Context) -> bool:
     """Whether the command was given more than one daemon (or a Dask cluster's)."""
     return len(ctx.obj["sockets"]) > 1 or bool(ctx.obj.get("dask"))
 
 
-def _ask(path: Path, req: Request) -> Answer:
-    try:
-        conn = Connection(path)
-        try:
-            body = conn.call(req)
-        finally:
-            conn.close()
-    except RunnerdError as exc:
-        return Answer(str(path), error=exc)
-    return Answer(str(path), body={k: v for k, v in body.items() if k not in ("id", "ok")})
-
-
 def ask_each(ctx: click.Context, req: Request) -> list[Answer]:
-    """Every daemon's answer, asked at once (a forwarded socket may be slow), in --socket
-    order; with --dask, every node's through the cluster."""
+    """Every daemon's answer, in --socket order; with --dask, every node's through the
+    cluster."""
     if ctx.obj.get("dask"):
-        from runnerd.cli import dask_nodes
-
         return dask_nodes.ask_each(ctx, req)
-    sockets: list[Path] = ctx.obj["sockets"]
-    with ThreadPoolExecutor(max_workers=len(sockets)) as pool:
-        return list(pool.map(lambda path: _ask(path, req), sockets))
-
-
-def warn_unreachable(answers: list[Answer]) -> None:
-    for answer in answers:
-        if isinstance(answer.error, DaemonUnavailable):
-            say(f"runnerctl: warning: {answer.error.message}; left out", err=True)
+    return ask_sockets(ctx.obj["sockets"], req)
 
 
 def gather(ctx: click.Context, req: Request) -> list[tuple[str, dict[str, Any]]]:
@@ -274,68 +239,6 @@ def show_from(folder: Path, prefix: str) -> Item:
         fail(f"no run matches {prefix!r} in {folder}", EXIT_NO_RUN)
     # An export line has no history; a mirrored record has it as `show --json` gives it.
     return {"transitions": [], "artifacts": [], "checkpoints": [], **(exact or found)[0]}
-
-
-def status_from(folder: Path, as_json: bool) -> None:
-    """`status --from DIR`: each node (live, stopped or silent) and export file with its
-    counts, then the counts of all of them, each run once."""
-    from runnerd.cli.common import emit_json, runs_table
-    from runnerd.cli.runs import counts_line
-
-    got = read_folder(folder)
-    counts = distinct_counts(got.runs)
-    if as_json:
-        emit_json({"counts": counts, "daemons": got.sources})
-        return
-    for source in got.sources:
-        lines = [f"== {shown(source['daemon'])} =="]
-        node = source["node"]
-        lines.append(node_line(node) if node else "an export file")
-        lines.append(counts_line(source["counts"]))
-        active = [
-            r
-            for r in got.runs
-            if r["daemon"] == source["daemon"] and r["state"] in ("pending", "running", "lost")
-        ]
-        if active:
-            lines += ["Active runs (as last mirrored)", runs_table(merge_runs(active)[:10])]
-        say("\n".join(lines) + "\n")
-    say(f"All of {folder} ({len(got.sources)} source(s), each run once): {counts_line(counts)}")
-
-
-def node_line(node: Item) -> str:
-    """One mirrored node's state, as its node.json tells it."""
-    from runnerd.cli.common import ago
-
-    who = f"{shown(node['host'])}: daemon pid {node['pid']}, registry {shown(node['db'])}"
-    if node["state"] == "stopped":
-        return f"{who}\nstopped cleanly {ago(node['stopped_at'])}, everything written"
-    if node["state"] == "live":
-        return f"{who}\nlive, mirrored {ago(node['refreshed_at'])}"
-    return f"{who}\nSILENT since {ago(node['refreshed_at'])}: {shown(node['missing'])}"
-
-
-def mirror_line(mirror: Item) -> str:
-    """How a live daemon's mirror is doing, for `status`."""
-    from runnerd.cli.common import ago
-
-    where = shown(mirror["node"] or mirror["folder"])
-    waiting = f"{mirror['pending']} changed run(s) waiting"
-    if mirror["state"] == "stalled":
-        return (
-            f"mirror {where}: STALLED, a write has not returned for "
-            f"{mirror['writing_for_sec']:.0f} s; {waiting}; the daemon carries on"
-        )
-    if mirror["state"] == "behind":
-        return (
-            f"mirror {where}: BEHIND since {ago(mirror['failing_since'])}: "
-            f"{shown(mirror['error'])}; {waiting}, to be written when it answers"
-        )
-    if mirror["state"] == "starting":
-        return f"mirror {where}: starting; {waiting}"
-    if mirror["pending"]:
-        return f"mirror {where}: ok, {waiting} (last write {ago(mirror['refreshed_at'])})"
-    return f"mirror {where}: up to date (written {ago(mirror['refreshed_at'])})"
 
 
 def diagnose_many(ctx: click.Context, req: Failures, folder: Path | None) -> list[Item]:
