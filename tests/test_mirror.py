@@ -26,7 +26,7 @@ from test_many_nodes import Lines, dask_test, double, stop_workers, worker_env
 from conftest import Daemon, wait_for
 from runnerd import config, mirror
 from runnerd.cli.merge import node_state, parse_mirrored
-from runnerd.mirror import NodeFiles, node_prefix
+from runnerd.mirror_files import NodeFiles, node_prefix
 from runnerd.mirror_format import NODE_FILE, encode_line, read_node, segment_name
 from runnerd.registry import NewRun, Registry, Store
 from runnerd_client.ids import new_run_id
