@@ -38,8 +38,9 @@ from harness import Runnerd, arguments, session, temp_root, verdict
 from runnerd_client.connection import Connection
 from runnerd_client.ids import new_run_id
 from runnerd_client.protocol import Get, Heartbeat, RunnerdError
-from runnerd_client.reporter import ACK_WAIT, Reporter
+from runnerd_client.reporter import Reporter
 from runnerd_client.spool import Spool
+from runnerd_client.spool_fallback import ACK_WAIT
 
 CHAOS = Path(__file__).resolve().parent.parent / "tests" / "chaos.py"
 

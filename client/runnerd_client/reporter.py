@@ -4,11 +4,10 @@
 queue to the shared connection and keeps every event until the daemon acknowledges
 it. If the daemon is away, stops answering for `ACK_WAIT` seconds (frozen, say), or
 goes away with events unacknowledged, those events and every later one go to the
-spool on disk, in order, and a background thread reconnects with exponential
-backoff and jitter and replays it; idempotency keys (and heartbeat sequence
-numbers) make the replay exactly-once. A call that waits for its answer waits at
-most `ACK_WAIT` seconds, then finds its event in the spool. The experiment never
-sees an exception for the daemon's sake: it sees one warning.
+spool, which is replayed once the daemon is back (spool_fallback.py). A call that
+waits for its answer waits at most `ACK_WAIT` seconds, then finds its event in the
+spool. The experiment never sees an exception for the daemon's sake: it sees one
+warning.
 
 After a fork the child's copy of every reporter starts afresh (no connection, no
 events, an empty spool of its own): the parent's socket and spool stay the parent's.
@@ -21,7 +20,6 @@ import dataclasses
 import itertools
 import logging
 import os
-import random
 import threading
 import time
 import weakref
@@ -30,40 +28,24 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
 
 from runnerd_client import paths
-from runnerd_client.connection import Connection, DaemonUnavailable
+from runnerd_client.connection import Connection, DaemonUnavailable, Reply
 from runnerd_client.fields import check_fields
 from runnerd_client.protocol import ErrorCode, Request, raise_for_reply
 from runnerd_client.spool import Spool
-
-
-def _seconds_from_env(name: str, default: float) -> float:
-    try:
-        value = float(os.environ.get(name, default))
-    except ValueError:
-        return default
-    return value if 0 < value < float("inf") else default
-
+from runnerd_client.spool_fallback import ACK_WAIT, FIRST_BACKOFF, MAX_BACKOFF, SpoolFallback
 
 log = logging.getLogger("runnerd_client")
-ACK_WAIT = _seconds_from_env("RUNNERD_ACK_WAIT", 1.0)
-"""How long the daemon may stay silent with events unacknowledged before they are spooled;
-also the longest a call waiting for its answer waits (twice, at worst, with the spool)."""
 MAX_PENDING = 50_000
 """Events in memory (queued or unacknowledged) beyond which new ones go to the spool."""
 BATCH = 1_000
-SPOOLED: dict[str, Any] = {"ok": True, "spooled": True}
-FIRST_BACKOFF, MAX_BACKOFF = 0.05, 5.0
 EXIT_WAIT = 1.0
 """At exit: how long unacknowledged events may wait for their ack, and then how long the
 spool may try to reach the daemon, before the process is let go (the spool stays)."""
 EXIT_HELLO = 0.25
 """At exit, how long a new connection may wait for the daemon's hello: a daemon that is up
 answers in milliseconds, and a frozen one must not hold the exit up (its spool stays)."""
-
-Reply = dict[str, Any]
 
 
 @dataclass(eq=False)
@@ -95,30 +77,30 @@ class Reporter:
         self._pid = os.getpid()
         self._lock = threading.RLock()
         self._wake = threading.Condition(self._lock)
-        self._replaying = threading.Lock()
         self._conn: Connection | None = None
-        self._spool = Spool(self._spool_dirs or paths.spool_dirs(socket=self.socket_path))
-        self._spooling = False
+        self._fallback = SpoolFallback(
+            Spool(self._spool_dirs or paths.spool_dirs(socket=self.socket_path)),
+            self._wake,
+            self._connect,
+            self._go_live,
+        )
         self._outbox: deque[tuple[int, _Entry]] = deque()
         self._unacked: dict[int, _Entry] = {}
         self._tokens = itertools.count()
-        self._to_sync: list[Future[Reply]] = []
         self._sender: threading.Thread | None = None
-        self._warned = False
-        self._spool_failed = False
 
     def _forked(self) -> None:
         """In a forked child: drop the parent's connection, events and spool (unsent,
         unlinked, unlocked: they remain the parent's) and start afresh."""
         if self._conn is not None:
             self._conn.close()
-        self._spool.abandon()
+        self._fallback.spool.abandon()
         self._start_afresh()
 
     @property
     def spooling(self) -> bool:
         """True while events go to the spool instead of the daemon."""
-        return self._spooling
+        return self._fallback.active
 
     def emit(self, req: Request) -> Future[Reply]:
         """Queue an event; the future holds the daemon's reply, or SPOOLED once it is safe
@@ -141,7 +123,7 @@ class Reporter:
         check_fields(entry.req)  # a wrong argument raises here, at the call, never sent
         with self._lock:
             self._check_silence()
-            if self._spooling:
+            if self.spooling:
                 self._keep(entry)
             else:
                 self._outbox.append((next(self._tokens), entry))
@@ -187,10 +169,10 @@ class Reporter:
             except TimeoutError:
                 with self._lock:
                     self._check_silence()
-                    spooled = self._spooling
+                    spooled = self.spooling
                 if spooled:
                     break
-        self._flush_spool()
+        self._fallback.flush()
         try:
             return future.result(ACK_WAIT)
         except TimeoutError:
@@ -206,7 +188,7 @@ class Reporter:
         deadline = time.monotonic() + timeout
         self._settle(deadline)
         delay = FIRST_BACKOFF
-        while self._spooling and time.monotonic() < deadline:
+        while self.spooling and time.monotonic() < deadline:
             try:
                 conn = self._connect(min(hello_wait, max(0.1, deadline - time.monotonic())))
             except DaemonUnavailable:
@@ -215,21 +197,21 @@ class Reporter:
                 time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
                 delay = min(delay * 2, MAX_BACKOFF)
                 continue
-            self._replay(conn, deadline)
-        return not self._spooling
+            self._fallback.replay(conn, deadline)
+        return not self.spooling
 
     def _settle(self, deadline: float) -> None:
         """Wait until the events in memory are acknowledged, or spool them at `deadline`
         (or sooner, if the daemon falls silent); then flush the spool to disk."""
         with self._lock:
-            while (self._unacked or self._outbox) and not self._spooling:
+            while (self._unacked or self._outbox) and not self.spooling:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     self._lose("events runnerd has not acknowledged yet")
                     break
                 self._wake.wait(min(remaining, 0.05))
                 self._check_silence()
-        self._flush_spool()
+        self._fallback.flush()
 
     # --- sending ---
 
@@ -250,7 +232,7 @@ class Reporter:
                     return
                 batch = self._take_batch()
                 conn = self._conn if self._conn is not None and self._conn.alive else None
-            self._flush_spool()
+            self._fallback.flush()
             if batch:
                 self._send(batch, conn)
 
@@ -258,7 +240,7 @@ class Reporter:
         """Under the lock: wait for events to send or to sync, watching the daemon's silence
         meanwhile; False after a minute idle (a later event starts a new sender)."""
         idle_since = time.monotonic()
-        while not (self._outbox and not self._spooling) and not self._to_sync:
+        while not (self._outbox and not self.spooling) and not self._fallback.unsynced:
             if not self._unacked and time.monotonic() - idle_since > 60:
                 return False
             self._wake.wait(ACK_WAIT / 4 if self._unacked else 5.0)
@@ -268,7 +250,7 @@ class Reporter:
     def _take_batch(self) -> list[int]:
         """Under the lock: move the next queued events to the unacknowledged ones (so that
         losing the daemon spools them in order) and return their tokens."""
-        if self._spooling:
+        if self.spooling:
             return []
         now, tokens = time.monotonic(), list[int]()
         while self._outbox and len(tokens) < BATCH:
@@ -287,7 +269,7 @@ class Reporter:
                     self._lose(exc.message)
                 return
             with self._lock:
-                if self._spooling or self._conn is not None and self._conn.alive:
+                if self.spooling or self._conn is not None and self._conn.alive:
                     conn.close()  # lost meanwhile (the events are spooled), or raced
                     return
                 self._conn = conn
@@ -318,7 +300,7 @@ class Reporter:
     def _check_silence(self) -> None:
         """Under the lock: a daemon silent for ACK_WAIT with events unacknowledged is treated
         as gone (frozen, or its disk stuck): the events go to the spool."""
-        if self._spooling or not self._unacked:
+        if self.spooling or not self._unacked:
             return
         oldest = next(iter(self._unacked.values())).sent_at
         last = self._conn.last_reply if self._conn is not None else 0.0
@@ -332,7 +314,7 @@ class Reporter:
         self._unacked.clear()
         self._outbox.clear()
         conn, self._conn = self._conn, None
-        self._start_spooling(reason)
+        self._fallback.start(reason)
         for entry in pending:
             if entry.read:
                 entry.future.set_exception(DaemonUnavailable(reason))
@@ -342,87 +324,17 @@ class Reporter:
             conn.close()
         self._wake.notify_all()
 
-    # --- the spool ---
-
     def _keep(self, entry: _Entry) -> None:
-        """Under the lock: spool an event (its future resolves once it is on disk); if even
-        the disk refuses it, say so once and let the run go on."""
+        """Under the lock: spool an event; a read is never spooled, only failed."""
         if entry.read:
             entry.future.set_exception(DaemonUnavailable("runnerd is away"))
-            return
-        try:
-            self._spool.append(entry.req)
-        except OSError as exc:
-            if not self._spool_failed:
-                self._spool_failed = True
-                log.error(
-                    "cannot spool to %s (%s): events are being lost",
-                    ", ".join(map(str, self._spool.folders)),
-                    exc,
-                )
-            entry.future.set_result(
-                {
-                    "ok": False,
-                    "error": {"code": ErrorCode.UNAVAILABLE, "message": f"not spooled: {exc}"},
-                }
-            )
-            return
-        self._to_sync.append(entry.future)
+        else:
+            self._fallback.keep(entry.req, entry.future)
+
+    def _go_live(self, conn: Connection) -> None:
+        """Under the lock, once the spool is delivered: later events go to `conn`."""
+        self._conn = conn
         self._wake.notify_all()
-
-    def _flush_spool(self) -> None:
-        """Make what was spooled survive a machine crash, then tell its callers: one flush
-        for every event spooled since the last one."""
-        with self._lock:
-            futures, self._to_sync = self._to_sync, []
-        if not futures:
-            return
-        self._spool.sync()
-        for future in futures:
-            if not future.done():
-                future.set_result(SPOOLED)
-
-    def _start_spooling(self, reason: str) -> None:
-        if self._spooling:
-            return
-        self._spooling = True
-        if not self._warned:
-            self._warned = True
-            log.warning("%s; recording events in %s until it is back", reason, self._spool.path)
-        threading.Thread(target=self._reconnect_loop, name="runnerd-reconnect", daemon=True).start()
-
-    def _reconnect_loop(self) -> None:
-        delay = FIRST_BACKOFF
-        while self._spooling and os.getpid() == self._pid:
-            time.sleep(delay * random.uniform(0.5, 1.5))
-            delay = min(delay * 2, MAX_BACKOFF)
-            try:
-                conn = self._connect(ACK_WAIT)
-            except DaemonUnavailable:
-                continue
-            if self._replay(conn, None):
-                log.info("runnerd is back; spooled events delivered")
-                return
-
-    def _replay(self, conn: Connection, deadline: float | None) -> bool:
-        """Deliver the spool in order on `conn` and switch to it once the spool is empty;
-        False (and `conn` closed) if the daemon went away or fell silent first."""
-        with self._replaying:
-            cursor = self._spool.start()
-            while True:
-                with self._lock:
-                    if not self._spooling:
-                        conn.close()
-                        return True
-                    reqs, cursor = self._spool.requests_from(cursor)
-                    if not reqs:
-                        self._spool.remove()
-                        self._conn, self._spooling = conn, False
-                        self._wake.notify_all()
-                        return True
-                if not _deliver(conn, reqs, deadline):
-                    conn.close()
-                    return False
 
     def _at_exit(self) -> None:
         """Give events in memory a moment to be acknowledged, spool the rest and try once
@@ -430,32 +342,10 @@ class Reporter:
         if os.getpid() != self._pid:
             return
         self._settle(time.monotonic() + EXIT_WAIT)
-        if self._spooling and not self.drain(EXIT_WAIT, patient=False, hello_wait=EXIT_HELLO):
-            log.warning("runnerd still away; it will replay %s when it finds it", self._spool.path)
-
-
-def _deliver(conn: Connection, reqs: list[Request], deadline: float | None) -> bool:
-    """Send spooled events pipelined; False if the daemon went away, fell silent for
-    ACK_WAIT or the deadline passed before it acknowledged them all."""
-    for req, future in zip(reqs, conn.send_many(reqs), strict=True):
-        while True:
-            try:
-                reply = future.result(ACK_WAIT / 4)
-                break
-            except DaemonUnavailable:
-                return False
-            except TimeoutError:
-                now = time.monotonic()
-                if now - conn.last_reply > ACK_WAIT or deadline is not None and now > deadline:
-                    return False
-        error = reply.get("error") or {}
-        if error.get("code") == ErrorCode.UNAVAILABLE:
-            return False
-        if error:
+        if self.spooling and not self.drain(EXIT_WAIT, patient=False, hello_wait=EXIT_HELLO):
             log.warning(
-                "replayed %s refused: %s: %s", req.op, error.get("code"), error.get("message")
+                "runnerd still away; it will replay %s when it finds it", self._fallback.spool.path
             )
-    return True
 
 
 def _after_fork_in_child() -> None:

@@ -28,6 +28,7 @@ from types import FrameType, TracebackType
 from typing import IO, Any
 
 from runnerd_client import paths, stacks, trust
+from runnerd_client.connection import Reply
 from runnerd_client.enums import RetryOn
 from runnerd_client.errors import RunRefused
 from runnerd_client.fields import (
@@ -54,7 +55,7 @@ from runnerd_client.protocol import (
     Start,
     Succeed,
 )
-from runnerd_client.reporter import Reply, Reporter
+from runnerd_client.reporter import Reporter
 
 log = logging.getLogger("runnerd_client")
 RUN_ID_ENV = "RUNNERD_RUN_ID"
