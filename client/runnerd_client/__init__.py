@@ -14,20 +14,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from runnerd_client.client import Client
 from runnerd_client.connection import Connection, DaemonUnavailable
 from runnerd_client.errors import RunRefused
+from runnerd_client.exits import Terminated
+from runnerd_client.fields import check_callable
 from runnerd_client.protocol import RunnerdError, State
-from runnerd_client.run import (
-    ACTIVE,
-    RUN_ID_ENV,
-    Client,
-    Retries,
-    Run,
-    Terminated,
-    backoff_delay,
-    check_callable,
-    worth_retrying,
-)
+from runnerd_client.retries import Retries, backoff_delay, worth_retrying
+from runnerd_client.run import ACTIVE, RUN_ID_ENV, Run
 from runnerd_client.shared import connect
 from runnerd_client.sweep import CellOutcome, SweepFailed, SweepResult, resume_sweep, sweep
 

@@ -34,6 +34,7 @@ from distributed.utils import thread_state  # type: ignore[attr-defined]
 
 from runnerd_client import paths
 from runnerd_client.cells import variation as variation_of
+from runnerd_client.client import Client
 from runnerd_client.dask_commands import CommandFailed, stop_command
 from runnerd_client.dask_labels import announce
 from runnerd_client.dask_scheduler import ANNOTATION, RUN_TOPIC, RunnerdSchedulerPlugin
@@ -49,7 +50,7 @@ from runnerd_client.protocol import (
     Start,
     Succeed,
 )
-from runnerd_client.run import Client, Run
+from runnerd_client.run import Run
 
 log = logging.getLogger("runnerd_client.dask")
 EXECUTING = ("executing", "long-running")

@@ -225,6 +225,12 @@ def check_argument(name: str, annotation: Any, value: Any) -> None:
         raise _argument_error(name, problem)
 
 
+def check_callable(name: str, fn: object) -> None:
+    """TypeError naming an argument that should be a function and is not."""
+    if not callable(fn):
+        raise TypeError(f"{name} must be callable, not {type(fn).__name__} {fn!r:.60}")
+
+
 @dataclass(frozen=True, slots=True)
 class _Problem:
     text: str

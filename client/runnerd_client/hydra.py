@@ -33,11 +33,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from runnerd_client import paths
 from runnerd_client.cells import variation
+from runnerd_client.client import Cell
 from runnerd_client.connection import Connection
+from runnerd_client.exits import Terminated, catch_sigterm
 from runnerd_client.ids import new_key, new_run_id
-from runnerd_client.integration import catch_sigterm
 from runnerd_client.protocol import SweepCreate, SweepEnd, SweepPolicy, SweepStatus
-from runnerd_client.run import ACTIVE, Cell, Run, Terminated
+from runnerd_client.run import ACTIVE, Run
 
 log = logging.getLogger("runnerd_client.hydra")
 SWEEP_ENV = "RUNNERD_HYDRA_SWEEP"

@@ -11,14 +11,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
 from typing import IO, Any
 
 from runnerd_client import trust
@@ -163,13 +161,3 @@ def hook_main(prog: str, handle: Callable[[HookInput], None], argv: list[str] | 
     """`python -m PROG hook` for an integration without options (2 on a usage error)."""
     hook_parser(prog).parse_args(argv)
     return run_hook(prog, handle)
-
-
-def catch_sigterm(handler: Callable[[int, FrameType | None], Any]) -> None:
-    """Handle SIGTERM with `handler` (which raises, so the tool's own exit path runs), unless
-    the program handles SIGTERM itself; only the main thread may set a handler."""
-    if (
-        threading.current_thread() is threading.main_thread()
-        and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
-    ):
-        signal.signal(signal.SIGTERM, handler)

@@ -32,9 +32,9 @@ from pathlib import Path
 from types import FrameType, TracebackType
 from typing import TYPE_CHECKING, Any, NoReturn
 
+from runnerd_client.exits import Terminated, catch_sigterm
 from runnerd_client.integration import (
     HookInput,
-    catch_sigterm,
     enclosing_run,
     hook_main,
     notes,
@@ -42,7 +42,7 @@ from runnerd_client.integration import (
     write_note,
 )
 from runnerd_client.protocol import State
-from runnerd_client.run import ACTIVE, RUN_ID_ENV, Run, Terminated
+from runnerd_client.run import ACTIVE, RUN_ID_ENV, Run
 
 if TYPE_CHECKING:
     from mlflow import ActiveRun

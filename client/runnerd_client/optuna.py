@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from runnerd_client.exits import Terminated
 from runnerd_client.integration import (
     GONE_WAIT,
     HookInput,
@@ -37,7 +38,7 @@ from runnerd_client.integration import (
     run_hook,
     write_note,
 )
-from runnerd_client.run import Run, Terminated
+from runnerd_client.run import Run
 
 if TYPE_CHECKING:
     import optuna

@@ -1,50 +1,43 @@
 """Runs as an experiment sees them: two lines to be tracked, and never broken by us.
 
-Every event goes through `Client.emit` (see reporter.py): delivered, or spooled to
+Every event goes through `Reporter.emit` (see reporter.py): delivered, or spooled to
 disk while the daemon is away, and never raised into the experiment. What is raised is
 the caller's own mistake: a wrong argument (TypeError, ValueError, before anything is
-sent), or a run the daemon refused to create, start or attach (RunRefused), which would
-otherwise run untracked.
+sent), or a run the daemon refused to start or attach (RunRefused), which would
+otherwise run untracked. Runs are made and attached by `Client` (client.py); how the
+process's end becomes the run's is decided in exits.py.
 """
 
 from __future__ import annotations
 
 import contextlib
-import faulthandler
 import logging
 import os
-import random
-import signal
-import socket
 import threading
 import time
 import traceback as tb
 from collections.abc import Callable
 from concurrent.futures import Future
 from contextvars import ContextVar, Token
-from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType, TracebackType
+from types import TracebackType
 from typing import IO, Any
 
-from runnerd_client import paths, stacks, trust
+from runnerd_client import stacks
 from runnerd_client.connection import Reply
-from runnerd_client.enums import RetryOn
 from runnerd_client.errors import RunRefused
-from runnerd_client.fields import (
-    Backoff,
-    Positive,
-    RetryCount,
-    RetryWhen,
-    check_argument,
-    check_fields,
+from runnerd_client.exits import (
+    catch_sigterm,
+    close_crash_log,
+    ending,
+    open_crash_log,
+    raise_terminated,
+    release_sigterm,
 )
-from runnerd_client.ids import new_key, new_run_id
+from runnerd_client.ids import new_key
 from runnerd_client.protocol import (
     Artifact,
-    Attach,
     Checkpoint,
-    Create,
     Detach,
     ErrorCode,
     Fail,
@@ -59,201 +52,11 @@ from runnerd_client.reporter import Reporter
 
 log = logging.getLogger("runnerd_client")
 RUN_ID_ENV = "RUNNERD_RUN_ID"
-
-
-def worth_retrying(diagnosis: dict[str, Any] | None, retry_on: str) -> bool:
-    """Under retry_on="retryable", only a failure the daemon diagnosed retryable (a bug or
-    a bad input fails at once); under "any", every failure."""
-    return retry_on == RetryOn.ANY or bool((diagnosis or {}).get("retryable"))
-
-
-def backoff_delay(backoff: float, attempt: int) -> float:
-    """Seconds before the retry after `attempt`: backoff ** attempt, with ±25% jitter so
-    that many runs failing together do not retry together."""
-    return float(backoff**attempt * random.uniform(0.75, 1.25))
-
-
 _EVERY_CODE = tuple(ErrorCode)
-
-
-@dataclass(frozen=True)
-class Retries:
-    """When a failed attempt is tried again (`rd.retrying`, `runnerctl exec --retries`): at
-    most `retries` times, after `backoff ** attempt` seconds, and under `retry_on` only
-    failures diagnosed retryable. A value out of bounds raises TypeError or ValueError."""
-
-    retries: RetryCount = 0
-    backoff: Backoff = 2.0
-    retry_on: RetryWhen = RetryOn.RETRYABLE
-
-    def __post_init__(self) -> None:
-        check_fields(self)
-
-
-def check_callable(name: str, fn: object) -> None:
-    """TypeError naming an argument that should be a function and is not."""
-    if not callable(fn):
-        raise TypeError(f"{name} must be callable, not {type(fn).__name__} {fn!r:.60}")
-
-
-class Terminated(SystemExit):
-    """Raised in the main thread on SIGTERM, so `with rd.run()` records the run abandoned."""
-
-    failure_class = "Terminated"
-    message = "terminated by SIGTERM"
-    cause: str | None = None
-
-    def __init__(self) -> None:
-        super().__init__(128 + signal.SIGTERM)
-
 
 ACTIVE: ContextVar[Run | None] = ContextVar("runnerd_active_run", default=None)
 """The run whose `with` block (or sweep cell) this code executes in, for `rd.current_run()`
 and the integrations (an MLflow run started there is linked to it)."""
-
-
-@dataclass(frozen=True)
-class Cell:
-    """A sweep's cell an attempt claims: it runs only if the cell's latest attempt is still
-    `claim_after` (None: it has none yet) and no attempt of it is live."""
-
-    sweep_id: str
-    index: int
-    claim_after: str | None = None
-    replication: str | None = None
-    """Set: the attempt replicates the cell instead (`sweep replicate`): it is linked to the
-    cell and tagged with this replication's id, and claims nothing."""
-
-
-class Client(Reporter):
-    """What `rd.connect()` returns: makes runs and attaches to them."""
-
-    def run(
-        self,
-        experiment: str,
-        variation: str = "default",
-        *,
-        params: dict[str, Any] | None = None,
-        tags: dict[str, Any] | None = None,
-        run_dir: str | Path | None = None,
-        heartbeat_interval: float = 60.0,
-        heartbeat_timeout: float | None = None,
-        lost_grace: float | None = None,
-        deadline: float | None = None,
-        retry_of: str | None = None,
-        launch: dict[str, Any] | None = None,
-        resume: bool = False,
-        cell: Cell | None = None,
-        stall_timeout: float | None = None,
-        launch_env: dict[str, str] | None = None,
-    ) -> Run:
-        """Register a new run (pending); `start()` it or use it as a context manager.
-
-        `stall_timeout`: seconds without progress (CPU, output, files, heartbeats) before
-        the daemon calls it stalled (0: never; None: the daemon's). `retry_of` links it to
-        the attempt it reruns; `launch` is how to launch it again, and `launch_env` the
-        environment its command runs with (kept apart: shown only when asked for).
-        With `resume`, after an unsuccessful attempt of the same experiment and variation
-        the run continues it: `run.resumed_from` names it and `run.resume_checkpoint` holds
-        its last checkpoint. `cell` claims a sweep's cell for this attempt.
-
-        A wrong argument raises TypeError or ValueError naming it, before anything is sent.
-        A create the daemon refuses (a resume whose params changed, a claim another attempt
-        holds: `conflict`) raises RunRefused.
-        """
-        run_id = new_run_id()
-        limits = {
-            "heartbeat_timeout": heartbeat_timeout,
-            "lost_grace": lost_grace,
-            "deadline": deadline,
-            "stall_timeout": stall_timeout,
-        }
-        check_argument("heartbeat_interval", Positive, heartbeat_interval)
-        check_fields(Start(key="-", run_id=run_id, **limits))  # refused later, left pending
-        folder = Path(run_dir).resolve() if run_dir else paths.default_run_dir(run_id)
-        params = {} if params is None else params
-        run = Run(
-            self,
-            run_id,
-            experiment,
-            variation,
-            params=params,
-            run_dir=folder,
-            heartbeat_interval=heartbeat_interval,
-            limits=limits,
-        )
-        claim: dict[str, Any] = (
-            {"sweep_id": cell.sweep_id, "cell": cell.index, "claim_after": cell.claim_after}
-            if cell
-            else {}
-        )
-        if cell and cell.replication:
-            claim["replicates"] = True
-            tags = {**(tags or {}), "replication": cell.replication}
-        reply = (
-            run.answer(
-                self.emit(
-                    Create(
-                        key=new_key(),
-                        run_id=run_id,
-                        experiment=experiment,
-                        variation=variation,
-                        params=params,
-                        tags={} if tags is None else tags,
-                        cwd=os.getcwd(),
-                        run_dir=str(folder),
-                        host=socket.gethostname(),
-                        retry_of=retry_of,
-                        launch=launch,
-                        launch_env=launch_env,
-                        resume=resume,
-                        at=time.time(),
-                        **claim,
-                    )
-                ),
-                "create",
-                tracks=True,
-            )
-            or {}
-        )
-        run.attempt = reply.get("attempt")
-        run.resumed_from = reply.get("resumed_from")
-        run.resume_checkpoint = reply.get("resume_checkpoint")
-        return run
-
-    def attach(self, run_id: str) -> Run:
-        """Join an existing run (one launched by `runnerctl exec`, say) from this process.
-
-        With the daemon away the attach is spooled and the run's names are not known yet.
-        A run the daemon does not know raises RunRefused; one already ended is said so once.
-        """
-        run = Run(
-            self,
-            run_id,
-            "",
-            "",
-            params={},
-            run_dir=paths.default_run_dir(run_id),
-            heartbeat_interval=60.0,
-            limits={},
-            attached=True,
-        )
-        reply = (
-            run.answer(
-                self.emit(Attach(key=new_key(), run_id=run_id, at=time.time())),
-                "attach to",
-                tracks=True,
-            )
-            or {}
-        )
-        info = reply.get("run")
-        if info:
-            run.experiment, run.variation = info["experiment"], info["variation"]
-            run.params, run.run_dir = info["params"], Path(info["run_dir"])
-            run.attempt = info.get("attempt")
-            run.resumed_from = info.get("resumed_from")
-        run.resume_checkpoint = reply.get("resume_checkpoint")
-        return run
 
 
 class Run:
@@ -289,7 +92,7 @@ class Run:
         self._pending: list[tuple[str, Future[dict[str, Any]]]] = []
         self._stop = threading.Event()
         self._beater: threading.Thread | None = None
-        self._old_sigterm: Any = None
+        self._caught_sigterm = False
         self._crash_log: IO[str] | None = None
         self._active: Token[Run | None] | None = None
         self._ended_outside = False
@@ -520,9 +323,9 @@ class Run:
     def __enter__(self) -> Run:
         if not self._attached:
             self.start()
-        self._enable_faulthandler()
+        self._crash_log = open_crash_log(self.run_dir, self.run_id)
         stacks.install(self.run_dir)
-        self._catch_sigterm()
+        self._caught_sigterm = catch_sigterm(raise_terminated)
         self.start_heartbeats()
         self._active = ACTIVE.set(self)
         return self
@@ -545,32 +348,27 @@ class Run:
         tb_: TracebackType | None,
     ) -> None:
         self.stop_heartbeats()
-        self._restore_sigterm()
+        if self._caught_sigterm:
+            release_sigterm()
+            self._caught_sigterm = False
         self._leave_active()
         if os.getpid() != self._pid:
             return  # a forked child leaving the block: the run and its crash.log are the parent's
-        self._disable_faulthandler()
-        if exc is None or (
-            isinstance(exc, SystemExit)
-            and not isinstance(exc, Terminated)
-            and exc.code in (0, None)
-        ):
+        if self._crash_log is not None:
+            close_crash_log(self._crash_log, self.run_dir)
+            self._crash_log = None
+        end = ending(exc)
+        if end is None:
             self.detach() if self._attached else self.succeed()
-        elif isinstance(exc, Terminated):
-            self.fail(
-                FailReason.ABANDONED,
-                exc=exc,
-                failure_class=exc.failure_class,
-                message=exc.message,
-                cause=exc.cause,
-            )
-        elif isinstance(exc, KeyboardInterrupt):
-            self.fail(FailReason.ABANDONED, exc=exc, message="interrupted")
         else:
-            exit_code = (
-                exc.code if isinstance(exc, SystemExit) and isinstance(exc.code, int) else None
+            self.fail(
+                end.reason,
+                exc=exc,
+                failure_class=end.failure_class,
+                message=end.message,
+                exit_code=end.exit_code,
+                cause=end.cause,
             )
-            self.fail(FailReason.CRASH, exc=exc, exit_code=exit_code)
 
     def _leave_active(self) -> None:
         token, self._active = self._active, None
@@ -588,39 +386,3 @@ class Run:
                 log.warning("heartbeat not sent: %s", exc)
         if self._ended_outside:
             self.say_ended()
-
-    def _catch_sigterm(self) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            return
-        if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
-            self._old_sigterm = signal.signal(signal.SIGTERM, _raise_terminated)
-
-    def _restore_sigterm(self) -> None:
-        if self._old_sigterm is not None:
-            signal.signal(signal.SIGTERM, self._old_sigterm)
-            self._old_sigterm = None
-
-    def _enable_faulthandler(self) -> None:
-        """A segfault or abort leaves a native-level traceback in run_dir/crash.log."""
-        try:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            with trust.open_folder(self.run_dir, create=True) as folder:
-                fd = trust.create_file(folder, "crash.log", exclusive=False, append=True)
-            self._crash_log = open(fd, "a")  # noqa: SIM115
-        except OSError as exc:
-            log.warning("no crash.log for run %s: %s", self.run_id, exc)
-            return
-        faulthandler.enable(self._crash_log, all_threads=True)
-
-    def _disable_faulthandler(self) -> None:
-        if self._crash_log is not None:
-            faulthandler.disable()
-            empty = self._crash_log.tell() == 0
-            self._crash_log.close()
-            self._crash_log = None
-            if empty:
-                (self.run_dir / "crash.log").unlink(missing_ok=True)
-
-
-def _raise_terminated(signum: int, frame: FrameType | None) -> None:
-    raise Terminated()

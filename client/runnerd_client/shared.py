@@ -6,7 +6,7 @@ import os
 import threading
 from pathlib import Path
 
-from runnerd_client.run import Client
+from runnerd_client.client import Client
 
 _shared: tuple[int, Client] | None = None
 _shared_lock = threading.Lock()

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from runnerd_client.cells import differences
 from runnerd_client.connection import Connection
-from runnerd_client.fields import Jobs, JsonMap, check_argument
+from runnerd_client.fields import Jobs, JsonMap, check_argument, check_callable
 from runnerd_client.ids import new_key, new_run_id
 from runnerd_client.protocol import (
     ErrorCode,
@@ -30,7 +30,6 @@ from runnerd_client.protocol import (
     SweepPolicy,
     SweepStart,
 )
-from runnerd_client.run import check_callable
 from runnerd_client.sweep_engine import Engine, Executor
 from runnerd_client.sweep_local import InProcess, Workers
 from runnerd_client.sweep_model import (

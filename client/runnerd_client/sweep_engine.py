@@ -18,7 +18,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
-from runnerd_client.run import backoff_delay, worth_retrying
+from runnerd_client.retries import backoff_delay, worth_retrying
 from runnerd_client.sweep_model import Attempt, CellOutcome, PlannedCell, Stop, SweepOptions
 
 TICK = 0.1  # how often the loop looks at a stop asked for from a signal handler

@@ -26,8 +26,9 @@ from multiprocessing.queues import Queue
 from types import FrameType
 from typing import Any, TypeAlias
 
+from runnerd_client.client import Cell, Client
+from runnerd_client.exits import Terminated
 from runnerd_client.protocol import RunnerdError
-from runnerd_client.run import Cell, Client, Terminated
 from runnerd_client.shared import connect
 from runnerd_client.sweep_model import Attempt, CellOutcome, Stop, SweepOptions
 

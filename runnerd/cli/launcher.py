@@ -27,18 +27,12 @@ from typing import IO, Annotated, Any
 from runnerd.controls import escape_controls
 from runnerd.evidence import stopped_note
 from runnerd.usage import gib
+from runnerd_client.client import Cell, Client
 from runnerd_client.fields import Positive, Range, check_argument, check_fields
 from runnerd_client.procinfo import cgroup_dir, cgroup_peak, oom_kills
 from runnerd_client.protocol import Create, FailReason, Get, RunnerdError
-from runnerd_client.run import (
-    RUN_ID_ENV,
-    Cell,
-    Client,
-    Retries,
-    Run,
-    backoff_delay,
-    worth_retrying,
-)
+from runnerd_client.retries import Retries, backoff_delay, worth_retrying
+from runnerd_client.run import RUN_ID_ENV, Run
 from runnerd_client.tracebacks import CRASH_REPORTS, command_ending
 from runnerd_client.trust import UntrustedPath, create_file, open_folder
 

@@ -30,7 +30,7 @@ from runnerd_client.protocol import (
 
 if TYPE_CHECKING:
     from runnerd.cli.launcher import Launch
-    from runnerd_client.run import Retries
+    from runnerd_client.retries import Retries
 
 
 @cli.command("exec", context_settings={"ignore_unknown_options": True})
@@ -64,7 +64,7 @@ def exec_command(
 ) -> None:
     """Run COMMAND as a tracked run; exit with its exit code."""
     from runnerd.cli.launcher import Launch
-    from runnerd_client.run import Retries
+    from runnerd_client.retries import Retries
 
     launch = Launch(
         command=list(command),
@@ -105,7 +105,7 @@ def launch_in_foreground(
 ) -> int:
     """Run a launch with its retries, passing Ctrl-C and SIGTERM on; its exit code."""
     from runnerd.cli.launcher import Attempt, Launcher, forwarding, run_with_retries
-    from runnerd_client.run import Client
+    from runnerd_client.client import Client
 
     launcher = Launcher()
     with forwarding(launcher):
@@ -125,7 +125,7 @@ def retry(ctx: click.Context, run: str) -> None:
     """Run a run launched by exec again, as the next attempt, with the same command, in
     the environment it ran with."""
     from runnerd.cli.launcher import Launch
-    from runnerd_client.run import Retries
+    from runnerd_client.retries import Retries
 
     reply = request(ctx, Get(run=run, env=True))
     previous = reply["run"]

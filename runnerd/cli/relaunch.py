@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from runnerd.cli.launcher import Attempt, Launch, Launcher, forwarding, run_with_retries
+from runnerd_client.client import Client
 from runnerd_client.protocol import Get, RunnerdError
-from runnerd_client.run import Client, Retries
+from runnerd_client.retries import Retries
 
 
 def relaunch(

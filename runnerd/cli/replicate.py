@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from runnerd.cli import sweep_driver as driver
+from runnerd_client.client import Client
 from runnerd_client.ids import new_run_id
 from runnerd_client.protocol import SweepPolicy
-from runnerd_client.run import Client
 from runnerd_client.sweep_engine import Listener
 from runnerd_client.sweep_model import CellOutcome, PlannedCell, SweepOptions
 from runnerd_client.trust import write_atomically

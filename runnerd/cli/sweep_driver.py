@@ -21,9 +21,9 @@ from typing import Any
 from runnerd.cli import launcher as launch
 from runnerd.cli.launcher import KILL_AFTER, Launch, Launcher, on_signals, run_once
 from runnerd_client.cells import substitute
+from runnerd_client.client import Cell, Client
 from runnerd_client.connection import DaemonUnavailable
 from runnerd_client.protocol import ErrorCode, Get, RunnerdError
-from runnerd_client.run import Cell, Client
 from runnerd_client.sweep_engine import Engine, Listener
 from runnerd_client.sweep_model import (
     Attempt,

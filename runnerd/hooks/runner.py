@@ -28,7 +28,7 @@ from runnerd.hooks.call import HookCall, Outcome
 from runnerd.registry import Registry, Store, iso
 from runnerd_client.protocol import RunnerdError
 from runnerd_client.replies import as_map
-from runnerd_client.run import backoff_delay
+from runnerd_client.retries import backoff_delay
 
 log = logging.getLogger(__name__)
 Event = dict[str, Any]
