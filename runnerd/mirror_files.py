@@ -29,7 +29,7 @@ from runnerd.mirror_format import (
     segment_name,
     segment_number,
 )
-from runnerd_client.trust import check_own_file, create_file, open_folder
+from runnerd_client.trust import check_own_file, create_file, open_folder, write_atomically
 
 T = TypeVar("T")
 
@@ -150,11 +150,15 @@ class NodeFiles:
         self.write_header(header)
 
     def write_header(self, header: dict[str, Any]) -> None:
-        with open_folder(self.folder) as dir_fd:
-            _replace(dir_fd, NODE_FILE, encode_line(header))
+        """Replace node.json whole, synced with its folder. A node folder that vanished is
+        not made anew (create=False): node.json alone would name segments that are not
+        there; the write fails, and the mirror says so and retries."""
+        data = encode_line(header)
+        write_atomically(self.folder, NODE_FILE, data, mode=0o600, create=False, durable=True)
 
     def begin_snapshot(self) -> None:
-        """Start writing every record whole into the next segment, under a temporary name."""
+        """Start writing every record whole into the next segment, under a temporary name.
+        Not `write_atomically`: the snapshot is written a page per refresh, not at once."""
         self.abort_snapshot()
         number = self.segment + 1
         temp = f".{segment_name(number)}.{secrets.token_hex(4)}.partial"
@@ -177,7 +181,7 @@ class NodeFiles:
             old = range(self.base, self.segment + 1)
             self.base = self.segment = number
             self.base_bytes, self.journal = self._size(number), 0
-            _replace(dir_fd, NODE_FILE, encode_line({**header, "base": number}))
+            self.write_header({**header, "base": number})
             for n in old:
                 try:
                     os.unlink(segment_name(n), dir_fd=dir_fd)
@@ -241,22 +245,3 @@ def _ends_torn(path: Path) -> bool:
             return file.read(1) != b"\n"
     except FileNotFoundError:
         return False
-
-
-def _replace(dir_fd: int, name: str, data: bytes) -> None:
-    """Write `name` whole under a temporary name, fsync it, then rename it into place."""
-    temp = f".{name}.{secrets.token_hex(4)}.tmp"
-    fd = create_file(dir_fd, temp, mode=0o600)
-    try:
-        try:
-            _write_all(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-    except BaseException:
-        try:
-            os.unlink(temp, dir_fd=dir_fd)
-        except OSError:
-            pass
-        raise

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -516,6 +517,39 @@ def test_a_compaction_replaces_the_segments_and_readers_see_the_same_runs(tmp_pa
     runs, warnings = parse_mirrored("n", read_node(node.folder).lines)
     assert {r["run_id"]: r["state"] for r in runs} == {"r1": "succeeded", "r2": "running"}
     assert warnings == []
+
+
+def test_a_symlink_planted_at_a_temporary_name_is_never_written_through(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Someone foresaw the temporary names node.json and a compaction's segment are written
+    under (here: the random part pinned) and planted symlinks there: those writes fail, the
+    links' target is untouched, and the next writes land in the node folder."""
+    node = NodeFiles.create(tmp_path, "n1")
+    victim = tmp_path / "victim"
+    victim.write_text("untouched")
+    real = secrets.token_hex
+    foreseen = iter(["0badc0de", "0badc0de"])  # the next two temporary names' random part
+    monkeypatch.setattr(secrets, "token_hex", lambda n=None: next(foreseen, None) or real(n))
+    links = [
+        node.folder / f".{NODE_FILE}.0badc0de.tmp",
+        node.folder / f".{segment_name(1)}.0badc0de.partial",
+    ]
+    for link in links:
+        link.symlink_to(victim)
+    with pytest.raises(FileExistsError):
+        node.write_header(header(0))
+    with pytest.raises(FileExistsError):
+        node.begin_snapshot()
+    node.write_header(header(0))  # under a name of its own this time
+    node.begin_snapshot()
+    node.add_to_snapshot([encode_line(record("r1"))])
+    node.finish_snapshot(header(0))
+    assert victim.read_text() == "untouched"
+    assert all(link.is_symlink() for link in links)
+    mirrored = read_node(node.folder)
+    assert mirrored.header == header(1)
+    assert [json.loads(text)["run_id"] for _, _, text in mirrored.lines] == ["r1"]
 
 
 async def test_a_compaction_keeps_every_change_made_while_it_runs(
