@@ -15,6 +15,7 @@ from runnerd_client.protocol import DEFAULT_MAX_FRAME
 
 ARTIFACT_TIMEOUT = 600.0  # seconds to hash one artifact
 HOOK_TIMEOUT = 30.0  # seconds per hook call
+HOOK_MODES = ("call", "stream")  # a process per event, or one kept running for them all
 EVENT_NAMES = (  # what a hook's `events` patterns match: a state change is named by its state
     "pending",
     "running",
@@ -47,6 +48,7 @@ class Hook:
     experiment: str | None = None
     tags: dict[str, Any] = field(default_factory=dict)
     timeout: float = HOOK_TIMEOUT
+    mode: str = "call"  # "stream": one process, an event per stdin line, an ack per line
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,7 +147,7 @@ def _convert_dirs(source: Path, key: str, value: list[Any]) -> tuple[str, ...]:
 
 
 _HOOK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-_HOOK_KEYS = ("name", "events", "command", "experiment", "tags", "timeout")
+_HOOK_KEYS = ("name", "events", "command", "experiment", "tags", "timeout", "mode")
 
 
 def _convert_hooks(source: Path, tables: list[Any]) -> tuple[Hook, ...]:
@@ -178,6 +180,7 @@ def _convert_hook(where: str, table: Any) -> Hook:
         experiment=_hook_experiment(where, table.get("experiment")),
         tags=_hook_tags(where, table.get("tags", {})),
         timeout=_hook_timeout(where, table.get("timeout", HOOK_TIMEOUT)),
+        mode=_hook_mode(where, table.get("mode", "call")),
     )
 
 
@@ -228,6 +231,14 @@ def _hook_timeout(where: str, timeout: Any) -> float:
     if not isinstance(timeout, int | float) or isinstance(timeout, bool) or timeout <= 0:
         raise ConfigError(f"{where}: timeout must be a positive number of seconds")
     return float(timeout)
+
+
+def _hook_mode(where: str, mode: Any) -> str:
+    if mode not in HOOK_MODES:
+        raise ConfigError(
+            f'{where}: mode must be "call" (a process per event) or "stream" (one process)'
+        )
+    return str(mode)
 
 
 def _convert_text(source: Path, key: str, value: str) -> Any:

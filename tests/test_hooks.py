@@ -59,6 +59,49 @@ RECORD = textwrap.dedent("""
 """)
 
 
+STREAM = textwrap.dedent("""
+    import json, os, subprocess, sys, time
+    out, mode = sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else ""
+
+    def answer(doc):
+        print(json.dumps(doc), flush=True)
+
+    for line in sys.stdin:
+        body = json.loads(line)
+        event = body["event"]
+        mark = f"{out}.{mode}-{event['seq']}"
+        first = not os.path.exists(mark)
+        if mode == "fail-twice":
+            tries = 0 if first else int(open(mark).read())
+            open(mark, "w").write(str(tries + 1))
+            if tries < 2:
+                print(f"stderr of try {tries + 1}", file=sys.stderr, flush=True)
+                answer({"ok": False, "error": f"not yet ({tries + 1})"})
+                continue
+        if mode == "down" and os.path.exists(out + ".down"):
+            answer({"ok": False, "seq": event["seq"], "error": "the service is down"})
+            continue
+        if mode in ("die", "garble", "hang") and event["name"] == "running" and first:
+            child = subprocess.Popen(["sleep", "3600"])
+            open(mark, "w").write(f"{os.getpid()} {child.pid}")
+            print(f"{mode} on event {event['seq']}", file=sys.stderr, flush=True)
+            if mode == "die":
+                os._exit(5)
+            if mode == "garble":
+                print("hello", flush=True)
+                continue
+            time.sleep(3600)
+        with open(out, "a") as fh:
+            fh.write(json.dumps({"seq": event["seq"], "name": event["name"],
+                                 "run_id": event["run_id"], "sweep_id": event["sweep_id"],
+                                 "experiment": event["experiment"], "pid": os.getpid(),
+                                 "mode": os.environ["RUNNERD_HOOK_MODE"]}) + "\\n")
+        answer({"ok": True, "seq": event["seq"]})
+    with open(out + ".closed", "a") as fh:
+        fh.write(f"{os.getpid()}\\n")  # the daemon closed the stream: a clean end
+""")
+
+
 def hook_table(name: str, out: Path, mode: str = "", events: str = '["*"]', extra: str = "") -> str:
     argv = [sys.executable, str(out.parent / "record.py"), str(out), *([mode] if mode else [])]
     return (
@@ -71,6 +114,7 @@ def hook_table(name: str, out: Path, mode: str = "", events: str = '["*"]', extr
 def hooked(short_tmp: Path) -> Iterator[Daemon]:
     """A daemon, not started: the test writes its config first (`configure`)."""
     (short_tmp / "record.py").write_text(RECORD)
+    (short_tmp / "stream.py").write_text(STREAM)
     daemon = Daemon(short_tmp)
     try:
         yield daemon
@@ -449,6 +493,123 @@ def test_runnerctl_hooks_without_hooks_says_so(daemon: Daemon) -> None:
     assert daemon.ctl_json("hooks")["hooks"] == []
 
 
+# --- stream hooks: one process, an event per line, an acknowledgement per line ----------
+
+
+def stream_table(
+    name: str, out: Path, mode: str = "", events: str = '["*"]', extra: str = ""
+) -> str:
+    argv = [sys.executable, str(out.parent / "stream.py"), str(out), *([mode] if mode else [])]
+    return (
+        f'[[hooks]]\nname = {json.dumps(name)}\nevents = {events}\nmode = "stream"\n'
+        f"command = {json.dumps(argv)}\n{extra}\n"
+    )
+
+
+def closed(out: Path) -> list[int]:
+    """The pids of the stream processes that saw their stdin closed and exited by themselves."""
+    path = Path(f"{out}.closed")
+    return [int(pid) for pid in path.read_text().split()] if path.exists() else []
+
+
+def test_a_stream_hook_gets_every_event_once_in_order_per_run_from_one_process(
+    hooked: Daemon,
+) -> None:
+    out = hooked.root / "stream.jsonl"
+    configure(hooked, stream_table("stream", out), concurrency=4)
+    hooked.start()
+    writers = [hooked.python(ORDERED, str(n)) for n in range(2)]
+    for proc in writers:
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+    wait_for(lambda: settled(hooked, "stream"), timeout=60, what="every delivery")
+    got = records(out)
+    assert sorted(r["seq"] for r in got) == [e["seq"] for e in logged(hooked)]
+    assert in_order_per_run(got) and len({r["run_id"] for r in got}) == 8
+    assert {(r["pid"], r["mode"]) for r in got} == {(got[0]["pid"], "stream")}
+    status = hooks_status(hooked)["stream"]
+    assert (status["mode"], status["delivered"], status["failed"]) == ("stream", len(got), 0)
+    assert hooked.stop() == 0
+    assert closed(out) == [got[0]["pid"]]  # its stdin closed, it ended by itself
+
+
+def test_a_stream_hook_catches_up_from_its_cursor_after_a_daemon_restart(hooked: Daemon) -> None:
+    out = hooked.root / "down.jsonl"
+    Path(f"{out}.down").touch()
+    configure(hooked, stream_table("down", out, "down"))
+    hooked.start()
+    for n in range(3):
+        run_exec(hooked, "missed", f"exit {n}")
+    wait_for(lambda: hooks_status(hooked)["down"]["failed"] >= 2, what="refused events")
+    status = hooks_status(hooked)["down"]
+    assert (status["last"]["ok"], status["last"]["error"]) == (False, "the service is down")
+    assert records(out) == []
+    hooked.stop()
+    os.unlink(f"{out}.down")
+    hooked.start()
+    wait_for(lambda: settled(hooked, "down"), timeout=30, what="the hook to catch up")
+    run_exec(hooked, "after")
+    wait_for(lambda: settled(hooked, "down"), timeout=30, what="the new run's events")
+    got = records(out)
+    assert sorted(r["seq"] for r in got) == [e["seq"] for e in logged(hooked)]
+    assert in_order_per_run(got) and len({r["run_id"] for r in got}) == 4
+    assert len(closed(out)) == 1  # the first daemon's process, closed at its stop
+
+
+def test_a_stream_hook_that_fails_twice_gets_the_event_once_from_the_same_process(
+    hooked: Daemon,
+) -> None:
+    out = hooked.root / "flaky.jsonl"
+    configure(hooked, stream_table("flaky", out, "fail-twice", '["running", "succeeded"]'))
+    hooked.start()
+    run_exec(hooked, "flaky")
+    failing = wait_for(
+        lambda: (hook := hooks_status(hooked)["flaky"])["failed"] and hook,
+        what="a refused event",
+    )
+    assert failing["last"]["error"] in ("not yet (1)", "not yet (2)")  # the answer's error
+    assert failing["last"]["exit"] is None
+    assert failing["retrying"] == 1
+    wait_for(lambda: settled(hooked, "flaky"), timeout=30, what="the retries to succeed")
+    got = records(out)
+    assert [r["name"] for r in got] == ["running", "succeeded"]
+    assert got[0]["pid"] == got[1]["pid"]  # an error answered is no reason to restart it
+    assert hooks_status(hooked)["flaky"]["failed"] == 4
+    warnings = [line for line in hooked.log.read_text().splitlines() if "hook flaky: event" in line]
+    assert len(warnings) == 4 and "not yet (2)" in warnings[1]
+
+
+@pytest.mark.parametrize(
+    ("mode", "timeout", "error"),
+    [
+        ("die", 30, "exited 5 before acknowledging: die on event"),
+        ("garble", 30, "answered 'hello', not an acknowledgement of event"),
+        ("hang", 3, "timed out after 3 s; killed"),
+    ],
+)
+def test_a_stream_process_that_dies_answers_wrongly_or_hangs_is_replaced(
+    hooked: Daemon, mode: str, timeout: int, error: str
+) -> None:
+    out = hooked.root / f"{mode}.jsonl"
+    configure(hooked, stream_table(mode, out, mode, extra=f"timeout = {timeout}"))
+    hooked.start()
+    run_exec(hooked, mode)
+    wait_for(lambda: settled(hooked, mode), timeout=60, what="the redelivery to succeed")
+    got = records(out)
+    assert [r["seq"] for r in got] == [e["seq"] for e in logged(hooked)]
+    assert [r["name"] for r in got] == ["pending", "running", "succeeded"]
+    assert got[0]["pid"] != got[1]["pid"] == got[2]["pid"]  # a new process from `running` on
+    mark = next(hooked.root.glob(f"{mode}.jsonl.{mode}-*")).read_text()
+    for pid in map(int, mark.split()):  # the process and what it started, killed together
+        wait_for(lambda pid=pid: gone(pid), what=f"pid {pid} to be gone")
+    status = hooks_status(hooked)[mode]
+    assert (status["failed"], status["delivered"]) == (1, 3)
+    warnings = [
+        line for line in hooked.log.read_text().splitlines() if f"hook {mode}: event" in line
+    ]
+    assert len(warnings) == 1 and error in warnings[0], warnings
+
+
 @pytest.mark.parametrize(
     ("table", "message"),
     [
@@ -469,6 +630,10 @@ def test_runnerctl_hooks_without_hooks_says_so(daemon: Daemon) -> None:
             "tags must be a table of values",
         ),
         ('name = "x"\nevents = ["*"]\ncommand = ["true"]\nretries = 3', "unknown key 'retries'"),
+        (
+            'name = "x"\nevents = ["*"]\ncommand = ["true"]\nmode = "daemon"',
+            'mode must be "call" (a process per event) or "stream"',
+        ),
     ],
 )
 def test_a_bad_hooks_table_is_refused_by_name(tmp_path: Path, table: str, message: str) -> None:

@@ -56,7 +56,7 @@ class HookCall:
             stdin.seek(0)
             exit_code, error = self._run(stdin, stderr, {**os.environ, **self.env})
             if exit_code is not None and exit_code != 0 and error is None:
-                error = _excerpt(stderr) or _described(exit_code)
+                error = _excerpt(stderr) or described(exit_code)
         return Outcome(exit_code == 0, exit_code, error, time.monotonic() - started)
 
     def _run(
@@ -76,7 +76,7 @@ class HookCall:
                 )
             except (OSError, ValueError) as exc:
                 return None, f"cannot start {self.argv[0]}: {exc}"
-        if not _exited(self._proc, self.timeout):
+        if not exited(self._proc, self.timeout):
             self.kill()
             self._reap()
             return None, f"timed out after {self.timeout:g} s; killed"
@@ -101,7 +101,7 @@ class HookCall:
                     pass
 
 
-def _exited(proc: subprocess.Popen[bytes], timeout: float) -> bool:
+def exited(proc: subprocess.Popen[bytes], timeout: float) -> bool:
     """Wait for `proc` to exit (leaving it to be reaped); False at the timeout. A pidfd
     wakes at once; without one, Popen.wait polls."""
     try:
@@ -128,7 +128,7 @@ def _excerpt(stderr: IO[bytes]) -> str | None:
     return text[-EXCERPT:] or None
 
 
-def _described(code: int) -> str:
+def described(code: int) -> str:
     if code < 0:
         try:
             return f"killed by {signal.Signals(-code).name}"

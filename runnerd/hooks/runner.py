@@ -6,6 +6,7 @@ side by side, at most `hook_concurrency` calls at once over all hooks. A call th
 is retried with backoff until it succeeds, holding back only its own run. The event loop
 only schedules: reads go to the registry's reader thread, calls and cursor writes to
 worker threads. At most WINDOW events per hook wait in memory; the rest stay in the log.
+A stream hook (stream.py) gets its events in one process, one at a time.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
+from contextlib import AbstractAsyncContextManager, nullcontext
 from datetime import datetime
 from fnmatch import fnmatchcase
 from functools import partial
@@ -25,6 +27,7 @@ from runnerd import sweeps
 from runnerd.config import Config, Hook
 from runnerd.hooks import cursor
 from runnerd.hooks.call import HookCall, Outcome
+from runnerd.hooks.stream import HookStream, close_all, stream_of
 from runnerd.registry import Registry, Store, iso
 from runnerd_client.protocol import RunnerdError
 from runnerd_client.replies import as_map
@@ -39,6 +42,7 @@ MAX_RETRY_DELAY = 300.0
 SAVE_EVERY = 30.0  # seconds: a cursor moved only past unwanted events is saved this often
 SAVE_GAP = 0.05  # seconds between saves: a crash (not a stop) may deliver this much again
 RESTART_DELAY = 5.0
+STREAM_CLOSE_WAIT = 1.0  # seconds stream hooks get to exit once their stdin is closed
 ENVELOPE = ("event", "seq", "run_id", "experiment", "variation", "tags", "sweep_id", "at")
 
 
@@ -95,6 +99,8 @@ class HookRunner:
         self.slots = anyio.CapacityLimiter(cfg.hook_concurrency)  # calls, with their reads
         self.threads = anyio.CapacityLimiter(cfg.hook_concurrency)  # never waited for
         self.workers = [HookWorker(hook, self) for hook in cfg.hooks]
+        self.streams = {h.name: stream_of(h, self.socket) for h in cfg.hooks if h.mode == "stream"}
+        self.turns = {name: anyio.Lock() for name in self.streams}  # one event at a time
 
     def on_commit(self, result: Any) -> None:
         """Hand a batch's logged events to the workers (called on the loop)."""
@@ -103,23 +109,41 @@ class HookRunner:
                 worker.offer(result.effects.events)
 
     async def run(self) -> None:
-        async with anyio.create_task_group() as tg:
-            for worker in self.workers:
-                tg.start_soon(worker.run)
+        """Serve every hook (stream hooks' processes started at once, so their imports are
+        done before the first event) until cancelled; then stop the stream processes."""
+        try:
+            async with anyio.create_task_group() as tg:
+                for stream in self.streams.values():
+                    tg.start_soon(
+                        partial(anyio.to_thread.run_sync, stream.warm, abandon_on_cancel=True)
+                    )
+                for worker in self.workers:
+                    tg.start_soon(worker.run)
+        finally:
+            with anyio.CancelScope(shield=True):
+                streams = list(self.streams.values())
+                await anyio.to_thread.run_sync(close_all, streams, STREAM_CLOSE_WAIT)
 
     def status(self, last_seq: int) -> list[dict[str, Any]]:
         return [worker.status(last_seq) for worker in self.workers]
 
     async def call(self, hook: Hook, event: Event) -> Outcome:
         """One call of the hook's command with the event and its run (read when the call
-        gets its turn), in a worker thread; killed if the daemon stops meanwhile."""
-        async with self.slots:
+        gets its turn), in a worker thread; killed if the daemon stops meanwhile. A stream
+        hook's events take turns, for its one process takes one at a time."""
+        stream = self.streams.get(hook.name)
+        turn: AbstractAsyncContextManager[Any] = (
+            self.turns[hook.name] if stream is not None else nullcontext()
+        )
+        async with turn, self.slots:
             run, sweep = await self.registry.read(
                 partial(_subject, run_id=event["run_id"], sweep_id=event["sweep_id"])
             )
             body: dict[str, Any] = {"hook": hook.name, "event": event, "run": run}
             if sweep is not None:
                 body["sweep"] = sweep
+            if stream is not None:
+                return await self._send(stream, body, event["seq"])
             state = (run or {}).get("state") or (sweep or {}).get("status") or ""
             env = {
                 "RUNNERD_HOOK": hook.name,
@@ -136,6 +160,17 @@ class HookRunner:
                 )
             finally:
                 call.kill()  # a no-op once it ended; at shutdown it stops the command
+
+    async def _send(self, stream: HookStream, body: dict[str, Any], seq: int) -> Outcome:
+        """One event to a stream hook's process, in a worker thread; the process is killed
+        if the daemon stops meanwhile (its next one gets the event again)."""
+        try:
+            return await anyio.to_thread.run_sync(
+                stream.deliver, body, seq, limiter=self.threads, abandon_on_cancel=True
+            )
+        except anyio.get_cancelled_exc_class():
+            stream.kill()
+            raise
 
 
 class HookWorker:
@@ -343,6 +378,7 @@ class HookWorker:
             "experiment": hook.experiment,
             "tags": hook.tags,
             "timeout": hook.timeout,
+            "mode": hook.mode,
             "cursor": self.cursor,
             "backlog": len(self.waiting) + max(0, last_seq - self.read_to),
             "retrying": len(self.retrying),
