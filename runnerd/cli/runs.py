@@ -14,17 +14,11 @@ from runnerd.cli.common import (
     ago,
     choice,
     cli,
-    cpu_time,
     emit_json,
-    human_bytes,
     json_option,
     local_time,
-    moved,
     parse_duration,
-    peak_memory,
     request,
-    runs_table,
-    runtime,
     say,
     shown,
     table,
@@ -36,6 +30,7 @@ from runnerd.cli.nodes import (
     show_from,
     show_many,
 )
+from runnerd.cli.run_table import cpu_time, human_bytes, moved, peak_memory, runs_table, runtime
 from runnerd_client.protocol import (
     Get,
     ListRuns,

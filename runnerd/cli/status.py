@@ -21,7 +21,6 @@ from runnerd.cli.common import (
     failure_summary,
     json_option,
     request,
-    runs_table,
     say,
     shown,
     span,
@@ -30,6 +29,7 @@ from runnerd.cli.common import (
 )
 from runnerd.cli.merge import Item, distinct_counts, merge_runs, total_counts
 from runnerd.cli.nodes import ask_each, from_option, read_folder, several
+from runnerd.cli.run_table import runs_table
 from runnerd_client.connection import DaemonUnavailable
 from runnerd_client.protocol import State, Status
 
