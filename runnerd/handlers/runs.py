@@ -3,6 +3,7 @@ cancel, and label (what an outside witness says killed it)."""
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 from collections.abc import Awaitable
@@ -53,9 +54,7 @@ def handle_create(ctx: Context, peer: Peer, req: Create) -> Awaitable[Reply]:
     params, tags = as_json(req.params, "params"), as_json(req.tags, "tags")
     launch = as_json(req.launch, "launch") if req.launch is not None else None
     launch_env = as_json(req.launch_env, "launch_env") if req.launch_env is not None else None
-    run_dir = (
-        os.path.normpath(req.run_dir) if req.run_dir else str(paths.default_run_dir(req.run_id))
-    )
+    run_dir = os.path.normpath(req.run_dir) if req.run_dir else _default_run_dir(req.run_id)
 
     def apply(store: Store, at: float) -> Reply:
         if store.runs.get(req.run_id) is not None:
@@ -98,6 +97,20 @@ def handle_create(ctx: Context, peer: Peer, req: Create) -> Awaitable[Reply]:
         return reply
 
     return mutate(ctx, req, apply)
+
+
+def _default_run_dir(run_id: str) -> str:
+    """`paths.default_run_dir` as text. Its folder is worked out once for each value of
+    the variables it depends on: pathlib cost a create more than the rest of its handling,
+    and a run id is one plain path component (its pattern has no '/' and no '.')."""
+    env = os.environ
+    return f"{_runs_folder(env.get('XDG_DATA_HOME'), env.get('HOME'))}/{run_id}"
+
+
+@functools.lru_cache(maxsize=4)
+def _runs_folder(xdg_data_home: str | None, home: str | None) -> str:
+    """The folder of default run folders while $XDG_DATA_HOME and $HOME are these."""
+    return str(paths.default_run_dir("run").parent)
 
 
 def handle_start(ctx: Context, peer: Peer, req: Start) -> Awaitable[Reply]:
