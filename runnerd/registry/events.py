@@ -117,7 +117,7 @@ def _event(
         "run_id": run_id or None,
         "experiment": experiment,
         "variation": variation,
-        "tags": json.loads(tags) if tags else {},
+        "tags": json.loads(tags) if tags and tags != "{}" else {},  # most runs have none
         "sweep_id": sweep_id,
         "at": iso(at),
         **data,

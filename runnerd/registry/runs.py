@@ -28,6 +28,19 @@ class Runs:
         row = self.conn.execute(f"{_SELECT} WHERE run_id = ?", (run_id,)).fetchone()
         return RunRow.of(row) if row else None
 
+    def get_many(self, run_ids: list[str]) -> dict[str, RunRow]:
+        """The rows of those of `run_ids` that exist, in their order, read in one statement
+        (a batch's runs are read again after it); the ids go as one JSON list, so the
+        statement's text, and its cached plan, is the same for any number of them."""
+        found = {
+            row[0]: RunRow.of(row)
+            for row in self.conn.execute(
+                f"{_SELECT} WHERE run_id IN (SELECT value FROM json_each(?))",
+                (json.dumps(run_ids),),
+            )
+        }
+        return {run_id: found[run_id] for run_id in run_ids if run_id in found}
+
     def require(self, run_id: str) -> RunRow:
         row = self.get(run_id)
         if row is None:

@@ -36,8 +36,7 @@ class Store:
         """The batch just committed: its outcomes, effects, the rows of the runs it moved,
         their metadata.json documents and the sweeps it touched."""
         effects = self.effects.take()
-        changed = dict.fromkeys(t.run_id for t in effects.transitions)
-        rows = {run_id: row for run_id in changed if (row := self.runs.get(run_id)) is not None}
+        rows = self.runs.get_many(list(dict.fromkeys(t.run_id for t in effects.transitions)))
         # An imported run's folder, and its metadata.json, belong to the tool that made them.
         docs = [
             doc
