@@ -23,7 +23,16 @@ def write_metadata(run_dir: str, doc: dict[str, Any]) -> None:
     """Replace run_dir/metadata.json atomically: a reader sees the old or the new file. The
     temporary file is made O_EXCL and O_NOFOLLOW in the folder opened once, so a symlink
     planted there is never written through; a folder anyone may write to is refused."""
-    write_atomically(run_dir, "metadata.json", (json.dumps(doc, indent=2) + "\n").encode())
+    write_atomically(run_dir, "metadata.json", metadata_text(doc).encode())
+
+
+def metadata_text(doc: dict[str, Any]) -> str:
+    """`json.dumps(doc, indent=2)` and a newline. A document of plain values (what
+    `metadata_doc` makes) is encoded by json's C encoder, each item on a line of its own,
+    which is the same text in half the time (json encodes with an indent in Python)."""
+    if not doc or any(isinstance(value, dict | list | tuple) for value in doc.values()):
+        return json.dumps(doc, indent=2) + "\n"
+    return "{\n  " + json.dumps(doc, separators=(",\n  ", ": "))[1:-1] + "\n}\n"
 
 
 class MetadataWriter:
