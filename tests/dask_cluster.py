@@ -1,11 +1,13 @@
-"""A LocalCluster whose workers report to a test's daemon, and worker processes of their own,
-for the Dask tests (imported after `pytest.importorskip("distributed")`)."""
+"""A LocalCluster whose workers report to a test's daemon (and a `cluster` fixture of one),
+worker processes of their own, and the marks of a module of Dask tests, for the Dask tests
+(imported after `pytest.importorskip("distributed")`)."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +16,13 @@ import pytest
 
 from conftest import Daemon
 from runnerd_client.dask import RunnerdSchedulerPlugin, RunnerdWorkerPlugin
+
+DASK_MARKS = [  # a Dask test module's `pytestmark`: Dask's own warnings are not ours to fail on
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore::ResourceWarning"),
+    pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning"),
+    pytest.mark.timeout(180),
+]
 
 
 class Cluster:
@@ -60,6 +69,18 @@ class Cluster:
     def close(self) -> None:
         self.client.close()
         self.cluster.close()
+
+
+@pytest.fixture(name="cluster")
+def cluster_fixture(daemon: Daemon, monkeypatch: pytest.MonkeyPatch) -> Iterator[Cluster]:
+    """A cluster of two workers reporting to the test's daemon, closed after the test. A test
+    module takes it by importing `cluster_fixture`; tests ask for `cluster`."""
+    report_to(daemon, monkeypatch)
+    made = Cluster(daemon)
+    try:
+        yield made
+    finally:
+        made.close()
 
 
 def report_to(daemon: Daemon, monkeypatch: pytest.MonkeyPatch) -> None:

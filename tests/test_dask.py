@@ -8,7 +8,6 @@ import json
 import os
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,29 +18,20 @@ from conftest import Daemon, wait_for
 distributed = pytest.importorskip("distributed")
 dask = pytest.importorskip("dask")
 
-from dask_cluster import Cluster, report_to, start_worker  # noqa: E402  (after the skip: distributed is optional)
+from dask_cluster import (  # noqa: E402  (after the skip: distributed is optional)
+    DASK_MARKS,
+    Cluster,
+    cluster_fixture,  # noqa: F401  (the `cluster` fixture)
+    report_to,
+    start_worker,
+)
 
 from runnerd_client.dask import (  # noqa: E402
     RunnerdWorkerPlugin,
     current_run,
 )
 
-pytestmark = [
-    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
-    pytest.mark.filterwarnings("ignore::ResourceWarning"),
-    pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning"),
-    pytest.mark.timeout(180),
-]
-
-
-@pytest.fixture
-def cluster(daemon: Daemon, monkeypatch: pytest.MonkeyPatch) -> Iterator[Cluster]:
-    report_to(daemon, monkeypatch)
-    made = Cluster(daemon)
-    try:
-        yield made
-    finally:
-        made.close()
+pytestmark = DASK_MARKS
 
 
 def add_one(x: int) -> tuple[int, str | None]:

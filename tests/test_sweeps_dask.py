@@ -9,7 +9,6 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,26 +18,15 @@ from conftest import Daemon, wait_for
 
 distributed = pytest.importorskip("distributed")
 
-from dask_cluster import Cluster, report_to  # noqa: E402  (after the skip: distributed is optional)
+from dask_cluster import (  # noqa: E402  (after the skip: distributed is optional)
+    DASK_MARKS,
+    Cluster,
+    cluster_fixture,  # noqa: F401  (the `cluster` fixture)
+)
 
 import runnerd_client as rd  # noqa: E402
 
-pytestmark = [
-    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
-    pytest.mark.filterwarnings("ignore::ResourceWarning"),
-    pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning"),
-    pytest.mark.timeout(180),
-]
-
-
-@pytest.fixture
-def cluster(daemon: Daemon, monkeypatch: pytest.MonkeyPatch) -> Iterator[Cluster]:
-    report_to(daemon, monkeypatch)
-    made = Cluster(daemon)
-    try:
-        yield made
-    finally:
-        made.close()
+pytestmark = DASK_MARKS
 
 
 def cell(x: int, fail: bool = False) -> int:
