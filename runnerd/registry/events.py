@@ -62,11 +62,12 @@ class EventLog:
         variation: str | None,
         tags: str | None,
     ) -> None:
-        (seq,) = self.conn.execute(
+        seq = self.conn.execute(  # seq is the rowid: lastrowid costs less than RETURNING
             "INSERT INTO events (run_id, experiment, sweep_id, kind, at, data)"
-            " VALUES (?, ?, ?, ?, ?, ?) RETURNING seq",
+            " VALUES (?, ?, ?, ?, ?, ?)",
             (run_id, experiment, sweep_id, kind, at, json.dumps(data)),
-        ).fetchone()
+        ).lastrowid
+        assert seq is not None
         self.effects.events.append(
             _event(seq, run_id, experiment, sweep_id, kind, at, data, variation, tags)
         )
