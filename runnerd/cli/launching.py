@@ -29,7 +29,7 @@ from runnerd_client.protocol import (
 )
 
 if TYPE_CHECKING:
-    from runnerd.cli.launcher import Launch
+    from runnerd.cli.attempts import Launch
     from runnerd_client.retries import Retries
 
 
@@ -63,7 +63,7 @@ def exec_command(
     command: tuple[str, ...],
 ) -> None:
     """Run COMMAND as a tracked run; exit with its exit code."""
-    from runnerd.cli.launcher import Launch
+    from runnerd.cli.attempts import Launch
     from runnerd_client.retries import Retries
 
     launch = Launch(
@@ -104,17 +104,12 @@ def launch_in_foreground(
     ctx: click.Context, launch: Launch, retries: Retries, retry_of: str | None = None
 ) -> int:
     """Run a launch with its retries, passing Ctrl-C and SIGTERM on; its exit code."""
-    from runnerd.cli.launcher import Attempt, Launcher, forwarding, run_with_retries
-    from runnerd_client.client import Client
+    from runnerd.cli.attempts import run_in_foreground
 
-    launcher = Launcher()
-    with forwarding(launcher):
-        try:
-            outcome = run_with_retries(
-                Client(ctx.obj["socket"]), launch, retries, Attempt(launcher, retry_of=retry_of)
-            )
-        except RunnerdError as exc:
-            refused(exc, f"{exc.code}: ")
+    try:
+        outcome = run_in_foreground(ctx.obj["socket"], launch, retries, retry_of)
+    except RunnerdError as exc:
+        refused(exc, f"{exc.code}: ")
     return outcome.exit_code
 
 
@@ -124,7 +119,7 @@ def launch_in_foreground(
 def retry(ctx: click.Context, run: str) -> None:
     """Run a run launched by exec again, as the next attempt, with the same command, in
     the environment it ran with."""
-    from runnerd.cli.launcher import Launch
+    from runnerd.cli.attempts import Launch
     from runnerd_client.retries import Retries
 
     reply = request(ctx, Get(run=run, env=True))

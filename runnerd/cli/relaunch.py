@@ -10,7 +10,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from runnerd.cli.launcher import Attempt, Launch, Launcher, forwarding, run_with_retries
+from runnerd.cli.attempts import Attempt, Launch, run_with_retries
+from runnerd.cli.launcher import Launcher, forwarding
 from runnerd_client.client import Client
 from runnerd_client.protocol import Get, RunnerdError
 from runnerd_client.retries import Retries

@@ -18,8 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from runnerd.cli import launcher as launch
-from runnerd.cli.launcher import KILL_AFTER, Launch, Launcher, on_signals, run_once
+from runnerd.cli import attempts, launcher
+from runnerd.cli.attempts import Launch, run_once
+from runnerd.cli.launcher import KILL_AFTER, Launcher, on_signals
 from runnerd_client.cells import substitute
 from runnerd_client.client import Cell, Client
 from runnerd_client.connection import DaemonUnavailable
@@ -83,7 +84,7 @@ class Launched:
     def stop(self, why: Stop) -> None:
         """TERM every running command, KILL it KILL_AFTER later; start no more."""
         self.launcher.stop_all(
-            launch.Stop(why.failure_class, why.message, why.signum, why.cause), KILL_AFTER
+            launcher.Stop(why.failure_class, why.message, why.signum, why.cause), KILL_AFTER
         )
 
     def close(self) -> None:
@@ -108,7 +109,7 @@ class Launched:
 
     def _attempt(self, attempt: Attempt) -> CellOutcome:
         cell = attempt.cell
-        how = launch.Attempt(
+        how = attempts.Attempt(
             self.launcher,
             echo=False,
             retry_of=attempt.retry_of,
@@ -178,7 +179,7 @@ class Turn:
 
     outcomes: list[CellOutcome]
     followed: dict[int, str | None]
-    interrupted: launch.Stop | None
+    interrupted: launcher.Stop | None
     first_failure: CellOutcome | None
 
 
@@ -192,10 +193,10 @@ def run_turn(
     """Run the planned cells' commands; SIGINT or SIGTERM stops them and starts no more."""
     lookup = None if options.replication else registry_lookup(options.sweep_id, client.socket_path)
     engine = Engine(options, Launched(client, sweep, options), listener, lookup)
-    received: list[launch.Stop] = []
+    received: list[launcher.Stop] = []
 
     def on_signal(signum: int) -> None:
-        stop = launch.Stop.received(signum)
+        stop = launcher.Stop.received(signum)
         received.append(stop)
         engine.stop(Stop(stop.failure_class, stop.message, stop.cause, stop.signum))
 
