@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,32 @@ from runnerd.cli.launcher import Launcher, forwarding
 from runnerd_client.client import Client
 from runnerd_client.protocol import Get, RunnerdError
 from runnerd_client.retries import Retries
+
+
+@dataclass(frozen=True)
+class Interrupted:
+    """The interrupted runs, by what `resume --interrupted` does with them: relaunch those
+    runnerctl launched, resume the sweeps of sweep cells, only name the others."""
+
+    launched: list[dict[str, Any]]
+    sweeps: list[str]
+    others: list[dict[str, Any]]
+
+    @classmethod
+    def of(cls, runs: list[dict[str, Any]]) -> Interrupted:
+        return cls(
+            [r for r in runs if not r["sweep_id"] and r["launch"]],
+            sorted({r["sweep_id"] for r in runs if r["sweep_id"]}),
+            [r for r in runs if not r["sweep_id"] and not r["launch"]],
+        )
+
+    def plan(self) -> dict[str, list[str]]:
+        """What would be done, as `--dry-run --json` shows it."""
+        return {
+            "runs": [r["run_id"] for r in self.launched],
+            "sweeps": self.sweeps,
+            "not_launched": [r["run_id"] for r in self.others],
+        }
 
 
 def relaunch(

@@ -1,5 +1,6 @@
-"""A sweep's turn from the command line: progress drawn on a terminal, a line per cell,
-the summary table and the exit status; the turn itself is `runnerd.cli.sweep_driver`'s."""
+"""A sweep's turn from the command line: the sweep recorded or taken over, progress drawn
+on a terminal, a line per cell, the summary table and the exit status; the turn itself is
+`runnerd.cli.sweep_driver`'s."""
 
 from __future__ import annotations
 
@@ -23,8 +24,8 @@ from runnerd.cli.common import (
     table,
 )
 from runnerd_client.connection import Connection, DaemonUnavailable
-from runnerd_client.ids import new_key
-from runnerd_client.protocol import RunnerdError, SweepGet, SweepStart
+from runnerd_client.ids import new_key, new_run_id
+from runnerd_client.protocol import RunnerdError, SweepCreate, SweepGet, SweepStart
 from runnerd_client.sweep_engine import Listener
 from runnerd_client.sweep_model import CellOutcome, PlannedCell, SweepOptions, SweepResult
 
@@ -62,6 +63,37 @@ def take_over(conn: Connection, sweep_id: str) -> None:
         conn.call(SweepStart(key=new_key(), sweep_id=sweep_id))
     except RunnerdError as exc:
         refused(exc, f"{exc.code}: ")
+
+
+def start_sweep(
+    ctx: click.Context,
+    experiment: str,
+    spec: dict[str, Any],
+    cells: list[dict[str, Any]],
+    policy: str,
+    folder: str | None,
+    dask: str | None,
+) -> int:
+    """Record a new sweep of `cells` and run them as its first turn; the exit status."""
+    sweep_id = new_run_id()
+    conn = connect(ctx)
+    try:
+        conn.call(
+            SweepCreate(
+                key=new_key(),
+                sweep_id=sweep_id,
+                experiment=experiment,
+                spec=spec,
+                failure_policy=policy,
+                folder=folder,
+            )
+        )
+        stored = conn.call(SweepGet(sweep=sweep_id))["sweep"]
+    except RunnerdError as exc:
+        refused(exc, f"{exc.code}: ")
+    conn.close()
+    planned = [PlannedCell(i, c) for i, c in enumerate(cells)]
+    return run_cells(ctx, stored, SweepOptions.of(stored), planned, dask)
 
 
 def resume_sweep(

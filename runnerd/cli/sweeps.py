@@ -1,18 +1,15 @@
 """Sweeps: run a grid as launched runs, resume what did not succeed, replicate, inspect;
 and `resume --interrupted` for the work a crash of runnerd or the machine cut short.
 
-The commands parse and print; the turns themselves are `runnerd.cli.sweep_driver`'s (through the
-client's sweep engine), the relaunch `runnerd.cli.relaunch`'s.
+The commands parse and print: the cells are read by `runnerd.cli.sweep_spec`, the turns
+run by `runnerd.cli.sweep_turns` over `runnerd.cli.sweep_driver` (through the client's sweep
+engine), the relaunch is `runnerd.cli.relaunch`'s.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import sys
-import tomllib
-from pathlib import Path
-from typing import Any
 
 import click
 
@@ -27,32 +24,23 @@ from runnerd.cli.common import (
     local_time,
     parse_size,
     parse_timeout,
-    refused,
     request,
     retry_options,
     say,
     shown,
     table,
 )
+from runnerd.cli.sweep_spec import cells_spec, checked_cells
 from runnerd.cli.sweep_turns import (
     connect,
     counts_text,
     replicate,
     resume_sweep,
-    run_cells,
+    start_sweep,
     stored_sweep,
 )
-from runnerd_client.cells import SpecError, differences, expand, grid_values, placeholders
-from runnerd_client.ids import new_key, new_run_id
-from runnerd_client.protocol import (
-    ListRuns,
-    RunnerdError,
-    SweepCreate,
-    SweepGet,
-    SweepList,
-    SweepPolicy,
-)
-from runnerd_client.sweep_model import PlannedCell, SweepOptions
+from runnerd_client.cells import differences
+from runnerd_client.protocol import ListRuns, SweepList, SweepPolicy
 
 POLICIES = choice(SweepPolicy)
 MANIFEST_KEYS = (
@@ -76,54 +64,6 @@ dask_option = click.option(
 @cli.group()
 def sweep() -> None:
     """Run a grid of experiments as tracked runs; resume, replicate and inspect it."""
-
-
-def cells_spec(grid: tuple[str, ...], grid_file: str | None) -> dict[str, Any]:
-    """{"grid": ...} or {"cells": ...} from --grid K=V1,V2 options and a JSON/TOML file."""
-    spec: dict[str, Any] = {}
-    if grid_file:
-        spec = _read_grid_file(Path(grid_file))
-    for item in grid:
-        key, sep, values = item.partition("=")
-        if not sep or not key or not values:
-            raise click.BadParameter(f"{item!r} is not K=V1,V2,...", param_hint="--grid")
-        if "cells" in spec:
-            raise click.BadParameter("a list of cells and --grid do not mix", param_hint="--grid")
-        try:
-            spec.setdefault("grid", {})[key] = grid_values(key, values)
-        except SpecError as exc:
-            raise click.BadParameter(str(exc), param_hint="--grid") from None
-    return spec
-
-
-def _read_grid_file(path: Path) -> dict[str, Any]:
-    """A file of cells (a list, or {"cells": [...]}) or of a grid ({"grid": {...}} or a map
-    of value lists), as JSON or, by its suffix, TOML."""
-    try:
-        data = (
-            tomllib.loads(path.read_text())
-            if path.suffix == ".toml"
-            else json.loads(path.read_text())
-        )
-    except (OSError, ValueError) as exc:
-        raise click.BadParameter(f"{path}: {exc}", param_hint="--grid-file") from None
-    if isinstance(data, list):
-        return {"cells": data}
-    if isinstance(data, dict) and ("cells" in data or "grid" in data):
-        return {k: data[k] for k in ("cells", "grid") if k in data}
-    return {"grid": data}
-
-
-def _checked(spec: dict[str, Any]) -> list[dict[str, Any]]:
-    """The spec's cells, or a usage error naming what is wrong with them."""
-    try:
-        cells = list(expand(spec))
-    except SpecError as exc:
-        raise click.UsageError(str(exc)) from None
-    missing = placeholders(spec["command"]) - set().union(*(c.keys() for c in cells))
-    if missing:
-        raise click.UsageError(f"the command uses {', '.join(sorted(missing))}, which no cell has")
-    return cells
 
 
 @sweep.command("run", context_settings={"ignore_unknown_options": True})
@@ -189,26 +129,8 @@ def sweep_run(
         "timeout": timeout,
         "memory": memory,
     }
-    cells = _checked(spec)
-    sweep_id = new_run_id()
-    conn = connect(ctx)
-    try:
-        conn.call(
-            SweepCreate(
-                key=new_key(),
-                sweep_id=sweep_id,
-                experiment=experiment,
-                spec=spec,
-                failure_policy=failure_policy,
-                folder=folder,
-            )
-        )
-        stored = conn.call(SweepGet(sweep=sweep_id))["sweep"]
-    except RunnerdError as exc:
-        refused(exc, f"{exc.code}: ")
-    conn.close()
-    planned = [PlannedCell(i, c) for i, c in enumerate(cells)]
-    sys.exit(run_cells(ctx, stored, SweepOptions.of(stored), planned, dask))
+    cells = checked_cells(spec)
+    sys.exit(start_sweep(ctx, experiment, spec, cells, failure_policy, folder, dask))
 
 
 @sweep.command("resume", context_settings={"ignore_unknown_options": True})
@@ -381,39 +303,30 @@ def sweep_show(ctx: click.Context, sweep_ref: str, as_json: bool) -> None:
 def resume(ctx: click.Context, interrupted: bool, dry_run: bool, as_json: bool) -> None:
     """Relaunch interrupted launched runs from their last checkpoints, and resume the sweeps
     they belong to."""
-    from runnerd.cli.relaunch import relaunch
+    from runnerd.cli.relaunch import Interrupted, relaunch
 
     if as_json and not dry_run:
         raise click.UsageError("--json goes with --dry-run")
-    runs = request(ctx, ListRuns(interrupted=True, limit=10_000))["runs"]
-    sweeps = sorted({r["sweep_id"] for r in runs if r["sweep_id"]})
-    launched = [r for r in runs if not r["sweep_id"] and r["launch"]]
-    others = [r for r in runs if not r["sweep_id"] and not r["launch"]]
+    found = Interrupted.of(request(ctx, ListRuns(interrupted=True, limit=10_000))["runs"])
     if as_json:
-        emit_json(
-            {
-                "runs": [r["run_id"] for r in launched],
-                "sweeps": sweeps,
-                "not_launched": [r["run_id"] for r in others],
-            }
-        )
+        emit_json(found.plan())
         return
-    for r in others:
+    for r in found.others:
         say(
             f"{r['run_id']} {shown(r['experiment'])}/{shown(r['variation'])}: interrupted, but not"
             " launched by runnerctl; rerun it yourself (with resume=True)"
         )
-    for r in launched:
+    for r in found.launched:
         say(
             f"{r['run_id']} {shown(r['experiment'])}/{shown(r['variation'])}: relaunch"
             f" {' '.join(r['launch']['command'])}"
         )
-    for sweep_id in sweeps:
+    for sweep_id in found.sweeps:
         say(f"sweep {sweep_id}: resume its unfinished cells")
     if dry_run:
         return
-    codes = relaunch(ctx.obj["socket"], launched, say)
-    for sweep_id in sweeps:
+    codes = relaunch(ctx.obj["socket"], found.launched, say)
+    for sweep_id in found.sweeps:
         conn = connect(ctx)
         stored = stored_sweep(conn, sweep_id)
         conn.close()
