@@ -38,6 +38,7 @@ HOOK = f"""
 [[hooks]]
 name = "mlflow"
 events = ["failed_*", "lost"]
+mode = "stream"
 command = {json.dumps([sys.executable, "-m", "runnerd_client.mlflow", "hook"])}
 """
 
@@ -275,6 +276,68 @@ def test_a_killed_script_ends_its_mlflow_run_through_the_hook(
     assert linked.info.status == status
     assert linked.data.tags["runnerd.state"] == state
     assert linked.info.end_time is not None
+
+
+def hook_processes(daemon: Daemon) -> list[int]:
+    """The daemon's children running the MLflow hook."""
+    assert daemon.proc is not None
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == daemon.proc.pid and b"runnerd_client.mlflow" in argv:
+            found.append(int(proc.name))
+    return found
+
+
+def test_one_stream_process_ends_the_mlflow_runs_of_every_killed_script(
+    shared_daemon: Daemon, store: str
+) -> None:
+    (hook,) = wait_for(lambda: hook_processes(shared_daemon), what="the hook's process")
+    procs = [
+        exec_(shared_daemon, store, f"ml-many-{n}", script(shared_daemon, "wait", WAIT))
+        for n in range(2)
+    ]
+    pids = [started(proc) for proc in procs]
+    run_ids = [only_run(shared_daemon, f"ml-many-{n}")["run_id"] for n in range(2)]
+    for pid, proc in zip(pids, procs, strict=True):
+        os.kill(pid, signal.SIGKILL)
+        proc.communicate(timeout=60)
+    for run_id in run_ids:
+        settled(store, run_id, ["FAILED"])
+    assert hook_processes(shared_daemon) == [hook]  # MLflow imported once, for both
+    status = {h["name"]: h for h in shared_daemon.ctl_json("hooks")["hooks"]}["mlflow"]
+    assert status["mode"] == "stream" and status["last"]["ok"] is True
+
+
+def test_the_stream_hook_answers_each_event_line_on_its_own(shared_daemon: Daemon) -> None:
+    lines = [
+        "{not json",
+        json.dumps({"hook": "mlflow", "event": {"seq": 7}, "run": None}),
+        json.dumps(
+            {
+                "hook": "mlflow",
+                "event": {"seq": 8},
+                "run": {"run_id": "X", "state": "failed_crash", "artifacts": [], "pids": []},
+            }
+        ),
+    ]
+    stream = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "runnerd_client.mlflow", "hook"],
+        input="".join(f"{line}\n" for line in lines),
+        capture_output=True,
+        text=True,
+        env={**shared_daemon.env, "RUNNERD_HOOK_MODE": "stream"},
+        timeout=120,
+    )
+    assert stream.returncode == 0, stream.stderr  # its stdin closed: done
+    bad, pruned, unlinked = map(json.loads, stream.stdout.splitlines())  # answers only
+    assert bad["ok"] is False and "not JSON" in bad["error"] and "seq" not in bad
+    assert pruned == {"ok": True, "seq": 7} and unlinked == {"ok": True, "seq": 8}
+    assert "mlflow.client" in stream.stderr  # imported before the first event, once
 
 
 def test_an_mlflow_run_in_a_with_rd_run_block_is_linked(shared_daemon: Daemon, store: str) -> None:

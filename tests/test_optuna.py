@@ -27,6 +27,7 @@ HOOK = f"""
 [[hooks]]
 name = "optuna"
 events = ["failed_*"]
+mode = "stream"
 command = {json.dumps([sys.executable, "-m", "runnerd_client.optuna", "hook"])}
 """
 
@@ -204,3 +205,13 @@ def test_the_hook_finds_the_password_it_was_given_and_leaves_other_runs() -> Non
         timeout=60,
     )
     assert result.returncode == 0, result.stderr
+    streamed = subprocess.run(
+        [sys.executable, "-m", "runnerd_client.optuna", "hook"],
+        input=json.dumps({**unrelated, "event": {"seq": 3}}) + "\n",
+        capture_output=True,
+        text=True,
+        env={**os.environ, "RUNNERD_HOOK_MODE": "stream"},
+        timeout=60,
+    )
+    assert streamed.returncode == 0, streamed.stderr
+    assert streamed.stdout == '{"ok": true, "seq": 3}\n'

@@ -1,21 +1,25 @@
 """The MLflow hook: `python -m runnerd_client.mlflow hook`, a `[[hooks]]` command on
-`failed_*` and `lost`.
+`failed_*` and `lost` (best with `mode = "stream"`, which imports MLflow once).
 
 It ends the MLflow runs linked to a runnerd run that ended failed (see
 runnerd_client.mlflow for the link): FAILED, or KILLED for `failed_abandoned`. It ends
 those still RUNNING and those MLflow's exit hook ended FINISHED, and never touches a run
 the script itself ended. For a `lost` run it only tags them: a lost run may come back.
 
-MLflow is imported only for a run that has MLflow runs linked.
+In call mode MLflow is imported only for a run that has MLflow runs linked. A stream
+imports it before the first event, and opens the store of `MLFLOW_TRACKING_URI` if that
+is set, so the first death does not wait for them either.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from runnerd_client.integration import HookInput, hook_main, notes, wait_gone
+from runnerd_client.hook_stream import hook
+from runnerd_client.integration import HookInput, hook_parser, notes, wait_gone
 from runnerd_client.protocol import State
 
 if TYPE_CHECKING:
@@ -27,6 +31,7 @@ TAG_RUN_ID = "runnerd.run_id"
 TAG_STATE = "runnerd.state"
 TAG_AT_EXIT = "runnerd.ended_at_exit"
 NOTE_PREFIX = "mlflow-"
+URI_ENV = "MLFLOW_TRACKING_URI"
 
 
 def linked_runs(client: MlflowClient, run_id: str) -> list[MlflowRun]:
@@ -120,8 +125,22 @@ def _millis(iso: object) -> int | None:
         return None
 
 
+def warm() -> None:
+    """A stream's start: MLflow imported, and the store of MLFLOW_TRACKING_URI opened (MLflow
+    keeps it for later clients of that URI)."""
+    from mlflow.client import MlflowClient
+
+    uri = os.environ.get(URI_ENV)
+    if uri:
+        try:
+            MlflowClient(uri).search_experiments(max_results=1)
+        except Exception as exc:  # the events will say what is wrong with it, if anything
+            print(f"{PROG} hook: {URI_ENV} {uri!r} not opened: {exc}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
-    return hook_main(PROG, handle, argv)
+    hook_parser(PROG).parse_args(argv)
+    return hook(PROG, handle, warm)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,8 @@
   once the trial's process is gone, and leaves a trial Optuna ended, so it never races
   Optuna. `--storage URL` (repeatable) gives a URL whose password the tag hides.
 
-Optuna is imported only when a trial runs or the hook has a trial to fail.
+Optuna is imported only when a trial runs or the hook has a trial to fail; a stream hook
+(`mode = "stream"`) imports it, and opens the `--storage` URLs, before the first event.
 """
 
 from __future__ import annotations
@@ -27,17 +28,12 @@ import math
 import sys
 import time
 from collections.abc import Callable, Sequence
+from functools import cache
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from runnerd_client.exits import Terminated
-from runnerd_client.integration import (
-    GONE_WAIT,
-    HookInput,
-    alive,
-    hook_parser,
-    run_hook,
-    write_note,
-)
+from runnerd_client.hook_stream import hook
+from runnerd_client.integration import GONE_WAIT, HookInput, alive, hook_parser, write_note
 from runnerd_client.run import Run
 
 if TYPE_CHECKING:
@@ -181,11 +177,10 @@ def handle(event: HookInput, storages: Sequence[str] = ()) -> None:
 
 def fail_dead_trial(url: str, study: str, number: int, run: dict[str, Any]) -> None:
     """Wait until Optuna ended the trial (leave it) or its process is gone (fail it)."""
-    import optuna
     from optuna.exceptions import UpdateFinishedTrialError
     from optuna.trial import TrialState
 
-    storage = optuna.storages.RDBStorage(url)
+    storage = _storage(url)
     try:
         trial_id = storage.get_trial_id_from_study_id_trial_number(
             storage.get_study_id_from_name(study), number
@@ -227,6 +222,25 @@ def fail_dead_trial(url: str, study: str, number: int, run: dict[str, Any]) -> N
         time.sleep(0.02)
 
 
+@cache
+def _storage(url: str) -> optuna.storages.RDBStorage:
+    """The storage at `url`, opened once per process (a stream hook's events share it)."""
+    import optuna
+
+    return optuna.storages.RDBStorage(url)
+
+
+def _warm(storages: Sequence[str]) -> None:
+    """A stream's start: Optuna imported, and the `--storage` URLs opened."""
+    import optuna  # noqa: F401
+
+    for url in storages:
+        try:
+            _storage(url)
+        except Exception as exc:  # the events will say what is wrong with it, if anything
+            print(f"{PROG} hook: storage {hide_password(url)} not opened: {exc}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = hook_parser(PROG)
     parser.add_argument(
@@ -237,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         help="a storage URL with its password, for trials tagged with it",
     )
     args = parser.parse_args(argv)
-    return run_hook(PROG, lambda event: handle(event, args.storage))
+    return hook(PROG, lambda event: handle(event, args.storage), lambda: _warm(args.storage))
 
 
 if __name__ == "__main__":
