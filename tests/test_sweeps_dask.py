@@ -125,18 +125,26 @@ def test_runnerctl_sweep_run_on_the_cluster(cluster: Cluster, short_tmp: Path) -
             assert out.strip() == str(cell["params"]["x"] * 10)
 
 
-def steady(x: int) -> int:
+def steady(x: int, release: str) -> int:
+    """Cell 5 runs until `release` appears (its worker is killed meanwhile); the rest briefly."""
+    while x == 5 and not os.path.exists(release):
+        time.sleep(0.05)
     time.sleep(0.4)
     return x
 
 
-def test_a_worker_lost_mid_sweep_leaves_each_cell_one_success(cluster: Cluster) -> None:
+def test_a_worker_lost_mid_sweep_leaves_each_cell_one_success(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """The worker running cell 5 is killed while it runs (it waits until then): its run ends
+    failed_crash, Dask runs it again elsewhere, and no cell that succeeded runs again."""
+    release = tmp_path / "release"
     outcome: dict[str, Any] = {}
     thread = threading.Thread(
         target=lambda: outcome.update(
             result=rd.sweep(
                 "dask-lost",
-                [{"x": i} for i in range(12)],
+                [{"x": i, "release": str(release)} for i in range(12)],
                 steady,
                 failure_policy="continue_on_failure",
                 executor=cluster.client,
@@ -144,26 +152,26 @@ def test_a_worker_lost_mid_sweep_leaves_each_cell_one_success(cluster: Cluster) 
         )
     )
     thread.start()
-    running = wait_for(
+    held = wait_for(
         lambda: next(
             (
                 r
                 for r in cluster.daemon.ctl_json(
                     "list", "--experiment", "dask-lost", "--state", "running"
                 )
+                if r["cell"] == 5
             ),
             None,
         ),
-        timeout=30,
-        what="a cell to run",
+        timeout=60,
+        what="cell 5 to run",
     )
+    os.kill(cluster.worker_pids()[held["tags"]["worker"]], signal.SIGKILL)
     wait_for(
-        lambda: cluster.daemon.ctl_json(
-            "list", "--experiment", "dask-lost", "--state", "succeeded"
-        ),
-        what="a cell done",
+        lambda: cluster.daemon.ctl_json("show", held["run_id"])["state"] == "failed_crash",
+        what="the killed cell's run to end",
     )
-    os.kill(cluster.worker_pids()[running["tags"]["worker"]], signal.SIGKILL)
+    release.touch()
     thread.join(120)
     result = outcome["result"]
     assert result.summary["succeeded"] == 12
@@ -171,7 +179,8 @@ def test_a_worker_lost_mid_sweep_leaves_each_cell_one_success(cluster: Cluster) 
     succeeded = sorted(r["cell"] for r in runs if r["state"] == "succeeded")
     assert succeeded == list(range(12))  # one success per cell: nothing recomputed
     crashed = [r for r in runs if r["state"] == "failed_crash"]
-    assert crashed and all(r["failure"]["failure_class"] == "ProcessExited" for r in crashed)
+    assert [r["run_id"] for r in crashed] == [held["run_id"]]
+    assert crashed[0]["failure"]["failure_class"] == "ProcessExited"
 
 
 def held_or_failing(i: int, state: str) -> int:
