@@ -27,6 +27,9 @@ RUN_TABLES = (
     "runs",
 )
 """Every table with a row per run (`runs` last)."""
+_REPLY_JSON = json.JSONEncoder(default=fields_of)
+"""Replies as the JSON kept for their keys: one encoder for every mutation (json.dumps
+given `default` builds one each call)."""
 
 
 class Upkeep:
@@ -64,7 +67,7 @@ class Upkeep:
         self.conn.execute(
             "INSERT INTO idempotency (key, op, run_id, reply, at, digest)"
             " VALUES (?, ?, ?, ?, ?, ?)",
-            (key, op, run_id, json.dumps(reply, default=fields_of), at, digest),
+            (key, op, run_id, _REPLY_JSON.encode(reply), at, digest),
         )
 
     def prune(self, cutoff: float, states: tuple[str, ...], dry_run: bool) -> list[str]:
