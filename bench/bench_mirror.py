@@ -10,13 +10,15 @@ two daemons on registries of N runs each, a LocalCluster with one `dask worker` 
 and runnerctl commands timed through Dask and, for comparison, over both sockets.
 Not a test: it reports.
 
-    python bench/bench_mirror.py [--quick] [--rate N] [--seconds S] [--runs N]
+    python bench/bench_mirror.py [--quick] [--rate N] [--seconds S] [--runs N] [--rounds N]
+                                 [--only COMMAND] [--keep DIR]
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -232,7 +234,24 @@ COMMANDS = (
 )
 
 
-def dask_queries(root: Path, runs: int, reps: int) -> dict[str, tuple[list[float], list[float]]]:
+def filled(db: Path, runs: int, kept: Path | None) -> None:
+    """`db` with `runs` runs: filled, or copied from `kept` (a folder of registries filled
+    by an earlier run with as many runs), where it is then kept for the next run."""
+    copy = kept / f"{db.parent.parent.name}-{runs}.sqlite3" if kept is not None else None
+    if copy is not None and copy.exists():
+        print(f"  {db}: {runs:,} runs from {copy}", file=sys.stderr, flush=True)
+        shutil.copyfile(copy, db)
+        return
+    print(f"  filling {db} with {runs:,} runs", file=sys.stderr, flush=True)
+    fill(db, runs, time.time())
+    if copy is not None:
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(db, copy)
+
+
+def dask_queries(
+    root: Path, runs: int, reps: int, only: str | None, kept: Path | None
+) -> dict[str, tuple[list[float], list[float]]]:
     """Each command's wall times through Dask and over the two sockets."""
     from distributed import Client, LocalCluster
 
@@ -243,8 +262,7 @@ def dask_queries(root: Path, runs: int, reps: int) -> dict[str, tuple[list[float
         for node in nodes:
             node.start()
             node.stop()
-            print(f"  filling {node.db} with {runs:,} runs", file=sys.stderr, flush=True)
-            fill(node.db, runs, time.time())
+            filled(node.db, runs, kept)
             node.start()
         cluster = LocalCluster(n_workers=0, dashboard_address=":0")
         client = Client(cluster)
@@ -272,6 +290,8 @@ def dask_queries(root: Path, runs: int, reps: int) -> dict[str, tuple[list[float
         sockets = [arg for node in nodes for arg in ("--socket", str(node.socket))]
         times = {}
         for label, args in COMMANDS:
+            if only is not None and label != only:
+                continue
             print(f"  {label}", file=sys.stderr, flush=True)
             through = time_command(
                 [*RUNNERCTL, "--dask", cluster.scheduler_address, *args, "--json"], env, reps
@@ -313,6 +333,16 @@ def main() -> None:
         "--rounds", type=int, default=3, help="mirror rounds, without and with alternately"
     )
     parser.add_argument("--no-dask", action="store_true", help="only the mirror figures")
+    parser.add_argument(
+        "--only", choices=[label for label, _ in COMMANDS], help="--dask: time this command only"
+    )
+    parser.add_argument(
+        "--keep",
+        type=Path,
+        metavar="DIR",
+        help="--dask: keep the filled registries in DIR and reuse them (compare two versions "
+        "on the same runs; --rounds 0 times the queries only)",
+    )
     args = parser.parse_args()
     seconds = args.seconds or (8.0 if args.quick else 30.0)
     runs = args.runs or (20_000 if args.quick else 100_000)
@@ -336,7 +366,7 @@ def main() -> None:
         if not args.no_dask:
             run.quiet.wait()
             print("--dask", file=sys.stderr, flush=True)
-            times = dask_queries(root, runs, reps)
+            times = dask_queries(root, runs, reps, args.only, args.keep)
             results.append(lambda: print_dask(runs, times))
     run.stop()
     run.header("mirror and --dask", "quick" if args.quick else "full")

@@ -13,6 +13,7 @@ import tempfile
 import textwrap
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ import pytest
 
 from conftest import Daemon, wait_for
 from runnerd.cli.merge import (
+    counts_once,
     group_failures,
     merge_failures,
     merge_groups,
@@ -196,8 +198,22 @@ def test_status_sums_the_daemons(nodes: Nodes) -> None:
     body = nodes.ctl_json("status")
     assert [d["daemon"] for d in body["daemons"]] == [str(nodes.a.socket), str(nodes.b.socket)]
     assert all(d["reachable"] for d in body["daemons"])
-    assert body["counts"] == total_counts(d["status"]["counts"] for d in body["daemons"])
-    assert sum(body["counts"].values()) == 9  # SHARED-1 is counted by both daemons
+    assert sum(total_counts(d["status"]["counts"] for d in body["daemons"]).values()) == 9
+    plain = set(nodes.a.ctl_json("status"))
+    assert all(set(d["status"]) == plain for d in body["daemons"])  # as one daemon answers
+
+
+def test_status_counts_a_run_two_daemons_know_once(nodes: Nodes) -> None:
+    """SHARED-1 is pending on A and running on B, which heard from it last: counted once,
+    as running, like `list` and `report` show it; each daemon's section keeps its own."""
+    body = nodes.ctl_json("status")
+    listed = nodes.ctl_json("list", "--limit", "100")
+    assert body["counts"] == dict(Counter(r["state"] for r in listed))
+    assert sum(body["counts"].values()) == 8
+    assert [d["status"]["counts"]["pending"] for d in body["daemons"]] == [2, 1]
+    assert body["counts"]["pending"] == 2 and body["counts"]["running"] == 1
+    text = nodes.ctl("status").stdout
+    assert "All daemons (2 of 2 answered): 8 run(s)" in text
 
 
 def test_status_with_a_stopped_daemon_shows_the_other(nodes: Nodes, short_tmp: Path) -> None:
@@ -788,6 +804,44 @@ def test_total_counts_adds_states() -> None:
         "running": 1,
         "succeeded": 5,
     }
+
+
+def heard(**states: list[tuple[str, int]]) -> dict[str, dict[str, str]]:
+    """A daemon's status `runs`: by state, (run id, heard at ms) joined as it sends them."""
+    return {
+        state: {"ids": " ".join(r for r, _ in runs), "heard": " ".join(str(t) for _, t in runs)}
+        for state, runs in states.items()
+    }
+
+
+def test_counts_once_keeps_the_copy_merge_runs_keeps() -> None:
+    a = heard(pending=[("R1", 100), ("R2", 100)], succeeded=[("R3", 100)])
+    b = heard(running=[("R1", 200)], failed_crash=[("R2", 100), ("R4", 50)])
+    c = heard(succeeded=[("R1", 300), ("R5", 10)])
+    # R1 ends succeeded (heard last on C); R2 keeps A's copy (equal times: the first).
+    assert counts_once([a, b, c]) == {"pending": 1, "succeeded": 3, "failed_crash": 1}
+    assert counts_once([a, b]) == {"pending": 1, "running": 1, "succeeded": 1, "failed_crash": 1}
+    assert counts_once([a]) == {"pending": 2, "succeeded": 1}
+    assert counts_once([]) == {}
+    ids = [{state: {"ids": one["ids"]} for state, one in h.items()} for h in (a, b)]
+    assert counts_once(ids) is None  # R1 known twice: which copy counts needs the times
+    assert counts_once([ids[0], heard(running=[("R9", 1)])]) == {
+        "pending": 2,
+        "succeeded": 1,
+        "running": 1,
+    }
+    runs = [
+        {**run(r, "00.000", d, ended), "state": st}
+        for r, d, st, ended in (
+            ("R1", "a", "pending", None),
+            ("R2", "a", "pending", None),
+            ("R3", "a", "succeeded", None),
+            ("R1", "b", "running", "00.200"),
+            ("R2", "b", "failed_crash", None),
+            ("R4", "b", "failed_crash", None),
+        )
+    ]
+    assert counts_once([a, b]) == dict(Counter(r["state"] for r in merge_runs(runs)))
 
 
 def test_parse_export_sorts_lines_and_warns() -> None:

@@ -215,6 +215,10 @@ class ListRuns(Request):
 class Status(Request):
     op: ClassVar[str] = "status"
     limit: int = 10
+    runs: bool = False
+    """Also `runs`: by state, the run ids (for counting the runs of several daemons once
+    each); with `heard`, when each run was last heard of too."""
+    heard: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -9,7 +9,7 @@ each names the daemon (socket or file) it came from in `daemon`.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -116,6 +116,53 @@ def total_counts(counts: Iterable[Mapping[str, int]]) -> dict[str, int]:
         for state, n in one.items():
             total[state] = total.get(state, 0) + n
     return total
+
+
+def counts_once(runs: Sequence[Mapping[str, Mapping[str, str]]]) -> dict[str, int] | None:
+    """Counts by state of several daemons' runs (each daemon's `status` `runs`: by state,
+    its run ids, space-joined), a run two of them know counted once, in the state of the
+    copy `merge_runs` keeps: heard from last, the first of equals. None when a run is
+    known twice and the times each daemon last heard of its runs (`heard`) were not sent:
+    only those runs are then looked at one by one."""
+    listings = [{state: one["ids"].split() for state, one in daemon.items()} for daemon in runs]
+    counts = total_counts({state: len(ids) for state, ids in one.items()} for one in listings)
+    if _disjoint([list(listing.values()) for listing in listings]):
+        return {state: n for state, n in counts.items() if n}
+    if not all("heard" in one for daemon in runs for one in daemon.values()):
+        return None
+    seen: set[str] = set()
+    twice: set[str] = set()
+    for listing in listings:
+        mine = set().union(*listing.values())
+        twice |= seen & mine
+        seen |= mine
+    kept: dict[str, tuple[int, str]] = {}  # run_id -> (heard, state) of the copy kept
+    for daemon, listing in zip(runs, listings, strict=True):
+        for state, ids in listing.items():
+            if twice.isdisjoint(ids):
+                continue
+            for run_id, at in zip(ids, daemon[state]["heard"].split(), strict=True):
+                if run_id in twice:
+                    counts[state] -= 1
+                    heard = int(at)
+                    if run_id not in kept or heard > kept[run_id][0]:
+                        kept[run_id] = (heard, state)
+    for _, state in kept.values():
+        counts[state] += 1
+    return {state: n for state, n in counts.items() if n}
+
+
+def _disjoint(listings: Sequence[list[list[str]]]) -> bool:
+    """Whether no id is in two listings (each of one daemon, whose ids are distinct):
+    each is looked up in a set of those before it, the last one never added to it."""
+    seen: set[str] = set()
+    for n, listing in enumerate(listings):
+        if any(not seen.isdisjoint(ids) for ids in listing):
+            return False
+        if n < len(listings) - 1:
+            for ids in listing:
+                seen.update(ids)
+    return True
 
 
 def filter_runs(

@@ -27,7 +27,8 @@ from runnerd.cli.common import (
     subscribed,
     table,
 )
-from runnerd.cli.merge import Item, distinct_counts, merge_runs, total_counts
+from runnerd.cli.daemons import Answer
+from runnerd.cli.merge import Item, counts_once, distinct_counts, merge_runs, total_counts
 from runnerd.cli.nodes import ask_each, from_option, read_folder, several
 from runnerd.cli.run_table import runs_table
 from runnerd_client.connection import DaemonUnavailable
@@ -102,11 +103,16 @@ def counts_line(counts: dict[str, int]) -> str:
 
 
 def status_many(ctx: click.Context, as_json: bool) -> None:
-    """One section per daemon, an unreachable one said so, then the counts of all of them;
-    exit 3 only when none answered."""
-    answers = ask_each(ctx, Status())
+    """One section per daemon, an unreachable one said so, then the counts of all of them,
+    each run once; exit 3 only when none answered."""
+    answers = ask_each(ctx, Status(runs=True))
+    counts = _counts_once(answers)
+    if counts is None:  # a run two daemons know: which copy counts needs their times
+        answers = ask_each(ctx, Status(runs=True, heard=True))
+        counts = _counts_once(answers)
     answered = [a.body for a in answers if a.body is not None]
-    counts = total_counts(body["counts"] for body in answered)
+    if counts is None:
+        counts = total_counts(body["counts"] for body in answered)
     if as_json:
         emit_json(
             {
@@ -133,6 +139,18 @@ def status_many(ctx: click.Context, as_json: bool) -> None:
         say(f"All daemons ({len(answered)} of {len(answers)} answered): {counts_line(counts)}")
     if not answered:
         sys.exit(EXIT_UNREACHABLE if all(a.unreachable for a in answers) else EXIT_ERROR)
+
+
+def _counts_once(answers: list[Answer]) -> dict[str, int] | None:
+    """The counts of all the daemons that answered, each run once (None: see
+    merge.counts_once); their `runs` are taken out of their replies."""
+    bodies = [a.body for a in answers if a.body is not None]
+    runs = [body.pop("runs", None) for body in bodies]
+    counts = counts_once([r for r in runs if r is not None])
+    if counts is None:
+        return None
+    older = [body["counts"] for body, r in zip(bodies, runs, strict=True) if r is None]
+    return total_counts([counts, *older])  # a daemon older than `runs`: only added
 
 
 def watch_status(ctx: click.Context, interval: float) -> None:

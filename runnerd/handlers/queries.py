@@ -53,14 +53,17 @@ async def handle_list(ctx: Context, peer: Peer, req: ListRuns) -> Reply:
 async def handle_status(ctx: Context, peer: Peer, req: Status) -> Reply:
     limit = max(1, min(req.limit, 100))
 
-    def read(store: Store) -> tuple[dict[str, int], list[RunInfo], list[ListedFailure]]:
+    def read(
+        store: Store,
+    ) -> tuple[dict[str, int], list[RunInfo], list[ListedFailure], dict[str, Any] | None]:
         return (
             store.views.counts(),
             store.views.active_runs(limit),
             store.failures.listing(limit=limit),
+            store.views.run_ids(req.heard) if req.runs else None,
         )
 
-    counts, active, failures = await ctx.registry.read(read)
+    counts, active, failures, runs = await ctx.registry.read(read)
     daemon = DaemonInfo(
         version=__version__,
         protocol=PROTOCOL_VERSION,
@@ -74,6 +77,8 @@ async def handle_status(ctx: Context, peer: Peer, req: Status) -> Reply:
     body = fields_of(StatusInfo(counts, active, failures, daemon))
     if ctx.mirror is not None:
         body["mirror"] = ctx.mirror.status()
+    if runs is not None:
+        body["runs"] = runs
     return body
 
 
