@@ -584,7 +584,7 @@ def test_a_stream_hook_that_fails_twice_gets_the_event_once_from_the_same_proces
     [
         ("die", 30, "exited 5 before acknowledging: die on event"),
         ("garble", 30, "answered 'hello', not an acknowledgement of event"),
-        ("hang", 3, "timed out after 3 s; killed"),
+        ("hang", 5, "timed out after 5 s; killed"),
     ],
 )
 def test_a_stream_process_that_dies_answers_wrongly_or_hangs_is_replaced(

@@ -195,7 +195,10 @@ class HookStream:
             except (OSError, ValueError) as exc:
                 raise Broken(f"cannot start {self.argv[0]}: {exc}") from exc
             with self.lock:
-                self.process = current
+                self.process, stopped = current, self.stopped
+            if stopped:  # the daemon began to stop while it started
+                current.end(self.lock)
+                raise Broken("not sent: the daemon is stopping")
         return current
 
     def warm(self) -> None:
