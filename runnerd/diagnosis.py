@@ -108,6 +108,15 @@ def diagnose(record: Mapping[str, Any], category_hint: str | None = None) -> Dia
     return Diagnosis(rule.category, rule.retryable, rule.pattern, rule.suggestion)
 
 
+def relabel(record: Mapping[str, Any], category: str, note: str | None) -> tuple[str, Diagnosis]:
+    """A failure record re-diagnosed with what an outside witness says killed the run: its
+    message with the witness's note (part of what the diagnosis reads), and the diagnosis."""
+    message = str(record["message"])
+    if note and note not in message:
+        message = f"{message} ({note})"
+    return message, diagnose({**record, "message": message}, category)
+
+
 def _witnessed(record: Mapping[str, Any]) -> str | None:
     """A stored category only a witness can give (a hint): kept when re-diagnosing."""
     category = record.get("category")

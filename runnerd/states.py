@@ -6,7 +6,7 @@ import enum
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from runnerd.diagnosis import diagnose
+from runnerd.diagnosis import diagnose, relabel
 from runnerd.failures import signature
 from runnerd.registry.rows import NO_CHANGE, FailureRecord, RunRow, RunUpdate
 from runnerd_client.protocol import ErrorCode, RunnerdError, State
@@ -165,8 +165,7 @@ def failure_record(
 def relabelled(record: FailureRecord, category: str, note: str | None) -> FailureRecord:
     """A failure record re-diagnosed with what an outside witness says killed the run (the
     witness's note is part of what the diagnosis reads)."""
-    message = record.message if not note or note in record.message else f"{record.message} ({note})"
-    found = diagnose({**record.as_dict(), "message": message}, category)
+    message, found = relabel(record.as_dict(), category, note)
     return replace(record, message=message, category=found.category, retryable=found.retryable)
 
 
