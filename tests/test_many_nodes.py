@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 import pytest
 
 from conftest import Daemon, wait_for
+from runnerd.cli.labels import join_records, join_runs, unshown
 from runnerd.cli.merge import (
     counts_once,
     group_failures,
@@ -31,6 +32,7 @@ from runnerd.cli.merge import (
     parse_export,
     total_counts,
 )
+from runnerd.diagnosis import relabel
 from runnerd.mounts import mount_of, network_mount
 from runnerd.registry import Registry
 from runnerd_client.connection import Connection
@@ -641,6 +643,132 @@ def test_a_worker_oom_killed_on_node_b_is_labelled_in_node_bs_record(
         stop_workers(procs)
         a.stop()
         b.stop()
+
+
+def nap(seconds: float) -> None:
+    time.sleep(seconds)
+
+
+@dask_test
+def test_a_label_held_for_a_node_without_a_worker_joins_dask_queries(
+    short_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Node B's only worker is closed by a walltime's SIGTERM while its task runs: no worker
+    of B is left to deliver the label, so the scheduler holds it. `--dask` names the held
+    run (list, failures) and `show` says why it cannot show it (exit 3); a new worker on B
+    delivers the label, and B's record then shows it."""
+    distributed = pytest.importorskip("distributed")
+    import dask_cluster
+
+    from runnerd_client.dask import RunnerdSchedulerPlugin, RunnerdWorkerPlugin
+    from runnerd_client.dask_scheduler import held_labels
+
+    a, b = Daemon(short_tmp / "a"), Daemon(short_tmp / "b")
+    for daemon in (a, b):
+        daemon.root.mkdir()
+        daemon.start()
+    monkeypatch.setenv("RUNNERD_SOCKET", str(a.socket))  # the scheduler's own node is A
+    cluster = distributed.LocalCluster(n_workers=0, dashboard_address=":0")
+    client = distributed.Client(cluster)
+    client.register_plugin(RunnerdSchedulerPlugin())
+    client.register_plugin(RunnerdWorkerPlugin(experiment="held"))
+    address = cluster.scheduler_address
+    procs = [
+        dask_cluster.start_worker(address, {**a.env, "NODE_NAME": "a"}),
+        dask_cluster.start_worker(address, {**b.env, "NODE_NAME": "b"}),
+    ]
+    node_b = f"{os.uname().nodename}:{b.socket}"
+    try:
+        workers = {node: worker for worker, node in worker_env(client, 2).items()}
+        future = client.submit(nap, 120, workers=[workers["b"]], retries=0)
+        run_id = wait_for(
+            lambda: next((r["run_id"] for r in b.ctl_json("list", "--state", "running")), None),
+            timeout=60,
+            what="the task's run on node B",
+        )
+
+        def in_ledger(dask_scheduler: Any) -> bool:
+            return future.key in dask_scheduler.plugins[RunnerdSchedulerPlugin.name].ledger
+
+        wait_for(lambda: client.run_on_scheduler(in_ledger), what="the ledger entry")
+        os.kill(procs[1].pid, signal.SIGTERM)  # B's nanny: its worker closes, as at a walltime
+        procs[1].wait(60)
+        held = wait_for(
+            lambda: client.run_on_scheduler(held_labels), timeout=30, what="the label held"
+        )
+        assert [(h["run_id"], h["category"], f"{h['host']}:{h['socket']}") for h in held] == [
+            (run_id, "walltime", node_b)
+        ]
+        note = f"node {node_b} has no live worker"
+        for command in (("list",), ("failures",)):
+            result = a.ctl("--dask", address, *command)
+            assert note in result.stderr and f"{run_id} walltime" in result.stderr, command
+        shown = a.ctl("--dask", address, "show", run_id[:12], check=False)
+        assert shown.returncode == 3
+        assert f"{run_id} lived on node {node_b}" in shown.stderr
+        assert "holds its label walltime" in shown.stderr
+
+        procs.append(dask_cluster.start_worker(address, {**b.env, "NODE_NAME": "b"}))
+        wait_for(lambda: not client.run_on_scheduler(held_labels), what="the label delivered")
+        run = wait_for(
+            lambda: (
+                (r := json.loads(a.ctl("--dask", address, "show", run_id, "--json").stdout))
+                and (r["failure"] or {}).get("category") == "walltime"
+                and r
+            ),
+            timeout=30,
+            what="node B's record labelled walltime",
+        )
+        assert "label" not in run and run["daemon"] == node_b
+        assert "no live worker" not in a.ctl("--dask", address, "list").stderr
+        future.cancel()
+    finally:
+        client.close()
+        cluster.close()
+        stop_workers(procs)
+        a.stop()
+        b.stop()
+
+
+def test_held_labels_join_runs_and_records_as_the_daemon_will_apply_them() -> None:
+    label = {
+        "run_id": "R1",
+        "category": "oom",
+        "note": "the nanny restarted the worker",
+        "node": "n2:/s",
+    }
+    failure = {
+        "failure_class": "ProcessExited",
+        "message": "killed by SIGKILL",
+        "reason": "crash",
+        "signal": "SIGKILL",
+        "category": "crash",
+        "retryable": False,
+    }
+    runs = [{"run_id": "R1", "failure": failure}, {"run_id": "R2", "failure": None}]
+    joined = join_runs(runs, {"R1": label})
+    assert joined[1] == runs[1]
+    assert joined[0]["label"] == {
+        "category": "oom",
+        "note": label["note"],
+        "node": "n2:/s",
+        "held": True,
+    }
+    message, found = relabel(failure, "oom", label["note"])
+    assert joined[0]["failure"] == {
+        **failure,
+        "message": message,
+        "category": found.category,
+        "retryable": found.retryable,
+    }
+    assert found.category == "oom" and "nanny" in message
+    record = join_records([{**failure, "run_id": "R1"}], {"R1": label})[0]
+    assert record["category"] == "oom" and record["label"]["held"] is True
+    assert unshown({"R1": label}, ["R1"]) == []
+    assert unshown({"R1": label}, ["R2"]) == [
+        "node n2:/s has no live worker; the Dask scheduler holds the label of 1 run(s) there "
+        "until one is back: R1 oom"
+    ]
 
 
 # --- export files -------------------------------------------------------------------

@@ -148,6 +148,21 @@ class RunnerdSchedulerPlugin(SchedulerPlugin):
         ).start()
 
 
+def held_labels(dask_scheduler: Any) -> list[dict[str, str | None]]:
+    """On the scheduler (`Client.run_on_scheduler`): the labels held for runs whose node has
+    no live worker, each with its node, for runnerctl to join to what it shows until a
+    worker of that node is back and delivers them."""
+    plugin = dask_scheduler.plugins.get(RunnerdSchedulerPlugin.name)
+    node_labels = getattr(plugin, "node_labels", None)
+    if node_labels is None:
+        return []
+    return [
+        {"run_id": run_id, "category": label, "note": note, "host": host, "socket": path}
+        for (host, path), labels in node_labels.held.items()
+        for run_id, label, note in labels
+    ]
+
+
 def _killed_worker(exception: Any) -> bool:
     """Whether an `erred` transition is Dask giving up (its exception, pickled, is a
     KilledWorker) rather than the task's own error."""

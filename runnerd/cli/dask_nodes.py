@@ -20,6 +20,7 @@ import click
 
 from runnerd.cli.common import EXIT_ERROR, EXIT_UNREACHABLE, fail
 from runnerd.cli.daemons import Answer
+from runnerd.cli.merge import Item
 from runnerd_client import dask_nodes
 from runnerd_client.connection import DaemonUnavailable
 from runnerd_client.protocol import Request, RunnerdError, request_map
@@ -35,6 +36,7 @@ class Cluster:
     address: str
     nodes: dict[str, str] = field(default_factory=dict)
     broken: list[Answer] = field(default_factory=list)  # workers that could not say
+    held: dict[str, Item] | None = None  # labels held by the scheduler, once asked
 
 
 def connect(address: str) -> Cluster:
@@ -108,6 +110,25 @@ def ask_each(ctx: click.Context, req: Request) -> list[Answer]:
     cluster = cluster_of(ctx)
     replies = run_on_nodes(cluster, dask_nodes.ask, request_map(req))
     return [*(_answer(name, replies[name]) for name in sorted(replies)), *cluster.broken]
+
+
+def held_labels(ctx: click.Context) -> dict[str, Item]:
+    """run_id -> the label the scheduler holds for it (with its `node`), for runs whose node
+    has no live worker; none from a scheduler without runnerd's plugin."""
+    from runnerd_client.dask_scheduler import held_labels as held
+
+    cluster = cluster_of(ctx)
+    if cluster.held is None:
+        try:
+            found = cluster.client.run_on_scheduler(held)
+        except Exception:  # runnerd (or its plugin) not on the scheduler: it holds nothing
+            found = []
+        cluster.held = {}
+        for label in found if isinstance(found, list) else []:
+            node = f"{label['host']}:{label['socket']}"
+            if node not in cluster.nodes:  # else that node's worker is delivering it
+                cluster.held[label["run_id"]] = {**label, "node": node}
+    return cluster.held
 
 
 def follow_nodes(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ import click
 from runnerd.cli import dask_nodes
 from runnerd.cli.common import EXIT_ERROR, EXIT_NO_RUN, EXIT_UNREACHABLE, fail, say, shown
 from runnerd.cli.daemons import Answer, ask_sockets, warn_unreachable
+from runnerd.cli.labels import join_records, join_runs, unshown
 from runnerd.cli.merge import (
     Item,
     distinct_counts,
@@ -165,9 +167,13 @@ def _gone(header: dict[str, Any]) -> bool | None:
 def list_many(ctx: click.Context, req: ListRuns, folder: Path | None) -> list[Item]:
     """`list` over several daemons, or over the export files in `folder`."""
     if folder is None:
-        return merge_runs(
-            (run for daemon, body in gather(ctx, req) for run in tag(body["runs"], daemon)),
-            req.limit,
+        return _joined(
+            ctx,
+            merge_runs(
+                (run for daemon, body in gather(ctx, req) for run in tag(body["runs"], daemon)),
+                req.limit,
+            ),
+            join_runs,
         )
     if req.sweep is not None:
         raise click.UsageError("--sweep needs a daemon; it cannot be used with --from")
@@ -184,7 +190,9 @@ def failures_many(ctx: click.Context, req: Failures, folder: Path | None) -> lis
     if folder is None:
         field = "groups" if req.group_by else "failures"
         rows = [row for daemon, body in gather(ctx, req) for row in tag(body[field], daemon)]
-        return merge_groups(rows, req.limit) if req.group_by else merge_failures(rows, req.limit)
+        if req.group_by:
+            return _joined(ctx, merge_groups(rows, req.limit), None)
+        return _joined(ctx, merge_failures(rows, req.limit), join_records)
     got = read_folder(folder)
     # A run's own failure comes first: of equal copies the first is kept, and it has a host.
     merged = merge_failures(
@@ -219,10 +227,42 @@ def show_many(ctx: click.Context, prefix: str) -> Item:
             EXIT_ERROR,
         )
     if found:
-        return found[0]
+        return _joined(ctx, found, join_runs)[0]
+    labels = _held(ctx)
+    if held := [label for run_id, label in labels.items() if run_id.startswith(prefix)]:
+        fail(
+            f"{held[0]['run_id']} lived on node {held[0]['node']}, which has no live worker to "
+            f"ask its daemon; the Dask scheduler holds its label {held[0]['category']}: "
+            f"{held[0]['note']}",
+            EXIT_UNREACHABLE,
+        )
     if any(a.unreachable for a in answers):
         fail(f"no reachable daemon has a run matching {prefix!r}", EXIT_UNREACHABLE)
     fail(f"no run matches {prefix!r} on any of the {len(answers)} daemons", EXIT_NO_RUN)
+
+
+def _held(ctx: click.Context) -> dict[str, Item]:
+    """With --dask, the labels the scheduler holds for runs whose node has no live worker."""
+    return dask_nodes.held_labels(ctx) if ctx.obj.get("dask") else {}
+
+
+def _joined(
+    ctx: click.Context,
+    items: list[Item],
+    join: Callable[[list[Item], dict[str, Item]], list[Item]] | None,
+) -> list[Item]:
+    """Runs or failure records (or groups: `join` None) with the labels the scheduler holds
+    joined, and the nodes it holds labels for, which cannot be asked, named on stderr
+    (once a command)."""
+    labels = _held(ctx)
+    if not labels:
+        return items
+    if not ctx.obj.get("held_noted"):
+        ctx.obj["held_noted"] = True
+        ids = (run_id for item in items for run_id in item.get("run_ids", [item.get("run_id")]))
+        for line in unshown(labels, ids):
+            say(f"runnerctl: note: {shown(line)}", err=True)
+    return join(items, labels) if join is not None else items
 
 
 def show_from(folder: Path, prefix: str) -> Item:

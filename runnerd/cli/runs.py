@@ -215,5 +215,10 @@ def show(
         return
     if "daemon" in obj:
         say(f"{'daemon':<12} {shown(obj['daemon'])}")
+    if label := obj.get("label"):
+        say(
+            f"{'label':<12} {shown(label['category'])}, held by the Dask scheduler until a "
+            f"worker of {shown(label['node'])} is back: {shown(label['note'])}"
+        )
     _show_human(obj)
     _show_env(obj["run_id"], env, with_env)
