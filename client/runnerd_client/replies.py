@@ -1,17 +1,20 @@
 """What the daemon answers about runs, sweeps and itself, typed: frozen, slotted dataclasses
 whose fields, in order, are the keys of the wire map (SPEC §3, §6, §8). They become maps in
-one place, `framing.fields_of` (`as_map` for a whole reply); only the daemon builds them,
-so a client that reads maps never imports this module.
+one place, `framing.fields_of` (`as_map` for a whole reply), and maps become them again in
+one place, `decode`: how runnerctl reads the replies it shows.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+import types
+from collections.abc import Callable, Mapping
+from dataclasses import MISSING, dataclass, fields, is_dataclass
+from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
 
+from runnerd_client.errors import ErrorCode, RunnerdError
 from runnerd_client.framing import as_map, fields_of
 
-__all__ = ["as_map", "fields_of"]  # and the reply classes below
+__all__ = ["MalformedReply", "as_map", "decode", "fields_of"]  # and the reply classes below
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,3 +194,79 @@ class StatusInfo:
     active: list[RunInfo]
     failures: list[ListedFailure]
     daemon: DaemonInfo
+
+
+# --- maps back into reply objects --------------------------------------------------
+
+
+T = TypeVar("T")
+_Convert = Callable[[Any, str], Any]
+_Plan = tuple[tuple[str, str, bool, _Convert | None], ...]
+_PLANS: dict[type, _Plan] = {}
+
+
+class MalformedReply(RunnerdError):
+    """A reply that lacks a field its class has no default for, or holds something other
+    than a map where a reply object nests: the daemon and this client disagree."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(ErrorCode.BAD_FRAME, f"a malformed reply from the daemon: {message}")
+
+
+def decode(cls: type[T], value: Any, reply: str | None = None) -> T:
+    """`value`, a wire map, as a `cls` (nested reply objects too). A key `cls` does not
+    know is ignored (a newer daemon may send more); a missing one raises MalformedReply
+    naming `reply` (default: the class's name) and the path to the field."""
+    return _build(cls, value, reply or cls.__name__)
+
+
+def _build(cls: type[T], value: Any, where: str) -> T:
+    if not isinstance(value, Mapping):
+        raise MalformedReply(f"{where} is not a map")
+    found: dict[str, Any] = {}
+    for name, key, required, convert in _plan(cls):
+        if key not in value:
+            if required:
+                raise MalformedReply(f"{where} has no {key!r}")
+            continue
+        item = value[key]
+        found[name] = item if convert is None else convert(item, f"{where}.{key}")
+    return cls(**found)
+
+
+def _plan(cls: type) -> _Plan:
+    """(attribute, wire key, required, how to build its value) of each field, once a class."""
+    plan = _PLANS.get(cls)
+    if plan is None:
+        hints = get_type_hints(cls)
+        plan = _PLANS[cls] = tuple(
+            (
+                f.name,
+                f.name.rstrip("_"),
+                f.default is MISSING and f.default_factory is MISSING,
+                _converter(hints[f.name]),
+            )
+            for f in fields(cls)
+        )
+    return plan
+
+
+def _converter(hint: Any) -> _Convert | None:
+    """How to build a field's value: a reply object, a list of them, either or None; None
+    for a plain value, taken as it is."""
+    if isinstance(hint, type) and is_dataclass(hint):
+        return lambda value, where: _build(hint, value, where)
+    args = get_args(hint)
+    if get_origin(hint) is list and args and (each := _converter(args[0])) is not None:
+        return lambda value, where: _each(each, value, where)
+    if get_origin(hint) in (Union, types.UnionType) and type(None) in args:
+        inner = [arg for arg in args if arg is not type(None)]
+        if len(inner) == 1 and (convert := _converter(inner[0])) is not None:
+            return lambda value, where: None if value is None else convert(value, where)
+    return None
+
+
+def _each(convert: _Convert, value: Any, where: str) -> list[Any]:
+    if not isinstance(value, list | tuple):
+        raise MalformedReply(f"{where} is not a list")
+    return [convert(item, f"{where}[{n}]") for n, item in enumerate(value)]
