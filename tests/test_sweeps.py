@@ -712,7 +712,8 @@ def test_cells_are_named_in_grid_order_and_resumed_whatever_the_order(
 ) -> None:
     """Cells are named in the order of the --grid options; a resume given the grid in
     another order, and (recorded-keys-sorted) a resume or replication of a sweep recorded
-    when names had their keys sorted, keep the cells' recorded names."""
+    when names had their keys sorted, keep the cells' recorded names, in their line per
+    cell too."""
     cells = Cells(short_tmp, fail=("2-0.1",))
     command = cells.command("x", "lr")
     first = runnerctl(
@@ -746,6 +747,7 @@ def test_cells_are_named_in_grid_order_and_resumed_whatever_the_order(
         daemon, "sweep", "resume", sweep_id, "--grid", "lr=0.1", "--grid", "x=1,2", "--", *command
     )
     assert again.returncode == 0, again.stdout + again.stderr
+    assert f"cell 1 {names[1]}: succeeded run " in again.stdout, again.stdout
     shown = show(daemon, sweep_id)
     assert [(c["variation"], c["state"], c["attempts"]) for c in shown["cells"]] == [
         (names[0], "succeeded", 1),
@@ -764,6 +766,9 @@ def test_cells_are_named_in_grid_order_and_resumed_whatever_the_order(
     same = runnerctl(daemon, "sweep", "replicate", sweep_id)
     assert same.returncode == 0, same.stdout + same.stderr
     assert replicated(same.stdout) == {0: "yes", 1: "yes"}
+    assert all(f"cell {i} {n}: succeeded run " in same.stdout for i, n in enumerate(names)), (
+        same.stdout
+    )
     assert {r["variation"] for r in sweep_runs(daemon, sweep_id)} == set(names)
 
 

@@ -247,14 +247,15 @@ import runnerd_client as rd
 def cell(x, lr):
     if os.path.exists(os.environ["BROKEN"]) and x == 1:
         raise OSError("disk unavailable")
-    return x
+    return rd.current_run().variation
 
 if sys.argv[1] == "run":
     result = rd.sweep("ordered", [{"x": 0, "lr": 0.1}, {"x": 1, "lr": 0.1}], cell,
                       failure_policy="continue_on_failure")
 else:
     result = rd.resume_sweep(sys.argv[2], cell)
-print(json.dumps({"sweep_id": result.sweep_id, "names": [o.variation for o in result.outcomes]}))
+print(json.dumps({"sweep_id": result.sweep_id, "names": [o.variation for o in result.outcomes],
+                  "inside": [o.value for o in result.outcomes if o.state == "succeeded"]}))
 """
 
 
@@ -263,7 +264,8 @@ def test_cells_are_named_in_the_order_given_and_a_resume_keeps_the_recorded_name
     daemon: Daemon, short_tmp: Path, named_before: bool
 ) -> None:
     """Each cell's keys in the order the dict has them; a sweep recorded when names had
-    their keys sorted resumes under those names, its cells' attempts counting on."""
+    their keys sorted resumes under those names (`rd.current_run().variation` inside the
+    cell too), its cells' attempts counting on."""
     broken = short_tmp / "broken"
     broken.write_text("")
     env = {"BROKEN": str(broken)}
@@ -272,6 +274,7 @@ def test_cells_are_named_in_the_order_given_and_a_resume_keeps_the_recorded_name
     assert first.returncode == 0, err
     ran = json.loads(out)
     assert ran["names"] == ["x=0,lr=0.1", "x=1,lr=0.1"]
+    assert ran["inside"] == ["x=0,lr=0.1"]
     names = ran["names"]
     if named_before:
         daemon.stop()
@@ -282,7 +285,8 @@ def test_cells_are_named_in_the_order_given_and_a_resume_keeps_the_recorded_name
     second = daemon.python(ORDERED, "resume", ran["sweep_id"], env=env)
     out, err = second.communicate(timeout=120)
     assert second.returncode == 0, err
-    assert json.loads(out)["names"] == names[1:]
+    resumed = json.loads(out)
+    assert (resumed["names"], resumed["inside"]) == (names[1:], names[1:])
     cells = daemon.ctl_json("sweep", "show", ran["sweep_id"])["cells"]
     assert [(c["variation"], c["attempts"], c["state"]) for c in cells] == [
         (names[0], 1, "succeeded"),

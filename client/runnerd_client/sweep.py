@@ -148,11 +148,9 @@ def resume_sweep(
 
 
 def unfinished(conn: Connection, sweep_id: str) -> list[PlannedCell]:
-    """The cells whose latest attempt did not succeed, each planned after that attempt."""
-    return [
-        PlannedCell(c["index"], c["params"], c["run_id"])
-        for c in sweep_cells(conn, sweep_id, unfinished=True)
-    ]
+    """The cells whose latest attempt did not succeed, each planned after that attempt
+    under its recorded name."""
+    return [PlannedCell.recorded(c) for c in sweep_cells(conn, sweep_id, unfinished=True)]
 
 
 def drive(
@@ -173,7 +171,9 @@ def drive(
     finally:
         ran = {o.index for o in engine.outcomes}
         outcomes = engine.outcomes + [
-            CellOutcome(c.index, c.params, "skipped") for c in planned if c.index not in ran
+            CellOutcome(c.index, c.params, "skipped", recorded_as=c.recorded_as)
+            for c in planned
+            if c.index not in ran
         ]
         with daemon_connection() as conn:
             result = end_turn(conn, options, outcomes, engine.followed, interrupted=interrupted)

@@ -135,6 +135,7 @@ class Engine:
     def _ended(self, outcome: CellOutcome) -> None:
         attempt = self._running.pop(outcome.index)
         outcome.attempts = attempt.number
+        outcome.recorded_as = outcome.recorded_as or attempt.cell.recorded_as
         self.followed[outcome.index] = attempt.claim_after
         if outcome.state == "failed" and self.stopping is None:
             retry = self._retry(attempt, outcome)

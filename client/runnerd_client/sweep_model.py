@@ -8,6 +8,7 @@ it runs some planned cells of a stored sweep, each as one or more attempts (runs
 from __future__ import annotations
 
 import signal
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
@@ -29,15 +30,26 @@ OUTCOME_STATES = ("succeeded", "failed", "abandoned", "skipped", "taken")
 
 @dataclass(frozen=True)
 class PlannedCell:
-    """A cell to run in this turn, and the attempt it follows (None: its first)."""
+    """A cell to run in this turn, and the attempt it follows (None: its first).
+    `recorded_as` is the cell's name in the daemon's record, when it was read from there:
+    its runs and outcomes are named so (a sweep recorded when names had their keys sorted
+    keeps them)."""
 
     index: int
     params: dict[str, Any]
     claim_after: str | None = None
+    recorded_as: str | None = None
+
+    @classmethod
+    def recorded(cls, cell: Mapping[str, Any], *, after_latest: bool = True) -> PlannedCell:
+        """A cell as the daemon's sweep reply has it, under its recorded name, planned as
+        the attempt after its latest one (`after_latest`, a resume) or after none."""
+        claim_after = cell["run_id"] if after_latest else None
+        return cls(cell["index"], cell["params"], claim_after, cell["variation"])
 
     @property
     def variation(self) -> str:
-        return variation(self.params)
+        return self.recorded_as or variation(self.params)
 
 
 @dataclass(frozen=True)

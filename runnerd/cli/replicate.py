@@ -108,7 +108,7 @@ def replicate(
         sweep, jobs=jobs, policy=SweepPolicy.CONTINUE_ON_FAILURE, replication=replication_id
     )
     client = Client(socket)
-    planned = [PlannedCell(i, c["params"]) for i, c in sorted(recorded.items())]
+    planned = [PlannedCell.recorded(c, after_latest=False) for _, c in sorted(recorded.items())]
     turn = driver.run_turn(client, sweep, options, planned, listener)
     if not client.drain(driver.END_PATIENCE):
         raise driver.NotRecorded(f"runnerd was unreachable for {driver.END_PATIENCE:g} s")

@@ -243,8 +243,8 @@ def drive(
 
 
 def with_latest(cell: dict[str, Any]) -> PlannedCell:
-    """Plan a known cell as the attempt after its latest one."""
-    return PlannedCell(cell["index"], cell["params"], cell["run_id"])
+    """Plan a known cell as the attempt after its latest one, under its recorded name."""
+    return PlannedCell.recorded(cell)
 
 
 def failure_text(outcome: CellOutcome) -> str:
