@@ -1,33 +1,54 @@
 """Runs as a table (`list`, `status`'s active runs): one row each, its columns (runtime,
-peak memory, CPU, when it last made progress) computed from the run object."""
+peak memory, CPU, when it last made progress) computed from the run object; and `typed`,
+how the commands read a reply they show as its class (`runnerd_client.replies`)."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
-from runnerd.cli.common import ago, failure_summary, local_time, span, table
+from runnerd.cli.common import EXIT_ERROR, ago, fail, local_time, span, table
+from runnerd_client.replies import FailureInfo, MalformedReply, RunInfo, decode
+
+T = TypeVar("T")
 
 
-def runtime(run: dict[str, Any]) -> str:
-    if not run.get("started_at"):
+def typed(cls: type[T], value: Any, reply: str) -> T:
+    """A reply (or a run read from a file) as `cls`; one that lacks a field exits 1 naming
+    it. `--json` prints the maps themselves, with any field a newer daemon adds."""
+    try:
+        return decode(cls, value, reply)
+    except MalformedReply as exc:
+        fail(exc.message, EXIT_ERROR)
+
+
+def typed_runs(runs: Iterable[Any], reply: str) -> list[RunInfo]:
+    """Runs of a reply, or read from files (each names its source in `daemon`)."""
+    return [
+        typed(
+            RunInfo,
+            run,
+            f"run {run['run_id']} of {run['daemon']}" if "daemon" in run else f"{reply}[{n}]",
+        )
+        for n, run in enumerate(runs)
+    ]
+
+
+def runtime(run: RunInfo) -> str:
+    if not run.started_at:
         return "-"
-    end = (
-        datetime.fromisoformat(run["ended_at"]).timestamp() if run.get("ended_at") else time.time()
-    )
-    return span(end - datetime.fromisoformat(run["started_at"]).timestamp())
+    end = datetime.fromisoformat(run.ended_at).timestamp() if run.ended_at else time.time()
+    return span(end - datetime.fromisoformat(run.started_at).timestamp())
 
 
-def peak_memory(run: dict[str, Any]) -> str:
-    use = run.get("resources")
-    return human_bytes(use["peak_rss_bytes"]) if use else "-"
+def peak_memory(run: RunInfo) -> str:
+    return human_bytes(run.resources["peak_rss_bytes"]) if run.resources else "-"
 
 
-def cpu_time(run: dict[str, Any]) -> str:
-    use = run.get("resources")
-    return f"{use['cpu_seconds']:.1f}s" if use else "-"
+def cpu_time(run: RunInfo) -> str:
+    return f"{run.resources['cpu_seconds']:.1f}s" if run.resources else "-"
 
 
 def human_bytes(n: int) -> str:
@@ -37,15 +58,24 @@ def human_bytes(n: int) -> str:
     return f"{n}B"
 
 
-def moved(run: dict[str, Any]) -> str:
+def moved(run: RunInfo) -> str:
     """When an active run last made progress, and of what kind (cpu, output, files...)."""
-    progress = (run.get("resources") or {}).get("progress")
-    if not progress or run["state"] not in ("pending", "running", "lost"):
+    progress = (run.resources or {}).get("progress")
+    if not progress or run.state not in ("pending", "running", "lost"):
         return "-"
     return f"{ago(progress['at'])} ({progress['kind']})"
 
 
-def runs_table(runs: Sequence[dict[str, Any]], hosts: bool = False, progress: bool = False) -> str:
+def failure_line(failure: FailureInfo | None) -> str:
+    """A failure in a table cell: its class and the first line of its message."""
+    if failure is None:
+        return ""
+    message = failure.message.splitlines()[0] if failure.message else ""
+    text = f"{failure.failure_class}: {message}" if message else failure.failure_class
+    return text[:60]
+
+
+def runs_table(runs: Sequence[RunInfo], hosts: bool = False, progress: bool = False) -> str:
     """With `hosts` (several daemons), a HOST column comes first; with `progress`, a MOVED
     column says when each last made progress."""
     return table(
@@ -64,20 +94,20 @@ def runs_table(runs: Sequence[dict[str, Any]], hosts: bool = False, progress: bo
         + ("MOVED",) * progress
         + ("FAILURE",),
         [
-            (r.get("host") or "-",) * hosts
+            (r.host or "-",) * hosts
             + (
-                r["run_id"],
-                r["experiment"],
-                r["variation"],
-                r["attempt"],
-                r["state"],
-                local_time(r["created_at"]),
+                r.run_id,
+                r.experiment,
+                r.variation,
+                r.attempt,
+                r.state,
+                local_time(r.created_at),
                 runtime(r),
                 peak_memory(r),
                 cpu_time(r),
             )
             + (moved(r),) * progress
-            + (failure_summary(r),)
+            + (failure_line(r.failure),)
             for r in runs
         ],
     )

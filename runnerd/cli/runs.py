@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +29,30 @@ from runnerd.cli.nodes import (
     show_from,
     show_many,
 )
-from runnerd.cli.run_table import cpu_time, human_bytes, moved, peak_memory, runs_table, runtime
+from runnerd.cli.run_table import (
+    cpu_time,
+    human_bytes,
+    moved,
+    peak_memory,
+    runs_table,
+    runtime,
+    typed,
+    typed_runs,
+)
 from runnerd_client.protocol import (
     Get,
     ListRuns,
     State,
 )
+from runnerd_client.replies import FailureInfo, RunDetails, RunInfo
+
+# The history of a run read from an export file, which holds none (`show --from`).
+NO_HISTORY: dict[str, list[Any]] = {
+    "transitions": [],
+    "artifacts": [],
+    "crash_files": [],
+    "checkpoints": [],
+}
 
 
 @cli.command("list")
@@ -79,7 +96,7 @@ def list_runs(
     if as_json:
         emit_json(runs)
     elif runs:
-        say(runs_table(runs, hosts=many))
+        say(runs_table(typed_runs(runs, "list.runs"), hosts=many))
     else:
         say("no runs")
 
@@ -93,82 +110,80 @@ def newest_first(listings: list[list[dict[str, Any]]], limit: int) -> list[dict[
     return sorted(runs.values(), key=lambda r: (r["created_at"], r["run_id"]), reverse=True)[:limit]
 
 
-def _resources(run: dict[str, Any]) -> str:
-    use = run.get("resources")
-    if not use:
+def _resources(run: RunInfo) -> str:
+    if not run.resources:
         return "-"
-    return f"peak {peak_memory(run)} of {human_bytes(use['limit_bytes'])}, CPU {cpu_time(run)}"
+    limit = human_bytes(run.resources["limit_bytes"])
+    return f"peak {peak_memory(run)} of {limit}, CPU {cpu_time(run)}"
 
 
-def _show_human(run: dict[str, Any]) -> None:
-    fields: list[tuple[str, Callable[[dict[str, Any]], Any]]] = [
-        ("run", lambda r: r["run_id"]),
-        ("experiment", lambda r: f"{r['experiment']} / {r['variation']} (attempt {r['attempt']})"),
-        ("state", lambda r: r["state"]),
-        ("params", lambda r: json.dumps(r["params"])),
-        ("sweep", lambda r: f"{r['sweep_id']} cell {r['cell']}" if r["sweep_id"] else "-"),
-        ("resumed", lambda r: f"from {r['resumed_from']}" if r["resumed_from"] else "-"),
-        ("run_dir", lambda r: r["run_dir"]),
-        ("host / pids", lambda r: f"{r['host'] or '-'} / {r['pids'] or '-'}"),
-        ("created", lambda r: local_time(r["created_at"])),
-        ("started", lambda r: local_time(r["started_at"])),
-        ("ended", lambda r: local_time(r["ended_at"])),
-        ("runtime", runtime),
-        ("heartbeats", lambda r: f"{r['heartbeats']} (last {ago(r['last_heartbeat_at'])})"),
-        ("resources", _resources),
-        ("progress", moved),
+def _fields(r: RunDetails) -> list[tuple[str, object]]:
+    return [
+        ("run", r.run_id),
+        ("experiment", f"{r.experiment} / {r.variation} (attempt {r.attempt})"),
+        ("state", r.state),
+        ("params", json.dumps(r.params)),
+        ("sweep", f"{r.sweep_id} cell {r.cell}" if r.sweep_id else "-"),
+        ("resumed", f"from {r.resumed_from}" if r.resumed_from else "-"),
+        ("run_dir", r.run_dir),
+        ("host / pids", f"{r.host or '-'} / {r.pids or '-'}"),
+        ("created", local_time(r.created_at)),
+        ("started", local_time(r.started_at)),
+        ("ended", local_time(r.ended_at)),
+        ("runtime", runtime(r)),
+        ("heartbeats", f"{r.heartbeats} (last {ago(r.last_heartbeat_at)})"),
+        ("resources", _resources(r)),
+        ("progress", moved(r)),
     ]
-    for name, get in fields:
-        say(f"{name:<12} {shown(get(run))}")
+
+
+def _show_human(run: RunDetails) -> None:
+    for name, value in _fields(run):
+        say(f"{name:<12} {shown(value)}")
     say("\nTransitions")
     say(
         table(
             ("WHEN", "FROM", "TO", "CAUSE", "SOURCE"),
-            [
-                (local_time(t["at"]), t["from"] or "-", t["to"], t["cause"], t["source"])
-                for t in run["transitions"]
-            ],
+            [(local_time(t.at), t.from_ or "-", t.to, t.cause, t.source) for t in run.transitions],
         )
     )
-    if run["artifacts"]:
+    if run.artifacts:
         say("\nArtifacts")
         say(
             table(
                 ("PATH", "SIZE", "SHA256"),
-                [(a["path"], a["size"], a["sha256"][:16]) for a in run["artifacts"]],
+                [(a.path, a.size, a.sha256[:16]) for a in run.artifacts],
             )
         )
-    if run["checkpoints"]:
+    if run.checkpoints:
         say("\nCheckpoints")
         say(
             table(
                 ("SEQ", "WHEN", "DATA", "PATH"),
                 [
-                    (c["seq"], local_time(c["at"]), json.dumps(c["data"]), c["path"] or "-")
-                    for c in run["checkpoints"]
+                    (c.seq, local_time(c.at), json.dumps(c.data), c.path or "-")
+                    for c in run.checkpoints
                 ],
             )
         )
-    for warning in (run.get("resources") or {}).get("warnings", []):
+    for warning in (run.resources or {}).get("warnings", []):
         say(f"\nwarning ({local_time(warning['at'])}): {shown(warning['message'])}")
-    if run.get("crash_files"):
+    if run.crash_files:
         say("\nCrash files")
-        say(
-            table(
-                ("PATH", "KIND", "SIZE"),
-                [(f["path"], f["kind"], f["size"]) for f in run["crash_files"]],
-            )
-        )
-    failure = run.get("failure")
-    if failure:
-        say(
-            f"\nFailure: {shown(failure['failure_class'])} ({failure['reason']}), "
-            f"signature {failure['signature']}"
-        )
-        if failure["message"]:
-            say(shown(failure["message"]))
-        if failure.get("traceback"):
-            say("\n" + failure["traceback"].rstrip())
+        say(table(("PATH", "KIND", "SIZE"), [(f.path, f.kind, f.size) for f in run.crash_files]))
+    if run.failure is not None:
+        _show_failure(run.failure)
+
+
+def _show_failure(failure: FailureInfo) -> None:
+    say(
+        f"\nFailure: {shown(failure.failure_class)} ({failure.reason}), "
+        f"signature {failure.signature}"
+    )
+    if failure.message:
+        say(shown(failure.message))
+    if failure.traceback:
+        say("\n" + failure.traceback.rstrip())
 
 
 def _show_env(run_id: str, env: dict[str, str] | None, with_values: bool) -> None:
@@ -213,6 +228,7 @@ def show(
     if as_json:
         emit_json({**obj, "env": env} if with_env else obj)
         return
+    details = typed(RunDetails, obj if from_dir is None else {**NO_HISTORY, **obj}, "get.run")
     if "daemon" in obj:
         say(f"{'daemon':<12} {shown(obj['daemon'])}")
     if label := obj.get("label"):
@@ -220,5 +236,5 @@ def show(
             f"{'label':<12} {shown(label['category'])}, held by the Dask scheduler until a "
             f"worker of {shown(label['node'])} is back: {shown(label['note'])}"
         )
-    _show_human(obj)
-    _show_env(obj["run_id"], env, with_env)
+    _show_human(details)
+    _show_env(details.run_id, env, with_env)

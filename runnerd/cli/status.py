@@ -18,7 +18,6 @@ from runnerd.cli.common import (
     cli,
     emit_json,
     fail,
-    failure_summary,
     json_option,
     request,
     say,
@@ -30,9 +29,10 @@ from runnerd.cli.common import (
 from runnerd.cli.daemons import Answer
 from runnerd.cli.merge import Item, counts_once, distinct_counts, merge_runs, total_counts
 from runnerd.cli.nodes import ask_each, from_option, read_folder, several
-from runnerd.cli.run_table import runs_table
+from runnerd.cli.run_table import failure_line, runs_table, typed, typed_runs
 from runnerd_client.connection import DaemonUnavailable
 from runnerd_client.protocol import State, Status
+from runnerd_client.replies import StatusInfo
 
 
 @cli.command()
@@ -72,26 +72,24 @@ def status(
 
 
 def render_status(body: dict[str, Any]) -> str:
-    d = body["daemon"]
+    """One daemon's `status` reply, read as a StatusInfo (its `mirror` is not typed yet)."""
+    status = typed(StatusInfo, body, "status")
+    d = status.daemon
     lines = [
-        f"runnerd {d['version']} (pid {d['pid']}), up {span(d['uptime_sec'])}, "
-        f"{d['clients']} client(s)",
-        f"socket {d['socket']}\nregistry {d['db']} ({d['db_bytes'] / 1e6:.1f} MB)",
+        f"runnerd {d.version} (pid {d.pid}), up {span(d.uptime_sec)}, {d.clients} client(s)",
+        f"socket {d.socket}\nregistry {d.db} ({d.db_bytes / 1e6:.1f} MB)",
     ]
     if body.get("mirror"):
         lines.append(mirror_line(body["mirror"]))
-    lines.append(f"\n{counts_line(body['counts'])}")
-    if body["active"]:
-        lines += ["\nActive runs", runs_table(body["active"], progress=True)]
-    if body["failures"]:
+    lines.append(f"\n{counts_line(status.counts)}")
+    if status.active:
+        lines += ["\nActive runs", runs_table(status.active, progress=True)]
+    if status.failures:
         lines += [
             "\nLatest failures",
             table(
                 ("RUN", "WHEN", "REASON", "FAILURE"),
-                [
-                    (f["run_id"], ago(f["at"]), f["reason"], failure_summary({"failure": f}))
-                    for f in body["failures"]
-                ],
+                [(f.run_id, ago(f.at), f.reason, failure_line(f)) for f in status.failures],
             ),
         ]
     return "\n".join(lines)
@@ -191,7 +189,10 @@ def status_from(folder: Path, as_json: bool) -> None:
             if r["daemon"] == source["daemon"] and r["state"] in ("pending", "running", "lost")
         ]
         if active:
-            lines += ["Active runs (as last mirrored)", runs_table(merge_runs(active)[:10])]
+            lines += [
+                "Active runs (as last mirrored)",
+                runs_table(typed_runs(merge_runs(active)[:10], "runs")),
+            ]
         say("\n".join(lines) + "\n")
     say(f"All of {folder} ({len(got.sources)} source(s), each run once): {counts_line(counts)}")
 
