@@ -4,6 +4,11 @@ Each node runs its own daemon (SPEC §9), so their runs are disjoint but for cop
 imported by another node's crash indexer, or a daemon exported twice into one folder.
 Items are therefore merged by run_id, keeping the copy that heard from the run last, and
 each names the daemon (socket or file) it came from in `daemon`.
+
+Items stay the maps the daemons sent (or files hold), not reply classes: `--json` prints
+them as they are, with `daemon`, a held `label` and any field a newer daemon adds, and a
+line of a file need only hold what these functions read. The commands read them as reply
+classes (`run_table.typed`) only to show them.
 """
 
 from __future__ import annotations

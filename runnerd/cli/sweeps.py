@@ -30,6 +30,7 @@ from runnerd.cli.common import (
     shown,
     table,
 )
+from runnerd.cli.run_table import typed
 from runnerd.cli.sweep_spec import cells_spec, checked_cells
 from runnerd.cli.sweep_turns import (
     connect,
@@ -41,6 +42,7 @@ from runnerd.cli.sweep_turns import (
 )
 from runnerd_client.cells import differences
 from runnerd_client.protocol import ListRuns, SweepList, SweepPolicy
+from runnerd_client.replies import CellInfo, SweepInfo
 
 POLICIES = choice(SweepPolicy)
 MANIFEST_KEYS = (
@@ -207,6 +209,7 @@ def sweep_list(ctx: click.Context, limit: int, as_json: bool) -> None:
     if not sweeps:
         say("no sweeps")
         return
+    listed = [typed(SweepInfo, one, f"sweep_list.sweeps[{n}]") for n, one in enumerate(sweeps)]
     say(
         table(
             (
@@ -224,19 +227,19 @@ def sweep_list(ctx: click.Context, limit: int, as_json: bool) -> None:
             ),
             [
                 (
-                    s["sweep_id"],
-                    s["experiment"],
-                    s["status"],
-                    s["failure_policy"],
-                    s["cells_summary"]["total"],
-                    s["cells_summary"]["succeeded"],
-                    s["cells_summary"]["failed"],
-                    s["cells_summary"]["abandoned"],
-                    s["cells_summary"]["skipped"],
-                    s["cells_summary"]["running"],
-                    local_time(s["created_at"]),
+                    s.sweep_id,
+                    s.experiment,
+                    s.status,
+                    s.failure_policy,
+                    s.cells_summary["total"],
+                    s.cells_summary["succeeded"],
+                    s.cells_summary["failed"],
+                    s.cells_summary["abandoned"],
+                    s.cells_summary["skipped"],
+                    s.cells_summary["running"],
+                    local_time(s.created_at),
                 )
-                for s in sweeps
+                for s in listed
             ],
         )
     )
@@ -262,29 +265,33 @@ def sweep_show(ctx: click.Context, sweep_ref: str, as_json: bool) -> None:
             }
         )
         return
-    counts = stored["cells_summary"]
-    spec = stored["spec"]
+    _show_sweep(
+        typed(SweepInfo, stored, "sweep_get.sweep"),
+        [typed(CellInfo, c, f"sweep_cells.cells[{n}]") for n, c in enumerate(all_cells)],
+    )
+
+
+def _show_sweep(stored: SweepInfo, cells: list[CellInfo]) -> None:
+    spec = stored.spec
     what = " ".join(spec["command"]) if "command" in spec else spec.get("function", "?")
     say(
-        f"sweep {stored['sweep_id']} of {shown(stored['experiment'])}: {stored['status']},"
-        f" {stored['failure_policy']}\nruns     {what}"
-        f"\nmanifest {stored['manifest']}\ncells    {counts_text(counts)}"
+        f"sweep {stored.sweep_id} of {shown(stored.experiment)}: {stored.status},"
+        f" {stored.failure_policy}\nruns     {what}"
+        f"\nmanifest {stored.manifest}\ncells    {counts_text(stored.cells_summary)}"
     )
     say(
         table(
             ("CELL", "VARIATION", "STATE", "ATTEMPTS", "RUN", "FAILURE"),
             [
                 (
-                    c["index"],
-                    c["variation"],
-                    c["state"],
-                    c["attempts"],
-                    c["run_id"] or "-",
-                    f"{c['failure']['failure_class']}: {c['failure']['message']}"
-                    if c["failure"]
-                    else "",
+                    c.index,
+                    c.variation,
+                    c.state,
+                    c.attempts,
+                    c.run_id or "-",
+                    f"{c.failure.failure_class}: {c.failure.message}" if c.failure else "",
                 )
-                for c in all_cells
+                for c in cells
             ],
         )
     )
