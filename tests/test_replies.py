@@ -1,14 +1,17 @@
 """Typed replies: a reply object made a map (`fields_of`/`as_map`, as the daemon sends it)
 and read back (`decode`, as runnerctl reads it) is the same object; a key the class does
-not know is ignored, a missing one is an error that names it."""
+not know is ignored, a missing one is an error that names it; and what runnerctl shows of
+such a record."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from conftest import Daemon
 from runnerd_client.replies import (
     ArtifactInfo,
     CellInfo,
@@ -42,7 +45,8 @@ RUN = dict(
     deadline=None, retry_of="R0", resumed_from=None, sweep_id="S1", cell=3,
     params={"lr": 0.1, "layers": [1, 2]}, launch={"command": ["python", "t.py"]},
     tags={"team": "x"}, created_at=AT, started_at=AT, ended_at=AT, last_heartbeat_at=None,
-    pids=[10, 11], resources={"peak_rss_bytes": 1 << 20, "cpu_seconds": 1.5},
+    pids=[10, 11],
+    resources={"peak_rss_bytes": 1 << 20, "cpu_seconds": 1.5, "limit_bytes": 1 << 30},
     failure=FAILURE,
 )  # fmt: skip
 DETAILS = RunDetails(
@@ -128,9 +132,7 @@ def test_a_missing_key_is_an_error_naming_the_reply_and_the_field() -> None:
     del sent["active"][0]["state"]
     with pytest.raises(MalformedReply) as caught:
         decode(StatusInfo, sent, "status")
-    assert caught.value.message == (
-        "a malformed reply from the daemon: status.active[0] has no 'state'"
-    )
+    assert caught.value.message == ("malformed reply: status.active[0] has no 'state'")
     with pytest.raises(MalformedReply, match="RunInfo has no 'run_id'"):
         decode(RunInfo, {"state": "running"})
 
@@ -146,3 +148,31 @@ def test_a_nested_reply_that_is_not_a_map_or_list_is_an_error() -> None:
         decode(RunDetails, sent, "get")
     with pytest.raises(MalformedReply, match="status is not a map"):
         decode(StatusInfo, [1, 2], "status")
+
+
+def test_runnerctl_shows_a_record_with_a_newer_field_and_names_a_missing_one(
+    short_tmp: Path,
+) -> None:
+    """An export line holds a run as the daemon sends it: a field this runnerctl does not
+    know is shown in --json and ignored in the table; a field it needs and the line lacks
+    is an error naming the run, its file and the field (--json still prints the line)."""
+    line = {**wire(RunInfo(**RUN)), "gpu": {"memory": 1}}
+    export = short_tmp / "a.jsonl"
+    export.write_text(json.dumps(line) + "\n")
+    ctl = Daemon(short_tmp).runnerctl
+    shown = ctl("list", "--from", str(short_tmp))
+    assert shown.returncode == 0, shown.stderr
+    assert "R1" in shown.stdout and "MemoryError: out of memory" in shown.stdout
+    one = ctl("show", "R1", "--from", str(short_tmp))  # an export line has no history
+    assert one.returncode == 0, one.stderr
+    assert "Failure: MemoryError (crash), signature sig" in one.stdout
+    assert json.loads(ctl("list", "--from", str(short_tmp), "--json").stdout) == [
+        {**line, "daemon": str(export)}
+    ]
+    del line["pids"]
+    export.write_text(json.dumps(line) + "\n")
+    broken = ctl("list", "--from", str(short_tmp))
+    assert broken.returncode == 1
+    assert f"malformed reply: run R1 of {export} has no 'pids'" in broken.stderr
+    listed = json.loads(ctl("list", "--from", str(short_tmp), "--json").stdout)
+    assert listed == [{**line, "daemon": str(export)}]
