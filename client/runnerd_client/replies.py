@@ -206,11 +206,12 @@ _PLANS: dict[type, _Plan] = {}
 
 
 class MalformedReply(RunnerdError):
-    """A reply that lacks a field its class has no default for, or holds something other
-    than a map where a reply object nests: the daemon and this client disagree."""
+    """A reply (or a record written as one: an export line, a mirrored run) that lacks a
+    field its class has no default for, or holds something other than a map or list where
+    reply objects nest: its writer and this client disagree."""
 
     def __init__(self, message: str) -> None:
-        super().__init__(ErrorCode.BAD_FRAME, f"a malformed reply from the daemon: {message}")
+        super().__init__(ErrorCode.BAD_FRAME, f"malformed reply: {message}")
 
 
 def decode(cls: type[T], value: Any, reply: str | None = None) -> T:
