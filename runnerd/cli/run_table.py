@@ -9,7 +9,7 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any, TypeVar
 
-from runnerd.cli.common import EXIT_ERROR, ago, fail, local_time, span, table
+from runnerd.cli.common import EXIT_ERROR, ago, fail, local_time, say, span, table
 from runnerd_client.replies import FailureInfo, MalformedReply, RunInfo, decode
 
 T = TypeVar("T")
@@ -25,15 +25,16 @@ def typed(cls: type[T], value: Any, reply: str) -> T:
 
 
 def typed_runs(runs: Iterable[Any], reply: str) -> list[RunInfo]:
-    """Runs of a reply, or read from files (each names its source in `daemon`)."""
-    return [
-        typed(
-            RunInfo,
-            run,
-            f"run {run['run_id']} of {run['daemon']}" if "daemon" in run else f"{reply}[{n}]",
-        )
-        for n, run in enumerate(runs)
-    ]
+    """Runs of a reply, or read from files (each names its source in `daemon`); one that
+    lacks a field is named on stderr and left out, so one bad record hides no other."""
+    typed_ones = []
+    for n, run in enumerate(runs):
+        source = f"run {run['run_id']} of {run['daemon']}" if "daemon" in run else f"{reply}[{n}]"
+        try:
+            typed_ones.append(decode(RunInfo, run, source))
+        except MalformedReply as exc:
+            say(f"runnerctl: warning: {exc.message} (left out)", err=True)
+    return typed_ones
 
 
 def runtime(run: RunInfo) -> str:
