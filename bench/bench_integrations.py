@@ -1,14 +1,22 @@
-"""How long a SIGKILLed MLflow run or Optuna trial stays RUNNING in the tool's own store.
+"""How long a SIGKILLed MLflow run or Optuna trial stays RUNNING in the tool's own store,
+and the daemon's CPU per hook delivery.
 
 Starts a fresh daemon in a temp folder whose config.toml has the shipped MLflow and Optuna
-hooks, then, `--kills` times for each tool: a script (an MLflow run under the
-RUNNERD_MLFLOW=1 opt-in; an Optuna trial through `tracked`) starts and waits; it is
-SIGKILLed, and the tool's sqlite store is polled every 5 ms until it shows FAILED. Prints
-p50/p99/max of kill -> runnerd's failed_crash (from the run's `ended_at`) and kill -> the
-tool's FAILED, which includes the hook's own start (Python, the tool's import, its store).
-Not a test: it reports.
+hooks (`--mode stream`, the default: one process per hook, the tool imported and its store
+opened when the daemon starts; `--mode call`: a process per event), then, `--kills` times
+for each tool: a script (an MLflow run under the RUNNERD_MLFLOW=1 opt-in; an Optuna trial
+through `tracked`) starts and waits; it is SIGKILLed, and the tool's sqlite store is polled
+every 5 ms until it shows FAILED. Prints p50/p99/max of kill -> runnerd's failed_crash
+(from the run's `ended_at`) and kill -> the tool's FAILED.
 
-    python bench/bench_integrations.py [--quick] [--kills N] [--batch N]
+Then the cost: `--runs` runs created, started and failed by one client, in an experiment
+both hooks want (each run one delivery to each) and, in alternate rounds, in one they do
+not; the daemon's own CPU (utime + stime, not its children's) from /proc, from the
+workload's start until both hooks have nothing left. The difference per delivery is the
+daemon's CPU per hook delivery. Not a test: it reports.
+
+    python bench/bench_integrations.py [--quick] [--kills N] [--batch N] [--mode M]
+        [--runs N] [--rounds R]
 """
 
 from __future__ import annotations
@@ -22,9 +30,13 @@ import sys
 import textwrap
 import time
 from collections.abc import Callable
+from contextlib import closing
 from datetime import datetime
 
 from harness import Runnerd, arguments, pct, session, temp_root
+
+from runnerd_client.connection import Connection
+from runnerd_client.protocol import HookList
 
 MLFLOW_SCRIPT = """
     import os
@@ -51,16 +63,52 @@ OPTUNA_SCRIPT = """
 """
 
 
-def hooks_config() -> str:
+FAIL_RUNS = """
+import sys
+import runnerd_client as rd
+client = rd.connect()
+for n in range(int(sys.argv[2])):
+    client.run(sys.argv[1], variation=f"v{n}").start().fail(message="bench")
+"""
+
+
+def hooks_config(daemon: Runnerd, mode: str) -> str:
+    """Both shipped hooks, for the bench's experiments (`b-*`), each told its store: MLflow
+    through MLFLOW_TRACKING_URI, Optuna through --storage (a stream opens them at once)."""
+    hook = [sys.executable, "-m", "runnerd_client.{}", "hook"]
+    commands = {
+        "mlflow": ["env", f"MLFLOW_TRACKING_URI={mlflow_uri(daemon)}", *hook],
+        "optuna": [*hook, "--storage", optuna_url(daemon)],
+    }
     return "".join(
         f"""
 [[hooks]]
 name = "{tool}"
 events = ["failed_*", "lost"]
-command = {json.dumps([sys.executable, "-m", f"runnerd_client.{tool}", "hook"])}
+experiment = "b-*"
+mode = "{mode}"
+command = {json.dumps([arg.format(tool) for arg in command])}
 """
-        for tool in ("mlflow", "optuna")
+        for tool, command in commands.items()
     )
+
+
+def mlflow_uri(daemon: Runnerd) -> str:
+    return f"sqlite:///{daemon.root}/mlflow.db"
+
+
+def optuna_url(daemon: Runnerd) -> str:
+    return f"sqlite:///{daemon.root}/optuna.db"
+
+
+def make_stores(daemon: Runnerd) -> None:
+    """Both tools' tables, made before the scripts and the hooks (which open the stores as
+    the daemon starts) race to make them."""
+    import optuna
+    from mlflow.client import MlflowClient
+
+    MlflowClient(mlflow_uri(daemon)).search_experiments()
+    optuna.storages.RDBStorage(optuna_url(daemon))
 
 
 def start(daemon: Runnerd, code: str, *args: str, env: dict[str, str]) -> subprocess.Popen[str]:
@@ -72,14 +120,17 @@ def start(daemon: Runnerd, code: str, *args: str, env: dict[str, str]) -> subpro
         text=True,
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,  # read only if it fails to start
     )
 
 
 def ready(proc: subprocess.Popen[str]) -> tuple[str, int]:
     """What the script printed once its run or trial started: an id and its pid."""
-    assert proc.stdout is not None
-    ident, pid = proc.stdout.readline().split()
+    assert proc.stdout is not None and proc.stderr is not None
+    line = proc.stdout.readline()
+    if not line:
+        sys.exit(f"a bench script did not start: {proc.stderr.read()[-2000:]}")
+    ident, pid = line.split()
     return ident, int(pid)
 
 
@@ -110,9 +161,8 @@ def runnerd_ended(daemon: Runnerd, experiment: str) -> float:
 def kill_mlflow(daemon: Runnerd, kills: int, batch: int) -> list[tuple[float, float]]:
     from mlflow.client import MlflowClient
 
-    uri = f"sqlite:///{daemon.root}/mlflow.db"
+    uri = mlflow_uri(daemon)
     client, figures = MlflowClient(uri), []
-    client.search_experiments()  # makes the store's tables before scripts race to
     while len(figures) < kills:
         names = [f"b-ml-{len(figures) + i}" for i in range(min(batch, kills - len(figures)))]
         procs = [
@@ -143,7 +193,7 @@ def kill_mlflow(daemon: Runnerd, kills: int, batch: int) -> list[tuple[float, fl
 def kill_optuna(daemon: Runnerd, kills: int, batch: int) -> list[tuple[float, float]]:
     import optuna
 
-    url = f"sqlite:///{daemon.root}/optuna.db"
+    url = optuna_url(daemon)
     storage, figures = optuna.storages.RDBStorage(url), []
     while len(figures) < kills:
         names = [f"b-opt-{len(figures) + i}" for i in range(min(batch, kills - len(figures)))]
@@ -161,6 +211,44 @@ def kill_optuna(daemon: Runnerd, kills: int, batch: int) -> list[tuple[float, fl
     return figures
 
 
+def delivered(conn: Connection) -> int | None:
+    """Deliveries so far, once no hook has a backlog (None while one has)."""
+    hooks = conn.call(HookList())["hooks"]
+    return None if any(h["backlog"] for h in hooks) else sum(h["delivered"] for h in hooks)
+
+
+def wait_delivered(conn: Connection, daemon: Runnerd, at_least: int = 0) -> int:
+    deadline = time.monotonic() + 600
+    while (count := delivered(conn)) is None or count < at_least:
+        if time.monotonic() > deadline:
+            sys.exit(f"the hooks did not deliver (log: {daemon.log_tail(2000)})")
+        time.sleep(0.05)
+    return count
+
+
+def failing_runs(daemon: Runnerd, experiment: str, runs: int, wanted: bool) -> tuple[float, int]:
+    """The daemon's CPU seconds while `runs` runs of `experiment` fail and the hooks deliver
+    what they want of it (two deliveries a run if `wanted`), and how many they made."""
+    with closing(Connection(daemon.socket)) as conn:
+        before, cpu = wait_delivered(conn, daemon), daemon.cpu()
+        subprocess.run(
+            [sys.executable, "-c", FAIL_RUNS, experiment, str(runs)], env=daemon.env, check=True
+        )
+        after = wait_delivered(conn, daemon, before + (2 * runs if wanted else 0))
+        return daemon.cpu() - cpu, after - before
+
+
+def delivery_cost(daemon: Runnerd, runs: int, rounds: int) -> tuple[float, int]:
+    """Median over `rounds` of (CPU with deliveries - CPU without) per delivery."""
+    costs, deliveries = [], 0
+    for n in range(rounds):
+        hooked, count = failing_runs(daemon, f"b-cost-{n}", runs, wanted=True)
+        unhooked, _ = failing_runs(daemon, f"x-cost-{n}", runs, wanted=False)
+        costs.append((hooked - unhooked) / count)
+        deliveries += count
+    return statistics.median(costs), deliveries
+
+
 def report(tool: str, figures: list[tuple[float, float]]) -> None:
     for what, values in (
         ("runnerd failed_crash", [f[0] for f in figures]),
@@ -176,6 +264,9 @@ def report(tool: str, figures: list[tuple[float, float]]) -> None:
 def main() -> None:
     parser = arguments(__doc__, "5 kills per tool")
     parser.add_argument("--kills", type=int, help="kills per tool (default 20)")
+    parser.add_argument("--mode", choices=("stream", "call"), default="stream")
+    parser.add_argument("--runs", type=int, help="failed runs per cost round (default 200)")
+    parser.add_argument("--rounds", type=int, help="cost rounds (default 3)")
     parser.add_argument(
         "--batch",
         type=int,
@@ -185,22 +276,31 @@ def main() -> None:
     args = parser.parse_args()
     bench = session(args)
     kills = args.kills or (5 if args.quick else 20)
+    runs, rounds = args.runs or (50 if args.quick else 200), args.rounds or (1 if args.quick else 3)
     with temp_root() as root:
         daemon = Runnerd(root)
         daemon.config.parent.mkdir(parents=True)
-        daemon.config.write_text(hooks_config())
+        daemon.config.write_text(hooks_config(daemon, args.mode))
+        make_stores(daemon)
         daemon.start(20.0)
         try:
             bench.quiet.wait()
             figures = {"optuna": kill_optuna(daemon, kills, args.batch)}
             bench.quiet.wait()
             figures["mlflow"] = kill_mlflow(daemon, kills, args.batch)
+            bench.quiet.wait()
+            cost, deliveries = delivery_cost(daemon, runs, rounds)
         finally:
             daemon.stop()
     bench.stop()
     bench.header("integrations", "quick" if args.quick else "full")
+    print(f"hooks in {args.mode} mode")
     for tool, found in figures.items():
         report(tool, found)
+    print(
+        f"daemon CPU per hook delivery: {cost * 1e3:.2f} ms "
+        f"(median of {rounds} rounds, {deliveries} deliveries to the two hooks)"
+    )
 
 
 if __name__ == "__main__":
