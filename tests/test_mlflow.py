@@ -59,8 +59,12 @@ def shared_daemon() -> Iterator[Daemon]:
 
 @pytest.fixture(scope="module")
 def store(shared_daemon: Daemon) -> Iterator[str]:
-    """One sqlite tracking store for the module (MLflow makes its tables once)."""
+    """One sqlite tracking store for the module, its tables made here once: two scripts
+    making them at once on a new store race in MLflow's own migrations."""
+    from mlflow.client import MlflowClient
+
     uri = f"sqlite:///{shared_daemon.root}/mlflow.db"
+    MlflowClient(uri).search_experiments(max_results=1)
     yield uri
 
 
@@ -313,7 +317,13 @@ def test_one_stream_process_ends_the_mlflow_runs_of_every_killed_script(
     assert status["mode"] == "stream" and status["last"]["ok"] is True
 
 
-def test_the_stream_hook_answers_each_event_line_on_its_own(shared_daemon: Daemon) -> None:
+def test_the_stream_hook_answers_each_event_line_on_its_own(
+    shared_daemon: Daemon, tmp_path: Path
+) -> None:
+    """A stream answers each event line on its own; it imports MLflow before the first
+    event, but never opens (so creates) a store no event needed: that would race the
+    user's own first run on a new store."""
+    new_store = tmp_path / "new.db"
     lines = [
         "{not json",
         json.dumps({"hook": "mlflow", "event": {"seq": 7}, "run": None}),
@@ -330,10 +340,15 @@ def test_the_stream_hook_answers_each_event_line_on_its_own(shared_daemon: Daemo
         input="".join(f"{line}\n" for line in lines),
         capture_output=True,
         text=True,
-        env={**shared_daemon.env, "RUNNERD_HOOK_MODE": "stream"},
+        env={
+            **shared_daemon.env,
+            "RUNNERD_HOOK_MODE": "stream",
+            "MLFLOW_TRACKING_URI": f"sqlite:///{new_store}",
+        },
         timeout=120,
     )
     assert stream.returncode == 0, stream.stderr  # its stdin closed: done
+    assert not new_store.exists()
     bad, pruned, unlinked = map(json.loads, stream.stdout.splitlines())  # answers only
     assert bad["ok"] is False and "not JSON" in bad["error"] and "seq" not in bad
     assert pruned == {"ok": True, "seq": 7} and unlinked == {"ok": True, "seq": 8}

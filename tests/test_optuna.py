@@ -215,3 +215,20 @@ def test_the_hook_finds_the_password_it_was_given_and_leaves_other_runs() -> Non
     )
     assert streamed.returncode == 0, streamed.stderr
     assert streamed.stdout == '{"ok": true, "seq": 3}\n'
+
+
+def test_a_stream_hook_never_creates_a_storage_before_an_event_needs_it(tmp_path: Path) -> None:
+    """A stream hook warms up at the daemon's start; opening the user's new storage then
+    would create its tables and race the user's own `create_study`."""
+    db = tmp_path / "new.db"
+    unrelated = {"hook": "optuna", "event": {"seq": 1}, "run": {"run_id": "X", "tags": {}}}
+    streamed = subprocess.run(
+        [sys.executable, "-m", "runnerd_client.optuna", "hook", "--storage", f"sqlite:///{db}"],
+        input=json.dumps(unrelated) + "\n",
+        capture_output=True,
+        text=True,
+        env={**os.environ, "RUNNERD_HOOK_MODE": "stream"},
+        timeout=60,
+    )
+    assert streamed.stdout == '{"ok": true, "seq": 1}\n', streamed.stderr
+    assert not db.exists()

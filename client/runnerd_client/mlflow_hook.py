@@ -7,13 +7,12 @@ those still RUNNING and those MLflow's exit hook ended FINISHED, and never touch
 the script itself ended. For a `lost` run it only tags them: a lost run may come back.
 
 In call mode MLflow is imported only for a run that has MLflow runs linked. A stream
-imports it before the first event, and opens the store of `MLFLOW_TRACKING_URI` if that
-is set, so the first death does not wait for them either.
+imports it before the first event, so the first death does not wait for it; stores are
+opened at their first event, never before (opening a new store creates it).
 """
 
 from __future__ import annotations
 
-import os
 import sys
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -31,7 +30,6 @@ TAG_RUN_ID = "runnerd.run_id"
 TAG_STATE = "runnerd.state"
 TAG_AT_EXIT = "runnerd.ended_at_exit"
 NOTE_PREFIX = "mlflow-"
-URI_ENV = "MLFLOW_TRACKING_URI"
 
 
 def linked_runs(client: MlflowClient, run_id: str) -> list[MlflowRun]:
@@ -126,16 +124,10 @@ def _millis(iso: object) -> int | None:
 
 
 def warm() -> None:
-    """A stream's start: MLflow imported, and the store of MLFLOW_TRACKING_URI opened (MLflow
-    keeps it for later clients of that URI)."""
-    from mlflow.client import MlflowClient
-
-    uri = os.environ.get(URI_ENV)
-    if uri:
-        try:
-            MlflowClient(uri).search_experiments(max_results=1)
-        except Exception as exc:  # the events will say what is wrong with it, if anything
-            print(f"{PROG} hook: {URI_ENV} {uri!r} not opened: {exc}", file=sys.stderr)
+    """A stream's start: MLflow and its SQL store imported, no store opened: opening one
+    creates it and its tables, which would race the user's own first run on a new store."""
+    import mlflow.client  # noqa: F401
+    import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
 
 
 def main(argv: list[str] | None = None) -> int:

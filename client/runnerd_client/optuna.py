@@ -19,7 +19,8 @@
   Optuna. `--storage URL` (repeatable) gives a URL whose password the tag hides.
 
 Optuna is imported only when a trial runs or the hook has a trial to fail; a stream hook
-(`mode = "stream"`) imports it, and opens the `--storage` URLs, before the first event.
+(`mode = "stream"`) imports it before the first event; a storage is opened at the first
+event that needs it, never before (opening a new one creates its tables).
 """
 
 from __future__ import annotations
@@ -230,15 +231,10 @@ def _storage(url: str) -> optuna.storages.RDBStorage:
     return optuna.storages.RDBStorage(url)
 
 
-def _warm(storages: Sequence[str]) -> None:
-    """A stream's start: Optuna imported, and the `--storage` URLs opened."""
-    import optuna  # noqa: F401
-
-    for url in storages:
-        try:
-            _storage(url)
-        except Exception as exc:  # the events will say what is wrong with it, if anything
-            print(f"{PROG} hook: storage {hide_password(url)} not opened: {exc}", file=sys.stderr)
+def _warm() -> None:
+    """A stream's start: Optuna and its RDB storage imported, no storage opened: opening one
+    creates its tables, which would race the user's own `create_study` on a new store."""
+    import optuna.storages  # noqa: F401
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -251,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         help="a storage URL with its password, for trials tagged with it",
     )
     args = parser.parse_args(argv)
-    return hook(PROG, lambda event: handle(event, args.storage), lambda: _warm(args.storage))
+    return hook(PROG, lambda event: handle(event, args.storage), _warm)
 
 
 if __name__ == "__main__":
