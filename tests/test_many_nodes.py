@@ -655,8 +655,9 @@ def test_a_label_held_for_a_node_without_a_worker_joins_dask_queries(
 ) -> None:
     """Node B's only worker is closed by a walltime's SIGTERM while its task runs: no worker
     of B is left to deliver the label, so the scheduler holds it. `--dask` names the held
-    run (list, failures) and `show` says why it cannot show it (exit 3); a new worker on B
-    delivers the label, and B's record then shows it."""
+    run (list, failures) and `show` says why it cannot show it (exit 3); with B's records
+    read from a folder (`--from`, its mirror or an export), the held label joins them; a new
+    worker on B delivers the label, and B's record then shows it."""
     distributed = pytest.importorskip("distributed")
     import dask_cluster
 
@@ -707,6 +708,18 @@ def test_a_label_held_for_a_node_without_a_worker_joins_dask_queries(
         assert shown.returncode == 3
         assert f"{run_id} lived on node {node_b}" in shown.stderr
         assert "holds its label walltime" in shown.stderr
+        morning = short_tmp / "morning"  # B's records, as its mirror or an export keeps them
+        morning.mkdir()
+        (morning / "b.jsonl").write_text(b.ctl("export").stdout)
+        from_b = ("--from", str(morning), "--json")
+        listed = json.loads(a.ctl("--dask", address, "list", *from_b).stdout)
+        (held_run,) = [r for r in listed if r["run_id"] == run_id]
+        assert held_run["label"]["category"] == "walltime" and held_run["label"]["held"]
+        assert held_run["failure"]["category"] == "walltime"
+        (record,) = json.loads(a.ctl("--dask", address, "failures", *from_b).stdout)
+        assert record["run_id"] == run_id and record["category"] == "walltime"
+        one = json.loads(a.ctl("--dask", address, "show", run_id[:12], *from_b).stdout)
+        assert one["label"]["category"] == "walltime"
 
         procs.append(dask_cluster.start_worker(address, {**b.env, "NODE_NAME": "b"}))
         wait_for(lambda: not client.run_on_scheduler(held_labels), what="the label delivered")

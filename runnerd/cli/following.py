@@ -191,7 +191,7 @@ def _print(daemon: str, event: dict[str, Any], as_json: bool) -> None:
 
 
 def _outcome(ctx: click.Context, run_id: str, folder: Path | None) -> int:
-    run = show_from(folder, run_id) if folder is not None else show_many(ctx, run_id)
+    run = show_from(ctx, folder, run_id) if folder is not None else show_many(ctx, run_id)
     return exit_status(run)
 
 

@@ -177,11 +177,18 @@ def list_many(ctx: click.Context, req: ListRuns, folder: Path | None) -> list[It
         )
     if req.sweep is not None:
         raise click.UsageError("--sweep needs a daemon; it cannot be used with --from")
-    return merge_runs(
-        filter_runs(
-            read_folder(folder).runs, state=req.state, experiment=req.experiment, since=req.since
+    return _joined(
+        ctx,
+        merge_runs(
+            filter_runs(
+                read_folder(folder).runs,
+                state=req.state,
+                experiment=req.experiment,
+                since=req.since,
+            ),
+            req.limit,
         ),
-        req.limit,
+        join_runs,
     )
 
 
@@ -200,7 +207,9 @@ def failures_many(ctx: click.Context, req: Failures, folder: Path | None) -> lis
             [*failures_of_runs(got.runs), *got.records], experiment=req.experiment, since=req.since
         )
     )
-    return group_failures(merged, req.group_by, req.limit) if req.group_by else merged[: req.limit]
+    if req.group_by:
+        return _joined(ctx, group_failures(merged, req.group_by, req.limit), None)
+    return _joined(ctx, merged[: req.limit], join_records)
 
 
 def show_many(ctx: click.Context, prefix: str) -> Item:
@@ -265,8 +274,10 @@ def _joined(
     return join(items, labels) if join is not None else items
 
 
-def show_from(folder: Path, prefix: str) -> Item:
-    """The one run matching `prefix` in the folder (the freshest copy of it)."""
+def show_from(ctx: click.Context, folder: Path, prefix: str) -> Item:
+    """The one run matching `prefix` in the folder (the freshest copy of it), with the label
+    the Dask scheduler holds for it (--dask): a node gone overnight has its records in the
+    mirror and its labels on the scheduler."""
     found = merge_runs(r for r in read_folder(folder).runs if r["run_id"].startswith(prefix))
     exact = [r for r in found if r["run_id"] == prefix]
     if len(found) > 1 and not exact:
@@ -278,7 +289,8 @@ def show_from(folder: Path, prefix: str) -> Item:
     if not found:
         fail(f"no run matches {prefix!r} in {folder}", EXIT_NO_RUN)
     # An export line has no history; a mirrored record has it as `show --json` gives it.
-    return {"transitions": [], "artifacts": [], "checkpoints": [], **(exact or found)[0]}
+    run = {"transitions": [], "artifacts": [], "checkpoints": [], **(exact or found)[0]}
+    return _joined(ctx, [run], join_runs)[0]
 
 
 def diagnose_many(ctx: click.Context, req: Failures, folder: Path | None) -> list[Item]:

@@ -224,7 +224,7 @@ def show(
         reply = request(ctx, Get(run=run, env=True))
         obj, env = reply["run"], reply.get("env")
     else:
-        obj = show_from(from_dir, run) if from_dir is not None else show_many(ctx, run)
+        obj = show_from(ctx, from_dir, run) if from_dir is not None else show_many(ctx, run)
     if as_json:
         emit_json({**obj, "env": env} if with_env else obj)
         return
