@@ -6,7 +6,8 @@ daemon on its local socket (runnerd_client.dask_nodes): no socket forwarding, no
 runnerd's own, and Dask's own security (its TLS settings) applies. The answers are merged
 as those of several `--socket`. A node whose daemon cannot be reached, or a worker that
 cannot run the function, is named and left out; only when no node answers does a command
-exit 3. Imports `distributed` only when used.
+exit 3. Imports `distributed`, and the functions run on the workers (which bring asyncio),
+only when used, so that plain runnerctl starts without them.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import click
 from runnerd.cli.common import EXIT_ERROR, EXIT_UNREACHABLE, fail
 from runnerd.cli.daemons import Answer
 from runnerd.cli.merge import Item
-from runnerd_client import dask_nodes
 from runnerd_client.connection import DaemonUnavailable
 from runnerd_client.protocol import Request, RunnerdError, request_map
 
@@ -41,6 +41,8 @@ class Cluster:
 
 def connect(address: str) -> Cluster:
     """Connect to the scheduler (exit 3 if it cannot be reached) and find the nodes."""
+    from runnerd_client import dask_nodes
+
     try:
         import distributed
     except ImportError:
@@ -107,6 +109,8 @@ def run_on_nodes(
 
 def ask_each(ctx: click.Context, req: Request) -> list[Answer]:
     """Every node's answer to `req`, in node order; broken workers named as unreachable."""
+    from runnerd_client import dask_nodes
+
     cluster = cluster_of(ctx)
     replies = run_on_nodes(cluster, dask_nodes.ask, request_map(req))
     return [*(_answer(name, replies[name]) for name in sorted(replies)), *cluster.broken]
@@ -136,6 +140,8 @@ def follow_nodes(
 ) -> Iterator[tuple[str, dict[str, Any]]]:
     """(node, event) as they happen on every node (or on `nodes`), polled through Dask
     about every `wait` seconds; a node that cannot be followed is said so once."""
+    from runnerd_client import dask_nodes
+
     cluster = cluster_of(ctx)
     follow_id = uuid.uuid4().hex
     warned: set[str] = set()

@@ -8,13 +8,15 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 
 from runnerd.cli.merge import Item
-from runnerd.diagnosis import relabel
 
 SHOWN_PER_NODE = 5  # held runs named in a node's note
 
 
 def relabelled(failure: Item, label: Item) -> Item:
-    """A failure record re-diagnosed with the label, as its daemon will on delivery."""
+    """A failure record re-diagnosed with the label, as its daemon will on delivery (the
+    diagnosis rules imported only then: plain runnerctl starts without them)."""
+    from runnerd.diagnosis import relabel
+
     message, found = relabel(failure, label["category"], label["note"])
     return {**failure, "message": message, "category": found.category, "retryable": found.retryable}
 
