@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import sys
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
@@ -136,3 +137,14 @@ def test_bad_usage_exits_2(daemon: Daemon) -> None:
 )
 def test_parse_duration(text: str, seconds: float) -> None:
     assert parse_duration(text) == seconds
+
+
+def test_runnerctl_starts_without_the_daemon_or_the_dask_side() -> None:
+    """Every runnerctl call pays its imports: the daemon's modules, SQLite, asyncio and
+    Dask's side are loaded only by the commands and options that use them."""
+    heavy = ("asyncio", "sqlite3", "distributed", "runnerd.registry", "runnerd.diagnosis")
+    code = f"import sys, runnerd.cli; print([m for m in {heavy!r} if m in sys.modules])"
+    loaded = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    assert loaded.strip() == "[]"
