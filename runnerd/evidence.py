@@ -25,6 +25,9 @@ MAX_ENTRIES = 5_000
 """Entries looked at under one run_dir (a folder of a million checkpoints is not walked)."""
 TAIL = 4096
 LOGS = ("stdout.log", "stderr.log")
+OWN = "metadata.json"
+"""runnerd's own file in a run folder: written at each state change (a stall's too), so
+never evidence that the run moved, or a stalled run would come back at every look."""
 
 
 # --- what its processes show ---------------------------------------------------------
@@ -113,7 +116,7 @@ def look_at_files(run_dir: str | None, roots: Iterable[int]) -> Files:
                     info = entry.stat(follow_symlinks=False)
                     if stat.S_ISDIR(info.st_mode):
                         todo.append(entry.path)
-                    elif stat.S_ISREG(info.st_mode):
+                    elif stat.S_ISREG(info.st_mode) and not _ours(entry.name, entry.path, run_dir):
                         kind = (
                             "output"
                             if entry.name in LOGS and os.path.dirname(entry.path) == run_dir
@@ -130,6 +133,12 @@ def look_at_files(run_dir: str | None, roots: Iterable[int]) -> Files:
                 outputs.append((info.st_mtime, target))
     seen.output = [path for _, path in sorted(outputs, reverse=True)]
     return seen
+
+
+def _ours(name: str, path: str, run_dir: str) -> bool:
+    """Whether a file in the run folder is runnerd's metadata.json (or its temporary)."""
+    own = name == OWN or (name.startswith(f".{OWN}.") and name.endswith(".tmp"))
+    return own and os.path.dirname(path) == run_dir
 
 
 def _newer(seen: Files, mtime: float, kind: str, size: int) -> None:

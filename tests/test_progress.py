@@ -332,6 +332,20 @@ def test_files_show_the_newest_write_and_its_kind(tmp_path: Path) -> None:
     assert look_at_files(str(tmp_path), []).kind == "output"
 
 
+def test_runnerds_own_metadata_json_is_not_the_runs_progress(tmp_path: Path) -> None:
+    """runnerd rewrites metadata.json at each state change, a stall's too: counted as the
+    run's files, a hung run came back from `lost` at the next look, again and again."""
+    (tmp_path / "ckpt.bin").write_bytes(b"x")
+    os.utime(tmp_path / "ckpt.bin", (1000, 1000))
+    (tmp_path / "metadata.json").write_text("{}")
+    (tmp_path / ".metadata.json.0a1b2c.tmp").write_text("{")
+    seen = look_at_files(str(tmp_path), [])
+    assert seen.at == 1000 and seen.kind == "files"
+    (tmp_path / "sub").mkdir()  # the run's own file of that name, deeper, is its own
+    (tmp_path / "sub" / "metadata.json").write_text("{}")
+    assert look_at_files(str(tmp_path), []).at != 1000
+
+
 def test_describe_says_what_a_process_waits_in() -> None:
     proc = subprocess.Popen(["sleep", "60"])
     try:
