@@ -15,6 +15,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -573,6 +574,52 @@ def make_failure(daemon: Daemon, failure_class: str) -> str:
     return client_runs(daemon, failure_class)[1]
 
 
+@dataclass
+class ScheduledNodes:
+    """Nodes A and B, each a daemon and a worker, with the scheduler (and its plugin) on A."""
+
+    a: Daemon
+    b: Daemon
+    client: Any
+    address: str
+    procs: list[subprocess.Popen[bytes]]
+
+
+@contextmanager
+def scheduled_nodes(
+    root: Path, monkeypatch: pytest.MonkeyPatch, experiment: str, *b_worker: str
+) -> Iterator[ScheduledNodes]:
+    """Two emulated nodes on one Dask cluster whose scheduler sits on node A; `b_worker`
+    are extra options of B's worker (a memory limit, say)."""
+    distributed = pytest.importorskip("distributed")
+    import dask_cluster
+
+    from runnerd_client.dask import RunnerdSchedulerPlugin, RunnerdWorkerPlugin
+
+    a, b = Daemon(root / "a"), Daemon(root / "b")
+    for daemon in (a, b):
+        daemon.root.mkdir()
+        daemon.start()
+    monkeypatch.setenv("RUNNERD_SOCKET", str(a.socket))  # the scheduler's own node is A
+    cluster = distributed.LocalCluster(n_workers=0, dashboard_address=":0")
+    client = distributed.Client(cluster)
+    client.register_plugin(RunnerdSchedulerPlugin())
+    client.register_plugin(RunnerdWorkerPlugin(experiment=experiment))
+    address = cluster.scheduler_address
+    procs = [
+        dask_cluster.start_worker(address, {**a.env, "NODE_NAME": "a"}),
+        dask_cluster.start_worker(address, {**b.env, "NODE_NAME": "b"}, *b_worker),
+    ]
+    try:
+        yield ScheduledNodes(a, b, client, address, procs)
+    finally:
+        client.close()
+        cluster.close()
+        stop_workers(procs)
+        a.stop()
+        b.stop()
+
+
 def grow(limit_mb: int) -> None:
     chunks = []
     for _ in range(limit_mb * 2 // 20):
@@ -586,27 +633,10 @@ def test_a_worker_oom_killed_on_node_b_is_labelled_in_node_bs_record(
 ) -> None:
     """The scheduler sits on node A; node B's worker is OOM-killed by its nanny. The label
     reaches B's daemon through B's restarted worker, not A's daemon."""
-    distributed = pytest.importorskip("distributed")
-    import dask_cluster
+    from runnerd_client.dask import RunnerdSchedulerPlugin
 
-    from runnerd_client.dask import RunnerdSchedulerPlugin, RunnerdWorkerPlugin
-
-    a, b = Daemon(short_tmp / "a"), Daemon(short_tmp / "b")
-    for daemon in (a, b):
-        daemon.root.mkdir()
-        daemon.start()
-    monkeypatch.setenv("RUNNERD_SOCKET", str(a.socket))  # the scheduler's own node is A
-    cluster = distributed.LocalCluster(n_workers=0, dashboard_address=":0")
-    client = distributed.Client(cluster)
-    client.register_plugin(RunnerdSchedulerPlugin())
-    client.register_plugin(RunnerdWorkerPlugin(experiment="oom"))
-    procs = [
-        dask_cluster.start_worker(cluster.scheduler_address, {**a.env, "NODE_NAME": "a"}),
-        dask_cluster.start_worker(
-            cluster.scheduler_address, {**b.env, "NODE_NAME": "b"}, "--memory-limit", "400MiB"
-        ),
-    ]
-    try:
+    with scheduled_nodes(short_tmp, monkeypatch, "oom", "--memory-limit", "400MiB") as nodes:
+        a, b, client = nodes.a, nodes.b, nodes.client
         workers = {node: worker for worker, node in worker_env(client, 2).items()}
         future = client.submit(grow, 400, workers=[workers["b"]], retries=0)
         oom = wait_for(
@@ -637,12 +667,6 @@ def test_a_worker_oom_killed_on_node_b_is_labelled_in_node_bs_record(
             [os.uname().nodename, str(b.socket)],
         ] in client.run_on_scheduler(delivered)
         future.cancel()
-    finally:
-        client.close()
-        cluster.close()
-        stop_workers(procs)
-        a.stop()
-        b.stop()
 
 
 def nap(seconds: float) -> None:
@@ -658,28 +682,15 @@ def test_a_label_held_for_a_node_without_a_worker_joins_dask_queries(
     run (list, failures) and `show` says why it cannot show it (exit 3); with B's records
     read from a folder (`--from`, its mirror or an export), the held label joins them; a new
     worker on B delivers the label, and B's record then shows it."""
-    distributed = pytest.importorskip("distributed")
     import dask_cluster
 
-    from runnerd_client.dask import RunnerdSchedulerPlugin, RunnerdWorkerPlugin
+    from runnerd_client.dask import RunnerdSchedulerPlugin
     from runnerd_client.dask_scheduler import held_labels
 
-    a, b = Daemon(short_tmp / "a"), Daemon(short_tmp / "b")
-    for daemon in (a, b):
-        daemon.root.mkdir()
-        daemon.start()
-    monkeypatch.setenv("RUNNERD_SOCKET", str(a.socket))  # the scheduler's own node is A
-    cluster = distributed.LocalCluster(n_workers=0, dashboard_address=":0")
-    client = distributed.Client(cluster)
-    client.register_plugin(RunnerdSchedulerPlugin())
-    client.register_plugin(RunnerdWorkerPlugin(experiment="held"))
-    address = cluster.scheduler_address
-    procs = [
-        dask_cluster.start_worker(address, {**a.env, "NODE_NAME": "a"}),
-        dask_cluster.start_worker(address, {**b.env, "NODE_NAME": "b"}),
-    ]
-    node_b = f"{os.uname().nodename}:{b.socket}"
-    try:
+    with scheduled_nodes(short_tmp, monkeypatch, "held") as nodes:
+        a, b, client, procs = nodes.a, nodes.b, nodes.client, nodes.procs
+        address = nodes.address
+        node_b = f"{os.uname().nodename}:{b.socket}"
         workers = {node: worker for worker, node in worker_env(client, 2).items()}
         future = client.submit(nap, 120, workers=[workers["b"]], retries=0)
         run_id = wait_for(
@@ -735,12 +746,6 @@ def test_a_label_held_for_a_node_without_a_worker_joins_dask_queries(
         assert "label" not in run and run["daemon"] == node_b
         assert "no live worker" not in a.ctl("--dask", address, "list").stderr
         future.cancel()
-    finally:
-        client.close()
-        cluster.close()
-        stop_workers(procs)
-        a.stop()
-        b.stop()
 
 
 def test_held_labels_join_runs_and_records_as_the_daemon_will_apply_them() -> None:
