@@ -418,6 +418,17 @@ class DaskNodes:
         return json.loads(self.ctl(*args, "--json").stdout)
 
 
+def close_nodes(
+    client: Any, cluster: Any, workers: list[subprocess.Popen[bytes]], *daemons: Daemon
+) -> None:
+    """Tear emulated nodes down: the Dask client and cluster, the workers, the daemons."""
+    client.close()
+    cluster.close()
+    stop_workers(workers)
+    for daemon in daemons:
+        daemon.stop()
+
+
 def stop_workers(workers: list[subprocess.Popen[bytes]]) -> None:
     for worker in workers:
         if worker.poll() is None:
@@ -479,11 +490,7 @@ def dask_nodes() -> Iterator[DaskNodes]:
                 )
             yield DaskNodes(a, b, cluster.scheduler_address, client, workers, keys)
         finally:
-            client.close()
-            cluster.close()
-            stop_workers(procs)
-            a.stop()
-            b.stop()
+            close_nodes(client, cluster, procs, a, b)
 
 
 def node_name(daemon: Daemon) -> str:
@@ -613,11 +620,7 @@ def scheduled_nodes(
     try:
         yield ScheduledNodes(a, b, client, address, procs)
     finally:
-        client.close()
-        cluster.close()
-        stop_workers(procs)
-        a.stop()
-        b.stop()
+        close_nodes(client, cluster, procs, a, b)
 
 
 def grow(limit_mb: int) -> None:
@@ -690,7 +693,7 @@ def test_a_label_held_for_a_node_without_a_worker_joins_dask_queries(
     with scheduled_nodes(short_tmp, monkeypatch, "held") as nodes:
         a, b, client, procs = nodes.a, nodes.b, nodes.client, nodes.procs
         address = nodes.address
-        node_b = f"{os.uname().nodename}:{b.socket}"
+        node_b = node_name(b)
         workers = {node: worker for worker, node in worker_env(client, 2).items()}
         future = client.submit(nap, 120, workers=[workers["b"]], retries=0)
         run_id = wait_for(

@@ -22,7 +22,7 @@ from typing import Any
 
 import anyio
 import pytest
-from test_many_nodes import Lines, dask_test, double, stop_workers, worker_env
+from test_many_nodes import Lines, close_nodes, dask_test, double, stop_workers, worker_env
 
 from conftest import Daemon, wait_for
 from runnerd import config, mirror
@@ -165,11 +165,7 @@ def test_a_night_on_a_dask_cluster_outlives_its_nodes(short_tmp: Path, shared: P
         b.db.unlink()
         assert night_from(a, shared) == keys
     finally:
-        client.close()
-        cluster.close()
-        stop_workers(procs)
-        a.stop()
-        b.stop()
+        close_nodes(client, cluster, procs, a, b)
 
 
 def night_from(daemon: Daemon, shared: Path) -> list[str]:
