@@ -9,6 +9,7 @@ kills everything it started.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
@@ -95,10 +96,14 @@ class HookCall:
         with self._lock:
             self._stopped = True
             if self._proc is not None and not self._reaped:
-                try:
-                    os.killpg(self._proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+                kill_session(self._proc.pid)
+
+
+def kill_session(pid: int) -> None:
+    """SIGKILL the session a hook's process leads (everything it started too); the caller
+    holds it unreaped, so the pid is still its own."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGKILL)
 
 
 def exited(proc: subprocess.Popen[bytes], timeout: float) -> bool:

@@ -16,14 +16,13 @@ import json
 import logging
 import os
 import select
-import signal
 import subprocess
 import threading
 import time
 from typing import IO, Any
 
 from runnerd.config import Hook
-from runnerd.hooks.call import EXCERPT, Outcome, described, exited
+from runnerd.hooks.call import EXCERPT, Outcome, described, exited, kill_session
 
 log = logging.getLogger(__name__)
 
@@ -135,10 +134,7 @@ class Process:
         lock is held until it is reaped, so no one kills its pid once it may be reused."""
         with lock:
             if not self.reaped:
-                try:
-                    os.killpg(self.popen.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+                kill_session(self.popen.pid)
             code = self.popen.wait()
             self.reaped = True
         self.drainer.join(DRAIN_WAIT)  # what it wrote last, for the error
@@ -262,10 +258,7 @@ class HookStream:
         with self.lock:
             process = self.process
             if process is not None and not process.reaped:
-                try:
-                    os.killpg(process.popen.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+                kill_session(process.popen.pid)
 
     def stop(self) -> Process | None:
         """No more events; close the stdin of a process waiting for one (its end of the
