@@ -196,7 +196,7 @@ def raise_for_reply(reply: dict[str, Any]) -> dict[str, Any]:
 _KEYS: dict[type, tuple[tuple[str, str], ...]] = {}
 
 
-def _keys(cls: type) -> tuple[tuple[str, str], ...]:
+def wire_keys(cls: type) -> tuple[tuple[str, str], ...]:
     """(attribute, wire key) of each field; a trailing '_' (`from_`) is not sent."""
     keys = _KEYS.get(cls)
     if keys is None:
@@ -208,7 +208,7 @@ def fields_of(value: Any) -> dict[str, Any]:
     """One reply object as a map (its values as they are): msgpack's and json's `default`."""
     if not is_dataclass(value) or isinstance(value, type):
         raise TypeError(f"cannot encode {type(value).__name__}")
-    return {key: getattr(value, name) for name, key in _keys(type(value))}
+    return {key: getattr(value, name) for name, key in wire_keys(type(value))}
 
 
 def as_map(value: Any) -> Any:

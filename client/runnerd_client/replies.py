@@ -12,7 +12,7 @@ from dataclasses import MISSING, dataclass, fields, is_dataclass
 from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
 
 from runnerd_client.errors import ErrorCode, RunnerdError
-from runnerd_client.framing import as_map, fields_of
+from runnerd_client.framing import as_map, fields_of, wire_keys
 
 __all__ = ["MalformedReply", "as_map", "decode", "fields_of"]  # and the reply classes below
 
@@ -242,12 +242,12 @@ def _plan(cls: type) -> _Plan:
         hints = get_type_hints(cls)
         plan = _PLANS[cls] = tuple(
             (
-                f.name,
-                f.name.rstrip("_"),
+                name,
+                key,
                 f.default is MISSING and f.default_factory is MISSING,
-                _converter(hints[f.name]),
+                _converter(hints[name]),
             )
-            for f in fields(cls)
+            for f, (name, key) in zip(fields(cls), wire_keys(cls), strict=True)
         )
     return plan
 
