@@ -32,6 +32,8 @@ class Runs:
         """The rows of those of `run_ids` that exist, in their order, read in one statement
         (a batch's runs are read again after it); the ids go as one JSON list, so the
         statement's text, and its cached plan, is the same for any number of them."""
+        if not run_ids:  # a batch of heartbeats moved no run
+            return {}
         found = {
             row[0]: RunRow.of(row)
             for row in self.conn.execute(

@@ -11,10 +11,13 @@ so a write waiting for a lock another process holds delays no read.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import queue
 import sqlite3
+import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -32,24 +35,49 @@ RETRY_FIRST, RETRY_MAX = 0.1, 5.0
 
 
 class _Worker:
-    """One SQLite connection and the one thread that uses it; each call is one hop."""
+    """One SQLite connection and the one thread that uses it; each call is one hop: the
+    thread answers the loop's own future (no executor future chained to it)."""
 
     def __init__(self, name: str) -> None:
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        self._calls: queue.SimpleQueue[tuple[asyncio.Future[Any], Callable[[], Any]] | None]
+        self._calls = queue.SimpleQueue()
         self._turn = asyncio.Lock()
+        self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
+        self._thread.start()
         self.conn: sqlite3.Connection | None = None
 
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
         """Run `fn` on the thread. Calls wait their turn here, not in the thread's queue, so
         one cancelled before its turn (its client gone) never runs."""
         async with self._turn:
-            return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+            future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+            self._calls.put((future, partial(fn, *args)))
+            return await future
+
+    def _serve(self) -> None:
+        while (call := self._calls.get()) is not None:
+            future, fn = call
+            try:
+                outcome: tuple[bool, Any] = (True, fn())
+            except BaseException as exc:
+                outcome = (False, exc)
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+                future.get_loop().call_soon_threadsafe(_answer, future, *outcome)
 
     async def close(self) -> None:
         if self.conn is not None:
             await self.call(self.conn.close)
             self.conn = None
-        self._pool.shutdown(wait=False)
+        self._calls.put(None)
+
+
+def _answer(future: asyncio.Future[Any], ok: bool, value: Any) -> None:
+    if future.done():  # cancelled while the thread ran it
+        return
+    if ok:
+        future.set_result(value)
+    else:
+        future.set_exception(value)
 
 
 class Registry:
