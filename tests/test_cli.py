@@ -141,8 +141,17 @@ def test_parse_duration(text: str, seconds: float) -> None:
 
 def test_runnerctl_starts_without_the_daemon_or_the_dask_side() -> None:
     """Every runnerctl call pays its imports: the daemon's modules, SQLite, asyncio and
-    Dask's side are loaded only by the commands and options that use them."""
-    heavy = ("asyncio", "sqlite3", "distributed", "runnerd.registry", "runnerd.diagnosis")
+    Dask's side are loaded only by the commands and options that use them, and so are the
+    sweep workers' multiprocessing and tempfile (with shutil and the compressors)."""
+    heavy = (
+        "asyncio",
+        "sqlite3",
+        "distributed",
+        "runnerd.registry",
+        "runnerd.diagnosis",
+        "multiprocessing",
+        "tempfile",
+    )
     code = f"import sys, runnerd.cli; print([m for m in {heavy!r} if m in sys.modules])"
     loaded = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True

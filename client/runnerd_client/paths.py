@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from pathlib import Path
 
 
@@ -37,6 +36,8 @@ def spool_dirs(db: Path | None = None, socket: Path | None = None) -> list[Path]
     beside the registry; if that disk refuses them (full, say), beside the socket (the
     runtime dir, usually in memory); then the temp dir (a folder per daemon socket there, so
     that several daemons of one user replay only their own). The daemon replays all three."""
+    import tempfile  # with shutil and the compressors it imports: 10 ms runnerctl skips
+
     socket = socket or socket_path()
     daemon = hashlib.sha256(os.fsencode(os.path.abspath(socket))).hexdigest()[:16]
     folders = [

@@ -31,7 +31,6 @@ from runnerd_client.protocol import (
     SweepStart,
 )
 from runnerd_client.sweep_engine import Engine, Executor
-from runnerd_client.sweep_local import InProcess, Workers
 from runnerd_client.sweep_model import (
     CellOutcome,
     PlannedCell,
@@ -193,4 +192,6 @@ def _executor(
         from runnerd_client.dask_sweep import OnDask  # imports distributed, an extra
 
         return OnDask(options, dask, fn)
+    from runnerd_client.sweep_local import InProcess, Workers  # multiprocessing: 15 ms
+
     return InProcess(options, fn) if options.jobs == 1 else Workers(options, fn, len(planned))
