@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from runnerd.registry import iso
+from runnerd.times import iso
 
 
 def by_datetime(ts: float) -> str:

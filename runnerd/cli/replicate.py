@@ -14,11 +14,11 @@ import json
 import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from runnerd.cli import sweep_driver as driver
+from runnerd.times import iso
 from runnerd_client.client import Client
 from runnerd_client.ids import new_run_id
 from runnerd_client.protocol import SweepPolicy
@@ -150,8 +150,8 @@ def _keep(sweep: dict[str, Any], replication: Replication) -> Path:
         "replication_id": replication.replication_id,
         "sweep_id": replication.sweep_id,
         "experiment": sweep["experiment"],
-        "started_at": _iso(replication.started_at),
-        "ended_at": _iso(time.time()),
+        "started_at": iso(replication.started_at),
+        "ended_at": iso(time.time()),
         "interrupted": replication.interrupted,
         "same": len(replication.verdicts) - replication.differ,
         "differ": replication.differ,
@@ -159,8 +159,3 @@ def _keep(sweep: dict[str, Any], replication: Replication) -> Path:
     }
     write_atomically(sweep["folder"], name, (json.dumps(doc, indent=1) + "\n").encode())
     return Path(sweep["folder"]) / name
-
-
-def _iso(ts: float) -> str:
-    """As the daemon writes times: ISO 8601 UTC with milliseconds."""
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")

@@ -21,11 +21,11 @@ from runnerd.registry.rows import (
     RunRow,
     RunUpdate,
     SweepRow,
-    iso,
 )
 from runnerd.registry.schema import MIGRATIONS, SCHEMA_VERSION
 from runnerd.registry.store import Store
 from runnerd.registry.writer import Op, Registry
+from runnerd.times import iso
 
 __all__ = [
     "MIGRATIONS",

@@ -9,7 +9,7 @@ from typing import Any
 
 from runnerd.registry.effects import Effects
 from runnerd.registry.events import EventLog
-from runnerd.registry.rows import iso
+from runnerd.times import iso
 from runnerd_client.procinfo import boot_id
 from runnerd_client.replies import ResumeCheckpoint
 

@@ -8,7 +8,8 @@ import sqlite3
 from typing import Any, Protocol
 
 from runnerd.registry.effects import Effects
-from runnerd.registry.rows import iso, where
+from runnerd.registry.rows import where
+from runnerd.times import iso
 
 
 class RunFacts(Protocol):

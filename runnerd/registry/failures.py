@@ -8,8 +8,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from runnerd.registry.events import EventLog
-from runnerd.registry.rows import FailureRecord, iso, where
+from runnerd.registry.rows import FailureRecord, where
 from runnerd.registry.schema import FAILURE_COLUMNS
+from runnerd.times import iso
 from runnerd_client.replies import FailureGroup, FailureInfo, ListedFailure
 
 _COLUMNS = ", ".join(FAILURE_COLUMNS)

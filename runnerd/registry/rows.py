@@ -1,17 +1,13 @@
 """What goes into the store and what comes out of it, typed: callers never name a column.
 
-Also the helpers its subjects share: times as the public objects show them, and WHERE
-clauses of optional filters."""
+Also the helper its subjects share: WHERE clauses of optional filters (times as the public
+objects show them are `runnerd.times.iso`)."""
 
 from __future__ import annotations
 
-import functools
 import json
-import math
-import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
-from datetime import UTC, datetime
 from typing import Any
 
 from runnerd_client.protocol import State
@@ -142,30 +138,6 @@ class FailureRecord:
     def as_dict(self) -> dict[str, Any]:
         """Its fields by name, as the diagnosis rules read a record."""
         return asdict(self)
-
-
-def iso(ts: float | None) -> str | None:
-    """Epoch seconds as ISO 8601 UTC, the form every public run object uses. Each event
-    and document has a few, so the text of the second is kept for the next (as datetime
-    does, the fraction is rounded to microseconds, half to even, then cut to milliseconds)."""
-    if ts is None:
-        return None
-    if not 0 <= ts < _YEAR_10000:
-        text = datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")
-        return text.replace("+00:00", "Z")
-    fraction, whole = math.modf(ts)
-    micros = round(fraction * 1e6)
-    if micros >= 1_000_000:
-        whole, micros = whole + 1, micros - 1_000_000
-    return f"{_second(int(whole))}.{micros // 1000:03d}Z"
-
-
-_YEAR_10000 = 253_402_300_800.0
-
-
-@functools.lru_cache(maxsize=64)
-def _second(whole: int) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
 
 
 def where(*conditions: tuple[str, Any]) -> tuple[str, list[Any]]:

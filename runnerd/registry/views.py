@@ -8,9 +8,10 @@ from typing import Any
 
 from runnerd.registry.attachments import Attachments
 from runnerd.registry.failures import Failures
-from runnerd.registry.rows import RunRow, iso, where
+from runnerd.registry.rows import RunRow, where
 from runnerd.registry.runs import Runs
 from runnerd.registry.schema import RUN_COLUMNS
+from runnerd.times import iso
 from runnerd_client.protocol import ACTIVE_STATES, State
 from runnerd_client.replies import (
     ArtifactInfo,
