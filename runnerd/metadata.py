@@ -6,6 +6,7 @@ import contextlib
 import json
 import logging
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -43,7 +44,9 @@ sets it per thread): on a busy machine, answering clients comes before their fil
 
 
 def _yield_cpu() -> None:
-    with contextlib.suppress(OSError, AttributeError):  # not Linux, or not allowed
+    if sys.platform != "linux":  # elsewhere a thread's id may be another process's pid
+        return
+    with contextlib.suppress(OSError):
         here = threading.get_native_id()
         os.setpriority(os.PRIO_PROCESS, here, os.getpriority(os.PRIO_PROCESS, here) + NICE)
 

@@ -7,13 +7,16 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import sys
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from conftest import wait_for
-from runnerd.metadata import MetadataWriter
+from runnerd.metadata import NICE, MetadataWriter
 from runnerd.registry import BatchResult, NewRun, Registry, RunUpdate, Store
 from runnerd_client.protocol import State
 
@@ -112,3 +115,23 @@ def test_the_file_written_is_the_latest_state(tmp_path: Path) -> None:
     assert json.loads((folder / "metadata.json").read_text())["status"] == "succeeded"
     assert [p.name for p in folder.iterdir()] == ["metadata.json"]
     assert os.stat(folder / "metadata.json").st_mode & 0o777 == 0o644
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="a thread's own nice value is Linux's")
+def test_the_writer_thread_yields_the_cpu_to_the_daemons_other_threads() -> None:
+    """Its file system calls come after answering clients: it runs at a lower priority
+    than the thread that made it, and that thread keeps its own."""
+    nice_of: list[int] = []
+
+    def write(run_dir: str, doc: dict[str, Any]) -> None:
+        nice_of.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+
+    mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    writer = MetadataWriter(write, gather=0.0)
+    try:
+        writer.on_commit(result_with("/runs/R1", "running"))
+        wait_for(lambda: nice_of, what="the write")
+    finally:
+        writer.close()
+    assert nice_of == [min(mine + NICE, 19)]
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == mine
