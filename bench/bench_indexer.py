@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from harness import (
+    RUNNERCTL,
     Quiet,
     Runnerd,
     arguments,
@@ -28,6 +29,7 @@ from harness import (
     median_row,
     session,
     temp_root,
+    time_command,
     time_floor,
     time_request,
     verdict,
@@ -205,12 +207,6 @@ def failed_lifecycle(index: int, k: int) -> list[Request]:
     ]
 
 
-def time_command(daemon: Runnerd, args: Sequence[str], reps: int) -> list[float]:
-    """Wall times of a runnerctl command, after one untimed warm-up run."""
-    ctl(daemon, *args)
-    return [ctl(daemon, *args)[0] for _ in range(reps)]
-
-
 COMMANDS: tuple[tuple[str, tuple[str, ...]], ...] = (
     (
         "runnerctl failures --group-by signature --json",
@@ -255,7 +251,8 @@ def stage_failures(root: Path, plan: Plan, quiet: Quiet) -> FailureStage:
         print("timing the failure queries", file=sys.stderr, flush=True)
         quiet.wait()
         stage.timings += [
-            (label, time_command(daemon, args, plan.reps)) for label, args in COMMANDS
+            (label, time_command([*RUNNERCTL, *args], daemon.env, plan.reps))
+            for label, args in COMMANDS
         ]
         stage.timings.append(time_floor(plan.reps))
         stage.timings += [
